@@ -1,0 +1,40 @@
+# Two entry points: `make demo` (the default study, end to end) and `make test`.
+# Each creates .venv and installs what it needs. The CPU torch wheel is pinned here only;
+# users with their own (CUDA) torch install with `pip install -e .` instead.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+OUT     ?= storage/default
+CONFIG  ?= experiments/default.yaml
+
+.PHONY: demo test paper install clean bench
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/gradtrace sweep $(CONFIG) --out $(OUT)
+	$(BIN)/gradtrace stats $(OUT)
+	$(BIN)/gradtrace predict $(OUT)
+	$(BIN)/gradtrace report $(OUT)
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+paper: install
+	$(MAKE) -C paper PY=$(abspath $(BIN))/python STORE=$(abspath $(OUT))
+
+bench: install
+	$(BIN)/python benchmarks/capture_overhead.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
