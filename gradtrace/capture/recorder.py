@@ -1,0 +1,240 @@
+"""The Recorder: optimizer step hooks that sketch each step's gradient, update and Adam moments into a store.
+
+A training loop changes by at most three lines::
+
+    rec = Recorder(model, optimizer, writer, CaptureConfig(), probes=...)   # 1: attach
+    rec.log(loss=loss)                                                     # 2: optional, before optimizer.step()
+    rec.close()                                                            # 3: flush at the end
+
+The gradient is read in the optimizer's step pre-hook, so it is the gradient the optimizer uses: after clipping
+(clip before `optimizer.step()`) and after unscaling under `torch.amp.GradScaler` (which unscales before calling
+`step`; skipped steps on inf are not recorded). Capture never changes the training result: it reads `.grad`,
+parameters and optimizer state, and computes probe gradients with `torch.autograd.grad` on separate graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gradtrace.capture.sketch import ParamLayout, flatten_into, make_sketch
+from gradtrace.config import CaptureConfig
+from gradtrace.store import RunWriter
+
+V_QUANTILES = (0.5, 0.9, 0.99)
+V_SAMPLE = 4096  # coordinates per tensor sampled (fixed, seeded) for the quantiles of Adam's v
+
+
+@dataclass
+class Probe:
+    """A split's fixed probe batch: token ids and the answer mask."""
+
+    split: str
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+class Schedule:
+    """Which optimizer steps are recorded: every n-th, or log-spaced (dense early, sparse late)."""
+
+    def __init__(self, kind: str, every: int, total: int) -> None:
+        if kind not in ("every", "log"):
+            raise ValueError(f"capture.schedule must be 'every' or 'log', got {kind!r}")
+        if every < 1:
+            raise ValueError(f"capture.every must be >= 1, got {every}")
+        if kind == "every":
+            self._steps = None
+            self.every = every
+        else:
+            n = max(1, total // every)
+            self._steps = set(np.unique(np.geomspace(1, max(total, 1), n).astype(int) - 1).tolist())
+
+    def __contains__(self, step: int) -> bool:
+        return step % self.every == 0 if self._steps is None else step in self._steps
+
+
+class Recorder:
+    """Sketches g_t, Δθ_t and Adam's m_t each recorded step, per-tensor statistics, and periodic probe gradients."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: RunWriter,
+                 cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
+                 probe_losses: dict[str, Callable] | None = None, start_step: int = 0) -> None:
+        unknown = set(cfg.quantities) - {"grad", "update", "adam_m"}
+        if unknown:
+            raise ValueError(f"unknown capture.quantities {sorted(unknown)}; choose from grad, update, adam_m")
+        self.model, self.optimizer, self.writer, self.cfg = model, optimizer, writer, cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.layout = ParamLayout.of(model)
+        device = self.params[0].device
+        self.sketch = make_sketch(cfg.sketch, self.layout, cfg.dim, cfg.seed, device)
+        self.k = self.sketch.dim
+        self.schedule = Schedule(cfg.schedule, cfg.every, total_steps)
+        self.total_steps = total_steps
+        self.step = start_step  # optimizer steps completed
+        self.probes = probes or []
+        self.probe_losses = probe_losses or {}
+        self.nonfinite_steps = 0
+        self._loss = float("nan")
+        self._recording = False
+        P = self.layout.size
+        self._flat = torch.empty(P, device=device)       # scratch for grad / m / v
+        self._before = torch.empty(P, device=device)     # θ_t, then Δθ_t
+        self._after = torch.empty(P, device=device)
+        self._numels = self.layout.numels
+        self._v_index = self._quantile_sample(device)
+        self._lengths = torch.tensor(self._numels, device=device)
+        self._quantiles = torch.tensor(V_QUANTILES, device=device)
+        self._declare()
+        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
+                       optimizer.register_step_post_hook(self._post_step)]
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _quantile_sample(self, device: torch.device) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        rows = [off + torch.randint(0, n, (V_SAMPLE,), generator=gen)
+                for off, n in zip(self.layout.offsets, self._numels)]
+        return torch.stack(rows).to(device)
+
+    def _declare(self) -> None:
+        w, L, k, dtype = self.writer, len(self._numels), self.k, self.cfg.dtype
+        for name in ("loss", "lr", "grad_norm"):
+            w.declare(name, (), "float32")
+        w.declare("step", (), "int64")
+        w.declare("nonfinite", (), "bool")
+        for q in self.cfg.quantities:
+            w.declare(q, (k,), storage=dtype, dims=("sketch",))
+        for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean"):
+            w.declare(name, (L,), "float32", dims=("param",))
+        w.declare("layer_v_quantile", (L, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
+        if self.probes:
+            S, Lp = len(self.probes), len(self.probe_losses)
+            w.declare("probe/step", (), "int64")
+            w.declare("probe/loss", (S, Lp), "float32", dims=("split", "probe_loss"))
+            w.declare("probe/accuracy", (S,), "float32", dims=("split",))
+            for name in ("probe/grad", "probe/grad_adam"):
+                w.declare(name, (S, Lp, k), storage=dtype, dims=("split", "probe_loss", "sketch"))
+
+    def attrs(self) -> dict:
+        """Run attributes describing what this recorder writes (for the store)."""
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group.get("betas", (0.9, 0.999))
+        return {"sketch": self.sketch.spec(), "layout": self.layout.to_json(), "grad_point": "after_clip",
+                "quantities": list(self.cfg.quantities), "v_quantiles": list(V_QUANTILES),
+                "splits": [p.split for p in self.probes], "probe_losses": list(self.probe_losses),
+                "adam": {"beta1": beta1, "beta2": beta2, "eps": group.get("eps", 1e-8)}}
+
+    # -- the user's one line ----------------------------------------------------------------------------------
+    def log(self, loss: torch.Tensor | float) -> None:
+        """Note the loss of the batch about to be stepped on (kept on device until the row is stored)."""
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self.probes and self.step == 0:
+            self.probe()
+        self._recording = self.step in self.schedule
+        if not self._recording:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        layer_grad = torch.stack(torch._foreach_norm(grads))
+        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]),
+                     "layer_grad_norm": layer_grad, "grad_norm": layer_grad.norm()}
+        flat = flatten_into(grads, self._flat)
+        finite = bool(torch.isfinite(layer_grad).all())
+        self._row["nonfinite"] = not finite
+        self.nonfinite_steps += not finite
+        if "grad" in self.cfg.quantities:
+            self._row["grad"] = self.sketch.apply(flat)
+        if "update" in self.cfg.quantities:
+            flatten_into([p.detach() for p in self.params], self._before)
+
+    @torch.no_grad()
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._recording:
+            row = self._row
+            row["loss"] = self._loss
+            if "update" in self.cfg.quantities:
+                update = torch.sub(flatten_into([p.detach() for p in self.params], self._after), self._before,
+                                   out=self._before)
+                row["update"] = self.sketch.apply(update)
+                row["layer_update_norm"] = torch.stack(torch._foreach_norm(list(update.split(self._numels))))
+            else:
+                row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"))
+            m, v = self._adam_state()
+            if "adam_m" in self.cfg.quantities:
+                row["adam_m"] = self.sketch.apply(flatten_into(m, self._flat))
+            v_flat = flatten_into(v, self._flat)
+            row["layer_v_mean"] = torch.segment_reduce(v_flat, "mean", lengths=self._lengths)
+            row["layer_v_quantile"] = torch.quantile(v_flat[self._v_index], self._quantiles, dim=1).T
+            self.writer.append({k: _host(v) for k, v in row.items()})
+        self.step += 1
+        if self.probes and self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
+            self.probe()
+
+    def _adam_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        state = self.optimizer.state
+        try:
+            return [state[p]["exp_avg"] for p in self.params], [state[p]["exp_avg_sq"] for p in self.params]
+        except KeyError:
+            raise ValueError("the Recorder reads Adam's exp_avg/exp_avg_sq; the optimizer has no such state "
+                             f"({type(self.optimizer).__name__}). Use Adam/AdamW or drop adam_m from "
+                             "capture.quantities.") from None
+
+    # -- probes -----------------------------------------------------------------------------------------------
+    def probe(self) -> None:
+        """Probe gradient of every split under every probe loss at the current parameters, plus g/(√v̂+ε)."""
+        was_training = self.model.training
+        self.model.eval()
+        S, Lp = len(self.probes), len(self.probe_losses)
+        grads = torch.empty(S, Lp, self.k)
+        adam = torch.empty(S, Lp, self.k)
+        losses = torch.empty(S, Lp)
+        accuracy = torch.empty(S)
+        precond = self._preconditioner()
+        from gradtrace.tasks.losses import exact_match
+
+        for i, probe in enumerate(self.probes):
+            with torch.enable_grad():
+                logits = self.model(input_ids=probe.tokens).logits
+                for j, loss_fn in enumerate(self.probe_losses.values()):
+                    loss = loss_fn(logits, probe.tokens, probe.mask)
+                    g = torch.autograd.grad(loss, self.params, retain_graph=j < Lp - 1, allow_unused=True)
+                    g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, self.params)]
+                    flat = flatten_into(g, self._flat)
+                    grads[i, j] = self.sketch.apply(flat).cpu()
+                    adam[i, j] = self.sketch.apply(flat * precond).cpu()
+                    losses[i, j] = loss.detach()
+            accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
+        self.model.train(was_training)
+        self.writer.append({"probe/step": self.step, "probe/loss": losses.numpy(), "probe/accuracy": accuracy.numpy(),
+                            "probe/grad": grads.numpy(), "probe/grad_adam": adam.numpy()})
+
+    @torch.no_grad()
+    def _preconditioner(self) -> torch.Tensor:
+        """1/(√v̂+ε) per coordinate (ones before Adam has state)."""
+        group = self.optimizer.param_groups[0]
+        state = self.optimizer.state.get(self.params[0], {})
+        if "exp_avg_sq" not in state:
+            return torch.ones_like(self._after)
+        t = float(state["step"])
+        beta2, eps = group["betas"][1], group["eps"]
+        v = flatten_into([self.optimizer.state[p]["exp_avg_sq"] for p in self.params], self._after)
+        return (v / (1 - beta2 ** t)).sqrt_().add_(eps).reciprocal_()
+
+    def close(self, final_probe: bool = True) -> None:
+        """Take the final probe, write every buffered row and detach the hooks."""
+        if final_probe and self.probes and self.step > 0:
+            self.probe()
+        self.writer.flush()
+        for h in self._hooks:
+            h.remove()
+
+
+def _host(value) -> np.ndarray | float:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy() if value.dtype.is_floating_point else value.cpu().numpy()
+    return value
+

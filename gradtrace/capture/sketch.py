@@ -1,0 +1,224 @@
+"""Linear, seeded sketches of parameter-shaped vectors (DESIGN.md §5 "Sketch").
+
+Every sketch maps a flat P-vector (the model's parameters concatenated in layout order) to k numbers. All are
+linear and regenerate their randomness from (seed, layout), so the same seed and layout give the same map in
+any process and on any device; none materialises a P×k matrix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the parameters a sketch covers, in concatenation order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ParamLayout":
+        """The layout of a model's trainable parameters."""
+        named = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+        return cls(tuple(n for n, _ in named), tuple(s for _, s in named))
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def size(self) -> int:
+        """P, the total number of coordinates."""
+        return sum(self.numels)
+
+    @property
+    def offsets(self) -> list[int]:
+        out, total = [], 0
+        for n in self.numels:
+            out.append(total)
+            total += n
+        return out
+
+    @property
+    def hash(self) -> str:
+        """A short digest of names and shapes: equal layouts, equal hashes."""
+        text = json.dumps([self.names, self.shapes])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> list[dict]:
+        return [{"name": n, "shape": list(s), "offset": o}
+                for n, s, o in zip(self.names, self.shapes, self.offsets)]
+
+    @classmethod
+    def from_json(cls, entries: list[dict]) -> "ParamLayout":
+        return cls(tuple(e["name"] for e in entries), tuple(tuple(e["shape"]) for e in entries))
+
+
+def flatten_into(tensors: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors (any shapes) into a preallocated flat buffer without a fresh allocation."""
+    return torch.cat([t.reshape(-1) for t in tensors], out=out)
+
+
+def _generator(seed: int, *salt: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(hashlib.sha256(repr((seed, *salt)).encode()).hexdigest()[:15], 16))
+    return gen
+
+
+class Sketch(ABC):
+    """A seeded linear map from flat parameter vectors (length P) to length `dim`."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, layout: ParamLayout, dim: int, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        if dim < 1:
+            raise ValueError(f"sketch dim must be >= 1, got {dim}")
+        self.layout, self.dim, self.seed, self.device = layout, dim, seed, torch.device(device)
+
+    @abstractmethod
+    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        """Sketch of a vector equal to `values` on coordinates [start, start+len) and zero elsewhere."""
+
+    def apply(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sketch of a whole flat P-vector (optionally written into `out`)."""
+        self._check(flat)
+        result = self.apply_range(flat, 0)
+        return out.copy_(result) if out is not None else result
+
+    def apply_tensors(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sketch of parameter-shaped tensors in layout order (allocates a flat copy; hooks use `apply`)."""
+        return self.apply(torch.cat([t.reshape(-1).float() for t in tensors]))
+
+    def spec(self) -> dict:
+        """What the store records so analysis can refuse incompatible sketches."""
+        return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "layout_hash": self.layout.hash,
+                "num_params": self.layout.size}
+
+    def _check(self, flat: torch.Tensor) -> None:
+        if flat.ndim != 1 or flat.numel() != self.layout.size:
+            raise ValueError(f"expected a flat vector of {self.layout.size} parameters, got shape {tuple(flat.shape)}")
+
+
+class IdentitySketch(Sketch):
+    """No compression: k = P. For small models, and as the exact reference in tests."""
+
+    kind = "identity"
+
+    def __init__(self, layout: ParamLayout, dim: int | None = None, seed: int = 0, device="cpu") -> None:
+        super().__init__(layout, layout.size, seed, device)
+
+    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        out = torch.zeros(self.dim, dtype=values.dtype, device=values.device)
+        out[start: start + values.numel()] = values
+        return out
+
+    def apply(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(flat)
+        return out.copy_(flat) if out is not None else flat.clone()
+
+
+class CountSketch(Sketch):
+    """CountSketch with a structured hash: coordinate i goes to bucket (i mod k + s[i // k]) mod k with sign σ_i.
+
+    Within each block of k consecutive coordinates the buckets are a bijection (no collisions); each block gets
+    an independent random cyclic shift s, so coordinates of different blocks collide uniformly at random. This
+    avoids the failure of a plain fold (i mod k) when k is a multiple of a weight matrix's row length, while a
+    whole sketch costs one multiply, one gather and one sum over P (no scatter).
+    """
+
+    kind = "countsketch"
+
+    def __init__(self, layout: ParamLayout, dim: int, seed: int = 0, device="cpu") -> None:
+        super().__init__(layout, dim, seed, device)
+        P, k = layout.size, dim
+        self.blocks = -(-P // k)
+        gen = _generator(seed, 1, P, k)
+        self.signs = (torch.randint(0, 2, (P,), generator=gen) * 2 - 1).float().to(self.device)
+        self.shifts = torch.randint(0, k, (self.blocks,), generator=gen).to(self.device)
+        cols = torch.arange(k, device=self.device)
+        self._gather = (cols.unsqueeze(0) - self.shifts.unsqueeze(1)) % k  # out[b] = Σ_j y[j, (b - s_j) mod k]
+        self._padded = torch.zeros(self.blocks * k, device=self.device)
+
+    def buckets(self, start: int, n: int) -> torch.Tensor:
+        """Bucket of each coordinate in [start, start+n)."""
+        i = torch.arange(start, start + n, device=self.device)
+        return (i % self.dim + self.shifts[i // self.dim]) % self.dim
+
+    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        n = values.numel()
+        signed = values.reshape(-1).float() * self.signs[start: start + n]
+        out = torch.zeros(self.dim, device=values.device)
+        return out.index_add_(0, self.buckets(start, n), signed)
+
+    def apply(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(flat)
+        P = flat.numel()
+        torch.mul(flat, self.signs, out=self._padded[:P])
+        blocks = self._padded.view(self.blocks, self.dim)
+        return torch.sum(blocks.gather(1, self._gather), dim=0, out=out)
+
+
+class _BlockJL(Sketch):
+    """Dense JL, (1/√k)·R x, with R generated block by block from (seed, block): never P×k at once."""
+
+    block: ClassVar[int] = 2048
+
+    @abstractmethod
+    def _matrix(self, gen: torch.Generator, cols: int) -> torch.Tensor:
+        """A k × cols block of R from `gen`."""
+
+    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        values = values.reshape(-1).float()
+        out = torch.zeros(self.dim, device=values.device)
+        stop = start + values.numel()
+        for b in range(start // self.block, -(-stop // self.block)):
+            lo, hi = b * self.block, min((b + 1) * self.block, self.layout.size)
+            R = self._matrix(_generator(self.seed, 2, b), hi - lo).to(values.device)
+            a, z = max(lo, start), min(hi, stop)
+            out += R[:, a - lo: z - lo] @ values[a - start: z - start]
+        return out / math.sqrt(self.dim)
+
+
+class GaussianSketch(_BlockJL):
+    """Dense Gaussian JL, regenerated per block (slow: for small models and offline analysis)."""
+
+    kind = "gaussian"
+
+    def _matrix(self, gen: torch.Generator, cols: int) -> torch.Tensor:
+        return torch.randn(self.dim, cols, generator=gen)
+
+
+class RademacherSketch(_BlockJL):
+    """Dense ±1 JL, regenerated per block (slow: for small models and offline analysis)."""
+
+    kind = "rademacher"
+
+    def _matrix(self, gen: torch.Generator, cols: int) -> torch.Tensor:
+        return torch.randint(0, 2, (self.dim, cols), generator=gen).float() * 2 - 1
+
+
+SKETCHES: dict[str, type[Sketch]] = {c.kind: c for c in (IdentitySketch, CountSketch, GaussianSketch, RademacherSketch)}
+
+
+def make_sketch(kind: str, layout: ParamLayout, dim: int, seed: int = 0, device="cpu") -> Sketch:
+    """The sketch called `kind` (identity | countsketch | gaussian | rademacher)."""
+    if kind not in SKETCHES:
+        raise ValueError(f"unknown sketch {kind!r}; choose one of {', '.join(SKETCHES)}")
+    return SKETCHES[kind](layout, dim, seed, device)
+
+
+def check_compatible(a: dict, b: dict) -> None:
+    """Refuse to compare vectors from different sketches (kind, dim, seed or parameter layout)."""
+    keys = ("kind", "dim", "seed", "layout_hash")
+    diff = [k for k in keys if a.get(k) != b.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff)
+        raise ValueError(f"incompatible sketches ({detail}); sketched vectors are only comparable under the same "
+                         "kind, dim, seed and parameter layout. Re-capture with matching capture.* settings.")

@@ -1,0 +1,69 @@
+"""Resumable training state without pickle: tensors in safetensors, the rest in JSON, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Model parameters as safetensors (names from `named_parameters`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(path))
+
+
+def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, steps_done: int) -> None:
+    """Write model, optimizer, scheduler and RNG state; the previous checkpoint survives until the new one is whole."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"model.{n}": t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {"steps_done": steps_done, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(root: Path) -> Path | None:
+    """The newest whole checkpoint under `root` (a rename may have been interrupted), or None."""
+    for candidate in (root, root.with_name(root.name + ".old")):
+        if (candidate / "state.json").exists() and (candidate / "state.safetensors").exists():
+            return candidate
+    return None
+
+
+def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Restore a `save_state` checkpoint in place; returns the optimizer steps it had completed."""
+    meta = json.loads((directory / "state.json").read_text())
+    tensors = load_file(str(directory / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["steps_done"])
+
+
+def remove(root: Path) -> None:
+    """Delete a run's checkpoints once it is complete."""
+    for suffix in ("", ".tmp", ".old"):
+        shutil.rmtree(root.with_name(root.name + suffix), ignore_errors=True)

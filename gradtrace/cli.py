@@ -1,0 +1,164 @@
+"""The `gradtrace` command line: tasks, train, sweep, stats, predict, report, info, export."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gradtrace import config as config_mod
+
+
+def _config(args: argparse.Namespace):
+    return config_mod.load(args.config, config_mod.parse_overrides(args.set or []))
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    """List every registered split with its description and one example."""
+    from gradtrace.tasks import REGISTRY, ArithmeticTask
+
+    cfg = config_mod.load(args.config, config_mod.parse_overrides(args.set or []))
+    names = [n for n in REGISTRY if n != "ID"]
+    task = ArithmeticTask(config_mod.from_dict(cfg.to_dict(), {"task.shifts": names, "task.n_test": 1,
+                                                               "task.n_probe": 0}).task)
+    in_default = set(cfg.task.shifts)
+    print(f"{'split':<14} {'in config':<9} {'example (prompt=answer, digits least-significant first)':<34} description")
+    for name, split in REGISTRY.items():
+        mark = "yes" if name == "ID" or name in in_default else "-"
+        print(f"{name:<14} {mark:<9} {task.example(name)!r:<34} {split.description}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train one run with capture into OUT/store.zarr."""
+    from gradtrace.train import train
+
+    cfg = _config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.dump(cfg, out / "config.yaml")
+    result = train(cfg, out, args.run_id, role="reference", resume=args.resume)
+    print(f"run {result.run_id}: {result.steps} steps in {result.wall_time_s:.1f} s")
+    for split, acc in result.accuracy.items():
+        print(f"  {split:<14} {acc:6.1%}")
+    print(f"store: {out / 'store.zarr'}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run a sweep (resumable) and write OUT/results.csv."""
+    from gradtrace.sweep import describe_plan, plan, run_sweep
+
+    cfg = _config(args)
+    if args.dry_run:
+        print(describe_plan(cfg, plan(cfg)))
+        return
+    table = run_sweep(cfg, args.out, scheduler=args.scheduler)
+    print(f"{len(table)} complete runs; results: {Path(args.out) / 'results.csv'}")
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    """Cross-shift partial correlations controlling for ID, with CIs; writes stats.csv/json."""
+    from gradtrace import stats
+
+    report = stats.stats_report(args.dir, residualize=args.residualize)
+    print(stats.format_table(report["pairs"] if isinstance(report, dict) else report.pairs))
+    print(f"written: {Path(args.dir) / 'stats.csv'}, {Path(args.dir) / 'stats.json'}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Predictors from reference-run stores, scored against the observed matrix."""
+    from gradtrace import predict
+
+    result = predict.run_predict(args.dir)
+    print(predict.format_scores(result.scores))
+    print(f"written: {Path(args.dir) / 'predictions.csv'}, {Path(args.dir) / 'predict_scores.csv'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Figures and a self-contained HTML report of an experiment directory."""
+    from gradtrace import report
+
+    path = report.write_report(args.dir)
+    print(f"report: {path}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Summarise a store: runs, steps, arrays, sizes, status, sketch."""
+    from gradtrace import store
+
+    path = Path(args.store)
+    print(store.summary(path / "store.zarr" if (path / "store.zarr").exists() else path))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a store to HDF5."""
+    from gradtrace import store
+
+    path = Path(args.store)
+    src = path / "store.zarr" if (path / "store.zarr").exists() else path
+    print(f"written: {store.export_hdf5(src, args.out)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="gradtrace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("config", nargs=None if required else "?", help="experiment YAML (e.g. experiments/default.yaml)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=200 (repeatable)")
+
+    p = sub.add_parser("tasks", help=cmd_tasks.__doc__)
+    with_config(p, required=False)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    with_config(p)
+    p.add_argument("--out", required=True, help="experiment directory")
+    p.add_argument("--run-id", default="run", help="run group name (default: run)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last durable step")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help=cmd_sweep.__doc__)
+    with_config(p)
+    p.add_argument("--out", required=False, default="storage/default", help="experiment directory")
+    p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address to run the runs on")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, steps, expected time) and exit")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("stats", help=cmd_stats.__doc__)
+    p.add_argument("dir", help="experiment directory")
+    p.add_argument("--residualize", default="all", choices=["linear", "probit", "spline", "all"])
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("predict", help=cmd_predict.__doc__)
+    p.add_argument("dir", help="experiment directory")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help=cmd_report.__doc__)
+    p.add_argument("dir", help="experiment directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("info", help=cmd_info.__doc__)
+    p.add_argument("store", help="experiment directory or .zarr store")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("store", help="experiment directory or .zarr store")
+    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gradtrace` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"gradtrace {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Experiment configuration: dataclasses with defaults, loaded from YAML, overridden by dotted keys."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train: an embedded tiny GPT-NeoX, `pythia-70m` (config only), or any HF name/path."""
+
+    name: str = "tiny"
+    attn_implementation: str = "eager"
+    pretrained: bool = False  # load weights for a hub name/path instead of a random init from its config
+
+
+@dataclass
+class TaskConfig:
+    """The synthetic arithmetic task: ID format, which OOD shifts, how much of each training sees."""
+
+    shifts: list[str] = field(default_factory=lambda: [
+        "length", "carry", "zeropad", "base8", "space", "spaced_ops", "order"])
+    max_digits: int = 4
+    reverse_operands: bool = True  # operands written least-significant digit first (answers always are)
+    digit_spaces: bool = False  # a space between digits, for BPE tokenizers that chunk digits
+    n_test: int = 2000  # items per evaluation split
+    n_probe: int = 256  # items per probe batch
+    train_share: float = 0.015  # share of each shift's (shorter) training form in the training mix
+    order_share: float = 0.03  # share of a<b items in training (ID is mostly a>=b)
+    seed: int = 1234  # fixes test and probe sets; training batches use train.data_seed
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run: optimiser, schedule and seeds (init and data order vary independently)."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    init_seed: int | None = None  # defaults to seed
+    data_seed: int | None = None  # defaults to seed
+    checkpoint_every: int = 256  # steps between resumable checkpoints (aligned with store flushes)
+    eval_every: int = 0  # evaluate every split every n steps during training (0: only at the end)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler; gradients recorded unscaled)
+    threads: int = 0  # torch threads; 0 leaves torch's default
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
+
+
+@dataclass
+class CaptureConfig:
+    """What the Recorder writes per recorded step and how it is sketched and stored."""
+
+    enabled: bool = True
+    sketch: str = "countsketch"  # identity | countsketch | gaussian | rademacher
+    dim: int = 4096
+    seed: int = 0
+    every: int = 1  # record every n-th optimizer step
+    schedule: str = "every"  # every | log
+    probe_every: int = 50
+    quantities: list[str] = field(default_factory=lambda: ["grad", "update", "adam_m"])
+    probe_losses: list[str] = field(default_factory=lambda: ["ce", "margin"])
+    dtype: str = "float32"  # storage dtype of sketched rows: float32 | float16 | bfloat16
+    chunk: int = 64  # rows per stored chunk along the step axis
+    save_weights: bool = True  # initial and final weights as safetensors beside the store
+
+
+@dataclass
+class SweepConfig:
+    """A sweep of runs: how many, which axes vary, which runs are captured as references."""
+
+    runs: int = 32
+    workers: int = 2  # single-thread worker processes
+    lr: tuple[float, float] = (8e-4, 3e-3)  # log-uniform range
+    weight_decay: tuple[float, float] = (0.0, 0.1)  # uniform range
+    vary: list[str] = field(default_factory=lambda: ["init", "data", "hparams"])
+    seed: int = 0  # seeds the sampling of run settings
+    reference_runs: int = 1  # runs with full capture, at the base config, for predictors
+    capture_sweep: bool = False  # full capture on every sweep run too (large)
+
+
+@dataclass
+class PredictConfig:
+    """Predictors declared before the sweep is scored (pre-registration)."""
+
+    preregistered: list[str] = field(default_factory=lambda: ["zero", "covariance"])
+    exploratory: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """A whole experiment: model, task, train, capture, sweep, predict."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. `train.lr`."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{key}: None is not allowed; expected {hint}")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(v, item, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return bool(value)
+    if hint in (int, float):
+        try:
+            number = float(value) if hint is float else int(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        return number
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys: {', '.join(valid_keys(cls, prefix))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping of keys, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-3", ...]` -> `{"train.lr": 1e-3}` (values parsed as YAML scalars)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}; e.g. --set train.steps=200")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from a nested dict plus dotted-key overrides; unknown keys are an error."""
+    merged = _merge(data or {}, _nest(overrides or {}))
+    return _build(Config, merged, "")
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML experiment config (or the defaults when path is None) with overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config {path} not found; try experiments/default.yaml")
+        data = yaml.safe_load(path.read_text()) or {}
+    return from_dict(data, overrides)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the full resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,82 @@
+"""Model factory: embedded GPT-NeoX (Pythia architecture) configs built offline, or any HF causal LM."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from gradtrace.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class NeoXShape:
+    """The few numbers that size a GPT-NeoX: rotary positions and parallel residual as in Pythia."""
+
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    vocab: int | None = None  # None: the task tokenizer's size
+    max_positions: int = 64
+    rotary_fraction: float = 1.0
+
+
+EMBEDDED: dict[str, NeoXShape] = {
+    # the default study's model: ~340k parameters, lands shifts mid-range in ~1k steps on a CPU core
+    "tiny": NeoXShape(hidden=96, layers=3, heads=4, ffn=384),
+    # for tests and smoke runs: ~20k parameters
+    "micro": NeoXShape(hidden=32, layers=2, heads=2, ffn=64),
+    # EleutherAI/pythia-70m's published shape (random init here: no weights are downloaded)
+    "pythia-70m": NeoXShape(hidden=512, layers=6, heads=8, ffn=2048, vocab=50304, max_positions=2048,
+                            rotary_fraction=0.25),
+}
+
+
+def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "eager") -> GPTNeoXConfig:
+    """A GPTNeoXConfig for an embedded shape (transformers 5 spelling of the rotary fraction)."""
+    config = GPTNeoXConfig(
+        vocab_size=shape.vocab or vocab_size,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=shape.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": shape.rotary_fraction},
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+    """A causal LM with parameters initialised from `seed`; embedded name, `EleutherAI/...` name, or path."""
+    torch.manual_seed(seed)
+    name = cfg.name.removeprefix("EleutherAI/") if cfg.name.removeprefix("EleutherAI/") in EMBEDDED else cfg.name
+    if name in EMBEDDED and not cfg.pretrained:
+        shape = EMBEDDED[name]
+        if shape.vocab is not None and shape.vocab < vocab_size:
+            raise ValueError(f"model {name} has {shape.vocab} token ids; the task needs {vocab_size}")
+        return GPTNeoXForCausalLM(neox_config(shape, vocab_size, cfg.attn_implementation))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if cfg.pretrained:
+            return AutoModelForCausalLM.from_pretrained(cfg.name, attn_implementation=cfg.attn_implementation)
+        config = AutoConfig.from_pretrained(cfg.name)
+    except OSError as err:
+        raise ValueError(
+            f"model {cfg.name!r} is neither embedded ({', '.join(EMBEDDED)}) nor reachable as a Hugging Face "
+            f"name or local path ({err}). Use an embedded name, or download it where the hub is reachable.") from None
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model {cfg.name} has {config.vocab_size} token ids; the task needs {vocab_size}")
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,49 @@
+"""The results table (runs × splits accuracies with each run's settings) and per-item correctness."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradtrace import store
+
+
+def results_table(out: str | Path) -> pd.DataFrame:
+    """One row per complete run, rebuilt from the store's attributes (the single source of truth)."""
+    root = store.open_experiment(Path(out) / "store.zarr")
+    rows = []
+    for rid in store.runs(root):
+        a = root[rid].attrs
+        if a.get("status") != "complete":
+            continue
+        rows.append({"run_id": rid, "role": a.get("role"), "init_seed": a["seeds"]["init"],
+                     "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
+                     "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
+                     **{f"acc_{k}": v for k, v in a["accuracy"].items()}})
+    return pd.DataFrame(rows)
+
+
+def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFrame:
+    """The experiment's results table (results.csv), optionally only runs of one role."""
+    path = Path(exp_dir) / "results.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
+    table = pd.read_csv(path)
+    if role is not None and "role" in table:
+        table = table[table["role"] == role].reset_index(drop=True)
+    return table
+
+
+def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:
+    """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order."""
+    table = load_results(exp_dir, role)
+    root = store.open_experiment(Path(exp_dir) / "store.zarr")
+    per_run = []
+    splits: list[str] = []
+    for rid in table["run_id"]:
+        arr = root[rid]["eval/correct"]
+        splits = list(arr.attrs["splits"])
+        per_run.append(arr[...])
+    stacked = np.stack(per_run)  # runs × splits × items
+    return {split: stacked[:, i, :] for i, split in enumerate(splits)}

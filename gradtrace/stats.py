@@ -1,0 +1,768 @@
+"""Partial correlations between OOD shifts, with honest uncertainty.
+
+The measured target of gradtrace is the partial correlation r(a_1, a_2 | a_ID) of two shifts' accuracies
+across many fine-tuning runs (``unit="runs"``) or across the checkpoints of one run (``unit="checkpoints"``).
+This module turns a runs x splits accuracy table (columns ``acc_<split>``) into that matrix, one row per shift
+pair and residualisation:
+
+- **Residualisation** of each shift's accuracy on ID accuracy (k = number of covariates, intercept not counted):
+  ``linear`` least squares on the raw scale (k = 1); ``probit`` least squares after Phi^-1 of every accuracy
+  (k = 1; "accuracy on the line" is linear there); ``spline`` a GAM-style cubic B-spline on the same probit
+  axes (k = basis size, 5 with the default 4 knots), which relaxes the probit line to any smooth curve. Linear
+  residualisation manufactures correlation when ID spans a wide range, so ``residualize="all"`` runs the three
+  and flags disagreement.
+- **Uncertainty**: t-test p with dof n - k - 2; Fisher-z CI with dof n - k - 3 (pingouin's convention);
+  percentile and BCa bootstrap CIs over runs (moving-block bootstrap over checkpoints); Freedman-Lane
+  permutation p; Holm and Benjamini-Hochberg adjustment across pairs within each residualisation.
+- **Reliability**: split-half (Spearman-Brown) reliability of each split's accuracy from per-item correctness,
+  and the partial correlation disattenuated for the unreliability of the residuals.
+- **Generalisation gap**: train vs held-out accuracy per run and split, validation vs test consistency and the
+  spread across seeds.
+
+``stats_report`` computes all of it for an experiment directory and writes CSV/JSON next to the results;
+``format_table`` renders the partial-correlation table for a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+from scipy.special import ndtr, ndtri
+
+__all__ = [
+    "RESIDUALIZATIONS",
+    "StatsReport",
+    "format_table",
+    "generalisation_gap",
+    "partial_correlations",
+    "runs_needed",
+    "split_half_reliability",
+    "stats_report",
+]
+
+RESIDUALIZATIONS = ("linear", "probit", "spline")
+UNITS = ("runs", "checkpoints")
+DEFAULT_N_ITEMS = 2000  # items per split assumed for the probit continuity correction when unknown
+RELIABILITY_WARN = 0.9
+ITEM_MATCH_TOL = 1e-3  # max |mean item correctness - acc_<split>| before rows are deemed misaligned
+_CHUNK = 256  # resamples per vectorised batch (bounds memory at _CHUNK * n * n_splits floats)
+
+RESULT_COLUMNS = [
+    "a", "b", "residualize", "unit", "n", "k", "dof", "r", "ci_low", "ci_high", "p", "p_perm",
+    "p_holm", "p_bh", "boot_ci_low", "boot_ci_high", "bca_ci_low", "bca_ci_high", "disagree",
+]
+CHECKPOINT_NOTE = (
+    "checkpoints of one run are not independent: p, p_perm, p_holm, p_bh and the Fisher CI assume "
+    "independent rows and are invalid here; use the block-bootstrap CIs (boot_ci_*, bca_ci_*)"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vectorised core
+
+
+def _residualize(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Residuals of Y (..., n, m) after least squares on [1, Z] with Z (..., n, q); batch axes broadcast."""
+    D = np.concatenate([np.ones(Z.shape[:-1] + (1,)), Z], axis=-1)
+    U, s, _ = np.linalg.svd(D, full_matrices=False)
+    tol = s[..., :1] * max(D.shape[-2:]) * np.finfo(float).eps
+    U = U * (s > tol)[..., None, :]  # drop directions of a rank-deficient design (e.g. a bootstrap resample)
+    return Y - U @ (np.swapaxes(U, -1, -2) @ Y)
+
+
+def _corr_matrix(R: np.ndarray) -> np.ndarray:
+    """Correlation matrix (..., m, m) of the columns of R (..., n, m); NaN where a column is constant."""
+    R = R - R.mean(axis=-2, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        Rn = R / np.linalg.norm(R, axis=-2, keepdims=True)
+    return np.clip(np.swapaxes(Rn, -1, -2) @ Rn, -1.0, 1.0)
+
+
+def _partial_r(x: np.ndarray, y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Partial correlation of x and y (..., n) given covariates Z (..., n, q), or one covariate (..., n); batched."""
+    Z = np.asarray(Z, dtype=float)
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if Z.ndim <= x.ndim and Z.shape[-1] == x.shape[-1]:  # one covariate, (..., n)
+        Z = Z[..., None]
+    R = _residualize(np.stack(np.broadcast_arrays(x, y), axis=-1), Z)
+    return _corr_matrix(R)[..., 0, 1]
+
+
+def _t_pvalue(r: np.ndarray, dof: int | np.ndarray) -> np.ndarray:
+    """Two-sided t-test p of a (partial) correlation r with dof degrees of freedom."""
+    r = np.asarray(r, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt(dof / (1.0 - r**2))
+    return np.where(np.isclose(r**2, 1.0), 0.0, 2.0 * sps.t.sf(np.abs(t), dof))
+
+
+def _fisher_ci(r: np.ndarray, n: int, k: int, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fisher-z confidence interval of a partial correlation with standard error 1 / sqrt(n - k - 3)."""
+    z, half = np.arctanh(r), ndtri(0.5 + confidence / 2) / math.sqrt(n - k - 3)
+    return np.tanh(z - half), np.tanh(z + half)
+
+
+def _probit(p: np.ndarray, n_items: np.ndarray | int) -> np.ndarray:
+    """Phi^-1 of accuracies clipped to [1/(2N), 1 - 1/(2N)] (N = items per split) so 0 and 1 stay finite."""
+    eps = 1.0 / (2.0 * np.asarray(n_items, dtype=float))
+    return ndtri(np.clip(p, eps, 1.0 - eps))
+
+
+def _spline_basis(x: np.ndarray, n_knots: int) -> np.ndarray:
+    """Cubic B-spline basis of x (n,) with knots at quantiles, intercept column dropped: (n, n_knots + 1)."""
+    from sklearn.preprocessing import SplineTransformer
+
+    st = SplineTransformer(n_knots=n_knots, degree=3, knots="quantile", include_bias=False)
+    return st.fit_transform(np.asarray(x, dtype=float)[:, None])
+
+
+def _holm(p: np.ndarray) -> np.ndarray:
+    """Holm step-down adjusted p-values (statsmodels' implementation)."""
+    from statsmodels.stats.multitest import multipletests
+
+    return multipletests(p, method="holm")[1]
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (scipy's implementation)."""
+    return sps.false_discovery_control(p, method="bh")
+
+
+def runs_needed(r: float = 0.3, half_width: float = 0.2, k: int = 1, confidence: float = 0.95) -> int:
+    """Smallest number of runs whose Fisher-z CI of a partial correlation r has at most this half-width."""
+    crit, z = ndtri(0.5 + confidence / 2), math.atanh(r)
+    n = k + 4
+    while (math.tanh(z + crit / math.sqrt(n - k - 3)) - math.tanh(z - crit / math.sqrt(n - k - 3))) / 2 > half_width:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resampling
+
+
+def _resample_indices(n: int, n_boot: int, block_length: int | None, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) row indices: iid rows, or a moving-block bootstrap when block_length is given."""
+    if block_length is None:
+        return rng.integers(0, n, size=(n_boot, n))
+    n_blocks = -(-n // block_length)
+    starts = rng.integers(0, n - block_length + 1, size=(n_boot, n_blocks))
+    return (starts[..., None] + np.arange(block_length)).reshape(n_boot, -1)[:, :n]
+
+
+def _jackknife_keep(n: int, block_length: int | None) -> list[np.ndarray]:
+    """Rows kept by each jackknife replicate: delete one row, or one non-overlapping block of checkpoints."""
+    rows = np.arange(n)
+    blocks = [rows[i : i + 1] for i in rows] if block_length is None else np.array_split(rows, -(-n // block_length))
+    return [np.setdiff1d(rows, blk) for blk in blocks]
+
+
+def _batched(stat: Callable[[np.ndarray], np.ndarray], idx: Sequence[np.ndarray]) -> np.ndarray:
+    """stat over many index sets, stacked in chunks of equal length (stat maps (b, m) indices to (b, P))."""
+    out: list[np.ndarray | None] = [None] * len(idx)
+    for m in sorted({len(i) for i in idx}):
+        sel = [j for j, i in enumerate(idx) if len(i) == m]
+        for start in range(0, len(sel), _CHUNK):
+            part = sel[start : start + _CHUNK]
+            for j, row in zip(part, stat(np.stack([idx[j] for j in part]))):
+                out[j] = row
+    return np.stack(out)
+
+
+def _percentile_ci(theta_b: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI per column of theta_b (B, P), ignoring NaN replicates."""
+    alpha = (1 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN
+        lo, hi = np.nanpercentile(theta_b, [100 * alpha, 100 * (1 - alpha)], axis=0)
+    return lo, hi
+
+
+def _bca_ci(
+    theta_b: np.ndarray, theta: np.ndarray, theta_jack: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """BCa bootstrap CI per column (Efron 1987; same formulas as scipy.stats.bootstrap), NaN replicates ignored."""
+    alpha = (1 - confidence) / 2
+    z_q = ndtri(np.array([alpha, 1 - alpha]))
+    lo, hi = np.full(theta.shape, np.nan), np.full(theta.shape, np.nan)
+    for j in range(theta.size):
+        tb, jk = theta_b[:, j], theta_jack[:, j]
+        tb, jk = tb[np.isfinite(tb)], jk[np.isfinite(jk)]
+        if tb.size == 0 or jk.size < 2 or not np.isfinite(theta[j]):
+            continue
+        z0 = ndtri(((tb < theta[j]).mean() + (tb <= theta[j]).mean()) / 2)
+        d = jk.mean() - jk
+        den = 6.0 * np.sum(d**2) ** 1.5
+        a = np.sum(d**3) / den if den > 0 else 0.0
+        q = ndtr(z0 + (z0 + z_q) / (1 - a * (z0 + z_q)))
+        if np.all(np.isfinite(q)):
+            lo[j], hi[j] = np.percentile(tb, 100 * q)
+    return lo, hi
+
+
+def _freedman_lane(
+    Y: np.ndarray, Z: np.ndarray, r_obs: np.ndarray, perms: np.ndarray, ia: np.ndarray, ib: np.ndarray
+) -> np.ndarray:
+    """Freedman-Lane permutation p of r(Y_a, Y_b | Z): permute Y_b's reduced-model residuals, refit, compare |r|."""
+    E = _residualize(Y, Z)
+    En = E / np.linalg.norm(E, axis=0)
+    exceed = np.zeros(ia.size)
+    for start in range(0, len(perms), _CHUNK):
+        R = _residualize(E[perms[start : start + _CHUNK]], Z)  # (b, n, S): M P e, M = I - hat matrix of [1, Z]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r_star = np.swapaxes(En, 0, 1) @ (R / np.linalg.norm(R, axis=-2, keepdims=True))
+        exceed += np.sum(np.abs(r_star[:, ia, ib]) >= np.abs(r_obs) - 1e-12, axis=0)
+    return (1.0 + exceed) / (1.0 + len(perms))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation (all argument and table checks live here)
+
+
+@dataclass(frozen=True)
+class _Options:
+    methods: tuple[str, ...]
+    unit: str
+    n_boot: int
+    n_perm: int
+    seed: int
+    block_length: int | None
+    spline_knots: int
+    n_items: int | Mapping[str, int]
+    n_splits: int
+    alpha: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class _Data:
+    id_name: str
+    id_acc: np.ndarray  # (n,)
+    acc: np.ndarray  # (n, S) shift accuracies
+    shifts: tuple[str, ...]
+    n_items: dict[str, int]  # items per split (ID and shifts), for the probit clip
+    items: dict[str, np.ndarray] | None  # per-item correctness, rows aligned with id_acc
+
+
+def _check_options(
+    residualize: str, unit: str, n_boot: int, n_perm: int, seed: int, block_length: int | None,
+    spline_knots: int, n_items: int | Mapping[str, int], n_splits: int, alpha: float, confidence: float,
+) -> _Options:
+    allowed = RESIDUALIZATIONS + ("all",)
+    if residualize not in allowed:
+        raise ValueError(f"residualize={residualize!r} is not supported: expected one of {allowed}.")
+    if unit not in UNITS:
+        raise ValueError(
+            f"unit={unit!r} is not supported: expected 'runs' (independent runs) or 'checkpoints' "
+            "(rows are checkpoints of one run, with a 'step' column)."
+        )
+    for name, value, low in (("n_boot", n_boot, 0), ("n_perm", n_perm, 0), ("spline_knots", spline_knots, 2),
+                             ("n_splits", n_splits, 1)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
+    if block_length is not None and (not isinstance(block_length, (int, np.integer)) or block_length < 1):
+        raise ValueError(f"block_length={block_length!r} is invalid: expected None (n^(1/3)) or an integer >= 1.")
+    if unit == "runs" and block_length is not None:
+        raise ValueError("block_length only applies to unit='checkpoints': leave it None for independent runs.")
+    counts = n_items.values() if isinstance(n_items, Mapping) else [n_items]
+    if any(not isinstance(c, (int, np.integer)) or c < 1 for c in counts):
+        raise ValueError(f"n_items={n_items!r} is invalid: expected a positive integer or a dict split -> integer.")
+    for name, value in (("alpha", alpha), ("confidence", confidence)):
+        if not 0 < value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: expected a number strictly between 0 and 1.")
+    methods = RESIDUALIZATIONS if residualize == "all" else (residualize,)
+    return _Options(methods, unit, int(n_boot), int(n_perm), int(seed), block_length, int(spline_knots), n_items,
+                    int(n_splits), float(alpha), float(confidence))
+
+
+def _check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """Accuracy columns as a float array (n, c); refuse NaN, values outside [0, 1] and constant columns."""
+    try:
+        acc = table[list(columns)].to_numpy(dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"accuracy columns {list(columns)} must be numeric fractions in [0, 1]: {err}") from err
+    bad = [c for c, j in zip(columns, range(acc.shape[1])) if np.isnan(acc[:, j]).any()]
+    if bad:
+        rows = table.index[np.isnan(acc).any(axis=1)].tolist()[:10]
+        raise ValueError(
+            f"NaN accuracies in {bad} (rows {rows}): every run needs an accuracy for every split. "
+            "Drop or re-evaluate those runs, or pass shifts=[...] without those splits."
+        )
+    bad = [c for c, j in zip(columns, range(acc.shape[1])) if ((acc[:, j] < 0) | (acc[:, j] > 1)).any()]
+    if bad:
+        raise ValueError(
+            f"accuracies out of range in {bad}: expected fractions in [0, 1] (not percentages). "
+            "Divide percentages by 100 or fix the evaluation."
+        )
+    bad = [c for c, j in zip(columns, range(acc.shape[1])) if np.ptp(acc[:, j]) == 0]
+    if bad:
+        raise ValueError(
+            f"constant accuracy in {bad}: a correlation needs variation across rows. Drop those splits "
+            "(shifts=[...]) or widen the sweep so their accuracy varies."
+        )
+    return acc
+
+
+def _prepare(
+    table: pd.DataFrame, id: str, shifts: Sequence[str] | None, unit: str,
+    items: Mapping[str, np.ndarray] | None, n_items: int | Mapping[str, int],
+) -> _Data:
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"table must be a pandas DataFrame or an experiment directory, got {type(table).__name__}.")
+    available = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_")]
+    if id not in available:
+        raise ValueError(
+            f"no ID accuracy column 'acc_{id}': expected columns acc_<split> with the ID split among them "
+            f"(found splits {available}). Pass id=<name of the ID split>."
+        )
+    shifts = [s for s in available if s != id] if shifts is None else list(shifts)
+    missing = [s for s in shifts if s not in available]
+    if missing:
+        raise ValueError(f"shifts {missing} have no acc_<shift> column: available splits are {available}.")
+    if id in shifts or len(set(shifts)) != len(shifts):
+        raise ValueError(f"shifts={shifts} must be distinct and must not include the ID split {id!r}.")
+    if len(shifts) < 2:
+        raise ValueError(f"need at least two shifts to form a pair, got {shifts}: add acc_<shift> columns.")
+
+    order = np.arange(len(table))
+    if unit == "runs":
+        if "run_id" in table.columns and table["run_id"].duplicated().any():
+            dup = table.loc[table["run_id"].duplicated(keep=False), "run_id"].unique().tolist()[:10]
+            raise ValueError(
+                f"duplicate run ids {dup}: unit='runs' expects one row per independent run. Deduplicate the "
+                "table, or use unit='checkpoints' for the checkpoints of a single run."
+            )
+    else:
+        if "step" not in table.columns:
+            raise ValueError("unit='checkpoints' needs a 'step' column ordering the checkpoints of one run.")
+        if "run_id" in table.columns and table["run_id"].nunique() > 1:
+            raise ValueError(
+                f"unit='checkpoints' expects the checkpoints of one run, got {table['run_id'].nunique()} run ids: "
+                "select one run (table[table.run_id == ...]) first."
+            )
+        if table["step"].duplicated().any():
+            raise ValueError("duplicate steps in a checkpoint table: expected one row per checkpoint step.")
+        order = np.argsort(table["step"].to_numpy(), kind="stable")
+    table = table.iloc[order]
+    acc = _check_accuracies(table, [f"acc_{s}" for s in [id, *shifts]])
+
+    counts = {s: (n_items.get(s, DEFAULT_N_ITEMS) if isinstance(n_items, Mapping) else n_items) for s in [id, *shifts]}
+    aligned = None
+    if items:
+        aligned = {}
+        for split, arr in items.items():
+            if split not in counts:
+                continue
+            arr = np.asarray(arr)
+            if arr.ndim != 2 or arr.shape[0] != len(order):
+                raise ValueError(
+                    f"items[{split!r}] has shape {arr.shape}: expected (runs, items) with {len(order)} rows, in "
+                    "the table's row order."
+                )
+            arr = arr[order].astype(float)
+            gap = np.max(np.abs(arr.mean(axis=1) - table[f"acc_{split}"].to_numpy(dtype=float)))
+            if gap > ITEM_MATCH_TOL:
+                raise ValueError(
+                    f"items[{split!r}] disagree with acc_{split} (max |mean correctness - accuracy| = {gap:.3g}): "
+                    "item rows must be the table's runs in the same order. Reload both from the same experiment."
+                )
+            aligned[split], counts[split] = arr, arr.shape[1]
+    return _Data(id, acc[:, 0], acc[:, 1:], tuple(shifts), counts, aligned)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# partial correlations
+
+
+def _design(method: str, data: _Data, spline_knots: int) -> tuple[np.ndarray, np.ndarray, Callable]:
+    """(transformed shift accuracies (n, S), covariates Z (n, k), per-shift transform) for a residualisation."""
+    if method == "linear":
+        return data.acc, data.id_acc[:, None], lambda p, n_items: p
+    n_sh = np.array([data.n_items[s] for s in data.shifts])
+    id_probit = _probit(data.id_acc, data.n_items[data.id_name])
+    if method == "probit":
+        return _probit(data.acc, n_sh), id_probit[:, None], _probit
+    return _probit(data.acc, n_sh), _spline_basis(id_probit, spline_knots), _probit
+
+
+def _residual_reliability(
+    items: np.ndarray, Z: np.ndarray, transform: Callable, n_splits: int, seed: int
+) -> float:
+    """Spearman-Brown split-half reliability of one split's accuracy after residualising it on Z."""
+    h1, h2, m1, m2 = _half_accuracies(items, n_splits, seed)
+    r1, r2 = _residualize(transform(h1, m1), Z), _residualize(transform(h2, m2), Z)
+    rho = np.nanmean(_column_corr(r1, r2))
+    return float(2 * rho / (1 + rho))
+
+
+def partial_correlations(
+    table: pd.DataFrame | str | PathLike,
+    id: str = "ID",
+    shifts: Sequence[str] | None = None,
+    residualize: str = "probit",
+    unit: str = "runs",
+    n_boot: int = 2000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    items: Mapping[str, np.ndarray] | None = None,
+    *,
+    block_length: int | None = None,
+    spline_knots: int = 4,
+    n_items: int | Mapping[str, int] = DEFAULT_N_ITEMS,
+    n_splits: int = 100,
+    alpha: float = 0.05,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Partial correlation of every pair of shifts given ID accuracy, with CIs and p-values per residualisation.
+
+    Parameters
+    ----------
+    table : DataFrame with columns ``acc_<split>`` (fractions in [0, 1]) and optionally ``run_id``,
+        hyper-parameters and (for ``unit="checkpoints"``) ``step``; or an experiment directory, loaded with
+        ``gradtrace.results.load_results`` and ``load_item_correctness``.
+    id : name of the ID split (column ``acc_<id>``); shifts are the other splits, or those named in ``shifts``.
+    residualize : ``"linear"`` (raw scale, k = 1), ``"probit"`` (k = 1), ``"spline"`` (k = spline_knots + 1)
+        or ``"all"``.
+        *probit* applies Phi^-1 to every accuracy after clipping to [1/(2N), 1 - 1/(2N)], N the number of items
+        of that split (the second axis of ``items`` when given, else ``n_items``, default 2000); the clip keeps
+        0 and 1 finite at about half an item from the boundary.
+        *spline* regresses probit shift accuracy on a cubic B-spline basis of probit ID accuracy
+        (``sklearn.preprocessing.SplineTransformer``, ``spline_knots`` knots at ID quantiles, intercept column
+        dropped), i.e. k = spline_knots + 1 covariates besides the intercept; it contains the probit line and
+        bends where the data do. Every basis column counts as a covariate: dof = n - k - 2 for p and n - k - 3
+        for the Fisher-z CI. (Probit axes rather than raw ones: on the raw scale, noise that is homoscedastic in
+        probit space has a variance that moves with ID in the same way for every shift, which alone inflates
+        the false-positive rate of a raw-scale spline to 10-15% in simulations.)
+    unit : ``"runs"`` (independent runs: iid bootstrap) or ``"checkpoints"`` (checkpoints of one run ordered by
+        ``step``: moving-block bootstrap with ``block_length`` rows, default round(n^(1/3)), and a block
+        jackknife for BCa). Parametric and permutation p-values assume independent rows and are invalid for
+        checkpoints: a warning is raised and ``note`` says so.
+    n_boot, n_perm : bootstrap resamples and Freedman-Lane permutations (0 skips them: NaN columns).
+        Bootstrap and permutation resamples are shared by all pairs and residualisations. The spline basis is
+        built once from all rows and its rows are resampled with the data.
+    items : dict split -> (runs, items) 0/1 correctness, rows in the table's order. Adds ``rel_a``, ``rel_b``
+        and ``r_disattenuated`` = r / sqrt(rel_a * rel_b), where rel is the Spearman-Brown split-half
+        reliability of each shift's *residual* (half-accuracies transformed and residualised on the same
+        covariates, averaged over ``n_splits`` random item halves). Approximations: ID accuracy is treated as
+        error-free, halves as parallel forms, and the two shifts' item errors as independent; sampling error
+        can push |r_disattenuated| above 1 (not clipped).
+
+    Returns a DataFrame, one row per (residualisation, pair a < b in shift order), columns ``a, b, residualize,
+    unit, n, k, dof, r, ci_low, ci_high, p, p_perm, p_holm, p_bh, boot_ci_low, boot_ci_high, bca_ci_low,
+    bca_ci_high, disagree`` (+ ``rel_a, rel_b, r_disattenuated`` with items) and ``note``. Holm and BH adjust
+    ``p`` across pairs within each residualisation. ``disagree`` (only with several residualisations, else NA)
+    is True where the residualisations differ in the sign of r or in whether p < alpha.
+
+    Raises ValueError for n < k + 4 rows (saying how many runs a useful CI needs), NaN or out-of-range
+    accuracies, constant columns and duplicate run ids.
+    """
+    if isinstance(table, (str, PathLike)):
+        table, loaded = _load_experiment(table)
+        items = loaded if items is None else items
+    opts = _check_options(residualize, unit, n_boot, n_perm, seed, block_length, spline_knots, n_items,
+                          n_splits, alpha, confidence)
+    data = _prepare(table, id, shifts, unit, items, n_items)
+    n, n_shifts = data.acc.shape
+    designs = {m: _design(m, data, opts.spline_knots) for m in opts.methods}
+    ks = {m: int(np.linalg.matrix_rank(np.column_stack([np.ones(n), Z]))) - 1 for m, (_, Z, _) in designs.items()}
+    for m, k in ks.items():
+        if n < k + 4:
+            need = runs_needed(0.3, 0.2, k, opts.confidence)
+            raise ValueError(
+                f"too few rows for residualize={m!r}: n={n}, but a partial correlation with k={k} covariate(s) needs "
+                f"n >= k + 4 = {k + 4} (t-test dof n-k-2 >= 2, Fisher-z CI dof n-k-3 >= 1). A useful estimate needs "
+                f"far more: about {need} runs give a {opts.confidence:.0%} CI half-width of 0.2 at r = 0.3. Add runs to "
+                "the sweep" + (" or lower spline_knots." if m == "spline" else ".")
+            )
+
+    block = None
+    if opts.unit == "checkpoints":
+        block = opts.block_length or max(1, round(n ** (1 / 3)))
+        if block > n:
+            raise ValueError(f"block_length={block} exceeds the {n} checkpoints: expected 1 <= block_length <= n.")
+        warnings.warn(
+            "unit='checkpoints': naive p-values (p, p_perm, p_holm, p_bh) and the Fisher-z CI are invalid for "
+            "autocorrelated checkpoints of one run; rely on the block-bootstrap CIs.", UserWarning, stacklevel=2,
+        )
+    rng = np.random.default_rng(opts.seed)
+    boot_idx = _resample_indices(n, opts.n_boot, block, rng)
+    perms = rng.permuted(np.broadcast_to(np.arange(n), (opts.n_perm, n)), axis=1)
+    jack_keep = _jackknife_keep(n, block)
+    ia, ib = np.triu_indices(n_shifts, k=1)
+
+    frames = []
+    for m in opts.methods:
+        Y, Z, transform = designs[m]
+        k = ks[m]
+        r = _corr_matrix(_residualize(Y, Z))[ia, ib]
+        lo, hi = _fisher_ci(r, n, k, opts.confidence)
+        p = _t_pvalue(r, n - k - 2)
+        frame = pd.DataFrame({
+            "a": [data.shifts[i] for i in ia], "b": [data.shifts[j] for j in ib], "residualize": m,
+            "unit": opts.unit, "n": n, "k": k, "dof": n - k - 2, "r": r, "ci_low": lo, "ci_high": hi, "p": p,
+            "p_perm": np.nan, "p_holm": _holm(p), "p_bh": _bh(p),
+            "boot_ci_low": np.nan, "boot_ci_high": np.nan, "bca_ci_low": np.nan, "bca_ci_high": np.nan,
+        })
+
+        def stat(idx: np.ndarray, Y: np.ndarray = Y, Z: np.ndarray = Z) -> np.ndarray:
+            return _corr_matrix(_residualize(Y[idx], Z[idx]))[:, ia, ib]
+
+        if opts.n_boot:
+            theta_b = _batched(stat, list(boot_idx))
+            frame["boot_ci_low"], frame["boot_ci_high"] = _percentile_ci(theta_b, opts.confidence)
+            frame["bca_ci_low"], frame["bca_ci_high"] = _bca_ci(theta_b, r, _batched(stat, jack_keep), opts.confidence)
+        if opts.n_perm:
+            frame["p_perm"] = _freedman_lane(Y, Z, r, perms, ia, ib)
+        if data.items is not None:
+            rel = np.array([
+                _residual_reliability(data.items[s], Z, transform, opts.n_splits, opts.seed)
+                if s in data.items else np.nan for s in data.shifts
+            ])
+            frame["rel_a"], frame["rel_b"] = rel[ia], rel[ib]
+            with np.errstate(invalid="ignore"):
+                frame["r_disattenuated"] = r / np.sqrt(rel[ia] * rel[ib])
+        frames.append(frame)
+
+    out = pd.concat(frames, ignore_index=True)
+    out["disagree"] = _disagreement(out, opts.alpha) if len(opts.methods) > 1 else pd.NA
+    out["disagree"] = out["disagree"].astype("boolean")
+    out["note"] = CHECKPOINT_NOTE if opts.unit == "checkpoints" else ""
+    extra = [c for c in ("rel_a", "rel_b", "r_disattenuated") if c in out.columns]
+    return out[RESULT_COLUMNS + extra + ["note"]]
+
+
+def _disagreement(out: pd.DataFrame, alpha: float) -> pd.Series:
+    """Per row: do the pair's residualisations differ in sign of r or in significance at alpha?"""
+    key = out["a"] + "\x00" + out["b"]
+    sign = np.sign(out["r"]).groupby(key).transform("nunique") > 1
+    sig = (out["p"] < alpha).groupby(key).transform("nunique") > 1
+    return sign | sig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reliability
+
+
+def _half_accuracies(
+    items: np.ndarray, n_splits: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Accuracy of each run on two random halves of the items, for n_splits splits: (runs, n_splits) twice."""
+    m = items.shape[1]
+    rng = np.random.default_rng(seed)
+    first = rng.permuted(np.broadcast_to(np.arange(m) < m // 2, (n_splits, m)), axis=1).T.astype(float)
+    m1, m2 = m // 2, m - m // 2
+    x = np.asarray(items, dtype=float)
+    return x @ first / m1, x @ (1 - first) / m2, m1, m2
+
+
+def _column_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of matching columns of a and b (n, c); NaN where a column is constant."""
+    a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(a * b, axis=0) / np.sqrt(np.sum(a * a, axis=0) * np.sum(b * b, axis=0))
+
+
+def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100, seed: int = 0) -> pd.DataFrame:
+    """Spearman-Brown split-half reliability of each split's across-run accuracy from per-item correctness.
+
+    For each of ``n_splits`` random halvings of a split's items, correlate the runs' accuracies on the two halves
+    (rho); reliability = 2 rho / (1 + rho) with rho averaged over halvings. Columns: ``split, n_runs, n_items,
+    reliability, reliability_sd`` (sd of the Spearman-Brown value over halvings: the halving noise, not a
+    sampling error). Warns for every split whose reliability is below 0.9.
+    """
+    if not isinstance(n_splits, (int, np.integer)) or n_splits < 1:
+        raise ValueError(f"n_splits={n_splits!r} is invalid: expected an integer >= 1.")
+    rows = []
+    for split, arr in items.items():
+        arr = np.asarray(arr)
+        if arr.ndim != 2 or arr.shape[0] < 3 or arr.shape[1] < 2:
+            raise ValueError(
+                f"items[{split!r}] has shape {arr.shape}: expected (runs, items) 0/1 correctness with >= 3 runs "
+                "and >= 2 items."
+            )
+        if not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"items[{split!r}] must hold 0/1 (or bool) correctness, found other values.")
+        h1, h2, _, _ = _half_accuracies(arr, n_splits, seed)
+        rho = _column_corr(h1, h2)
+        with np.errstate(invalid="ignore"):
+            sb = 2 * rho / (1 + rho)
+        rows.append({"split": split, "n_runs": arr.shape[0], "n_items": arr.shape[1],
+                     "reliability": 2 * np.nanmean(rho) / (1 + np.nanmean(rho)) if np.isfinite(rho).any() else np.nan,
+                     "reliability_sd": np.nanstd(sb) if np.isfinite(sb).any() else np.nan})
+    out = pd.DataFrame(rows, columns=["split", "n_runs", "n_items", "reliability", "reliability_sd"])
+    low = out[~(out["reliability"] >= RELIABILITY_WARN)]
+    if len(low):
+        desc = ", ".join(f"{s} ({v:.2f})" for s, v in zip(low["split"], low["reliability"]))
+        warnings.warn(
+            f"split-half reliability below {RELIABILITY_WARN} for {desc}: their accuracy is noisy across runs and "
+            "attenuates correlations. Use more items per split (>= 2000) or report r_disattenuated.",
+            UserWarning, stacklevel=2,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generalisation gap
+
+
+def _band(gap_pts: np.ndarray) -> np.ndarray:
+    """'healthy' below 5 points, 'watch' from 5 to 10, 'warning' above 10; NA where the gap is missing."""
+    band = np.select([gap_pts < 5, gap_pts <= 10, gap_pts > 10], ["healthy", "watch", "warning"], default="")
+    return np.where(np.isnan(gap_pts), None, band)
+
+
+def generalisation_gap(table: pd.DataFrame, config_columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Train vs held-out accuracy gap per run and split, validation vs test consistency and spread across seeds.
+
+    One row per (run, split with an ``acc_<split>`` column): ``run_id`` (row index if absent), ``step`` if
+    present, ``split``, ``test_acc``; with ``train_acc_<split>``: ``train_acc``, ``gap_pts`` = 100 (train - test)
+    and ``band`` (< 5 "healthy", 5-10 "watch", > 10 "warning"); with ``val_acc_<split>``: ``val_acc``,
+    ``val_test_diff_pts`` = 100 (val - test) and ``val_test_r`` (correlation of val and test across runs); with
+    a ``seed`` column: ``seed_sd_pts``, the across-seed standard deviation (points) of test accuracy among runs
+    sharing ``config_columns`` (default: every column that is not an accuracy, run_id, seed or step), and
+    ``n_seeds``. Absent columns skip their part.
+    """
+    splits = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_")]
+    if not splits:
+        raise ValueError("generalisation_gap needs accuracy columns acc_<split>: none found in the table.")
+    run_id = table["run_id"].to_numpy() if "run_id" in table.columns else table.index.to_numpy()
+    metric = lambda c: isinstance(c, str) and c.startswith(("acc_", "train_acc_", "val_acc_"))  # noqa: E731
+    if "seed" in table.columns:
+        if config_columns is None:
+            config_columns = [c for c in table.columns if not metric(c) and c not in ("run_id", "seed", "step")]
+        missing = [c for c in config_columns if c not in table.columns]
+        if missing:
+            raise ValueError(f"config_columns {missing} are not columns of the table.")
+        groups = (table.groupby(list(config_columns), dropna=False, sort=False).ngroup().to_numpy()
+                  if config_columns else np.zeros(len(table), dtype=int))
+    frames = []
+    for s in splits:
+        test = table[f"acc_{s}"].to_numpy(dtype=float)
+        f = pd.DataFrame({"run_id": run_id})
+        if "step" in table.columns:
+            f["step"] = table["step"].to_numpy()
+        f["split"], f["test_acc"] = s, test
+        if f"train_acc_{s}" in table.columns:
+            f["train_acc"] = table[f"train_acc_{s}"].to_numpy(dtype=float)
+            f["gap_pts"] = 100 * (f["train_acc"] - test)
+            f["band"] = _band(f["gap_pts"].to_numpy())
+        if f"val_acc_{s}" in table.columns:
+            val = table[f"val_acc_{s}"].to_numpy(dtype=float)
+            ok = np.isfinite(val) & np.isfinite(test)
+            f["val_acc"], f["val_test_diff_pts"] = val, 100 * (val - test)
+            f["val_test_r"] = (float(_column_corr(val[ok, None], test[ok, None])[0])
+                               if ok.sum() >= 3 else np.nan)
+        if "seed" in table.columns:
+            by = pd.Series(100 * test).groupby(groups)
+            f["seed_sd_pts"] = by.transform("std").to_numpy()
+            f["n_seeds"] = by.transform("count").to_numpy()
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class StatsReport:
+    """Everything ``stats_report`` computed for an experiment, and where it was written."""
+
+    stats: pd.DataFrame
+    reliability: pd.DataFrame | None
+    gap: pd.DataFrame
+    summary: dict
+    paths: dict[str, Path]
+
+
+def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, np.ndarray] | None]:
+    """Results table and per-item correctness (None when the experiment has none) of an experiment directory."""
+    from gradtrace.results import load_item_correctness, load_results
+
+    items = load_item_correctness(exp_dir)
+    return load_results(exp_dir), (dict(items) if items else None)
+
+
+def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> StatsReport:
+    """Partial correlations, reliability and generalisation gap of an experiment, written next to its results.
+
+    Writes ``stats.csv``, ``stats.json`` (``{"records": [...], "summary": {...}}``), ``reliability.csv`` (when
+    per-item correctness exists) and ``gap.csv`` into ``exp_dir``; ``kw`` goes to ``partial_correlations``.
+    Warnings raised on the way are re-issued and listed in the summary.
+    """
+    exp_dir = Path(exp_dir)
+    table, items = _load_experiment(exp_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = partial_correlations(table, residualize=residualize, items=items, **kw)
+        reliability = split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0)) if items else None
+        gap = generalisation_gap(table)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    alpha = kw.get("alpha", 0.05)
+    summary = {
+        "exp_dir": str(exp_dir),
+        "unit": str(stats["unit"].iloc[0]),
+        "n": int(stats["n"].iloc[0]),
+        "shifts": sorted(set(stats["a"]) | set(stats["b"])),
+        "runs_for_ci_half_width_0.2_at_r_0.3": runs_needed(0.3, 0.2, 1),
+        "residualizations": {
+            m: {"k": int(g["k"].iloc[0]), "pairs": len(g), "significant_p": int((g["p"] < alpha).sum()),
+                "significant_bh": int((g["p_bh"] < alpha).sum()), "median_r": float(g["r"].median())}
+            for m, g in stats.groupby("residualize", sort=False)
+        },
+        "pairs_disagreeing": int(stats.loc[stats["disagree"].fillna(False), ["a", "b"]].drop_duplicates().shape[0]),
+        "min_reliability": (None if reliability is None else
+                            {"split": str(reliability.loc[reliability["reliability"].idxmin(), "split"]),
+                             "reliability": float(reliability["reliability"].min())}),
+        "warnings": [str(w.message) for w in caught],
+    }
+    paths = {"stats_csv": exp_dir / "stats.csv", "stats_json": exp_dir / "stats.json", "gap_csv": exp_dir / "gap.csv"}
+    stats.to_csv(paths["stats_csv"], index=False)
+    records = json.loads(stats.to_json(orient="records"))
+    paths["stats_json"].write_text(json.dumps({"records": records, "summary": summary}, indent=2))
+    gap.to_csv(paths["gap_csv"], index=False)
+    if reliability is not None:
+        paths["reliability_csv"] = exp_dir / "reliability.csv"
+        reliability.to_csv(paths["reliability_csv"], index=False)
+    return StatsReport(stats, reliability, gap, summary, paths)
+
+
+def _stars(p: float) -> str:
+    return "" if not p < 0.05 else "*" if p >= 0.01 else "**" if p >= 0.001 else "***"
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """A fixed-width terminal table of ``partial_correlations`` output: pair, r [CI], p and BH p with stars."""
+    header = f"{'residualize':<11}  {'pair':<32} {'n':>4}  {'r':>6}  {'CI':<16}  {'p':>9}      {'p_BH':>9}"
+    has_dis = "r_disattenuated" in df.columns
+    if has_dis:
+        header += f"     {'r_dis':>6}"
+    lines = [header, "-" * len(header)]
+    for row in df.itertuples(index=False):
+        pair = f"{row.a} ~ {row.b}"
+        pair = pair if len(pair) <= 32 else pair[:31] + "…"
+        line = (f"{row.residualize:<11}  {pair:<32} {row.n:>4}  {row.r:>6.3f}  "
+                f"[{row.ci_low:>6.3f}, {row.ci_high:>6.3f}]  {row.p:>9.2g} {_stars(row.p):<3}  "
+                f"{row.p_bh:>9.2g} {_stars(row.p_bh):<3}")
+        if has_dis:
+            line += f"  {row.r_disattenuated:>6.3f}"
+        if "disagree" in df.columns and not pd.isna(row.disagree) and row.disagree:
+            line += "  !"
+        lines.append(line)
+    lines.append("stars: * p<.05  ** p<.01  *** p<.001 (p: t-test; p_BH: Benjamini-Hochberg within residualisation)"
+                 + ("; ! residualisations disagree" if "disagree" in df.columns and df["disagree"].fillna(False).any()
+                    else ""))
+    if "note" in df.columns and df["note"].astype(bool).any():
+        lines.append("note: " + str(df.loc[df["note"].astype(bool), "note"].iloc[0]))
+    return "\n".join(lines)

@@ -1,0 +1,284 @@
+"""The trajectory store: one Zarr v3 group per run inside an experiment store; schema in storage/README.md.
+
+Writers buffer whole chunks along the step axis and write each chunk once; `checkpoint()` makes every
+buffered row durable and records `last_durable_step`, so a killed run reopens there. Readers need only zarr.
+"""
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+import gradtrace
+
+SCHEMA_VERSION = 1
+BF16 = "bfloat16"  # stored as uint16 (the top half of float32); see `decode`
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def encode(rows: np.ndarray, storage: str) -> np.ndarray:
+    """Cast float32 rows to the storage dtype (bfloat16 kept as its uint16 bit pattern, rounded to nearest)."""
+    if storage != BF16:
+        return rows.astype(storage, copy=False)
+    bits = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even
+    return (rounded >> 16).astype(np.uint16)
+
+
+def decode(values: np.ndarray, storage: str | None) -> np.ndarray:
+    """Stored values as float32 (inverse of `encode`)."""
+    if storage != BF16:
+        return np.asarray(values)
+    return (np.asarray(values, dtype=np.uint32) << 16).view(np.float32)
+
+
+def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The experiment store (a Zarr v3 group) at `path`, with a clear error when it is not one."""
+    path = Path(path)
+    if mode == "r" and not (path / "zarr.json").exists():
+        hint = f" (did you mean {path / 'store.zarr'}?)" if (path / "store.zarr").exists() else ""
+        raise FileNotFoundError(f"{path} is not a gradtrace store: no zarr.json there{hint}")
+    try:
+        root = zarr.open_group(path, mode=mode, zarr_format=3)
+    except Exception as err:  # zarr raises several types for damaged metadata
+        raise ValueError(f"{path} could not be opened as a Zarr v3 group ({type(err).__name__}: {err}); "
+                         "the store may be truncated or corrupt") from err
+    if mode != "r" and "schema_version" not in root.attrs:
+        root.attrs.update({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
+                           "created": _now(), "kind": "gradtrace-experiment"})
+    version = root.attrs.get("schema_version")
+    if version is not None and version > SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema version {version}; this gradtrace reads up to {SCHEMA_VERSION}. "
+                         "Upgrade gradtrace.")
+    return root
+
+
+class RunWriter:
+    """Appends rows of named arrays to one run group, a whole chunk per write.
+
+    `declare` creates an array with a leading `step` axis; `append` buffers one row of several arrays;
+    full chunks are written (by a background thread with a bounded queue when `thread=True`); `checkpoint`
+    writes every buffered row and records the last durable step.
+    """
+
+    def __init__(self, group: zarr.Group, chunk: int = 64, thread: bool = False, queue_size: int = 4) -> None:
+        self.group, self.chunk = group, chunk
+        self._buffers: dict[str, list[np.ndarray]] = {}
+        self._written: dict[str, int] = {}
+        self._queue: queue.Queue | None = None
+        self._error: BaseException | None = None
+        if thread:
+            self._queue = queue.Queue(maxsize=queue_size)  # bounded: training waits rather than outrunning memory
+            self._thread = threading.Thread(target=self._drain, daemon=True)
+            self._thread.start()
+
+    def declare(self, name: str, row_shape: tuple[int, ...], dtype: str = "float32",
+                dims: tuple[str, ...] = (), storage: str | None = None) -> None:
+        """Create (or reopen) array `name` of rows shaped `row_shape`; dims name the axes after the first.
+
+        The first axis is `step` for top-level arrays, `probe` under `probe/` and `eval` under `evals/`.
+        """
+        storage = storage or dtype
+        if name in self.group:
+            arr = self.group[name]
+        else:
+            zdtype = "uint16" if storage == BF16 else storage
+            axis = {"probe": "probe", "evals": "eval"}.get(name.split("/")[0], "step") if "/" in name else "step"
+            arr = self.group.create_array(
+                name, shape=(0, *row_shape), chunks=(self.chunk, *row_shape), dtype=zdtype,
+                dimension_names=(axis, *dims), fill_value=0, attributes={"storage_dtype": storage})
+        self._buffers[name] = []
+        self._written[name] = arr.shape[0]
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Buffer one row per named array; write any array whose buffer holds a whole chunk."""
+        self._raise()
+        for name, value in row.items():
+            buf = self._buffers[name]
+            buf.append(np.asarray(value))
+            if len(buf) == self.chunk:
+                self._submit(name)
+
+    def _submit(self, name: str) -> None:
+        rows, self._buffers[name] = np.stack(self._buffers[name]), []
+        start = self._written[name]
+        self._written[name] += len(rows)
+        job = (name, start, rows)
+        if self._queue is None:
+            self._write(*job)
+        else:
+            self._queue.put(job)
+
+    def _write(self, name: str, start: int, rows: np.ndarray) -> None:
+        arr = self.group[name]
+        stop = start + len(rows)
+        if arr.shape[0] < stop:
+            arr.resize((stop, *arr.shape[1:]))
+        arr[start:stop] = encode(rows, arr.attrs.get("storage_dtype", str(arr.dtype)))
+
+    def _drain(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is not None and self._error is None:
+                    self._write(*job)
+            except BaseException as err:  # surfaced to the training thread on its next call
+                self._error = err
+            finally:
+                self._queue.task_done()
+            if job is None:
+                return
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the store writer failed: {self._error}") from self._error
+
+    def flush(self) -> None:
+        """Write every buffered row (partial chunks too) and wait until it is on disk."""
+        for name, buf in self._buffers.items():
+            if buf:
+                self._submit(name)
+        if self._queue is not None:
+            self._queue.join()
+        self._raise()
+
+    def checkpoint(self, step: int) -> None:
+        """Make everything appended so far durable and record `step` as the last durable step."""
+        self.flush()
+        self.group.attrs.update({"last_durable_step": int(step), "updated": _now()})
+
+    def close(self) -> None:
+        """Flush and stop the background thread."""
+        self.flush()
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+
+def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: bool = False) -> zarr.Group:
+    """A fresh run group with status `running` and the schema attributes."""
+    if run_id in root and not overwrite:
+        raise FileExistsError(f"run {run_id!r} already exists in the store; pass --resume to continue it "
+                              "or choose another run id")
+    group = root.create_group(run_id, overwrite=True)
+    group.attrs.update({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
+                        "status": "running", "last_durable_step": -1, "created": _now(), **attrs})
+    return group
+
+
+def truncate_to(group: zarr.Group, steps_done: int) -> None:
+    """Cut a run's rows past a resume point: step rows with step >= steps_done, probe rows past steps_done."""
+    cuts = [("step", "", lambda s: s < steps_done), ("probe/step", "probe/", lambda s: s <= steps_done),
+            ("evals/step", "evals/", lambda s: s <= steps_done)]
+    arrays = _arrays(group)
+    for index, prefix, keep_if in cuts:
+        if index not in arrays:
+            continue
+        keep = int(keep_if(arrays[index][...]).sum())
+        for name, arr in arrays.items():
+            in_axis = name.startswith(prefix) if prefix else "/" not in name
+            if in_axis and arr.shape[0] > keep:
+                arr.resize((keep, *arr.shape[1:]))
+
+
+def write_correct(group: zarr.Group, correct: dict[str, np.ndarray]) -> None:
+    """Per-item exact-match correctness at the end of a run: `eval/correct` (split × item), splits in attrs."""
+    data = np.stack(list(correct.values()))
+    group.create_array("eval/correct", data=data, chunks=data.shape, dimension_names=("split", "item"),
+                       attributes={"splits": list(correct)}, overwrite=True)
+
+
+def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
+    """Record a run's status: running | complete | failed."""
+    group.attrs.update({"status": status, "updated": _now(), **extra})
+
+
+def read(group: zarr.Group, name: str) -> np.ndarray:
+    """Array `name` of a run group as float32/int numpy (bfloat16 decoded)."""
+    if name not in group:
+        raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
+    arr = group[name]
+    return decode(arr[...], arr.attrs.get("storage_dtype"))
+
+
+def read_lazy(group: zarr.Group, name: str):
+    """Array `name` as a dask array chunked like the store (for trajectories larger than memory)."""
+    import dask.array as da
+
+    arr = group[name]
+    lazy = da.from_zarr(arr)
+    storage = arr.attrs.get("storage_dtype")
+    return lazy.map_blocks(decode, storage, dtype=np.float32) if storage == BF16 else lazy
+
+
+def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
+    out = {}
+    for name, member in group.members():
+        if isinstance(member, zarr.Array):
+            out[prefix + name] = member
+        else:
+            out.update(_arrays(member, f"{prefix}{name}/"))
+    return out
+
+
+def runs(root: zarr.Group) -> list[str]:
+    """Run ids in an experiment store, sorted."""
+    return sorted(name for name, m in root.members() if isinstance(m, zarr.Group))
+
+
+def summary(path: str | Path) -> str:
+    """A human-readable summary of a store: runs, statuses, steps, arrays and sizes, sketch."""
+    root = open_experiment(path)
+    ids = runs(root)
+    lines = [f"{path}: gradtrace store, schema v{root.attrs.get('schema_version')}, {len(ids)} run(s)"]
+    counts: dict[str, int] = {}
+    for rid in ids:
+        status = root[rid].attrs.get("status", "?")
+        counts[status] = counts.get(status, 0) + 1
+    lines.append("status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    for rid in ids:
+        g = root[rid]
+        a = dict(g.attrs)
+        sketch = a.get("sketch") or {}
+        lines.append(f"\n[{rid}] status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
+                     f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
+                     f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
+        if a.get("nonfinite_steps"):
+            lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
+        for name, arr in sorted(_arrays(g).items()):
+            nbytes = arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
+            dims = arr.metadata.dimension_names or ()
+            lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
+                         f"{'×'.join(d or '?' for d in dims):<22} {nbytes / 1e6:8.2f} MB")
+    return "\n".join(lines)
+
+
+def export_hdf5(path: str | Path, out: str | Path) -> Path:
+    """Copy every run's arrays and attributes into one HDF5 file (bfloat16 decoded to float32)."""
+    import json
+
+    import h5py
+
+    root = open_experiment(path)
+    out = Path(out)
+    with h5py.File(out, "w") as h5:
+        h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
+        for rid in runs(root):
+            g = root[rid]
+            hg = h5.create_group(rid)
+            hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
+            for name, arr in _arrays(g).items():
+                ds = hg.create_dataset(name, data=decode(arr[...], arr.attrs.get("storage_dtype")),
+                                       compression="gzip")
+                if arr.metadata.dimension_names:
+                    ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))
+    return out

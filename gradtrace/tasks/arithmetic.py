@@ -1,0 +1,141 @@
+"""The synthetic arithmetic task: deterministic test/probe sets per split and a disjoint training stream."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from gradtrace.config import TaskConfig
+from gradtrace.tasks.shifts import Problem, get_split
+from gradtrace.tasks.tokenizer import CharTokenizer
+
+POOL_SIZE = 65536  # training items drawn once per task; runs differ in which they sample and when
+
+
+@dataclass
+class Encoded:
+    """Token ids (n, L), right-padded, and a mask of answer positions (loss and exact match)."""
+
+    tokens: np.ndarray
+    answer_mask: np.ndarray
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def torch(self, idx: np.ndarray | slice | None = None, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, answer_mask) as tensors, optionally a subset of rows."""
+        idx = slice(None) if idx is None else idx
+        return (torch.as_tensor(self.tokens[idx], device=device),
+                torch.as_tensor(self.answer_mask[idx], device=device))
+
+
+class ArithmeticTask:
+    """ID split + configured OOD shifts; test, probe and training items are disjoint by prompt."""
+
+    def __init__(self, cfg: TaskConfig, tokenizer: CharTokenizer | None = None) -> None:
+        for name in cfg.shifts:
+            get_split(name)  # fail early on unknown names
+        if "ID" in cfg.shifts:
+            raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
+        self.cfg = cfg
+        self.tokenizer = tokenizer or CharTokenizer()
+        self.splits = ["ID", *cfg.shifts]
+
+    # -- rendering ------------------------------------------------------------------------------------------
+    def render(self, problem: Problem) -> tuple[str, str]:
+        """(prompt, answer) strings of one problem in this task's format."""
+        return problem.render(self.cfg.reverse_operands, self.cfg.digit_spaces)
+
+    def encode(self, problems: list[Problem]) -> Encoded:
+        """Tokenise problems as <bos> prompt answer <eos>, right-padded, with the answer mask."""
+        tok = self.tokenizer
+        rows, masks, prompts = [], [], []
+        for p in problems:
+            prompt, answer = self.render(p)
+            head = [tok.bos_id, *tok.encode(prompt)]
+            tail = [*tok.encode(answer), tok.eos_id]
+            rows.append(head + tail)
+            masks.append([False] * len(head) + [True] * len(tail))
+            prompts.append(prompt)
+        width = max(map(len, rows))
+        tokens = np.full((len(rows), width), tok.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        for i, (r, m) in enumerate(zip(rows, masks)):
+            tokens[i, : len(r)] = r
+            mask[i, : len(m)] = m
+        return Encoded(tokens, mask, prompts)
+
+    # -- fixed evaluation sets ---------------------------------------------------------------------------------
+    def _unique(self, sampler, rng: np.random.Generator, n: int, exclude: set[str]) -> list[Problem]:
+        out, seen, tries = [], set(exclude), 0
+        while len(out) < n:
+            p = sampler(rng, self.cfg.max_digits)
+            key = self.render(p)[0]
+            tries += 1
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+            elif tries > 50 * n:
+                raise ValueError(f"could not draw {n} distinct items; lower task.n_test or widen the split")
+        return out
+
+    @cached_property
+    def _held_out(self) -> dict[str, tuple[list[Problem], list[Problem]]]:
+        """Per split: (test problems, probe problems), drawn from the task seed; never in training."""
+        out, used = {}, set()
+        for i, name in enumerate(self.splits):
+            rng = np.random.default_rng([self.cfg.seed, i])
+            items = self._unique(get_split(name).test, rng, self.cfg.n_test + self.cfg.n_probe, used)
+            used.update(self.render(p)[0] for p in items)
+            out[name] = (items[: self.cfg.n_test], items[self.cfg.n_test:])
+        self.held_out_prompts = used
+        return out
+
+    def test_set(self, split: str) -> Encoded:
+        """The split's evaluation items (task.n_test of them)."""
+        return self.encode(self._held_out[split][0])
+
+    def probe_set(self, split: str) -> Encoded:
+        """The split's fixed probe batch (task.n_probe items), disjoint from its test items."""
+        return self.encode(self._held_out[split][1])
+
+    # -- training stream ---------------------------------------------------------------------------------------
+    def train_mix(self) -> dict[str, float]:
+        """Share of each split's training form in the training mix."""
+        shares = {s: (self.cfg.order_share if s == "order" else self.cfg.train_share) for s in self.cfg.shifts}
+        total = sum(shares.values())
+        if total >= 1:
+            raise ValueError(f"shift shares sum to {total:.2f}; they must leave room for ID (< 1)")
+        return {"ID": 1 - total, **shares}
+
+    @cached_property
+    def train_pool(self) -> Encoded:
+        """POOL_SIZE training items from the mix, none of whose prompts is a test or probe prompt."""
+        held = self._held_out and self.held_out_prompts
+        mix = self.train_mix()
+        names, probs = list(mix), np.array(list(mix.values()))
+        rng = np.random.default_rng([self.cfg.seed, 10_000])
+        picks = rng.choice(len(names), size=POOL_SIZE, p=probs)
+        items = []
+        for k in picks:
+            split = get_split(names[k])
+            while True:
+                p = split.train(rng, self.cfg.max_digits)
+                if self.render(p)[0] not in held:
+                    items.append(p)
+                    break
+        return self.encode(items)
+
+    def train_batch(self, step: int, data_seed: int, batch_size: int,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of optimizer step `step`: a pure function of (data_seed, step), so resuming is exact."""
+        idx = np.random.default_rng([data_seed, step]).integers(0, POOL_SIZE, batch_size)
+        return self.train_pool.torch(idx, device)
+
+    def example(self, split: str) -> str:
+        """One rendered test item of `split`, prompt and answer."""
+        prompt, answer = self.render(self._held_out[split][0][0])
+        return f"{prompt}{answer}"

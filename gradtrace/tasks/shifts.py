@@ -1,0 +1,147 @@
+"""The split registry: the ID split and named OOD shifts, each a test form and a shorter training form.
+
+Every split draws `Problem`s from a numpy Generator. `test` draws the evaluation distribution; `train` draws
+the few-shot form that the training mix holds a small share of (shorter, or the same format at ID length),
+which is what lands a shift mid-range instead of at 0% (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One arithmetic item before rendering: operands, operator, base and surface-format flags."""
+
+    operands: tuple[int, ...]
+    op: str = "+"
+    base: int = 10
+    pad_to: int = 0  # zero-pad operands to this many digits
+    leading_space: bool = False
+    spaced_ops: bool = False
+    digit_spaces: bool = False
+
+    @property
+    def answer(self) -> int:
+        """The exact result."""
+        a, *rest = self.operands
+        return a - sum(rest) if self.op == "-" else a + sum(rest)
+
+    def render(self, reverse_operands: bool = True, digit_spaces: bool = False) -> tuple[str, str]:
+        """(prompt, answer) strings; the answer is always least-significant digit first."""
+        spaced = digit_spaces or self.digit_spaces
+
+        def digits(n: int, pad: int, reverse: bool) -> str:
+            s = np.base_repr(n, self.base).rjust(pad, "0")
+            s = s[::-1] if reverse else s
+            return " ".join(s) if spaced else s
+
+        op = f" {self.op} " if self.spaced_ops else self.op
+        eq = " = " if self.spaced_ops else "="
+        body = op.join(digits(n, self.pad_to, reverse_operands) for n in self.operands)
+        prompt = (" " if self.leading_space else "") + ("#" if self.base == 8 else "") + body + eq
+        return prompt, digits(self.answer, 0, True)
+
+
+def _number(rng: np.random.Generator, n_digits: int, base: int = 10) -> int:
+    lo = 0 if n_digits == 1 else base ** (n_digits - 1)
+    return int(rng.integers(lo, base ** n_digits))
+
+
+def _carries(a: int, b: int, base: int = 10) -> tuple[int, int]:
+    """(number of carry columns, number of columns) of a + b."""
+    carry, count, cols = 0, 0, 0
+    while a or b:
+        carry = int((a % base + b % base + carry) >= base)
+        count += carry
+        cols += 1
+        a, b = a // base, b // base
+    return count, cols
+
+
+def _pair(rng: np.random.Generator, lo: int, hi: int, base: int = 10, ordered: bool = True) -> tuple[int, int]:
+    """Two operands of lo..hi digits; a >= b when ordered."""
+    la = int(rng.integers(lo, hi + 1))
+    lb = int(rng.integers(lo, la + 1)) if ordered else int(rng.integers(lo, hi + 1))
+    a, b = _number(rng, la, base), _number(rng, lb, base)
+    return (max(a, b), min(a, b)) if ordered else (a, b)
+
+
+def _all_carry(rng: np.random.Generator, n: int) -> tuple[int, int]:
+    """Two n-digit operands whose every column carries (column 0 sums to >= 10, later ones to >= 9)."""
+    a = b = 0
+    for i in range(n):
+        need, top = (10 if i == 0 else 9), int(i == n - 1)  # top: leading digits are nonzero
+        da = int(rng.integers(max(need - 9, top), 10))
+        db = int(rng.integers(max(need - da, top), 10))
+        a, b = a + da * 10**i, b + db * 10**i
+    return max(a, b), min(a, b)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A named split: a one-line description and samplers for its test and training forms."""
+
+    name: str
+    description: str
+    test: Callable[[np.random.Generator, int], Problem]
+    train: Callable[[np.random.Generator, int], Problem] | None = field(default=None)
+
+
+def _id(rng: np.random.Generator, d: int) -> Problem:
+    """ID: a >= b, 1..d digits, carries under-sampled (items with >= 2 carries kept with p=0.3)."""
+    while True:
+        a, b = _pair(rng, 1, d)
+        if _carries(a, b)[0] < 2 or rng.random() < 0.3:
+            return Problem((a, b))
+
+
+def _test_id(rng: np.random.Generator, d: int) -> Problem:
+    return Problem(_pair(rng, 1, d))
+
+
+REGISTRY: dict[str, Split] = {s.name: s for s in [
+    Split("ID", "in-distribution: a+b with a>=b, 1-4 digits, written least-significant digit first",
+          test=_test_id, train=_id),
+    Split("length", "first operand one digit longer than training's ID range (5 digits); few-shot in training",
+          test=lambda r, d: Problem((_number(r, d + 1), _number(r, int(r.integers(1, d + 1))))),
+          train=lambda r, d: Problem((_number(r, d + 1), _number(r, int(r.integers(1, d + 1)))))),
+    Split("carry", "every column carries, 3-4 digits; training under-samples carries, all-carry only at 2-3 digits",
+          test=lambda r, d: Problem(_all_carry(r, int(r.integers(3, d + 1)))),
+          train=lambda r, d: Problem(_all_carry(r, int(r.integers(2, 4))))),
+    Split("zeropad", "operands zero-padded to 6 digits; training pads to at most 4",
+          test=lambda r, d: Problem(_pair(r, 1, d), pad_to=d + 2),
+          train=lambda r, d: Problem(_pair(r, 1, d - 1), pad_to=d)),
+    Split("base8", "base-8 sums marked '#', 3-4 digits; training sees base 8 at 1-2 digits",
+          test=lambda r, d: Problem(_pair(r, 3, d, base=8), base=8),
+          train=lambda r, d: Problem(_pair(r, 1, 2, base=8), base=8)),
+    Split("space", "an irrelevant leading space before the problem; training sees it at 1-2 digits",
+          test=lambda r, d: Problem(_pair(r, 1, d), leading_space=True),
+          train=lambda r, d: Problem(_pair(r, 1, 2), leading_space=True)),
+    Split("spaced_ops", "spaces around '+' and '='; training sees it at 1-2 digits",
+          test=lambda r, d: Problem(_pair(r, 1, d), spaced_ops=True),
+          train=lambda r, d: Problem(_pair(r, 1, 2), spaced_ops=True)),
+    Split("order", "operand order a<b (ID is a>=b); training holds a small share of a<b",
+          test=lambda r, d: Problem(tuple(sorted(_pair(r, 1, d, ordered=False)))),
+          train=lambda r, d: Problem(tuple(sorted(_pair(r, 1, d, ordered=False))))),
+    Split("three_operand", "three-operand sums a+b+c, 1-3 digits; training sees them at 1-2 digits",
+          test=lambda r, d: Problem(_pair(r, 1, d - 1) + (_number(r, int(r.integers(1, d))),)),
+          train=lambda r, d: Problem(_pair(r, 1, 2) + (_number(r, int(r.integers(1, 3))),))),
+    Split("subtract", "subtraction a-b with a>=b, 3-4 digits; training sees it at 1-2 digits",
+          test=lambda r, d: Problem(_pair(r, 3, d), op="-"),
+          train=lambda r, d: Problem(_pair(r, 1, 2), op="-")),
+    Split("digit_spaced", "a space between every digit; training sees it at 1-2 digits",
+          test=lambda r, d: Problem(_pair(r, 1, d), digit_spaces=True),
+          train=lambda r, d: Problem(_pair(r, 1, 2), digit_spaces=True)),
+]}
+
+
+def get_split(name: str) -> Split:
+    """The registered split called `name`, or a clear error listing the registry."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown split {name!r}; registered splits: {', '.join(REGISTRY)}") from None

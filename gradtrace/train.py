@@ -1,0 +1,180 @@
+"""One fine-tuning run with capture and evaluation, resumable from its last durable step."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradtrace import checkpoint, store
+from gradtrace.capture.recorder import Probe, Recorder
+from gradtrace.config import CaptureConfig, Config, TrainConfig
+from gradtrace.evaluate import accuracy, correctness
+from gradtrace.models import build_model
+from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports: its id, role, seeds, hyper-parameters and accuracy per split."""
+
+    run_id: str
+    role: str
+    seeds: dict[str, int]
+    hparams: dict[str, float]
+    accuracy: dict[str, float]
+    wall_time_s: float
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """A flat results.csv row."""
+        return {"run_id": self.run_id, "role": self.role, "init_seed": self.seeds["init"],
+                "data_seed": self.seeds["data"], **self.hparams, "steps": self.steps,
+                "wall_time_s": round(self.wall_time_s, 2), **self.extra,
+                **{f"acc_{s}": a for s, a in self.accuracy.items()}}
+
+
+def seeds(train: TrainConfig) -> dict[str, int]:
+    """Init and data-order seeds (each defaults to train.seed)."""
+    return {"init": train.seed if train.init_seed is None else train.init_seed,
+            "data": train.seed if train.data_seed is None else train.data_seed}
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
+    def factor(step: int) -> float:
+        if step < train.warmup:
+            return (step + 1) / train.warmup
+        progress = min(1.0, (step - train.warmup) / max(1, train.steps - train.warmup))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "reference",
+          resume: bool = False, progress: bool = True) -> RunResult:
+    """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies."""
+    exp_dir, t = Path(exp_dir), cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    root = store.open_experiment(exp_dir / "store.zarr", mode="a")
+    run_seeds = seeds(t)
+    hparams = {"lr": t.lr, "weight_decay": t.weight_decay}
+    if resume and run_id in root and root[run_id].attrs.get("status") == "complete":
+        return _finished(root[run_id], run_id, role, run_seeds, hparams)
+
+    task = ArithmeticTask(cfg.task)
+    model = build_model(cfg.model, task.tokenizer.vocab_size, run_seeds["init"]).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    ckpt_root = exp_dir / "checkpoints" / run_id
+    start, found = 0, checkpoint.checkpoint_dir(ckpt_root) if resume and run_id in root else None
+    if found is not None:
+        start = checkpoint.load_state(found, model, optimizer, scheduler)
+        group = root[run_id]
+        store.truncate_to(group, start)
+        store.set_status(group, "running")
+    else:
+        group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
+                                                "steps": t.steps, "steps_done": 0}, overwrite=resume)
+    writer = store.RunWriter(group, cfg.capture.chunk)
+    recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
+    if recorder is not None:
+        group.attrs.update(recorder.attrs())
+    if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
+        checkpoint.save_weights(model, exp_dir / "weights" / run_id / "initial.safetensors")
+    eval_rows = _declare_evals(writer, task, t.eval_every)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+
+    began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
+    try:
+        for step in tqdm(range(start, t.steps), desc=run_id, disable=not progress, initial=start, total=t.steps,
+                         leave=False, mininterval=2):
+            tokens, mask = task.train_batch(step, run_seeds["data"], t.batch_size, device)
+            with _autocast(t.precision, device):
+                loss = answer_cross_entropy(model(input_ids=tokens).logits, tokens, mask)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+            if recorder is not None:
+                recorder.log(loss)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            done = step + 1
+            if eval_rows and done % t.eval_every == 0:
+                writer.append({"evals/step": done, "evals/accuracy": np.array(list(
+                    accuracy(correctness(model, task)).values()), dtype=np.float32)})
+            if done % t.checkpoint_every == 0 and done < t.steps:
+                writer.flush()
+                checkpoint.save_state(ckpt_root, model, optimizer, scheduler, done)
+                writer.checkpoint(done)
+                group.attrs.update({"steps_done": done, "wall_time_s": time.perf_counter() - began})
+        if recorder is not None:
+            recorder.close()
+        correct = correctness(model, task)
+        writer.close()
+        store.write_correct(group, correct)
+    except BaseException as err:
+        store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    if cfg.capture.enabled and cfg.capture.save_weights:
+        checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
+    acc = accuracy(correct)
+    wall = time.perf_counter() - began
+    store.set_status(group, "complete", accuracy=acc, steps_done=t.steps, last_durable_step=t.steps,
+                     wall_time_s=wall, nonfinite_steps=recorder.nonfinite_steps if recorder else 0,
+                     splits=task.splits, hparams=hparams)
+    checkpoint.remove(ckpt_root)
+    return RunResult(run_id, role, run_seeds, hparams, acc, wall, t.steps)
+
+
+def _recorder(capture: CaptureConfig, model, optimizer, writer, task: ArithmeticTask, device, steps: int,
+              start: int) -> Recorder | None:
+    """The run's Recorder: full capture with probes, or (capture disabled) scalars every 10 steps."""
+    if not capture.enabled:
+        light = CaptureConfig(quantities=[], every=10, probe_every=0)
+        return Recorder(model, optimizer, writer, light, steps, start_step=start)
+    unknown = set(capture.probe_losses) - set(PROBE_LOSSES)
+    if unknown:
+        raise ValueError(f"unknown capture.probe_losses {sorted(unknown)}; choose from {', '.join(PROBE_LOSSES)}")
+    probes = [Probe(split, *task.probe_set(split).torch(device=device)) for split in task.splits]
+    losses = {name: PROBE_LOSSES[name] for name in capture.probe_losses}
+    return Recorder(model, optimizer, writer, capture, steps, probes if capture.probe_every else None, losses,
+                    start_step=start)
+
+
+def _declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:
+    if every:
+        writer.declare("evals/step", (), "int64")
+        writer.declare("evals/accuracy", (len(task.splits),), "float32", dims=("split",))
+    return bool(every)
+
+
+def _finished(group, run_id: str, role: str, run_seeds: dict, hparams: dict) -> RunResult:
+    """The result of a run that is already complete in the store."""
+    a = group.attrs
+    return RunResult(run_id, role, run_seeds, hparams, dict(a["accuracy"]), float(a.get("wall_time_s", 0.0)),
+                     int(a["steps"]))
