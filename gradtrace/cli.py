@@ -24,7 +24,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     print(f"{'split':<14} {'in config':<9} {'example (prompt=answer, digits least-significant first)':<34} description")
     for name, split in REGISTRY.items():
         mark = "yes" if name == "ID" or name in in_default else "-"
-        print(f"{name:<14} {mark:<9} {task.example(name)!r:<34} {split.description}")
+        print(f"{name:<14} {mark:<9} {task.example(name)!r:<34} {split.describe(cfg.task.max_digits)}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -59,8 +59,8 @@ def cmd_stats(args: argparse.Namespace) -> None:
     from gradtrace import stats
 
     report = stats.stats_report(args.dir, residualize=args.residualize)
-    print(stats.format_table(report["pairs"] if isinstance(report, dict) else report.pairs))
-    print(f"written: {Path(args.dir) / 'stats.csv'}, {Path(args.dir) / 'stats.json'}")
+    print(stats.format_table(report.stats))
+    print("written: " + ", ".join(str(p) for p in report.paths.values()))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

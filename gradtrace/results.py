@@ -36,12 +36,17 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
 
 
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:
-    """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order."""
+    """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order.
+
+    Empty when any run lacks per-item correctness (then reliability cannot be computed).
+    """
     table = load_results(exp_dir, role)
     root = store.open_experiment(Path(exp_dir) / "store.zarr")
     per_run = []
     splits: list[str] = []
     for rid in table["run_id"]:
+        if "eval/correct" not in root[rid]:
+            return {}
         arr = root[rid]["eval/correct"]
         splits = list(arr.attrs["splits"])
         per_run.append(arr[...])

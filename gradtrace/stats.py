@@ -54,6 +54,8 @@ UNITS = ("runs", "checkpoints")
 DEFAULT_N_ITEMS = 2000  # items per split assumed for the probit continuity correction when unknown
 RELIABILITY_WARN = 0.9
 ITEM_MATCH_TOL = 1e-3  # max |mean item correctness - acc_<split>| before rows are deemed misaligned
+SEED_COLUMNS = ("seed", "init_seed", "data_seed")
+_PER_RUN_COLUMNS = ("run_id", "step", "wall_time_s")  # vary per run without being configuration
 _CHUNK = 256  # resamples per vectorised batch (bounds memory at _CHUNK * n * n_splits floats)
 
 RESULT_COLUMNS = [
@@ -139,6 +141,11 @@ def _bh(p: np.ndarray) -> np.ndarray:
 
 def runs_needed(r: float = 0.3, half_width: float = 0.2, k: int = 1, confidence: float = 0.95) -> int:
     """Smallest number of runs whose Fisher-z CI of a partial correlation r has at most this half-width."""
+    if not (-1 < r < 1 and half_width > 0 and 0 < confidence < 1 and k >= 0):
+        raise ValueError(
+            f"runs_needed(r={r}, half_width={half_width}, k={k}, confidence={confidence}): expected -1 < r < 1, "
+            "half_width > 0, k >= 0 and 0 < confidence < 1."
+        )
     crit, z = ndtri(0.5 + confidence / 2), math.atanh(r)
     n = k + 4
     while (math.tanh(z + crit / math.sqrt(n - k - 3)) - math.tanh(z - crit / math.sqrt(n - k - 3))) / 2 > half_width:
@@ -290,20 +297,26 @@ def _check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray
         acc = table[list(columns)].to_numpy(dtype=float)
     except (TypeError, ValueError) as err:
         raise ValueError(f"accuracy columns {list(columns)} must be numeric fractions in [0, 1]: {err}") from err
-    bad = [c for c, j in zip(columns, range(acc.shape[1])) if np.isnan(acc[:, j]).any()]
+    bad = [c for j, c in enumerate(columns) if np.isnan(acc[:, j]).any()]
     if bad:
         rows = table.index[np.isnan(acc).any(axis=1)].tolist()[:10]
         raise ValueError(
             f"NaN accuracies in {bad} (rows {rows}): every run needs an accuracy for every split. "
             "Drop or re-evaluate those runs, or pass shifts=[...] without those splits."
         )
-    bad = [c for c, j in zip(columns, range(acc.shape[1])) if ((acc[:, j] < 0) | (acc[:, j] > 1)).any()]
+    bad = [c for j, c in enumerate(columns) if ((acc[:, j] < 0) | (acc[:, j] > 1)).any()]
     if bad:
         raise ValueError(
             f"accuracies out of range in {bad}: expected fractions in [0, 1] (not percentages). "
             "Divide percentages by 100 or fix the evaluation."
         )
-    bad = [c for c, j in zip(columns, range(acc.shape[1])) if np.ptp(acc[:, j]) == 0]
+    if len(acc) < 5:
+        raise ValueError(
+            f"too few rows: n={len(acc)}, but a partial correlation controlling for ID needs at least 5 (dof n-k-2 >= "
+            f"2 with k=1). A useful estimate needs far more: about {runs_needed(0.3, 0.2, 1)} runs give a 95% CI "
+            "half-width of 0.2 at r = 0.3. Add runs to the sweep (sweep.runs)."
+        )
+    bad = [c for j, c in enumerate(columns) if np.ptp(acc[:, j]) == 0]
     if bad:
         raise ValueError(
             f"constant accuracy in {bad}: a correlation needs variation across rows. Drop those splits "
@@ -404,6 +417,32 @@ def _residual_reliability(
     return float(2 * rho / (1 + rho))
 
 
+def _check_designs(
+    designs: Mapping[str, tuple[np.ndarray, np.ndarray, Callable]], shifts: Sequence[str], confidence: float
+) -> dict[str, int]:
+    """Number of covariates k (rank of [1, Z] minus 1) per residualisation; refuse n < k + 4 or zero residuals."""
+    ks = {}
+    for m, (Y, Z, _) in designs.items():
+        n = len(Y)
+        k = ks[m] = int(np.linalg.matrix_rank(np.column_stack([np.ones(n), Z]))) - 1
+        if n < k + 4:
+            need = runs_needed(0.3, 0.2, k, confidence)
+            raise ValueError(
+                f"too few rows for residualize={m!r}: n={n}, but a partial correlation with k={k} covariate(s) needs "
+                f"n >= k + 4 = {k + 4} (t-test dof n-k-2 >= 2, Fisher-z CI dof n-k-3 >= 1). A useful estimate needs "
+                f"far more: about {need} runs give a {confidence:.0%} CI half-width of 0.2 at r = 0.3. Add runs to "
+                "the sweep" + (" or lower spline_knots." if m == "spline" else ".")
+            )
+        flat = np.linalg.norm(_residualize(Y, Z), axis=0) <= 1e-10 * np.linalg.norm(Y - Y.mean(axis=0), axis=0)
+        if flat.any():
+            raise ValueError(
+                f"shifts {[s for s, f in zip(shifts, flat) if f]} are exactly determined by ID accuracy under "
+                f"residualize={m!r} (zero residual variance), so their partial correlation is undefined. Expected "
+                "accuracies that vary beyond ID; drop those shifts (shifts=[...])."
+            )
+    return ks
+
+
 def partial_correlations(
     table: pd.DataFrame | str | PathLike,
     id: str = "ID",
@@ -473,16 +512,7 @@ def partial_correlations(
     data = _prepare(table, id, shifts, unit, items, n_items)
     n, n_shifts = data.acc.shape
     designs = {m: _design(m, data, opts.spline_knots) for m in opts.methods}
-    ks = {m: int(np.linalg.matrix_rank(np.column_stack([np.ones(n), Z]))) - 1 for m, (_, Z, _) in designs.items()}
-    for m, k in ks.items():
-        if n < k + 4:
-            need = runs_needed(0.3, 0.2, k, opts.confidence)
-            raise ValueError(
-                f"too few rows for residualize={m!r}: n={n}, but a partial correlation with k={k} covariate(s) needs "
-                f"n >= k + 4 = {k + 4} (t-test dof n-k-2 >= 2, Fisher-z CI dof n-k-3 >= 1). A useful estimate needs "
-                f"far more: about {need} runs give a {opts.confidence:.0%} CI half-width of 0.2 at r = 0.3. Add runs to "
-                "the sweep" + (" or lower spline_knots." if m == "spline" else ".")
-            )
+    ks = _check_designs(designs, data.shifts, opts.confidence)
 
     block = None
     if opts.unit == "checkpoints":
@@ -627,18 +657,20 @@ def generalisation_gap(table: pd.DataFrame, config_columns: Sequence[str] | None
     present, ``split``, ``test_acc``; with ``train_acc_<split>``: ``train_acc``, ``gap_pts`` = 100 (train - test)
     and ``band`` (< 5 "healthy", 5-10 "watch", > 10 "warning"); with ``val_acc_<split>``: ``val_acc``,
     ``val_test_diff_pts`` = 100 (val - test) and ``val_test_r`` (correlation of val and test across runs); with
-    a ``seed`` column: ``seed_sd_pts``, the across-seed standard deviation (points) of test accuracy among runs
-    sharing ``config_columns`` (default: every column that is not an accuracy, run_id, seed or step), and
-    ``n_seeds``. Absent columns skip their part.
+    seed columns (``seed``, ``init_seed``, ``data_seed``): ``seed_sd_pts``, the across-seed standard deviation
+    (points) of test accuracy among runs sharing ``config_columns`` (default: every column that is not an
+    accuracy, a seed, run_id, step or wall_time_s), and ``n_seeds``. Absent columns skip their part.
     """
     splits = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_")]
     if not splits:
         raise ValueError("generalisation_gap needs accuracy columns acc_<split>: none found in the table.")
     run_id = table["run_id"].to_numpy() if "run_id" in table.columns else table.index.to_numpy()
-    metric = lambda c: isinstance(c, str) and c.startswith(("acc_", "train_acc_", "val_acc_"))  # noqa: E731
-    if "seed" in table.columns:
+    seeded = any(c in table.columns for c in SEED_COLUMNS)
+    if seeded:
         if config_columns is None:
-            config_columns = [c for c in table.columns if not metric(c) and c not in ("run_id", "seed", "step")]
+            metrics = ("acc_", "train_acc_", "val_acc_")
+            config_columns = [c for c in table.columns if not (isinstance(c, str) and c.startswith(metrics))
+                              and c not in SEED_COLUMNS + _PER_RUN_COLUMNS]
         missing = [c for c in config_columns if c not in table.columns]
         if missing:
             raise ValueError(f"config_columns {missing} are not columns of the table.")
@@ -661,7 +693,7 @@ def generalisation_gap(table: pd.DataFrame, config_columns: Sequence[str] | None
             f["val_acc"], f["val_test_diff_pts"] = val, 100 * (val - test)
             f["val_test_r"] = (float(_column_corr(val[ok, None], test[ok, None])[0])
                                if ok.sum() >= 3 else np.nan)
-        if "seed" in table.columns:
+        if seeded:
             by = pd.Series(100 * test).groupby(groups)
             f["seed_sd_pts"] = by.transform("std").to_numpy()
             f["n_seeds"] = by.transform("count").to_numpy()
@@ -704,7 +736,8 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = partial_correlations(table, residualize=residualize, items=items, **kw)
-        reliability = split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0)) if items else None
+        reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0))
+                       if items else None)
         gap = generalisation_gap(table)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -94,7 +94,8 @@ class RunWriter:
             axis = {"probe": "probe", "evals": "eval"}.get(name.split("/")[0], "step") if "/" in name else "step"
             arr = self.group.create_array(
                 name, shape=(0, *row_shape), chunks=(self.chunk, *row_shape), dtype=zdtype,
-                dimension_names=(axis, *dims), fill_value=0, attributes={"storage_dtype": storage})
+                dimension_names=(axis, *(dims or [f"dim_{i}" for i in range(1, len(row_shape) + 1)])),
+                fill_value=0, attributes={"storage_dtype": storage})
         self._buffers[name] = []
         self._written[name] = arr.shape[0]
 

@@ -6,7 +6,7 @@ which is what lands a shift mid-range instead of at 0% (DESIGN.md §2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -83,12 +83,19 @@ def _all_carry(rng: np.random.Generator, n: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Split:
-    """A named split: a one-line description and samplers for its test and training forms."""
+    """A named split: a one-line description and samplers for its test and training forms.
+
+    Samplers take (rng, d) with d = task.max_digits; the description's {d}, {d1}, {dm} stand for d, d+1, d-1.
+    """
 
     name: str
     description: str
     test: Callable[[np.random.Generator, int], Problem]
-    train: Callable[[np.random.Generator, int], Problem] | None = field(default=None)
+    train: Callable[[np.random.Generator, int], Problem]
+
+    def describe(self, max_digits: int) -> str:
+        """The description for a task whose ID operands have up to `max_digits` digits."""
+        return self.description.format(d=max_digits, d1=max_digits + 1, dm=max_digits - 1)
 
 
 def _id(rng: np.random.Generator, d: int) -> Problem:
@@ -99,41 +106,37 @@ def _id(rng: np.random.Generator, d: int) -> Problem:
             return Problem((a, b))
 
 
-def _test_id(rng: np.random.Generator, d: int) -> Problem:
-    return Problem(_pair(rng, 1, d))
-
-
 REGISTRY: dict[str, Split] = {s.name: s for s in [
-    Split("ID", "in-distribution: a+b with a>=b, 1-4 digits, written least-significant digit first",
-          test=_test_id, train=_id),
-    Split("length", "first operand one digit longer than training's ID range (5 digits); few-shot in training",
+    Split("ID", "in-distribution: a+b with a>=b, 1-{d} digits, multi-carry sums under-sampled as in training",
+          test=_id, train=_id),
+    Split("length", "first operand one digit longer than the ID range ({d1} digits); few-shot in training",
           test=lambda r, d: Problem((_number(r, d + 1), _number(r, int(r.integers(1, d + 1))))),
           train=lambda r, d: Problem((_number(r, d + 1), _number(r, int(r.integers(1, d + 1)))))),
-    Split("carry", "every column carries, 3-4 digits; training under-samples carries, all-carry only at 2-3 digits",
+    Split("carry", "every column carries, 3-{d} digits; training under-samples carries, all-carry only at 2-{dm} digits",
           test=lambda r, d: Problem(_all_carry(r, int(r.integers(3, d + 1)))),
-          train=lambda r, d: Problem(_all_carry(r, int(r.integers(2, 4))))),
-    Split("zeropad", "operands zero-padded to 6 digits; training pads to at most 4",
-          test=lambda r, d: Problem(_pair(r, 1, d), pad_to=d + 2),
-          train=lambda r, d: Problem(_pair(r, 1, d - 1), pad_to=d)),
-    Split("base8", "base-8 sums marked '#', 3-4 digits; training sees base 8 at 1-2 digits",
+          train=lambda r, d: Problem(_all_carry(r, int(r.integers(2, d))))),
+    Split("zeropad", "operands zero-padded to {d1} digits; training pads shorter ({dm}-digit at most) operands",
+          test=lambda r, d: Problem(_pair(r, 1, d), pad_to=d + 1),
+          train=lambda r, d: Problem(_pair(r, 1, d - 1), pad_to=d + 1)),
+    Split("base8", "base-8 sums marked '#', 3-{d} digits; training sees base 8 at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 3, d, base=8), base=8),
           train=lambda r, d: Problem(_pair(r, 1, 2, base=8), base=8)),
-    Split("space", "an irrelevant leading space before the problem; training sees it at 1-2 digits",
+    Split("space", "an irrelevant leading space, 1-{d} digits; training sees it at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 1, d), leading_space=True),
           train=lambda r, d: Problem(_pair(r, 1, 2), leading_space=True)),
-    Split("spaced_ops", "spaces around '+' and '='; training sees it at 1-2 digits",
+    Split("spaced_ops", "spaces around '+' and '=', 1-{d} digits; training sees it at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 1, d), spaced_ops=True),
           train=lambda r, d: Problem(_pair(r, 1, 2), spaced_ops=True)),
     Split("order", "operand order a<b (ID is a>=b); training holds a small share of a<b",
           test=lambda r, d: Problem(tuple(sorted(_pair(r, 1, d, ordered=False)))),
           train=lambda r, d: Problem(tuple(sorted(_pair(r, 1, d, ordered=False))))),
-    Split("three_operand", "three-operand sums a+b+c, 1-3 digits; training sees them at 1-2 digits",
+    Split("three_operand", "three-operand sums a+b+c, 1-{dm} digits; training sees them at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 1, d - 1) + (_number(r, int(r.integers(1, d))),)),
           train=lambda r, d: Problem(_pair(r, 1, 2) + (_number(r, int(r.integers(1, 3))),))),
-    Split("subtract", "subtraction a-b with a>=b, 3-4 digits; training sees it at 1-2 digits",
+    Split("subtract", "subtraction a-b with a>=b, 3-{d} digits; training sees it at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 3, d), op="-"),
           train=lambda r, d: Problem(_pair(r, 1, 2), op="-")),
-    Split("digit_spaced", "a space between every digit; training sees it at 1-2 digits",
+    Split("digit_spaced", "a space between every digit, 1-{d} digits; training sees it at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 1, d), digit_spaces=True),
           train=lambda r, d: Problem(_pair(r, 1, 2), digit_spaces=True)),
 ]}

@@ -1,0 +1,570 @@
+"""Every figure of a study, drawn from stored tables and run groups alone.
+
+Each public function takes tables (pandas) or arrays read from a store and returns a `matplotlib.figure.Figure`
+built without pyplot (no global state, Agg canvas), in one house style: 8-pt type sized for a paper column
+(3.4 in) or page (7 in), the Okabe-Ito colour-blind-safe palette, a diverging map centred at 0 for
+correlations. `save(fig, path)` writes `path.pdf` and `path.png`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import zarr
+from cycler import cycler
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats as sps
+from scipy.special import ndtri
+
+from gradtrace import store
+
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
+PAGE_WIDTH = 7.0  # inches: the full text width
+DPI = 150
+N_ITEMS = 2000  # items per split: probit clipping to [1/(2N), 1 - 1/(2N)]
+RESIDUALIZATIONS = ("linear", "probit", "spline")
+GAP_BANDS = ((-math.inf, 5.0, "healthy", "#009E73"), (5.0, 10.0, "watch", "#E69F00"),
+             (10.0, math.inf, "warning", "#D55E00"))
+BENCHMARK_FILES = ("capture_overhead", "sweep_throughput")
+_VALUE_KEYS = ("ratio", "value", "overhead", "throughput", "runs_per_hour", "steps_per_s", "runs_per_s")
+_NAME_KEYS = ("name", "label", "variant", "config")
+
+STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans", "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7, "legend.frameon": False,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.linewidth": 0.6,
+    "axes.prop_cycle": cycler(color=OKABE_ITO), "lines.linewidth": 1.2, "lines.markersize": 3,
+    "xtick.major.width": 0.6, "ytick.major.width": 0.6, "pdf.fonttype": 42, "ps.fonttype": 42,
+    "figure.dpi": DPI, "savefig.dpi": DPI,
+}
+
+
+def _styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Draw under the house style (rcParams are read when artists are created)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _color(i: int) -> str:
+    return OKABE_ITO[i % (len(OKABE_ITO) - 1)]  # the last colour (yellow) is too light for lines on white
+
+
+def _grid(fig: Figure, n: int, ncols: int) -> list:
+    """n axes in a grid of ncols columns, unused cells removed."""
+    nrows = math.ceil(n / ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.remove()
+    return list(axes[:n])
+
+
+def _require_columns(df: Any, columns: Sequence[str], what: str) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}; it has {list(df.columns)}")
+    if df.empty:
+        raise ValueError(f"{what} is empty: nothing to plot")
+    return df
+
+
+def save(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Path]:
+    """Write `fig` as PDF and PNG (150 dpi) next to each other; returns both paths."""
+    base = Path(path_without_suffix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    pdf, png = base.with_name(base.name + ".pdf"), base.with_name(base.name + ".png")
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(pdf, metadata={"CreationDate": None})  # no timestamp: rebuilt PDFs stay identical
+        fig.savefig(png, dpi=DPI)
+    return pdf, png
+
+
+# ------------------------------------------------------------------------------------------------ correlations
+
+
+def _pair_matrix(rows: pd.DataFrame, shifts: list[str], column: str) -> np.ndarray:
+    m = np.full((len(shifts), len(shifts)), np.nan)
+    index = {s: i for i, s in enumerate(shifts)}
+    for a, b, v in zip(rows["a"], rows["b"], rows[column]):
+        m[index[a], index[b]] = m[index[b], index[a]] = v
+    return m
+
+
+def _significant(rows: pd.DataFrame, alpha: float) -> pd.Series:
+    """Holm-adjusted p below alpha where p_holm exists, else a CI that excludes 0."""
+    if "p_holm" in rows:
+        return rows["p_holm"] < alpha
+    if {"ci_low", "ci_high"} <= set(rows.columns):
+        return (rows["ci_low"] > 0) | (rows["ci_high"] < 0)
+    return pd.Series(False, index=rows.index)
+
+
+@_styled
+def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "probit", alpha: float = 0.05) -> Figure:
+    """Shifts × shifts matrix of partial r (given ID), one panel per residualisation; * marks significance.
+
+    A cell is starred when its Holm-adjusted p is below `alpha` (or, without `p_holm`, when its CI excludes 0).
+    `residualize="all"` draws every residualisation present in the table.
+    """
+    _require_columns(stats_df, ["a", "b", "r"], "stats table")
+    if "residualize" in stats_df:
+        present = list(dict.fromkeys(stats_df["residualize"]))
+        methods = ([m for m in RESIDUALIZATIONS if m in present] + [m for m in present if m not in RESIDUALIZATIONS]
+                   if residualize == "all" else [residualize])
+        if residualize != "all" and residualize not in present:
+            raise ValueError(f"no rows with residualize={residualize!r} in the stats table; it has {present} "
+                             "(or pass residualize='all')")
+    else:
+        methods = [None]
+    r = stats_df["r"].to_numpy(dtype=float)
+    if np.any(np.abs(r[np.isfinite(r)]) > 1 + 1e-9):
+        raise ValueError("stats table column r holds values outside [-1, 1]: is it a correlation?")
+    shifts = list(dict.fromkeys([*stats_df["a"], *stats_df["b"]]))
+    n = len(shifts)
+    cell = min(0.34, (PAGE_WIDTH - 0.9 * len(methods)) / (n * len(methods)))
+    fig = _figure(min(PAGE_WIDTH, len(methods) * (n * cell + 0.9) + 0.5), n * cell + 0.9)
+    axes = _grid(fig, len(methods), len(methods))
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")
+    fontsize = 6 if cell >= 0.3 else 5
+    image = None
+    for ax, method in zip(axes, methods):
+        rows = stats_df if method is None else stats_df[stats_df["residualize"] == method]
+        m = _pair_matrix(rows, shifts, "r")
+        star = _pair_matrix(rows.assign(_sig=_significant(rows, alpha).astype(float)), shifts, "_sig")
+        image = ax.imshow(m, cmap=cmap, vmin=-1, vmax=1)
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}".replace("-", "−") + ("*" if star[i, j] == 1 else ""),
+                            ha="center", va="center", fontsize=fontsize,
+                            color="white" if abs(m[i, j]) > 0.6 else "black")
+        ax.set_xticks(range(n), shifts, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), shifts if ax is axes[0] else [])
+        ax.tick_params(length=0)
+        ax.spines[:].set_visible(False)
+        size = f" (n={int(rows['n'].iloc[0])})" if "n" in rows and len(rows) else ""
+        ax.set_title(f"{method} residualisation{size}" if method else f"partial r{size}")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="partial r given ID", ticks=[-1, -0.5, 0, 0.5, 1])
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------- accuracies
+
+
+def probit(acc: np.ndarray, n_items: int = N_ITEMS) -> np.ndarray:
+    """Φ⁻¹ of accuracies clipped to [1/(2N), 1 − 1/(2N)]."""
+    eps = 1.0 / (2 * n_items)
+    return ndtri(np.clip(np.asarray(acc, dtype=float), eps, 1 - eps))
+
+
+def _probit_ticks(ax, axis: str, lo: float, hi: float) -> None:
+    marks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95, 0.99, 0.999])
+    pos = probit(marks)
+    keep = (pos >= lo) & (pos <= hi)
+    labels = [f"{100 * m:g}" for m in marks[keep]]
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(pos[keep], labels)
+
+
+@_styled
+def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int = N_ITEMS) -> Figure:
+    """Per shift, accuracy vs ID accuracy over runs on probit axes, with the least-squares probit line.
+
+    Uses the rows with role == "sweep" when the table has a role column; axes are labelled in percent.
+    """
+    id_col = f"acc_{id}"
+    _require_columns(results_df, [id_col], "results table")
+    table = results_df
+    if "role" in table and (table["role"] == "sweep").any():
+        table = table[table["role"] == "sweep"]
+    shifts = [c[4:] for c in table.columns if c.startswith("acc_") and c != id_col]
+    if not shifts:
+        raise ValueError(f"results table has no shift accuracy columns acc_<split> besides {id_col}")
+    if len(table) < 2:
+        raise ValueError(f"accuracy_on_the_line needs at least 2 runs, got {len(table)}")
+    ncols = min(4, len(shifts))
+    fig = _figure(PAGE_WIDTH if len(shifts) > 2 else COLUMN_WIDTH * len(shifts) / 2 + 0.4,
+                  1.75 * math.ceil(len(shifts) / ncols) + 0.2)
+    axes = _grid(fig, len(shifts), ncols)
+    x_all = probit(table[id_col].to_numpy(), n_items)
+    for i, (ax, shift) in enumerate(zip(axes, shifts)):
+        y_all = probit(table[f"acc_{shift}"].to_numpy(), n_items)
+        ok = np.isfinite(x_all) & np.isfinite(y_all)
+        x, y = x_all[ok], y_all[ok]
+        ax.scatter(x, y, s=9, color=_color(i), alpha=0.8, linewidths=0)
+        lo, hi = min(x.min(initial=0), y.min(initial=0)) - 0.3, max(x.max(initial=0), y.max(initial=0)) + 0.3
+        ax.plot([lo, hi], [lo, hi], color="0.7", lw=0.6, ls=":", zorder=0)
+        title = shift
+        if len(x) >= 2 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            grid = np.array([x.min(), x.max()])
+            ax.plot(grid, intercept + slope * grid, color="black", lw=1)
+            title += f"  (slope {slope:.2f}, r {np.corrcoef(x, y)[0, 1]:.2f})" if np.ptp(y) > 0 else ""
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        _probit_ticks(ax, "x", lo, hi)
+        _probit_ticks(ax, "y", lo, hi)
+        ax.set_title(title)
+        ax.set_aspect("equal", adjustable="box")
+    for ax in axes[-ncols:]:
+        ax.set_xlabel(f"{id} accuracy (%)")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("shift accuracy (%)")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ trajectories
+
+
+def _labels(group: zarr.Group, name: str, count: int) -> list[str]:
+    for attrs in (group[name].attrs, group.attrs):
+        labels = attrs.get("splits")
+        if labels is not None and len(labels) == count:
+            return [str(s) for s in labels]
+    return [f"split {i}" for i in range(count)]
+
+
+def _minor_log_label(value: float, _pos: int) -> str:
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa) in (2, 5) and abs(mantissa - round(mantissa)) < 1e-6 else ""
+
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    window = max(1, len(y) // 50)
+    if window == 1:
+        return y
+    kernel = np.ones(window) / window
+    return np.convolve(np.pad(y, (window // 2, window - 1 - window // 2), mode="edge"), kernel, mode="valid")
+
+
+@_styled
+def training_curves(run_group: zarr.Group) -> Figure:
+    """Loss, learning rate and gradient norm over steps of one run; eval and probe accuracy when recorded."""
+    if not isinstance(run_group, zarr.Group):
+        raise TypeError(f"training_curves needs a run's zarr.Group (store.zarr/<run_id>), got {type(run_group).__name__}")
+    scalars = [name for name in ("loss", "lr", "grad_norm") if name in run_group]
+    if "step" not in run_group or not scalars:
+        raise ValueError(f"run {run_group.name!r} has no per-step scalars (needs `step` and loss/lr/grad_norm); "
+                         "was it recorded with capture enabled?")
+    steps = store.read(run_group, "step")
+    panels: list[tuple[str, Callable]] = []
+    labels = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (after clip)"}
+    for name in scalars:
+        values = store.read(run_group, name).astype(float)
+
+        def draw(ax, values=values, name=name):
+            ax.plot(steps, values, color="0.75", lw=0.6)
+            ax.plot(steps, _smooth(values), color=OKABE_ITO[0])
+            if name == "loss" and np.all(values[np.isfinite(values)] > 0):
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                finite = values[np.isfinite(values)]
+                if finite.size and np.log10(finite.max() / finite.min()) < 2:  # few decades: label 2s and 5s too
+                    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+            ax.set_ylabel(labels[name])
+        panels.append((name, draw))
+    for prefix, title in (("evals", "accuracy (test sets)"), ("probe", "accuracy (probe batch)")):
+        if f"{prefix}/step" in run_group and f"{prefix}/accuracy" in run_group:
+            x, acc = store.read(run_group, f"{prefix}/step"), store.read(run_group, f"{prefix}/accuracy")
+            names = _labels(run_group, f"{prefix}/accuracy", acc.shape[1])
+
+            def draw(ax, x=x, acc=acc, names=names, title=title):
+                for j, split in enumerate(names):
+                    ax.plot(x, acc[:, j], marker="o", color=_color(j), label=split, ls="-" if j < 7 else "--")
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_ylabel(title)
+            panels.append((prefix, draw))
+    ncols = 3 if len(panels) > 4 or len(panels) == 3 else 2
+    fig = _figure(PAGE_WIDTH, 1.7 * math.ceil(len(panels) / ncols) + 0.3)
+    axes = _grid(fig, len(panels), ncols)
+    for ax, (_, draw) in zip(axes, panels):
+        draw(ax)
+        ax.set_xlabel("optimizer step")
+    accuracy_axes = [ax for ax, (name, _) in zip(axes, panels) if name in ("evals", "probe")]
+    if accuracy_axes:
+        fig.legend(*accuracy_axes[-1].get_legend_handles_labels(), loc="outside right center")
+    role = run_group.attrs.get("role")
+    fig.suptitle(f"run {run_group.basename}" + (f" ({role})" if role else ""), fontsize=8)
+    return fig
+
+
+@_styled
+def span_energy_spectrum(span: Any, total_energy: float | None = None) -> Figure:
+    """Share of a trajectory's energy in each direction of its span (bars) and cumulatively (line).
+
+    `span` is a 1-D array of singular values or an object with `.singular_values`; `total_energy` (the squared
+    Frobenius norm of the whole trajectory) makes the shares relative to all of it, not only to the span.
+    """
+    values = getattr(span, "singular_values", span)
+    s = np.asarray(values, dtype=float)
+    if s.ndim != 1 or s.size == 0 or not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("span_energy_spectrum needs a non-empty 1-D array of finite, non-negative singular values")
+    energy = s**2
+    total = float(energy.sum()) if total_energy is None else float(total_energy)
+    if not total > 0 or total < energy.sum() * (1 - 1e-6):
+        raise ValueError(f"total_energy={total_energy} must be positive and at least the span's energy {energy.sum():.4g}")
+    share, cumulative = energy / total, np.cumsum(energy) / total
+    rank = np.arange(1, s.size + 1)
+    fig = _figure(COLUMN_WIDTH, 2.2)
+    ax = fig.subplots()
+    ax.bar(rank, share, color=OKABE_ITO[5], width=0.8, label="per direction")
+    ax.plot(rank, cumulative, color=OKABE_ITO[0], marker="o", label="cumulative")
+    ax.axhline(0.9, color="0.6", lw=0.6, ls="--")
+    reached = np.flatnonzero(cumulative >= 0.9)
+    note = f"90% at rank {reached[0] + 1}" if reached.size else f"top {s.size}: {100 * cumulative[-1]:.0f}% of energy"
+    ax.text(0.98, 0.05, note, transform=ax.transAxes, ha="right", va="bottom")
+    ax.set_xlabel("span direction (by singular value)")
+    ax.set_ylabel("share of trajectory energy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="center right")
+    return fig
+
+
+@_styled
+def dominant_bulk_energy(steps: Sequence[int], dominant: np.ndarray, splits: Sequence[str],
+                         rank: int | None = None) -> Figure:
+    """Share of each split's probe-gradient energy inside the dominant span (left) and in the bulk (right).
+
+    `dominant` is (R probes, S splits) in [0, 1]; the bulk share is its complement (the projections are
+    orthogonal). `rank` names the dominant span's dimension in the titles.
+    """
+    x = np.asarray(steps)
+    d = np.asarray(dominant, dtype=float)
+    if d.ndim != 2 or d.shape != (x.size, len(splits)):
+        raise ValueError(f"dominant must be (len(steps), len(splits)) = ({x.size}, {len(splits)}), got {d.shape}")
+    if np.any((d < -1e-6) | (d > 1 + 1e-6)):
+        raise ValueError("dominant holds energy shares outside [0, 1]")
+    fig = _figure(PAGE_WIDTH, 2.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    span = f"top-{rank} span" if rank else "dominant span"
+    for ax, values, title in ((axes[0], d, f"dominant: inside the {span}"),
+                              (axes[1], 1 - d, f"bulk: outside the {span}")):
+        for j, split in enumerate(splits):
+            ax.plot(x, values[:, j], marker="o", color=_color(j), label=split, ls="-" if j < 7 else "--")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("share of probe-gradient energy")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside right center")
+    return fig
+
+
+@_styled
+def principal_angle_matrix(angles: pd.DataFrame | np.ndarray, labels: Sequence[str] | None = None) -> Figure:
+    """Matrix of principal angles (degrees, 0 = same subspace, 90 = orthogonal) between labelled subspaces.
+
+    `angles` is a square array or DataFrame (labels from its index), or a long table with columns `a`, `b`
+    and `angle_deg` (or `angle`).
+    """
+    if isinstance(angles, pd.DataFrame) and {"a", "b"} <= set(angles.columns):
+        column = next((c for c in ("angle_deg", "angle") if c in angles), None)
+        if column is None:
+            raise ValueError("a long angle table needs an angle_deg (or angle) column")
+        labels = list(labels or dict.fromkeys([*angles["a"], *angles["b"]]))
+        m = _pair_matrix(angles.rename(columns={column: "_angle"}), labels, "_angle")
+        np.fill_diagonal(m, 0.0)
+    elif isinstance(angles, pd.DataFrame):
+        labels = list(labels or angles.index.astype(str))
+        m = angles.to_numpy(dtype=float)
+    else:
+        m = np.asarray(angles, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+        raise ValueError(f"principal angles must form a non-empty square matrix, got shape {m.shape}")
+    labels = list(labels) if labels is not None else [str(i) for i in range(m.shape[0])]
+    if len(labels) != m.shape[0]:
+        raise ValueError(f"{len(labels)} labels for a {m.shape[0]}×{m.shape[0]} angle matrix")
+    finite = m[np.isfinite(m)]
+    if np.any((finite < -1e-6) | (finite > 90 + 1e-6)):
+        raise ValueError("principal angles must be in degrees within [0, 90]")
+    n = len(labels)
+    fig = _figure(min(PAGE_WIDTH, 0.34 * n + 1.6), 0.34 * n + 0.9)
+    ax = fig.subplots()
+    image = ax.imshow(m, cmap=matplotlib.colormaps["cividis"].with_extremes(bad="#eeeeee"), vmin=0, vmax=90)
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] < 45 else "black")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels)
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="principal angle (°)", ticks=[0, 30, 60, 90])
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------- predictions
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return math.nan
+    return float(sps.spearmanr(x[ok], y[ok]).statistic)
+
+
+@_styled
+def predicted_vs_observed(predictions_df: pd.DataFrame, scores_df: pd.DataFrame | None = None) -> Figure:
+    """One panel per predictor: predicted vs observed partial r over shift pairs, Spearman ρ in the title.
+
+    ρ (and the noise ceiling) come from `scores_df` when it has them, else ρ is computed from the pairs;
+    observed CIs are drawn when `observed_ci_low/high` exist.
+    """
+    _require_columns(predictions_df, ["predictor", "predicted", "observed"], "predictions table")
+    if scores_df is not None:
+        _require_columns(scores_df, ["predictor"], "predictor scores table")
+    scores = scores_df.set_index("predictor") if scores_df is not None else pd.DataFrame()
+    present = list(dict.fromkeys(predictions_df["predictor"]))
+    predictors = [p for p in scores.index if p in present] + [p for p in present if p not in scores.index]
+    ncols = min(3, len(predictors))
+    fig = _figure(PAGE_WIDTH if ncols > 1 else COLUMN_WIDTH, 2.15 * math.ceil(len(predictors) / ncols) + 0.2)
+    axes = _grid(fig, len(predictors), ncols)
+    has_ci = {"observed_ci_low", "observed_ci_high"} <= set(predictions_df.columns)
+    for i, (ax, name) in enumerate(zip(axes, predictors)):
+        rows = predictions_df[predictions_df["predictor"] == name]
+        x, y = rows["predicted"].to_numpy(dtype=float), rows["observed"].to_numpy(dtype=float)
+        if has_ci:
+            err = np.abs(np.vstack([y - rows["observed_ci_low"].to_numpy(float),
+                                    rows["observed_ci_high"].to_numpy(float) - y]))
+            ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.75", elinewidth=0.6, zorder=1)
+        ax.scatter(x, y, s=12, color=_color(i), zorder=2, linewidths=0)
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.axvline(0, color="0.6", lw=0.5)
+        row = scores.loc[name] if name in scores.index else pd.Series(dtype=object)
+        rho = float(row["spearman"]) if "spearman" in row and pd.notna(row["spearman"]) else _spearman(x, y)
+        detail = "ρ n/a (constant)" if math.isnan(rho) else f"ρ = {rho:.2f}".replace("-", "−")
+        if "noise_ceiling" in row and pd.notna(row["noise_ceiling"]):
+            detail += f", ceiling {float(row['noise_ceiling']):.2f}"
+        prereg = row.get("preregistered")
+        tag = " (pre-registered)" if prereg is True or str(prereg).lower() == "true" else ""
+        ax.set_title(f"{name}{tag}\n{detail}")
+        ax.set_xlabel("predicted")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("observed partial r")
+    return fig
+
+
+@_styled
+def generalisation_gap_bands(gap_df: pd.DataFrame) -> Figure:
+    """Train − test accuracy gap (points) per split over runs, on bands: <5 healthy, 5–10 watch, >10 warning."""
+    _require_columns(gap_df, ["split"], "generalisation-gap table")
+    column = "gap_pts" if "gap_pts" in gap_df else next((c for c in gap_df.columns if "gap" in str(c).lower()), None)
+    if column is None:
+        raise ValueError(f"generalisation-gap table has no gap column (gap_pts); it has {list(gap_df.columns)}. "
+                         "The gap needs train accuracies (train_acc_<split>) in the results.")
+    table = gap_df[["split", column]].dropna()
+    if table.empty:
+        raise ValueError(f"generalisation-gap column {column!r} holds no values")
+    splits = list(dict.fromkeys(table["split"]))
+    values = table[column].to_numpy(dtype=float)
+    lo, hi = min(-2.0, values.min() - 1), max(12.0, values.max() + 1)
+    fig = _figure(max(COLUMN_WIDTH, 0.45 * len(splits) + 1.4), 2.3)
+    ax = fig.subplots()
+    for low, high, name, color in GAP_BANDS:
+        ax.axhspan(max(low, lo), min(high, hi), color=color, alpha=0.13, lw=0, zorder=0)
+        ax.text(1.01, (max(low, lo) + min(high, hi)) / 2, name, transform=ax.get_yaxis_transform(),
+                va="center", fontsize=6, color=color)
+    for i, split in enumerate(splits):
+        y = table.loc[table["split"] == split, column].to_numpy(dtype=float)
+        jitter = np.linspace(-0.18, 0.18, y.size) if y.size > 1 else np.zeros(1)
+        ax.scatter(i + jitter, y, s=8, color="0.3", linewidths=0, zorder=2)
+        ax.plot([i - 0.28, i + 0.28], [np.median(y)] * 2, color="black", lw=1.5, zorder=3)
+    ax.set_xticks(range(len(splits)), splits, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(splits) - 0.4)
+    ax.set_ylim(lo, hi)
+    ax.set_ylabel("train − test accuracy (points)")
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------- benchmarks
+
+
+def _value(record: Mapping[str, Any]) -> tuple[str, float] | None:
+    for key in _VALUE_KEYS:
+        if isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool):
+            return key, float(record[key])
+    return None
+
+
+def _records(obj: Any) -> list[dict[str, Any]]:
+    """Benchmark records {name, value, unit} from a list of records, a {"records": [...]} or a {name: value} dict."""
+    if isinstance(obj, Mapping):
+        for key in ("records", "results", "rows"):
+            if isinstance(obj.get(key), list):
+                return _records(obj[key])
+        items = [{"name": k, **(v if isinstance(v, Mapping) else {"value": v})} for k, v in obj.items()]
+        return _records(items)
+    out = []
+    for i, item in enumerate(obj if isinstance(obj, list) else []):
+        if not isinstance(item, Mapping) or (found := _value(item)) is None:
+            continue
+        name = next((str(item[k]) for k in _NAME_KEYS if k in item), f"#{i}")
+        out.append({"name": name, "unit": found[0], "value": found[1]})
+    return out
+
+
+def load_benchmarks(source: str | Path | Mapping[str, Any] | list) -> dict[str, list[dict[str, Any]]]:
+    """Benchmark records per benchmark from a directory (its capture_overhead/sweep_throughput .json), one JSON
+    file, a {title: records} mapping or a list of records; missing files and unreadable entries are skipped."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        files = [path / f"{name}.json" for name in BENCHMARK_FILES] if path.is_dir() else [path]
+        loaded = {}
+        for file in files:
+            try:
+                loaded[file.stem] = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue
+        source = loaded
+    elif isinstance(source, list):
+        source = {"benchmark": source}
+    elif not isinstance(source, Mapping):
+        raise TypeError(f"benchmarks must come from a path, a mapping or a list, got {type(source).__name__}")
+    return {title: recs for title, body in source.items() if (recs := _records(body))}
+
+
+@_styled
+def benchmark_bars(source: str | Path | Mapping[str, Any] | list) -> Figure:
+    """Horizontal bars per benchmark (capture overhead, sweep throughput): each record's ratio or value."""
+    benchmarks = load_benchmarks(source)
+    if not benchmarks:
+        raise ValueError(f"no benchmark records found in {source!r}: expected JSON lists of "
+                         '{"name": ..., "ratio": ...} (run `make bench`)')
+    height = sum(0.2 * len(r) + 0.55 for r in benchmarks.values())
+    fig = _figure(COLUMN_WIDTH, height + 0.2)
+    axes = fig.subplots(len(benchmarks), 1, squeeze=False,
+                        height_ratios=[len(r) + 2 for r in benchmarks.values()]).ravel()
+    for i, (ax, (title, records)) in enumerate(zip(axes, benchmarks.items())):
+        names, values = [r["name"] for r in records], np.array([r["value"] for r in records])
+        units = {r["unit"] for r in records}
+        ax.barh(range(len(names)), values, color=_color(i), height=0.6)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ratio = units == {"ratio"}
+        if ratio:
+            ax.axvline(1.0, color="0.3", lw=0.6, ls="--")
+        for j, v in enumerate(values):
+            ax.text(v, j, f" {v:.2f}×" if ratio else f" {v:.3g}", va="center", fontsize=6)
+        ax.set_xlim(0, values.max() * 1.2 if values.max() > 0 else 1)
+        ax.set_title(title.replace("_", " "))
+        ax.set_xlabel(" / ".join(sorted(units)).replace("_", " ") + (" (1 = no overhead)" if ratio else ""))
+    return fig

@@ -1,0 +1,327 @@
+"""Subspaces of gradient trajectories: spans, their energy spectra, projection energy, principal angles.
+
+A trajectory is a (T, d) matrix whose rows are sketched vectors of one quantity (updates, gradients, Adam's
+first moment) over steps. Its **span** is the top-`rank` right-singular subspace: the directions that carry most
+of the trajectory's energy (squared Frobenius norm). In memory the span comes from scikit-learn's randomised
+SVD; trajectories larger than memory stream through Frequent Directions (one pass, bounded memory) or dask's
+compressed randomised SVD (a few passes). Gradients concentrate in a small dominant subspace while learning may
+happen in the bulk (Gur-Ari et al. 2018; Song, Ahn & Yun 2024), so energies are reported for both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import zarr
+from sklearn.utils.extmath import randomized_svd
+
+from gradtrace import store
+
+QUANTITIES = ("update", "grad", "adam_m", "adam_update")
+STREAMING_METHODS = ("frequent_directions", "svd_compressed")
+IN_MEMORY_BYTES = 2 * 1024**3  # run_span reads trajectories up to this size into memory, streams larger ones
+
+
+@dataclass(frozen=True)
+class Span:
+    """The top-`rank` right-singular subspace of a (T, d) matrix and its energy spectrum."""
+
+    basis: np.ndarray  # (rank, d), orthonormal rows, strongest direction first
+    singular_values: np.ndarray  # (rank,), descending
+    energy_ratio: np.ndarray  # (rank,), s_i^2 / total_energy: the share of the energy each direction explains
+    total_energy: float  # squared Frobenius norm of the (centred, if asked) matrix
+
+    @property
+    def rank(self) -> int:
+        """Number of directions kept."""
+        return int(self.basis.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Ambient dimension d (the sketch dimension)."""
+        return int(self.basis.shape[1])
+
+    @property
+    def explained(self) -> float:
+        """Share of the total energy inside the span."""
+        return float(self.energy_ratio.sum())
+
+
+@dataclass(frozen=True)
+class EffectiveDimension:
+    """How many directions a spectrum effectively uses."""
+
+    participation_ratio: float  # (sum s^2)^2 / sum s^4 over the known spectrum: d for a flat one, 1 for rank one
+    dims_for_energy: int | None  # fewest top directions reaching `energy` of the total; None if the span falls short
+    energy: float  # the threshold used for dims_for_energy (default 0.9)
+    captured: float  # share of the total energy the known spectrum holds (1 for a full spectrum)
+
+
+@dataclass(frozen=True)
+class ProjectionEnergy:
+    """Share of each vector's energy inside a span ("dominant") and outside it ("bulk"); NaN for zero vectors."""
+
+    dominant: np.ndarray  # (...,) in [0, 1]
+    bulk: np.ndarray  # (...,) 1 - dominant
+    norm_sq: np.ndarray  # (...,) squared norm of each vector
+
+
+def _check_matrix(X: Any, name: str = "X") -> None:
+    if len(getattr(X, "shape", ())) != 2:
+        raise ValueError(f"{name} must be a 2-D (steps, dim) matrix, got shape {getattr(X, 'shape', None)}")
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"{name} is empty (shape {X.shape}); select a window of steps that holds rows")
+
+
+def _check_rank(rank: int, shape: tuple[int, ...]) -> int:
+    limit = min(shape)
+    if not 1 <= rank <= limit:
+        raise ValueError(f"rank={rank} is out of range for a {shape[0]}×{shape[1]} matrix: expected 1 ≤ rank ≤ {limit}")
+    return int(rank)
+
+
+def _span(Vt: np.ndarray, s: np.ndarray, total: float) -> Span:
+    s = np.asarray(s, dtype=np.float64)
+    ratio = s**2 / total if total > 0 else np.full_like(s, np.nan)
+    return Span(np.ascontiguousarray(Vt, dtype=np.float32), s, ratio, float(total))
+
+
+def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0, center: bool = False,
+             n_iter: int | str = "auto") -> Span:
+    """The top-`rank` span of the rows of X (randomised SVD, or method="full" for LAPACK's exact SVD)."""
+    _check_matrix(X)
+    rank = _check_rank(rank, X.shape)
+    X = np.asarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float32)
+    if center:
+        X = X - X.mean(axis=0, dtype=np.float64).astype(X.dtype)
+    total = float(np.einsum("ij,ij->", X, X, dtype=np.float64))
+    if method == "randomized":
+        _, s, Vt = randomized_svd(X, rank, n_iter=n_iter, random_state=seed)
+    elif method == "full":
+        _, s, Vt = np.linalg.svd(X, full_matrices=False)
+        s, Vt = s[:rank], Vt[:rank]
+    else:
+        raise ValueError(f"unknown method {method!r}: choose 'randomized' (fast) or 'full' (exact, small matrices); "
+                         "for trajectories larger than memory use top_span_streaming")
+    return _span(Vt, s, total)
+
+
+def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:
+    """Consecutive row blocks of a numpy, zarr or dask matrix as float32/float64 numpy, one block in memory at a time."""
+    if hasattr(X, "dask"):
+        X = X.rechunk({0: rows, 1: -1})
+        for i in range(X.numblocks[0]):
+            yield np.asarray(X.blocks[i, 0].compute())
+        return
+    storage = X.attrs.get("storage_dtype") if isinstance(X, zarr.Array) else None
+    for start in range(0, X.shape[0], rows):
+        yield store.decode(X[start: start + rows], storage)
+
+
+def _frequent_directions(X: Any, sketch_size: int, block_rows: int) -> tuple[np.ndarray, float]:
+    """Frequent Directions (Ghashami et al. 2016): an ℓ×d sketch B with 0 ≼ XᵀX − BᵀB ≼ ‖X − X_r‖²_F/(ℓ−r) I."""
+    d = X.shape[1]
+    B = np.zeros((0, d))
+    total = 0.0
+    for block in _row_blocks(X, block_rows):
+        block = block.astype(np.float64, copy=False)
+        total += float(np.einsum("ij,ij->", block, block))
+        for start in range(0, block.shape[0], sketch_size):
+            M = np.vstack([B, block[start: start + sketch_size]])
+            # SVD through the small Gram matrix MMᵀ: m² d flops instead of LAPACK's larger constant on m × d.
+            w, U = np.linalg.eigh(M @ M.T)
+            order = np.argsort(w)[::-1]
+            w, U = np.clip(w[order], 0.0, None), U[:, order]
+            keep = min(sketch_size, M.shape[0])
+            shrink = w[sketch_size] if M.shape[0] > sketch_size else 0.0
+            s = np.sqrt(w[:keep])
+            nonzero = s > s[0] * 1e-12 if keep and s[0] > 0 else np.zeros(keep, bool)
+            Vt = (U[:, :keep][:, nonzero].T @ M) / s[nonzero, None]
+            B = np.sqrt(np.clip(w[:keep][nonzero] - shrink, 0.0, None))[:, None] * Vt
+    return B, total
+
+
+def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", sketch_size: int | None = None,
+                       block_rows: int = 1024, n_power_iter: int = 2, seed: int = 0) -> Span:
+    """The top-`rank` span of a (T, d) zarr/dask/numpy matrix too large for memory, reading row blocks.
+
+    `frequent_directions`: one pass, memory ~ (sketch_size + block_rows) × d, deterministic; singular values are
+    slightly shrunk (by at most ‖X − X_rank‖_F / √(sketch_size − rank)); sketch_size defaults to 4·rank.
+    `svd_compressed`: dask's randomised SVD, 2·n_power_iter + 2 passes over the data, closer to the exact SVD.
+    """
+    _check_matrix(X)
+    rank = _check_rank(rank, X.shape)
+    if method == "frequent_directions":
+        size = sketch_size or 4 * rank
+        if size <= rank:
+            raise ValueError(f"sketch_size={size} must exceed rank={rank} (Frequent Directions' error falls as "
+                             "1/(sketch_size − rank)); try 4·rank")
+        B, total = _frequent_directions(X, size, block_rows)
+        _, s, Vt = np.linalg.svd(B, full_matrices=False)
+        return _span(Vt[:rank], s[:rank], total)
+    if method == "svd_compressed":
+        import dask.array as da
+
+        if not hasattr(X, "dask"):
+            X = da.from_zarr(X) if isinstance(X, zarr.Array) else da.from_array(X)
+        X = X.astype(np.float32).rechunk({0: block_rows, 1: -1})
+        _, s, Vt = da.linalg.svd_compressed(X, rank, n_power_iter=n_power_iter, seed=seed, compute=True)
+        total = (X.astype(np.float64) ** 2).sum()
+        s, Vt, total = da.compute(s, Vt, total)
+        return _span(Vt, s, float(total))
+    raise ValueError(f"unknown streaming method {method!r}: choose one of {', '.join(STREAMING_METHODS)}")
+
+
+def effective_dimension(spectrum: Span | np.ndarray, energy: float = 0.9) -> EffectiveDimension:
+    """Participation ratio and the number of directions holding `energy` of the total, from a span or singular values.
+
+    Given bare singular values the spectrum is taken as complete. Given a Span only its top `rank` values are
+    known: the participation ratio covers those, and dims_for_energy is None when they hold less than `energy`.
+    """
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy={energy} must be a fraction in (0, 1], e.g. 0.9")
+    if isinstance(spectrum, Span):
+        s2, total = spectrum.singular_values**2, spectrum.total_energy
+    else:
+        s2 = np.sort(np.asarray(spectrum, dtype=np.float64).ravel())[::-1] ** 2
+        total = float(s2.sum())
+    if total <= 0 or s2.size == 0:
+        raise ValueError("the spectrum has no energy (all singular values are zero)")
+    participation = float(s2.sum() ** 2 / np.sum(s2**2))
+    cumulative = np.cumsum(s2) / total
+    reached = np.flatnonzero(cumulative >= energy - 1e-12)
+    dims = int(reached[0]) + 1 if reached.size else None
+    return EffectiveDimension(participation, dims, energy, float(min(cumulative[-1], 1.0)))
+
+
+def _basis(span: Span | np.ndarray) -> np.ndarray:
+    basis = span.basis if isinstance(span, Span) else np.asarray(span)
+    if basis.ndim != 2:
+        raise ValueError(f"a span basis must be (rank, d) with orthonormal rows, got shape {basis.shape}")
+    return basis
+
+
+def projection_energy(vectors: np.ndarray, span: Span | np.ndarray) -> ProjectionEnergy:
+    """Share of the energy of each vector (..., d) inside the span (dominant) and outside it (bulk)."""
+    basis = _basis(span)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.shape[-1] != basis.shape[1]:
+        raise ValueError(f"vectors have dimension {vectors.shape[-1]} but the span lives in dimension "
+                         f"{basis.shape[1]}; both must come from the same sketch")
+    norm_sq = np.einsum("...d,...d->...", vectors, vectors)
+    coords = vectors @ basis.T.astype(np.float64)
+    inside = np.einsum("...r,...r->...", coords, coords)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dominant = np.where(norm_sq > 0, np.clip(inside / norm_sq, 0.0, 1.0), np.nan)
+    return ProjectionEnergy(dominant, 1.0 - dominant, norm_sq)
+
+
+def energy_over_training(probe_grads: np.ndarray, span: Span | np.ndarray) -> ProjectionEnergy:
+    """Dominant/bulk energy shares (R, S) of probe gradients (R probes, S splits, k) in a span."""
+    probe_grads = np.asarray(probe_grads)
+    if probe_grads.ndim != 3:
+        raise ValueError(f"probe_grads must be (probes, splits, k), got shape {probe_grads.shape}; "
+                         "select one probe loss from probe/grad (R, S, Lp, k) first, e.g. grads[:, :, 0]")
+    return projection_energy(probe_grads, span)
+
+
+def principal_angles(span_a: Span | np.ndarray, span_b: Span | np.ndarray) -> np.ndarray:
+    """Principal angles (radians, ascending) between two spans (bases as rows), via scipy.linalg.subspace_angles."""
+    a, b = _basis(span_a), _basis(span_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"spans live in different dimensions ({a.shape[1]} vs {b.shape[1]}); "
+                         "compare spans of the same sketch")
+    return np.sort(scipy.linalg.subspace_angles(a.T.astype(np.float64), b.T.astype(np.float64)))
+
+
+def per_layer_energy(x: np.ndarray | Span, layout: list[dict], sketch: dict) -> pd.DataFrame:
+    """Per-parameter-tensor share of a vector's energy (or of a span's energy): identity sketches only.
+
+    For vectors (d,) or (n, d): one column `energy_<i>` per vector. For a Span: `basis_share` (each direction
+    weighted equally, sums to 1) and `energy_share` (directions weighted by s², sums to 1). Rows follow `layout`.
+    """
+    if sketch.get("kind") != "identity":
+        raise ValueError(f"per-layer energy needs coordinates that are parameters (an identity sketch); this store "
+                         f"uses a {sketch.get('kind')!r} sketch, which mixes tensors in every coordinate. Re-capture "
+                         "with capture.sketch=identity (small models) to attribute energy to layers.")
+    sizes = [math.prod(entry["shape"]) for entry in layout]
+    offsets = [entry["offset"] for entry in layout]
+    d = sum(sizes)
+    frame = pd.DataFrame({"name": [e["name"] for e in layout], "shape": [tuple(e["shape"]) for e in layout],
+                          "numel": sizes}).set_index("name")
+
+    def shares(rows: np.ndarray) -> np.ndarray:  # (n, d) -> (n, L) energy share per tensor
+        sq = np.asarray(rows, dtype=np.float64) ** 2
+        per = np.stack([sq[:, o: o + n].sum(axis=1) for o, n in zip(offsets, sizes)], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return per / per.sum(axis=1, keepdims=True)
+
+    if isinstance(x, Span):
+        if x.dim != d:
+            raise ValueError(f"span dimension {x.dim} ≠ the layout's {d} parameters")
+        per_direction = shares(x.basis)
+        weights = x.singular_values**2 / np.sum(x.singular_values**2)
+        frame["basis_share"] = per_direction.mean(axis=0)
+        frame["energy_share"] = weights @ per_direction
+        return frame
+    rows = np.atleast_2d(np.asarray(x))
+    if rows.ndim != 2 or rows.shape[1] != d:
+        raise ValueError(f"vectors must be (d,) or (n, d) with d = {d} parameters, got shape {np.shape(x)}")
+    for i, share in enumerate(shares(rows)):
+        frame[f"energy_{i}"] = share
+    return frame
+
+
+def _select_rows(steps: np.ndarray, window: slice | None) -> np.ndarray:
+    """Row indices whose optimizer step t satisfies window.start ≤ t < window.stop."""
+    if window is None:
+        return np.arange(len(steps))
+    if window.step is not None:
+        raise ValueError(f"steps={window} has a stride; pass slice(start, stop) in optimizer steps "
+                         "(rows recorded every capture.every steps are all used)")
+    lo = -np.inf if window.start is None else window.start
+    hi = np.inf if window.stop is None else window.stop
+    rows = np.flatnonzero((steps >= lo) & (steps < hi))
+    if rows.size == 0:
+        raise ValueError(f"no recorded step lies in {window} (recorded steps {steps.min()}–{steps.max()})")
+    return rows
+
+
+def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps: slice | None = None,
+             center: bool = False, method: str = "auto", seed: int = 0) -> Span:
+    """The top-`rank` span of one captured quantity of a run group over a window of optimizer steps.
+
+    quantity: `update` (Δθ_t), `grad` (g_t), `adam_m` (m_t) or `adam_update` = −Δθ_t / lr_t, Adam's
+    preconditioned step direction m̂/(√v̂+ε) plus the decoupled weight-decay term wd·θ_t (exactly Adam's direction
+    when weight decay is 0); unlike `update` it is not weighted by the learning-rate schedule.
+    steps: slice(start, stop) in optimizer steps (the `step` array), stop exclusive. method: `auto` reads the
+    window into memory when it fits in 2 GiB and streams it (Frequent Directions) otherwise, or name
+    `randomized`, `full`, `frequent_directions` or `svd_compressed`.
+    """
+    if quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {quantity!r}: choose one of {', '.join(QUANTITIES)}")
+    source = "update" if quantity == "adam_update" else quantity
+    if source not in group:
+        raise KeyError(f"run {group.name!r} did not capture {source!r}; add it to capture.quantities and re-run")
+    rows = _select_rows(store.read(group, "step"), steps)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    lazy = store.read_lazy(group, source)[lo:hi]
+    if quantity == "adam_update":
+        lr = store.read(group, "lr")[lo:hi].astype(np.float64)
+        if np.any(lr <= 0):
+            raise ValueError(f"adam_update divides by the learning rate, but lr ≤ 0 at {int(np.sum(lr <= 0))} "
+                             "selected step(s); choose a window after warm-up starts (steps=slice(1, None))")
+        lazy = -lazy / lr[:, None].astype(np.float32)
+    if method == "auto":
+        method = "randomized" if lazy.nbytes <= IN_MEMORY_BYTES else "frequent_directions"
+    if method in STREAMING_METHODS:
+        if center:
+            lazy = lazy - lazy.mean(axis=0).compute()  # one pass for the mean, then stream the centred rows
+        return top_span_streaming(lazy, rank, method=method, seed=seed)
+    return top_span(np.asarray(lazy.compute()), rank, method=method, seed=seed, center=center)

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny configs that train in seconds on one CPU thread."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradtrace import config
+
+torch.set_num_threads(1)
+
+TINY = {"model.name": "micro", "train.steps": 40, "train.batch_size": 16, "train.warmup": 5,
+        "task.n_test": 64, "task.n_probe": 16, "capture.dim": 128, "capture.probe_every": 20,
+        "train.checkpoint_every": 16, "capture.chunk": 8, "train.device": "cpu"}
+
+
+def tiny_config(**overrides) -> config.Config:
+    """A config small enough for unit tests; keyword overrides use double underscores for dots."""
+    return config.load(None, {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

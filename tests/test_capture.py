@@ -1,0 +1,113 @@
+"""The Recorder: leaves training unchanged, records exactly what the optimizer used, sums to θ_T − θ_0."""
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from gradtrace import store
+from gradtrace.capture import Probe, Recorder
+from gradtrace.config import CaptureConfig
+from gradtrace.models import build_model
+from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy
+from gradtrace.train import train
+
+
+def plain_loop(task, steps, recorder_factory=None, nan_at=None):
+    """A user's training loop; the Recorder is the only difference (three lines)."""
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    rec = recorder_factory(model, opt) if recorder_factory else None  # line 1
+    used = []
+    for step in range(steps):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        if nan_at == step:
+            next(model.parameters()).grad[0] = float("nan")
+        used.append(torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()]))
+        if rec:
+            rec.log(loss)  # line 2
+        opt.step()
+    if rec:
+        rec.close()  # line 3
+    return model, opt, used
+
+
+@pytest.fixture
+def task():
+    return ArithmeticTask(tiny_config().task)
+
+
+def recorder_into(tmp_path, task, cfg: CaptureConfig, steps):
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    group = store.create_run(root, "r", {})
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits]
+
+    def factory(model, opt):
+        return Recorder(model, opt, store.RunWriter(group, 8), cfg, steps, probes, PROBE_LOSSES)
+    return group, factory
+
+
+def test_capture_leaves_training_unchanged(tmp_path, task):
+    _, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=64, probe_every=5), 12)
+    with_capture, _, _ = plain_loop(task, 12, factory)
+    without, _, _ = plain_loop(task, 12)
+    for a, b in zip(with_capture.parameters(), without.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_recorded_gradient_is_the_clipped_gradient_the_optimizer_used(tmp_path, task):
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=4), 6)
+    model, opt, used = plain_loop(task, 6, factory)
+    recorded = store.read(group, "grad")
+    for t in range(6):
+        np.testing.assert_allclose(recorded[t], used[t].numpy(), rtol=1e-6, atol=1e-9)
+    assert (np.linalg.norm(recorded, axis=1) <= 0.5 + 1e-5).all()  # after clipping to 0.5
+    m_final = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_allclose(store.read(group, "adam_m")[-1], m_final.numpy(), rtol=1e-6, atol=1e-10)
+    v = [opt.state[p]["exp_avg_sq"] for p in model.parameters()]
+    np.testing.assert_allclose(store.read(group, "layer_v_mean")[-1], [x.mean().item() for x in v], rtol=1e-5)
+
+
+def test_probe_gradient_matches_a_recomputed_gradient(tmp_path, task):
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=100), 3)
+    plain_loop(task, 3, factory)
+    fresh = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    fresh.eval()
+    x, m = task.probe_set("carry").torch()
+    loss = PROBE_LOSSES["margin"](fresh(input_ids=x).logits, x, m)
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(fresh.parameters()))])
+    stored = store.read(group, "probe/grad")  # probe × split × loss × k; row 0 is at initialisation
+    split, loss_index = task.splits.index("carry"), list(PROBE_LOSSES).index("margin")
+    np.testing.assert_allclose(stored[0, split, loss_index], ref.numpy(), rtol=1e-5, atol=1e-8)
+    assert group["probe/step"][:].tolist() == [0, 3]
+
+
+def test_nonfinite_gradient_is_recorded_and_flagged(tmp_path, task):
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=32, probe_every=0), 4)
+    plain_loop(task, 4, factory, nan_at=2)
+    assert group["nonfinite"][:].tolist() == [False, False, True, True]  # NaN reaches the weights at step 2
+
+
+def test_identity_updates_sum_to_final_minus_initial_weights(tmp_path):
+    cfg = tiny_config(capture__sketch="identity", train__steps=24)
+    train(cfg, tmp_path, "r0", progress=False)
+    initial = load_file(str(tmp_path / "weights/r0/initial.safetensors"))
+    final = load_file(str(tmp_path / "weights/r0/final.safetensors"))
+    group = zarr.open_group(tmp_path / "store.zarr")["r0"]
+    layout = group.attrs["layout"]
+    delta = np.concatenate([(final[e["name"]] - initial[e["name"]]).reshape(-1).numpy() for e in layout])
+    np.testing.assert_allclose(store.read(group, "update").sum(0), delta, atol=2e-6)
+
+
+def test_log_schedule_records_fewer_steps_densely_early(tmp_path, task):
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=16, schedule="log",
+                                                                 every=4, probe_every=0), 40)
+    plain_loop(task, 40, factory)
+    steps = group["step"][:].tolist()
+    assert steps[0] == 0 and len(steps) < 40 and steps == sorted(set(steps))
+    assert np.diff(steps)[0] <= np.diff(steps)[-1]

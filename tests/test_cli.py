@@ -1,0 +1,70 @@
+"""The command line end to end on a tiny study: tasks, train, sweep (resumable), stats, predict, report, info."""
+import pandas as pd
+import pytest
+import zarr
+
+from conftest import TINY
+from gradtrace import config
+from gradtrace.cli import main
+
+
+def sets(extra=None):
+    return [a for k, v in {**TINY, **(extra or {})}.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_tasks_lists_every_split(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.split()[0] in ("length", "carry", "zeropad", "base8", "space", "spaced_ops", "order",
+                                   "three_operand", "subtract", "digit_spaced") for line in out.splitlines()[1:]) >= 8
+
+
+def test_unknown_key_is_an_error_listing_valid_keys(capsys):
+    assert main(["sweep", "experiments/default.yaml", "--set", "train.stepz=3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.stepz" in err and "train.steps" in err
+
+
+def test_set_overrides_dotted_keys():
+    cfg = config.load("experiments/default.yaml", config.parse_overrides(
+        ["train.steps=7", "train.lr=1e-4", "train.weight_decay=0", "train.seed=3", "capture.sketch=identity",
+         "capture.dim=9", "capture.every=2", "capture.probe_every=4", "sweep.runs=5", "model.name=micro"]))
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.seed, cfg.capture.sketch, cfg.sweep.runs, cfg.model.name) == \
+        (7, 1e-4, 3, "identity", 5, "micro")
+
+
+def test_dry_run_prints_the_plan(capsys):
+    assert main(["sweep", "experiments/default.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "runs" in out and "expected" in out
+
+
+@pytest.mark.slow
+def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["sweep", "experiments/default.yaml", "--out", str(out),
+            *sets({"sweep.runs": 7, "sweep.workers": 1, "sweep.reference_runs": 2, "train.steps": 24})]
+    assert main(args) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 9 and table["run_id"].is_unique
+    assert {"acc_ID", "acc_length", "lr", "weight_decay", "init_seed", "data_seed"} <= set(table.columns)
+    assert main(args) == 0  # re-running a finished sweep records nothing twice
+    assert len(pd.read_csv(out / "results.csv")) == 9
+
+    assert main(["stats", str(out)]) == 0
+    assert (out / "stats.csv").exists()
+    assert main(["predict", str(out)]) == 0
+    assert (out / "predict_scores.csv").exists() and (out / "predictions.csv").exists()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "index.html").exists()
+    assert main(["info", str(out)]) == 0
+    assert "run-006" in capsys.readouterr().out
+    assert zarr.open_group(out / "store.zarr")["ref-000"].attrs["role"] == "reference"
+
+
+def test_stats_refuses_too_few_runs(tmp_path, capsys):
+    out = tmp_path / "few"
+    assert main(["sweep", "experiments/default.yaml", "--out", str(out),
+                 *sets({"sweep.runs": 2, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 4})]) == 0
+    assert main(["stats", str(out)]) == 2
+    assert "82" in capsys.readouterr().err

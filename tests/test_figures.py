@@ -1,0 +1,234 @@
+"""Figures from a small synthetic experiment: each returns a Figure with the expected panels and saves PDF+PNG.
+
+`make_experiment` writes the fixture (store, results, stats, gap, predictions, scores, config, benchmarks) in
+the formats the pipeline's stages write; test_report.py reuses it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from matplotlib.figure import Figure
+from scipy.special import ndtr, ndtri
+
+from gradtrace import figures, store
+
+SHIFTS = ["length", "carry", "zeropad"]
+SPLITS = ["ID", *SHIFTS]
+PREDICTORS = ["zero", "cosine", "covariance"]
+T, K, R = 40, 64, 4  # recorded steps, sketch dimension, probes
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reference_run(root: zarr.Group, run_id: str, rng: np.random.Generator) -> None:
+    """A reference run with scalars, sketched grad/update, probes and evals, as train.py writes it."""
+    group = store.create_run(root, run_id, {"role": "reference", "seeds": {"init": 0, "data": 0}, "steps": T,
+                                            "splits": SPLITS, "probe_losses": ["ce", "margin"]})
+    writer = store.RunWriter(group, chunk=16)
+    writer.declare("step", (), "int64")
+    for name in ("loss", "lr", "grad_norm"):
+        writer.declare(name, (), "float32")
+    writer.declare("grad", (K,), dims=("sketch",))
+    writer.declare("update", (K,), storage=store.BF16, dims=("sketch",))
+    writer.declare("probe/step", (), "int64")
+    writer.declare("probe/accuracy", (len(SPLITS),), dims=("split",))
+    writer.declare("probe/grad", (len(SPLITS), 2, K), dims=("split", "probe_loss", "sketch"))
+    writer.declare("evals/step", (), "int64")
+    writer.declare("evals/accuracy", (len(SPLITS),), dims=("split",))
+    directions = np.linalg.qr(rng.standard_normal((K, 3)))[0].T  # a 3-dim dominant span
+    for t in range(T):
+        update = (3.0 / (t + 1)) * rng.standard_normal(3) @ directions + 0.05 * rng.standard_normal(K)
+        writer.append({"step": t, "loss": 2.5 * np.exp(-t / 15) + 0.1 * rng.random(), "lr": 1e-3 * min(1, (t + 1) / 5),
+                       "grad_norm": 1 + rng.random(), "grad": rng.standard_normal(K), "update": update})
+        if (t + 1) % (T // R) == 0:
+            acc = np.clip(np.linspace(0.9, 0.3, len(SPLITS)) * (t + 1) / T + 0.05 * rng.random(len(SPLITS)), 0, 1)
+            probe = rng.standard_normal((len(SPLITS), 2, K))
+            probe[:, :, :] += 2 * rng.standard_normal((len(SPLITS), 2, 3)) @ directions
+            writer.append({"probe/step": t + 1, "probe/accuracy": acc, "probe/grad": probe,
+                           "evals/step": t + 1, "evals/accuracy": acc})
+    writer.close()
+    store.set_status(group, "complete", accuracy=dict(zip(SPLITS, [0.9, 0.6, 0.4, 0.3])), steps_done=T)
+
+
+def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
+    """A tiny experiment directory with every file the report reads; returns its path."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    root = store.open_experiment(path / "store.zarr", mode="a")
+    _reference_run(root, "ref-000", rng)
+    for i in range(2):  # sweep runs record scalars only
+        group = store.create_run(root, f"run-{i:03d}", {"role": "sweep", "seeds": {"init": i, "data": i},
+                                                         "steps": T})
+        store.set_status(group, "complete", accuracy=dict.fromkeys(SPLITS, 0.5))
+
+    id_acc = rng.uniform(0.6, 0.98, n_runs)
+    rows = {"run_id": [f"run-{i:03d}" for i in range(n_runs)], "role": "sweep", "init_seed": range(n_runs),
+            "data_seed": range(n_runs), "lr": rng.uniform(8e-4, 3e-3, n_runs), "weight_decay": 0.05,
+            "steps": T, "wall_time_s": 1.0, "acc_ID": id_acc}
+    general = rng.standard_normal(n_runs)
+    for j, shift in enumerate(SHIFTS):
+        rows[f"acc_{shift}"] = ndtr(-0.5 * j + 0.9 * ndtri(id_acc) + 0.3 * general + 0.3 * rng.standard_normal(n_runs))
+    results = pd.DataFrame(rows)
+    reference = results.iloc[:1].assign(run_id="ref-000", role="reference")
+    pd.concat([reference, results]).to_csv(path / "results.csv", index=False)
+
+    pairs = [(a, b) for i, a in enumerate(SHIFTS) for b in SHIFTS[i + 1:]]
+    stats = []
+    for method in ("linear", "probit", "spline"):
+        for a, b in pairs:
+            r = float(np.tanh(rng.normal(0.3, 0.4)))
+            stats.append({"a": a, "b": b, "residualize": method, "unit": "runs", "n": n_runs, "k": 1,
+                          "dof": n_runs - 3, "r": r, "ci_low": r - 0.3, "ci_high": min(1, r + 0.3), "p": 0.5 * (1 - abs(r)),
+                          "p_perm": 0.5, "p_holm": 0.02 if abs(r) > 0.5 else 0.4, "p_bh": 0.3,
+                          "boot_ci_low": r - 0.3, "boot_ci_high": min(1, r + 0.3), "disagree": False})
+    stats_df = pd.DataFrame(stats)
+    stats_df.to_csv(path / "stats.csv", index=False)
+
+    observed = stats_df[stats_df["residualize"] == "probit"]
+    predictions = []
+    for name in PREDICTORS:
+        for row in observed.itertuples():
+            predicted = 0.0 if name == "zero" else row.r + rng.normal(0, 0.3)
+            predictions.append({"predictor": name, "a": row.a, "b": row.b, "predicted": predicted,
+                                "observed": row.r, "observed_ci_low": row.ci_low, "observed_ci_high": row.ci_high})
+    pd.DataFrame(predictions).to_csv(path / "predictions.csv", index=False)
+    pd.DataFrame({"predictor": PREDICTORS, "preregistered": [True, False, True],
+                  "spearman": [np.nan, 0.5, -0.5], "pearson": [np.nan, 0.4, -0.3], "sign_acc": [0.0, 0.67, 0.33],
+                  "majority_sign_acc": 0.67, "noise_ceiling": 0.38, "p_relabel": [1.0, 0.3, 0.8]}
+                 ).to_csv(path / "predict_scores.csv", index=False)
+
+    gap = [{"run_id": rid, "split": s, "test_acc": 0.5, "train_acc": 0.5 + g / 100, "gap_pts": g,
+            "band": "healthy" if g < 5 else "watch" if g <= 10 else "warning"}
+           for rid in rows["run_id"] for s, g in zip(SPLITS, rng.gamma(2.0, 3.0, len(SPLITS)))]
+    pd.DataFrame(gap).to_csv(path / "gap.csv", index=False)
+
+    (path / "config.yaml").write_text("model:\n  name: tiny\ntask:\n  shifts: [length, carry, zeropad]\n"
+                                      f"train:\n  steps: {T}\nsweep:\n  runs: {n_runs}\n")
+    bench = path / "benchmarks"
+    bench.mkdir(exist_ok=True)
+    (bench / "capture_overhead.json").write_text(json.dumps(
+        [{"name": "no capture", "ratio": 1.0}, {"name": "countsketch k=4096", "ratio": 1.06},
+         {"name": "wandb.watch", "ratio": 2.28}]))
+    (bench / "sweep_throughput.json").write_text(json.dumps(
+        {"records": [{"name": "1 worker", "runs_per_hour": 70.0}, {"name": "2 workers", "runs_per_hour": 130.0}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_experiment(tmp_path_factory.mktemp("exp"))
+
+
+def _check(fig: Figure, n_axes: int, tmp_path: Path, name: str) -> None:
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == n_axes
+    pdf, png = figures.save(fig, tmp_path / name)
+    assert pdf.read_bytes().startswith(b"%PDF") and png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_partial_correlation_heatmap(experiment: Path, tmp_path: Path) -> None:
+    stats = pd.read_csv(experiment / "stats.csv")
+    fig = figures.partial_correlation_heatmap(stats, residualize="all")
+    _check(fig, 3 + 1, tmp_path, "heatmap")  # three panels and a colour bar
+    panel = fig.axes[0]
+    texts = [t.get_text() for t in panel.texts]
+    assert len(texts) == len(SHIFTS) * (len(SHIFTS) - 1)  # off-diagonal cells annotated
+    linear = stats[stats["residualize"] == "linear"]
+    assert sum(t.endswith("*") for t in texts) == 2 * int((linear["p_holm"] < 0.05).sum())
+    one = figures.partial_correlation_heatmap(stats)
+    assert len(one.axes) == 2 and one.axes[0].get_title().startswith("probit")
+    with pytest.raises(ValueError, match="residualize='bogus'"):
+        figures.partial_correlation_heatmap(stats, residualize="bogus")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['r'\]"):
+        figures.partial_correlation_heatmap(stats.drop(columns="r"))
+
+
+def test_accuracy_on_the_line(experiment: Path, tmp_path: Path) -> None:
+    results = pd.read_csv(experiment / "results.csv")
+    fig = figures.accuracy_on_the_line(results)
+    _check(fig, len(SHIFTS), tmp_path, "aotl")
+    ax = fig.axes[0]
+    assert len(ax.collections[0].get_offsets()) == (results["role"] == "sweep").sum()  # reference row excluded
+    assert len(ax.lines) == 2  # y = x and the fitted line
+    assert figures.probit(np.array([0.0, 1.0])).round(3).tolist() == [-3.481, 3.481]  # clipped at 1/(2N)
+    with pytest.raises(ValueError, match="acc_OOD"):
+        figures.accuracy_on_the_line(results, id="OOD")
+
+
+def test_training_curves(experiment: Path, tmp_path: Path) -> None:
+    run = zarr.open_group(experiment / "store.zarr", mode="r")["ref-000"]
+    fig = figures.training_curves(run)
+    _check(fig, 3 + 2, tmp_path, "curves")  # loss, lr, grad norm, evals, probe
+    assert [line.get_label() for line in fig.axes[3].lines] == SPLITS
+    sweep_run = zarr.open_group(experiment / "store.zarr", mode="r")["run-000"]
+    with pytest.raises(ValueError, match="no per-step scalars"):
+        figures.training_curves(sweep_run)
+    with pytest.raises(TypeError, match="zarr.Group"):
+        figures.training_curves(experiment)
+
+
+def test_span_energy_and_dominant_bulk(tmp_path: Path) -> None:
+    s = np.array([4.0, 2.0, 1.0, 0.5])
+    fig = figures.span_energy_spectrum(s, total_energy=float((s**2).sum()) * 1.1)
+    _check(fig, 1, tmp_path, "span")
+    assert len(fig.axes[0].patches) == s.size
+    with pytest.raises(ValueError, match="singular values"):
+        figures.span_energy_spectrum(np.array([[1.0]]))
+    dominant = np.linspace(0.1, 0.6, R * 2).reshape(R, 2)
+    fig = figures.dominant_bulk_energy(np.arange(R) * 10, dominant, ["ID", "carry"], rank=8)
+    _check(fig, 2, tmp_path, "dombulk")
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), 1 - dominant[:, 0])
+    with pytest.raises(ValueError, match="len\\(steps\\), len\\(splits\\)"):
+        figures.dominant_bulk_energy(np.arange(3), dominant, ["ID", "carry"])
+
+
+def test_principal_angle_matrix(tmp_path: Path) -> None:
+    m = np.array([[0.0, 30.0, 80.0], [30.0, 0.0, 45.0], [80.0, 45.0, 0.0]])
+    fig = figures.principal_angle_matrix(m, ["ID", "a", "b"])
+    _check(fig, 2, tmp_path, "angles")
+    long = pd.DataFrame({"a": ["ID", "ID", "a"], "b": ["a", "b", "b"], "angle_deg": [30.0, 80.0, 45.0]})
+    from_long = figures.principal_angle_matrix(long)
+    np.testing.assert_array_equal(from_long.axes[0].images[0].get_array(), m)
+    with pytest.raises(ValueError, match="degrees"):
+        figures.principal_angle_matrix(m * 2)
+    with pytest.raises(ValueError, match="2 labels"):
+        figures.principal_angle_matrix(m, ["x", "y"])
+
+
+def test_predicted_vs_observed(experiment: Path, tmp_path: Path) -> None:
+    predictions = pd.read_csv(experiment / "predictions.csv")
+    scores = pd.read_csv(experiment / "predict_scores.csv")
+    fig = figures.predicted_vs_observed(predictions, scores)
+    _check(fig, len(PREDICTORS), tmp_path, "pvo")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("zero (pre-registered)") and "n/a" in titles[0]
+    assert "ρ = 0.50" in titles[1] and "ceiling 0.38" in titles[1]
+    assert figures.predicted_vs_observed(predictions).axes[1].get_title().startswith("cosine\nρ = ")
+    with pytest.raises(ValueError, match="predicted"):
+        figures.predicted_vs_observed(predictions.drop(columns="predicted"))
+
+
+def test_generalisation_gap_bands(experiment: Path, tmp_path: Path) -> None:
+    gap = pd.read_csv(experiment / "gap.csv")
+    fig = figures.generalisation_gap_bands(gap)
+    _check(fig, 1, tmp_path, "gap")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["healthy", "watch", "warning"]
+    assert len(ax.collections) == len(SPLITS)
+    with pytest.raises(ValueError, match="train_acc"):
+        figures.generalisation_gap_bands(gap.drop(columns="gap_pts"))
+
+
+def test_benchmark_bars(experiment: Path, tmp_path: Path) -> None:
+    fig = figures.benchmark_bars(experiment / "benchmarks")
+    _check(fig, 2, tmp_path, "bench")
+    assert len(fig.axes[0].patches) == 3 and len(fig.axes[1].patches) == 2
+    assert figures.load_benchmarks({"x": {"a": 1.5, "b": {"ratio": 2.0}, "c": "n/a"}}) == {
+        "x": [{"name": "a", "unit": "value", "value": 1.5}, {"name": "b", "unit": "ratio", "value": 2.0}]}
+    assert figures.load_benchmarks(tmp_path / "missing") == {}
+    with pytest.raises(ValueError, match="no benchmark records"):
+        figures.benchmark_bars(tmp_path / "missing")

@@ -1,0 +1,60 @@
+"""A run killed with SIGKILL resumes from its last durable step and ends exactly like an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+from safetensors.torch import load_file
+
+from conftest import TINY
+from gradtrace import config
+from gradtrace.train import train
+
+SETTINGS = {**TINY, "train.steps": 96, "train.checkpoint_every": 16, "capture.chunk": 8, "capture.sketch": "identity"}
+
+
+def _cli(out, run_id, *extra):
+    sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
+    return [sys.executable, "-m", "gradtrace.cli", "train", os.devnull, "--out", str(out), "--run-id", run_id, *sets,
+            *extra]
+
+
+def _durable(path) -> int:
+    try:
+        return int(zarr.open_group(path, mode="r").attrs.get("last_durable_step", -1))
+    except Exception:
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    train(config.load(None, SETTINGS), reference, "r", progress=False)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cli(killed, "r"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _durable(killed / "store.zarr" / "r") < 32 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    group = zarr.open_group(killed / "store.zarr" / "r", mode="r")
+    assert group.attrs["status"] == "running" and group.attrs["last_durable_step"] < 96
+
+    subprocess.run(_cli(killed, "r", "--resume"), env=env, check=True, capture_output=True)
+
+    a = load_file(str(reference / "weights/r/final.safetensors"))
+    b = load_file(str(killed / "weights/r/final.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    ga, gb = zarr.open_group(reference / "store.zarr")["r"], zarr.open_group(killed / "store.zarr")["r"]
+    assert gb["step"][:].tolist() == list(range(96))  # no duplicate or missing recorded step
+    for name in ("grad", "update", "adam_m", "loss", "probe/step", "probe/grad"):
+        np.testing.assert_array_equal(ga[name][:], gb[name][:])
+    assert gb.attrs["status"] == "complete"
+    assert not (killed / "checkpoints" / "r").exists()

@@ -1,0 +1,101 @@
+"""Sketches: linear, seeded (same map in another process), JL-accurate on real-shaped gradients, shard sums."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gradtrace.capture.sketch import SKETCHES, ParamLayout, check_compatible, make_sketch
+
+LAYOUT = ParamLayout(("emb", "w1", "b1", "head"), ((50, 96), (96, 96), (96,), (96, 50)))
+KINDS = ["identity", "countsketch", "gaussian", "rademacher"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear(kind):
+    sk = make_sketch(kind, LAYOUT, 256, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(LAYOUT.size, generator=g), torch.randn(LAYOUT.size, generator=g)
+    assert torch.allclose(sk.apply(2.5 * x + y), 2.5 * sk.apply(x) + sk.apply(y), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shard_sum_equals_whole(kind):
+    sk = make_sketch(kind, LAYOUT, 256, seed=1)
+    x = torch.randn(LAYOUT.size)
+    cuts = [0, 1000, 5000, 9300, LAYOUT.size]
+    shards = sum(sk.apply_range(x[a:b], a) for a, b in zip(cuts, cuts[1:]))
+    assert torch.allclose(shards, sk.apply(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_map_in_another_process(kind):
+    sk = make_sketch(kind, LAYOUT, 64, seed=7)
+    x = torch.linspace(-1, 1, LAYOUT.size)
+    code = (
+        "import torch,sys\n"
+        "from gradtrace.capture.sketch import ParamLayout, make_sketch\n"
+        f"L=ParamLayout({LAYOUT.names!r},{LAYOUT.shapes!r})\n"
+        f"s=make_sketch({kind!r},L,64,seed=7)\n"
+        "x=torch.linspace(-1,1,L.size)\n"
+        "print(','.join(repr(float(v)) for v in s.apply(x)[:64]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    other = torch.tensor([float(v) for v in out.strip().split(",")])
+    assert torch.equal(other, sk.apply(x)[:64].float())
+    assert not torch.equal(make_sketch(kind, LAYOUT, 64, seed=8).apply(x), sk.apply(x)) or kind == "identity"
+
+
+def _head_heavy_gradients(n: int, layout: ParamLayout) -> torch.Tensor:
+    """Gradient-like vectors whose energy sits in one matrix with a few heavy columns (like an output head)."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(n, layout.size, generator=g) * 0.01
+    lo = layout.offsets[-1]
+    head = torch.randn(n, 96, 50, generator=g) * torch.linspace(0.05, 3.0, 50) ** 2  # heavy columns
+    out[:, lo:] = head.reshape(n, -1)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
+def test_inner_products_within_jl_bound_at_k4096(kind):
+    layout = ParamLayout(("emb", "w", "head"), ((50, 96), (96, 384), (96, 50)))
+    sk = make_sketch(kind, layout, 4096, seed=0)
+    X = _head_heavy_gradients(12, layout)
+    S = torch.stack([sk.apply(x) for x in X])
+    norms = X.norm(dim=1)
+    cos_true = (X @ X.T) / torch.outer(norms, norms)
+    cos_sk = (S @ S.T) / torch.outer(S.norm(dim=1), S.norm(dim=1))
+    err = (cos_true - cos_sk).abs()
+    # JL: inner-product error of unit vectors ~ sqrt(2/k) per pair; allow 4 sigma for the max over 66 pairs
+    assert err.max() < 4 * np.sqrt(2 / 4096)
+    assert ((S.norm(dim=1) / norms - 1).abs() < 4 * np.sqrt(2 / 4096)).all()
+
+
+def test_countsketch_avoids_row_length_aliasing():
+    """k a multiple of a heavy matrix's row length: a plain fold piles a column into few buckets; ours does not."""
+    layout = ParamLayout(("w",), ((256, 64),))
+    x = torch.zeros(256, 64)
+    x[:, 5] = 1.0  # one heavy column
+    x = x.reshape(-1)
+    S = make_sketch("countsketch", layout, 1024, seed=0).apply(x)
+    assert (S != 0).sum() > 100  # a fold (i mod 1024) would pile the column into 16 buckets of 16 entries
+    assert S.abs().max() <= 5
+
+
+def test_identity_is_exact():
+    x = torch.randn(LAYOUT.size)
+    assert torch.equal(make_sketch("identity", LAYOUT, 0).apply(x), x)
+
+
+def test_incompatible_sketches_refused():
+    a = make_sketch("countsketch", LAYOUT, 64, seed=0).spec()
+    check_compatible(a, dict(a))
+    for change in ({"seed": 1}, {"dim": 32}, {"kind": "gaussian"}, {"layout_hash": "x"}):
+        with pytest.raises(ValueError, match="incompatible sketches"):
+            check_compatible(a, {**a, **change})
+
+
+def test_unknown_kind_lists_choices():
+    with pytest.raises(ValueError, match="countsketch"):
+        make_sketch("bogus", LAYOUT, 8)
+    assert set(KINDS) == set(SKETCHES)

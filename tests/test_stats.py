@@ -1,0 +1,442 @@
+"""Validation of gradtrace.stats: agreement with pingouin, calibration by simulation, refusals, reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from scipy.special import ndtr, ndtri
+
+from gradtrace.stats import (
+    _bh,
+    _fisher_ci,
+    _freedman_lane,
+    _holm,
+    _jackknife_keep,
+    _partial_r,
+    _probit,
+    _resample_indices,
+    _residualize,
+    _spline_basis,
+    _t_pvalue,
+    format_table,
+    generalisation_gap,
+    partial_correlations,
+    runs_needed,
+    split_half_reliability,
+    stats_report,
+)
+
+FAST = dict(n_boot=0, n_perm=0)
+
+
+def probit_lines(rng, n, sims=None, rho=0.0, sigma=0.15, lines=((-1.0, 1.0), (-0.5, 1.2))):
+    """ID accuracy uniform on [0.3, 0.97]; two shifts on probit lines in ID with noise correlated rho."""
+    shape = (n,) if sims is None else (sims, n)
+    id_acc = rng.uniform(0.3, 0.97, shape)
+    e1 = rng.standard_normal(shape)
+    e2 = rho * e1 + np.sqrt(1 - rho**2) * rng.standard_normal(shape)
+    (a1, b1), (a2, b2) = lines
+    z = ndtri(id_acc)
+    return id_acc, ndtr(a1 + b1 * z + sigma * e1), ndtr(a2 + b2 * z + sigma * e2)
+
+
+def table_from(id_acc, *shifts, **extra):
+    df = pd.DataFrame({"run_id": [f"r{i}" for i in range(len(id_acc))], "acc_ID": id_acc})
+    for j, s in enumerate(shifts):
+        df[f"acc_s{j}"] = s
+    for name, col in extra.items():
+        df[name] = col
+    return df
+
+
+def random_table(rng, n=50, shifts=3):
+    """Correlated uniform-ish accuracies in [0, 1]."""
+    base = rng.standard_normal((n, 1))
+    x = ndtr(0.8 * base + rng.standard_normal((n, shifts + 1)))
+    return table_from(x[:, 0], *x[:, 1:].T)
+
+
+# ------------------------------------------------------------------------------------------------ pingouin
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linear_matches_pingouin(seed, monkeypatch):
+    """r and p agree to 1e-8. pingouin's CI is Fisher z with se = 1/sqrt((n - k) - 3) — the same n - k - 3 as
+    ours — but partial_corr rounds it to 6 decimals (and, by default, to 2 for display: switched off here), so
+    the CI is compared to pingouin's output at that rounding (5e-7) and to pingouin's own compute_esci with the
+    same nx = n - k and no rounding at 1e-12."""
+    pg = pytest.importorskip("pingouin")
+    from pingouin.effsize import compute_esci
+
+    monkeypatch.setitem(pg.options, "round.column.CI95", None)
+
+    rng = np.random.default_rng(seed)
+    df = random_table(rng, n=40 + 10 * seed)
+    out = partial_correlations(df, residualize="linear", **FAST)
+    assert len(out) == 3
+    for row in out.itertuples():
+        ref = pg.partial_corr(df, x=f"acc_{row.a}", y=f"acc_{row.b}", covar="acc_ID")
+        assert row.n == ref["n"].iloc[0] and row.k == 1 and row.dof == row.n - 3
+        assert abs(row.r - ref["r"].iloc[0]) < 1e-8
+        assert abs(row.p - ref["p_val"].iloc[0]) < 1e-8
+        assert np.allclose([row.ci_low, row.ci_high], ref["CI95"].iloc[0], atol=5e-7 + 1e-12, rtol=0)
+        exact = compute_esci(stat=row.r, nx=row.n - row.k, ny=row.n - row.k, eftype="r", decimals=15)
+        assert np.allclose([row.ci_low, row.ci_high], exact, atol=1e-12, rtol=0)
+
+
+def test_core_matches_pingouin_with_several_covariates():
+    pg = pytest.importorskip("pingouin")
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame(rng.standard_normal((35, 5)), columns=list("xyabc"))
+    df["y"] += 0.5 * df["x"] + df["a"]
+    ref = pg.partial_corr(df, x="x", y="y", covar=["a", "b", "c"])
+    r = _partial_r(df["x"].to_numpy(), df["y"].to_numpy(), df[["a", "b", "c"]].to_numpy())
+    assert abs(r - ref["r"].iloc[0]) < 1e-10
+    assert abs(_t_pvalue(r, 35 - 3 - 2) - ref["p_val"].iloc[0]) < 1e-10
+
+
+def test_core_is_batched():
+    rng = np.random.default_rng(4)
+    x, y, Z = rng.standard_normal((6, 30)), rng.standard_normal((6, 30)), rng.standard_normal((6, 30, 2))
+    batched = _partial_r(x, y, Z)
+    assert batched.shape == (6,)
+    assert np.allclose(batched, [_partial_r(x[i], y[i], Z[i]) for i in range(6)], atol=1e-12)
+    # a 1-d covariate and a covariate shared by the whole batch broadcast
+    assert np.allclose(_partial_r(x, y, Z[0, :, 0]), [_partial_r(x[i], y[i], Z[0, :, 0]) for i in range(6)])
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def _rejections(id_acc, a, b, alpha=0.05):
+    """Per-simulation rejection at alpha under each residualisation, vectorised over simulations."""
+    n = id_acc.shape[-1]
+    out = {"linear": _t_pvalue(_partial_r(a, b, id_acc), n - 3) < alpha}
+    pa, pb, pid = _probit(a, 2000), _probit(b, 2000), _probit(id_acc, 2000)
+    out["probit"] = _t_pvalue(_partial_r(pa, pb, pid), n - 3) < alpha
+    basis = np.stack([_spline_basis(z, 4) for z in pid])
+    k = basis.shape[-1]
+    out["spline"] = _t_pvalue(_partial_r(pa, pb, basis), n - k - 2) < alpha
+    return out
+
+
+def test_null_false_positive_rate():
+    """Two shifts on probit lines in ID with independent noise: probit and spline hold alpha, linear does not."""
+    rng = np.random.default_rng(0)
+    rej = _rejections(*probit_lines(rng, n=60, sims=4000))
+    rate = {m: v.mean() for m, v in rej.items()}
+    assert 0.035 <= rate["probit"] <= 0.065, rate
+    assert 0.035 <= rate["spline"] <= 0.065, rate
+    assert rate["linear"] > 0.2, rate  # raw-scale residualisation manufactures correlation
+
+
+def test_api_matches_vectorised_core_on_simulated_cases():
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        id_acc, a, b = probit_lines(rng, n=60)
+        out = partial_correlations(table_from(id_acc, a, b), residualize="all", **FAST).set_index("residualize")
+        pid = _probit(id_acc, 2000)
+        assert np.isclose(out.loc["linear", "r"], _partial_r(a, b, id_acc), atol=1e-12)
+        assert np.isclose(out.loc["probit", "r"], _partial_r(_probit(a, 2000), _probit(b, 2000), pid), atol=1e-12)
+        assert np.isclose(out.loc["spline", "r"],
+                          _partial_r(_probit(a, 2000), _probit(b, 2000), _spline_basis(pid, 4)), atol=1e-12)
+        assert out.loc["spline", "k"] == 5 and out.loc["spline", "dof"] == 60 - 5 - 2
+        assert np.isclose(out.loc["spline", "p"], _t_pvalue(out.loc["spline", "r"], 53))
+
+
+def test_disagree_flag_follows_sign_and_significance():
+    rng = np.random.default_rng(2)
+    id_acc, a, b = probit_lines(rng, n=60)
+    c = ndtr(0.3 + ndtri(id_acc) + 0.2 * rng.standard_normal(60))
+    out = partial_correlations(table_from(id_acc, a, b, c), residualize="all", **FAST)
+    for _, g in out.groupby(["a", "b"]):
+        expected = g["r"].apply(np.sign).nunique() > 1 or (g["p"] < 0.05).nunique() > 1
+        assert (g["disagree"] == expected).all()
+    assert out["disagree"].any()  # linear is spuriously significant here, probit is not
+    single = partial_correlations(table_from(id_acc, a, b), residualize="probit", **FAST)
+    assert single["disagree"].isna().all()
+
+
+@pytest.mark.parametrize("method", ["probit", "spline"])
+def test_fisher_ci_coverage(method):
+    """Planted partial correlation 0.4 on probit axes: the Fisher-z CI (dof n - k - 3) covers it 95% +- 2%."""
+    rng = np.random.default_rng(5)
+    rho, n, sims = 0.4, 60, 3000
+    id_acc, a, b = probit_lines(rng, n=n, sims=sims, rho=rho, sigma=0.3)
+    pid = _probit(id_acc, 2000)
+    Z = pid if method == "probit" else np.stack([_spline_basis(z, 4) for z in pid])
+    k = 1 if method == "probit" else Z.shape[-1]
+    r = _partial_r(_probit(a, 2000), _probit(b, 2000), Z)
+    lo, hi = _fisher_ci(r, n, k, 0.95)
+    coverage = np.mean((lo <= rho) & (rho <= hi))
+    assert 0.93 <= coverage <= 0.97, coverage
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_cis_agree_with_scipy():
+    """Our vectorised percentile and BCa CIs agree with scipy.stats.bootstrap up to Monte Carlo error."""
+    rng = np.random.default_rng(6)
+    id_acc, a, b = probit_lines(rng, n=50, rho=0.5, sigma=0.3)
+    out = partial_correlations(table_from(id_acc, a, b), residualize="linear", n_boot=4000, n_perm=0).iloc[0]
+    Z = id_acc[:, None]
+
+    def stat(idx, axis=-1):
+        return _partial_r(a[idx], b[idx], Z[idx])
+
+    for method, cols in (("percentile", ("boot_ci_low", "boot_ci_high")), ("BCa", ("bca_ci_low", "bca_ci_high"))):
+        ref = sps.bootstrap((np.arange(50),), stat, n_resamples=4000, method=method, rng=np.random.default_rng(7),
+                            vectorized=True).confidence_interval
+        ours = [out[cols[0]], out[cols[1]]]
+        assert np.allclose(ours, [ref.low, ref.high], atol=0.025), (method, ours, ref)
+    # sanity: intervals are ordered, contain r, and resemble the Fisher interval at this n
+    for lo, hi in (("boot_ci_low", "boot_ci_high"), ("bca_ci_low", "bca_ci_high"), ("ci_low", "ci_high")):
+        assert out[lo] < out["r"] < out[hi]
+        assert abs(out[lo] - out["ci_low"]) < 0.12 and abs(out[hi] - out["ci_high"]) < 0.12
+
+
+def test_resampling_is_reproducible_and_skippable():
+    df = random_table(np.random.default_rng(8), n=30)
+    one = partial_correlations(df, n_boot=300, n_perm=300, seed=3)
+    two = partial_correlations(df, n_boot=300, n_perm=300, seed=3)
+    pd.testing.assert_frame_equal(one, two)
+    skipped = partial_correlations(df, **FAST)
+    assert skipped[["p_perm", "boot_ci_low", "bca_ci_high"]].isna().all().all()
+    assert np.allclose(skipped["r"], one["r"])
+
+
+def test_block_bootstrap_indices_are_contiguous_blocks():
+    idx = _resample_indices(20, 50, 4, np.random.default_rng(0))
+    assert idx.shape == (50, 20) and idx.min() >= 0 and idx.max() < 20
+    assert (np.diff(idx.reshape(50, 5, 4), axis=-1) == 1).all()
+    keep = _jackknife_keep(10, 3)
+    assert [10 - len(k) for k in keep] == [3, 3, 2, 2]
+
+
+# ---------------------------------------------------------------------------------------- permutation, adjustment
+
+
+def test_freedman_lane_matches_loop_and_parametric():
+    rng = np.random.default_rng(9)
+    n = 40
+    Z = rng.standard_normal((n, 2))
+    Y = Z @ rng.standard_normal((2, 3)) + rng.standard_normal((n, 3))
+    Y[:, 1] += 0.3 * Y[:, 0]
+    ia, ib = np.triu_indices(3, k=1)
+    r = np.array([_partial_r(Y[:, i], Y[:, j], Z) for i, j in zip(ia, ib)])
+    perms = np.stack([rng.permutation(n) for _ in range(200)])
+    p = _freedman_lane(Y, Z, r, perms, ia, ib)
+    # the same test, one permutation at a time: y* = fitted + permuted residuals, refit the partial correlation
+    for q, i, j, r_ij in zip(p, ia, ib, r):
+        fitted = Y[:, j] - _residualize(Y[:, [j]], Z)[:, 0]
+        resid = Y[:, j] - fitted
+        r_star = np.array([_partial_r(Y[:, i], fitted + resid[perm], Z) for perm in perms])
+        assert q == (1 + np.sum(np.abs(r_star) >= np.abs(r_ij) - 1e-12)) / (1 + len(perms))
+    big = partial_correlations(random_table(rng, n=80), n_boot=0, n_perm=2000)
+    assert np.allclose(big["p_perm"], big["p"], atol=0.05)
+
+
+def test_holm_and_bh_hand_computed():
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    assert np.allclose(_holm(p), [0.03, 0.06, 0.06, 0.02])
+    assert np.allclose(_bh(p), [0.02, 0.04, 0.04, 0.02])
+
+
+def test_adjustment_is_within_each_residualisation():
+    from statsmodels.stats.multitest import multipletests
+
+    df = random_table(np.random.default_rng(10), n=40, shifts=4)
+    out = partial_correlations(df, residualize="all", **FAST)
+    assert len(out) == 3 * 6
+    for _, g in out.groupby("residualize"):
+        assert np.allclose(g["p_holm"], multipletests(g["p"], method="holm")[1])
+        assert np.allclose(g["p_bh"], multipletests(g["p"], method="fdr_bh")[1])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_warn_note_and_order_by_step():
+    rng = np.random.default_rng(11)
+    df = random_table(rng, n=40).assign(run_id="run0", step=np.arange(40) * 10)
+    with pytest.warns(UserWarning, match="naive p-values"):
+        out = partial_correlations(df, unit="checkpoints", n_boot=200, n_perm=0)
+    assert (out["unit"] == "checkpoints").all() and out["note"].str.contains("block-bootstrap").all()
+    assert out[["boot_ci_low", "bca_ci_low"]].notna().all().all()
+    shuffled = df.sample(frac=1, random_state=0)
+    with pytest.warns(UserWarning):
+        again = partial_correlations(shuffled, unit="checkpoints", n_boot=200, n_perm=0)
+    pd.testing.assert_frame_equal(out, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (partial_correlations(df.drop(columns=["step", "run_id"]), **FAST)["note"] == "").all()
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+def test_too_few_runs_says_how_many_are_needed():
+    assert runs_needed(0.3, 0.2, k=1) == 82
+    df = random_table(np.random.default_rng(12), n=4)
+    with pytest.raises(ValueError, match=r"n=4.*k \+ 4 = 5.*82 runs"):
+        partial_correlations(df, residualize="linear", **FAST)
+    df = random_table(np.random.default_rng(12), n=8)
+    partial_correlations(df, residualize="probit", **FAST)  # 8 >= 1 + 4
+    with pytest.raises(ValueError, match=r"residualize='spline'.*k=5.*spline_knots"):
+        partial_correlations(df, residualize="all", **FAST)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.assign(acc_s1=0.5), "constant accuracy in \\['acc_s1'\\]"),
+        (lambda d: d.assign(acc_s0=d["acc_s0"].where(d.index != 3)), "NaN accuracies in \\['acc_s0'\\]"),
+        (lambda d: d.assign(acc_s2=d["acc_s2"] * 100), "out of range.*percentages"),
+        (lambda d: d.assign(acc_ID=d["acc_ID"] - 1), "out of range"),
+        (lambda d: d.assign(run_id=["r0"] * 2 + list(d["run_id"][2:])), "duplicate run ids \\['r0'\\]"),
+        (lambda d: d.drop(columns="acc_ID"), "no ID accuracy column 'acc_ID'"),
+        (lambda d: d[["run_id", "acc_ID", "acc_s0"]], "at least two shifts"),
+        (lambda d: d.assign(acc_s1=ndtr(0.3 + ndtri(d["acc_ID"]))), "exactly determined by ID"),
+    ],
+)
+def test_refusals(mutate, match):
+    df = random_table(np.random.default_rng(13), n=20)
+    with pytest.raises(ValueError, match=match):
+        partial_correlations(mutate(df), **FAST)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(residualize="logit"), "residualize='logit'"),
+        (dict(unit="steps"), "unit='steps'"),
+        (dict(unit="checkpoints"), "'step' column"),
+        (dict(n_boot=-1), "n_boot"),
+        (dict(block_length=3), "block_length only applies"),
+        (dict(shifts=["s0", "nope"]), "\\['nope'\\]"),
+    ],
+)
+def test_argument_refusals(kwargs, match):
+    df = random_table(np.random.default_rng(14), n=20)
+    with pytest.raises(ValueError, match=match):
+        partial_correlations(df, **{**FAST, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------------ reliability
+
+
+def _items(rng, p, m):
+    return rng.random((len(p), m)) < p[:, None]
+
+
+def test_split_half_reliability_recovers_known_value():
+    rng = np.random.default_rng(15)
+    p = rng.uniform(0.3, 0.7, 400)
+    items = {"noisy": _items(rng, p, 100), "clean": _items(rng, p, 4000)}
+    with pytest.warns(UserWarning, match="noisy"):
+        rel = split_half_reliability(items, n_splits=50).set_index("split")
+    for split, m in (("noisy", 100), ("clean", 4000)):
+        truth = p.var() / (p.var() + np.mean(p * (1 - p)) / m)  # true-score variance / observed variance
+        assert abs(rel.loc[split, "reliability"] - truth) < 0.04, (split, rel.loc[split, "reliability"], truth)
+        assert rel.loc[split, "n_items"] == m and rel.loc[split, "n_runs"] == 400
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split_half_reliability({"clean": items["clean"]})
+
+
+def test_disattenuation_moves_r_towards_the_planted_value():
+    rng = np.random.default_rng(16)
+    n, rho = 300, 0.6
+    id_acc, pa, pb = probit_lines(rng, n=n, rho=rho, sigma=0.35, lines=((-0.3, 0.8), (0.0, 0.9)))
+    items = {"s0": _items(rng, pa, 60), "s1": _items(rng, pb, 60)}
+    df = table_from(id_acc, items["s0"].mean(1), items["s1"].mean(1))
+    out = partial_correlations(df, residualize="all", items=items, **FAST).set_index("residualize")
+    assert np.allclose(out["r_disattenuated"], out["r"] / np.sqrt(out["rel_a"] * out["rel_b"]))
+    assert (out["rel_a"] < 1).all() and (out["rel_a"] > 0.3).all()
+    for m in ("probit", "spline"):
+        assert abs(out.loc[m, "r_disattenuated"] - rho) < abs(out.loc[m, "r"] - rho)
+        assert abs(out.loc[m, "r_disattenuated"] - rho) < 0.12
+    with pytest.raises(ValueError, match="same order"):
+        partial_correlations(df, items={"s0": items["s0"][::-1]}, **FAST)
+
+
+# ------------------------------------------------------------------------------------------------ gap
+
+
+def test_generalisation_gap_bands_consistency_and_seeds():
+    df = pd.DataFrame({
+        "run_id": ["a", "b", "c", "d"], "seed": [0, 1, 0, 1], "lr": [1e-3, 1e-3, 2e-3, 2e-3],
+        "acc_ID": [0.90, 0.80, 0.70, 0.75], "train_acc_ID": [0.93, 0.87, 0.82, 0.75],
+        "val_acc_ID": [0.91, 0.80, 0.72, 0.74], "acc_len": [0.5, 0.4, 0.3, 0.2],
+    })
+    gap = generalisation_gap(df)
+    idg = gap[gap["split"] == "ID"].set_index("run_id")
+    assert np.allclose(idg["gap_pts"], [3, 7, 12, 0])
+    assert list(idg["band"]) == ["healthy", "watch", "warning", "healthy"]
+    assert np.allclose(idg["val_test_diff_pts"], [1, 0, 2, -1])
+    assert np.isclose(idg["val_test_r"].iloc[0], np.corrcoef(df["val_acc_ID"], df["acc_ID"])[0, 1])
+    assert np.allclose(idg["seed_sd_pts"], [np.std([90, 80], ddof=1)] * 2 + [np.std([70, 75], ddof=1)] * 2)
+    assert (idg["n_seeds"] == 2).all()
+    length = gap[gap["split"] == "len"]
+    assert length["gap_pts"].isna().all() and length["band"].isna().all()  # no train_acc_len: skipped
+    # the sweep's own columns: two seeds, and a per-run wall time that is not configuration
+    sweep = df.drop(columns="seed").assign(init_seed=[0, 1, 0, 1], data_seed=0, wall_time_s=[5.0, 6.0, 7.0, 8.0])
+    assert np.allclose(generalisation_gap(sweep)["seed_sd_pts"], gap["seed_sd_pts"])
+    bare = generalisation_gap(df[["run_id", "acc_ID", "acc_len"]])
+    assert list(bare.columns) == ["run_id", "split", "test_acc"] and len(bare) == 8
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@pytest.fixture
+def fake_experiment(tmp_path, monkeypatch):
+    """An experiment directory served by a stand-in for gradtrace.results (written by the lead)."""
+    rng = np.random.default_rng(17)
+    n = 40
+    id_acc, pa, pb = probit_lines(rng, n=n, rho=0.4, sigma=0.3)
+    items = {"ID": _items(rng, id_acc, 400), "s0": _items(rng, pa, 200), "s1": _items(rng, pb, 200),
+             "s2": _items(rng, ndtr(ndtri(id_acc) - 0.5 + 0.3 * rng.standard_normal(n)), 20)}  # unreliable
+    table = table_from(*(items[s].mean(1) for s in ("ID", "s0", "s1", "s2")),
+                       train_acc_ID=np.minimum(items["ID"].mean(1) + 0.06, 1.0))
+    fake = types.ModuleType("gradtrace.results")
+    fake.load_results = lambda path: table.copy()
+    fake.load_item_correctness = lambda path: items
+    monkeypatch.setitem(sys.modules, "gradtrace.results", fake)
+    return tmp_path
+
+
+def test_stats_report_writes_everything(fake_experiment):
+    with pytest.warns(UserWarning, match="reliability below"):
+        rep = stats_report(fake_experiment, n_boot=200, n_perm=200)
+    for name in ("stats.csv", "stats.json", "reliability.csv", "gap.csv"):
+        assert (fake_experiment / name).exists(), name
+    saved = json.loads((fake_experiment / "stats.json").read_text())
+    assert len(saved["records"]) == len(rep.stats) == 9
+    assert saved["summary"]["n"] == 40 and set(saved["summary"]["residualizations"]) == {"linear", "probit", "spline"}
+    assert any("reliability below" in w for w in saved["summary"]["warnings"])
+    assert "r_disattenuated" in pd.read_csv(fake_experiment / "stats.csv").columns
+    assert set(rep.reliability["split"]) == {"ID", "s0", "s1", "s2"}
+    assert rep.gap.loc[rep.gap["split"] == "ID", "band"].isin(["watch", "healthy"]).all()
+    from_path = partial_correlations(fake_experiment, residualize="all", n_boot=200, n_perm=200)
+    pd.testing.assert_frame_equal(from_path, rep.stats)
+
+
+def test_format_table_is_fixed_width_with_stars():
+    rng = np.random.default_rng(18)
+    id_acc, a, b = probit_lines(rng, n=80, rho=0.6, sigma=0.3)
+    out = partial_correlations(table_from(id_acc, a, b, rng.uniform(0.2, 0.8, 80)), residualize="all", **FAST)
+    text = format_table(out)
+    lines = text.splitlines()
+    assert lines[0].startswith("residualize") and "p_BH" in lines[0]
+    body = lines[2:2 + len(out)]
+    assert len({line.index("[") for line in body}) == 1  # CI column aligned
+    assert "s0 ~ s1" in text and "***" in text and text.count("\n") >= len(out) + 2

@@ -1,0 +1,139 @@
+"""The trajectory store: documented schema readable with plain zarr, bf16, errors, resume cuts, HDF5, dask."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from gradtrace import store
+from gradtrace.train import train
+
+PLAIN_READER = r"""
+import json, sys
+import numpy as np, zarr
+assert "gradtrace" not in sys.modules
+root = zarr.open_group(sys.argv[1], mode="r")
+run = root["r0"]
+a = dict(run.attrs)
+out = {"status": a["status"], "sketch": a["sketch"], "splits": a["splits"], "probe_losses": a["probe_losses"],
+       "layout_len": len(a["layout"]), "last_durable_step": a["last_durable_step"], "accuracy": a["accuracy"]}
+for name in ["step", "loss", "lr", "grad_norm", "nonfinite", "grad", "update", "adam_m", "layer_grad_norm",
+             "layer_update_norm", "layer_v_mean", "layer_v_quantile", "probe/step", "probe/loss",
+             "probe/accuracy", "probe/grad", "probe/grad_adam", "eval/correct"]:
+    arr = run[name]
+    out[name] = {"shape": list(arr.shape), "dims": list(arr.metadata.dimension_names)}
+out["steps"] = run["step"][:].tolist()
+print(json.dumps(out))
+assert "gradtrace" not in sys.modules
+"""
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    from conftest import tiny_config
+
+    exp = tmp_path_factory.mktemp("exp")
+    cfg = tiny_config()
+    train(cfg, exp, "r0", progress=False)
+    return exp, cfg
+
+
+def test_store_round_trip_with_plain_zarr(captured):
+    exp, cfg = captured
+    out = subprocess.run([sys.executable, "-c", PLAIN_READER, str(exp / "store.zarr")],
+                         capture_output=True, text=True, check=True).stdout
+    info = json.loads(out)
+    T, k, S, L = cfg.train.steps, cfg.capture.dim, len(info["splits"]), info["layout_len"]
+    assert info["status"] == "complete" and info["last_durable_step"] == T
+    assert info["sketch"]["kind"] == "countsketch" and info["sketch"]["dim"] == k
+    assert info["steps"] == list(range(T))
+    assert info["grad"] == {"shape": [T, k], "dims": ["step", "sketch"]}
+    assert info["layer_v_quantile"]["shape"] == [T, L, 3]
+    R = T // cfg.capture.probe_every + 1  # step 0, every probe_every, and the final step
+    assert info["probe/step"]["shape"] == [R]
+    assert info["probe/grad"] == {"shape": [R, S, 2, k], "dims": ["probe", "split", "probe_loss", "sketch"]}
+    assert info["eval/correct"]["shape"] == [S, cfg.task.n_test]
+    assert set(info["accuracy"]) == set(info["splits"])
+
+
+def test_bfloat16_round_trip():
+    x = np.array([1.0, -2.5, 3.14159, 1e-20, 65504.0, np.nan], dtype=np.float32)
+    y = store.decode(store.encode(x, store.BF16), store.BF16)
+    assert np.allclose(y[:5], x[:5], rtol=1 / 128) and np.isnan(y[5])
+
+
+def test_writer_buffers_whole_chunks_and_checkpoint_makes_rows_durable(tmp_path):
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    group = store.create_run(root, "r", {})
+    w = store.RunWriter(group, chunk=4)
+    w.declare("x", (3,), "float32", dims=("k",))
+    for i in range(6):
+        w.append({"x": np.full(3, i, np.float32)})
+    assert group["x"].shape == (4, 3)  # one whole chunk written, two rows still buffered
+    w.checkpoint(6)
+    assert group["x"].shape == (6, 3) and group.attrs["last_durable_step"] == 6
+    np.testing.assert_array_equal(group["x"][:, 0], np.arange(6))
+
+
+def test_background_writer_matches_synchronous(tmp_path):
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    for name, thread in (("sync", False), ("thread", True)):
+        w = store.RunWriter(store.create_run(root, name, {}), chunk=8, thread=thread, queue_size=2)
+        w.declare("x", (5,), "float32")
+        for i in range(37):
+            w.append({"x": np.arange(5, dtype=np.float32) * i})
+        w.close()
+    np.testing.assert_array_equal(root["sync"]["x"][:], root["thread"]["x"][:])
+
+
+def test_truncate_to_cuts_rows_past_the_resume_point(captured, tmp_path):
+    exp, cfg = captured
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(exp / "store.zarr", copy)
+    group = zarr.open_group(copy / "r0", mode="a")
+    store.truncate_to(group, 16)
+    assert group["step"][:].tolist() == list(range(16))
+    assert group["grad"].shape[0] == 16 and group["layer_v_quantile"].shape[0] == 16
+    assert group["probe/step"][:].tolist() == [0]
+
+
+def test_clear_errors_on_missing_or_corrupt_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a gradtrace store"):
+        store.open_experiment(tmp_path / "nothing")
+    bad = tmp_path / "bad.zarr"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        store.open_experiment(bad)
+
+
+def test_newer_schema_refused(tmp_path):
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    root.attrs["schema_version"] = store.SCHEMA_VERSION + 1
+    with pytest.raises(ValueError, match="Upgrade gradtrace"):
+        store.open_experiment(tmp_path / "s.zarr")
+
+
+def test_summary_and_hdf5_export(captured, tmp_path):
+    import h5py
+
+    exp, cfg = captured
+    text = store.summary(exp / "store.zarr")
+    assert "1 complete" in text and "countsketch:128" in text and "probe/grad" in text
+    path = store.export_hdf5(exp / "store.zarr", tmp_path / "out.h5")
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(h5["r0/grad"][:], zarr.open_group(exp / "store.zarr")["r0/grad"][:])
+        assert json.loads(h5["r0"].attrs["gradtrace"])["status"] == "complete"
+        assert json.loads(h5["r0/grad"].attrs["dimension_names"]) == ["step", "sketch"]
+
+
+def test_lazy_dask_read_matches_eager(captured):
+    exp, _ = captured
+    group = zarr.open_group(exp / "store.zarr")["r0"]
+    lazy = store.read_lazy(group, "update")
+    assert lazy.chunks[0][0] == group["update"].chunks[0]
+    np.testing.assert_array_equal(lazy.compute(), store.read(group, "update"))

@@ -1,0 +1,96 @@
+"""The arithmetic task: determinism, disjointness, one token per digit, losses on answers only."""
+import numpy as np
+import torch
+
+from gradtrace.config import ModelConfig, TaskConfig
+from gradtrace.models import build_model
+from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, worst_margin_loss
+from gradtrace.tasks.arithmetic import POOL_SIZE
+
+
+def small(**kw) -> TaskConfig:
+    return TaskConfig(n_test=300, n_probe=40, **kw)
+
+
+def test_registry_has_id_and_at_least_eight_described_shifts():
+    shifts = [n for n in REGISTRY if n != "ID"]
+    assert "ID" in REGISTRY and len(shifts) >= 8
+    assert all(len(s.description) > 20 for s in REGISTRY.values())
+
+
+def test_default_has_2000_test_items_per_split():
+    assert TaskConfig().n_test >= 2000
+
+
+def test_sets_are_deterministic_given_the_seed():
+    a, b, c = ArithmeticTask(small()), ArithmeticTask(small()), ArithmeticTask(small(seed=99))
+    for split in a.splits:
+        assert a.test_set(split).prompts == b.test_set(split).prompts
+        assert a.test_set(split).prompts != c.test_set(split).prompts
+    assert np.array_equal(a.train_batch(7, 3, 32)[0], b.train_batch(7, 3, 32)[0])
+    assert not np.array_equal(a.train_batch(7, 3, 32)[0], a.train_batch(7, 4, 32)[0])
+
+
+def test_train_test_and_probe_items_are_disjoint():
+    task = ArithmeticTask(small(shifts=[n for n in REGISTRY if n != "ID"]))
+    held = [set(task.test_set(s).prompts) for s in task.splits] + [set(task.probe_set(s).prompts) for s in task.splits]
+    union = set().union(*held)
+    assert sum(map(len, held)) == len(union)  # no prompt in two held-out sets
+    train = set(task.train_pool.prompts)
+    assert len(task.train_pool) == POOL_SIZE and not train & union
+
+
+def test_one_token_per_digit_and_answer_mask_covers_answer_and_eos():
+    task = ArithmeticTask(small())
+    data = task.test_set("ID")
+    tok = task.tokenizer
+    for row, mask, prompt in list(zip(data.tokens, data.answer_mask, data.prompts))[:50]:
+        text = tok.decode(row)
+        assert text.startswith(prompt)
+        answer = text[len(prompt):]
+        assert mask.sum() == len(answer) + 1  # every answer character is one token, plus <eos>
+        assert row[mask][-1] == tok.eos_id
+        a, b = (int(x[::-1]) for x in prompt.rstrip("=").split("+"))
+        assert int(answer[::-1]) == a + b  # least-significant digit first
+
+
+def test_shift_mix_lands_in_training_pool():
+    task = ArithmeticTask(small())
+    prompts = task.train_pool.prompts
+    share_space = np.mean([p.startswith(" ") for p in prompts])
+    assert 0.005 < share_space < 0.03
+
+
+def test_exact_match_equals_greedy_decoding():
+    task = ArithmeticTask(small())
+    model = build_model(ModelConfig(name="micro"), task.tokenizer.vocab_size, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):  # a little training so that some answers are right
+        x, m = task.train_batch(step, 0, 64)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    data = task.test_set("ID")
+    x, m = data.torch(slice(0, 100))
+    with torch.no_grad():
+        em = exact_match(model(input_ids=x).logits, x, m)
+        for i in range(100):
+            start = int(m[i].nonzero()[0])
+            seq = x[i, :start].tolist()
+            for _ in range(int(m[i].sum())):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            greedy = seq[start:] == x[i, start: start + int(m[i].sum())].tolist()
+            assert greedy == bool(em[i])
+
+
+def test_worst_margin_loss_is_small_only_when_every_answer_token_is_right():
+    tokens = torch.tensor([[1, 3, 4, 5, 2]])
+    mask = torch.tensor([[False, False, False, True, True]])
+    logits = torch.full((1, 5, 8), -5.0)
+    logits[0, 2, 5] = 5.0  # predicts token 5 at position 3: right
+    logits[0, 3, 2] = 5.0  # predicts <eos> at position 4: right
+    good = worst_margin_loss(logits, tokens, mask)
+    logits[0, 3, 2], logits[0, 3, 6] = -5.0, 5.0  # last answer token wrong
+    assert exact_match(logits, tokens, mask).item() is False
+    assert worst_margin_loss(logits, tokens, mask) > 10 * good
