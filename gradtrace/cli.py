@@ -1,4 +1,4 @@
-"""The `gradtrace` command line: tasks, train, sweep, stats, predict, report, info, export."""
+"""The `gradtrace` command line: tasks, train, sweep, calibrate, stats, predict, report, info, export."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return
     table = run_sweep(cfg, args.out, scheduler=args.scheduler)
     print(f"{len(table)} complete runs; results: {Path(args.out) / 'results.csv'}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Pilot sweep: per split mean, std, range, correlation with ID, reliability, usable or not."""
+    from gradtrace.calibrate import calibrate
+
+    cfg = _config(args)
+    out = args.out or f"storage/calibrate-{Path(args.config).stem}"
+    print(calibrate(cfg, out, args.runs).format())
+    print(f"written: {Path(out) / 'calibration.csv'}")
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -124,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address to run the runs on")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, steps, expected time) and exit")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
+    with_config(p)
+    p.add_argument("--out", default=None, help="pilot directory (default: storage/calibrate-<config name>)")
+    p.add_argument("--runs", type=int, default=12, help="pilot runs (default: 12)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("stats", help=cmd_stats.__doc__)
     p.add_argument("dir", help="experiment directory")

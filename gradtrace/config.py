@@ -17,6 +17,7 @@ class ModelConfig:
     name: str = "tiny"
     attn_implementation: str = "eager"
     pretrained: bool = False  # load weights for a hub name/path instead of a random init from its config
+    init_from: str | None = None  # start from these weights (safetensors), e.g. a captured base run's final weights
 
 
 @dataclass
@@ -88,6 +89,7 @@ class SweepConfig:
     seed: int = 0  # seeds the sampling of run settings
     reference_runs: int = 1  # runs with full capture, at the base config, for predictors
     capture_sweep: bool = False  # full capture on every sweep run too (large)
+    pretrain_steps: int = 0  # > 0: first train a captured `base` run this long; every other run starts from it
 
 
 @dataclass

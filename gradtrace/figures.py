@@ -455,7 +455,8 @@ def predicted_vs_observed(predictions_df: pd.DataFrame, scores_df: pd.DataFrame 
         if "noise_ceiling" in row and pd.notna(row["noise_ceiling"]):
             detail += f", ceiling {float(row['noise_ceiling']):.2f}"
         prereg = row.get("preregistered")
-        tag = " (pre-registered)" if prereg is True or str(prereg).lower() == "true" else ""
+        tag = (f" ({row['group']})" if isinstance(row.get("group"), str)
+               else " (pre-registered)" if prereg is True or str(prereg).lower() == "true" else "")
         ax.set_title(f"{name}{tag}\n{detail}")
         ax.set_xlabel("predicted")
     for ax in axes[::ncols]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -54,7 +55,23 @@ def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "e
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
-    """A causal LM with parameters initialised from `seed`; embedded name, `EleutherAI/...` name, or path."""
+    """A causal LM initialised from `seed` (or `cfg.init_from` weights); embedded name, HF name, or path."""
+    model = _build(cfg, vocab_size, seed)
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        path = Path(cfg.init_from)
+        if not path.exists():
+            raise FileNotFoundError(f"model.init_from: {path} not found (expected a safetensors file of weights, "
+                                    "e.g. DIR/weights/base/final.safetensors)")
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        if unexpected or [m for m in missing if "rotary" not in m]:
+            raise ValueError(f"model.init_from: {path} does not match model {cfg.name!r} "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     name = cfg.name.removeprefix("EleutherAI/") if cfg.name.removeprefix("EleutherAI/") in EMBEDDED else cfg.name
     if name in EMBEDDED and not cfg.pretrained:

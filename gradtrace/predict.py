@@ -184,9 +184,9 @@ def partial_from_covariance(C: np.ndarray) -> np.ndarray:
     """
     C = np.asarray(C, dtype=np.float64)
     c0 = C[..., 1:, :1]
-    R = C[..., 1:, 1:] - c0 * np.swapaxes(c0, -1, -2) / C[..., :1, :1]
-    d = np.sqrt(np.clip(np.diagonal(R, axis1=-2, axis2=-1), 0.0, None))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant variable gives NaN, not a warning
+        R = C[..., 1:, 1:] - c0 * np.swapaxes(c0, -1, -2) / C[..., :1, :1]
+        d = np.sqrt(np.clip(np.diagonal(R, axis1=-2, axis2=-1), 0.0, None))
         out = np.clip(R / (d[..., :, None] * d[..., None, :]), -1.0, 1.0)
     idx = np.arange(out.shape[-1])
     out[..., idx, idx] = np.nan
@@ -285,8 +285,10 @@ class Predictor(ABC):
     name: ClassVar[str]
     baseline: ClassVar[bool] = False
 
-    def __init__(self, probe_loss: str = "ce", probe: int = -1) -> None:
-        self.probe_loss, self.probe = probe_loss, int(probe)
+    def __init__(self, probe_loss: str = "ce") -> None:
+        if not isinstance(probe_loss, str) or not probe_loss:
+            raise ValueError(f"probe_loss={probe_loss!r} must name a captured probe loss, e.g. 'ce' or 'margin'")
+        self.probe_loss = probe_loss
 
     def fit(self, reference: ReferenceData) -> "Predictor":
         """Compute the predicted matrix from reference-run data."""
@@ -314,6 +316,14 @@ class Predictor(ABC):
     def _per_run_mean(self, reference: ReferenceData, one: Any) -> np.ndarray:
         """Mean over reference runs of a per-run S×S matrix."""
         return np.mean([one(run, reference) for run in reference.runs], axis=0)
+
+
+class _AtProbe(Predictor):
+    """A predictor built from the probe gradients at one probe (`probe`, default the final one)."""
+
+    def __init__(self, probe_loss: str = "ce", probe: int = -1) -> None:
+        super().__init__(probe_loss)
+        self.probe = int(probe)
 
     def _grads(self, run: ReferenceRun, reference: ReferenceData, adam: bool = False) -> np.ndarray:
         """Probe gradients (1+S, k) of the chosen loss at the chosen probe (ID first)."""
@@ -345,8 +355,8 @@ class MajoritySignPredictor(ZeroPredictor):
 
     name = "majority_sign"
 
-    def __init__(self, probe_loss: str = "ce", probe: int = -1, epsilon: float = 1e-6) -> None:
-        super().__init__(probe_loss, probe)
+    def __init__(self, probe_loss: str = "ce", epsilon: float = 1e-6) -> None:
+        super().__init__(probe_loss)
         if epsilon <= 0:
             raise ValueError(f"epsilon={epsilon} must be > 0 (a positive constant prediction)")
         self.epsilon = float(epsilon)
@@ -355,7 +365,7 @@ class MajoritySignPredictor(ZeroPredictor):
         return _constant(len(reference.shifts), self.epsilon)
 
 
-class CosinePredictor(Predictor):
+class CosinePredictor(_AtProbe):
     """Baseline: cosine of the shifts' raw probe gradients at the final probe."""
 
     name, baseline = "cosine", True
@@ -364,7 +374,7 @@ class CosinePredictor(Predictor):
         return self._per_run_mean(reference, lambda run, ref: _cosine_matrix(self._grads(run, ref)[1:]))
 
 
-class CosineIDProjectedPredictor(Predictor):
+class CosineIDProjectedPredictor(_AtProbe):
     """Baseline: cosine after projecting the ID gradient out (= the covariance predictor with Σ = I)."""
 
     name, baseline = "cosine_id_projected", True
@@ -376,7 +386,7 @@ class CosineIDProjectedPredictor(Predictor):
         return self._per_run_mean(reference, one)
 
 
-class AdamCosinePredictor(Predictor):
+class AdamCosinePredictor(_AtProbe):
     """Baseline (LESS-style): cosine of the Adam-preconditioned probe gradients g/(√v̂+ε) at the final probe."""
 
     name, baseline = "adam_cosine", True
@@ -385,7 +395,7 @@ class AdamCosinePredictor(Predictor):
         return self._per_run_mean(reference, lambda run, ref: _cosine_matrix(self._grads(run, ref, adam=True)[1:]))
 
 
-class TagLookaheadPredictor(Predictor):
+class TagLookaheadPredictor(_AtProbe):
     """Baseline (TAG-style): first-order relative loss change of shift b after an ID-neutral Adam step on shift a.
 
     With P the Adam preconditioner at the probe, M_ij = g_iᵀ P g_j (estimated from sketch(g_i)·sketch(P g_j),
@@ -414,7 +424,7 @@ class TagLookaheadPredictor(Predictor):
         return self._per_run_mean(reference, one)
 
 
-class CovariancePredictor(Predictor):
+class CovariancePredictor(_AtProbe):
     """Baseline: first-order covariance predictor with Σ the covariance of the trajectory's updates.
 
     Σ is the sample covariance of the sketched updates Δθ_t over the last `tail` of recorded steps (movement
@@ -487,8 +497,8 @@ class PathIntegratedPredictor(Predictor):
 
     name = "path_integrated"
 
-    def __init__(self, probe_loss: str = "ce", probe: int = -1, tail: float = 1.0) -> None:
-        super().__init__(probe_loss, probe)
+    def __init__(self, probe_loss: str = "ce", tail: float = 1.0) -> None:
+        super().__init__(probe_loss)
         self.tail = _fraction("tail", tail)
 
     def _contributions(self, run: ReferenceRun, reference: ReferenceData) -> np.ndarray:
@@ -550,8 +560,8 @@ class MinisweepCovariancePredictor(Predictor):
 
     name = "minisweep_covariance"
 
-    def __init__(self, probe_loss: str = "ce", probe: int = -1, tail: float = 0.5) -> None:
-        super().__init__(probe_loss, probe)
+    def __init__(self, probe_loss: str = "ce", tail: float = 0.5) -> None:
+        super().__init__(probe_loss)
         self.tail = _fraction("tail", tail)
 
     def _matrix(self, reference: ReferenceData) -> np.ndarray:
@@ -583,8 +593,8 @@ class MinisweepLossPredictor(Predictor):
 
     name = "minisweep_loss"
 
-    def __init__(self, probe_loss: str = "ce", probe: int = -1, tail: float = 0.5) -> None:
-        super().__init__(probe_loss, probe)
+    def __init__(self, probe_loss: str = "ce", tail: float = 0.5) -> None:
+        super().__init__(probe_loss)
         self.tail = _fraction("tail", tail)
 
     def _matrix(self, reference: ReferenceData) -> np.ndarray:
@@ -606,9 +616,8 @@ class CheckpointAccuracyPredictor(Predictor):
 
     name = "checkpoint_accuracy"
 
-    def __init__(self, probe_loss: str = "ce", probe: int = -1, tail: float = 0.5,
-                 n_items: int = DEFAULT_N_ITEMS) -> None:
-        super().__init__(probe_loss, probe)
+    def __init__(self, probe_loss: str = "ce", tail: float = 0.5, n_items: int = DEFAULT_N_ITEMS) -> None:
+        super().__init__(probe_loss)  # accepted for a uniform interface; this predictor reads accuracies
         self.tail, self.n_items = _fraction("tail", tail), int(n_items)
 
     def _matrix(self, reference: ReferenceData) -> np.ndarray:
@@ -675,11 +684,12 @@ def _pred_values(matrix: pd.DataFrame, obs: _Observed, name: str) -> np.ndarray:
 
 def _rowwise_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Pearson correlation along the last axis (broadcast); NaN when either side is constant."""
+    constant = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
     x = x - x.mean(axis=-1, keepdims=True)
     y = y - y.mean(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
-    return np.where(np.isfinite(r), r, np.nan)
+    return np.where(np.isfinite(r) & ~constant, r, np.nan)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -696,8 +706,11 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def sign_accuracy(predicted: np.ndarray, observed: np.ndarray) -> float:
-    """Share of pairs where the predicted sign matches the observed one (a prediction of exactly 0 scores ½)."""
-    if len(observed) == 0:
+    """Share of pairs where the predicted sign matches the observed one (a prediction of exactly 0 scores ½).
+
+    NaN when there are no pairs or the prediction holds NaN.
+    """
+    if len(observed) == 0 or np.isnan(predicted).any():
         return float("nan")
     p, o = np.sign(predicted), np.sign(observed)
     return float(np.mean(np.where(p == 0, 0.5, (p == o).astype(float))))
@@ -949,7 +962,7 @@ def format_scores(scores: pd.DataFrame) -> str:
             ci = f"[{_fmt(row['boot_ci_low'])}, {_fmt(row['boot_ci_high'])}]"
             lines.append(f"{row['predictor']:<22} {_fmt(row['spearman']):>8} {ci:>15} {_fmt(row['p_relabel'], '.3f'):>9} "
                          f"{_fmt(row['spearman_over_ceiling']):>8} {_fmt(row['sign_acc']):>8} "
-                         f"{_fmt(row['pearson']):>7} {_fmt(row['compute_ratio']):>7}"
+                         f"{_fmt(row['pearson']):>7} {_fmt(row['compute_ratio'], '.2g'):>7}"
                          + (f"  ({row['note']})" if row.get("note") else ""))
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -5,6 +5,7 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -32,22 +33,29 @@ class PlannedRun:
 
 
 def plan(cfg: Config) -> list[PlannedRun]:
-    """Reference runs (base config, data order varied only, full capture), then the sweep's runs."""
+    """An optional captured `base` (pretraining) run, reference runs (base config, data order varied only, full
+    capture), then the sweep's runs; with a base run every other run starts from its final weights."""
     s, t = cfg.sweep, cfg.train
     unknown = set(s.vary) - {"init", "data", "hparams"}
     if unknown:
         raise ValueError(f"unknown sweep.vary entries {sorted(unknown)}; choose from init, data, hparams")
     base_init = t.seed if t.init_seed is None else t.init_seed
     base_data = t.seed if t.data_seed is None else t.data_seed
-    runs = [PlannedRun(f"ref-{i:03d}", "reference", {"train.init_seed": base_init, "train.data_seed": base_data + i})
-            for i in range(s.reference_runs)]
+    start: dict = {}
+    runs = []
+    if s.pretrain_steps:
+        runs.append(PlannedRun("base", "base", {"train.steps": s.pretrain_steps, "train.init_seed": base_init,
+                                                "train.data_seed": base_data}))
+        start = {"model.init_from": "{out}/weights/base/final.safetensors"}
+    runs += [PlannedRun(f"ref-{i:03d}", "reference", {"train.init_seed": base_init, "train.data_seed": base_data + i,
+                                                      **start}) for i in range(s.reference_runs)]
     rng = np.random.default_rng(s.seed)
     for i in range(s.runs):
         lr = float(np.exp(rng.uniform(np.log(s.lr[0]), np.log(s.lr[1]))))
         wd = float(rng.uniform(*s.weight_decay))
         over = {"train.init_seed": 10_000 + i if "init" in s.vary else base_init,
                 "train.data_seed": 20_000 + i if "data" in s.vary else base_data,
-                "capture.enabled": s.capture_sweep}
+                "capture.enabled": s.capture_sweep, **start}
         if "hparams" in s.vary:
             over.update({"train.lr": round(lr, 7), "train.weight_decay": round(wd, 5)})
         runs.append(PlannedRun(f"run-{i:03d}", "sweep", over))
@@ -63,7 +71,8 @@ def _execute(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> dict:
     """Worker entry point: train one planned run (resuming if partial) and return its results row."""
     from gradtrace.train import train
 
-    cfg = config_mod.from_dict(cfg_dict, {**run.overrides, "train.threads": threads})
+    overrides = {k: v.format(out=out) if isinstance(v, str) else v for k, v in run.overrides.items()}
+    cfg = config_mod.from_dict(cfg_dict, {**overrides, "train.threads": threads})
     return train(cfg, out, run.run_id, run.role, resume=True, progress=False).row()
 
 
@@ -99,8 +108,10 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = [r for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
+    base = [r for r in pending if r.role == "base"]
     try:
-        for _ in _dispatch(cfg, out, pending, scheduler):
+        rest = [r for r in pending if r not in base]  # a base run finishes before the runs that start from it
+        for _ in itertools.chain(_dispatch(cfg, out, base, None), _dispatch(cfg, out, rest, scheduler)):
             bar.update()
             results_table(out).to_csv(out / "results.csv", index=False)
     finally:

@@ -1,0 +1,89 @@
+"""Task calibration: a pilot sweep, then per split whether it is usable and which shifts measure the same thing."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradtrace import config as config_mod
+from gradtrace.config import Config
+
+MEAN_RANGE = (0.10, 0.90)  # usable: mean accuracy inside this range,
+MIN_STD = 0.03  # across-run std of at least 3 points,
+MIN_RELIABILITY = 0.9  # and split-half reliability of at least 0.9
+SAME_AXIS = 0.8  # |partial r| above which two shifts are flagged as one axis
+
+
+@dataclass
+class Calibration:
+    """Per-split usability and the shift pairs too correlated to count as separate axes."""
+
+    splits: pd.DataFrame
+    pairs: pd.DataFrame
+
+    def format(self) -> str:
+        """A readable report for the terminal."""
+        lines = [f"{'split':<14}{'mean':>7}{'std':>7}{'min':>7}{'max':>7}{'r(ID)':>7}{'rel':>7}  verdict"]
+        for _, s in self.splits.iterrows():
+            verdict = "usable" if s.usable else f"not usable ({s.reason})"
+            if s.split == "ID":
+                verdict = "ID"
+            lines.append(f"{s.split:<14}{s['mean']:7.1%}{s['std']:7.1%}{s['min']:7.1%}{s['max']:7.1%}"
+                         f"{s.r_id:7.2f}{s.reliability:7.2f}  {verdict}")
+        usable = int(self.splits.usable.sum())
+        lines.append(f"\n{usable} usable shift(s) (mean {MEAN_RANGE[0]:.0%}–{MEAN_RANGE[1]:.0%}, std ≥ "
+                     f"{MIN_STD:.0%}, reliability ≥ {MIN_RELIABILITY})")
+        same = self.pairs[self.pairs.same_axis]
+        lines.append("pairs on one axis (|partial r| > %.1f): %s" % (SAME_AXIS, ", ".join(
+            f"{a}~{b} ({r:+.2f})" for a, b, r in zip(same.a, same.b, same.partial_r)) or "none"))
+        return "\n".join(lines)
+
+
+def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
+    """Usability of each split and same-axis shift pairs from a pilot's results and per-item correctness."""
+    from gradtrace import stats
+
+    splits = [c[4:] for c in table.columns if c.startswith("acc_")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rel = stats.split_half_reliability(items).set_index("split")["reliability"] if items else {}
+    rows = []
+    for s in splits:
+        acc = table[f"acc_{s}"].to_numpy(float)
+        reliability = float(rel.get(s, np.nan)) if len(rel) else np.nan
+        reasons = []
+        if not MEAN_RANGE[0] <= acc.mean() <= MEAN_RANGE[1]:
+            reasons.append(f"mean {acc.mean():.0%}")
+        if acc.std(ddof=1) < MIN_STD:
+            reasons.append(f"std {acc.std(ddof=1):.1%}")
+        if not reliability >= MIN_RELIABILITY:
+            reasons.append(f"reliability {reliability:.2f}")
+        r_id = float(np.corrcoef(acc, table["acc_ID"])[0, 1]) if acc.std() > 0 else np.nan
+        rows.append({"split": s, "mean": acc.mean(), "std": acc.std(ddof=1), "min": acc.min(), "max": acc.max(),
+                     "r_id": r_id, "reliability": reliability, "usable": s != "ID" and not reasons,
+                     "reason": ", ".join(reasons)})
+    frame = pd.DataFrame(rows)
+    varying = [s for s in splits if s != "ID" and table[f"acc_{s}"].std() > 0]
+    pairs = pd.DataFrame(columns=["a", "b", "partial_r", "same_axis"])
+    if len(table) >= 5 and len(varying) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200, n_perm=200)
+        pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "same_axis": pc.r.abs() > SAME_AXIS})
+    return Calibration(frame, pairs)
+
+
+def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibration:
+    """Run (or resume) a pilot sweep of the config into `out` and assess its splits."""
+    from gradtrace.results import load_item_correctness
+    from gradtrace.sweep import run_sweep
+
+    pilot = config_mod.from_dict(cfg.to_dict(), {"sweep.runs": runs or cfg.sweep.runs, "sweep.reference_runs": 0})
+    table = run_sweep(pilot, out)
+    table = table[table.role == "sweep"].reset_index(drop=True)
+    result = assess(table, load_item_correctness(out))
+    result.splits.to_csv(Path(out) / "calibration.csv", index=False)
+    return result

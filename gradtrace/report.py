@@ -1,0 +1,546 @@
+"""The experiment report: one self-contained HTML page of figures, tables, the config and provenance.
+
+`load_inputs` gathers what earlier stages wrote into an experiment directory (running the stats and predict
+stages when their CSVs are missing and those modules import); `build_figures` draws every figure from those
+inputs, the reference run's span analysis included; `write_report` saves the figures under
+`report/figures/` (PDF + PNG) and writes `report/index.html` with the PNGs embedded as data: URIs, so the page
+opens offline and travels as one file. Whatever input is missing becomes a short note, never a crash.
+paper/build.py reuses `load_inputs` and `build_figures`.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import html
+import importlib
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+import zarr
+from matplotlib.figure import Figure
+
+import gradtrace
+from gradtrace import figures, store, subspace
+
+SPAN_RANK = 32  # directions kept of the reference run's update trajectory
+DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
+INPUT_FILES = ("config.yaml", "plan.json", "results.csv", "stats.csv", "stats.json", "gap.csv", "reliability.csv",
+               "predictions.csv", "predict_scores.csv")
+SECTIONS = (
+    ("results", "Results across runs"),
+    ("correlations", "Cross-shift partial correlations"),
+    ("predictions", "Predicted vs observed partial correlations"),
+    ("gap", "Generalisation gap"),
+    ("training", "Training dynamics of the reference run"),
+    ("benchmarks", "Benchmarks"),
+    ("config", "Configuration"),
+    ("provenance", "Provenance"),
+)
+
+SECTION_INPUTS = {"results": ("results",), "correlations": ("stats",), "predictions": ("predictions", "scores"),
+                  "gap": ("gap",)}  # whose missing-input notes each section shows
+
+
+@dataclass
+class Inputs:
+    """What an experiment directory holds, read once; `notes` says why a part is missing, `origins` where each
+    table came from."""
+
+    exp_dir: Path
+    results: pd.DataFrame | None = None
+    stats: pd.DataFrame | None = None
+    gap: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None
+    scores: pd.DataFrame | None = None
+    config_text: str | None = None
+    reference: zarr.Group | None = None
+    benchmarks: Path | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sweep(self) -> pd.DataFrame | None:
+        """The results rows of sweep runs (all rows when the table has no role column)."""
+        if self.results is None or "role" not in self.results:
+            return self.results
+        return self.results[self.results["role"] == "sweep"].reset_index(drop=True)
+
+
+@dataclass
+class FigureItem:
+    """One figure of the report: where it goes, what it shows, and the drawn figure or why there is none."""
+
+    name: str
+    section: str
+    title: str
+    caption: str
+    figure: Figure | None = None
+    note: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def _read_csv(inputs: Inputs, key: str, filename: str) -> pd.DataFrame | None:
+    path = inputs.exp_dir / filename
+    if not path.exists():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        inputs.notes[key] = f"{filename} could not be read ({type(err).__name__}: {err})"
+        return None
+    inputs.origins.setdefault(key, f"read {filename}")
+    return table
+
+
+def _run_stage(inputs: Inputs, key: str, files: tuple[str, ...], module: str, function: str, command: str) -> None:
+    """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing; a failure becomes a note."""
+    exp_dir = inputs.exp_dir
+    if all((exp_dir / f).exists() for f in files):
+        return
+    try:
+        stage = importlib.import_module(f"gradtrace.{module}")
+    except ImportError as err:
+        inputs.notes[key] = (f"{' / '.join(files)} missing and gradtrace.{module} is not available ({err}); "
+                             f"run `{command}` where it is.")
+        return
+    try:
+        getattr(stage, function)(exp_dir)
+    except Exception as err:  # any failure of a later stage must not stop the report
+        inputs.notes[key] = f"{' / '.join(files)} missing and `{command}` failed: {type(err).__name__}: {err}"
+        return
+    inputs.origins[key] = f"computed for this report by gradtrace.{module}.{function} (same as `{command}`)"
+
+
+def _reference_run(exp_dir: Path) -> zarr.Group:
+    """The first complete reference run holding sketched updates."""
+    root = store.open_experiment(exp_dir / "store.zarr")
+    groups = [root[rid] for rid in store.runs(root)]
+    for group in groups:
+        a = group.attrs
+        if a.get("role") == "reference" and a.get("status") == "complete" and "update" in group:
+            return group
+    raise LookupError(f"no complete reference run with an `update` array among {len(groups)} run(s) in "
+                      f"{exp_dir / 'store.zarr'}; set sweep.reference_runs >= 1 with capture enabled")
+
+
+def _benchmarks_dir(exp_dir: Path, given: str | Path | None) -> Path | None:
+    candidates = [Path(given)] if given else [exp_dir / "benchmarks",
+                                              Path(gradtrace.__file__).resolve().parents[1] / "benchmarks" / "out"]
+    return next((c for c in candidates if figures.load_benchmarks(c)), None)
+
+
+def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_dir: str | Path | None = None) -> Inputs:
+    """Everything the report shows, from an experiment directory; missing stats/predictions are computed when
+    `compute_missing` and their stage is importable."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise FileNotFoundError(f"experiment directory {exp_dir} does not exist; run "
+                                f"`gradtrace sweep CONFIG --out {exp_dir}` (or `make demo`) first")
+    inputs = Inputs(exp_dir)
+    inputs.results = _read_csv(inputs, "results", "results.csv")
+    if inputs.results is None:
+        inputs.notes.setdefault("results", f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`.")
+    elif compute_missing:
+        _run_stage(inputs, "stats", ("stats.csv",), "stats", "stats_report", f"gradtrace stats {exp_dir}")
+        _run_stage(inputs, "predictions", ("predictions.csv", "predict_scores.csv"), "predict", "run_predict",
+                   f"gradtrace predict {exp_dir}")
+    for key, filename, command in (("stats", "stats.csv", "gradtrace stats"), ("gap", "gap.csv", "gradtrace stats"),
+                                   ("predictions", "predictions.csv", "gradtrace predict"),
+                                   ("scores", "predict_scores.csv", "gradtrace predict")):
+        setattr(inputs, key, _read_csv(inputs, key, filename))
+        if getattr(inputs, key) is None:
+            inputs.notes.setdefault(key, f"{filename} not found: run `{command} {exp_dir}`.")
+    if (exp_dir / "config.yaml").exists():
+        inputs.config_text = (exp_dir / "config.yaml").read_text()
+    else:
+        inputs.notes["config"] = "config.yaml not found in the experiment directory."
+    try:
+        inputs.reference = _reference_run(exp_dir)
+    except (FileNotFoundError, ValueError, LookupError) as err:
+        inputs.notes["reference"] = str(err)
+    inputs.benchmarks = _benchmarks_dir(exp_dir, benchmarks_dir)
+    if inputs.benchmarks is None:
+        inputs.notes["benchmarks"] = "No benchmark outputs found (benchmarks/out/*.json; run `make bench`)."
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------- span analysis
+
+
+@dataclass
+class SpanAnalysis:
+    """The reference run's update span and how each split's probe gradient sits in it."""
+
+    run_id: str
+    singular_values: np.ndarray
+    total_energy: float
+    dominant_rank: int
+    probe_steps: np.ndarray | None = None
+    splits: list[str] = field(default_factory=list)
+    probe_loss: str = ""
+    dominant: np.ndarray | None = None  # (R, S) energy share inside the top-`dominant_rank` span
+    angles: np.ndarray | None = None  # (S, S) mean principal angle (degrees) between probe-gradient subspaces
+
+
+def span_analysis(run: zarr.Group, rank: int = SPAN_RANK, dominant_rank: int = DOMINANT_RANK) -> SpanAnalysis:
+    """Top span of a run's sketched updates, and each split's probe-gradient dominant share and principal angles."""
+    steps, dim = run["update"].shape
+    if steps < 2:
+        raise ValueError(f"run {run.basename} has {steps} update rows; a span needs at least 2")
+    span = subspace.run_span(run, "update", rank=min(rank, steps, dim))
+    out = SpanAnalysis(run.basename, span.singular_values, span.total_energy, min(dominant_rank, span.rank))
+    if "probe/grad" not in run or "probe/step" not in run:
+        return out
+    losses = list(run.attrs.get("probe_losses") or [])
+    li = losses.index("ce") if "ce" in losses else 0
+    G = store.read(run, "probe/grad")[:, :, li, :].astype(np.float64)  # (R, S, k)
+    out.dominant = subspace.energy_over_training(G, span.basis[: out.dominant_rank]).dominant
+    spans = []
+    for rows in G.transpose(1, 0, 2):  # one split's probe gradients over training
+        rows = rows[np.isfinite(rows).all(axis=1) & (np.abs(rows).sum(axis=1) > 0)]
+        spans.append(subspace.top_span(rows, min(rows.shape), method="full") if len(rows) else None)
+    angles = np.full((len(spans), len(spans)), np.nan)
+    for i, a in enumerate(spans):
+        for j, b in enumerate(spans):
+            if a is not None and b is not None:
+                angles[i, j] = 0.0 if i == j else float(np.degrees(subspace.principal_angles(a, b)).mean())
+    out.probe_steps, out.angles = store.read(run, "probe/step"), angles
+    out.splits = [str(x) for x in run.attrs.get("splits") or [f"split {i}" for i in range(G.shape[1])]]
+    out.probe_loss = losses[li] if losses else "probe"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def _item(name: str, section: str, title: str, caption: str, draw: Callable[[], Figure] | None,
+          missing: str | None = None) -> FigureItem:
+    """A FigureItem drawn by `draw`, or carrying `missing` / the drawing error as its note."""
+    item = FigureItem(name, section, title, caption)
+    if missing or draw is None:
+        item.note = missing
+        return item
+    try:
+        item.figure = draw()
+    except Exception as err:  # a figure that cannot be drawn is reported, not fatal
+        item.note = f"could not be drawn: {type(err).__name__}: {err}"
+    return item
+
+
+def build_figures(inputs: Inputs) -> list[FigureItem]:
+    """Every figure of the report, in reading order; each either drawn or with a note saying why not."""
+    notes, sweep = inputs.notes, inputs.sweep
+    n = 0 if sweep is None else len(sweep)
+    no_gap = notes.get("gap")
+    if inputs.gap is not None and not any("gap" in str(c).lower() for c in inputs.gap.columns):
+        no_gap = "gap.csv holds no train − test gap (gap_pts): the runs recorded no train accuracies (train_acc_<split>)."
+    items = [
+        _item("accuracy_on_the_line", "results", "Accuracy on the line",
+              f"Each panel is one OOD shift, each point one sweep run (n = {n}). Both axes are on the probit scale "
+              f"(Φ⁻¹ of accuracy clipped to [1/(2N), 1 − 1/(2N)], N = {figures.N_ITEMS}), labelled in percent. The "
+              "black line is the least-squares fit in probit space (slope and Pearson r in the title); the dotted "
+              "diagonal is equal accuracy. The line is what ID skill explains; the scatter around it is what the "
+              "partial correlations compare.",
+              lambda: figures.accuracy_on_the_line(inputs.results), notes.get("results")),
+        _item("partial_correlations", "correlations", "Partial correlations given ID",
+              "Partial correlation r(a, b | ID) of two shifts' accuracies across sweep runs, one panel per way of "
+              "removing ID accuracy (linear on raw accuracy; a line on probit axes; a spline on probit axes). Red: "
+              "the shifts rise and fall together beyond what ID explains; blue: they trade off. * marks pairs whose "
+              "Holm-adjusted p < 0.05 within a panel. Linear residualisation can manufacture correlation when ID "
+              "spans a wide range: trust pairs that agree across panels.",
+              lambda: figures.partial_correlation_heatmap(inputs.stats, residualize="all"), notes.get("stats")),
+        _item("predicted_vs_observed", "predictions", "Predicted vs observed",
+              "One panel per predictor; each point is a shift pair: x the predictor's output (computed from reference "
+              "runs only), y the observed partial r (probit residualisation) with its 95% CI. Titles give the Spearman ρ between predicted and "
+              "observed over pairs and the observed matrix's noise ceiling (its split-half agreement), which no "
+              "predictor can meaningfully exceed. Predictor scales differ: only rank and sign matter.",
+              lambda: figures.predicted_vs_observed(inputs.predictions, inputs.scores), notes.get("predictions")),
+        _item("generalisation_gap", "gap", "Generalisation gap",
+              "Train − test accuracy per split in percentage points: one dot per run, the bar at the median. "
+              "Bands: below 5 points healthy, 5–10 watch, above 10 warning (the run fits the training form of the "
+              "split better than its held-out test set).",
+              lambda: figures.generalisation_gap_bands(inputs.gap), no_gap),
+    ]
+    run = inputs.reference
+    if run is not None:
+        items.append(_item(
+            "training_curves", "training", "Training curves",
+            f"Reference run {run.basename}: training loss (grey per step, blue a moving average), learning rate and "
+            "gradient norm after clipping over optimizer steps; below, each split's accuracy at evaluation "
+            "checkpoints (test sets) and on the fixed probe batches.",
+            lambda: figures.training_curves(run)))
+    items += _span_items(inputs)
+    items.append(_item(
+        "benchmarks", "benchmarks", "Benchmarks",
+        "Capture overhead: time per training step with capture relative to training without it (1 = no overhead). "
+        "Sweep throughput: runs per unit of time. Read from benchmarks/out/*.json, written by `make bench`.",
+        lambda: figures.benchmark_bars(inputs.benchmarks), notes.get("benchmarks")))
+    return items
+
+
+def _span_items(inputs: Inputs) -> list[FigureItem]:
+    """The span spectrum, dominant/bulk and principal-angle figures of the reference run."""
+    names = (("span_energy", "Span energy spectrum"), ("dominant_bulk", "Dominant vs bulk energy"),
+             ("principal_angles", "Principal angles between splits"))
+    missing = inputs.notes.get("reference")
+    analysis = None
+    if missing is None:
+        try:
+            analysis = span_analysis(inputs.reference)
+        except Exception as err:  # a failed analysis leaves notes in place of its three figures
+            missing = f"span analysis failed: {type(err).__name__}: {err}"
+    if analysis is None:
+        return [_item(name, "training", title, "", None, missing) for name, title in names]
+    a = analysis
+    no_probe = None if a.dominant is not None else f"run {a.run_id} recorded no probe gradients (capture.probe_every)."
+    r = a.dominant_rank
+    return [
+        _item("span_energy", "training", "Span energy spectrum",
+              f"Spectrum of the reference run's sketched parameter updates Δθ_t (top {len(a.singular_values)} directions "
+              "by randomised SVD, gradtrace.subspace.run_span). Bars: share of the whole trajectory's energy (squared Frobenius norm) along each "
+              "direction; line: cumulative share. A curve that rises steeply means training moved in few directions.",
+              lambda: figures.span_energy_spectrum(a.singular_values, a.total_energy)),
+        _item("dominant_bulk", "training", "Dominant vs bulk energy",
+              f"Share of each split's probe-gradient energy ({a.probe_loss} loss, sketched) inside the top-{r} span "
+              "of the reference run's updates (left, the dominant subspace) and outside it (right, the bulk), at "
+              "each probe. Gradients concentrate in a small dominant subspace while learning happens in the bulk "
+              "(Song, Ahn & Yun 2024); the span here is the whole trajectory's, so early probes are compared with "
+              "directions training takes later.",
+              lambda: figures.dominant_bulk_energy(a.probe_steps, a.dominant, a.splits, rank=r), no_probe),
+        _item("principal_angles", "training", "Principal angles between splits",
+              f"Mean principal angle between the subspaces spanned by each split's probe gradients over training "
+              f"(reference run, {a.probe_loss} loss). 0° means two splits' gradients point along the same "
+              "directions, 90° that they are orthogonal; small angles between two shifts suggest steps that help "
+              "one help the other.",
+              lambda: figures.principal_angle_matrix(a.angles, a.splits), no_probe),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def store_metadata_digest(store_path: Path) -> tuple[str, int]:
+    """sha256 over every zarr.json of a store (relative path + bytes, sorted) and how many there are.
+
+    It covers every group's and array's metadata (attributes: status, accuracy, config; shapes; codecs) but not
+    the chunk bytes, so it is fast on any store size.
+    """
+    digest = hashlib.sha256()
+    files = sorted(store_path.rglob("zarr.json"))
+    for file in files:
+        digest.update(file.relative_to(store_path).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest(), len(files)
+
+
+def _git_commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(gradtrace.__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def _torch() -> tuple[str, str]:
+    try:
+        import torch
+    except ImportError:
+        return "not installed", "none"
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return torch.__version__, cuda
+
+
+def provenance(inputs: Inputs) -> dict[str, str]:
+    """Versions, code commit, machine, date and input checksums of a report."""
+    torch_version, cuda = _torch()
+    info = {
+        "gradtrace version": gradtrace.__version__,
+        "code commit": _git_commit(),
+        "generated (UTC)": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "experiment directory": str(inputs.exp_dir.resolve()),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "CPU count": str(os.cpu_count()),
+        "torch": torch_version,
+        "CUDA device": cuda,
+    }
+    for name in INPUT_FILES:
+        if (inputs.exp_dir / name).exists():
+            info[f"sha256 {name}"] = _sha256(inputs.exp_dir / name)
+    if (inputs.exp_dir / "store.zarr").is_dir():
+        digest, count = store_metadata_digest(inputs.exp_dir / "store.zarr")
+        info["sha256 store.zarr metadata"] = f"{digest} (over {count} zarr.json files; chunk bytes not hashed)"
+    for key, origin in inputs.origins.items():
+        info[f"source of {key}"] = origin
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ html
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.lead{font-size:1.05em;color:#333} .facts{color:#555}
+nav ol{columns:2} figure{margin:1.5em 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9em;color:#444;margin-top:.4em} .note{background:#fff8e1;border-left:4px solid #E69F00;
+padding:.4em .8em;margin:.8em 0} table.data{border-collapse:collapse;font-size:.82em;margin:.8em 0}
+table.data th,table.data td{padding:.2em .6em;border-bottom:1px solid #e4e4e4;text-align:right}
+table.data th{background:#f5f5f5} table.data td:first-child,table.data th:first-child{text-align:left}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.82em} details{margin:.8em 0}
+table.data td.mono{font-family:ui-monospace,monospace;font-size:.85em;word-break:break-all;text-align:left}
+"""
+
+STUDY = ("Can we predict, from the gradient trajectory of training alone, whether two out-of-distribution shifts "
+         "move together once in-domain skill is accounted for? The measured target is the partial correlation "
+         "r(a₁, a₂ | a_ID) of two shifts' exact-match accuracies across many fine-tuning runs of a small "
+         "transformer on a synthetic arithmetic task; predictors built from the reference runs' stored gradient "
+         "trajectories are scored against it.")
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _table(df: pd.DataFrame) -> str:
+    """An HTML table: p-values to 2 significant digits, other floats to 3 decimals."""
+    formatters = {}
+    for col in df.columns:
+        if pd.api.types.is_float_dtype(df[col]):
+            p_like = str(col) == "p" or str(col).startswith("p_")
+            formatters[col] = (lambda v: f"{v:.2g}") if p_like else (lambda v: f"{v:.3f}")
+    return df.to_html(index=False, border=0, classes="data", na_rep="–", formatters=formatters)
+
+
+def results_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Per split: runs, mean, std, min and max accuracy (percent)."""
+    columns = [c for c in results.columns if str(c).startswith("acc_")]
+    if not columns:
+        raise ValueError("results table has no acc_<split> columns")
+    acc = 100 * results[columns].astype(float)
+    return pd.DataFrame({"split": [c[4:] for c in columns], "runs": acc.count().to_numpy(),
+                         "mean %": acc.mean().to_numpy(), "std %": acc.std().to_numpy(),
+                         "min %": acc.min().to_numpy(), "max %": acc.max().to_numpy()})
+
+
+def _stats_summary(stats: pd.DataFrame) -> pd.DataFrame:
+    groups = stats.groupby("residualize", sort=False) if "residualize" in stats else [("all", stats)]
+    rows = []
+    for method, g in groups:
+        row = {"residualize": method, "pairs": len(g), "median r": g["r"].median()}
+        if "p_holm" in g:
+            row["Holm p < 0.05"] = int((g["p_holm"] < 0.05).sum())
+        if "p_bh" in g:
+            row["BH p < 0.05"] = int((g["p_bh"] < 0.05).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _gap_summary(gap: pd.DataFrame) -> pd.DataFrame:
+    numeric = [c for c in gap.select_dtypes("number").columns if c != "step"]
+    table = gap.groupby("split", sort=False)[numeric].mean().add_prefix("mean ").reset_index()
+    if "band" in gap:
+        counts = gap.groupby("split", sort=False)["band"].value_counts().unstack(fill_value=0)
+        table = table.merge(counts.reset_index(), on="split", how="left")
+    return table
+
+
+def _section_tables(key: str, inputs: Inputs) -> list[str]:
+    """The tables (and notes) that follow a section's figures."""
+    out = []
+    if key == "results" and inputs.sweep is not None and len(inputs.sweep):
+        out.append(f"<h3>Accuracy per split over {len(inputs.sweep)} sweep runs</h3>"
+                   + _table(results_summary(inputs.sweep)))
+    if key == "correlations" and inputs.stats is not None:
+        stats = inputs.stats
+        out.append("<h3>Summary per residualisation</h3>" + _table(_stats_summary(stats)))
+        if "disagree" in stats and stats["disagree"].astype(str).str.lower().eq("true").any():
+            pairs = stats.loc[stats["disagree"].astype(str).str.lower().eq("true"), ["a", "b"]].drop_duplicates()
+            out.append(_note(f"{len(pairs)} pair(s) change sign or significance between residualisations "
+                             "(column disagree): read them with care."))
+        keep = [c for c in ("a", "b", "residualize", "n", "dof", "r", "ci_low", "ci_high", "p", "p_perm", "p_holm",
+                            "p_bh", "boot_ci_low", "boot_ci_high", "r_disattenuated", "disagree") if c in stats]
+        out.append(f"<details><summary>All {len(stats)} rows of stats.csv</summary>{_table(stats[keep])}</details>")
+    if key == "predictions" and inputs.scores is not None:
+        out.append("<h3>Predictor scores</h3>" + _table(inputs.scores))
+    if key == "gap" and inputs.gap is not None and "split" in inputs.gap:
+        out.append("<h3>Per split (means over runs; band counts)</h3>" + _table(_gap_summary(inputs.gap)))
+    return out
+
+
+def _figure_html(item: FigureItem, number: int, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{item.name}"><img src="data:image/png;base64,{data}" alt="{_esc(item.title)}">'
+            f"<figcaption><b>Figure {number}. {_esc(item.title)}.</b> {_esc(item.caption)}</figcaption></figure>")
+
+
+def _header(inputs: Inputs) -> str:
+    facts = []
+    if inputs.results is not None:
+        sweep = inputs.sweep
+        facts.append(f"{len(sweep)} sweep run(s), {len(inputs.results) - len(sweep)} reference run(s)")
+        shifts = [c[4:] for c in inputs.results.columns if str(c).startswith("acc_") and c != "acc_ID"]
+        facts.append("shifts: " + ", ".join(shifts))
+    try:
+        config = yaml.safe_load(inputs.config_text or "") or {}
+    except yaml.YAMLError:
+        config = {}
+    if isinstance(config, dict):
+        model, train = config.get("model") or {}, config.get("train") or {}
+        if isinstance(model, dict) and model.get("name"):
+            facts.append(f"model: {model['name']}")
+        if isinstance(train, dict) and train.get("steps"):
+            facts.append(f"{train['steps']} optimizer steps per run")
+    return (f"<h1>gradtrace report: {_esc(inputs.exp_dir.resolve().name)}</h1>"
+            f'<p class="lead">{_esc(STUDY)}</p><p class="facts">{_esc("; ".join(facts))}</p>')
+
+
+def write_report(exp_dir: str | Path, benchmarks_dir: str | Path | None = None) -> Path:
+    """Write `exp_dir/report/index.html` (self-contained) and its figures under `exp_dir/report/figures/`."""
+    inputs = load_inputs(exp_dir, benchmarks_dir=benchmarks_dir)
+    out = inputs.exp_dir / "report"
+    items = build_figures(inputs)
+    body, number, shown = {key: [] for key, _ in SECTIONS}, 0, set()
+    for item in items:
+        if item.figure is None:
+            body[item.section].append(_note(f"{item.title}: {item.note}"))
+            shown.add(item.note)
+            continue
+        number += 1
+        _, png = figures.save(item.figure, out / "figures" / item.name)
+        body[item.section].append(_figure_html(item, number, png.read_bytes()))
+    for key, inputs_shown in SECTION_INPUTS.items():
+        body[key] += [_note(inputs.notes[k]) for k in inputs_shown if inputs.notes.get(k) not in shown | {None}]
+        body[key] += _section_tables(key, inputs)
+    body["config"].append(f"<pre>{_esc(inputs.config_text)}</pre>" if inputs.config_text
+                          else _note(inputs.notes["config"]))
+    rows = "".join(f'<tr><th>{_esc(k)}</th><td class="mono">{_esc(v)}</td></tr>'
+                   for k, v in provenance(inputs).items())
+    body["provenance"].append(f'<table class="data">{rows}</table>')
+    toc = "".join(f'<li><a href="#{key}">{_esc(title)}</a></li>' for key, title in SECTIONS)
+    sections = "".join(f'<section id="{key}"><h2>{_esc(title)}</h2>{"".join(body[key])}</section>'
+                       for key, title in SECTIONS)
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradtrace report: '
+            f"{_esc(inputs.exp_dir.resolve().name)}</title><style>{CSS}</style></head><body>{_header(inputs)}"
+            f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>{sections}</body></html>")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"

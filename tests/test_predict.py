@@ -1,0 +1,356 @@
+"""Predictors and scoring on a planted experiment where the first-order model holds exactly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import ndtr
+
+from gradtrace import config, store
+from gradtrace.predict import (BASELINES, PREDICTORS, format_scores, load_reference, noise_ceiling,
+                               partial_from_covariance, probit_partials, relabel_pvalue, run_predict, score,
+                               sign_accuracy, spearman)
+
+D, SHIFTS, RANK = 40, [f"s{i}" for i in range(1, 7)], 4
+SPLITS = ["ID", *SHIFTS]
+PROBE_EVERY, STEPS = 50, 1000
+
+
+@dataclass
+class Planted:
+    exp_dir: Path
+    truth: pd.DataFrame  # planted S×S partial correlations
+    G: np.ndarray  # (1+S, D) accuracy gradients
+
+
+def _sigma_factor(rng: np.random.Generator) -> np.ndarray:
+    """A factor F with FᵀF = Σ: low rank (RANK strong directions) plus an isotropic bulk."""
+    Q = np.linalg.qr(rng.standard_normal((D, RANK)))[0]
+    return np.vstack([np.sqrt([4.0, 2.5, 1.5, 1.0])[:, None] * Q.T, 0.15 * np.eye(D)])
+
+
+def _put(group, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=dims,
+                             chunks=values.shape, attributes={"storage_dtype": str(values.dtype)})
+    arr[...] = values
+
+
+def _write_reference(root, run_id: str, G: np.ndarray, F: np.ndarray, rng: np.random.Generator,
+                     sketch_seed: int = 0, init_seed: int = 0, drift: np.ndarray | None = None) -> None:
+    """A reference run whose updates have covariance Σ = FᵀF and whose losses are exactly linear in θ."""
+    sketch = {"kind": "identity", "dim": D, "seed": sketch_seed, "layout_hash": "planted", "num_params": D}
+    group = store.create_run(root, run_id, {
+        "role": "reference", "status": "complete", "sketch": sketch, "splits": SPLITS,
+        "layout": [{"name": "w", "shape": [D], "offset": 0}], "probe_losses": ["ce", "margin"],
+        "seeds": {"init": init_seed, "data": int(rng.integers(1000))}, "wall_time_s": 12.0})
+    updates = (rng.standard_normal((STEPS, F.shape[0])) @ F).astype(np.float32)
+    if drift is not None:
+        updates += drift.astype(np.float32)
+    writer = store.RunWriter(group, chunk=64)
+    writer.declare("step", (), dtype="int64")
+    writer.declare("lr", ())
+    writer.declare("update", (D,), dims=("sketch",))
+    for t in range(STEPS):
+        writer.append({"step": t, "lr": 1e-3, "update": updates[t]})
+    writer.close()
+
+    probe_steps = np.arange(0, STEPS + 1, PROBE_EVERY)
+    theta = np.vstack([np.zeros(D), np.cumsum(updates, axis=0, dtype=np.float64)])[probe_steps]  # θ_p − θ_0
+    scales = np.array([1.0, 0.3])  # ce and margin: loss gradient = −scale · accuracy gradient
+    loss_grad = -scales[None, :, None] * G[:, None, :]  # (1+S, Lp, D), constant along the path
+    probe_grad = np.broadcast_to(loss_grad, (len(probe_steps), *loss_grad.shape)).astype(np.float32)
+    precond = rng.uniform(0.5, 2.0, D)
+    loss = 5.0 + np.einsum("sld,rd->rsl", loss_grad, theta)
+    _put(group, "probe/step", probe_steps.astype(np.int64), ("probe",))
+    _put(group, "probe/grad", probe_grad, ("probe", "split", "probe_loss", "sketch"))
+    _put(group, "probe/grad_adam", (probe_grad * precond).astype(np.float32), ("probe", "split", "probe_loss", "sketch"))
+    _put(group, "probe/loss", loss.astype(np.float32), ("probe", "split", "probe_loss"))
+    eval_acc = ndtr(0.2 + 0.01 * theta @ G.T).astype(np.float32)
+    _put(group, "evals/step", probe_steps.astype(np.int64), ("eval",))
+    _put(group, "evals/accuracy", eval_acc, ("eval", "split"))
+
+
+def make_planted(tmp_path: Path, n_sweep: int = 300, n_reference: int = 1, seed: int = 0,
+                 preregistered: tuple[str, ...] = ("covariance",)) -> Planted:
+    """An experiment where accuracies are exactly linear (probit scale) in parameter movement δ ~ N(0, Σ)."""
+    rng = np.random.default_rng(seed)
+    F = _sigma_factor(rng)
+    G = rng.standard_normal((len(SPLITS), D)) * 0.1
+    noise = 0.02
+    sigma = F.T @ F
+    truth = partial_from_covariance(G @ sigma @ G.T + noise**2 * np.eye(len(SPLITS)))
+
+    delta = rng.standard_normal((n_sweep, F.shape[0])) @ F
+    probit = rng.uniform(-0.5, 0.5, len(SPLITS)) + delta @ G.T + noise * rng.standard_normal((n_sweep, len(SPLITS)))
+    results = pd.DataFrame({"run_id": [f"sweep-{i:03d}" for i in range(n_sweep)], "role": "sweep",
+                            "wall_time_s": 10.0, **{f"acc_{s}": ndtr(probit[:, j]) for j, s in enumerate(SPLITS)}})
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    results.to_csv(exp_dir / "results.csv", index=False)
+    config.dump(config.from_dict({"predict": {"preregistered": list(preregistered),
+                                              "exploratory": ["path_integrated"]}}), exp_dir / "config.yaml")
+    root = store.open_experiment(exp_dir / "store.zarr", mode="w")
+    drift = rng.standard_normal(D) * 0.01
+    for i in range(n_reference):
+        _write_reference(root, f"ref-{i:03d}", G, F, rng, drift=drift)
+    return Planted(exp_dir, pd.DataFrame(truth, index=SHIFTS, columns=SHIFTS), G)
+
+
+def _pairs(matrix: pd.DataFrame) -> np.ndarray:
+    ia, ib = np.triu_indices(len(matrix), k=1)
+    return matrix.to_numpy()[ia, ib]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Planted:
+    return make_planted(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="module")
+def minisweep(tmp_path_factory) -> Planted:
+    return make_planted(tmp_path_factory.mktemp("minisweep"), n_sweep=40, n_reference=6, seed=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the matrices
+
+
+def test_partial_from_covariance_equals_precision_formula():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((50, 5))
+    C = A.T @ A
+    out = partial_from_covariance(C)
+    for a in range(4):
+        for b in range(4):
+            if a == b:
+                assert np.isnan(out[a, b])
+                continue
+            P = np.linalg.inv(C[np.ix_([0, a + 1, b + 1], [0, a + 1, b + 1])])
+            assert out[a, b] == pytest.approx(-P[1, 2] / np.sqrt(P[1, 1] * P[2, 2]))
+
+
+def test_probit_partials_agree_with_stats():
+    stats = pytest.importorskip("gradtrace.stats")
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((60, 4)) @ rng.standard_normal((4, 4)) * 0.5
+    acc = ndtr(z)
+    acc[0, 1] = 1.0  # exercises the clip
+    table = pd.DataFrame({f"acc_{s}": acc[:, j] for j, s in enumerate(["ID", "a", "b", "c"])})
+    observed = stats.partial_correlations(table, id="ID", residualize="probit", n_boot=0, n_perm=0)
+    ours = probit_partials(acc)
+    pos = {"a": 0, "b": 1, "c": 2}
+    expected = [ours[pos[a], pos[b]] for a, b in zip(observed["a"], observed["b"])]
+    np.testing.assert_allclose(observed["r"], expected, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def test_load_reference(planted):
+    ref = load_reference(planted.exp_dir)
+    assert ref.id_split == "ID" and ref.shifts == tuple(SHIFTS) and ref.probe_losses == ("ce", "margin")
+    run = ref.runs[0]
+    assert run.probe_grad.shape == (STEPS // PROBE_EVERY + 1, len(SPLITS), 2, D)
+    assert run.update.shape == (STEPS, D) and run.wall_time_s == 12.0
+    lazy = load_reference(planted.exp_dir / "store.zarr", lazy=True)
+    assert hasattr(lazy.runs[0].update, "dask")
+    with pytest.raises(ValueError, match="not captured"):
+        ref.loss_index("hinge")
+
+
+def test_incompatible_sketches_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    root = store.open_experiment(tmp_path / "store.zarr", mode="w")
+    G, F = rng.standard_normal((len(SPLITS), D)), _sigma_factor(rng)
+    _write_reference(root, "ref-000", G, F, rng, sketch_seed=0)
+    _write_reference(root, "ref-001", G, F, rng, sketch_seed=1)
+    with pytest.raises(ValueError, match="incompatible sketches.*seed"):
+        load_reference(root)
+    assert len(load_reference(root, run_ids=["ref-001"]).runs) == 1
+    with pytest.raises(ValueError, match="no reference runs"):
+        load_reference(store.open_experiment(tmp_path / "empty.zarr", mode="w"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predictors on the planted experiment
+
+
+def test_covariance_recovers_planted_partials(planted):
+    ref = load_reference(planted.exp_dir)
+    truth = _pairs(planted.truth)
+    full = PREDICTORS["covariance"]().fit(ref).predict()
+    assert list(full.matrix.index) == SHIFTS and full.runs_used == ("ref-000",)
+    assert spearman(_pairs(full.matrix), truth) >= 0.95
+    margin = PREDICTORS["covariance"](probe_loss="margin").fit(ref).predict()  # per-split scale cancels
+    np.testing.assert_allclose(_pairs(margin.matrix), _pairs(full.matrix), atol=1e-5)
+    zero = PREDICTORS["zero"]().fit(ref).predict()
+    assert np.isnan(spearman(_pairs(zero.matrix), truth)) and zero.wall_time_s == 0
+    dominant = PREDICTORS["covariance_dominant"](rank=RANK).fit(ref).predict()
+    bulk = PREDICTORS["covariance_bulk"](rank=RANK).fit(ref).predict()
+    assert spearman(_pairs(dominant.matrix), truth) > 0.5
+    assert not np.allclose(_pairs(dominant.matrix), _pairs(bulk.matrix))
+
+
+def test_every_single_run_predictor_gives_a_symmetric_matrix(planted):
+    ref = load_reference(planted.exp_dir)
+    for name in [*BASELINES, "path_integrated", "trajectory_loss", "checkpoint_accuracy"]:
+        M = PREDICTORS[name]().fit(ref).predict().matrix.to_numpy()
+        assert M.shape == (len(SHIFTS), len(SHIFTS)), name
+        assert np.all(np.isnan(np.diag(M))), name
+        off = ~np.eye(len(SHIFTS), dtype=bool)
+        assert np.all(np.isfinite(M[off])), name
+        np.testing.assert_allclose(M, M.T, atol=1e-6, err_msg=name)
+
+
+def test_cosine_id_projected_is_covariance_with_identity_sigma(planted):
+    ref = load_reference(planted.exp_dir)
+    G = planted.G
+    expected = partial_from_covariance(G @ G.T)
+    got = PREDICTORS["cosine_id_projected"]().fit(ref).predict().matrix.to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_path_integral_is_exact_for_linear_losses(planted):
+    ref = load_reference(planted.exp_dir)
+    path = PREDICTORS["path_integrated"]().fit(ref)
+    np.testing.assert_allclose(path.fidelity_["first_order"], path.fidelity_["measured"], rtol=1e-3, atol=1e-3)
+    measured = PREDICTORS["trajectory_loss"]().fit(ref).predict().matrix.to_numpy()
+    np.testing.assert_allclose(path.predict().matrix.to_numpy(), measured, atol=1e-3)
+
+
+def test_path_needs_every_step(tmp_path, planted):
+    ref = load_reference(planted.exp_dir)
+    run = ref.runs[0]
+    keep = run.step % 2 == 0
+    sparse = type(run)(**{**run.__dict__, "step": run.step[keep], "update": run.update[keep]})
+    with pytest.raises(ValueError, match="capture.every=1"):
+        PREDICTORS["path_integrated"]().fit(type(ref)(**{**ref.__dict__, "runs": (sparse,)}))
+
+
+def test_minisweep_recovers_planted_partials(minisweep):
+    ref = load_reference(minisweep.exp_dir)
+    truth = _pairs(minisweep.truth)
+    cov = PREDICTORS["minisweep_covariance"]().fit(ref).predict()
+    assert len(cov.runs_used) == 6 and cov.wall_time_s == pytest.approx(72.0)
+    assert spearman(_pairs(cov.matrix), truth) >= 0.6  # 6 runs: noisy by nature (0.66–0.94 over seeds 0–2)
+    loss = PREDICTORS["minisweep_loss"]().fit(ref).predict()  # losses are linear here: the same samples
+    np.testing.assert_allclose(_pairs(loss.matrix), _pairs(cov.matrix), atol=1e-3)
+
+
+def test_minisweep_refuses_one_run_and_mixed_inits(planted, tmp_path):
+    ref = load_reference(planted.exp_dir)
+    with pytest.raises(ValueError, match="needs ≥ 2"):
+        PREDICTORS["minisweep_covariance"]().fit(ref)
+    rng = np.random.default_rng(0)
+    root = store.open_experiment(tmp_path / "store.zarr", mode="w")
+    G, F = rng.standard_normal((len(SPLITS), D)), _sigma_factor(rng)
+    _write_reference(root, "ref-000", G, F, rng, init_seed=0)
+    _write_reference(root, "ref-001", G, F, rng, init_seed=1)
+    with pytest.raises(ValueError, match="share the init seed"):
+        PREDICTORS["minisweep_covariance"]().fit(load_reference(root))
+    PREDICTORS["minisweep_loss"]().fit(load_reference(root))  # needs no shared init
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="tail"):
+        PREDICTORS["covariance"](tail=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        PREDICTORS["majority_sign"](epsilon=0)
+    with pytest.raises(RuntimeError, match="fit"):
+        PREDICTORS["zero"]().predict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def _observed_frame(matrix: np.ndarray, names: list[str], half_width: float = 0.1) -> pd.DataFrame:
+    ia, ib = np.triu_indices(len(names), k=1)
+    r = matrix[ia, ib]
+    return pd.DataFrame({"a": [names[i] for i in ia], "b": [names[j] for j in ib], "r": r,
+                         "ci_low": r - half_width, "ci_high": r + half_width})
+
+
+def test_scores_on_hand_made_matrices():
+    names = ["a", "b", "c", "d"]
+    obs = np.array([[np.nan, 0.5, -0.3, 0.2], [0.5, np.nan, 0.05, 0.4],
+                    [-0.3, 0.05, np.nan, -0.6], [0.2, 0.4, -0.6, np.nan]])
+    frame = lambda m: pd.DataFrame(m, index=names, columns=names)  # noqa: E731
+    scores = score({"perfect": frame(obs), "reversed": frame(-obs), "zero": frame(np.zeros((4, 4))),
+                    "scaled": frame(obs**3)}, _observed_frame(obs, names), preregistered=["perfect"])
+    s = scores.set_index("predictor")
+    assert s.loc["perfect", "spearman"] == pytest.approx(1) and s.loc["perfect", "pearson"] == pytest.approx(1)
+    assert s.loc["reversed", "spearman"] == pytest.approx(-1)
+    assert s.loc["scaled", "spearman"] == pytest.approx(1) and s.loc["scaled", "pearson"] < 1
+    assert np.isnan(s.loc["zero", "spearman"]) and np.isnan(s.loc["zero", "p_relabel"])
+    assert s.loc["perfect", "n_sig_pairs"] == 5  # |r| = 0.05 has a CI covering 0
+    assert s.loc["perfect", "sign_acc"] == 1 and s.loc["reversed", "sign_acc"] == 0 and s.loc["zero", "sign_acc"] == 0.5
+    assert s.loc["perfect", "majority_sign_acc"] == pytest.approx(3 / 5)
+    assert s.loc["perfect", "p_relabel"] == pytest.approx(1 / 24) and s.loc["perfect", "n_relabel"] == 24
+    assert s.loc["reversed", "p_relabel"] == pytest.approx(1)
+    assert s.loc["perfect", "group"] == "preregistered" and bool(s.loc["perfect", "preregistered"])
+    assert s.loc["zero", "group"] == "baseline" and s.loc["reversed", "group"] == "exploratory"
+    assert sign_accuracy(np.array([1.0, -1.0, 0.0]), np.array([1.0, 1.0, 1.0])) == pytest.approx(0.5)
+
+
+def test_relabel_p_small_for_signal_not_for_noise():
+    rng = np.random.default_rng(0)
+    S = 7
+    A = rng.standard_normal((S, S))
+    obs = (A + A.T) / 2
+    p, n = relabel_pvalue(obs, obs)
+    assert n == 5040 and p <= 2 / 5040
+    noisy = obs + 0.3 * rng.standard_normal((S, S))
+    assert relabel_pvalue((noisy + noisy.T) / 2, obs)[0] < 0.01
+    ps = []
+    for _ in range(20):
+        B = rng.standard_normal((S, S))
+        ps.append(relabel_pvalue((B + B.T) / 2, obs)[0])
+    assert np.mean(np.array(ps) < 0.05) <= 0.2 and np.median(ps) > 0.2
+    p_sampled, n_sampled = relabel_pvalue(obs, obs, n_perm=500, max_exhaustive=4)
+    assert n_sampled == 500 and p_sampled == pytest.approx(1 / 501, abs=2 / 501)
+
+
+def test_noise_ceiling_tracks_reliability(planted):
+    results = pd.read_csv(planted.exp_dir / "results.csv")
+    acc = results[[f"acc_{s}" for s in SPLITS]].to_numpy()
+    reliability, ceiling = noise_ceiling(acc, n_splits=50)
+    assert reliability > 0.9 and ceiling == pytest.approx(np.sqrt(reliability))
+    noise = np.random.default_rng(0).uniform(0.2, 0.8, acc.shape)
+    assert noise_ceiling(noise, n_splits=50)[0] < 0.5
+
+
+def test_run_predict_on_planted_experiment(planted):
+    result = run_predict(planted.exp_dir, n_boot=200, n_splits=50)
+    s = result.scores.set_index("predictor")
+    assert list(result.scores["group"].iloc[:1]) == ["preregistered"]
+    assert set(BASELINES) | {"path_integrated"} <= set(s.index)
+    assert bool(s.loc["covariance", "preregistered"]) and not bool(s.loc["path_integrated", "preregistered"])
+    assert s.loc["covariance", "spearman"] >= 0.9
+    assert s.loc["covariance", "p_relabel"] <= 0.01 and s.loc["covariance", "n_relabel"] == 720
+    assert s.loc["covariance", "boot_ci_low"] > 0.5
+    assert s.loc["covariance", "compute_ratio"] == pytest.approx(12.0 / (300 * 10.0))
+    assert s.loc["zero", "compute_ratio"] == 0 and np.isnan(s.loc["zero", "spearman"])
+    assert s.loc["covariance", "noise_ceiling"] > 0.9
+    assert (planted.exp_dir / "predictions.csv").exists() and (planted.exp_dir / "predict_scores.csv").exists()
+    pred = result.predictions
+    assert list(pred.columns) == ["predictor", "a", "b", "predicted", "observed", "observed_ci_low", "observed_ci_high"]
+    assert len(pred) == len(s) * 15
+    text = format_scores(result.scores)
+    assert "noise ceiling" in text and "[preregistered]" in text and "[exploratory]" in text
+    assert "p_relabel" in text
+
+
+def test_run_predict_reports_predictors_that_cannot_run(planted):
+    with pytest.warns(UserWarning, match="could not run"):
+        result = run_predict(planted.exp_dir, predictors=["minisweep_covariance"], n_boot=0, n_splits=10)
+    row = result.scores.set_index("predictor").loc["minisweep_covariance"]
+    assert "needs ≥ 2" in row["note"] and np.isnan(row["spearman"]) and np.isnan(row["sign_acc"])
+    assert np.isnan(result.scores.set_index("predictor").loc["majority_sign", "pearson"])
+    assert "minisweep_covariance" in result.errors
+    with pytest.raises(ValueError, match="unknown predictor"):
+        run_predict(planted.exp_dir, predictors=["oracle"])

@@ -1,0 +1,180 @@
+"""Subspace functions against numpy's full SVD on low-rank + noise matrices."""
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from gradtrace import store
+from gradtrace.subspace import (Span, effective_dimension, energy_over_training, per_layer_energy, principal_angles,
+                                projection_energy, run_span, top_span, top_span_streaming)
+
+RANK = 6
+
+
+def low_rank_plus_noise(n: int = 800, d: int = 300, rank: int = RANK, noise: float = 0.2, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T
+    scales = np.geomspace(30, 6, rank)
+    return ((rng.standard_normal((n, rank)) * scales) @ basis + noise * rng.standard_normal((n, d))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def matrix() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X = low_rank_plus_noise()
+    _, s, Vt = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    return X, s, Vt
+
+
+def test_top_span_matches_full_svd(matrix):
+    X, s, Vt = matrix
+    span = top_span(X, RANK)
+    assert span.basis.shape == (RANK, X.shape[1])
+    np.testing.assert_allclose(span.basis @ span.basis.T, np.eye(RANK), atol=1e-5)
+    np.testing.assert_allclose(span.singular_values, s[:RANK], rtol=1e-4)
+    assert np.max(principal_angles(span, Vt[:RANK])) < 1e-3
+    assert span.total_energy == pytest.approx(np.sum(s**2), rel=1e-5)
+    np.testing.assert_allclose(span.energy_ratio, s[:RANK] ** 2 / np.sum(s**2), rtol=1e-4)
+    assert 0.95 < span.explained < 1
+
+
+def test_top_span_centred_and_exact_method(matrix):
+    X, _, _ = matrix
+    shifted = X + 50.0
+    centred = shifted - shifted.mean(axis=0)
+    _, s, Vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    for method in ("randomized", "full"):
+        span = top_span(shifted, RANK, method=method, center=True)
+        np.testing.assert_allclose(span.singular_values, s[:RANK], rtol=1e-3)
+        assert np.max(principal_angles(span, Vt[:RANK])) < 1e-2
+
+
+@pytest.mark.parametrize("method,angle_tol,sv_tol", [("frequent_directions", 0.02, 0.02), ("svd_compressed", 1e-3, 1e-4)])
+def test_streaming_agrees_with_full_svd(matrix, method, angle_tol, sv_tol):
+    X, s, Vt = matrix
+    lazy = da.from_array(X, chunks=(100, X.shape[1]))
+    span = top_span_streaming(lazy, RANK, method=method, block_rows=128)
+    assert np.max(principal_angles(span, Vt[:RANK])) < angle_tol
+    np.testing.assert_allclose(span.singular_values, s[:RANK], rtol=sv_tol)
+    assert span.total_energy == pytest.approx(np.sum(s**2), rel=1e-5)
+    if method == "frequent_directions":  # FD never overestimates: BᵀB ≼ XᵀX
+        assert np.all(span.singular_values <= s[:RANK] * (1 + 1e-9))
+
+
+def test_streaming_reads_zarr_row_blocks(tmp_path, matrix):
+    X, s, Vt = matrix
+    arr = zarr.create_array(tmp_path / "x.zarr", shape=X.shape, chunks=(64, X.shape[1]), dtype="float32")
+    arr[:] = X
+    span = top_span_streaming(arr, RANK, block_rows=200)
+    assert np.max(principal_angles(span, Vt[:RANK])) < 0.02
+
+
+def test_rank_and_method_errors(matrix):
+    X, _, _ = matrix
+    with pytest.raises(ValueError, match="rank=0"):
+        top_span(X, 0)
+    with pytest.raises(ValueError, match="unknown method"):
+        top_span(X, 2, method="lanczos")
+    with pytest.raises(ValueError, match="sketch_size"):
+        top_span_streaming(X, 4, sketch_size=4)
+
+
+def test_effective_dimension():
+    flat = effective_dimension(np.ones(10))
+    assert flat.participation_ratio == pytest.approx(10)
+    assert flat.dims_for_energy == 9 and flat.captured == pytest.approx(1)
+    spiky = effective_dimension(np.array([10.0, 0.1, 0.1]))
+    assert spiky.participation_ratio == pytest.approx(1, abs=1e-3)
+    assert spiky.dims_for_energy == 1
+    partial = Span(np.eye(2, 5), np.array([1.0, 1.0]), np.array([0.25, 0.25]), 4.0)
+    assert effective_dimension(partial).dims_for_energy is None  # the span holds only half the energy
+    assert effective_dimension(partial, energy=0.5).dims_for_energy == 2
+
+
+def test_projection_energy_and_over_training(matrix):
+    X, _, Vt = matrix
+    span = top_span(X, RANK)
+    inside, outside = Vt[0], Vt[-1]
+    energy = projection_energy(np.stack([inside, outside, inside + outside, np.zeros_like(inside)]), span)
+    np.testing.assert_allclose(energy.dominant[:3], [1, 0, 0.5], atol=1e-4)
+    np.testing.assert_allclose(energy.bulk[:3], [0, 1, 0.5], atol=1e-4)
+    assert np.isnan(energy.dominant[3])
+    probes = np.broadcast_to(inside, (5, 3, inside.size))
+    over = energy_over_training(probes, span)
+    assert over.dominant.shape == (5, 3)
+    np.testing.assert_allclose(over.dominant, 1, atol=1e-4)
+    with pytest.raises(ValueError, match="probes, splits, k"):
+        energy_over_training(np.zeros((5, 3, 2, inside.size)), span)
+    with pytest.raises(ValueError, match="same sketch"):
+        projection_energy(np.ones(7), span)
+
+
+def test_principal_angles_known():
+    a = np.eye(2, 4)
+    b = np.array([[1, 0, 0, 0], [0, np.cos(0.3), np.sin(0.3), 0]])
+    np.testing.assert_allclose(principal_angles(a, b), [0, 0.3], atol=1e-9)
+
+
+LAYOUT = [{"name": "w", "shape": [2, 3], "offset": 0}, {"name": "b", "shape": [4], "offset": 6}]
+IDENTITY = {"kind": "identity", "dim": 10, "seed": 0, "layout_hash": "x", "num_params": 10}
+
+
+def test_per_layer_energy():
+    v = np.r_[np.ones(6), 2 * np.ones(4)]
+    table = per_layer_energy(v, LAYOUT, IDENTITY)
+    np.testing.assert_allclose(table["energy_0"], [6 / 22, 16 / 22])
+    assert list(table.index) == ["w", "b"] and list(table["numel"]) == [6, 4]
+    span = Span(np.eye(10)[[0, 7]], np.array([3.0, 1.0]), np.array([0.9, 0.1]), 10.0)
+    table = per_layer_energy(span, LAYOUT, IDENTITY)
+    np.testing.assert_allclose(table["basis_share"], [0.5, 0.5])
+    np.testing.assert_allclose(table["energy_share"], [0.9, 0.1])
+    with pytest.raises(ValueError, match="identity sketch"):
+        per_layer_energy(v, LAYOUT, {**IDENTITY, "kind": "countsketch"})
+
+
+@pytest.fixture()
+def run_group(tmp_path):
+    root = store.open_experiment(tmp_path / "store.zarr", mode="w")
+    group = store.create_run(root, "ref-000", {"role": "reference"})
+    writer = store.RunWriter(group, chunk=64)
+    X = low_rank_plus_noise(n=300, d=50)
+    rng = np.random.default_rng(1)
+    lr = np.linspace(0.5, 2.0, len(X)).astype(np.float32)
+    writer.declare("step", (), dtype="int64")
+    writer.declare("lr", ())
+    writer.declare("update", (50,), dims=("sketch",))
+    writer.declare("grad", (50,), dims=("sketch",), storage="bfloat16")
+    for t in range(len(X)):
+        writer.append({"step": t, "lr": lr[t], "update": X[t] * lr[t], "grad": rng.standard_normal(50)})
+    writer.close()
+    return group, X, lr
+
+
+def test_run_span_quantities_and_windows(run_group):
+    group, X, lr = run_group
+    updates = X * lr[:, None]
+    span = run_span(group, "update", rank=3)
+    _, s, Vt = np.linalg.svd(updates.astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(span.singular_values, s[:3], rtol=1e-4)
+    window = run_span(group, "update", rank=3, steps=slice(100, 200))
+    _, s_w, _ = np.linalg.svd(updates[100:200].astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(window.singular_values, s_w[:3], rtol=1e-4)
+    adam = run_span(group, "adam_update", rank=3)  # −update / lr recovers X's spectrum (no schedule weighting)
+    _, s_x, _ = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(adam.singular_values, s_x[:3], rtol=1e-3)
+    streamed = run_span(group, "update", rank=3, method="frequent_directions")
+    assert np.max(principal_angles(streamed, Vt[:3])) < 0.05
+    assert run_span(group, "grad", rank=2).rank == 2  # bfloat16 storage decodes
+
+
+def test_run_span_errors(run_group):
+    group, _, _ = run_group
+    with pytest.raises(ValueError, match="unknown quantity"):
+        run_span(group, "hessian")
+    with pytest.raises(KeyError, match="adam_m"):
+        run_span(group, "adam_m")
+    with pytest.raises(ValueError, match="no recorded step"):
+        run_span(group, steps=slice(1000, 2000))
+    with pytest.raises(ValueError, match="stride"):
+        run_span(group, steps=slice(0, 100, 2))

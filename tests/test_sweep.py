@@ -1,0 +1,84 @@
+"""Sweeps: the plan varies axes independently, re-runs never record a run twice, dask and base-run modes."""
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from conftest import tiny_config
+from gradtrace import store
+from gradtrace.calibrate import assess
+from gradtrace.sweep import plan, run_sweep
+
+
+def test_plan_varies_only_the_requested_axes():
+    runs = [r for r in plan(tiny_config(sweep__runs=5, sweep__vary=["data"])) if r.role == "sweep"]
+    assert len({r.overrides["train.init_seed"] for r in runs}) == 1
+    assert len({r.overrides["train.data_seed"] for r in runs}) == 5
+    assert all("train.lr" not in r.overrides for r in runs)
+    runs = [r for r in plan(tiny_config(sweep__runs=5, sweep__vary=["init", "hparams"])) if r.role == "sweep"]
+    assert len({r.overrides["train.init_seed"] for r in runs}) == 5
+    assert len({r.overrides["train.data_seed"] for r in runs}) == 1
+    assert len({r.overrides["train.lr"] for r in runs}) == 5
+    assert plan(tiny_config(sweep__runs=5)) == plan(tiny_config(sweep__runs=5))  # a pure function of the config
+
+
+def test_reference_runs_differ_only_in_data_order():
+    refs = [r for r in plan(tiny_config(sweep__reference_runs=3)) if r.role == "reference"]
+    assert len({r.overrides["train.init_seed"] for r in refs}) == 1
+    assert len({r.overrides["train.data_seed"] for r in refs}) == 3
+    assert all(set(r.overrides) == {"train.init_seed", "train.data_seed"} for r in refs)
+
+
+def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
+    cfg = tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=8)
+    run_sweep(cfg, tmp_path, progress=False)
+    root = zarr.open_group(tmp_path / "store.zarr", mode="a")
+    store.set_status(root["run-001"], "running")  # as if killed before it finished
+    root["run-002"].attrs["status"] = "failed"
+    table = run_sweep(cfg, tmp_path, progress=False)
+    assert sorted(table.run_id) == ["run-000", "run-001", "run-002"]
+    assert pd.read_csv(tmp_path / "results.csv").run_id.is_unique
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2), tmp_path,
+              progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=3), tmp_path,
+                  progress=False)
+
+
+def test_sweep_on_a_dask_local_cluster(tmp_path):
+    from dask.distributed import LocalCluster
+
+    cfg = tiny_config(sweep__runs=2, sweep__reference_runs=0, train__steps=6)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        table = run_sweep(cfg, tmp_path, progress=False, scheduler=cluster.scheduler_address)
+    assert sorted(table.run_id) == ["run-000", "run-001"]
+
+
+def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
+    cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=1, sweep__pretrain_steps=6,
+                      train__steps=4)
+    table = run_sweep(cfg, tmp_path, progress=False)
+    assert set(table.role) == {"base", "reference", "sweep"}
+    root = zarr.open_group(tmp_path / "store.zarr")
+    assert root["base"].attrs["steps"] == 6
+    assert root["run-000"].attrs["config"]["model"]["init_from"].endswith("weights/base/final.safetensors")
+
+
+def test_calibration_flags_unusable_splits_and_same_axis_pairs():
+    rng = np.random.default_rng(0)
+    n, items = 12, 400
+    ability = rng.uniform(-1, 1, n)
+    p = {"ID": 0.8 + 0.1 * ability, "good": 0.5 + 0.2 * ability + 0.1 * rng.normal(size=n),
+         "twin": None, "floor": np.full(n, 0.01) + 0.001 * rng.random(n), "other": 0.4 + 0.1 * rng.normal(size=n)}
+    p["twin"] = np.clip(p["good"] + 0.01 * rng.normal(size=n), 0, 1)
+    correct = {k: rng.random((n, items)) < np.clip(v, 0, 1)[:, None] for k, v in p.items()}
+    table = pd.DataFrame({f"acc_{k}": c.mean(1) for k, c in correct.items()})
+    cal = assess(table, correct)
+    verdict = cal.splits.set_index("split")
+    assert verdict.loc["good", "usable"] and not verdict.loc["floor", "usable"]
+    same = cal.pairs[cal.pairs.same_axis]
+    assert {("good", "twin")} <= set(zip(same.a, same.b)) | set(zip(same.b, same.a))
+    assert "usable" in cal.format()
