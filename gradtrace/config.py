@@ -54,7 +54,7 @@ class TrainConfig:
     data_seed: int | None = None  # defaults to seed
     checkpoint_every: int = 256  # steps between resumable checkpoints (aligned with store flushes)
     eval_every: int = 0  # evaluate every split every n steps during training (0: only at the end)
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler; gradients recorded unscaled)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler) | auto (bf16 on CUDA, else fp32)
     threads: int = 0  # torch threads; 0 leaves torch's default
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
 
@@ -98,6 +98,7 @@ class PredictConfig:
 
     preregistered: list[str] = field(default_factory=lambda: ["zero", "covariance"])
     exploratory: list[str] = field(default_factory=list)
+    reference_role: str = "reference"  # runs whose stores feed the predictors (`base` for pretraining-log studies)
 
 
 @dataclass

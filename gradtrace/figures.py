@@ -274,11 +274,12 @@ def training_curves(run_group: zarr.Group) -> Figure:
         def draw(ax, values=values, name=name):
             ax.plot(steps, values, color="0.75", lw=0.6)
             ax.plot(steps, _smooth(values), color=OKABE_ITO[0])
-            if name == "loss" and np.all(values[np.isfinite(values)] > 0):
+            finite = values[np.isfinite(values)]
+            decades = np.log10(finite.max() / finite.min()) if finite.size and np.all(finite > 0) else 0.0
+            if name == "loss" and decades >= 1:  # a loss falling by 10x or more reads best on log axes
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-                finite = values[np.isfinite(values)]
-                if finite.size and np.log10(finite.max() / finite.min()) < 2:  # few decades: label 2s and 5s too
+                if decades < 2:  # few decades: label the 2s and 5s too
                     ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
             ax.set_ylabel(labels[name])
         panels.append((name, draw))

@@ -36,7 +36,7 @@ from scipy.stats import rankdata
 
 from gradtrace import store
 from gradtrace.capture.sketch import check_compatible
-from gradtrace.subspace import top_span, top_span_streaming
+from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 DEFAULT_N_ITEMS = 2000  # items per split for the probit clip [1/(2N), 1 − 1/(2N)] when the config does not say
 
@@ -100,13 +100,15 @@ def _open_store(exp_dir_or_store: str | Path | zarr.Group) -> zarr.Group:
     return store.open_experiment(path / "store.zarr" if (path / "store.zarr").exists() else path)
 
 
-def _optional(group: zarr.Group, name: str, lazy: bool = False) -> Any:
+def _optional(group: zarr.Group, name: str, lazy: bool | None = False) -> Any:
     if name not in group:
         return None
+    if lazy is None:
+        lazy = group[name].nbytes > IN_MEMORY_BYTES
     return store.read_lazy(group, name) if lazy else store.read(group, name)
 
 
-def _load_run(group: zarr.Group, run_id: str, lazy: bool) -> ReferenceRun:
+def _load_run(group: zarr.Group, run_id: str, lazy: bool | None) -> ReferenceRun:
     attrs = dict(group.attrs)
     for name in ("probe/step", "probe/grad", "step"):
         if name not in group:
@@ -123,11 +125,12 @@ def _load_run(group: zarr.Group, run_id: str, lazy: bool) -> ReferenceRun:
 
 
 def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[str] | None = None,
-                   lazy: bool = False) -> ReferenceData:
+                   lazy: bool | None = None) -> ReferenceData:
     """The reference runs (role == "reference", status complete) of an experiment, or the runs named in run_ids.
 
     Refuses runs whose sketches (kind, dim, seed, parameter layout), splits or probe losses differ. With lazy=True
-    the (T, k) trajectories are dask arrays read on demand (for stores larger than memory).
+    the (T, k) trajectories are dask arrays read on demand (for stores larger than memory); None (default) does
+    so only for trajectories over 2 GiB.
     """
     root = _open_store(exp_dir_or_store)
     available = store.runs(root)
@@ -292,7 +295,6 @@ class Predictor(ABC):
 
     def fit(self, reference: ReferenceData) -> "Predictor":
         """Compute the predicted matrix from reference-run data."""
-        self.shifts_ = reference.shifts
         matrix = self._matrix(reference)
         self.matrix_ = pd.DataFrame(matrix, index=list(reference.shifts), columns=list(reference.shifts))
         used = self._runs_used(reference)
@@ -313,10 +315,6 @@ class Predictor(ABC):
     def _matrix(self, reference: ReferenceData) -> np.ndarray:
         """The S×S predicted matrix (shifts in reference.shifts order, diagonal NaN)."""
 
-    def _per_run_mean(self, reference: ReferenceData, one: Any) -> np.ndarray:
-        """Mean over reference runs of a per-run S×S matrix."""
-        return np.mean([one(run, reference) for run in reference.runs], axis=0)
-
 
 class _AtProbe(Predictor):
     """A predictor built from the probe gradients at one probe (`probe`, default the final one)."""
@@ -324,6 +322,10 @@ class _AtProbe(Predictor):
     def __init__(self, probe_loss: str = "ce", probe: int = -1) -> None:
         super().__init__(probe_loss)
         self.probe = int(probe)
+
+    def _per_run_mean(self, reference: ReferenceData, one: Any) -> np.ndarray:
+        """Mean over reference runs of a per-run S×S matrix."""
+        return np.mean([one(run, reference) for run in reference.runs], axis=0)
 
     def _grads(self, run: ReferenceRun, reference: ReferenceData, adam: bool = False) -> np.ndarray:
         """Probe gradients (1+S, k) of the chosen loss at the chosen probe (ID first)."""

@@ -103,23 +103,26 @@ def _read_csv(inputs: Inputs, key: str, filename: str) -> pd.DataFrame | None:
     return table
 
 
-def _run_stage(inputs: Inputs, key: str, files: tuple[str, ...], module: str, function: str, command: str) -> None:
-    """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing; a failure becomes a note."""
+def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], module: str, function: str,
+               command: str) -> None:
+    """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing; a failure becomes the note of
+    every input (`keys`) that stage writes."""
     exp_dir = inputs.exp_dir
     if all((exp_dir / f).exists() for f in files):
         return
     try:
         stage = importlib.import_module(f"gradtrace.{module}")
-    except ImportError as err:
-        inputs.notes[key] = (f"{' / '.join(files)} missing and gradtrace.{module} is not available ({err}); "
-                             f"run `{command}` where it is.")
-        return
-    try:
         getattr(stage, function)(exp_dir)
+    except ImportError as err:
+        note = f"{' / '.join(files)} missing and gradtrace.{module} is not available ({err}); run `{command}` where it is."
     except Exception as err:  # any failure of a later stage must not stop the report
-        inputs.notes[key] = f"{' / '.join(files)} missing and `{command}` failed: {type(err).__name__}: {err}"
+        note = f"{' / '.join(files)} missing and `{command}` failed: {type(err).__name__}: {err}"
+    else:
+        for key in keys:
+            inputs.origins[key] = f"computed for this report by gradtrace.{module}.{function} (same as `{command}`)"
         return
-    inputs.origins[key] = f"computed for this report by gradtrace.{module}.{function} (same as `{command}`)"
+    for key in keys:
+        inputs.notes[key] = note
 
 
 def _reference_run(exp_dir: Path) -> zarr.Group:
@@ -152,14 +155,15 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     if inputs.results is None:
         inputs.notes.setdefault("results", f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`.")
     elif compute_missing:
-        _run_stage(inputs, "stats", ("stats.csv",), "stats", "stats_report", f"gradtrace stats {exp_dir}")
-        _run_stage(inputs, "predictions", ("predictions.csv", "predict_scores.csv"), "predict", "run_predict",
-                   f"gradtrace predict {exp_dir}")
+        _run_stage(inputs, ("stats", "gap"), ("stats.csv",), "stats", "stats_report", f"gradtrace stats {exp_dir}")
+        _run_stage(inputs, ("predictions", "scores"), ("predictions.csv", "predict_scores.csv"), "predict",
+                   "run_predict", f"gradtrace predict {exp_dir}")
     for key, filename, command in (("stats", "stats.csv", "gradtrace stats"), ("gap", "gap.csv", "gradtrace stats"),
                                    ("predictions", "predictions.csv", "gradtrace predict"),
                                    ("scores", "predict_scores.csv", "gradtrace predict")):
         setattr(inputs, key, _read_csv(inputs, key, filename))
         if getattr(inputs, key) is None:
+            inputs.origins.pop(key, None)
             inputs.notes.setdefault(key, f"{filename} not found: run `{command} {exp_dir}`.")
     if (exp_dir / "config.yaml").exists():
         inputs.config_text = (exp_dir / "config.yaml").read_text()

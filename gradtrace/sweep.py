@@ -77,25 +77,27 @@ def _execute(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> dict:
 
 
 def estimate_seconds(cfg: Config) -> float:
-    """Rough single-thread time of one run on this kind of CPU (measured: ~0.68 ms per example-step, tiny)."""
+    """Rough single-thread CPU time of one run (measured on the default: ~0.5 ms per example-step for `tiny`)."""
     from gradtrace.models import EMBEDDED
 
-    shape = EMBEDDED.get(cfg.model.name, EMBEDDED["tiny"])
+    shape = EMBEDDED.get(cfg.model.name.removeprefix("EleutherAI/"), EMBEDDED["tiny"])
     scale = (shape.hidden ** 2 * shape.layers) / (96 ** 2 * 3)
-    return cfg.train.steps * cfg.train.batch_size * 0.68e-3 * scale + 8.0
+    return cfg.train.steps * cfg.train.batch_size * 0.5e-3 * scale + 10.0
 
 
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
-    """The dry-run text: runs, steps and expected time."""
-    per_run = estimate_seconds(cfg)
+    """The dry-run text: runs by role, steps and expected time."""
     workers = max(1, cfg.sweep.workers)
-    total = per_run * len(runs) / workers
-    lines = [f"{len(runs)} runs ({sum(r.role == 'reference' for r in runs)} reference, "
-             f"{sum(r.role == 'sweep' for r in runs)} sweep) × {cfg.train.steps} steps, batch {cfg.train.batch_size}, "
-             f"model {cfg.model.name}, {workers} worker(s)",
-             f"expected: ~{per_run:.0f} s per run, ~{total / 60:.1f} min in all on a 2-core CPU"]
-    for r in runs[:5] + ([PlannedRun("...", "")] if len(runs) > 5 else []):
-        lines.append(f"  {r.run_id:<8} {r.role:<9} {json.dumps(r.overrides)}" if r.role else "  ...")
+    roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
+    seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
+    lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps, "
+             f"batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
+             f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, ~{sum(seconds) / workers / 60:.0f} min "
+             "in all (GPU: see experiments/README.md)"]
+    for r in runs[:5]:
+        lines.append(f"  {r.run_id:<8} {r.role:<9} {json.dumps(r.overrides)}")
+    if len(runs) > 5:
+        lines.append(f"  ... {len(runs) - 5} more")
     return "\n".join(lines)
 
 

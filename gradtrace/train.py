@@ -62,6 +62,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _autocast(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision not in ("bf16", "fp16"):

@@ -41,7 +41,7 @@ def _reference_run(root: zarr.Group, run_id: str, rng: np.random.Generator) -> N
     writer.declare("evals/accuracy", (len(SPLITS),), dims=("split",))
     directions = np.linalg.qr(rng.standard_normal((K, 3)))[0].T  # a 3-dim dominant span
     for t in range(T):
-        update = (3.0 / (t + 1)) * rng.standard_normal(3) @ directions + 0.05 * rng.standard_normal(K)
+        update = (3.0 / (t + 1)) * rng.standard_normal(3) @ directions + 0.02 * rng.standard_normal(K)
         writer.append({"step": t, "loss": 2.5 * np.exp(-t / 15) + 0.1 * rng.random(), "lr": 1e-3 * min(1, (t + 1) / 5),
                        "grad_norm": 1 + rng.random(), "grad": rng.standard_normal(K), "update": update})
         if (t + 1) % (T // R) == 0:
@@ -97,6 +97,7 @@ def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
                                 "observed": row.r, "observed_ci_low": row.ci_low, "observed_ci_high": row.ci_high})
     pd.DataFrame(predictions).to_csv(path / "predictions.csv", index=False)
     pd.DataFrame({"predictor": PREDICTORS, "preregistered": [True, False, True],
+                  "group": ["preregistered", "baseline", "preregistered"],
                   "spearman": [np.nan, 0.5, -0.5], "pearson": [np.nan, 0.4, -0.3], "sign_acc": [0.0, 0.67, 0.33],
                   "majority_sign_acc": 0.67, "noise_ceiling": 0.38, "p_relabel": [1.0, 0.3, 0.8]}
                  ).to_csv(path / "predict_scores.csv", index=False)
@@ -205,7 +206,10 @@ def test_predicted_vs_observed(experiment: Path, tmp_path: Path) -> None:
     fig = figures.predicted_vs_observed(predictions, scores)
     _check(fig, len(PREDICTORS), tmp_path, "pvo")
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("zero (pre-registered)") and "n/a" in titles[0]
+    assert titles[0].startswith("zero (preregistered)") and "n/a" in titles[0]
+    assert titles[1].startswith("cosine (baseline)")
+    without_group = figures.predicted_vs_observed(predictions, scores.drop(columns="group"))
+    assert without_group.axes[2].get_title().startswith("covariance (pre-registered)")
     assert "ρ = 0.50" in titles[1] and "ceiling 0.38" in titles[1]
     assert figures.predicted_vs_observed(predictions).axes[1].get_title().startswith("cosine\nρ = ")
     with pytest.raises(ValueError, match="predicted"):

@@ -105,7 +105,8 @@ class ArithmeticTask:
     # -- training stream ---------------------------------------------------------------------------------------
     def train_mix(self) -> dict[str, float]:
         """Share of each split's training form in the training mix."""
-        shares = {s: (self.cfg.order_share if s == "order" else self.cfg.train_share) for s in self.cfg.shifts}
+        shares = {s: self.cfg.order_share if s == "order" else self.cfg.train_share * get_split(s).share
+                  for s in self.cfg.shifts}
         total = sum(shares.values())
         if total >= 1:
             raise ValueError(f"shift shares sum to {total:.2f}; they must leave room for ID (< 1)")

@@ -92,6 +92,7 @@ class Split:
     description: str
     test: Callable[[np.random.Generator, int], Problem]
     train: Callable[[np.random.Generator, int], Problem]
+    share: float = 1.0  # multiplier of task.train_share: a new algorithm (base 8) needs more examples
 
     def describe(self, max_digits: int) -> str:
         """The description for a task whose ID operands have up to `max_digits` digits."""
@@ -120,7 +121,7 @@ REGISTRY: dict[str, Split] = {s.name: s for s in [
           train=lambda r, d: Problem(_pair(r, 1, d - 1), pad_to=d + 1)),
     Split("base8", "base-8 sums marked '#', 3-{d} digits; training sees base 8 at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 3, d, base=8), base=8),
-          train=lambda r, d: Problem(_pair(r, 1, 2, base=8), base=8)),
+          train=lambda r, d: Problem(_pair(r, 1, 2, base=8), base=8), share=2.5),
     Split("space", "an irrelevant leading space, 1-{d} digits; training sees it at 1-2 digits",
           test=lambda r, d: Problem(_pair(r, 1, d), leading_space=True),
           train=lambda r, d: Problem(_pair(r, 1, 2), leading_space=True)),

@@ -1,0 +1,260 @@
+"""Ensembles: E runs of one small model trained together in one process (torch.func vmap over stacked parameters).
+
+Members may differ in init seed, data-order seed, learning rate and weight decay, and in nothing else. Each
+follows the recipe of `gradtrace.train.train` step for step — the same init, batches, answer-only loss,
+global-norm clipping per member, AdamW update and lr schedule — so a member's parameters equal those of a
+standalone run of its config to float tolerance, and its run group holds what a standalone run with
+`capture.enabled=false` writes: the scalars every 10th step (`step`, `loss`, `lr`, `grad_norm`, `nonfinite`,
+`layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`, `accuracy`, `seeds`, `hparams`, `steps`.
+`wall_time_s` is the ensemble's wall time divided by E (attribute `wall_time_note` says so).
+
+Not done here: full sketched capture and probe gradients (reference runs train standalone), mixed precision
+(fp32 only) and checkpoints: a killed ensemble is simply re-run with `resume=True`, which skips its complete
+members and retrains the others from scratch.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from gradtrace import store
+from gradtrace.capture.recorder import V_QUANTILES, V_SAMPLE
+from gradtrace.capture.sketch import ParamLayout
+from gradtrace.config import Config
+from gradtrace.evaluate import accuracy, correctness
+from gradtrace.models import build_model
+from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
+from gradtrace.train import RunResult, _finished, lr_lambda, resolve_device, seeds
+
+MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
+SCALARS_EVERY = 10  # the step interval of a standalone run's Recorder when capture is disabled
+WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
+
+
+class StackedAdamW:
+    """torch.optim.AdamW's update rule on E members' flat parameters (E, P), with per-member lr and weight decay."""
+
+    def __init__(self, params: torch.Tensor, weight_decay: torch.Tensor, betas: tuple[float, float],
+                 eps: float) -> None:
+        self.params, self.weight_decay = params, weight_decay.reshape(-1, 1).double()
+        self.betas, self.eps = betas, eps
+        self.exp_avg = torch.zeros_like(params)
+        self.exp_avg_sq = torch.zeros_like(params)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, lr: torch.Tensor) -> None:
+        """Apply one step given each member's gradient (E, P) and learning rate (E,), as AdamW does per tensor."""
+        beta1, beta2 = self.betas
+        self.steps += 1
+        lr = lr.reshape(-1, 1).double()  # factors in float64, then cast, as torch does with Python floats
+        self.params.mul_((1 - lr * self.weight_decay).to(self.params.dtype))
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = (lr / (1 - beta1 ** self.steps)).to(self.params.dtype)
+        denom = (self.exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(self.eps)
+        self.params.sub_(self.exp_avg * step_size / denom)
+
+
+def check_members(cfgs: list[Config]) -> None:
+    """Raise unless the configs differ only in seeds, lr and weight decay, and train fp32 without full capture."""
+    if not cfgs:
+        raise ValueError("an ensemble needs at least one member config")
+    first = _dotted(cfgs[0])
+    differing = sorted({k for cfg in cfgs[1:] for k, v in _dotted(cfg).items()
+                        if v != first[k] and k not in MAY_DIFFER})
+    if differing:
+        raise ValueError(f"ensemble members may differ only in {', '.join(MAY_DIFFER)}; these configs also "
+                         f"differ in {', '.join(differing)}. Group runs that share those keys, or train standalone.")
+    if cfgs[0].capture.enabled:
+        raise ValueError("ensembles record scalars only; full capture (capture.enabled=true) runs standalone with "
+                         "gradtrace.train.train. Set capture.enabled=false for ensemble members.")
+    if cfgs[0].train.precision != "fp32":
+        raise ValueError(f"ensembles train in fp32, got train.precision={cfgs[0].train.precision!r}; "
+                         "train mixed-precision runs standalone")
+
+
+def _dotted(cfg: Config) -> dict:
+    """The config's training-relevant keys (model, task, train, capture) as a flat dotted dict."""
+    out = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+    walk({k: v for k, v in cfg.to_dict().items() if k in ("model", "task", "train", "capture")}, "")
+    return out
+
+
+def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], roles: list[str] | None = None,
+                   resume: bool = False, progress: bool = False) -> list[RunResult]:
+    """Train one run per config into `exp_dir/store.zarr/<run_id>` as one vectorised ensemble; returns results."""
+    check_members(cfgs)
+    roles = roles or ["sweep"] * len(cfgs)
+    if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):
+        raise ValueError(f"need one distinct run id and one role per config: got {len(cfgs)} configs, "
+                         f"run ids {run_ids}, roles {roles}")
+    t = cfgs[0].train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    root = store.open_experiment(Path(exp_dir) / "store.zarr", mode="a")
+    done = {i: _finished(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
+            for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}
+    todo = [i for i in range(len(cfgs)) if i not in done]
+    if todo:
+        trained = _train([cfgs[i] for i in todo], root, [run_ids[i] for i in todo], [roles[i] for i in todo],
+                         resume, progress)
+        done.update(zip(todo, trained))
+    return [done[i] for i in range(len(cfgs))]
+
+
+def _hparams(cfg: Config) -> dict[str, float]:
+    return {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
+
+
+def _train(cfgs: list[Config], root, run_ids: list[str], roles: list[str], overwrite: bool,
+           progress: bool) -> list[RunResult]:
+    """The training loop of `train.train`, vectorised over members; writes each member's run group."""
+    cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
+    device = resolve_device(t.device)
+    task = ArithmeticTask(cfg.task)
+    run_seeds = [seeds(c.train) for c in cfgs]
+    vocab = task.tokenizer.vocab_size
+    model = build_model(cfg.model, vocab, run_seeds[0]["init"]).to(device)  # the skeleton vmap calls; evaluates too
+    model.train()
+    layout = ParamLayout.of(model)
+    theta = torch.stack([torch.cat([p.detach().reshape(-1) for p in build_model(cfg.model, vocab, s["init"]).parameters()])
+                         for s in run_seeds]).to(device)  # (E, P): member i's parameters in layout order
+    params = {name: theta[:, off:off + n].view(E, *shape).requires_grad_()
+              for name, shape, off, n in zip(layout.names, layout.shapes, layout.offsets, layout.numels)}
+    optimizer = StackedAdamW(theta, torch.tensor([c.train.weight_decay for c in cfgs], device=device),
+                             tuple(t.betas), t.eps)
+    peak_lr = torch.tensor([c.train.lr for c in cfgs], dtype=torch.float64, device=device)
+    schedule = lr_lambda(t)
+
+    def member_loss(member_params: dict, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, member_params, (), {"input_ids": tokens, "use_cache": False}).logits
+        return answer_cross_entropy(logits, tokens, mask)
+    ensemble_loss = vmap(member_loss)
+
+    groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
+                                         "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
+                                         **_recorder_attrs(layout, t)}, overwrite=overwrite)
+              for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
+    writers = [store.RunWriter(g, cfg.capture.chunk) for g in groups]
+    for w in writers:
+        _declare(w, len(layout.numels), len(task.splits) if t.eval_every else 0)
+    scalars = _Scalars(layout, E, device)
+
+    began = time.perf_counter()
+    try:
+        for step in tqdm(range(t.steps), desc=f"ensemble of {E}", disable=not progress, leave=False, mininterval=2):
+            tokens, mask = (torch.stack(x) for x in zip(*(task.train_batch(step, s["data"], t.batch_size, device)
+                                                          for s in run_seeds)))
+            losses = ensemble_loss(params, tokens, mask)
+            losses.sum().backward()  # members are independent: each gets the gradient of its own loss
+            grad = torch.cat([p.grad.reshape(E, -1) for p in params.values()], dim=1)
+            for p in params.values():
+                p.grad = None
+            norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+            grad.mul_((t.clip / (norm + 1e-6)).clamp_(max=1.0))  # clip_grad_norm_, per member
+            lr = peak_lr * schedule(step)
+            recording = step % SCALARS_EVERY == 0
+            if recording:
+                rows = scalars.before_step(step, losses.detach(), lr, grad)
+            optimizer.step(grad, lr)
+            if recording:
+                for w, row in zip(writers, scalars.after_step(rows, optimizer.exp_avg_sq)):
+                    w.append(row)
+            if t.eval_every and (step + 1) % t.eval_every == 0:
+                for i, w in enumerate(writers):
+                    _load_member(model, params, i)
+                    w.append({"evals/step": step + 1, "evals/accuracy": np.array(
+                        list(accuracy(correctness(model, task)).values()), dtype=np.float32)})
+        correct = []
+        for i, w in enumerate(writers):
+            _load_member(model, params, i)
+            correct.append(correctness(model, task))
+            w.close()
+            store.write_correct(groups[i], correct[-1])
+    except BaseException as err:
+        for g in groups:
+            store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    wall = (time.perf_counter() - began) / E
+    results = []
+    for i, g in enumerate(groups):
+        acc = accuracy(correct[i])
+        store.set_status(g, "complete", accuracy=acc, steps_done=t.steps, last_durable_step=t.steps,
+                         wall_time_s=wall, wall_time_note=WALL_TIME_NOTE, nonfinite_steps=scalars.nonfinite[i],
+                         splits=task.splits, hparams=_hparams(cfgs[i]))
+        results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps))
+    return results
+
+
+def _recorder_attrs(layout: ParamLayout, t) -> dict:
+    """The attributes a standalone run's scalar-only Recorder writes (no sketch: nothing is sketched)."""
+    return {"layout": layout.to_json(), "grad_point": "after_clip", "quantities": [],
+            "v_quantiles": list(V_QUANTILES), "splits": [], "probe_losses": [],
+            "adam": {"beta1": t.betas[0], "beta2": t.betas[1], "eps": t.eps}}
+
+
+def _declare(writer: store.RunWriter, n_params: int, n_splits: int) -> None:
+    """Declare the arrays of a standalone run's scalar-only Recorder (and `evals/*` when evaluating in training)."""
+    for name in ("loss", "lr", "grad_norm"):
+        writer.declare(name, (), "float32")
+    writer.declare("step", (), "int64")
+    writer.declare("nonfinite", (), "bool")
+    for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean"):
+        writer.declare(name, (n_params,), "float32", dims=("param",))
+    writer.declare("layer_v_quantile", (n_params, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
+    if n_splits:
+        writer.declare("evals/step", (), "int64")
+        writer.declare("evals/accuracy", (n_splits,), "float32", dims=("split",))
+
+
+class _Scalars:
+    """Per-member rows of the scalar-only Recorder: gradient statistics before the step, Adam's v after it."""
+
+    def __init__(self, layout: ParamLayout, members: int, device: torch.device, seed: int = 0) -> None:
+        self.numels = layout.numels
+        self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
+        gen = torch.Generator().manual_seed(seed)  # the Recorder's fixed sample of v's coordinates per tensor
+        self.v_index = torch.stack([off + torch.randint(0, n, (V_SAMPLE,), generator=gen)
+                                    for off, n in zip(layout.offsets, self.numels)]).to(device)
+        self.quantiles = torch.tensor(V_QUANTILES, device=device)
+        self.nonfinite = [0] * members  # recorded steps with a NaN/Inf gradient, per member
+
+    def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor) -> list[dict]:
+        """Each member's step, loss, lr and (clipped) gradient norms."""
+        layer_grad = torch.stack([g.norm(dim=1) for g in grad.split(self.numels, dim=1)], dim=1)  # (E, L)
+        finite = torch.isfinite(layer_grad).all(dim=1).tolist()
+        rows = []
+        for i, ok in enumerate(finite):
+            self.nonfinite[i] += not ok
+            rows.append({"step": step, "loss": float(losses[i]), "lr": float(lr[i]), "nonfinite": not ok,
+                         "layer_grad_norm": layer_grad[i].numpy(force=True),
+                         "grad_norm": float(layer_grad[i].norm())})
+        return rows
+
+    def after_step(self, rows: list[dict], exp_avg_sq: torch.Tensor) -> list[dict]:
+        """The rows completed with per-tensor statistics of Adam's v after the step."""
+        v_mean = torch.segment_reduce(exp_avg_sq, "mean", lengths=self.lengths, axis=1)  # (E, L)
+        v_quantile = torch.quantile(exp_avg_sq[:, self.v_index], self.quantiles, dim=2).permute(1, 2, 0)  # (E, L, Q)
+        nan = np.full(len(self.numels), np.nan, dtype=np.float32)
+        return [{**row, "layer_update_norm": nan, "layer_v_mean": v_mean[i].numpy(force=True),
+                 "layer_v_quantile": v_quantile[i].numpy(force=True)} for i, row in enumerate(rows)]
+
+
+@torch.no_grad()
+def _load_member(model: torch.nn.Module, params: dict[str, torch.Tensor], i: int) -> None:
+    """Copy member i's parameters into `model` (for evaluation)."""
+    for name, p in model.named_parameters():
+        p.copy_(params[name][i])

@@ -1,0 +1,194 @@
+"""The HTML report: self-contained, every image a decodable PNG, sections present, tolerant of missing inputs,
+and rendered by headless Chromium with every image loaded."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from PIL import Image
+
+import gradtrace
+from gradtrace import report
+from test_figures import PNG_MAGIC, SPLITS, make_experiment
+
+ARTIFACTS = Path(__file__).parent / "artifacts"  # git-ignored: the browser screenshot lands here
+SECTION_IDS = [key for key, _ in report.SECTIONS]
+FIGURES = ["accuracy_on_the_line", "partial_correlations", "predicted_vs_observed", "generalisation_gap",
+           "training_curves", "span_energy", "dominant_bulk", "principal_angles", "benchmarks"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+class _Links(HTMLParser):
+    """Every src/href attribute, the ids, and the tags of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[tuple[str, str, str]] = []
+        self.ids: set[str] = set()
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href"):
+                self.refs.append((tag, name, value or ""))
+            if name == "id":
+                self.ids.add(value or "")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    exp = make_experiment(tmp_path_factory.mktemp("exp"))
+    path = report.write_report(exp)
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_report_is_self_contained(written: tuple[Path, str]) -> None:
+    path, page = written
+    assert path == path.parent.parent / "report" / "index.html"
+    links = _Links()
+    links.feed(page)
+    assert "link" not in links.tags and "iframe" not in links.tags
+    for tag, name, value in links.refs:
+        assert value.startswith("#") or value.startswith("data:"), f"external {name} on <{tag}>: {value[:80]}"
+    images = [value for tag, name, value in links.refs if tag == "img"]
+    assert len(images) == len(FIGURES)
+    for uri in images:
+        assert uri.startswith("data:image/png;base64,")
+        data = base64.b64decode(uri.split(",", 1)[1], validate=True)
+        assert data.startswith(PNG_MAGIC)
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    for key in SECTION_IDS:
+        assert key in links.ids and f'href="#{key}"' in page  # each section and its table-of-contents entry
+    assert {f"fig-{name}" for name in FIGURES} <= links.ids
+    assert page.count("<figcaption>") == len(FIGURES)
+    for name in FIGURES:
+        for suffix in (".pdf", ".png"):
+            assert (path.parent / "figures" / f"{name}{suffix}").stat().st_size > 0
+
+
+def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
+    _, page = written
+    for text in ("Accuracy per split over 14 sweep runs", "Summary per residualisation", "All 9 rows of stats.csv",
+                 "Predictor scores", "Per split (means over runs; band counts)", "sweep:\n  runs: 14",
+                 f"<td class=\"mono\">{gradtrace.__version__}</td>", "code commit", "sha256 results.csv",
+                 "sha256 store.zarr metadata", "CPU count", "CUDA device", "source of stats"):
+        assert text in page, text
+    assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}|unknown)</td>", page)
+
+
+def test_results_summary() -> None:
+    table = pd.DataFrame({"acc_ID": [0.5, 0.7], "acc_x": [0.1, 0.3], "lr": [1, 2]})
+    summary = report.results_summary(table)
+    assert summary["split"].tolist() == ["ID", "x"]
+    np.testing.assert_allclose(summary["mean %"], [60.0, 20.0])
+    np.testing.assert_allclose(summary["max %"], [70.0, 30.0])
+
+
+def test_span_analysis(written: tuple[Path, str]) -> None:
+    path, _ = written
+    run = zarr.open_group(path.parent.parent / "store.zarr", mode="r")["ref-000"]
+    a = report.span_analysis(run)
+    assert a.splits == SPLITS and a.dominant.shape == (len(a.probe_steps), len(SPLITS))
+    assert np.all((a.dominant >= 0) & (a.dominant <= 1))
+    np.testing.assert_allclose(a.angles, a.angles.T, atol=1e-6)
+    assert np.all(np.diag(a.angles) == 0) and np.all((a.angles >= 0) & (a.angles <= 90))
+    assert np.sum(a.singular_values[:3] ** 2) / a.total_energy > 0.9  # the fixture's 3-dim dominant span
+
+
+def test_report_notes_missing_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = make_experiment(tmp_path / "full", n_runs=6)
+    exp = tmp_path / "partial"
+    exp.mkdir()
+    shutil.copy(full / "results.csv", exp / "results.csv")
+    monkeypatch.setitem(sys.modules, "gradtrace.stats", None)  # the stages cannot be imported
+    monkeypatch.setitem(sys.modules, "gradtrace.predict", None)
+    page = report.write_report(exp, benchmarks_dir=tmp_path / "no-benchmarks").read_text()
+    assert page.count("<img ") == 1  # only accuracy on the line can be drawn
+    for text in ("gradtrace.stats is not available", "gradtrace.predict is not available", "gap.csv not found",
+                 "config.yaml not found", "is not a gradtrace store", "No benchmark outputs found"):
+        assert text in page, text
+
+
+def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = make_experiment(tmp_path / "full", n_runs=6)
+    exp = tmp_path / "partial"
+    shutil.copytree(full, exp)
+    (exp / "stats.csv").unlink()
+    calls = []
+
+    def stats_report(exp_dir: Path) -> None:
+        calls.append(Path(exp_dir))
+        shutil.copy(full / "stats.csv", Path(exp_dir) / "stats.csv")
+
+    monkeypatch.setitem(sys.modules, "gradtrace.stats", types.SimpleNamespace(stats_report=stats_report))
+    inputs = report.load_inputs(exp)
+    assert calls == [exp] and inputs.stats is not None and "stats" not in inputs.notes
+    assert inputs.origins["stats"].startswith("computed for this report by gradtrace.stats.stats_report")
+    assert inputs.origins["results"] == "read results.csv"
+
+
+def test_load_inputs_rejects_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        report.load_inputs(tmp_path / "absent")
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing and running as root; otherwise skip."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.skip("headless Chromium is not installed and cannot be installed here (needs root and apt-get): "
+                    "`apt-get install chromium` to run the browser test")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:  # stale or absent package lists: refresh once and retry
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    found = shutil.which("chromium")
+    if done.returncode != 0 or found is None:
+        pytest.skip(f"`apt-get install chromium` failed (offline?): {done.stderr.strip()[-300:]}")
+    return found
+
+
+def test_report_renders_in_chromium(written: tuple[Path, str], tmp_path: Path) -> None:
+    chromium = _chromium()
+    _, page = written
+    marker = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+              "const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
+              "document.body.setAttribute('data-images', ok + '/' + imgs.length); });</script>")
+    probe = tmp_path / "probe.html"  # a test-only copy of the page with the marker script
+    probe.write_text(page.replace("</body>", marker + "</body>"), encoding="utf-8")
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000",
+                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'data-images="(\d+)/(\d+)"', dom.stdout)
+    assert found, "the page's load handler did not run"
+    assert found.group(1) == found.group(2) == str(len(FIGURES)), f"images loaded: {found.group(0)}"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    shot.unlink(missing_ok=True)
+    done = subprocess.run([*base, "--window-size=1100,6000", f"--screenshot={shot}", written[0].as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.read_bytes().startswith(PNG_MAGIC), done.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1100, 6000) and len(im.convert("L").getcolors(1 << 16) or []) > 10  # not blank
