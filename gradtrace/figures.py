@@ -94,8 +94,9 @@ def save(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Path]:
     base.parent.mkdir(parents=True, exist_ok=True)
     pdf, png = base.with_name(base.name + ".pdf"), base.with_name(base.name + ".png")
     with matplotlib.rc_context(STYLE):
-        fig.savefig(pdf, metadata={"CreationDate": None})  # no timestamp: rebuilt PDFs stay identical
-        fig.savefig(png, dpi=DPI)
+        tight = {"bbox_inches": "tight", "pad_inches": 0.03}  # never clip a long tick label
+        fig.savefig(pdf, metadata={"CreationDate": None}, **tight)  # no timestamp: rebuilt PDFs stay identical
+        fig.savefig(png, dpi=DPI, **tight)
     return pdf, png
 
 
@@ -450,6 +451,11 @@ def predicted_vs_observed(predictions_df: pd.DataFrame, scores_df: pd.DataFrame 
         ax.scatter(x, y, s=12, color=_color(i), zorder=2, linewidths=0)
         ax.axhline(0, color="0.6", lw=0.5)
         ax.axvline(0, color="0.6", lw=0.5)
+        ax.set_ylim(-1.05, 1.05)
+        finite = x[np.isfinite(x)]
+        if finite.size and np.ptp(finite) == 0:  # a constant predictor: centre it rather than zoom to 1e-6
+            ax.set_xlim(finite[0] - 1, finite[0] + 1)
+        ax.ticklabel_format(axis="x", useOffset=False)
         row = scores.loc[name] if name in scores.index else pd.Series(dtype=object)
         rho = float(row["spearman"]) if "spearman" in row and pd.notna(row["spearman"]) else _spearman(x, y)
         detail = "ρ n/a (constant)" if math.isnan(rho) else f"ρ = {rho:.2f}".replace("-", "−")

@@ -523,7 +523,7 @@ class PathIntegratedPredictor(Predictor):
 
 
 class TrajectoryLossPredictor(PathIntegratedPredictor):
-    """Exploratory: path_integrated with the measured probe-loss change per window in place of its first-order estimate."""
+    """Exploratory: path_integrated with each window's measured probe-loss change instead of its first-order estimate."""
 
     name = "trajectory_loss"
 
@@ -962,7 +962,8 @@ def format_scores(scores: pd.DataFrame) -> str:
         lines += [f"[{group}]", header]
         for _, row in part.iterrows():
             ci = f"[{_fmt(row['boot_ci_low'])}, {_fmt(row['boot_ci_high'])}]"
-            lines.append(f"{row['predictor']:<22} {_fmt(row['spearman']):>8} {ci:>15} {_fmt(row['p_relabel'], '.3f'):>9} "
+            lines.append(f"{row['predictor']:<22} {_fmt(row['spearman']):>8} {ci:>15} "
+                         f"{_fmt(row['p_relabel'], '.3f'):>9} "
                          f"{_fmt(row['spearman_over_ceiling']):>8} {_fmt(row['sign_acc']):>8} "
                          f"{_fmt(row['pearson']):>7} {_fmt(row['compute_ratio'], '.2g'):>7}"
                          + (f"  ({row['note']})" if row.get("note") else ""))

@@ -59,6 +59,7 @@ class Inputs:
     results: pd.DataFrame | None = None
     stats: pd.DataFrame | None = None
     gap: pd.DataFrame | None = None
+    reliability: pd.DataFrame | None = None
     predictions: pd.DataFrame | None = None
     scores: pd.DataFrame | None = None
     config_text: str | None = None
@@ -165,6 +166,7 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
         if getattr(inputs, key) is None:
             inputs.origins.pop(key, None)
             inputs.notes.setdefault(key, f"{filename} not found: run `{command} {exp_dir}`.")
+    inputs.reliability = _read_csv(inputs, "reliability", "reliability.csv")  # only with per-item correctness
     if (exp_dir / "config.yaml").exists():
         inputs.config_text = (exp_dir / "config.yaml").read_text()
     else:
@@ -209,7 +211,7 @@ def span_analysis(run: zarr.Group, rank: int = SPAN_RANK, dominant_rank: int = D
     losses = list(run.attrs.get("probe_losses") or [])
     li = losses.index("ce") if "ce" in losses else 0
     G = store.read(run, "probe/grad")[:, :, li, :].astype(np.float64)  # (R, S, k)
-    out.dominant = subspace.energy_over_training(G, span.basis[: out.dominant_rank]).dominant
+    out.dominant = subspace.energy_over_training(G, span.basis[:out.dominant_rank]).dominant
     spans = []
     for rows in G.transpose(1, 0, 2):  # one split's probe gradients over training
         rows = rows[np.isfinite(rows).all(axis=1) & (np.abs(rows).sum(axis=1) > 0)]
@@ -473,6 +475,10 @@ def _section_tables(key: str, inputs: Inputs) -> list[str]:
     if key == "results" and inputs.sweep is not None and len(inputs.sweep):
         out.append(f"<h3>Accuracy per split over {len(inputs.sweep)} sweep runs</h3>"
                    + _table(results_summary(inputs.sweep)))
+    if key == "results" and inputs.reliability is not None:
+        out.append("<h3>Split-half reliability of each split's accuracy</h3><p>Spearman-Brown reliability of the "
+                   "across-run accuracy from random halves of each split's items; below 0.9 the accuracy is noisy "
+                   "enough to weaken every correlation it enters.</p>" + _table(inputs.reliability))
     if key == "correlations" and inputs.stats is not None:
         stats = inputs.stats
         out.append("<h3>Summary per residualisation</h3>" + _table(_stats_summary(stats)))

@@ -724,6 +724,17 @@ def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, n
     return load_results(exp_dir), (dict(items) if items else None)
 
 
+def _varying_shifts(table: pd.DataFrame, id: str) -> list[str] | None:
+    """Shifts whose accuracy varies across runs; warns about (and drops) constant ones, which have no correlation."""
+    shifts = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_") and c[4:] != id]
+    constant = [s for s in shifts if table[f"acc_{s}"].nunique() <= 1]
+    if constant and len(table) >= 5:
+        warnings.warn(f"dropping shifts with the same accuracy in every run ({', '.join(constant)}): a partial "
+                      "correlation needs variation. Train longer or recalibrate the task (gradtrace calibrate).")
+        return [s for s in shifts if s not in constant]
+    return None
+
+
 def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> StatsReport:
     """Partial correlations, reliability and generalisation gap of an experiment, written next to its results.
 
@@ -735,6 +746,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
     table, items = _load_experiment(exp_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        kw.setdefault("shifts", _varying_shifts(table, kw.get("id", "ID")))
         stats = partial_correlations(table, residualize=residualize, items=items, **kw)
         reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0))
                        if items else None)

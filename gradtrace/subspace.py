@@ -113,7 +113,7 @@ def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0
 
 
 def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:
-    """Consecutive row blocks of a numpy, zarr or dask matrix as float32/float64 numpy, one block in memory at a time."""
+    """Consecutive row blocks of a numpy, zarr or dask matrix as numpy, one block in memory at a time."""
     if hasattr(X, "dask"):
         X = X.rechunk({0: rows, 1: -1})
         for i in range(X.numblocks[0]):
@@ -125,51 +125,68 @@ def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:
 
 
 def _frequent_directions(X: Any, sketch_size: int, block_rows: int) -> tuple[np.ndarray, float]:
-    """Frequent Directions (Ghashami et al. 2016): an ℓ×d sketch B with 0 ≼ XᵀX − BᵀB ≼ ‖X − X_r‖²_F/(ℓ−r) I."""
-    d = X.shape[1]
-    B = np.zeros((0, d))
+    """Frequent Directions (Ghashami et al. 2016): an ℓ×d sketch B with 0 ≼ XᵀX − BᵀB ≼ ‖X − X_r‖²_F/(ℓ−r) I.
+
+    Also returns ‖X‖²_F. Rows arrive in sub-blocks of ℓ (the cheapest size: (2ℓ)²d flops per ℓ rows); the SVD of
+    the stacked [B; rows] goes through its 2ℓ×2ℓ Gram matrix, in float32 like the data.
+    """
+    B = np.zeros((0, X.shape[1]), dtype=np.float32)
     total = 0.0
     for block in _row_blocks(X, block_rows):
-        block = block.astype(np.float64, copy=False)
-        total += float(np.einsum("ij,ij->", block, block))
+        block = block.astype(np.float32, copy=False)
+        total += float(np.einsum("ij,ij->", block, block, dtype=np.float64))
         for start in range(0, block.shape[0], sketch_size):
             M = np.vstack([B, block[start: start + sketch_size]])
-            # SVD through the small Gram matrix MMᵀ: m² d flops instead of LAPACK's larger constant on m × d.
-            w, U = np.linalg.eigh(M @ M.T)
-            order = np.argsort(w)[::-1]
-            w, U = np.clip(w[order], 0.0, None), U[:, order]
-            keep = min(sketch_size, M.shape[0])
+            w, U = np.linalg.eigh((M @ M.T).astype(np.float64))
+            w, U = np.clip(w[::-1], 0.0, None), U[:, ::-1]  # descending
             shrink = w[sketch_size] if M.shape[0] > sketch_size else 0.0
-            s = np.sqrt(w[:keep])
-            nonzero = s > s[0] * 1e-12 if keep and s[0] > 0 else np.zeros(keep, bool)
-            Vt = (U[:, :keep][:, nonzero].T @ M) / s[nonzero, None]
-            B = np.sqrt(np.clip(w[:keep][nonzero] - shrink, 0.0, None))[:, None] * Vt
+            keep = w[:sketch_size] > max(shrink, w[0] * 1e-12)
+            Vt = (U[:, :sketch_size][:, keep].T.astype(np.float32) @ M) / np.sqrt(w[:sketch_size][keep])[:, None]
+            B = (np.sqrt(w[:sketch_size][keep] - shrink)[:, None] * Vt).astype(np.float32)
     return B, total
 
 
+def _rayleigh_ritz(X: Any, basis: np.ndarray, rank: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-`rank` span of X inside the row space of `basis` (orthonormal rows), from one pass: (s, Vt)."""
+    K = np.zeros((basis.shape[0], basis.shape[0]))
+    for block in _row_blocks(X, block_rows):
+        Z = (block.astype(np.float32, copy=False) @ basis.T).astype(np.float64)
+        K += Z.T @ Z
+    w, Q = np.linalg.eigh(K)
+    w, Q = np.clip(w[::-1][:rank], 0.0, None), Q[:, ::-1][:, :rank]
+    return np.sqrt(w), Q.T.astype(np.float32) @ basis
+
+
 def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", sketch_size: int | None = None,
-                       block_rows: int = 1024, n_power_iter: int = 2, seed: int = 0) -> Span:
+                       block_rows: int = 1024, refine: bool = True, n_power_iter: int = 2, seed: int = 0) -> Span:
     """The top-`rank` span of a (T, d) zarr/dask/numpy matrix too large for memory, reading row blocks.
 
-    `frequent_directions`: one pass, memory ~ (sketch_size + block_rows) × d, deterministic; singular values are
-    slightly shrunk (by at most ‖X − X_rank‖_F / √(sketch_size − rank)); sketch_size defaults to 4·rank.
-    `svd_compressed`: dask's randomised SVD, 2·n_power_iter + 2 passes over the data, closer to the exact SVD.
+    `frequent_directions`: one pass with memory ~ (sketch_size + block_rows) × d (sketch_size defaults to
+    2·rank); with refine=True a second, cheaper pass (sketch_size·d flops per row) replaces FD's shrunken
+    singular values by exact ones and picks the best rank-`rank` span inside the sketch (Rayleigh–Ritz);
+    refine=False keeps one pass, with singular values shrunk by at most ‖X − X_rank‖_F / √(sketch_size − rank).
+    `svd_compressed`: dask's randomised SVD, 2·n_power_iter + 2 passes over the data.
     """
     _check_matrix(X)
     rank = _check_rank(rank, X.shape)
     if method == "frequent_directions":
-        size = sketch_size or 4 * rank
+        size = sketch_size or 2 * rank
         if size <= rank:
             raise ValueError(f"sketch_size={size} must exceed rank={rank} (Frequent Directions' error falls as "
-                             "1/(sketch_size − rank)); try 4·rank")
+                             "1/(sketch_size − rank)); try 2·rank or more")
         B, total = _frequent_directions(X, size, block_rows)
         _, s, Vt = np.linalg.svd(B, full_matrices=False)
+        if refine:
+            s, Vt = _rayleigh_ritz(X, Vt, rank, block_rows)
         return _span(Vt[:rank], s[:rank], total)
     if method == "svd_compressed":
         import dask.array as da
 
-        if not hasattr(X, "dask"):
-            X = da.from_zarr(X) if isinstance(X, zarr.Array) else da.from_array(X)
+        if isinstance(X, zarr.Array):
+            storage = X.attrs.get("storage_dtype")
+            X = da.from_zarr(X).map_blocks(store.decode, storage, dtype=np.float32)
+        elif not hasattr(X, "dask"):
+            X = da.from_array(X)
         X = X.astype(np.float32).rechunk({0: block_rows, 1: -1})
         _, s, Vt = da.linalg.svd_compressed(X, rank, n_power_iter=n_power_iter, seed=seed, compute=True)
         total = (X.astype(np.float64) ** 2).sum()

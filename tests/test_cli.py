@@ -43,11 +43,13 @@ def test_dry_run_prints_the_plan(capsys):
 def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     out = tmp_path / "study"
     args = ["sweep", "experiments/default.yaml", "--out", str(out),
-            *sets({"sweep.runs": 7, "sweep.workers": 1, "sweep.reference_runs": 2, "train.steps": 24})]
+            *sets({"sweep.runs": 7, "sweep.workers": 1, "sweep.reference_runs": 2, "train.steps": 60,
+                   "train.batch_size": 32, "task.n_test": 200, "sweep.lr": "[5e-3,3e-2]",
+                   "task.shifts": "[space,order,zeropad,spaced_ops]"})]
     assert main(args) == 0
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 9 and table["run_id"].is_unique
-    assert {"acc_ID", "acc_length", "lr", "weight_decay", "init_seed", "data_seed"} <= set(table.columns)
+    assert {"acc_ID", "acc_space", "lr", "weight_decay", "init_seed", "data_seed"} <= set(table.columns)
     assert main(args) == 0  # re-running a finished sweep records nothing twice
     assert len(pd.read_csv(out / "results.csv")) == 9
 

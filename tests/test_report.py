@@ -3,6 +3,7 @@ and rendered by headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import os
 import re
@@ -120,9 +121,10 @@ def test_report_notes_missing_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "gradtrace.predict", None)
     page = report.write_report(exp, benchmarks_dir=tmp_path / "no-benchmarks").read_text()
     assert page.count("<img ") == 1  # only accuracy on the line can be drawn
-    for text in ("gradtrace.stats is not available", "gradtrace.predict is not available", "gap.csv not found",
+    for text in ("gradtrace.stats is not available", "gradtrace.predict is not available",
                  "config.yaml not found", "is not a gradtrace store", "No benchmark outputs found"):
         assert text in page, text
+    assert "Generalisation gap: stats.csv missing and gradtrace.stats is not available" in page
 
 
 def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,6 +139,8 @@ def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.Monke
         shutil.copy(full / "stats.csv", Path(exp_dir) / "stats.csv")
 
     monkeypatch.setitem(sys.modules, "gradtrace.stats", types.SimpleNamespace(stats_report=stats_report))
+    assert report.load_inputs(exp, compute_missing=False).notes["stats"].startswith("stats.csv not found")
+    assert calls == []
     inputs = report.load_inputs(exp)
     assert calls == [exp] and inputs.stats is not None and "stats" not in inputs.notes
     assert inputs.origins["stats"].startswith("computed for this report by gradtrace.stats.stats_report")
@@ -192,3 +196,29 @@ def test_report_renders_in_chromium(written: tuple[Path, str], tmp_path: Path) -
     assert done.returncode == 0 and shot.read_bytes().startswith(PNG_MAGIC), done.stderr[-2000:]
     with Image.open(shot) as im:
         assert im.size == (1100, 6000) and len(im.convert("L").getcolors(1 << 16) or []) > 10  # not blank
+
+
+def _paper_build():
+    """paper/build.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("paper_build", Path(__file__).parents[1] / "paper" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_build(written: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _paper_build()
+    exp = written[0].parent.parent
+    assert build.main(["--store", str(exp), "--out", str(tmp_path)]) == 0
+    paper = (tmp_path / "build" / "paper.md").read_text()
+    assert "{{" not in paper and "}}" not in paper
+    assert re.search(r"partial r = −?\d\.\d\d\[\^stats\]", paper)
+    assert "Spearman ρ = −0.50[^scores]" in paper and "[^stats]: `stats.csv` of store" in paper
+    assert "![Figure 1. Accuracy on the line](../figures/accuracy_on_the_line.png)" in paper
+    assert "**[missing: config.yaml has no 'task.n_test']**" in paper  # the fixture's config omits it
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {f"{name}.png" for name in FIGURES}
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)  # figures were checked above
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "strict"), "--strict"]) == 1
+    assert build.main(["--store", str(tmp_path / "absent")]) == 2
+    assert "make demo" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""Ensembles: every member trains exactly like a standalone run and lands in the store like one."""
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import gradtrace.ensemble as ensemble_module
+import gradtrace.train as train_module
+from conftest import tiny_config
+from gradtrace.ensemble import WALL_TIME_NOTE, StackedAdamW, check_members, train_ensemble
+from gradtrace.train import train
+
+MEMBERS = {"a": {"train__init_seed": 1, "train__data_seed": 2, "train__lr": 2e-3, "train__weight_decay": 0.0},
+           "b": {"train__init_seed": 3, "train__data_seed": 4, "train__lr": 1e-2, "train__weight_decay": 0.1},
+           "c": {"train__init_seed": 5, "train__data_seed": 6, "train__lr": 1e-3, "train__weight_decay": 0.05}}
+SCALARS = ["step", "loss", "lr", "grad_norm", "nonfinite", "layer_grad_norm", "layer_update_norm", "layer_v_mean",
+           "layer_v_quantile", "evals/step", "evals/accuracy"]
+
+
+def member_config(**overrides):
+    return tiny_config(**{"train__steps": 30, "train__eval_every": 15, "capture__enabled": False, **overrides})
+
+
+def evaluated_parameters(monkeypatch, module) -> list[dict[str, torch.Tensor]]:
+    """Spy on `module.correctness`: the parameters of every model it evaluates, in call order."""
+    seen, real = [], module.correctness
+
+    def spy(model, task, *args, **kwargs):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return real(model, task, *args, **kwargs)
+    monkeypatch.setattr(module, "correctness", spy)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The three members trained as one ensemble and standalone, with the parameters each finished with."""
+    out = tmp_path_factory.mktemp("ensemble")
+    cfgs = [member_config(**m) for m in MEMBERS.values()]
+    with pytest.MonkeyPatch.context() as mp:
+        seen = evaluated_parameters(mp, ensemble_module)
+        results = train_ensemble(cfgs, out / "ensemble", list(MEMBERS), ["sweep"] * 3)
+        ensemble_final = seen[-3:]  # one final evaluation per member, after those during training
+    standalone, standalone_final = [], []
+    for cfg, run_id in zip(cfgs, MEMBERS):
+        with pytest.MonkeyPatch.context() as mp:
+            seen = evaluated_parameters(mp, train_module)
+            standalone.append(train(cfg, out / "standalone", run_id, role="sweep", progress=False))
+            standalone_final.append(seen[-1])
+    return {"out": out, "results": results, "standalone": standalone, "ensemble_final": ensemble_final,
+            "standalone_final": standalone_final}
+
+
+def test_members_end_with_the_parameters_of_standalone_runs(trained):
+    for ens, solo in zip(trained["ensemble_final"], trained["standalone_final"]):
+        assert ens.keys() == solo.keys()
+        for name in ens:
+            # The key bias has a gradient that is zero but for rounding (softmax ignores a per-query constant); Adam
+            # turns that noise into updates, so any reordering of float sums moves it by up to ~1e-4 in 30 steps.
+            atol = 1e-4 if name.endswith("query_key_value.bias") else 1e-5
+            torch.testing.assert_close(ens[name], solo[name], atol=atol, rtol=0, msg=name)
+    # the members really differ (seeds, lr, weight decay), so equality is not trivial
+    a, b = trained["ensemble_final"][:2]
+    assert not torch.allclose(a["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_members_are_stored_like_standalone_runs(trained):
+    ens = zarr.open_group(trained["out"] / "ensemble" / "store.zarr", mode="r")
+    solo = zarr.open_group(trained["out"] / "standalone" / "store.zarr", mode="r")
+    for run_id, result, reference in zip(MEMBERS, trained["results"], trained["standalone"]):
+        e, s = dict(ens[run_id].attrs), dict(solo[run_id].attrs)
+        assert e["status"] == "complete" and e["wall_time_note"] == WALL_TIME_NOTE
+        for key in ("accuracy", "seeds", "hparams", "steps", "steps_done", "role", "config", "splits", "layout",
+                    "adam", "nonfinite_steps", "last_durable_step"):
+            assert e[key] == s[key], key
+        assert result.accuracy == reference.accuracy and result.hparams == reference.hparams
+        assert result.seeds == reference.seeds and result.row().keys() == reference.row().keys()
+        np.testing.assert_array_equal(ens[run_id]["eval/correct"][:], solo[run_id]["eval/correct"][:])
+        for name in SCALARS:
+            a, b = ens[run_id][name], solo[run_id][name]
+            assert a.shape == b.shape and a.metadata.dimension_names == b.metadata.dimension_names, name
+            np.testing.assert_allclose(a[:], b[:], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert any(a > 0 for r in trained["results"] for a in r.accuracy.values())  # accuracies are not all zero
+
+
+def test_stacked_adamw_matches_torch_adamw():
+    gen = torch.Generator().manual_seed(0)
+    lr, wd = torch.tensor([1e-3, 3e-3, 1e-2], dtype=torch.float64), torch.tensor([0.0, 0.05, 0.1])
+    start = torch.randn(3, 50, generator=gen)
+    grads = [torch.randn(3, 50, generator=gen) for _ in range(20)]
+    stacked = StackedAdamW(start.clone(), wd, (0.9, 0.98), 1e-8)
+    for step, g in enumerate(grads):
+        stacked.step(g, lr * (step + 1) / 20)
+    for i in range(3):
+        p = torch.nn.Parameter(start[i].clone())
+        opt = torch.optim.AdamW([p], lr=lr[i].item(), betas=(0.9, 0.98), eps=1e-8, weight_decay=wd[i].item())
+        for step, g in enumerate(grads):
+            opt.param_groups[0]["lr"] = lr[i].item() * (step + 1) / 20
+            p.grad = g[i].clone()
+            opt.step()
+        torch.testing.assert_close(stacked.params[i], p.detach(), atol=0, rtol=0)  # the same float operations
+
+
+def test_members_must_share_everything_but_seeds_and_hparams():
+    with pytest.raises(ValueError, match="model.name, train.steps"):
+        check_members([member_config(), member_config(model__name="tiny", train__steps=10, train__lr=1e-3)])
+    with pytest.raises(ValueError, match="capture.enabled=true"):
+        check_members([tiny_config()])
+    with pytest.raises(ValueError, match="one distinct run id"):
+        train_ensemble([member_config()] * 2, "unused", ["x", "x"])
+
+
+def test_rerun_retrains_only_members_not_complete(tmp_path):
+    cfgs = [member_config(train__steps=6, train__eval_every=0, **m) for m in list(MEMBERS.values())[:2]]
+    first = train_ensemble(cfgs, tmp_path, ["a", "b"])
+    root = zarr.open_group(tmp_path / "store.zarr", mode="a")
+    created_a = root["a"].attrs["created"]
+    root["b"].attrs["status"] = "running"  # as if the ensemble had been killed before b was complete
+    with pytest.raises(FileExistsError):
+        train_ensemble(cfgs, tmp_path, ["a", "b"])
+    again = train_ensemble(cfgs, tmp_path, ["a", "b"], resume=True)
+    assert [r.accuracy for r in again] == [r.accuracy for r in first]
+    assert root["a"].attrs["created"] == created_a and root["b"].attrs["status"] == "complete"
+    assert root["b"].attrs["ensemble"] == {"members": ["b"], "index": 0}
