@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--memory-limit-mb", type=int, default=1024,
                         help="address space the streaming computation may add to the warmed-up interpreter")
     parser.add_argument("--methods", default="frequent_directions,svd_compressed")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the in-memory timing (best is reported)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--child", nargs=5, metavar=("PATH", "METHOD", "RANK", "LIMIT_MB", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,13 +120,19 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, load average {os.getloadavg()[0]:.1f}")
 
     X = make_data(args.rows, args.dim, seed=0)
-    start = time.perf_counter()
-    span = top_span(X, args.rank)
-    seconds = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(args.repeats):  # a shared machine: report the best and the median of a few repeats
+        wall, cpu = time.perf_counter(), time.process_time()
+        span = top_span(X, args.rank)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    seconds = min(walls)
     results["in_memory"] = {"rows": args.rows, "dim": args.dim, "rank": args.rank, "seconds": seconds,
-                            "explained": span.explained, "goal_seconds": 10.0}
-    print(f"in memory: top-{args.rank} span of {args.rows}×{args.dim} float32 in {seconds:.2f} s "
-          f"(goal ≤ 10 s), explains {span.explained:.1%} of the energy")
+                            "seconds_all": walls, "cpu_seconds_all": cpus, "explained": span.explained,
+                            "goal_seconds": 10.0}
+    print(f"in memory: top-{args.rank} span of {args.rows}×{args.dim} float32 in {seconds:.2f} s best, "
+          f"{float(np.median(walls)):.2f} s median of {args.repeats} (goal ≤ 10 s; CPU time "
+          f"{float(np.median(cpus)):.1f} s), explains {span.explained:.1%} of the energy")
     del X
 
     workdir = Path(tempfile.mkdtemp(prefix="gradtrace-bench-"))
@@ -177,7 +184,9 @@ def main() -> None:
     print(f"\nwrote {OUT / name}\n\nsummary for benchmarks/README.md:")
     mem = results["in_memory"]
     print(f"- subspace: top-{mem['rank']} span of a {mem['rows']}×{mem['dim']} float32 trajectory (randomised SVD, "
-          f"in memory): {mem['seconds']:.1f} s on {os.cpu_count()} cores (goal ≤ 10 s).")
+          f"in memory): {mem['seconds']:.1f} s best of {len(mem['seconds_all'])} "
+          f"(median {float(np.median(mem['seconds_all'])):.1f} s) on {os.cpu_count()} cores, load average "
+          f"{results['machine']['loadavg_start']:.1f} → {results['machine']['loadavg_end']:.1f} (goal ≤ 10 s).")
     ooc = results["out_of_core"]
     for method, row in ooc["methods"].items():
         if "error" in row:

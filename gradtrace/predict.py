@@ -125,8 +125,10 @@ def _load_run(group: zarr.Group, run_id: str, lazy: bool | None) -> ReferenceRun
 
 
 def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[str] | None = None,
-                   lazy: bool | None = None) -> ReferenceData:
-    """The reference runs (role == "reference", status complete) of an experiment, or the runs named in run_ids.
+                   lazy: bool | None = None, role: str = "reference") -> ReferenceData:
+    """The reference runs (attribute `role`, status complete) of an experiment, or the runs named in run_ids.
+
+    `role="base"` reads a pretraining run's store (frontier studies, `predict.reference_role`).
 
     Refuses runs whose sketches (kind, dim, seed, parameter layout), splits or probe losses differ. With lazy=True
     the (T, k) trajectories are dask arrays read on demand (for stores larger than memory); None (default) does
@@ -135,9 +137,9 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
     root = _open_store(exp_dir_or_store)
     available = store.runs(root)
     if run_ids is None:
-        chosen = [r for r in available if root[r].attrs.get("role") == "reference"]
+        chosen = [r for r in available if root[r].attrs.get("role") == role]
         if not chosen:
-            raise ValueError(f"no reference runs (role == 'reference') in {root.store}; runs there: "
+            raise ValueError(f"no reference runs (role == {role!r}) in {root.store}; runs there: "
                              f"{available[:10]}{' …' if len(available) > 10 else ''}. Set sweep.reference_runs ≥ 1 "
                              "(≥ 4 for the mini-sweep predictors) and run the sweep, or pass run_ids=[...]")
     else:
@@ -431,7 +433,8 @@ class CovariancePredictor(_AtProbe):
 
     Σ is the sample covariance of the sketched updates Δθ_t over the last `tail` of recorded steps (movement
     near where G is measured); `covariance_dominant` keeps its top-`rank` span, `covariance_bulk` the rest
-    (Σ = Σ_dominant + Σ_bulk exactly). C = Gᵀ Σ G is formed from projections (U G), never a k×k matrix.
+    (Σ = Σ_dominant + Σ_bulk exactly; `rank` applies to those two). C = Gᵀ Σ G is formed from projections
+    (U G), never a k×k matrix.
     """
 
     name, baseline = "covariance", True
@@ -790,8 +793,10 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
     """One row per predictor scoring its S×S matrix against observed pairs (gradtrace.stats output).
 
     accuracies: the sweep's runs × `acc_<split>` table the observed matrix came from; it gives the noise ceiling
-    and the bootstrap over runs of the Spearman (NaN without it). Columns: see SCORE_COLUMNS; `group` is
-    preregistered / baseline / exploratory.
+    and the bootstrap CI of the Spearman (sweep runs resampled, the observed matrix recomputed, the prediction
+    held fixed); both are NaN without it. sign_acc counts pairs whose observed CI excludes 0; majority_sign_acc is
+    the best any constant sign could score there. Columns: SCORE_COLUMNS; `group` is preregistered / baseline /
+    exploratory.
     """
     if isinstance(predicted, pd.DataFrame):
         predicted = {"predicted": predicted}
@@ -894,7 +899,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     names = _planned(predictors, preregistered, exploratory)
     n_items = int(cfg.task.n_test)
 
-    reference = load_reference(exp_dir)
+    reference = load_reference(exp_dir, role=cfg.predict.reference_role)
     results = pd.read_csv(exp_dir / "results.csv")
     sweep = results[results["role"] == "sweep"] if "role" in results.columns else results
     if sweep.empty:

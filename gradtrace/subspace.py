@@ -316,7 +316,8 @@ def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps:
 
     quantity: `update` (Δθ_t), `grad` (g_t), `adam_m` (m_t) or `adam_update` = −Δθ_t / lr_t, Adam's
     preconditioned step direction m̂/(√v̂+ε) plus the decoupled weight-decay term wd·θ_t (exactly Adam's direction
-    when weight decay is 0); unlike `update` it is not weighted by the learning-rate schedule.
+    when weight decay is 0); unlike `update` it is not weighted by the learning-rate schedule (steps with lr = 0
+    are skipped).
     steps: slice(start, stop) in optimizer steps (the `step` array), stop exclusive. method: `auto` reads the
     window into memory when it fits in 2 GiB and streams it (Frequent Directions) otherwise, or name
     `randomized`, `full`, `frequent_directions` or `svd_compressed`.
@@ -331,10 +332,11 @@ def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps:
     lazy = store.read_lazy(group, source)[lo:hi]
     if quantity == "adam_update":
         lr = store.read(group, "lr")[lo:hi].astype(np.float64)
-        if np.any(lr <= 0):
-            raise ValueError(f"adam_update divides by the learning rate, but lr ≤ 0 at {int(np.sum(lr <= 0))} "
-                             "selected step(s); choose a window after warm-up starts (steps=slice(1, None))")
-        lazy = -lazy / lr[:, None].astype(np.float32)
+        if np.any(lr < 0) or not np.any(lr > 0):
+            raise ValueError("adam_update divides updates by the learning rate, which is negative or zero throughout "
+                             "the selected steps; check the recorded `lr` or choose another window")
+        taken = np.flatnonzero(lr > 0)  # steps with lr = 0 (e.g. the first warm-up step) moved nothing
+        lazy = -lazy[taken] / lr[taken, None].astype(np.float32)
     if method == "auto":
         method = "randomized" if lazy.nbytes <= IN_MEMORY_BYTES else "frequent_directions"
     if method in STREAMING_METHODS:

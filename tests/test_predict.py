@@ -1,6 +1,7 @@
 """Predictors and scoring on a planted experiment where the first-order model holds exactly."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,13 +232,13 @@ def test_path_integral_is_exact_for_linear_losses(planted):
     np.testing.assert_allclose(path.predict().matrix.to_numpy(), measured, atol=1e-3)
 
 
-def test_path_needs_every_step(tmp_path, planted):
+def test_path_needs_every_step(planted):
     ref = load_reference(planted.exp_dir)
     run = ref.runs[0]
     keep = run.step % 2 == 0
-    sparse = type(run)(**{**run.__dict__, "step": run.step[keep], "update": run.update[keep]})
+    sparse = dataclasses.replace(run, step=run.step[keep], update=run.update[keep])
     with pytest.raises(ValueError, match="capture.every=1"):
-        PREDICTORS["path_integrated"]().fit(type(ref)(**{**ref.__dict__, "runs": (sparse,)}))
+        PREDICTORS["path_integrated"]().fit(dataclasses.replace(ref, runs=(sparse,)))
 
 
 def test_minisweep_recovers_planted_partials(minisweep):
