@@ -94,3 +94,21 @@ def test_worst_margin_loss_is_small_only_when_every_answer_token_is_right():
     logits[0, 3, 2], logits[0, 3, 6] = -5.0, 5.0  # last answer token wrong
     assert exact_match(logits, tokens, mask).item() is False
     assert worst_margin_loss(logits, tokens, mask) > 10 * good
+
+
+def test_pretrained_tokenizer_gives_one_known_id_per_character(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gradtrace.tasks import CharTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["12+34=46", "# 7-5 = 2", "9080 + 123"] * 50,
+                            trainers.BpeTrainer(special_tokens=["<|endoftext|>"], vocab_size=300))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    tok = CharTokenizer.from_pretrained(str(tmp_path))
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert tok.encode("12+3") == [hf.encode(c)[0] for c in "12+3"]
+    assert tok.eos_id == hf.eos_token_id and tok.vocab_size == len(hf)
+    assert tok.decode(tok.encode(" 90+1=19")) == " 90+1=19"
