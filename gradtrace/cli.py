@@ -141,27 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=12, help="pilot runs (default: 12)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("stats", help=cmd_stats.__doc__)
-    p.add_argument("dir", help="experiment directory")
+    def on_path(name: str, func, arg: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=func.__doc__)
+        p.add_argument(arg, help=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = on_path("stats", cmd_stats, "dir", "experiment directory")
     p.add_argument("--residualize", default="all", choices=["linear", "probit", "spline", "all"])
-    p.set_defaults(func=cmd_stats)
-
-    p = sub.add_parser("predict", help=cmd_predict.__doc__)
-    p.add_argument("dir", help="experiment directory")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("report", help=cmd_report.__doc__)
-    p.add_argument("dir", help="experiment directory")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("info", help=cmd_info.__doc__)
-    p.add_argument("store", help="experiment directory or .zarr store")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("export", help=cmd_export.__doc__)
-    p.add_argument("store", help="experiment directory or .zarr store")
+    on_path("predict", cmd_predict, "dir", "experiment directory")
+    on_path("report", cmd_report, "dir", "experiment directory")
+    on_path("info", cmd_info, "store", "experiment directory or .zarr store")
+    p = on_path("export", cmd_export, "store", "experiment directory or .zarr store")
     p.add_argument("--out", required=True, help="HDF5 file to write")
-    p.set_defaults(func=cmd_export)
     return parser
 
 
