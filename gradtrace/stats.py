@@ -312,8 +312,8 @@ def _check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray
         )
     if len(acc) < 5:
         raise ValueError(
-            f"too few rows: n={len(acc)}, but a partial correlation controlling for ID needs at least 5 (dof n-k-2 >= "
-            f"2 with k=1). A useful estimate needs far more: about {runs_needed(0.3, 0.2, 1)} runs give a 95% CI "
+            f"too few rows: n={len(acc)}, but a partial correlation controlling for ID needs n >= k + 4 = 5 (k=1; "
+            f"dof n-k-2 >= 2). A useful estimate needs far more: about {runs_needed(0.3, 0.2, 1)} runs give a 95% CI "
             "half-width of 0.2 at r = 0.3. Add runs to the sweep (sweep.runs)."
         )
     bad = [c for j, c in enumerate(columns) if np.ptp(acc[:, j]) == 0]

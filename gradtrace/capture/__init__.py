@@ -1,5 +1,17 @@
-"""Capture: seeded linear sketches and the Recorder that writes trajectories through optimizer hooks."""
+"""Capture: seeded linear sketches, the Recorder that writes trajectories through optimizer hooks, and its
+integrations (`attach` for plain / accelerate / DDP loops, `GradtraceCallback` for `transformers.Trainer`)."""
+from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach, sketch_sharded
 from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.capture.sketch import ParamLayout, Sketch, check_compatible, make_sketch
 
-__all__ = ["Recorder", "Probe", "Sketch", "ParamLayout", "make_sketch", "check_compatible"]
+__all__ = ["Recorder", "Probe", "Sketch", "ParamLayout", "make_sketch", "check_compatible", "attach", "RunRecorder",
+           "IdleRecorder", "sketch_sharded", "GradtraceCallback"]
+
+
+def __getattr__(name: str):
+    """`GradtraceCallback` is imported on first use: it pulls in `transformers.Trainer`, which is slow to import."""
+    if name == "GradtraceCallback":
+        from gradtrace.capture.hf import GradtraceCallback
+
+        return GradtraceCallback
+    raise AttributeError(f"module 'gradtrace.capture' has no attribute {name!r}")

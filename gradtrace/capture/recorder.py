@@ -29,7 +29,7 @@ from gradtrace.config import CaptureConfig
 from gradtrace.store import RunWriter
 
 V_QUANTILES = (0.5, 0.9, 0.99)
-V_SAMPLE = 4096  # coordinates per tensor sampled (fixed, seeded) for the quantiles of Adam's v
+V_SAMPLE = 4096  # coordinates per tensor sampled (fixed, seeded) for the quantiles of Adam's v; smaller: all
 
 
 @dataclass
@@ -90,12 +90,14 @@ class Recorder:
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._recording = False
+        self._all_grads = True
         P = self.layout.size
         self._numels = self.layout.numels
-        self._flat = torch.empty(P, device=device)   # scratch for grad / m / v
+        self._flat = torch.empty(P, device=device)   # g_t from before the step until it is sketched, then m / v
+        self._flat_views = [v.view(s) for v, s in zip(self._flat.split(self._numels), self.layout.shapes)]
         self._delta = torch.empty(P, device=device)  # θ_t before the step, then θ_t − θ_{t+1} = −Δθ_t after it
         self._delta_views = [v.view(s) for v, s in zip(self._delta.split(self._numels), self.layout.shapes)]
-        self._v_index = self._quantile_sample(device)
+        self._v_sample = _VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
         self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
         self._declare()
@@ -103,11 +105,6 @@ class Recorder:
                        self.optimizer.register_step_post_hook(self._post_step)]
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _quantile_sample(self, device: torch.device) -> list[torch.Tensor]:
-        """Per tensor, the indices of its fixed v sample, sorted (faster reads; quantiles unchanged)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        return [torch.randint(0, n, (V_SAMPLE,), generator=gen).sort().values.to(device) for n in self._numels]
-
     def _declare(self) -> None:
         w, L, k, dtype = self.writer, len(self._numels), self.k, self.cfg.dtype
         for name in ("loss", "lr", "grad_norm"):
@@ -152,14 +149,16 @@ class Recorder:
         if not self._recording:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self._all_grads = all(p.grad is not None for p in self.params)  # Adam skips parameters without one
+        if "grad" in self.cfg.quantities:  # copied now, sketched after the step (the sketch's map is then warm)
+            flatten_into(grads, self._flat)
+            grads = self._flat_views  # the norms read the fresh copy: warm in cache
         layer_grad = torch.stack(torch._foreach_norm(grads))
         grad_norm = layer_grad.norm()
         finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
         self.nonfinite_steps += not finite
         self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]), "nonfinite": not finite,
                      "layer_grad_norm": layer_grad, "grad_norm": grad_norm}
-        if "grad" in self.cfg.quantities:
-            self._row["grad"] = self.sketch.apply(flatten_into(grads, self._flat))
         if "update" in self.cfg.quantities:
             torch._foreach_copy_(self._delta_views, self.params)
 
@@ -170,16 +169,18 @@ class Recorder:
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
             if "update" in self.cfg.quantities:
                 torch._foreach_sub_(self._delta_views, self.params)  # −Δθ_t: one pass, no extra buffer
-                row["update"] = self.sketch.apply(self._delta).neg_()
                 row["layer_update_norm"] = torch.stack(torch._foreach_norm(self._delta_views))
             else:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"))
+            if "grad" in self.cfg.quantities:  # the two sketches back to back: the second finds the map in cache
+                row["grad"] = self.sketch.apply(self._flat)
+            if "update" in self.cfg.quantities:
+                row["update"] = self.sketch.apply(self._delta).neg_()
             m, v = self._adam_state()
             if "adam_m" in self.cfg.quantities:
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
             row["layer_v_mean"] = torch.stack([x.sum() for x in v]) / self._lengths
-            sample = torch.stack([x.view(-1).index_select(0, i) for x, i in zip(v, self._v_index)])
-            row["layer_v_quantile"] = _row_quantiles(sample, V_QUANTILES)
+            row["layer_v_quantile"] = self._v_sample.quantiles(v)
             self.writer.append({k: _host(v) for k, v in row.items()})
         self._loss_count = 0
         self.step += 1
@@ -193,7 +194,7 @@ class Recorder:
         and Adam's m is an EMA of exactly that gradient (see `_m_follows_gradient`); this saves a flatten and a
         sketch per step and matches the direct sketch to float rounding.
         """
-        if self._m_sketch is not None and grad_sketch is not None:
+        if self._m_sketch is not None and grad_sketch is not None and self._all_grads:
             beta1 = self.optimizer.param_groups[0]["betas"][0]
             self._m_sketch = torch.lerp(self._m_sketch, grad_sketch, 1 - beta1)
             return self._m_sketch
@@ -214,13 +215,14 @@ class Recorder:
                              or not g.get("weight_decay")) for g in groups))
 
     def _adam_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        state = self.optimizer.state
-        try:
-            return [state[p]["exp_avg"] for p in self.params], [state[p]["exp_avg_sq"] for p in self.params]
-        except KeyError:
+        """Adam's m and v per parameter (zeros for a parameter that never had a gradient, hence no state)."""
+        states = [self.optimizer.state.get(p, {}) for p in self.params]
+        if not any("exp_avg" in s for s in states):
             raise ValueError("the Recorder reads Adam's exp_avg/exp_avg_sq; the optimizer has no such state "
                              f"({type(self.optimizer).__name__}). Use Adam/AdamW or drop adam_m from "
-                             "capture.quantities.") from None
+                             "capture.quantities.")
+        return ([s["exp_avg"] if "exp_avg" in s else torch.zeros_like(p) for s, p in zip(states, self.params)],
+                [s["exp_avg_sq"] if "exp_avg_sq" in s else torch.zeros_like(p) for s, p in zip(states, self.params)])
 
     # -- probes -----------------------------------------------------------------------------------------------
     def probe(self) -> None:
@@ -287,16 +289,40 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _row_quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
-    """Quantiles of each row, (rows, len(qs)), interpolated linearly like `torch.quantile`; NaN rows give NaN.
+class _VSample:
+    """Per-tensor quantiles from a fixed seeded sample: every coordinate of a tensor with at most `size` of them,
+    else `size` drawn at random (with replacement). Interpolates like `torch.quantile`."""
 
-    On CPU the sort is numpy's (SIMD, ~40x faster than `torch.sort` at 40 × 4096 on one thread).
-    """
-    s = torch.from_numpy(np.sort(x.numpy(), axis=1)) if x.device.type == "cpu" else x.sort(dim=1).values
-    pos = torch.tensor(qs, dtype=torch.float64) * (x.shape[1] - 1)
-    lo, hi = pos.floor().long().tolist(), pos.ceil().long().tolist()
-    out = torch.lerp(s[:, lo], s[:, hi], (pos - pos.floor()).float().to(s.device))
-    return out.masked_fill_(s[:, -1:].isnan(), float("nan"))  # NaN sorts last
+    def __init__(self, layout: ParamLayout, size: int, qs: tuple[float, ...], seed: int, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.picks = [None if n <= size else torch.randint(0, n, (size,), generator=gen).sort().values.to(device)
+                      for n in layout.numels]  # None: the whole tensor
+        counts = torch.tensor([min(n, size) for n in layout.numels])
+        starts = counts.cumsum(0) - counts
+        self.bounds = list(zip(starts.tolist(), (starts + counts).tolist()))
+        pos = torch.tensor(qs, dtype=torch.float64) * (counts - 1).unsqueeze(1)  # (tensors, quantiles), in-segment
+        self.lo = (starts.unsqueeze(1) + pos.floor().long()).to(device)
+        self.hi = (starts.unsqueeze(1) + pos.ceil().long()).to(device)
+        self.frac = (pos - pos.floor()).float().to(device)
+        self.last = (starts + counts - 1).to(device)
+
+    def sample(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The sampled coordinates of parameter-shaped tensors, concatenated tensor by tensor."""
+        return torch.cat([t.reshape(-1) if i is None else t.reshape(-1).index_select(0, i)
+                          for t, i in zip(tensors, self.picks)])
+
+    def quantiles(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """(tensors, quantiles) of the sampled coordinates; NaN where a tensor's sample holds a NaN."""
+        x = self.sample(tensors)
+        if x.device.type == "cpu":  # numpy's SIMD sort: ~40x torch.sort on one CPU thread
+            values = x.numpy()
+            for a, b in self.bounds:
+                values[a:b].sort()
+        else:
+            for a, b in self.bounds:
+                x[a:b] = x[a:b].sort().values
+        out = torch.lerp(x[self.lo], x[self.hi], self.frac)
+        return out.masked_fill_(x[self.last].isnan().unsqueeze(1), float("nan"))  # NaN sorts last
 
 
 def _host(value) -> np.ndarray | float:

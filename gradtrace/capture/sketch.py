@@ -131,11 +131,14 @@ class CountSketch(Sketch):
     Within each block of k consecutive coordinates the buckets are a bijection (no collisions); each block gets
     an independent random cyclic shift s, so coordinates of different blocks collide uniformly at random. This
     avoids the failure of a plain fold (i mod k) when k is a multiple of a weight matrix's row length. The map is
-    held as a sparse k × P CSR matrix of ±1 (one entry per coordinate, int32 indices), so a whole sketch is one
-    sparse matrix-vector product (2-4× faster on CPU than sign-multiply, gather and sum).
+    held as sparse k × (columns) CSR matrices of ±1, one per band of `BAND` blocks (int32 indices): a sketch is a
+    few sparse matrix-vector products, 2-4× faster on CPU than sign-multiply, gather and sum. Banding keeps the
+    coordinates one output row reads within a few cache lines; one matrix over all of a 70M-parameter model's
+    17k blocks was 12× slower.
     """
 
     kind = "countsketch"
+    BAND: ClassVar[int] = 256  # blocks per CSR band
 
     def __init__(self, layout: ParamLayout, dim: int, seed: int = 0, device="cpu") -> None:
         super().__init__(layout, dim, seed, device)
@@ -144,23 +147,24 @@ class CountSketch(Sketch):
         gen = _generator(seed, 1, P, k)
         self.signs = (torch.randint(0, 2, (P,), generator=gen) * 2 - 1).float().to(self.device)
         self.shifts = torch.randint(0, k, (self.blocks,), generator=gen).to(self.device)
-        self._matrix = self._csr()
+        self._bands = [self._band(b, min(b + self.BAND, self.blocks)) for b in range(0, self.blocks, self.BAND)]
 
-    def _csr(self) -> torch.Tensor:
-        """The map as a CSR matrix: row b holds, block by block, the one coordinate of each block hashed to b."""
+    def _band(self, first: int, last: int) -> tuple[int, int, torch.Tensor]:
+        """Coordinates [start, stop) of blocks first..last-1 and their CSR map: row b holds, block by block, the
+        one coordinate of each block hashed to bucket b."""
         P, k = self.layout.size, self.dim
+        start, stop = first * k, min(last * k, P)
         rows = torch.arange(k, device=self.device)
-        starts = torch.arange(self.blocks, device=self.device) * k
-        cols = starts + (rows.unsqueeze(1) - self.shifts) % k  # (k, blocks): sorted along each row
+        cols = torch.arange(first, last, device=self.device) * k + (rows.unsqueeze(1) - self.shifts[first:last]) % k
         valid = cols < P  # the last block may be partial
         indices = cols[valid]
         crow = torch.zeros(k + 1, dtype=torch.int64, device=self.device)
         crow[1:] = valid.sum(1).cumsum(0)
-        itype = torch.int32 if P < 2**31 else torch.int64
         with warnings.catch_warnings():  # CSR support is labelled beta; matrix-vector products are long stable
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow.to(itype), indices.to(itype), self.signs[indices], size=(k, P),
-                                           check_invariants=False)
+            matrix = torch.sparse_csr_tensor(crow.int(), (indices - start).int(), self.signs[indices],
+                                             size=(k, stop - start), check_invariants=False)
+        return start, stop, matrix
 
     def buckets(self, start: int, n: int) -> torch.Tensor:
         """Bucket of each coordinate in [start, start+n)."""
@@ -175,7 +179,11 @@ class CountSketch(Sketch):
 
     def apply(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(flat)
-        result = self._matrix @ flat.float()
+        flat = flat.float()
+        result = None
+        for start, stop, matrix in self._bands:
+            part = matrix @ flat[start:stop]
+            result = part if result is None else result.add_(part)
         return out.copy_(result) if out is not None else result
 
 

@@ -1,0 +1,207 @@
+"""Capture overhead: training step time with the Recorder (every step recorded) ÷ without, beside wandb.watch.
+
+Every variant trains its own copy of the same model on the same batches. Each round runs, for every captured
+variant in rotating order, a block of capture-free steps and a block of its steps back to back (which goes first
+alternates), so machine-load drift hits both alike; a variant's ratio is the median over rounds of (its step
+time ÷ the adjacent capture-free step time). Three clocks: wall time (`ratio`); this process's CPU time
+(`cpu_ratio`: the cost with a core to itself, the steadier estimate on a machine other jobs share; it misses work
+done in other processes, such as wandb's writer); and CPU time inside `optimizer.step()`, where the Recorder's
+hooks run (`hooks_ratio` = 1 + (its optimizer.step CPU time − the baseline's) ÷ the baseline's step CPU time).
+One torch thread.
+
+    python benchmarks/capture_overhead.py            # default model (tiny, batch 128) and pythia-70m shape
+    python benchmarks/capture_overhead.py --quick    # fewer rounds; pythia-70m with k=4096 and wandb only
+
+Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "k", "what", "ratio", "step_ms_without",
+"step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio"}. wandb (offline) is optional: without it that row is
+skipped with a message.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gradtrace.capture import attach
+from gradtrace.config import CaptureConfig, ModelConfig, load
+from gradtrace.models import build_model, count_parameters
+from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
+
+ALL = ["grad", "update", "adam_m"]
+ROUNDS = {(False, False): 12, (False, True): 5, (True, False): 3, (True, True): 2}  # (pythia-70m?, --quick?)
+
+
+@dataclass
+class Variant:
+    """One training loop being timed: its model and optimizer, what it records, and its per-block timings beside
+    the baseline block it was paired with."""
+
+    what: str
+    k: int | None
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    after_step: Callable[[torch.Tensor], None] = lambda loss: None
+    log: Callable[[torch.Tensor], None] = lambda loss: None
+    hooks_in_step: bool = True  # its capture runs inside optimizer.step (wandb's runs in backward hooks)
+    times: list[tuple[float, float, float]] = field(default_factory=list)  # (wall, CPU, optimizer.step CPU) ms/step
+    paired: list[tuple[float, float, float]] = field(default_factory=list)  # the baseline block's, beside each
+
+
+def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bool, vocab: int, train,
+                  out_dir: Path, stack: contextlib.ExitStack) -> list[Variant]:
+    """The capture-free baseline, grad+update+adam_m at each k, optional per-quantity rows, and wandb.watch."""
+    def pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = build_model(ModelConfig(name=model_name), vocab, seed=0)
+        model.train()
+        return model, torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                                        weight_decay=train.weight_decay)
+
+    def recorded(what: str, k: int, quantities: list[str]) -> Variant:
+        model, opt = pair()
+        rec = attach(model, opt, out_dir, f"{model_name}-{what}-{k}", total_steps=10**6,
+                     capture=CaptureConfig(sketch="countsketch", dim=k, quantities=quantities, probe_every=0))
+        stack.callback(rec.close)
+        return Variant(what, k, model, opt, log=rec.log)
+
+    variants = [Variant("none", None, *pair())]
+    variants += [recorded("grad+update+adam_m", k, ALL) for k in ks]
+    if breakdown:
+        k = 4096 if 4096 in ks else ks[0]
+        variants += [recorded(q, k, [q]) for q in ALL] + [recorded("per-layer stats only", k, [])]
+    if use_wandb:
+        variants.append(wandb_variant(pair, out_dir, stack))
+    return variants
+
+
+def wandb_variant(pair: Callable, out_dir: Path, stack: contextlib.ExitStack) -> Variant:
+    """wandb.watch(model, log="gradients", log_freq=1) in offline mode, logging the loss each step as users do."""
+    import wandb
+
+    os.environ["WANDB_MODE"] = "offline"
+    run = wandb.init(mode="offline", dir=str(out_dir), project="gradtrace-bench", settings=wandb.Settings(
+        silent=True, console="off"))
+    stack.callback(run.finish)
+    model, opt = pair()
+    run.watch(model, log="gradients", log_freq=1)
+    return Variant("wandb.watch(gradients, log_freq=1)", None, model, opt,
+                   after_step=lambda loss: run.log({"loss": loss.item()}), hooks_in_step=False)
+
+
+def train_step(v: Variant, task: ArithmeticTask, step: int, batch: int, clip: float) -> float:
+    """One step of the default training loop (as gradtrace.train) with the variant's capture; returns the CPU
+    seconds spent in optimizer.step (where the Recorder's hooks run)."""
+    tokens, mask = task.train_batch(step, 0, batch)
+    loss = answer_cross_entropy(v.model(input_ids=tokens).logits, tokens, mask)
+    v.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(v.model.parameters(), clip)
+    v.log(loss)
+    began = time.process_time()
+    v.optimizer.step()
+    spent = time.process_time() - began
+    v.after_step(loss)
+    return spent
+
+
+def run_block(v: Variant, task: ArithmeticTask, start: int, steps: int, batch: int,
+              clip: float) -> tuple[float, float, float]:
+    """Wall ms, CPU ms and optimizer.step CPU ms per step over `steps` steps from batch `start`."""
+    wall, cpu, in_step = time.perf_counter(), time.process_time(), 0.0
+    for i in range(steps):
+        in_step += train_step(v, task, start + i, batch, clip)
+    return ((time.perf_counter() - wall) / steps * 1000, (time.process_time() - cpu) / steps * 1000,
+            in_step / steps * 1000)
+
+
+def measure(base: Variant, variants: list[Variant], task: ArithmeticTask, batch: int, clip: float, rounds: int,
+            block: int) -> None:
+    """Warm up, then `rounds` rounds; in each, every variant's block sits beside a baseline block (same batches)."""
+    for v in [base, *variants]:
+        run_block(v, task, 0, 2, batch, clip)
+    step = 0
+    for r in range(rounds):
+        for i in range(len(variants)):
+            v = variants[(i + r) % len(variants)]
+            first, second = (base, v) if (i + r) % 2 == 0 else (v, base)
+            timed = {id(first): run_block(first, task, step, block, batch, clip),
+                     id(second): run_block(second, task, step, block, batch, clip)}
+            v.times.append(timed[id(v)])
+            v.paired.append(timed[id(base)])
+        step += block
+        print(f"  round {r + 1}/{rounds} (wall ratios): " + ", ".join(
+            f"{v.what}@{v.k}: {v.times[-1][0] / v.paired[-1][0]:.3f}" for v in variants), flush=True)
+
+
+def records(model_name: str, variants: list[Variant]) -> list[dict]:
+    """One record per captured variant: medians over its pairings of the wall, CPU and hooks ratios."""
+    out = []
+    for v in variants:
+        (wall, cpu, opt), (base_wall, base_cpu, base_opt) = np.array(v.times).T, np.array(v.paired).T
+        ratios = wall / base_wall
+        hooks = 1 + (opt - base_opt) / base_cpu
+        out.append({"model": model_name, "k": v.k, "what": v.what, "ratio": round(float(np.median(ratios)), 4),
+                    "step_ms_without": round(float(np.median(base_wall)), 2),
+                    "step_ms_with": round(float(np.median(wall)), 2),
+                    "ratio_iqr": [round(float(q), 4) for q in np.percentile(ratios, [25, 75])],
+                    "cpu_ratio": round(float(np.median(cpu / base_cpu)), 4),
+                    "hooks_ratio": round(float(np.median(hooks)), 4) if v.hooks_in_step else None})
+    return out
+
+
+def main() -> None:
+    """Parse arguments, time every model's variants, print the table and write the JSON records."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds; pythia-70m with k=4096 only")
+    parser.add_argument("--models", default="tiny,pythia-70m", help="comma-separated: tiny, pythia-70m, micro")
+    parser.add_argument("--ks", default="1024,4096,16384", help="sketch dims for grad+update+adam_m")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 12 tiny, 3 pythia; quick: 5, 2)")
+    parser.add_argument("--no-wandb", action="store_true", help="skip the wandb.watch row")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "capture_overhead.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = load(Path(__file__).parents[1] / "experiments" / "default.yaml")
+    train, task = cfg.train, ArithmeticTask(cfg.task)
+    use_wandb = not args.no_wandb
+    if use_wandb and importlib.util.find_spec("wandb") is None:
+        print("wandb is not installed: skipping the wandb.watch row (pip install wandb to include it)")
+        use_wandb = False
+    ks = [int(k) for k in args.ks.split(",")]
+    results = []
+    for name in args.models.split(","):
+        big = name == "pythia-70m"
+        batch, block = (8, 2) if big else (train.batch_size, 4)
+        rounds = args.rounds or ROUNDS[(big, args.quick)]
+        model_ks = [4096] if big and args.quick else ks
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+            variants = make_variants(name, model_ks, not big, use_wandb, task.tokenizer.vocab_size, train,
+                                     Path(tmp), stack)
+            params = count_parameters(variants[0].model)
+            print(f"{name}: {params:,} parameters, batch {batch}, {rounds} rounds × {block} steps per block",
+                  flush=True)
+            measure(variants[0], variants[1:], task, batch, train.clip, rounds, block)
+            results += records(name, variants[1:])
+    print(f"\n{'model':<11} {'k':>6}  {'recorded':<36} {'ratio':>6} {'(IQR)':<13} {'cpu':>6} {'hooks':>6} "
+          f"{'ms without':>10} {'ms with':>8}")
+    for r in results:
+        iqr = f"({r['ratio_iqr'][0]:.3f}-{r['ratio_iqr'][1]:.3f})"
+        print(f"{r['model']:<11} {r['k'] or '-':>6}  {r['what']:<36} {r['ratio']:>6.3f} {iqr:<13} "
+              f"{r['cpu_ratio']:>6.3f} {r['hooks_ratio'] or float('nan'):>6.3f} {r['step_ms_without']:>10.1f} "
+              f"{r['step_ms_with']:>8.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

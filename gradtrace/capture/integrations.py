@@ -1,0 +1,154 @@
+"""Attach a Recorder to any training loop (plain torch, accelerate, DDP) in one line, and sum sharded sketches.
+
+A plain or accelerate loop changes by three lines::
+
+    rec = attach(model, optimizer, "runs/exp", run_id="r0", total_steps=1000)   # 1: store + run group + hooks
+    rec.log(loss)                                                               # 2: per (micro-)batch, optional
+    rec.close()                                                                 # 3: flush, mark the run complete
+
+`attach` opens (or creates) the experiment store `out_dir/store.zarr`, creates the run group with the Recorder's
+attributes, and returns a `RunRecorder` whose `close()` marks the run `complete` (used as a context manager, an
+exception marks it `failed`). Under `torch.distributed` (DDP, or accelerate's multi-process launch) gradients are
+identical on every rank after the all-reduce, so one process writes (rank 0 unless `write` says otherwise); the
+others get an `IdleRecorder` whose methods do nothing, so the same loop runs unchanged on every rank. Under accelerate's
+gradient accumulation the wrapped optimizer skips the real `step()` on micro-steps, so only sync steps are
+recorded. When a gradient is sharded across ranks (FSDP/ZeRO), `sketch_sharded` sketches each rank's shard
+and sums the sketches (the sketch is linear), giving every rank the sketch of the whole vector.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from gradtrace import store
+from gradtrace.capture.recorder import Probe, Recorder
+from gradtrace.capture.sketch import Sketch
+from gradtrace.config import CaptureConfig
+
+
+class RunRecorder(Recorder):
+    """A Recorder that owns its run group: `checkpoint()` makes rows durable, `close()` marks the run complete."""
+
+    def __init__(self, group, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
+                 total_steps: int, probes: list[Probe] | None, probe_losses: dict[str, Callable] | None,
+                 start_step: int) -> None:
+        device = next(model.parameters()).device
+        writer = store.RunWriter(group, cfg.chunk, thread=device.type == "cuda")  # a thread only pays off on GPU
+        super().__init__(model, optimizer, writer, cfg, total_steps, probes, probe_losses, start_step)
+        self.group = group
+        self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
+
+    def checkpoint(self) -> None:
+        """Write every recorded row and mark this step durable (call it when you checkpoint the model)."""
+        self.writer.checkpoint(self.step)
+        self.group.attrs.update({"steps_done": self.step, "wall_time_s": time.perf_counter() - self._began})
+
+    def close(self, final_probe: bool = True) -> None:
+        """Take the final probe, write every row, detach the hooks and mark the run complete."""
+        super().close(final_probe)
+        self.writer.close()
+        store.set_status(self.group, "complete", steps_done=self.step, last_durable_step=self.step,
+                         nonfinite_steps=self.nonfinite_steps, wall_time_s=time.perf_counter() - self._began)
+
+    def fail(self, error: BaseException) -> None:
+        """Write what was recorded, detach the hooks and mark the run failed with the error."""
+        super().close(final_probe=False)
+        self.writer.close()
+        store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step)
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if error is None:
+            self.close()
+        else:
+            self.fail(error)
+
+
+class IdleRecorder:
+    """Stands in for the Recorder on processes that do not write (all ranks but one under DDP): does nothing."""
+
+    def log(self, loss: torch.Tensor | float) -> None:
+        """Ignore the loss."""
+
+    def checkpoint(self) -> None:
+        """Nothing to make durable."""
+
+    def close(self, final_probe: bool = True) -> None:
+        """Nothing to close."""
+
+    def __enter__(self) -> "IdleRecorder":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+
+def is_writer(write: bool | None = None) -> bool:
+    """Whether this process writes the store: `write` if given, else whether it is rank 0 (or not distributed)."""
+    if write is not None:
+        return write
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | Path, run_id: str = "run", *,
+           total_steps: int, capture: CaptureConfig | None = None, probes: list[Probe] | None = None,
+           probe_losses: dict[str, Callable] | None = None, attrs: dict[str, Any] | None = None,
+           resume: bool = False, start_step: int = 0, write: bool | None = None) -> RunRecorder | IdleRecorder:
+    """Record a training run into `out_dir/store.zarr/<run_id>` through the optimizer's step hooks.
+
+    `total_steps` sizes the log schedule and skips a probe at the very end (the final probe is taken by
+    `close()`); `probes` are evaluated under `probe_losses` (default: `capture.probe_losses` from
+    `gradtrace.tasks.PROBE_LOSSES`). `resume=True` reopens an existing run at `start_step` (optimizer steps already
+    taken, as restored from your checkpoint), cutting rows recorded after it. `write` overrides which process
+    writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`.
+    """
+    capture = capture or CaptureConfig()
+    if not is_writer(write):
+        return IdleRecorder()
+    if probes and probe_losses is None:
+        from gradtrace.tasks import PROBE_LOSSES
+
+        probe_losses = {name: PROBE_LOSSES[name] for name in capture.probe_losses}
+    device = next(model.parameters()).device
+    probes = [Probe(p.split, p.tokens.to(device), p.mask.to(device)) for p in probes or []]
+    root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
+    group = _run_group(root, run_id, resume, start_step, {
+        "config": {"capture": dataclasses.asdict(capture)}, "role": "reference", "steps": total_steps,
+        "steps_done": start_step, **(attrs or {})})
+    recorder = RunRecorder(group, model, optimizer, capture, total_steps, probes or None, probe_losses, start_step)
+    group.attrs.update(recorder.attrs())
+    return recorder
+
+
+def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str, Any]):
+    """A fresh run group, or (resume) the existing one cut back to `start_step`."""
+    if not (resume and run_id in root):
+        return store.create_run(root, run_id, attrs)
+    group = root[run_id]
+    durable = group.attrs.get("last_durable_step", -1)
+    if group.attrs.get("status") == "complete":
+        raise ValueError(f"run {run_id!r} is already complete; choose another run id to record a new run")
+    if start_step > max(durable, 0):
+        raise ValueError(f"run {run_id!r} is durable only up to step {durable} but training resumes at step "
+                         f"{start_step}: the rows in between were never written. Call recorder.checkpoint() "
+                         "whenever you checkpoint the model, and resume from a checkpoint taken with it.")
+    store.truncate_to(group, start_step)
+    store.set_status(group, "running", steps_done=start_step, last_durable_step=start_step)
+    return group
+
+
+def sketch_sharded(sketch: Sketch, shard: torch.Tensor, start: int, group: Any = None) -> torch.Tensor:
+    """The sketch of a vector sharded across ranks: this rank's coordinates [start, start+len) are sketched and the
+    sketches summed over the process group (all_reduce), so every rank gets the sketch of the whole vector."""
+    out = sketch.apply_range(shard, start)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out

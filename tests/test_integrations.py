@@ -1,0 +1,306 @@
+"""Integrations: `attach` in plain loops, accelerate (accumulation, DDP on 2 gloo processes, sharded sketches),
+and the Hugging Face Trainer callback — each records one row per optimizer step and never changes training."""
+import copy
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import tiny_config
+from gradtrace import store
+from gradtrace.capture import GradtraceCallback, IdleRecorder, Probe, attach, make_sketch, sketch_sharded
+from gradtrace.capture.sketch import ParamLayout
+from gradtrace.config import CaptureConfig
+from gradtrace.models import build_model
+from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
+
+IDENTITY = CaptureConfig(sketch="identity", probe_every=0, chunk=4)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ArithmeticTask(tiny_config().task)
+
+
+def micro(task, seed=0):
+    return build_model(tiny_config().model, task.tokenizer.vocab_size, seed)
+
+
+def flat_params(model) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+
+
+def run_group(out_dir, run_id="r"):
+    return zarr.open_group(out_dir / "store.zarr", mode="r")[run_id]
+
+
+def train_steps(model, opt, task, steps, rec=None, start=0):
+    """A user's plain loop; with `rec` it differs by `rec.log(loss)` only."""
+    for step in range(start, steps):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if rec is not None:
+            rec.log(loss)
+        opt.step()
+
+
+# -- plain loops -------------------------------------------------------------------------------------------------
+def test_attach_records_every_step_and_marks_the_run_complete(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:2]]
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, probes=probes,
+                 capture=CaptureConfig(sketch="countsketch", dim=64, probe_every=3, chunk=4))
+    train_steps(model, opt, task, 6, rec)
+    rec.close()
+    group = run_group(tmp_path)
+    a = dict(group.attrs)
+    assert a["status"] == "complete" and a["steps_done"] == 6 and a["last_durable_step"] == 6
+    assert a["sketch"]["kind"] == "countsketch" and a["splits"] == task.splits[:2] and a["steps"] == 6
+    assert group["step"][:].tolist() == list(range(6)) and group["grad"].shape == (6, 64)
+    assert group["probe/step"][:].tolist() == [0, 3, 6]
+    assert np.isfinite(group["loss"][:]).all()
+
+
+def test_attach_marks_a_crashed_run_failed(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY) as rec:
+            train_steps(model, opt, task, 2, rec)
+            raise RuntimeError("boom")
+    a = dict(run_group(tmp_path).attrs)
+    assert a["status"] == "failed" and "boom" in a["error"]
+    assert run_group(tmp_path)["step"][:].tolist() == [0, 1]
+
+
+def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_path, task):
+    """Record 6 steps with a checkpoint at 3, 'crash' after 5, resume from the checkpoint: rows equal a clean run."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=CaptureConfig(sketch="identity", probe_every=0,
+                                                                                chunk=1))
+    train_steps(model, opt, task, 3, rec)
+    rec.checkpoint()
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train_steps(model, opt, task, 5, rec, start=3)  # killed here: rows 3 and 4 are on disk, past the checkpoint
+    with pytest.raises(ValueError, match="durable only up to step 3"):
+        attach(micro(task), opt, tmp_path, "r", total_steps=6, resume=True, start_step=5)
+
+    model = micro(task)
+    model.load_state_dict(saved[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt.load_state_dict(saved[1])
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=IDENTITY, resume=True, start_step=3)
+    train_steps(model, opt, task, 6, rec, start=3)
+    rec.close()
+
+    clean = micro(task)
+    clean_opt = torch.optim.AdamW(clean.parameters(), lr=3e-3)
+    rec = attach(clean, clean_opt, tmp_path, "clean", total_steps=6, capture=IDENTITY)
+    train_steps(clean, clean_opt, task, 6, rec)
+    rec.close()
+    resumed, reference = run_group(tmp_path), run_group(tmp_path, "clean")
+    assert resumed["step"][:].tolist() == list(range(6)) and resumed.attrs["status"] == "complete"
+    for name in ("grad", "update", "adam_m"):
+        np.testing.assert_allclose(resumed[name][:], reference[name][:], rtol=1e-6, atol=1e-9)
+
+
+def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, write=False)
+    assert isinstance(rec, IdleRecorder)
+    train_steps(model, opt, task, 2, rec)
+    rec.close()
+    assert not (tmp_path / "store.zarr").exists()
+
+
+# -- the Recorder's fast paths (linearity for m, numpy quantiles of v), checked against the optimizer's state -------
+@pytest.mark.parametrize("fused", [False, True])
+def test_sketched_adam_state_matches_the_optimizer(tmp_path, task, fused):
+    """sketch(m) carried by linearity (unfused AdamW) or sketched directly (fused) equals the sketch of the real m;
+    per-tensor v quantiles equal torch.quantile of the same coordinates."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, fused=fused)
+    rec = attach(model, opt, tmp_path, "r", total_steps=12, capture=CaptureConfig(dim=256, probe_every=0))
+    train_steps(model, opt, task, 12, rec)
+    rec.close()
+    group = run_group(tmp_path)
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_allclose(group["adam_m"][-1], rec.sketch.apply(m).numpy(), rtol=1e-4, atol=1e-7)
+    sample = rec._v_sample.sample([opt.state[p]["exp_avg_sq"] for p in model.parameters()])
+    expected = [torch.quantile(sample[a:b], torch.tensor([0.5, 0.9, 0.99])) for a, b in rec._v_sample.bounds]
+    np.testing.assert_allclose(group["layer_v_quantile"][-1], torch.stack(expected).numpy(), rtol=1e-5)
+
+
+def test_parameters_without_gradients_keep_the_sketched_moment_exact(tmp_path, task):
+    """Adam skips a parameter whose .grad is None (its m is not decayed, or never created): sketch(m) still matches."""
+    model = micro(task)
+    extra = torch.nn.Parameter(torch.ones(7))
+    model.register_parameter("extra", extra)
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(5)))  # never has a gradient, nor Adam state
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=5, capture=CaptureConfig(dim=128, probe_every=0))
+    for step in range(5):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        if step < 2:  # `extra` gets gradients on the first steps only, then has .grad None
+            loss = loss + extra.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rec.close()
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) if p in opt.state else torch.zeros(p.numel())
+                   for p in model.parameters()])
+    np.testing.assert_allclose(run_group(tmp_path)["adam_m"][-1], rec.sketch.apply(m).numpy(), rtol=1e-4, atol=1e-7)
+
+
+# -- accelerate ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps process-wide singletons: start and leave each test with clean ones."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_accelerate_accumulation_records_sync_steps_only(tmp_path, task, fresh_accelerate):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = micro(task)
+    initial = flat_params(model)
+    model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=3e-3))
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, capture=IDENTITY)
+    micro_losses = []
+    for i in range(6):  # 6 micro-batches, 3 optimizer steps
+        x, m = task.train_batch(i, 0, 8)
+        with accelerator.accumulate(model):
+            loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            rec.log(loss)
+            opt.step()
+            opt.zero_grad()
+        micro_losses.append(loss.item())
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(group["loss"][:], np.reshape(micro_losses, (3, 2)).mean(1), rtol=1e-6)
+    np.testing.assert_allclose(store.read(group, "update").sum(0), flat_params(model) - initial, atol=2e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: DDP training recorded by rank 0, then a sharded sketch summed across ranks."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked: drop the parent's singletons
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    task = ArithmeticTask(tiny_config().task)
+    model = micro(task)
+    initial = flat_params(model)
+    model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=3e-3))
+    probes = [Probe("ID", *task.probe_set("ID").torch())]
+    rec = attach(model, opt, out_dir, "ddp", total_steps=4, probes=probes,
+                 capture=CaptureConfig(sketch="identity", probe_every=2, chunk=4))
+    for step in range(4):
+        x, m = task.train_batch(step, rank, 8)  # each rank its own data
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        accelerator.backward(loss)
+        rec.log(loss)
+        opt.step()
+    rec.close()
+
+    sketch = make_sketch("countsketch", ParamLayout(("w",), ((1000,),)), 64, seed=5)
+    full = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    lo, hi = (0, 380) if rank == 0 else (380, 1000)  # disjoint, unequal shards
+    summed = sketch_sharded(sketch, full[lo:hi], lo)
+    torch.save({"idle": isinstance(rec, IdleRecorder), "initial": initial, "final": flat_params(model),
+                "sharded": summed, "whole": sketch.apply(full)}, f"{out_dir}/rank{rank}.pt")
+    accelerator.end_training()
+
+
+def test_ddp_two_processes_rank0_writes_once_and_sharded_sketches_sum(tmp_path):
+    torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert not r0["idle"] and r1["idle"]
+    np.testing.assert_array_equal(r0["final"], r1["final"])  # DDP kept the replicas identical
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert store.runs(root) == ["ddp"]
+    group = root["ddp"]
+    assert group["step"][:].tolist() == [0, 1, 2, 3] and group.attrs["status"] == "complete"
+    assert group["probe/step"][:].tolist() == [0, 2, 4]
+    np.testing.assert_allclose(store.read(group, "update").sum(0), r0["final"] - r0["initial"], atol=2e-6)
+    for r in (r0, r1):  # linearity: the all-reduced shard sketches are the sketch of the whole vector
+        torch.testing.assert_close(r["sharded"], r["whole"], rtol=1e-5, atol=1e-5)
+
+
+# -- Hugging Face Trainer ----------------------------------------------------------------------------------------
+def hf_dataset(task, n=32):
+    """Tokenised arithmetic items with loss on answer tokens only (HF shifts the labels inside the model)."""
+    tokens, mask = task.train_batch(0, 0, n)
+    labels = tokens.masked_fill(~mask, -100)
+    return [{"input_ids": t, "labels": y} for t, y in zip(tokens, labels)]
+
+
+def hf_train(task, out_dir, callback=None, accumulation=1, steps=4):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(out_dir / "hf"), per_device_train_batch_size=4, max_steps=steps,
+                             gradient_accumulation_steps=accumulation, learning_rate=3e-3, weight_decay=0.1,
+                             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+                             disable_tqdm=True, dataloader_num_workers=0)
+    model = micro(task)
+    initial = flat_params(model)
+    trainer = Trainer(model=model, args=args, train_dataset=hf_dataset(task),
+                      callbacks=[callback] if callback else None)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model, initial, losses
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_hf_callback_records_each_optimizer_step(tmp_path, task, accumulation):
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=2, chunk=4),
+                                 probes=[Probe("ID", *task.probe_set("ID").torch())])
+    model, initial, logged = hf_train(task, tmp_path, callback, accumulation)
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["status"] == "complete"
+    assert group.attrs["trainer_args"]["gradient_accumulation_steps"] == accumulation
+    assert group["step"][:].tolist() == [0, 1, 2, 3]  # optimizer steps, not micro-batches
+    assert group["probe/step"][:].tolist() == [0, 2, 4]
+    np.testing.assert_allclose(group["loss"][:], logged, rtol=1e-5)  # the loss the Trainer logs
+    np.testing.assert_allclose(store.read(group, "update").sum(0), flat_params(model) - initial, atol=2e-6)
+    assert (store.read(group, "grad_norm") <= 1.0 + 1e-5).all()  # after the Trainer's clipping (max_grad_norm 1)
+
+
+def test_hf_callback_leaves_training_unchanged(tmp_path, task):
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="countsketch", dim=64, probe_every=2),
+                                 probes=[Probe("ID", *task.probe_set("ID").torch())])
+    with_capture, _, _ = hf_train(task, tmp_path, callback, accumulation=2)
+    without, _, _ = hf_train(task, tmp_path, accumulation=2)
+    np.testing.assert_array_equal(flat_params(with_capture), flat_params(without))
