@@ -8,27 +8,30 @@ standalone run of its config to float tolerance, and its run group holds what a 
 `layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`, `accuracy`, `seeds`, `hparams`, `steps`.
 `wall_time_s` is the ensemble's wall time divided by E (attribute `wall_time_note` says so).
 
-Not done here: full sketched capture and probe gradients (reference runs train standalone), mixed precision
-(fp32 only) and checkpoints: a killed ensemble is simply re-run with `resume=True`, which skips its complete
-members and retrains the others from scratch.
+Use eager attention (the embedded models' default): CPU sdpa has no vmap batching rule, so torch loops over the
+members inside attention (and warns). Not done here: full sketched capture and probe gradients (reference runs
+train standalone), mixed precision (fp32 only) and checkpoints: a killed ensemble is simply re-run with
+`resume=True`, which skips its complete members and retrains the others from scratch.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from gradtrace import store
-from gradtrace.capture.recorder import V_QUANTILES, V_SAMPLE
+from gradtrace.capture.recorder import V_QUANTILES, V_SAMPLE, _VSample
 from gradtrace.capture.sketch import ParamLayout
-from gradtrace.config import Config
+from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
-from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
+from gradtrace.tasks import ArithmeticTask, CharTokenizer, answer_cross_entropy
 from gradtrace.train import RunResult, _finished, lr_lambda, resolve_device, seeds
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
@@ -37,7 +40,11 @@ WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divi
 
 
 class StackedAdamW:
-    """torch.optim.AdamW's update rule on E members' flat parameters (E, P), with per-member lr and weight decay."""
+    """torch.optim.AdamW's update rule on E members' flat parameters (E, P), with per-member lr and weight decay.
+
+    Learning rates and weight decays are best given in float64: the factors are formed in float64 and then cast,
+    as torch does with Python floats, so each member's update matches AdamW's bit for bit.
+    """
 
     def __init__(self, params: torch.Tensor, weight_decay: torch.Tensor, betas: tuple[float, float],
                  eps: float) -> None:
@@ -52,7 +59,7 @@ class StackedAdamW:
         """Apply one step given each member's gradient (E, P) and learning rate (E,), as AdamW does per tensor."""
         beta1, beta2 = self.betas
         self.steps += 1
-        lr = lr.reshape(-1, 1).double()  # factors in float64, then cast, as torch does with Python floats
+        lr = lr.reshape(-1, 1).double()
         self.params.mul_((1 - lr * self.weight_decay).to(self.params.dtype))
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -62,7 +69,7 @@ class StackedAdamW:
 
 
 def check_members(cfgs: list[Config]) -> None:
-    """Raise unless the configs differ only in seeds, lr and weight decay, and train fp32 without full capture."""
+    """Raise unless the configs differ only in seeds, lr and weight decay, and train in fp32 without full capture."""
     if not cfgs:
         raise ValueError("an ensemble needs at least one member config")
     first = _dotted(cfgs[0])
@@ -74,9 +81,10 @@ def check_members(cfgs: list[Config]) -> None:
     if cfgs[0].capture.enabled:
         raise ValueError("ensembles record scalars only; full capture (capture.enabled=true) runs standalone with "
                          "gradtrace.train.train. Set capture.enabled=false for ensemble members.")
-    if cfgs[0].train.precision != "fp32":
-        raise ValueError(f"ensembles train in fp32, got train.precision={cfgs[0].train.precision!r}; "
-                         "train mixed-precision runs standalone")
+    t, device = cfgs[0].train, resolve_device(cfgs[0].train.device)
+    if t.precision not in ("fp32", "auto") or (t.precision == "auto" and device.type == "cuda"):
+        raise ValueError(f"ensembles train in fp32, got train.precision={t.precision!r} on {device.type}; "
+                         "set train.precision=fp32 or train mixed-precision runs standalone")
 
 
 def _dotted(cfg: Config) -> dict:
@@ -116,26 +124,27 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
 
 
 def _hparams(cfg: Config) -> dict[str, float]:
+    """The hyper-parameters a run reports (as `train.train` does)."""
     return {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
 
 
-def _train(cfgs: list[Config], root, run_ids: list[str], roles: list[str], overwrite: bool,
+def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list[str], overwrite: bool,
            progress: bool) -> list[RunResult]:
     """The training loop of `train.train`, vectorised over members; writes each member's run group."""
     cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
     device = resolve_device(t.device)
-    task = ArithmeticTask(cfg.task)
+    task = ArithmeticTask(cfg.task, CharTokenizer.from_pretrained(cfg.model.name) if cfg.model.pretrained else None)
     run_seeds = [seeds(c.train) for c in cfgs]
     vocab = task.tokenizer.vocab_size
     model = build_model(cfg.model, vocab, run_seeds[0]["init"]).to(device)  # the skeleton vmap calls; evaluates too
     model.train()
     layout = ParamLayout.of(model)
-    theta = torch.stack([torch.cat([p.detach().reshape(-1) for p in build_model(cfg.model, vocab, s["init"]).parameters()])
-                         for s in run_seeds]).to(device)  # (E, P): member i's parameters in layout order
+    # theta (E, P) holds member i's parameters in row i; params are its (E, *shape) views, updated in place
+    theta = torch.stack([_flat_parameters(build_model(cfg.model, vocab, s["init"])) for s in run_seeds]).to(device)
     params = {name: theta[:, off:off + n].view(E, *shape).requires_grad_()
               for name, shape, off, n in zip(layout.names, layout.shapes, layout.offsets, layout.numels)}
-    optimizer = StackedAdamW(theta, torch.tensor([c.train.weight_decay for c in cfgs], device=device),
-                             tuple(t.betas), t.eps)
+    weight_decay = torch.tensor([c.train.weight_decay for c in cfgs], dtype=torch.float64, device=device)
+    optimizer = StackedAdamW(theta, weight_decay, tuple(t.betas), t.eps)
     peak_lr = torch.tensor([c.train.lr for c in cfgs], dtype=torch.float64, device=device)
     schedule = lr_lambda(t)
 
@@ -159,10 +168,8 @@ def _train(cfgs: list[Config], root, run_ids: list[str], roles: list[str], overw
             tokens, mask = (torch.stack(x) for x in zip(*(task.train_batch(step, s["data"], t.batch_size, device)
                                                           for s in run_seeds)))
             losses = ensemble_loss(params, tokens, mask)
-            losses.sum().backward()  # members are independent: each gets the gradient of its own loss
-            grad = torch.cat([p.grad.reshape(E, -1) for p in params.values()], dim=1)
-            for p in params.values():
-                p.grad = None
+            grads = torch.autograd.grad(losses.sum(), list(params.values()))  # member i's loss reaches only its own
+            grad = torch.cat([g.reshape(E, -1) for g in grads], dim=1)
             norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
             grad.mul_((t.clip / (norm + 1e-6)).clamp_(max=1.0))  # clip_grad_norm_, per member
             lr = peak_lr * schedule(step)
@@ -199,7 +206,7 @@ def _train(cfgs: list[Config], root, run_ids: list[str], roles: list[str], overw
     return results
 
 
-def _recorder_attrs(layout: ParamLayout, t) -> dict:
+def _recorder_attrs(layout: ParamLayout, t: TrainConfig) -> dict:
     """The attributes a standalone run's scalar-only Recorder writes (no sketch: nothing is sketched)."""
     return {"layout": layout.to_json(), "grad_point": "after_clip", "quantities": [],
             "v_quantiles": list(V_QUANTILES), "splits": [], "probe_losses": [],
@@ -223,34 +230,36 @@ def _declare(writer: store.RunWriter, n_params: int, n_splits: int) -> None:
 class _Scalars:
     """Per-member rows of the scalar-only Recorder: gradient statistics before the step, Adam's v after it."""
 
-    def __init__(self, layout: ParamLayout, members: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, layout: ParamLayout, members: int, device: torch.device) -> None:
         self.numels = layout.numels
         self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
-        gen = torch.Generator().manual_seed(seed)  # the Recorder's fixed sample of v's coordinates per tensor
-        self.v_index = torch.stack([off + torch.randint(0, n, (V_SAMPLE,), generator=gen)
-                                    for off, n in zip(layout.offsets, self.numels)]).to(device)
-        self.quantiles = torch.tensor(V_QUANTILES, device=device)
+        self.v_sample = _VSample(layout, V_SAMPLE, V_QUANTILES, CaptureConfig().seed, device)  # the Recorder's
         self.nonfinite = [0] * members  # recorded steps with a NaN/Inf gradient, per member
 
     def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor) -> list[dict]:
         """Each member's step, loss, lr and (clipped) gradient norms."""
         layer_grad = torch.stack([g.norm(dim=1) for g in grad.split(self.numels, dim=1)], dim=1)  # (E, L)
-        finite = torch.isfinite(layer_grad).all(dim=1).tolist()
         rows = []
-        for i, ok in enumerate(finite):
-            self.nonfinite[i] += not ok
-            rows.append({"step": step, "loss": float(losses[i]), "lr": float(lr[i]), "nonfinite": not ok,
-                         "layer_grad_norm": layer_grad[i].numpy(force=True),
-                         "grad_norm": float(layer_grad[i].norm())})
+        for i, norms in enumerate(layer_grad):
+            grad_norm = float(norms.norm())
+            finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
+            self.nonfinite[i] += not finite
+            rows.append({"step": step, "loss": float(losses[i]), "lr": float(lr[i]), "nonfinite": not finite,
+                         "layer_grad_norm": norms.numpy(force=True), "grad_norm": grad_norm})
         return rows
 
     def after_step(self, rows: list[dict], exp_avg_sq: torch.Tensor) -> list[dict]:
         """The rows completed with per-tensor statistics of Adam's v after the step."""
         v_mean = torch.segment_reduce(exp_avg_sq, "mean", lengths=self.lengths, axis=1)  # (E, L)
-        v_quantile = torch.quantile(exp_avg_sq[:, self.v_index], self.quantiles, dim=2).permute(1, 2, 0)  # (E, L, Q)
         nan = np.full(len(self.numels), np.nan, dtype=np.float32)
         return [{**row, "layer_update_norm": nan, "layer_v_mean": v_mean[i].numpy(force=True),
-                 "layer_v_quantile": v_quantile[i].numpy(force=True)} for i, row in enumerate(rows)]
+                 "layer_v_quantile": self.v_sample.quantiles(exp_avg_sq[i].split(self.numels)).numpy(force=True)}
+                for i, row in enumerate(rows)]
+
+
+def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """A model's parameters concatenated in layout order (P,)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 @torch.no_grad()

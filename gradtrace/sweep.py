@@ -67,13 +67,32 @@ def run_config(cfg: Config, run: PlannedRun) -> Config:
     return config_mod.from_dict(cfg.to_dict(), run.overrides)
 
 
-def _execute(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> dict:
-    """Worker entry point: train one planned run (resuming if partial) and return its results row."""
+def _worker_config(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> Config:
+    """The config a worker trains one planned run with (`{out}` in overrides filled in)."""
+    overrides = {k: v.format(out=out) if isinstance(v, str) else v for k, v in run.overrides.items()}
+    return config_mod.from_dict(cfg_dict, {**overrides, "train.threads": threads})
+
+
+def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> list[dict]:
+    """Worker entry point: train one planned run (resuming if partial), or several as one vectorised ensemble
+    (complete members skipped, the others retrained from scratch); return their results rows."""
+    from gradtrace.ensemble import train_ensemble
     from gradtrace.train import train
 
-    overrides = {k: v.format(out=out) if isinstance(v, str) else v for k, v in run.overrides.items()}
-    cfg = config_mod.from_dict(cfg_dict, {**overrides, "train.threads": threads})
-    return train(cfg, out, run.run_id, run.role, resume=True, progress=False).row()
+    cfgs = [_worker_config(cfg_dict, out, r, threads) for r in job]
+    if len(job) == 1:
+        return [train(cfgs[0], out, job[0].run_id, job[0].role, resume=True, progress=False).row()]
+    results = train_ensemble(cfgs, out, [r.run_id for r in job], [r.role for r in job], resume=True)
+    return [r.row() for r in results]
+
+
+def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
+    """Runs grouped into jobs: uncaptured sweep runs in ensembles of `sweep.ensemble`, every other run alone."""
+    size = cfg.sweep.ensemble
+    if size < 1:
+        raise ValueError(f"sweep.ensemble must be >= 1 (1: no ensembles), got {size}")
+    grouped = [r for r in runs if r.role == "sweep" and size > 1 and not cfg.sweep.capture_sweep]
+    return [[r] for r in runs if r not in grouped] + [grouped[i:i + size] for i in range(0, len(grouped), size)]
 
 
 def estimate_seconds(cfg: Config) -> float:
@@ -136,28 +155,28 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
 
 def _dispatch(cfg: Config, out: Path, runs: list[PlannedRun], scheduler: str | None):
     """Yield each finished run's row: in process, on a pool of single-thread workers, or on a dask cluster."""
-    cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
+    cfg_dict, workers, jobs = cfg.to_dict(), cfg.sweep.workers, _jobs(cfg, runs)
     if scheduler:
         from dask.distributed import Client, as_completed
 
         with Client(scheduler) as client:
-            futures = [client.submit(_execute, cfg_dict, str(out), r, 1, pure=False) for r in runs]
+            futures = [client.submit(_execute, cfg_dict, str(out), job, 1, pure=False) for job in jobs]
             for fut in as_completed(futures):
-                yield fut.result()
+                yield from fut.result()
         return
-    if workers <= 1 or len(runs) <= 1:
-        for r in runs:
-            yield _execute(cfg_dict, str(out), r, cfg.train.threads)
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield from _execute(cfg_dict, str(out), job, cfg.train.threads)
         return
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
     try:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_execute, cfg_dict, str(out), r, 1) for r in runs}
+            futures = {pool.submit(_execute, cfg_dict, str(out), job, 1) for job in jobs}
             while futures:
                 finished, futures = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    yield fut.result()
+                    yield from fut.result()
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)

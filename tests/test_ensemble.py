@@ -85,7 +85,8 @@ def test_members_are_stored_like_standalone_runs(trained):
 
 def test_stacked_adamw_matches_torch_adamw():
     gen = torch.Generator().manual_seed(0)
-    lr, wd = torch.tensor([1e-3, 3e-3, 1e-2], dtype=torch.float64), torch.tensor([0.0, 0.05, 0.1])
+    lr = torch.tensor([1e-3, 3e-3, 1e-2], dtype=torch.float64)
+    wd = torch.tensor([0.0, 0.05, 0.1], dtype=torch.float64)
     start = torch.randn(3, 50, generator=gen)
     grads = [torch.randn(3, 50, generator=gen) for _ in range(20)]
     stacked = StackedAdamW(start.clone(), wd, (0.9, 0.98), 1e-8)
