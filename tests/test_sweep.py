@@ -65,6 +65,12 @@ def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
     root = zarr.open_group(tmp_path / "store.zarr")
     assert root["base"].attrs["steps"] == 6
     assert root["run-000"].attrs["config"]["model"]["init_from"].endswith("weights/base/final.safetensors")
+    from gradtrace.predict import PREDICTORS, load_reference
+
+    pretraining = load_reference(tmp_path, role="base")  # frontier mode: predictors read the base run alone
+    assert [r.run_id for r in pretraining.runs] == ["base"]
+    predicted = PREDICTORS["covariance"]().fit(pretraining).predict().matrix
+    assert list(predicted.index) == list(pretraining.splits[1:])
 
 
 def test_calibration_flags_unusable_splits_and_same_axis_pairs():
