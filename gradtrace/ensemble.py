@@ -26,13 +26,13 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from gradtrace import store
-from gradtrace.capture.recorder import V_QUANTILES, V_SAMPLE, _VSample
+from gradtrace.capture.recorder import V_QUANTILES, V_SAMPLE, VSample
 from gradtrace.capture.sketch import ParamLayout
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
 from gradtrace.tasks import ArithmeticTask, CharTokenizer, answer_cross_entropy
-from gradtrace.train import RunResult, _finished, lr_lambda, resolve_device, seeds
+from gradtrace.train import RunResult, finished_result, lr_lambda, resolve_device, seeds
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 SCALARS_EVERY = 10  # the step interval of a standalone run's Recorder when capture is disabled
@@ -113,7 +113,7 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
     if t.threads:
         torch.set_num_threads(t.threads)
     root = store.open_experiment(Path(exp_dir) / "store.zarr", mode="a")
-    done = {i: _finished(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
+    done = {i: finished_result(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
             for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}
     todo = [i for i in range(len(cfgs)) if i not in done]
     if todo:
@@ -233,7 +233,7 @@ class _Scalars:
     def __init__(self, layout: ParamLayout, members: int, device: torch.device) -> None:
         self.numels = layout.numels
         self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
-        self.v_sample = _VSample(layout, V_SAMPLE, V_QUANTILES, CaptureConfig().seed, device)  # the Recorder's
+        self.v_sample = VSample(layout, V_SAMPLE, V_QUANTILES, CaptureConfig().seed, device)  # the Recorder's
         self.nonfinite = [0] * members  # recorded steps with a NaN/Inf gradient, per member
 
     def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor) -> list[dict]:

@@ -82,7 +82,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     run_seeds = seeds(t)
     hparams = {"lr": t.lr, "weight_decay": t.weight_decay}
     if resume and run_id in root and root[run_id].attrs.get("status") == "complete":
-        return _finished(root[run_id], run_id, role, run_seeds, hparams)
+        return finished_result(root[run_id], run_id, role, run_seeds, hparams)
 
     task = ArithmeticTask(cfg.task, CharTokenizer.from_pretrained(cfg.model.name) if cfg.model.pretrained else None)
     model = build_model(cfg.model, task.tokenizer.vocab_size, run_seeds["init"]).to(device)
@@ -175,7 +175,7 @@ def _declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) ->
     return bool(every)
 
 
-def _finished(group, run_id: str, role: str, run_seeds: dict, hparams: dict) -> RunResult:
+def finished_result(group, run_id: str, role: str, run_seeds: dict, hparams: dict) -> RunResult:
     """The result of a run that is already complete in the store."""
     a = group.attrs
     return RunResult(run_id, role, run_seeds, hparams, dict(a["accuracy"]), float(a.get("wall_time_s", 0.0)),

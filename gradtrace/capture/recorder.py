@@ -97,7 +97,7 @@ class Recorder:
         self._flat_views = [v.view(s) for v, s in zip(self._flat.split(self._numels), self.layout.shapes)]
         self._delta = torch.empty(P, device=device)  # θ_t before the step, then θ_t − θ_{t+1} = −Δθ_t after it
         self._delta_views = [v.view(s) for v, s in zip(self._delta.split(self._numels), self.layout.shapes)]
-        self._v_sample = _VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
+        self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
         self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
         self._declare()
@@ -289,7 +289,7 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-class _VSample:
+class VSample:
     """Per-tensor quantiles from a fixed seeded sample: every coordinate of a tensor with at most `size` of them,
     else `size` drawn at random (with replacement). Interpolates like `torch.quantile`."""
 
