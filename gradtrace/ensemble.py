@@ -31,7 +31,7 @@ from gradtrace.capture.sketch import ParamLayout
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
-from gradtrace.tasks import ArithmeticTask, CharTokenizer, answer_cross_entropy
+from gradtrace.tasks import answer_cross_entropy, task_for
 from gradtrace.train import RunResult, finished_result, lr_lambda, resolve_device, seeds
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
@@ -133,7 +133,7 @@ def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list
     """The training loop of `train.train`, vectorised over members; writes each member's run group."""
     cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
     device = resolve_device(t.device)
-    task = ArithmeticTask(cfg.task, CharTokenizer.from_pretrained(cfg.model.name) if cfg.model.pretrained else None)
+    task = task_for(cfg.task, cfg.model)
     run_seeds = [seeds(c.train) for c in cfgs]
     vocab = task.tokenizer.vocab_size
     model = build_model(cfg.model, vocab, run_seeds[0]["init"]).to(device)  # the skeleton vmap calls; evaluates too

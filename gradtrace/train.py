@@ -16,7 +16,7 @@ from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
-from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, CharTokenizer, answer_cross_entropy
+from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy, task_for
 
 
 @dataclass
@@ -84,7 +84,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     if resume and run_id in root and root[run_id].attrs.get("status") == "complete":
         return finished_result(root[run_id], run_id, role, run_seeds, hparams)
 
-    task = ArithmeticTask(cfg.task, CharTokenizer.from_pretrained(cfg.model.name) if cfg.model.pretrained else None)
+    task = task_for(cfg.task, cfg.model)
     model = build_model(cfg.model, task.tokenizer.vocab_size, run_seeds["init"]).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,

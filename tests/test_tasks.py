@@ -4,7 +4,7 @@ import torch
 
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.models import build_model
-from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, worst_margin_loss
+from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, task_for, worst_margin_loss
 from gradtrace.tasks.arithmetic import POOL_SIZE
 
 
@@ -20,6 +20,14 @@ def test_registry_has_id_and_at_least_eight_described_shifts():
 
 def test_default_has_2000_test_items_per_split():
     assert TaskConfig().n_test >= 2000
+
+
+def test_task_for_builds_each_task_config_once_per_process():
+    model = ModelConfig()
+    a, b, c = task_for(small(), model), task_for(small(), model), task_for(small(seed=99), model)
+    assert a is b and a is not c
+    assert a.test_set("ID").prompts == ArithmeticTask(small()).test_set("ID").prompts
+    assert a.test_set("ID") is a.test_set("ID")  # encoded once
 
 
 def test_sets_are_deterministic_given_the_seed():

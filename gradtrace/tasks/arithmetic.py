@@ -1,13 +1,15 @@
 """The synthetic arithmetic task: deterministic test/probe sets per split and a disjoint training stream."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
 
-from gradtrace.config import TaskConfig
+from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks.shifts import Problem, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
@@ -95,12 +97,16 @@ class ArithmeticTask:
         return out
 
     def test_set(self, split: str) -> Encoded:
-        """The split's evaluation items (task.n_test of them)."""
-        return self.encode(self._held_out[split][0])
+        """The split's evaluation items (task.n_test of them), encoded once."""
+        return self._encoded_held_out[split][0]
 
     def probe_set(self, split: str) -> Encoded:
         """The split's fixed probe batch (task.n_probe items), disjoint from its test items."""
-        return self.encode(self._held_out[split][1])
+        return self._encoded_held_out[split][1]
+
+    @cached_property
+    def _encoded_held_out(self) -> dict[str, tuple[Encoded, Encoded]]:
+        return {name: (self.encode(test), self.encode(probe)) for name, (test, probe) in self._held_out.items()}
 
     # -- training stream ---------------------------------------------------------------------------------------
     def train_mix(self) -> dict[str, float]:
@@ -140,3 +146,16 @@ class ArithmeticTask:
         """One rendered test item of `split`, prompt and answer."""
         prompt, answer = self.render(self._held_out[split][0][0])
         return f"{prompt}{answer}"
+
+
+def task_for(task: TaskConfig, model: ModelConfig) -> ArithmeticTask:
+    """The task a run trains on (with the model's own tokenizer when pretrained), built once per process for each
+    task config: a sweep worker reuses its test sets and training pool across runs instead of rebuilding them."""
+    tokenizer = model.name if model.pretrained else None
+    return _cached_task(json.dumps(dataclasses.asdict(task), sort_keys=True), tokenizer)
+
+
+@lru_cache(maxsize=4)
+def _cached_task(task_json: str, tokenizer_name: str | None) -> ArithmeticTask:
+    tokenizer = CharTokenizer.from_pretrained(tokenizer_name) if tokenizer_name else None
+    return ArithmeticTask(TaskConfig(**json.loads(task_json)), tokenizer)
