@@ -109,8 +109,9 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     workers = max(1, cfg.sweep.workers)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
     seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
-    lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps, "
-             f"batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
+    base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
+    lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
+             f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
              f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, ~{sum(seconds) / workers / 60:.0f} min "
              "in all (GPU: see experiments/README.md)"]
     for r in runs[:5]:

@@ -42,7 +42,7 @@ def test_dry_run_prints_the_plan(capsys):
 @pytest.mark.slow
 def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     out = tmp_path / "study"
-    args = ["sweep", "experiments/default.yaml", "--out", str(out),
+    args = ["sweep", "experiments/scratch.yaml", "--out", str(out),
             *sets({"sweep.runs": 7, "sweep.workers": 1, "sweep.reference_runs": 2, "train.steps": 60,
                    "train.batch_size": 32, "task.n_test": 200, "sweep.lr": "[5e-3,3e-2]",
                    "task.shifts": "[space,order,zeropad,spaced_ops]"})]
@@ -67,6 +67,7 @@ def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
 def test_stats_refuses_too_few_runs(tmp_path, capsys):
     out = tmp_path / "few"
     assert main(["sweep", "experiments/default.yaml", "--out", str(out),
-                 *sets({"sweep.runs": 2, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 4})]) == 0
+                 *sets({"sweep.runs": 2, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 4,
+                        "sweep.pretrain_steps": 4})]) == 0
     assert main(["stats", str(out)]) == 2
     assert "82" in capsys.readouterr().err
