@@ -70,11 +70,13 @@ class CaptureConfig:
     every: int = 1  # record every n-th optimizer step
     schedule: str = "every"  # every | log
     probe_every: int = 50
+    v_stats_every: int = 10  # per-tensor mean/quantiles of Adam's v on recorded steps divisible by this (NaN between)
     quantities: list[str] = field(default_factory=lambda: ["grad", "update", "adam_m"])
     probe_losses: list[str] = field(default_factory=lambda: ["ce", "margin"])
     dtype: str = "float32"  # storage dtype of sketched rows: float32 | float16 | bfloat16
     chunk: int = 64  # rows per stored chunk along the step axis
     save_weights: bool = True  # initial and final weights as safetensors beside the store
+    writer_thread: bool | None = None  # write chunks from a background thread; None: on CUDA only
 
 
 @dataclass

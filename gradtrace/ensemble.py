@@ -209,7 +209,7 @@ def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list
 def _recorder_attrs(layout: ParamLayout, t: TrainConfig) -> dict:
     """The attributes a standalone run's scalar-only Recorder writes (no sketch: nothing is sketched)."""
     return {"layout": layout.to_json(), "grad_point": "after_clip", "quantities": [],
-            "v_quantiles": list(V_QUANTILES), "splits": [], "probe_losses": [],
+            "v_quantiles": list(V_QUANTILES), "v_stats_every": SCALARS_EVERY, "splits": [], "probe_losses": [],
             "adam": {"beta1": t.betas[0], "beta2": t.betas[1], "eps": t.eps}}
 
 

@@ -100,7 +100,8 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
                                                 "steps": t.steps, "steps_done": 0}, overwrite=resume)
-    writer = store.RunWriter(group, cfg.capture.chunk)
+    threaded = device.type == "cuda" if cfg.capture.writer_thread is None else cfg.capture.writer_thread
+    writer = store.RunWriter(group, cfg.capture.chunk, thread=threaded)
     recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
     if recorder is not None:
         group.attrs.update(recorder.attrs())

@@ -61,7 +61,7 @@ def test_capture_leaves_training_unchanged(tmp_path, task):
 
 
 def test_recorded_gradient_is_the_clipped_gradient_the_optimizer_used(tmp_path, task):
-    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=4), 6)
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=4, v_stats_every=1), 6)
     model, opt, used = plain_loop(task, 6, factory)
     recorded = store.read(group, "grad")
     for t in range(6):
@@ -111,3 +111,47 @@ def test_log_schedule_records_fewer_steps_densely_early(tmp_path, task):
     steps = group["step"][:].tolist()
     assert steps[0] == 0 and len(steps) < 40 and steps == sorted(set(steps))
     assert np.diff(steps)[0] <= np.diff(steps)[-1]
+
+
+def test_v_statistics_every_n_steps_nan_between(tmp_path, task):
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=16, probe_every=0,
+                                                                 v_stats_every=3), 7)
+    model, opt, _ = plain_loop(task, 7, factory)
+    v_mean, v_q = store.read(group, "layer_v_mean"), store.read(group, "layer_v_quantile")
+    has = [bool(np.isfinite(row).all()) for row in v_mean]
+    assert has == [True, False, False, True, False, False, True]
+    assert [bool(np.isfinite(q).all()) for q in v_q] == has
+    v = [opt.state[p]["exp_avg_sq"] for p in model.parameters()]
+    np.testing.assert_allclose(v_mean[6], [x.mean().item() for x in v], rtol=1e-5)
+    again = Recorder(model, opt, store.RunWriter(group, 8), CaptureConfig(v_stats_every=3), 7)
+    assert again.attrs()["v_stats_every"] == 3
+
+
+def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_path, task):
+    """GradScaler hands a fused optimizer still-scaled gradients plus the scale; the Recorder divides by it, and a
+    step the scaler skips (inf) is neither recorded nor counted."""
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=0, v_stats_every=1), 5)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    rec = factory(model, opt)
+    used = []
+    for step in range(6):
+        x, m = task.train_batch(step, 0, 16)
+        opt.zero_grad()
+        scaler.scale(answer_cross_entropy(model(input_ids=x).logits, x, m)).backward()
+        if step == 2:
+            next(model.parameters()).grad[0] = float("inf")  # the scaler skips this step
+        else:
+            used.append(torch.cat([p.grad.reshape(-1) / scaler.get_scale() for p in model.parameters()]))
+        scaler.step(opt)
+        scaler.update()
+    rec.close()
+    assert group["step"][:].tolist() == [0, 1, 2, 3, 4]  # 5 optimizer steps ran; the skipped one is not counted
+    recorded = store.read(group, "grad")
+    for t in range(5):
+        np.testing.assert_allclose(recorded[t], used[t].numpy(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(group["grad_norm"][:], np.linalg.norm(np.stack([u.numpy() for u in used]), axis=1),
+                               rtol=1e-5)
+    m_final = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_allclose(store.read(group, "adam_m")[-1], m_final.numpy(), rtol=1e-5, atol=1e-10)

@@ -129,7 +129,8 @@ def test_sketched_adam_state_matches_the_optimizer(tmp_path, task, fused):
     per-tensor v quantiles equal torch.quantile of the same coordinates."""
     model = micro(task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, fused=fused)
-    rec = attach(model, opt, tmp_path, "r", total_steps=12, capture=CaptureConfig(dim=256, probe_every=0))
+    rec = attach(model, opt, tmp_path, "r", total_steps=12,
+                 capture=CaptureConfig(dim=256, probe_every=0, v_stats_every=1))
     train_steps(model, opt, task, 12, rec)
     rec.close()
     group = run_group(tmp_path)

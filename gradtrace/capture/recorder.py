@@ -8,7 +8,8 @@ A training loop changes by at most three lines::
 
 The gradient is read in the optimizer's step pre-hook, so it is the gradient the optimizer uses: after clipping
 (clip before `optimizer.step()`) and after unscaling under `torch.amp.GradScaler` (which unscales before calling
-`step`; skipped steps on inf are not recorded). Capture never changes the training result: it reads `.grad`,
+`step`, or, for a fused optimizer, hands it the scale: the Recorder divides by it). Steps the scaler skips on
+inf/NaN are neither recorded nor counted. Capture never changes the training result: it reads `.grad`,
 parameters and optimizer state, and computes probe gradients with `torch.autograd.grad` on separate graphs.
 
 Wrapped models and optimizers are unwrapped: hooks go on the optimizer whose `step` really runs (under
@@ -90,6 +91,7 @@ class Recorder:
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._recording = False
+        self._skipped = False
         self._all_grads = True
         P = self.layout.size
         self._numels = self.layout.numels
@@ -99,6 +101,8 @@ class Recorder:
         self._delta_views = [v.view(s) for v, s in zip(self._delta.split(self._numels), self.layout.shapes)]
         self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
+        if cfg.v_stats_every < 1:
+            raise ValueError(f"capture.v_stats_every must be >= 1, got {cfg.v_stats_every}")
         self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
         self._declare()
         self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
@@ -130,6 +134,7 @@ class Recorder:
         beta1, beta2 = group.get("betas", (0.9, 0.999))
         return {"sketch": self.sketch.spec(), "layout": self.layout.to_json(), "grad_point": "after_clip",
                 "quantities": list(self.cfg.quantities), "v_quantiles": list(V_QUANTILES),
+                "v_stats_every": self.cfg.v_stats_every,
                 "splits": [p.split for p in self.probes], "probe_losses": list(self.probe_losses),
                 "adam": {"beta1": beta1, "beta2": beta2, "eps": group.get("eps", 1e-8)}}
 
@@ -143,6 +148,10 @@ class Recorder:
     # -- hooks ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        scale = getattr(optimizer, "grad_scale", None)  # set by GradScaler.step on a fused optimizer: still scaled
+        self._skipped = scale is not None and bool(getattr(optimizer, "found_inf", 0))  # the step will be skipped
+        if self._skipped:
+            return
         if self.probes and self.step == 0:
             self.probe()
         self._recording = self.step in self.schedule
@@ -152,8 +161,12 @@ class Recorder:
         self._all_grads = all(p.grad is not None for p in self.params)  # Adam skips parameters without one
         if "grad" in self.cfg.quantities:  # copied now, sketched after the step (the sketch's map is then warm)
             flatten_into(grads, self._flat)
+            if scale is not None:
+                self._flat.div_(scale)
             grads = self._flat_views  # the norms read the fresh copy: warm in cache
         layer_grad = torch.stack(torch._foreach_norm(grads))
+        if scale is not None and "grad" not in self.cfg.quantities:
+            layer_grad.div_(scale)
         grad_norm = layer_grad.norm()
         finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
         self.nonfinite_steps += not finite
@@ -164,6 +177,8 @@ class Recorder:
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._skipped:
+            return
         if self._recording:
             row = self._row
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
@@ -179,8 +194,12 @@ class Recorder:
             m, v = self._adam_state()
             if "adam_m" in self.cfg.quantities:
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
-            row["layer_v_mean"] = torch.stack([x.sum() for x in v]) / self._lengths
-            row["layer_v_quantile"] = self._v_sample.quantiles(v)
+            if self.step % self.cfg.v_stats_every == 0:  # v is an EMA over 1/(1−β2) ≥ 50 steps: moves slowly
+                row["layer_v_mean"] = torch.stack(torch._foreach_norm(v, 1)) / self._lengths  # v ≥ 0: L1 = sum
+                row["layer_v_quantile"] = self._v_sample.quantiles(v)
+            else:
+                row["layer_v_mean"] = np.full(len(self._numels), np.nan, dtype=np.float32)
+                row["layer_v_quantile"] = np.full((len(self._numels), len(V_QUANTILES)), np.nan, dtype=np.float32)
             self.writer.append({k: _host(v) for k, v in row.items()})
         self._loss_count = 0
         self.step += 1
