@@ -131,11 +131,13 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     pending = [r for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     base = [r for r in pending if r.role == "base"]
+    rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
     try:
         rest = [r for r in pending if r not in base]  # a base run finishes before the runs that start from it
-        for _ in itertools.chain(_dispatch(cfg, out, base, None), _dispatch(cfg, out, rest, scheduler)):
+        for row in itertools.chain(_dispatch(cfg, out, base, None), _dispatch(cfg, out, rest, scheduler)):
             bar.update()
-            results_table(out).to_csv(out / "results.csv", index=False)
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # kept current: usable mid-sweep
     finally:
         bar.close()
     table = results_table(out)
