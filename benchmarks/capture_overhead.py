@@ -59,17 +59,19 @@ class Variant:
 
 def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bool, vocab: int, train,
                   out_dir: Path, stack: contextlib.ExitStack) -> list[Variant]:
-    """The capture-free baseline, grad+update+adam_m at each k, optional per-quantity rows, and wandb.watch."""
+    """The capture-free baseline, grad+update+adam_m at each k (Adam's v statistics every `v_stats_every` steps, the
+    default), optional per-quantity rows and v statistics every step, and wandb.watch."""
     def pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = build_model(ModelConfig(name=model_name), vocab, seed=0)
         model.train()
         return model, torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
                                         weight_decay=train.weight_decay)
 
-    def recorded(what: str, k: int, quantities: list[str]) -> Variant:
+    def recorded(what: str, k: int, quantities: list[str], v_stats_every: int = CaptureConfig.v_stats_every) -> Variant:
         model, opt = pair()
         rec = attach(model, opt, out_dir, f"{model_name}-{what}-{k}", total_steps=10**6,
-                     capture=CaptureConfig(sketch="countsketch", dim=k, quantities=quantities, probe_every=0))
+                     capture=CaptureConfig(sketch="countsketch", dim=k, quantities=quantities, probe_every=0,
+                                           v_stats_every=v_stats_every))
         stack.callback(rec.close)
         return Variant(what, k, model, opt, log=rec.log)
 
@@ -78,6 +80,7 @@ def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bo
     if breakdown:
         k = 4096 if 4096 in ks else ks[0]
         variants += [recorded(q, k, [q]) for q in ALL] + [recorded("per-layer stats only", k, [])]
+        variants.append(recorded("grad+update+adam_m, v stats every step", k, ALL, v_stats_every=1))
     if use_wandb:
         variants.append(wandb_variant(pair, out_dir, stack))
     return variants

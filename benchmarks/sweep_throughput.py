@@ -3,7 +3,7 @@
 Every setting trains real sweep runs of `experiments/default.yaml` (capture disabled, as a sweep's runs are) with
 `gradtrace.train.train` or `gradtrace.ensemble.train_ensemble`, in fresh worker processes with a fixed thread
 count, at two step counts. The fit T(steps) = fixed + steps × per_step gives the time of a full-length run (the
-config's train.steps, 800) without training that long; `fixed` holds task building and evaluation. Settings run
+config's train.steps) without training that long; `fixed` holds task building and evaluation. Settings run
 interleaved in a shuffled order, repeated; medians are reported. Two clocks: wall time, and each worker's CPU
 time — what the setting would take with its cores to itself, the better estimate on a machine that other jobs
 share (undefined for multi-thread workers, which spin).
@@ -74,7 +74,8 @@ def worker(spec: dict) -> None:
 
     base = config.load(CONFIG, {"model.name": spec["model"], "train.batch_size": spec["batch"],
                                 "train.steps": spec["steps"], "train.threads": spec["threads"],
-                                "train.device": "cpu", "capture.enabled": False})
+                                "train.device": "cpu", "capture.enabled": False,
+                                "sweep.pretrain_steps": 0})  # from a random init: a step costs what a fine-tuning step does
     runs = [r for r in sweep.plan(base) if r.role == "sweep"][spec["first"]:spec["first"] + spec["members"]]
     cfgs = [sweep.run_config(base, r) for r in runs]
     with tempfile.TemporaryDirectory() as out:
