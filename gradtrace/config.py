@@ -85,7 +85,7 @@ class SweepConfig:
 
     runs: int = 32
     workers: int = 2  # single-thread worker processes
-    ensemble: int = 1  # uncaptured sweep runs trained together as vmap ensembles of this many per job (1: alone)
+    ensemble: int = 1  # reference runs, and sweep runs, trained as vmap ensembles of this many per job (1: alone)
     lr: tuple[float, float] = (1.5e-3, 4e-3)  # log-uniform range
     weight_decay: tuple[float, float] = (0.0, 0.1)  # uniform range
     vary: list[str] = field(default_factory=lambda: ["init", "data", "hparams"])

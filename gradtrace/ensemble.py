@@ -5,13 +5,15 @@ follows the recipe of `gradtrace.train.train` step for step — the same init, b
 global-norm clipping per member, AdamW update and lr schedule — so a member's parameters equal those of a
 standalone run of its config to float tolerance, and its run group holds what a standalone run with
 `capture.enabled=false` writes: the scalars every 10th step (`step`, `loss`, `lr`, `grad_norm`, `nonfinite`,
-`layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`, `accuracy`, `seeds`, `hparams`, `steps`.
+`layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`, `accuracy`, `seeds`, `hparams`, `steps` — and, with
+`capture.enabled`, what its Recorder writes: sketches of g, Δθ and Adam's m on the capture schedule, per-tensor
+update norms, probe gradients every `capture.probe_every` steps, initial and final weights.
 `wall_time_s` is the ensemble's wall time divided by E (attribute `wall_time_note` says so).
 
 Use eager attention (the embedded models' default): CPU sdpa has no vmap batching rule, so torch loops over the
-members inside attention (and warns). Not done here: full sketched capture and probe gradients (reference runs
-train standalone), mixed precision (fp32 only) and checkpoints: a killed ensemble is simply re-run with
-`resume=True`, which skips its complete members and retrains the others from scratch.
+members inside attention (and warns). Not done here: mixed precision (fp32 only) and checkpoints: a killed
+ensemble is simply re-run with `resume=True`, which skips its complete members and retrains the others from
+scratch.
 """
 from __future__ import annotations
 
@@ -25,17 +27,18 @@ import zarr
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from gradtrace import store
-from gradtrace.capture.recorder import V_QUANTILES, V_SAMPLE, VSample
-from gradtrace.capture.sketch import ParamLayout
+from gradtrace import checkpoint, store
+from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, VSample, adam_preconditioner,
+                                        capture_attrs, declare_arrays, probe_row)
+from gradtrace.capture.sketch import ParamLayout, make_sketch
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
-from gradtrace.tasks import answer_cross_entropy, task_for
-from gradtrace.train import RunResult, finished_result, lr_lambda, resolve_device, seeds
+from gradtrace.tasks import PROBE_LOSSES, answer_cross_entropy, task_for
+from gradtrace.train import (RunResult, declare_evals, finished_result, lr_lambda, recorded_capture, resolve_device,
+                             seeds)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
-SCALARS_EVERY = 10  # the step interval of a standalone run's Recorder when capture is disabled
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
 
 
@@ -69,7 +72,7 @@ class StackedAdamW:
 
 
 def check_members(cfgs: list[Config]) -> None:
-    """Raise unless the configs differ only in seeds, lr and weight decay, and train in fp32 without full capture."""
+    """Raise unless the configs differ only in seeds, lr and weight decay, and train in fp32."""
     if not cfgs:
         raise ValueError("an ensemble needs at least one member config")
     first = _dotted(cfgs[0])
@@ -78,9 +81,6 @@ def check_members(cfgs: list[Config]) -> None:
     if differing:
         raise ValueError(f"ensemble members may differ only in {', '.join(MAY_DIFFER)}; these configs also "
                          f"differ in {', '.join(differing)}. Group runs that share those keys, or train standalone.")
-    if cfgs[0].capture.enabled:
-        raise ValueError("ensembles record scalars only; full capture (capture.enabled=true) runs standalone with "
-                         "gradtrace.train.train. Set capture.enabled=false for ensemble members.")
     t, device = cfgs[0].train, resolve_device(cfgs[0].train.device)
     if t.precision not in ("fp32", "auto") or (t.precision == "auto" and device.type == "cuda"):
         raise ValueError(f"ensembles train in fp32, got train.precision={t.precision!r} on {device.type}; "
@@ -117,8 +117,8 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
             for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}
     todo = [i for i in range(len(cfgs)) if i not in done]
     if todo:
-        trained = _train([cfgs[i] for i in todo], root, [run_ids[i] for i in todo], [roles[i] for i in todo],
-                         resume, progress)
+        trained = _train([cfgs[i] for i in todo], Path(exp_dir), root, [run_ids[i] for i in todo],
+                         [roles[i] for i in todo], resume, progress)
         done.update(zip(todo, trained))
     return [done[i] for i in range(len(cfgs))]
 
@@ -128,8 +128,8 @@ def _hparams(cfg: Config) -> dict[str, float]:
     return {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
 
 
-def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list[str], overwrite: bool,
-           progress: bool) -> list[RunResult]:
+def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[str], roles: list[str],
+           overwrite: bool, progress: bool) -> list[RunResult]:
     """The training loop of `train.train`, vectorised over members; writes each member's run group."""
     cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
     device = resolve_device(t.device)
@@ -153,17 +153,24 @@ def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list
         return answer_cross_entropy(logits, tokens, mask)
     ensemble_loss = vmap(member_loss)
 
+    capture = _MemberRecorders(cfg.capture, layout, task, model, optimizer, t.steps, device)
     groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
                                          "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
-                                         **_recorder_attrs(layout, t)}, overwrite=overwrite)
+                                         **capture.attrs(t)}, overwrite=overwrite)
               for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
-    writers = [store.RunWriter(g, cfg.capture.chunk) for g in groups]
+    threaded = device.type == "cuda" if cfg.capture.writer_thread is None else cfg.capture.writer_thread
+    writers = [store.RunWriter(g, cfg.capture.chunk, thread=threaded) for g in groups]
     for w in writers:
-        _declare(w, len(layout.numels), len(task.splits) if t.eval_every else 0)
-    scalars = _Scalars(layout, E, device)
+        capture.declare(w)
+        declare_evals(w, task, t.eval_every)
+    weights = [exp_dir / "weights" / r for r in run_ids] if cfg.capture.enabled and cfg.capture.save_weights else []
+    for i, path in enumerate(weights):
+        _load_member(model, params, i)
+        checkpoint.save_weights(model, path / "initial.safetensors")
 
     began = time.perf_counter()
     try:
+        capture.probe(writers, params, step=0)
         for step in tqdm(range(t.steps), desc=f"ensemble of {E}", disable=not progress, leave=False, mininterval=2):
             tokens, mask = (torch.stack(x) for x in zip(*(task.train_batch(step, s["data"], t.batch_size, device)
                                                           for s in run_seeds)))
@@ -173,24 +180,30 @@ def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list
             norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
             grad.mul_((t.clip / (norm + 1e-6)).clamp_(max=1.0))  # clip_grad_norm_, per member
             lr = peak_lr * schedule(step)
-            recording = step % SCALARS_EVERY == 0
+            recording = step in capture.schedule
             if recording:
-                rows = scalars.before_step(step, losses.detach(), lr, grad)
+                rows = capture.before_step(step, losses.detach(), lr, grad)
             optimizer.step(grad, lr)
             if recording:
-                for w, row in zip(writers, scalars.after_step(rows, optimizer.exp_avg_sq)):
+                for w, row in zip(writers, capture.after_step(step, rows)):
                     w.append(row)
+            if capture.probe_every and (step + 1) % capture.probe_every == 0 and step + 1 < t.steps:
+                capture.probe(writers, params, step + 1)
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 for i, w in enumerate(writers):
                     _load_member(model, params, i)
                     w.append({"evals/step": step + 1, "evals/accuracy": np.array(
                         list(accuracy(correctness(model, task)).values()), dtype=np.float32)})
+        if t.steps:
+            capture.probe(writers, params, t.steps)
         correct = []
         for i, w in enumerate(writers):
             _load_member(model, params, i)
             correct.append(correctness(model, task))
             w.close()
             store.write_correct(groups[i], correct[-1])
+            if weights:
+                checkpoint.save_weights(model, weights[i] / "final.safetensors")
     except BaseException as err:
         for g in groups:
             store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
@@ -200,61 +213,93 @@ def _train(cfgs: list[Config], root: zarr.Group, run_ids: list[str], roles: list
     for i, g in enumerate(groups):
         acc = accuracy(correct[i])
         store.set_status(g, "complete", accuracy=acc, steps_done=t.steps, last_durable_step=t.steps,
-                         wall_time_s=wall, wall_time_note=WALL_TIME_NOTE, nonfinite_steps=scalars.nonfinite[i],
+                         wall_time_s=wall, wall_time_note=WALL_TIME_NOTE, nonfinite_steps=capture.nonfinite[i],
                          splits=task.splits, hparams=_hparams(cfgs[i]))
         results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps))
     return results
 
 
-def _recorder_attrs(layout: ParamLayout, t: TrainConfig) -> dict:
-    """The attributes a standalone run's scalar-only Recorder writes (no sketch: nothing is sketched)."""
-    return {"layout": layout.to_json(), "grad_point": "after_clip", "quantities": [],
-            "v_quantiles": list(V_QUANTILES), "v_stats_every": SCALARS_EVERY, "splits": [], "probe_losses": [],
-            "adam": {"beta1": t.betas[0], "beta2": t.betas[1], "eps": t.eps}}
+class _MemberRecorders:
+    """What each member's Recorder would write (`train.recorded_capture`): gradient statistics and sketches of g
+    before the step, of Δθ and Adam's m and per-tensor statistics of v after it, and probe gradients."""
 
-
-def _declare(writer: store.RunWriter, n_params: int, n_splits: int) -> None:
-    """Declare the arrays of a standalone run's scalar-only Recorder (and `evals/*` when evaluating in training)."""
-    for name in ("loss", "lr", "grad_norm"):
-        writer.declare(name, (), "float32")
-    writer.declare("step", (), "int64")
-    writer.declare("nonfinite", (), "bool")
-    for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean"):
-        writer.declare(name, (n_params,), "float32", dims=("param",))
-    writer.declare("layer_v_quantile", (n_params, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
-    if n_splits:
-        writer.declare("evals/step", (), "int64")
-        writer.declare("evals/accuracy", (n_splits,), "float32", dims=("split",))
-
-
-class _Scalars:
-    """Per-member rows of the scalar-only Recorder: gradient statistics before the step, Adam's v after it."""
-
-    def __init__(self, layout: ParamLayout, members: int, device: torch.device) -> None:
+    def __init__(self, capture: CaptureConfig, layout: ParamLayout, task, model: torch.nn.Module,
+                 optimizer: StackedAdamW, steps: int, device: torch.device) -> None:
+        self.cfg = recorded_capture(capture)
+        self.layout, self.model, self.optimizer = layout, model, optimizer
         self.numels = layout.numels
+        members = optimizer.params.shape[0]
+        self.sketch = make_sketch(self.cfg.sketch, layout, self.cfg.dim, self.cfg.seed, device)
+        self.schedule = Schedule(self.cfg.schedule, self.cfg.every, steps)
+        self.probe_every = self.cfg.probe_every if capture.enabled else 0
+        self.probes = [Probe(s, *task.probe_set(s).torch(device=device)) for s in task.splits] \
+            if self.probe_every else []
+        self.losses = {name: PROBE_LOSSES[name] for name in self.cfg.probe_losses}
         self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
-        self.v_sample = VSample(layout, V_SAMPLE, V_QUANTILES, CaptureConfig().seed, device)  # the Recorder's
+        self.v_sample = VSample(layout, V_SAMPLE, V_QUANTILES, self.cfg.seed, device)  # the Recorder's
+        self.flat = torch.empty(layout.size, device=device)
         self.nonfinite = [0] * members  # recorded steps with a NaN/Inf gradient, per member
+        self._theta_before: torch.Tensor | None = None
+
+    def attrs(self, t: TrainConfig) -> dict:
+        """The run attributes a standalone run's Recorder writes."""
+        adam = {"beta1": t.betas[0], "beta2": t.betas[1], "eps": t.eps}
+        return capture_attrs(self.sketch, self.layout, self.cfg, [p.split for p in self.probes], list(self.losses),
+                             adam)
+
+    def declare(self, writer: store.RunWriter) -> None:
+        """Declare the Recorder's arrays in one member's run group."""
+        declare_arrays(writer, self.cfg, self.sketch.dim, len(self.numels), len(self.probes), len(self.losses))
 
     def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor) -> list[dict]:
-        """Each member's step, loss, lr and (clipped) gradient norms."""
+        """Each member's step, loss, lr, (clipped) gradient norms and gradient sketch; θ kept for Δθ."""
         layer_grad = torch.stack([g.norm(dim=1) for g in grad.split(self.numels, dim=1)], dim=1)  # (E, L)
         rows = []
         for i, norms in enumerate(layer_grad):
             grad_norm = float(norms.norm())
             finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
             self.nonfinite[i] += not finite
-            rows.append({"step": step, "loss": float(losses[i]), "lr": float(lr[i]), "nonfinite": not finite,
-                         "layer_grad_norm": norms.numpy(force=True), "grad_norm": grad_norm})
+            row = {"step": step, "loss": float(losses[i]), "lr": float(lr[i]), "nonfinite": not finite,
+                   "layer_grad_norm": norms.numpy(force=True), "grad_norm": grad_norm}
+            if "grad" in self.cfg.quantities:
+                row["grad"] = self.sketch.apply(grad[i]).numpy(force=True)
+            rows.append(row)
+        if "update" in self.cfg.quantities:
+            self._theta_before = self.optimizer.params.clone()
         return rows
 
-    def after_step(self, rows: list[dict], exp_avg_sq: torch.Tensor) -> list[dict]:
-        """The rows completed with per-tensor statistics of Adam's v after the step."""
-        v_mean = torch.segment_reduce(exp_avg_sq, "mean", lengths=self.lengths, axis=1)  # (E, L)
+    def after_step(self, step: int, rows: list[dict]) -> list[dict]:
+        """The rows completed with Δθ and m sketches, update norms and (every v_stats_every steps) v statistics."""
         nan = np.full(len(self.numels), np.nan, dtype=np.float32)
-        return [{**row, "layer_update_norm": nan, "layer_v_mean": v_mean[i].numpy(force=True),
-                 "layer_v_quantile": self.v_sample.quantiles(exp_avg_sq[i].split(self.numels)).numpy(force=True)}
-                for i, row in enumerate(rows)]
+        v = self.optimizer.exp_avg_sq
+        with_v = step % self.cfg.v_stats_every == 0
+        v_mean = torch.segment_reduce(v, "mean", lengths=self.lengths, axis=1) if with_v else None  # (E, L)
+        if self._theta_before is not None:
+            delta = self._theta_before.sub_(self.optimizer.params)  # θ_t − θ_{t+1} = −Δθ_t
+            update_norm = torch.stack([d.norm(dim=1) for d in delta.split(self.numels, dim=1)], dim=1)
+        for i, row in enumerate(rows):
+            row["layer_update_norm"] = update_norm[i].numpy(force=True) if self._theta_before is not None else nan
+            if self._theta_before is not None:
+                row["update"] = self.sketch.apply(delta[i]).neg_().numpy(force=True)
+            if "adam_m" in self.cfg.quantities:
+                row["adam_m"] = self.sketch.apply(self.optimizer.exp_avg[i]).numpy(force=True)
+            row["layer_v_mean"] = v_mean[i].numpy(force=True) if with_v else nan
+            row["layer_v_quantile"] = (self.v_sample.quantiles(v[i].split(self.numels)).numpy(force=True) if with_v
+                                       else np.full((len(self.numels), len(V_QUANTILES)), np.nan, dtype=np.float32))
+        self._theta_before = None
+        return rows
+
+    def probe(self, writers: list[store.RunWriter], params: dict[str, torch.Tensor], step: int) -> None:
+        """Each member's probe row at its current parameters (`step` optimizer steps done)."""
+        if not self.probes:
+            return
+        opt = self.optimizer
+        for i, w in enumerate(writers):
+            _load_member(self.model, params, i)
+            precond = (adam_preconditioner(opt.exp_avg_sq[i], opt.steps, opt.betas[1], opt.eps) if opt.steps
+                       else torch.ones_like(self.flat))
+            w.append(probe_row(self.model, list(self.model.parameters()), self.probes, self.losses, self.sketch,
+                               precond, self.flat, step))
 
 
 def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:

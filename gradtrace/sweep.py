@@ -87,12 +87,18 @@ def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> l
 
 
 def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
-    """Runs grouped into jobs: uncaptured sweep runs in ensembles of `sweep.ensemble`, every other run alone."""
+    """Runs grouped into jobs: with `sweep.ensemble` > 1, the reference runs and the sweep runs each in vmap
+    ensembles of that many (members share everything but seeds and hyper-parameters); a base run alone."""
     size = cfg.sweep.ensemble
     if size < 1:
         raise ValueError(f"sweep.ensemble must be >= 1 (1: no ensembles), got {size}")
-    grouped = [r for r in runs if r.role == "sweep" and size > 1 and not cfg.sweep.capture_sweep]
-    return [[r] for r in runs if r not in grouped] + [grouped[i:i + size] for i in range(0, len(grouped), size)]
+    if size == 1:
+        return [[r] for r in runs]
+    jobs = [[r] for r in runs if r.role == "base"]
+    for role in ("reference", "sweep"):
+        members = [r for r in runs if r.role == role]
+        jobs += [members[i:i + size] for i in range(0, len(members), size)]
+    return jobs
 
 
 def estimate_seconds(cfg: Config) -> float:

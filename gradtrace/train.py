@@ -107,7 +107,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
         group.attrs.update(recorder.attrs())
     if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
         checkpoint.save_weights(model, exp_dir / "weights" / run_id / "initial.safetensors")
-    eval_rows = _declare_evals(writer, task, t.eval_every)
+    eval_rows = declare_evals(writer, task, t.eval_every)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
 
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
@@ -154,12 +154,17 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     return RunResult(run_id, role, run_seeds, hparams, acc, wall, t.steps)
 
 
+def recorded_capture(capture: CaptureConfig) -> CaptureConfig:
+    """What a run records: `capture` as configured, or with capture disabled the scalars and per-tensor statistics
+    every 10 steps (no sketches, no probes)."""
+    return capture if capture.enabled else CaptureConfig(quantities=[], every=10, probe_every=0)
+
+
 def _recorder(capture: CaptureConfig, model, optimizer, writer, task: ArithmeticTask, device, steps: int,
               start: int) -> Recorder | None:
     """The run's Recorder: full capture with probes, or (capture disabled) scalars every 10 steps."""
     if not capture.enabled:
-        light = CaptureConfig(quantities=[], every=10, probe_every=0)
-        return Recorder(model, optimizer, writer, light, steps, start_step=start)
+        return Recorder(model, optimizer, writer, recorded_capture(capture), steps, start_step=start)
     unknown = set(capture.probe_losses) - set(PROBE_LOSSES)
     if unknown:
         raise ValueError(f"unknown capture.probe_losses {sorted(unknown)}; choose from {', '.join(PROBE_LOSSES)}")
@@ -169,7 +174,8 @@ def _recorder(capture: CaptureConfig, model, optimizer, writer, task: Arithmetic
                     start_step=start)
 
 
-def _declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:
+def declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:
+    """Declare `evals/*` when evaluating every `every` steps during training; whether it did."""
     if every:
         writer.declare("evals/step", (), "int64")
         writer.declare("evals/accuracy", (len(task.splits),), "float32", dims=("split",))

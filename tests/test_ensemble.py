@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors.torch import load_file
 
 import gradtrace.ensemble as ensemble_module
 import gradtrace.train as train_module
@@ -105,10 +106,44 @@ def test_stacked_adamw_matches_torch_adamw():
 def test_members_must_share_everything_but_seeds_and_hparams():
     with pytest.raises(ValueError, match="model.name, train.steps"):
         check_members([member_config(), member_config(model__name="tiny", train__steps=10, train__lr=1e-3)])
-    with pytest.raises(ValueError, match="capture.enabled=true"):
-        check_members([tiny_config()])
     with pytest.raises(ValueError, match="one distinct run id"):
         train_ensemble([member_config()] * 2, "unused", ["x", "x"])
+
+
+CAPTURED = ["step", "loss", "grad_norm", "grad", "update", "adam_m", "layer_grad_norm", "layer_update_norm",
+            "layer_v_mean", "layer_v_quantile", "probe/step", "probe/loss", "probe/accuracy", "probe/grad",
+            "probe/grad_adam"]
+
+
+def test_captured_members_record_what_standalone_recorders_do(tmp_path):
+    """With capture enabled, each member's run group holds what a standalone run's Recorder writes: sketches of
+    g, Δθ and m, per-tensor statistics, probe gradients and initial/final weights."""
+    capture = {"capture__enabled": True, "capture__dim": 64, "capture__probe_every": 5, "capture__v_stats_every": 2,
+               "train__steps": 12, "train__eval_every": 0}
+    cfgs = [member_config(**capture, **m) for m in list(MEMBERS.values())[:2]]
+    train_ensemble(cfgs, tmp_path / "ensemble", ["a", "b"])
+    for cfg, run_id in zip(cfgs, "ab"):
+        train(cfg, tmp_path / "standalone", run_id, role="sweep", progress=False)
+    ens = zarr.open_group(tmp_path / "ensemble" / "store.zarr", mode="r")
+    solo = zarr.open_group(tmp_path / "standalone" / "store.zarr", mode="r")
+    for run_id in "ab":
+        e, s = ens[run_id], solo[run_id]
+        for key in ("sketch", "layout", "quantities", "splits", "probe_losses", "v_stats_every", "adam"):
+            assert e.attrs[key] == s.attrs[key], key
+        assert e["probe/step"][:].tolist() == [0, 5, 10, 12]
+        for name in CAPTURED:
+            assert e[name].shape == s[name].shape, name
+            if name == "probe/grad_adam":  # g/(√v̂+ε) divides the key bias's rounding noise (see above) by its
+                error = np.linalg.norm(e[name][:] - s[name][:], axis=-1)  # tiny v: a few coordinates amplified
+                assert (error <= 1e-2 * np.linalg.norm(s[name][:], axis=-1)).all(), name
+            else:
+                np.testing.assert_allclose(e[name][:], s[name][:], rtol=1e-3, atol=1e-5, err_msg=name)
+        for which in ("initial", "final"):
+            a = load_file(str(tmp_path / "ensemble" / "weights" / run_id / f"{which}.safetensors"))
+            b = load_file(str(tmp_path / "standalone" / "weights" / run_id / f"{which}.safetensors"))
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0, msg=name)
+    assert not np.allclose(ens["a"]["grad"][:], ens["b"]["grad"][:])  # members differ: equality is not trivial
 
 
 def test_rerun_retrains_only_members_not_complete(tmp_path):

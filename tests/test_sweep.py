@@ -91,10 +91,13 @@ def test_calibration_flags_unusable_splits_and_same_axis_pairs():
 
 
 def test_ensembled_sweep_gives_the_same_accuracies_as_standalone_runs(tmp_path):
-    base = {"sweep__runs": 4, "sweep__workers": 1, "sweep__reference_runs": 0, "train__steps": 10}
+    base = {"sweep__runs": 4, "sweep__workers": 1, "sweep__reference_runs": 2, "train__steps": 10}
     alone = run_sweep(tiny_config(**base), tmp_path / "alone", progress=False)
     together = run_sweep(tiny_config(**base, sweep__ensemble=2), tmp_path / "together", progress=False)
     columns = [c for c in alone.columns if c.startswith("acc_")]
     pd.testing.assert_frame_equal(alone.sort_values("run_id")[columns].reset_index(drop=True),
                                   together.sort_values("run_id")[columns].reset_index(drop=True))
-    assert len(zarr.open_group(tmp_path / "together/store.zarr")["run-001"].attrs["ensemble"]["members"]) == 2
+    root = zarr.open_group(tmp_path / "together/store.zarr")
+    assert len(root["run-001"].attrs["ensemble"]["members"]) == 2
+    assert root["ref-001"].attrs["ensemble"]["members"] == ["ref-000", "ref-001"]  # captured runs ensemble too
+    assert root["ref-001"]["grad"].shape == zarr.open_group(tmp_path / "alone/store.zarr")["ref-001"]["grad"].shape

@@ -104,39 +104,17 @@ class Recorder:
         if cfg.v_stats_every < 1:
             raise ValueError(f"capture.v_stats_every must be >= 1, got {cfg.v_stats_every}")
         self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
-        self._declare()
+        declare_arrays(writer, cfg, self.k, len(self._numels), len(self.probes), len(self.probe_losses))
         self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
                        self.optimizer.register_step_post_hook(self._post_step)]
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _declare(self) -> None:
-        w, L, k, dtype = self.writer, len(self._numels), self.k, self.cfg.dtype
-        for name in ("loss", "lr", "grad_norm"):
-            w.declare(name, (), "float32")
-        w.declare("step", (), "int64")
-        w.declare("nonfinite", (), "bool")
-        for q in self.cfg.quantities:
-            w.declare(q, (k,), storage=dtype, dims=("sketch",))
-        for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean"):
-            w.declare(name, (L,), "float32", dims=("param",))
-        w.declare("layer_v_quantile", (L, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
-        if self.probes:
-            S, Lp = len(self.probes), len(self.probe_losses)
-            w.declare("probe/step", (), "int64")
-            w.declare("probe/loss", (S, Lp), "float32", dims=("split", "probe_loss"))
-            w.declare("probe/accuracy", (S,), "float32", dims=("split",))
-            for name in ("probe/grad", "probe/grad_adam"):
-                w.declare(name, (S, Lp, k), storage=dtype, dims=("split", "probe_loss", "sketch"))
-
     def attrs(self) -> dict:
         """Run attributes describing what this recorder writes (for the store)."""
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group.get("betas", (0.9, 0.999))
-        return {"sketch": self.sketch.spec(), "layout": self.layout.to_json(), "grad_point": "after_clip",
-                "quantities": list(self.cfg.quantities), "v_quantiles": list(V_QUANTILES),
-                "v_stats_every": self.cfg.v_stats_every,
-                "splits": [p.split for p in self.probes], "probe_losses": list(self.probe_losses),
-                "adam": {"beta1": beta1, "beta2": beta2, "eps": group.get("eps", 1e-8)}}
+        return capture_attrs(self.sketch, self.layout, self.cfg, [p.split for p in self.probes],
+                             list(self.probe_losses), {"beta1": beta1, "beta2": beta2, "eps": group.get("eps", 1e-8)})
 
     # -- the user's one line ----------------------------------------------------------------------------------
     def log(self, loss: torch.Tensor | float) -> None:
@@ -246,31 +224,8 @@ class Recorder:
     # -- probes -----------------------------------------------------------------------------------------------
     def probe(self) -> None:
         """Probe gradient of every split under every probe loss at the current parameters, plus g/(√v̂+ε)."""
-        was_training = self.model.training
-        self.model.eval()
-        S, Lp = len(self.probes), len(self.probe_losses)
-        grads = torch.empty(S, Lp, self.k)
-        adam = torch.empty(S, Lp, self.k)
-        losses = torch.empty(S, Lp)
-        accuracy = torch.empty(S)
-        precond = self._preconditioner()
-        from gradtrace.tasks.losses import exact_match
-
-        for i, probe in enumerate(self.probes):
-            with torch.enable_grad():
-                logits = self.model(input_ids=probe.tokens).logits
-                for j, loss_fn in enumerate(self.probe_losses.values()):
-                    loss = loss_fn(logits, probe.tokens, probe.mask)
-                    g = torch.autograd.grad(loss, self.params, retain_graph=j < Lp - 1, allow_unused=True)
-                    g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, self.params)]
-                    flat = flatten_into(g, self._flat)
-                    grads[i, j] = self.sketch.apply(flat).cpu()
-                    adam[i, j] = self.sketch.apply(flat * precond).cpu()
-                    losses[i, j] = loss.detach()
-            accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
-        self.model.train(was_training)
-        self.writer.append({"probe/step": self.step, "probe/loss": losses.numpy(), "probe/accuracy": accuracy.numpy(),
-                            "probe/grad": grads.numpy(), "probe/grad_adam": adam.numpy()})
+        self.writer.append(probe_row(self.model, self.params, self.probes, self.probe_losses, self.sketch,
+                                     self._preconditioner(), self._flat, self.step))
 
     @torch.no_grad()
     def _preconditioner(self) -> torch.Tensor:
@@ -279,10 +234,8 @@ class Recorder:
         state = self.optimizer.state.get(self.params[0], {})
         if "exp_avg_sq" not in state:
             return torch.ones_like(self._flat)
-        t = float(state["step"])
-        beta2, eps = group["betas"][1], group["eps"]
         v = flatten_into([self.optimizer.state[p]["exp_avg_sq"] for p in self.params], torch.empty_like(self._flat))
-        return (v / (1 - beta2 ** t)).sqrt_().add_(eps).reciprocal_()
+        return adam_preconditioner(v, float(state["step"]), group["betas"][1], group["eps"])
 
     def close(self, final_probe: bool = True) -> None:
         """Take the final probe, write every buffered row and detach the hooks."""
@@ -306,6 +259,70 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int, n_splits: int,
+                   n_probe_losses: int) -> None:
+    """Declare every array a Recorder with `cfg` writes (storage/README.md): scalars, sketches, per-tensor
+    statistics and, with splits to probe, the probe arrays."""
+    for name in ("loss", "lr", "grad_norm"):
+        writer.declare(name, (), "float32")
+    writer.declare("step", (), "int64")
+    writer.declare("nonfinite", (), "bool")
+    for q in cfg.quantities:
+        writer.declare(q, (k,), storage=cfg.dtype, dims=("sketch",))
+    for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean"):
+        writer.declare(name, (n_tensors,), "float32", dims=("param",))
+    writer.declare("layer_v_quantile", (n_tensors, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
+    if n_splits:
+        writer.declare("probe/step", (), "int64")
+        writer.declare("probe/loss", (n_splits, n_probe_losses), "float32", dims=("split", "probe_loss"))
+        writer.declare("probe/accuracy", (n_splits,), "float32", dims=("split",))
+        for name in ("probe/grad", "probe/grad_adam"):
+            writer.declare(name, (n_splits, n_probe_losses, k), storage=cfg.dtype,
+                           dims=("split", "probe_loss", "sketch"))
+
+
+def capture_attrs(sketch, layout: ParamLayout, cfg: CaptureConfig, splits: list[str], probe_losses: list[str],
+                  adam: dict) -> dict:
+    """The run attributes that describe what a Recorder writes."""
+    return {"sketch": sketch.spec(), "layout": layout.to_json(), "grad_point": "after_clip",
+            "quantities": list(cfg.quantities), "v_quantiles": list(V_QUANTILES), "v_stats_every": cfg.v_stats_every,
+            "splits": splits, "probe_losses": probe_losses, "adam": adam}
+
+
+def adam_preconditioner(v: torch.Tensor, step: float, beta2: float, eps: float) -> torch.Tensor:
+    """1/(√v̂+ε) of Adam's flat second moment v after `step` steps (v̂ bias-corrected)."""
+    return (v / (1 - beta2 ** step)).sqrt_().add_(eps).reciprocal_()
+
+
+def probe_row(model: torch.nn.Module, params: list[torch.Tensor], probes: list[Probe],
+              probe_losses: dict[str, Callable], sketch, precond: torch.Tensor, flat: torch.Tensor,
+              step: int) -> dict[str, np.ndarray | int]:
+    """One row of the probe arrays: each split's probe loss, accuracy, and sketched gradient g and g·precond
+    under every probe loss, at the model's current parameters (`flat` is a P-sized scratch buffer)."""
+    from gradtrace.tasks.losses import exact_match
+
+    was_training = model.training
+    model.eval()
+    S, Lp, k = len(probes), len(probe_losses), sketch.dim
+    grads, adam = torch.empty(S, Lp, k), torch.empty(S, Lp, k)
+    losses, accuracy = torch.empty(S, Lp), torch.empty(S)
+    for i, probe in enumerate(probes):
+        with torch.enable_grad():
+            logits = model(input_ids=probe.tokens).logits
+            for j, loss_fn in enumerate(probe_losses.values()):
+                loss = loss_fn(logits, probe.tokens, probe.mask)
+                g = torch.autograd.grad(loss, params, retain_graph=j < Lp - 1, allow_unused=True)
+                g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, params)]
+                flatten_into(g, flat)
+                grads[i, j] = sketch.apply(flat).cpu()
+                adam[i, j] = sketch.apply(flat * precond).cpu()
+                losses[i, j] = loss.detach()
+        accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
+    model.train(was_training)
+    return {"probe/step": step, "probe/loss": losses.numpy(), "probe/accuracy": accuracy.numpy(),
+            "probe/grad": grads.numpy(), "probe/grad_adam": adam.numpy()}
 
 
 class VSample:
