@@ -3,7 +3,8 @@
 Every setting trains real sweep runs of `experiments/default.yaml` (capture disabled, as a sweep's runs are) with
 `gradtrace.train.train` or `gradtrace.ensemble.train_ensemble`, in fresh worker processes with a fixed thread
 count, at two step counts. The fit T(steps) = fixed + steps × per_step gives the time of a full-length run (the
-config's train.steps) without training that long; `fixed` holds task building and evaluation. Settings run
+config's train.steps) without training that long; `fixed` holds model building and evaluation (each worker
+builds the task before timing starts, as a sweep worker builds it once for all its runs). Settings run
 interleaved in a shuffled order, repeated; medians are reported. Two clocks: wall time, and each worker's CPU
 time — what the setting would take with its cores to itself, the better estimate on a machine that other jobs
 share (undefined for multi-thread workers, which spin).
@@ -70,6 +71,7 @@ def worker(spec: dict) -> None:
     """One worker of a measurement: build its runs, wait for "go" on stdin, train, print wall and CPU seconds."""
     from gradtrace import config, sweep
     from gradtrace.ensemble import train_ensemble
+    from gradtrace.tasks import task_for
     from gradtrace.train import train
 
     base = config.load(CONFIG, {"model.name": spec["model"], "train.batch_size": spec["batch"],
@@ -78,6 +80,7 @@ def worker(spec: dict) -> None:
                                 "sweep.pretrain_steps": 0})  # from a random init: a step costs what a fine-tuning step does
     runs = [r for r in sweep.plan(base) if r.role == "sweep"][spec["first"]:spec["first"] + spec["members"]]
     cfgs = [sweep.run_config(base, r) for r in runs]
+    task_for(base.task, base.model)  # built once per process, as in a sweep's workers: not timed
     with tempfile.TemporaryDirectory() as out:
         print("ready", flush=True)
         sys.stdin.readline()
