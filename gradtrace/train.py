@@ -165,13 +165,17 @@ def _recorder(capture: CaptureConfig, model, optimizer, writer, task: Arithmetic
     """The run's Recorder: full capture with probes, or (capture disabled) scalars every 10 steps."""
     if not capture.enabled:
         return Recorder(model, optimizer, writer, recorded_capture(capture), steps, start_step=start)
+    probes = [Probe(split, *task.probe_set(split).torch(device=device)) for split in task.splits]
+    return Recorder(model, optimizer, writer, capture, steps, probes if capture.probe_every else None,
+                    probe_loss_functions(capture), start_step=start)
+
+
+def probe_loss_functions(capture: CaptureConfig) -> dict:
+    """The probe losses `capture.probe_losses` names, by name; a clear error for an unknown one."""
     unknown = set(capture.probe_losses) - set(PROBE_LOSSES)
     if unknown:
         raise ValueError(f"unknown capture.probe_losses {sorted(unknown)}; choose from {', '.join(PROBE_LOSSES)}")
-    probes = [Probe(split, *task.probe_set(split).torch(device=device)) for split in task.splits]
-    losses = {name: PROBE_LOSSES[name] for name in capture.probe_losses}
-    return Recorder(model, optimizer, writer, capture, steps, probes if capture.probe_every else None, losses,
-                    start_step=start)
+    return {name: PROBE_LOSSES[name] for name in capture.probe_losses}
 
 
 def declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:
