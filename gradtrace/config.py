@@ -78,6 +78,11 @@ class CaptureConfig:
     save_weights: bool = True  # initial and final weights as safetensors beside the store
     writer_thread: bool | None = None  # write chunks from a background thread; None: on CUDA only
 
+    def use_writer_thread(self, device) -> bool:
+        """Whether rows are written from a background thread when training on `device` (it pays off on GPUs,
+        where training would otherwise wait on the disk; on a CPU the thread competes for the cores)."""
+        return device.type == "cuda" if self.writer_thread is None else self.writer_thread
+
 
 @dataclass
 class SweepConfig:

@@ -34,9 +34,9 @@ from gradtrace.capture.sketch import ParamLayout, make_sketch
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
-from gradtrace.tasks import answer_cross_entropy, task_for
-from gradtrace.train import (RunResult, declare_evals, finished_result, lr_lambda, probe_loss_functions,
-                             recorded_capture, resolve_device, seeds)
+from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
+from gradtrace.train import (RunResult, declare_evals, finished_result, lr_lambda, recorded_capture, resolve_device,
+                             seeds)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -158,8 +158,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                                          "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
                                          **capture.attrs(t)}, overwrite=overwrite)
               for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
-    threaded = device.type == "cuda" if cfg.capture.writer_thread is None else cfg.capture.writer_thread
-    writers = [store.RunWriter(g, cfg.capture.chunk, thread=threaded) for g in groups]
+    writers = [store.RunWriter(g, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device)) for g in groups]
     for w in writers:
         capture.declare(w)
         declare_evals(w, task, t.eval_every)
@@ -234,7 +233,7 @@ class _MemberRecorders:
         self.probe_every = self.cfg.probe_every if capture.enabled else 0
         self.probes = [Probe(s, *task.probe_set(s).torch(device=device)) for s in task.splits] \
             if self.probe_every else []
-        self.losses = probe_loss_functions(self.cfg)
+        self.losses = probe_loss_functions(self.cfg.probe_losses)
         self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
         self.v_sample = VSample(layout, V_SAMPLE, V_QUANTILES, self.cfg.seed, device)  # the Recorder's
         self.flat = torch.empty(layout.size, device=device)

@@ -16,7 +16,7 @@ from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
-from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy, task_for
+from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
 
 
 @dataclass
@@ -100,8 +100,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
                                                 "steps": t.steps, "steps_done": 0}, overwrite=resume)
-    threaded = device.type == "cuda" if cfg.capture.writer_thread is None else cfg.capture.writer_thread
-    writer = store.RunWriter(group, cfg.capture.chunk, thread=threaded)
+    writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
     recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
     if recorder is not None:
         group.attrs.update(recorder.attrs())
@@ -167,15 +166,7 @@ def _recorder(capture: CaptureConfig, model, optimizer, writer, task: Arithmetic
         return Recorder(model, optimizer, writer, recorded_capture(capture), steps, start_step=start)
     probes = [Probe(split, *task.probe_set(split).torch(device=device)) for split in task.splits]
     return Recorder(model, optimizer, writer, capture, steps, probes if capture.probe_every else None,
-                    probe_loss_functions(capture), start_step=start)
-
-
-def probe_loss_functions(capture: CaptureConfig) -> dict:
-    """The probe losses `capture.probe_losses` names, by name; a clear error for an unknown one."""
-    unknown = set(capture.probe_losses) - set(PROBE_LOSSES)
-    if unknown:
-        raise ValueError(f"unknown capture.probe_losses {sorted(unknown)}; choose from {', '.join(PROBE_LOSSES)}")
-    return {name: PROBE_LOSSES[name] for name in capture.probe_losses}
+                    probe_loss_functions(capture.probe_losses), start_step=start)
 
 
 def declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:

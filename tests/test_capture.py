@@ -155,3 +155,13 @@ def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_pat
                                rtol=1e-5)
     m_final = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
     np.testing.assert_allclose(store.read(group, "adam_m")[-1], m_final.numpy(), rtol=1e-5, atol=1e-10)
+
+
+def test_train_writes_from_a_background_thread_when_asked(tmp_path):
+    assert not CaptureConfig().use_writer_thread(torch.device("cpu"))
+    assert CaptureConfig().use_writer_thread(torch.device("cuda"))
+    cfg = tiny_config(capture__writer_thread=True, train__steps=20)
+    assert cfg.capture.use_writer_thread(torch.device("cpu"))
+    train(cfg, tmp_path, "r0", progress=False)
+    group = zarr.open_group(tmp_path / "store.zarr")["r0"]
+    assert group["step"][:].tolist() == list(range(20)) and group.attrs["status"] == "complete"

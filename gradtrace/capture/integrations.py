@@ -39,7 +39,7 @@ class RunRecorder(Recorder):
                  total_steps: int, probes: list[Probe] | None, probe_losses: dict[str, Callable] | None,
                  start_step: int) -> None:
         device = next(model.parameters()).device
-        writer = store.RunWriter(group, cfg.chunk, thread=device.type == "cuda")  # a thread only pays off on GPU
+        writer = store.RunWriter(group, cfg.chunk, thread=cfg.use_writer_thread(device))
         super().__init__(model, optimizer, writer, cfg, total_steps, probes, probe_losses, start_step)
         self.group = group
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
@@ -114,9 +114,9 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     if not is_writer(write):
         return IdleRecorder()
     if probes and probe_losses is None:
-        from gradtrace.tasks import PROBE_LOSSES
+        from gradtrace.tasks import probe_loss_functions
 
-        probe_losses = {name: PROBE_LOSSES[name] for name in capture.probe_losses}
+        probe_losses = probe_loss_functions(capture.probe_losses)
     device = next(model.parameters()).device
     probes = [Probe(p.split, p.tokens.to(device), p.mask.to(device)) for p in probes or []]
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")

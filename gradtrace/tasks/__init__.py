@@ -1,8 +1,9 @@
 """Synthetic arithmetic with one token per digit and a registry of named OOD shifts."""
 from gradtrace.tasks.arithmetic import ArithmeticTask, Encoded, task_for
-from gradtrace.tasks.losses import PROBE_LOSSES, answer_cross_entropy, exact_match, worst_margin_loss
+from gradtrace.tasks.losses import (PROBE_LOSSES, answer_cross_entropy, exact_match, probe_loss_functions,
+                                     worst_margin_loss)
 from gradtrace.tasks.shifts import REGISTRY, Problem, Split, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 __all__ = ["ArithmeticTask", "Encoded", "task_for", "CharTokenizer", "Problem", "Split", "REGISTRY", "get_split",
-           "PROBE_LOSSES", "answer_cross_entropy", "worst_margin_loss", "exact_match"]
+           "PROBE_LOSSES", "probe_loss_functions", "answer_cross_entropy", "worst_margin_loss", "exact_match"]

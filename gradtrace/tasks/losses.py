@@ -40,3 +40,11 @@ def exact_match(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) 
 
 
 PROBE_LOSSES = {"ce": answer_cross_entropy, "margin": worst_margin_loss}
+
+
+def probe_loss_functions(names: list[str]) -> dict:
+    """The probe losses of these names, by name; a clear error for an unknown one."""
+    unknown = set(names) - set(PROBE_LOSSES)
+    if unknown:
+        raise ValueError(f"unknown capture.probe_losses {sorted(unknown)}; choose from {', '.join(PROBE_LOSSES)}")
+    return {name: PROBE_LOSSES[name] for name in names}
