@@ -211,13 +211,10 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo processes: DDP training recorded by rank 0, then a sharded sketch summed across ranks."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: drop the parent's singletons
-    GradientState._reset_state()
     accelerator = Accelerator(cpu=True)
     task = ArithmeticTask(tiny_config().task)
     model = micro(task)
@@ -246,7 +243,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_ddp_two_processes_rank0_writes_once_and_sharded_sketches_sum(tmp_path):
     torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
-                                          start_method="fork")
+                                          start_method="spawn")  # fork can inherit a lock held by another thread
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert not r0["idle"] and r1["idle"]
     np.testing.assert_array_equal(r0["final"], r1["final"])  # DDP kept the replicas identical
