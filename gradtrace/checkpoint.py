@@ -19,17 +19,23 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, steps_done: int) -> None:
     """Write model, optimizer, scheduler and RNG state; the previous checkpoint survives until the new one is whole."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {f"model.{n}": t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    tensors = {f"model.{n}": t for n, t in model.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"steps_done": steps_done, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
+    save_tensors(directory, tensors, {"steps_done": steps_done, "param_groups": opt["param_groups"],
+                                      "scheduler": scheduler.state_dict()})
+
+
+def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write named tensors (safetensors) and JSON metadata as one checkpoint, atomically: the previous one
+    survives until the new one is whole."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
@@ -49,8 +55,7 @@ def checkpoint_dir(root: Path) -> Path | None:
 def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Restore a `save_state` checkpoint in place; returns the optimizer steps it had completed."""
-    meta = json.loads((directory / "state.json").read_text())
-    tensors = load_file(str(directory / "state.safetensors"))
+    tensors, meta = load_tensors(directory)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -61,6 +66,11 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["steps_done"])
+
+
+def load_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The named tensors and metadata of a `save_tensors` checkpoint."""
+    return load_file(str(directory / "state.safetensors")), json.loads((directory / "state.json").read_text())
 
 
 def remove(root: Path) -> None:

@@ -11,9 +11,10 @@ update norms, probe gradients every `capture.probe_every` steps, initial and fin
 `wall_time_s` is the ensemble's wall time divided by E (attribute `wall_time_note` says so).
 
 Use eager attention (the embedded models' default): CPU sdpa has no vmap batching rule, so torch loops over the
-members inside attention (and warns). Not done here: mixed precision (fp32 only) and checkpoints: a killed
-ensemble is simply re-run with `resume=True`, which skips its complete members and retrains the others from
-scratch.
+members inside attention (and warns). Every `train.checkpoint_every` steps the rows recorded so far are made
+durable and the stacked parameters and Adam moments are checkpointed (safetensors + JSON): a killed ensemble
+re-run with `resume=True` skips complete members and continues the others from their last checkpoint, with no
+duplicate or missing row. Not done here: mixed precision (fp32 only).
 """
 from __future__ import annotations
 
@@ -154,23 +155,34 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     ensemble_loss = vmap(member_loss)
 
     capture = _MemberRecorders(cfg.capture, layout, task, model, optimizer, t.steps, device)
-    groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
-                                         "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
-                                         **capture.attrs(t)}, overwrite=overwrite)
-              for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
+    ckpt_root = exp_dir / "checkpoints" / f"ensemble-{run_ids[0]}"
+    start, elapsed = _restore(ckpt_root, run_ids, optimizer) if overwrite else (0, 0.0)
+    if start:
+        groups = [root[r] for r in run_ids]
+        for g in groups:
+            store.truncate_to(g, start)
+            store.set_status(g, "running")
+        capture.nonfinite = [int(np.sum(g["nonfinite"][:])) for g in groups]
+    else:
+        groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
+                                             "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
+                                             **capture.attrs(t)}, overwrite=overwrite)
+                  for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
     writers = [store.RunWriter(g, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device)) for g in groups]
     for w in writers:
         capture.declare(w)
         declare_evals(w, task, t.eval_every)
     weights = [exp_dir / "weights" / r for r in run_ids] if cfg.capture.enabled and cfg.capture.save_weights else []
-    for i, path in enumerate(weights):
+    for i, path in enumerate(weights if not start else []):
         _load_member(model, params, i)
         checkpoint.save_weights(model, path / "initial.safetensors")
 
-    began = time.perf_counter()
+    began = time.perf_counter() - elapsed
     try:
-        capture.probe(writers, params, step=0)
-        for step in tqdm(range(t.steps), desc=f"ensemble of {E}", disable=not progress, leave=False, mininterval=2):
+        if not start:
+            capture.probe(writers, params, step=0)
+        for step in tqdm(range(start, t.steps), desc=f"ensemble of {E}", disable=not progress, initial=start,
+                         total=t.steps, leave=False, mininterval=2):
             tokens, mask = (torch.stack(x) for x in zip(*(task.train_batch(step, s["data"], t.batch_size, device)
                                                           for s in run_seeds)))
             losses = ensemble_loss(params, tokens, mask)
@@ -193,6 +205,15 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                     _load_member(model, params, i)
                     w.append({"evals/step": step + 1, "evals/accuracy": np.array(
                         list(accuracy(correctness(model, task)).values()), dtype=np.float32)})
+            done = step + 1
+            if done % t.checkpoint_every == 0 and done < t.steps:
+                for w, g in zip(writers, groups):
+                    w.checkpoint(done)
+                    g.attrs.update({"steps_done": done})
+                checkpoint.save_tensors(ckpt_root, {"theta": theta, "exp_avg": optimizer.exp_avg,
+                                                    "exp_avg_sq": optimizer.exp_avg_sq},
+                                        {"members": run_ids, "steps_done": done, "adam_steps": optimizer.steps,
+                                         "wall_time_s": time.perf_counter() - began})
         if t.steps:
             capture.probe(writers, params, t.steps)
         correct = []
@@ -208,6 +229,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
         raise
     wall = (time.perf_counter() - began) / E
+    checkpoint.remove(ckpt_root)
     results = []
     for i, g in enumerate(groups):
         acc = accuracy(correct[i])
@@ -216,6 +238,23 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                          splits=task.splits, hparams=_hparams(cfgs[i]))
         results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps))
     return results
+
+
+@torch.no_grad()
+def _restore(ckpt_root: Path, run_ids: list[str], optimizer: StackedAdamW) -> tuple[int, float]:
+    """Load the ensemble's last checkpoint into the stacked parameters and moments (when one exists for exactly
+    these members); returns (steps done, wall seconds so far), (0, 0.0) without one."""
+    found = checkpoint.checkpoint_dir(ckpt_root)
+    if found is None:
+        return 0, 0.0
+    tensors, meta = checkpoint.load_tensors(found)
+    if meta["members"] != run_ids:
+        return 0, 0.0
+    optimizer.params.copy_(tensors["theta"])
+    optimizer.exp_avg.copy_(tensors["exp_avg"])
+    optimizer.exp_avg_sq.copy_(tensors["exp_avg_sq"])
+    optimizer.steps = int(meta["adam_steps"])
+    return int(meta["steps_done"]), float(meta["wall_time_s"])
 
 
 class _MemberRecorders:

@@ -75,7 +75,7 @@ def _worker_config(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> C
 
 def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> list[dict]:
     """Worker entry point: train one planned run (resuming if partial), or several as one vectorised ensemble
-    (complete members skipped, the others retrained from scratch); return their results rows."""
+    (complete members skipped, the others resumed from their checkpoint); return their results rows."""
     from gradtrace.ensemble import train_ensemble
     from gradtrace.train import train
 

@@ -158,3 +158,41 @@ def test_rerun_retrains_only_members_not_complete(tmp_path):
     assert [r.accuracy for r in again] == [r.accuracy for r in first]
     assert root["a"].attrs["created"] == created_a and root["b"].attrs["status"] == "complete"
     assert root["b"].attrs["ensemble"] == {"members": ["b"], "index": 0}
+
+
+def test_killed_ensemble_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Interrupted after step 13 (checkpoint at 8), re-run with resume: rows exactly once, final weights and
+    recorded sketches identical to an uninterrupted ensemble."""
+    capture = {"capture__enabled": True, "capture__dim": 32, "capture__probe_every": 5, "train__steps": 16,
+               "train__checkpoint_every": 8, "train__eval_every": 0}
+    cfgs = [member_config(**capture, **m) for m in list(MEMBERS.values())[:2]]
+    train_ensemble(cfgs, tmp_path / "whole", ["a", "b"])
+
+    real_step, calls = StackedAdamW.step, []
+
+    def dying_step(self, grad, lr):
+        calls.append(1)
+        if len(calls) == 14:
+            raise KeyboardInterrupt("killed")
+        real_step(self, grad, lr)
+    monkeypatch.setattr(StackedAdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_ensemble(cfgs, tmp_path / "killed", ["a", "b"])
+    root = zarr.open_group(tmp_path / "killed" / "store.zarr", mode="r")
+    assert root["a"].attrs["status"] == "failed" and root["a"].attrs["last_durable_step"] == 8
+    resumed = []
+    monkeypatch.setattr(StackedAdamW, "step", lambda self, grad, lr: resumed.append(1) or real_step(self, grad, lr))
+    train_ensemble(cfgs, tmp_path / "killed", ["a", "b"], resume=True)
+    assert len(resumed) == 8  # continued from the checkpoint at step 8, not retrained from scratch
+
+    whole = zarr.open_group(tmp_path / "whole" / "store.zarr", mode="r")
+    for run_id in "ab":
+        assert root[run_id].attrs["status"] == "complete"
+        assert root[run_id]["step"][:].tolist() == list(range(16))
+        assert root[run_id]["probe/step"][:].tolist() == [0, 5, 10, 15, 16]
+        for name in ("loss", "grad", "update", "adam_m", "probe/grad"):
+            np.testing.assert_array_equal(root[run_id][name][:], whole[run_id][name][:], err_msg=name)
+        a = load_file(str(tmp_path / "killed" / "weights" / run_id / "final.safetensors"))
+        b = load_file(str(tmp_path / "whole" / "weights" / run_id / "final.safetensors"))
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not (tmp_path / "killed" / "checkpoints" / "ensemble-a").exists()  # removed once complete
