@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import checkpoint, store
 from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, VSample, adam_preconditioner,
-                                        capture_attrs, declare_arrays, probe_row)
+                                        capture_attrs, declare_arrays, no_v_statistics, probe_row)
 from gradtrace.capture.sketch import ParamLayout, make_sketch
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
@@ -269,7 +269,7 @@ class _MemberRecorders:
         members = optimizer.params.shape[0]
         self.sketch = make_sketch(self.cfg.sketch, layout, self.cfg.dim, self.cfg.seed, device)
         self.schedule = Schedule(self.cfg.schedule, self.cfg.every, steps)
-        self.probe_every = self.cfg.probe_every if capture.enabled else 0
+        self.probe_every = self.cfg.probe_every  # 0 when capture is disabled
         self.probes = [Probe(s, *task.probe_set(s).torch(device=device)) for s in task.splits] \
             if self.probe_every else []
         self.losses = probe_loss_functions(self.cfg.probe_losses)
@@ -308,23 +308,27 @@ class _MemberRecorders:
 
     def after_step(self, step: int, rows: list[dict]) -> list[dict]:
         """The rows completed with Δθ and m sketches, update norms and (every v_stats_every steps) v statistics."""
-        nan = np.full(len(self.numels), np.nan, dtype=np.float32)
-        v = self.optimizer.exp_avg_sq
-        with_v = step % self.cfg.v_stats_every == 0
-        v_mean = torch.segment_reduce(v, "mean", lengths=self.lengths, axis=1) if with_v else None  # (E, L)
-        if self._theta_before is not None:
-            delta = self._theta_before.sub_(self.optimizer.params)  # θ_t − θ_{t+1} = −Δθ_t
-            update_norm = torch.stack([d.norm(dim=1) for d in delta.split(self.numels, dim=1)], dim=1)
+        L, v = len(self.numels), self.optimizer.exp_avg_sq
+        if step % self.cfg.v_stats_every == 0:
+            v_mean = torch.segment_reduce(v, "mean", lengths=self.lengths, axis=1)  # (E, L)
+            v_stats = [{"layer_v_mean": v_mean[i].numpy(force=True),
+                        "layer_v_quantile": self.v_sample.quantiles(v[i].split(self.numels)).numpy(force=True)}
+                       for i in range(len(rows))]
+        else:
+            v_stats = [no_v_statistics(L)] * len(rows)
+        delta, self._theta_before = self._theta_before, None
+        if delta is not None:
+            delta.sub_(self.optimizer.params)  # θ_t − θ_{t+1} = −Δθ_t
+            update_norm = torch.stack([d.norm(dim=1) for d in delta.split(self.numels, dim=1)], dim=1)  # (E, L)
         for i, row in enumerate(rows):
-            row["layer_update_norm"] = update_norm[i].numpy(force=True) if self._theta_before is not None else nan
-            if self._theta_before is not None:
+            row.update(v_stats[i])
+            if delta is None:
+                row["layer_update_norm"] = np.full(L, np.nan, dtype=np.float32)
+            else:
+                row["layer_update_norm"] = update_norm[i].numpy(force=True)
                 row["update"] = self.sketch.apply(delta[i]).neg_().numpy(force=True)
             if "adam_m" in self.cfg.quantities:
                 row["adam_m"] = self.sketch.apply(self.optimizer.exp_avg[i]).numpy(force=True)
-            row["layer_v_mean"] = v_mean[i].numpy(force=True) if with_v else nan
-            row["layer_v_quantile"] = (self.v_sample.quantiles(v[i].split(self.numels)).numpy(force=True) if with_v
-                                       else np.full((len(self.numels), len(V_QUANTILES)), np.nan, dtype=np.float32))
-        self._theta_before = None
         return rows
 
     def probe(self, writers: list[store.RunWriter], params: dict[str, torch.Tensor], step: int) -> None:

@@ -75,6 +75,8 @@ class Recorder:
         unknown = set(cfg.quantities) - {"grad", "update", "adam_m"}
         if unknown:
             raise ValueError(f"unknown capture.quantities {sorted(unknown)}; choose from grad, update, adam_m")
+        if cfg.v_stats_every < 1:
+            raise ValueError(f"capture.v_stats_every must be >= 1, got {cfg.v_stats_every}")
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
         self.writer, self.cfg = writer, cfg
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -101,8 +103,6 @@ class Recorder:
         self._delta_views = [v.view(s) for v, s in zip(self._delta.split(self._numels), self.layout.shapes)]
         self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
-        if cfg.v_stats_every < 1:
-            raise ValueError(f"capture.v_stats_every must be >= 1, got {cfg.v_stats_every}")
         self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
         declare_arrays(writer, cfg, self.k, len(self._numels), len(self.probes), len(self.probe_losses))
         self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
@@ -176,8 +176,7 @@ class Recorder:
                 row["layer_v_mean"] = torch.stack(torch._foreach_norm(v, 1)) / self._lengths  # v ≥ 0: L1 = sum
                 row["layer_v_quantile"] = self._v_sample.quantiles(v)
             else:
-                row["layer_v_mean"] = np.full(len(self._numels), np.nan, dtype=np.float32)
-                row["layer_v_quantile"] = np.full((len(self._numels), len(V_QUANTILES)), np.nan, dtype=np.float32)
+                row.update(no_v_statistics(len(self._numels)))
             self.writer.append({k: _host(v) for k, v in row.items()})
         self._loss_count = 0
         self.step += 1
@@ -289,6 +288,12 @@ def capture_attrs(sketch, layout: ParamLayout, cfg: CaptureConfig, splits: list[
     return {"sketch": sketch.spec(), "layout": layout.to_json(), "grad_point": "after_clip",
             "quantities": list(cfg.quantities), "v_quantiles": list(V_QUANTILES), "v_stats_every": cfg.v_stats_every,
             "splits": splits, "probe_losses": probe_losses, "adam": adam}
+
+
+def no_v_statistics(n_tensors: int) -> dict[str, np.ndarray]:
+    """The per-tensor v statistics of a row between `v_stats_every` steps: NaN."""
+    return {"layer_v_mean": np.full(n_tensors, np.nan, dtype=np.float32),
+            "layer_v_quantile": np.full((n_tensors, len(V_QUANTILES)), np.nan, dtype=np.float32)}
 
 
 def adam_preconditioner(v: torch.Tensor, step: float, beta2: float, eps: float) -> torch.Tensor:
