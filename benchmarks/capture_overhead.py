@@ -3,7 +3,8 @@
 Every variant trains its own copy of the same model on the same batches. Each round runs, for every captured
 variant in rotating order, a block of capture-free steps and a block of its steps back to back (which goes first
 alternates), so machine-load drift hits both alike; a variant's ratio is the median over rounds of (its step
-time ÷ the adjacent capture-free step time). Three clocks: wall time (`ratio`); this process's CPU time
+time ÷ the adjacent capture-free step time). A captured step's time includes its share of the store's chunk
+writes (one whole chunk of its rows, timed on its own, ÷ the rows per chunk). Three clocks: wall time (`ratio`); this process's CPU time
 (`cpu_ratio`: the cost with a core to itself, the steadier estimate on a machine other jobs share; it misses work
 done in other processes, such as wandb's writer); and CPU time inside `optimizer.step()`, where the Recorder's
 hooks run (`hooks_ratio` = 1 + (its optimizer.step CPU time − the baseline's) ÷ the baseline's step CPU time).
@@ -13,7 +14,7 @@ One torch thread.
     python benchmarks/capture_overhead.py --quick    # fewer rounds; pythia-70m with k=4096 and wandb only
 
 Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "k", "what", "ratio", "step_ms_without",
-"step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio"}. wandb (offline) is optional: without it that row is
+"step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio", "store_ms_per_step"}. wandb (offline) is optional: without it that row is
 skipped with a message.
 """
 from __future__ import annotations
@@ -32,7 +33,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gradtrace import store
 from gradtrace.capture import attach
+from gradtrace.capture.recorder import declare_arrays
 from gradtrace.config import CaptureConfig, ModelConfig, load
 from gradtrace.models import build_model, count_parameters
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
@@ -53,6 +56,7 @@ class Variant:
     after_step: Callable[[torch.Tensor], None] = lambda loss: None
     log: Callable[[torch.Tensor], None] = lambda loss: None
     hooks_in_step: bool = True  # its capture runs inside optimizer.step (wandb's runs in backward hooks)
+    store_cost: Callable[[], tuple[float, float]] | None = None  # (wall, CPU) ms per step of writing its chunks
     times: list[tuple[float, float, float]] = field(default_factory=list)  # (wall, CPU, optimizer.step CPU) ms/step
     paired: list[tuple[float, float, float]] = field(default_factory=list)  # the baseline block's, beside each
 
@@ -73,7 +77,7 @@ def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bo
                      capture=CaptureConfig(sketch="countsketch", dim=k, quantities=quantities, probe_every=0,
                                            v_stats_every=v_stats_every))
         stack.callback(rec.close)
-        return Variant(what, k, model, opt, log=rec.log)
+        return Variant(what, k, model, opt, log=rec.log, store_cost=chunk_write_cost(rec, out_dir))
 
     variants = [Variant("none", None, *pair())]
     variants += [recorded("grad+update+adam_m", k, ALL) for k in ks]
@@ -84,6 +88,33 @@ def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bo
     if use_wandb:
         variants.append(wandb_variant(pair, out_dir, stack))
     return variants
+
+
+def chunk_write_cost(rec, out_dir: Path) -> Callable[[], tuple[float, float]]:
+    """A function giving the Recorder's store cost per step, (wall ms, CPU ms): one whole chunk of its last
+    recorded row written by a fresh writer with the same arrays, codecs and chunk, divided by the chunk's rows.
+
+    A chunk is written once every `capture.chunk` steps (256 by default), so the timed blocks, a few steps each,
+    rarely hold a write, and a median over rounds would drop the one that does; the write is timed on its own
+    and spread over the steps it serves, as in a long run."""
+    last: dict = {}
+    append = rec.writer.append
+    rec.writer.append = lambda row: (last.update(row=row), append(row))[1]
+
+    def cost(reps: int = 3) -> tuple[float, float]:
+        root = store.open_experiment(out_dir / "chunk-cost.zarr", mode="a")
+        times = []
+        for _ in range(reps):
+            writer = store.RunWriter(store.create_run(root, f"r{len(list(root.group_keys()))}", {}), rec.cfg.chunk)
+            declare_arrays(writer, rec.cfg, rec.k, len(rec.layout.numels), 0, 0)
+            for _ in range(rec.cfg.chunk - 1):
+                writer.append(last["row"])
+            wall, cpu = time.perf_counter(), time.process_time()
+            writer.append(last["row"])  # fills the chunk: written now
+            times.append(((time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000))
+        wall_ms, cpu_ms = np.median(np.array(times), axis=0)
+        return wall_ms / rec.cfg.chunk, cpu_ms / rec.cfg.chunk
+    return cost
 
 
 def wandb_variant(pair: Callable, out_dir: Path, stack: contextlib.ExitStack) -> Variant:
@@ -146,10 +177,13 @@ def measure(base: Variant, variants: list[Variant], task: ArithmeticTask, batch:
 
 
 def records(model_name: str, variants: list[Variant]) -> list[dict]:
-    """One record per captured variant: medians over its pairings of the wall, CPU and hooks ratios."""
+    """One record per captured variant: medians over its pairings of the wall, CPU and hooks ratios, each step's
+    time including its share of the store's chunk writes (which run inside optimizer.step)."""
     out = []
     for v in variants:
         (wall, cpu, opt), (base_wall, base_cpu, base_opt) = np.array(v.times).T, np.array(v.paired).T
+        store_wall, store_cpu = v.store_cost() if v.store_cost else (0.0, 0.0)
+        wall, cpu, opt = wall + store_wall, cpu + store_cpu, opt + store_cpu
         ratios = wall / base_wall
         hooks = 1 + (opt - base_opt) / base_cpu
         out.append({"model": model_name, "k": v.k, "what": v.what, "ratio": round(float(np.median(ratios)), 4),
@@ -157,7 +191,8 @@ def records(model_name: str, variants: list[Variant]) -> list[dict]:
                     "step_ms_with": round(float(np.median(wall)), 2),
                     "ratio_iqr": [round(float(q), 4) for q in np.percentile(ratios, [25, 75])],
                     "cpu_ratio": round(float(np.median(cpu / base_cpu)), 4),
-                    "hooks_ratio": round(float(np.median(hooks)), 4) if v.hooks_in_step else None})
+                    "hooks_ratio": round(float(np.median(hooks)), 4) if v.hooks_in_step else None,
+                    "store_ms_per_step": round(store_wall, 3)})
     return out
 
 
@@ -194,12 +229,12 @@ def main() -> None:
             measure(variants[0], variants[1:], task, batch, train.clip, rounds, block)
             results += records(name, variants[1:])
     print(f"\n{'model':<11} {'k':>6}  {'recorded':<36} {'ratio':>6} {'(IQR)':<13} {'cpu':>6} {'hooks':>6} "
-          f"{'ms without':>10} {'ms with':>8}")
+          f"{'ms without':>10} {'ms with':>8} {'store ms':>8}")
     for r in results:
         iqr = f"({r['ratio_iqr'][0]:.3f}-{r['ratio_iqr'][1]:.3f})"
         print(f"{r['model']:<11} {r['k'] or '-':>6}  {r['what']:<36} {r['ratio']:>6.3f} {iqr:<13} "
               f"{r['cpu_ratio']:>6.3f} {r['hooks_ratio'] or float('nan'):>6.3f} {r['step_ms_without']:>10.1f} "
-              f"{r['step_ms_with']:>8.1f}")
+              f"{r['step_ms_with']:>8.1f} {r['store_ms_per_step']:>8.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
