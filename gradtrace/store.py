@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import queue
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -64,19 +65,20 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
 class RunWriter:
     """Appends rows of named arrays to one run group, a whole chunk per write.
 
-    `declare` creates an array with a leading `step` axis; `append` buffers one row of several arrays;
-    full chunks are written (by a background thread with a bounded queue when `thread=True`); `checkpoint`
+    `declare` creates an array with a leading `step` axis; `append` buffers one row of several arrays (numpy
+    values, or torch tensors on any device: those stay where they are until their chunk is stacked and copied to
+    the host in one transfer, so a GPU run synchronises once per chunk, not once per step); full chunks are written (by a background thread with a bounded queue when `thread=True`); `checkpoint`
     writes every buffered row and records the last durable step.
     """
 
-    def __init__(self, group: zarr.Group, chunk: int = 64, thread: bool = False, queue_size: int = 4) -> None:
+    def __init__(self, group: zarr.Group, chunk: int = 256, thread: bool = False, queue_size: int = 4) -> None:
         self.group, self.chunk = group, chunk
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._written: dict[str, int] = {}
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
         if thread:
-            self._queue = queue.Queue(maxsize=queue_size)  # bounded: training waits rather than outrunning memory
+            self._queue = queue.Queue(maxsize=queue_size)  # chunks of rows in flight: training waits, memory stays bounded
             self._thread = threading.Thread(target=self._drain, daemon=True)
             self._thread.start()
 
@@ -100,37 +102,44 @@ class RunWriter:
         self._written[name] = arr.shape[0]
 
     def append(self, row: dict[str, Any]) -> None:
-        """Buffer one row per named array; write any array whose buffer holds a whole chunk."""
+        """Buffer one row per named array; write the arrays whose buffers hold a whole chunk."""
         self._raise()
+        full = []
         for name, value in row.items():
             buf = self._buffers[name]
-            buf.append(np.asarray(value))
+            buf.append(value)
             if len(buf) == self.chunk:
-                self._submit(name)
+                full.append(name)
+        if full:
+            self._submit(full)
 
-    def _submit(self, name: str) -> None:
-        rows, self._buffers[name] = np.stack(self._buffers[name]), []
-        start = self._written[name]
-        self._written[name] += len(rows)
-        job = (name, start, rows)
+    def _submit(self, names: list[str]) -> None:
+        """Hand the buffered rows of `names` to the disk as one job (the queue bounds chunks of rows in flight)."""
+        job = []
+        for name in names:
+            values, self._buffers[name] = self._buffers[name], []
+            job.append((name, self._written[name], values))
+            self._written[name] += len(values)
         if self._queue is None:
-            self._write(*job)
+            self._write(job)
         else:
             self._queue.put(job)
 
-    def _write(self, name: str, start: int, rows: np.ndarray) -> None:
-        arr = self.group[name]
-        stop = start + len(rows)
-        if arr.shape[0] < stop:
-            arr.resize((stop, *arr.shape[1:]))
-        arr[start:stop] = encode(rows, arr.attrs.get("storage_dtype", str(arr.dtype)))
+    def _write(self, job: list[tuple[str, int, list]]) -> None:
+        for name, start, values in job:
+            rows = stack_rows(values)  # in the writer thread, if any: device tensors are copied there
+            arr = self.group[name]
+            stop = start + len(rows)
+            if arr.shape[0] < stop:
+                arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = encode(rows, arr.attrs.get("storage_dtype", str(arr.dtype)))
 
     def _drain(self) -> None:
         while True:
             job = self._queue.get()
             try:
                 if job is not None and self._error is None:
-                    self._write(*job)
+                    self._write(job)
             except BaseException as err:  # surfaced to the training thread on its next call
                 self._error = err
             finally:
@@ -144,9 +153,9 @@ class RunWriter:
 
     def flush(self) -> None:
         """Write every buffered row (partial chunks too) and wait until it is on disk."""
-        for name, buf in self._buffers.items():
-            if buf:
-                self._submit(name)
+        pending = [name for name, buf in self._buffers.items() if buf]
+        if pending:
+            self._submit(pending)
         if self._queue is not None:
             self._queue.join()
         self._raise()
@@ -163,6 +172,17 @@ class RunWriter:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
+
+
+def stack_rows(values: list) -> np.ndarray:
+    """Buffered rows as one host array. Torch tensors (with Python or numpy values beside them) are stacked on
+    their device and copied once; floating tensors as float32."""
+    torch = sys.modules.get("torch")  # no tensor can exist unless torch is imported
+    tensor = next((v for v in values if torch is not None and isinstance(v, torch.Tensor)), None)
+    if tensor is None:
+        return np.stack([np.asarray(v) for v in values])
+    stacked = torch.stack([torch.as_tensor(v, device=tensor.device) for v in values]).detach()
+    return (stacked.float() if stacked.is_floating_point() else stacked).cpu().numpy()
 
 
 def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: bool = False) -> zarr.Group:

@@ -88,6 +88,28 @@ def test_background_writer_matches_synchronous(tmp_path):
     np.testing.assert_array_equal(root["sync"]["x"][:], root["thread"]["x"][:])
 
 
+def test_writer_takes_tensor_rows_beside_python_and_numpy_values(tmp_path):
+    import torch
+
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    group = store.create_run(root, "r", {})
+    w = store.RunWriter(group, chunk=2)
+    w.declare("loss", (), "float32")
+    w.declare("flag", (), "bool")
+    w.declare("v", (2,), "float32")
+    rows = [(torch.tensor(1.5, dtype=torch.bfloat16), torch.tensor(True), torch.tensor([1.0, 2.0])),
+            (float("nan"), False, np.array([3.0, np.nan], np.float32)),  # e.g. no loss logged; NaN v statistics
+            (torch.tensor(0.25), torch.tensor(False), torch.tensor([5.0, 6.0]))]
+    for loss, flag, v in rows:
+        w.append({"loss": loss, "flag": flag, "v": v})
+    w.close()
+    loss, flag, v = group["loss"][:], group["flag"][:], group["v"][:]
+    assert loss.dtype == np.float32 and flag.dtype == bool
+    np.testing.assert_array_equal(loss, [1.5, np.nan, 0.25])
+    np.testing.assert_array_equal(flag, [True, False, False])
+    np.testing.assert_array_equal(v, [[1.0, 2.0], [3.0, np.nan], [5.0, 6.0]])
+
+
 def test_truncate_to_cuts_rows_past_the_resume_point(captured, tmp_path):
     exp, cfg = captured
     import shutil

@@ -9,7 +9,8 @@ A training loop changes by at most three lines::
 The gradient is read in the optimizer's step pre-hook, so it is the gradient the optimizer uses: after clipping
 (clip before `optimizer.step()`) and after unscaling under `torch.amp.GradScaler` (which unscales before calling
 `step`, or, for a fused optimizer, hands it the scale: the Recorder divides by it). Steps the scaler skips on
-inf/NaN are neither recorded nor counted. Capture never changes the training result: it reads `.grad`,
+inf/NaN are neither recorded nor counted. Rows stay on the training device until the writer copies a whole chunk
+to the host, so recording a step never waits for the device. Capture never changes the training result: it reads `.grad`,
 parameters and optimizer state, and computes probe gradients with `torch.autograd.grad` on separate graphs.
 
 Wrapped models and optimizers are unwrapped: hooks go on the optimizer whose `step` really runs (under
@@ -18,7 +19,6 @@ recorded), and the parameter layout is the bare model's (DDP's `module.` prefix 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,7 +89,7 @@ class Recorder:
         self.step = start_step  # optimizer steps completed
         self.probes = probes or []
         self.probe_losses = probe_losses or {}
-        self.nonfinite_steps = 0
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._recording = False
@@ -109,6 +109,11 @@ class Recorder:
                        self.optimizer.register_step_post_hook(self._post_step)]
 
     # -- set-up ---------------------------------------------------------------------------------------------
+    @property
+    def nonfinite_steps(self) -> int:
+        """Recorded steps whose gradient held a NaN or Inf."""
+        return int(self._nonfinite)
+
     def attrs(self) -> dict:
         """Run attributes describing what this recorder writes (for the store)."""
         group = self.optimizer.param_groups[0]
@@ -146,9 +151,9 @@ class Recorder:
         if scale is not None and "grad" not in self.cfg.quantities:
             layer_grad.div_(scale)
         grad_norm = layer_grad.norm()
-        finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
-        self.nonfinite_steps += not finite
-        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]), "nonfinite": not finite,
+        nonfinite = ~torch.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
+        self._nonfinite += nonfinite
+        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]), "nonfinite": nonfinite,
                      "layer_grad_norm": layer_grad, "grad_norm": grad_norm}
         if "update" in self.cfg.quantities:
             torch._foreach_copy_(self._delta_views, self.params)
@@ -164,7 +169,7 @@ class Recorder:
                 torch._foreach_sub_(self._delta_views, self.params)  # −Δθ_t: one pass, no extra buffer
                 row["layer_update_norm"] = torch.stack(torch._foreach_norm(self._delta_views))
             else:
-                row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"))
+                row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
             if "grad" in self.cfg.quantities:  # the two sketches back to back: the second finds the map in cache
                 row["grad"] = self.sketch.apply(self._flat)
             if "update" in self.cfg.quantities:
@@ -177,7 +182,7 @@ class Recorder:
                 row["layer_v_quantile"] = self._v_sample.quantiles(v)
             else:
                 row.update(no_v_statistics(len(self._numels)))
-            self.writer.append({k: _host(v) for k, v in row.items()})
+            self.writer.append(row)  # device tensors: the writer copies them to the host a chunk at a time
         self._loss_count = 0
         self.step += 1
         if self.probes and self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
@@ -364,10 +369,3 @@ class VSample:
                 x[a:b] = x[a:b].sort().values
         out = torch.lerp(x[self.lo], x[self.hi], self.frac)
         return out.masked_fill_(x[self.last].isnan().unsqueeze(1), float("nan"))  # NaN sorts last
-
-
-def _host(value) -> np.ndarray | float:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy() if value.dtype.is_floating_point else value.cpu().numpy()
-    return value
-
