@@ -4,18 +4,18 @@ Every variant trains its own copy of the same model on the same batches. Each ro
 variant in rotating order, a block of capture-free steps and a block of its steps back to back (which goes first
 alternates), so machine-load drift hits both alike; a variant's ratio is the median over rounds of (its step
 time ÷ the adjacent capture-free step time). A captured step's time includes its share of the store's chunk
-writes (one whole chunk of its rows, timed on its own, ÷ the rows per chunk). Three clocks: wall time (`ratio`); this process's CPU time
-(`cpu_ratio`: the cost with a core to itself, the steadier estimate on a machine other jobs share; it misses work
-done in other processes, such as wandb's writer); and CPU time inside `optimizer.step()`, where the Recorder's
-hooks run (`hooks_ratio` = 1 + (its optimizer.step CPU time − the baseline's) ÷ the baseline's step CPU time).
-One torch thread.
+writes (one whole chunk of its rows, timed on its own, ÷ the rows per chunk). Three clocks: wall time (`ratio`);
+this process's CPU time (`cpu_ratio`: the cost with a core to itself, the steadier estimate on a machine other
+jobs share; it misses work done in other processes, such as wandb's writer); and CPU time inside
+`optimizer.step()`, where the Recorder's hooks run (`hooks_ratio` = 1 + (its optimizer.step CPU time − the
+baseline's) ÷ the baseline's step CPU time). One torch thread.
 
     python benchmarks/capture_overhead.py            # default model (tiny, batch 128) and pythia-70m shape
     python benchmarks/capture_overhead.py --quick    # fewer rounds; pythia-70m with k=4096 and wandb only
 
 Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "k", "what", "ratio", "step_ms_without",
-"step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio", "store_ms_per_step"}. wandb (offline) is optional: without it that row is
-skipped with a message.
+"step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio", "store_ms_per_step"}. wandb (offline) is optional:
+without it that row is skipped with a message.
 """
 from __future__ import annotations
 

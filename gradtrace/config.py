@@ -74,7 +74,7 @@ class CaptureConfig:
     quantities: list[str] = field(default_factory=lambda: ["grad", "update", "adam_m"])
     probe_losses: list[str] = field(default_factory=lambda: ["ce", "margin"])
     dtype: str = "float32"  # storage dtype of sketched rows: float32 | float16 | bfloat16
-    chunk: int = 256  # rows per stored chunk along the step axis (a write per chunk: ~2 ms per array, whatever its size)
+    chunk: int = 256  # rows per stored chunk along the step axis (each write costs ~2 ms per array, any size)
     save_weights: bool = True  # initial and final weights as safetensors beside the store
     writer_thread: bool | None = None  # write chunks from a background thread; None: on CUDA only
 

@@ -67,18 +67,19 @@ class RunWriter:
 
     `declare` creates an array with a leading `step` axis; `append` buffers one row of several arrays (numpy
     values, or torch tensors on any device: those stay where they are until their chunk is stacked and copied to
-    the host in one transfer, so a GPU run synchronises once per chunk, not once per step); full chunks are written (by a background thread with a bounded queue when `thread=True`); `checkpoint`
-    writes every buffered row and records the last durable step.
+    the host in one transfer, so a GPU run synchronises once per chunk, not once per step); full chunks are
+    written (by a background thread with a bounded queue when `thread=True`); `checkpoint` writes every buffered
+    row and records the last durable step.
     """
 
     def __init__(self, group: zarr.Group, chunk: int = 256, thread: bool = False, queue_size: int = 4) -> None:
         self.group, self.chunk = group, chunk
-        self._buffers: dict[str, list[np.ndarray]] = {}
+        self._buffers: dict[str, list] = {}
         self._written: dict[str, int] = {}
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
         if thread:
-            self._queue = queue.Queue(maxsize=queue_size)  # chunks of rows in flight: training waits, memory stays bounded
+            self._queue = queue.Queue(maxsize=queue_size)  # chunks in flight: training waits, memory bounded
             self._thread = threading.Thread(target=self._drain, daemon=True)
             self._thread.start()
 

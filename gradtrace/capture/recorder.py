@@ -10,8 +10,9 @@ The gradient is read in the optimizer's step pre-hook, so it is the gradient the
 (clip before `optimizer.step()`) and after unscaling under `torch.amp.GradScaler` (which unscales before calling
 `step`, or, for a fused optimizer, hands it the scale: the Recorder divides by it). Steps the scaler skips on
 inf/NaN are neither recorded nor counted. Rows stay on the training device until the writer copies a whole chunk
-to the host, so recording a step never waits for the device. Capture never changes the training result: it reads `.grad`,
-parameters and optimizer state, and computes probe gradients with `torch.autograd.grad` on separate graphs.
+to the host, so recording an ordinary step never waits for the device (probe steps copy their sketches at once).
+Capture never changes the training result: it reads `.grad`, parameters and optimizer state, and computes probe
+gradients with `torch.autograd.grad` on separate graphs.
 
 Wrapped models and optimizers are unwrapped: hooks go on the optimizer whose `step` really runs (under
 accelerate's `AcceleratedOptimizer`, which skips it on gradient-accumulation micro-steps, so only sync steps are
