@@ -87,6 +87,28 @@ def test_probe_gradient_matches_a_recomputed_gradient(tmp_path, task):
     assert group["probe/step"][:].tolist() == [0, 3]
 
 
+def test_countsketch_rows_are_the_sketches_of_the_exact_rows(tmp_path, task):
+    """Two Recorders on one optimizer: the CountSketch one (CPU kernels, one pass per tensor) writes exactly the
+    sketches and norms of what the identity one (generic torch path) records, step by step."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    exact, sketched = store.create_run(root, "exact", {}), store.create_run(root, "sketched", {})
+    recorders = []
+
+    def factory(model, opt):
+        for group, cfg in ((exact, CaptureConfig(sketch="identity", probe_every=0, v_stats_every=1)),
+                           (sketched, CaptureConfig(sketch="countsketch", dim=96, probe_every=0, v_stats_every=1))):
+            recorders.append(Recorder(model, opt, store.RunWriter(group, 8), cfg, 5))
+        return recorders[-1]
+    plain_loop(task, 5, factory)
+    recorders[0].close()
+    sketch = recorders[1].sketch
+    for q in ("grad", "update", "adam_m"):
+        expected = torch.stack([sketch.apply_csr(torch.from_numpy(row)) for row in store.read(exact, q)])
+        np.testing.assert_allclose(store.read(sketched, q), expected.numpy(), rtol=1e-5, atol=1e-7)
+    for name in ("layer_grad_norm", "layer_update_norm", "grad_norm", "layer_v_mean"):
+        np.testing.assert_allclose(sketched[name][:], exact[name][:], rtol=1e-5, atol=1e-9)
+
+
 def test_nonfinite_gradient_is_recorded_and_flagged(tmp_path, task):
     group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=32, probe_every=0), 4)
     plain_loop(task, 4, factory, nan_at=2)

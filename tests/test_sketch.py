@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradtrace.capture.sketch import SKETCHES, ParamLayout, check_compatible, make_sketch
+from gradtrace.capture.sketch import SKETCHES, ParamLayout, Sketch, check_compatible, make_sketch
 
 LAYOUT = ParamLayout(("emb", "w1", "b1", "head"), ((50, 96), (96, 96), (96,), (96, 50)))
 KINDS = ["identity", "countsketch", "gaussian", "rademacher"]
@@ -80,6 +80,47 @@ def test_countsketch_avoids_row_length_aliasing():
     S = make_sketch("countsketch", layout, 1024, seed=0).apply(x)
     assert (S != 0).sum() > 100  # a fold (i mod 1024) would pile the column into 16 buckets of 16 entries
     assert S.abs().max() <= 5
+
+
+@pytest.mark.parametrize("k", [64, 1000, 4096, 20000])  # k > P: one partial block
+def test_countsketch_cpu_kernel_matches_sparse_product_and_index_add(k):
+    """The CPU kernel, tensor by tensor or from any offset, equals the CSR path other devices use and a plain
+    index_add_ over the documented hash."""
+    sk = make_sketch("countsketch", LAYOUT, k, seed=2)
+    x = torch.randn(LAYOUT.size)
+    reference = torch.zeros(k).index_add_(0, sk.buckets(0, LAYOUT.size), x * sk.signs)
+    tensors = [t.reshape(s) for t, s in zip(x.split(LAYOUT.numels), LAYOUT.shapes)]
+    torch.testing.assert_close(sk.apply(x), reference, rtol=0, atol=0)
+    torch.testing.assert_close(sk.apply_tensors(tensors), reference, rtol=0, atol=0)
+    torch.testing.assert_close(sk.apply_csr(x), reference, rtol=1e-5, atol=1e-4)
+    cuts = [0, 7, 4097, 5000, LAYOUT.size]
+    shards = sum(sk.apply_range(x[a:b], a) for a, b in zip(cuts, cuts[1:]))
+    torch.testing.assert_close(shards, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_countsketch_fused_norms_and_difference_match_the_unfused_path():
+    """apply_with_norms / apply_difference_with_norms: the CPU kernels (one pass) equal the generic path (the one
+    other devices and other sketches take), for non-contiguous and non-float32 tensors too."""
+    sk = make_sketch("countsketch", LAYOUT, 256, seed=4)
+    g = torch.Generator().manual_seed(1)
+    new = [torch.randn(s, generator=g, dtype=torch.float64) for s in LAYOUT.shapes]
+    new[1] = new[1].float().t()  # non-contiguous float32
+    old = torch.randn(LAYOUT.size, generator=g)
+    exact_norms = torch.stack([t.double().norm() for t in new]).float()
+    sketch, norms = sk.apply_with_norms(new)
+    generic_sketch, generic_norms = Sketch.apply_with_norms(sk, new)
+    torch.testing.assert_close(sketch, generic_sketch, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(norms, exact_norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(generic_norms, exact_norms, rtol=1e-4, atol=0)
+
+    flat_new = torch.cat([t.reshape(-1).float() for t in new])
+    diff = flat_new - old
+    diff_norms = torch.stack([d.norm() for d in diff.split(LAYOUT.numels)])
+    sketch, norms = sk.apply_difference_with_norms(new, old.clone())
+    generic_sketch, generic_norms = Sketch.apply_difference_with_norms(sk, [t.float() for t in new], old.clone())
+    for s_, n_ in ((sketch, norms), (generic_sketch, generic_norms)):
+        torch.testing.assert_close(s_, sk.apply_csr(diff), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(n_, diff_norms, rtol=1e-5, atol=0)
 
 
 def test_identity_is_exact():

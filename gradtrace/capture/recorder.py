@@ -98,10 +98,9 @@ class Recorder:
         self._all_grads = True
         P = self.layout.size
         self._numels = self.layout.numels
-        self._flat = torch.empty(P, device=device)   # g_t from before the step until it is sketched, then m / v
-        self._flat_views = [v.view(s) for v, s in zip(self._flat.split(self._numels), self.layout.shapes)]
-        self._delta = torch.empty(P, device=device)  # θ_t before the step, then θ_t − θ_{t+1} = −Δθ_t after it
-        self._delta_views = [v.view(s) for v, s in zip(self._delta.split(self._numels), self.layout.shapes)]
+        self._flat = torch.empty(P, device=device)   # scratch: flat copies of g, m, v and probe gradients
+        self._theta = torch.empty(P, device=device)  # θ_t, snapshotted before the step (scratch after it)
+        self._theta_views = [v.view(s) for v, s in zip(self._theta.split(self._numels), self.layout.shapes)]
         self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
         self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
@@ -143,21 +142,21 @@ class Recorder:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self._all_grads = all(p.grad is not None for p in self.params)  # Adam skips parameters without one
-        if "grad" in self.cfg.quantities:  # copied now, sketched after the step (the sketch's map is then warm)
-            flatten_into(grads, self._flat)
-            if scale is not None:
-                self._flat.div_(scale)
-            grads = self._flat_views  # the norms read the fresh copy: warm in cache
-        layer_grad = torch.stack(torch._foreach_norm(grads))
-        if scale is not None and "grad" not in self.cfg.quantities:
+        row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"])}
+        if "grad" in self.cfg.quantities:
+            row["grad"], layer_grad = self.sketch.apply_with_norms(grads, scratch=self._flat)
+        else:
+            layer_grad = torch.stack(torch._foreach_norm(grads))
+        if scale is not None:  # sketch and norms are linear in g: unscale them instead of g
             layer_grad.div_(scale)
+            if "grad" in row:
+                row["grad"].div_(scale)
         grad_norm = layer_grad.norm()
         nonfinite = ~torch.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
         self._nonfinite += nonfinite
-        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]), "nonfinite": nonfinite,
-                     "layer_grad_norm": layer_grad, "grad_norm": grad_norm}
+        self._row = {**row, "nonfinite": nonfinite, "layer_grad_norm": layer_grad, "grad_norm": grad_norm}
         if "update" in self.cfg.quantities:
-            torch._foreach_copy_(self._delta_views, self.params)
+            torch._foreach_copy_(self._theta_views, self.params)
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -166,15 +165,11 @@ class Recorder:
         if self._recording:
             row = self._row
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
-            if "update" in self.cfg.quantities:
-                torch._foreach_sub_(self._delta_views, self.params)  # −Δθ_t: one pass, no extra buffer
-                row["layer_update_norm"] = torch.stack(torch._foreach_norm(self._delta_views))
+            if "update" in self.cfg.quantities:  # Δθ_t = θ_{t+1} − θ_t, θ_t snapshotted in the pre-step hook
+                row["update"], row["layer_update_norm"] = self.sketch.apply_difference_with_norms(self.params,
+                                                                                                  self._theta)
             else:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
-            if "grad" in self.cfg.quantities:  # the two sketches back to back: the second finds the map in cache
-                row["grad"] = self.sketch.apply(self._flat)
-            if "update" in self.cfg.quantities:
-                row["update"] = self.sketch.apply(self._delta).neg_()
             m, v = self._adam_state()
             if "adam_m" in self.cfg.quantities:
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
@@ -200,7 +195,7 @@ class Recorder:
             beta1 = self.optimizer.param_groups[0]["betas"][0]
             self._m_sketch = torch.lerp(self._m_sketch, grad_sketch, 1 - beta1)
             return self._m_sketch
-        direct = self.sketch.apply(flatten_into(m, self._flat))
+        direct = self.sketch.apply_tensors(m, scratch=self._flat)
         if self._m_follows_gradient():
             self._m_sketch = direct
         return direct

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -93,9 +94,27 @@ class Sketch(ABC):
         result = self.apply_range(flat, 0)
         return out.copy_(result) if out is not None else result
 
-    def apply_tensors(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sketch of parameter-shaped tensors in layout order (allocates a flat copy; hooks use `apply`)."""
-        return self.apply(torch.cat([t.reshape(-1).float() for t in tensors]))
+    def apply_tensors(self, tensors: Sequence[torch.Tensor], scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Sketch of parameter-shaped tensors in layout order, flattened into `scratch` (a float P-vector; a fresh
+        one if None)."""
+        if scratch is None:
+            return self.apply(torch.cat([t.reshape(-1).float() for t in tensors]))
+        return self.apply(flatten_into(tensors, scratch))
+
+    def apply_with_norms(self, tensors: Sequence[torch.Tensor],
+                         scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sketch of parameter-shaped tensors in layout order, each tensor's L2 norm)."""
+        norms = torch.stack(torch._foreach_norm(tensors)).float()
+        return self.apply_tensors(tensors, scratch), norms
+
+    def apply_difference_with_norms(self, new: Sequence[torch.Tensor],
+                                    old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sketch of new − old, each tensor's L2 norm of it) for parameter-shaped tensors `new` and the flat
+        P-vector `old` of their earlier values, which may be overwritten (it is scratch)."""
+        old_parts = old.split(self.layout.numels)
+        torch._foreach_sub_(old_parts, [t.reshape(-1) for t in new])  # old − new in place: no extra buffer
+        norms = torch.stack(torch._foreach_norm(old_parts))
+        return self.apply(old).neg_(), norms
 
     def spec(self) -> dict:
         """What the store records so analysis can refuse incompatible sketches."""
@@ -130,11 +149,14 @@ class CountSketch(Sketch):
 
     Within each block of k consecutive coordinates the buckets are a bijection (no collisions); each block gets
     an independent random cyclic shift s, so coordinates of different blocks collide uniformly at random. This
-    avoids the failure of a plain fold (i mod k) when k is a multiple of a weight matrix's row length. The map is
-    held as sparse k × (columns) CSR matrices of ±1, one per band of `BAND` blocks (int32 indices): a sketch is a
-    few sparse matrix-vector products, 2-4× faster on CPU than sign-multiply, gather and sum. Banding keeps the
-    coordinates one output row reads within a few cache lines; one matrix over all of a 70M-parameter model's
-    17k blocks was 12× slower.
+    avoids the failure of a plain fold (i mod k) when k is a multiple of a weight matrix's row length.
+
+    On the CPU compiled kernels (`kernels`) add each block's signed coordinates to its two runs of consecutive
+    buckets, tensor by tensor, with no flat copy, and sum each tensor's squared norm in the same pass (so
+    `apply_with_norms` and `apply_difference_with_norms` cost one read of the data). On other devices the map is held as sparse
+    k × (columns) CSR matrices of ±1, one per band of `BAND` blocks (int32 indices), built on first use: a sketch
+    is a few sparse matrix-vector products. Banding keeps the coordinates one output row reads within a few cache
+    lines; one matrix over all of a 70M-parameter model's 17k blocks was 12× slower on a CPU.
     """
 
     kind = "countsketch"
@@ -147,7 +169,9 @@ class CountSketch(Sketch):
         gen = _generator(seed, 1, P, k)
         self.signs = (torch.randint(0, 2, (P,), generator=gen) * 2 - 1).float().to(self.device)
         self.shifts = torch.randint(0, k, (self.blocks,), generator=gen).to(self.device)
-        self._bands = [self._band(b, min(b + self.BAND, self.blocks)) for b in range(0, self.blocks, self.BAND)]
+        self._bands: list[tuple[int, int, torch.Tensor]] | None = None
+        if self.device.type == "cpu":  # the kernels' copies: one byte per sign, so the map costs little cache
+            self._signs_cpu, self._shifts_cpu = self.signs.to(torch.int8).numpy(), self.shifts.numpy()
 
     def _band(self, first: int, last: int) -> tuple[int, int, torch.Tensor]:
         """Coordinates [start, stop) of blocks first..last-1 and their CSR map: row b holds, block by block, the
@@ -172,19 +196,70 @@ class CountSketch(Sketch):
         return (i % self.dim + self.shifts[i // self.dim]) % self.dim
 
     def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        out = torch.zeros(self.dim, device=values.device)
+        if values.device.type == "cpu":
+            return self._add_cpu(values, start, out)
         n = values.numel()
         signed = values.reshape(-1).float() * self.signs[start: start + n]
-        out = torch.zeros(self.dim, device=values.device)
         return out.index_add_(0, self.buckets(start, n), signed)
 
     def apply(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(flat)
+        result = self.apply_range(flat, 0) if flat.device.type == "cpu" else self.apply_csr(flat)
+        return out.copy_(result) if out is not None else result
+
+    def apply_tensors(self, tensors: Sequence[torch.Tensor], scratch: torch.Tensor | None = None) -> torch.Tensor:
+        if tensors[0].device.type != "cpu":
+            return super().apply_tensors(tensors, scratch)
+        return self.apply_with_norms(tensors)[0]
+
+    def apply_with_norms(self, tensors: Sequence[torch.Tensor],
+                         scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if tensors[0].device.type != "cpu":
+            return super().apply_with_norms(tensors, scratch)
+        from gradtrace.capture.kernels import countsketch_add  # imports numba: only where the CPU path runs
+
+        out, sumsq = torch.zeros(self.dim), np.empty(len(tensors))
+        sketch = out.numpy()
+        for i, (tensor, start) in enumerate(zip(tensors, self.layout.offsets)):
+            sumsq[i] = countsketch_add(_numpy_flat(tensor), start, self._signs_cpu, self._shifts_cpu, sketch)
+        return out, torch.from_numpy(np.sqrt(sumsq, dtype=np.float32))
+
+    def apply_difference_with_norms(self, new: Sequence[torch.Tensor],
+                                    old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if old.device.type != "cpu":
+            return super().apply_difference_with_norms(new, old)
+        from gradtrace.capture.kernels import countsketch_add_difference
+
+        out, sumsq, old = torch.zeros(self.dim), np.empty(len(new)), _numpy_flat(old)
+        sketch = out.numpy()
+        for i, (tensor, start, n) in enumerate(zip(new, self.layout.offsets, self.layout.numels)):
+            sumsq[i] = countsketch_add_difference(_numpy_flat(tensor), old[start:start + n], start, self._signs_cpu,
+                                                  self._shifts_cpu, sketch)
+        return out, torch.from_numpy(np.sqrt(sumsq, dtype=np.float32))
+
+    def apply_csr(self, flat: torch.Tensor) -> torch.Tensor:
+        """The sketch as sparse matrix-vector products (the path off the CPU; on the CPU for tests)."""
+        if self._bands is None:
+            self._bands = [self._band(b, min(b + self.BAND, self.blocks)) for b in range(0, self.blocks, self.BAND)]
         flat = flat.float()
         result = None
         for start, stop, matrix in self._bands:
             part = matrix @ flat[start:stop]
             result = part if result is None else result.add_(part)
-        return out.copy_(result) if out is not None else result
+        return result
+
+    def _add_cpu(self, values: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+        from gradtrace.capture.kernels import countsketch_add
+
+        countsketch_add(_numpy_flat(values), start, self._signs_cpu, self._shifts_cpu, out.numpy())
+        return out
+
+
+def _numpy_flat(tensor: torch.Tensor):
+    """A CPU tensor's coordinates as a flat float32 numpy array (a view when it already is one)."""
+    tensor = tensor.detach()
+    return (tensor if tensor.dtype == torch.float32 else tensor.float()).numpy().reshape(-1)
 
 
 class _BlockJL(Sketch):
