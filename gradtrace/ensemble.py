@@ -291,17 +291,19 @@ class _MemberRecorders:
 
     def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor) -> list[dict]:
         """Each member's step, loss, lr, (clipped) gradient norms and gradient sketch; θ kept for Δθ."""
-        layer_grad = torch.stack([g.norm(dim=1) for g in grad.split(self.numels, dim=1)], dim=1)  # (E, L)
         rows = []
-        for i, norms in enumerate(layer_grad):
+        for i in range(grad.shape[0]):
+            row = {"step": step, "loss": float(losses[i]), "lr": float(lr[i])}
+            if "grad" in self.cfg.quantities:  # sketch and per-tensor norms in one pass where the sketch allows
+                sketch, norms = self.sketch.apply_with_norms(grad[i].split(self.numels))
+                row["grad"] = sketch.numpy(force=True)
+            else:
+                norms = torch.stack([g.norm() for g in grad[i].split(self.numels)])
             grad_norm = float(norms.norm())
             finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
             self.nonfinite[i] += not finite
-            row = {"step": step, "loss": float(losses[i]), "lr": float(lr[i]), "nonfinite": not finite,
-                   "layer_grad_norm": norms.numpy(force=True), "grad_norm": grad_norm}
-            if "grad" in self.cfg.quantities:
-                row["grad"] = self.sketch.apply(grad[i]).numpy(force=True)
-            rows.append(row)
+            rows.append({**row, "nonfinite": not finite, "layer_grad_norm": norms.numpy(force=True),
+                         "grad_norm": grad_norm})
         if "update" in self.cfg.quantities:
             self._theta_before = self.optimizer.params.clone()
         return rows
@@ -316,17 +318,15 @@ class _MemberRecorders:
                        for i in range(len(rows))]
         else:
             v_stats = [no_v_statistics(L)] * len(rows)
-        delta, self._theta_before = self._theta_before, None
-        if delta is not None:
-            delta.sub_(self.optimizer.params)  # θ_t − θ_{t+1} = −Δθ_t
-            update_norm = torch.stack([d.norm(dim=1) for d in delta.split(self.numels, dim=1)], dim=1)  # (E, L)
+        before, self._theta_before = self._theta_before, None
         for i, row in enumerate(rows):
             row.update(v_stats[i])
-            if delta is None:
+            if before is None:
                 row["layer_update_norm"] = np.full(L, np.nan, dtype=np.float32)
-            else:
-                row["layer_update_norm"] = update_norm[i].numpy(force=True)
-                row["update"] = self.sketch.apply(delta[i]).neg_().numpy(force=True)
+            else:  # Δθ_t = θ_{t+1} − θ_t, sketched with its per-tensor norms
+                update, norms = self.sketch.apply_difference_with_norms(self.optimizer.params[i].split(self.numels),
+                                                                         before[i])
+                row["update"], row["layer_update_norm"] = update.numpy(force=True), norms.numpy(force=True)
             if "adam_m" in self.cfg.quantities:
                 row["adam_m"] = self.sketch.apply(self.optimizer.exp_avg[i]).numpy(force=True)
         return rows
