@@ -242,6 +242,32 @@ def read_lazy(group: zarr.Group, name: str):
     return lazy.map_blocks(decode, storage, dtype=np.float32) if storage == BF16 else lazy
 
 
+# the step-like axes and the arrays whose values label them
+INDEX_ARRAYS = {"step": "step", "probe": "probe/step", "eval": "evals/step"}
+
+
+def dataset(group: zarr.Group):
+    """A run as an xarray.Dataset of lazy dask arrays: named dimensions, labelled coordinates (step, probe and
+    eval steps; split, probe_loss, param and quantile names), the run's attributes. Variables keep the store's
+    array names (`ds["probe/grad"].sel(split="ID")`)."""
+    import xarray as xr
+
+    arrays, a = _arrays(group), group.attrs
+    labels = {"split": a.get("splits"), "probe_loss": a.get("probe_losses"), "quantile": a.get("v_quantiles"),
+              "param": [p["name"] for p in a.get("layout", [])] or None}
+    sizes = {d: n for arr in arrays.values() for d, n in zip(arr.metadata.dimension_names or (), arr.shape)}
+    coords = {dim: (dim, arrays[name][...]) for dim, name in INDEX_ARRAYS.items() if name in arrays}
+    coords.update({dim: (dim, list(names)) for dim, names in labels.items()
+                   if names is not None and sizes.get(dim) == len(names)})
+    variables = {name: (arr.metadata.dimension_names, read_lazy(group, name), dict(arr.attrs))
+                 for name, arr in arrays.items() if name not in INDEX_ARRAYS.values()}
+    try:
+        return xr.Dataset(variables, coords=coords, attrs=dict(a))
+    except ValueError as err:  # arrays of one axis with different lengths
+        raise ValueError(f"run {group.name!r} is inconsistent ({err}); the store may be truncated or corrupt: "
+                         "`gradtrace info` lists each array's shape") from err
+
+
 def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
     out = {}
     for name, member in group.members():
@@ -285,7 +311,8 @@ def summary(path: str | Path) -> str:
 
 
 def export_hdf5(path: str | Path, out: str | Path) -> Path:
-    """Copy every run's arrays and attributes into one HDF5 file (bfloat16 decoded to float32)."""
+    """Copy every run's arrays and attributes into one HDF5 file (bfloat16 decoded to float32), a stored chunk
+    at a time, so stores larger than memory export too."""
     import json
 
     import h5py
@@ -299,8 +326,11 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
             hg = h5.create_group(rid)
             hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
             for name, arr in _arrays(g).items():
-                ds = hg.create_dataset(name, data=decode(arr[...], arr.attrs.get("storage_dtype")),
-                                       compression="gzip")
+                storage = arr.attrs.get("storage_dtype")
+                ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
+                                       compression="gzip" if arr.size else None)
+                for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
+                    ds[lo:lo + arr.chunks[0]] = decode(arr[lo:lo + arr.chunks[0]], storage)
                 if arr.metadata.dimension_names:
                     ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))
     return out

@@ -159,3 +159,48 @@ def test_lazy_dask_read_matches_eager(captured):
     lazy = store.read_lazy(group, "update")
     assert lazy.chunks[0][0] == group["update"].chunks[0]
     np.testing.assert_array_equal(lazy.compute(), store.read(group, "update"))
+
+
+def test_xarray_dataset_names_every_axis_and_reads_lazily(captured):
+    exp, cfg = captured
+    group = zarr.open_group(exp / "store.zarr")["r0"]
+    ds = store.dataset(group)
+    assert ds["grad"].dims == ("step", "sketch") and ds["probe/grad"].dims == ("probe", "split", "probe_loss",
+                                                                               "sketch")
+    assert ds["update"].chunks is not None  # dask-backed: nothing read until asked
+    assert ds["step"].values.tolist() == list(range(cfg.train.steps))
+    assert ds["split"].values.tolist() == group.attrs["splits"]
+    assert ds["param"].values.tolist() == [p["name"] for p in group.attrs["layout"]]
+    assert ds.attrs["sketch"]["dim"] == cfg.capture.dim
+    np.testing.assert_array_equal(ds["probe/grad"].sel(split="ID", probe_loss="ce").values,
+                                  group["probe/grad"][:, 0, 0])
+    np.testing.assert_array_equal(ds["update"].sel(step=slice(5, 9)).values, store.read(group, "update")[5:10])
+
+
+def test_xarray_dataset_refuses_an_inconsistent_run(captured, tmp_path):
+    import shutil
+
+    exp, _ = captured
+    shutil.copytree(exp / "store.zarr", tmp_path / "copy.zarr")
+    group = zarr.open_group(tmp_path / "copy.zarr" / "r0", mode="a")
+    group["grad"].resize((3, group["grad"].shape[1]))  # as if a chunk of `grad` alone were lost
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        store.dataset(group)
+
+
+def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
+    import h5py
+
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=4)
+    w.declare("x", (3,), storage=store.BF16)
+    w.declare("empty", (2,), "float32")
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3) / 7
+    for row in rows:
+        w.append({"x": row})
+    w.close()
+    path = store.export_hdf5(tmp_path / "s.zarr", tmp_path / "out.h5")
+    with h5py.File(path, "r") as h5:
+        assert h5["r/x"].dtype == np.float32 and h5["r/empty"].shape == (0, 2)
+        np.testing.assert_array_equal(h5["r/x"][:], store.read(root["r"], "x"))
+        np.testing.assert_allclose(h5["r/x"][:], rows, rtol=1 / 128)
