@@ -1,8 +1,10 @@
 """The arithmetic task: determinism, disjointness, one token per digit, losses on answers only."""
 import numpy as np
+import pytest
 import torch
 
 from gradtrace.config import ModelConfig, TaskConfig
+from gradtrace.evaluate import correctness, length_batches
 from gradtrace.models import build_model
 from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, task_for, worst_margin_loss
 from gradtrace.tasks.arithmetic import POOL_SIZE
@@ -69,16 +71,23 @@ def test_shift_mix_lands_in_training_pool():
     assert 0.005 < share_space < 0.03
 
 
-def test_exact_match_equals_greedy_decoding():
+@pytest.fixture(scope="module")
+def trained():
+    """A micro model trained a little on a small task, so that some answers are right and some wrong."""
     task = ArithmeticTask(small())
     model = build_model(ModelConfig(name="micro"), task.tokenizer.vocab_size, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):  # a little training so that some answers are right
+    for step in range(60):
         x, m = task.train_batch(step, 0, 64)
         loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return task, model
+
+
+def test_exact_match_equals_greedy_decoding(trained):
+    task, model = trained
     data = task.test_set("ID")
     x, m = data.torch(slice(0, 100))
     with torch.no_grad():
@@ -90,6 +99,24 @@ def test_exact_match_equals_greedy_decoding():
                 seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
             greedy = seq[start:] == x[i, start: start + int(m[i].sum())].tolist()
             assert greedy == bool(em[i])
+
+
+def test_length_batched_evaluation_equals_full_width_exact_match_in_item_order(trained):
+    task, model = trained
+    correct = correctness(model, task, batch_size=32)
+    for split in task.splits:
+        data = task.test_set(split)
+        batches = length_batches(data, 32)
+        idx = np.concatenate([i for i, _ in batches])
+        assert sorted(idx.tolist()) == list(range(len(data)))  # every item once
+        ends = data.tokens.shape[1] - data.answer_mask[:, ::-1].argmax(1)
+        assert all(width >= ends[i].max() for i, width in batches)  # no answer token cut off
+        assert (data.tokens[np.arange(len(data)), ends - 1] == task.tokenizer.eos_id).all()
+        with torch.no_grad():
+            x, m = data.torch()
+            full = exact_match(model(input_ids=x).logits, x, m).numpy()
+        np.testing.assert_array_equal(correct[split], full)
+    assert 0 < np.mean(np.concatenate(list(correct.values()))) < 1  # some right, some wrong: the test can fail
 
 
 def test_worst_margin_loss_is_small_only_when_every_answer_token_is_right():
