@@ -134,8 +134,8 @@ def wandb_variant(pair: Callable, out_dir: Path, stack: contextlib.ExitStack) ->
 def train_step(v: Variant, task: ArithmeticTask, step: int, batch: int, clip: float) -> float:
     """One step of the default training loop (as gradtrace.train) with the variant's capture; returns the CPU
     seconds spent in optimizer.step (where the Recorder's hooks run)."""
-    tokens, mask = task.train_batch(step, 0, batch)
-    loss = answer_cross_entropy(v.model(input_ids=tokens).logits, tokens, mask)
+    b = task.train_batches(step, [0], batch)[0]  # packed, as gradtrace.train trains
+    loss = answer_cross_entropy(v.model(**b.inputs(), use_cache=False).logits, b.tokens, b.mask)
     v.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(v.model.parameters(), clip)

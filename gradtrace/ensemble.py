@@ -36,6 +36,7 @@ from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
+from gradtrace.tasks.packing import stack
 from gradtrace.train import (RunResult, declare_evals, finished_result, lr_lambda, recorded_capture, resolve_device,
                              seeds)
 
@@ -149,9 +150,9 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     peak_lr = torch.tensor([c.train.lr for c in cfgs], dtype=torch.float64, device=device)
     schedule = lr_lambda(t)
 
-    def member_loss(member_params: dict, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, member_params, (), {"input_ids": tokens, "use_cache": False}).logits
-        return answer_cross_entropy(logits, tokens, mask)
+    def member_loss(member_params: dict, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, member_params, (), {**inputs, "use_cache": False}).logits
+        return answer_cross_entropy(logits, inputs["input_ids"], mask)
     ensemble_loss = vmap(member_loss)
 
     capture = _MemberRecorders(cfg.capture, layout, task, model, optimizer, t.steps, device)
@@ -183,9 +184,8 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             capture.probe(writers, params, step=0)
         for step in tqdm(range(start, t.steps), desc=f"ensemble of {E}", disable=not progress, initial=start,
                          total=t.steps, leave=False, mininterval=2):
-            tokens, mask = (torch.stack(x) for x in zip(*(task.train_batch(step, s["data"], t.batch_size, device)
-                                                          for s in run_seeds)))
-            losses = ensemble_loss(params, tokens, mask)
+            batch = stack(task.train_batches(step, [s["data"] for s in run_seeds], t.batch_size, device, t.pack))
+            losses = ensemble_loss(params, batch.inputs(), batch.mask)
             grads = torch.autograd.grad(losses.sum(), list(params.values()))  # member i's loss reaches only its own
             grad = torch.cat([g.reshape(E, -1) for g in grads], dim=1)
             norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradtrace.tasks import ArithmeticTask, Encoded, exact_match
+from gradtrace.tasks import ArithmeticTask, Encoded, exact_match, item_lengths
 
 
 @torch.inference_mode()
@@ -33,7 +33,7 @@ def correctness(model: torch.nn.Module, task: ArithmeticTask, splits: list[str] 
 
 def length_batches(data: Encoded, batch_size: int) -> list[tuple[np.ndarray, int]]:
     """(item indices, width) of batches of items sorted by length; width is the batch's longest item."""
-    lengths = data.tokens.shape[1] - data.answer_mask[:, ::-1].argmax(1)  # each item ends with its answer mask
+    lengths = item_lengths(data.answer_mask)
     order = np.argsort(lengths, kind="stable")
     return [(order[lo:lo + batch_size], int(lengths[order[lo:lo + batch_size]].max()))
             for lo in range(0, len(order), batch_size)]

@@ -113,9 +113,9 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     try:
         for step in tqdm(range(start, t.steps), desc=run_id, disable=not progress, initial=start, total=t.steps,
                          leave=False, mininterval=2):
-            tokens, mask = task.train_batch(step, run_seeds["data"], t.batch_size, device)
+            batch = task.train_batches(step, [run_seeds["data"]], t.batch_size, device, t.pack)[0]
             with _autocast(t.precision, device):
-                loss = answer_cross_entropy(model(input_ids=tokens).logits, tokens, mask)
+                loss = answer_cross_entropy(model(**batch.inputs(), use_cache=False).logits, batch.tokens, batch.mask)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 
 from gradtrace.config import ModelConfig, TaskConfig
+from gradtrace.tasks import packing
+from gradtrace.tasks.packing import Batch
 from gradtrace.tasks.shifts import Problem, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
@@ -138,9 +141,28 @@ class ArithmeticTask:
 
     def train_batch(self, step: int, data_seed: int, batch_size: int,
                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of optimizer step `step`: a pure function of (data_seed, step), so resuming is exact."""
-        idx = np.random.default_rng([data_seed, step]).integers(0, POOL_SIZE, batch_size)
-        return self.train_pool.torch(idx, device)
+        """The batch of optimizer step `step`, right-padded: a pure function of (data_seed, step), so resuming is
+        exact."""
+        return self.train_pool.torch(self._batch_items(step, data_seed, batch_size), device)
+
+    def train_batches(self, step: int, data_seeds: list[int], batch_size: int, device: str | torch.device = "cpu",
+                      pack: bool = True) -> list[Batch]:
+        """Step `step`'s batch for each data seed (the same items as `train_batch`), packed into rows of
+        `pack_width` (with equal row counts, so they stack) or padded."""
+        picks = [self._batch_items(step, seed, batch_size) for seed in data_seeds]
+        if not pack:
+            return [Batch(*self.train_pool.torch(idx, device)) for idx in picks]
+        pool = self.train_pool
+        return packing.pack([(pool.tokens[idx], pool.answer_mask[idx]) for idx in picks], self.pack_width, device)
+
+    @cached_property
+    def pack_width(self) -> int:
+        """Tokens per packed row: 1.5 × the longest training item, so that long items pair with short ones."""
+        return math.ceil(1.5 * self.train_pool.tokens.shape[1])
+
+    @staticmethod
+    def _batch_items(step: int, data_seed: int, batch_size: int) -> np.ndarray:
+        return np.random.default_rng([data_seed, step]).integers(0, POOL_SIZE, batch_size)
 
     def example(self, split: str) -> str:
         """One rendered test item of `split`, prompt and answer."""
