@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--ks", default="1024,4096,16384", help="sketch dims for grad+update+adam_m")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 12 tiny, 3 pythia; quick: 5, 2)")
     parser.add_argument("--no-wandb", action="store_true", help="skip the wandb.watch row")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="only the grad+update+adam_m rows (more rounds in the same time)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "capture_overhead.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -221,7 +223,7 @@ def main() -> None:
         rounds = args.rounds or ROUNDS[(big, args.quick)]
         model_ks = [4096] if big and args.quick else ks
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-            variants = make_variants(name, model_ks, not big, use_wandb, task.tokenizer.vocab_size, train,
+            variants = make_variants(name, model_ks, not (big or args.no_breakdown), use_wandb, task.tokenizer.vocab_size, train,
                                      Path(tmp), stack)
             params = count_parameters(variants[0].model)
             print(f"{name}: {params:,} parameters, batch {batch}, {rounds} rounds × {block} steps per block",
