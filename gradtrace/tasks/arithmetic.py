@@ -56,10 +56,13 @@ class ArithmeticTask:
 
     def encode(self, problems: list[Problem]) -> Encoded:
         """Tokenise problems as <bos> prompt answer <eos>, right-padded, with the answer mask."""
+        return self.encode_rendered([self.render(p) for p in problems])
+
+    def encode_rendered(self, rendered: list[tuple[str, str]]) -> Encoded:
+        """`encode` of already rendered (prompt, answer) pairs."""
         tok = self.tokenizer
         rows, masks, prompts = [], [], []
-        for p in problems:
-            prompt, answer = self.render(p)
+        for prompt, answer in rendered:
             head = [tok.bos_id, *tok.encode(prompt)]
             tail = [*tok.encode(answer), tok.eos_id]
             rows.append(head + tail)
@@ -133,11 +136,11 @@ class ArithmeticTask:
         for k in picks:
             split = get_split(names[k])
             while True:
-                p = split.train(rng, self.cfg.max_digits)
-                if self.render(p)[0] not in held:
-                    items.append(p)
+                rendered = self.render(split.train(rng, self.cfg.max_digits))
+                if rendered[0] not in held:
+                    items.append(rendered)
                     break
-        return self.encode(items)
+        return self.encode_rendered(items)
 
     def train_batch(self, step: int, data_seed: int, batch_size: int,
                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ class Problem:
         spaced = digit_spaces or self.digit_spaces
 
         def digits(n: int, pad: int, reverse: bool) -> str:
-            s = np.base_repr(n, self.base).rjust(pad, "0")
+            s = (str(n) if self.base == 10 else np.base_repr(n, self.base)).rjust(pad, "0")
             s = s[::-1] if reverse else s
             return " ".join(s) if spaced else s
 
