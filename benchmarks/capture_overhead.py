@@ -39,6 +39,7 @@ from gradtrace.capture.recorder import declare_arrays
 from gradtrace.config import CaptureConfig, ModelConfig, load
 from gradtrace.models import build_model, count_parameters
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
+from gradtrace.train import adamw
 
 ALL = ["grad", "update", "adam_m"]
 ROUNDS = {(False, False): 12, (False, True): 5, (True, False): 3, (True, True): 2}  # (pythia-70m?, --quick?)
@@ -68,8 +69,7 @@ def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bo
     def pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = build_model(ModelConfig(name=model_name), vocab, seed=0)
         model.train()
-        return model, torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
-                                        weight_decay=train.weight_decay)
+        return model, adamw(model.parameters(), train, torch.device("cpu"))
 
     def recorded(what: str, k: int, quantities: list[str], v_stats_every: int = CaptureConfig.v_stats_every) -> Variant:
         model, opt = pair()

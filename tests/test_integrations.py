@@ -125,7 +125,7 @@ def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
 # -- the Recorder's fast paths (linearity for m, numpy quantiles of v), checked against the optimizer's state -------
 @pytest.mark.parametrize("fused", [False, True])
 def test_sketched_adam_state_matches_the_optimizer(tmp_path, task, fused):
-    """sketch(m) carried by linearity (unfused AdamW) or sketched directly (fused) equals the sketch of the real m;
+    """sketch(m) carried by linearity (unfused and fused AdamW) equals the sketch of the real m;
     per-tensor v quantiles equal torch.quantile of the same coordinates."""
     model = micro(task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, fused=fused)

@@ -202,12 +202,13 @@ class Recorder:
 
     def _m_follows_gradient(self) -> bool:
         """Whether Adam's m is an EMA of exactly the recorded gradients (every step recorded, one β1, no L2
-        weight decay folded into the gradient, no maximize, not fused: fused steps may unscale inside)."""
+        weight decay folded into the gradient, no maximize). A fused step under GradScaler unscales inside, by
+        the scale the recorded gradient is divided by, so fused optimizers qualify too."""
         groups = self.optimizer.param_groups
         return ("grad" in self.cfg.quantities and self.schedule.every_step
                 and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
                 and len({float(g["betas"][0]) for g in groups}) == 1
-                and all(not g.get("maximize") and not g.get("fused")
+                and all(not g.get("maximize")
                         and (g.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
                              or not g.get("weight_decay")) for g in groups))
 
