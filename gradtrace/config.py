@@ -55,6 +55,7 @@ class TrainConfig:
     checkpoint_every: int = 256  # steps between resumable checkpoints (aligned with store flushes)
     eval_every: int = 0  # evaluate every split every n steps during training (0: only at the end)
     pack: bool = True  # several items to a row, each attending only to itself: same gradients, ~25% fewer tokens
+    # (needs eager or sdpa attention, which take a 4D mask)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler) | auto (bf16 on CUDA, else fp32)
     threads: int = 0  # torch threads; 0 leaves torch's default
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]

@@ -82,3 +82,13 @@ def test_packed_and_padded_training_end_alike(tmp_path):
         final[pack_rows] = load_file(str(tmp_path / str(pack_rows) / "weights" / "r" / "final.safetensors"))
     for name, value in final[True].items():
         torch.testing.assert_close(value, final[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packing_with_an_attention_that_takes_no_4d_mask_is_refused(tmp_path):
+    from conftest import tiny_config
+
+    from gradtrace.train import train
+
+    cfg = tiny_config(model__attn_implementation="flex_attention", capture__enabled=False)
+    with pytest.raises(ValueError, match="set train.pack=false"):
+        train(cfg, tmp_path, "r", progress=False)
