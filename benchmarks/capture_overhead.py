@@ -223,8 +223,8 @@ def main() -> None:
         rounds = args.rounds or ROUNDS[(big, args.quick)]
         model_ks = [4096] if big and args.quick else ks
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-            variants = make_variants(name, model_ks, not (big or args.no_breakdown), use_wandb, task.tokenizer.vocab_size, train,
-                                     Path(tmp), stack)
+            variants = make_variants(name, model_ks, not (big or args.no_breakdown), use_wandb,
+                                     task.tokenizer.vocab_size, train, Path(tmp), stack)
             params = count_parameters(variants[0].model)
             print(f"{name}: {params:,} parameters, batch {batch}, {rounds} rounds × {block} steps per block",
                   flush=True)

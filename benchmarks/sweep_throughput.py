@@ -80,7 +80,8 @@ def worker(spec: dict) -> None:
     from gradtrace.train import train
 
     base = config.load(CONFIG, {"model.name": spec["model"], "train.batch_size": spec["batch"],
-                                "train.steps": spec["steps"], "train.threads": spec["threads"], "train.pack": spec["pack"],
+                                "train.steps": spec["steps"], "train.threads": spec["threads"],
+                                "train.pack": spec["pack"],
                                 "train.device": "cpu", "capture.enabled": False,
                                 "sweep.pretrain_steps": 0})  # from a random init: a step costs what a fine-tuning step does
     runs = [r for r in sweep.plan(base) if r.role == "sweep"][spec["first"]:spec["first"] + spec["members"]]

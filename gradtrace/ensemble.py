@@ -37,8 +37,8 @@ from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
-from gradtrace.train import (RunResult, declare_evals, finished_result, lr_lambda, recorded_capture, resolve_device,
-                             seeds)
+from gradtrace.train import (RunResult, check_packing, declare_evals, finished_result, lr_lambda, recorded_capture,
+                             resolve_device, seeds)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -140,6 +140,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     vocab = task.tokenizer.vocab_size
     model = build_model(cfg.model, vocab, run_seeds[0]["init"]).to(device)  # the skeleton vmap calls; evaluates too
     model.train()
+    check_packing(model, t)
     layout = ParamLayout.of(model)
     # theta (E, P) holds member i's parameters in row i; params are its (E, *shape) views, updated in place
     theta = torch.stack([_flat_parameters(build_model(cfg.model, vocab, s["init"])) for s in run_seeds]).to(device)

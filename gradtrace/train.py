@@ -67,6 +67,14 @@ def adamw(params, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
                              fused=device.type in ("cpu", "cuda"))
 
 
+def check_packing(model: torch.nn.Module, t: TrainConfig) -> None:
+    """Raise when packed batches (train.pack) meet an attention implementation that takes no 4D mask."""
+    attention = getattr(model.config, "_attn_implementation", "eager")
+    if t.pack and attention not in ("eager", "sdpa"):
+        raise ValueError(f"train.pack feeds each packed row a 4D attention mask, which eager and sdpa attention take "
+                         f"and {attention!r} does not; set train.pack=false or model.attn_implementation=sdpa")
+
+
 def _autocast(precision: str, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -93,10 +101,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     task = task_for(cfg.task, cfg.model)
     model = build_model(cfg.model, task.tokenizer.vocab_size, run_seeds["init"]).to(device)
     model.train()
-    attention = getattr(model.config, "_attn_implementation", "eager")
-    if t.pack and attention not in ("eager", "sdpa"):
-        raise ValueError(f"train.pack feeds each packed row a 4D attention mask, which eager and sdpa attention take "
-                         f"and {attention!r} does not; set train.pack=false or model.attn_implementation=sdpa")
+    check_packing(model, t)
     optimizer = adamw(model.parameters(), t, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     ckpt_root = exp_dir / "checkpoints" / run_id

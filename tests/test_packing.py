@@ -92,3 +92,14 @@ def test_packing_with_an_attention_that_takes_no_4d_mask_is_refused(tmp_path):
     cfg = tiny_config(model__attn_implementation="flex_attention", capture__enabled=False)
     with pytest.raises(ValueError, match="set train.pack=false"):
         train(cfg, tmp_path, "r", progress=False)
+
+
+def test_an_ensemble_refuses_packing_with_such_an_attention_too(tmp_path):
+    from conftest import tiny_config
+
+    from gradtrace.ensemble import train_ensemble
+
+    cfgs = [tiny_config(model__attn_implementation="flex_attention", capture__enabled=False, train__seed=s)
+            for s in (0, 1)]
+    with pytest.raises(ValueError, match="set train.pack=false"):
+        train_ensemble(cfgs, tmp_path, ["a", "b"])
