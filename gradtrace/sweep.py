@@ -102,24 +102,34 @@ def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
 
 
 def estimate_seconds(cfg: Config) -> float:
-    """Rough single-thread CPU time of one run (measured on the default: ~0.5 ms per example-step for `tiny`)."""
+    """Rough time of one run on one CPU thread beside another worker (measured on the default, sixth session:
+    ~0.7 ms per example-step for `tiny`, plus model building and evaluating every split's test items)."""
     from gradtrace.models import EMBEDDED
 
     shape = EMBEDDED.get(cfg.model.name.removeprefix("EleutherAI/"), EMBEDDED["tiny"])
     scale = (shape.hidden ** 2 * shape.layers) / (96 ** 2 * 3)
-    return cfg.train.steps * cfg.train.batch_size * 0.5e-3 * scale + 10.0
+    items = cfg.task.n_test * (len(cfg.task.shifts) + 1)
+    return (cfg.train.steps * cfg.train.batch_size * 0.7e-3 + items * 0.28e-3) * scale + 1.5
+
+
+def estimate_total_seconds(cfg: Config, runs: list[PlannedRun]) -> float:
+    """Rough time of a whole sweep: a base run first and alone (every other run starts from its weights), then
+    the rest spread over the workers."""
+    seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
+    base = sum(seconds[r.run_id] for r in runs if r.role == "base")
+    return base + (sum(seconds.values()) - base) / max(1, cfg.sweep.workers)
 
 
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     """The dry-run text: runs by role, steps and expected time."""
     workers = max(1, cfg.sweep.workers)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
-    seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
+    per_run = np.median([estimate_seconds(run_config(cfg, r)) for r in runs])
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
-             f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, ~{sum(seconds) / workers / 60:.0f} min "
-             "in all (GPU: see experiments/README.md)"]
+             f"expected on a 2-core CPU: ~{per_run:.0f} s per run, ~{estimate_total_seconds(cfg, runs) / 60:.0f} "
+             "min in all (GPU: see experiments/README.md)"]
     for r in runs[:5]:
         lines.append(f"  {r.run_id:<8} {r.role:<9} {json.dumps(r.overrides)}")
     if len(runs) > 5:

@@ -5,9 +5,9 @@ import pytest
 import zarr
 
 from conftest import tiny_config
-from gradtrace import store
+from gradtrace import config, store
 from gradtrace.calibrate import assess
-from gradtrace.sweep import plan, run_sweep
+from gradtrace.sweep import estimate_seconds, estimate_total_seconds, plan, run_config, run_sweep
 
 
 def test_plan_varies_only_the_requested_axes():
@@ -27,6 +27,16 @@ def test_reference_runs_differ_only_in_data_order():
     assert len({r.overrides["train.init_seed"] for r in refs}) == 1
     assert len({r.overrides["train.data_seed"] for r in refs}) == 3
     assert all(set(r.overrides) == {"train.init_seed", "train.data_seed"} for r in refs)
+
+
+def test_the_plans_time_puts_the_base_run_first_and_alone():
+    cfgs = {w: config.load("experiments/default.yaml", {"sweep.workers": w}) for w in (1, 2, 4)}
+    runs = plan(cfgs[1])
+    base = estimate_seconds(run_config(cfgs[1], runs[0]))
+    assert runs[0].role == "base" and base > estimate_seconds(run_config(cfgs[1], runs[1]))  # 800 steps against 200
+    one = estimate_total_seconds(cfgs[1], runs)
+    for w in (2, 4):
+        assert estimate_total_seconds(cfgs[w], runs) == pytest.approx(base + (one - base) / w)
 
 
 def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
