@@ -112,24 +112,23 @@ def estimate_seconds(cfg: Config) -> float:
     return (cfg.train.steps * cfg.train.batch_size * 0.7e-3 + items * 0.28e-3) * scale + 1.5
 
 
-def estimate_total_seconds(cfg: Config, runs: list[PlannedRun]) -> float:
-    """Rough time of a whole sweep: a base run first and alone (every other run starts from its weights), then
-    the rest spread over the workers."""
-    seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
-    base = sum(seconds[r.run_id] for r in runs if r.role == "base")
-    return base + (sum(seconds.values()) - base) / max(1, cfg.sweep.workers)
+def estimate_total_seconds(runs: list[PlannedRun], seconds: list[float], workers: int) -> float:
+    """Rough time of a whole sweep from each run's `estimate_seconds`: a base run first and alone (every other run
+    starts from its weights), then the rest spread over the workers."""
+    base = sum(s for r, s in zip(runs, seconds) if r.role == "base")
+    return base + (sum(seconds) - base) / max(1, workers)
 
 
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     """The dry-run text: runs by role, steps and expected time."""
     workers = max(1, cfg.sweep.workers)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
-    per_run = np.median([estimate_seconds(run_config(cfg, r)) for r in runs])
+    seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
-             f"expected on a 2-core CPU: ~{per_run:.0f} s per run, ~{estimate_total_seconds(cfg, runs) / 60:.0f} "
-             "min in all (GPU: see experiments/README.md)"]
+             f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, "
+             f"~{estimate_total_seconds(runs, seconds, workers) / 60:.0f} min in all (GPU: see experiments/README.md)"]
     for r in runs[:5]:
         lines.append(f"  {r.run_id:<8} {r.role:<9} {json.dumps(r.overrides)}")
     if len(runs) > 5:

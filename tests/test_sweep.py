@@ -30,13 +30,14 @@ def test_reference_runs_differ_only_in_data_order():
 
 
 def test_the_plans_time_puts_the_base_run_first_and_alone():
-    cfgs = {w: config.load("experiments/default.yaml", {"sweep.workers": w}) for w in (1, 2, 4)}
-    runs = plan(cfgs[1])
-    base = estimate_seconds(run_config(cfgs[1], runs[0]))
-    assert runs[0].role == "base" and base > estimate_seconds(run_config(cfgs[1], runs[1]))  # 800 steps against 200
-    one = estimate_total_seconds(cfgs[1], runs)
+    cfg = config.load("experiments/default.yaml")
+    runs = plan(cfg)
+    seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
+    base = seconds[0]
+    assert runs[0].role == "base" and base > seconds[1]  # 800 steps against 200
+    one = estimate_total_seconds(runs, seconds, 1)
     for w in (2, 4):
-        assert estimate_total_seconds(cfgs[w], runs) == pytest.approx(base + (one - base) / w)
+        assert estimate_total_seconds(runs, seconds, w) == pytest.approx(base + (one - base) / w)
 
 
 def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):

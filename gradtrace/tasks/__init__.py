@@ -7,5 +7,5 @@ from gradtrace.tasks.shifts import REGISTRY, Problem, Split, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 __all__ = ["ArithmeticTask", "Encoded", "task_for", "Batch", "item_lengths", "CharTokenizer", "Problem", "Split",
-           "REGISTRY", "get_split",
-           "PROBE_LOSSES", "probe_loss_functions", "answer_cross_entropy", "worst_margin_loss", "exact_match"]
+           "REGISTRY", "get_split", "PROBE_LOSSES", "probe_loss_functions", "answer_cross_entropy", "worst_margin_loss",
+           "exact_match"]
