@@ -8,12 +8,14 @@ writes (one whole chunk of its rows, timed on its own, ÷ the rows per chunk). T
 this process's CPU time (`cpu_ratio`: the cost with a core to itself, the steadier estimate on a machine other
 jobs share; it misses work done in other processes, such as wandb's writer); and CPU time inside
 `optimizer.step()`, where the Recorder's hooks run (`hooks_ratio` = 1 + (its optimizer.step CPU time − the
-baseline's) ÷ the baseline's step CPU time). One torch thread.
+baseline's) ÷ the baseline's step CPU time). One torch thread. On a GPU (`--device cuda`) every block ends with a
+synchronisation, so wall time is the device's; the CPU clocks then count only kernel launches and the host side.
 
-    python benchmarks/capture_overhead.py            # default model (tiny, batch 128) and pythia-70m shape
-    python benchmarks/capture_overhead.py --quick    # fewer rounds; pythia-70m with k=4096 and wandb only
+    python benchmarks/capture_overhead.py                # default model (tiny, batch 128) and pythia-70m shape
+    python benchmarks/capture_overhead.py --quick        # fewer rounds; pythia-70m with k=4096 and wandb only
+    python benchmarks/capture_overhead.py --device cuda  # the same on a GPU
 
-Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "k", "what", "ratio", "step_ms_without",
+Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "device", "k", "what", "ratio", "step_ms_without",
 "step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio", "store_ms_per_step"}. wandb (offline) is optional:
 without it that row is skipped with a message.
 """
@@ -63,13 +65,13 @@ class Variant:
 
 
 def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bool, vocab: int, train,
-                  out_dir: Path, stack: contextlib.ExitStack) -> list[Variant]:
+                  device: torch.device, out_dir: Path, stack: contextlib.ExitStack) -> list[Variant]:
     """The capture-free baseline, grad+update+adam_m at each k (Adam's v statistics every `v_stats_every` steps, the
     default), optional per-quantity rows and v statistics every step, and wandb.watch."""
     def pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = build_model(ModelConfig(name=model_name), vocab, seed=0)
+        model = build_model(ModelConfig(name=model_name), vocab, seed=0).to(device)
         model.train()
-        return model, adamw(model.parameters(), train, torch.device("cpu"))
+        return model, adamw(model.parameters(), train, device)
 
     def recorded(what: str, k: int, quantities: list[str], v_stats_every: int = CaptureConfig.v_stats_every) -> Variant:
         model, opt = pair()
@@ -77,7 +79,11 @@ def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bo
                      capture=CaptureConfig(sketch="countsketch", dim=k, quantities=quantities, probe_every=0,
                                            v_stats_every=v_stats_every))
         stack.callback(rec.close)
-        return Variant(what, k, model, opt, log=rec.log, store_cost=chunk_write_cost(rec, out_dir))
+        # on a GPU a background thread writes the chunks beside training (capture.writer_thread): its cost is in
+        # the timed blocks, not added
+        threaded = rec.cfg.use_writer_thread(device)
+        return Variant(what, k, model, opt, log=rec.log,
+                       store_cost=None if threaded else chunk_write_cost(rec, out_dir))
 
     variants = [Variant("none", None, *pair())]
     variants += [recorded("grad+update+adam_m", k, ALL) for k in ks]
@@ -134,7 +140,7 @@ def wandb_variant(pair: Callable, out_dir: Path, stack: contextlib.ExitStack) ->
 def train_step(v: Variant, task: ArithmeticTask, step: int, batch: int, clip: float) -> float:
     """One step of the default training loop (as gradtrace.train) with the variant's capture; returns the CPU
     seconds spent in optimizer.step (where the Recorder's hooks run)."""
-    b = task.train_batches(step, [0], batch)[0]  # packed, as gradtrace.train trains
+    b = task.train_batches(step, [0], batch, next(v.model.parameters()).device)[0]  # packed, as gradtrace.train
     loss = answer_cross_entropy(v.model(**b.inputs(), use_cache=False).logits, b.tokens, b.mask)
     v.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -149,10 +155,14 @@ def train_step(v: Variant, task: ArithmeticTask, step: int, batch: int, clip: fl
 
 def run_block(v: Variant, task: ArithmeticTask, start: int, steps: int, batch: int,
               clip: float) -> tuple[float, float, float]:
-    """Wall ms, CPU ms and optimizer.step CPU ms per step over `steps` steps from batch `start`."""
+    """Wall ms, CPU ms and optimizer.step CPU ms per step over `steps` steps from batch `start` (on a GPU, from
+    and to an idle device)."""
+    synchronize = torch.cuda.synchronize if next(v.model.parameters()).is_cuda else (lambda: None)
+    synchronize()
     wall, cpu, in_step = time.perf_counter(), time.process_time(), 0.0
     for i in range(steps):
         in_step += train_step(v, task, start + i, batch, clip)
+    synchronize()
     return ((time.perf_counter() - wall) / steps * 1000, (time.process_time() - cpu) / steps * 1000,
             in_step / steps * 1000)
 
@@ -176,7 +186,7 @@ def measure(base: Variant, variants: list[Variant], task: ArithmeticTask, batch:
             f"{v.what}@{v.k}: {v.times[-1][0] / v.paired[-1][0]:.3f}" for v in variants), flush=True)
 
 
-def records(model_name: str, variants: list[Variant]) -> list[dict]:
+def records(model_name: str, device: torch.device, variants: list[Variant]) -> list[dict]:
     """One record per captured variant: medians over its pairings of the wall, CPU and hooks ratios, each step's
     time including its share of the store's chunk writes (which run inside optimizer.step)."""
     out = []
@@ -186,7 +196,8 @@ def records(model_name: str, variants: list[Variant]) -> list[dict]:
         wall, cpu, opt = wall + store_wall, cpu + store_cpu, opt + store_cpu
         ratios = wall / base_wall
         hooks = 1 + (opt - base_opt) / base_cpu
-        out.append({"model": model_name, "k": v.k, "what": v.what, "ratio": round(float(np.median(ratios)), 4),
+        out.append({"model": model_name, "device": device.type, "k": v.k, "what": v.what,
+                    "ratio": round(float(np.median(ratios)), 4),
                     "step_ms_without": round(float(np.median(base_wall)), 2),
                     "step_ms_with": round(float(np.median(wall)), 2),
                     "ratio_iqr": [round(float(q), 4) for q in np.percentile(ratios, [25, 75])],
@@ -206,9 +217,11 @@ def main() -> None:
     parser.add_argument("--no-wandb", action="store_true", help="skip the wandb.watch row")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="only the grad+update+adam_m rows (more rounds in the same time)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "capture_overhead.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     cfg = load(Path(__file__).parents[1] / "experiments" / "default.yaml")
     train, task = cfg.train, ArithmeticTask(cfg.task)
     use_wandb = not args.no_wandb
@@ -224,12 +237,12 @@ def main() -> None:
         model_ks = [4096] if big and args.quick else ks
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             variants = make_variants(name, model_ks, not (big or args.no_breakdown), use_wandb,
-                                     task.tokenizer.vocab_size, train, Path(tmp), stack)
+                                     task.tokenizer.vocab_size, train, device, Path(tmp), stack)
             params = count_parameters(variants[0].model)
-            print(f"{name}: {params:,} parameters, batch {batch}, {rounds} rounds × {block} steps per block",
-                  flush=True)
+            print(f"{name} on {device_name(device)}: {params:,} parameters, batch {batch}, {rounds} rounds × {block} "
+                  "steps per block", flush=True)
             measure(variants[0], variants[1:], task, batch, train.clip, rounds, block)
-            results += records(name, variants[1:])
+            results += records(name, device, variants[1:])
     print(f"\n{'model':<11} {'k':>6}  {'recorded':<36} {'ratio':>6} {'(IQR)':<13} {'cpu':>6} {'hooks':>6} "
           f"{'ms without':>10} {'ms with':>8} {'store ms':>8}")
     for r in results:
@@ -241,6 +254,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 if __name__ == "__main__":
