@@ -41,7 +41,7 @@ from gradtrace.capture.recorder import declare_arrays
 from gradtrace.config import CaptureConfig, ModelConfig, load
 from gradtrace.models import build_model, count_parameters
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
-from gradtrace.train import adamw
+from gradtrace.train import adamw, device_name
 
 ALL = ["grad", "update", "adam_m"]
 ROUNDS = {(False, False): 12, (False, True): 5, (True, False): 3, (True, True): 2}  # (pythia-70m?, --quick?)
@@ -254,11 +254,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or "cpu"."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 if __name__ == "__main__":

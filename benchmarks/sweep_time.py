@@ -22,11 +22,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from gradtrace import config as config_mod
 from gradtrace.sweep import plan, run_sweep
-from gradtrace.train import resolve_device
+from gradtrace.train import device_name, resolve_device
 
 OUT = Path(__file__).resolve().parent / "out" / "sweep_time.json"
 
@@ -42,14 +40,15 @@ def time_slice(study: config_mod.Config, runs: int, out: Path) -> dict:
     base = float(table.loc[table.role == "base", "wall_time_s"].sum())
     rest = table[table.role != "base"]
     per_run = rest.groupby("role").wall_time_s.mean().to_dict()
-    wanted = Counter(r.role for r in plan(study) if r.role != "base")
+    study_runs = plan(study)
+    wanted = Counter(r.role for r in study_runs if r.role != "base")
     missing = set(wanted) - set(per_run)
     if missing:
         raise ValueError(f"the slice trained no {', '.join(sorted(missing))} run to time; give it more runs")
     scale = sum(n * per_run[role] for role, n in wanted.items()) / float(rest.wall_time_s.sum())
     return {"slice_runs": len(table), "slice_seconds": round(seconds, 1), "base_seconds": round(base, 1),
             "seconds_per_run": {role: round(s, 2) for role, s in per_run.items()},
-            "study_runs": len(plan(study)), "study_seconds": round(base + (seconds - base) * scale, 1)}
+            "study_runs": len(study_runs), "study_seconds": round(base + (seconds - base) * scale, 1)}
 
 
 def main() -> None:
@@ -66,7 +65,7 @@ def main() -> None:
     device = resolve_device(study.train.device)
     with tempfile.TemporaryDirectory() as tmp:
         record = time_slice(study, args.runs, args.out or Path(tmp) / "slice")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     record = {"config": str(args.config), "overrides": overrides, "device": name, **record}
     minutes, seconds = divmod(record["study_seconds"], 60)
     print(json.dumps(record, indent=1))
