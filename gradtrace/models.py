@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from typing import TYPE_CHECKING
 
 from gradtrace.config import ModelConfig
+
+if TYPE_CHECKING:  # torch and transformers load on first build: reading EMBEDDED (a dry run's estimate) stays fast
+    import torch
+    from transformers import GPTNeoXConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ EMBEDDED: dict[str, NeoXShape] = {
 
 def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "eager") -> GPTNeoXConfig:
     """A GPTNeoXConfig for an embedded shape (transformers 5 spelling of the rotary fraction)."""
+    from transformers import GPTNeoXConfig
+
     config = GPTNeoXConfig(
         vocab_size=shape.vocab or vocab_size,
         hidden_size=shape.hidden,
@@ -72,6 +76,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
 
 
 def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXForCausalLM
+
     torch.manual_seed(seed)
     name = cfg.name.removeprefix("EleutherAI/") if cfg.name.removeprefix("EleutherAI/") in EMBEDDED else cfg.name
     if name in EMBEDDED and not cfg.pretrained:
@@ -79,8 +86,6 @@ def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         if shape.vocab is not None and shape.vocab < vocab_size:
             raise ValueError(f"model {name} has {shape.vocab} token ids; the task needs {vocab_size}")
         return GPTNeoXForCausalLM(neox_config(shape, vocab_size, cfg.attn_implementation))
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         if cfg.pretrained:
             return AutoModelForCausalLM.from_pretrained(cfg.name, attn_implementation=cfg.attn_implementation)

@@ -1,4 +1,7 @@
 """The command line end to end on a tiny study: tasks, train, sweep (resumable), stats, predict, report, info."""
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import zarr
@@ -37,6 +40,13 @@ def test_dry_run_prints_the_plan(capsys):
     assert main(["sweep", "experiments/default.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "runs" in out and "expected" in out
+
+
+def test_dry_run_loads_neither_torch_nor_transformers():
+    code = ("import sys; from gradtrace.cli import main; assert main(['sweep', 'experiments/default.yaml', "
+            "'--dry-run']) == 0; print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"  # a plan in a second, not after ~7 s of imports
 
 
 @pytest.mark.slow
