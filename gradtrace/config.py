@@ -31,6 +31,7 @@ class TaskConfig:
     digit_spaces: bool = False  # a space between digits, for BPE tokenizers that chunk digits
     n_test: int = 2000  # items per evaluation split
     n_probe: int = 256  # items per probe batch
+    pool_size: int = 65536  # training items drawn once per task; runs differ in which they sample and when
     train_share: float = 0.02  # share of each shift's (shorter) training form in the training mix
     order_share: float = 0.03  # share of a<b items in training (ID is mostly a>=b)
     seed: int = 1234  # fixes test and probe sets; training batches use train.data_seed

@@ -9,7 +9,7 @@ from gradtrace import config
 torch.set_num_threads(1)
 
 TINY = {"model.name": "micro", "train.steps": 40, "train.batch_size": 16, "train.warmup": 5,
-        "task.n_test": 64, "task.n_probe": 16, "capture.dim": 128, "capture.probe_every": 20,
+        "task.n_test": 64, "task.n_probe": 16, "task.pool_size": 4096, "capture.dim": 128, "capture.probe_every": 20,
         "train.checkpoint_every": 16, "capture.chunk": 8, "train.device": "cpu"}
 
 

@@ -11,7 +11,7 @@ from gradtrace.tasks.packing import pack, stack
 
 @pytest.fixture(scope="module")
 def task():
-    return ArithmeticTask(TaskConfig(n_test=50, n_probe=16))
+    return ArithmeticTask(TaskConfig(n_test=50, n_probe=16, pool_size=8192))
 
 
 def test_packed_rows_hold_every_item_once_with_its_own_positions(task):

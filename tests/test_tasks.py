@@ -7,11 +7,10 @@ from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.evaluate import correctness, length_batches
 from gradtrace.models import build_model
 from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, task_for, worst_margin_loss
-from gradtrace.tasks.arithmetic import POOL_SIZE
 
 
 def small(**kw) -> TaskConfig:
-    return TaskConfig(n_test=300, n_probe=40, **kw)
+    return TaskConfig(**{"n_test": 300, "n_probe": 40, "pool_size": 8192, **kw})
 
 
 def test_registry_has_id_and_at_least_eight_described_shifts():
@@ -42,12 +41,12 @@ def test_sets_are_deterministic_given_the_seed():
 
 
 def test_train_test_and_probe_items_are_disjoint():
-    task = ArithmeticTask(small(shifts=[n for n in REGISTRY if n != "ID"]))
+    task = ArithmeticTask(small(shifts=[n for n in REGISTRY if n != "ID"], pool_size=TaskConfig().pool_size))
     held = [set(task.test_set(s).prompts) for s in task.splits] + [set(task.probe_set(s).prompts) for s in task.splits]
     union = set().union(*held)
     assert sum(map(len, held)) == len(union)  # no prompt in two held-out sets
     train = set(task.train_pool.prompts)
-    assert len(task.train_pool) == POOL_SIZE and not train & union
+    assert len(task.train_pool) == task.cfg.pool_size and not train & union
 
 
 def test_one_token_per_digit_and_answer_mask_covers_answer_and_eos():

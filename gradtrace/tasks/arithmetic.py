@@ -16,8 +16,6 @@ from gradtrace.tasks.packing import Batch
 from gradtrace.tasks.shifts import Problem, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
-POOL_SIZE = 65536  # training items drawn once per task; runs differ in which they sample and when
-
 
 @dataclass
 class Encoded:
@@ -45,6 +43,8 @@ class ArithmeticTask:
             get_split(name)  # fail early on unknown names
         if "ID" in cfg.shifts:
             raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
+        if cfg.pool_size < 1:
+            raise ValueError(f"task.pool_size must be >= 1 (training items to sample batches from), got {cfg.pool_size}")
         self.cfg = cfg
         self.tokenizer = tokenizer or CharTokenizer()
         self.splits = ["ID", *cfg.shifts]
@@ -126,12 +126,12 @@ class ArithmeticTask:
 
     @cached_property
     def train_pool(self) -> Encoded:
-        """POOL_SIZE training items from the mix, none of whose prompts is a test or probe prompt."""
+        """task.pool_size training items from the mix, none of whose prompts is a test or probe prompt."""
         held = self._held_out and self.held_out_prompts
         mix = self.train_mix()
         names, probs = list(mix), np.array(list(mix.values()))
         rng = np.random.default_rng([self.cfg.seed, 10_000])
-        picks = rng.choice(len(names), size=POOL_SIZE, p=probs)
+        picks = rng.choice(len(names), size=self.cfg.pool_size, p=probs)
         items = []
         for k in picks:
             split = get_split(names[k])
@@ -163,9 +163,8 @@ class ArithmeticTask:
         """Tokens per packed row: 1.5 × the longest training item, so that long items pair with short ones."""
         return math.ceil(1.5 * self.train_pool.tokens.shape[1])
 
-    @staticmethod
-    def _batch_items(step: int, data_seed: int, batch_size: int) -> np.ndarray:
-        return np.random.default_rng([data_seed, step]).integers(0, POOL_SIZE, batch_size)
+    def _batch_items(self, step: int, data_seed: int, batch_size: int) -> np.ndarray:
+        return np.random.default_rng([data_seed, step]).integers(0, self.cfg.pool_size, batch_size)
 
     def example(self, split: str) -> str:
         """One rendered test item of `split`, prompt and answer."""
