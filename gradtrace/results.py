@@ -1,6 +1,7 @@
 """The results table (runs × splits accuracies with each run's settings) and per-item correctness."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,15 @@ def results_table(out: str | Path) -> pd.DataFrame:
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
                      **{f"acc_{k}": v for k, v in a["accuracy"].items()}})
     return pd.DataFrame(rows)
+
+
+def write_results(table: pd.DataFrame, out: str | Path) -> None:
+    """Write `out/results.csv` atomically: a sweep rewrites it after every run, and a reader mid-sweep (or a kill
+    mid-write) must never see half a file."""
+    path = Path(out) / "results.csv"
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFrame:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import store
-from gradtrace.results import results_table
+from gradtrace.results import results_table, write_results
 from gradtrace.config import Config
 
 
@@ -152,11 +152,11 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
         for row in itertools.chain(_dispatch(cfg, out, base, None), _dispatch(cfg, out, rest, scheduler)):
             bar.update()
             rows.append(row)
-            pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # kept current: usable mid-sweep
+            write_results(pd.DataFrame(rows), out)  # kept current: usable mid-sweep
     finally:
         bar.close()
     table = results_table(out)
-    table.to_csv(out / "results.csv", index=False)
+    write_results(table, out)
     return table
 
 

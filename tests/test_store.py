@@ -123,6 +123,25 @@ def test_truncate_to_cuts_rows_past_the_resume_point(captured, tmp_path):
     assert group["probe/step"][:].tolist() == [0]
 
 
+def test_truncate_to_drops_rows_a_kill_left_unwritten(captured, tmp_path):
+    """A kill between an array's resize and its chunk's write leaves rows of fill value (step 0) past the
+    durable ones: a resume must cut them, not count them as early steps."""
+    exp, cfg = captured
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(exp / "store.zarr", copy)
+    group = zarr.open_group(copy / "r0", mode="a")
+    T, probe_steps = group["step"].shape[0], group["probe/step"][:].tolist()
+    for name in ("step", "grad", "loss", "probe/step", "probe/grad"):
+        group[name].resize((group[name].shape[0] + 8, *group[name].shape[1:]))
+    store.truncate_to(group, T)
+    assert group["step"][:].tolist() == list(range(T))
+    assert group["grad"].shape[0] == T and group["loss"].shape[0] == T
+    assert group["probe/step"][:].tolist() == probe_steps
+    assert group["probe/grad"].shape[0] == group["probe/step"].shape[0]
+
+
 def test_clear_errors_on_missing_or_corrupt_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a gradtrace store"):
         store.open_experiment(tmp_path / "nothing")
