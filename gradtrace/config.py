@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,5 +253,9 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 
 
 def dump(cfg: Config, path: str | Path) -> None:
-    """Write the full resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the full resolved config as YAML, atomically: a resumed sweep reads it back, and a kill mid-write
+    must not leave half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
