@@ -103,8 +103,8 @@ class Recorder:
         self._theta_views = [v.view(s) for v, s in zip(self._theta.split(self._numels), self.layout.shapes)]
         self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
-        self._m_sketch: torch.Tensor | None = None  # sketch(m) carried forward by linearity (see `_sketch_m`)
         declare_arrays(writer, cfg, self.k, len(self._numels), len(self.probes), len(self.probe_losses))
+        self._m_sketch = self._stored_m_sketch()  # sketch(m) carried forward by linearity (see `_sketch_m`)
         self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
                        self.optimizer.register_step_post_hook(self._post_step)]
 
@@ -199,6 +199,17 @@ class Recorder:
         if self._m_follows_gradient():
             self._m_sketch = direct
         return direct
+
+    def _stored_m_sketch(self) -> torch.Tensor | None:
+        """On resume, the sketch of m the run carried at its last recorded step, read back from the store, so the
+        resumed run carries it on exactly as an uninterrupted one (float32 rows only: a narrower row is not the
+        value the run carried, and m is then sketched directly once, equal to float rounding)."""
+        group = self.writer.group
+        if (self.step == 0 or "adam_m" not in self.cfg.quantities or self.cfg.dtype != "float32"
+                or not self._m_follows_gradient() or group["step"].shape[0] == 0
+                or int(group["step"][-1]) != self.step - 1):
+            return None
+        return torch.from_numpy(group["adam_m"][-1]).to(self._flat.device)
 
     def _m_follows_gradient(self) -> bool:
         """Whether Adam's m is an EMA of exactly the recorded gradients (every step recorded, one β1, no L2
