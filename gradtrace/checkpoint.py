@@ -70,7 +70,12 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def load_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The named tensors and metadata of a `save_tensors` checkpoint."""
-    return load_file(str(directory / "state.safetensors")), json.loads((directory / "state.json").read_text())
+    return load_file(str(directory / "state.safetensors")), load_meta(directory)
+
+
+def load_meta(directory: Path) -> dict:
+    """The metadata of a `save_tensors` checkpoint, without its tensors."""
+    return json.loads((directory / "state.json").read_text())
 
 
 def remove(root: Path) -> None:

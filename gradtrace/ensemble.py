@@ -117,6 +117,8 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
     root = store.open_experiment(Path(exp_dir) / "store.zarr", mode="a")
     done = {i: finished_result(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
             for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}
+    if done and _checkpointed_members(_checkpoint_root(Path(exp_dir), run_ids)) == run_ids:
+        done = {}  # killed between members' statuses: all resume as this ensemble (a smaller one rounds differently)
     todo = [i for i in range(len(cfgs)) if i not in done]
     if todo:
         trained = _train([cfgs[i] for i in todo], Path(exp_dir), root, [run_ids[i] for i in todo],
@@ -157,7 +159,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     ensemble_loss = vmap(member_loss)
 
     capture = _MemberRecorders(cfg.capture, layout, task, model, optimizer, t.steps, device)
-    ckpt_root = exp_dir / "checkpoints" / f"ensemble-{run_ids[0]}"
+    ckpt_root = _checkpoint_root(exp_dir, run_ids)
     start, elapsed = _restore(ckpt_root, run_ids, optimizer) if overwrite else (0, 0.0)
     if start:
         groups = [root[r] for r in run_ids]
@@ -230,7 +232,6 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
         raise
     wall = (time.perf_counter() - began) / E
-    checkpoint.remove(ckpt_root)
     results = []
     for i, g in enumerate(groups):
         acc = accuracy(correct[i])
@@ -238,7 +239,19 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                          wall_time_s=wall, wall_time_note=WALL_TIME_NOTE, nonfinite_steps=capture.nonfinite[i],
                          splits=task.splits, hparams=_hparams(cfgs[i]))
         results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps))
+    checkpoint.remove(ckpt_root)  # only once every member is complete
     return results
+
+
+def _checkpoint_root(exp_dir: Path, run_ids: list[str]) -> Path:
+    """Where an ensemble of these members keeps its checkpoint."""
+    return exp_dir / "checkpoints" / f"ensemble-{run_ids[0]}"
+
+
+def _checkpointed_members(ckpt_root: Path) -> list[str]:
+    """The members of the ensemble checkpointed under `ckpt_root` (none without a checkpoint)."""
+    found = checkpoint.checkpoint_dir(ckpt_root)
+    return checkpoint.load_meta(found)["members"] if found else []
 
 
 @torch.no_grad()

@@ -143,13 +143,17 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     runs = plan(cfg)
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
-    pending = [r for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
+    pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
-    base = [r for r in pending if r.role == "base"]
+    # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
+    jobs = [job for job in _jobs(cfg, runs) if any(r.run_id in pending for r in job)]
+    base = [job for job in jobs if job[0].role == "base"]  # a base run finishes before the runs that start from it
+    rest = [job for job in jobs if job[0].role != "base"]
     rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
     try:
-        rest = [r for r in pending if r not in base]  # a base run finishes before the runs that start from it
         for row in itertools.chain(_dispatch(cfg, out, base, None), _dispatch(cfg, out, rest, scheduler)):
+            if row["run_id"] not in pending:  # an ensemble's member that was already complete
+                continue
             bar.update()
             rows.append(row)
             write_results(pd.DataFrame(rows), out)  # kept current: usable mid-sweep
@@ -171,9 +175,9 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
 
 
-def _dispatch(cfg: Config, out: Path, runs: list[PlannedRun], scheduler: str | None):
+def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: str | None):
     """Yield each finished run's row: in process, on a pool of single-thread workers, or on a dask cluster."""
-    cfg_dict, workers, jobs = cfg.to_dict(), cfg.sweep.workers, _jobs(cfg, runs)
+    cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
     if scheduler:
         from dask.distributed import Client, as_completed
 
