@@ -109,7 +109,7 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     resumed, reference = run_group(tmp_path), run_group(tmp_path, "clean")
     assert resumed["step"][:].tolist() == list(range(6)) and resumed.attrs["status"] == "complete"
     for name in ("grad", "update", "adam_m"):
-        np.testing.assert_allclose(resumed[name][:], reference[name][:], rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(resumed[name][:], reference[name][:])  # exact: m carried on from the store
 
 
 def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
