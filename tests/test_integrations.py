@@ -141,6 +141,24 @@ def test_sketched_adam_state_matches_the_optimizer(tmp_path, task, fused):
     np.testing.assert_allclose(group["layer_v_quantile"][-1], torch.stack(expected).numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_in_another_dtype_is_recorded_in_float32(tmp_path, task, dtype):
+    """Parameters (hence g, m, v) in float64 or bf16: every row is stored in float32, v's quantiles as above."""
+    model = micro(task).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(dim=256, probe_every=0,
+                                                                                v_stats_every=1))
+    train_steps(model, opt, task, 4, rec)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["grad"].dtype == np.float32 and np.isfinite(group["adam_m"][:]).all()
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()]).float()
+    np.testing.assert_allclose(group["adam_m"][-1], rec.sketch.apply(m).numpy(), rtol=1e-4, atol=1e-7)
+    sample = rec._v_sample.sample([opt.state[p]["exp_avg_sq"] for p in model.parameters()]).float()
+    expected = [torch.quantile(sample[a:b], torch.tensor([0.5, 0.9, 0.99])) for a, b in rec._v_sample.bounds]
+    np.testing.assert_allclose(group["layer_v_quantile"][-1], torch.stack(expected).numpy(), rtol=1e-5)
+
+
 def test_parameters_without_gradients_keep_the_sketched_moment_exact(tmp_path, task):
     """Adam skips a parameter whose .grad is None (its m is not decayed, or never created): sketch(m) still matches."""
     model = micro(task)

@@ -213,10 +213,12 @@ class Recorder:
 
     def _m_follows_gradient(self) -> bool:
         """Whether Adam's m is an EMA of exactly the recorded gradients (every step recorded, one β1, no L2
-        weight decay folded into the gradient, no maximize). A fused step under GradScaler unscales inside, by
-        the scale the recorded gradient is divided by, so fused optimizers qualify too."""
+        weight decay folded into the gradient, no maximize, m kept in float32 or wider: a bf16 m is rounded each
+        step). A fused step under GradScaler unscales inside, by the scale the recorded gradient is divided by,
+        so fused optimizers qualify too."""
         groups = self.optimizer.param_groups
         return ("grad" in self.cfg.quantities and self.schedule.every_step
+                and all(torch.finfo(p.dtype).bits >= 32 for p in self.params)
                 and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
                 and len({float(g["betas"][0]) for g in groups}) == 1
                 and all(not g.get("maximize")
@@ -366,8 +368,9 @@ class VSample:
                           for t, i in zip(tensors, self.picks)])
 
     def quantiles(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """(tensors, quantiles) of the sampled coordinates; NaN where a tensor's sample holds a NaN."""
-        x = self.sample(tensors)
+        """(tensors, quantiles) of the sampled coordinates in float32 (as stored, whatever v's dtype: numpy sorts
+        no bf16); NaN where a tensor's sample holds a NaN."""
+        x = self.sample(tensors).float()
         if x.device.type == "cpu":  # numpy's SIMD sort: ~40x torch.sort on one CPU thread
             values = x.numpy()
             for a, b in self.bounds:
