@@ -67,7 +67,8 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
                      "reason": ", ".join(reasons)})
     frame = pd.DataFrame(rows)
     varying = [s for s in splits if s != "ID" and table[f"acc_{s}"].std() > 0]
-    pairs = pd.DataFrame(columns=["a", "b", "partial_r", "same_axis"])
+    pairs = pd.DataFrame({"a": pd.Series(dtype=str), "b": pd.Series(dtype=str), "partial_r": pd.Series(dtype=float),
+                          "same_axis": pd.Series(dtype=bool)})  # typed: a boolean mask of no rows still selects rows
     if len(table) >= 5 and len(varying) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -87,3 +88,27 @@ def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibrat
     result = assess(table, load_item_correctness(out))
     result.splits.to_csv(Path(out) / "calibration.csv", index=False)
     return result
+
+
+def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | None = None) -> pd.DataFrame:
+    """One pilot per candidate base (`train.init_seed`), each into `out/base-seed-N`: a study hangs on its base
+    run's realisation (experiments/README.md), so pick the base by its pilot. A row per base: the base's own ID
+    accuracy, the pilot's ID mean and std, its usable shifts and pairs on one axis; written to `out/bases.csv`."""
+    from gradtrace.results import load_results
+
+    if not cfg.sweep.pretrain_steps:
+        raise ValueError("choosing a base needs a config that trains one (sweep.pretrain_steps > 0)")
+    rows = []
+    for seed in seeds:
+        pilot_out = Path(out) / f"base-seed-{seed}"
+        result = calibrate(config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed}), pilot_out, runs)
+        base_id = float(load_results(pilot_out, role="base")["acc_ID"].iloc[0])
+        split = result.splits.set_index("split")
+        same = result.pairs[result.pairs.same_axis]
+        rows.append({"init_seed": seed, "base_ID": base_id, "ID_mean": split.loc["ID", "mean"],
+                     "ID_std": split.loc["ID", "std"], "usable": int(split.usable.sum()),
+                     "usable_shifts": " ".join(split.index[split.usable]),
+                     "one_axis": " ".join(f"{a}~{b}" for a, b in zip(same.a, same.b))})
+    table = pd.DataFrame(rows)
+    table.to_csv(Path(out) / "bases.csv", index=False)
+    return table

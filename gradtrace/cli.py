@@ -60,6 +60,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     out = args.out or f"storage/calibrate-{Path(args.config).stem}"
+    if args.bases:
+        from gradtrace.calibrate import calibrate_bases
+
+        table = calibrate_bases(cfg, out, args.bases, args.runs)
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        print(f"written: {Path(out) / 'bases.csv'} (each pilot in {Path(out) / 'base-seed-N'}); "
+              "train the study on a chosen base with --set train.init_seed=N")
+        return
     print(calibrate(cfg, out, args.runs).format())
     print(f"written: {Path(out) / 'calibration.csv'}")
 
@@ -139,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--out", default=None, help="pilot directory (default: storage/calibrate-<config name>)")
     p.add_argument("--runs", type=int, default=12, help="pilot runs (default: 12)")
+    p.add_argument("--bases", type=int, nargs="+", default=None, metavar="SEED",
+                   help="one pilot per candidate base run (train.init_seed), summarised in bases.csv")
     p.set_defaults(func=cmd_calibrate)
 
     def on_path(name: str, func, arg: str, help_text: str) -> argparse.ArgumentParser:

@@ -84,6 +84,33 @@ def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
     assert list(predicted.index) == list(pretraining.splits[1:])
 
 
+def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, capsys):
+    from conftest import TINY
+    from gradtrace.cli import main
+
+    sets = {**TINY, "sweep.pretrain_steps": 6, "train.steps": 4, "sweep.runs": 5, "sweep.workers": 1}
+    argv = ["calibrate", "/dev/null", "--out", str(tmp_path), "--runs", "5", "--bases", "3", "7",
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    assert main(argv) == 0
+    assert "train.init_seed=N" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "bases.csv")
+    assert table.init_seed.tolist() == [3, 7]
+    for seed, base_id, usable in zip(table.init_seed, table.base_ID, table.usable):
+        base = zarr.open_group(tmp_path / f"base-seed-{seed}" / "store.zarr")["base"].attrs
+        assert base["seeds"]["init"] == seed and base_id == pytest.approx(base["accuracy"]["ID"])
+        calibration = pd.read_csv(tmp_path / f"base-seed-{seed}" / "calibration.csv")
+        assert usable == calibration.usable.sum()
+    no_base = {**sets, "sweep.pretrain_steps": 0}
+    assert main(argv[:-2 * len(sets)] + [a for k, v in no_base.items() for a in ("--set", f"{k}={v}")]) == 2
+    assert "sweep.pretrain_steps > 0" in capsys.readouterr().err
+
+
+def test_a_pilot_too_small_for_partial_correlations_still_reports():
+    table = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7], "acc_length": [0.1, 0.2, 0.3], "acc_carry": [0.3, 0.2, 0.4]})
+    report = assess(table, {}).format()  # 3 runs: no pairs assessed
+    assert report.endswith("pairs on one axis (|partial r| > 0.8): none")
+
+
 def test_calibration_flags_unusable_splits_and_same_axis_pairs():
     rng = np.random.default_rng(0)
     n, items = 12, 400
