@@ -13,6 +13,11 @@ TINY = {"model.name": "micro", "train.steps": 40, "train.batch_size": 16, "train
         "train.checkpoint_every": 16, "capture.chunk": 8, "train.device": "cpu"}
 
 
+def set_args(settings: dict) -> list[str]:
+    """Config keys as the command line's `--set key=value` arguments."""
+    return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+
+
 def tiny_config(**overrides) -> config.Config:
     """A config small enough for unit tests; keyword overrides use double underscores for dots."""
     return config.load(None, {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}})

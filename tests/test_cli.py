@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import zarr
 
-from conftest import TINY
+from conftest import TINY, set_args
 from gradtrace import config
 from gradtrace.cli import main
 
 
 def sets(extra=None):
-    return [a for k, v in {**TINY, **(extra or {})}.items() for a in ("--set", f"{k}={v}")]
+    return set_args({**TINY, **(extra or {})})
 
 
 def test_tasks_lists_every_split(capsys):

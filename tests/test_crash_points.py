@@ -12,7 +12,7 @@ import pytest
 import zarr
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, set_args
 from gradtrace import config
 from gradtrace.cli import main
 from gradtrace.sweep import run_sweep
@@ -64,10 +64,6 @@ sys.exit(main(argv))
 """
 
 
-def _sets(settings: dict) -> list[str]:
-    return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
-
-
 def _crash_then_resume(where: str, nth: int, argv: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     crashed = subprocess.run([sys.executable, "-c", HARNESS, where, str(nth), *argv], env=env, capture_output=True,
@@ -109,7 +105,7 @@ def uninterrupted_ensemble(tmp_path_factory):
 @pytest.mark.parametrize("where, nth", [("step-resized", 3), ("before-save-state", 2), ("between-renames", 1),
                                         ("after-save-state", 1), ("before-complete", 1)])
 def test_a_run_killed_between_two_writes_resumes_exactly(uninterrupted, tmp_path, where, nth):
-    _crash_then_resume(where, nth, ["train", os.devnull, "--out", str(tmp_path), "--run-id", "r", *_sets(SETTINGS),
+    _crash_then_resume(where, nth, ["train", os.devnull, "--out", str(tmp_path), "--run-id", "r", *set_args(SETTINGS),
                                     "--resume"])
     _assert_same_run(zarr.open_group(uninterrupted / "store.zarr")["r"], zarr.open_group(tmp_path / "store.zarr")["r"])
     _assert_same_weights(uninterrupted, tmp_path, "r")
@@ -120,7 +116,7 @@ def test_a_run_killed_between_two_writes_resumes_exactly(uninterrupted, tmp_path
 @pytest.mark.parametrize("where, nth", [("step-resized", 5), ("before-save-tensors", 2), ("between-renames", 1),
                                         ("before-complete", 1), ("before-complete", 2)])
 def test_an_ensemble_killed_between_two_writes_resumes_exactly(uninterrupted_ensemble, tmp_path, where, nth):
-    _crash_then_resume(where, nth, ["sweep", os.devnull, "--out", str(tmp_path), *_sets(ENSEMBLE)])
+    _crash_then_resume(where, nth, ["sweep", os.devnull, "--out", str(tmp_path), *set_args(ENSEMBLE)])
     expected, got = zarr.open_group(uninterrupted_ensemble / "store.zarr"), zarr.open_group(tmp_path / "store.zarr")
     for run_id in ("ref-000", "ref-001"):
         _assert_same_run(expected[run_id], got[run_id])

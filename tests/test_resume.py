@@ -10,7 +10,7 @@ import pytest
 import zarr
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, set_args
 from gradtrace import config
 from gradtrace.train import train
 
@@ -18,9 +18,8 @@ SETTINGS = {**TINY, "train.steps": 96, "train.checkpoint_every": 16, "capture.ch
 
 
 def _cli(out, run_id, *extra):
-    sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
-    return [sys.executable, "-m", "gradtrace.cli", "train", os.devnull, "--out", str(out), "--run-id", run_id, *sets,
-            *extra]
+    return [sys.executable, "-m", "gradtrace.cli", "train", os.devnull, "--out", str(out), "--run-id", run_id,
+            *set_args(SETTINGS), *extra]
 
 
 def _durable(path) -> int:

@@ -85,13 +85,12 @@ def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
 
 
 def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, capsys):
-    from conftest import TINY
+    from conftest import TINY, set_args
     from gradtrace.cli import main
 
     sets = {**TINY, "sweep.pretrain_steps": 6, "train.steps": 4, "sweep.runs": 5, "sweep.workers": 1}
-    argv = ["calibrate", "/dev/null", "--out", str(tmp_path), "--runs", "5", "--bases", "3", "7",
-            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
-    assert main(argv) == 0
+    argv = ["calibrate", "/dev/null", "--out", str(tmp_path), "--runs", "5", "--bases", "3", "7"]
+    assert main(argv + set_args(sets)) == 0
     assert "train.init_seed=N" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "bases.csv")
     assert table.init_seed.tolist() == [3, 7]
@@ -100,8 +99,7 @@ def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, caps
         assert base["seeds"]["init"] == seed and base_id == pytest.approx(base["accuracy"]["ID"])
         calibration = pd.read_csv(tmp_path / f"base-seed-{seed}" / "calibration.csv")
         assert usable == calibration.usable.sum()
-    no_base = {**sets, "sweep.pretrain_steps": 0}
-    assert main(argv[:-2 * len(sets)] + [a for k, v in no_base.items() for a in ("--set", f"{k}={v}")]) == 2
+    assert main(argv + set_args({**sets, "sweep.pretrain_steps": 0})) == 2
     assert "sweep.pretrain_steps > 0" in capsys.readouterr().err
 
 
