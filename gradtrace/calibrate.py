@@ -23,6 +23,7 @@ class Calibration:
 
     splits: pd.DataFrame
     pairs: pd.DataFrame
+    bases: int = 1  # base runs the pilot's runs fine-tuned; with several, std, r(ID) and pairs are within base
 
     def format(self) -> str:
         """A readable report for the terminal."""
@@ -34,8 +35,9 @@ class Calibration:
             lines.append(f"{s.split:<14}{s['mean']:7.1%}{s['std']:7.1%}{s['min']:7.1%}{s['max']:7.1%}"
                          f"{s.r_id:7.2f}{s.reliability:7.2f}  {verdict}")
         usable = int(self.splits.usable.sum())
+        within = f"; std, r(ID), reliability and pairs within each of {self.bases} bases" if self.bases > 1 else ""
         lines.append(f"\n{usable} usable shift(s) (mean {MEAN_RANGE[0]:.0%}–{MEAN_RANGE[1]:.0%}, std ≥ "
-                     f"{MIN_STD:.0%}, reliability ≥ {MIN_RELIABILITY})")
+                     f"{MIN_STD:.0%}, reliability ≥ {MIN_RELIABILITY}{within})")
         same = self.pairs[self.pairs.same_axis]
         lines.append("pairs on one axis (|partial r| > %.1f): %s" % (SAME_AXIS, ", ".join(
             f"{a}~{b} ({r:+.2f})" for a, b, r in zip(same.a, same.b, same.partial_r)) or "none"))
@@ -43,38 +45,51 @@ class Calibration:
 
 
 def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
-    """Usability of each split and same-axis shift pairs from a pilot's results and per-item correctness."""
-    from gradtrace import stats
+    """Usability of each split and same-axis shift pairs from a pilot's results and per-item correctness.
 
+    Runs from several base runs (a `base` column with more than one value) are assessed within base, as the
+    study's statistics are: std, r(ID) and reliability of the differences between runs of one base (pooled over
+    bases), pairs from the partial correlation within base; mean, min and max over all runs."""
+    from gradtrace import stats
+    from gradtrace.results import base_groups
+
+    within = base_groups(table)
+    groups = None if within is None else stats.group_codes(table[within], "base")
     splits = [c[4:] for c in table.columns if c.startswith("acc_")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rel = stats.split_half_reliability(items).set_index("split")["reliability"] if items else {}
+        rel = stats.split_half_reliability(items, groups=groups).set_index("split")["reliability"] if items else {}
+    dof = len(table) - (1 if groups is None else groups.max() + 1)
+    centred_id = stats.centre_within(table[["acc_ID"]].to_numpy(float), groups)[:, 0]
     rows = []
     for s in splits:
         acc = table[f"acc_{s}"].to_numpy(float)
+        centred = stats.centre_within(acc[:, None], groups)[:, 0]
+        std = float(np.sqrt(np.sum(centred ** 2) / dof)) if dof > 0 else np.nan
         reliability = float(rel.get(s, np.nan)) if len(rel) else np.nan
         reasons = []
         if not MEAN_RANGE[0] <= acc.mean() <= MEAN_RANGE[1]:
             reasons.append(f"mean {acc.mean():.0%}")
-        if acc.std(ddof=1) < MIN_STD:
-            reasons.append(f"std {acc.std(ddof=1):.1%}")
+        if not std >= MIN_STD:
+            reasons.append(f"std {std:.1%}")
         if not reliability >= MIN_RELIABILITY:
             reasons.append(f"reliability {reliability:.2f}")
-        r_id = float(np.corrcoef(acc, table["acc_ID"])[0, 1]) if acc.std() > 0 else np.nan
-        rows.append({"split": s, "mean": acc.mean(), "std": acc.std(ddof=1), "min": acc.min(), "max": acc.max(),
+        r_id = float(np.corrcoef(centred, centred_id)[0, 1]) if centred.std() > 0 else np.nan
+        rows.append({"split": s, "mean": acc.mean(), "std": std, "min": acc.min(), "max": acc.max(),
                      "r_id": r_id, "reliability": reliability, "usable": s != "ID" and not reasons,
                      "reason": ", ".join(reasons)})
     frame = pd.DataFrame(rows)
-    varying = [s for s in splits if s != "ID" and table[f"acc_{s}"].std() > 0]
+    varying = [s for s in splits if s != "ID" and np.ptp(stats.centre_within(table[[f"acc_{s}"]].to_numpy(float),
+                                                                              groups)) > 0]
     pairs = pd.DataFrame({"a": pd.Series(dtype=str), "b": pd.Series(dtype=str), "partial_r": pd.Series(dtype=float),
                           "same_axis": pd.Series(dtype=bool)})  # typed: a boolean mask of no rows still selects rows
     if len(table) >= 5 and len(varying) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200, n_perm=200)
+            pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200, n_perm=200,
+                                            within=within)
         pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "same_axis": pc.r.abs() > SAME_AXIS})
-    return Calibration(frame, pairs)
+    return Calibration(frame, pairs, 1 if groups is None else int(groups.max() + 1))
 
 
 def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibration:
@@ -92,8 +107,9 @@ def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibrat
 
 def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | None = None) -> pd.DataFrame:
     """One pilot per candidate base (`train.init_seed`), each into `out/base-seed-N`: a study hangs on its base
-    run's realisation (experiments/README.md), so pick the base by its pilot. A row per base: the base's own ID
-    accuracy, the pilot's ID mean and std, its usable shifts and pairs on one axis; written to `out/bases.csv`."""
+    run's realisation (experiments/README.md), so pick the base by its pilot (one base each, whatever
+    `sweep.bases` says). A row per base: the base's own ID accuracy, the pilot's ID mean and std, its usable
+    shifts and pairs on one axis; written to `out/bases.csv`."""
     from gradtrace.results import load_results
 
     if not cfg.sweep.pretrain_steps:
@@ -101,7 +117,8 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
     rows = []
     for seed in seeds:
         pilot_out = Path(out) / f"base-seed-{seed}"
-        result = calibrate(config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed}), pilot_out, runs)
+        result = calibrate(config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed, "sweep.bases": 1}),
+                           pilot_out, runs)
         base_id = float(load_results(pilot_out, role="base")["acc_ID"].iloc[0])
         split = result.splits.set_index("split")
         same = result.pairs[result.pairs.same_axis]

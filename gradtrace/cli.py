@@ -60,15 +60,16 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     out = args.out or f"storage/calibrate-{Path(args.config).stem}"
+    runs = args.runs or max(12, 6 * cfg.sweep.bases)
     if args.bases:
         from gradtrace.calibrate import calibrate_bases
 
-        table = calibrate_bases(cfg, out, args.bases, args.runs)
+        table = calibrate_bases(cfg, out, args.bases, args.runs or 12)
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(f"written: {Path(out) / 'bases.csv'} (each pilot in {Path(out) / 'base-seed-N'}); "
               "train the study on a chosen base with --set train.init_seed=N")
         return
-    print(calibrate(cfg, out, args.runs).format())
+    print(calibrate(cfg, out, runs).format())
     print(f"written: {Path(out) / 'calibration.csv'}")
 
 
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
     with_config(p)
     p.add_argument("--out", default=None, help="pilot directory (default: storage/calibrate-<config name>)")
-    p.add_argument("--runs", type=int, default=12, help="pilot runs (default: 12)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="pilot runs (default: 12, or 6 per base run where sweep.bases > 1)")
     p.add_argument("--bases", type=int, nargs="+", default=None, metavar="SEED",
                    help="one pilot per candidate base run (train.init_seed), summarised in bases.csv")
     p.set_defaults(func=cmd_calibrate)

@@ -190,7 +190,8 @@ def _probit_ticks(ax, axis: str, lo: float, hi: float) -> None:
 def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int = N_ITEMS) -> Figure:
     """Per shift, accuracy vs ID accuracy over runs on probit axes, with the least-squares probit line.
 
-    Uses the rows with role == "sweep" when the table has a role column; axes are labelled in percent.
+    Uses the rows with role == "sweep" when the table has a role column; axes are labelled in percent. Runs that
+    fine-tuned different base runs (a `base` column with several values) get one marker per base.
     """
     id_col = f"acc_{id}"
     _require_columns(results_df, [id_col], "results table")
@@ -207,11 +208,20 @@ def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int 
                   1.75 * math.ceil(len(shifts) / ncols) + 0.2)
     axes = _grid(fig, len(shifts), ncols)
     x_all = probit(table[id_col].to_numpy(), n_items)
+    bases = table["base"].astype(str).to_numpy() if "base" in table and table["base"].nunique() > 1 else None
     for i, (ax, shift) in enumerate(zip(axes, shifts)):
         y_all = probit(table[f"acc_{shift}"].to_numpy(), n_items)
         ok = np.isfinite(x_all) & np.isfinite(y_all)
         x, y = x_all[ok], y_all[ok]
-        ax.scatter(x, y, s=9, color=_color(i), alpha=0.8, linewidths=0)
+        if bases is None:
+            ax.scatter(x, y, s=9, color=_color(i), alpha=0.8, linewidths=0)
+        else:
+            for j, base in enumerate(np.unique(bases)):
+                mine = bases[ok] == base
+                ax.scatter(x[mine], y[mine], s=9, color=_color(i), alpha=0.8, linewidths=0,
+                           marker="os^Dv<>p"[j % 8], label=base)
+            if i == 0:
+                ax.legend(fontsize=5, loc="upper left", frameon=False, handletextpad=0.1)
         lo, hi = min(x.min(initial=0), y.min(initial=0)) - 0.3, max(x.max(initial=0), y.max(initial=0)) + 0.3
         ax.plot([lo, hi], [lo, hi], color="0.7", lw=0.6, ls=":", zorder=0)
         title = shift

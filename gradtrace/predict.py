@@ -36,6 +36,7 @@ from scipy.stats import rankdata
 
 from gradtrace import store
 from gradtrace.capture.sketch import check_compatible
+from gradtrace.stats import bootstrap_indices, centre_within, group_codes, partial_correlations
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 DEFAULT_N_ITEMS = 2000  # items per split for the probit clip [1/(2N), 1 − 1/(2N)] when the config does not say
@@ -208,15 +209,16 @@ def _cosine_matrix(V: np.ndarray) -> np.ndarray:
     return out
 
 
-def probit_partials(accuracy: np.ndarray, n_items: int = DEFAULT_N_ITEMS) -> np.ndarray:
+def probit_partials(accuracy: np.ndarray, n_items: int = DEFAULT_N_ITEMS, groups: np.ndarray | None = None
+                    ) -> np.ndarray:
     """Probit-residualised partial correlations (…, S, S) from accuracies (…, n runs, 1+S), ID in column 0.
 
     Accuracies are clipped to [1/(2N), 1 − 1/(2N)] and mapped through Φ⁻¹; each shift is residualised on ID by
-    least squares with an intercept; batch axes (bootstrap resamples, split halves) broadcast.
+    least squares with an intercept (with `groups`, each run's group code (n,), with one intercept per group: the
+    partial correlation within groups); batch axes (bootstrap resamples, split halves) broadcast.
     """
     eps = 1.0 / (2.0 * n_items)
-    z = ndtri(np.clip(np.asarray(accuracy, dtype=np.float64), eps, 1.0 - eps))
-    z = z - z.mean(axis=-2, keepdims=True)
+    z = centre_within(ndtri(np.clip(np.asarray(accuracy, dtype=np.float64), eps, 1.0 - eps)), groups)
     return partial_from_covariance(np.swapaxes(z, -1, -2) @ z)
 
 
@@ -763,23 +765,30 @@ def _pair_spearman_batch(values: np.ndarray, pred_ranks: np.ndarray) -> np.ndarr
 
 
 def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
-                  n_items: int = DEFAULT_N_ITEMS) -> tuple[float, float]:
+                  n_items: int = DEFAULT_N_ITEMS, groups: np.ndarray | None = None) -> tuple[float, float]:
     """(reliability, ceiling) of the observed matrix from accuracies (runs, 1+S), ID in column 0.
 
-    reliability: mean Spearman over pairs between matrices from random halves of the runs, Spearman–Brown
-    corrected to the full number of runs (the agreement of two independent sweeps of this size). ceiling:
-    √reliability, the expected Spearman of a perfect predictor with the observed matrix (0 if reliability ≤ 0).
+    reliability: mean Spearman over pairs between matrices from random halves of the runs (halves of each group
+    with `groups`, the runs' group codes), Spearman–Brown corrected to the full number of runs (the agreement of
+    two independent sweeps of this size). ceiling: √reliability, the expected Spearman of a perfect predictor with
+    the observed matrix (0 if reliability ≤ 0).
     """
     accuracy = np.asarray(accuracy, float)
     n, S = accuracy.shape[0], accuracy.shape[1] - 1
     if n < 8:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    order = np.argsort(rng.random((n_splits, n)), axis=1)
-    half = n // 2
+    groups = np.zeros(n, dtype=int) if groups is None else np.asarray(groups)
+    halves: list[list[np.ndarray]] = [[], []]
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        order, half = members[np.argsort(rng.random((n_splits, len(members))), axis=1)], len(members) // 2
+        halves[0].append(order[:, :half])
+        halves[1].append(order[:, half: 2 * half])
+    first_idx, second_idx = (np.concatenate(h, axis=1) for h in halves)
     ia, ib = np.triu_indices(S, k=1)
-    first = probit_partials(accuracy[order[:, :half]], n_items)[:, ia, ib]
-    second = probit_partials(accuracy[order[:, half: 2 * half]], n_items)[:, ia, ib]
+    first = probit_partials(accuracy[first_idx], n_items, groups[first_idx[0]])[:, ia, ib]
+    second = probit_partials(accuracy[second_idx], n_items, groups[second_idx[0]])[:, ia, ib]
     ok = ~(np.isnan(first).any(axis=1) | np.isnan(second).any(axis=1))
     rho = float(np.mean(_rowwise_corr(_ranks(first[ok]), _ranks(second[ok])))) if ok.any() else float("nan")
     reliability = 2 * rho / (1 + rho) if rho > -1 else float("nan")
@@ -789,15 +798,18 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
 def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.DataFrame,
           accuracies: pd.DataFrame | None = None, *, id: str = "ID", preregistered: Sequence[str] = (),
           compute_ratio: Mapping[str, float] | None = None, n_boot: int = 1000, n_splits: int = 200,
-          n_perm: int = 10000, seed: int = 0, n_items: int = DEFAULT_N_ITEMS) -> pd.DataFrame:
+          n_perm: int = 10000, seed: int = 0, n_items: int = DEFAULT_N_ITEMS, within: str | None = None
+          ) -> pd.DataFrame:
     """One row per predictor scoring its S×S matrix against observed pairs (gradtrace.stats output).
 
     accuracies: the sweep's runs × `acc_<split>` table the observed matrix came from; it gives the noise ceiling
     and the bootstrap CI of the Spearman (sweep runs resampled, the observed matrix recomputed, the prediction
     held fixed); both are NaN without it. sign_acc counts pairs whose observed CI excludes 0; majority_sign_acc is
-    the best any constant sign could score there. Columns: SCORE_COLUMNS; `group` is preregistered / baseline /
-    exploratory.
+    the best any constant sign could score there. within: the accuracies' column of each run's group (e.g. its base
+    run) when the observed matrix was taken within groups: the ceiling and the bootstrap then work within them.
+    Columns: SCORE_COLUMNS; `group` is preregistered / baseline / exploratory.
     """
+
     if isinstance(predicted, pd.DataFrame):
         predicted = {"predicted": predicted}
     obs = _observed_pairs(observed)
@@ -810,11 +822,12 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
         if missing:
             raise ValueError(f"accuracies lack columns {missing}; expected acc_<split> for ID ({id!r}) and every shift")
         acc = accuracies[columns].to_numpy(float)
-        reliability, ceiling = noise_ceiling(acc, n_splits, seed, n_items)
+        groups = None if within is None else group_codes(accuracies[within], f"within={within!r}")
+        reliability, ceiling = noise_ceiling(acc, n_splits, seed, n_items, groups)
         boot_pairs = None
         if n_boot:
-            idx = np.random.default_rng(seed).integers(0, len(acc), (n_boot, len(acc)))
-            boot_pairs = probit_partials(acc[idx], n_items)[:, obs.ia, obs.ib]
+            idx = bootstrap_indices(len(acc), n_boot, np.random.default_rng(seed), groups)
+            boot_pairs = probit_partials(acc[idx], n_items, groups)[:, obs.ia, obs.ib]
     majority = float(max(np.mean(obs.r[sig] > 0), np.mean(obs.r[sig] < 0))) if sig.any() else float("nan")
     S = len(obs.shifts)
     obs_matrix = np.full((S, S), np.nan)
@@ -887,7 +900,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     baselines). A predictor that cannot run on this experiment is reported with NaN scores and its error in `note`.
     """
     from gradtrace import config as config_module
-    from gradtrace.stats import partial_correlations
+    from gradtrace.results import base_groups
 
     exp_dir = Path(exp_dir)
     for required in ("config.yaml", "results.csv"):
@@ -904,8 +917,10 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     sweep = results[results["role"] == "sweep"] if "role" in results.columns else results
     if sweep.empty:
         raise ValueError(f"{exp_dir / 'results.csv'} has no rows with role == 'sweep' to observe")
+    within = base_groups(sweep)  # runs from several base runs: correlated within base
     observed = partial_correlations(sweep, id=reference.id_split, shifts=list(reference.shifts),
-                                    residualize="probit", n_boot=0, n_perm=0, seed=seed, n_items=n_items)
+                                    residualize="probit", n_boot=0, n_perm=0, seed=seed, n_items=n_items,
+                                    within=within)
     sweep_time = _sweep_wall_time(exp_dir, sweep)
 
     matrices: dict[str, pd.DataFrame] = {}
@@ -922,7 +937,8 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
         matrices[name] = prediction.matrix
         ratios[name] = prediction.wall_time_s / sweep_time if sweep_time > 0 else float("nan")
     scores = score(matrices, observed, sweep, id=reference.id_split, preregistered=preregistered,
-                   compute_ratio=ratios, n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, n_items=n_items)
+                   compute_ratio=ratios, n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, n_items=n_items,
+                   within=within)
     scores["note"] = scores["predictor"].map(lambda n: errors.get(n, ""))
     group_order = {"preregistered": 0, "baseline": 1, "exploratory": 2}
     scores = scores.sort_values("group", key=lambda g: g.map(group_order), kind="stable").reset_index(drop=True)

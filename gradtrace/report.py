@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 import gradtrace
 from gradtrace import figures, store, subspace
+from gradtrace.results import base_groups
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -264,7 +265,7 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
               "removing ID accuracy (linear on raw accuracy; a line on probit axes; a spline on probit axes). Red: "
               "the shifts rise and fall together beyond what ID explains; blue: they trade off. * marks pairs whose "
               "Holm-adjusted p < 0.05 within a panel. Linear residualisation can manufacture correlation when ID "
-              "spans a wide range: trust pairs that agree across panels.",
+              "spans a wide range: trust pairs that agree across panels." + _within_note(sweep),
               lambda: figures.partial_correlation_heatmap(inputs.stats, residualize="all"), notes.get("stats")),
         _item("predicted_vs_observed", "predictions", "Predicted vs observed",
               "One panel per predictor; each point is a shift pair: x the predictor's output (computed from reference "
@@ -293,6 +294,15 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
         "Sweep throughput: runs per unit of time. Read from benchmarks/out/*.json, written by `make bench`.",
         lambda: figures.benchmark_bars(inputs.benchmarks), notes.get("benchmarks")))
     return items
+
+
+def _within_note(sweep: pd.DataFrame | None) -> str:
+    """The caption's sentence on a sweep over several base runs (its correlations are taken within base)."""
+    if sweep is None or base_groups(sweep) is None:
+        return ""
+    return (f" The sweep's runs fine-tuned {sweep['base'].nunique()} base runs: every pair is correlated within "
+            "base (each base its own intercept, bootstrap and permutations within base), so differences between "
+            "bases do not count.")
 
 
 def _span_items(inputs: Inputs) -> list[FigureItem]:

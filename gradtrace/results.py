@@ -18,11 +18,25 @@ def results_table(out: str | Path) -> pd.DataFrame:
         a = root[rid].attrs
         if a.get("status") != "complete":
             continue
-        rows.append({"run_id": rid, "role": a.get("role"), "init_seed": a["seeds"]["init"],
+        rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a.get("config", {})),
+                     "init_seed": a["seeds"]["init"],
                      "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
                      **{f"acc_{k}": v for k, v in a["accuracy"].items()}})
     return pd.DataFrame(rows)
+
+
+def started_from(run_config: dict) -> str:
+    """The base run a run fine-tuned (the run id in its `model.init_from`, `DIR/weights/<base>/final.safetensors`),
+    or "" for a run trained from scratch."""
+    start = (run_config.get("model") or {}).get("init_from")
+    return Path(start).parent.name if start else ""
+
+
+def base_groups(table: pd.DataFrame) -> str | None:
+    """`"base"` where the runs fine-tuned several base runs (`sweep.bases` > 1): their statistics are then taken
+    within base (`stats.partial_correlations(within=...)`); None for one base or none."""
+    return "base" if "base" in table.columns and table["base"].nunique() > 1 else None
 
 
 def write_results(table: pd.DataFrame, out: str | Path) -> None:

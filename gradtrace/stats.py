@@ -40,6 +40,9 @@ from scipy.special import ndtr, ndtri
 
 __all__ = [
     "RESIDUALIZATIONS",
+    "bootstrap_indices",
+    "centre_within",
+    "group_codes",
     "StatsReport",
     "format_table",
     "generalisation_gap",
@@ -157,13 +160,40 @@ def runs_needed(r: float = 0.3, half_width: float = 0.2, k: int = 1, confidence:
 # resampling
 
 
-def _resample_indices(n: int, n_boot: int, block_length: int | None, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, n) row indices: iid rows, or a moving-block bootstrap when block_length is given."""
+def _resample_indices(n: int, n_boot: int, block_length: int | None, rng: np.random.Generator,
+                      groups: np.ndarray | None = None) -> np.ndarray:
+    """(n_boot, n) row indices: iid rows (within each group, which keeps its size, when `groups` gives each row's
+    group code), or a moving-block bootstrap when block_length is given."""
     if block_length is None:
-        return rng.integers(0, n, size=(n_boot, n))
+        return bootstrap_indices(n, n_boot, rng, groups)
     n_blocks = -(-n // block_length)
     starts = rng.integers(0, n - block_length + 1, size=(n_boot, n_blocks))
     return (starts[..., None] + np.arange(block_length)).reshape(n_boot, -1)[:, :n]
+
+
+def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator, groups: np.ndarray | None = None) -> np.ndarray:
+    """(n_boot, n) iid bootstrap resamples of n runs; with `groups` (each run's group code) within each group, every
+    group keeping its size and its positions (so a resample's groups are the original `groups`)."""
+    return _within_groups(n, groups, lambda size: rng.integers(0, size, size=(n_boot, size)))
+
+
+def _permutations(n: int, n_perm: int, rng: np.random.Generator, groups: np.ndarray | None = None) -> np.ndarray:
+    """(n_perm, n) random permutations of the rows (within each group when `groups` gives each row's group code)."""
+    return _within_groups(n, groups, lambda size: rng.permuted(np.broadcast_to(np.arange(size), (n_perm, size)), axis=1))
+
+
+def _within_groups(n: int, groups: np.ndarray | None, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Row indices (b, n) that `draw(size)` (positions 0..size-1, shape (b, size)) picks within each group, in
+    place; one group of all rows when `groups` is None."""
+    if groups is None:
+        return draw(n)
+    out = None
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        picked = members[draw(len(members))]
+        out = np.empty((len(picked), n), dtype=int) if out is None else out
+        out[:, members] = picked
+    return out
 
 
 def _jackknife_keep(n: int, block_length: int | None) -> list[np.ndarray]:
@@ -258,6 +288,7 @@ class _Data:
     shifts: tuple[str, ...]
     n_items: dict[str, int]  # items per split (ID and shifts), for the probit clip
     items: dict[str, np.ndarray] | None  # per-item correctness, rows aligned with id_acc
+    groups: np.ndarray | None = None  # (n,) group code of each row for `within` (e.g. the base run), or None
 
 
 def _check_options(
@@ -325,9 +356,35 @@ def _check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray
     return acc
 
 
+def _group_codes(table: pd.DataFrame, within: str | None, unit: str) -> np.ndarray | None:
+    """Each row's group code for `within` (None: no groups); refuse a missing column, checkpoints, and groups
+    of one row (a run alone in its group has no within-group variation)."""
+    if within is None:
+        return None
+    if within not in table.columns:
+        raise ValueError(f"within={within!r} is not a column of the table (columns: {list(table.columns)}).")
+    if unit != "runs":
+        raise ValueError("within=... applies to unit='runs' (independent runs in groups such as their base run).")
+    return group_codes(table[within], f"within={within!r}")
+
+
+def group_codes(labels: Sequence, name: str = "within") -> np.ndarray:
+    """Codes 0..g-1 of each run's group label; refuse groups of a single run (no variation within them)."""
+    names, codes, counts = np.unique(np.asarray(labels).astype(str), return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError(f"{name}: groups {names[counts < 2].tolist()} hold a single run; a partial "
+                         "correlation within groups needs at least two runs in each. Drop those runs.")
+    return codes
+
+
+def _group_dummies(groups: np.ndarray | None) -> np.ndarray:
+    """Indicator columns (n, g - 1) of all groups but the first: group fixed effects beside the intercept."""
+    return (groups[:, None] == np.arange(1, groups.max() + 1)).astype(float)
+
+
 def _prepare(
     table: pd.DataFrame, id: str, shifts: Sequence[str] | None, unit: str,
-    items: Mapping[str, np.ndarray] | None, n_items: int | Mapping[str, int],
+    items: Mapping[str, np.ndarray] | None, n_items: int | Mapping[str, int], within: str | None = None,
 ) -> _Data:
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a pandas DataFrame or an experiment directory, got {type(table).__name__}.")
@@ -367,6 +424,7 @@ def _prepare(
         order = np.argsort(table["step"].to_numpy(), kind="stable")
     table = table.iloc[order]
     acc = _check_accuracies(table, [f"acc_{s}" for s in [id, *shifts]])
+    groups = _group_codes(table, within, unit)
 
     counts = {s: (n_items.get(s, DEFAULT_N_ITEMS) if isinstance(n_items, Mapping) else n_items) for s in [id, *shifts]}
     aligned = None
@@ -389,7 +447,7 @@ def _prepare(
                     "item rows must be the table's runs in the same order. Reload both from the same experiment."
                 )
             aligned[split], counts[split] = arr, arr.shape[1]
-    return _Data(id, acc[:, 0], acc[:, 1:], tuple(shifts), counts, aligned)
+    return _Data(id, acc[:, 0], acc[:, 1:], tuple(shifts), counts, aligned, groups)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,14 +455,18 @@ def _prepare(
 
 
 def _design(method: str, data: _Data, spline_knots: int) -> tuple[np.ndarray, np.ndarray, Callable]:
-    """(transformed shift accuracies (n, S), covariates Z (n, k), per-shift transform) for a residualisation."""
+    """(transformed shift accuracies (n, S), covariates Z (n, k), per-shift transform) for a residualisation;
+    with groups, Z also holds their indicators (fixed effects: the correlation within groups)."""
     if method == "linear":
-        return data.acc, data.id_acc[:, None], lambda p, n_items: p
-    n_sh = np.array([data.n_items[s] for s in data.shifts])
-    id_probit = _probit(data.id_acc, data.n_items[data.id_name])
-    if method == "probit":
-        return _probit(data.acc, n_sh), id_probit[:, None], _probit
-    return _probit(data.acc, n_sh), _spline_basis(id_probit, spline_knots), _probit
+        Y, Z, transform = data.acc, data.id_acc[:, None], lambda p, n_items: p
+    else:
+        n_sh = np.array([data.n_items[s] for s in data.shifts])
+        id_probit = _probit(data.id_acc, data.n_items[data.id_name])
+        Z = id_probit[:, None] if method == "probit" else _spline_basis(id_probit, spline_knots)
+        Y, transform = _probit(data.acc, n_sh), _probit
+    if data.groups is not None:
+        Z = np.column_stack([Z, _group_dummies(data.groups)])
+    return Y, Z, transform
 
 
 def _residual_reliability(
@@ -460,6 +522,7 @@ def partial_correlations(
     n_splits: int = 100,
     alpha: float = 0.05,
     confidence: float = 0.95,
+    within: str | None = None,
 ) -> pd.DataFrame:
     """Partial correlation of every pair of shifts given ID accuracy, with CIs and p-values per residualisation.
 
@@ -495,6 +558,11 @@ def partial_correlations(
         error-free, halves as parallel forms, and the two shifts' item errors as independent; sampling error
         can push |r_disattenuated| above 1 (not clipped).
 
+    within : a column naming each run's group (e.g. ``"base"``, the base run it fine-tuned): the partial correlation
+        within groups. Every residualisation adds the groups' indicators to its covariates (fixed effects, so k
+        grows by groups - 1), the bootstrap resamples runs within each group and the permutations permute
+        within groups. Each group needs at least two runs.
+
     Returns a DataFrame, one row per (residualisation, pair a < b in shift order), columns ``a, b, residualize,
     unit, n, k, dof, r, ci_low, ci_high, p, p_perm, p_holm, p_bh, boot_ci_low, boot_ci_high, bca_ci_low,
     bca_ci_high, disagree`` (+ ``rel_a, rel_b, r_disattenuated`` with items) and ``note``. Holm and BH adjust
@@ -509,7 +577,7 @@ def partial_correlations(
         items = loaded if items is None else items
     opts = _check_options(residualize, unit, n_boot, n_perm, seed, block_length, spline_knots, n_items,
                           n_splits, alpha, confidence)
-    data = _prepare(table, id, shifts, unit, items, n_items)
+    data = _prepare(table, id, shifts, unit, items, n_items, within)
     n, n_shifts = data.acc.shape
     designs = {m: _design(m, data, opts.spline_knots) for m in opts.methods}
     ks = _check_designs(designs, data.shifts, opts.confidence)
@@ -524,8 +592,8 @@ def partial_correlations(
             "autocorrelated checkpoints of one run; rely on the block-bootstrap CIs.", UserWarning, stacklevel=2,
         )
     rng = np.random.default_rng(opts.seed)
-    boot_idx = _resample_indices(n, opts.n_boot, block, rng)
-    perms = rng.permuted(np.broadcast_to(np.arange(n), (opts.n_perm, n)), axis=1)
+    boot_idx = _resample_indices(n, opts.n_boot, block, rng, data.groups)
+    perms = _permutations(n, opts.n_perm, rng, data.groups)
     jack_keep = _jackknife_keep(n, block)
     ia, ib = np.triu_indices(n_shifts, k=1)
 
@@ -601,11 +669,24 @@ def _column_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.sum(a * b, axis=0) / np.sqrt(np.sum(a * a, axis=0) * np.sum(b * b, axis=0))
 
 
-def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100, seed: int = 0) -> pd.DataFrame:
+def centre_within(x: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Columns of x (..., n, c) minus their mean over the n rows, or minus their group's mean with `groups` (each
+    row's group label, (n,)); batch axes broadcast."""
+    x = np.asarray(x, dtype=float)
+    if groups is None:
+        return x - x.mean(axis=-2, keepdims=True)
+    member = (np.asarray(groups)[:, None] == np.unique(groups)).astype(float)  # (n, g) indicators
+    return x - member @ ((member.T @ x) / member.sum(axis=0)[:, None])
+
+
+def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100, seed: int = 0,
+                           groups: np.ndarray | None = None) -> pd.DataFrame:
     """Spearman-Brown split-half reliability of each split's across-run accuracy from per-item correctness.
 
     For each of ``n_splits`` random halvings of a split's items, correlate the runs' accuracies on the two halves
-    (rho); reliability = 2 rho / (1 + rho) with rho averaged over halvings. Columns: ``split, n_runs, n_items,
+    (rho); reliability = 2 rho / (1 + rho) with rho averaged over halvings. With ``groups`` (each run's group code,
+    e.g. its base run) the half accuracies are centred within groups first: the reliability of the differences
+    between runs of one group, which is what a correlation within groups sees. Columns: ``split, n_runs, n_items,
     reliability, reliability_sd`` (sd of the Spearman-Brown value over halvings: the halving noise, not a
     sampling error). Warns for every split whose reliability is below 0.9.
     """
@@ -622,7 +703,7 @@ def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100,
         if not np.isin(arr, (0, 1)).all():
             raise ValueError(f"items[{split!r}] must hold 0/1 (or bool) correctness, found other values.")
         h1, h2, _, _ = _half_accuracies(arr, n_splits, seed)
-        rho = _column_corr(h1, h2)
+        rho = _column_corr(centre_within(h1, groups), centre_within(h2, groups))
         with np.errstate(invalid="ignore"):
             sb = 2 * rho / (1 + rho)
         rows.append({"split": split, "n_runs": arr.shape[0], "n_items": arr.shape[1],
@@ -740,16 +821,21 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
 
     Writes ``stats.csv``, ``stats.json`` (``{"records": [...], "summary": {...}}``), ``reliability.csv`` (when
     per-item correctness exists) and ``gap.csv`` into ``exp_dir``; ``kw`` goes to ``partial_correlations``.
+    Runs that fine-tuned several base runs are correlated within base unless ``within`` says otherwise.
     Warnings raised on the way are re-issued and listed in the summary.
     """
+    from gradtrace.results import base_groups
+
     exp_dir = Path(exp_dir)
     table, items = _load_experiment(exp_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kw.setdefault("shifts", _varying_shifts(table, kw.get("id", "ID")))
+        kw.setdefault("within", base_groups(table))
         stats = partial_correlations(table, residualize=residualize, items=items, **kw)
-        reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0))
-                       if items else None)
+        groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
+        reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),
+                                              groups=groups) if items else None)
         gap = generalisation_gap(table)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -760,6 +846,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
         "unit": str(stats["unit"].iloc[0]),
         "n": int(stats["n"].iloc[0]),
         "shifts": sorted(set(stats["a"]) | set(stats["b"])),
+        "within": kw["within"],
         "runs_for_ci_half_width_0.2_at_r_0.3": runs_needed(0.3, 0.2, 1),
         "residualizations": {
             m: {"k": int(g["k"].iloc[0]), "pairs": len(g), "significant_p": int((g["p"] < alpha).sum()),

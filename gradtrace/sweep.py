@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import store
-from gradtrace.results import results_table, write_results
+from gradtrace.results import results_table, started_from, write_results
 from gradtrace.config import Config
 
 
@@ -32,30 +32,42 @@ class PlannedRun:
     overrides: dict = field(default_factory=dict)
 
 
+def base_ids(cfg: Config) -> list[str]:
+    """The base (pretraining) runs of a plan: none, `base`, or `base-0` … with `sweep.bases` > 1."""
+    s = cfg.sweep
+    if s.bases < 1:
+        raise ValueError(f"sweep.bases must be >= 1, got {s.bases}")
+    if not s.pretrain_steps:
+        if s.bases > 1:
+            raise ValueError("sweep.bases > 1 needs base runs to start from: set sweep.pretrain_steps > 0")
+        return []
+    return ["base"] if s.bases == 1 else [f"base-{b}" for b in range(s.bases)]
+
+
 def plan(cfg: Config) -> list[PlannedRun]:
-    """An optional captured `base` (pretraining) run, reference runs (base config, data order varied only, full
-    capture), then the sweep's runs; with a base run every other run starts from its final weights."""
+    """Optional captured base (pretraining) runs, reference runs (base config, data order varied only, full
+    capture; `sweep.reference_runs` per base), then the sweep's runs. With base runs every other run starts from
+    one's final weights: reference runs from each, sweep run i from base i mod `sweep.bases`."""
     s, t = cfg.sweep, cfg.train
     unknown = set(s.vary) - {"init", "data", "hparams"}
     if unknown:
         raise ValueError(f"unknown sweep.vary entries {sorted(unknown)}; choose from init, data, hparams")
     base_init = t.seed if t.init_seed is None else t.init_seed
     base_data = t.seed if t.data_seed is None else t.data_seed
-    start: dict = {}
-    runs = []
-    if s.pretrain_steps:
-        runs.append(PlannedRun("base", "base", {"train.steps": s.pretrain_steps, "train.init_seed": base_init,
-                                                "train.data_seed": base_data}))
-        start = {"model.init_from": "{out}/weights/base/final.safetensors"}
-    runs += [PlannedRun(f"ref-{i:03d}", "reference", {"train.init_seed": base_init, "train.data_seed": base_data + i,
-                                                      **start}) for i in range(s.reference_runs)]
+    bases = base_ids(cfg)
+    runs = [PlannedRun(b, "base", {"train.steps": s.pretrain_steps, "train.init_seed": base_init + i,
+                                   "train.data_seed": base_data}) for i, b in enumerate(bases)]
+    starts = [{"model.init_from": f"{{out}}/weights/{b}/final.safetensors"} for b in bases] or [{}]
+    references = [(start, i) for start in starts for i in range(s.reference_runs)]
+    runs += [PlannedRun(f"ref-{j:03d}", "reference", {"train.init_seed": base_init, "train.data_seed": base_data + i,
+                                                      **start}) for j, (start, i) in enumerate(references)]
     rng = np.random.default_rng(s.seed)
     for i in range(s.runs):
         lr = float(np.exp(rng.uniform(np.log(s.lr[0]), np.log(s.lr[1]))))
         wd = float(rng.uniform(*s.weight_decay))
         over = {"train.init_seed": 10_000 + i if "init" in s.vary else base_init,
                 "train.data_seed": 20_000 + i if "data" in s.vary else base_data,
-                "capture.enabled": s.capture_sweep, **start}
+                "capture.enabled": s.capture_sweep, **starts[i % len(starts)]}
         if "hparams" in s.vary:
             over.update({"train.lr": round(lr, 7), "train.weight_decay": round(wd, 5)})
         runs.append(PlannedRun(f"run-{i:03d}", "sweep", over))
@@ -87,8 +99,8 @@ def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> l
 
 
 def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
-    """Runs grouped into jobs: with `sweep.ensemble` > 1, the reference runs and the sweep runs each in vmap
-    ensembles of that many (members share everything but seeds and hyper-parameters); a base run alone."""
+    """Runs grouped into jobs: with `sweep.ensemble` > 1, the reference runs and the sweep runs of each base in
+    vmap ensembles of that many (members share everything but seeds and hyper-parameters); a base run alone."""
     size = cfg.sweep.ensemble
     if size < 1:
         raise ValueError(f"sweep.ensemble must be >= 1 (1: no ensembles), got {size}")
@@ -96,8 +108,11 @@ def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
         return [[r] for r in runs]
     jobs = [[r] for r in runs if r.role == "base"]
     for role in ("reference", "sweep"):
-        members = [r for r in runs if r.role == role]
-        jobs += [members[i:i + size] for i in range(0, len(members), size)]
+        by_start: dict = {}
+        for r in runs:
+            if r.role == role:
+                by_start.setdefault(r.overrides.get("model.init_from"), []).append(r)
+        jobs += [members[i:i + size] for members in by_start.values() for i in range(0, len(members), size)]
     return jobs
 
 
@@ -113,10 +128,11 @@ def estimate_seconds(cfg: Config) -> float:
 
 
 def estimate_total_seconds(runs: list[PlannedRun], seconds: list[float], workers: int) -> float:
-    """Rough time of a whole sweep from each run's `estimate_seconds`: a base run first and alone (every other run
-    starts from its weights), then the rest spread over the workers."""
-    base = sum(s for r, s in zip(runs, seconds) if r.role == "base")
-    return base + (sum(seconds) - base) / max(1, workers)
+    """Rough time of a whole sweep from each run's `estimate_seconds`: the base runs first (every other run starts
+    from their weights; one alone, several spread over the workers), then the rest spread over the workers."""
+    base = [s for r, s in zip(runs, seconds) if r.role == "base"]
+    spread = 1 if len(base) <= 1 else min(max(1, workers), len(base))
+    return sum(base) / spread + (sum(seconds) - sum(base)) / max(1, workers)
 
 
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
@@ -125,6 +141,8 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
     seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
+    if cfg.sweep.bases > 1:
+        base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
              f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, "
@@ -147,15 +165,17 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs = [job for job in _jobs(cfg, runs) if any(r.run_id in pending for r in job)]
-    base = [job for job in jobs if job[0].role == "base"]  # a base run finishes before the runs that start from it
+    base = [job for job in jobs if job[0].role == "base"]  # base runs finish before the runs that start from them
     rest = [job for job in jobs if job[0].role != "base"]
     rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
+    bases = {r.run_id: started_from({"model": {"init_from": r.overrides.get("model.init_from")}}) for r in runs}
     try:
-        for row in itertools.chain(_dispatch(cfg, out, base, None), _dispatch(cfg, out, rest, scheduler)):
+        base_rows = _dispatch(cfg, out, base, scheduler if len(base) > 1 else None)
+        for row in itertools.chain(base_rows, _dispatch(cfg, out, rest, scheduler)):
             if row["run_id"] not in pending:  # an ensemble's member that was already complete
                 continue
             bar.update()
-            rows.append(row)
+            rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
             write_results(pd.DataFrame(rows), out)  # kept current: usable mid-sweep
     finally:
         bar.close()

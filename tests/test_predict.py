@@ -148,6 +148,28 @@ def test_probit_partials_agree_with_stats():
     np.testing.assert_allclose(observed["r"], expected, atol=1e-10)
 
 
+def test_probit_partials_within_groups_agree_with_stats():
+    """Runs from several bases: one intercept per base, as stats' group fixed effects; a base offset shared by
+    every split correlates them pooled and not within base; the ceiling splits each base's runs into halves."""
+    stats = pytest.importorskip("gradtrace.stats")
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(3), 20)
+    z = 0.4 * rng.standard_normal((60, 4)) + 1.5 * rng.standard_normal(3)[groups][:, None]
+    acc = ndtr(z)
+    table = pd.DataFrame({f"acc_{s}": acc[:, j] for j, s in enumerate(["ID", "a", "b", "c"])})
+    table["base"] = [f"base-{g}" for g in groups]
+    observed = stats.partial_correlations(table, residualize="probit", n_boot=0, n_perm=0, within="base")
+    ours = probit_partials(acc, groups=groups)
+    pos = {"a": 0, "b": 1, "c": 2}
+    np.testing.assert_allclose(observed["r"], [ours[pos[a], pos[b]] for a, b in zip(observed["a"], observed["b"])],
+                               atol=1e-10)
+    assert np.all(np.abs(observed["r"]) < 0.45) and np.all(np.abs(probit_partials(acc)[[0, 0, 1], [1, 2, 2]]) > 0.5)
+    assert np.isfinite(noise_ceiling(acc, n_splits=20, groups=groups)[0])
+    scores = score({"zero": pd.DataFrame(0.0, index=list(pos), columns=list(pos))}, observed, table,
+                   within="base", n_boot=50, n_perm=100)
+    assert np.isfinite(scores["reliability"].iloc[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # loading
 

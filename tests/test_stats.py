@@ -20,6 +20,7 @@ from gradtrace.stats import (
     _holm,
     _jackknife_keep,
     _partial_r,
+    _permutations,
     _probit,
     _resample_indices,
     _residualize,
@@ -100,6 +101,51 @@ def test_core_matches_pingouin_with_several_covariates():
     r = _partial_r(df["x"].to_numpy(), df["y"].to_numpy(), df[["a", "b", "c"]].to_numpy())
     assert abs(r - ref["r"].iloc[0]) < 1e-10
     assert abs(_t_pvalue(r, 35 - 3 - 2) - ref["p_val"].iloc[0]) < 1e-10
+
+
+def grouped_table(rng, n_groups=4, per_group=15, offset=1.5):
+    """Runs in groups (bases) whose shifts share a group offset: correlated across groups, not within them."""
+    groups = np.repeat(np.arange(n_groups), per_group)
+    shared = offset * rng.standard_normal(n_groups)[groups]
+    x = ndtr(0.4 * rng.standard_normal((len(groups), 4)) + shared[:, None] * np.array([0.3, 1, 1, -1]))
+    return table_from(x[:, 0], *x[:, 1:].T, base=[f"base-{g}" for g in groups])
+
+
+def test_within_groups_matches_pingouin_with_group_indicators():
+    """Fixed effects: r and p equal pingouin's partial correlation given ID and the groups' indicator columns."""
+    pg = pytest.importorskip("pingouin")
+    df = grouped_table(np.random.default_rng(21))
+    dummies = pd.get_dummies(df["base"], drop_first=True, dtype=float)
+    joined = pd.concat([df, dummies], axis=1)
+    out = partial_correlations(df, residualize="linear", within="base", **FAST)
+    pooled = partial_correlations(df, residualize="linear", **FAST)
+    for row in out.itertuples():
+        ref = pg.partial_corr(joined, x=f"acc_{row.a}", y=f"acc_{row.b}", covar=["acc_ID", *dummies.columns])
+        assert row.k == 1 + 3 and row.dof == row.n - row.k - 2
+        assert abs(row.r - ref["r"].iloc[0]) < 1e-8 and abs(row.p - ref["p_val"].iloc[0]) < 1e-8
+    # the planted between-group offsets correlate the shifts pooled; within groups they are independent
+    assert (pooled["r"].abs() > 0.5).all() and (out["r"].abs() < 0.4).all()
+
+
+def test_within_groups_resamples_and_permutes_inside_each_group():
+    groups = np.repeat([0, 1, 2], [5, 7, 4])
+    rng = np.random.default_rng(0)
+    for idx in (_resample_indices(16, 30, None, rng, groups), _permutations(16, 30, rng, groups)):
+        assert idx.shape == (30, 16) and (groups[idx] == groups).all()
+    perms = _permutations(16, 30, rng, groups)
+    assert (np.sort(perms, axis=1) == np.arange(16)).all()
+    df = grouped_table(np.random.default_rng(22))
+    out = partial_correlations(df, within="base", n_boot=200, n_perm=200)
+    assert (out["boot_ci_low"] <= out["r"]).all() and (out["r"] <= out["boot_ci_high"]).all()
+    assert out["p_perm"].between(0, 1).all()
+
+
+def test_within_groups_refusals():
+    df = grouped_table(np.random.default_rng(23))
+    with pytest.raises(ValueError, match="not a column"):
+        partial_correlations(df, within="nope", **FAST)
+    with pytest.raises(ValueError, match="single run"):
+        partial_correlations(df.iloc[:-14], within="base", **FAST)
 
 
 def test_core_is_batched():
@@ -410,6 +456,7 @@ def fake_experiment(tmp_path, monkeypatch):
     fake = types.ModuleType("gradtrace.results")
     fake.load_results = lambda path: table.copy()
     fake.load_item_correctness = lambda path: items
+    fake.base_groups = lambda table: None
     monkeypatch.setitem(sys.modules, "gradtrace.results", fake)
     return tmp_path
 

@@ -1,4 +1,6 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, dask and base-run modes."""
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -82,6 +84,46 @@ def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
     assert [r.run_id for r in pretraining.runs] == ["base"]
     predicted = PREDICTORS["covariance"]().fit(pretraining).predict().matrix
     assert list(predicted.index) == list(pretraining.splits[1:])
+
+
+def test_plan_spreads_runs_over_several_bases():
+    runs = plan(tiny_config(sweep__runs=5, sweep__bases=2, sweep__reference_runs=2, sweep__pretrain_steps=6))
+    bases = [r for r in runs if r.role == "base"]
+    assert [b.run_id for b in bases] == ["base-0", "base-1"]
+    assert [b.overrides["train.init_seed"] for b in bases] == [0, 1]  # bases differ in init only
+    start = {r.run_id: r.overrides["model.init_from"].split("/")[-2] for r in runs if r.role != "base"}
+    assert start == {"ref-000": "base-0", "ref-001": "base-0", "ref-002": "base-1", "ref-003": "base-1",
+                     "run-000": "base-0", "run-001": "base-1", "run-002": "base-0", "run-003": "base-1",
+                     "run-004": "base-0"}
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        plan(tiny_config(sweep__bases=2))
+    cfg = tiny_config(sweep__runs=6, sweep__bases=2, sweep__pretrain_steps=6, sweep__ensemble=2)
+    from gradtrace.sweep import _jobs
+
+    for job in _jobs(cfg, plan(cfg)):  # an ensemble's members start from one base
+        assert len({r.overrides.get("model.init_from") for r in job}) == 1
+    seconds = [10.0, 10.0, 1.0, 1.0]
+    runs = plan(tiny_config(sweep__runs=1, sweep__bases=2, sweep__reference_runs=1, sweep__pretrain_steps=6))[:4]
+    assert estimate_total_seconds(runs, seconds, 2) == pytest.approx(10 + 2 / 2)  # the bases side by side
+
+
+def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
+    from gradtrace.stats import stats_report
+
+    cfg = tiny_config(sweep__runs=8, sweep__bases=2, sweep__workers=1, sweep__reference_runs=0,
+                      sweep__pretrain_steps=6, train__steps=4)
+    table = run_sweep(cfg, tmp_path, progress=False)
+    sweep = table[table.role == "sweep"]
+    assert sweep.base.tolist() == ["base-0", "base-1"] * 4
+    assert pd.read_csv(tmp_path / "results.csv").query("role == 'sweep'").base.tolist() == sweep.base.tolist()
+    root = zarr.open_group(tmp_path / "store.zarr")
+    assert root["base-1"].attrs["seeds"]["init"] == 1
+    assert root["run-001"].attrs["config"]["model"]["init_from"].endswith("weights/base-1/final.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny model: low reliability, some shifts barely vary
+        report = stats_report(tmp_path, residualize="linear", n_boot=0, n_perm=0)
+    assert report.summary["within"] == "base" and (report.stats.k == 2).all()  # ID and one base indicator
+    assert assess(sweep.reset_index(drop=True), {}).bases == 2
 
 
 def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, capsys):
