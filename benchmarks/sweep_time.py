@@ -1,11 +1,12 @@
 """How long a whole study takes on this machine, from a timed slice of it run through `gradtrace sweep`.
 
 The slice is the study's config with fewer sweep runs (`--runs`; base and reference runs as configured), run end to
-end by `gradtrace.sweep.run_sweep` into a fresh directory: the base run first and alone, then the rest on the
-sweep's workers or ensembles, as the study would run. The study's time is then estimated as the slice's base run
-plus the slice's time after it, scaled by the study's run time over the slice's (each role's mean
-`wall_time_s` per run, times the study's runs of that role, over the slice's sum): the slice measures how much its
-runs overlap on this machine's workers, and the study's runs are assumed to overlap as much.
+end by `gradtrace.sweep.run_sweep` into a fresh directory: the base runs first (one alone, several side by side on
+the workers), then the rest on the sweep's workers or ensembles, as the study would run. The study's time is then
+estimated as the slice's base runs plus the slice's time after them, scaled by the study's run time over the
+slice's (each role's mean `wall_time_s` per run, times the study's runs of that role, over the slice's sum): the
+slice measures how much its runs overlap on this machine's workers, and the study's runs are assumed to overlap as
+much.
 
     python benchmarks/sweep_time.py experiments/large.yaml --runs 12                  # this machine, ~5 min
     python benchmarks/sweep_time.py experiments/large.yaml --runs 64 --set sweep.workers=4 --set train.device=cuda
@@ -23,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from gradtrace import config as config_mod
-from gradtrace.sweep import plan, run_sweep
+from gradtrace.sweep import bases_side_by_side, plan, run_sweep
 from gradtrace.train import device_name, resolve_device
 
 OUT = Path(__file__).resolve().parent / "out" / "sweep_time.json"
@@ -37,7 +38,8 @@ def time_slice(study: config_mod.Config, runs: int, out: Path) -> dict:
     began = time.perf_counter()
     table = run_sweep(piece, out)
     seconds = time.perf_counter() - began
-    base = float(table.loc[table.role == "base", "wall_time_s"].sum())
+    bases = table.loc[table.role == "base", "wall_time_s"]
+    base = float(bases.sum()) / bases_side_by_side(len(bases), piece.sweep.workers)
     rest = table[table.role != "base"]
     per_run = rest.groupby("role").wall_time_s.mean().to_dict()
     study_runs = plan(study)

@@ -131,8 +131,12 @@ def estimate_total_seconds(runs: list[PlannedRun], seconds: list[float], workers
     """Rough time of a whole sweep from each run's `estimate_seconds`: the base runs first (every other run starts
     from their weights; one alone, several spread over the workers), then the rest spread over the workers."""
     base = [s for r, s in zip(runs, seconds) if r.role == "base"]
-    spread = 1 if len(base) <= 1 else min(max(1, workers), len(base))
-    return sum(base) / spread + (sum(seconds) - sum(base)) / max(1, workers)
+    return sum(base) / bases_side_by_side(len(base), workers) + (sum(seconds) - sum(base)) / max(1, workers)
+
+
+def bases_side_by_side(bases: int, workers: int) -> int:
+    """How many base runs train at once: one alone (on all threads), several spread over the workers."""
+    return 1 if bases <= 1 else min(max(1, workers), bases)
 
 
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
@@ -185,14 +189,27 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
+    """Write the config and plan; refuse a directory holding another sweep, unless this one only extends it (more
+    `sweep.runs`, other `predict` settings: every run planned before is planned again unchanged)."""
     config_path = out / "config.yaml"
     if config_path.exists():
         previous = config_mod.load(config_path)
-        if previous.to_dict() != cfg.to_dict():
-            raise ValueError(f"{out} holds a sweep with a different config; resume with the same config "
-                             "or choose a new --out directory")
+        if not _extends(previous, cfg):
+            raise ValueError(f"{out} holds a sweep with a different config; resume with the same config, extend it "
+                             "(only more sweep.runs or other predict settings), or choose a new --out directory")
     config_mod.dump(cfg, config_path)
     (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+
+
+def _extends(previous: Config, cfg: Config) -> bool:
+    """Whether `cfg` plans every run of `previous` unchanged: the same config but for more sweep runs (the plan
+    draws run i's settings in order, so the first runs stay the same) and the predictors, which train nothing."""
+    def fixed(c: Config) -> dict:
+        d = c.to_dict()
+        d.pop("predict")
+        d["sweep"].pop("runs")
+        return d
+    return fixed(previous) == fixed(cfg) and cfg.sweep.runs >= previous.sweep.runs
 
 
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: str | None):

@@ -61,6 +61,19 @@ def test_resuming_with_another_config_is_refused(tmp_path):
                   progress=False)
 
 
+def test_a_sweep_can_be_extended_with_more_runs(tmp_path):
+    small = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    run_sweep(small, tmp_path, progress=False)
+    before = zarr.open_group(tmp_path / "store.zarr")["run-001"].attrs["updated"]
+    larger = config.from_dict(small.to_dict(), {"sweep.runs": 3, "predict.exploratory": ["cosine"]})
+    assert [r for r in plan(larger)][:2] == plan(small)
+    table = run_sweep(larger, tmp_path, progress=False)
+    assert sorted(table.run_id) == ["run-000", "run-001", "run-002"]
+    assert zarr.open_group(tmp_path / "store.zarr")["run-001"].attrs["updated"] == before  # not retrained
+    with pytest.raises(ValueError, match="different config"):  # fewer runs would leave runs outside the plan
+        run_sweep(small, tmp_path, progress=False)
+
+
 def test_sweep_on_a_dask_local_cluster(tmp_path):
     from dask.distributed import LocalCluster
 
