@@ -79,6 +79,9 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
     report = stats.stats_report(args.dir, residualize=args.residualize)
     print(stats.format_table(report.stats))
+    if report.summary["within"]:
+        print(f"within {report.summary['within']}: each pair correlated over the runs of one base, pooled over "
+              "bases (base indicators among the covariates, so k counts them)")
     print("written: " + ", ".join(str(p) for p in report.paths.values()))
 
 

@@ -102,7 +102,7 @@ class SweepConfig:
     reference_runs: int = 1  # runs with full capture, at the base config, for predictors
     capture_sweep: bool = False  # full capture on every sweep run too (large)
     pretrain_steps: int = 0  # > 0: first train a captured `base` run this long; every other run starts from it
-    bases: int = 1  # with pretrain_steps: base runs `base-0`… (init seeds +0, +1, …); runs spread round-robin over them
+    bases: int = 1  # with pretrain_steps: base runs `base-0`… (init seeds +0, +1, …), runs spread round-robin
 
 
 @dataclass

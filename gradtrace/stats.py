@@ -14,6 +14,8 @@ pair and residualisation:
 - **Uncertainty**: t-test p with dof n - k - 2; Fisher-z CI with dof n - k - 3 (pingouin's convention);
   percentile and BCa bootstrap CIs over runs (moving-block bootstrap over checkpoints); Freedman-Lane
   permutation p; Holm and Benjamini-Hochberg adjustment across pairs within each residualisation.
+- **Groups**: ``within="base"`` takes every correlation within groups of runs (e.g. the base run each fine-tuned):
+  group indicators join the covariates, and the bootstrap and permutations stay within groups.
 - **Reliability**: split-half (Spearman-Brown) reliability of each split's accuracy from per-item correctness,
   and the partial correlation disattenuated for the unreliability of the residuals.
 - **Generalisation gap**: train vs held-out accuracy per run and split, validation vs test consistency and the
@@ -179,7 +181,8 @@ def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator, groups: np.
 
 def _permutations(n: int, n_perm: int, rng: np.random.Generator, groups: np.ndarray | None = None) -> np.ndarray:
     """(n_perm, n) random permutations of the rows (within each group when `groups` gives each row's group code)."""
-    return _within_groups(n, groups, lambda size: rng.permuted(np.broadcast_to(np.arange(size), (n_perm, size)), axis=1))
+    return _within_groups(n, groups,
+                          lambda size: rng.permuted(np.broadcast_to(np.arange(size), (n_perm, size)), axis=1))
 
 
 def _within_groups(n: int, groups: np.ndarray | None, draw: Callable[[int], np.ndarray]) -> np.ndarray:
@@ -377,7 +380,7 @@ def group_codes(labels: Sequence, name: str = "within") -> np.ndarray:
     return codes
 
 
-def _group_dummies(groups: np.ndarray | None) -> np.ndarray:
+def _group_dummies(groups: np.ndarray) -> np.ndarray:
     """Indicator columns (n, g - 1) of all groups but the first: group fixed effects beside the intercept."""
     return (groups[:, None] == np.arange(1, groups.max() + 1)).astype(float)
 

@@ -158,6 +158,11 @@ def test_accuracy_on_the_line(experiment: Path, tmp_path: Path) -> None:
     assert figures.probit(np.array([0.0, 1.0])).round(3).tolist() == [-3.481, 3.481]  # clipped at 1/(2N)
     with pytest.raises(ValueError, match="acc_OOD"):
         figures.accuracy_on_the_line(results, id="OOD")
+    sweep = results[results["role"] == "sweep"].reset_index(drop=True)
+    sweep["base"] = ["base-0", "base-1"] * (len(sweep) // 2) + ["base-0"] * (len(sweep) % 2)
+    ax = figures.accuracy_on_the_line(sweep).axes[0]  # runs from two bases: one marker each, in a legend
+    assert [len(c.get_offsets()) for c in ax.collections] == [sum(sweep.base == b) for b in ("base-0", "base-1")]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base-0", "base-1"]
 
 
 def test_training_curves(experiment: Path, tmp_path: Path) -> None:

@@ -101,6 +101,13 @@ def test_results_summary() -> None:
     np.testing.assert_allclose(summary["max %"], [70.0, 30.0])
 
 
+def test_correlations_caption_says_when_they_are_within_base() -> None:
+    one = pd.DataFrame({"base": ["base"] * 4, "acc_ID": [0.5, 0.6, 0.7, 0.8]})
+    assert report._within_note(one) == "" and report._within_note(None) == ""
+    two = one.assign(base=["base-0", "base-1"] * 2)
+    assert "fine-tuned 2 base runs" in report._within_note(two)
+
+
 def test_span_analysis(written: tuple[Path, str]) -> None:
     path, _ = written
     run = zarr.open_group(path.parent.parent / "store.zarr", mode="r")["ref-000"]
