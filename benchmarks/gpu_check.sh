@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks as one prepared run for a lent GPU machine (the device tool), from the repository root:
 #   1. capture overhead on CUDA, tiny and pythia-70m (capture_overhead.py --device cuda), ~2 min;
-#   2. experiments/large.yaml's time on this GPU from 41-run slices run end to end by `gradtrace sweep` (the captured
-#      base run, 4 captured reference runs, 36 sweep runs): on a pool of 4 workers, and in vmap ensembles of 8 on
-#      2 workers (sweep_time.py), ~1-2 min each (not measured: no GPU was lent when this was written).
+#   2. experiments/large.yaml's time on this GPU from 44-run slices run end to end by `gradtrace sweep` (its 4
+#      captured base runs, 4 captured reference runs, 36 sweep runs): on a pool of 4 workers, and in vmap ensembles
+#      of 8 on 2 workers (sweep_time.py), ~1-2 min each (not measured: no GPU was lent when this was written).
 # Results in $OUT (default benchmarks/out/gpu): one JSON file per check and log.txt. The machine's image has torch,
 # transformers and most of what gradtrace needs, not zarr: before the device run, fetch its wheels here with
 #   benchmarks/gpu_wheels.sh        # into .whl/ (git-ignored); then run with carry [".whl"]:
