@@ -61,10 +61,12 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
         rel = stats.split_half_reliability(items, groups=groups).set_index("split")["reliability"] if items else {}
     dof = len(table) - (1 if groups is None else groups.max() + 1)
     centred_id = stats.centre_within(table[["acc_ID"]].to_numpy(float), groups)[:, 0]
-    rows = []
+    rows, varying = [], []
     for s in splits:
         acc = table[f"acc_{s}"].to_numpy(float)
         centred = stats.centre_within(acc[:, None], groups)[:, 0]
+        if s != "ID" and np.ptp(centred) > 0:
+            varying.append(s)
         std = float(np.sqrt(np.sum(centred ** 2) / dof)) if dof > 0 else np.nan
         reliability = float(rel.get(s, np.nan)) if len(rel) else np.nan
         reasons = []
@@ -79,8 +81,6 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
                      "r_id": r_id, "reliability": reliability, "usable": s != "ID" and not reasons,
                      "reason": ", ".join(reasons)})
     frame = pd.DataFrame(rows)
-    varying = [s for s in splits if s != "ID" and np.ptp(stats.centre_within(table[[f"acc_{s}"]].to_numpy(float),
-                                                                              groups)) > 0]
     pairs = pd.DataFrame({"a": pd.Series(dtype=str), "b": pd.Series(dtype=str), "partial_r": pd.Series(dtype=float),
                           "same_axis": pd.Series(dtype=bool)})  # typed: a boolean mask of no rows still selects rows
     if len(table) >= 5 and len(varying) >= 2:

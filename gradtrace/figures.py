@@ -26,6 +26,7 @@ from scipy import stats as sps
 from scipy.special import ndtri
 
 from gradtrace import store
+from gradtrace.results import base_groups
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
@@ -208,7 +209,7 @@ def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int 
                   1.75 * math.ceil(len(shifts) / ncols) + 0.2)
     axes = _grid(fig, len(shifts), ncols)
     x_all = probit(table[id_col].to_numpy(), n_items)
-    bases = table["base"].astype(str).to_numpy() if "base" in table and table["base"].nunique() > 1 else None
+    bases = table["base"].astype(str).to_numpy() if base_groups(table) else None
     for i, (ax, shift) in enumerate(zip(axes, shifts)):
         y_all = probit(table[f"acc_{shift}"].to_numpy(), n_items)
         ok = np.isfinite(x_all) & np.isfinite(y_all)

@@ -778,17 +778,16 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     if n < 8:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    groups = np.zeros(n, dtype=int) if groups is None else np.asarray(groups)
     halves: list[list[np.ndarray]] = [[], []]
-    for g in np.unique(groups):
-        members = np.flatnonzero(groups == g)
+    for members in ([np.arange(n)] if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]):
         order, half = members[np.argsort(rng.random((n_splits, len(members))), axis=1)], len(members) // 2
         halves[0].append(order[:, :half])
         halves[1].append(order[:, half: 2 * half])
     first_idx, second_idx = (np.concatenate(h, axis=1) for h in halves)
     ia, ib = np.triu_indices(S, k=1)
-    first = probit_partials(accuracy[first_idx], n_items, groups[first_idx[0]])[:, ia, ib]
-    second = probit_partials(accuracy[second_idx], n_items, groups[second_idx[0]])[:, ia, ib]
+    first = probit_partials(accuracy[first_idx], n_items, None if groups is None else groups[first_idx[0]])[:, ia, ib]
+    second = probit_partials(accuracy[second_idx], n_items,
+                             None if groups is None else groups[second_idx[0]])[:, ia, ib]
     ok = ~(np.isnan(first).any(axis=1) | np.isnan(second).any(axis=1))
     rho = float(np.mean(_rowwise_corr(_ranks(first[ok]), _ranks(second[ok])))) if ok.any() else float("nan")
     reliability = 2 * rho / (1 + rho) if rho > -1 else float("nan")
@@ -809,7 +808,6 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
     run) when the observed matrix was taken within groups: the ceiling and the bootstrap then work within them.
     Columns: SCORE_COLUMNS; `group` is preregistered / baseline / exploratory.
     """
-
     if isinstance(predicted, pd.DataFrame):
         predicted = {"predicted": predicted}
     obs = _observed_pairs(observed)

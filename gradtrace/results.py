@@ -18,7 +18,7 @@ def results_table(out: str | Path) -> pd.DataFrame:
         a = root[rid].attrs
         if a.get("status") != "complete":
             continue
-        rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a.get("config", {})),
+        rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a["config"]["model"].get("init_from")),
                      "init_seed": a["seeds"]["init"],
                      "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
@@ -26,11 +26,10 @@ def results_table(out: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def started_from(run_config: dict) -> str:
-    """The base run a run fine-tuned (the run id in its `model.init_from`, `DIR/weights/<base>/final.safetensors`),
-    or "" for a run trained from scratch."""
-    start = (run_config.get("model") or {}).get("init_from")
-    return Path(start).parent.name if start else ""
+def started_from(init_from: str | None) -> str:
+    """The base run a run fine-tuned, from its `model.init_from` (`DIR/weights/<base>/final.safetensors`), or ""
+    for a run trained from scratch."""
+    return Path(init_from).parent.name if init_from else ""
 
 
 def base_groups(table: pd.DataFrame) -> str | None:

@@ -172,7 +172,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     base = [job for job in jobs if job[0].role == "base"]  # base runs finish before the runs that start from them
     rest = [job for job in jobs if job[0].role != "base"]
     rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
-    bases = {r.run_id: started_from({"model": {"init_from": r.overrides.get("model.init_from")}}) for r in runs}
+    bases = {r.run_id: started_from(r.overrides.get("model.init_from")) for r in runs}
     try:
         base_rows = _dispatch(cfg, out, base, scheduler if len(base) > 1 else None)
         for row in itertools.chain(base_rows, _dispatch(cfg, out, rest, scheduler)):
