@@ -28,7 +28,7 @@ import zarr
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from gradtrace import checkpoint, store
+from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, VSample, adam_preconditioner,
                                         capture_attrs, declare_arrays, no_v_statistics, probe_row)
 from gradtrace.capture.sketch import ParamLayout, make_sketch
@@ -137,6 +137,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     """The training loop of `train.train`, vectorised over members; writes each member's run group."""
     cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
     device = resolve_device(t.device)
+    kernels.use(t.cpu_kernels, device)
     task = task_for(cfg.task, cfg.model)
     run_seeds = [seeds(c.train) for c in cfgs]
     vocab = task.tokenizer.vocab_size
@@ -170,7 +171,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     else:
         groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
                                              "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
-                                             **capture.attrs(t)}, overwrite=overwrite)
+                                             **capture.attrs(t), **kernels.attrs()}, overwrite=overwrite)
                   for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
     writers = [store.RunWriter(g, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device)) for g in groups]
     for w in writers:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradtrace import checkpoint, store
+from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.config import CaptureConfig, Config, TrainConfig
 from gradtrace.evaluate import accuracy, correctness
@@ -102,7 +102,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     hparams = {"lr": t.lr, "weight_decay": t.weight_decay}
     if resume and run_id in root and root[run_id].attrs.get("status") == "complete":
         return finished_result(root[run_id], run_id, role, run_seeds, hparams)
-
+    kernels.use(t.cpu_kernels, device)
     task = task_for(cfg.task, cfg.model)
     model = build_model(cfg.model, task.tokenizer.vocab_size, run_seeds["init"]).to(device)
     model.train()
@@ -118,7 +118,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
         store.set_status(group, "running")
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
-                                                "steps": t.steps, "steps_done": 0}, overwrite=resume)
+                                                "steps": t.steps, "steps_done": 0, **kernels.attrs()}, overwrite=resume)
     writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
     recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
     if recorder is not None:

@@ -1,10 +1,12 @@
 """Shared fixtures: tiny configs that train in seconds on one CPU thread."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from gradtrace import config
+from gradtrace import config, kernels
 
 torch.set_num_threads(1)
 
@@ -26,3 +28,17 @@ def tiny_config(**overrides) -> config.Config:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def unpinned_kernels():
+    """Each test starts without the kernel-pinning variables and leaves none behind: a run that pins them
+    (`train.cpu_kernels`) writes them to this process's environment, and the next test's subprocesses would inherit
+    them."""
+    saved = dict(os.environ)
+    for name in kernels.PINNED_ENV["avx2"]:
+        os.environ.pop(name, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+

@@ -1,0 +1,62 @@
+"""CPU kernel pinning: one float rounding, and so one realisation of a chaotic study, on every x86 CPU with AVX2.
+
+torch picks its CPU kernels by the instruction set it finds (AVX2, AVX-512, …), and so do the oneDNN and MKL
+libraries it calls; the choices round differently, and a base run trained for hundreds of steps amplifies one
+rounding into another model (experiments/README.md). Pinning all three to AVX2 gives every x86-64 CPU with AVX2
+the same kernels. Each reads its setting from the environment once, when first used, so it is set before a run
+computes, and a process keeps its kernels for life: the settings stay in its environment, so that the worker
+processes it starts run what it runs.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# torch's own kernels and oneDNN's: each changed a base's weights on an AVX-512 AMD CPU (MKL's setting did not: MKL
+# takes its AVX2 paths on AMD CPUs; it is pinned for Intel CPUs with AVX-512, where it would not)
+PINNED_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+CHOICES = ("native", *PINNED_ENV)
+
+
+def in_use() -> str:
+    """The CPU kernels this process runs, as torch names them (e.g. AVX2, AVX512, DEFAULT)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def attrs() -> dict:
+    """What a run records of the arithmetic it trained with: torch's CPU kernels and thread count."""
+    import torch
+
+    return {"cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
+
+
+def use(kernels: str, device: torch.device) -> None:
+    """Pin this process's CPU kernels as `train.cpu_kernels` says, before a run on the CPU trains; warn where they
+    cannot be pinned: not x86, or this process has already computed on the CPU (torch, oneDNN and MKL read their
+    settings once, when first used)."""
+    if kernels not in CHOICES:
+        raise ValueError(f"train.cpu_kernels must be one of {', '.join(CHOICES)}, got {kernels!r}")
+    if kernels == "native" or device.type != "cpu":
+        return
+    env, before = PINNED_ENV[kernels], {name: os.environ.get(name) for name in PINNED_ENV[kernels]}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.update(env)  # worker processes inherit it
+    if in_use().lower() != kernels:  # torch chose its kernels before this: leave the process native throughout,
+        for name, value in before.items():  # not half pinned by a oneDNN that reads the variable later
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        warnings.warn(
+            f"train.cpu_kernels={kernels} asks for {kernels.upper()} kernels, but this process runs {in_use()}: "
+            f"its runs round as this CPU does, so a chaotic study (experiments/README.md) may take another "
+            f"realisation. On x86 CPUs with {kernels.upper()}, train in a fresh process (as the gradtrace command "
+            f"line does) or set {' '.join(f'{k}={v}' for k, v in env.items())} before torch computes anything.",
+            RuntimeWarning, stacklevel=2)

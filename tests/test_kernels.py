@@ -1,0 +1,61 @@
+"""CPU kernel pinning: a run asking for `train.cpu_kernels: avx2` trains as the environment variables would make it."""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zarr
+
+from conftest import TINY, set_args
+from gradtrace import kernels
+
+CPU = torch.device("cpu")
+AVX2_CPU = platform.machine().lower() in ("x86_64", "amd64") and Path("/proc/cpuinfo").exists() \
+    and " avx2" in Path("/proc/cpuinfo").read_text()
+
+
+def test_unknown_kernels_are_refused():
+    with pytest.raises(ValueError, match="train.cpu_kernels must be one of native, avx2"):
+        kernels.use("avx3", CPU)
+
+
+def test_native_kernels_and_gpu_runs_pin_nothing():  # conftest starts each test without the variables
+    kernels.use("native", CPU)
+    kernels.use("avx2", torch.device("cuda"))
+    assert not set(kernels.PINNED_ENV["avx2"]) & set(os.environ)
+
+
+def test_a_process_that_computed_with_other_kernels_warns_and_stays_unpinned(monkeypatch):
+    monkeypatch.setattr(kernels, "in_use", lambda: "AVX512")  # what torch keeps once it has chosen
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"  # a user's own setting is given back
+    with pytest.warns(RuntimeWarning, match="asks for AVX2 kernels, but this process runs AVX512"):
+        kernels.use("avx2", CPU)
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"  # no half-pinned process: oneDNN reads it later
+    assert not {"ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"} & set(os.environ)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not AVX2_CPU, reason="pinning to AVX2 needs an x86 CPU with AVX2")
+def test_a_run_pins_its_kernels_as_the_environment_does(tmp_path):
+    """Two fresh processes, one pinned by the config and one by the variables set outside it, end bitwise alike
+    (torch and MKL read the setting when first used, so a run can still set it), and both record AVX2."""
+    clean = dict(os.environ)  # without the variables (conftest)
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("{}\n")  # every key from gradtrace/config.py, then TINY
+
+    def train(name: str, cpu_kernels: str, env: dict) -> tuple[bytes, str]:
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "gradtrace.cli", "train", str(defaults), "--out", str(out),
+                        *set_args({**TINY, "train.cpu_kernels": cpu_kernels})],
+                       env={**env, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+        group = zarr.open_group(out / "store.zarr", mode="r")["run"]
+        assert group.attrs["cpu_threads"] == 1
+        return (out / "weights" / "run" / "final.safetensors").read_bytes(), group.attrs["cpu_kernels"]
+
+    by_config = train("config", "avx2", clean)
+    by_environment = train("environment", "native", {**clean, **kernels.PINNED_ENV["avx2"]})
+    assert by_config[1] == by_environment[1] == "AVX2"
+    assert by_config[0] == by_environment[0]
