@@ -40,7 +40,10 @@ class Calibration:
                      f"{MIN_STD:.0%}, reliability ≥ {MIN_RELIABILITY}{within})")
         same = self.pairs[self.pairs.same_axis]
         lines.append("pairs on one axis (|partial r| > %.1f): %s" % (SAME_AXIS, ", ".join(
-            f"{a}~{b} ({r:+.2f})" for a, b, r in zip(same.a, same.b, same.partial_r)) or "none"))
+            f"{a}~{b} ({r:+.2f}, 95% CI {lo:+.2f} to {hi:+.2f})"
+            for a, b, r, lo, hi in zip(same.a, same.b, same.partial_r, same.ci_low, same.ci_high)) or "none"))
+        if (same.ci_low.abs().clip(upper=same.ci_high.abs()) <= SAME_AXIS).any():
+            lines.append(f"  a CI reaching below {SAME_AXIS} leaves it open: more pilot runs (--runs) narrow it")
         return "\n".join(lines)
 
 
@@ -82,13 +85,15 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
                      "reason": ", ".join(reasons)})
     frame = pd.DataFrame(rows)
     pairs = pd.DataFrame({"a": pd.Series(dtype=str), "b": pd.Series(dtype=str), "partial_r": pd.Series(dtype=float),
+                          "ci_low": pd.Series(dtype=float), "ci_high": pd.Series(dtype=float),
                           "same_axis": pd.Series(dtype=bool)})  # typed: a boolean mask of no rows still selects rows
     if len(table) >= 5 and len(varying) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200, n_perm=200,
                                             within=within)
-        pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "same_axis": pc.r.abs() > SAME_AXIS})
+        pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "ci_low": pc.ci_low, "ci_high": pc.ci_high,
+                              "same_axis": pc.r.abs() > SAME_AXIS})
     return Calibration(frame, pairs, 1 if groups is None else int(groups.max() + 1))
 
 

@@ -8,7 +8,7 @@ import zarr
 
 from conftest import tiny_config
 from gradtrace import config, store
-from gradtrace.calibrate import assess
+from gradtrace.calibrate import SAME_AXIS, Calibration, assess
 from gradtrace.sweep import estimate_seconds, estimate_total_seconds, plan, run_config, run_sweep
 
 
@@ -36,7 +36,7 @@ def test_the_plans_time_puts_the_base_run_first_and_alone():
     runs = plan(cfg)
     seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
     base = seconds[0]
-    assert runs[0].role == "base" and base > seconds[1]  # 800 steps against 200
+    assert runs[0].role == "base" and base > seconds[1]  # 800 steps against 150
     one = estimate_total_seconds(runs, seconds, 1)
     for w in (2, 4):
         assert estimate_total_seconds(runs, seconds, w) == pytest.approx(base + (one - base) / w)
@@ -166,7 +166,7 @@ def test_a_pilot_too_small_for_partial_correlations_still_reports():
 
 def test_calibration_flags_unusable_splits_and_same_axis_pairs():
     rng = np.random.default_rng(0)
-    n, items = 12, 400
+    n, items = 12, 4000
     ability = rng.uniform(-1, 1, n)
     p = {"ID": 0.8 + 0.1 * ability, "good": 0.5 + 0.2 * ability + 0.1 * rng.normal(size=n),
          "twin": None, "floor": np.full(n, 0.01) + 0.001 * rng.random(n), "other": 0.4 + 0.1 * rng.normal(size=n)}
@@ -179,6 +179,13 @@ def test_calibration_flags_unusable_splits_and_same_axis_pairs():
     same = cal.pairs[cal.pairs.same_axis]
     assert {("good", "twin")} <= set(zip(same.a, same.b)) | set(zip(same.b, same.a))
     assert "usable" in cal.format()
+    twin = same[(same.a + same.b).isin(["goodtwin", "twingood"])].iloc[0]
+    assert SAME_AXIS < twin.ci_low < twin.partial_r < twin.ci_high  # near-copies: one axis even at 12 runs
+    assert f"({twin.partial_r:+.2f}, 95% CI {twin.ci_low:+.2f} to {twin.ci_high:+.2f})" in cal.format()
+    assert "leaves it open" not in Calibration(cal.splits, same[same.ci_low > SAME_AXIS]).format()
+    unsure = pd.DataFrame([{"a": "good", "b": "other", "partial_r": 0.85, "ci_low": 0.52, "ci_high": 0.96,
+                            "same_axis": True}])
+    assert "a CI reaching below 0.8 leaves it open" in Calibration(cal.splits, unsure).format()
 
 
 def test_ensembled_sweep_gives_the_same_accuracies_as_standalone_runs(tmp_path):
