@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,6 +351,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def run_kernels(store_path: Path) -> str:
+    """The CPU kernels and thread counts the store's runs trained with (they set the float rounding, and so a chaotic
+    study's realisation: experiments/README.md), each with how many runs."""
+    counts = Counter(f"{g.attrs['cpu_kernels']} on {g.attrs['cpu_threads']} thread(s)" if "cpu_kernels" in g.attrs
+                     else "not recorded" for _, g in zarr.open_group(store_path, mode="r").groups())
+    return ", ".join(f"{what} ({n} run{'s' * (n > 1)})" for what, n in counts.most_common())
+
+
 def store_metadata_digest(store_path: Path) -> tuple[str, int]:
     """sha256 over every zarr.json of a store (relative path + bytes, sorted) and how many there are.
 
@@ -401,6 +410,7 @@ def provenance(inputs: Inputs) -> dict[str, str]:
     if (inputs.exp_dir / "store.zarr").is_dir():
         digest, count = store_metadata_digest(inputs.exp_dir / "store.zarr")
         info["sha256 store.zarr metadata"] = f"{digest} (over {count} zarr.json files; chunk bytes not hashed)"
+        info["CPU kernels of the runs"] = run_kernels(inputs.exp_dir / "store.zarr")
     for key, origin in inputs.origins.items():
         info[f"source of {key}"] = origin
     return info
