@@ -169,9 +169,10 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             store.set_status(g, "running")
         capture.nonfinite = [int(np.sum(g["nonfinite"][:])) for g in groups]
     else:
+        shared = {**capture.attrs(t), **kernels.attrs()}
         groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
                                              "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
-                                             **capture.attrs(t), **kernels.attrs()}, overwrite=overwrite)
+                                             **shared}, overwrite=overwrite)
                   for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
     writers = [store.RunWriter(g, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device)) for g in groups]
     for w in writers:

@@ -41,4 +41,3 @@ def unpinned_kernels():
     yield
     os.environ.clear()
     os.environ.update(saved)
-

@@ -41,7 +41,7 @@ def test_a_process_that_computed_with_other_kernels_warns_and_stays_unpinned(mon
 @pytest.mark.skipif(not AVX2_CPU, reason="pinning to AVX2 needs an x86 CPU with AVX2")
 def test_a_run_pins_its_kernels_as_the_environment_does(tmp_path):
     """Two fresh processes, one pinned by the config and one by the variables set outside it, end bitwise alike
-    (torch and MKL read the setting when first used, so a run can still set it), and both record AVX2."""
+    (torch and oneDNN read theirs when first used, so a run can still set them), and both record AVX2."""
     clean = dict(os.environ)  # without the variables (conftest)
     defaults = tmp_path / "defaults.yaml"
     defaults.write_text("{}\n")  # every key from gradtrace/config.py, then TINY
