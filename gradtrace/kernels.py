@@ -31,10 +31,13 @@ def in_use() -> str:
 
 
 def attrs() -> dict:
-    """What a run records of the arithmetic it trained with: torch's CPU kernels and thread count."""
+    """What a run records of the arithmetic it trained with: torch's CPU kernels and thread count, and the versions
+    of torch and transformers (the model's code), whose kernels change between releases."""
     import torch
+    import transformers
 
-    return {"cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
+    return {"cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__}
 
 
 def use(kernels: str, device: torch.device) -> None:

@@ -351,12 +351,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_kernels(store_path: Path) -> str:
-    """The CPU kernels and thread counts the store's runs trained with (they set the float rounding, and so a chaotic
-    study's realisation: experiments/README.md), each with how many runs."""
-    counts = Counter(f"{g.attrs['cpu_kernels']} on {g.attrs['cpu_threads']} thread(s)" if "cpu_kernels" in g.attrs
-                     else "not recorded" for _, g in zarr.open_group(store_path, mode="r").groups())
-    return ", ".join(f"{what} ({n} run{'s' * (n > 1)})" for what, n in counts.most_common())
+def run_arithmetic(store_path: Path) -> str:
+    """The torch and transformers versions, CPU kernels and thread counts the store's runs trained with (they set the
+    float rounding, and so a chaotic study's realisation: experiments/README.md), each with how many runs."""
+    def arithmetic(a: dict) -> str:
+        versions = (f"torch {a['torch_version']}, transformers {a['transformers_version']}, "
+                    if "torch_version" in a else "")
+        return f"{versions}{a['cpu_kernels']} on {a['cpu_threads']} thread(s)" if "cpu_kernels" in a else "not recorded"
+
+    counts = Counter(arithmetic(g.attrs) for _, g in zarr.open_group(store_path, mode="r").groups())
+    return "; ".join(f"{what} ({n} run{'s' * (n > 1)})" for what, n in counts.most_common())
 
 
 def store_metadata_digest(store_path: Path) -> tuple[str, int]:
@@ -410,7 +414,7 @@ def provenance(inputs: Inputs) -> dict[str, str]:
     if (inputs.exp_dir / "store.zarr").is_dir():
         digest, count = store_metadata_digest(inputs.exp_dir / "store.zarr")
         info["sha256 store.zarr metadata"] = f"{digest} (over {count} zarr.json files; chunk bytes not hashed)"
-        info["CPU kernels of the runs"] = run_kernels(inputs.exp_dir / "store.zarr")
+        info["arithmetic of the runs"] = run_arithmetic(inputs.exp_dir / "store.zarr")
     for key, origin in inputs.origins.items():
         info[f"source of {key}"] = origin
     return info

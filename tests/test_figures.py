@@ -62,7 +62,8 @@ def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
     _reference_run(root, "ref-000", rng)
     for i in range(2):  # sweep runs record scalars only
         group = store.create_run(root, f"run-{i:03d}", {"role": "sweep", "seeds": {"init": i, "data": i},
-                                                         "steps": T, "cpu_kernels": "AVX2", "cpu_threads": 1})
+                                                         "steps": T, "cpu_kernels": "AVX2", "cpu_threads": 1,
+                                                         "torch_version": "2.13.0+cpu", "transformers_version": "5.24.0"})
         store.set_status(group, "complete", accuracy=dict.fromkeys(SPLITS, 0.5))
 
     id_acc = rng.uniform(0.6, 0.98, n_runs)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import zarr
 
 from conftest import TINY, set_args
@@ -53,6 +54,8 @@ def test_a_run_pins_its_kernels_as_the_environment_does(tmp_path):
                        env={**env, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
         group = zarr.open_group(out / "store.zarr", mode="r")["run"]
         assert group.attrs["cpu_threads"] == 1
+        assert (group.attrs["torch_version"], group.attrs["transformers_version"]) == (torch.__version__,
+                                                                                      transformers.__version__)
         return (out / "weights" / "run" / "final.safetensors").read_bytes(), group.attrs["cpu_kernels"]
 
     by_config = train("config", "avx2", clean)

@@ -89,7 +89,7 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
                  "Predictor scores", "Per split (means over runs; band counts)", "sweep:\n  runs: 14",
                  f"<td class=\"mono\">{gradtrace.__version__}</td>", "code commit", "sha256 results.csv",
                  "sha256 store.zarr metadata", "CPU count", "CUDA device", "source of stats",
-                 "AVX2 on 1 thread(s) (2 runs), not recorded (1 run)"):
+                 "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (2 runs); not recorded (1 run)"):
         assert text in page, text
     assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}|unknown)</td>", page)
 
