@@ -25,6 +25,8 @@ class NeoXShape:
     rotary_fraction: float = 1.0
 
 
+OUTPUT_LAYER_NAMES = ("lm_head.", "embed_out.")  # GPT-NeoX's output layer in transformers 5 and 4
+
 EMBEDDED: dict[str, NeoXShape] = {
     # the default study's model: ~340k parameters, lands shifts mid-range in ~1k steps on a CPU core
     "tiny": NeoXShape(hidden=96, layers=3, heads=4, ffn=384),
@@ -37,7 +39,9 @@ EMBEDDED: dict[str, NeoXShape] = {
 
 
 def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "eager") -> GPTNeoXConfig:
-    """A GPTNeoXConfig for an embedded shape (transformers 5 spelling of the rotary fraction)."""
+    """A GPTNeoXConfig for an embedded shape. The rotary fraction is spelt both ways: transformers 5 reads
+    `rope_parameters`, transformers 4 `rotary_pct` (and would otherwise rotate only its default quarter of each
+    head)."""
     from transformers import GPTNeoXConfig
 
     config = GPTNeoXConfig(
@@ -48,6 +52,8 @@ def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "e
         intermediate_size=shape.ffn,
         max_position_embeddings=shape.max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": shape.rotary_fraction},
+        rotary_pct=shape.rotary_fraction,
+        rotary_emb_base=10000,
         use_parallel_residual=True,
         tie_word_embeddings=False,
         bos_token_id=1,
@@ -68,11 +74,23 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
         if not path.exists():
             raise FileNotFoundError(f"model.init_from: {path} not found (expected a safetensors file of weights, "
                                     "e.g. DIR/weights/base/final.safetensors)")
-        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        missing, unexpected = model.load_state_dict(in_this_release(load_file(str(path)), model), strict=False)
         if unexpected or [m for m in missing if "rotary" not in m]:
             raise ValueError(f"model.init_from: {path} does not match model {cfg.name!r} "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model
+
+
+def in_this_release(weights: dict, model: torch.nn.Module) -> dict:
+    """Weights saved by either transformers release under this model's names: GPT-NeoX's output layer is
+    `embed_out` in transformers 4 and `lm_head` in 5, the same weights either way (a base trained under one trains
+    its sweep under the other, bit for bit: experiments/README.md)."""
+    names = model.state_dict().keys()
+    ours = next((p for p in OUTPUT_LAYER_NAMES if any(n.startswith(p) for n in names)), None)
+    if ours is None:
+        return weights
+    theirs = next(p for p in OUTPUT_LAYER_NAMES if p != ours)
+    return {ours + k.removeprefix(theirs) if k.startswith(theirs) else k: v for k, v in weights.items()}
 
 
 def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:

@@ -309,7 +309,7 @@ def test_hf_callback_records_each_optimizer_step(tmp_path, task, accumulation):
     assert group.attrs["trainer_args"]["gradient_accumulation_steps"] == accumulation
     assert group["step"][:].tolist() == [0, 1, 2, 3]  # optimizer steps, not micro-batches
     assert group["probe/step"][:].tolist() == [0, 2, 4]
-    np.testing.assert_allclose(group["loss"][:], logged, rtol=1e-5)  # the loss the Trainer logs
+    np.testing.assert_allclose(group["loss"][:], logged, rtol=1e-5, atol=5e-5)  # as logged (transformers 4: 4 decimals)
     np.testing.assert_allclose(store.read(group, "update").sum(0), flat_params(model) - initial, atol=2e-6)
     assert (store.read(group, "grad_norm") <= 1.0 + 1e-5).all()  # after the Trainer's clipping (max_grad_norm 1)
 

@@ -1,0 +1,36 @@
+"""The embedded models are the shapes they name, whichever transformers release (4 or 5) builds them."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gradtrace.config import ModelConfig
+from gradtrace.models import EMBEDDED, OUTPUT_LAYER_NAMES, build_model
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny", "pythia-70m"])
+def test_embedded_models_have_the_shape_they_name(name):
+    shape = EMBEDDED[name]
+    model = build_model(ModelConfig(name=name), vocab_size=20, seed=0)
+    head = shape.hidden // shape.heads
+    rotary = int(head * shape.rotary_fraction)  # transformers 4 and 5 read the fraction from differently named keys
+    assert len(model.gpt_neox.layers) == shape.layers
+    for layer in model.gpt_neox.layers:
+        assert layer.attention.rotary_ndims == rotary
+        assert layer.attention.query_key_value.out_features == 3 * shape.hidden
+        assert layer.mlp.dense_h_to_4h.out_features == shape.ffn
+    assert model.gpt_neox.rotary_emb.inv_freq.numel() == rotary // 2
+    assert model.config.num_attention_heads == shape.heads and model.config.use_parallel_residual
+
+
+def test_init_from_weights_saved_under_the_other_releases_names(tmp_path):
+    """transformers 4 names GPT-NeoX's output layer `embed_out`, 5 `lm_head`: a base saved by either loads in both."""
+    source = build_model(ModelConfig(name="micro"), vocab_size=20, seed=1)
+    weights = source.state_dict()
+    ours = next(p for p in OUTPUT_LAYER_NAMES if any(n.startswith(p) for n in weights))
+    theirs = next(p for p in OUTPUT_LAYER_NAMES if p != ours)
+    renamed = {theirs + k.removeprefix(ours) if k.startswith(ours) else k: v.contiguous() for k, v in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, tmp_path / "base.safetensors")
+    loaded = build_model(ModelConfig(name="micro", init_from=str(tmp_path / "base.safetensors")), vocab_size=20, seed=0)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, weights[name]), name
