@@ -44,6 +44,7 @@ def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "e
     head)."""
     from transformers import GPTNeoXConfig
 
+    theta = 10000.0  # the rotary base, also spelt both ways
     config = GPTNeoXConfig(
         vocab_size=shape.vocab or vocab_size,
         hidden_size=shape.hidden,
@@ -51,9 +52,9 @@ def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "e
         num_attention_heads=shape.heads,
         intermediate_size=shape.ffn,
         max_position_embeddings=shape.max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": shape.rotary_fraction},
+        rope_parameters={"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": shape.rotary_fraction},
         rotary_pct=shape.rotary_fraction,
-        rotary_emb_base=10000,
+        rotary_emb_base=theta,
         use_parallel_residual=True,
         tie_word_embeddings=False,
         bos_token_id=1,
