@@ -180,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"gradtrace {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from gradtrace.sweep import SweepError  # imported only once something failed: the sweep's imports are heavy
+
+        if not isinstance(err, SweepError):
+            raise
+        print(f"gradtrace {args.command}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

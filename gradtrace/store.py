@@ -308,6 +308,8 @@ def summary(path: str | Path) -> str:
         lines.append(f"\n[{rid}] status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
                      f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
                      f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
+        if a.get("status") == "failed" and a.get("error"):
+            lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
         for name, arr in sorted(_arrays(g).items()):

@@ -5,9 +5,10 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
+import sys
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -158,8 +159,14 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     return "\n".join(lines)
 
 
+class SweepError(RuntimeError):
+    """Runs of a sweep failed; every other run went on and is complete (re-running the sweep retries these)."""
+
+
 def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
-    """Run every planned run not yet complete; write results.csv; return the results table."""
+    """Run every planned run not yet complete; write results.csv; return the results table. A run that fails does
+    not stop the others (unless it is a base run, which the rest start from): its error is printed as it happens,
+    its store group marked `failed`, and a `SweepError` naming the failed runs is raised once the others are done."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg)
@@ -173,19 +180,52 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     rest = [job for job in jobs if job[0].role != "base"]
     rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
     bases = {r.run_id: started_from(r.overrides.get("model.init_from")) for r in runs}
+    failed: dict[str, Exception] = {}
     try:
-        base_rows = _dispatch(cfg, out, base, scheduler if len(base) > 1 else None)
-        for row in itertools.chain(base_rows, _dispatch(cfg, out, rest, scheduler)):
-            if row["run_id"] not in pending:  # an ensemble's member that was already complete
-                continue
-            bar.update()
-            rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
-            write_results(pd.DataFrame(rows), out)  # kept current: usable mid-sweep
+        for stage, stage_scheduler in ((base, scheduler if len(base) > 1 else None), (rest, scheduler)):
+            if failed:  # a base run failed: the runs that start from it cannot train
+                break
+            for job, outcome in _dispatch(cfg, out, stage, stage_scheduler):
+                if isinstance(outcome, Exception):
+                    _report_failure([r.run_id for r in job if r.run_id in pending], outcome, first=not failed)
+                    failed.update({r.run_id: outcome for r in job if r.run_id in pending})
+                    bar.update(sum(r.run_id in pending for r in job))
+                    bar.set_postfix(failed=len(failed))
+                    continue
+                for row in outcome:
+                    if row["run_id"] not in pending:  # an ensemble's member that was already complete
+                        continue
+                    bar.update()
+                    rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
+                    write_results(pd.DataFrame(rows), out)  # kept current: usable mid-sweep
     finally:
         bar.close()
     table = results_table(out)
     write_results(table, out)
+    if failed:
+        not_run = len(pending) - len(failed) - sum(row["run_id"] in pending for row in rows)
+        raise SweepError(_failure_summary(failed, not_run) + f". {out / 'results.csv'} holds the {len(table)} "
+                         "complete run(s); run the same sweep again to retry the rest")
     return table
+
+
+def _failure_summary(failed: dict[str, Exception], not_run: int) -> str:
+    """Which runs failed with which error (runs sharing an error named together), and how many never started."""
+    by_error: dict[str, list[str]] = {}
+    for run_id, err in failed.items():
+        by_error.setdefault(f"{type(err).__name__}: {err}", []).append(run_id)
+    named = "; ".join(", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "") + f": {error}"
+                      for error, ids in by_error.items())
+    never = f" and {not_run} did not start (they start from a failed base run)" if not_run else ""
+    return f"{len(failed)} run(s) failed{never} ({named})"
+
+
+def _report_failure(run_ids: list[str], err: Exception, first: bool) -> None:
+    """Print a failed job's error as it happens: the first failure with its traceback, later ones in one line."""
+    text = f"{', '.join(run_ids)} failed: {type(err).__name__}: {err} (the sweep goes on with the other runs)"
+    if first:
+        text = "".join(traceback.format_exception(err)) + text
+    tqdm.write(text, file=sys.stderr)
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
@@ -213,31 +253,44 @@ def _extends(previous: Config, cfg: Config) -> bool:
 
 
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: str | None):
-    """Yield each finished run's row: in process, on a pool of single-thread workers, or on a dask cluster."""
+    """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
+    on a pool of single-thread workers, or on a dask cluster."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
     if scheduler:
         from dask.distributed import Client, as_completed
 
         with Client(scheduler) as client:
-            futures = [client.submit(_execute, cfg_dict, str(out), job, 1, pure=False) for job in jobs]
+            futures = {client.submit(_execute, cfg_dict, str(out), job, 1, pure=False): job for job in jobs}
             for fut in as_completed(futures):
-                yield from fut.result()
+                yield futures[fut], _outcome(fut)
         return
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield from _execute(cfg_dict, str(out), job, cfg.train.threads)
+            try:
+                outcome = _execute(cfg_dict, str(out), job, cfg.train.threads)
+            except Exception as err:
+                outcome = err
+            yield job, outcome
         return
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
     try:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_execute, cfg_dict, str(out), job, 1) for job in jobs}
+            futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
             while futures:
-                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    yield from fut.result()
+                    yield futures.pop(fut), _outcome(fut)
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
+
+
+def _outcome(future) -> list[dict] | Exception:
+    """A finished job's rows, or the exception it raised (a dask or concurrent.futures future)."""
+    try:
+        return future.result()
+    except Exception as err:
+        return err

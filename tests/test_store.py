@@ -172,6 +172,13 @@ def test_summary_and_hdf5_export(captured, tmp_path):
         assert json.loads(h5["r0/grad"].attrs["dimension_names"]) == ["step", "sketch"]
 
 
+def test_summary_names_a_failed_runs_error(tmp_path):
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    store.set_status(store.create_run(root, "r1", {"steps": 4}), "failed", error="MemoryError: out of memory")
+    assert "[r1] status=failed" in store.summary(tmp_path / "s.zarr")
+    assert "  error: MemoryError: out of memory" in store.summary(tmp_path / "s.zarr")
+
+
 def test_lazy_dask_read_matches_eager(captured):
     exp, _ = captured
     group = zarr.open_group(exp / "store.zarr")["r0"]

@@ -1,4 +1,5 @@
-"""Sweeps: the plan varies axes independently, re-runs never record a run twice, dask and base-run modes."""
+"""Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
+dask and base-run modes."""
 import warnings
 
 import numpy as np
@@ -9,7 +10,7 @@ import zarr
 from conftest import tiny_config
 from gradtrace import config, store
 from gradtrace.calibrate import SAME_AXIS, Calibration, assess
-from gradtrace.sweep import estimate_seconds, estimate_total_seconds, plan, run_config, run_sweep
+from gradtrace.sweep import SweepError, estimate_seconds, estimate_total_seconds, plan, run_config, run_sweep
 
 
 def test_plan_varies_only_the_requested_axes():
@@ -51,6 +52,41 @@ def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     table = run_sweep(cfg, tmp_path, progress=False)
     assert sorted(table.run_id) == ["run-000", "run-001", "run-002"]
     assert pd.read_csv(tmp_path / "results.csv").run_id.is_unique
+
+
+def test_a_failed_run_stops_no_other_on_the_worker_pool(tmp_path, capsys):
+    cfg = tiny_config(sweep__runs=4, sweep__workers=2, sweep__reference_runs=0, train__steps=2,
+                      sweep__weight_decay=[-0.05, 0.05])  # torch's AdamW refuses the runs drawn below zero
+    failing = {r.run_id for r in plan(cfg) if r.overrides["train.weight_decay"] < 0}
+    assert 0 < len(failing) < 4
+    with pytest.raises(SweepError, match=rf"^{len(failing)} run\(s\) failed \(.*Invalid weight_decay") as raised:
+        run_sweep(cfg, tmp_path, progress=False)
+    assert all(run_id in str(raised.value) for run_id in failing)
+    complete = {f"run-00{i}" for i in range(4)} - failing
+    assert set(pd.read_csv(tmp_path / "results.csv").run_id) == complete
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert not any(run_id in root and root[run_id].attrs["status"] == "complete" for run_id in failing)
+    assert "Traceback" in capsys.readouterr().err  # the first failure's, printed as it happened
+
+
+def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypatch):
+    import gradtrace.train
+
+    train = gradtrace.train.train
+
+    def train_without_memory(cfg, out, run_id, role, **kwargs):
+        if role == "base":
+            raise MemoryError("out of memory")
+        return train(cfg, out, run_id, role, **kwargs)
+
+    monkeypatch.setattr(gradtrace.train, "train", train_without_memory)
+    cfg = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=1, sweep__pretrain_steps=4,
+                      train__steps=2)
+    with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 3 did not start .*\(base: MemoryError: out of"):
+        run_sweep(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    table = run_sweep(cfg, tmp_path, progress=False)  # running it again retries them all
+    assert sorted(table.run_id) == ["base", "ref-000", "run-000", "run-001"]
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
