@@ -1,4 +1,5 @@
 """The command line end to end on a tiny study: tasks, train, sweep (resumable), stats, predict, report, info."""
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,15 @@ def test_tasks_lists_every_split(capsys):
     out = capsys.readouterr().out
     assert sum(line.split()[0] in ("length", "carry", "zeropad", "base8", "space", "spaced_ops", "order",
                                    "three_operand", "subtract", "digit_spaced") for line in out.splitlines()[1:]) >= 8
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has stopped, as `| head` does
+    done = subprocess.run([sys.executable, "-m", "gradtrace.cli", "sweep", "experiments/default.yaml", "--dry-run"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert done.returncode == 1 and done.stderr == ""
 
 
 def test_unknown_key_is_an_error_listing_valid_keys(capsys):
