@@ -97,8 +97,9 @@ class SweepConfig:
     runs: int = 32
     workers: int = 2  # single-thread worker processes
     ensemble: int = 1  # reference runs, and sweep runs, trained as vmap ensembles of this many per job (1: alone)
-    lr: tuple[float, float] = (1.5e-3, 4e-3)  # log-uniform range
-    weight_decay: tuple[float, float] = (0.0, 0.1)  # uniform range
+    search: str = "random"  # random: lr and weight decay drawn from their ranges; grid: every combination of values
+    lr: list[float] = field(default_factory=lambda: [1.5e-3, 4e-3])  # random: [low, high], log-uniform; grid: values
+    weight_decay: list[float] = field(default_factory=lambda: [0.0, 0.1])  # random: [low, high], uniform; grid: values
     vary: list[str] = field(default_factory=lambda: ["init", "data", "hparams"])
     seed: int = 0  # seeds the sampling of run settings
     reference_runs: int = 1  # runs with full capture, at the base config, for predictors

@@ -5,6 +5,7 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from gradtrace import config as config_mod
 from gradtrace import store
 from gradtrace.results import results_table, started_from, write_results
-from gradtrace.config import Config
+from gradtrace.config import Config, SweepConfig
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ def base_ids(cfg: Config) -> list[str]:
 
 def plan(cfg: Config) -> list[PlannedRun]:
     """Optional captured base (pretraining) runs, reference runs (base config, data order varied only, full
-    capture; `sweep.reference_runs` per base), then the sweep's runs. With base runs every other run starts from
-    one's final weights: reference runs from each, sweep run i from base i mod `sweep.bases`."""
+    capture; `sweep.reference_runs` per base), then the sweep's runs (random or grid search: `hparams`). With base
+    runs every other run starts from one's final weights: reference runs from each, sweep run i from base i mod
+    `sweep.bases`."""
     s, t = cfg.sweep, cfg.train
     unknown = set(s.vary) - {"init", "data", "hparams"}
     if unknown:
@@ -62,17 +64,45 @@ def plan(cfg: Config) -> list[PlannedRun]:
     references = [(start, i) for start in starts for i in range(s.reference_runs)]
     runs += [PlannedRun(f"ref-{j:03d}", "reference", {"train.init_seed": base_init, "train.data_seed": base_data + i,
                                                       **start}) for j, (start, i) in enumerate(references)]
-    rng = np.random.default_rng(s.seed)
-    for i in range(s.runs):
-        lr = float(np.exp(rng.uniform(np.log(s.lr[0]), np.log(s.lr[1]))))
-        wd = float(rng.uniform(*s.weight_decay))
+    for i, (lr, wd) in enumerate(hparams(s)):
         over = {"train.init_seed": 10_000 + i if "init" in s.vary else base_init,
                 "train.data_seed": 20_000 + i if "data" in s.vary else base_data,
                 "capture.enabled": s.capture_sweep, **starts[i % len(starts)]}
         if "hparams" in s.vary:
-            over.update({"train.lr": round(lr, 7), "train.weight_decay": round(wd, 5)})
+            over.update({"train.lr": lr, "train.weight_decay": wd})
         runs.append(PlannedRun(f"run-{i:03d}", "sweep", over))
     return runs
+
+
+def hparams(s: SweepConfig) -> list[tuple[float, float]]:
+    """Each sweep run's (lr, weight decay). Random search: lr log-uniform and weight decay uniform in their ranges,
+    drawn in run order from `sweep.seed`. Grid search: run i takes point i mod G of the grid's G combinations (lr
+    outer, weight decay inner), so each point gets every G-th run and more runs extend every point alike."""
+    if s.search == "grid":
+        if "hparams" not in s.vary:
+            raise ValueError("sweep.search: grid sets each run's lr and weight decay: add hparams to sweep.vary")
+        grid = list(itertools.product(s.lr, s.weight_decay))
+        if not grid:
+            raise ValueError("sweep.search: grid needs at least one value in sweep.lr and in sweep.weight_decay")
+        return [grid[i % len(grid)] for i in range(s.runs)]
+    if s.search != "random":
+        raise ValueError(f"sweep.search must be random or grid, got {s.search!r}")
+    (lr_low, lr_high), weight_decay = _range(s.lr, "lr", positive=True), _range(s.weight_decay, "weight_decay")
+    rng = np.random.default_rng(s.seed)
+    draws = []
+    for _ in range(s.runs):
+        lr = float(np.exp(rng.uniform(np.log(lr_low), np.log(lr_high))))
+        draws.append((round(lr, 7), round(float(rng.uniform(*weight_decay)), 5)))
+    return draws
+
+
+def _range(values: list[float], name: str, positive: bool = False) -> tuple[float, float]:
+    """A random search's [low, high] range of `sweep.<name>`, checked."""
+    if len(values) != 2 or not values[0] <= values[1] or (positive and values[0] <= 0):
+        raise ValueError(f"sweep.{name}: random search takes a range [low, high] with low <= high"
+                         f"{' and low > 0 (drawn log-uniform)' if positive else ''}, got {list(values)}; for a grid "
+                         "of values set sweep.search: grid")
+    return values[0], values[1]
 
 
 def run_config(cfg: Config, run: PlannedRun) -> Config:
@@ -152,6 +182,12 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
              f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, "
              f"~{estimate_total_seconds(runs, seconds, workers) / 60:.0f} min in all (GPU: see experiments/README.md)"]
+    s = cfg.sweep
+    if s.search == "grid":
+        points = len(s.lr) * len(s.weight_decay)
+        each = f"{s.runs // points}" + (f"–{s.runs // points + 1}" if s.runs % points else "")
+        lines.append(f"grid search: {points} points (lr {list(s.lr)} × weight decay {list(s.weight_decay)}), "
+                     f"{each} run(s) each")
     for r in runs[:5]:
         lines.append(f"  {r.run_id:<8} {r.role:<9} {json.dumps(r.overrides)}")
     if len(runs) > 5:

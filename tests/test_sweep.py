@@ -25,6 +25,28 @@ def test_plan_varies_only_the_requested_axes():
     assert plan(tiny_config(sweep__runs=5)) == plan(tiny_config(sweep__runs=5))  # a pure function of the config
 
 
+def test_grid_search_gives_every_combination_alike_and_extends_them_alike():
+    grid = {"sweep__search": "grid", "sweep__lr": [1e-3, 2e-3, 4e-3], "sweep__weight_decay": [0.0, 0.1]}
+    runs = [r for r in plan(tiny_config(sweep__runs=12, **grid)) if r.role == "sweep"]
+    points = [(r.overrides["train.lr"], r.overrides["train.weight_decay"]) for r in runs]
+    assert points[:6] == [(1e-3, 0.0), (1e-3, 0.1), (2e-3, 0.0), (2e-3, 0.1), (4e-3, 0.0), (4e-3, 0.1)]
+    assert points[6:] == points[:6]  # two runs at each point, in different data orders
+    assert len({r.overrides["train.data_seed"] for r in runs}) == 12
+    more = [r for r in plan(tiny_config(sweep__runs=18, **grid)) if r.role == "sweep"]
+    assert more[:12] == runs  # a larger sweep adds a third run to every point
+    with pytest.raises(ValueError, match="add hparams to sweep.vary"):
+        plan(tiny_config(sweep__vary=["data"], **grid))
+    with pytest.raises(ValueError, match="random or grid"):
+        plan(tiny_config(sweep__search="latin"))
+
+
+@pytest.mark.parametrize("ranges", [{"sweep__lr": [1e-3, 2e-3, 4e-3]}, {"sweep__lr": [0.0, 1e-3]},
+                                    {"sweep__weight_decay": [0.1, 0.0]}])
+def test_random_search_refuses_a_range_that_is_not_one(ranges):
+    with pytest.raises(ValueError, match=r"random search takes a range \[low, high\].*sweep.search: grid"):
+        plan(tiny_config(**ranges))
+
+
 def test_reference_runs_differ_only_in_data_order():
     refs = [r for r in plan(tiny_config(sweep__reference_runs=3)) if r.role == "reference"]
     assert len({r.overrides["train.init_seed"] for r in refs}) == 1
