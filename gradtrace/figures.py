@@ -39,6 +39,10 @@ GAP_BANDS = ((-math.inf, 5.0, "healthy", "#009E73"), (5.0, 10.0, "watch", "#E69F
 BENCHMARK_FILES = ("capture_overhead", "sweep_throughput")
 _VALUE_KEYS = ("ratio", "value", "overhead", "throughput", "runs_per_hour", "steps_per_s", "runs_per_s")
 _NAME_KEYS = ("name", "label", "variant", "config")
+BENCHMARK_AXES = {  # what each benchmark's ratio is (benchmarks/README.md)
+    "capture_overhead": "step time with capture ÷ without (1 = no overhead)",
+    "sweep_throughput": "runs per hour ÷ the naive loop's (above 1: faster)",
+}
 
 STYLE: dict[str, Any] = {
     "font.family": "DejaVu Sans", "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
@@ -536,9 +540,18 @@ def _records(obj: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(obj if isinstance(obj, list) else []):
         if not isinstance(item, Mapping) or (found := _value(item)) is None:
             continue
-        name = next((str(item[k]) for k in _NAME_KEYS if k in item), f"#{i}")
-        out.append({"name": name, "unit": found[0], "value": found[1]})
+        out.append({"name": _record_name(item, i), "unit": found[0], "value": found[1]})
     return out
+
+
+def _record_name(item: Mapping[str, Any], i: int) -> str:
+    """A record's label: its name, or what capture_overhead's records say (`tiny k=4096: grad+update+adam_m`)."""
+    named = next((str(item[k]) for k in _NAME_KEYS if k in item), None)
+    if named is not None:
+        return named
+    head = " ".join([str(item[k]) for k in ("model", "device") if item.get(k)] + [f"k={item['k']}"] * bool(item.get("k")))
+    what = str(item.get("what") or "")
+    return f"{head}: {what}" if head and what else head or what or f"#{i}"
 
 
 def load_benchmarks(source: str | Path | Mapping[str, Any] | list) -> dict[str, list[dict[str, Any]]]:
@@ -568,22 +581,24 @@ def benchmark_bars(source: str | Path | Mapping[str, Any] | list) -> Figure:
     if not benchmarks:
         raise ValueError(f"no benchmark records found in {source!r}: expected JSON lists of "
                          '{"name": ..., "ratio": ...} (run `make bench`)')
-    height = sum(0.2 * len(r) + 0.55 for r in benchmarks.values())
+    height = sum(0.3 * len(r) + 0.6 for r in benchmarks.values())
     fig = _figure(COLUMN_WIDTH, height + 0.2)
     axes = fig.subplots(len(benchmarks), 1, squeeze=False,
                         height_ratios=[len(r) + 2 for r in benchmarks.values()]).ravel()
     for i, (ax, (title, records)) in enumerate(zip(axes, benchmarks.items())):
-        names, values = [r["name"] for r in records], np.array([r["value"] for r in records])
+        values = np.array([r["value"] for r in records])
         units = {r["unit"] for r in records}
-        ax.barh(range(len(names)), values, color=_color(i), height=0.6)
-        ax.set_yticks(range(len(names)), names)
-        ax.invert_yaxis()
+        ax.barh(range(len(values)), values, color=_color(i), height=0.45)
+        ax.set_yticks([])  # each bar's name above it, not as a tick label: long names would squeeze the axes
+        ax.set_ylim(len(values) - 0.5, -0.9)  # top to bottom in record order, room for the first name
         ratio = units == {"ratio"}
         if ratio:
             ax.axvline(1.0, color="0.3", lw=0.6, ls="--")
-        for j, v in enumerate(values):
+        for j, (record, v) in enumerate(zip(records, values)):
+            ax.text(0, j - 0.27, record["name"], fontsize=6, va="bottom")
             ax.text(v, j, f" {v:.2f}×" if ratio else f" {v:.3g}", va="center", fontsize=6)
         ax.set_xlim(0, values.max() * 1.2 if values.max() > 0 else 1)
         ax.set_title(title.replace("_", " "))
-        ax.set_xlabel(" / ".join(sorted(units)).replace("_", " ") + (" (1 = no overhead)" if ratio else ""))
+        ax.set_xlabel(BENCHMARK_AXES.get(title) if ratio and title in BENCHMARK_AXES
+                      else " / ".join(sorted(units)).replace("_", " "))
     return fig
