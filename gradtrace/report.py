@@ -179,7 +179,8 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
         inputs.notes["reference"] = str(err)
     inputs.benchmarks = _benchmarks_dir(exp_dir, benchmarks_dir)
     if inputs.benchmarks is None:
-        inputs.notes["benchmarks"] = "No benchmark outputs found (benchmarks/out/*.json; run `make bench`)."
+        inputs.notes["benchmarks"] = ("No benchmark outputs found (benchmarks/out/*.json; run `make bench` "
+                                       "or benchmarks/sweep_throughput.py).")
     return inputs
 
 
@@ -292,7 +293,9 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
     items.append(_item(
         "benchmarks", "benchmarks", "Benchmarks",
         "Capture overhead: time per training step with capture relative to training without it (1 = no overhead). "
-        "Sweep throughput: runs per unit of time. Read from benchmarks/out/*.json, written by `make bench`.",
+        "Sweep throughput: runs per hour relative to a naive sequential loop (above 1: faster). Read from "
+        "benchmarks/out/*.json, written by benchmarks/capture_overhead.py (`make bench`) and "
+        "benchmarks/sweep_throughput.py.",
         lambda: figures.benchmark_bars(inputs.benchmarks), notes.get("benchmarks")))
     return items
 
