@@ -297,6 +297,11 @@ def training_curves(run_group: zarr.Group) -> Figure:
                 ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
                 if decades < 2:  # few decades: label the 2s and 5s too
                     ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+            if finite.size and np.ptp(finite) <= 1e-4 * np.abs(finite).max():  # constant but for float rounding
+                centre = float(np.median(finite))  # (a gradient norm clipped at every step): a flat line at it,
+                margin = 0.01 * abs(centre) or 1.0  # not ticks of ±1e-7 around an offset
+                ax.set_ylim(centre - margin, centre + margin)
+                ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_ylabel(labels[name])
         panels.append((name, draw))
     for prefix, title in (("evals", "accuracy (test sets)"), ("probe", "accuracy (probe batch)")):

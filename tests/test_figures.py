@@ -184,6 +184,18 @@ def test_training_curves(experiment: Path, tmp_path: Path) -> None:
         figures.training_curves(experiment)
 
 
+def test_a_scalar_constant_but_for_rounding_is_drawn_flat(tmp_path: Path) -> None:
+    run = zarr.open_group(tmp_path / "s.zarr", mode="w").create_group("r")
+    run["step"], run["loss"] = np.arange(50), np.linspace(2.0, 1.0, 50)
+    run["grad_norm"] = 1 + 1e-7 * np.random.default_rng(0).standard_normal(50)  # clipped at every step
+    fig = figures.training_curves(run)
+    _check(fig, 2, tmp_path, "clipped")
+    norm = fig.axes[1]
+    assert norm.get_ylim() == pytest.approx((0.99, 1.01))
+    assert norm.yaxis.get_offset_text().get_text() == ""  # no "1e-7+1" above the axis
+    assert fig.axes[0].get_ylim()[1] - fig.axes[0].get_ylim()[0] > 0.5  # a loss that moves keeps its own range
+
+
 def test_span_energy_and_dominant_bulk(tmp_path: Path) -> None:
     s = np.array([4.0, 2.0, 1.0, 0.5])
     fig = figures.span_energy_spectrum(s, total_energy=float((s**2).sum()) * 1.1)
