@@ -554,8 +554,10 @@ def _record_name(item: Mapping[str, Any], i: int) -> str:
     named = next((str(item[k]) for k in _NAME_KEYS if k in item), None)
     if named is not None:
         return named
-    head = " ".join([str(item[k]) for k in ("model", "device") if item.get(k)] + [f"k={item['k']}"] * bool(item.get("k")))
-    what = str(item.get("what") or "")
+    parts = [str(item[k]) for k in ("model", "device") if item.get(k)]
+    if item.get("k"):
+        parts.append(f"k={item['k']}")
+    head, what = " ".join(parts), str(item.get("what") or "")
     return f"{head}: {what}" if head and what else head or what or f"#{i}"
 
 

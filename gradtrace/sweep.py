@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
@@ -196,7 +197,8 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
 
 
 class SweepError(RuntimeError):
-    """Runs of a sweep failed; every other run went on and is complete (re-running the sweep retries these)."""
+    """A sweep did not finish: runs failed (every other run went on; re-running the sweep retries them), or another
+    process is running a sweep into the same directory."""
 
 
 def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
@@ -205,6 +207,22 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     its store group marked `failed`, and a `SweepError` naming the failed runs is raised once the others are done."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # one sweep at a time per directory: a second would train the same runs over the first's; the operating system
+    # releases the lock when its holder dies, so a killed sweep never blocks its re-run
+    lock = FileLock(out / "sweep.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SweepError(f"another process is running a sweep into {out} (it holds {out / 'sweep.lock'}); wait for "
+                         "it to finish or stop it, then run this again to continue") from None
+    try:
+        return _run_locked(cfg, out, progress, scheduler)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -> pd.DataFrame:
+    """`run_sweep` with the directory's lock held."""
     runs = plan(cfg)
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")

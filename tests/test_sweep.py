@@ -1,5 +1,7 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
 dask and base-run modes."""
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -109,6 +111,22 @@ def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypat
     monkeypatch.undo()
     table = run_sweep(cfg, tmp_path, progress=False)  # running it again retries them all
     assert sorted(table.run_id) == ["base", "ref-000", "run-000", "run-001"]
+
+
+def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_path):
+    cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
+                               str(tmp_path / "sweep.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # as a sweep running there holds it
+        with pytest.raises(SweepError, match="another process is running a sweep into"):
+            run_sweep(cfg, tmp_path, progress=False)
+        assert not (tmp_path / "store.zarr").exists()  # refused before touching anything
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, as when a sweep is killed
+        holder.wait()
+    assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]  # the lock died with its holder
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
