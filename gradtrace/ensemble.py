@@ -83,6 +83,9 @@ def check_members(cfgs: list[Config]) -> None:
     if differing:
         raise ValueError(f"ensemble members may differ only in {', '.join(MAY_DIFFER)}; these configs also "
                          f"differ in {', '.join(differing)}. Group runs that share those keys, or train standalone.")
+    for cfg in cfgs:  # what torch's AdamW refuses in a standalone run (a negative weight decay, …), refused here too
+        c = cfg.train
+        torch.optim.AdamW([torch.empty(0)], lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
     t, device = cfgs[0].train, resolve_device(cfgs[0].train.device)
     if t.precision not in ("fp32", "auto") or (t.precision == "auto" and device.type == "cuda"):
         raise ValueError(f"ensembles train in fp32, got train.precision={t.precision!r} on {device.type}; "
