@@ -4,9 +4,9 @@ Members may differ in init seed, data-order seed, learning rate and weight decay
 follows the recipe of `gradtrace.train.train` step for step — the same init, batches, answer-only loss,
 global-norm clipping per member, AdamW update and lr schedule — so a member's parameters equal those of a
 standalone run of its config to float tolerance, and its run group holds what a standalone run with
-`capture.enabled=false` writes: the scalars every 10th step (`step`, `loss`, `lr`, `grad_norm`, `nonfinite`,
-`layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`, `accuracy`, `seeds`, `hparams`, `steps` — and, with
-`capture.enabled`, what its Recorder writes: sketches of g, Δθ and Adam's m on the capture schedule, per-tensor
+`capture.enabled=false` writes: the scalars every 10th step (`step`, `loss`, `lr`, `grad_norm`,
+`grad_norm_unclipped`, `nonfinite`, `layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`,
+`accuracy`, `seeds`, `hparams`, `steps` — and, with `capture.enabled`, what its Recorder writes: sketches of g, Δθ and Adam's m on the capture schedule, per-tensor
 update norms, probe gradients every `capture.probe_every` steps, initial and final weights.
 `wall_time_s` is the ensemble's wall time divided by E (attribute `wall_time_note` says so).
 
@@ -201,7 +201,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             lr = peak_lr * schedule(step)
             recording = step in capture.schedule
             if recording:
-                rows = capture.before_step(step, losses.detach(), lr, grad)
+                rows = capture.before_step(step, losses.detach(), lr, grad, norm.squeeze(1))
             optimizer.step(grad, lr)
             if recording:
                 for w, row in zip(writers, capture.after_step(step, rows)):
@@ -308,11 +308,14 @@ class _MemberRecorders:
         """Declare the Recorder's arrays in one member's run group."""
         declare_arrays(writer, self.cfg, self.sketch.dim, len(self.numels), len(self.probes), len(self.losses))
 
-    def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor) -> list[dict]:
-        """Each member's step, loss, lr, (clipped) gradient norms and gradient sketch; θ kept for Δθ."""
+    def before_step(self, step: int, losses: torch.Tensor, lr: torch.Tensor, grad: torch.Tensor,
+                    unclipped: torch.Tensor) -> list[dict]:
+        """Each member's step, loss, lr, (clipped) gradient norms, norm before clipping and gradient sketch; θ kept
+        for Δθ."""
         rows = []
         for i in range(grad.shape[0]):
-            row = {"step": step, "loss": float(losses[i]), "lr": float(lr[i])}
+            row = {"step": step, "loss": float(losses[i]), "lr": float(lr[i]),
+                   "grad_norm_unclipped": float(unclipped[i])}
             if "grad" in self.cfg.quantities:  # sketch and per-tensor norms in one pass where the sketch allows
                 sketch, norms = self.sketch.apply_with_norms(grad[i].split(self.numels))
                 row["grad"] = sketch.numpy(force=True)

@@ -281,9 +281,12 @@ def training_curves(run_group: zarr.Group) -> Figure:
     if "step" not in run_group or not scalars:
         raise ValueError(f"run {run_group.name!r} has no per-step scalars (needs `step` and loss/lr/grad_norm); "
                          "was it recorded with capture enabled?")
+    if "grad_norm_unclipped" in run_group and np.isfinite(store.read(run_group, "grad_norm_unclipped")).any():
+        scalars = [name.replace("grad_norm", "grad_norm_unclipped") for name in scalars]  # says more where clipped
     steps = store.read(run_group, "step")
     panels: list[tuple[str, Callable]] = []
-    labels = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (after clip)"}
+    labels = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (after clip)",
+              "grad_norm_unclipped": "gradient norm (before clip)"}
     for name in scalars:
         values = store.read(run_group, name).astype(float)
 

@@ -138,9 +138,9 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+            unclipped = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
             if recorder is not None:
-                recorder.log(loss)
+                recorder.log(loss, grad_norm=unclipped)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

@@ -179,6 +179,54 @@ def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_pat
     np.testing.assert_allclose(store.read(group, "adam_m")[-1], m_final.numpy(), rtol=1e-5, atol=1e-10)
 
 
+def test_the_norm_before_clipping_is_recorded_when_the_loop_gives_it(tmp_path, task):
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=16, probe_every=0), 6)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec, before, losses = factory(model, opt), [], []
+    for step in range(6):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        before.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()))  # recomputed
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        rec.log(loss, grad_norm=norm if step != 4 else None)  # step 4: a loop that gives none
+        losses.append(loss.item())
+        opt.step()
+    rec.close()
+    unclipped = group["grad_norm_unclipped"][:]
+    np.testing.assert_allclose(unclipped[[0, 1, 2, 3, 5]], np.array(before)[[0, 1, 2, 3, 5]], rtol=1e-5)
+    assert np.isnan(unclipped[4]) and (unclipped[[0, 1, 2, 3, 5]] > 0.1).all()
+    np.testing.assert_allclose(group["grad_norm"][:], 0.1, rtol=1e-4)  # what the optimizer used: clipped
+
+
+def test_a_step_the_scaler_skips_leaves_no_loss_to_the_next(tmp_path, task):
+    """A fused optimizer is still called on a step the scaler skips (with found_inf set): what was logged for that
+    step is dropped with it, not averaged into the next step's loss."""
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=16, probe_every=0), 3)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    rec, logged = factory(model, opt), []
+    for step in range(4):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        if step == 1:
+            next(model.parameters()).grad[0] = float("inf")  # the scaler skips this step
+        else:
+            logged.append(loss.item())
+        rec.log(loss, grad_norm=float("inf") if step == 1 else 1.0)
+        scaler.step(opt)
+        scaler.update()
+    rec.close()
+    assert group["step"][:].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(group["loss"][:], logged, rtol=1e-6)  # not the skipped step's averaged in
+    assert group["grad_norm_unclipped"][:].tolist() == [1.0, 1.0, 1.0]  # nor its norm
+
+
 def test_train_writes_from_a_background_thread_when_asked(tmp_path):
     assert not CaptureConfig().use_writer_thread(torch.device("cpu"))
     assert CaptureConfig().use_writer_thread(torch.device("cuda"))

@@ -38,15 +38,15 @@ def run_group(out_dir, run_id="r"):
 
 
 def train_steps(model, opt, task, steps, rec=None, start=0):
-    """A user's plain loop; with `rec` it differs by `rec.log(loss)` only."""
+    """A user's plain loop; with `rec` it differs by `rec.log(loss, grad_norm=norm)` only."""
     for step in range(start, steps):
         x, m = task.train_batch(step, 0, 16)
         loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if rec is not None:
-            rec.log(loss)
+            rec.log(loss, grad_norm=norm)
         opt.step()
 
 
@@ -312,6 +312,7 @@ def test_hf_callback_records_each_optimizer_step(tmp_path, task, accumulation):
     np.testing.assert_allclose(group["loss"][:], logged, rtol=1e-5, atol=5e-5)  # as logged (transformers 4: 4 decimals)
     np.testing.assert_allclose(store.read(group, "update").sum(0), flat_params(model) - initial, atol=2e-6)
     assert (store.read(group, "grad_norm") <= 1.0 + 1e-5).all()  # after the Trainer's clipping (max_grad_norm 1)
+    assert np.isnan(store.read(group, "grad_norm_unclipped")).all()  # the Trainer does not hand callbacks its norm
 
 
 def test_hf_callback_leaves_training_unchanged(tmp_path, task):

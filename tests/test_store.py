@@ -19,7 +19,8 @@ run = root["r0"]
 a = dict(run.attrs)
 out = {"status": a["status"], "sketch": a["sketch"], "splits": a["splits"], "probe_losses": a["probe_losses"],
        "layout_len": len(a["layout"]), "last_durable_step": a["last_durable_step"], "accuracy": a["accuracy"]}
-for name in ["step", "loss", "lr", "grad_norm", "nonfinite", "grad", "update", "adam_m", "layer_grad_norm",
+for name in ["step", "loss", "lr", "grad_norm", "grad_norm_unclipped", "nonfinite", "grad", "update", "adam_m",
+             "layer_grad_norm",
              "layer_update_norm", "layer_v_mean", "layer_v_quantile", "probe/step", "probe/loss",
              "probe/accuracy", "probe/grad", "probe/grad_adam", "eval/correct"]:
     arr = run[name]

@@ -3,7 +3,7 @@
 A plain or accelerate loop changes by three lines::
 
     rec = attach(model, optimizer, "runs/exp", run_id="r0", total_steps=1000)   # 1: store + run group + hooks
-    rec.log(loss)                                                               # 2: per (micro-)batch, optional
+    rec.log(loss, grad_norm=norm)                                               # 2: per (micro-)batch, optional
     rec.close()                                                                 # 3: flush, mark the run complete
 
 `attach` opens (or creates) the experiment store `out_dir/store.zarr`, creates the run group with the Recorder's
@@ -75,8 +75,8 @@ class RunRecorder(Recorder):
 class IdleRecorder:
     """Stands in for the Recorder on processes that do not write (all ranks but one under DDP): does nothing."""
 
-    def log(self, loss: torch.Tensor | float) -> None:
-        """Ignore the loss."""
+    def log(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> None:
+        """Ignore the loss and norm."""
 
     def checkpoint(self) -> None:
         """Nothing to make durable."""

@@ -3,14 +3,18 @@
 A training loop changes by at most three lines::
 
     rec = Recorder(model, optimizer, writer, CaptureConfig(), probes=...)   # 1: attach
-    rec.log(loss=loss)                                                     # 2: optional, before optimizer.step()
+    rec.log(loss, grad_norm=norm)                                          # 2: optional, before optimizer.step()
     rec.close()                                                            # 3: flush at the end
 
 The gradient is read in the optimizer's step pre-hook, so it is the gradient the optimizer uses: after clipping
 (clip before `optimizer.step()`) and after unscaling under `torch.amp.GradScaler` (which unscales before calling
 `step`, or, for a fused optimizer, hands it the scale: the Recorder divides by it). Steps the scaler skips on
-inf/NaN are neither recorded nor counted. Rows stay on the training device until the writer copies a whole chunk
-to the host, so recording an ordinary step never waits for the device (probe steps copy their sketches at once).
+inf/NaN are neither recorded nor counted; a fused optimizer, which the scaler still calls, drops what was logged for
+such a step with it (a non-fused one is not called at all, so a loss logged for it joins the next step's average,
+as a micro-batch's would). The norm before clipping is
+the loop's to give: `rec.log(loss, grad_norm=clip_grad_norm_(...))` records it. Rows stay on the training device
+until the writer copies a whole chunk to the host, so recording an ordinary step never waits for the device (probe
+steps copy their sketches at once).
 Capture never changes the training result: it reads `.grad`, parameters and optimizer state, and computes probe
 gradients with `torch.autograd.grad` on separate graphs.
 
@@ -93,6 +97,7 @@ class Recorder:
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
+        self._unclipped: torch.Tensor | float = float("nan")  # this step's norm before clipping, when given
         self._recording = False
         self._skipped = False
         self._all_grads = True
@@ -122,11 +127,15 @@ class Recorder:
                              list(self.probe_losses), {"beta1": beta1, "beta2": beta2, "eps": group.get("eps", 1e-8)})
 
     # -- the user's one line ----------------------------------------------------------------------------------
-    def log(self, loss: torch.Tensor | float) -> None:
-        """Note the loss of the batch about to be stepped on; calls for several micro-batches are averaged."""
+    def log(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> None:
+        """Note the loss of the batch about to be stepped on (calls for several micro-batches are averaged) and,
+        optionally, the gradient's total norm before clipping, as `clip_grad_norm_` returns it (the last given for a
+        step is recorded as `grad_norm_unclipped`; NaN where the loop gives none)."""
         value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
         self._loss_sum = value if self._loss_count == 0 else self._loss_sum + value
         self._loss_count += 1
+        if grad_norm is not None:
+            self._unclipped = grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
 
     # -- hooks ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,10 +170,12 @@ class Recorder:
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._skipped:
+            self._loss_count, self._unclipped = 0, float("nan")  # a skipped step's loss is not the next step's
             return
         if self._recording:
             row = self._row
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
+            row["grad_norm_unclipped"] = self._unclipped
             if "update" in self.cfg.quantities:  # Δθ_t = θ_{t+1} − θ_t, θ_t snapshotted in the pre-step hook
                 row["update"], row["layer_update_norm"] = self.sketch.apply_difference_with_norms(self.params,
                                                                                                   self._theta)
@@ -179,7 +190,7 @@ class Recorder:
             else:
                 row.update(no_v_statistics(len(self._numels)))
             self.writer.append(row)  # device tensors: the writer copies them to the host a chunk at a time
-        self._loss_count = 0
+        self._loss_count, self._unclipped = 0, float("nan")
         self.step += 1
         if self.probes and self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
             self.probe()
@@ -279,7 +290,7 @@ def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int
                    n_probe_losses: int) -> None:
     """Declare every array a Recorder with `cfg` writes (storage/README.md): scalars, sketches, per-tensor
     statistics and, with splits to probe, the probe arrays."""
-    for name in ("loss", "lr", "grad_norm"):
+    for name in ("loss", "lr", "grad_norm", "grad_norm_unclipped"):
         writer.declare(name, (), "float32")
     writer.declare("step", (), "int64")
     writer.declare("nonfinite", (), "bool")
