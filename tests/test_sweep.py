@@ -78,13 +78,20 @@ def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     assert pd.read_csv(tmp_path / "results.csv").run_id.is_unique
 
 
-def test_a_failed_run_stops_no_other_on_the_worker_pool(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["worker pool", "dask"])
+def test_a_failed_run_stops_no_other(tmp_path, capsys, where):
+    from dask.distributed import LocalCluster
+
     cfg = tiny_config(sweep__runs=4, sweep__workers=2, sweep__reference_runs=0, train__steps=2,
                       sweep__weight_decay=[-0.05, 0.05])  # torch's AdamW refuses the runs drawn below zero
     failing = {r.run_id for r in plan(cfg) if r.overrides["train.weight_decay"] < 0}
     assert 0 < len(failing) < 4
     with pytest.raises(SweepError, match=rf"^{len(failing)} run\(s\) failed \(.*Invalid weight_decay") as raised:
-        run_sweep(cfg, tmp_path, progress=False)
+        if where == "dask":
+            with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+                run_sweep(cfg, tmp_path, progress=False, scheduler=cluster.scheduler_address)
+        else:
+            run_sweep(cfg, tmp_path, progress=False)
     assert all(run_id in str(raised.value) for run_id in failing)
     complete = {f"run-00{i}" for i in range(4)} - failing
     assert set(pd.read_csv(tmp_path / "results.csv").run_id) == complete
