@@ -292,7 +292,8 @@ def runs(root: zarr.Group) -> list[str]:
 
 
 def summary(path: str | Path) -> str:
-    """A human-readable summary of a store: runs, statuses, steps, arrays and sizes, sketch."""
+    """A human-readable summary of a store: runs, statuses, steps, sketch, arrays and sizes. Consecutive runs alike
+    (the same status, steps, sketch and array shapes, as a sweep's runs are) are listed in full once, then counted."""
     root = open_experiment(path)
     ids = runs(root)
     lines = [f"{path}: gradtrace store, schema v{root.attrs.get('schema_version')}, {len(ids)} run(s)"]
@@ -301,22 +302,37 @@ def summary(path: str | Path) -> str:
         status = root[rid].attrs.get("status", "?")
         counts[status] = counts.get(status, 0) + 1
     lines.append("status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    for rid in ids:
-        g = root[rid]
-        a = dict(g.attrs)
-        sketch = a.get("sketch") or {}
-        lines.append(f"\n[{rid}] status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
-                     f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
-                     f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
+    shown, kind, alike, alike_bytes = None, None, [], 0
+    for rid in ids + [None]:  # None: the end, to count the last runs alike
+        if rid is not None:
+            g = root[rid]
+            a, arrays = dict(g.attrs), sorted(_arrays(g).items())
+            sketch = a.get("sketch") or {}
+            head = (f"status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
+                    f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
+                    f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
+            sizes = [arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
+                     for _, arr in arrays]
+            this = (head, a.get("error"), a.get("nonfinite_steps"), [(name, arr.shape) for name, arr in arrays])
+            if this == kind:
+                alike.append(rid)
+                alike_bytes += sum(sizes)
+                continue
+        if alike:
+            lines.append(f"\n[{alike[0]} … {alike[-1]}] {len(alike)} more run(s) like {shown}: "
+                         f"{alike_bytes / 1e6:.2f} MB in all")
+        if rid is None:
+            break
+        shown, kind, alike, alike_bytes = rid, this, [], 0
+        lines.append(f"\n[{rid}] {head}")
         if a.get("status") == "failed" and a.get("error"):
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
-        for name, arr in sorted(_arrays(g).items()):
-            nbytes = arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
+        for (name, arr), nbytes in zip(arrays, sizes):
             dims = arr.metadata.dimension_names or ()
             lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
-                         f"{'×'.join(d or '?' for d in dims):<22} {nbytes / 1e6:8.2f} MB")
+                         f"{'×'.join(d or '?' for d in dims):<30} {nbytes / 1e6:8.2f} MB")
     return "\n".join(lines)
 
 
