@@ -284,6 +284,7 @@ def training_curves(run_group: zarr.Group) -> Figure:
     if "grad_norm_unclipped" in run_group and np.isfinite(store.read(run_group, "grad_norm_unclipped")).any():
         scalars = [name.replace("grad_norm", "grad_norm_unclipped") for name in scalars]  # says more where clipped
     steps = store.read(run_group, "step")
+    clip = ((run_group.attrs.get("config") or {}).get("train") or {}).get("clip")  # gradtrace's own runs say
     panels: list[tuple[str, Callable]] = []
     labels = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (after clip)",
               "grad_norm_unclipped": "gradient norm (before clip)"}
@@ -305,6 +306,9 @@ def training_curves(run_group: zarr.Group) -> Figure:
                 margin = 0.01 * abs(centre) or 1.0  # not ticks of ±1e-7 around an offset
                 ax.set_ylim(centre - margin, centre + margin)
                 ax.ticklabel_format(axis="y", useOffset=False)
+            if name == "grad_norm_unclipped" and clip:
+                ax.axhline(clip, color="0.3", lw=0.6, ls="--", label=f"clip at {clip:g}")
+                ax.legend(loc="upper right")
             ax.set_ylabel(labels[name])
         panels.append((name, draw))
     for prefix, title in (("evals", "accuracy (test sets)"), ("probe", "accuracy (probe batch)")):

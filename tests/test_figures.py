@@ -195,7 +195,9 @@ def test_a_scalar_constant_but_for_rounding_is_drawn_flat(tmp_path: Path) -> Non
     assert norm.yaxis.get_offset_text().get_text() == ""  # no "1e-7+1" above the axis
     assert fig.axes[0].get_ylim()[1] - fig.axes[0].get_ylim()[0] > 0.5  # a loss that moves keeps its own range
     run["grad_norm_unclipped"] = np.linspace(3.0, 1.5, 50)  # recorded where the loop gave it: drawn instead
-    assert figures.training_curves(run).axes[1].get_ylabel() == "gradient norm (before clip)"
+    run.attrs["config"] = {"train": {"clip": 1.0}}
+    norm = figures.training_curves(run).axes[1]
+    assert norm.get_ylabel() == "gradient norm (before clip)" and norm.get_legend_handles_labels()[1] == ["clip at 1"]
 
 
 def test_span_energy_and_dominant_bulk(tmp_path: Path) -> None:
