@@ -6,9 +6,11 @@ buffered row durable and records `last_durable_step`, so a killed run reopens th
 from __future__ import annotations
 
 import datetime
+import itertools
 import queue
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -302,38 +304,44 @@ def summary(path: str | Path) -> str:
         status = root[rid].attrs.get("status", "?")
         counts[status] = counts.get(status, 0) + 1
     lines.append("status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    shown, kind, alike, alike_bytes = None, None, [], 0
-    for rid in ids + [None]:  # None: the end, to count the last runs alike
-        if rid is not None:
-            g = root[rid]
-            a, arrays = dict(g.attrs), sorted(_arrays(g).items())
-            sketch = a.get("sketch") or {}
-            head = (f"status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
-                    f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
-                    f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
-            sizes = [arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
-                     for _, arr in arrays]
-            this = (head, a.get("error"), a.get("nonfinite_steps"), [(name, arr.shape) for name, arr in arrays])
-            if this == kind:
-                alike.append(rid)
-                alike_bytes += sum(sizes)
-                continue
-        if alike:
-            lines.append(f"\n[{alike[0]} … {alike[-1]}] {len(alike)} more run(s) like {shown}: "
-                         f"{alike_bytes / 1e6:.2f} MB in all")
-        if rid is None:
-            break
-        shown, kind, alike, alike_bytes = rid, this, [], 0
-        lines.append(f"\n[{rid}] {head}")
+    for _, alike in itertools.groupby((_RunListing.of(root[rid], rid) for rid in ids), key=lambda r: r.kind):
+        first, *rest = alike
+        lines += first.lines
+        if rest:
+            lines.append(f"\n[{rest[0].run_id} … {rest[-1].run_id}] {len(rest)} more run(s) like {first.run_id}: "
+                         f"{sum(r.nbytes for r in rest) / 1e6:.2f} MB in all")
+    return "\n".join(lines)
+
+
+@dataclass
+class _RunListing:
+    """One run's lines in `summary`, what makes runs alike there, and its stored bytes."""
+
+    run_id: str
+    kind: tuple
+    lines: list[str]
+    nbytes: int
+
+    @classmethod
+    def of(cls, group: zarr.Group, run_id: str) -> "_RunListing":
+        a, arrays = dict(group.attrs), sorted(_arrays(group).items())
+        sketch = a.get("sketch") or {}
+        head = (f"status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
+                f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
+                f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
+        lines = [f"\n[{run_id}] {head}"]
         if a.get("status") == "failed" and a.get("error"):
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
+        sizes = [arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
+                 for _, arr in arrays]
         for (name, arr), nbytes in zip(arrays, sizes):
             dims = arr.metadata.dimension_names or ()
             lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
                          f"{'×'.join(d or '?' for d in dims):<30} {nbytes / 1e6:8.2f} MB")
-    return "\n".join(lines)
+        kind = (head, a.get("error"), a.get("nonfinite_steps"), tuple((name, arr.shape) for name, arr in arrays))
+        return cls(run_id, kind, lines, sum(sizes))
 
 
 def export_hdf5(path: str | Path, out: str | Path) -> Path:
