@@ -6,8 +6,9 @@ global-norm clipping per member, AdamW update and lr schedule — so a member's 
 standalone run of its config to float tolerance, and its run group holds what a standalone run with
 `capture.enabled=false` writes: the scalars every 10th step (`step`, `loss`, `lr`, `grad_norm`,
 `grad_norm_unclipped`, `nonfinite`, `layer_*`), `evals/*` when `train.eval_every` is set, `eval/correct`,
-`accuracy`, `seeds`, `hparams`, `steps` — and, with `capture.enabled`, what its Recorder writes: sketches of g, Δθ and Adam's m on the capture schedule, per-tensor
-update norms, probe gradients every `capture.probe_every` steps, initial and final weights.
+`accuracy`, `seeds`, `hparams`, `steps` — and, with `capture.enabled`, what its Recorder writes: sketches of g, Δθ
+and Adam's m on the capture schedule, per-tensor update norms, probe gradients every `capture.probe_every` steps,
+initial and final weights.
 `wall_time_s` is the ensemble's wall time divided by E (attribute `wall_time_note` says so).
 
 Use eager attention (the embedded models' default): CPU sdpa has no vmap batching rule, so torch loops over the

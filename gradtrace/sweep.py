@@ -241,9 +241,10 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
                 break
             for job, outcome in _dispatch(cfg, out, stage, stage_scheduler):
                 if isinstance(outcome, Exception):
-                    _report_failure([r.run_id for r in job if r.run_id in pending], outcome, first=not failed)
-                    failed.update({r.run_id: outcome for r in job if r.run_id in pending})
-                    bar.update(sum(r.run_id in pending for r in job))
+                    ids = [r.run_id for r in job if r.run_id in pending]
+                    _report_failure(ids, outcome, first=not failed)
+                    failed.update(dict.fromkeys(ids, outcome))
+                    bar.update(len(ids))
                     bar.set_postfix(failed=len(failed))
                     continue
                 for row in outcome:

@@ -11,10 +11,9 @@ The gradient is read in the optimizer's step pre-hook, so it is the gradient the
 `step`, or, for a fused optimizer, hands it the scale: the Recorder divides by it). Steps the scaler skips on
 inf/NaN are neither recorded nor counted; a fused optimizer, which the scaler still calls, drops what was logged for
 such a step with it (a non-fused one is not called at all, so a loss logged for it joins the next step's average,
-as a micro-batch's would). The norm before clipping is
-the loop's to give: `rec.log(loss, grad_norm=clip_grad_norm_(...))` records it. Rows stay on the training device
-until the writer copies a whole chunk to the host, so recording an ordinary step never waits for the device (probe
-steps copy their sketches at once).
+as a micro-batch's would). The norm before clipping is the loop's to give: `rec.log(loss,
+grad_norm=clip_grad_norm_(...))` records it. Rows stay on the training device until the writer copies a whole chunk
+to the host, so recording an ordinary step never waits for the device (probe steps copy their sketches at once).
 Capture never changes the training result: it reads `.grad`, parameters and optimizer state, and computes probe
 gradients with `torch.autograd.grad` on separate graphs.
 
