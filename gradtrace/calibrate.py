@@ -15,6 +15,7 @@ MEAN_RANGE = (0.10, 0.90)  # usable: mean accuracy inside this range,
 MIN_STD = 0.03  # across-run std of at least 3 points,
 MIN_RELIABILITY = 0.9  # and split-half reliability of at least 0.9
 SAME_AXIS = 0.8  # |partial r| above which two shifts are flagged as one axis
+BASES_COLUMNS = ["init_seed", "base_ID", "ID_mean", "ID_std", "usable", "usable_shifts", "one_axis"]  # bases.csv
 
 
 @dataclass
@@ -114,16 +115,22 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
     """One pilot per candidate base (`train.init_seed`), each into `out/base-seed-N`: a study hangs on its base
     run's realisation (experiments/README.md), so pick the base by its pilot (one base each, whatever
     `sweep.bases` says). A row per base: the base's own ID accuracy, the pilot's ID mean and std, its usable
-    shifts and pairs on one axis; written to `out/bases.csv`."""
+    shifts and pairs on one axis; written to `out/bases.csv`. A pilot that fails stops no other: the others run,
+    their rows are written, then a `SweepError` names the failed ones (running again retries them)."""
     from gradtrace.results import load_results
+    from gradtrace.sweep import SweepError
 
     if not cfg.sweep.pretrain_steps:
         raise ValueError("choosing a base needs a config that trains one (sweep.pretrain_steps > 0)")
-    rows = []
+    rows, failed = [], []
     for seed in seeds:
         pilot_out = Path(out) / f"base-seed-{seed}"
-        result = calibrate(config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed, "sweep.bases": 1}),
-                           pilot_out, runs)
+        try:
+            result = calibrate(config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed, "sweep.bases": 1}),
+                               pilot_out, runs)
+        except SweepError as err:
+            failed.append(f"init_seed {seed}: {err}")
+            continue
         base_id = float(load_results(pilot_out, role="base")["acc_ID"].iloc[0])
         split = result.splits.set_index("split")
         same = result.pairs[result.pairs.same_axis]
@@ -131,6 +138,9 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
                      "ID_std": split.loc["ID", "std"], "usable": int(split.usable.sum()),
                      "usable_shifts": " ".join(split.index[split.usable]),
                      "one_axis": " ".join(f"{a}~{b}" for a, b in zip(same.a, same.b))})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=BASES_COLUMNS)
     table.to_csv(Path(out) / "bases.csv", index=False)
+    if failed:
+        raise SweepError(f"{len(failed)} of {len(seeds)} pilots did not finish ({Path(out) / 'bases.csv'} holds "
+                         f"the other {len(rows)}; run again to retry them):\n  " + "\n  ".join(failed))
     return table

@@ -222,13 +222,26 @@ def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
     assert assess(sweep.reset_index(drop=True), {}).bases == 2
 
 
-def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, capsys):
+def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, capsys, monkeypatch):
+    import gradtrace.train
     from conftest import TINY, set_args
     from gradtrace.cli import main
 
+    train = gradtrace.train.train
+
+    def train_but_not_base_3(cfg, out, run_id, role, **kwargs):
+        if role == "base" and cfg.train.init_seed == 3:
+            raise MemoryError("out of memory")
+        return train(cfg, out, run_id, role, **kwargs)
+
     sets = {**TINY, "sweep.pretrain_steps": 6, "train.steps": 4, "sweep.runs": 5, "sweep.workers": 1}
     argv = ["calibrate", "/dev/null", "--out", str(tmp_path), "--runs", "5", "--bases", "3", "7"]
-    assert main(argv + set_args(sets)) == 0
+    monkeypatch.setattr(gradtrace.train, "train", train_but_not_base_3)
+    assert main(argv + set_args(sets)) == 1  # a failed pilot stops no other
+    assert "1 of 2 pilots did not finish" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "bases.csv").init_seed.tolist() == [7]
+    monkeypatch.undo()
+    assert main(argv + set_args(sets)) == 0  # running again retries the failed pilot
     assert "train.init_seed=N" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "bases.csv")
     assert table.init_seed.tolist() == [3, 7]
