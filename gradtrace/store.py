@@ -325,10 +325,10 @@ class _RunListing:
     @classmethod
     def of(cls, group: zarr.Group, run_id: str) -> "_RunListing":
         a, arrays = dict(group.attrs), sorted(_arrays(group).items())
-        sketch = a.get("sketch") or {}
+        sketch = a.get("sketch") if a.get("quantities") or a.get("splits") else None  # none used by a scalars-only run
         head = (f"status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
                 f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
-                f"sketch={sketch.get('kind', '-')}:{sketch.get('dim', '-')} seed={sketch.get('seed', '-')}")
+                + (f"sketch={sketch['kind']}:{sketch['dim']} seed={sketch['seed']}" if sketch else "sketch=none"))
         lines = [f"\n[{run_id}] {head}"]
         if a.get("status") == "failed" and a.get("error"):
             lines.append(f"  error: {a['error']}")

@@ -183,13 +183,17 @@ def test_summary_names_a_failed_runs_error(tmp_path):
 def test_summary_counts_runs_alike_instead_of_listing_them(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     for rid, steps in (("ref-000", 8), ("run-000", 4), ("run-001", 4), ("run-002", 4), ("run-003", 6)):
-        group = store.create_run(root, rid, {"steps": steps})
+        sketched = ["grad"] if rid == "ref-000" else []  # the sweep's runs record scalars only
+        group = store.create_run(root, rid, {"steps": steps, "sketch": {"kind": "countsketch", "dim": 64, "seed": 0},
+                                             "quantities": sketched, "splits": []})
         group.create_array("loss", shape=(steps,), dtype="float32", dimension_names=["step"])[:] = 1.0
         store.set_status(group, "complete")
     text = store.summary(tmp_path / "s.zarr")
     assert "[run-000]" in text and "[run-001]" not in text and "[run-003]" in text  # shapes differ: listed
     assert "[run-001 … run-002] 2 more run(s) like run-000:" in text
     assert text.count("  loss ") == 3
+    assert "[ref-000] status=complete" in text and "sketch=countsketch:64 seed=0" in text
+    assert "sketch=none" in text.split("[run-000]")[1]  # where nothing is sketched
 
 
 def test_lazy_dask_read_matches_eager(captured):
