@@ -37,6 +37,10 @@ class TaskConfig:
     order_share: float = 0.03  # share of a<b items in training (ID is mostly a>=b)
     seed: int = 1234  # fixes test and probe sets; training batches use train.data_seed
 
+    def __post_init__(self) -> None:
+        _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=1, pool_size=1, train_share=0,
+                                                order_share=0), most=dict(train_share=1, order_share=1))
+
 
 @dataclass
 class TrainConfig:
@@ -64,6 +68,12 @@ class TrainConfig:
     # to AVX2 before a run computes: the same rounding on every x86 CPU with AVX2; gradtrace/kernels.py)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
 
+    def __post_init__(self) -> None:  # lr, weight decay, betas and eps are checked by torch's AdamW
+        _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, warmup=0, min_lr_ratio=0, checkpoint_every=1,
+                                                 eval_every=0, threads=0))
+        if not self.clip > 0:
+            raise ValueError(f"train.clip must be > 0 (a large value, e.g. .inf, never clips), got {self.clip}")
+
 
 @dataclass
 class CaptureConfig:
@@ -83,6 +93,9 @@ class CaptureConfig:
     chunk: int = 256  # rows per stored chunk along the step axis (each write costs ~2 ms per array, any size)
     save_weights: bool = True  # initial and final weights as safetensors beside the store
     writer_thread: bool | None = None  # write chunks from a background thread; None: on CUDA only
+
+    def __post_init__(self) -> None:
+        _refuse_out_of_range("capture", self, dict(dim=1, every=1, probe_every=0, v_stats_every=1, chunk=1))
 
     def use_writer_thread(self, device) -> bool:
         """Whether rows are written from a background thread when training on `device` (it pays off on GPUs,
@@ -106,6 +119,10 @@ class SweepConfig:
     capture_sweep: bool = False  # full capture on every sweep run too (large)
     pretrain_steps: int = 0  # > 0: first train a captured `base` run this long; every other run starts from it
     bases: int = 1  # with pretrain_steps: base runs `base-0`… (init seeds +0, +1, …), runs spread round-robin
+
+    def __post_init__(self) -> None:
+        _refuse_out_of_range("sweep", self, dict(runs=0, workers=1, ensemble=1, reference_runs=0, pretrain_steps=0,
+                                                 bases=1))
 
 
 @dataclass
@@ -131,6 +148,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe)."""
         return _plain(dataclasses.asdict(self))
+
+
+def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: dict[str, float] | None = None):
+    """Refuse a numeric key below its least meaningful value or above its greatest, naming its dotted key."""
+    for name, bound in least.items():
+        if getattr(cfg, name) < bound:
+            raise ValueError(f"{section}.{name} must be >= {bound}, got {getattr(cfg, name)}")
+    for name, bound in (most or {}).items():
+        if getattr(cfg, name) > bound:
+            raise ValueError(f"{section}.{name} must be <= {bound}, got {getattr(cfg, name)}")
 
 
 def _plain(value: Any) -> Any:
@@ -181,10 +208,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return bool(value)
     if hint in (int, float):
         try:
-            number = float(value) if hint is float else int(float(value))
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
-        return number
+        if hint is int and not number.is_integer():
+            raise ValueError(f"{key}: expected a whole number, got {value!r}")
+        return number if hint is float else int(number)
     if hint is str:
         return str(value)
     return value

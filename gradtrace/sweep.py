@@ -38,8 +38,6 @@ class PlannedRun:
 def base_ids(cfg: Config) -> list[str]:
     """The base (pretraining) runs of a plan: none, `base`, or `base-0` … with `sweep.bases` > 1."""
     s = cfg.sweep
-    if s.bases < 1:
-        raise ValueError(f"sweep.bases must be >= 1, got {s.bases}")
     if not s.pretrain_steps:
         if s.bases > 1:
             raise ValueError("sweep.bases > 1 needs base runs to start from: set sweep.pretrain_steps > 0")
@@ -134,8 +132,6 @@ def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
     """Runs grouped into jobs: with `sweep.ensemble` > 1, the reference runs and the sweep runs of each base in
     vmap ensembles of that many (members share everything but seeds and hyper-parameters); a base run alone."""
     size = cfg.sweep.ensemble
-    if size < 1:
-        raise ValueError(f"sweep.ensemble must be >= 1 (1: no ensembles), got {size}")
     if size == 1:
         return [[r] for r in runs]
     jobs = [[r] for r in runs if r.role == "base"]

@@ -38,6 +38,15 @@ def test_unknown_key_is_an_error_listing_valid_keys(capsys):
     assert "train.stepz" in err and "train.steps" in err
 
 
+@pytest.mark.parametrize("pair, message", [
+    ("sweep.runs=-3", "sweep.runs must be >= 0, got -3"), ("sweep.workers=0", "sweep.workers must be >= 1"),
+    ("train.steps=2.5", "train.steps: expected a whole number, got 2.5"), ("capture.dim=0", "capture.dim must be >= 1"),
+    ("task.train_share=1.5", "task.train_share must be <= 1"), ("train.clip=0", "train.clip must be > 0")])
+def test_a_value_out_of_range_is_an_error_naming_its_key(capsys, pair, message):
+    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_set_overrides_dotted_keys():
     cfg = config.load("experiments/default.yaml", config.parse_overrides(
         ["train.steps=7", "train.lr=1e-4", "train.weight_decay=0", "train.seed=3", "capture.sketch=identity",

@@ -79,8 +79,6 @@ class Recorder:
         unknown = set(cfg.quantities) - {"grad", "update", "adam_m"}
         if unknown:
             raise ValueError(f"unknown capture.quantities {sorted(unknown)}; choose from grad, update, adam_m")
-        if cfg.v_stats_every < 1:
-            raise ValueError(f"capture.v_stats_every must be >= 1, got {cfg.v_stats_every}")
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
         self.writer, self.cfg = writer, cfg
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -43,8 +43,6 @@ class ArithmeticTask:
             get_split(name)  # fail early on unknown names
         if "ID" in cfg.shifts:
             raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
-        if cfg.pool_size < 1:
-            raise ValueError(f"task.pool_size must be >= 1 (training items to sample batches from), got {cfg.pool_size}")
         self.cfg = cfg
         self.tokenizer = tokenizer or CharTokenizer()
         self.splits = ["ID", *cfg.shifts]
