@@ -36,7 +36,7 @@ from scipy.stats import rankdata
 
 from gradtrace import store
 from gradtrace.capture.sketch import check_compatible
-from gradtrace.stats import bootstrap_indices, centre_within, group_codes, partial_correlations
+from gradtrace.stats import bootstrap_indices, centre_within, group_codes, partial_correlations, varying_shifts
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 DEFAULT_N_ITEMS = 2000  # items per split for the probit clip [1/(2N), 1 − 1/(2N)] when the config does not say
@@ -916,7 +916,8 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     if sweep.empty:
         raise ValueError(f"{exp_dir / 'results.csv'} has no rows with role == 'sweep' to observe")
     within = base_groups(sweep)  # runs from several base runs: correlated within base
-    observed = partial_correlations(sweep, id=reference.id_split, shifts=list(reference.shifts),
+    shifts = varying_shifts(sweep, reference.id_split, reference.shifts)  # scored where the sweep observed a matrix
+    observed = partial_correlations(sweep, id=reference.id_split, shifts=shifts,
                                     residualize="probit", n_boot=0, n_perm=0, seed=seed, n_items=n_items,
                                     within=within)
     sweep_time = _sweep_wall_time(exp_dir, sweep)

@@ -109,7 +109,7 @@ def _t_pvalue(r: np.ndarray, dof: int | np.ndarray) -> np.ndarray:
     r = np.asarray(r, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = r * np.sqrt(dof / (1.0 - r**2))
-    return np.where(np.isclose(r**2, 1.0), 0.0, 2.0 * sps.t.sf(np.abs(t), dof))
+    return np.where(r**2 >= 1.0, 0.0, 2.0 * sps.t.sf(np.abs(t), dof))
 
 
 def _fisher_ci(r: np.ndarray, n: int, k: int, confidence: float) -> tuple[np.ndarray, np.ndarray]:
@@ -491,6 +491,7 @@ def _check_designs(
         n = len(Y)
         k = ks[m] = int(np.linalg.matrix_rank(np.column_stack([np.ones(n), Z]))) - 1
         if n < k + 4:
+            k = max(k, Z.shape[1])  # the covariates the design has once enough rows give them full rank
             need = runs_needed(0.3, 0.2, k, confidence)
             raise ValueError(
                 f"too few rows for residualize={m!r}: n={n}, but a partial correlation with k={k} covariate(s) needs "
@@ -533,7 +534,8 @@ def partial_correlations(
     ----------
     table : DataFrame with columns ``acc_<split>`` (fractions in [0, 1]) and optionally ``run_id``,
         hyper-parameters and (for ``unit="checkpoints"``) ``step``; or an experiment directory, loaded with
-        ``gradtrace.results.load_results`` and ``load_item_correctness``.
+        ``gradtrace.results.load_results`` and ``load_item_correctness`` (runs of several bases then taken within
+        base unless ``within`` names another column).
     id : name of the ID split (column ``acc_<id>``); shifts are the other splits, or those named in ``shifts``.
     residualize : ``"linear"`` (raw scale, k = 1), ``"probit"`` (k = 1), ``"spline"`` (k = spline_knots + 1)
         or ``"all"``.
@@ -576,8 +578,11 @@ def partial_correlations(
     accuracies, constant columns and duplicate run ids.
     """
     if isinstance(table, (str, PathLike)):
+        from gradtrace.results import base_groups
+
         table, loaded = _load_experiment(table)
         items = loaded if items is None else items
+        within = within or base_groups(table)  # as `gradtrace stats`: the runs of several bases within base
     opts = _check_options(residualize, unit, n_boot, n_perm, seed, block_length, spline_knots, n_items,
                           n_splits, alpha, confidence)
     data = _prepare(table, id, shifts, unit, items, n_items, within)
@@ -588,8 +593,9 @@ def partial_correlations(
     block = None
     if opts.unit == "checkpoints":
         block = opts.block_length or max(1, round(n ** (1 / 3)))
-        if block > n:
-            raise ValueError(f"block_length={block} exceeds the {n} checkpoints: expected 1 <= block_length <= n.")
+        if block >= n:
+            raise ValueError(f"block_length={block} leaves nothing to resample among the {n} checkpoints: expected "
+                             "1 <= block_length < n.")
         warnings.warn(
             "unit='checkpoints': naive p-values (p, p_perm, p_holm, p_bh) and the Fisher-z CI are invalid for "
             "autocorrelated checkpoints of one run; rely on the block-bootstrap CIs.", UserWarning, stacklevel=2,
@@ -808,15 +814,17 @@ def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, n
     return load_results(exp_dir), (dict(items) if items else None)
 
 
-def _varying_shifts(table: pd.DataFrame, id: str) -> list[str] | None:
-    """Shifts whose accuracy varies across runs; warns about (and drops) constant ones, which have no correlation."""
-    shifts = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_") and c[4:] != id]
+def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = None) -> list[str]:
+    """The shifts (default: every `acc_` column but ID's) whose accuracy varies across runs; warns about and drops
+    constant ones, which have no correlation (with fewer than 5 runs none are dropped: too few for any)."""
+    if shifts is None:
+        shifts = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_") and c[4:] != id]
     constant = [s for s in shifts if table[f"acc_{s}"].nunique() <= 1]
     if constant and len(table) >= 5:
         warnings.warn(f"dropping shifts with the same accuracy in every run ({', '.join(constant)}): a partial "
                       "correlation needs variation. Train longer or recalibrate the task (gradtrace calibrate).")
         return [s for s in shifts if s not in constant]
-    return None
+    return list(shifts)
 
 
 def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> StatsReport:
@@ -833,7 +841,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
     table, items = _load_experiment(exp_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kw.setdefault("shifts", _varying_shifts(table, kw.get("id", "ID")))
+        kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID")))
         kw.setdefault("within", base_groups(table))
         stats = partial_correlations(table, residualize=residualize, items=items, **kw)
         groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None

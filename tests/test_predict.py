@@ -377,6 +377,17 @@ def test_run_predict_on_planted_experiment(planted):
     assert "p_relabel" in text
 
 
+def test_run_predict_leaves_out_a_shift_no_run_varies_on_as_stats_does(tmp_path):
+    planted = make_planted(tmp_path, n_sweep=40)
+    results = pd.read_csv(planted.exp_dir / "results.csv")
+    results[f"acc_{SHIFTS[-1]}"] = 0.0  # a shift no sweep run ever gets right
+    results.to_csv(planted.exp_dir / "results.csv", index=False)
+    with pytest.warns(UserWarning, match=f"dropping shifts with the same accuracy in every run \\({SHIFTS[-1]}\\)"):
+        result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
+    assert set(result.predictions.a) | set(result.predictions.b) == set(SHIFTS[:-1])
+    assert len(result.predictions) == len(result.scores) * len(SHIFTS[:-1]) * (len(SHIFTS) - 2) // 2
+
+
 def test_run_predict_reports_predictors_that_cannot_run(planted):
     with pytest.warns(UserWarning, match="could not run"):
         result = run_predict(planted.exp_dir, predictors=["minisweep_covariance"], n_boot=0, n_splits=10)

@@ -103,6 +103,15 @@ def test_core_matches_pingouin_with_several_covariates():
     assert abs(_t_pvalue(r, 35 - 3 - 2) - ref["p_val"].iloc[0]) < 1e-10
 
 
+def test_t_pvalue_is_zero_only_at_a_perfect_correlation():
+    import scipy.stats as sps
+
+    r = 0.999996
+    exact = 2 * sps.t.sf(r * np.sqrt(2 / (1 - r**2)), 2)  # ~4e-6
+    assert exact > 0 and _t_pvalue(r, 2) == pytest.approx(exact, rel=1e-6)
+    assert _t_pvalue(np.array([1.0, -1.0]), 5).tolist() == [0.0, 0.0]
+
+
 def grouped_table(rng, n_groups=4, per_group=15, offset=1.5):
     """Runs in groups (bases) whose shifts share a group offset: correlated across groups, not within them."""
     groups = np.repeat(np.arange(n_groups), per_group)
@@ -324,6 +333,8 @@ def test_checkpoints_warn_note_and_order_by_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert (partial_correlations(df.drop(columns=["step", "run_id"]), **FAST)["note"] == "").all()
+    with pytest.raises(ValueError, match="leaves nothing to resample among the 40 checkpoints"):
+        partial_correlations(df, unit="checkpoints", block_length=40, **FAST)  # every resample the same rows
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -334,6 +345,9 @@ def test_too_few_runs_says_how_many_are_needed():
     df = random_table(np.random.default_rng(12), n=4)
     with pytest.raises(ValueError, match=r"n=4.*k \+ 4 = 5.*82 runs"):
         partial_correlations(df, residualize="linear", **FAST)
+    df = random_table(np.random.default_rng(12), n=5)  # the spline's 5 columns have rank 4 in 5 rows: still 9 needed
+    with pytest.raises(ValueError, match=r"n=5.*k=5.*k \+ 4 = 9"):
+        partial_correlations(df, residualize="spline", **FAST)
     df = random_table(np.random.default_rng(12), n=8)
     partial_correlations(df, residualize="probit", **FAST)  # 8 >= 1 + 4
     with pytest.raises(ValueError, match=r"residualize='spline'.*k=5.*spline_knots"):

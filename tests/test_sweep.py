@@ -204,7 +204,7 @@ def test_plan_spreads_runs_over_several_bases():
 
 
 def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
-    from gradtrace.stats import stats_report
+    from gradtrace.stats import partial_correlations, stats_report
 
     cfg = tiny_config(sweep__runs=8, sweep__bases=2, sweep__workers=1, sweep__reference_runs=0,
                       sweep__pretrain_steps=6, train__steps=4)
@@ -218,7 +218,12 @@ def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tiny model: low reliability, some shifts barely vary
         report = stats_report(tmp_path, residualize="linear", n_boot=0, n_perm=0)
+        direct = partial_correlations(tmp_path, residualize="linear", n_boot=0, n_perm=0,
+                                      shifts=list(dict.fromkeys([*report.stats.a, *report.stats.b])))
     assert report.summary["within"] == "base" and (report.stats.k == 2).all()  # ID and one base indicator
+    both = report.stats.merge(direct, on=["a", "b"], suffixes=("", "_direct"))
+    assert len(both) == len(report.stats) and (both.k_direct == 2).all()  # a directory's runs within base too
+    np.testing.assert_array_equal(both.r_direct, both.r)
     assert assess(sweep.reset_index(drop=True), {}).bases == 2
 
 
