@@ -87,6 +87,52 @@ def test_probe_gradient_matches_a_recomputed_gradient(tmp_path, task):
     assert group["probe/step"][:].tolist() == [0, 3]
 
 
+def test_probes_precondition_each_tensor_by_its_own_adam_state_and_group(tmp_path, task):
+    """probe/grad_adam = g/(√v̂+ε), each tensor by its own v and step count and its param group's β2 and ε; a
+    tensor the optimizer does not hold is left as g. Probing leaves every submodule in the mode the loop set."""
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=2), 3)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": params[1:8], "betas": (0.9, 0.95), "eps": 1e-6},
+                             {"params": params[8:], "betas": (0.8, 0.999), "eps": 1e-8}], lr=3e-3)  # not params[0]
+    frozen_mode = model.gpt_neox.layers[0]
+    frozen_mode.eval()  # a part the user keeps in eval mode while the rest trains
+    rec = factory(model, opt)
+    for step in range(3):
+        x, m = task.train_batch(step, 0, 16)
+        opt.zero_grad()
+        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+        opt.step()
+        assert model.training and not any(module.training for module in frozen_mode.modules())
+    rec.close()
+    g, adam = store.read(group, "probe/grad")[-1], store.read(group, "probe/grad_adam")[-1]  # at step 3
+    precond = [torch.ones(params[0].numel())]
+    for settings in opt.param_groups:
+        beta2, eps = settings["betas"][1], settings["eps"]
+        for p in settings["params"]:
+            v_hat = opt.state[p]["exp_avg_sq"].reshape(-1) / (1 - beta2 ** float(opt.state[p]["step"]))
+            precond.append(1 / (v_hat.sqrt() + eps))
+    np.testing.assert_allclose(adam, g * torch.cat(precond).numpy(), rtol=1e-5, atol=1e-12)
+
+
+def test_sketched_m_is_zero_where_the_optimizer_holds_no_parameter(tmp_path, task):
+    """An optimizer over some of the parameters that get gradients: m is 0 for the rest, not their gradients' EMA."""
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=0), 4)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    head = list(model.get_output_embeddings().parameters())
+    opt = torch.optim.AdamW(head, lr=3e-3)  # fine-tunes the output layer; the rest still gets gradients
+    rec = factory(model, opt)
+    for step in range(4):
+        x, m = task.train_batch(step, 0, 16)
+        opt.zero_grad()
+        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+        opt.step()
+    rec.close()
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) if p in opt.state else torch.zeros(p.numel())
+                   for p in model.parameters()])
+    np.testing.assert_allclose(store.read(group, "adam_m")[-1], m.numpy(), rtol=1e-6, atol=1e-10)
+
+
 def test_countsketch_rows_are_the_sketches_of_the_exact_rows(tmp_path, task):
     """Two Recorders on one optimizer: the CountSketch one (CPU kernels, one pass per tensor) writes exactly the
     sketches and norms of what the identity one (generic torch path) records, step by step."""
@@ -149,9 +195,11 @@ def test_v_statistics_every_n_steps_nan_between(tmp_path, task):
     assert again.attrs()["v_stats_every"] == 3
 
 
-def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_path, task):
-    """GradScaler hands a fused optimizer still-scaled gradients plus the scale; the Recorder divides by it, and a
-    step the scaler skips (inf) is neither recorded nor counted."""
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_path, task, unscale_first):
+    """GradScaler hands a fused optimizer still-scaled gradients plus the scale (or, after the loop's own
+    `scaler.unscale_`, unscaled ones); the Recorder divides by the scale where there is one, and a step the scaler
+    skips (inf) is neither recorded nor counted, nor does it reach the carried sketch of m."""
     group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", probe_every=0, v_stats_every=1), 5)
     model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
@@ -164,8 +212,11 @@ def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_pat
         scaler.scale(answer_cross_entropy(model(input_ids=x).logits, x, m)).backward()
         if step == 2:
             next(model.parameters()).grad[0] = float("inf")  # the scaler skips this step
-        else:
-            used.append(torch.cat([p.grad.reshape(-1) / scaler.get_scale() for p in model.parameters()]))
+        if unscale_first:
+            scaler.unscale_(opt)  # as a loop that clips does
+        if step != 2:
+            scale = 1.0 if unscale_first else scaler.get_scale()
+            used.append(torch.cat([p.grad.reshape(-1) / scale for p in model.parameters()]))
         scaler.step(opt)
         scaler.update()
     rec.close()

@@ -91,7 +91,7 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train_steps(model, opt, task, 5, rec, start=3)  # killed here: rows 3 and 4 are on disk, past the checkpoint
     with pytest.raises(ValueError, match="durable only up to step 3"):
-        attach(micro(task), opt, tmp_path, "r", total_steps=6, resume=True, start_step=5)
+        attach(micro(task), opt, tmp_path, "r", total_steps=6, capture=IDENTITY, resume=True, start_step=5)
 
     model = micro(task)
     model.load_state_dict(saved[0])
@@ -110,6 +110,66 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     assert resumed["step"][:].tolist() == list(range(6)) and resumed.attrs["status"] == "complete"
     for name in ("grad", "update", "adam_m"):
         np.testing.assert_array_equal(resumed[name][:], reference[name][:])  # exact: m carried on from the store
+
+
+def test_each_probed_step_has_one_probe_row_when_closed_early_twice_or_resumed_at_0(tmp_path, task):
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:1]]
+    capture = CaptureConfig(sketch="countsketch", dim=16, probe_every=2)
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with attach(model, opt, tmp_path, "early", total_steps=100, probes=probes, capture=capture) as rec:
+        train_steps(model, opt, task, 4, rec)  # stopped at a probed step, long before total_steps
+        rec.close()  # and closed inside the block that closes it again
+    assert run_group(tmp_path, "early")["probe/step"][:].tolist() == [0, 2, 4]
+    assert run_group(tmp_path, "early").attrs["status"] == "complete"
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    initial = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, probes=probes, capture=capture)
+    train_steps(model, opt, task, 1, rec)  # killed before any checkpoint: resumed from the start
+    model.load_state_dict(initial[0])
+    opt.load_state_dict(initial[1])
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, probes=probes, capture=capture, resume=True)
+    train_steps(model, opt, task, 4, rec)
+    rec.close()
+    assert run_group(tmp_path)["probe/step"][:].tolist() == [0, 2, 4]
+
+
+def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(dim=64, probe_every=0))
+    train_steps(model, opt, task, 2, rec)
+    rec.checkpoint()
+    same = CaptureConfig(dim=64, probe_every=0)
+    for capture, other, changed in [(CaptureConfig(dim=32, probe_every=0), model, "capture.dim: 64 → 32"),
+                                    (CaptureConfig(dim=64, probe_every=0, seed=1), model, "capture.seed: 0 → 1"),
+                                    (same, torch.nn.Linear(3, 3), "the model's parameters")]:
+        with pytest.raises(ValueError, match=f"cannot resume with another capture.*{changed}"):
+            attach(other, torch.optim.AdamW(other.parameters()), tmp_path, "r", total_steps=4, capture=capture,
+                   resume=True, start_step=2)
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=CaptureConfig(dim=64, probe_every=0, chunk=8),
+                 resume=True, start_step=2)  # a longer run, written in other chunks: the same rows
+    train_steps(model, opt, task, 6, rec, start=2)
+    rec.close()
+    assert run_group(tmp_path).attrs["steps"] == 6 and run_group(tmp_path)["step"][:].tolist() == list(range(6))
+
+
+def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="SGD keeps no Adam moments: drop it"):
+        attach(model, opt, tmp_path, "r", total_steps=3)  # before any step trains
+    rec = attach(model, opt, tmp_path, "sgd", total_steps=3, capture=CaptureConfig(
+        sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
+    before = flat_params(model)
+    train_steps(model, opt, task, 3, rec)
+    rec.close()
+    group = run_group(tmp_path, "sgd")
+    assert group["step"][:].tolist() == [0, 1, 2] and group.attrs["adam"] == {}
+    assert np.isnan(group["layer_v_mean"][:]).all()  # SGD keeps no v
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
 
 
 def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
@@ -157,6 +217,23 @@ def test_a_model_in_another_dtype_is_recorded_in_float32(tmp_path, task, dtype):
     sample = rec._v_sample.sample([opt.state[p]["exp_avg_sq"] for p in model.parameters()]).float()
     expected = [torch.quantile(sample[a:b], torch.tensor([0.5, 0.9, 0.99])) for a, b in rec._v_sample.bounds]
     np.testing.assert_allclose(group["layer_v_quantile"][-1], torch.stack(expected).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sketch", ["countsketch", "identity"])
+def test_a_float64_models_update_is_formed_in_float64(tmp_path, task, sketch):
+    """Δθ ≪ θ at a small lr: θ_t snapshotted in float32 would leave only rounding of θ in θ_{t+1} − θ_t."""
+    model = micro(task).to(torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, capture=CaptureConfig(sketch=sketch, dim=256,
+                                                                                probe_every=0))
+    deltas = []
+    for step in range(2):
+        before = flat_params(model)
+        train_steps(model, opt, task, step + 1, rec, start=step)
+        deltas.append(flat_params(model) - before)
+    rec.close()
+    expected = torch.stack([rec.sketch.apply(torch.from_numpy(d)) for d in deltas])
+    np.testing.assert_allclose(store.read(run_group(tmp_path), "update"), expected.numpy(), rtol=1e-5, atol=1e-14)
 
 
 def test_parameters_without_gradients_keep_the_sketched_moment_exact(tmp_path, task):

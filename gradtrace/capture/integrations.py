@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from gradtrace import store
-from gradtrace.capture.recorder import Probe, Recorder
-from gradtrace.capture.sketch import Sketch
+from gradtrace.capture.recorder import Probe, Recorder, unwrap_model
+from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig
 
 
@@ -50,14 +50,19 @@ class RunRecorder(Recorder):
         self.group.attrs.update({"steps_done": self.step, "wall_time_s": time.perf_counter() - self._began})
 
     def close(self, final_probe: bool = True) -> None:
-        """Take the final probe, write every row, detach the hooks and mark the run complete."""
+        """Take the final probe, write every row, detach the hooks and mark the run complete (once)."""
+        if self.closed:
+            return
         super().close(final_probe)
         self.writer.close()
         store.set_status(self.group, "complete", steps_done=self.step, last_durable_step=self.step,
                          nonfinite_steps=self.nonfinite_steps, wall_time_s=time.perf_counter() - self._began)
 
     def fail(self, error: BaseException) -> None:
-        """Write what was recorded, detach the hooks and mark the run failed with the error."""
+        """Write what was recorded, detach the hooks and mark the run failed with the error (a run closed already
+        stays complete)."""
+        if self.closed:
+            return
         super().close(final_probe=False)
         self.writer.close()
         store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step)
@@ -120,6 +125,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     device = next(model.parameters()).device
     probes = [Probe(p.split, p.tokens.to(device), p.mask.to(device)) for p in probes or []]
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
+    if resume and run_id in root:
+        _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash)
     group = _run_group(root, run_id, resume, start_step, {
         "config": {"capture": dataclasses.asdict(capture)}, "role": "reference", "steps": total_steps,
         "steps_done": start_step, **(attrs or {})})
@@ -129,7 +136,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
 
 
 def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str, Any]):
-    """A fresh run group, or (resume) the existing one cut back to `start_step`."""
+    """A fresh run group, or (resume) the existing one cut back to `start_step`, with these attributes."""
     if not (resume and run_id in root):
         return store.create_run(root, run_id, attrs)
     group = root[run_id]
@@ -141,8 +148,27 @@ def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str
                          f"{start_step}: the rows in between were never written. Call recorder.checkpoint() "
                          "whenever you checkpoint the model, and resume from a checkpoint taken with it.")
     store.truncate_to(group, start_step)
+    group.attrs.update(attrs)
     store.set_status(group, "running", steps_done=start_step, last_durable_step=start_step)
     return group
+
+
+RESUME_KEYS = ("sketch", "dim", "seed", "quantities", "probe_losses", "dtype")  # what the stored arrays hold
+
+
+def _check_same_capture(group, capture: dict[str, Any], layout_hash: str) -> None:
+    """Refuse to resume a run with another parameter layout or another capture of what its arrays hold: its rows
+    would join rows of another kind."""
+    stored = group.attrs.get("config", {}).get("capture", {})
+    changed = [f"capture.{key}: {stored[key]!r} → {capture[key]!r}" for key in RESUME_KEYS
+               if key in stored and stored[key] != capture[key]]
+    recorded_layout = (group.attrs.get("sketch") or {}).get("layout_hash")
+    if recorded_layout not in (None, layout_hash):
+        changed.append("the model's parameters (layout hash)")
+    if changed:
+        raise ValueError(f"run {group.basename!r} cannot resume with another capture than it was recorded with "
+                         f"({'; '.join(changed)}): its arrays would mix two kinds of rows. Resume with the same "
+                         "model and CaptureConfig, or record a new run id.")
 
 
 def sketch_sharded(sketch: Sketch, shard: torch.Tensor, start: int, group: Any = None) -> torch.Tensor:

@@ -80,6 +80,9 @@ class Recorder:
         if unknown:
             raise ValueError(f"unknown capture.quantities {sorted(unknown)}; choose from grad, update, adam_m")
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
+        if "adam_m" in cfg.quantities and "betas" not in self.optimizer.defaults:
+            raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no Adam "
+                             "moments: drop it, e.g. CaptureConfig(quantities=['grad', 'update'])")
         self.writer, self.cfg = writer, cfg
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.layout = ParamLayout.of(self.model)
@@ -97,16 +100,20 @@ class Recorder:
         self._unclipped: torch.Tensor | float = float("nan")  # this step's norm before clipping, when given
         self._recording = False
         self._skipped = False
+        self.closed = False
         self._all_grads = True
         P = self.layout.size
         self._numels = self.layout.numels
         self._flat = torch.empty(P, device=device)   # scratch: flat copies of g, m, v and probe gradients
-        self._theta = torch.empty(P, device=device)  # θ_t, snapshotted before the step (scratch after it)
+        wide = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self._theta = torch.empty(P, device=device, dtype=wide)  # θ_t before the step (Δθ ≪ θ: in θ's precision)
         self._theta_views = [v.view(s) for v, s in zip(self._theta.split(self._numels), self.layout.shapes)]
         self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
         declare_arrays(writer, cfg, self.k, len(self._numels), len(self.probes), len(self.probe_losses))
         self._m_sketch = self._stored_m_sketch()  # sketch(m) carried forward by linearity (see `_sketch_m`)
+        probed = writer.group["probe/step"] if self.probes else None
+        self._probed_at = int(probed[-1]) if probed is not None and probed.shape[0] else None  # resumed: kept rows
         self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
                        self.optimizer.register_step_post_hook(self._post_step)]
 
@@ -119,9 +126,9 @@ class Recorder:
     def attrs(self) -> dict:
         """Run attributes describing what this recorder writes (for the store)."""
         group = self.optimizer.param_groups[0]
-        beta1, beta2 = group.get("betas", (0.9, 0.999))
+        adam = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"]} if "betas" in group else {}
         return capture_attrs(self.sketch, self.layout, self.cfg, [p.split for p in self.probes],
-                             list(self.probe_losses), {"beta1": beta1, "beta2": beta2, "eps": group.get("eps", 1e-8)})
+                             list(self.probe_losses), adam)
 
     # -- the user's one line ----------------------------------------------------------------------------------
     def log(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> None:
@@ -137,12 +144,14 @@ class Recorder:
     # -- hooks ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        scale = getattr(optimizer, "grad_scale", None)  # set by GradScaler.step on a fused optimizer: still scaled
-        self._skipped = scale is not None and bool(getattr(optimizer, "found_inf", 0))  # the step will be skipped
+        # GradScaler.step hands a fused optimizer found_inf (the fused step then skips itself) and, unless the loop
+        # called scaler.unscale_ first, the scale its gradients still carry
+        scale = getattr(optimizer, "grad_scale", None)
+        self._skipped = bool(getattr(optimizer, "found_inf", 0))
         if self._skipped:
             return
-        if self.probes and self.step == 0:
-            self.probe()
+        if self.step == 0:
+            self._probe_once()
         self._recording = self.step in self.schedule
         if not self._recording:
             return
@@ -180,8 +189,11 @@ class Recorder:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
             m, v = self._adam_state()
             if "adam_m" in self.cfg.quantities:
+                if m is None:
+                    raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no "
+                                     "exp_avg: drop adam_m from capture.quantities")
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
-            if self.step % self.cfg.v_stats_every == 0:  # v is an EMA over 1/(1−β2) ≥ 50 steps: moves slowly
+            if v is not None and self.step % self.cfg.v_stats_every == 0:  # v: an EMA over ≥ 50 steps, moves slowly
                 row["layer_v_mean"] = torch.stack(torch._foreach_norm(v, 1)) / self._lengths  # v ≥ 0: L1 = sum
                 row["layer_v_quantile"] = self._v_sample.quantiles(v)
             else:
@@ -189,8 +201,8 @@ class Recorder:
             self.writer.append(row)  # device tensors: the writer copies them to the host a chunk at a time
         self._loss_count, self._unclipped = 0, float("nan")
         self.step += 1
-        if self.probes and self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
-            self.probe()
+        if self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
+            self._probe_once()
 
     def _sketch_m(self, m: list[torch.Tensor], grad_sketch: torch.Tensor | None) -> torch.Tensor:
         """sketch(m_t): sketched directly, or, once known and while exact, as the EMA of the gradient sketches.
@@ -220,12 +232,14 @@ class Recorder:
         return torch.from_numpy(group["adam_m"][-1]).to(self._flat.device)
 
     def _m_follows_gradient(self) -> bool:
-        """Whether Adam's m is an EMA of exactly the recorded gradients (every step recorded, one β1, no L2
-        weight decay folded into the gradient, no maximize, m kept in float32 or wider: a bf16 m is rounded each
-        step). A fused step under GradScaler unscales inside, by the scale the recorded gradient is divided by,
-        so fused optimizers qualify too."""
+        """Whether Adam's m is an EMA of exactly the recorded gradients (every step recorded, every recorded
+        parameter in the optimizer, one β1, no L2 weight decay folded into the gradient, no maximize, m kept in
+        float32 or wider: a bf16 m is rounded each step). A fused step under GradScaler unscales inside, by the
+        scale the recorded gradient is divided by, so fused optimizers qualify too."""
         groups = self.optimizer.param_groups
+        held = {id(p) for g in groups for p in g["params"]}  # m is 0 for a parameter the optimizer does not hold
         return ("grad" in self.cfg.quantities and self.schedule.every_step
+                and all(id(p) in held for p in self.params)
                 and all(torch.finfo(p.dtype).bits >= 32 for p in self.params)
                 and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
                 and len({float(g["betas"][0]) for g in groups}) == 1
@@ -233,39 +247,55 @@ class Recorder:
                         and (g.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
                              or not g.get("weight_decay")) for g in groups))
 
-    def _adam_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Adam's m and v per parameter (zeros for a parameter that never had a gradient, hence no state)."""
+    def _adam_state(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Adam's m and v per parameter (zeros for a parameter that never had a gradient, hence no state); None
+        for a moment the optimizer does not keep (SGD keeps neither, Adamax no v)."""
         states = [self.optimizer.state.get(p, {}) for p in self.params]
-        if not any("exp_avg" in s for s in states):
-            raise ValueError("the Recorder reads Adam's exp_avg/exp_avg_sq; the optimizer has no such state "
-                             f"({type(self.optimizer).__name__}). Use Adam/AdamW or drop adam_m from "
-                             "capture.quantities.")
-        return ([s["exp_avg"] if "exp_avg" in s else torch.zeros_like(p) for s, p in zip(states, self.params)],
-                [s["exp_avg_sq"] if "exp_avg_sq" in s else torch.zeros_like(p) for s, p in zip(states, self.params)])
+
+        def moment(key: str) -> list[torch.Tensor] | None:
+            if not any(key in state for state in states):
+                return None
+            return [state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, self.params)]
+
+        return moment("exp_avg"), moment("exp_avg_sq")
 
     # -- probes -----------------------------------------------------------------------------------------------
     def probe(self) -> None:
         """Probe gradient of every split under every probe loss at the current parameters, plus g/(√v̂+ε)."""
         self.writer.append(probe_row(self.model, self.params, self.probes, self.probe_losses, self.sketch,
                                      self._preconditioner(), self._flat, self.step))
+        self._probed_at = self.step
+
+    def _probe_once(self) -> None:
+        """Probe, unless there are no probes or this step has its probe already (one row per step)."""
+        if self.probes and self._probed_at != self.step:
+            self.probe()
 
     @torch.no_grad()
     def _preconditioner(self) -> torch.Tensor:
-        """1/(√v̂+ε) per coordinate (ones before Adam has state)."""
-        group = self.optimizer.param_groups[0]
-        state = self.optimizer.state.get(self.params[0], {})
-        if "exp_avg_sq" not in state:
-            return torch.ones_like(self._flat)
-        v = flatten_into([self.optimizer.state[p]["exp_avg_sq"] for p in self.params], torch.empty_like(self._flat))
-        return adam_preconditioner(v, float(state["step"]), group["betas"][1], group["eps"])
+        """1/(√v̂+ε) per coordinate, each parameter by its own Adam state and its group's β2 and ε (ones where it
+        has no state: before its first step, or under an optimizer that keeps no v)."""
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        out = torch.ones_like(self._flat)
+        for p, part in zip(self.params, out.split(self._numels)):
+            state = self.optimizer.state.get(p, {})
+            if "exp_avg_sq" in state:
+                group = group_of[id(p)]
+                part.copy_(adam_preconditioner(state["exp_avg_sq"].reshape(-1).float(), float(state["step"]),
+                                               group["betas"][1], group["eps"]))
+        return out
 
     def close(self, final_probe: bool = True) -> None:
-        """Take the final probe, write every buffered row and detach the hooks."""
-        if final_probe and self.probes and self.step > 0:
-            self.probe()
+        """Take the final probe (unless this step has one), write every buffered row and detach the hooks (once:
+        closing again does nothing)."""
+        if self.closed:
+            return
+        if final_probe and self.step > 0:
+            self._probe_once()
         self.writer.flush()
         for h in self._hooks:
             h.remove()
+        self.closed = True
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -331,7 +361,7 @@ def probe_row(model: torch.nn.Module, params: list[torch.Tensor], probes: list[P
     under every probe loss, at the model's current parameters (`flat` is a P-sized scratch buffer)."""
     from gradtrace.tasks.losses import exact_match
 
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each its own: a user may freeze parts
     model.eval()
     S, Lp, k = len(probes), len(probe_losses), sketch.dim
     grads, adam = torch.empty(S, Lp, k), torch.empty(S, Lp, k)
@@ -348,7 +378,8 @@ def probe_row(model: torch.nn.Module, params: list[torch.Tensor], probes: list[P
                 adam[i, j] = sketch.apply(flat * precond).cpu()
                 losses[i, j] = loss.detach()
         accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
-    model.train(was_training)
+    for module, mode in modes:
+        module.training = mode
     return {"probe/step": step, "probe/loss": losses.numpy(), "probe/accuracy": accuracy.numpy(),
             "probe/grad": grads.numpy(), "probe/grad_adam": adam.numpy()}
 

@@ -113,7 +113,7 @@ class Sketch(ABC):
         P-vector `old` of their earlier values, which may be overwritten (it is scratch)."""
         old_parts = old.split(self.layout.numels)
         torch._foreach_sub_(old_parts, [t.reshape(-1) for t in new])  # old − new in place: no extra buffer
-        norms = torch.stack(torch._foreach_norm(old_parts))
+        norms = torch.stack(torch._foreach_norm(old_parts)).float()
         return self.apply(old).neg_(), norms
 
     def spec(self) -> dict:
@@ -227,8 +227,8 @@ class CountSketch(Sketch):
 
     def apply_difference_with_norms(self, new: Sequence[torch.Tensor],
                                     old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if old.device.type != "cpu":
-            return super().apply_difference_with_norms(new, old)
+        if old.device.type != "cpu" or old.dtype == torch.float64:  # the kernel reads float32: Δθ of a float64
+            return super().apply_difference_with_norms(new, old)         # model is formed in float64 first
         from gradtrace.capture.kernels import countsketch_add_difference
 
         out, sumsq, old = torch.zeros(self.dim), np.empty(len(new)), _numpy_flat(old)
