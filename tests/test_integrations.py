@@ -12,6 +12,7 @@ import zarr
 from conftest import tiny_config
 from gradtrace import store
 from gradtrace.capture import GradtraceCallback, IdleRecorder, Probe, attach, make_sketch, sketch_sharded
+from gradtrace.capture.recorder import unwrap_model
 from gradtrace.capture.sketch import ParamLayout
 from gradtrace.config import CaptureConfig
 from gradtrace.models import build_model
@@ -134,6 +135,22 @@ def test_each_probed_step_has_one_probe_row_when_closed_early_twice_or_resumed_a
     train_steps(model, opt, task, 4, rec)
     rec.close()
     assert run_group(tmp_path)["probe/step"][:].tolist() == [0, 2, 4]
+
+
+def test_a_run_longer_than_its_total_steps_is_warned_about(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:1]]
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, probes=probes, capture=CaptureConfig(dim=16))
+    with pytest.warns(UserWarning, match="optimizer step 3 is past total_steps=2"):
+        train_steps(model, opt, task, 3, rec)
+    rec.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
+def test_a_compiled_model_is_recorded_in_the_bare_models_layout():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert ParamLayout.of(unwrap_model(torch.compile(model))).hash == ParamLayout.of(model).hash
 
 
 def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):

@@ -23,6 +23,7 @@ recorded), and the parameter layout is the bare model's (DDP's `module.` prefix 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -152,6 +153,10 @@ class Recorder:
             return
         if self.step == 0:
             self._probe_once()
+        if self.step == self.total_steps and (self.probes or self.cfg.schedule == "log"):
+            warnings.warn(f"optimizer step {self.step + 1} is past total_steps={self.total_steps}: periodic probes "
+                          "stop there and a log schedule records no more rows; give attach the run's real number "
+                          "of optimizer steps", UserWarning, stacklevel=2)
         self._recording = self.step in self.schedule
         if not self._recording:
             return
@@ -299,10 +304,15 @@ class Recorder:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameters train: DDP and DataParallel hold it as `.module`."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
+    """The module whose parameters train: DDP and DataParallel hold it as `.module`, `torch.compile` as
+    `._orig_mod` (whose `_orig_mod.` prefix would change the layout hash)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
