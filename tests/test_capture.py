@@ -37,6 +37,15 @@ def plain_loop(task, steps, recorder_factory=None, nan_at=None):
     return model, opt, used
 
 
+def train_a_few(model, opt, task, steps):
+    """A plain loop over a model and optimizer set up by the test."""
+    for step in range(steps):
+        x, m = task.train_batch(step, 0, 16)
+        opt.zero_grad()
+        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+        opt.step()
+
+
 @pytest.fixture
 def task():
     return ArithmeticTask(tiny_config().task)
@@ -98,13 +107,9 @@ def test_probes_precondition_each_tensor_by_its_own_adam_state_and_group(tmp_pat
     frozen_mode = model.gpt_neox.layers[0]
     frozen_mode.eval()  # a part the user keeps in eval mode while the rest trains
     rec = factory(model, opt)
-    for step in range(3):
-        x, m = task.train_batch(step, 0, 16)
-        opt.zero_grad()
-        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
-        opt.step()
-        assert model.training and not any(module.training for module in frozen_mode.modules())
-    rec.close()
+    train_a_few(model, opt, task, 3)
+    rec.close()  # after probes at steps 0, 2 and 3
+    assert model.training and not any(module.training for module in frozen_mode.modules())
     g, adam = store.read(group, "probe/grad")[-1], store.read(group, "probe/grad_adam")[-1]  # at step 3
     precond = [torch.ones(params[0].numel())]
     for settings in opt.param_groups:
@@ -122,11 +127,7 @@ def test_sketched_m_is_zero_where_the_optimizer_holds_no_parameter(tmp_path, tas
     head = list(model.get_output_embeddings().parameters())
     opt = torch.optim.AdamW(head, lr=3e-3)  # fine-tunes the output layer; the rest still gets gradients
     rec = factory(model, opt)
-    for step in range(4):
-        x, m = task.train_batch(step, 0, 16)
-        opt.zero_grad()
-        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
-        opt.step()
+    train_a_few(model, opt, task, 4)
     rec.close()
     m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) if p in opt.state else torch.zeros(p.numel())
                    for p in model.parameters()])
