@@ -150,6 +150,19 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+def changed_keys(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old → new` for every dotted key whose value differs, but those in `ignore` (keys or whole sections)."""
+    def flat(data: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return [f"{key}: {a[key]!r} → {b[key]!r}" for key in a
+            if a[key] != b[key] and not any(key == i or key.startswith(i + ".") for i in ignore)]
+
+
 def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: dict[str, float] | None = None):
     """Refuse a numeric key below its least meaningful value or above its greatest, naming its dotted key."""
     for name, bound in least.items():

@@ -285,22 +285,15 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     config_path = out / "config.yaml"
     if config_path.exists():
         previous = config_mod.load(config_path)
-        if not _extends(previous, cfg):
-            raise ValueError(f"{out} holds a sweep with a different config; resume with the same config, extend it "
-                             "(only more sweep.runs or other predict settings), or choose a new --out directory")
+        changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
+        if cfg.sweep.runs < previous.sweep.runs:
+            changed.append(f"sweep.runs: {previous.sweep.runs} → {cfg.sweep.runs}, fewer")
+        if changed:
+            raise ValueError(f"{out} holds a sweep with a different config ({'; '.join(changed)}); resume with the "
+                             "same config, extend it (only more sweep.runs or other predict settings), or choose a "
+                             "new --out directory")
     config_mod.dump(cfg, config_path)
     (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
-
-
-def _extends(previous: Config, cfg: Config) -> bool:
-    """Whether `cfg` plans every run of `previous` unchanged: the same config but for more sweep runs (the plan
-    draws run i's settings in order, so the first runs stay the same) and the predictors, which train nothing."""
-    def fixed(c: Config) -> dict:
-        d = c.to_dict()
-        d.pop("predict")
-        d["sweep"].pop("runs")
-        return d
-    return fixed(previous) == fixed(cfg) and cfg.sweep.runs >= previous.sweep.runs
 
 
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: str | None):

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import Probe, Recorder
-from gradtrace.config import CaptureConfig, Config, TrainConfig
+from gradtrace.config import CaptureConfig, Config, TrainConfig, changed_keys, from_dict
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
@@ -90,6 +90,18 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+RESUME_MAY_CHANGE = ("train.threads", "train.device", "train.checkpoint_every", "model.init_from", "capture.chunk",
+                     "capture.writer_thread", "sweep", "predict")  # where and how a run trains, not what it computes
+
+
+def _check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
+    """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
+    changed = changed_keys(from_dict(group.attrs["config"]), cfg, RESUME_MAY_CHANGE)
+    if changed:
+        raise ValueError(f"run {run_id!r} was trained with another config ({'; '.join(changed)}); resume it with the "
+                         "config it started with, or train a new run (another --out or run id)")
+
+
 def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "reference",
           resume: bool = False, progress: bool = True) -> RunResult:
     """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies."""
@@ -112,8 +124,9 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     ckpt_root = exp_dir / "checkpoints" / run_id
     start, found = 0, checkpoint.checkpoint_dir(ckpt_root) if resume and run_id in root else None
     if found is not None:
-        start = checkpoint.load_state(found, model, optimizer, scheduler)
         group = root[run_id]
+        _check_resumes_its_config(group, cfg, run_id)
+        start = checkpoint.load_state(found, model, optimizer, scheduler)
         store.truncate_to(group, start)
         store.set_status(group, "running")
     else:

@@ -46,6 +46,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     group = zarr.open_group(killed / "store.zarr" / "r", mode="r")
     assert group.attrs["status"] == "running" and group.attrs["last_durable_step"] < 96
 
+    other = subprocess.run(_cli(killed, "r", "--resume", "--set", "train.lr=0.01"), env=env, capture_output=True,
+                           text=True)  # a resume that would change what the run computes from here on
+    assert other.returncode == 2 and "another config (train.lr: 0.002 → 0.01)" in other.stderr
     subprocess.run(_cli(killed, "r", "--resume"), env=env, check=True, capture_output=True)
 
     a = load_file(str(reference / "weights/r/final.safetensors"))

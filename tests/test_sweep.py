@@ -139,7 +139,7 @@ def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_
 def test_resuming_with_another_config_is_refused(tmp_path):
     run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2), tmp_path,
               progress=False)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(train.steps: 2 → 3\)"):
         run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=3), tmp_path,
                   progress=False)
 
