@@ -19,6 +19,12 @@ def test_registry_has_id_and_at_least_eight_described_shifts():
     assert all(len(s.description) > 20 for s in REGISTRY.values())
 
 
+def test_a_split_too_long_for_max_digits_is_refused_by_name():
+    with pytest.raises(ValueError, match="split 'carry' cannot be drawn at task.max_digits=2"):
+        ArithmeticTask(small(max_digits=2))
+    ArithmeticTask(small(max_digits=2, shifts=["length", "space", "order"]))  # these are
+
+
 def test_default_has_2000_test_items_per_split():
     assert TaskConfig().n_test >= 2000
 

@@ -39,10 +39,15 @@ class ArithmeticTask:
     """ID split + configured OOD shifts; test, probe and training items are disjoint by prompt."""
 
     def __init__(self, cfg: TaskConfig, tokenizer: CharTokenizer | None = None) -> None:
-        for name in cfg.shifts:
-            get_split(name)  # fail early on unknown names
         if "ID" in cfg.shifts:
             raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
+        for name in ["ID", *cfg.shifts]:  # fail early on unknown names and on splits too long for max_digits
+            split, rng = get_split(name), np.random.default_rng(0)
+            try:
+                split.test(rng, cfg.max_digits), split.train(rng, cfg.max_digits)
+            except ValueError as err:
+                raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): raise "
+                                 "task.max_digits or drop it from task.shifts") from None
         self.cfg = cfg
         self.tokenizer = tokenizer or CharTokenizer()
         self.splits = ["ID", *cfg.shifts]
