@@ -126,11 +126,10 @@ def test_each_probed_step_has_one_probe_row_when_closed_early_twice_or_resumed_a
 
     model = micro(task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    initial = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     rec = attach(model, opt, tmp_path, "r", total_steps=4, probes=probes, capture=capture)
-    train_steps(model, opt, task, 1, rec)  # killed before any checkpoint: resumed from the start
-    model.load_state_dict(initial[0])
-    opt.load_state_dict(initial[1])
+    train_steps(model, opt, task, 1, rec)  # killed before any checkpoint: resumed from the start, in a new process
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rec = attach(model, opt, tmp_path, "r", total_steps=4, probes=probes, capture=capture, resume=True)
     train_steps(model, opt, task, 4, rec)
     rec.close()
