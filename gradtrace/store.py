@@ -31,16 +31,18 @@ def encode(rows: np.ndarray, storage: str) -> np.ndarray:
     """Cast float32 rows to the storage dtype (bfloat16 kept as its uint16 bit pattern, rounded to nearest)."""
     if storage != BF16:
         return rows.astype(storage, copy=False)
-    bits = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    bits = rows.view(np.uint32)
     rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even
-    return (rounded >> 16).astype(np.uint16)
+    # a NaN's low mantissa bits would round into the exponent (inf) or wrap round (0): keep it a quiet NaN
+    return np.where(np.isnan(rows), (bits >> 16) | 0x0040, rounded >> 16).astype(np.uint16)
 
 
 def decode(values: np.ndarray, storage: str | None) -> np.ndarray:
-    """Stored values as float32 (inverse of `encode`)."""
-    if storage != BF16:
-        return np.asarray(values)
-    return (np.asarray(values, dtype=np.uint32) << 16).view(np.float32)
+    """Stored values as float32 where they are floats (inverse of `encode`); other values as they are."""
+    if storage == BF16:
+        return (np.asarray(values, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(values, dtype=np.float32) if storage == "float16" else np.asarray(values)
 
 
 def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -235,7 +237,7 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:
-    """Array `name` of a run group as float32/int numpy (bfloat16 decoded)."""
+    """Array `name` of a run group as float32/int numpy (bfloat16 and float16 decoded to float32)."""
     if name not in group:
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
@@ -249,7 +251,7 @@ def read_lazy(group: zarr.Group, name: str):
     arr = group[name]
     lazy = da.from_zarr(arr)
     storage = arr.attrs.get("storage_dtype")
-    return lazy.map_blocks(decode, storage, dtype=np.float32) if storage == BF16 else lazy
+    return lazy.map_blocks(decode, storage, dtype=np.float32) if storage in (BF16, "float16") else lazy
 
 
 # the step-like axes and the arrays whose values label them
@@ -325,7 +327,8 @@ class _RunListing:
     @classmethod
     def of(cls, group: zarr.Group, run_id: str) -> "_RunListing":
         a, arrays = dict(group.attrs), sorted(_arrays(group).items())
-        sketch = a.get("sketch") if a.get("quantities") or a.get("splits") else None  # none used by a scalars-only run
+        sketched = {"grad", "update", "adam_m", "probe/grad"} & {name for name, _ in arrays}
+        sketch = a.get("sketch") if sketched else None  # a run recording scalars only has a sketch it never used
         head = (f"status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
                 f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
                 + (f"sketch={sketch['kind']}:{sketch['dim']} seed={sketch['seed']}" if sketch else "sketch=none"))

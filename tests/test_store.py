@@ -63,6 +63,10 @@ def test_bfloat16_round_trip():
     x = np.array([1.0, -2.5, 3.14159, 1e-20, 65504.0, np.nan], dtype=np.float32)
     y = store.decode(store.encode(x, store.BF16), store.BF16)
     assert np.allclose(y[:5], x[:5], rtol=1 / 128) and np.isnan(y[5])
+    nans = np.array([0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF], dtype=np.uint32).view(np.float32)
+    assert np.isnan(store.decode(store.encode(nans, store.BF16), store.BF16)).all()  # no NaN rounds to inf or 0
+    half = store.decode(x.astype(np.float16), "float16")
+    assert half.dtype == np.float32 and np.allclose(half[:3], x[:3], rtol=1e-3)  # summed as float32, not float16
 
 
 def test_writer_buffers_whole_chunks_and_checkpoint_makes_rows_durable(tmp_path):
@@ -183,10 +187,11 @@ def test_summary_names_a_failed_runs_error(tmp_path):
 def test_summary_counts_runs_alike_instead_of_listing_them(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     for rid, steps in (("ref-000", 8), ("run-000", 4), ("run-001", 4), ("run-002", 4), ("run-003", 6)):
-        sketched = ["grad"] if rid == "ref-000" else []  # the sweep's runs record scalars only
         group = store.create_run(root, rid, {"steps": steps, "sketch": {"kind": "countsketch", "dim": 64, "seed": 0},
-                                             "quantities": sketched, "splits": []})
+                                             "splits": ["ID"]})
         group.create_array("loss", shape=(steps,), dtype="float32", dimension_names=["step"])[:] = 1.0
+        if rid == "ref-000":  # the sweep's runs record scalars only
+            group.create_array("grad", shape=(steps, 64), dtype="float32", dimension_names=["step", "sketch"])
         store.set_status(group, "complete")
     text = store.summary(tmp_path / "s.zarr")
     assert "[run-000]" in text and "[run-001]" not in text and "[run-003]" in text  # shapes differ: listed
