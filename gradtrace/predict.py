@@ -21,6 +21,7 @@ Conventions shared by the predictors:
 from __future__ import annotations
 
 import itertools
+import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -39,6 +40,7 @@ from gradtrace.capture.sketch import check_compatible
 from gradtrace.stats import bootstrap_indices, centre_within, group_codes, partial_correlations, varying_shifts
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
+CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
 DEFAULT_N_ITEMS = 2000  # items per split for the probit clip [1/(2N), 1 − 1/(2N)] when the config does not say
 
 
@@ -189,10 +191,15 @@ def partial_from_covariance(C: np.ndarray) -> np.ndarray:
     covariances R = C_ss − c_s c_sᵀ / C_00.
     """
     C = np.asarray(C, dtype=np.float64)
+    variance = np.diagonal(C, axis1=-2, axis2=-1)
+    # constant but for rounding: centring leaves ~1e-16 of a constant's value, a variance ~1e-32 of its square
+    constant = variance <= CONSTANT_RTOL * variance.max(axis=-1, keepdims=True)
     c0 = C[..., 1:, :1]
     with np.errstate(invalid="ignore", divide="ignore"):  # a constant variable gives NaN, not a warning
-        R = C[..., 1:, 1:] - c0 * np.swapaxes(c0, -1, -2) / C[..., :1, :1]
+        explained = np.where(constant[..., :1, None], 0.0, c0 * np.swapaxes(c0, -1, -2) / C[..., :1, :1])
+        R = C[..., 1:, 1:] - explained  # a constant variable 0 explains nothing: plain correlations
         d = np.sqrt(np.clip(np.diagonal(R, axis1=-2, axis2=-1), 0.0, None))
+        d = np.where(constant[..., 1:], np.nan, d)
         out = np.clip(R / (d[..., :, None] * d[..., None, :]), -1.0, 1.0)
     idx = np.arange(out.shape[-1])
     out[..., idx, idx] = np.nan
@@ -460,6 +467,9 @@ class CovariancePredictor(_AtProbe):
         Y -= Y.mean(axis=0)
         if self.part != "full":
             rank = min(self.rank, U.shape[0] - 1)
+            if self.part == "bulk" and rank == U.shape[0] - 1:
+                raise ValueError(f"the {U.shape[0]} tail updates span at most {rank} directions, all in the top-{rank} "
+                                 "span: no bulk is left; lower rank or record more steps")
             mean = _np(U.mean(axis=0))
             span = (top_span_streaming(U - mean.astype(np.float32), rank) if hasattr(U, "dask")
                     else top_span(U, rank, center=True))
@@ -928,7 +938,9 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     nan_matrix = pd.DataFrame(np.nan, index=list(reference.shifts), columns=list(reference.shifts))
     for name in names:
         try:
-            prediction = PREDICTORS[name]().fit(reference).predict()
+            predictor = PREDICTORS[name]
+            clips = "n_items" in inspect.signature(predictor).parameters  # probit of accuracies: the task's N
+            prediction = (predictor(n_items=n_items) if clips else predictor()).fit(reference).predict()
         except (ValueError, KeyError) as err:
             warnings.warn(f"predictor {name!r} could not run: {err}", UserWarning, stacklevel=2)
             errors[name], matrices[name], ratios[name] = str(err), nan_matrix, float("nan")

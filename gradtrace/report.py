@@ -71,6 +71,12 @@ class Inputs:
     origins: dict[str, str] = field(default_factory=dict)
 
     @property
+    def n_items(self) -> int:
+        """Test items per split (`task.n_test` of the experiment's config): where probit accuracies are clipped."""
+        config = yaml.safe_load(self.config_text or "") or {}
+        return int((config.get("task") or {}).get("n_test", figures.N_ITEMS))
+
+    @property
     def sweep(self) -> pd.DataFrame | None:
         """The results rows of sweep runs (all rows when the table has no role column)."""
         if self.results is None or "role" not in self.results:
@@ -257,11 +263,11 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
     items = [
         _item("accuracy_on_the_line", "results", "Accuracy on the line",
               f"Each panel is one OOD shift, each point one sweep run (n = {n}). Both axes are on the probit scale "
-              f"(Φ⁻¹ of accuracy clipped to [1/(2N), 1 − 1/(2N)], N = {figures.N_ITEMS}), labelled in percent. The "
+              f"(Φ⁻¹ of accuracy clipped to [1/(2N), 1 − 1/(2N)], N = {inputs.n_items}), labelled in percent. The "
               "black line is the least-squares fit in probit space (slope and Pearson r in the title); the dotted "
               "diagonal is equal accuracy. The line is what ID skill explains; the scatter around it is what the "
               "partial correlations compare.",
-              lambda: figures.accuracy_on_the_line(inputs.results), notes.get("results")),
+              lambda: figures.accuracy_on_the_line(inputs.results, n_items=inputs.n_items), notes.get("results")),
         _item("partial_correlations", "correlations", "Partial correlations given ID",
               "Partial correlation r(a, b | ID) of two shifts' accuracies across sweep runs, one panel per way of "
               "removing ID accuracy (linear on raw accuracy; a line on probit axes; a spline on probit axes). Red: "
@@ -533,7 +539,9 @@ def _header(inputs: Inputs) -> str:
     facts = []
     if inputs.results is not None:
         sweep = inputs.sweep
-        facts.append(f"{len(sweep)} sweep run(s), {len(inputs.results) - len(sweep)} reference run(s)")
+        roles = Counter(inputs.results["role"]) if "role" in inputs.results else Counter()
+        facts.append(", ".join(f"{roles[role]} {role} run(s)" for role in ("sweep", "reference", "base") if roles[role])
+                     if roles else f"{len(sweep)} sweep run(s)")
         shifts = [c[4:] for c in inputs.results.columns if str(c).startswith("acc_") and c != "acc_ID"]
         facts.append("shifts: " + ", ".join(shifts))
     try:

@@ -203,6 +203,18 @@ def test_incompatible_sketches_are_refused(tmp_path):
 # predictors on the planted experiment
 
 
+def test_partial_from_covariance_leaves_a_constant_variable_undefined():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((50, 4))
+    A[:, 2] = 0.37  # a shift at one accuracy in every run: centring leaves only rounding
+    A -= A.mean(axis=0)
+    out = partial_from_covariance(A.T @ A)
+    assert np.isnan(out[1]).all() and np.isnan(out[:, 1]).all() and np.isfinite(out[0, 2])
+    A[:, 0] = 0.5  # a constant variable 0 explains nothing: the others' plain correlation
+    out = partial_from_covariance(A.T @ A)
+    assert out[0, 2] == pytest.approx(np.corrcoef(A[:, 1], A[:, 3])[0, 1])
+
+
 def test_covariance_recovers_planted_partials(planted):
     ref = load_reference(planted.exp_dir)
     truth = _pairs(planted.truth)
@@ -217,6 +229,8 @@ def test_covariance_recovers_planted_partials(planted):
     bulk = PREDICTORS["covariance_bulk"](rank=RANK).fit(ref).predict()
     assert spearman(_pairs(dominant.matrix), truth) > 0.5
     assert not np.allclose(_pairs(dominant.matrix), _pairs(bulk.matrix))
+    with pytest.raises(ValueError, match="the 4 tail updates span at most 3 directions.*no bulk is left"):
+        PREDICTORS["covariance_bulk"](rank=RANK, tail=0.004).fit(ref).predict()
 
 
 def test_every_single_run_predictor_gives_a_symmetric_matrix(planted):

@@ -89,9 +89,17 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
                  "Predictor scores", "Per split (means over runs; band counts)", "sweep:\n  runs: 14",
                  f"<td class=\"mono\">{gradtrace.__version__}</td>", "code commit", "sha256 results.csv",
                  "sha256 store.zarr metadata", "CPU count", "CUDA device", "source of stats",
-                 "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (2 runs); not recorded (1 run)"):
+                 "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (2 runs); not recorded (1 run)",
+                 "14 sweep run(s), 1 reference run(s)", "N = 2000"):
         assert text in page, text
     assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}|unknown)</td>", page)
+
+
+def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -> None:
+    results = pd.DataFrame({"role": ["base", "reference", "sweep", "sweep"], "acc_ID": 0.5, "acc_x": 0.2})
+    assert "2 sweep run(s), 1 reference run(s), 1 base run(s)" in report._header(report.Inputs(Path("x"), results))
+    assert report.Inputs(Path("x"), config_text="task:\n  n_test: 200\n").n_items == 200
+    assert report.Inputs(Path("x")).n_items == 2000  # no config: the default's
 
 
 def test_results_summary() -> None:
