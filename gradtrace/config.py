@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from gradtrace import kernels
+
+SKETCH_KINDS = ("identity", "countsketch", "gaussian", "rademacher")  # gradtrace.capture.sketch.SKETCHES
 
 
 @dataclass
@@ -73,6 +78,9 @@ class TrainConfig:
                                                  eval_every=0, threads=0))
         if not self.clip > 0:
             raise ValueError(f"train.clip must be > 0 (a large value, e.g. .inf, never clips), got {self.clip}")
+        _refuse_unknown("train", self, precision=("fp32", "bf16", "fp16", "auto"), cpu_kernels=kernels.CHOICES)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
@@ -96,6 +104,11 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("capture", self, dict(dim=1, every=1, probe_every=0, v_stats_every=1, chunk=1))
+        _refuse_unknown("capture", self, sketch=SKETCH_KINDS, schedule=("every", "log"),
+                        dtype=("float32", "float16", "bfloat16"))
+        unknown = sorted(set(self.quantities) - {"grad", "update", "adam_m"})
+        if unknown:
+            raise ValueError(f"unknown capture.quantities {unknown}; choose from grad, update, adam_m")
 
     def use_writer_thread(self, device) -> bool:
         """Whether rows are written from a background thread when training on `device` (it pays off on GPUs,
@@ -161,6 +174,13 @@ def changed_keys(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list
     a, b = flat(old.to_dict()), flat(new.to_dict())
     return [f"{key}: {a[key]!r} → {b[key]!r}" for key in a
             if a[key] != b[key] and not any(key == i or key.startswith(i + ".") for i in ignore)]
+
+
+def _refuse_unknown(section: str, cfg: Any, **choices: tuple[str, ...]) -> None:
+    """Refuse a string key outside its choices, naming its dotted key and the choices."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{section}.{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
 
 
 def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: dict[str, float] | None = None):

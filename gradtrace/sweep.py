@@ -219,7 +219,10 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
 
 def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
+    from gradtrace.tasks import ArithmeticTask
+
     runs = plan(cfg)
+    ArithmeticTask(cfg.task)  # refuse unknown shifts, or splits too long for max_digits, before the plan is written
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
@@ -238,7 +241,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
             for job, outcome in _dispatch(cfg, out, stage, stage_scheduler):
                 if isinstance(outcome, Exception):
                     ids = [r.run_id for r in job if r.run_id in pending]
-                    _report_failure(ids, outcome, first=not failed)
+                    _report_failure(ids, outcome, first=not failed, base=job[0].role == "base")
                     failed.update(dict.fromkeys(ids, outcome))
                     bar.update(len(ids))
                     bar.set_postfix(failed=len(failed))
@@ -271,9 +274,10 @@ def _failure_summary(failed: dict[str, Exception], not_run: int) -> str:
     return f"{len(failed)} run(s) failed{never} ({named})"
 
 
-def _report_failure(run_ids: list[str], err: Exception, first: bool) -> None:
+def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool) -> None:
     """Print a failed job's error as it happens: the first failure with its traceback, later ones in one line."""
-    text = f"{', '.join(run_ids)} failed: {type(err).__name__}: {err} (the sweep goes on with the other runs)"
+    then = "the runs that start from it will not train" if base else "the sweep goes on with the other runs"
+    text = f"{', '.join(run_ids)} failed: {type(err).__name__}: {err} ({then})"
     if first:
         text = "".join(traceback.format_exception(err)) + text
     tqdm.write(text, file=sys.stderr)

@@ -57,7 +57,9 @@ def lr_lambda(train: TrainConfig):
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available."""
+    """`auto` picks CUDA when available; a CUDA device asked for where there is none is refused."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name}, but torch {torch.__version__} sees no CUDA device here; use auto or cpu")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -132,17 +134,16 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
                                                 "steps": t.steps, "steps_done": 0, **kernels.attrs()}, overwrite=resume)
-    writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
-    recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
-    if recorder is not None:
-        group.attrs.update(recorder.attrs())
-    if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
-        checkpoint.save_weights(model, exp_dir / "weights" / run_id / "initial.safetensors")
-    eval_rows = declare_evals(writer, task, t.eval_every)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
-    try:
+    try:  # from here a run that raises is marked failed, set-up included
+        writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
+        recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
+        if recorder is not None:
+            group.attrs.update(recorder.attrs())
+        if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
+            checkpoint.save_weights(model, exp_dir / "weights" / run_id / "initial.safetensors")
+        eval_rows = declare_evals(writer, task, t.eval_every)
+        scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         for step in tqdm(range(start, t.steps), desc=run_id, disable=not progress, initial=start, total=t.steps,
                          leave=False, mininterval=2):
             batch = task.train_batches(step, [run_seeds["data"]], t.batch_size, device, t.pack)[0]

@@ -23,6 +23,12 @@ def test_tasks_lists_every_split(capsys):
                                    "three_operand", "subtract", "digit_spaced") for line in out.splitlines()[1:]) >= 8
 
 
+def test_tasks_lists_splits_too_long_for_max_digits_as_such(capsys):
+    assert main(["tasks", "--set", "task.max_digits=2", "--set", "task.shifts=[length]"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "(not at max_digits=2)" in lines["carry"] and "'" in lines["length"]
+
+
 def test_output_into_a_closed_pipe_stops_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)  # a reader that has stopped, as `| head` does
@@ -41,7 +47,9 @@ def test_unknown_key_is_an_error_listing_valid_keys(capsys):
 @pytest.mark.parametrize("pair, message", [
     ("sweep.runs=-3", "sweep.runs must be >= 0, got -3"), ("sweep.workers=0", "sweep.workers must be >= 1"),
     ("train.steps=2.5", "train.steps: expected a whole number, got 2.5"), ("capture.dim=0", "capture.dim must be >= 1"),
-    ("task.train_share=1.5", "task.train_share must be <= 1"), ("train.clip=0", "train.clip must be > 0")])
+    ("task.train_share=1.5", "task.train_share must be <= 1"), ("train.clip=0", "train.clip must be > 0"),
+    ("capture.sketch=foo", "capture.sketch must be one of identity, countsketch"),
+    ("capture.dtype=int8", "capture.dtype must be one of float32"), ("train.device=tpu", "train.device must be")])
 def test_a_value_out_of_range_is_an_error_naming_its_key(capsys, pair, message):
     assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
     assert message in capsys.readouterr().err

@@ -140,3 +140,9 @@ def test_unknown_kind_lists_choices():
     with pytest.raises(ValueError, match="countsketch"):
         make_sketch("bogus", LAYOUT, 8)
     assert set(KINDS) == set(SKETCHES)
+
+
+def test_the_config_accepts_exactly_the_sketches_there_are():
+    from gradtrace.config import SKETCH_KINDS
+
+    assert set(SKETCH_KINDS) == set(SKETCHES)

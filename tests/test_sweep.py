@@ -136,6 +136,12 @@ def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_
     assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]  # the lock died with its holder
 
 
+def test_an_unknown_shift_is_refused_before_the_sweep_writes_its_plan(tmp_path):
+    with pytest.raises(ValueError, match="unknown split 'lenght'"):
+        run_sweep(tiny_config(task__shifts=["lenght"], sweep__runs=1, sweep__workers=1), tmp_path, progress=False)
+    assert not (tmp_path / "config.yaml").exists()  # so the corrected sweep is not refused as another config
+
+
 def test_resuming_with_another_config_is_refused(tmp_path):
     run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2), tmp_path,
               progress=False)
@@ -215,6 +221,7 @@ def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
     root = zarr.open_group(tmp_path / "store.zarr")
     assert root["base-1"].attrs["seeds"]["init"] == 1
     assert root["run-001"].attrs["config"]["model"]["init_from"].endswith("weights/base-1/final.safetensors")
+    assert root["run-001"].attrs["sketch"] is None and root["base-1"].attrs["sketch"]["kind"] == "countsketch"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tiny model: low reliability, some shifts barely vary
         report = stats_report(tmp_path, residualize="linear", n_boot=0, n_perm=0)
