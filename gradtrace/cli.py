@@ -18,14 +18,17 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     from gradtrace.tasks import REGISTRY, ArithmeticTask
 
     cfg = config_mod.load(args.config, config_mod.parse_overrides(args.set or []))
-    names = [n for n in REGISTRY if n != "ID"]
-    task = ArithmeticTask(config_mod.from_dict(cfg.to_dict(), {"task.shifts": names, "task.n_test": 1,
-                                                               "task.n_probe": 0}).task)
     in_default = set(cfg.task.shifts)
     print(f"{'split':<14} {'in config':<9} {'example (prompt=answer, digits least-significant first)':<34} description")
     for name, split in REGISTRY.items():
         mark = "yes" if name == "ID" or name in in_default else "-"
-        print(f"{name:<14} {mark:<9} {task.example(name)!r:<34} {split.describe(cfg.task.max_digits)}")
+        try:  # each split alone: one too long for task.max_digits is listed, not refused
+            task = ArithmeticTask(config_mod.from_dict(cfg.to_dict(), {
+                "task.shifts": [] if name == "ID" else [name], "task.n_test": 1, "task.n_probe": 0}).task)
+            example = repr(task.example(name))
+        except ValueError:
+            example = f"(not at max_digits={cfg.task.max_digits})"
+        print(f"{name:<14} {mark:<9} {example:<34} {split.describe(cfg.task.max_digits)}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -35,7 +38,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, out / "config.yaml")
+    if not (args.resume and (out / "config.yaml").exists()):  # a resumed run keeps the config it started with
+        config_mod.dump(cfg, out / "config.yaml")
     result = train(cfg, out, args.run_id, role="reference", resume=args.resume)
     print(f"run {result.run_id}: {result.steps} steps in {result.wall_time_s:.1f} s")
     for split, acc in result.accuracy.items():
@@ -51,8 +55,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(describe_plan(cfg, plan(cfg)))
         return
-    table = run_sweep(cfg, args.out, scheduler=args.scheduler)
-    print(f"{len(table)} complete runs; results: {Path(args.out) / 'results.csv'}")
+    out = args.out or f"storage/{Path(args.config).stem}"
+    table = run_sweep(cfg, out, scheduler=args.scheduler)
+    print(f"{len(table)} complete runs; results: {Path(out) / 'results.csv'}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help=cmd_sweep.__doc__)
     with_config(p)
-    p.add_argument("--out", required=False, default="storage/default", help="experiment directory")
+    p.add_argument("--out", default=None, help="experiment directory (default: storage/<config name>)")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address to run the runs on")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, steps, expected time) and exit")
     p.set_defaults(func=cmd_sweep)

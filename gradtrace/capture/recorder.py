@@ -347,8 +347,8 @@ def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int
 
 def capture_attrs(sketch, layout: ParamLayout, cfg: CaptureConfig, splits: list[str], probe_losses: list[str],
                   adam: dict) -> dict:
-    """The run attributes that describe what a Recorder writes."""
-    return {"sketch": sketch.spec(), "layout": layout.to_json(), "grad_point": "after_clip",
+    """The run attributes that describe what a Recorder writes (`sketch` None where it sketches nothing)."""
+    return {"sketch": sketch.spec() if cfg.quantities or splits else None, "layout": layout.to_json(), "grad_point": "after_clip",
             "quantities": list(cfg.quantities), "v_quantiles": list(V_QUANTILES), "v_stats_every": cfg.v_stats_every,
             "splits": splits, "probe_losses": probe_losses, "adam": adam}
 
