@@ -5,6 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
+TORCH_INDEX ?=
 OUT     ?= storage/default
 CONFIG  ?= experiments/default.yaml
 
@@ -15,7 +16,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(TORCH_INDEX)
 	# the rest through uv: parallel downloads and byte-compiling, ~55 s from a cold cache instead of pip's ~80 s here
 	# (torch, already installed, is kept); plain pip where uv cannot be had
 	$(BIN)/pip install -q uv && $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[test]" \
