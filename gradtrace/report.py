@@ -114,18 +114,20 @@ def _read_csv(inputs: Inputs, key: str, filename: str) -> pd.DataFrame | None:
 
 def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], module: str, function: str,
                command: str) -> None:
-    """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing; a failure becomes the note of
-    every input (`keys`) that stage writes."""
+    """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing or older than results.csv (a sweep
+    extended since); a failure becomes the note of every input (`keys`) that stage writes."""
     exp_dir = inputs.exp_dir
-    if all((exp_dir / f).exists() for f in files):
+    results_written = (exp_dir / "results.csv").stat().st_mtime
+    if all((exp_dir / f).exists() and (exp_dir / f).stat().st_mtime >= results_written for f in files):
         return
+    why = f"{' / '.join(files)} missing or older than results.csv"
     try:
         stage = importlib.import_module(f"gradtrace.{module}")
         getattr(stage, function)(exp_dir)
     except ImportError as err:
-        note = f"{' / '.join(files)} missing and gradtrace.{module} is not available ({err}); run `{command}` where it is."
+        note = f"{why} and gradtrace.{module} is not available ({err}); run `{command}` where it is."
     except Exception as err:  # any failure of a later stage must not stop the report
-        note = f"{' / '.join(files)} missing and `{command}` failed: {type(err).__name__}: {err}"
+        note = f"{why} and `{command}` failed: {type(err).__name__}: {err}"
     else:
         for key in keys:
             inputs.origins[key] = f"computed for this report by gradtrace.{module}.{function} (same as `{command}`)"
@@ -153,8 +155,8 @@ def _benchmarks_dir(exp_dir: Path, given: str | Path | None) -> Path | None:
 
 
 def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_dir: str | Path | None = None) -> Inputs:
-    """Everything the report shows, from an experiment directory; missing stats/predictions are computed when
-    `compute_missing` and their stage is importable."""
+    """Everything the report shows, from an experiment directory; stats/predictions missing or older than the
+    results are computed when `compute_missing` and their stage is importable."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {exp_dir} does not exist; run "

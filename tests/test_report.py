@@ -140,7 +140,7 @@ def test_report_notes_missing_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for text in ("gradtrace.stats is not available", "gradtrace.predict is not available",
                  "config.yaml not found", "is not a gradtrace store", "No benchmark outputs found"):
         assert text in page, text
-    assert "Generalisation gap: stats.csv missing and gradtrace.stats is not available" in page
+    assert "Generalisation gap: stats.csv missing or older than results.csv and gradtrace.stats is not available" in page
 
 
 def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,6 +161,10 @@ def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.Monke
     assert calls == [exp] and inputs.stats is not None and "stats" not in inputs.notes
     assert inputs.origins["stats"].startswith("computed for this report by gradtrace.stats.stats_report")
     assert inputs.origins["results"] == "read results.csv"
+    later = (exp / "stats.csv").stat().st_mtime + 10
+    os.utime(exp / "results.csv", (later, later))  # the sweep extended since stats ran
+    report.load_inputs(exp)
+    assert calls == [exp, exp]  # computed again, not shown stale
 
 
 def test_load_inputs_rejects_missing_directory(tmp_path: Path) -> None:
