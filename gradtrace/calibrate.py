@@ -25,6 +25,7 @@ class Calibration:
     splits: pd.DataFrame
     pairs: pd.DataFrame
     bases: int = 1  # base runs the pilot's runs fine-tuned; with several, std, r(ID) and pairs are within base
+    pairs_note: str = ""  # why no pairs were assessed, where the pilot allows none
 
     def format(self) -> str:
         """A readable report for the terminal."""
@@ -39,6 +40,8 @@ class Calibration:
         within = f"; std, r(ID), reliability and pairs within each of {self.bases} bases" if self.bases > 1 else ""
         lines.append(f"\n{usable} usable shift(s) (mean {MEAN_RANGE[0]:.0%}–{MEAN_RANGE[1]:.0%}, std ≥ "
                      f"{MIN_STD:.0%}, reliability ≥ {MIN_RELIABILITY}{within})")
+        if self.pairs_note:
+            return "\n".join([*lines, self.pairs_note])
         same = self.pairs[self.pairs.same_axis]
         lines.append("pairs on one axis (|partial r| > %.1f): %s" % (SAME_AXIS, ", ".join(
             f"{a}~{b} ({r:+.2f}, 95% CI {lo:+.2f} to {hi:+.2f})"
@@ -59,6 +62,7 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
 
     within = base_groups(table)
     groups = None if within is None else stats.group_codes(table[within], "base")
+    bases = 1 if groups is None else int(groups.max() + 1)
     splits = [c[4:] for c in table.columns if c.startswith("acc_")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -91,11 +95,14 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
     if len(table) >= 5 and len(varying) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200, n_perm=200,
-                                            within=within)
+            try:
+                pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200,
+                                                n_perm=200, within=within)
+            except ValueError as err:  # e.g. a pilot so small that ID determines a shift: the splits still count
+                return Calibration(frame, pairs, bases, f"no pairs assessed: {err}")
         pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "ci_low": pc.ci_low, "ci_high": pc.ci_high,
                               "same_axis": pc.r.abs() > SAME_AXIS})
-    return Calibration(frame, pairs, 1 if groups is None else int(groups.max() + 1))
+    return Calibration(frame, pairs, bases)
 
 
 def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibration:

@@ -83,7 +83,8 @@ def cmd_stats(args: argparse.Namespace) -> None:
     """Cross-shift partial correlations controlling for ID, with CIs; writes stats.csv/json."""
     from gradtrace import stats
 
-    report = stats.stats_report(args.dir, residualize=args.residualize)
+    report = stats.stats_report(args.dir, residualize=args.residualize,
+                                **({"shifts": args.shifts} if args.shifts else {}))
     print(stats.format_table(report.stats))
     if report.summary["within"]:
         print(f"within {report.summary['within']}: each pair correlated over the runs of one base, pooled over "
@@ -169,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = on_path("stats", cmd_stats, "dir", "experiment directory")
-    p.add_argument("--residualize", default="all", choices=["linear", "probit", "spline", "all"])
+    p.add_argument("--residualize", default="all", choices=["linear", "probit", "spline", "all"],
+                   help="how ID accuracy is regressed out (default: all three, side by side)")
+    p.add_argument("--shifts", nargs="+", metavar="SPLIT", help="the shifts to correlate (default: every one that "
+                   "varies across runs)")
     on_path("predict", cmd_predict, "dir", "experiment directory")
     on_path("report", cmd_report, "dir", "experiment directory")
     on_path("info", cmd_info, "store", "experiment directory or .zarr store")

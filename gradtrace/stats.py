@@ -504,7 +504,7 @@ def _check_designs(
             raise ValueError(
                 f"shifts {[s for s, f in zip(shifts, flat) if f]} are exactly determined by ID accuracy under "
                 f"residualize={m!r} (zero residual variance), so their partial correlation is undefined. Expected "
-                "accuracies that vary beyond ID; drop those shifts (shifts=[...])."
+                "accuracies that vary beyond ID; leave those shifts out (shifts=[...]; `gradtrace stats --shifts`)."
             )
     return ks
 

@@ -90,6 +90,8 @@ def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     assert main(args) == 0  # re-running a finished sweep records nothing twice
     assert len(pd.read_csv(out / "results.csv")) == 9
 
+    assert main(["stats", str(out), "--shifts", "space", "order", "--residualize", "linear"]) == 0
+    assert set(pd.read_csv(out / "stats.csv")[["a", "b"]].itertuples(index=False)) == {("space", "order")}
     assert main(["stats", str(out)]) == 0
     assert (out / "stats.csv").exists()
     assert main(["predict", str(out)]) == 0

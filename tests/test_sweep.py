@@ -270,6 +270,14 @@ def test_a_pilot_too_small_for_partial_correlations_still_reports():
     table = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7], "acc_length": [0.1, 0.2, 0.3], "acc_carry": [0.3, 0.2, 0.4]})
     report = assess(table, {}).format()  # 3 runs: no pairs assessed
     assert report.endswith("pairs on one axis (|partial r| > 0.8): none")
+    from scipy.special import ndtr, ndtri
+
+    id_acc = np.array([0.5, 0.55, 0.6, 0.7, 0.75, 0.8])
+    table = pd.DataFrame({"acc_ID": id_acc, "acc_length": ndtr(2 * ndtri(id_acc) - 1),  # ID determines it
+                          "acc_carry": [0.3, 0.2, 0.4, 0.35, 0.25, 0.3], "acc_space": [0.5, 0.4, 0.45, 0.6, 0.5, 0.3]})
+    calibration = assess(table, {})  # the splits are still assessed, the pairs say why they are not
+    assert len(calibration.splits) == 4 and calibration.pairs.empty
+    assert "no pairs assessed: shifts ['length'] are exactly determined by ID" in calibration.format()
 
 
 def test_calibration_flags_unusable_splits_and_same_axis_pairs():
