@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import gradtrace
 from gradtrace import config as config_mod
 
 
@@ -129,6 +130,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="gradtrace", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gradtrace {gradtrace.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -310,7 +310,8 @@ def summary(path: str | Path) -> str:
         first, *rest = alike
         lines += first.lines
         if rest:
-            lines.append(f"\n[{rest[0].run_id} … {rest[-1].run_id}] {len(rest)} more run(s) like {first.run_id}: "
+            span = rest[0].run_id if len(rest) == 1 else f"{rest[0].run_id} … {rest[-1].run_id}"
+            lines.append(f"\n[{span}] {len(rest)} more run(s) like {first.run_id}: "
                          f"{sum(r.nbytes for r in rest) / 1e6:.2f} MB in all")
     return "\n".join(lines)
 

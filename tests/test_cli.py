@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import zarr
 
+import gradtrace
 from conftest import TINY, set_args
 from gradtrace import config
 from gradtrace.cli import main
@@ -14,6 +15,12 @@ from gradtrace.cli import main
 
 def sets(extra=None):
     return set_args({**TINY, **(extra or {})})
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"gradtrace {gradtrace.__version__}"
 
 
 def test_tasks_lists_every_split(capsys):
