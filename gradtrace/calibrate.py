@@ -96,8 +96,9 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
+                n_items = {s: m.shape[1] for s, m in items.items()} if items else stats.DEFAULT_N_ITEMS
                 pc = stats.partial_correlations(table, shifts=varying, residualize="probit", n_boot=200,
-                                                n_perm=200, within=within)
+                                                n_perm=200, within=within, n_items=n_items)
             except ValueError as err:  # e.g. a pilot so small that ID determines a shift: the splits still count
                 return Calibration(frame, pairs, bases, f"no pairs assessed: {err}")
         pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "ci_low": pc.ci_low, "ci_high": pc.ci_high,

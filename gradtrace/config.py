@@ -73,9 +73,9 @@ class TrainConfig:
     # to AVX2 before a run computes: the same rounding on every x86 CPU with AVX2; gradtrace/kernels.py)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
 
-    def __post_init__(self) -> None:  # lr, weight decay, betas and eps are checked by torch's AdamW
-        _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, warmup=0, min_lr_ratio=0, checkpoint_every=1,
-                                                 eval_every=0, threads=0))
+    def __post_init__(self) -> None:  # betas and eps are checked by torch's AdamW
+        _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, warmup=0,
+                                                 min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0))
         if not self.clip > 0:
             raise ValueError(f"train.clip must be > 0 (a large value, e.g. .inf, never clips), got {self.clip}")
         _refuse_unknown("train", self, precision=("fp32", "bf16", "fp16", "auto"), cpu_kernels=kernels.CHOICES)
@@ -136,6 +136,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("sweep", self, dict(runs=0, workers=1, ensemble=1, reference_runs=0, pretrain_steps=0,
                                                  bases=1))
+        if any(v <= 0 for v in self.lr) or any(v < 0 for v in self.weight_decay):
+            raise ValueError(f"sweep.lr values must be > 0 and sweep.weight_decay values >= 0, got lr {self.lr}, "
+                             f"weight_decay {self.weight_decay}")
 
 
 @dataclass
@@ -163,15 +166,20 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
-def changed_keys(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
-    """`key: old → new` for every dotted key whose value differs, but those in `ignore` (keys or whole sections)."""
+def dotted(cfg: Config) -> dict[str, Any]:
+    """The config as one flat dict of dotted keys (`train.lr`: …)."""
     def flat(data: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in data.items():
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
         return out
 
-    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return flat(cfg.to_dict())
+
+
+def changed_keys(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old → new` for every dotted key whose value differs, but those in `ignore` (keys or whole sections)."""
+    a, b = dotted(old), dotted(new)
     return [f"{key}: {a[key]!r} → {b[key]!r}" for key in a
             if a[key] != b[key] and not any(key == i or key.startswith(i + ".") for i in ignore)]
 

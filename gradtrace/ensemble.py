@@ -33,7 +33,7 @@ from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, VSample, adam_preconditioner,
                                         capture_attrs, declare_arrays, no_v_statistics, probe_row)
 from gradtrace.capture.sketch import ParamLayout, make_sketch
-from gradtrace.config import CaptureConfig, Config, TrainConfig
+from gradtrace.config import CaptureConfig, Config, TrainConfig, dotted
 from gradtrace.evaluate import accuracy, correctness
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
@@ -95,16 +95,7 @@ def check_members(cfgs: list[Config]) -> None:
 
 def _dotted(cfg: Config) -> dict:
     """The config's training-relevant keys (model, task, train, capture) as a flat dotted dict."""
-    out = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[prefix + key] = value
-    walk({k: v for k, v in cfg.to_dict().items() if k in ("model", "task", "train", "capture")}, "")
-    return out
+    return {k: v for k, v in dotted(cfg).items() if k.split(".")[0] in ("model", "task", "train", "capture")}
 
 
 def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], roles: list[str] | None = None,

@@ -75,15 +75,16 @@ def plan(cfg: Config) -> list[PlannedRun]:
 
 def hparams(s: SweepConfig) -> list[tuple[float, float]]:
     """Each sweep run's (lr, weight decay). Random search: lr log-uniform and weight decay uniform in their ranges,
-    drawn in run order from `sweep.seed`. Grid search: run i takes point i mod G of the grid's G combinations (lr
-    outer, weight decay inner), so each point gets every G-th run and more runs extend every point alike."""
+    drawn in run order from `sweep.seed`. Grid search: run i takes point (i div B) mod G of the grid's G
+    combinations (lr outer, weight decay inner; B bases, run i fine-tuning base i mod B), so every base's runs go
+    through every point alike and more runs extend every point alike."""
     if s.search == "grid":
         if "hparams" not in s.vary:
             raise ValueError("sweep.search: grid sets each run's lr and weight decay: add hparams to sweep.vary")
         grid = list(itertools.product(s.lr, s.weight_decay))
         if not grid:
             raise ValueError("sweep.search: grid needs at least one value in sweep.lr and in sweep.weight_decay")
-        return [grid[i % len(grid)] for i in range(s.runs)]
+        return [grid[(i // s.bases) % len(grid)] for i in range(s.runs)]
     if s.search != "random":
         raise ValueError(f"sweep.search must be random or grid, got {s.search!r}")
     (lr_low, lr_high), weight_decay = _range(s.lr, "lr", positive=True), _range(s.weight_decay, "weight_decay")
@@ -236,8 +237,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
     failed: dict[str, Exception] = {}
     try:
         for stage, stage_scheduler in ((base, scheduler if len(base) > 1 else None), (rest, scheduler)):
-            if failed:  # a base run failed: the runs that start from it cannot train
-                break
+            stage = [job for job in stage if bases[job[0].run_id] not in failed]  # none from a failed base
             for job, outcome in _dispatch(cfg, out, stage, stage_scheduler):
                 if isinstance(outcome, Exception):
                     ids = [r.run_id for r in job if r.run_id in pending]
@@ -308,14 +308,15 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: s
         from dask.distributed import Client, as_completed
 
         with Client(scheduler) as client:
-            futures = {client.submit(_execute, cfg_dict, str(out), job, 1, pure=False): job for job in jobs}
+            futures = {client.submit(_execute, cfg_dict, str(out.resolve()), job, 1, pure=False): job
+                       for job in jobs}  # absolute: a cluster's workers run in folders of their own
             for fut in as_completed(futures):
                 yield futures[fut], _outcome(fut)
         return
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             try:
-                outcome = _execute(cfg_dict, str(out), job, cfg.train.threads)
+                outcome = _execute(cfg_dict, str(out), job, job_threads(cfg, job, scheduler=None))
             except Exception as err:
                 outcome = err
             yield job, outcome
@@ -334,6 +335,14 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: s
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
+
+
+def job_threads(cfg: Config, job: list[PlannedRun], scheduler: str | None) -> int:
+    """The threads a job trains on, set by the config alone, never by how many jobs are left: thread counts set the
+    summation order, so a retried, resumed or extended sweep trains each run as an uninterrupted one does. A study's
+    one base run trains alone on `train.threads`, and so does every run with one local worker; the rest on one."""
+    alone = job[0].role == "base" and cfg.sweep.bases == 1
+    return cfg.train.threads if alone or (cfg.sweep.workers <= 1 and not scheduler) else 1
 
 
 def _outcome(future) -> list[dict] | Exception:

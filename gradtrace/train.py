@@ -175,7 +175,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     except BaseException as err:
         store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    if cfg.capture.enabled and cfg.capture.save_weights:
+    if cfg.capture.enabled and cfg.capture.save_weights or role == "base":  # the runs of a sweep start from a base's
         checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
     acc = accuracy(correct)
     wall = time.perf_counter() - began

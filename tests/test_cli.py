@@ -56,7 +56,8 @@ def test_unknown_key_is_an_error_listing_valid_keys(capsys):
     ("train.steps=2.5", "train.steps: expected a whole number, got 2.5"), ("capture.dim=0", "capture.dim must be >= 1"),
     ("task.train_share=1.5", "task.train_share must be <= 1"), ("train.clip=0", "train.clip must be > 0"),
     ("capture.sketch=foo", "capture.sketch must be one of identity, countsketch"),
-    ("capture.dtype=int8", "capture.dtype must be one of float32"), ("train.device=tpu", "train.device must be")])
+    ("capture.dtype=int8", "capture.dtype must be one of float32"), ("train.device=tpu", "train.device must be"),
+    ("train.lr=-1", "train.lr must be >= 0"), ("sweep.weight_decay=[-0.05,0.1]", "sweep.weight_decay values >= 0")])
 def test_a_value_out_of_range_is_an_error_naming_its_key(capsys, pair, message):
     assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
     assert message in capsys.readouterr().err

@@ -108,8 +108,8 @@ def test_members_must_share_everything_but_seeds_and_hparams():
         check_members([member_config(), member_config(model__name="tiny", train__steps=10, train__lr=1e-3)])
     with pytest.raises(ValueError, match="one distinct run id"):
         train_ensemble([member_config()] * 2, "unused", ["x", "x"])
-    with pytest.raises(ValueError, match="Invalid weight_decay value: -0.01"):  # as a standalone run is refused
-        check_members([member_config(), member_config(train__weight_decay=-0.01)])
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.5"):  # as a standalone run is refused
+        check_members([member_config(train__betas=[0.9, 1.5])] * 2)
 
 
 CAPTURED = ["step", "loss", "grad_norm", "grad_norm_unclipped", "grad", "update", "adam_m", "layer_grad_norm", "layer_update_norm",
