@@ -9,6 +9,8 @@ import itertools
 import json
 import os
 import sys
+import threading
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -324,7 +326,8 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: s
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
     try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
             while futures:
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -343,6 +346,17 @@ def job_threads(cfg: Config, job: list[PlannedRun], scheduler: str | None) -> in
     one base run trains alone on `train.threads`, and so does every run with one local worker; the rest on one."""
     alone = job[0].role == "base" and cfg.sweep.bases == 1
     return cfg.train.threads if alone or (cfg.sweep.workers <= 1 and not scheduler) else 1
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A pool worker's start: end the worker when the sweep that started it dies (killed, it cannot tell its
+    workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _outcome(future) -> list[dict] | Exception:

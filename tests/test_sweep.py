@@ -1,8 +1,12 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
 dask and base-run modes."""
+import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -174,6 +178,45 @@ def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_
         holder.kill()  # SIGKILL: no cleanup, as when a sweep is killed
         holder.wait()
     assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]  # the lock died with its holder
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_sweeps_workers_end_with_it(tmp_path):
+    from conftest import TINY, set_args
+
+    sets = {**TINY, "train.steps": 2000, "sweep.runs": 4, "sweep.workers": 2, "sweep.reference_runs": 0}
+    sweep = subprocess.Popen([sys.executable, "-m", "gradtrace.cli", "sweep", os.devnull, "--out", str(tmp_path),
+                              *set_args(sets)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while len(_children(sweep.pid)) < 2 and time.time() < deadline:  # its two workers (and a helper or two)
+            time.sleep(0.2)
+        workers = _children(sweep.pid)
+        assert len(workers) >= 2 and sweep.poll() is None
+    finally:
+        sweep.kill()  # SIGKILL: the sweep cannot tell its workers
+        sweep.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in alive:  # leave no orphan behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "pool workers outlived the killed sweep"
 
 
 def test_an_unknown_shift_is_refused_before_the_sweep_writes_its_plan(tmp_path):
