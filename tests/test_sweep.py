@@ -111,17 +111,22 @@ def test_a_failed_run_stops_no_other(tmp_path, capsys, where):
     assert "Traceback" in capsys.readouterr().err  # the first failure's, printed as it happened
 
 
-def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypatch):
+def fail_in_training(monkeypatch, fails) -> None:
+    """Make gradtrace's `train` raise MemoryError for the runs `fails(cfg, run_id, role)` picks (runs in process)."""
     import gradtrace.train
 
     train = gradtrace.train.train
 
-    def train_without_memory(cfg, out, run_id, role, **kwargs):
-        if role == "base":
+    def train_or_fail(cfg, out, run_id, role, **kwargs):
+        if fails(cfg, run_id, role):
             raise MemoryError("out of memory")
         return train(cfg, out, run_id, role, **kwargs)
 
-    monkeypatch.setattr(gradtrace.train, "train", train_without_memory)
+    monkeypatch.setattr(gradtrace.train, "train", train_or_fail)
+
+
+def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypatch):
+    fail_in_training(monkeypatch, lambda cfg, run_id, role: role == "base")
     cfg = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=1, sweep__pretrain_steps=4,
                       train__steps=2)
     with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 3 did not start .*\(base: MemoryError: out of"):
@@ -132,16 +137,7 @@ def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypat
 
 
 def test_a_failed_base_stops_only_its_own_runs_and_a_base_keeps_its_weights_uncaptured(tmp_path, monkeypatch):
-    import gradtrace.train
-
-    train = gradtrace.train.train
-
-    def train_but_not_base_1(cfg, out, run_id, role, **kwargs):
-        if run_id == "base-1":
-            raise MemoryError("out of memory")
-        return train(cfg, out, run_id, role, **kwargs)
-
-    monkeypatch.setattr(gradtrace.train, "train", train_but_not_base_1)
+    fail_in_training(monkeypatch, lambda cfg, run_id, role: run_id == "base-1")
     cfg = tiny_config(sweep__runs=4, sweep__workers=1, sweep__reference_runs=0, sweep__pretrain_steps=4,
                       sweep__bases=2, train__steps=2, capture__enabled=False)  # no capture: the bases save weights
     with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 2 did not start"):
@@ -318,20 +314,12 @@ def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
 
 
 def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, capsys, monkeypatch):
-    import gradtrace.train
     from conftest import TINY, set_args
     from gradtrace.cli import main
 
-    train = gradtrace.train.train
-
-    def train_but_not_base_3(cfg, out, run_id, role, **kwargs):
-        if role == "base" and cfg.train.init_seed == 3:
-            raise MemoryError("out of memory")
-        return train(cfg, out, run_id, role, **kwargs)
-
     sets = {**TINY, "sweep.pretrain_steps": 6, "train.steps": 4, "sweep.runs": 5, "sweep.workers": 1}
     argv = ["calibrate", "/dev/null", "--out", str(tmp_path), "--runs", "5", "--bases", "3", "7"]
-    monkeypatch.setattr(gradtrace.train, "train", train_but_not_base_3)
+    fail_in_training(monkeypatch, lambda cfg, run_id, role: role == "base" and cfg.train.init_seed == 3)
     assert main(argv + set_args(sets)) == 1  # a failed pilot stops no other
     assert "1 of 2 pilots did not finish" in capsys.readouterr().err
     assert pd.read_csv(tmp_path / "bases.csv").init_seed.tolist() == [7]
