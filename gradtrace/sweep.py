@@ -318,7 +318,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: s
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             try:
-                outcome = _execute(cfg_dict, str(out), job, job_threads(cfg, job, scheduler=None))
+                outcome = _execute(cfg_dict, str(out), job, job_threads(cfg, job))
             except Exception as err:
                 outcome = err
             yield job, outcome
@@ -340,12 +340,13 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: s
             os.environ["OMP_NUM_THREADS"] = env_threads
 
 
-def job_threads(cfg: Config, job: list[PlannedRun], scheduler: str | None) -> int:
-    """The threads a job trains on, set by the config alone, never by how many jobs are left: thread counts set the
-    summation order, so a retried, resumed or extended sweep trains each run as an uninterrupted one does. A study's
-    one base run trains alone on `train.threads`, and so does every run with one local worker; the rest on one."""
+def job_threads(cfg: Config, job: list[PlannedRun]) -> int:
+    """The threads a job trains on in this process, set by the config alone, never by how many jobs are left:
+    thread counts set the summation order, so a retried, resumed or extended sweep trains each run as an
+    uninterrupted one does. A study's one base run trains alone on `train.threads`, and so does every run with one
+    worker; otherwise one thread, as each pool worker or dask task has."""
     alone = job[0].role == "base" and cfg.sweep.bases == 1
-    return cfg.train.threads if alone or (cfg.sweep.workers <= 1 and not scheduler) else 1
+    return cfg.train.threads if alone or cfg.sweep.workers <= 1 else 1
 
 
 def _exit_with_parent(parent: int) -> None:
