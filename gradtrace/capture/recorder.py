@@ -77,9 +77,6 @@ class Recorder:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: RunWriter,
                  cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
                  probe_losses: dict[str, Callable] | None = None, start_step: int = 0) -> None:
-        unknown = set(cfg.quantities) - {"grad", "update", "adam_m"}
-        if unknown:
-            raise ValueError(f"unknown capture.quantities {sorted(unknown)}; choose from grad, update, adam_m")
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
         if "adam_m" in cfg.quantities and "betas" not in self.optimizer.defaults:
             raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no Adam "
