@@ -9,6 +9,9 @@ import pandas as pd
 
 from gradtrace import store
 
+# every run's columns before its acc_<split> ones
+FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
+
 
 def results_table(out: str | Path) -> pd.DataFrame:
     """One row per complete run, rebuilt from the store's attributes (the single source of truth)."""
@@ -23,7 +26,8 @@ def results_table(out: str | Path) -> pd.DataFrame:
                      "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
                      **{f"acc_{k}": v for k, v in a["accuracy"].items()}})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else FIXED_COLUMNS)  # a header even before the first run ends
+
 
 
 def started_from(init_from: str | None) -> str:
@@ -61,9 +65,11 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:
     """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order.
 
-    Empty when any run lacks per-item correctness (then reliability cannot be computed).
+    Empty when there are no such runs, or any lacks per-item correctness (then reliability cannot be computed).
     """
     table = load_results(exp_dir, role)
+    if table.empty:
+        return {}
     root = store.open_experiment(Path(exp_dir) / "store.zarr")
     per_run = []
     splits: list[str] = []

@@ -131,6 +131,9 @@ def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypat
                       train__steps=2)
     with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 3 did not start .*\(base: MemoryError: out of"):
         run_sweep(cfg, tmp_path, progress=False)
+    from gradtrace.results import load_item_correctness
+
+    assert load_item_correctness(tmp_path) == {}  # no complete sweep run: nothing to stack
     monkeypatch.undo()
     table = run_sweep(cfg, tmp_path, progress=False)  # running it again retries them all
     assert sorted(table.run_id) == ["base", "ref-000", "run-000", "run-001"]
