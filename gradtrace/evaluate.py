@@ -1,6 +1,9 @@
 """Exact-match accuracy per split: one teacher-forced forward pass per batch (equal to greedy decoding)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -15,20 +18,31 @@ def correctness(model: torch.nn.Module, task: ArithmeticTask, splits: list[str] 
     Items are batched by length and each batch is cut to its longest item, so no position past every item's end
     is computed (right padding under causal attention changes nothing before it): 11% less work on the default
     task. Batches of 128 keep a small model's activations in a CPU core's cache."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out = {}
-    for split in splits or task.splits:
-        data = task.test_set(split)
-        right = np.empty(len(data), dtype=bool)
-        for idx, width in length_batches(data, batch_size):
-            tokens, mask = data.torch(idx, device)
-            right[idx] = exact_match(model(input_ids=tokens[:, :width]).logits, tokens[:, :width],
-                                     mask[:, :width]).cpu().numpy()
-        out[split] = right
-    model.train(was_training)
+    with evaluating(model):
+        for split in splits or task.splits:
+            data = task.test_set(split)
+            right = np.empty(len(data), dtype=bool)
+            for idx, width in length_batches(data, batch_size):
+                tokens, mask = data.torch(idx, device)
+                right[idx] = exact_match(model(input_ids=tokens[:, :width]).logits, tokens[:, :width],
+                                         mask[:, :width]).cpu().numpy()
+            out[split] = right
     return out
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block; after it, every submodule back in the mode it had (a loop may keep
+    parts in eval mode while the rest trains: `model.train(was_training)` would switch them back on)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def length_batches(data: Encoded, batch_size: int) -> list[tuple[np.ndarray, int]]:

@@ -345,7 +345,8 @@ def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int
 def capture_attrs(sketch, layout: ParamLayout, cfg: CaptureConfig, splits: list[str], probe_losses: list[str],
                   adam: dict) -> dict:
     """The run attributes that describe what a Recorder writes (`sketch` None where it sketches nothing)."""
-    return {"sketch": sketch.spec() if cfg.quantities or splits else None, "layout": layout.to_json(), "grad_point": "after_clip",
+    return {"sketch": sketch.spec() if cfg.quantities or splits else None, "layout": layout.to_json(),
+            "grad_point": "after_clip",
             "quantities": list(cfg.quantities), "v_quantiles": list(V_QUANTILES), "v_stats_every": cfg.v_stats_every,
             "splits": splits, "probe_losses": probe_losses, "adam": adam}
 
@@ -366,27 +367,25 @@ def probe_row(model: torch.nn.Module, params: list[torch.Tensor], probes: list[P
               step: int) -> dict[str, np.ndarray | int]:
     """One row of the probe arrays: each split's probe loss, accuracy, and sketched gradient g and g·precond
     under every probe loss, at the model's current parameters (`flat` is a P-sized scratch buffer)."""
+    from gradtrace.evaluate import evaluating
     from gradtrace.tasks.losses import exact_match
 
-    modes = [(module, module.training) for module in model.modules()]  # each its own: a user may freeze parts
-    model.eval()
     S, Lp, k = len(probes), len(probe_losses), sketch.dim
     grads, adam = torch.empty(S, Lp, k), torch.empty(S, Lp, k)
     losses, accuracy = torch.empty(S, Lp), torch.empty(S)
-    for i, probe in enumerate(probes):
-        with torch.enable_grad():
-            logits = model(input_ids=probe.tokens).logits
-            for j, loss_fn in enumerate(probe_losses.values()):
-                loss = loss_fn(logits, probe.tokens, probe.mask)
-                g = torch.autograd.grad(loss, params, retain_graph=j < Lp - 1, allow_unused=True)
-                g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, params)]
-                flatten_into(g, flat)
-                grads[i, j] = sketch.apply(flat).cpu()
-                adam[i, j] = sketch.apply(flat * precond).cpu()
-                losses[i, j] = loss.detach()
-        accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
-    for module, mode in modes:
-        module.training = mode
+    with evaluating(model):
+        for i, probe in enumerate(probes):
+            with torch.enable_grad():
+                logits = model(input_ids=probe.tokens).logits
+                for j, loss_fn in enumerate(probe_losses.values()):
+                    loss = loss_fn(logits, probe.tokens, probe.mask)
+                    g = torch.autograd.grad(loss, params, retain_graph=j < Lp - 1, allow_unused=True)
+                    g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, params)]
+                    flatten_into(g, flat)
+                    grads[i, j] = sketch.apply(flat).cpu()
+                    adam[i, j] = sketch.apply(flat * precond).cpu()
+                    losses[i, j] = loss.detach()
+            accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
     return {"probe/step": step, "probe/loss": losses.numpy(), "probe/accuracy": accuracy.numpy(),
             "probe/grad": grads.numpy(), "probe/grad_adam": adam.numpy()}
 
