@@ -84,7 +84,7 @@ def check_members(cfgs: list[Config]) -> None:
     if differing:
         raise ValueError(f"ensemble members may differ only in {', '.join(MAY_DIFFER)}; these configs also "
                          f"differ in {', '.join(differing)}. Group runs that share those keys, or train standalone.")
-    for cfg in cfgs:  # what torch's AdamW refuses in a standalone run (a negative weight decay, …), refused here too
+    for cfg in cfgs:  # what torch's AdamW refuses in a standalone run (betas, eps out of range), refused here too
         c = cfg.train
         torch.optim.AdamW([torch.empty(0)], lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
     t, device = cfgs[0].train, resolve_device(cfgs[0].train.device)

@@ -20,8 +20,8 @@ Conventions shared by the predictors:
 """
 from __future__ import annotations
 
-import itertools
 import inspect
+import itertools
 import math
 import warnings
 from abc import ABC, abstractmethod

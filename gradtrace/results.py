@@ -29,7 +29,6 @@ def results_table(out: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=None if rows else FIXED_COLUMNS)  # a header even before the first run ends
 
 
-
 def started_from(init_from: str | None) -> str:
     """The base run a run fine-tuned, from its `model.init_from` (`DIR/weights/<base>/final.safetensors`), or ""
     for a run trained from scratch."""

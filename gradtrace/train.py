@@ -59,7 +59,8 @@ def lr_lambda(train: TrainConfig):
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when available; a CUDA device asked for where there is none is refused."""
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name}, but torch {torch.__version__} sees no CUDA device here; use auto or cpu")
+        raise ValueError(f"train.device={name}, but torch {torch.__version__} sees no CUDA device here; use auto or "
+                         "cpu")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -175,7 +176,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     except BaseException as err:
         store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    if cfg.capture.enabled and cfg.capture.save_weights or role == "base":  # the runs of a sweep start from a base's
+    if (cfg.capture.enabled and cfg.capture.save_weights) or role == "base":  # a sweep's runs start from a base's
         checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
     acc = accuracy(correct)
     wall = time.perf_counter() - began
