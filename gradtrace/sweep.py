@@ -6,6 +6,7 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import os
 import sys
@@ -94,8 +95,14 @@ def hparams(s: SweepConfig) -> list[tuple[float, float]]:
     draws = []
     for _ in range(s.runs):
         lr = float(np.exp(rng.uniform(np.log(lr_low), np.log(lr_high))))
-        draws.append((round(lr, 7), round(float(rng.uniform(*weight_decay)), 5)))
+        draws.append((_four_figures(lr), round(float(rng.uniform(*weight_decay)), 5)))
     return draws
+
+
+def _four_figures(lr: float) -> float:
+    """A drawn lr rounded to 7 decimals, or to 4 significant figures where that keeps more (below 1e-4): a small
+    range keeps its spread instead of collapsing onto a few values, or to 0."""
+    return round(lr, max(7, 3 - math.floor(math.log10(lr))))
 
 
 def _range(values: list[float], name: str, positive: bool = False) -> tuple[float, float]:

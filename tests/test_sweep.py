@@ -58,6 +58,15 @@ def test_random_search_refuses_a_range_that_is_not_one(ranges):
         plan(tiny_config(**ranges))
 
 
+def test_random_search_keeps_small_learning_rates_apart():
+    tiny = [r.overrides["train.lr"] for r in plan(tiny_config(sweep__runs=20, sweep__lr=[1e-8, 1e-7]))
+            if r.role == "sweep"]
+    assert all(1e-8 <= lr <= 1e-7 for lr in tiny) and len(set(tiny)) == 20  # not collapsed onto 0 and 1e-7
+    assert all(float(f"{lr:.4g}") == lr for lr in tiny)  # 4 significant figures
+    usual = [r.overrides["train.lr"] for r in plan(config.load("experiments/default.yaml")) if r.role == "sweep"]
+    assert all(round(lr, 7) == lr for lr in usual)  # from 1e-4 up: 7 decimals, the default's lrs as they were
+
+
 def test_reference_runs_differ_only_in_data_order():
     refs = [r for r in plan(tiny_config(sweep__reference_runs=3)) if r.role == "reference"]
     assert len({r.overrides["train.init_seed"] for r in refs}) == 1
