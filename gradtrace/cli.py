@@ -44,7 +44,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(cfg, out, args.run_id, role="reference", resume=args.resume)
     print(f"run {result.run_id}: {result.steps} steps in {result.wall_time_s:.1f} s")
     for split, acc in result.accuracy.items():
-        print(f"  {split:<14} {acc:6.1%}")
+        train_acc = result.train_accuracy.get(split)
+        print(f"  {split:<14} {acc:6.1%}" + ("" if train_acc is None else f"   (train {train_acc:6.1%})"))
     print(f"store: {out / 'store.zarr'}")
 
 

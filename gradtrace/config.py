@@ -37,13 +37,14 @@ class TaskConfig:
     digit_spaces: bool = False  # a space between digits, for BPE tokenizers that chunk digits
     n_test: int = 2000  # items per evaluation split
     n_probe: int = 256  # items per probe batch
+    n_train_eval: int = 256  # training-pool items per split scored at a run's end: its train accuracy (0: none)
     pool_size: int = 65536  # training items drawn once per task; runs differ in which they sample and when
     train_share: float = 0.02  # share of each shift's (shorter) training form in the training mix
     order_share: float = 0.03  # share of a<b items in training (ID is mostly a>=b)
     seed: int = 1234  # fixes test and probe sets; training batches use train.data_seed
 
     def __post_init__(self) -> None:
-        _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, pool_size=1, train_share=0,
+        _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1, train_share=0,
                                                 order_share=0), most=dict(train_share=1, order_share=1))
 
 

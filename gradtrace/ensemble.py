@@ -34,7 +34,7 @@ from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, 
                                         capture_attrs, declare_arrays, no_v_statistics, probe_row)
 from gradtrace.capture.sketch import ParamLayout, make_sketch
 from gradtrace.config import CaptureConfig, Config, TrainConfig, dotted
-from gradtrace.evaluate import accuracy, correctness
+from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
@@ -216,10 +216,11 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                                          "wall_time_s": time.perf_counter() - began})
         if t.steps:
             capture.probe(writers, params, t.steps)
-        correct = []
+        correct, train_acc = [], []
         for i, w in enumerate(writers):
             _load_member(model, params, i)
             correct.append(correctness(model, task))
+            train_acc.append(train_accuracy(model, task))
             w.close()
             store.write_correct(groups[i], correct[-1])
             if weights:
@@ -232,10 +233,11 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     results = []
     for i, g in enumerate(groups):
         acc = accuracy(correct[i])
-        store.set_status(g, "complete", accuracy=acc, steps_done=t.steps, last_durable_step=t.steps,
-                         wall_time_s=wall, wall_time_note=WALL_TIME_NOTE, nonfinite_steps=capture.nonfinite[i],
-                         splits=task.splits, hparams=_hparams(cfgs[i]))
-        results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps))
+        store.set_status(g, "complete", accuracy=acc, train_accuracy=train_acc[i], steps_done=t.steps,
+                         last_durable_step=t.steps, wall_time_s=wall, wall_time_note=WALL_TIME_NOTE,
+                         nonfinite_steps=capture.nonfinite[i], splits=task.splits, hparams=_hparams(cfgs[i]))
+        results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps,
+                                 train_accuracy=train_acc[i]))
     checkpoint.remove(ckpt_root)  # only once every member is complete
     return results
 

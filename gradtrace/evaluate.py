@@ -10,7 +10,6 @@ import torch
 from gradtrace.tasks import ArithmeticTask, Encoded, exact_match, item_lengths
 
 
-@torch.inference_mode()
 def correctness(model: torch.nn.Module, task: ArithmeticTask, splits: list[str] | None = None,
                 batch_size: int = 128) -> dict[str, np.ndarray]:
     """Per split, a bool per test item (in test-set order): does greedy decoding give exactly the answer?
@@ -18,17 +17,29 @@ def correctness(model: torch.nn.Module, task: ArithmeticTask, splits: list[str] 
     Items are batched by length and each batch is cut to its longest item, so no position past every item's end
     is computed (right padding under causal attention changes nothing before it): 11% less work on the default
     task. Batches of 128 keep a small model's activations in a CPU core's cache."""
+    return _correct(model, {split: task.test_set(split) for split in splits or task.splits}, batch_size)
+
+
+def train_accuracy(model: torch.nn.Module, task: ArithmeticTask, batch_size: int = 128) -> dict[str, float]:
+    """Per split with a training form in the pool, exact-match accuracy on task.n_train_eval of its training items:
+    the run's train accuracy (train − test is its generalisation gap)."""
+    sets = {split: task.train_eval_set(split) for split in task.splits}
+    return accuracy(_correct(model, {split: data for split, data in sets.items() if len(data)}, batch_size))
+
+
+@torch.inference_mode()
+def _correct(model: torch.nn.Module, sets: dict[str, Encoded], batch_size: int) -> dict[str, np.ndarray]:
+    """Per named item set, a bool per item: is the model's greedy answer exactly right?"""
     device = next(model.parameters()).device
     out = {}
     with evaluating(model):
-        for split in splits or task.splits:
-            data = task.test_set(split)
+        for name, data in sets.items():
             right = np.empty(len(data), dtype=bool)
             for idx, width in length_batches(data, batch_size):
                 tokens, mask = data.torch(idx, device)
                 right[idx] = exact_match(model(input_ids=tokens[:, :width]).logits, tokens[:, :width],
                                          mask[:, :width]).cpu().numpy()
-            out[split] = right
+            out[name] = right
     return out
 
 

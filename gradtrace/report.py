@@ -261,7 +261,8 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
     n = 0 if sweep is None else len(sweep)
     no_gap = notes.get("gap")
     if inputs.gap is not None and not any("gap" in str(c).lower() for c in inputs.gap.columns):
-        no_gap = "gap.csv holds no train − test gap (gap_pts): the runs recorded no train accuracies (train_acc_<split>)."
+        no_gap = ("gap.csv holds no train − test gap (gap_pts): the runs recorded no train accuracies "
+                  "(train_acc_<split>): runs stored before gradtrace recorded them, or trained with task.n_train_eval: 0.")
     items = [
         _item("accuracy_on_the_line", "results", "Accuracy on the line",
               f"Each panel is one OOD shift, each point one sweep run (n = {n}). Both axes are on the probit scale "

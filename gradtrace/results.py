@@ -9,7 +9,7 @@ import pandas as pd
 
 from gradtrace import store
 
-# every run's columns before its acc_<split> ones
+# every run's columns before its acc_<split> (test) and train_acc_<split> ones
 FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
 
 
@@ -25,7 +25,8 @@ def results_table(out: str | Path) -> pd.DataFrame:
                      "init_seed": a["seeds"]["init"],
                      "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
-                     **{f"acc_{k}": v for k, v in a["accuracy"].items()}})
+                     **{f"acc_{k}": v for k, v in a["accuracy"].items()},
+                     **{f"train_acc_{k}": v for k, v in a.get("train_accuracy", {}).items()}})
     return pd.DataFrame(rows, columns=None if rows else FIXED_COLUMNS)  # a header even before the first run ends
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.config import CaptureConfig, Config, TrainConfig, changed_keys, from_dict
-from gradtrace.evaluate import accuracy, correctness
+from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
 
@@ -31,13 +31,15 @@ class RunResult:
     wall_time_s: float
     steps: int
     extra: dict = field(default_factory=dict)
+    train_accuracy: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
         """A flat results.csv row."""
         return {"run_id": self.run_id, "role": self.role, "init_seed": self.seeds["init"],
                 "data_seed": self.seeds["data"], **self.hparams, "steps": self.steps,
                 "wall_time_s": round(self.wall_time_s, 2), **self.extra,
-                **{f"acc_{s}": a for s, a in self.accuracy.items()}}
+                **{f"acc_{s}": a for s, a in self.accuracy.items()},
+                **{f"train_acc_{s}": a for s, a in self.train_accuracy.items()}}
 
 
 def seeds(train: TrainConfig) -> dict[str, int]:
@@ -170,7 +172,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
                 group.attrs.update({"steps_done": done, "wall_time_s": time.perf_counter() - began})
         if recorder is not None:
             recorder.close()
-        correct = correctness(model, task)
+        correct, train_acc = correctness(model, task), train_accuracy(model, task)
         writer.close()
         store.write_correct(group, correct)
     except BaseException as err:
@@ -180,11 +182,11 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
         checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
     acc = accuracy(correct)
     wall = time.perf_counter() - began
-    store.set_status(group, "complete", accuracy=acc, steps_done=t.steps, last_durable_step=t.steps,
-                     wall_time_s=wall, nonfinite_steps=recorder.nonfinite_steps if recorder else 0,
-                     splits=task.splits, hparams=hparams)
+    store.set_status(group, "complete", accuracy=acc, train_accuracy=train_acc, steps_done=t.steps,
+                     last_durable_step=t.steps, wall_time_s=wall,
+                     nonfinite_steps=recorder.nonfinite_steps if recorder else 0, splits=task.splits, hparams=hparams)
     checkpoint.remove(ckpt_root)
-    return RunResult(run_id, role, run_seeds, hparams, acc, wall, t.steps)
+    return RunResult(run_id, role, run_seeds, hparams, acc, wall, t.steps, train_accuracy=train_acc)
 
 
 def recorded_capture(capture: CaptureConfig) -> CaptureConfig:
@@ -215,4 +217,4 @@ def finished_result(group, run_id: str, role: str, run_seeds: dict, hparams: dic
     """The result of a run that is already complete in the store."""
     a = group.attrs
     return RunResult(run_id, role, run_seeds, hparams, dict(a["accuracy"]), float(a.get("wall_time_s", 0.0)),
-                     int(a["steps"]))
+                     int(a["steps"]), train_accuracy=dict(a.get("train_accuracy", {})))

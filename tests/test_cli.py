@@ -95,6 +95,7 @@ def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 9 and table["run_id"].is_unique
     assert {"acc_ID", "acc_space", "lr", "weight_decay", "init_seed", "data_seed"} <= set(table.columns)
+    assert {"train_acc_ID", "train_acc_space"} <= set(table.columns)  # every split has a share of the mix
     assert main(args) == 0  # re-running a finished sweep records nothing twice
     assert len(pd.read_csv(out / "results.csv")) == 9
 
@@ -102,6 +103,7 @@ def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     assert set(pd.read_csv(out / "stats.csv")[["a", "b"]].itertuples(index=False)) == {("space", "order")}
     assert main(["stats", str(out)]) == 0
     assert (out / "stats.csv").exists()
+    assert pd.read_csv(out / "gap.csv")["gap_pts"].notna().all()  # train accuracies: the report's gap has its data
     assert main(["predict", str(out)]) == 0
     assert (out / "predict_scores.csv").exists() and (out / "predictions.csv").exists()
     assert main(["report", str(out)]) == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradtrace.config import ModelConfig, TaskConfig
-from gradtrace.evaluate import correctness, length_batches
+from gradtrace.evaluate import correctness, length_batches, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, task_for, worst_margin_loss
 
@@ -76,6 +76,23 @@ def test_shift_mix_lands_in_training_pool():
     assert 0.005 < share_space < 0.03
 
 
+def test_train_eval_sets_are_each_splits_training_items_from_the_pool():
+    task = ArithmeticTask(small(shifts=["length", "base8", "space", "spaced_ops", "order"], order_share=0.0,
+                                n_train_eval=100))
+    pool = set(task.train_pool.prompts)
+    sets = {split: task.train_eval_set(split).prompts for split in task.splits}
+    assert {s: len(p) for s, p in sets.items()} == {"ID": 100, "length": 100, "base8": 100, "space": 100,
+                                                     "spaced_ops": 100, "order": 0}  # order: no share of the mix
+    assert all(set(prompts) <= pool for prompts in sets.values())
+    operands = [p.rstrip("=").split("+") for p in sets["ID"]]
+    assert all(len(a) <= 3 and int(a[::-1]) >= int(b[::-1]) for a, b in operands)  # ID's form: a >= b, <= 3 digits
+    assert all(len(p.split("+")[0]) == 4 for p in sets["length"])
+    assert all(p.startswith("#") for p in sets["base8"]) and all(p.startswith(" ") for p in sets["space"])
+    assert all(" + " in p for p in sets["spaced_ops"])
+    none = ArithmeticTask(small(n_train_eval=0))
+    assert all(len(none.train_eval_set(s)) == 0 for s in none.splits)
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A micro model trained a little on a small task, so that some answers are right and some wrong."""
@@ -125,6 +142,19 @@ def test_length_batched_evaluation_equals_full_width_exact_match_in_item_order(t
             full = exact_match(model(input_ids=x).logits, x, m).numpy()
         np.testing.assert_array_equal(correct[split], full)
     assert 0 < np.mean(np.concatenate(list(correct.values()))) < 1  # some right, some wrong: the test can fail
+
+
+def test_train_accuracy_is_exact_match_on_each_splits_training_items(trained):
+    task, model = trained
+    with torch.no_grad():
+        expected = {}
+        for split in task.splits:
+            x, m = task.train_eval_set(split).torch()
+            expected[split] = exact_match(model(input_ids=x).logits, x, m).numpy().mean()
+    got = train_accuracy(model, task, batch_size=32)
+    assert got.keys() == expected.keys() and model.training
+    np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=0, atol=1e-12)
+    assert 0 < np.mean(list(got.values())) < 1
 
 
 def test_worst_margin_loss_is_small_only_when_every_answer_token_is_right():

@@ -130,6 +130,18 @@ class ArithmeticTask:
     @cached_property
     def train_pool(self) -> Encoded:
         """task.pool_size training items from the mix, none of whose prompts is a test or probe prompt."""
+        return self._pool[0]
+
+    def train_eval_set(self, split: str) -> Encoded:
+        """The first task.n_train_eval training-pool items of `split`'s training form (fewer where the pool holds
+        fewer, none where the split has no share of the mix): the items of a run's train accuracy on it."""
+        pool, forms = self._pool
+        idx = np.flatnonzero(forms == self.splits.index(split))[: self.cfg.n_train_eval]
+        return Encoded(pool.tokens[idx], pool.answer_mask[idx], [pool.prompts[i] for i in idx])
+
+    @cached_property
+    def _pool(self) -> tuple[Encoded, np.ndarray]:
+        """The training pool and, per item, the index in `splits` of the split whose training form it is."""
         held = self._held_out and self.held_out_prompts
         mix = self.train_mix()
         names, probs = list(mix), np.array(list(mix.values()))
@@ -143,7 +155,7 @@ class ArithmeticTask:
                 if rendered[0] not in held:
                     items.append(rendered)
                     break
-        return self.encode_rendered(items)
+        return self.encode_rendered(items), picks
 
     def train_batch(self, step: int, data_seed: int, batch_size: int,
                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
