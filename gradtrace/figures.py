@@ -195,14 +195,17 @@ def _probit_ticks(ax, axis: str, lo: float, hi: float) -> None:
 def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int = N_ITEMS) -> Figure:
     """Per shift, accuracy vs ID accuracy over runs on probit axes, with the least-squares probit line.
 
-    Uses the rows with role == "sweep" when the table has a role column; axes are labelled in percent. Runs that
-    fine-tuned different base runs (a `base` column with several values) get one marker per base.
+    Uses the rows with role == "sweep" when the table has a role column (base and reference runs are not the
+    sweep's); axes are labelled in percent. Runs that fine-tuned different base runs (a `base` column with several
+    values) get one marker per base.
     """
     id_col = f"acc_{id}"
     _require_columns(results_df, [id_col], "results table")
     table = results_df
-    if "role" in table and (table["role"] == "sweep").any():
+    if "role" in table:
         table = table[table["role"] == "sweep"]
+        if table.empty:
+            raise ValueError(f"the results hold no sweep runs yet (roles: {sorted(set(results_df['role']))})")
     shifts = [c[4:] for c in table.columns if c.startswith("acc_") and c != id_col]
     if not shifts:
         raise ValueError(f"results table has no shift accuracy columns acc_<split> besides {id_col}")
@@ -272,9 +275,9 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, (window // 2, window - 1 - window // 2), mode="edge"), kernel, mode="valid")
 
 
-@_styled
-def training_curves(run_group: zarr.Group) -> Figure:
-    """Loss, learning rate and gradient norm over steps of one run; eval and probe accuracy when recorded."""
+def training_panels(run_group: zarr.Group) -> list[str]:
+    """What `training_curves` draws of a run, in order: its per-step scalars (`grad_norm_unclipped`, which says more
+    where clipped, in place of `grad_norm` where recorded), then `evals` and `probe` accuracy where present."""
     if not isinstance(run_group, zarr.Group):
         raise TypeError(f"training_curves needs a run's zarr.Group (store.zarr/<run_id>), got {type(run_group).__name__}")
     scalars = [name for name in ("loss", "lr", "grad_norm") if name in run_group]
@@ -282,7 +285,16 @@ def training_curves(run_group: zarr.Group) -> Figure:
         raise ValueError(f"run {run_group.name!r} has no per-step scalars (needs `step` and loss/lr/grad_norm); "
                          "was it recorded with capture enabled?")
     if "grad_norm_unclipped" in run_group and np.isfinite(store.read(run_group, "grad_norm_unclipped")).any():
-        scalars = [name.replace("grad_norm", "grad_norm_unclipped") for name in scalars]  # says more where clipped
+        scalars = [name.replace("grad_norm", "grad_norm_unclipped") for name in scalars]
+    return scalars + [prefix for prefix in ("evals", "probe")
+                      if f"{prefix}/step" in run_group and f"{prefix}/accuracy" in run_group]
+
+
+@_styled
+def training_curves(run_group: zarr.Group) -> Figure:
+    """Loss, learning rate and gradient norm over steps of one run; eval and probe accuracy when recorded."""
+    drawn = training_panels(run_group)
+    scalars = [name for name in drawn if name not in ("evals", "probe")]
     steps = store.read(run_group, "step")
     clip = ((run_group.attrs.get("config") or {}).get("train") or {}).get("clip")  # gradtrace's own runs say
     panels: list[tuple[str, Callable]] = []
@@ -312,7 +324,7 @@ def training_curves(run_group: zarr.Group) -> Figure:
             ax.set_ylabel(labels[name])
         panels.append((name, draw))
     for prefix, title in (("evals", "accuracy (test sets)"), ("probe", "accuracy (probe batch)")):
-        if f"{prefix}/step" in run_group and f"{prefix}/accuracy" in run_group:
+        if prefix in drawn:
             x, acc = store.read(run_group, f"{prefix}/step"), store.read(run_group, f"{prefix}/accuracy")
             names = _labels(run_group, f"{prefix}/accuracy", acc.shape[1])
 
@@ -485,7 +497,8 @@ def predicted_vs_observed(predictions_df: pd.DataFrame, scores_df: pd.DataFrame 
         ax.ticklabel_format(axis="x", useOffset=False)
         row = scores.loc[name] if name in scores.index else pd.Series(dtype=object)
         rho = float(row["spearman"]) if "spearman" in row and pd.notna(row["spearman"]) else _spearman(x, y)
-        detail = "ρ n/a (constant)" if math.isnan(rho) else f"ρ = {rho:.2f}".replace("-", "−")
+        detail = (f"ρ = {rho:.2f}".replace("-", "−") if not math.isnan(rho)
+                  else "ρ n/a (constant)" if finite.size else "ρ n/a (no predictions)")
         if "noise_ceiling" in row and pd.notna(row["noise_ceiling"]):
             detail += f", ceiling {float(row['noise_ceiling']):.2f}"
         prereg = row.get("preregistered")

@@ -255,6 +255,20 @@ def _item(name: str, section: str, title: str, caption: str, draw: Callable[[], 
     return item
 
 
+def _training_caption(run) -> str:
+    """The training curves' caption, naming what `figures.training_curves` draws of this run."""
+    try:
+        drawn = figures.training_panels(run)
+    except (TypeError, ValueError):
+        drawn = []  # the figure's own error becomes its note
+    norm = ("the gradient norm before clipping (dashed: the clip threshold)" if "grad_norm_unclipped" in drawn
+            else "the gradient norm after clipping")
+    below = [what for key, what in (("evals", "at evaluation checkpoints (test sets, every train.eval_every steps)"),
+                                    ("probe", "on the fixed probe batches")) if key in drawn]
+    return (f"Reference run {run.basename}: training loss (grey per step, blue a moving average), learning rate and "
+            f"{norm} over optimizer steps" + (f"; below, each split's accuracy {' and '.join(below)}." if below else "."))
+
+
 def build_figures(inputs: Inputs) -> list[FigureItem]:
     """Every figure of the report, in reading order; each either drawn or with a note saying why not."""
     notes, sweep = inputs.notes, inputs.sweep
@@ -292,12 +306,8 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
     ]
     run = inputs.reference
     if run is not None:
-        items.append(_item(
-            "training_curves", "training", "Training curves",
-            f"Reference run {run.basename}: training loss (grey per step, blue a moving average), learning rate and "
-            "gradient norm after clipping over optimizer steps; below, each split's accuracy at evaluation "
-            "checkpoints (test sets) and on the fixed probe batches.",
-            lambda: figures.training_curves(run)))
+        items.append(_item("training_curves", "training", "Training curves", _training_caption(run),
+                           lambda: figures.training_curves(run)))
     items += _span_items(inputs)
     items.append(_item(
         "benchmarks", "benchmarks", "Benchmarks",

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import pandas as pd
 import yaml
 
 from gradtrace import figures, report
+from gradtrace.stats import varying_shifts
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -119,10 +121,14 @@ class Filler:
         return _fmt(rows[field].iloc[0], field)
 
     def count(self, arg: str) -> str:
-        """`runs`, `reference`, `shifts` or `pairs`."""
+        """`runs` (sweep runs), `reference` (reference runs), `shifts` (those whose accuracy varies across the sweep,
+        which stats correlates) or `pairs` (of those)."""
         results = self._table("results")
-        shifts = [c for c in results.columns if str(c).startswith("acc_") and c != "acc_ID"]
-        counts = {"runs": len(self.inputs.sweep), "reference": len(results) - len(self.inputs.sweep),
+        with warnings.catch_warnings():  # `gradtrace stats` has warned of the constant shifts it leaves out
+            warnings.simplefilter("ignore")
+            shifts = varying_shifts(self.inputs.sweep, "ID")  # the shifts stats correlates
+        counts = {"runs": len(self.inputs.sweep),
+                  "reference": int((results["role"] == "reference").sum()) if "role" in results else 0,
                   "shifts": len(shifts), "pairs": len(shifts) * (len(shifts) - 1) // 2}
         if arg not in counts:
             raise ValueError(f"count placeholder {arg!r}: choose one of {', '.join(counts)}")
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     absent = [name for name in ("results.csv", "store.zarr") if not (exp / name).exists()]
     if absent:
         print(f"build.py: error: no experiment at {exp} ({', '.join(absent)} missing). Produce it first with "
-              "`make demo` (or `gradtrace sweep experiments/default.yaml --out DIR`), then pass --store DIR.",
+              "`make demo` (or `gradtrace sweep experiments/default.yaml --out DIR`), then pass --store DIR (`make paper OUT=DIR`).",
               file=sys.stderr)
         return 2
     inputs = report.load_inputs(exp)

@@ -170,6 +170,8 @@ def test_accuracy_on_the_line(experiment: Path, tmp_path: Path) -> None:
     ax = figures.accuracy_on_the_line(sweep).axes[0]  # runs from two bases: one marker each, in a legend
     assert [len(c.get_offsets()) for c in ax.collections] == [sum(sweep.base == b) for b in ("base-0", "base-1")]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base-0", "base-1"]
+    with pytest.raises(ValueError, match="no sweep runs yet"):  # mid-sweep: not the base and reference runs
+        figures.accuracy_on_the_line(results[results["role"] != "sweep"])
 
 
 def test_training_curves(experiment: Path, tmp_path: Path) -> None:
@@ -240,6 +242,9 @@ def test_predicted_vs_observed(experiment: Path, tmp_path: Path) -> None:
     assert without_group.axes[2].get_title().startswith("covariance (pre-registered)")
     assert "ρ = 0.50" in titles[1] and "ceiling 0.38" in titles[1]
     assert figures.predicted_vs_observed(predictions).axes[1].get_title().startswith("cosine\nρ = ")
+    failed = predictions.assign(predicted=np.where(predictions["predictor"] == "cosine", np.nan,
+                                                   predictions["predicted"]))  # a predictor that could not run
+    assert figures.predicted_vs_observed(failed).axes[1].get_title() == "cosine\nρ n/a (no predictions)"
     with pytest.raises(ValueError, match="predicted"):
         figures.predicted_vs_observed(predictions.drop(columns="predicted"))
 

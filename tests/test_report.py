@@ -242,3 +242,36 @@ def test_paper_build(written: tuple[Path, str], tmp_path: Path, capsys: pytest.C
     assert build.main(["--store", str(exp), "--out", str(tmp_path / "strict"), "--strict"]) == 1
     assert build.main(["--store", str(tmp_path / "absent")]) == 2
     assert "make demo" in capsys.readouterr().err
+
+
+def test_paper_counts_runs_by_role_and_only_the_shifts_stats_correlates(written: tuple[Path, str], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _paper_build()
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    results = pd.read_csv(exp / "results.csv")
+    results.loc[results["role"] == "sweep", "acc_zeropad"] = 0.5  # the same in every run: stats leaves it out
+    pd.concat([results.iloc[:1].assign(run_id="base", role="base"), results]).to_csv(exp / "results.csv", index=False)
+    later = (exp / "results.csv").stat().st_mtime + 1
+    for name in ("stats.csv", "stats.json", "gap.csv", "reliability.csv", "predictions.csv", "predict_scores.csv"):
+        if (exp / name).exists():
+            os.utime(exp / name, (later, later))  # newer than results.csv: the report does not recompute them
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
+    paper = (tmp_path / "out" / "build" / "paper.md").read_text()
+    sweep = int((results["role"] == "sweep").sum())
+    assert f"{sweep}[^count] sweep runs and 1[^count] reference run(s)" in paper  # the base row is neither
+    assert "the 2[^count] whose accuracy varied across runs give 1[^count] shift pairs" in paper
+
+
+def test_the_training_curves_caption_names_what_the_figure_draws(tmp_path: Path) -> None:
+    run = zarr.open_group(tmp_path / "s.zarr", mode="w").create_group("r")
+    run["step"], run["loss"], run["grad_norm"] = np.arange(20), np.linspace(2.0, 1.0, 20), np.ones(20)
+    caption = report._training_caption(run)
+    assert "the gradient norm after clipping over optimizer steps." in caption and "below" not in caption
+    run["grad_norm_unclipped"] = np.linspace(3.0, 1.5, 20)  # drawn instead, with the clip threshold
+    probe = run.create_group("probe")
+    probe["step"], probe["accuracy"] = np.arange(2), np.zeros((2, 1))
+    caption = report._training_caption(run)
+    assert "before clipping" in caption and "after clipping" not in caption
+    assert "on the fixed probe batches." in caption and "evaluation checkpoints" not in caption  # no evals/
