@@ -162,6 +162,11 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
+    def __post_init__(self) -> None:
+        if self.capture.enabled and self.capture.probe_every and not self.task.n_probe:
+            raise ValueError("task.n_probe=0 leaves the probes no items: set capture.probe_every=0 (no probe "
+                             "gradients) or task.n_probe > 0")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe)."""
         return _plain(dataclasses.asdict(self))

@@ -32,20 +32,23 @@ def test_packed_rows_hold_every_item_once_with_its_own_positions(task):
         assert not bool(allowed[0, ends[0] + 1, : ends[0] + 1].any())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_packed_loss_and_gradient_equal_the_padded_ones(task, attn):
+def test_packed_loss_and_gradient_equal_the_padded_ones(task, attn, dtype):
     model = build_model(ModelConfig(name="micro", attn_implementation=attn), task.tokenizer.vocab_size, seed=0)
+    model.to(dtype)
     params = list(model.parameters())
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     for step in range(3):
         padded, packed = task.train_batches(step, [1], 48, pack=False)[0], task.train_batches(step, [1], 48)[0]
         losses, grads = [], []
         for b in (padded, packed):
-            loss = answer_cross_entropy(model(**b.inputs(), use_cache=False).logits, b.tokens, b.mask)
+            loss = answer_cross_entropy(model(**b.inputs(dtype), use_cache=False).logits, b.tokens, b.mask)
             losses.append(loss)
             grads.append(torch.autograd.grad(loss, params))
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(losses[1], losses[0], **tol)
         for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(b, a, rtol=100 * tol["rtol"], atol=tol["atol"])
 
 
 def test_batches_of_several_seeds_share_a_row_count_and_padding_rows_add_nothing(task):

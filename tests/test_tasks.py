@@ -6,6 +6,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.evaluate import correctness, length_batches, train_accuracy
 from gradtrace.models import build_model
+from gradtrace.train import train
 from gradtrace.tasks import REGISTRY, ArithmeticTask, answer_cross_entropy, exact_match, task_for, worst_margin_loss
 
 
@@ -91,6 +92,15 @@ def test_train_eval_sets_are_each_splits_training_items_from_the_pool():
     assert all(" + " in p for p in sets["spaced_ops"])
     none = ArithmeticTask(small(n_train_eval=0))
     assert all(len(none.train_eval_set(s)) == 0 for s in none.splits)
+
+
+def test_no_probe_items_makes_a_task_without_probes(tiny, tmp_path):
+    task = ArithmeticTask(small(n_probe=0))
+    assert len(task.probe_set("ID")) == 0 and len(task.test_set("ID")) == 300
+    with pytest.raises(ValueError, match="set capture.probe_every=0"):
+        tiny(task__n_probe=0)  # probes every 20 steps, of no items
+    result = train(tiny(task__n_probe=0, capture__probe_every=0, train__steps=4), tmp_path, progress=False)
+    assert set(result.accuracy) == set(result.train_accuracy) == {"ID", *TaskConfig().shifts}
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +195,24 @@ def test_pretrained_tokenizer_gives_one_known_id_per_character(tmp_path):
     assert tok.encode("12+3") == [hf.encode(c)[0] for c in "12+3"]
     assert tok.eos_id == hf.eos_token_id and tok.vocab_size == len(hf)
     assert tok.decode(tok.encode(" 90+1=19")) == " 90+1=19"
+
+
+def test_a_tokenizer_giving_characters_one_shared_id_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from gradtrace.tasks import CharTokenizer
+
+    vocab = {**{str(d): d for d in range(10)}, "+": 10, " ": 11, "[UNK]": 12, "<eos>": 13}
+    word = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))  # '#', '-' and '=' are all [UNK]
+    PreTrainedTokenizerFast(tokenizer_object=word, eos_token="<eos>", unk_token="[UNK]").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"gives '#-=' the same id"):
+        CharTokenizer.from_pretrained(str(tmp_path))
+
+
+def test_a_training_form_the_held_out_sets_use_up_is_refused_by_name():
+    task = ArithmeticTask(TaskConfig(max_digits=2, shifts=["zeropad"]))  # 55 zero-padded training prompts, all held out
+    with pytest.raises(ValueError, match="every prompt of split 'zeropad'"):
+        task.train_pool
+    with pytest.raises(ValueError, match="distinct test and probe items of split 'ID'.*task.n_probe"):
+        ArithmeticTask(TaskConfig(max_digits=1, shifts=[], n_test=60)).test_set("ID")

@@ -35,6 +35,9 @@ class Encoded:
                 torch.as_tensor(self.answer_mask[idx], device=device))
 
 
+MAX_REDRAWS = 10_000  # draws of a training item whose prompt is held out before the pool is refused
+
+
 class ArithmeticTask:
     """ID split + configured OOD shifts; test, probe and training items are disjoint by prompt."""
 
@@ -71,7 +74,7 @@ class ArithmeticTask:
             rows.append(head + tail)
             masks.append([False] * len(head) + [True] * len(tail))
             prompts.append(prompt)
-        width = max(map(len, rows))
+        width = max(map(len, rows), default=0)  # no items (task.n_probe=0): an empty set
         tokens = np.full((len(rows), width), tok.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=bool)
         for i, (r, m) in enumerate(zip(rows, masks)):
@@ -80,17 +83,19 @@ class ArithmeticTask:
         return Encoded(tokens, mask, prompts)
 
     # -- fixed evaluation sets ---------------------------------------------------------------------------------
-    def _unique(self, sampler, rng: np.random.Generator, n: int, exclude: set[str]) -> list[Problem]:
+    def _unique(self, name: str, rng: np.random.Generator, n: int, exclude: set[str]) -> list[Problem]:
         out, seen, tries = [], set(exclude), 0
         while len(out) < n:
-            p = sampler(rng, self.cfg.max_digits)
+            p = get_split(name).test(rng, self.cfg.max_digits)
             key = self.render(p)[0]
             tries += 1
             if key not in seen:
                 seen.add(key)
                 out.append(p)
             elif tries > 50 * n:
-                raise ValueError(f"could not draw {n} distinct items; lower task.n_test or widen the split")
+                raise ValueError(f"could not draw {n} distinct test and probe items of split {name!r} (besides the "
+                                 "splits listed before it); lower task.n_test or task.n_probe, or raise "
+                                 "task.max_digits")
         return out
 
     @cached_property
@@ -99,7 +104,7 @@ class ArithmeticTask:
         out, used = {}, set()
         for i, name in enumerate(self.splits):
             rng = np.random.default_rng([self.cfg.seed, i])
-            items = self._unique(get_split(name).test, rng, self.cfg.n_test + self.cfg.n_probe, used)
+            items = self._unique(name, rng, self.cfg.n_test + self.cfg.n_probe, used)
             used.update(self.render(p)[0] for p in items)
             out[name] = (items[: self.cfg.n_test], items[self.cfg.n_test:])
         self.held_out_prompts = used
@@ -150,11 +155,15 @@ class ArithmeticTask:
         items = []
         for k in picks:
             split = get_split(names[k])
-            while True:
+            for _ in range(MAX_REDRAWS):
                 rendered = self.render(split.train(rng, self.cfg.max_digits))
                 if rendered[0] not in held:
                     items.append(rendered)
                     break
+            else:
+                raise ValueError(f"the test and probe sets hold (nearly) every prompt of split {names[k]!r}'s "
+                                 "training form: none is left to train on; lower task.n_test or task.n_probe, or "
+                                 "raise task.max_digits")
         return self.encode_rendered(items), picks
 
     def train_batch(self, step: int, data_seed: int, batch_size: int,

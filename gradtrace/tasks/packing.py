@@ -23,10 +23,11 @@ class Batch:
     position_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
 
-    def inputs(self) -> dict[str, torch.Tensor]:
-        """The tensors a Hugging Face causal LM's forward takes for this batch, by keyword."""
+    def inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The tensors a Hugging Face causal LM's forward takes for this batch, by keyword; the attention mask in
+        the model's float `dtype` (CPU sdpa miscomputes a float32 mask against float64 queries)."""
         packed = {} if self.position_ids is None else {"position_ids": self.position_ids,
-                                                        "attention_mask": self.attention_mask}
+                                                        "attention_mask": self.attention_mask.to(dtype)}
         return {"input_ids": self.tokens, **packed}
 
 
