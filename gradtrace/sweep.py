@@ -156,12 +156,13 @@ def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
 
 def estimate_seconds(cfg: Config) -> float:
     """Rough time of one run on one CPU thread beside another worker (measured on the default, sixth session:
-    ~0.7 ms per example-step for `tiny`, plus model building and evaluating every split's test items)."""
+    ~0.7 ms per example-step for `tiny`, plus model building and evaluating every split's test and train-accuracy
+    items)."""
     from gradtrace.models import EMBEDDED
 
     shape = EMBEDDED.get(cfg.model.name.removeprefix("EleutherAI/"), EMBEDDED["tiny"])
     scale = (shape.hidden ** 2 * shape.layers) / (96 ** 2 * 3)
-    items = cfg.task.n_test * (len(cfg.task.shifts) + 1)
+    items = (cfg.task.n_test + cfg.task.n_train_eval) * (len(cfg.task.shifts) + 1)
     return (cfg.train.steps * cfg.train.batch_size * 0.7e-3 + items * 0.28e-3) * scale + 1.5
 
 

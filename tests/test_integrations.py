@@ -414,3 +414,82 @@ def test_hf_callback_leaves_training_unchanged(tmp_path, task):
     with_capture, _, _ = hf_train(task, tmp_path, callback, accumulation=2)
     without, _, _ = hf_train(task, tmp_path, accumulation=2)
     np.testing.assert_array_equal(flat_params(with_capture), flat_params(without))
+
+
+class _Killed(Exception):
+    """Stands in for a kill mid-run."""
+
+
+def test_hf_resume_after_steps_the_gradient_scaler_skipped(tmp_path, task):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Overflow(TrainerCallback):  # an fp16 overflow in the backward of the Trainer's steps 1 and 2
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step in (1, 2):
+                next(model.parameters()).grad[0, 0] = float("inf")
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise _Killed
+
+    def run(resume: bool):
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=8,
+                                 learning_rate=3e-3, save_strategy="steps", save_steps=4, logging_steps=1,
+                                 report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=2))
+        trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
+                          callbacks=[callback, Overflow(), *([] if resume else [Kill()])])
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # as accelerate's for fp16 on a GPU
+        trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4") if resume else None)
+
+    with pytest.raises(_Killed):
+        run(resume=False)
+    assert run_group(tmp_path, "hf").attrs["trainer_steps"] == {"4": 2}  # global step 4: 2 steps taken, 2 skipped
+    run(resume=True)
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["status"] == "complete" and group.attrs["trainer_steps"] == {"4": 2, "8": 6}
+    assert group["step"][:].tolist() == list(range(6))  # each step taken recorded once, none skipped, no gap
+
+
+def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(tmp_path, task):
+    from transformers import Trainer, TrainingArguments
+
+    def loss_func(outputs, labels, num_items_in_batch=None):  # the Trainer pops the labels: the model has no loss
+        return torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=2,
+                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), compute_loss_func=loss_func,
+                      callbacks=[GradtraceCallback(tmp_path, "hf", capture=IDENTITY)])
+    with pytest.warns(UserWarning, match="the model returned no loss"):
+        trainer.train()
+    group = run_group(tmp_path, "hf")
+    assert np.isnan(group["loss"][:]).all() and np.isfinite(group["grad"][:]).all() and group["step"].shape == (2,)
+
+
+@pytest.mark.parametrize("sketch", ["identity", "countsketch"])
+def test_a_bf16_models_gradient_norms_are_summed_in_float32(tmp_path, task, sketch):
+    model = micro(task).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, capture=CaptureConfig(sketch=sketch, dim=256,
+                                                                                probe_every=0))
+    train_steps(model, opt, task, 2, rec)
+    rec.close()
+    expected = np.array([p.grad.double().norm().item() for p in model.parameters()])  # the last step's, clipped
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["layer_grad_norm"][-1], expected, rtol=1e-5)
+    np.testing.assert_allclose(group["grad_norm"][-1], np.linalg.norm(expected), rtol=1e-5)
+
+
+def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task):
+    model = micro(task)
+    with pytest.raises(TypeError, match="CaptureConfig"):
+        attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=2, capture={"dim": 64})
+    other = torch.optim.AdamW(micro(task, seed=1).parameters())
+    with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
+        attach(model, other, tmp_path, "b", total_steps=2, capture=IDENTITY)
+    assert run_group(tmp_path, "b").attrs["status"] == "failed"
+    frozen = micro(task).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        attach(frozen, torch.optim.AdamW(model.parameters()), tmp_path, "c", total_steps=2, capture=IDENTITY)

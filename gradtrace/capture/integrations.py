@@ -116,6 +116,9 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`.
     """
     capture = capture or CaptureConfig()
+    if not isinstance(capture, CaptureConfig):
+        raise TypeError(f"capture must be a gradtrace.config.CaptureConfig, got {type(capture).__name__}; e.g. "
+                        "CaptureConfig(**settings)")
     if not is_writer(write):
         return IdleRecorder()
     if probes and probe_losses is None:
@@ -130,7 +133,11 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     group = _run_group(root, run_id, resume, start_step, {
         "config": {"capture": dataclasses.asdict(capture)}, "role": "reference", "steps": total_steps,
         "steps_done": start_step, **(attrs or {})})
-    recorder = RunRecorder(group, model, optimizer, capture, total_steps, probes or None, probe_losses, start_step)
+    try:
+        recorder = RunRecorder(group, model, optimizer, capture, total_steps, probes or None, probe_losses, start_step)
+    except Exception as err:  # a model or optimizer that cannot be recorded: the run says why
+        store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
+        raise
     group.attrs.update(recorder.attrs())
     return recorder
 

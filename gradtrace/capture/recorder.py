@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gradtrace.capture.sketch import ParamLayout, flatten_into, make_sketch
+from gradtrace.capture.sketch import ParamLayout, flatten_into, make_sketch, tensor_norms
 from gradtrace.config import CaptureConfig
 from gradtrace.store import RunWriter
 
@@ -83,6 +83,12 @@ class Recorder:
                              "moments: drop it, e.g. CaptureConfig(quantities=['grad', 'update'])")
         self.writer, self.cfg = writer, cfg
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in optimized for p in self.params):
+            raise ValueError(f"the {type(self.optimizer).__name__} given holds none of the model's trainable "
+                             "parameters: pass the optimizer that trains this model")
         self.layout = ParamLayout.of(self.model)
         device = self.params[0].device
         self.sketch = make_sketch(cfg.sketch, self.layout, cfg.dim, cfg.seed, device)
@@ -163,7 +169,7 @@ class Recorder:
         if "grad" in self.cfg.quantities:
             row["grad"], layer_grad = self.sketch.apply_with_norms(grads, scratch=self._flat)
         else:
-            layer_grad = torch.stack(torch._foreach_norm(grads))
+            layer_grad = tensor_norms(grads)
         if scale is not None:  # sketch and norms are linear in g: unscale them instead of g
             layer_grad.div_(scale)
             if "grad" in row:
@@ -196,7 +202,7 @@ class Recorder:
                                      "exp_avg: drop adam_m from capture.quantities")
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
             if v is not None and self.step % self.cfg.v_stats_every == 0:  # v: an EMA over ≥ 50 steps, moves slowly
-                row["layer_v_mean"] = torch.stack(torch._foreach_norm(v, 1)) / self._lengths  # v ≥ 0: L1 = sum
+                row["layer_v_mean"] = tensor_norms(v, 1) / self._lengths  # v ≥ 0: L1 = sum
                 row["layer_v_quantile"] = self._v_sample.quantiles(v)
             else:
                 row.update(no_v_statistics(len(self._numels)))

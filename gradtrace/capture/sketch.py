@@ -68,6 +68,15 @@ def flatten_into(tensors: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Te
     return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
 
+def tensor_norms(tensors: Sequence[torch.Tensor], ord: float = 2) -> torch.Tensor:
+    """Each tensor's L-`ord` norm as float32, summed in float32 at least: in bf16 or fp16 a norm loses digits, and
+    of gradients still scaled by a GradScaler it overflows."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        wide = [t if t.dtype == torch.float64 else t.float() for t in tensors]
+        return torch.stack(torch._foreach_norm(wide, ord)).float()
+    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+
+
 def _generator(seed: int, *salt: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(hashlib.sha256(repr((seed, *salt)).encode()).hexdigest()[:15], 16))
@@ -84,9 +93,16 @@ class Sketch(ABC):
             raise ValueError(f"sketch dim must be >= 1, got {dim}")
         self.layout, self.dim, self.seed, self.device = layout, dim, seed, torch.device(device)
 
-    @abstractmethod
     def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
         """Sketch of a vector equal to `values` on coordinates [start, start+len) and zero elsewhere."""
+        if not 0 <= start <= start + values.numel() <= self.layout.size:
+            raise ValueError(f"coordinates [{start}, {start + values.numel()}) are not inside the sketched vector's "
+                             f"[0, {self.layout.size}): a shard must lie within its layout (trim its padding)")
+        return self._apply_range(values, start)
+
+    @abstractmethod
+    def _apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        """`apply_range` of coordinates already checked to lie inside the layout."""
 
     def apply(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sketch of a whole flat P-vector (optionally written into `out`)."""
@@ -104,7 +120,7 @@ class Sketch(ABC):
     def apply_with_norms(self, tensors: Sequence[torch.Tensor],
                          scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sketch of parameter-shaped tensors in layout order, each tensor's L2 norm)."""
-        norms = torch.stack(torch._foreach_norm(tensors)).float()
+        norms = tensor_norms(tensors)
         return self.apply_tensors(tensors, scratch), norms
 
     def apply_difference_with_norms(self, new: Sequence[torch.Tensor],
@@ -134,7 +150,7 @@ class IdentitySketch(Sketch):
     def __init__(self, layout: ParamLayout, dim: int | None = None, seed: int = 0, device="cpu") -> None:
         super().__init__(layout, layout.size, seed, device)
 
-    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+    def _apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
         out = torch.zeros(self.dim, dtype=values.dtype, device=values.device)
         out[start: start + values.numel()] = values
         return out
@@ -195,7 +211,7 @@ class CountSketch(Sketch):
         i = torch.arange(start, start + n, device=self.device)
         return (i % self.dim + self.shifts[i // self.dim]) % self.dim
 
-    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+    def _apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
         out = torch.zeros(self.dim, device=values.device)
         if values.device.type == "cpu":
             return self._add_cpu(values, start, out)
@@ -271,7 +287,7 @@ class _BlockJL(Sketch):
     def _matrix(self, gen: torch.Generator, cols: int) -> torch.Tensor:
         """A k × cols block of R from `gen`."""
 
-    def apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
+    def _apply_range(self, values: torch.Tensor, start: int) -> torch.Tensor:
         values = values.reshape(-1).float()
         out = torch.zeros(self.dim, device=values.device)
         stop = start + values.numel()
