@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,8 +25,8 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     for name, split in REGISTRY.items():
         mark = "yes" if name == "ID" or name in in_default else "-"
         try:  # each split alone: one too long for task.max_digits is listed, not refused
-            task = ArithmeticTask(config_mod.from_dict(cfg.to_dict(), {
-                "task.shifts": [] if name == "ID" else [name], "task.n_test": 1, "task.n_probe": 0}).task)
+            task = ArithmeticTask(dataclasses.replace(cfg.task, shifts=[] if name == "ID" else [name], n_test=1,
+                                                      n_probe=0))
             example = repr(task.example(name))
         except ValueError:
             example = f"(not at max_digits={cfg.task.max_digits})"
