@@ -44,8 +44,8 @@ class TaskConfig:
     seed: int = 1234  # fixes test and probe sets; training batches use train.data_seed
 
     def __post_init__(self) -> None:
-        _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1, train_share=0,
-                                                order_share=0), most=dict(train_share=1, order_share=1))
+        _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1,
+                                                train_share=0, order_share=0), most=dict(train_share=1, order_share=1))
 
 
 @dataclass

@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     absent = [name for name in ("results.csv", "store.zarr") if not (exp / name).exists()]
     if absent:
         print(f"build.py: error: no experiment at {exp} ({', '.join(absent)} missing). Produce it first with "
-              "`make demo` (or `gradtrace sweep experiments/default.yaml --out DIR`), then pass --store DIR (`make paper OUT=DIR`).",
+              "`make demo` (or `gradtrace sweep experiments/default.yaml --out DIR`), then pass --store DIR "
+              "(`make paper OUT=DIR`).",
               file=sys.stderr)
         return 2
     inputs = report.load_inputs(exp)

@@ -94,8 +94,8 @@ class GradtraceCallback(TrainerCallback):
         """Make every recorded row durable beside the Trainer's checkpoint, noting how many steps it holds."""
         if isinstance(self.recorder, RunRecorder):
             self.recorder.checkpoint()
-            recorded = {**self.recorder.group.attrs.get("trainer_steps", {}), str(state.global_step): self.recorder.step}
-            self.recorder.group.attrs["trainer_steps"] = recorded
+            attrs = self.recorder.group.attrs
+            attrs["trainer_steps"] = {**attrs.get("trainer_steps", {}), str(state.global_step): self.recorder.step}
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

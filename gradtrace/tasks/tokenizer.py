@@ -34,8 +34,8 @@ class CharTokenizer:
             ids[c] = pieces[0]
         shared = {c for c in SYMBOLS if list(ids.values()).count(ids[c]) > 1}
         if shared:
-            raise ValueError(f"tokenizer {name!r} gives {''.join(sorted(shared))!r} the same id (an unknown-token id?); "
-                             "each character needs its own")
+            raise ValueError(f"tokenizer {name!r} gives {''.join(sorted(shared))!r} the same id (an unknown-token "
+                             "id?); each character needs its own")
         eos = hf.eos_token_id
         ids[EOS] = eos
         ids[BOS] = hf.bos_token_id if hf.bos_token_id is not None else eos
