@@ -299,9 +299,12 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
               "predictor can meaningfully exceed. Predictor scales differ: only rank and sign matter.",
               lambda: figures.predicted_vs_observed(inputs.predictions, inputs.scores), notes.get("predictions")),
         _item("generalisation_gap", "gap", "Generalisation gap",
-              "Train − test accuracy per split in percentage points: one dot per run, the bar at the median. "
-              "Bands: below 5 points healthy, 5–10 watch, above 10 warning (the run fits the training form of the "
-              "split better than its held-out test set).",
+              "Train − test accuracy per split in percentage points: one dot per run, the bar at the median. Train "
+              "accuracy is exact match on training-pool items of the split's training form (task.n_train_eval per "
+              "split), test accuracy on its held-out test items. Bands: below 5 points healthy, 5–10 watch, above 10 "
+              "warning. Where a split trains on its test form (ID, length, order on the default task) a gap is "
+              "memorisation; where training shows only a shorter or simpler form, it is how far the test form lies "
+              "beyond it, by design.",
               lambda: figures.generalisation_gap_bands(inputs.gap), no_gap),
     ]
     run = inputs.reference
