@@ -37,6 +37,7 @@ from scipy.stats import rankdata
 
 from gradtrace import store
 from gradtrace.capture.sketch import check_compatible
+from gradtrace.results import started_from
 from gradtrace.stats import bootstrap_indices, centre_within, group_codes, partial_correlations, varying_shifts
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
@@ -66,6 +67,7 @@ class ReferenceRun:
     seeds: dict
     wall_time_s: float
     nonfinite_steps: int
+    start: str = ""  # the base run it fine-tuned ("" from scratch)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ def _load_run(group: zarr.Group, run_id: str, lazy: bool | None) -> ReferenceRun
         update=_optional(group, "update", lazy), grad=_optional(group, "grad", lazy), lr=_optional(group, "lr"),
         eval_step=_optional(group, "evals/step"), eval_accuracy=_optional(group, "evals/accuracy"),
         seeds=dict(attrs.get("seeds") or {}), wall_time_s=float(attrs.get("wall_time_s", np.nan)),
-        nonfinite_steps=int(attrs.get("nonfinite_steps", 0)))
+        nonfinite_steps=int(attrs.get("nonfinite_steps", 0)),
+        start=started_from(((attrs.get("config") or {}).get("model") or {}).get("init_from")))
 
 
 def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[str] | None = None,
@@ -229,11 +232,13 @@ def probit_partials(accuracy: np.ndarray, n_items: int = DEFAULT_N_ITEMS, groups
     return partial_from_covariance(np.swapaxes(z, -1, -2) @ z)
 
 
-def _partial_across_samples(Y: np.ndarray, min_samples: int = 4) -> np.ndarray:
-    """Partial correlations given column 0 across the rows of Y (samples × (1+S)), rows already centred."""
-    if Y.shape[0] < min_samples:
-        raise ValueError(f"only {Y.shape[0]} samples to correlate across; a partial correlation given ID needs at "
-                         f"least {min_samples} (dof = n − 3 ≥ 1). Record more probes or use more reference runs.")
+def _partial_across_samples(Y: np.ndarray, independent: int | None = None) -> np.ndarray:
+    """Partial correlations given column 0 across the rows of Y (samples × (1+S)), rows already centred; of these,
+    `independent` (default: all) are free (rows centred across n runs hold n − 1)."""
+    n = Y.shape[0] if independent is None else independent
+    if n < 4:
+        raise ValueError(f"only {n} independent samples to correlate across; a partial correlation given ID needs at "
+                         "least 4 (dof = n − 3 ≥ 1). Record more probes or use more reference runs.")
     return partial_from_covariance(Y.T @ Y)
 
 
@@ -505,7 +510,9 @@ class PathIntegratedPredictor(Predictor):
     """Candidate: correlation across training windows of each split's first-order loss change along the path.
 
     Per window w between probes p_w < p_w+1, c_w,i = ½(g_i(θ_p_w) + g_i(θ_p_w+1))·(θ_p_w+1 − θ_p_w) (the
-    trapezoid rule, exact for quadratic losses); Σ_w c_w,i ≈ L_i(θ_T) − L_i(θ_0) (checked in `fidelity_`).
+    trapezoid rule, exact for quadratic losses); Σ_w c_w,i ≈ L_i(θ_T) − L_i(θ_0), a first-order estimate the
+    fitted predictor's `fidelity_` sets beside the measured change per run and split (on the default's reference
+    run the sums were 1–8× the measured changes, `order`'s of the wrong sign: a rough estimate).
     The prediction is the partial correlation, across the last `tail` of windows (pooled over reference runs,
     centred per run), of c_·,a and c_·,b given c_·,ID: shifts whose losses fall in the same phases of training,
     beyond what ID does. It predicts the sweep if runs differ mainly in how much of each phase they realise
@@ -534,7 +541,7 @@ class PathIntegratedPredictor(Predictor):
             c = c[_tail(len(c), self.tail)]
             samples.append(c - c.mean(axis=0))
         self.fidelity_ = pd.concat(fidelity, ignore_index=True) if fidelity else None
-        return _partial_across_samples(np.concatenate(samples))
+        return _partial_across_samples(np.concatenate(samples), sum(len(c) - 1 for c in samples))
 
 
 class TrajectoryLossPredictor(PathIntegratedPredictor):
@@ -561,6 +568,21 @@ def _common_probe_steps(reference: ReferenceData, tail: float, name: str) -> np.
     return common[_tail(len(common), tail)]
 
 
+def _compared_groups(reference: ReferenceData, name: str, same_init: bool) -> list[list[ReferenceRun]]:
+    """The reference runs that share a start (the base run they fine-tuned; with `same_init`, their init seed
+    too), in groups of two or more: runs compared with each other must differ only in data order or lr."""
+    groups: dict = {}
+    for run in reference.runs:
+        groups.setdefault((run.start, repr(run.seeds.get("init")) if same_init else None), []).append(run)
+    compared = [g for g in groups.values() if len(g) >= 2]
+    if not compared:
+        shared = "base run and init seed" if same_init else "base run"
+        raise ValueError(f"{name} compares reference runs that share a {shared}, but no two of the "
+                         f"{len(reference.runs)} do: set sweep.reference_runs ≥ 2 (per base) with runs that differ "
+                         "only in data order or by a small learning-rate step")
+    return compared
+
+
 def _probe_index(run: ReferenceRun, steps: np.ndarray) -> np.ndarray:
     return np.searchsorted(run.probe_step, steps)
 
@@ -568,11 +590,12 @@ def _probe_index(run: ReferenceRun, steps: np.ndarray) -> np.ndarray:
 class MinisweepCovariancePredictor(Predictor):
     """Candidate: the covariance predictor with Σ from how a few reference runs' parameters differ.
 
-    For reference runs sharing an init (differing in data order or a small lr step), the displacement
-    D_r(p) = θ_r(p) − θ_0 (the sum of sketched updates, by linearity) at each common probe step p in the last
-    `tail` of probes is centred across runs; y_r,p,i = ḡ_i(p)ᵀ(D_r(p) − mean_r D_r(p)) with ḡ(p) the runs'
-    mean probe gradient, and the prediction is the partial correlation of the pooled y (the first-order model
-    with Σ = the runs' spread). tail → only the final probe: rank n_runs − 1, very noisy for few runs.
+    For reference runs sharing an init and a base run (differing in data order or a small lr step), the
+    displacement D_r(p) = θ_r(p) − θ_0 (the sum of sketched updates, by linearity) at each common probe step p in
+    the last `tail` of probes is centred across those runs; y_r,p,i = ḡ_i(p)ᵀ(D_r(p) − mean_r D_r(p)) with ḡ(p)
+    their mean probe gradient, and the prediction is the partial correlation of the y pooled over groups of runs
+    sharing a start (the first-order model with Σ = the runs' spread). tail → only the final probe: rank
+    n_runs − 1, very noisy for few runs.
     """
 
     name = "minisweep_covariance"
@@ -583,29 +606,30 @@ class MinisweepCovariancePredictor(Predictor):
 
     def _matrix(self, reference: ReferenceData) -> np.ndarray:
         steps = _common_probe_steps(reference, self.tail, self.name)
-        inits = {repr(r.seeds.get("init")) for r in reference.runs}
-        if len(inits) > 1:
-            raise ValueError(f"{self.name} linearises around one shared initialisation, but the reference runs have "
-                             f"init seeds {sorted(inits)}; use reference runs that share the init seed and differ "
-                             "in data order or learning rate (or use minisweep_loss, which needs no shared init)")
+        groups = _compared_groups(reference, self.name, same_init=True)
         li = reference.loss_index(self.probe_loss)
-        D, G = [], []
-        for run in reference.runs:
-            updates = _require(run, "update", self.name, "add 'update' to capture.quantities")
-            D.append(np.cumsum(_window_sums(updates, [_rows_for_steps(run, int(a), int(b)) for a, b in
-                                                      zip(np.r_[0, steps[:-1]], steps)]), axis=0))
-            G.append(run.probe_grad[_probe_index(run, steps), :, li, :].astype(np.float64))
-        D, G = np.stack(D), np.stack(G)  # (n, P, k), (n, P, 1+S, k)
-        Y = np.einsum("npk,psk->nps", D - D.mean(axis=0), G.mean(axis=0))
-        return _partial_across_samples(Y.reshape(-1, Y.shape[-1]), min_samples=2)
+        samples = []
+        for group in groups:
+            D, G = [], []
+            for run in group:
+                updates = _require(run, "update", self.name, "add 'update' to capture.quantities")
+                D.append(np.cumsum(_window_sums(updates, [_rows_for_steps(run, int(a), int(b)) for a, b in
+                                                          zip(np.r_[0, steps[:-1]], steps)]), axis=0))
+                G.append(run.probe_grad[_probe_index(run, steps), :, li, :].astype(np.float64))
+            D, G = np.stack(D), np.stack(G)  # (n, P, k), (n, P, 1+S, k)
+            Y = np.einsum("npk,psk->nps", D - D.mean(axis=0), G.mean(axis=0))
+            samples.append(Y.reshape(-1, Y.shape[-1]))
+        independent = sum(len(g) - 1 for g in groups) * len(steps)
+        return _partial_across_samples(np.concatenate(samples), independent)
 
 
 class MinisweepLossPredictor(Predictor):
     """Exploratory: partial correlation of the reference runs' measured probe losses across runs.
 
-    At each common probe step in the last `tail` of probes, each run's probe loss minus the runs' mean; pooled
-    over those steps. A direct, model-free measurement of co-variation across runs (no linearisation, no shared
-    init needed), on the probe batch's loss instead of exact match on the test set.
+    At each common probe step in the last `tail` of probes, each run's probe loss minus the mean of the runs
+    that fine-tuned the same base run; pooled over those steps and bases. A direct, model-free measurement of
+    co-variation across runs (no linearisation, no shared init needed), on the probe batch's loss instead of
+    exact match on the test set.
     """
 
     name = "minisweep_loss"
@@ -616,11 +640,16 @@ class MinisweepLossPredictor(Predictor):
 
     def _matrix(self, reference: ReferenceData) -> np.ndarray:
         steps = _common_probe_steps(reference, self.tail, self.name)
+        groups = _compared_groups(reference, self.name, same_init=False)
         li = reference.loss_index(self.probe_loss)
-        L = np.stack([_require(run, "probe_loss", self.name, "capture probe losses")[_probe_index(run, steps), :, li]
-                      for run in reference.runs]).astype(np.float64)  # (n, P, 1+S)
-        Y = L - L.mean(axis=0)
-        return _partial_across_samples(Y.reshape(-1, Y.shape[-1]), min_samples=2)
+        samples = []
+        for group in groups:
+            losses = [_require(run, "probe_loss", self.name, "capture probe losses") for run in group]
+            L = np.stack([loss[_probe_index(run, steps), :, li] for run, loss in zip(group, losses)]).astype(
+                np.float64)  # (n, P, 1+S)
+            samples.append((L - L.mean(axis=0)).reshape(-1, L.shape[-1]))
+        independent = sum(len(g) - 1 for g in groups) * len(steps)
+        return _partial_across_samples(np.concatenate(samples), independent)
 
 
 class CheckpointAccuracyPredictor(Predictor):
@@ -644,7 +673,7 @@ class CheckpointAccuracyPredictor(Predictor):
             acc = _require(run, "eval_accuracy", self.name, "set train.eval_every > 0 to evaluate during training")
             z = ndtri(np.clip(acc[_tail(len(acc), self.tail)].astype(np.float64), eps, 1 - eps))
             samples.append(z - z.mean(axis=0))
-        return _partial_across_samples(np.concatenate(samples))
+        return _partial_across_samples(np.concatenate(samples), sum(len(z) - 1 for z in samples))
 
 
 PREDICTORS: dict[str, type[Predictor]] = {c.name: c for c in (
@@ -926,7 +955,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     if sweep.empty:
         raise ValueError(f"{exp_dir / 'results.csv'} has no rows with role == 'sweep' to observe")
     within = base_groups(sweep)  # runs from several base runs: correlated within base
-    shifts = varying_shifts(sweep, reference.id_split, reference.shifts)  # scored where the sweep observed a matrix
+    shifts = varying_shifts(sweep, reference.id_split, reference.shifts, within)  # where the sweep observed a matrix
     observed = partial_correlations(sweep, id=reference.id_split, shifts=shifts,
                                     residualize="probit", n_boot=0, n_perm=0, seed=seed, n_items=n_items,
                                     within=within)

@@ -814,14 +814,18 @@ def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, n
     return load_results(exp_dir), (dict(items) if items else None)
 
 
-def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = None) -> list[str]:
-    """The shifts (default: every `acc_` column but ID's) whose accuracy varies across runs; warns about and drops
-    constant ones, which have no correlation (with fewer than 5 runs none are dropped: too few for any)."""
+def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = None,
+                   within: str | None = None) -> list[str]:
+    """The shifts (default: every `acc_` column but ID's) whose accuracy varies across runs (within some group of
+    the `within` column, where correlations are taken within groups); warns about and drops constant ones, which
+    have no correlation (with fewer than 5 runs none are dropped: too few for any)."""
     if shifts is None:
         shifts = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_") and c[4:] != id]
-    constant = [s for s in shifts if table[f"acc_{s}"].nunique() <= 1]
+    groups = table.groupby(within, sort=False) if within else table.groupby(np.zeros(len(table)))
+    constant = [s for s in shifts if groups[f"acc_{s}"].nunique().max() <= 1]
     if constant and len(table) >= 5:
-        warnings.warn(f"dropping shifts with the same accuracy in every run ({', '.join(constant)}): a partial "
+        where = f" of each {within}" if within else ""
+        warnings.warn(f"dropping shifts with the same accuracy in every run{where} ({', '.join(constant)}): a partial "
                       "correlation needs variation. Train longer or recalibrate the task (gradtrace calibrate).")
         return [s for s in shifts if s not in constant]
     return list(shifts)
@@ -841,8 +845,8 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
     table, items = _load_experiment(exp_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID")))
         kw.setdefault("within", base_groups(table))
+        kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
         stats = partial_correlations(table, residualize=residualize, items=items, **kw)
         groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
         reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),

@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 
 from gradtrace import figures, report
+from gradtrace.results import base_groups
 from gradtrace.stats import varying_shifts
 
 HERE = Path(__file__).resolve().parent
@@ -126,7 +127,7 @@ class Filler:
         results = self._table("results")
         with warnings.catch_warnings():  # `gradtrace stats` has warned of the constant shifts it leaves out
             warnings.simplefilter("ignore")
-            shifts = varying_shifts(self.inputs.sweep, "ID")  # the shifts stats correlates
+            shifts = varying_shifts(self.inputs.sweep, "ID", within=base_groups(self.inputs.sweep))  # as stats does
         counts = {"runs": len(self.inputs.sweep),
                   "reference": int((results["role"] == "reference").sum()) if "role" in results else 0,
                   "shifts": len(shifts), "pairs": len(shifts) * (len(shifts) - 1) // 2}

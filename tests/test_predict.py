@@ -40,13 +40,16 @@ def _put(group, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
 
 
 def _write_reference(root, run_id: str, G: np.ndarray, F: np.ndarray, rng: np.random.Generator,
-                     sketch_seed: int = 0, init_seed: int = 0, drift: np.ndarray | None = None) -> None:
+                     sketch_seed: int = 0, init_seed: int = 0, drift: np.ndarray | None = None,
+                     base: str | None = None) -> None:
     """A reference run whose updates have covariance Σ = FᵀF and whose losses are exactly linear in θ."""
     sketch = {"kind": "identity", "dim": D, "seed": sketch_seed, "layout_hash": "planted", "num_params": D}
+    init_from = None if base is None else f"/x/weights/{base}/final.safetensors"
     group = store.create_run(root, run_id, {
         "role": "reference", "status": "complete", "sketch": sketch, "splits": SPLITS,
         "layout": [{"name": "w", "shape": [D], "offset": 0}], "probe_losses": ["ce", "margin"],
-        "seeds": {"init": init_seed, "data": int(rng.integers(1000))}, "wall_time_s": 12.0})
+        "seeds": {"init": init_seed, "data": int(rng.integers(1000))}, "wall_time_s": 12.0,
+        "config": {"model": {"init_from": init_from}}})
     updates = (rng.standard_normal((STEPS, F.shape[0])) @ F).astype(np.float32)
     if drift is not None:
         updates += drift.astype(np.float32)
@@ -296,9 +299,31 @@ def test_minisweep_refuses_one_run_and_mixed_inits(planted, tmp_path):
     G, F = rng.standard_normal((len(SPLITS), D)), _sigma_factor(rng)
     _write_reference(root, "ref-000", G, F, rng, init_seed=0)
     _write_reference(root, "ref-001", G, F, rng, init_seed=1)
-    with pytest.raises(ValueError, match="share the init seed"):
+    with pytest.raises(ValueError, match="share a base run and init seed, but no two of the 2 do"):
         PREDICTORS["minisweep_covariance"]().fit(load_reference(root))
     PREDICTORS["minisweep_loss"]().fit(load_reference(root))  # needs no shared init
+
+
+def _two_bases(path, drift: np.ndarray | None = None, per_base: int = 2):
+    """Reference runs fine-tuning two base runs; `drift` moves every run of base-1 alike."""
+    rng = np.random.default_rng(0)
+    root = store.open_experiment(path / "store.zarr", mode="w")
+    G, F = rng.standard_normal((len(SPLITS), D)), _sigma_factor(rng)
+    for b in range(2):
+        for i in range(per_base):
+            _write_reference(root, f"ref-{b}{i}", G, F, rng, base=f"base-{b}", drift=drift if b else None)
+    return load_reference(root)
+
+
+@pytest.mark.parametrize("name", ["minisweep_covariance", "minisweep_loss"])
+def test_minisweep_compares_runs_within_their_base(tmp_path, name):
+    with pytest.raises(ValueError, match="but no two of the 2 do"):  # one reference run per base: no spread
+        PREDICTORS[name]().fit(_two_bases(tmp_path / "one", per_base=1))
+    apart = PREDICTORS[name]().fit(_two_bases(tmp_path / "apart", drift=np.full(D, 0.05))).predict()
+    alike = PREDICTORS[name]().fit(_two_bases(tmp_path / "alike")).predict()
+    np.testing.assert_allclose(_pairs(apart.matrix), _pairs(alike.matrix), atol=1e-6)  # bases' offsets drop out
+    with pytest.raises(ValueError, match="only 2 independent samples"):  # two runs a base, one probe each
+        PREDICTORS[name](tail=0.01).fit(_two_bases(tmp_path / "alike2"))
 
 
 def test_option_errors():
@@ -400,6 +425,18 @@ def test_run_predict_leaves_out_a_shift_no_run_varies_on_as_stats_does(tmp_path)
         result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
     assert set(result.predictions.a) | set(result.predictions.b) == set(SHIFTS[:-1])
     assert len(result.predictions) == len(result.scores) * len(SHIFTS[:-1]) * (len(SHIFTS) - 2) // 2
+
+
+def test_run_predict_leaves_out_a_shift_constant_within_each_base(tmp_path):
+    planted = make_planted(tmp_path, n_sweep=40)
+    results = pd.read_csv(planted.exp_dir / "results.csv")
+    sweep = results["role"] == "sweep"
+    results.loc[sweep, "base"] = np.where(np.arange(sweep.sum()) % 2, "base-1", "base-0")
+    results.loc[sweep, f"acc_{SHIFTS[-1]}"] = np.where(results.loc[sweep, "base"] == "base-1", 0.2, 0.1)
+    results.to_csv(planted.exp_dir / "results.csv", index=False)
+    with pytest.warns(UserWarning, match=f"every run of each base \\({SHIFTS[-1]}\\)"):
+        result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
+    assert set(result.predictions.a) | set(result.predictions.b) == set(SHIFTS[:-1])
 
 
 def test_run_predict_reports_predictors_that_cannot_run(planted):
