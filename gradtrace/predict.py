@@ -469,6 +469,9 @@ class CovariancePredictor(_AtProbe):
         U = updates[_tail(updates.shape[0], self.tail)]
         G = self._grads(run, reference)
         Y = _np(U @ G.T.astype(np.float32))
+        if not np.isfinite(Y).all():
+            raise ValueError(f"reference run {run.run_id!r}'s tail updates or probe gradients hold NaN or Inf "
+                             f"({run.nonfinite_steps} non-finite steps recorded)")
         Y -= Y.mean(axis=0)
         if self.part != "full":
             rank = min(self.rank, U.shape[0] - 1)
@@ -477,7 +480,7 @@ class CovariancePredictor(_AtProbe):
                                  "span: no bulk is left; lower rank or record more steps")
             mean = _np(U.mean(axis=0))
             span = (top_span_streaming(U - mean.astype(np.float32), rank) if hasattr(U, "dask")
-                    else top_span(U, rank, center=True))
+                    else top_span(U, rank, center=True, method="full"))  # exact: the bulk is ~1% of the energy
             coords = _np(U @ span.basis.T) - mean @ span.basis.T.astype(np.float64)
             dominant = coords @ (span.basis.astype(np.float64) @ G.T)
             Y = dominant if self.part == "dominant" else Y - dominant
@@ -976,6 +979,10 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
             continue
         matrices[name] = prediction.matrix
         ratios[name] = prediction.wall_time_s / sweep_time if sweep_time > 0 else float("nan")
+        if not np.isfinite(prediction.matrix.to_numpy()[~np.eye(len(prediction.matrix), dtype=bool)]).any():
+            bad = [r.run_id for r in reference.runs if r.nonfinite_steps]
+            errors[name] = "gave no finite prediction" + (f": reference runs {bad} recorded non-finite gradients"
+                                                          if bad else "")
     scores = score(matrices, observed, sweep, id=reference.id_split, preregistered=preregistered,
                    compute_ratio=ratios, n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, n_items=n_items,
                    within=within)

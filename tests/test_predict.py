@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 from scipy.special import ndtr
 
 from gradtrace import config, store
@@ -437,6 +438,21 @@ def test_run_predict_leaves_out_a_shift_constant_within_each_base(tmp_path):
     with pytest.warns(UserWarning, match=f"every run of each base \\({SHIFTS[-1]}\\)"):
         result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
     assert set(result.predictions.a) | set(result.predictions.b) == set(SHIFTS[:-1])
+
+
+def test_predictors_that_meet_non_finite_values_say_so(tmp_path):
+    planted = make_planted(tmp_path, n_sweep=40)
+    run = zarr.open_group(planted.exp_dir / "store.zarr", mode="r+")["ref-000"]
+    update = run["update"][...]
+    update[-3, 0] = np.nan  # a step whose gradient overflowed
+    run["update"][...] = update
+    run.attrs["nonfinite_steps"] = 1
+    with pytest.warns(UserWarning, match="non-finite"):
+        result = run_predict(planted.exp_dir, predictors=["covariance", "path_integrated"], n_boot=0, n_splits=10)
+    notes = result.scores.set_index("predictor")["note"]
+    assert "ref-000" in notes["covariance"] and "NaN or Inf" in notes["covariance"]
+    assert notes["path_integrated"] == ("gave no finite prediction: reference runs ['ref-000'] recorded non-finite "
+                                        "gradients")
 
 
 def test_run_predict_reports_predictors_that_cannot_run(planted):
