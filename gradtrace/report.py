@@ -48,8 +48,8 @@ SECTIONS = (
     ("provenance", "Provenance"),
 )
 
-SECTION_INPUTS = {"results": ("results",), "correlations": ("stats",), "predictions": ("predictions", "scores"),
-                  "gap": ("gap",)}  # whose missing-input notes each section shows
+SECTION_INPUTS = {"results": ("results", "reliability"), "correlations": ("stats",),
+                  "predictions": ("predictions", "scores"), "gap": ("gap",)}  # whose missing-input notes each shows
 
 
 @dataclass
@@ -166,17 +166,21 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     if inputs.results is None:
         inputs.notes.setdefault("results", f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`.")
     elif compute_missing:
-        _run_stage(inputs, ("stats", "gap"), ("stats.csv",), "stats", "stats_report", f"gradtrace stats {exp_dir}")
+        _run_stage(inputs, ("stats", "gap", "reliability"), ("stats.csv", "gap.csv"), "stats", "stats_report",
+                   f"gradtrace stats {exp_dir}")
         _run_stage(inputs, ("predictions", "scores"), ("predictions.csv", "predict_scores.csv"), "predict",
                    "run_predict", f"gradtrace predict {exp_dir}")
     for key, filename, command in (("stats", "stats.csv", "gradtrace stats"), ("gap", "gap.csv", "gradtrace stats"),
+                                   ("reliability", "reliability.csv", "gradtrace stats"),
                                    ("predictions", "predictions.csv", "gradtrace predict"),
                                    ("scores", "predict_scores.csv", "gradtrace predict")):
+        if key in inputs.notes:  # its stage failed: the file there is older than the results
+            continue
         setattr(inputs, key, _read_csv(inputs, key, filename))
         if getattr(inputs, key) is None:
             inputs.origins.pop(key, None)
-            inputs.notes.setdefault(key, f"{filename} not found: run `{command} {exp_dir}`.")
-    inputs.reliability = _read_csv(inputs, "reliability", "reliability.csv")  # only with per-item correctness
+            written = " (with per-item correctness, which gradtrace's own runs save)" if key == "reliability" else ""
+            inputs.notes.setdefault(key, f"{filename} not found: run `{command} {exp_dir}`{written}.")
     if (exp_dir / "config.yaml").exists():
         inputs.config_text = (exp_dir / "config.yaml").read_text()
     else:
@@ -285,12 +289,7 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
               "diagonal is equal accuracy. The line is what ID skill explains; the scatter around it is what the "
               "partial correlations compare.",
               lambda: figures.accuracy_on_the_line(inputs.results, n_items=inputs.n_items), notes.get("results")),
-        _item("partial_correlations", "correlations", "Partial correlations given ID",
-              "Partial correlation r(a, b | ID) of two shifts' accuracies across sweep runs, one panel per way of "
-              "removing ID accuracy (linear on raw accuracy; a line on probit axes; a spline on probit axes). Red: "
-              "the shifts rise and fall together beyond what ID explains; blue: they trade off. * marks pairs whose "
-              "Holm-adjusted p < 0.05 within a panel. Linear residualisation can manufacture correlation when ID "
-              "spans a wide range: trust pairs that agree across panels." + _within_note(sweep),
+        _item("partial_correlations", "correlations", "Partial correlations given ID", _correlations_caption(inputs),
               lambda: figures.partial_correlation_heatmap(inputs.stats, residualize="all"), notes.get("stats")),
         _item("predicted_vs_observed", "predictions", "Predicted vs observed",
               "One panel per predictor; each point is a shift pair: x the predictor's output (computed from reference "
@@ -320,6 +319,28 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
         "benchmarks/sweep_throughput.py.",
         lambda: figures.benchmark_bars(inputs.benchmarks), notes.get("benchmarks")))
     return items
+
+
+RESIDUALIZATIONS = {"linear": "linear on raw accuracy", "probit": "a line on probit axes",
+                    "spline": "a spline on probit axes"}
+
+
+def _correlations_caption(inputs: Inputs) -> str:
+    """The heatmap's caption, for the ways of removing ID accuracy that stats.csv holds."""
+    stats = inputs.stats
+    ways = ([w for w in RESIDUALIZATIONS if w in set(stats["residualize"])]
+            if stats is not None and "residualize" in stats else [])
+    if len(ways) > 1:
+        panels = (f"one panel per way of removing ID accuracy ({'; '.join(RESIDUALIZATIONS[w] for w in ways)}). ")
+        compare = ("Linear residualisation can manufacture correlation when ID spans a wide range: trust pairs that "
+                   "agree across panels." if "linear" in ways else "Trust pairs that agree across panels.")
+    else:
+        panels = f"ID accuracy removed by {RESIDUALIZATIONS[ways[0]]}. " if ways else ""
+        compare = ""
+    return ("Partial correlation r(a, b | ID) of two shifts' accuracies across sweep runs" + (", " if panels else ". ")
+            + panels + "Red: the "
+            "shifts rise and fall together beyond what ID explains; blue: they trade off. * marks pairs whose "
+            "Holm-adjusted p < 0.05 within a panel. " + compare + _within_note(inputs.sweep)).rstrip()
 
 
 def _within_note(sweep: pd.DataFrame | None) -> str:
@@ -402,12 +423,16 @@ def store_metadata_digest(store_path: Path) -> tuple[str, int]:
 
 
 def _git_commit() -> str:
+    """The gradtrace checkout's commit, marked `(modified)` when its tracked files differ from it."""
+    package = Path(gradtrace.__file__).resolve().parent
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(gradtrace.__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=package,
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return (commit + (" (modified)" if dirty.stdout.strip() else "")) if commit else "unknown"
 
 
 def _torch() -> tuple[str, str]:
@@ -510,6 +535,17 @@ def _stats_summary(stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def _gap_summary(gap: pd.DataFrame) -> pd.DataFrame:
+    """Per split, means over runs in percent or points (units in the headers) and band counts; seed columns only
+    where runs share a config (a random search gives every run its own)."""
+    gap = gap.copy()
+    for column in ("test_acc", "train_acc", "val_acc"):
+        if column in gap:
+            gap[column] = 100 * gap[column]
+    if "n_seeds" in gap and not (gap["n_seeds"] > 1).any():
+        gap = gap.drop(columns=[c for c in ("n_seeds", "seed_sd_pts") if c in gap])
+    gap = gap.rename(columns={"test_acc": "test %", "train_acc": "train %", "val_acc": "val %",
+                              "gap_pts": "train − test (points)", "val_test_diff_pts": "val − test (points)",
+                              "seed_sd_pts": "seed sd (points)"})
     numeric = [c for c in gap.select_dtypes("number").columns if c != "step"]
     table = gap.groupby("split", sort=False)[numeric].mean().add_prefix("mean ").reset_index()
     if "band" in gap:
@@ -565,11 +601,13 @@ def _header(inputs: Inputs) -> str:
     except yaml.YAMLError:
         config = {}
     if isinstance(config, dict):
-        model, train = config.get("model") or {}, config.get("train") or {}
+        model, train, sweep_cfg = (config.get(k) or {} for k in ("model", "train", "sweep"))
         if isinstance(model, dict) and model.get("name"):
             facts.append(f"model: {model['name']}")
         if isinstance(train, dict) and train.get("steps"):
-            facts.append(f"{train['steps']} optimizer steps per run")
+            base = (f" (base runs: {sweep_cfg['pretrain_steps']})"
+                    if isinstance(sweep_cfg, dict) and sweep_cfg.get("pretrain_steps") else "")
+            facts.append(f"{train['steps']} optimizer steps per run{base}")
     return (f"<h1>gradtrace report: {_esc(inputs.exp_dir.resolve().name)}</h1>"
             f'<p class="lead">{_esc(STUDY)}</p><p class="facts">{_esc("; ".join(facts))}</p>')
 

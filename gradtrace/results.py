@@ -65,10 +65,11 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:
     """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order.
 
-    Empty when there are no such runs, or any lacks per-item correctness (then reliability cannot be computed).
+    Empty when there are no such runs, no store, or a run lacks per-item correctness (then reliability cannot be
+    computed).
     """
     table = load_results(exp_dir, role)
-    if table.empty:
+    if table.empty or not (Path(exp_dir) / "store.zarr").exists():  # results.csv alone: no per-item data
         return {}
     root = store.open_experiment(Path(exp_dir) / "store.zarr")
     per_run = []

@@ -876,7 +876,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
     }
     paths = {"stats_csv": exp_dir / "stats.csv", "stats_json": exp_dir / "stats.json", "gap_csv": exp_dir / "gap.csv"}
     stats.to_csv(paths["stats_csv"], index=False)
-    records = json.loads(stats.to_json(orient="records"))
+    records = json.loads(stats.to_json(orient="records", double_precision=15))  # pandas' 10 decimals made p = 1e-12 0
     paths["stats_json"].write_text(json.dumps({"records": records, "summary": summary}, indent=2))
     gap.to_csv(paths["gap_csv"], index=False)
     if reliability is not None:

@@ -92,7 +92,7 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
                  "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (2 runs); not recorded (1 run)",
                  "14 sweep run(s), 1 reference run(s)", "N = 2000"):
         assert text in page, text
-    assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}|unknown)</td>", page)
+    assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}( \(modified\))?|unknown)</td>", page)
 
 
 def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -> None:
@@ -140,7 +140,8 @@ def test_report_notes_missing_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for text in ("gradtrace.stats is not available", "gradtrace.predict is not available",
                  "config.yaml not found", "is not a gradtrace store", "No benchmark outputs found"):
         assert text in page, text
-    assert "Generalisation gap: stats.csv missing or older than results.csv and gradtrace.stats is not available" in page
+    assert ("Generalisation gap: stats.csv / gap.csv missing or older than results.csv and gradtrace.stats is not "
+            "available") in page
 
 
 def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,3 +276,58 @@ def test_the_training_curves_caption_names_what_the_figure_draws(tmp_path: Path)
     caption = report._training_caption(run)
     assert "before clipping" in caption and "after clipping" not in caption
     assert "on the fixed probe batches." in caption and "evaluation checkpoints" not in caption  # no evals/
+
+
+def test_a_failed_stats_stage_leaves_no_stale_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = make_experiment(tmp_path / "exp", n_runs=6)
+    later = max(p.stat().st_mtime for p in exp.iterdir()) + 10
+    os.utime(exp / "results.csv", (later, later))  # newer than everything stats wrote
+
+    def failing(exp_dir: Path) -> None:
+        raise ValueError("a blank accuracy")
+
+    monkeypatch.setitem(sys.modules, "gradtrace.stats", types.SimpleNamespace(stats_report=failing))
+    monkeypatch.setitem(sys.modules, "gradtrace.predict", None)
+    inputs = report.load_inputs(exp)
+    assert inputs.stats is None and inputs.gap is None and inputs.reliability is None
+    assert "failed: ValueError: a blank accuracy" in inputs.notes["reliability"]
+    page = report.write_report(exp, benchmarks_dir=tmp_path / "none").read_text()
+    assert "Summary per residualisation" not in page and "Per split (means over runs" not in page
+
+
+def test_gap_table_gives_its_units_and_leaves_out_seed_columns_no_run_shares() -> None:
+    gap = pd.DataFrame({"run_id": ["a", "b"], "split": "ID", "test_acc": [0.8, 0.9], "train_acc": [0.85, 0.9],
+                        "gap_pts": [5.0, 0.0], "band": ["watch", "healthy"], "seed_sd_pts": np.nan, "n_seeds": 1})
+    table = report._gap_summary(gap)
+    assert list(table.columns[:4]) == ["split", "mean test %", "mean train %", "mean train − test (points)"]
+    assert table[["mean test %", "mean train %", "mean train − test (points)"]].iloc[0].tolist() == [85.0, 87.5, 2.5]
+    assert {"healthy", "watch"} <= set(table.columns) and not any("seed" in c for c in table.columns)
+
+
+def test_correlations_caption_names_the_panels_drawn() -> None:
+    probit = pd.DataFrame({"a": ["x"], "b": ["y"], "residualize": ["probit"], "r": [0.3]})
+    one = report._correlations_caption(report.Inputs(Path("x"), stats=probit))
+    assert "ID accuracy removed by a line on probit axes." in one and "panel per way" not in one
+    three = pd.concat([probit.assign(residualize=w) for w in ("linear", "probit", "spline")])
+    assert "one panel per way of removing ID accuracy" in report._correlations_caption(
+        report.Inputs(Path("x"), stats=three))
+
+
+def test_header_gives_the_base_runs_own_steps() -> None:
+    results = pd.DataFrame({"role": ["base", "sweep", "sweep"], "acc_ID": [0.7, 0.8, 0.9]})
+    config = "train:\n  steps: 150\nsweep:\n  pretrain_steps: 800\n"
+    assert "150 optimizer steps per run (base runs: 800)" in report._header(
+        report.Inputs(Path("x"), results, config_text=config))
+
+
+def test_the_code_commit_says_when_the_package_was_modified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "repo" / "gradtrace"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(tmp_path / "repo"), *args], check=True, capture_output=True)
+    monkeypatch.setattr(gradtrace, "__file__", str(package / "__init__.py"))
+    clean = report._git_commit()
+    assert len(clean) == 40
+    (package / "__init__.py").write_text("x = 2\n")
+    assert report._git_commit() == clean + " (modified)"

@@ -482,6 +482,7 @@ def test_stats_report_writes_everything(fake_experiment):
         assert (fake_experiment / name).exists(), name
     saved = json.loads((fake_experiment / "stats.json").read_text())
     assert len(saved["records"]) == len(rep.stats) == 9
+    np.testing.assert_allclose([r["p"] for r in saved["records"]], rep.stats["p"], rtol=1e-12)  # not 10 decimals
     assert saved["summary"]["n"] == 40 and set(saved["summary"]["residualizations"]) == {"linear", "probit", "spline"}
     assert any("reliability below" in w for w in saved["summary"]["warnings"])
     assert "r_disattenuated" in pd.read_csv(fake_experiment / "stats.csv").columns
@@ -489,6 +490,15 @@ def test_stats_report_writes_everything(fake_experiment):
     assert rep.gap.loc[rep.gap["split"] == "ID", "band"].isin(["watch", "healthy"]).all()
     from_path = partial_correlations(fake_experiment, residualize="all", n_boot=200, n_perm=200)
     pd.testing.assert_frame_equal(from_path, rep.stats)
+
+
+def test_stats_of_a_results_table_without_a_store(tmp_path):
+    rng = np.random.default_rng(3)
+    id_acc, a, b = probit_lines(rng, n=30, rho=0.5, sigma=0.3)
+    table_from(id_acc, a, b).assign(run_id=[f"run-{i}" for i in range(30)], role="sweep").to_csv(
+        tmp_path / "results.csv", index=False)  # a table from elsewhere: no per-item data, no store.zarr
+    rep = stats_report(tmp_path, residualize="probit", n_boot=50, n_perm=50)
+    assert len(rep.stats) == 1 and rep.reliability is None and (tmp_path / "gap.csv").exists()
 
 
 def test_format_table_is_fixed_width_with_stars():
