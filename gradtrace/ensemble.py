@@ -285,7 +285,7 @@ class _MemberRecorders:
         self.probe_every = self.cfg.probe_every  # 0 when capture is disabled
         self.probes = [Probe(s, *task.probe_set(s).torch(device=device)) for s in task.splits] \
             if self.probe_every else []
-        self.losses = probe_loss_functions(self.cfg.probe_losses)
+        self.losses = probe_loss_functions(self.cfg.probe_losses) if self.probes else {}
         self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
         self.v_sample = VSample(layout, V_SAMPLE, V_QUANTILES, self.cfg.seed, device)  # the Recorder's
         self.flat = torch.empty(layout.size, device=device)

@@ -72,7 +72,7 @@ def test_members_are_stored_like_standalone_runs(trained):
         e, s = dict(ens[run_id].attrs), dict(solo[run_id].attrs)
         assert e["status"] == "complete" and e["wall_time_note"] == WALL_TIME_NOTE
         for key in ("accuracy", "train_accuracy", "seeds", "hparams", "steps", "steps_done", "role", "config", "splits",
-                    "layout", "adam", "nonfinite_steps", "last_durable_step"):
+                    "layout", "adam", "nonfinite_steps", "last_durable_step", "probe_losses", "sketch", "quantities"):
             assert e[key] == s[key], key
         assert result.accuracy == reference.accuracy and result.hparams == reference.hparams
         assert result.train_accuracy == reference.train_accuracy and result.train_accuracy.keys() == set(e["splits"])
