@@ -232,8 +232,9 @@ def write_correct(group: zarr.Group, correct: dict[str, np.ndarray]) -> None:
 
 
 def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
-    """Record a run's status: running | complete | failed."""
-    group.attrs.update({"status": status, "updated": _now(), **extra})
+    """Record a run's status: running | complete | failed (numpy scalars among `extra` stored as Python numbers)."""
+    plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in extra.items()}
+    group.attrs.update({"status": status, "updated": _now(), **plain})
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:
@@ -248,6 +249,8 @@ def read_lazy(group: zarr.Group, name: str):
     """Array `name` as a dask array chunked like the store (for trajectories larger than memory)."""
     import dask.array as da
 
+    if name not in group:
+        raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
     lazy = da.from_zarr(arr)
     storage = arr.attrs.get("storage_dtype")

@@ -77,6 +77,15 @@ def _check_matrix(X: Any, name: str = "X") -> None:
         raise ValueError(f"{name} is empty (shape {X.shape}); select a window of steps that holds rows")
 
 
+def _check_finite(block: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """`block` (rows from `first_row` on), refused with the rows named when any holds NaN or Inf."""
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    if bad.size:
+        raise ValueError(f"rows {(first_row + bad[:5]).tolist()}{' …' if bad.size > 5 else ''} hold NaN or Inf (steps "
+                         "whose gradient was not finite: the run's `nonfinite` flags them); select rows without them")
+    return block
+
+
 def _check_rank(rank: int, shape: tuple[int, ...]) -> int:
     limit = min(shape)
     if not 1 <= rank <= limit:
@@ -98,6 +107,7 @@ def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0
     X = np.asarray(X)
     if X.dtype not in (np.float32, np.float64):
         X = X.astype(np.float32)
+    _check_finite(X)
     if center:
         X = X - X.mean(axis=0, dtype=np.float64).astype(X.dtype)
     total = float(np.einsum("ij,ij->", X, X, dtype=np.float64))
@@ -117,11 +127,11 @@ def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:
     if hasattr(X, "dask"):
         X = X.rechunk({0: rows, 1: -1})
         for i in range(X.numblocks[0]):
-            yield np.asarray(X.blocks[i, 0].compute())
+            yield _check_finite(np.asarray(X.blocks[i, 0].compute()), i * rows)
         return
     storage = X.attrs.get("storage_dtype") if isinstance(X, zarr.Array) else None
     for start in range(0, X.shape[0], rows):
-        yield store.decode(X[start: start + rows], storage)
+        yield _check_finite(store.decode(X[start: start + rows], storage), start)
 
 
 def _frequent_directions(X: Any, sketch_size: int, block_rows: int) -> tuple[np.ndarray, float]:

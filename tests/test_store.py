@@ -207,6 +207,15 @@ def test_lazy_dask_read_matches_eager(captured):
     lazy = store.read_lazy(group, "update")
     assert lazy.chunks[0][0] == group["update"].chunks[0]
     np.testing.assert_array_equal(lazy.compute(), store.read(group, "update"))
+    with pytest.raises(KeyError, match="it holds: .*update"):
+        store.read_lazy(group, "nope")
+
+
+
+def test_status_takes_numpy_scalars(tmp_path):
+    group = store.create_run(store.open_experiment(tmp_path / "s.zarr", mode="w"), "r", {"steps": 2})
+    store.set_status(group, "complete", nonfinite_steps=np.int64(0), wall_time_s=np.float32(1.5))
+    assert group.attrs["nonfinite_steps"] == 0 and group.attrs["wall_time_s"] == 1.5
 
 
 def test_xarray_dataset_names_every_axis_and_reads_lazily(captured):

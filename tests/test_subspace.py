@@ -100,6 +100,14 @@ def test_rank_and_method_errors(matrix):
         top_span_streaming(X, 4, sketch_size=4)
 
 
+@pytest.mark.parametrize("method", ["randomized", "full", "frequent_directions"])
+def test_rows_holding_nan_are_refused_by_number(matrix, method):
+    X = np.array(matrix[0], copy=True)
+    X[7, 3] = np.nan  # a step whose gradient overflowed
+    with pytest.raises(ValueError, match=r"rows \[7\] hold NaN or Inf"):
+        top_span(X, 2, method=method) if method != "frequent_directions" else top_span_streaming(X, 2, block_rows=4)
+
+
 def test_effective_dimension():
     flat = effective_dimension(np.ones(10))
     assert flat.participation_ratio == pytest.approx(10)
