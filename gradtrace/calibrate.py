@@ -11,6 +11,7 @@ import pandas as pd
 from gradtrace import config as config_mod
 from gradtrace.config import Config
 
+MIN_PILOT_RUNS = 3  # what reliability and a spread across runs need at the least
 MEAN_RANGE = (0.10, 0.90)  # usable: mean accuracy inside this range,
 MIN_STD = 0.03  # across-run std of at least 3 points,
 MIN_RELIABILITY = 0.9  # and split-half reliability of at least 0.9
@@ -111,7 +112,11 @@ def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibrat
     from gradtrace.results import load_item_correctness
     from gradtrace.sweep import run_sweep
 
-    pilot = config_mod.from_dict(cfg.to_dict(), {"sweep.runs": runs or cfg.sweep.runs, "sweep.reference_runs": 0})
+    runs = cfg.sweep.runs if runs is None else runs
+    if runs < MIN_PILOT_RUNS:
+        raise ValueError(f"a pilot of {runs} run(s) cannot be assessed: split-half reliability and the spread across "
+                         f"runs need at least {MIN_PILOT_RUNS} (--runs; 12 by default)")
+    pilot = config_mod.from_dict(cfg.to_dict(), {"sweep.runs": runs, "sweep.reference_runs": 0})
     table = run_sweep(pilot, out)
     table = table[table.role == "sweep"].reset_index(drop=True)
     result = assess(table, load_item_correctness(out))

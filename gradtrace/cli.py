@@ -69,11 +69,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     out = args.out or f"storage/calibrate-{Path(args.config).stem}"
-    runs = args.runs or max(12, 6 * cfg.sweep.bases)
+    runs = max(12, 6 * cfg.sweep.bases) if args.runs is None else args.runs
     if args.bases:
         from gradtrace.calibrate import calibrate_bases
 
-        table = calibrate_bases(cfg, out, args.bases, args.runs or 12)
+        table = calibrate_bases(cfg, out, args.bases, 12 if args.runs is None else args.runs)
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(f"written: {Path(out) / 'bases.csv'} (each pilot in {Path(out) / 'base-seed-N'}); "
               "train the study on a chosen base with --set train.init_seed=N")

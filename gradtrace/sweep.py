@@ -240,6 +240,11 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs = [job for job in _jobs(cfg, runs) if any(r.run_id in pending for r in job)]
+    if any(len(job) > 1 for job in jobs):  # refuse members that cannot share an ensemble before any run trains
+        from gradtrace.ensemble import check_members
+
+        for job in jobs:
+            check_members([run_config(cfg, r) for r in job])
     base = [job for job in jobs if job[0].role == "base"]  # base runs finish before the runs that start from them
     rest = [job for job in jobs if job[0].role != "base"]
     rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
@@ -261,7 +266,8 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
                         continue
                     bar.update()
                     rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
-                    write_results(pd.DataFrame(rows), out)  # kept current: usable mid-sweep
+                    write_results(pd.DataFrame(rows).sort_values("run_id"), out)  # current mid-sweep, ordered as at
+                    # the end (by run id)
     finally:
         bar.close()
     table = results_table(out)

@@ -398,3 +398,30 @@ def test_ensembled_sweep_gives_the_same_accuracies_as_standalone_runs(tmp_path):
     assert len(root["run-001"].attrs["ensemble"]["members"]) == 2
     assert root["ref-001"].attrs["ensemble"]["members"] == ["ref-000", "ref-001"]  # captured runs ensemble too
     assert root["ref-001"]["grad"].shape == zarr.open_group(tmp_path / "alone/store.zarr")["ref-001"]["grad"].shape
+
+
+def test_what_cannot_run_is_refused_before_anything_trains(tmp_path, capsys):
+    from conftest import TINY, set_args
+    from gradtrace.calibrate import calibrate
+    from gradtrace.cli import main
+
+    cfg = tiny_config(sweep__runs=2, sweep__ensemble=2, sweep__workers=1, train__precision="fp16")
+    with pytest.raises(ValueError, match="ensembles train in fp32"):
+        run_sweep(cfg, tmp_path / "fp16", progress=False)
+    assert store.runs(store.open_experiment(tmp_path / "fp16" / "store.zarr")) == []  # not even the reference run
+    with pytest.raises(ValueError, match="a pilot of 2 run"):
+        calibrate(tiny_config(), tmp_path / "pilot", runs=2)
+    assert not (tmp_path / "pilot").exists()
+    assert main(["calibrate", os.devnull, "--out", str(tmp_path / "zero"), "--runs", "0", *set_args(TINY)]) == 2
+    assert "a pilot of 0 run" in capsys.readouterr().err  # 0 is not "the default"
+
+
+def test_results_mid_sweep_are_in_run_order(tmp_path, monkeypatch):
+    import gradtrace.sweep as sweep_module
+
+    written, real = [], sweep_module.write_results
+    monkeypatch.setattr(sweep_module, "write_results",
+                        lambda table, out: (written.append(table.run_id.tolist()), real(table, out)))
+    run_sweep(tiny_config(sweep__runs=3, sweep__bases=2, sweep__pretrain_steps=4, sweep__workers=1, train__steps=2,
+                          sweep__ensemble=2), tmp_path, progress=False)  # run-000 and run-002 finish before run-001
+    assert len(written) > 3 and all(ids == sorted(ids) for ids in written)
