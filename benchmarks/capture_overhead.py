@@ -175,8 +175,9 @@ def measure(base: Variant, variants: list[Variant], task: ArithmeticTask, batch:
     step = 0
     for r in range(rounds):
         for i in range(len(variants)):
-            v = variants[(i + r) % len(variants)]
-            first, second = (base, v) if (i + r) % 2 == 0 else (v, base)
+            j = (i + r) % len(variants)
+            v = variants[j]
+            first, second = (base, v) if (j + r) % 2 == 0 else (v, base)  # each variant's side alternates by round
             timed = {id(first): run_block(first, task, step, block, batch, clip),
                      id(second): run_block(second, task, step, block, batch, clip)}
             v.times.append(timed[id(v)])

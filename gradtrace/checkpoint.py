@@ -39,6 +39,7 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) 
     (tmp / "state.json").write_text(json.dumps(meta))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill after the last save's rename: `directory` is newer
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)

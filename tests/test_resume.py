@@ -60,3 +60,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(ga[name][:], gb[name][:])
     assert gb.attrs["status"] == "complete"
     assert not (killed / "checkpoints" / "r").exists()
+
+
+def test_a_checkpoint_saves_over_what_a_kill_after_its_last_rename_left(tmp_path):
+    import torch
+
+    from gradtrace import checkpoint
+
+    root = tmp_path / "checkpoints" / "r"
+    checkpoint.save_tensors(root, {"x": torch.zeros(2)}, {"steps_done": 1})
+    checkpoint.save_tensors(root.with_name("r.old"), {"x": torch.zeros(2)}, {"steps_done": 0})  # not yet removed
+    checkpoint.save_tensors(root, {"x": torch.ones(2)}, {"steps_done": 2})
+    tensors, meta = checkpoint.load_tensors(checkpoint.checkpoint_dir(root))
+    assert meta["steps_done"] == 2 and tensors["x"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["r"]
