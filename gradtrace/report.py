@@ -269,8 +269,9 @@ def _training_caption(run) -> str:
             else "the gradient norm after clipping")
     below = [what for key, what in (("evals", "at evaluation checkpoints (test sets, every train.eval_every steps)"),
                                     ("probe", "on the fixed probe batches")) if key in drawn]
+    tail = f"; below, each split's accuracy {' and '.join(below)}." if below else "."
     return (f"Reference run {run.basename}: training loss (grey per step, blue a moving average), learning rate and "
-            f"{norm} over optimizer steps" + (f"; below, each split's accuracy {' and '.join(below)}." if below else "."))
+            f"{norm} over optimizer steps{tail}")
 
 
 def build_figures(inputs: Inputs) -> list[FigureItem]:
@@ -280,7 +281,8 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
     no_gap = notes.get("gap")
     if inputs.gap is not None and not any("gap" in str(c).lower() for c in inputs.gap.columns):
         no_gap = ("gap.csv holds no train − test gap (gap_pts): the runs recorded no train accuracies "
-                  "(train_acc_<split>): runs stored before gradtrace recorded them, or trained with task.n_train_eval: 0.")
+                  "(train_acc_<split>): runs stored before gradtrace recorded them, or trained with "
+                  "task.n_train_eval: 0.")
     items = [
         _item("accuracy_on_the_line", "results", "Accuracy on the line",
               f"Each panel is one OOD shift, each point one sweep run (n = {n}). Both axes are on the probit scale "
@@ -330,17 +332,16 @@ def _correlations_caption(inputs: Inputs) -> str:
     stats = inputs.stats
     ways = ([w for w in RESIDUALIZATIONS if w in set(stats["residualize"])]
             if stats is not None and "residualize" in stats else [])
+    what = "Partial correlation r(a, b | ID) of two shifts' accuracies across sweep runs"
+    compare = ""
     if len(ways) > 1:
-        panels = (f"one panel per way of removing ID accuracy ({'; '.join(RESIDUALIZATIONS[w] for w in ways)}). ")
-        compare = ("Linear residualisation can manufacture correlation when ID spans a wide range: trust pairs that "
-                   "agree across panels." if "linear" in ways else "Trust pairs that agree across panels.")
+        what += f", one panel per way of removing ID accuracy ({'; '.join(RESIDUALIZATIONS[w] for w in ways)})."
+        compare = (" Linear residualisation can manufacture correlation when ID spans a wide range: trust pairs that "
+                   "agree across panels." if "linear" in ways else " Trust pairs that agree across panels.")
     else:
-        panels = f"ID accuracy removed by {RESIDUALIZATIONS[ways[0]]}. " if ways else ""
-        compare = ""
-    return ("Partial correlation r(a, b | ID) of two shifts' accuracies across sweep runs" + (", " if panels else ". ")
-            + panels + "Red: the "
-            "shifts rise and fall together beyond what ID explains; blue: they trade off. * marks pairs whose "
-            "Holm-adjusted p < 0.05 within a panel. " + compare + _within_note(inputs.sweep)).rstrip()
+        what += f", ID accuracy removed by {RESIDUALIZATIONS[ways[0]]}." if ways else "."
+    return (what + " Red: the shifts rise and fall together beyond what ID explains; blue: they trade off. * marks "
+            "pairs whose Holm-adjusted p < 0.05 within a panel." + compare + _within_note(inputs.sweep))
 
 
 def _within_note(sweep: pd.DataFrame | None) -> str:
