@@ -25,9 +25,13 @@ def results_table(out: str | Path) -> pd.DataFrame:
                      "init_seed": a["seeds"]["init"],
                      "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
-                     **{f"acc_{k}": v for k, v in a["accuracy"].items()},
-                     **{f"train_acc_{k}": v for k, v in a.get("train_accuracy", {}).items()}})
+                     **accuracy_columns(a["accuracy"], a.get("train_accuracy", {}))})
     return pd.DataFrame(rows, columns=None if rows else FIXED_COLUMNS)  # a header even before the first run ends
+
+
+def accuracy_columns(accuracy: dict[str, float], train_accuracy: dict[str, float]) -> dict[str, float]:
+    """A run's `acc_<split>` (test) and `train_acc_<split>` columns, as every results row names them."""
+    return {**{f"acc_{s}": a for s, a in accuracy.items()}, **{f"train_acc_{s}": a for s, a in train_accuracy.items()}}
 
 
 def started_from(init_from: str | None) -> str:

@@ -16,6 +16,7 @@ from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.config import CaptureConfig, Config, TrainConfig, changed_keys, from_dict
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
+from gradtrace.results import accuracy_columns
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
 
 
@@ -38,8 +39,7 @@ class RunResult:
         return {"run_id": self.run_id, "role": self.role, "init_seed": self.seeds["init"],
                 "data_seed": self.seeds["data"], **self.hparams, "steps": self.steps,
                 "wall_time_s": round(self.wall_time_s, 2), **self.extra,
-                **{f"acc_{s}": a for s, a in self.accuracy.items()},
-                **{f"train_acc_{s}": a for s, a in self.train_accuracy.items()}}
+                **accuracy_columns(self.accuracy, self.train_accuracy)}
 
 
 def seeds(train: TrainConfig) -> dict[str, int]:
