@@ -140,9 +140,16 @@ class ArithmeticTask:
     def train_eval_set(self, split: str) -> Encoded:
         """The first task.n_train_eval training-pool items of `split`'s training form (fewer where the pool holds
         fewer, none where the split has no share of the mix): the items of a run's train accuracy on it."""
+        return self._train_eval_sets[split]
+
+    @cached_property
+    def _train_eval_sets(self) -> dict[str, Encoded]:
         pool, forms = self._pool
-        idx = np.flatnonzero(forms == self.splits.index(split))[: self.cfg.n_train_eval]
-        return Encoded(pool.tokens[idx], pool.answer_mask[idx], [pool.prompts[i] for i in idx])
+        out = {}
+        for i, split in enumerate(self.splits):
+            idx = np.flatnonzero(forms == i)[: self.cfg.n_train_eval]
+            out[split] = Encoded(pool.tokens[idx], pool.answer_mask[idx], [pool.prompts[j] for j in idx])
+        return out
 
     @cached_property
     def _pool(self) -> tuple[Encoded, np.ndarray]:
