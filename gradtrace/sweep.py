@@ -6,8 +6,8 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 import os
 import sys
 import threading
@@ -266,8 +266,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
                         continue
                     bar.update()
                     rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
-                    write_results(pd.DataFrame(rows).sort_values("run_id"), out)  # current mid-sweep, ordered as at
-                    # the end (by run id)
+                    write_results(pd.DataFrame(rows).sort_values("run_id"), out)  # usable mid-sweep, in end order
     finally:
         bar.close()
     table = results_table(out)
