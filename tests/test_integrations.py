@@ -217,13 +217,19 @@ def test_sketched_adam_state_matches_the_optimizer(tmp_path, task, fused):
     np.testing.assert_allclose(group["layer_v_quantile"][-1], torch.stack(expected).numpy(), rtol=1e-5)
 
 
+def attached_in(dtype, task, tmp_path, steps: int, lr: float = 3e-3, **capture):
+    """A micro model in `dtype`, its AdamW and a Recorder on them (k = 256, no probes, `capture` besides)."""
+    model = micro(task).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rec = attach(model, opt, tmp_path, "r", total_steps=steps, capture=CaptureConfig(dim=256, probe_every=0,
+                                                                                    **capture))
+    return model, opt, rec
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_a_model_in_another_dtype_is_recorded_in_float32(tmp_path, task, dtype):
     """Parameters (hence g, m, v) in float64 or bf16: every row is stored in float32, v's quantiles as above."""
-    model = micro(task).to(dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(dim=256, probe_every=0,
-                                                                                v_stats_every=1))
+    model, opt, rec = attached_in(dtype, task, tmp_path, 4, v_stats_every=1)
     train_steps(model, opt, task, 4, rec)
     rec.close()
     group = run_group(tmp_path)
@@ -238,10 +244,7 @@ def test_a_model_in_another_dtype_is_recorded_in_float32(tmp_path, task, dtype):
 @pytest.mark.parametrize("sketch", ["countsketch", "identity"])
 def test_a_float64_models_update_is_formed_in_float64(tmp_path, task, sketch):
     """Δθ ≪ θ at a small lr: θ_t snapshotted in float32 would leave only rounding of θ in θ_{t+1} − θ_t."""
-    model = micro(task).to(torch.float64)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
-    rec = attach(model, opt, tmp_path, "r", total_steps=2, capture=CaptureConfig(sketch=sketch, dim=256,
-                                                                                probe_every=0))
+    model, opt, rec = attached_in(torch.float64, task, tmp_path, 2, lr=1e-7, sketch=sketch)
     deltas = []
     for step in range(2):
         before = flat_params(model)
@@ -470,10 +473,7 @@ def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(
 
 @pytest.mark.parametrize("sketch", ["identity", "countsketch"])
 def test_a_bf16_models_gradient_norms_are_summed_in_float32(tmp_path, task, sketch):
-    model = micro(task).to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rec = attach(model, opt, tmp_path, "r", total_steps=2, capture=CaptureConfig(sketch=sketch, dim=256,
-                                                                                probe_every=0))
+    model, opt, rec = attached_in(torch.bfloat16, task, tmp_path, 2, sketch=sketch)
     train_steps(model, opt, task, 2, rec)
     rec.close()
     expected = np.array([p.grad.double().norm().item() for p in model.parameters()])  # the last step's, clipped
