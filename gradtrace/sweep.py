@@ -5,6 +5,7 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
 import math
@@ -166,11 +167,17 @@ def estimate_seconds(cfg: Config) -> float:
     return (cfg.train.steps * cfg.train.batch_size * 0.7e-3 + items * 0.28e-3) * scale + 1.5
 
 
-def estimate_total_seconds(runs: list[PlannedRun], seconds: list[float], workers: int) -> float:
+def estimate_total_seconds(jobs: list[list[PlannedRun]], seconds: dict[str, float], workers: int) -> float:
     """Rough time of a whole sweep from each run's `estimate_seconds`: the base runs first (every other run starts
-    from their weights; one alone, several spread over the workers), then the rest spread over the workers."""
-    base = [s for r, s in zip(runs, seconds) if r.role == "base"]
-    return sum(base) / bases_side_by_side(len(base), workers) + (sum(seconds) - sum(base)) / max(1, workers)
+    from their weights; one alone, several spread over the workers), then every other job (a run, or an ensemble
+    timed as its members one after another: on a CPU the default model gains nothing from vmap,
+    benchmarks/README.md) handed in turn to whichever worker is free first."""
+    base = [seconds[job[0].run_id] for job in jobs if job[0].role == "base"]
+    free = [0.0] * max(1, workers)  # when each worker is next free
+    for job in jobs:
+        if job[0].role != "base":
+            heapq.heapreplace(free, free[0] + sum(seconds[r.run_id] for r in job))
+    return sum(base) / bases_side_by_side(len(base), workers) + max(free)
 
 
 def bases_side_by_side(bases: int, workers: int) -> int:
@@ -182,20 +189,24 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     """The dry-run text: runs by role, steps and expected time."""
     workers = max(1, cfg.sweep.workers)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
-    seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
+    seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
+    jobs = _jobs(cfg, runs)
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
     if cfg.sweep.bases > 1:
         base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
-             f"expected on a 2-core CPU: ~{np.median(seconds):.0f} s per run, "
-             f"~{estimate_total_seconds(runs, seconds, workers) / 60:.0f} min in all (GPU: see experiments/README.md)"]
+             f"expected on a 2-core CPU: ~{np.median(list(seconds.values())):.0f} s per run, "
+             f"~{estimate_total_seconds(jobs, seconds, workers) / 60:.0f} min in all (GPU: see experiments/README.md)"]
     s = cfg.sweep
     if s.search == "grid":
         points = len(s.lr) * len(s.weight_decay)
         each = f"{s.runs // points}" + (f"–{s.runs // points + 1}" if s.runs % points else "")
         lines.append(f"grid search: {points} points (lr {list(s.lr)} × weight decay {list(s.weight_decay)}), "
                      f"{each} run(s) each")
+    if s.ensemble > 1:
+        lines.append(f"vmap ensembles of up to {s.ensemble} runs of one base and role: {len(jobs)} jobs for the "
+                     f"{workers} worker(s), each timed as its runs one after another")
     for r in runs[:5]:
         lines.append(f"  {r.run_id:<8} {r.role:<9} {json.dumps(r.overrides)}")
     if len(runs) > 5:

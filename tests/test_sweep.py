@@ -77,12 +77,25 @@ def test_reference_runs_differ_only_in_data_order():
 def test_the_plans_time_puts_the_base_run_first_and_alone():
     cfg = config.load("experiments/default.yaml")
     runs = plan(cfg)
-    seconds = [estimate_seconds(run_config(cfg, r)) for r in runs]
-    base = seconds[0]
-    assert runs[0].role == "base" and base > seconds[1]  # 800 steps against 150
-    one = estimate_total_seconds(runs, seconds, 1)
-    for w in (2, 4):
-        assert estimate_total_seconds(runs, seconds, w) == pytest.approx(base + (one - base) / w)
+    seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
+    base, rest = seconds["base"], sorted(s for run_id, s in seconds.items() if run_id != "base")
+    assert runs[0].role == "base" and base > rest[0]  # 800 steps against 150
+    jobs = [[r] for r in runs]
+    assert estimate_total_seconds(jobs, seconds, 1) == pytest.approx(base + sum(rest))
+    for w in (2, 4):  # the rest spread over the workers, whole runs each: the busiest one's share
+        assert base + sum(rest) / w <= estimate_total_seconds(jobs, seconds, w) <= base + sum(rest) / w + max(rest)
+
+
+def test_the_plans_time_counts_an_ensemble_as_its_members_on_one_worker():
+    cfg = tiny_config(sweep__runs=10, sweep__reference_runs=1, sweep__ensemble=8, sweep__workers=2,
+                      sweep__pretrain_steps=6)
+    runs = plan(cfg)
+    seconds = dict.fromkeys((r.run_id for r in runs), 1.0)
+    seconds["base"] = 5.0
+    from gradtrace.sweep import _jobs, describe_plan
+
+    assert estimate_total_seconds(_jobs(cfg, runs), seconds, 2) == pytest.approx(5 + 8)  # not 5 + 11 / 2
+    assert "vmap ensembles of up to 8 runs of one base and role: 4 jobs for the 2 worker(s)" in describe_plan(cfg, runs)
 
 
 def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
@@ -295,9 +308,9 @@ def test_plan_spreads_runs_over_several_bases():
 
     for job in _jobs(cfg, plan(cfg)):  # an ensemble's members start from one base
         assert len({r.overrides.get("model.init_from") for r in job}) == 1
-    seconds = [10.0, 10.0, 1.0, 1.0]
     runs = plan(tiny_config(sweep__runs=1, sweep__bases=2, sweep__reference_runs=1, sweep__pretrain_steps=6))[:4]
-    assert estimate_total_seconds(runs, seconds, 2) == pytest.approx(10 + 2 / 2)  # the bases side by side
+    seconds = dict(zip((r.run_id for r in runs), [10.0, 10.0, 1.0, 1.0]))
+    assert estimate_total_seconds([[r] for r in runs], seconds, 2) == pytest.approx(10 + 2 / 2)  # bases side by side
 
 
 def test_sweep_over_several_bases_is_analysed_within_base(tmp_path):
