@@ -74,9 +74,16 @@ class TrainConfig:
     # to AVX2 before a run computes: the same rounding on every x86 CPU with AVX2; gradtrace/kernels.py)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
 
-    def __post_init__(self) -> None:  # betas and eps are checked by torch's AdamW
+    def __post_init__(self) -> None:  # eps is checked by torch's AdamW
         _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, warmup=0,
                                                  min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0))
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), "
+                             f"got {list(self.betas)}")
+        for index, beta in enumerate(self.betas):  # worded as torch's AdamW refuses it
+            if not 0 <= beta < 1:
+                raise ValueError(f"train.betas: Invalid beta parameter at index {index}: {beta}; "
+                                 "each must be in [0, 1)")
         if not self.clip > 0:
             raise ValueError(f"train.clip must be > 0 (a large value, e.g. .inf, never clips), got {self.clip}")
         _refuse_unknown("train", self, precision=("fp32", "bf16", "fp16", "auto"), cpu_kernels=kernels.CHOICES)
@@ -140,6 +147,16 @@ class SweepConfig:
         if any(v <= 0 for v in self.lr) or any(v < 0 for v in self.weight_decay):
             raise ValueError(f"sweep.lr values must be > 0 and sweep.weight_decay values >= 0, got lr {self.lr}, "
                              f"weight_decay {self.weight_decay}")
+        if not self.vary:
+            raise ValueError("sweep.vary is empty, so every sweep run would train alike: list what varies across "
+                             "runs, one or more of init, data, hparams")
+        if self.search == "grid":
+            for name in ("lr", "weight_decay"):
+                values = getattr(self, name)
+                repeated = sorted({v for v in values if values.count(v) > 1})
+                if repeated:
+                    raise ValueError(f"sweep.{name} lists {repeated} more than once: each value of a grid is a grid "
+                                     "point, list it once")
 
 
 @dataclass
@@ -205,6 +222,32 @@ def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: 
     for name, bound in (most or {}).items():
         if getattr(cfg, name) > bound:
             raise ValueError(f"{section}.{name} must be <= {bound}, got {getattr(cfg, name)}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, but a key repeated within one mapping is an error (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} repeated (first at line {first_line[key]})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """`text` parsed as YAML, a repeated key refused; a YAML error is a ValueError naming `source` and line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        context = f" ({err.context} at line {err.context_mark.line + 1})" if err.context else ""
+        raise ValueError(f"{source}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                         f"{err.problem}{context}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -311,7 +354,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ValueError(f"--set expects key=value, got {pair!r}; e.g. --set train.steps=200")
         key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        out[key.strip()] = _parse_yaml(raw, f"--set {pair}")
     return out
 
 
@@ -328,7 +371,13 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config {path} not found; try experiments/default.yaml")
-        data = yaml.safe_load(path.read_text()) or {}
+        if path.is_dir():
+            raise ValueError(f"config {path} is a directory; give a YAML file, e.g. experiments/default.yaml")
+        data = _parse_yaml(path.read_text(), f"config {path}") or {}
+        if not isinstance(data, dict):
+            sections = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ValueError(f"config {path}: expected a mapping of sections ({sections}), "
+                             f"got a YAML {type(data).__name__}")
     return from_dict(data, overrides)
 
 

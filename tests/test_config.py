@@ -1,0 +1,91 @@
+"""Config loading refuses what it would otherwise misread: repeated keys, files that are not a YAML mapping, values
+that would only fail (or silently do nothing) once a sweep runs."""
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from gradtrace import config
+from gradtrace.cli import main
+
+EXPERIMENTS = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  steps: 100\n  steps: 5\n", r"line 3, column 3: key 'steps' repeated \(first at line 2\)"),
+    ("train:\n  steps: 5\nmodel:\n  name: micro\ntrain:\n  lr: 0.003\n",
+     r"line 5, column 1: key 'train' repeated \(first at line 1\)"),
+], ids=["key", "section"])
+def test_a_repeated_key_is_refused_naming_it_and_its_lines(tmp_path, text, message):
+    with pytest.raises(ValueError, match=f"exp.yaml: invalid YAML at {message}"):
+        config.load(write(tmp_path, text))
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    cfg = config.load(write(tmp_path, "train:\n  <<: {steps: 5, lr: 0.001}\n  steps: 7\n"))
+    assert (cfg.train.steps, cfg.train.lr) == (7, 0.001)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [tiny\n", "exp.yaml: invalid YAML at line 2, column 1: expected ',' or ']'"),
+    ("- a\n- b\n", r"exp.yaml: expected a mapping of sections \(model, task, .*\), got a YAML list"),
+], ids=["unparsable", "list"])
+def test_a_file_that_is_not_a_yaml_mapping_is_refused_naming_it(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        config.load(write(tmp_path, text))
+
+
+def test_a_directory_is_refused_as_a_config(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"config {tmp_path} is a directory; give a YAML file")):
+        config.load(tmp_path)
+
+
+def test_an_override_that_is_not_yaml_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"--set model.name=\[tiny: invalid YAML at line 1, column 6"):
+        config.parse_overrides(["model.name=[tiny"])
+
+
+@pytest.mark.parametrize("betas, message", [
+    ([0.9], r"train.betas: expected two numbers in \[0, 1\)"),
+    ([0.9, 0.98, 0.99], r"train.betas: expected two numbers in \[0, 1\)"),
+    ([0.9, 1.0], "train.betas: Invalid beta parameter at index 1: 1.0"),
+    ([-0.1, 0.98], "train.betas: Invalid beta parameter at index 0: -0.1"),
+])
+def test_betas_must_be_two_numbers_in_0_1(betas, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(train__betas=betas)
+
+
+def test_an_empty_sweep_vary_is_refused_saying_what_to_list():
+    with pytest.raises(ValueError, match="sweep.vary is empty.*one or more of init, data, hparams"):
+        tiny_config(sweep__vary=[])
+
+
+@pytest.mark.parametrize("key, values, repeated", [
+    ("lr", [1e-3, 0.001, 2e-3], r"\[0.001\]"),
+    ("weight_decay", [0.0, 0.1, 0.0, 0.1], r"\[0.0, 0.1\]"),
+])
+def test_a_grid_value_listed_twice_is_refused_naming_it(key, values, repeated):
+    with pytest.raises(ValueError, match=f"sweep.{key} lists {repeated} more than once"):
+        tiny_config(sweep__search="grid", **{f"sweep__{key}": values})
+    tiny_config(sweep__search="random", **{f"sweep__{key}": values[:1] * 2})  # a random range may be one point
+
+
+@pytest.mark.parametrize("text", ["train:\n  steps: 1\n  steps: 2\n", "model: [tiny\n", "- a\n"],
+                         ids=["repeated", "unparsable", "list"])
+def test_a_bad_config_file_is_an_error_line_on_the_command_line(tmp_path, capsys, text):
+    assert main(["sweep", str(write(tmp_path, text)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gradtrace sweep: error: config {tmp_path / 'exp.yaml'}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_shipped_experiment_loads(path):
+    assert config.load(path).sweep.vary
