@@ -27,6 +27,7 @@ from scipy.special import ndtri
 
 from gradtrace import store
 from gradtrace.results import base_groups
+from gradtrace.stats import centre_within
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
@@ -34,6 +35,7 @@ PAGE_WIDTH = 7.0  # inches: the full text width
 DPI = 150
 N_ITEMS = 2000  # items per split: probit clipping to [1/(2N), 1 - 1/(2N)]
 RESIDUALIZATIONS = ("linear", "probit", "spline")
+HEATMAP_TEXT_CELL = 0.175  # inches: the smallest heatmap cell whose number ("0.26*", 5 pt) stays clear of the next
 GAP_BANDS = ((-math.inf, 5.0, "healthy", "#009E73"), (5.0, 10.0, "watch", "#E69F00"),
              (10.0, math.inf, "warning", "#D55E00"))
 BENCHMARK_FILES = ("capture_overhead", "sweep_throughput")
@@ -125,12 +127,18 @@ def _significant(rows: pd.DataFrame, alpha: float) -> pd.Series:
     return pd.Series(False, index=rows.index)
 
 
+def _heatmap_cell(n_shifts: int, ncols: int) -> float:
+    """Side of a heatmap cell (inches) with ncols panels of n_shifts × n_shifts side by side on a page."""
+    return min(0.34, (PAGE_WIDTH - 0.9 * ncols) / (n_shifts * ncols))
+
+
 @_styled
 def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "probit", alpha: float = 0.05) -> Figure:
     """Shifts × shifts matrix of partial r (given ID), one panel per residualisation; * marks significance.
 
     A cell is starred when its Holm-adjusted p is below `alpha` (or, without `p_holm`, when its CI excludes 0).
-    `residualize="all"` draws every residualisation present in the table.
+    `residualize="all"` draws every residualisation present in the table. Panels sit in one row while their cells
+    hold a number, else two to a row (the figure grows taller); cells too small for a number show only the star.
     """
     _require_columns(stats_df, ["a", "b", "r"], "stats table")
     if "residualize" in stats_df:
@@ -147,11 +155,16 @@ def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "prob
         raise ValueError("stats table column r holds values outside [-1, 1]: is it a correlation?")
     shifts = list(dict.fromkeys([*stats_df["a"], *stats_df["b"]]))
     n = len(shifts)
-    cell = min(0.34, (PAGE_WIDTH - 0.9 * len(methods)) / (n * len(methods)))
-    fig = _figure(min(PAGE_WIDTH, len(methods) * (n * cell + 0.9) + 0.5), n * cell + 0.9)
-    axes = _grid(fig, len(methods), len(methods))
+    ncols = len(methods)
+    if _heatmap_cell(n, ncols) < HEATMAP_TEXT_CELL:
+        ncols = min(2, ncols)
+    cell = _heatmap_cell(n, ncols)
+    nrows = math.ceil(len(methods) / ncols)
+    fig = _figure(min(PAGE_WIDTH, ncols * (n * cell + 0.9) + 0.5), nrows * (n * cell + 0.9))
+    axes = _grid(fig, len(methods), ncols)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")
     fontsize = 6 if cell >= 0.3 else 5
+    numbers = cell >= HEATMAP_TEXT_CELL  # else only the stars: the numbers would overprint
     image = None
     for ax, method in zip(axes, methods):
         rows = stats_df if method is None else stats_df[stats_df["residualize"] == method]
@@ -160,12 +173,12 @@ def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "prob
         image = ax.imshow(m, cmap=cmap, vmin=-1, vmax=1)
         for i in range(n):
             for j in range(n):
-                if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}".replace("-", "−") + ("*" if star[i, j] == 1 else ""),
-                            ha="center", va="center", fontsize=fontsize,
+                label = (f"{m[i, j]:.2f}".replace("-", "−") if numbers else "") + ("*" if star[i, j] == 1 else "")
+                if np.isfinite(m[i, j]) and label:
+                    ax.text(j, i, label, ha="center", va="center", fontsize=fontsize,
                             color="white" if abs(m[i, j]) > 0.6 else "black")
         ax.set_xticks(range(n), shifts, rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_yticks(range(n), shifts if ax is axes[0] else [])
+        ax.set_yticks(range(n), shifts if ax in axes[::ncols] else [])
         ax.tick_params(length=0)
         ax.spines[:].set_visible(False)
         size = f" (n={int(rows['n'].iloc[0])})" if "n" in rows and len(rows) else ""
@@ -191,13 +204,32 @@ def _probit_ticks(ax, axis: str, lo: float, hi: float) -> None:
     (ax.set_xticks if axis == "x" else ax.set_yticks)(pos[keep], labels)
 
 
+def _marker_style(n_points: int) -> tuple[float, float]:
+    """Marker area (pt²) and alpha of a scatter of n points: smaller and fainter past 150, so a cloud stays legible."""
+    crowding = min(1.0, math.sqrt(150 / n_points))
+    return 9 * crowding, 0.8 * crowding
+
+
+def _within_fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float] | None:
+    """Least-squares slope and Pearson r of y on x within groups (each group its own intercept): those of the
+    group-centred points, as the study's statistics take them; None where x does not vary within groups."""
+    if len(x) < 2:
+        return None
+    xc, yc = centre_within(np.column_stack([x, y]), groups).T
+    sxx, syy, sxy = xc @ xc, yc @ yc, xc @ yc
+    if sxx < 1e-12:  # not 0: centring leaves rounding residue
+        return None
+    return sxy / sxx, sxy / math.sqrt(sxx * syy) if syy >= 1e-12 else math.nan
+
+
 @_styled
 def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int = N_ITEMS) -> Figure:
     """Per shift, accuracy vs ID accuracy over runs on probit axes, with the least-squares probit line.
 
     Uses the rows with role == "sweep" when the table has a role column (base and reference runs are not the
     sweep's); axes are labelled in percent. Runs that fine-tuned different base runs (a `base` column with several
-    values) get one marker per base.
+    values) get one colour and marker per base, and the fit is within base as the study's statistics are: one slope
+    (and r) for all bases, one line per base through its runs' mean.
     """
     id_col = f"acc_{id}"
     _require_columns(results_df, [id_col], "results table")
@@ -216,28 +248,34 @@ def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int 
                   1.75 * math.ceil(len(shifts) / ncols) + 0.2)
     axes = _grid(fig, len(shifts), ncols)
     x_all = probit(table[id_col].to_numpy(), n_items)
-    bases = table["base"].astype(str).to_numpy() if base_groups(table) else None
+    bases_all = table["base"].astype(str).to_numpy() if base_groups(table) else np.full(len(table), "")
+    names = np.unique(bases_all)
+    several = len(names) > 1
+    size, alpha = _marker_style(len(table))
     for i, (ax, shift) in enumerate(zip(axes, shifts)):
         y_all = probit(table[f"acc_{shift}"].to_numpy(), n_items)
         ok = np.isfinite(x_all) & np.isfinite(y_all)
-        x, y = x_all[ok], y_all[ok]
-        if bases is None:
-            ax.scatter(x, y, s=9, color=_color(i), alpha=0.8, linewidths=0)
-        else:
-            for j, base in enumerate(np.unique(bases)):
-                mine = bases[ok] == base
-                ax.scatter(x[mine], y[mine], s=9, color=_color(i), alpha=0.8, linewidths=0,
-                           marker="os^Dv<>p"[j % 8], label=base)
-            if i == 0:
-                ax.legend(fontsize=5, loc="upper left", frameon=False, handletextpad=0.1)
+        x, y, bases = x_all[ok], y_all[ok], bases_all[ok]
+        for j, base in enumerate(names):
+            mine = bases == base
+            ax.scatter(x[mine], y[mine], s=size, color=_color(j if several else i), alpha=alpha, linewidths=0,
+                       marker="os^Dv<>p"[j % 8], label=base)
+        if several and i == 0:
+            for handle in ax.legend(fontsize=5, loc="upper left", frameon=False, handletextpad=0.1).legend_handles:
+                handle.set_alpha(1)  # however faint the crowded points
         lo, hi = min(x.min(initial=0), y.min(initial=0)) - 0.3, max(x.max(initial=0), y.max(initial=0)) + 0.3
         ax.plot([lo, hi], [lo, hi], color="0.7", lw=0.6, ls=":", zorder=0)
         title = shift
-        if len(x) >= 2 and np.ptp(x) > 0:
-            slope, intercept = np.polyfit(x, y, 1)
-            grid = np.array([x.min(), x.max()])
-            ax.plot(grid, intercept + slope * grid, color="black", lw=1)
-            title += f"  (slope {slope:.2f}, r {np.corrcoef(x, y)[0, 1]:.2f})" if np.ptp(y) > 0 else ""
+        fit = _within_fit(x, y, bases)
+        if fit is not None:
+            slope, r = fit
+            for j, base in enumerate(names):  # one line per base: the common slope through the base's means
+                mine = bases == base
+                if mine.any():
+                    grid = np.array([x[mine].min(), x[mine].max()])
+                    ax.plot(grid, y[mine].mean() + slope * (grid - x[mine].mean()), lw=1,
+                            color=_color(j) if several else "black")
+            title += f"  (slope {slope:.2f}, r {r:.2f})" if np.isfinite(r) else ""
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         _probit_ticks(ax, "x", lo, hi)
@@ -248,6 +286,8 @@ def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int 
         ax.set_xlabel(f"{id} accuracy (%)")
     for ax in axes[::ncols]:
         ax.set_ylabel("shift accuracy (%)")
+    if several:
+        fig.suptitle(f"slope and r within base: {len(names)} bases, each its own intercept, one common slope")
     return fig
 
 

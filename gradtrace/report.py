@@ -161,6 +161,9 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     if not exp_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {exp_dir} does not exist; run "
                                 f"`gradtrace sweep CONFIG --out {exp_dir}` (or `make demo`) first")
+    if not any((exp_dir / name).exists() for name in ("results.csv", "store.zarr", "config.yaml")):
+        raise FileNotFoundError(f"{exp_dir} holds no experiment (no results.csv, store.zarr or config.yaml): give the "
+                                "directory a sweep or `gradtrace train` wrote")
     inputs = Inputs(exp_dir)
     inputs.results = _read_csv(inputs, "results", "results.csv")
     if inputs.results is None:
@@ -289,7 +292,10 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
               f"(Φ⁻¹ of accuracy clipped to [1/(2N), 1 − 1/(2N)], N = {inputs.n_items}), labelled in percent. The "
               "black line is the least-squares fit in probit space (slope and Pearson r in the title); the dotted "
               "diagonal is equal accuracy. The line is what ID skill explains; the scatter around it is what the "
-              "partial correlations compare.",
+              "partial correlations compare." + ("" if inputs.sweep is None or base_groups(inputs.sweep) is None else
+                                                 " With several base runs, each base has its colour and its line: "
+                                                 "one common slope, each base its own intercept; slope and r are "
+                                                 "taken within base, as the partial correlations are."),
               lambda: figures.accuracy_on_the_line(inputs.results, n_items=inputs.n_items), notes.get("results")),
         _item("partial_correlations", "correlations", "Partial correlations given ID", _correlations_caption(inputs),
               lambda: figures.partial_correlation_heatmap(inputs.stats, residualize="all"), notes.get("stats")),

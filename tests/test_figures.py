@@ -155,6 +155,29 @@ def test_partial_correlation_heatmap(experiment: Path, tmp_path: Path) -> None:
         figures.partial_correlation_heatmap(stats.drop(columns="r"))
 
 
+def _stats_of(n_shifts: int) -> pd.DataFrame:
+    """A stats table over n_shifts shifts and the three residualisations; every third pair significant."""
+    shifts = [f"shift{i:02d}" for i in range(n_shifts)]
+    pairs = [(a, b) for i, a in enumerate(shifts) for b in shifts[i + 1:]]
+    r = np.random.default_rng(n_shifts).uniform(-0.9, 0.9, len(pairs))
+    return pd.concat([pd.DataFrame({"a": [a for a, _ in pairs], "b": [b for _, b in pairs], "residualize": method,
+                                    "r": r, "p_holm": np.where(np.arange(len(pairs)) % 3 == 0, 0.01, 0.5)})
+                      for method in ("linear", "probit", "spline")])
+
+
+def test_partial_correlation_heatmap_stays_legible_with_many_shifts(tmp_path: Path) -> None:
+    few, many = (figures.partial_correlation_heatmap(_stats_of(n), residualize="all") for n in (7, 20))
+    _check(many, 3 + 1, tmp_path, "heatmap20")
+    assert {ax.get_subplotspec().rowspan.start for ax in few.axes[:3]} == {0}  # 7 shifts: one row, numbers
+    assert len(few.axes[0].texts) == 7 * 6 and few.get_size_inches()[1] < 2.5
+    assert {ax.get_subplotspec().rowspan.start for ax in many.axes[:3]} == {0, 1}  # 20 shifts: two rows, taller
+    assert many.get_size_inches()[1] > 2 * few.get_size_inches()[1]
+    assert {t.get_text() for t in many.axes[0].texts} == {"*"}  # only the stars: numbers would overprint
+    assert len(many.axes[2].get_yticklabels()) == 20  # each row's first panel names the rows
+    panel = many.axes[0].get_window_extent()
+    assert panel.width / many.dpi / 20 >= 0.12  # a cell holds a 7-pt tick label
+
+
 def test_accuracy_on_the_line(experiment: Path, tmp_path: Path) -> None:
     results = pd.read_csv(experiment / "results.csv")
     fig = figures.accuracy_on_the_line(results)
@@ -172,6 +195,28 @@ def test_accuracy_on_the_line(experiment: Path, tmp_path: Path) -> None:
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base-0", "base-1"]
     with pytest.raises(ValueError, match="no sweep runs yet"):  # mid-sweep: not the base and reference runs
         figures.accuracy_on_the_line(results[results["role"] != "sweep"])
+
+
+def test_accuracy_on_the_line_fits_within_base(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    base = np.repeat(["base-0", "base-1"], 40)
+    x = np.where(base == "base-0", 1.2, 0.0) + 0.2 * rng.standard_normal(80)  # probit ID: base-1 far lower
+    y = 0.5 * x + np.where(base == "base-0", 0.0, -2.0) + 0.05 * rng.standard_normal(80)  # common slope 0.5
+    table = pd.DataFrame({"base": base, "acc_ID": ndtr(x), "acc_carry": ndtr(y)})
+    assert np.polyfit(x, y, 1)[0] > 1.5  # pooled over bases the slope would be 4 times too steep
+    centred = table.assign(x=x, y=y).groupby("base")[["x", "y"]].transform(lambda v: v - v.mean())
+    slope, r = np.polyfit(centred.x, centred.y, 1)[0], np.corrcoef(centred.x, centred.y)[0, 1]
+    assert slope == pytest.approx(0.5, abs=0.05)
+    fig = figures.accuracy_on_the_line(table)
+    _check(fig, 1, tmp_path, "aotl_within")
+    ax = fig.axes[0]
+    assert ax.get_title() == f"carry  (slope {slope:.2f}, r {r:.2f})"
+    assert "within base" in fig.get_suptitle()
+    fitted = ax.lines[1:]  # after the y = x diagonal: one line per base, in the base's colour, the common slope
+    assert len(fitted) == 2 and fitted[0].get_color() != fitted[1].get_color()
+    assert [np.polyfit(*line.get_data(), 1)[0] for line in fitted] == pytest.approx([slope, slope])
+    crowded = figures.accuracy_on_the_line(pd.concat([table] * 10)).axes[0].collections[0]  # 800 runs
+    assert crowded.get_sizes()[0] < 9 and crowded.get_alpha() < 0.8  # smaller, fainter markers than for 80
 
 
 def test_training_curves(experiment: Path, tmp_path: Path) -> None:

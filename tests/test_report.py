@@ -171,6 +171,8 @@ def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.Monke
 def test_load_inputs_rejects_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="make demo"):
         report.load_inputs(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="holds no experiment"):  # a typo'd path to an existing folder
+        report.load_inputs(tmp_path)
 
 
 def _chromium() -> str:
