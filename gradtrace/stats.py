@@ -843,17 +843,20 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
 
     exp_dir = Path(exp_dir)
     table, items = _load_experiment(exp_dir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kw.setdefault("within", base_groups(table))
-        kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
-        stats = partial_correlations(table, residualize=residualize, items=items, **kw)
-        groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
-        reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),
-                                              groups=groups) if items else None)
-        gap = generalisation_gap(table)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    caught: list[warnings.WarningMessage] = []
+    try:  # re-issued also when a stage fails: the warning may say why (shifts dropped as constant, say)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kw.setdefault("within", base_groups(table))
+            kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
+            stats = partial_correlations(table, residualize=residualize, items=items, **kw)
+            groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
+            reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),
+                                                  groups=groups) if items else None)
+            gap = generalisation_gap(table)
+    finally:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     alpha = kw.get("alpha", 0.05)
     summary = {
