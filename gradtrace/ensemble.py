@@ -106,17 +106,28 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
     if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):
         raise ValueError(f"need one distinct run id and one role per config: got {len(cfgs)} configs, "
                          f"run ids {run_ids}, roles {roles}")
+    with store.run_lock(Path(exp_dir), run_ids):
+        return _train_ensemble_locked(cfgs, Path(exp_dir), run_ids, roles, resume, progress)
+
+
+def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str], roles: list[str], resume: bool,
+                           progress: bool) -> list[RunResult]:
+    """`train_ensemble` with every member's lock held."""
     t = cfgs[0].train
     if t.threads:
         torch.set_num_threads(t.threads)
-    root = store.open_experiment(Path(exp_dir) / "store.zarr", mode="a")
+    root = store.open_experiment(exp_dir / "store.zarr", mode="a")
     done = {i: finished_result(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
             for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}
-    if done and _checkpointed_members(_checkpoint_root(Path(exp_dir), run_ids)) == run_ids:
-        done = {}  # killed between members' statuses: all resume as this ensemble (a smaller one rounds differently)
+    together = all(r in root and root[r].attrs.get("ensemble", {}).get("members") == run_ids for r in run_ids)
+    if done and len(done) < len(run_ids) and together:
+        done = {}  # killed between members' statuses: all train on as this ensemble (a smaller one rounds differently),
+        # from its checkpoint, or from the start where it had none (the complete members' groups come out the same)
+    if len(done) == len(run_ids):
+        checkpoint.remove(_checkpoint_root(exp_dir, run_ids))  # left by a kill between the statuses and its removal
     todo = [i for i in range(len(cfgs)) if i not in done]
     if todo:
-        trained = _train([cfgs[i] for i in todo], Path(exp_dir), root, [run_ids[i] for i in todo],
+        trained = _train([cfgs[i] for i in todo], exp_dir, root, [run_ids[i] for i in todo],
                          [roles[i] for i in todo], resume, progress)
         done.update(zip(todo, trained))
     return [done[i] for i in range(len(cfgs))]
@@ -209,7 +220,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             if done % t.checkpoint_every == 0 and done < t.steps:
                 for w, g in zip(writers, groups):
                     w.checkpoint(done)
-                    g.attrs.update({"steps_done": done})
+                    g.update_attributes({"steps_done": done})
                 checkpoint.save_tensors(ckpt_root, {"theta": theta, "exp_avg": optimizer.exp_avg,
                                                     "exp_avg_sq": optimizer.exp_avg_sq},
                                         {"members": run_ids, "steps_done": done, "adam_steps": optimizer.steps,
@@ -245,12 +256,6 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
 def _checkpoint_root(exp_dir: Path, run_ids: list[str]) -> Path:
     """Where an ensemble of these members keeps its checkpoint."""
     return exp_dir / "checkpoints" / f"ensemble-{run_ids[0]}"
-
-
-def _checkpointed_members(ckpt_root: Path) -> list[str]:
-    """The members of the ensemble checkpointed under `ckpt_root` (none without a checkpoint)."""
-    found = checkpoint.checkpoint_dir(ckpt_root)
-    return checkpoint.load_meta(found)["members"] if found else []
 
 
 @torch.no_grad()

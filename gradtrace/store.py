@@ -5,6 +5,7 @@ buffered row durable and records `last_durable_step`, so a killed run reopens th
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import queue
@@ -12,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -57,8 +58,8 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
         raise ValueError(f"{path} could not be opened as a Zarr v3 group ({type(err).__name__}: {err}); "
                          "the store may be truncated or corrupt") from err
     if mode != "r" and "schema_version" not in root.attrs:
-        root.attrs.update({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
-                           "created": _now(), "kind": "gradtrace-experiment"})
+        root.update_attributes({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
+                                "created": _now(), "kind": "gradtrace-experiment"})
     version = root.attrs.get("schema_version")
     if version is not None and version > SCHEMA_VERSION:
         raise ValueError(f"{path} has schema version {version}; this gradtrace reads up to {SCHEMA_VERSION}. "
@@ -168,7 +169,7 @@ class RunWriter:
     def checkpoint(self, step: int) -> None:
         """Make everything appended so far durable and record `step` as the last durable step."""
         self.flush()
-        self.group.attrs.update({"last_durable_step": int(step), "updated": _now()})
+        self.group.update_attributes({"last_durable_step": int(step), "updated": _now()})
 
     def close(self) -> None:
         """Flush and stop the background thread."""
@@ -190,14 +191,38 @@ def stack_rows(values: list) -> np.ndarray:
     return (stacked.float() if stacked.is_floating_point() else stacked).cpu().numpy()
 
 
+class RunInUse(RuntimeError):
+    """Another process is training the run: its lock file is held."""
+
+
+@contextlib.contextmanager
+def run_lock(exp_dir: Path, run_ids: list[str]) -> Iterator[None]:
+    """Hold each run's lock file (`exp_dir/locks/<run_id>.lock`) while it trains, so that no second process writes
+    its group at once (a re-run of a sweep whose interrupted client left tasks training on a cluster; two `train
+    --resume`): it is refused, not allowed to mix two trajectories in one run. The operating system releases a lock
+    when its holder dies, so a killed run never blocks its resumption."""
+    from filelock import FileLock, Timeout
+
+    (exp_dir / "locks").mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        for run_id in run_ids:
+            try:
+                held.enter_context(FileLock(exp_dir / "locks" / f"{run_id}.lock").acquire(timeout=0))
+            except Timeout:
+                raise RunInUse(f"run {run_id!r} is being trained by another process (on a dask cluster: a task of an "
+                               "interrupted sweep, which trains on there until it ends); run again once it is done"
+                               ) from None
+        yield
+
+
 def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: bool = False) -> zarr.Group:
     """A fresh run group with status `running` and the schema attributes."""
     if run_id in root and not overwrite:
         raise FileExistsError(f"run {run_id!r} already exists in the store; pass --resume to continue it "
                               "or choose another run id")
     group = root.create_group(run_id, overwrite=True)
-    group.attrs.update({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
-                        "status": "running", "last_durable_step": -1, "created": _now(), **attrs})
+    group.update_attributes({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
+                             "status": "running", "last_durable_step": -1, "created": _now(), **attrs})
     return group
 
 
@@ -232,9 +257,11 @@ def write_correct(group: zarr.Group, correct: dict[str, np.ndarray]) -> None:
 
 
 def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
-    """Record a run's status: running | complete | failed (numpy scalars among `extra` stored as Python numbers)."""
+    """Record a run's status: running | complete | failed (numpy scalars among `extra` stored as Python numbers), in
+    one metadata write: a kill never leaves a run marked complete without its accuracies (zarr's `attrs.update`
+    writes once per key)."""
     plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in extra.items()}
-    group.attrs.update({"status": status, "updated": _now(), **plain})
+    group.update_attributes({"status": status, "updated": _now(), **plain})
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:

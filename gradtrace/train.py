@@ -110,7 +110,13 @@ def _check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
 def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "reference",
           resume: bool = False, progress: bool = True) -> RunResult:
     """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies."""
-    exp_dir, t = Path(exp_dir), cfg.train
+    with store.run_lock(Path(exp_dir), [run_id]):
+        return _train_locked(cfg, Path(exp_dir), run_id, role, resume, progress)
+
+
+def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bool, progress: bool) -> RunResult:
+    """`train` with the run's lock held."""
+    t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
@@ -118,6 +124,8 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
     run_seeds = seeds(t)
     hparams = {"lr": t.lr, "weight_decay": t.weight_decay}
     if resume and run_id in root and root[run_id].attrs.get("status") == "complete":
+        _check_resumes_its_config(root[run_id], cfg, run_id)  # more steps, say, would not be trained
+        checkpoint.remove(exp_dir / "checkpoints" / run_id)  # left by a kill between the status and its removal
         return finished_result(root[run_id], run_id, role, run_seeds, hparams)
     kernels.use(t.cpu_kernels, device)
     task = task_for(cfg.task, cfg.model)
@@ -142,7 +150,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
         writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
         recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
         if recorder is not None:
-            group.attrs.update(recorder.attrs())
+            group.update_attributes(recorder.attrs())
         if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
             checkpoint.save_weights(model, exp_dir / "weights" / run_id / "initial.safetensors")
         eval_rows = declare_evals(writer, task, t.eval_every)
@@ -169,7 +177,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
                 writer.flush()
                 checkpoint.save_state(ckpt_root, model, optimizer, scheduler, done)
                 writer.checkpoint(done)
-                group.attrs.update({"steps_done": done, "wall_time_s": time.perf_counter() - began})
+                group.update_attributes({"steps_done": done, "wall_time_s": time.perf_counter() - began})
         if recorder is not None:
             recorder.close()
         correct, train_acc = correctness(model, task), train_accuracy(model, task)

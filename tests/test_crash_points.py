@@ -59,7 +59,24 @@ points = {
     # everything written but the status
     "before-complete": (store, "set_status", lambda group, status, **kw: status == "complete", False),
 }
-die_at(*points[where])
+if where == "status-written":  # the complete status's first metadata write done: all of it, or a torn status
+    import zarr.core.group as zarr_group
+
+    completing, set_status, save = [False], store.set_status, zarr_group.AsyncGroup._save_metadata
+
+    def marking(group, status, **extra):
+        completing[0] = status == "complete"
+        return set_status(group, status, **extra)
+
+    async def save_then_exit(self, *args, **kwargs):
+        await save(self, *args, **kwargs)
+        calls[0] += completing[0]
+        if completing[0] and calls[0] == nth:
+            os._exit(9)
+
+    store.set_status, zarr_group.AsyncGroup._save_metadata = marking, save_then_exit
+else:
+    die_at(*points[where])
 sys.exit(main(argv))
 """
 
@@ -102,8 +119,25 @@ def uninterrupted_ensemble(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_an_ensemble_killed_between_its_members_statuses_before_any_checkpoint_trains_on_whole(tmp_path):
+    """Killed after one member was marked complete, with no checkpoint yet (runs no longer than
+    train.checkpoint_every, as the default's): the other member trains again in the same ensemble, not alone."""
+    settings = {**ENSEMBLE, "train.steps": 8}
+    expected = tmp_path / "uninterrupted"
+    run_sweep(config.load(None, settings), expected, progress=False)
+    _crash_then_resume("before-complete", 2, ["sweep", os.devnull, "--out", str(tmp_path / "killed"),
+                                              *set_args(settings)])
+    got = zarr.open_group(tmp_path / "killed" / "store.zarr")
+    for run_id in ("ref-000", "ref-001"):
+        _assert_same_run(zarr.open_group(expected / "store.zarr")[run_id], got[run_id])
+        assert got[run_id].attrs["ensemble"] == {"members": ["ref-000", "ref-001"], "index": int(run_id[-1])}
+    left = tmp_path / "killed" / "checkpoints"
+    assert not left.exists() or not any(left.iterdir())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("where, nth", [("step-resized", 3), ("before-save-state", 2), ("between-renames", 1),
-                                        ("after-save-state", 1), ("before-complete", 1)])
+                                        ("after-save-state", 1), ("before-complete", 1), ("status-written", 1)])
 def test_a_run_killed_between_two_writes_resumes_exactly(uninterrupted, tmp_path, where, nth):
     _crash_then_resume(where, nth, ["train", os.devnull, "--out", str(tmp_path), "--run-id", "r", *set_args(SETTINGS),
                                     "--resume"])

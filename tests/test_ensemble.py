@@ -149,18 +149,24 @@ def test_captured_members_record_what_standalone_recorders_do(tmp_path):
     assert not np.allclose(ens["a"]["grad"][:], ens["b"]["grad"][:])  # members differ: equality is not trivial
 
 
-def test_rerun_retrains_only_members_not_complete(tmp_path):
-    cfgs = [member_config(train__steps=6, train__eval_every=0, **m) for m in list(MEMBERS.values())[:2]]
-    first = train_ensemble(cfgs, tmp_path, ["a", "b"])
+def test_rerun_trains_a_partial_ensemble_whole_and_keeps_members_completed_elsewhere(tmp_path):
+    """Killed before b was complete, the ensemble [a, b] trains again whole (a smaller one would round otherwise),
+    a coming out the same; a member completed in another ensemble (a sweep extended since) is kept as it is."""
+    cfgs = [member_config(train__steps=6, train__eval_every=0, **m) for m in list(MEMBERS.values())[:3]]
+    first = train_ensemble(cfgs[:2], tmp_path, ["a", "b"])
     root = zarr.open_group(tmp_path / "store.zarr", mode="a")
-    created_a = root["a"].attrs["created"]
+    loss_a = root["a"]["loss"][...]
     root["b"].attrs["status"] = "running"  # as if the ensemble had been killed before b was complete
     with pytest.raises(FileExistsError):
-        train_ensemble(cfgs, tmp_path, ["a", "b"])
-    again = train_ensemble(cfgs, tmp_path, ["a", "b"], resume=True)
+        train_ensemble(cfgs[:2], tmp_path, ["a", "b"])
+    again = train_ensemble(cfgs[:2], tmp_path, ["a", "b"], resume=True)
     assert [r.accuracy for r in again] == [r.accuracy for r in first]
-    assert root["a"].attrs["created"] == created_a and root["b"].attrs["status"] == "complete"
-    assert root["b"].attrs["ensemble"] == {"members": ["b"], "index": 0}
+    assert root["b"].attrs["status"] == "complete"
+    assert root["b"].attrs["ensemble"] == {"members": ["a", "b"], "index": 1}
+    np.testing.assert_array_equal(root["a"]["loss"][...], loss_a)
+    created_a = root["a"].attrs["created"]
+    train_ensemble([cfgs[0], cfgs[2]], tmp_path, ["a", "c"], resume=True)  # a: of the ensemble [a, b]
+    assert root["a"].attrs["created"] == created_a and root["c"].attrs["ensemble"] == {"members": ["c"], "index": 0}
 
 
 def test_killed_ensemble_resumes_from_its_checkpoint(tmp_path, monkeypatch):

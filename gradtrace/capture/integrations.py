@@ -47,7 +47,7 @@ class RunRecorder(Recorder):
     def checkpoint(self) -> None:
         """Write every recorded row and mark this step durable (call it when you checkpoint the model)."""
         self.writer.checkpoint(self.step)
-        self.group.attrs.update({"steps_done": self.step, "wall_time_s": time.perf_counter() - self._began})
+        self.group.update_attributes({"steps_done": self.step, "wall_time_s": time.perf_counter() - self._began})
 
     def close(self, final_probe: bool = True) -> None:
         """Take the final probe, write every row, detach the hooks and mark the run complete (once)."""
@@ -138,7 +138,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     except Exception as err:  # a model or optimizer that cannot be recorded: the run says why
         store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    group.attrs.update(recorder.attrs())
+    group.update_attributes(recorder.attrs())
     return recorder
 
 
@@ -155,7 +155,7 @@ def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str
                          f"{start_step}: the rows in between were never written. Call recorder.checkpoint() "
                          "whenever you checkpoint the model, and resume from a checkpoint taken with it.")
     store.truncate_to(group, start_step)
-    group.attrs.update(attrs)
+    group.update_attributes(attrs)
     store.set_status(group, "running", steps_done=start_step, last_durable_step=start_step)
     return group
 
