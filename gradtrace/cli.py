@@ -39,10 +39,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     out = Path(args.out)
+    if (out / "plan.json").exists():  # its config.yaml and reference runs are the sweep's
+        raise ValueError(f"{out} holds a sweep (plan.json): train into another --out directory")
     out.mkdir(parents=True, exist_ok=True)
+    result = train(cfg, out, args.run_id, role="reference", resume=args.resume)
     if not (args.resume and (out / "config.yaml").exists()):  # a resumed run keeps the config it started with
         config_mod.dump(cfg, out / "config.yaml")
-    result = train(cfg, out, args.run_id, role="reference", resume=args.resume)
     print(f"run {result.run_id}: {result.steps} steps in {result.wall_time_s:.1f} s")
     for split, acc in result.accuracy.items():
         train_acc = result.train_accuracy.get(split)
@@ -194,13 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"gradtrace {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = "the same command with --resume" if args.command == "train" else "the same command"
+        cluster = (" Runs already started on the cluster train on there until they end; a re-run refuses them "
+                   "until then." if getattr(args, "scheduler", None) else "")
+        print(f"\ngradtrace {args.command}: interrupted; what was complete is kept: run {again} to go on.{cluster}",
+              file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into a reader that stopped (`gradtrace info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's final flush then goes nowhere
         return 1
     except Exception as err:
-        from gradtrace.sweep import SweepError  # imported only once something failed: the sweep's imports are heavy
+        from gradtrace.store import RunInUse  # imported only once something failed: these imports are heavy
+        from gradtrace.sweep import SweepError
 
-        if not isinstance(err, SweepError):
+        if not isinstance(err, (SweepError, RunInUse)):
             raise
         print(f"gradtrace {args.command}: {err}", file=sys.stderr)
         return 1

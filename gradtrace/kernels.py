@@ -23,6 +23,10 @@ PINNED_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX
 CHOICES = ("native", *PINNED_ENV)
 
 
+class KernelsNotPinned(RuntimeWarning):
+    """A run asked for pinned CPU kernels in a process that had already computed with others."""
+
+
 def in_use() -> str:
     """The CPU kernels this process runs, as torch names them (e.g. AVX2, AVX512, DEFAULT)."""
     import torch
@@ -62,4 +66,4 @@ def use(kernels: str, device: torch.device) -> None:
             f"its runs round as this CPU does, so a chaotic study (experiments/README.md) may take another "
             f"realisation. On x86 CPUs with {kernels.upper()}, train in a fresh process (as the gradtrace command "
             f"line does) or set {' '.join(f'{k}={v}' for k, v in env.items())} before torch computes anything.",
-            RuntimeWarning, stacklevel=2)
+            KernelsNotPinned, stacklevel=2)

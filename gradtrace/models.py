@@ -96,7 +96,7 @@ def in_this_release(weights: dict, model: torch.nn.Module) -> dict:
 
 def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     name = cfg.name.removeprefix("EleutherAI/") if cfg.name.removeprefix("EleutherAI/") in EMBEDDED else cfg.name
@@ -105,17 +105,31 @@ def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         if shape.vocab is not None and shape.vocab < vocab_size:
             raise ValueError(f"model {name} has {shape.vocab} token ids; the task needs {vocab_size}")
         return GPTNeoXForCausalLM(neox_config(shape, vocab_size, cfg.attn_implementation))
+    config = _hub_config(cfg)
+    if cfg.pretrained:
+        return AutoModelForCausalLM.from_pretrained(cfg.name, attn_implementation=cfg.attn_implementation)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model {cfg.name} has {config.vocab_size} token ids; the task needs {vocab_size}")
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Refuse a model name that is neither embedded nor reachable, before anything trains (a model from the hub:
+    its config only is fetched)."""
+    if cfg.name.removeprefix("EleutherAI/") not in EMBEDDED or cfg.pretrained:
+        _hub_config(cfg)
+
+
+def _hub_config(cfg: ModelConfig):
+    """The transformers config of a Hugging Face model name or local path, or a clear error."""
+    from transformers import AutoConfig
+
     try:
-        if cfg.pretrained:
-            return AutoModelForCausalLM.from_pretrained(cfg.name, attn_implementation=cfg.attn_implementation)
-        config = AutoConfig.from_pretrained(cfg.name)
+        return AutoConfig.from_pretrained(cfg.name)
     except OSError as err:
         raise ValueError(
             f"model {cfg.name!r} is neither embedded ({', '.join(EMBEDDED)}) nor reachable as a Hugging Face "
             f"name or local path ({err}). Use an embedded name, or download it where the hub is reachable.") from None
-    if config.vocab_size < vocab_size:
-        raise ValueError(f"model {cfg.name} has {config.vocab_size} token ids; the task needs {vocab_size}")
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -5,6 +5,7 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -25,7 +27,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
-from gradtrace import store
+from gradtrace import kernels, store
 from gradtrace.results import results_table, started_from, write_results
 from gradtrace.config import Config, SweepConfig
 
@@ -234,17 +236,40 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
         raise SweepError(f"another process is running a sweep into {out} (it holds {out / 'sweep.lock'}); wait for "
                          "it to finish or stop it, then run this again to continue") from None
     try:
-        return _run_locked(cfg, out, progress, scheduler)
+        with _cluster(scheduler) as client:
+            return _run_locked(cfg, out, progress, client)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -> pd.DataFrame:
+CONNECT_TIMEOUT = "30s"  # to reach a dask scheduler
+
+
+@contextlib.contextmanager
+def _cluster(scheduler: str | None):
+    """A dask client of the cluster at `scheduler` (None without one), connected before anything trains."""
+    if not scheduler:
+        yield None
+        return
+    from dask.distributed import Client
+
+    try:
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+    except OSError as err:
+        raise SweepError(f"cannot reach the dask scheduler at {scheduler} ({err}); start it and its workers, or run "
+                         "without --scheduler") from None
+    with client:
+        yield client
+
+
+def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
+    from gradtrace.models import check_model
     from gradtrace.tasks import ArithmeticTask
 
     runs = plan(cfg)
     ArithmeticTask(cfg.task)  # refuse unknown shifts, or splits too long for max_digits, before the plan is written
+    check_model(cfg.model)  # and an unknown model name, which each run would otherwise meet in turn
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
@@ -262,9 +287,9 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
     bases = {r.run_id: started_from(r.overrides.get("model.init_from")) for r in runs}
     failed: dict[str, Exception] = {}
     try:
-        for stage, stage_scheduler in ((base, scheduler if len(base) > 1 else None), (rest, scheduler)):
-            stage = [job for job in stage if bases[job[0].run_id] not in failed]  # none from a failed base
-            for job, outcome in _dispatch(cfg, out, stage, stage_scheduler):
+        # closed when interrupted, so that the workers stop at once instead of training the queued jobs first
+        with contextlib.closing(_in_stages(cfg, out, [base, rest], client, bases, failed)) as outcomes:
+            for job, outcome in outcomes:
                 if isinstance(outcome, Exception):
                     ids = [r.run_id for r in job if r.run_id in pending]
                     _report_failure(ids, outcome, first=not failed, base=job[0].role == "base")
@@ -278,6 +303,9 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
                     bar.update()
                     rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
                     write_results(pd.DataFrame(rows).sort_values("run_id"), out)  # usable mid-sweep, in end order
+    except KeyboardInterrupt:
+        write_results(results_table(out), out)  # every run the store holds complete, also any not yet listed
+        raise
     finally:
         bar.close()
     table = results_table(out)
@@ -287,6 +315,16 @@ def _run_locked(cfg: Config, out: Path, progress: bool, scheduler: str | None) -
         raise SweepError(_failure_summary(failed, not_run) + f". {out / 'results.csv'} holds the {len(table)} "
                          "complete run(s); run the same sweep again to retry the rest")
     return table
+
+
+def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], client, bases: dict[str, str | None],
+               failed: dict[str, Exception]):
+    """`_dispatch` of each stage's jobs in turn (the base runs, then the runs that start from them), leaving out
+    the jobs whose base run has failed by the time their stage starts."""
+    for stage in stages:
+        with contextlib.closing(_dispatch(cfg, out, [job for job in stage if bases[job[0].run_id] not in failed],
+                                          client)) as outcomes:
+            yield from outcomes
 
 
 def _failure_summary(failed: dict[str, Exception], not_run: int) -> str:
@@ -310,10 +348,12 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
-    """Write the config and plan; refuse a directory holding another sweep, unless this one only extends it (more
-    `sweep.runs`, other `predict` settings: every run planned before is planned again unchanged)."""
+    """Write the config and plan; refuse a directory holding another sweep that trained anything, unless this one
+    only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
+    unchanged)."""
     config_path = out / "config.yaml"
-    if config_path.exists():
+    trained = (out / "store.zarr").exists() and store.runs(store.open_experiment(out / "store.zarr"))
+    if config_path.exists() and trained:
         previous = config_mod.load(config_path)
         changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
         if cfg.sweep.runs < previous.sweep.runs:
@@ -326,18 +366,21 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
 
 
-def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: str | None):
+def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
     """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
-    on a pool of single-thread workers, or on a dask cluster."""
+    on a pool of single-thread workers, or on a dask cluster (`client`). Closed early (interrupted), it cancels the
+    jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and train on."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
-    if scheduler:
-        from dask.distributed import Client, as_completed
+    if client is not None:
+        from dask.distributed import as_completed
 
-        with Client(scheduler) as client:
-            futures = {client.submit(_execute, cfg_dict, str(out.resolve()), job, 1, pure=False): job
-                       for job in jobs}  # absolute: a cluster's workers run in folders of their own
+        futures = {client.submit(_execute_on_cluster, _for_cluster(cfg_dict), str(out.resolve()), job,
+                                 job_threads(cfg, job), pure=False): job for job in jobs}
+        try:
             for fut in as_completed(futures):
                 yield futures[fut], _outcome(fut)
+        finally:
+            client.cancel(list(futures))
         return
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -353,15 +396,52 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], scheduler: s
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
                                  initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
-            while futures:
-                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    yield futures.pop(fut), _outcome(fut)
+            try:
+                while futures:
+                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        yield futures.pop(fut), _outcome(fut)
+            except BaseException:  # interrupted, or closed early: no queued job starts, the running ones stop
+                _stop(pool)
+                raise
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
+
+
+def _for_cluster(cfg_dict: dict) -> dict:
+    """The config with a relative `model.init_from` made absolute, as `out` is: a cluster's workers run in folders
+    of their own."""
+    init = cfg_dict["model"]["init_from"]
+    if init and Path(init).exists():
+        cfg_dict = {**cfg_dict, "model": {**cfg_dict["model"], "init_from": str(Path(init).resolve())}}
+    return cfg_dict
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End a pool's workers now and cancel its queued jobs (a run stopped mid-way resumes from its checkpoint)."""
+    workers = list((pool._processes or {}).values())  # no public way to reach them before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        process.terminate()
+
+
+_ONE_JOB_AT_A_TIME = threading.Lock()
+
+
+def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> list[dict]:
+    """A dask task: `_execute`, one job at a time in a worker process (torch's thread count and CPU kernels belong
+    to the process, and transformers' lazy imports race), refused where the run's kernels cannot be pinned because
+    the worker computed with others before (a local sweep's fresh workers never do)."""
+    with _ONE_JOB_AT_A_TIME, warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.KernelsNotPinned)
+        try:
+            return _execute(cfg_dict, out, job, threads)
+        except kernels.KernelsNotPinned as err:
+            raise RuntimeError(f"{err} On a dask cluster: restart the workers (`Client.restart()`), so that each "
+                               "starts its runs in a fresh process") from None
 
 
 def job_threads(cfg: Config, job: list[PlannedRun]) -> int:

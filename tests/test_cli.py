@@ -121,3 +121,34 @@ def test_stats_refuses_too_few_runs(tmp_path, capsys):
                         "train.cpu_kernels": "native"})]) == 0  # pytest's own threads and kernels: later tests compare
     assert main(["stats", str(out)]) == 2
     assert "82" in capsys.readouterr().err
+
+
+def test_train_refuses_a_sweeps_directory_and_leaves_its_config(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["sweep", "experiments/scratch.yaml", "--out", str(out),
+                 *sets({"sweep.runs": 1, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 2})]) == 0
+    before = (out / "config.yaml").read_text()
+    assert main(["train", "experiments/scratch.yaml", "--out", str(out), "--run-id", "run-000", "--resume",
+                 *sets({"train.steps": 2, "train.lr": 0.05})]) == 2
+    assert "holds a sweep (plan.json)" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == before  # the sweep still resumes with its own config
+
+
+def test_train_resume_of_a_complete_run_refuses_another_config(tmp_path, capsys):
+    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), *sets({"train.steps": 2})]) == 0
+    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--resume",
+                 *sets({"train.steps": 3})]) == 2  # was: "2 steps", as if the 3 had been trained
+    assert "trained with another config (train.steps: 2 → 3)" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
+    import gradtrace.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_sweep", interrupted)
+    assert main(["sweep", "experiments/default.yaml", "--scheduler", "tcp://h:8786"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; what was complete is kept: run the same command to go on" in err
+    assert "train on there until they end" in err

@@ -438,3 +438,101 @@ def test_results_mid_sweep_are_in_run_order(tmp_path, monkeypatch):
     run_sweep(tiny_config(sweep__runs=3, sweep__bases=2, sweep__pretrain_steps=4, sweep__workers=1, train__steps=2,
                           sweep__ensemble=2), tmp_path, progress=False)  # run-000 and run-002 finish before run-001
     assert len(written) > 3 and all(ids == sorted(ids) for ids in written)
+
+
+def test_a_run_another_process_trains_is_refused_not_written_by_two(tmp_path):
+    """A run's lock is held while it trains (a re-run of a sweep whose interrupted client left the run training on
+    a cluster): a second trainer of it, standalone or in an ensemble, is refused before it writes anything."""
+    from gradtrace.ensemble import train_ensemble
+    from gradtrace.train import train
+
+    (tmp_path / "locks").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+                               "time.sleep(600)", str(tmp_path / "locks" / "run-001.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = tiny_config(train__steps=2)
+        with pytest.raises(store.RunInUse, match="'run-001' is being trained by another process"):
+            train(cfg, tmp_path, "run-001", resume=True, progress=False)
+        with pytest.raises(store.RunInUse, match="'run-001'"):
+            train_ensemble([cfg, cfg], tmp_path, ["run-000", "run-001"], resume=True)
+        assert not (tmp_path / "store.zarr").exists()
+        train(cfg, tmp_path, "run-000", progress=False)  # its lock is free again after the refused ensemble
+    finally:
+        holder.kill()
+        holder.wait()
+    train(cfg, tmp_path, "run-001", progress=False)  # the operating system released the dead holder's lock
+
+
+def test_a_closed_dispatch_stops_its_pool_at_once(tmp_path):
+    """An interrupted sweep (Ctrl-C: its outcomes closed) cancels the queued jobs and ends the running ones instead
+    of waiting for the pool to train all of them."""
+    from gradtrace.sweep import _dispatch
+
+    cfg = tiny_config(sweep__workers=2, train__steps=400, train__checkpoint_every=1000, capture__enabled=False)
+    jobs = [[PlannedRun(f"run-{i:03d}", "sweep", {"train.steps": 2 if i == 0 else 400, "train.data_seed": i})]
+            for i in range(4)]
+    outcomes = _dispatch(cfg, tmp_path, jobs, None)
+    job, rows = next(outcomes)
+    assert job[0].run_id == "run-000" and rows[0]["run_id"] == "run-000"
+    outcomes.close()
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert [r for r in root.group_keys() if root[r].attrs["status"] == "complete"] == ["run-000"]
+    assert not (tmp_path / "store.zarr" / "run-003").exists()  # queued behind the others: never started
+
+
+def test_a_cluster_job_runs_alone_in_its_worker_and_refuses_unpinned_kernels(tmp_path, monkeypatch):
+    import threading
+
+    from gradtrace import kernels, sweep
+
+    running, most = [], []
+
+    def fake_execute(*args):
+        running.append(1)
+        most.append(len(running))
+        time.sleep(0.2)
+        running.pop()
+        return []
+
+    monkeypatch.setattr(sweep, "_execute", fake_execute)
+    threads = [threading.Thread(target=sweep._execute_on_cluster, args=({}, str(tmp_path), [], 1)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(most) == 1  # one job at a time in a worker process of several threads
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "in_use", lambda: "AVX512")  # a worker that computed before the run pinned
+    cfg = tiny_config(train__cpu_kernels="avx2", train__steps=2)
+    with pytest.raises(RuntimeError, match="this process runs AVX512.*restart the workers"):
+        sweep._execute_on_cluster(cfg.to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep", {})], 1)
+
+
+def test_an_unreachable_scheduler_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    from gradtrace import sweep
+
+    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT", "1s")
+    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, sweep__pretrain_steps=2, train__steps=2)
+    with pytest.raises(SweepError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
+        run_sweep(cfg, tmp_path, progress=False, scheduler="tcp://127.0.0.1:9")
+    assert not (tmp_path / "store.zarr").exists()  # the base run did not train first
+
+
+def test_a_cluster_gets_the_configs_relative_paths_made_absolute(tmp_path, monkeypatch):
+    from gradtrace import sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_text("")
+    cfg = tiny_config(model__init_from="w.safetensors")
+    assert sweep._for_cluster(cfg.to_dict())["model"]["init_from"] == str(tmp_path / "w.safetensors")
+    assert sweep._for_cluster(tiny_config().to_dict())["model"]["init_from"] is None
+
+
+def test_an_unknown_model_is_refused_before_any_run_and_leaves_the_directory_open(tmp_path):
+    with pytest.raises(ValueError, match="model 'micr0' is neither embedded"):
+        run_sweep(tiny_config(model__name="micr0", sweep__runs=1, sweep__reference_runs=0), tmp_path, progress=False)
+    fixed = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2, sweep__workers=1)
+    assert sorted(run_sweep(fixed, tmp_path, progress=False).run_id) == ["run-000"]  # nothing trained: not locked
