@@ -74,3 +74,25 @@ def test_a_checkpoint_saves_over_what_a_kill_after_its_last_rename_left(tmp_path
     tensors, meta = checkpoint.load_tensors(checkpoint.checkpoint_dir(root))
     assert meta["steps_done"] == 2 and tensors["x"].tolist() == [1.0, 1.0]
     assert sorted(p.name for p in root.parent.iterdir()) == ["r"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files through /proc")
+def test_checkpoints_and_weights_are_synced_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """A rename is durable only once what it names is: a power loss must not leave a checkpoint or a base's weights
+    that exist but are empty."""
+    import torch
+
+    from gradtrace import checkpoint
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or
+                        fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a))) or replace(a, b))
+    checkpoint.save_tensors(tmp_path / "ckpt", {"x": torch.ones(3)}, {"steps_done": 1})
+    checkpoint.save_weights(torch.nn.Linear(2, 2), tmp_path / "w" / "final.safetensors")
+    renamed = [path for kind, path in events if kind == "rename"]
+    assert renamed == [str(tmp_path / "ckpt.tmp"), str(tmp_path / "w" / "final.safetensors.tmp")]
+    ckpt, weights = tmp_path / "ckpt.tmp", tmp_path / "w" / "final.safetensors.tmp"
+    for synced, renamed in ((ckpt / "state.safetensors", ckpt), (ckpt / "state.json", ckpt), (weights, weights)):
+        assert events.index(("sync", str(synced))) < events.index(("rename", str(renamed)))
+    assert ("sync", str(tmp_path)) in events  # the folder the checkpoint was renamed into
