@@ -121,6 +121,7 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
     if all((exp_dir / f).exists() and (exp_dir / f).stat().st_mtime >= results_written for f in files):
         return
     why = f"{' / '.join(files)} missing or older than results.csv"
+    print(f"report: {why}: running `{command}` first", file=sys.stderr)  # a large study's stage takes a minute
     try:
         stage = importlib.import_module(f"gradtrace.{module}")
         getattr(stage, function)(exp_dir)

@@ -144,7 +144,7 @@ def test_report_notes_missing_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyP
             "available") in page
 
 
-def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     full = make_experiment(tmp_path / "full", n_runs=6)
     exp = tmp_path / "partial"
     shutil.copytree(full, exp)
@@ -160,6 +160,8 @@ def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.Monke
     assert calls == []
     inputs = report.load_inputs(exp)
     assert calls == [exp] and inputs.stats is not None and "stats" not in inputs.notes
+    assert f"stats.csv / gap.csv missing or older than results.csv: running `gradtrace stats {exp}`" in (
+        capsys.readouterr().err)  # a minute's silence on a large study otherwise
     assert inputs.origins["stats"].startswith("computed for this report by gradtrace.stats.stats_report")
     assert inputs.origins["results"] == "read results.csv"
     later = (exp / "stats.csv").stat().st_mtime + 10
