@@ -135,6 +135,8 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
 
     if not cfg.sweep.pretrain_steps:
         raise ValueError("choosing a base needs a config that trains one (sweep.pretrain_steps > 0)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--bases lists a seed more than once ({' '.join(map(str, seeds))}): one pilot per base")
     rows, failed = [], []
     for seed in seeds:
         pilot_out = Path(out) / f"base-seed-{seed}"

@@ -427,6 +427,10 @@ def test_what_cannot_run_is_refused_before_anything_trains(tmp_path, capsys):
     assert not (tmp_path / "pilot").exists()
     assert main(["calibrate", os.devnull, "--out", str(tmp_path / "zero"), "--runs", "0", *set_args(TINY)]) == 2
     assert "a pilot of 0 run" in capsys.readouterr().err  # 0 is not "the default"
+    assert main(["calibrate", os.devnull, "--out", str(tmp_path / "twice"), "--bases", "0", "0",
+                 *set_args({**TINY, "sweep.pretrain_steps": 2})]) == 2
+    assert "--bases lists a seed more than once (0 0)" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()
 
 
 def test_results_mid_sweep_are_in_run_order(tmp_path, monkeypatch):
