@@ -104,9 +104,11 @@ def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     root = zarr.open_group(tmp_path / "store.zarr", mode="a")
     store.set_status(root["run-001"], "running")  # as if killed before it finished
     root["run-002"].attrs["status"] = "failed"
+    (tmp_path / "checkpoints" / "run-000").mkdir(parents=True)  # as if killed after its status, before removal
     table = run_sweep(cfg, tmp_path, progress=False)
     assert sorted(table.run_id) == ["run-000", "run-001", "run-002"]
     assert pd.read_csv(tmp_path / "results.csv").run_id.is_unique
+    assert not (tmp_path / "checkpoints" / "run-000").exists()
 
 
 @pytest.mark.parametrize("where", ["worker pool", "dask"])
