@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
-from gradtrace import checkpoint, kernels, store
+from gradtrace import kernels, store
 from gradtrace.results import results_table, started_from, write_results
 from gradtrace.config import Config, SweepConfig
 
@@ -264,6 +264,7 @@ def _cluster(scheduler: str | None):
 
 def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
+    from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
     from gradtrace.models import check_model
     from gradtrace.tasks import ArithmeticTask
 
