@@ -274,13 +274,14 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
-    for job in _jobs(cfg, runs):  # checkpoints a kill left between a run's complete status and their removal
-        if not any(r.run_id in pending for r in job):
-            for root_dir in {f"ensemble-{job[0].run_id}", *(r.run_id for r in job)}:
-                checkpoint.remove(out / "checkpoints" / root_dir)
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
-    jobs = [job for job in _jobs(cfg, runs) if any(r.run_id in pending for r in job)]
+    jobs, complete = [], []
+    for job in _jobs(cfg, runs):
+        (jobs if any(r.run_id in pending for r in job) else complete).append(job)
+    for job in complete:  # checkpoints a kill left between a run's complete status and their removal
+        for root_dir in {f"ensemble-{job[0].run_id}", *(r.run_id for r in job)}:
+            checkpoint.remove(out / "checkpoints" / root_dir)
     if any(len(job) > 1 for job in jobs):  # refuse members that cannot share an ensemble before any run trains
         from gradtrace.ensemble import check_members
 
