@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         again = "the same command with --resume" if args.command == "train" else "the same command"
         cluster = (" Runs already started on the cluster train on there until they end; a re-run refuses them "
-                   "until then." if getattr(args, "scheduler", None) else "")
+                   "or waits for them until then." if getattr(args, "scheduler", None) else "")
         print(f"\ngradtrace {args.command}: interrupted; what was complete is kept: run {again} to go on.{cluster}",
               file=sys.stderr)
         return 130
