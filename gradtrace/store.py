@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -380,13 +381,29 @@ class _RunListing:
 
 def export_hdf5(path: str | Path, out: str | Path) -> Path:
     """Copy every run's arrays and attributes into one HDF5 file (bfloat16 decoded to float32), a stored chunk
-    at a time, so stores larger than memory export too."""
-    import json
-
+    at a time, so stores larger than memory export too. The file appears whole or not at all (it is written beside
+    `out` and renamed); `out` may replace an earlier export but no other file."""
     import h5py
 
     root = open_experiment(path)
     out = Path(out)
+    if out.is_dir() or (out.exists() and not h5py.is_hdf5(out)):
+        raise FileExistsError(f"{out} exists and is not an HDF5 file: export writes a new file (or replaces an "
+                              "earlier export); choose another path")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        _write_hdf5(root, partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def _write_hdf5(root: zarr.Group, out: Path) -> None:
+    import json
+
+    import h5py
+
     with h5py.File(out, "w") as h5:
         h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
         for rid in runs(root):
@@ -401,4 +418,3 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
                     ds[lo:lo + arr.chunks[0]] = decode(arr[lo:lo + arr.chunks[0]], storage)
                 if arr.metadata.dimension_names:
                     ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))
-    return out

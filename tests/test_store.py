@@ -177,6 +177,33 @@ def test_summary_and_hdf5_export(captured, tmp_path):
         assert json.loads(h5["r0/grad"].attrs["dimension_names"]) == ["step", "sketch"]
 
 
+def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_path, monkeypatch):
+    import h5py
+
+    exp, _ = captured
+    out = tmp_path / "out.h5"
+    store.export_hdf5(exp / "store.zarr", out)
+    store.export_hdf5(exp / "store.zarr", out)  # a re-export replaces the earlier one
+    (tmp_path / "notes.txt").write_text("mine")
+    for other in (tmp_path / "notes.txt", tmp_path):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(FileExistsError, match="not an HDF5 file"):
+            store.export_hdf5(exp / "store.zarr", other)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    def killed(root, path):  # an export that dies mid-write leaves the earlier export whole and no partial file
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_write_hdf5", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.export_hdf5(exp / "store.zarr", out)
+    with h5py.File(out, "r") as h5:
+        assert "r0" in h5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out.h5"]
+
+
 def test_summary_names_a_failed_runs_error(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     store.set_status(store.create_run(root, "r1", {"steps": 4}), "failed", error="MemoryError: out of memory")
