@@ -43,6 +43,7 @@ from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
 DEFAULT_N_ITEMS = 2000  # items per split for the probit clip [1/(2N), 1 − 1/(2N)] when the config does not say
+BOOT_CHUNK = 128  # bootstrap resamples per vectorised batch: memory ∝ BOOT_CHUNK · runs · splits, not n_boot · …
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -867,7 +868,9 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
         boot_pairs = None
         if n_boot:
             idx = bootstrap_indices(len(acc), n_boot, np.random.default_rng(seed), groups)
-            boot_pairs = probit_partials(acc[idx], n_items, groups)[:, obs.ia, obs.ib]
+            boot_pairs = np.concatenate([
+                probit_partials(acc[idx[lo:lo + BOOT_CHUNK]], n_items, groups)[:, obs.ia, obs.ib]
+                for lo in range(0, n_boot, BOOT_CHUNK)])
     majority = float(max(np.mean(obs.r[sig] > 0), np.mean(obs.r[sig] < 0))) if sig.any() else float("nan")
     S = len(obs.shifts)
     obs_matrix = np.full((S, S), np.nan)

@@ -369,6 +369,25 @@ def test_scores_on_hand_made_matrices():
     assert sign_accuracy(np.array([1.0, -1.0, 0.0]), np.array([1.0, 1.0, 1.0])) == pytest.approx(0.5)
 
 
+def test_score_bootstraps_in_bounded_batches_with_the_same_result(monkeypatch):
+    import gradtrace.predict as predict
+
+    rng = np.random.default_rng(0)
+    n, names = 60, ["a", "b", "c", "d"]
+    acc = pd.DataFrame(rng.uniform(0.2, 0.8, (n, 5)), columns=[f"acc_{s}" for s in ["ID", *names]])
+    obs = np.corrcoef(rng.standard_normal((4, 10)))
+    pred = pd.DataFrame(obs + 0.1, index=names, columns=names)
+    whole = score(pred, _observed_frame(obs, names), acc, n_boot=50, n_perm=10)
+    batches = []
+    monkeypatch.setattr(predict, "probit_partials", lambda a, *rest: batches.append(a.shape) or probit_partials(a, *rest))
+    monkeypatch.setattr(predict, "BOOT_CHUNK", 8)  # 50 resamples in 7 batches, not one array of all of them
+    chunked = score(pred, _observed_frame(obs, names), acc, n_boot=50, n_perm=10)
+    assert max(shape[0] for shape in batches if len(shape) == 3 and shape[1] == n) == 8
+    assert whole[["boot_ci_low", "boot_ci_high"]].to_numpy().tolist() == \
+        chunked[["boot_ci_low", "boot_ci_high"]].to_numpy().tolist()
+    assert np.isfinite(whole[["boot_ci_low", "boot_ci_high"]].to_numpy()).all()
+
+
 def test_relabel_p_small_for_signal_not_for_noise():
     rng = np.random.default_rng(0)
     S = 7
