@@ -3,6 +3,7 @@ and the Hugging Face Trainer callback — each records one row per optimizer ste
 import copy
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -186,6 +187,35 @@ def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, ta
     assert group["step"][:].tolist() == [0, 1, 2] and group.attrs["adam"] == {}
     assert np.isnan(group["layer_v_mean"][:]).all()  # SGD keeps no v
     np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+
+
+def test_an_optimizer_holding_some_of_the_parameters_is_warned_about(tmp_path, task):
+    """Two optimizers (e.g. embeddings apart): `update` sees only the attached one's step, and says so."""
+    model = micro(task)
+    embedding = [p for n, p in model.named_parameters() if "embed" in n]
+    rest = [p for n, p in model.named_parameters() if "embed" not in n]
+    with pytest.warns(UserWarning, match=f"holds {len(rest)} of the model's {len(rest) + len(embedding)} trainable"):
+        attach(model, torch.optim.AdamW(rest, lr=3e-3), tmp_path, "two", total_steps=2, capture=IDENTITY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach(model, torch.optim.AdamW(model.parameters(), lr=3e-3), tmp_path, "one", total_steps=2,
+               capture=IDENTITY)
+        attach(model, torch.optim.AdamW(rest, lr=3e-3), tmp_path, "grad", total_steps=2,
+               capture=CaptureConfig(sketch="identity", probe_every=0, quantities=["grad", "adam_m"]))
+
+
+def test_a_first_step_without_gradients_records_m_as_zero(tmp_path, task):
+    """A step on which no parameter has a gradient yet (Adam creates no state): m is 0, not an optimizer without m."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, capture=IDENTITY)
+    opt.step()  # every .grad is None: Adam skips every parameter
+    train_steps(model, opt, task, 3, rec, start=1)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == [0, 1, 2] and not group["adam_m"][0].any()
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_allclose(group["adam_m"][-1], m.numpy(), rtol=1e-5, atol=1e-8)
 
 
 def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):

@@ -86,9 +86,16 @@ class Recorder:
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        if not any(id(p) in optimized for p in self.params):
+        held = sum(id(p) in optimized for p in self.params)
+        if not held:
             raise ValueError(f"the {type(self.optimizer).__name__} given holds none of the model's trainable "
                              "parameters: pass the optimizer that trains this model")
+        if held < len(self.params) and "update" in cfg.quantities:
+            warnings.warn(f"the {type(self.optimizer).__name__} given holds {held} of the model's {len(self.params)} "
+                          "trainable parameter tensors: `update` is the change across its step(), so it reads 0 "
+                          "for the others even where another optimizer moves them (`grad` covers them all). Give "
+                          "one optimizer every trainable parameter, or freeze the others, for the whole Δθ",
+                          UserWarning, stacklevel=2)
         self.layout = ParamLayout.of(self.model)
         device = self.params[0].device
         self.sketch = make_sketch(cfg.sketch, self.layout, cfg.dim, cfg.seed, device)
@@ -197,9 +204,11 @@ class Recorder:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
             m, v = self._adam_state()
             if "adam_m" in self.cfg.quantities:
-                if m is None:
+                if m is None and any(self.optimizer.state.get(p) for p in self.params):
                     raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no "
                                      "exp_avg: drop adam_m from capture.quantities")
+                if m is None:  # no parameter has had a gradient to step on yet: m is still 0
+                    m = [torch.zeros_like(p) for p in self.params]
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
             if v is not None and self.step % self.cfg.v_stats_every == 0:  # v: an EMA over ≥ 50 steps, moves slowly
                 row["layer_v_mean"] = tensor_norms(v, 1) / self._lengths  # v ≥ 0: L1 = sum
