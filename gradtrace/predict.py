@@ -38,7 +38,8 @@ from scipy.stats import rankdata
 from gradtrace import store
 from gradtrace.capture.sketch import check_compatible
 from gradtrace.results import started_from
-from gradtrace.stats import bootstrap_indices, centre_within, group_codes, partial_correlations, varying_shifts
+from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, group_codes, partial_correlations,
+                             varying_shifts)
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
@@ -707,9 +708,10 @@ class _Observed:
 
 
 def _observed_pairs(observed: pd.DataFrame) -> _Observed:
-    if "residualize" in observed.columns and observed["residualize"].nunique() > 1:
+    if "residualize" in observed.columns:  # the ceiling and the bootstrap recompute probit partials: compare those
         if "probit" not in set(observed["residualize"]):
-            raise ValueError("observed holds several residualisations but not 'probit'; pass the probit rows")
+            raise ValueError(f"observed holds {sorted(set(observed['residualize']))} rows but no 'probit' ones: "
+                             "score compares predictions with the probit partial correlations; pass those")
         observed = observed[observed["residualize"] == "probit"]
     missing = {"a", "b", "r", "ci_low", "ci_high"} - set(observed.columns)
     if missing:
@@ -834,7 +836,7 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     ok = ~(np.isnan(first).any(axis=1) | np.isnan(second).any(axis=1))
     rho = float(np.mean(_rowwise_corr(_ranks(first[ok]), _ranks(second[ok])))) if ok.any() else float("nan")
     reliability = 2 * rho / (1 + rho) if rho > -1 else float("nan")
-    return reliability, math.sqrt(reliability) if reliability > 0 else 0.0
+    return reliability, math.sqrt(reliability) if reliability > 0 else 0.0 if reliability <= 0 else float("nan")
 
 
 def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.DataFrame,
@@ -853,6 +855,10 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
     """
     if isinstance(predicted, pd.DataFrame):
         predicted = {"predicted": predicted}
+    for name, value, low in (("n_boot", n_boot, 0), ("n_splits", n_splits, 1), ("n_perm", n_perm, 0),
+                             ("n_items", n_items, 1)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
     obs = _observed_pairs(observed)
     sig = obs.significant
     acc = None
@@ -862,7 +868,7 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
         missing = [c for c in columns if c not in accuracies.columns]
         if missing:
             raise ValueError(f"accuracies lack columns {missing}; expected acc_<split> for ID ({id!r}) and every shift")
-        acc = accuracies[columns].to_numpy(float)
+        acc = check_accuracies(accuracies, columns)
         groups = None if within is None else group_codes(accuracies[within], f"within={within!r}")
         reliability, ceiling = noise_ceiling(acc, n_splits, seed, n_items, groups)
         boot_pairs = None

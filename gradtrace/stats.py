@@ -44,6 +44,7 @@ __all__ = [
     "RESIDUALIZATIONS",
     "bootstrap_indices",
     "centre_within",
+    "check_accuracies",
     "group_codes",
     "StatsReport",
     "format_table",
@@ -170,7 +171,7 @@ def _resample_indices(n: int, n_boot: int, block_length: int | None, rng: np.ran
         return bootstrap_indices(n, n_boot, rng, groups)
     n_blocks = -(-n // block_length)
     starts = rng.integers(0, n - block_length + 1, size=(n_boot, n_blocks))
-    return (starts[..., None] + np.arange(block_length)).reshape(n_boot, -1)[:, :n]
+    return (starts[..., None] + np.arange(block_length)).reshape(n_boot, n_blocks * block_length)[:, :n]
 
 
 def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator, groups: np.ndarray | None = None) -> np.ndarray:
@@ -307,7 +308,7 @@ def _check_options(
             "(rows are checkpoints of one run, with a 'step' column)."
         )
     for name, value, low in (("n_boot", n_boot, 0), ("n_perm", n_perm, 0), ("spline_knots", spline_knots, 2),
-                             ("n_splits", n_splits, 1)):
+                             ("n_splits", n_splits, 1), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
     if block_length is not None and (not isinstance(block_length, (int, np.integer)) or block_length < 1):
@@ -318,14 +319,14 @@ def _check_options(
     if any(not isinstance(c, (int, np.integer)) or c < 1 for c in counts):
         raise ValueError(f"n_items={n_items!r} is invalid: expected a positive integer or a dict split -> integer.")
     for name, value in (("alpha", alpha), ("confidence", confidence)):
-        if not 0 < value < 1:
+        if not isinstance(value, (int, float, np.integer, np.floating)) or not 0 < value < 1:
             raise ValueError(f"{name}={value!r} is invalid: expected a number strictly between 0 and 1.")
     methods = RESIDUALIZATIONS if residualize == "all" else (residualize,)
     return _Options(methods, unit, int(n_boot), int(n_perm), int(seed), block_length, int(spline_knots), n_items,
                     int(n_splits), float(alpha), float(confidence))
 
 
-def _check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+def check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     """Accuracy columns as a float array (n, c); refuse NaN, values outside [0, 1] and constant columns."""
     try:
         acc = table[list(columns)].to_numpy(dtype=float)
@@ -372,7 +373,12 @@ def _group_codes(table: pd.DataFrame, within: str | None, unit: str) -> np.ndarr
 
 
 def group_codes(labels: Sequence, name: str = "within") -> np.ndarray:
-    """Codes 0..g-1 of each run's group label; refuse groups of a single run (no variation within them)."""
+    """Codes 0..g-1 of each run's group label; refuse missing labels and groups of a single run (no variation
+    within them)."""
+    missing = pd.isna(pd.Series(np.asarray(labels, dtype=object)))
+    if missing.any():
+        raise ValueError(f"{name}: runs {np.flatnonzero(missing).tolist()[:10]} (by position) have no group label; "
+                         "give every run one, or drop those runs.")
     names, codes, counts = np.unique(np.asarray(labels).astype(str), return_inverse=True, return_counts=True)
     if (counts < 2).any():
         raise ValueError(f"{name}: groups {names[counts < 2].tolist()} hold a single run; a partial "
@@ -392,6 +398,9 @@ def _prepare(
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a pandas DataFrame or an experiment directory, got {type(table).__name__}.")
     available = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_")]
+    repeated = sorted({f"acc_{s}" for s in available if available.count(s) > 1})
+    if repeated:
+        raise ValueError(f"the table has several columns named {repeated} (after a merge or concat?): keep one each.")
     if id not in available:
         raise ValueError(
             f"no ID accuracy column 'acc_{id}': expected columns acc_<split> with the ID split among them "
@@ -422,11 +431,13 @@ def _prepare(
                 f"unit='checkpoints' expects the checkpoints of one run, got {table['run_id'].nunique()} run ids: "
                 "select one run (table[table.run_id == ...]) first."
             )
+        if table["step"].isna().any():
+            raise ValueError("a checkpoint table's 'step' holds a missing value: every checkpoint needs its step.")
         if table["step"].duplicated().any():
             raise ValueError("duplicate steps in a checkpoint table: expected one row per checkpoint step.")
         order = np.argsort(table["step"].to_numpy(), kind="stable")
     table = table.iloc[order]
-    acc = _check_accuracies(table, [f"acc_{s}" for s in [id, *shifts]])
+    acc = check_accuracies(table, [f"acc_{s}" for s in [id, *shifts]])
     groups = _group_codes(table, within, unit)
 
     counts = {s: (n_items.get(s, DEFAULT_N_ITEMS) if isinstance(n_items, Mapping) else n_items) for s in [id, *shifts]}
@@ -442,6 +453,8 @@ def _prepare(
                     f"items[{split!r}] has shape {arr.shape}: expected (runs, items) with {len(order)} rows, in "
                     "the table's row order."
                 )
+            if not np.isin(arr, (0, 1)).all():
+                raise ValueError(f"items[{split!r}] must hold 0/1 (or bool) correctness, found other values (NaN?).")
             arr = arr[order].astype(float)
             gap = np.max(np.abs(arr.mean(axis=1) - table[f"acc_{split}"].to_numpy(dtype=float)))
             if gap > ITEM_MATCH_TOL:
@@ -544,7 +557,8 @@ def partial_correlations(
         0 and 1 finite at about half an item from the boundary.
         *spline* regresses probit shift accuracy on a cubic B-spline basis of probit ID accuracy
         (``sklearn.preprocessing.SplineTransformer``, ``spline_knots`` knots at ID quantiles, intercept column
-        dropped), i.e. k = spline_knots + 1 covariates besides the intercept; it contains the probit line and
+        dropped), i.e. k = spline_knots + 1 covariates besides the intercept (fewer where tied ID accuracies
+        leave the basis rank-deficient: the ``k`` column gives the rank used); it contains the probit line and
         bends where the data do. Every basis column counts as a covariate: dof = n - k - 2 for p and n - k - 3
         for the Fisher-z CI. (Probit axes rather than raw ones: on the raw scale, noise that is homoscedastic in
         probit space has a variance that moves with ID in the same way for every shift, which alone inflates
@@ -684,6 +698,8 @@ def centre_within(x: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray
     x = np.asarray(x, dtype=float)
     if groups is None:
         return x - x.mean(axis=-2, keepdims=True)
+    if pd.isna(groups).any():
+        raise ValueError("groups hold a missing label (NaN): every row needs its group; see group_codes")
     member = (np.asarray(groups)[:, None] == np.unique(groups)).astype(float)  # (n, g) indicators
     return x - member @ ((member.T @ x) / member.sum(axis=0)[:, None])
 
@@ -754,11 +770,16 @@ def generalisation_gap(table: pd.DataFrame, config_columns: Sequence[str] | None
     splits = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_")]
     if not splits:
         raise ValueError("generalisation_gap needs accuracy columns acc_<split>: none found in the table.")
+    metrics = ("acc_", "train_acc_", "val_acc_")
+    with np.errstate(invalid="ignore"):
+        outside = [c for c in table.columns if isinstance(c, str) and c.startswith(metrics)
+                   and (np.abs(table[c].to_numpy(dtype=float) - 0.5) > 0.5).any()]
+    if outside:
+        raise ValueError(f"accuracies out of range in {outside}: expected fractions in [0, 1] (not percentages).")
     run_id = table["run_id"].to_numpy() if "run_id" in table.columns else table.index.to_numpy()
     seeded = any(c in table.columns for c in SEED_COLUMNS)
     if seeded:
         if config_columns is None:
-            metrics = ("acc_", "train_acc_", "val_acc_")
             config_columns = [c for c in table.columns if not (isinstance(c, str) and c.startswith(metrics))
                               and c not in SEED_COLUMNS + _PER_RUN_COLUMNS]
         missing = [c for c in config_columns if c not in table.columns]

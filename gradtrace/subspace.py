@@ -24,6 +24,7 @@ from gradtrace import store
 QUANTITIES = ("update", "grad", "adam_m", "adam_update")
 STREAMING_METHODS = ("frequent_directions", "svd_compressed")
 IN_MEMORY_BYTES = 2 * 1024**3  # run_span reads trajectories up to this size into memory, streams larger ones
+ORTHONORMAL_TOL = 1e-4  # max |B Bᵀ − I| of a basis taken as orthonormal (float32 bases round to ~1e-6)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,11 @@ def projection_energy(vectors: np.ndarray, span: Span | np.ndarray) -> Projectio
     if vectors.shape[-1] != basis.shape[1]:
         raise ValueError(f"vectors have dimension {vectors.shape[-1]} but the span lives in dimension "
                          f"{basis.shape[1]}; both must come from the same sketch")
+    gram = basis.astype(np.float64) @ basis.T.astype(np.float64)
+    if not np.allclose(gram, np.eye(len(basis)), atol=ORTHONORMAL_TOL):
+        raise ValueError("the span's basis rows are not orthonormal (max |B Bᵀ − I| = "
+                         f"{np.abs(gram - np.eye(len(basis))).max():.2g}): pass a Span, or orthonormalise the rows "
+                         "first (e.g. np.linalg.qr(B.T)[0].T)")
     norm_sq = np.einsum("...d,...d->...", vectors, vectors)
     coords = vectors @ basis.T.astype(np.float64)
     inside = np.einsum("...r,...r->...", coords, coords)

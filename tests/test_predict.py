@@ -388,6 +388,24 @@ def test_score_bootstraps_in_bounded_batches_with_the_same_result(monkeypatch):
     assert np.isfinite(whole[["boot_ci_low", "boot_ci_high"]].to_numpy()).all()
 
 
+def test_score_refuses_what_it_cannot_score():
+    rng = np.random.default_rng(1)
+    names = ["a", "b", "c"]
+    acc = pd.DataFrame(rng.uniform(0.2, 0.8, (30, 4)), columns=[f"acc_{s}" for s in ["ID", *names]])
+    obs = np.corrcoef(rng.standard_normal((3, 10)))
+    pred, observed = pd.DataFrame(obs, index=names, columns=names), _observed_frame(obs, names)
+    with pytest.raises(ValueError, match="percentages"):  # gave NaN scores before
+        score(pred, observed, acc * 100, n_boot=10, n_perm=10)
+    with pytest.raises(ValueError, match="NaN accuracies"):  # a bootstrap over the resamples that missed the run
+        score(pred, observed, acc.assign(acc_a=acc["acc_a"].where(acc.index != 3)), n_boot=10, n_perm=10)
+    with pytest.raises(ValueError, match="no 'probit' ones"):  # a linear r beside a probit CI and ceiling
+        score(pred, observed.assign(residualize="linear"), acc, n_boot=10, n_perm=10)
+    for bad in (dict(n_boot=-1), dict(n_items=0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            score(pred, observed, acc, **bad)
+    assert np.isnan(noise_ceiling(acc.to_numpy()[:, :3], n_splits=20)).all()  # one pair: no reliability, no 0
+
+
 def test_relabel_p_small_for_signal_not_for_noise():
     rng = np.random.default_rng(0)
     S = 7

@@ -27,6 +27,7 @@ from gradtrace.stats import (
     _spline_basis,
     _t_pvalue,
     format_table,
+    centre_within,
     generalisation_gap,
     partial_correlations,
     runs_needed,
@@ -365,6 +366,7 @@ def test_too_few_runs_says_how_many_are_needed():
         (lambda d: d.drop(columns="acc_ID"), "no ID accuracy column 'acc_ID'"),
         (lambda d: d[["run_id", "acc_ID", "acc_s0"]], "at least two shifts"),
         (lambda d: d.assign(acc_s1=ndtr(0.3 + ndtri(d["acc_ID"]))), "exactly determined by ID"),
+        (lambda d: pd.concat([d, d[["acc_s0"]]], axis=1), "several columns named \\['acc_s0'\\]"),
     ],
 )
 def test_refusals(mutate, match):
@@ -382,12 +384,36 @@ def test_refusals(mutate, match):
         (dict(n_boot=-1), "n_boot"),
         (dict(block_length=3), "block_length only applies"),
         (dict(shifts=["s0", "nope"]), "\\['nope'\\]"),
+        (dict(seed=None), "seed=None"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(confidence="0.95"), "confidence='0.95'"),
     ],
 )
 def test_argument_refusals(kwargs, match):
     df = random_table(np.random.default_rng(14), n=20)
     with pytest.raises(ValueError, match=match):
         partial_correlations(df, **{**FAST, **kwargs})
+
+
+def test_missing_labels_steps_and_items_are_refused():
+    df = random_table(np.random.default_rng(15), n=20).assign(base=["x"] * 10 + [None] * 10)
+    with pytest.raises(ValueError, match="no group label"):
+        partial_correlations(df, within="base", **FAST)  # once pooled silently into a group called "None"
+    with pytest.raises(ValueError, match="missing label"):
+        centre_within(np.ones((4, 2)), np.array([0.0, 0.0, np.nan, np.nan]))  # all-NaN rows before
+    steps = df.drop(columns="base").assign(run_id="run0", step=[np.nan, *range(1, 20)])
+    with pytest.raises(ValueError, match="'step' holds a missing value"):
+        partial_correlations(steps, unit="checkpoints", **FAST)
+    items = {"s0": np.where(np.arange(20)[:, None] < 1, np.nan, 1.0) * np.ones((20, 4))}
+    with pytest.raises(ValueError, match="0/1"):
+        partial_correlations(df.drop(columns="base"), items=items, **FAST)
+
+
+def test_checkpoints_without_bootstrap():
+    df = random_table(np.random.default_rng(16), n=30).assign(run_id="run0", step=np.arange(30))
+    with pytest.warns(UserWarning, match="naive p-values"):
+        out = partial_correlations(df, unit="checkpoints", **FAST)  # the block bootstrap's indices failed to form
+    assert out["boot_ci_low"].isna().all() and out["r"].notna().all()
 
 
 # ------------------------------------------------------------------------------------------------ reliability
@@ -452,6 +478,8 @@ def test_generalisation_gap_bands_consistency_and_seeds():
     assert np.allclose(generalisation_gap(sweep)["seed_sd_pts"], gap["seed_sd_pts"])
     bare = generalisation_gap(df[["run_id", "acc_ID", "acc_len"]])
     assert list(bare.columns) == ["run_id", "split", "test_acc"] and len(bare) == 8
+    with pytest.raises(ValueError, match="out of range in \\['acc_ID', 'train_acc_ID'\\].*percentages"):
+        generalisation_gap(df.assign(acc_ID=100 * df["acc_ID"], train_acc_ID=100 * df["train_acc_ID"]))
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -136,6 +136,8 @@ def test_projection_energy_and_over_training(matrix):
         energy_over_training(np.zeros((5, 3, 2, inside.size)), span)
     with pytest.raises(ValueError, match="same sketch"):
         projection_energy(np.ones(7), span)
+    with pytest.raises(ValueError, match="not orthonormal"):  # shares of 1 for every vector before
+        projection_energy(np.stack([inside, outside]), np.random.default_rng(0).standard_normal((3, inside.size)))
 
 
 def test_principal_angles_known():
