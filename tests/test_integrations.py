@@ -204,6 +204,25 @@ def test_an_optimizer_holding_some_of_the_parameters_is_warned_about(tmp_path, t
                capture=CaptureConfig(sketch="identity", probe_every=0, quantities=["grad", "adam_m"]))
 
 
+def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):
+    """Gradual unfreezing after attach: the layout fixed at attach leaves the unfrozen tensors out, and says so."""
+    model = micro(task)
+    embedding = [p for n, p in model.named_parameters() if "embed_in" in n]
+    for p in embedding:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, opt, task, 2, rec)
+    for p in embedding:
+        p.requires_grad_(True)
+    with pytest.warns(UserWarning, match=f"{len(embedding)} parameter tensors were unfrozen after attach") as caught:
+        train_steps(model, opt, task, 4, rec, start=2)
+    assert sum("unfrozen" in str(w.message) for w in caught) == 1  # once, not every step
+    rec.close()
+
+
 def test_a_first_step_without_gradients_records_m_as_zero(tmp_path, task):
     """A step on which no parameter has a gradient yet (Adam creates no state): m is 0, not an optimizer without m."""
     model = micro(task)

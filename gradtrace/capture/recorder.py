@@ -113,6 +113,7 @@ class Recorder:
         self._skipped = False
         self.closed = False
         self._all_grads = True
+        self._unfrozen_warned = False
         P = self.layout.size
         self._numels = self.layout.numels
         self._flat = torch.empty(P, device=device)   # scratch: flat copies of g, m, v and probe gradients
@@ -172,6 +173,7 @@ class Recorder:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self._all_grads = all(p.grad is not None for p in self.params)  # Adam skips parameters without one
+        self._warn_if_unfrozen()
         row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"])}
         if "grad" in self.cfg.quantities:
             row["grad"], layer_grad = self.sketch.apply_with_norms(grads, scratch=self._flat)
@@ -220,6 +222,19 @@ class Recorder:
         self.step += 1
         if self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
             self._probe_once()
+
+    def _warn_if_unfrozen(self) -> None:
+        """Warn (once) when parameters frozen at attach have since been unfrozen: the layout, fixed at attach,
+        leaves them out of every recorded quantity."""
+        if self._unfrozen_warned:
+            return
+        trainable = sum(p.requires_grad for p in self.model.parameters())
+        if trainable > len(self.params):
+            self._unfrozen_warned = True
+            warnings.warn(f"{trainable - len(self.params)} parameter tensors were unfrozen after attach: the recorded "
+                          "layout, fixed when attach was called, leaves them out of grad, update and adam_m. To "
+                          "record them, unfreeze before attach or attach a new run when unfreezing",
+                          UserWarning, stacklevel=3)
 
     def _sketch_m(self, m: list[torch.Tensor], grad_sketch: torch.Tensor | None) -> torch.Tensor:
         """sketch(m_t): sketched directly, or, once known and while exact, as the EMA of the gradient sketches.
