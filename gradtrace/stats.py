@@ -45,6 +45,7 @@ __all__ = [
     "bootstrap_indices",
     "centre_within",
     "check_accuracies",
+    "check_resamples",
     "group_codes",
     "StatsReport",
     "format_table",
@@ -321,9 +322,18 @@ def _check_options(
     for name, value in (("alpha", alpha), ("confidence", confidence)):
         if not isinstance(value, (int, float, np.integer, np.floating)) or not 0 < value < 1:
             raise ValueError(f"{name}={value!r} is invalid: expected a number strictly between 0 and 1.")
+    check_resamples(n_boot, confidence)
     methods = RESIDUALIZATIONS if residualize == "all" else (residualize,)
     return _Options(methods, unit, int(n_boot), int(n_perm), int(seed), block_length, int(spline_knots), n_items,
                     int(n_splits), float(alpha), float(confidence))
+
+
+def check_resamples(n_boot: int, confidence: float) -> None:
+    """Refuse a bootstrap too small to place a percentile interval's ends (each tail needs a resample)."""
+    need = math.ceil(round(2 / (1 - confidence), 6))
+    if 0 < n_boot < need:
+        raise ValueError(f"n_boot={n_boot} resamples cannot place the ends of a {confidence:.0%} interval (each tail "
+                         f"needs one): give at least {need}, 1000 or more for stable ends, or 0 to skip it.")
 
 
 def check_accuracies(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:

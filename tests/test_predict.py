@@ -379,7 +379,8 @@ def test_score_bootstraps_in_bounded_batches_with_the_same_result(monkeypatch):
     pred = pd.DataFrame(obs + 0.1, index=names, columns=names)
     whole = score(pred, _observed_frame(obs, names), acc, n_boot=50, n_perm=10)
     batches = []
-    monkeypatch.setattr(predict, "probit_partials", lambda a, *rest: batches.append(a.shape) or probit_partials(a, *rest))
+    monkeypatch.setattr(predict, "probit_partials",
+                        lambda a, *rest: batches.append(a.shape) or probit_partials(a, *rest))
     monkeypatch.setattr(predict, "BOOT_CHUNK", 8)  # 50 resamples in 7 batches, not one array of all of them
     chunked = score(pred, _observed_frame(obs, names), acc, n_boot=50, n_perm=10)
     assert max(shape[0] for shape in batches if len(shape) == 3 and shape[1] == n) == 8
@@ -395,12 +396,12 @@ def test_score_refuses_what_it_cannot_score():
     obs = np.corrcoef(rng.standard_normal((3, 10)))
     pred, observed = pd.DataFrame(obs, index=names, columns=names), _observed_frame(obs, names)
     with pytest.raises(ValueError, match="percentages"):  # gave NaN scores before
-        score(pred, observed, acc * 100, n_boot=10, n_perm=10)
+        score(pred, observed, acc * 100, n_boot=40, n_perm=10)
     with pytest.raises(ValueError, match="NaN accuracies"):  # a bootstrap over the resamples that missed the run
-        score(pred, observed, acc.assign(acc_a=acc["acc_a"].where(acc.index != 3)), n_boot=10, n_perm=10)
+        score(pred, observed, acc.assign(acc_a=acc["acc_a"].where(acc.index != 3)), n_boot=40, n_perm=10)
     with pytest.raises(ValueError, match="no 'probit' ones"):  # a linear r beside a probit CI and ceiling
-        score(pred, observed.assign(residualize="linear"), acc, n_boot=10, n_perm=10)
-    for bad in (dict(n_boot=-1), dict(n_items=0)):
+        score(pred, observed.assign(residualize="linear"), acc, n_boot=40, n_perm=10)
+    for bad in (dict(n_boot=-1), dict(n_items=0), dict(n_boot=39)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
             score(pred, observed, acc, **bad)
     assert np.isnan(noise_ceiling(acc.to_numpy()[:, :3], n_splits=20)).all()  # one pair: no reliability, no 0

@@ -384,6 +384,8 @@ def test_refusals(mutate, match):
         (dict(n_boot=-1), "n_boot"),
         (dict(block_length=3), "block_length only applies"),
         (dict(shifts=["s0", "nope"]), "\\['nope'\\]"),
+        (dict(n_boot=1), "n_boot=1 resamples cannot place the ends of a 95% interval"),
+        (dict(n_boot=10, confidence=0.9), "give at least 20"),
         (dict(seed=None), "seed=None"),
         (dict(seed=-1), "seed=-1"),
         (dict(confidence="0.95"), "confidence='0.95'"),
