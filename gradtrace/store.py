@@ -412,8 +412,11 @@ def _write_hdf5(root: zarr.Group, out: Path) -> None:
             hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
             for name, arr in _arrays(g).items():
                 storage = arr.attrs.get("storage_dtype")
+                # HDF5 chunks as the store's (h5py's own guess, from the whole shape, cut a long trajectory's
+                # chunks into thin column strips that every written block re-compressed: 30 → 1 MB/s)
+                chunks = tuple(max(1, min(c, n)) for c, n in zip(arr.chunks, arr.shape)) if arr.size else None
                 ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
-                                       compression="gzip" if arr.size else None)
+                                       chunks=chunks, compression="gzip" if arr.size else None)
                 for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
                     ds[lo:lo + arr.chunks[0]] = decode(arr[lo:lo + arr.chunks[0]], storage)
                 if arr.metadata.dimension_names:

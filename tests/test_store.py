@@ -286,5 +286,6 @@ def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
     path = store.export_hdf5(tmp_path / "s.zarr", tmp_path / "out.h5")
     with h5py.File(path, "r") as h5:
         assert h5["r/x"].dtype == np.float32 and h5["r/empty"].shape == (0, 2)
+        assert h5["r/x"].chunks == (4, 3)  # the store's: each block written fills whole HDF5 chunks
         np.testing.assert_array_equal(h5["r/x"][:], store.read(root["r"], "x"))
         np.testing.assert_allclose(h5["r/x"][:], rows, rtol=1 / 128)
