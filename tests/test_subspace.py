@@ -199,6 +199,24 @@ def test_run_span_quantities_and_windows(run_group):
     assert run_span(group, "grad", rank=2).rank == 2  # bfloat16 storage decodes
 
 
+@pytest.mark.parametrize("method", ["frequent_directions", "svd_compressed"])
+def test_run_span_streams_from_the_store_as_the_full_svd(run_group, method, monkeypatch):
+    """Streamed spans (windowed, centred, −update/lr with a zero-lr step skipped) equal an SVD of the same rows; the
+    store is read a block at a time, with no dask graph over all its chunks (whose cost grew with their number)."""
+    import dask.array
+
+    group, X, lr = run_group
+    monkeypatch.setattr(store, "read_lazy", lambda *a: pytest.fail("a dask graph over the whole array"))
+    if method == "frequent_directions":
+        monkeypatch.setattr(dask.array, "from_zarr", lambda *a, **k: pytest.fail("a dask graph over the store"))
+    rows = -(X * lr[:, None])[:200] / np.where(lr[:200] > 0, lr[:200], 1)[:, None]
+    rows = rows[1:] - rows[1:].mean(axis=0)
+    _, s, Vt = np.linalg.svd(rows.astype(np.float64), full_matrices=False)
+    span = run_span(group, "adam_update", rank=3, steps=slice(0, 200), center=True, method=method)
+    np.testing.assert_allclose(span.singular_values, s[:3], rtol=1e-3)
+    assert np.max(principal_angles(span, Vt[:3])) < 0.05
+
+
 def test_run_span_errors(run_group):
     group, _, _ = run_group
     with pytest.raises(ValueError, match="unknown quantity"):
