@@ -304,6 +304,17 @@ def test_a_float64_models_update_is_formed_in_float64(tmp_path, task, sketch):
     np.testing.assert_allclose(store.read(run_group(tmp_path), "update"), expected.numpy(), rtol=1e-5, atol=1e-14)
 
 
+def test_a_model_cast_to_float64_after_attach_has_its_update_formed_in_float64(tmp_path, task):
+    model, opt, rec = attached_in(torch.float32, task, tmp_path, 2, lr=1e-7, sketch="identity")
+    model.double()  # after attach: the snapshot of θ must follow, or Δθ is θ's float32 rounding
+    train_steps(model, opt, task, 1, rec)  # θ now holds float64 values float32 cannot
+    before = flat_params(model)
+    train_steps(model, opt, task, 2, rec, start=1)
+    delta = flat_params(model) - before
+    rec.close()
+    np.testing.assert_allclose(store.read(run_group(tmp_path), "update")[1], delta, rtol=1e-5, atol=1e-14)
+
+
 def test_parameters_without_gradients_keep_the_sketched_moment_exact(tmp_path, task):
     """Adam skips a parameter whose .grad is None (its m is not decayed, or never created): sketch(m) still matches."""
     model = micro(task)
@@ -502,6 +513,79 @@ def test_hf_resume_after_steps_the_gradient_scaler_skipped(tmp_path, task):
     group = run_group(tmp_path, "hf")
     assert group.attrs["status"] == "complete" and group.attrs["trainer_steps"] == {"4": 2, "8": 6}
     assert group["step"][:].tolist() == list(range(6))  # each step taken recorded once, none skipped, no gap
+
+
+def test_hf_resume_after_a_kill_between_the_trainers_checkpoint_and_on_save(tmp_path, task):
+    """The rows are durable before the Trainer writes its checkpoint (and rotates the older ones away), so a kill
+    before on_save still resumes, each step recorded once."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class KillInOnSave(TrainerCallback):  # ahead of GradtraceCallback: its on_save never runs at step 4
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise _Killed
+
+    def run(kill: bool):
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=6,
+                                 learning_rate=3e-3, save_strategy="steps", save_steps=2, save_total_limit=1,
+                                 report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=8))
+        trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
+                          callbacks=[*([KillInOnSave()] if kill else []), callback])
+        trainer.train(resume_from_checkpoint=None if kill else True)
+        return trainer
+
+    with pytest.raises(_Killed):
+        run(kill=True)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["checkpoint-4"]
+    assert run_group(tmp_path, "hf").attrs["last_durable_step"] == 4
+    run(kill=False)
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(6))
+
+
+def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp_path, task):
+    from transformers import Trainer, TrainingArguments
+
+    probes = [Probe("ID", *task.probe_set("ID").torch())]
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4,
+                             learning_rate=3e-3, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                             save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                             greater_is_better=True, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0)  # best = the highest eval loss: step 2's checkpoint
+
+    class Final(GradtraceCallback):  # the parameters the last step left, before the Trainer loads its best
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == state.max_steps:
+                self.trained = flat_params(model)
+            super().on_step_end(args, state, control, **kwargs)
+
+    callback = Final(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=2), probes=probes)
+    trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), eval_dataset=hf_dataset(task, 8),
+                      callbacks=[callback])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    group = run_group(tmp_path, "hf")
+    assert group["probe/step"][:].tolist() == [0, 2, 4]
+    final = copy.deepcopy(trainer.model)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(callback.trained), final.parameters())
+    final.eval()
+    loss = answer_cross_entropy(final(input_ids=probes[0].tokens).logits, probes[0].tokens, probes[0].mask)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(final.parameters()))]).numpy()
+    np.testing.assert_allclose(group["probe/grad"][-1, 0, 0], expected, rtol=1e-4, atol=1e-7)  # probe_losses[0]: ce
+
+
+def test_hf_a_second_train_from_step_0_asks_for_another_run_id(tmp_path, task):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=2,
+                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
+                      callbacks=[GradtraceCallback(tmp_path, "hf", capture=IDENTITY)])
+    trainer.train()
+    with pytest.raises(FileExistsError, match="give GradtraceCallback another run_id"):
+        trainer.train()
 
 
 def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(tmp_path, task):

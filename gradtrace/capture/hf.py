@@ -8,10 +8,14 @@ accelerate; the Recorder hooks the optimizer inside) and closed, marking the run
 It records one row per optimizer step: with gradient accumulation, per sync step, after the Trainer's clipping.
 The training loss of each step is taken from the model's own `loss` output in training-mode forwards (summed
 over micro-batches when the Trainer normalises by the token count of the whole accumulated batch, else
-averaged), so it equals the loss the Trainer logs; where the Trainer computes the loss outside the model
-(`compute_loss_func`, label smoothing) the model returns none, and the stored loss is NaN (warned once). Only the
-main process writes; `on_save` makes the rows durable beside each Trainer checkpoint, and resuming from one reopens
-the run there. The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not
+averaged), so it equals the loss the Trainer logs on one process; under DDP it is the main process's share (the
+Trainer logs the mean over processes), and a `compute_loss` that runs the model twice per micro-batch (R-drop)
+counts both forwards. Where the Trainer computes the loss outside the model (`compute_loss_func`, label
+smoothing) the model returns none, and the stored loss is NaN (warned once). Only the main process writes; the
+rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
+reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there. The final
+probe is taken at the last step's parameters, before a Trainer with `load_best_model_at_end` loads its best
+checkpoint; a run stopped early that loads it takes none. The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not
 record (its `step` counts the optimizer steps taken), so `on_save` notes, in the run's `trainer_steps` attribute,
 how many steps were recorded at each checkpoint's global step, and a resume starts from that count.
 """
@@ -56,9 +60,14 @@ class GradtraceCallback(TrainerCallback):
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
         resume = state.global_step > 0
         start = self._recorded_at(state.global_step) if resume and state.is_world_process_zero else 0
-        self.recorder = attach(model, optimizer, self.out_dir, self.run_id, total_steps=state.max_steps,
-                               capture=self.capture, probes=self.probes, probe_losses=self.probe_losses, attrs=attrs,
-                               resume=resume, start_step=start, write=state.is_world_process_zero)
+        try:
+            self.recorder = attach(model, optimizer, self.out_dir, self.run_id, total_steps=state.max_steps,
+                                   capture=self.capture, probes=self.probes, probe_losses=self.probe_losses,
+                                   attrs=attrs, resume=resume, start_step=start, write=state.is_world_process_zero)
+        except FileExistsError:
+            raise FileExistsError(f"run {self.run_id!r} is already in {self.out_dir / 'store.zarr'}: this Trainer "
+                                  "trains from step 0 (a second train(), or no resume_from_checkpoint), so give "
+                                  "GradtraceCallback another run_id for it") from None
         if isinstance(self.recorder, RunRecorder):
             self._hook = model.register_forward_hook(self._note_loss, with_kwargs=True)
             self._scale = args.world_size if args.average_tokens_across_devices else 1
@@ -90,12 +99,38 @@ class GradtraceCallback(TrainerCallback):
                           "recorded as ever", UserWarning, stacklevel=2)
             self._warned_no_loss = True
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        """Before the Trainer saves a checkpoint, make the rows durable; at the last step, take the final probe
+        (before a Trainer with load_best_model_at_end loads another checkpoint)."""
+        self._durable_before_saving(state, control)
+        if isinstance(self.recorder, RunRecorder) and state.global_step >= state.max_steps:
+            self.recorder.probe_once()
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        """Before the Trainer saves an epoch's checkpoint, make the rows durable."""
+        self._durable_before_saving(state, control)
+
+    def _durable_before_saving(self, state: TrainerState, control: TrainerControl) -> None:
+        """Make every recorded row durable, noting how many steps they hold at this global step, when the Trainer
+        is about to save (its flow callback, which runs first, has set should_save): a kill while it saves then
+        finds the store past its checkpoint, never short of it."""
+        if control.should_save:
+            self._make_durable(state)
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Make every recorded row durable beside the Trainer's checkpoint, noting how many steps it holds."""
+        """Make every recorded row durable beside the Trainer's checkpoint (again: nothing new since the step's end
+        unless the Trainer saved outside its flow)."""
+        self._make_durable(state)
+
+    def _make_durable(self, state: TrainerState) -> None:
+        """Write every recorded row and mark it durable, noting how many steps it holds at this global step."""
         if isinstance(self.recorder, RunRecorder):
             self.recorder.checkpoint()
-            attrs = self.recorder.group.attrs
-            attrs["trainer_steps"] = {**attrs.get("trainer_steps", {}), str(state.global_step): self.recorder.step}
+            trainer_steps = {**self.recorder.group.attrs.get("trainer_steps", {}),
+                             str(state.global_step): self.recorder.step}
+            self.recorder.group.update_attributes({"trainer_steps": trainer_steps})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -103,6 +138,6 @@ class GradtraceCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.recorder is not None:
-            self.recorder.close()
+        if self.recorder is not None:  # a loaded best checkpoint is not the trained parameters: no probe of it
+            self.recorder.close(final_probe=not (args.load_best_model_at_end and state.best_model_checkpoint))
             self.recorder = None

@@ -118,9 +118,8 @@ class Recorder:
         P = self.layout.size
         self._numels = self.layout.numels
         self._flat = torch.empty(P, device=device)   # scratch: flat copies of g, m, v and probe gradients
-        wide = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        self._theta = torch.empty(P, device=device, dtype=wide)  # θ_t before the step (Δθ ≪ θ: in θ's precision)
-        self._theta_views = [v.view(s) for v, s in zip(self._theta.split(self._numels), self.layout.shapes)]
+        self._theta_for: torch.dtype | None = None  # the first parameter's dtype when _theta was made for them
+        self._theta = self._theta_views = None
         self._v_sample = VSample(self.layout, V_SAMPLE, V_QUANTILES, cfg.seed, device)
         self._lengths = torch.tensor(self._numels, device=device)
         declare_arrays(writer, cfg, self.k, len(self._numels), len(self.probes), len(self.probe_losses))
@@ -164,7 +163,7 @@ class Recorder:
         if self._skipped:
             return
         if self.step == 0:
-            self._probe_once()
+            self.probe_once()
         if self.step == self.total_steps and (self.probes or self.cfg.schedule == "log"):
             warnings.warn(f"optimizer step {self.step + 1} is past total_steps={self.total_steps}: periodic probes "
                           "stop there and a log schedule records no more rows; give attach the run's real number "
@@ -189,7 +188,17 @@ class Recorder:
         self._nonfinite += nonfinite
         self._row = {**row, "nonfinite": nonfinite, "layer_grad_norm": layer_grad, "grad_norm": grad_norm}
         if "update" in self.cfg.quantities:
+            if self.params[0].dtype != self._theta_for:  # first step, or the model was cast since
+                self._make_theta()
             torch._foreach_copy_(self._theta_views, self.params)
+
+    def _make_theta(self) -> None:
+        """The buffer for θ_t before the step, in θ's precision (Δθ ≪ θ: a float64 θ snapshotted in float32 would
+        leave only θ's rounding in θ_{t+1} − θ_t)."""
+        wide = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self._theta = torch.empty(self.layout.size, device=self._flat.device, dtype=wide)
+        self._theta_views = [v.view(s) for v, s in zip(self._theta.split(self._numels), self.layout.shapes)]
+        self._theta_for = self.params[0].dtype
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -222,7 +231,7 @@ class Recorder:
         self._loss_count, self._unclipped = 0, float("nan")
         self.step += 1
         if self.cfg.probe_every and self.step % self.cfg.probe_every == 0 and self.step < self.total_steps:
-            self._probe_once()
+            self.probe_once()
 
     def _warn_if_unfrozen(self) -> None:
         """Warn (once) when parameters frozen at attach have since been unfrozen: the layout, fixed at attach,
@@ -299,7 +308,7 @@ class Recorder:
                                      self._preconditioner(), self._flat, self.step))
         self._probed_at = self.step
 
-    def _probe_once(self) -> None:
+    def probe_once(self) -> None:
         """Probe, unless there are no probes or this step has its probe already (one row per step)."""
         if self.probes and self._probed_at != self.step:
             self.probe()
@@ -324,7 +333,7 @@ class Recorder:
         if self.closed:
             return
         if final_probe and self.step > 0:
-            self._probe_once()
+            self.probe_once()
         self.writer.flush()
         for h in self._hooks:
             h.remove()
