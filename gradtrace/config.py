@@ -46,6 +46,9 @@ class TaskConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1,
                                                 train_share=0, order_share=0), most=dict(train_share=1, order_share=1))
+        repeated = sorted({s for s in self.shifts if self.shifts.count(s) > 1})
+        if repeated:
+            raise ValueError(f"task.shifts lists {repeated} more than once: each split is one column of the results")
 
 
 @dataclass
@@ -295,8 +298,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if value.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"{key}: expected true/false, got {value!r}")
-        return bool(value)
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
     if hint in (int, float):
+        if isinstance(value, bool):  # YAML's true/false where a number belongs: a mistake, not 1/0
+            raise ValueError(f"{key}: expected a number, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -305,7 +312,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a whole number, got {value!r}")
         return number if hint is float else int(number)
     if hint is str:
-        return str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected text, got {value!r} (quote it if it is a name)")
+        return value
     return value
 
 

@@ -86,6 +86,20 @@ def test_a_bad_config_file_is_an_error_line_on_the_command_line(tmp_path, capsys
     assert err.startswith(f"gradtrace sweep: error: config {tmp_path / 'exp.yaml'}") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"sweep": {"runs": False}}, "sweep.runs: expected a number, got False"),  # was 0 runs
+    ({"train": {"lr": True}}, "train.lr: expected a number, got True"),  # was lr 1.0
+    ({"capture": {"enabled": 5}}, "capture.enabled: expected true/false, got 5"),
+    ({"task": {"digit_spaces": [1]}}, "task.digit_spaces: expected true/false"),
+    ({"task": {"shifts": ["length", 3]}}, "task.shifts: expected text, got 3"),
+    ({"task": {"shifts": ["length", "carry", "length"]}}, r"task.shifts lists \['length'\] more than once"),
+], ids=["bool-as-count", "bool-as-lr", "number-as-bool", "list-as-bool", "number-as-shift", "shift-twice"])
+def test_a_value_of_the_wrong_kind_is_refused_not_converted(data, message):
+    with pytest.raises(ValueError, match=message):
+        config.from_dict(data)
+    assert config.from_dict({"capture": {"enabled": 0}}).capture.enabled is False  # 0/1 still read as false/true
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_every_shipped_experiment_loads(path):
     assert config.load(path).sweep.vary
