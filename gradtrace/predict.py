@@ -315,6 +315,13 @@ class Predictor(ABC):
         """Compute the predicted matrix from reference-run data."""
         matrix = self._matrix(reference)
         self.matrix_ = pd.DataFrame(matrix, index=list(reference.shifts), columns=list(reference.shifts))
+        values = self.matrix_.to_numpy(dtype=float)
+        with np.errstate(invalid="ignore"):
+            gap = np.nanmax(np.abs(values - values.T), initial=0.0)
+        scale = max(1.0, np.nanmax(np.abs(values), initial=0.0))
+        if gap > 1e-9 * scale or (np.isnan(values) != np.isnan(values.T)).any():
+            raise ValueError(f"{self.name} gave a matrix that is not symmetric (max |M − Mᵀ| = {gap:.3g}): the partial "
+                             "correlation of (a, b) is that of (b, a), so only one triangle would be scored")
         used = self._runs_used(reference)
         self.runs_used_ = tuple(r.run_id for r in used)
         self.wall_time_s_ = float(sum(r.wall_time_s for r in used))
@@ -686,7 +693,12 @@ PREDICTORS: dict[str, type[Predictor]] = {c.name: c for c in (
     TagLookaheadPredictor, CovariancePredictor, CovarianceDominantPredictor, CovarianceBulkPredictor,
     PathIntegratedPredictor, MinisweepCovariancePredictor, TrajectoryLossPredictor, MinisweepLossPredictor,
     CheckpointAccuracyPredictor)}
-BASELINES: tuple[str, ...] = tuple(name for name, cls in PREDICTORS.items() if cls.baseline)
+
+
+def baselines() -> tuple[str, ...]:
+    """The registered predictors marked `baseline` (every `predict` runs them; scores group them apart), read when
+    asked, so that a predictor registered after import counts too."""
+    return tuple(name for name, cls in PREDICTORS.items() if cls.baseline)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -893,7 +905,7 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
                 low, high = np.nanpercentile(boot, [2.5, 97.5])
         pred_matrix = matrix.loc[obs.shifts, obs.shifts].to_numpy(float)
         p, n_rel = relabel_pvalue(pred_matrix, obs_matrix, n_perm, seed)
-        group = "preregistered" if name in preregistered else "baseline" if name in BASELINES else "exploratory"
+        group = "preregistered" if name in preregistered else "baseline" if name in baselines() else "exploratory"
         rows.append({
             "predictor": name, "preregistered": name in preregistered, "group": group, "spearman": rho,
             "pearson": float(_rowwise_corr(values, obs.r)) if not np.isnan(values).any() else float("nan"),
@@ -925,7 +937,7 @@ def _planned(names: Sequence[str] | None, preregistered: Sequence[str], explorat
     unknown = [n for n in chosen if n not in PREDICTORS]
     if unknown:
         raise ValueError(f"unknown predictor(s) {unknown}; available: {', '.join(PREDICTORS)}")
-    return list(dict.fromkeys([*[n for n in preregistered if n in chosen], *BASELINES,
+    return list(dict.fromkeys([*[n for n in preregistered if n in chosen], *baselines(),
                                *[n for n in chosen if n not in preregistered]]))
 
 
@@ -983,16 +995,20 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
             predictor = PREDICTORS[name]
             clips = "n_items" in inspect.signature(predictor).parameters  # probit of accuracies: the task's N
             prediction = (predictor(n_items=n_items) if clips else predictor()).fit(reference).predict()
-        except (ValueError, KeyError) as err:
-            warnings.warn(f"predictor {name!r} could not run: {err}", UserWarning, stacklevel=2)
+        except Exception as err:  # one predictor failing, however it fails, must not cost the others their scores
+            warnings.warn(f"predictor {name!r} could not run: {type(err).__name__}: {err}", UserWarning, stacklevel=2)
             errors[name], matrices[name], ratios[name] = str(err), nan_matrix, float("nan")
             continue
         matrices[name] = prediction.matrix
         ratios[name] = prediction.wall_time_s / sweep_time if sweep_time > 0 else float("nan")
-        if not np.isfinite(prediction.matrix.to_numpy()[~np.eye(len(prediction.matrix), dtype=bool)]).any():
-            bad = [r.run_id for r in reference.runs if r.nonfinite_steps]
-            errors[name] = "gave no finite prediction" + (f": reference runs {bad} recorded non-finite gradients"
-                                                          if bad else "")
+        finite = np.isfinite(prediction.matrix.loc[shifts, shifts].to_numpy(dtype=float))  # the pairs scored
+        pairs = [(a, b) for i, a in enumerate(shifts) for j, b in enumerate(shifts) if i < j and not finite[i, j]]
+        bad = [r.run_id for r in reference.runs if r.nonfinite_steps]
+        why = f": reference runs {bad} recorded non-finite gradients" if bad else ""
+        if pairs and len(pairs) == len(finite) * (len(finite) - 1) // 2:
+            errors[name] = "gave no finite prediction" + why
+        elif pairs:
+            errors[name] = f"gave no finite prediction for {len(pairs)} pair(s), e.g. {pairs[0][0]}~{pairs[0][1]}{why}"
     scores = score(matrices, observed, sweep, id=reference.id_split, preregistered=preregistered,
                    compute_ratio=ratios, n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, n_items=n_items,
                    within=within)

@@ -12,7 +12,7 @@ import zarr
 from scipy.special import ndtr
 
 from gradtrace import config, store
-from gradtrace.predict import (BASELINES, PREDICTORS, format_scores, load_reference, noise_ceiling,
+from gradtrace.predict import (PREDICTORS, baselines, format_scores, load_reference, noise_ceiling,
                                partial_from_covariance, probit_partials, relabel_pvalue, run_predict, score,
                                sign_accuracy, spearman)
 
@@ -239,7 +239,7 @@ def test_covariance_recovers_planted_partials(planted):
 
 def test_every_single_run_predictor_gives_a_symmetric_matrix(planted):
     ref = load_reference(planted.exp_dir)
-    for name in [*BASELINES, "path_integrated", "trajectory_loss", "checkpoint_accuracy"]:
+    for name in [*baselines(), "path_integrated", "trajectory_loss", "checkpoint_accuracy"]:
         M = PREDICTORS[name]().fit(ref).predict().matrix.to_numpy()
         assert M.shape == (len(SHIFTS), len(SHIFTS)), name
         assert np.all(np.isnan(np.diag(M))), name
@@ -438,7 +438,7 @@ def test_run_predict_on_planted_experiment(planted):
     result = run_predict(planted.exp_dir, n_boot=200, n_splits=50)
     s = result.scores.set_index("predictor")
     assert list(result.scores["group"].iloc[:1]) == ["preregistered"]
-    assert set(BASELINES) | {"path_integrated"} <= set(s.index)
+    assert set(baselines()) | {"path_integrated"} <= set(s.index)
     assert bool(s.loc["covariance", "preregistered"]) and not bool(s.loc["path_integrated", "preregistered"])
     assert s.loc["covariance", "spearman"] >= 0.9
     assert s.loc["covariance", "p_relabel"] <= 0.01 and s.loc["covariance", "n_relabel"] == 720
@@ -491,6 +491,41 @@ def test_predictors_that_meet_non_finite_values_say_so(tmp_path):
     assert "ref-000" in notes["covariance"] and "NaN or Inf" in notes["covariance"]
     assert notes["path_integrated"] == ("gave no finite prediction: reference runs ['ref-000'] recorded non-finite "
                                         "gradients")
+
+
+def test_a_registered_predictor_that_fails_or_misbehaves_is_noted_not_fatal(planted, monkeypatch):
+    """Predictors added to the registry: one raising any error, one asymmetric (scored on one triangle before),
+    one with NaN pairs (all-NaN scores and no note before), one marked baseline after import."""
+    from gradtrace.predict import ZeroPredictor
+
+    def predictor(name, matrix=None, error=None, baseline=False):
+        def _matrix(self, reference):
+            if error:
+                raise error
+            return matrix(len(reference.shifts))
+        return type(name, (ZeroPredictor,), {"name": name, "baseline": baseline, "_matrix": _matrix})
+
+    def lopsided(S):
+        m = np.triu(np.ones((S, S)), 1) - np.tril(np.ones((S, S)), -1)
+        np.fill_diagonal(m, np.nan)
+        return m
+
+    def holed(S):
+        m = np.full((S, S), 0.3)
+        m[0, 1] = m[1, 0] = np.nan
+        np.fill_diagonal(m, np.nan)
+        return m
+
+    for cls in (predictor("crashing", error=IndexError("list index out of range")), predictor("lopsided", lopsided),
+                predictor("holed", holed), predictor("flat", lambda S: np.zeros((S, S)), baseline=True)):
+        monkeypatch.setitem(PREDICTORS, cls.name, cls)
+    with pytest.warns(UserWarning, match="could not run"):
+        result = run_predict(planted.exp_dir, predictors=["crashing", "lopsided", "holed"], n_boot=0, n_splits=10)
+    rows = result.scores.set_index("predictor")
+    assert rows.loc["crashing", "note"] == "list index out of range" and np.isnan(rows.loc["crashing", "spearman"])
+    assert "not symmetric" in rows.loc["lopsided", "note"] and np.isnan(rows.loc["lopsided", "spearman"])
+    assert rows.loc["holed", "note"].startswith("gave no finite prediction for 1 pair(s), e.g. s1~s2")
+    assert rows.loc["flat", "group"] == "baseline"  # run with every predict, as the built-in baselines are
 
 
 def test_run_predict_reports_predictors_that_cannot_run(planted):
