@@ -932,11 +932,16 @@ class PredictResult:
     errors: dict[str, str] = field(default_factory=dict)  # predictor -> why it could not run
 
 
-def _planned(names: Sequence[str] | None, preregistered: Sequence[str], exploratory: Sequence[str]) -> list[str]:
-    chosen = list(names) if names is not None else [*preregistered, *exploratory]
-    unknown = [n for n in chosen if n not in PREDICTORS]
+def check_names(names: Sequence[str]) -> None:
+    """Refuse names no registered predictor has (a sweep checks its config's before any run trains)."""
+    unknown = [n for n in names if n not in PREDICTORS]
     if unknown:
         raise ValueError(f"unknown predictor(s) {unknown}; available: {', '.join(PREDICTORS)}")
+
+
+def _planned(names: Sequence[str] | None, preregistered: Sequence[str], exploratory: Sequence[str]) -> list[str]:
+    chosen = list(names) if names is not None else [*preregistered, *exploratory]
+    check_names(chosen)
     return list(dict.fromkeys([*[n for n in preregistered if n in chosen], *baselines(),
                                *[n for n in chosen if n not in preregistered]]))
 

@@ -265,12 +265,15 @@ def _cluster(scheduler: str | None):
 def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
     from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
+    from gradtrace import predict
     from gradtrace.models import check_model
-    from gradtrace.tasks import ArithmeticTask
+    from gradtrace.tasks import ArithmeticTask, probe_loss_functions
 
     runs = plan(cfg)
     ArithmeticTask(cfg.task)  # refuse unknown shifts, or splits too long for max_digits, before the plan is written
     check_model(cfg.model)  # and an unknown model name, which each run would otherwise meet in turn
+    probe_loss_functions(cfg.capture.probe_losses)  # and names the reference runs or `predict` would fail on
+    predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}

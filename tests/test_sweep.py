@@ -537,8 +537,14 @@ def test_a_cluster_gets_the_configs_relative_paths_made_absolute(tmp_path, monke
     assert sweep._for_cluster(tiny_config().to_dict())["model"]["init_from"] is None
 
 
-def test_an_unknown_model_is_refused_before_any_run_and_leaves_the_directory_open(tmp_path):
-    with pytest.raises(ValueError, match="model 'micr0' is neither embedded"):
-        run_sweep(tiny_config(model__name="micr0", sweep__runs=1, sweep__reference_runs=0), tmp_path, progress=False)
+@pytest.mark.parametrize("override, message", [
+    (dict(model__name="micr0"), "model 'micr0' is neither embedded"),
+    (dict(predict__exploratory=["covarianse"]), r"unknown predictor\(s\) \['covarianse'\]"),  # after the sweep, before
+    (dict(capture__probe_losses=["ce", "hinge"]), r"unknown capture.probe_losses \['hinge'\]"),  # the reference run
+], ids=["model", "predictor", "probe-loss"])
+def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run_sweep(tiny_config(sweep__runs=1, sweep__reference_runs=0, **override), tmp_path, progress=False)
+    assert not (tmp_path / "store.zarr").exists()
     fixed = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2, sweep__workers=1)
     assert sorted(run_sweep(fixed, tmp_path, progress=False).run_id) == ["run-000"]  # nothing trained: not locked
