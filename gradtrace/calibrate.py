@@ -80,7 +80,7 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
         reliability = float(rel.get(s, np.nan)) if len(rel) else np.nan
         reasons = []
         if not MEAN_RANGE[0] <= acc.mean() <= MEAN_RANGE[1]:
-            reasons.append(f"mean {acc.mean():.0%}")
+            reasons.append(f"mean {acc.mean():.1%}")  # 90.2% must not read as 90%
         if not std >= MIN_STD:
             reasons.append(f"std {std:.1%}")
         if not reliability >= MIN_RELIABILITY:
@@ -104,6 +104,9 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
                 return Calibration(frame, pairs, bases, f"no pairs assessed: {err}")
         pairs = pd.DataFrame({"a": pc.a, "b": pc.b, "partial_r": pc.r, "ci_low": pc.ci_low, "ci_high": pc.ci_high,
                               "same_axis": pc.r.abs() > SAME_AXIS})
+    elif len(varying) >= 2:  # a pair's partial correlation given ID needs n ≥ 5: saying "none" would claim it checked
+        return Calibration(frame, pairs, bases, f"no pairs assessed: {len(table)} runs, and a partial correlation "
+                                                "given ID needs at least 5")
     return Calibration(frame, pairs, bases)
 
 

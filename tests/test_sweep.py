@@ -365,9 +365,10 @@ def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, caps
 
 
 def test_a_pilot_too_small_for_partial_correlations_still_reports():
-    table = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7], "acc_length": [0.1, 0.2, 0.3], "acc_carry": [0.3, 0.2, 0.4]})
-    report = assess(table, {}).format()  # 3 runs: no pairs assessed
-    assert report.endswith("pairs on one axis (|partial r| > 0.8): none")
+    table = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7], "acc_length": [0.1, 0.2, 0.3], "acc_carry": [0.88, 0.91, 0.917]})
+    report = assess(table, {}).format()  # 3 runs: no pairs assessed (it said "none", as if it had looked)
+    assert report.endswith("no pairs assessed: 3 runs, and a partial correlation given ID needs at least 5")
+    assert "not usable (mean 90.2%" in report  # not "mean 90%", which reads as inside 10–90%
     from scipy.special import ndtr, ndtri
 
     id_acc = np.array([0.5, 0.55, 0.6, 0.7, 0.75, 0.8])
