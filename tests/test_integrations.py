@@ -439,13 +439,20 @@ def hf_dataset(task, n=32):
     return [{"input_ids": t, "labels": y} for t, y in zip(tokens, labels)]
 
 
-def hf_train(task, out_dir, callback=None, accumulation=1, steps=4):
-    from transformers import Trainer, TrainingArguments
+def hf_args(out_dir, **settings):
+    """TrainingArguments of a small CPU Trainer run in out_dir/hf, with `settings` besides."""
+    from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out_dir / "hf"), per_device_train_batch_size=4, max_steps=steps,
-                             gradient_accumulation_steps=accumulation, learning_rate=3e-3, weight_decay=0.1,
-                             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-                             disable_tqdm=True, dataloader_num_workers=0)
+    return TrainingArguments(**{"output_dir": str(out_dir / "hf"), "per_device_train_batch_size": 4,
+                                "report_to": "none", "use_cpu": True, "seed": 0, "disable_tqdm": True,
+                                "dataloader_num_workers": 0, **settings})
+
+
+def hf_train(task, out_dir, callback=None, accumulation=1, steps=4):
+    from transformers import Trainer
+
+    args = hf_args(out_dir, max_steps=steps, gradient_accumulation_steps=accumulation, learning_rate=3e-3,
+                   weight_decay=0.1, logging_steps=1, save_strategy="no")
     model = micro(task)
     initial = flat_params(model)
     trainer = Trainer(model=model, args=args, train_dataset=hf_dataset(task),
@@ -483,26 +490,30 @@ class _Killed(Exception):
     """Stands in for a kill mid-run."""
 
 
+def kill_at(event: str, global_step: int):
+    """A TrainerCallback raising _Killed in `event` (e.g. on_save) at `global_step`."""
+    from transformers import TrainerCallback
+
+    def handler(self, args, state, control, **kwargs):
+        if state.global_step == global_step:
+            raise _Killed
+    return type("Kill", (TrainerCallback,), {event: handler})()
+
+
 def test_hf_resume_after_steps_the_gradient_scaler_skipped(tmp_path, task):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     class Overflow(TrainerCallback):  # an fp16 overflow in the backward of the Trainer's steps 1 and 2
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             if state.global_step in (1, 2):
                 next(model.parameters()).grad[0, 0] = float("inf")
 
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 6:
-                raise _Killed
-
     def run(resume: bool):
-        args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=8,
-                                 learning_rate=3e-3, save_strategy="steps", save_steps=4, logging_steps=1,
-                                 report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        args = hf_args(tmp_path, max_steps=8, learning_rate=3e-3, save_strategy="steps", save_steps=4,
+                       logging_steps=1)
         callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=2))
         trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
-                          callbacks=[callback, Overflow(), *([] if resume else [Kill()])])
+                          callbacks=[callback, Overflow(), *([] if resume else [kill_at("on_step_end", 6)])])
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # as accelerate's for fp16 on a GPU
         trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4") if resume else None)
 
@@ -518,20 +529,14 @@ def test_hf_resume_after_steps_the_gradient_scaler_skipped(tmp_path, task):
 def test_hf_resume_after_a_kill_between_the_trainers_checkpoint_and_on_save(tmp_path, task):
     """The rows are durable before the Trainer writes its checkpoint (and rotates the older ones away), so a kill
     before on_save still resumes, each step recorded once."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    class KillInOnSave(TrainerCallback):  # ahead of GradtraceCallback: its on_save never runs at step 4
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                raise _Killed
+    from transformers import Trainer
 
     def run(kill: bool):
-        args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=6,
-                                 learning_rate=3e-3, save_strategy="steps", save_steps=2, save_total_limit=1,
-                                 report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        args = hf_args(tmp_path, max_steps=6, learning_rate=3e-3, save_strategy="steps", save_steps=2,
+                       save_total_limit=1)
         callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=8))
         trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
-                          callbacks=[*([KillInOnSave()] if kill else []), callback])
+                          callbacks=[*([kill_at("on_save", 4)] if kill else []), callback])  # ahead of ours
         trainer.train(resume_from_checkpoint=None if kill else True)
         return trainer
 
@@ -545,14 +550,12 @@ def test_hf_resume_after_a_kill_between_the_trainers_checkpoint_and_on_save(tmp_
 
 
 def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp_path, task):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     probes = [Probe("ID", *task.probe_set("ID").torch())]
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4,
-                             learning_rate=3e-3, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-                             save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
-                             greater_is_better=True, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                             dataloader_num_workers=0)  # best = the highest eval loss: step 2's checkpoint
+    args = hf_args(tmp_path, max_steps=4, learning_rate=3e-3, eval_strategy="steps", eval_steps=2,
+                   save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                   greater_is_better=True)  # best = the highest eval loss: step 2's checkpoint
 
     class Final(GradtraceCallback):  # the parameters the last step left, before the Trainer loads its best
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -577,10 +580,9 @@ def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp
 
 
 def test_hf_a_second_train_from_step_0_asks_for_another_run_id(tmp_path, task):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=2,
-                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    args = hf_args(tmp_path, max_steps=2, save_strategy="no")
     trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
                       callbacks=[GradtraceCallback(tmp_path, "hf", capture=IDENTITY)])
     trainer.train()
@@ -589,13 +591,12 @@ def test_hf_a_second_train_from_step_0_asks_for_another_run_id(tmp_path, task):
 
 
 def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(tmp_path, task):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     def loss_func(outputs, labels, num_items_in_batch=None):  # the Trainer pops the labels: the model has no loss
         return torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=2,
-                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    args = hf_args(tmp_path, max_steps=2, save_strategy="no")
     trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), compute_loss_func=loss_func,
                       callbacks=[GradtraceCallback(tmp_path, "hf", capture=IDENTITY)])
     with pytest.warns(UserWarning, match="the model returned no loss"):
