@@ -15,9 +15,10 @@ smoothing) the model returns none, and the stored loss is NaN (warned once). Onl
 rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
 reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there. The final
 probe is taken at the last step's parameters, before a Trainer with `load_best_model_at_end` loads its best
-checkpoint; a run stopped early that loads it takes none. The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not
-record (its `step` counts the optimizer steps taken), so `on_save` notes, in the run's `trainer_steps` attribute,
-how many steps were recorded at each checkpoint's global step, and a resume starts from that count.
+checkpoint; a run stopped early that loads it takes none. The Trainer's `global_step` counts the steps a
+GradScaler skipped, which the Recorder does not record (its `step` counts the optimizer steps taken), so each
+checkpoint notes, in the run's `trainer_steps` attribute, how many steps were recorded at its global step, and a
+resume starts from that count.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class GradtraceCallback(TrainerCallback):
         self._scale = 1  # the Trainer's factor on such losses when it averages tokens across processes
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._warned_no_loss = False
+        self._durable_at: int | None = None  # the global step whose rows were last made durable
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -58,6 +60,7 @@ class GradtraceCallback(TrainerCallback):
             raise ValueError("GradtraceCallback needs the model and optimizer in on_train_begin; this transformers "
                              "version passes neither. Use transformers>=4.46 or gradtrace.capture.attach directly.")
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
+        self._durable_at = None
         resume = state.global_step > 0
         start = self._recorded_at(state.global_step) if resume and state.is_world_process_zero else 0
         try:
@@ -101,11 +104,11 @@ class GradtraceCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        """Before the Trainer saves a checkpoint, make the rows durable; at the last step, take the final probe
-        (before a Trainer with load_best_model_at_end loads another checkpoint)."""
-        self._durable_before_saving(state, control)
+        """At the last step, take the final probe (before a Trainer with load_best_model_at_end loads another
+        checkpoint); before the Trainer saves a checkpoint, make the rows durable."""
         if isinstance(self.recorder, RunRecorder) and state.global_step >= state.max_steps:
             self.recorder.probe_once()
+        self._durable_before_saving(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -120,13 +123,15 @@ class GradtraceCallback(TrainerCallback):
             self._make_durable(state)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Make every recorded row durable beside the Trainer's checkpoint (again: nothing new since the step's end
-        unless the Trainer saved outside its flow)."""
+        """Make every recorded row durable beside the Trainer's checkpoint (done already at the step's end unless a
+        later callback asked for this save)."""
         self._make_durable(state)
 
     def _make_durable(self, state: TrainerState) -> None:
-        """Write every recorded row and mark it durable, noting how many steps it holds at this global step."""
-        if isinstance(self.recorder, RunRecorder):
+        """Write every recorded row and mark it durable, noting how many steps it holds at this global step (once
+        per global step)."""
+        if isinstance(self.recorder, RunRecorder) and self._durable_at != state.global_step:
+            self._durable_at = state.global_step
             self.recorder.checkpoint()
             trainer_steps = {**self.recorder.group.attrs.get("trainer_steps", {}),
                              str(state.global_step): self.recorder.step}
