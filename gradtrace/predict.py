@@ -38,8 +38,8 @@ from scipy.stats import rankdata
 from gradtrace import store
 from gradtrace.capture.sketch import check_compatible
 from gradtrace.results import started_from
-from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_resamples, group_codes,
-                             partial_correlations, varying_shifts)
+from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
+                             group_codes, partial_correlations, varying_shifts)
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
@@ -867,10 +867,7 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
     """
     if isinstance(predicted, pd.DataFrame):
         predicted = {"predicted": predicted}
-    for name, value, low in (("n_boot", n_boot, 0), ("n_splits", n_splits, 1), ("n_perm", n_perm, 0),
-                             ("n_items", n_items, 1)):
-        if not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
+    check_counts(n_boot=(n_boot, 0), n_splits=(n_splits, 1), n_perm=(n_perm, 0), n_items=(n_items, 1))
     check_resamples(n_boot, 0.95)
     obs = _observed_pairs(observed)
     sig = obs.significant

@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,7 @@ __all__ = [
     "bootstrap_indices",
     "centre_within",
     "check_accuracies",
+    "check_counts",
     "check_resamples",
     "group_codes",
     "StatsReport",
@@ -308,10 +309,8 @@ def _check_options(
             f"unit={unit!r} is not supported: expected 'runs' (independent runs) or 'checkpoints' "
             "(rows are checkpoints of one run, with a 'step' column)."
         )
-    for name, value, low in (("n_boot", n_boot, 0), ("n_perm", n_perm, 0), ("spline_knots", spline_knots, 2),
-                             ("n_splits", n_splits, 1), ("seed", seed, 0)):
-        if not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
+    check_counts(n_boot=(n_boot, 0), n_perm=(n_perm, 0), spline_knots=(spline_knots, 2), n_splits=(n_splits, 1),
+                 seed=(seed, 0))
     if block_length is not None and (not isinstance(block_length, (int, np.integer)) or block_length < 1):
         raise ValueError(f"block_length={block_length!r} is invalid: expected None (n^(1/3)) or an integer >= 1.")
     if unit == "runs" and block_length is not None:
@@ -326,6 +325,13 @@ def _check_options(
     methods = RESIDUALIZATIONS if residualize == "all" else (residualize,)
     return _Options(methods, unit, int(n_boot), int(n_perm), int(seed), block_length, int(spline_knots), n_items,
                     int(n_splits), float(alpha), float(confidence))
+
+
+def check_counts(**counts: tuple[Any, int]) -> None:
+    """Refuse options that must be whole numbers of at least some size: name=(value, least)."""
+    for name, (value, low) in counts.items():
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
 
 
 def check_resamples(n_boot: int, confidence: float) -> None:
@@ -725,8 +731,7 @@ def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100,
     reliability, reliability_sd`` (sd of the Spearman-Brown value over halvings: the halving noise, not a
     sampling error). Warns for every split whose reliability is below 0.9.
     """
-    if not isinstance(n_splits, (int, np.integer)) or n_splits < 1:
-        raise ValueError(f"n_splits={n_splits!r} is invalid: expected an integer >= 1.")
+    check_counts(n_splits=(n_splits, 1))
     rows = []
     for split, arr in items.items():
         arr = np.asarray(arr)
@@ -781,9 +786,9 @@ def generalisation_gap(table: pd.DataFrame, config_columns: Sequence[str] | None
     if not splits:
         raise ValueError("generalisation_gap needs accuracy columns acc_<split>: none found in the table.")
     metrics = ("acc_", "train_acc_", "val_acc_")
-    with np.errstate(invalid="ignore"):
-        outside = [c for c in table.columns if isinstance(c, str) and c.startswith(metrics)
-                   and (np.abs(table[c].to_numpy(dtype=float) - 0.5) > 0.5).any()]
+    columns = [c for c in table.columns if isinstance(c, str) and c.startswith(metrics)]
+    values = table[columns].to_numpy(dtype=float)  # NaN is allowed here: a run without that accuracy
+    outside = [c for c, bad in zip(columns, ((values < 0) | (values > 1)).any(axis=0)) if bad]
     if outside:
         raise ValueError(f"accuracies out of range in {outside}: expected fractions in [0, 1] (not percentages).")
     run_id = table["run_id"].to_numpy() if "run_id" in table.columns else table.index.to_numpy()
