@@ -9,6 +9,7 @@ happen in the bulk (Gur-Ari et al. 2018; Song, Ahn & Yun 2024), so energies are 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -397,6 +398,6 @@ def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps:
         method = "randomized" if matrix.nbytes <= IN_MEMORY_BYTES else "frequent_directions"
     if method in STREAMING_METHODS:
         if center:  # one pass for the mean, then stream the centred rows
-            matrix = _StoredRows(matrix.array, matrix.rows, matrix.lr, matrix.mean())
+            matrix = dataclasses.replace(matrix, shift=matrix.mean())
         return top_span_streaming(matrix, rank, method=method, seed=seed)
     return top_span(matrix[:], rank, method=method, seed=seed, center=center)
