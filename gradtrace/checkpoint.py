@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gradtrace.store import sync_to_disk
+
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Model parameters as safetensors (names from `named_parameters`), written whole or not at all, and synced:
@@ -16,20 +18,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(tmp))
-    _sync(tmp)
+    sync_to_disk(tmp)
     os.replace(tmp, path)
-    _sync(path.parent)
-
-
-def _sync(*paths: Path) -> None:
-    """Flush files (or a folder's entries) to the disk: a rename is durable only once what it names is, so a power
-    loss cannot leave a checkpoint that exists but is empty."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    sync_to_disk(path.parent)
 
 
 def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -53,13 +44,13 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) 
     tmp.mkdir(parents=True)
     save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta))
-    _sync(tmp / "state.safetensors", tmp / "state.json", tmp)
+    sync_to_disk(tmp / "state.safetensors", tmp / "state.json", tmp)
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)  # left by a kill after the last save's rename: `directory` is newer
         os.replace(directory, old)
     os.replace(tmp, directory)
-    _sync(directory.parent)
+    sync_to_disk(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

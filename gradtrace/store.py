@@ -29,6 +29,29 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def sync_to_disk(*paths: Path) -> None:
+    """Flush files (or a folder's entries) to the disk: what the operating system still holds in memory is lost to a
+    power cut or a node's crash (a killed process loses nothing of it)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _local_path(node: zarr.Group | zarr.Array) -> Path | None:
+    """The folder of a group or array in a store on the local file system; None in any other store."""
+    return Path(node.store.root, node.path) if isinstance(node.store, zarr.storage.LocalStore) else None
+
+
+def _update_attributes_synced(group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """`group.update_attributes`, synced to the disk in a local store."""
+    group.update_attributes(attrs)
+    if (folder := _local_path(group)) is not None:
+        sync_to_disk(folder / "zarr.json")
+
+
 def encode(rows: np.ndarray, storage: str) -> np.ndarray:
     """Cast float32 rows to the storage dtype (bfloat16 kept as its uint16 bit pattern, rounded to nearest)."""
     if storage != BF16:
@@ -74,14 +97,15 @@ class RunWriter:
     `declare` creates an array with a leading `step` axis; `append` buffers one row of several arrays (numpy
     values, or torch tensors on any device: those stay where they are until their chunk is stacked and copied to
     the host in one transfer, so a GPU run synchronises once per chunk, not once per step); full chunks are
-    written (by a background thread with a bounded queue when `thread=True`); `checkpoint` writes every buffered
-    row and records the last durable step.
+    written (by a background thread with a bounded queue when `thread=True`); `flush` writes every buffered row
+    and syncs what was written to the disk (in a local store); `checkpoint` then records the last durable step.
     """
 
     def __init__(self, group: zarr.Group, chunk: int = 256, thread: bool = False, queue_size: int = 4) -> None:
         self.group, self.chunk = group, chunk
         self._buffers: dict[str, list] = {}
         self._written: dict[str, int] = {}
+        self._unsynced: set[Path] = set()  # files and folders written since the last flush (local stores)
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
         if thread:
@@ -140,6 +164,25 @@ class RunWriter:
             if arr.shape[0] < stop:
                 arr.resize((stop, *arr.shape[1:]))
             arr[start:stop] = encode(rows, arr.attrs.get("storage_dtype", str(arr.dtype)))
+            self._note_written(arr, start, stop)
+
+    def _note_written(self, arr: zarr.Array, start: int, stop: int) -> None:
+        """Remember the files rows start..stop went to: their chunks, the metadata of the array and its groups, and
+        the folders holding them."""
+        folder = _local_path(arr)
+        if folder is None:
+            return
+        root = Path(arr.store.root)
+        nodes = [folder, *itertools.takewhile(lambda p: p != root, folder.parents)]  # the array, its groups
+        self._unsynced.update(p / "zarr.json" for p in nodes)
+        for index in range(start // arr.chunks[0], (stop - 1) // arr.chunks[0] + 1):
+            path = folder / arr.metadata.chunk_key_encoding.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
+            self._unsynced.update([path, *itertools.takewhile(lambda p: p != root, path.parents)])
+
+    def _sync(self) -> None:
+        """Sync the files written since the last call (a chunk equal to the fill value is not written at all)."""
+        paths, self._unsynced = self._unsynced, set()
+        sync_to_disk(*(p for p in sorted(paths, key=lambda p: -len(p.parts)) if p.exists()))
 
     def _drain(self) -> None:
         while True:
@@ -159,18 +202,19 @@ class RunWriter:
             raise RuntimeError(f"the store writer failed: {self._error}") from self._error
 
     def flush(self) -> None:
-        """Write every buffered row (partial chunks too) and wait until it is on disk."""
+        """Write every buffered row (partial chunks too) and wait until it is on disk, synced."""
         pending = [name for name, buf in self._buffers.items() if buf]
         if pending:
             self._submit(pending)
         if self._queue is not None:
             self._queue.join()
         self._raise()
+        self._sync()
 
     def checkpoint(self, step: int) -> None:
         """Make everything appended so far durable and record `step` as the last durable step."""
         self.flush()
-        self.group.update_attributes({"last_durable_step": int(step), "updated": _now()})
+        _update_attributes_synced(self.group, {"last_durable_step": int(step), "updated": _now()})
 
     def close(self) -> None:
         """Flush and stop the background thread."""
@@ -262,7 +306,7 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
     one metadata write: a kill never leaves a run marked complete without its accuracies (zarr's `attrs.update`
     writes once per key)."""
     plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in extra.items()}
-    group.update_attributes({"status": status, "updated": _now(), **plain})
+    _update_attributes_synced(group, {"status": status, "updated": _now(), **plain})
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:

@@ -82,6 +82,35 @@ def test_writer_buffers_whole_chunks_and_checkpoint_makes_rows_durable(tmp_path)
     np.testing.assert_array_equal(group["x"][:, 0], np.arange(6))
 
 
+@pytest.mark.parametrize("thread", [False, True])
+def test_checkpoint_syncs_every_written_file_before_recording_the_durable_step(tmp_path, monkeypatch, thread):
+    synced = []  # what a power cut could otherwise take from the page cache: rows a resumed run would miss
+
+    def record(*paths):
+        synced.extend(paths)
+        real_sync(*paths)
+
+    real_sync = store.sync_to_disk
+    monkeypatch.setattr(store, "sync_to_disk", record)
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    group = store.create_run(root, "r", {})
+    w = store.RunWriter(group, chunk=4, thread=thread)
+    w.declare("x", (3,), "float32", dims=("k",))
+    w.declare("probe/y", (2,), "float32")
+    for i in range(1, 11):
+        w.append({"x": np.full(3, i, np.float32), "probe/y": np.full(2, i, np.float32)})
+    synced.clear()
+    w.checkpoint(10)
+    run = tmp_path / "s.zarr" / "r"
+    written = {p for p in run.rglob("*") if p != run / "zarr.json"}
+    assert len([p for p in written if p.is_file()]) == 2 * 3 + 3  # three chunks each, arrays' and probe's metadata
+    assert written <= set(synced[:-1]) and synced[-1] == run / "zarr.json"  # the durable step after the rows
+    assert zarr.open_group(run, mode="r").attrs["last_durable_step"] == 10
+    synced.clear()
+    w.checkpoint(10)
+    assert synced == [run / "zarr.json"]  # nothing written since: only the attribute is synced again
+
+
 def test_background_writer_matches_synchronous(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     for name, thread in (("sync", False), ("thread", True)):
