@@ -23,6 +23,15 @@ def test_registry_has_id_and_at_least_eight_described_shifts():
 def test_a_split_too_long_for_max_digits_is_refused_by_name():
     with pytest.raises(ValueError, match="split 'carry' cannot be drawn at task.max_digits=2"):
         ArithmeticTask(small(max_digits=2))
+
+
+def test_a_registered_split_whose_sampler_returns_no_problem_is_refused_by_name(monkeypatch):
+    from gradtrace.tasks import Problem, Split
+
+    monkeypatch.setitem(REGISTRY, "mine", Split("mine", "a researcher's own shift, its test sampler unfinished",
+                                                test=lambda rng, d: None, train=lambda rng, d: Problem((1, 2))))
+    with pytest.raises(TypeError, match="split 'mine': its test sampler returned NoneType"):
+        ArithmeticTask(small(shifts=["mine"]))
     ArithmeticTask(small(max_digits=2, shifts=["length", "space", "order"]))  # these are
 
 

@@ -47,10 +47,14 @@ class ArithmeticTask:
         for name in ["ID", *cfg.shifts]:  # fail early on unknown names and on splits too long for max_digits
             split, rng = get_split(name), np.random.default_rng(0)
             try:
-                split.test(rng, cfg.max_digits), split.train(rng, cfg.max_digits)
+                drawn = {"test": split.test(rng, cfg.max_digits), "train": split.train(rng, cfg.max_digits)}
             except ValueError as err:
                 raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): raise "
                                  "task.max_digits or drop it from task.shifts") from None
+            for form, problem in drawn.items():
+                if not isinstance(problem, Problem):
+                    raise TypeError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
+                                    "returns a gradtrace.tasks.Problem")
         self.cfg = cfg
         self.tokenizer = tokenizer or CharTokenizer()
         self.splits = ["ID", *cfg.shifts]
