@@ -379,7 +379,8 @@ def _span_items(inputs: Inputs) -> list[FigureItem]:
     return [
         _item("span_energy", "training", "Span energy spectrum",
               f"Spectrum of the reference run's sketched parameter updates Δθ_t (top {len(a.singular_values)} directions "
-              "by randomised SVD, gradtrace.subspace.run_span). Bars: share of the whole trajectory's energy (squared Frobenius norm) along each "
+              "by SVD, exact where cheap, else randomised: gradtrace.subspace.run_span). Bars: share of the whole "
+              "trajectory's energy (squared Frobenius norm) along each "
               "direction; line: cumulative share. A curve that rises steeply means training moved in few directions.",
               lambda: figures.span_energy_spectrum(a.singular_values, a.total_energy)),
         _item("dominant_bulk", "training", "Dominant vs bulk energy",
