@@ -36,7 +36,6 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from gradtrace import store
-from gradtrace.capture.sketch import check_compatible
 from gradtrace.results import started_from
 from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
                              group_codes, partial_correlations, varying_shifts)
@@ -169,7 +168,7 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
     for rid in chosen[1:]:
         attrs = dict(root[rid].attrs)
         try:
-            check_compatible(first["sketch"], attrs.get("sketch") or {})
+            store.check_compatible(first["sketch"], attrs.get("sketch") or {})
         except ValueError as err:
             raise ValueError(f"reference runs {chosen[0]!r} and {rid!r}: {err}") from None
         for name in ("splits", "probe_losses"):

@@ -52,6 +52,17 @@ def _update_attributes_synced(group: zarr.Group, attrs: dict[str, Any]) -> None:
         sync_to_disk(folder / "zarr.json")
 
 
+def check_compatible(a: dict, b: dict) -> None:
+    """Refuse to compare vectors from different sketches (kind, dim, seed or parameter layout): two runs' `sketch`
+    attributes, say."""
+    keys = ("kind", "dim", "seed", "layout_hash")
+    diff = [k for k in keys if a.get(k) != b.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff)
+        raise ValueError(f"incompatible sketches ({detail}); sketched vectors are only comparable under the same "
+                         "kind, dim, seed and parameter layout. Re-capture with matching capture.* settings.")
+
+
 def encode(rows: np.ndarray, storage: str) -> np.ndarray:
     """Cast float32 rows to the storage dtype (bfloat16 kept as its uint16 bit pattern, rounded to nearest)."""
     if storage != BF16:

@@ -40,6 +40,7 @@ class Span:
     singular_values: np.ndarray  # (rank,), descending
     energy_ratio: np.ndarray  # (rank,), s_i^2 / total_energy: the share of the energy each direction explains
     total_energy: float  # squared Frobenius norm of the (centred, if asked) matrix
+    sketch: dict | None = None  # the sketch of the vectors spanned (a run's `sketch` attribute); None where unknown
 
     @property
     def rank(self) -> int:
@@ -241,8 +242,17 @@ def _basis(span: Span | np.ndarray) -> np.ndarray:
     return basis
 
 
-def projection_energy(vectors: np.ndarray, span: Span | np.ndarray) -> ProjectionEnergy:
-    """Share of the energy of each vector (..., d) inside the span (dominant) and outside it (bulk)."""
+def _check_same_sketch(sketch: dict | None, span: Span | np.ndarray) -> None:
+    """Refuse vectors of one sketch against a span of another where both are known (the same k says nothing: two
+    sketch seeds of one trajectory gave spans 84–89° apart)."""
+    if sketch is not None and isinstance(span, Span) and span.sketch is not None:
+        store.check_compatible(sketch, span.sketch)
+
+
+def projection_energy(vectors: np.ndarray, span: Span | np.ndarray, sketch: dict | None = None) -> ProjectionEnergy:
+    """Share of the energy of each vector (..., d) inside the span (dominant) and outside it (bulk). Given the
+    vectors' sketch (their run's `sketch` attribute), a span from `run_span` of another sketch is refused."""
+    _check_same_sketch(sketch, span)
     basis = _basis(span)
     vectors = np.asarray(vectors, dtype=np.float64)
     if vectors.shape[-1] != basis.shape[1]:
@@ -261,17 +271,22 @@ def projection_energy(vectors: np.ndarray, span: Span | np.ndarray) -> Projectio
     return ProjectionEnergy(dominant, 1.0 - dominant, norm_sq)
 
 
-def energy_over_training(probe_grads: np.ndarray, span: Span | np.ndarray) -> ProjectionEnergy:
-    """Dominant/bulk energy shares (R, S) of probe gradients (R probes, S splits, k) in a span."""
+def energy_over_training(probe_grads: np.ndarray, span: Span | np.ndarray, sketch: dict | None = None
+                         ) -> ProjectionEnergy:
+    """Dominant/bulk energy shares (R, S) of probe gradients (R probes, S splits, k) in a span; `sketch` as in
+    `projection_energy`."""
     probe_grads = np.asarray(probe_grads)
     if probe_grads.ndim != 3:
         raise ValueError(f"probe_grads must be (probes, splits, k), got shape {probe_grads.shape}; "
                          "select one probe loss from probe/grad (R, S, Lp, k) first, e.g. grads[:, :, 0]")
-    return projection_energy(probe_grads, span)
+    return projection_energy(probe_grads, span, sketch)
 
 
 def principal_angles(span_a: Span | np.ndarray, span_b: Span | np.ndarray) -> np.ndarray:
-    """Principal angles (radians, ascending) between two spans (bases as rows), via scipy.linalg.subspace_angles."""
+    """Principal angles (radians, ascending) between two spans (bases as rows), via scipy.linalg.subspace_angles;
+    spans from `run_span` of different sketches are refused."""
+    if isinstance(span_a, Span):
+        _check_same_sketch(span_a.sketch, span_b)
     a, b = _basis(span_a), _basis(span_b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"spans live in different dimensions ({a.shape[1]} vs {b.shape[1]}); "
@@ -377,7 +392,8 @@ class _StoredRows:
 
 def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps: slice | None = None,
              center: bool = False, method: str = "auto", seed: int = 0) -> Span:
-    """The top-`rank` span of one captured quantity of a run group over a window of optimizer steps.
+    """The top-`rank` span of one captured quantity of a run group over a window of optimizer steps, carrying the
+    run's sketch (analyses refuse to mix it with another).
 
     quantity: `update` (Δθ_t), `grad` (g_t), `adam_m` (m_t) or `adam_update` = −Δθ_t / lr_t, Adam's
     preconditioned step direction m̂/(√v̂+ε) plus the decoupled weight-decay term wd·θ_t (exactly Adam's direction
@@ -409,5 +425,7 @@ def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps:
     if method in STREAMING_METHODS:
         if center:  # one pass for the mean, then stream the centred rows
             matrix = dataclasses.replace(matrix, shift=matrix.mean())
-        return top_span_streaming(matrix, rank, method=method, seed=seed)
-    return top_span(matrix[:], rank, method=method, seed=seed, center=center)
+        span = top_span_streaming(matrix, rank, method=method, seed=seed)
+    else:
+        span = top_span(matrix[:], rank, method=method, seed=seed, center=center)
+    return dataclasses.replace(span, sketch=group.attrs.get("sketch"))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradtrace.capture.sketch import SKETCHES, ParamLayout, Sketch, check_compatible, make_sketch
+from gradtrace.capture.sketch import SKETCHES, ParamLayout, Sketch, make_sketch
+from gradtrace.store import check_compatible
 
 LAYOUT = ParamLayout(("emb", "w1", "b1", "head"), ((50, 96), (96, 96), (96,), (96, 50)))
 KINDS = ["identity", "countsketch", "gaussian", "rademacher"]

@@ -235,6 +235,33 @@ def test_run_span_takes_the_exact_svd_where_it_is_cheap(tmp_path):
     assert np.degrees(np.max(principal_angles(span, Vt[:16]))) < 0.01
 
 
+def test_spans_of_different_sketches_are_not_compared(tmp_path):
+    """Two sketch seeds of one trajectory have the same k, and their spans were 84–89° apart with no warning."""
+    root = store.open_experiment(tmp_path / "store.zarr", mode="w")
+    X = low_rank_plus_noise(n=60, d=40)
+    spec = {"kind": "countsketch", "dim": 40, "seed": 0, "layout_hash": "abc"}
+    spans = {}
+    for seed in (0, 1):
+        group = store.create_run(root, f"seed-{seed}", {"sketch": {**spec, "seed": seed}})
+        writer = store.RunWriter(group, chunk=64)
+        writer.declare("step", (), dtype="int64")
+        writer.declare("update", (40,), dims=("sketch",))
+        for t, row in enumerate(X):
+            writer.append({"step": t, "update": row})
+        writer.close()
+        spans[seed] = run_span(group, "update", rank=4)
+    assert spans[0].sketch == spec
+    probes = X[:6].reshape(2, 3, 40)
+    with pytest.raises(ValueError, match="incompatible sketches.*seed: 0 vs 1"):
+        principal_angles(spans[0], spans[1])
+    with pytest.raises(ValueError, match="incompatible sketches"):
+        energy_over_training(probes, spans[1], sketch=spec)
+    assert np.max(principal_angles(spans[0], spans[0])) < 1e-3  # the same sketch, and bare bases, are compared
+    assert np.max(principal_angles(spans[0], spans[1].basis)) < 1e-3
+    np.testing.assert_allclose(energy_over_training(probes, spans[0], sketch=spec).dominant,
+                               projection_energy(probes, spans[0].basis).dominant)
+
+
 def test_run_span_errors(run_group):
     group, _, _ = run_group
     with pytest.raises(ValueError, match="unknown quantity"):

@@ -2,7 +2,8 @@
 integrations (`attach` for plain / accelerate / DDP loops, `GradtraceCallback` for `transformers.Trainer`)."""
 from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach, sketch_sharded
 from gradtrace.capture.recorder import Probe, Recorder
-from gradtrace.capture.sketch import ParamLayout, Sketch, check_compatible, make_sketch
+from gradtrace.capture.sketch import ParamLayout, Sketch, make_sketch
+from gradtrace.store import check_compatible
 
 __all__ = ["Recorder", "Probe", "Sketch", "ParamLayout", "make_sketch", "check_compatible", "attach", "RunRecorder",
            "IdleRecorder", "sketch_sharded", "GradtraceCallback"]

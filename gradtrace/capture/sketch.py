@@ -326,12 +326,3 @@ def make_sketch(kind: str, layout: ParamLayout, dim: int, seed: int = 0, device=
         raise ValueError(f"unknown sketch {kind!r}; choose one of {', '.join(SKETCHES)}")
     return SKETCHES[kind](layout, dim, seed, device)
 
-
-def check_compatible(a: dict, b: dict) -> None:
-    """Refuse to compare vectors from different sketches (kind, dim, seed or parameter layout)."""
-    keys = ("kind", "dim", "seed", "layout_hash")
-    diff = [k for k in keys if a.get(k) != b.get(k)]
-    if diff:
-        detail = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff)
-        raise ValueError(f"incompatible sketches ({detail}); sketched vectors are only comparable under the same "
-                         "kind, dim, seed and parameter layout. Re-capture with matching capture.* settings.")
