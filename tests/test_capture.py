@@ -296,3 +296,20 @@ def test_train_writes_from_a_background_thread_when_asked(tmp_path):
     train(cfg, tmp_path, "r0", progress=False)
     group = zarr.open_group(tmp_path / "store.zarr")["r0"]
     assert group["step"][:].tolist() == list(range(20)) and group.attrs["status"] == "complete"
+
+
+def test_probes_are_checked_when_made_not_at_the_first_step(tmp_path, task):
+    """A mask of 0/1 integers, a mask of another shape or with no answer position, or a split probed twice failed
+    inside the first optimizer step's hook (or gave NaN losses, or mixed two probe sets under one label)."""
+    tokens, mask = task.probe_set("ID").torch()
+    with pytest.raises(TypeError, match="probe 'ID': mask must be a bool tensor.*torch.int64"):
+        Probe("ID", tokens, mask.long())
+    with pytest.raises(ValueError, match="mask of the same shape"):
+        Probe("ID", tokens, mask[:, 1:])
+    with pytest.raises(ValueError, match="marks no answer position"):
+        Probe("ID", tokens, torch.zeros_like(mask))
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    group = store.create_run(store.open_experiment(tmp_path / "s.zarr", mode="a"), "r", {})
+    with pytest.raises(ValueError, match=r"probes \['ood'\] are given more than once"):
+        Recorder(model, torch.optim.AdamW(model.parameters()), store.RunWriter(group), CaptureConfig(dim=64), 10,
+                 [Probe("ood", tokens, mask), Probe("ood", tokens, mask), Probe("ID", tokens, mask)], PROBE_LOSSES)

@@ -40,11 +40,22 @@ V_SAMPLE = 4096  # coordinates per tensor sampled (fixed, seeded) for the quanti
 
 @dataclass
 class Probe:
-    """A split's fixed probe batch: token ids and the answer mask."""
+    """A split's fixed probe batch: token ids (items, length) and the bool mask of their answer positions, which the
+    probe losses score (`model(input_ids=tokens).logits`: a Hugging Face-style causal LM)."""
 
     split: str
     tokens: torch.Tensor
     mask: torch.Tensor
+
+    def __post_init__(self) -> None:  # refused here, not at the first optimizer step, inside its hook
+        if self.tokens.ndim != 2 or self.mask.shape != self.tokens.shape:
+            raise ValueError(f"probe {self.split!r}: tokens must be (items, length) and mask of the same shape; got "
+                             f"{tuple(self.tokens.shape)} and {tuple(self.mask.shape)}")
+        if self.mask.dtype != torch.bool:
+            raise TypeError(f"probe {self.split!r}: mask must be a bool tensor of answer positions, got "
+                            f"{self.mask.dtype}; pass mask.bool()")
+        if not self.mask.any():
+            raise ValueError(f"probe {self.split!r}: mask marks no answer position; its probe losses would be NaN")
 
 
 class Schedule:
@@ -105,6 +116,9 @@ class Recorder:
         self.total_steps = total_steps
         self.step = start_step  # optimizer steps completed
         self.probes = probes or []
+        repeated = sorted({p.split for p in self.probes if [q.split for q in self.probes].count(p.split) > 1})
+        if repeated:
+            raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
         self.probe_losses = probe_losses or {}
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
