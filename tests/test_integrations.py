@@ -80,6 +80,7 @@ def test_attach_marks_a_crashed_run_failed(tmp_path, task):
     a = dict(run_group(tmp_path).attrs)
     assert a["status"] == "failed" and "boom" in a["error"]
     assert run_group(tmp_path)["step"][:].tolist() == [0, 1]
+    assert a["last_durable_step"] == 2  # its rows are written: a reader trusting the attribute keeps them
 
 
 def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_path, task):

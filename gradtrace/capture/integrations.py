@@ -59,13 +59,18 @@ class RunRecorder(Recorder):
                          nonfinite_steps=self.nonfinite_steps, wall_time_s=time.perf_counter() - self._began)
 
     def fail(self, error: BaseException) -> None:
-        """Write what was recorded, detach the hooks and mark the run failed with the error (a run closed already
-        stays complete)."""
+        """Write what was recorded, detach the hooks and mark the run failed with the error, its rows durable once
+        written (a run closed already stays complete)."""
         if self.closed:
             return
         super().close(final_probe=False)
-        self.writer.close()
-        store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step)
+        durable = {}
+        try:
+            self.writer.close()
+            durable = {"last_durable_step": self.step}
+        finally:
+            store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step,
+                             **durable)
 
     def __enter__(self) -> "RunRecorder":
         return self
