@@ -115,6 +115,7 @@ class RunWriter:
     def __init__(self, group: zarr.Group, chunk: int = 256, thread: bool = False, queue_size: int = 4) -> None:
         self.group, self.chunk = group, chunk
         self._buffers: dict[str, list] = {}
+        self._chunk_rows: dict[str, int] = {}
         self._written: dict[str, int] = {}
         self._unsynced: set[Path] = set()  # files and folders written since the last flush (local stores)
         self._queue: queue.Queue | None = None
@@ -125,11 +126,15 @@ class RunWriter:
             self._thread.start()
 
     def declare(self, name: str, row_shape: tuple[int, ...], dtype: str = "float32",
-                dims: tuple[str, ...] = (), storage: str | None = None) -> None:
+                dims: tuple[str, ...] = (), storage: str | None = None, every: int = 1) -> None:
         """Create (or reopen) array `name` of rows shaped `row_shape`; dims name the axes after the first.
 
-        The first axis is `step` for top-level arrays, `probe` under `probe/` and `eval` under `evals/`.
+        The first axis is `step` for top-level arrays, `probe` under `probe/` and `eval` under `evals/`. An array
+        given a row every `every` steps has chunks of chunk // every rows (at least one): written once in `chunk`
+        steps, like an array with a row every step, not once in `every` × chunk steps (probes every 50 steps: once
+        in 12,800, so a run killed without checkpoints lost them all).
         """
+        self._chunk_rows[name] = max(1, self.chunk // every)
         storage = storage or dtype
         if name in self.group:
             arr = self.group[name]
@@ -137,7 +142,7 @@ class RunWriter:
             zdtype = "uint16" if storage == BF16 else storage
             axis = {"probe": "probe", "evals": "eval"}.get(name.split("/")[0], "step") if "/" in name else "step"
             arr = self.group.create_array(
-                name, shape=(0, *row_shape), chunks=(self.chunk, *row_shape), dtype=zdtype,
+                name, shape=(0, *row_shape), chunks=(self._chunk_rows[name], *row_shape), dtype=zdtype,
                 dimension_names=(axis, *(dims or [f"dim_{i}" for i in range(1, len(row_shape) + 1)])),
                 fill_value=0, attributes={"storage_dtype": storage})
         self._buffers[name] = []
@@ -150,7 +155,7 @@ class RunWriter:
         for name, value in row.items():
             buf = self._buffers[name]
             buf.append(value)
-            if len(buf) == self.chunk:
+            if len(buf) == self._chunk_rows[name]:
                 full.append(name)
         if full:
             self._submit(full)

@@ -216,8 +216,8 @@ def _recorder(capture: CaptureConfig, model, optimizer, writer, task: Arithmetic
 def declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:
     """Declare `evals/*` when evaluating every `every` steps during training; whether it did."""
     if every:
-        writer.declare("evals/step", (), "int64")
-        writer.declare("evals/accuracy", (len(task.splits),), "float32", dims=("split",))
+        writer.declare("evals/step", (), "int64", every=every)
+        writer.declare("evals/accuracy", (len(task.splits),), "float32", dims=("split",), every=every)
     return bool(every)
 
 

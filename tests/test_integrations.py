@@ -83,6 +83,21 @@ def test_attach_marks_a_crashed_run_failed(tmp_path, task):
     assert a["last_durable_step"] == 2  # its rows are written: a reader trusting the attribute keeps them
 
 
+def test_probe_rows_reach_the_disk_as_often_as_step_rows(tmp_path, task):
+    """Probe arrays were chunked like per-step ones (`capture.chunk` rows): probed every 5 steps with chunks of 20,
+    a run killed without a checkpoint had written no probe row in 100 steps; now one in 20 steps, as the steps."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:2]]
+    rec = attach(model, opt, tmp_path, "r", total_steps=100, probes=probes,
+                 capture=CaptureConfig(sketch="countsketch", dim=64, probe_every=5, chunk=20))
+    train_steps(model, opt, task, 42, rec)  # no checkpoint, no close: what a kill would leave on disk
+    on_disk = run_group(tmp_path)
+    assert on_disk["step"].shape[0] == 40 and on_disk["probe/grad"].chunks[0] == 4
+    assert on_disk["probe/step"][:].tolist() == list(range(0, 40, 5))
+    rec.close()
+
+
 def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_path, task):
     """Record 6 steps with a checkpoint at 3, 'crash' after 5, resume from the checkpoint: rows equal a clean run."""
     model = micro(task)

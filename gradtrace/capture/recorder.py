@@ -388,12 +388,13 @@ def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int
         writer.declare(name, (n_tensors,), "float32", dims=("param",))
     writer.declare("layer_v_quantile", (n_tensors, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
     if n_splits:
-        writer.declare("probe/step", (), "int64")
-        writer.declare("probe/loss", (n_splits, n_probe_losses), "float32", dims=("split", "probe_loss"))
-        writer.declare("probe/accuracy", (n_splits,), "float32", dims=("split",))
+        every = cfg.probe_every or cfg.chunk  # 0: probes at the first and last steps only
+        writer.declare("probe/step", (), "int64", every=every)
+        writer.declare("probe/loss", (n_splits, n_probe_losses), "float32", dims=("split", "probe_loss"), every=every)
+        writer.declare("probe/accuracy", (n_splits,), "float32", dims=("split",), every=every)
         for name in ("probe/grad", "probe/grad_adam"):
             writer.declare(name, (n_splits, n_probe_losses, k), storage=cfg.dtype,
-                           dims=("split", "probe_loss", "sketch"))
+                           dims=("split", "probe_loss", "sketch"), every=every)
 
 
 def capture_attrs(sketch, layout: ParamLayout, cfg: CaptureConfig, splits: list[str], probe_losses: list[str],
