@@ -330,13 +330,18 @@ def training_panels(run_group: zarr.Group) -> list[str]:
                       if f"{prefix}/step" in run_group and f"{prefix}/accuracy" in run_group]
 
 
+def clip_threshold(run_group: zarr.Group) -> float | None:
+    """The gradient-norm clip a run trained with, as its config says (gradtrace's own runs); None where unknown."""
+    return ((run_group.attrs.get("config") or {}).get("train") or {}).get("clip")
+
+
 @_styled
 def training_curves(run_group: zarr.Group) -> Figure:
     """Loss, learning rate and gradient norm over steps of one run; eval and probe accuracy when recorded."""
     drawn = training_panels(run_group)
     scalars = [name for name in drawn if name not in ("evals", "probe")]
     steps = store.read(run_group, "step")
-    clip = ((run_group.attrs.get("config") or {}).get("train") or {}).get("clip")  # gradtrace's own runs say
+    clip = clip_threshold(run_group)
     panels: list[tuple[str, Callable]] = []
     labels = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (after clip)",
               "grad_norm_unclipped": "gradient norm (before clip)"}

@@ -145,8 +145,11 @@ def _reference_run(exp_dir: Path) -> zarr.Group:
         a = group.attrs
         if a.get("role") == "reference" and a.get("status") == "complete" and "update" in group:
             return group
+    unfinished = [g.basename for g in groups if g.attrs.get("role") == "reference" and "update" in g]
+    hint = (f"reference runs {unfinished[:5]} are not complete (`gradtrace info` gives their status): finish or "
+            "resume them" if unfinished else "set sweep.reference_runs >= 1 with capture enabled")
     raise LookupError(f"no complete reference run with an `update` array among {len(groups)} run(s) in "
-                      f"{exp_dir / 'store.zarr'}; set sweep.reference_runs >= 1 with capture enabled")
+                      f"{exp_dir / 'store.zarr'}; {hint}")
 
 
 def _benchmarks_dir(exp_dir: Path, given: str | Path | None) -> Path | None:
@@ -269,8 +272,9 @@ def _training_caption(run) -> str:
         drawn = figures.training_panels(run)
     except (TypeError, ValueError):
         drawn = []  # the figure's own error becomes its note
-    norm = ("the gradient norm before clipping (dashed: the clip threshold)" if "grad_norm_unclipped" in drawn
-            else "the gradient norm after clipping")
+    clip = figures.clip_threshold(run)  # none in a run of your own loop
+    norm = (f"the gradient norm before clipping{' (dashed: the clip threshold)' if clip else ''}"
+            if "grad_norm_unclipped" in drawn else "the gradient norm after clipping")
     below = [what for key, what in (("evals", "at evaluation checkpoints (test sets, every train.eval_every steps)"),
                                     ("probe", "on the fixed probe batches")) if key in drawn]
     tail = f"; below, each split's accuracy {' and '.join(below)}." if below else "."

@@ -21,7 +21,7 @@ import zarr
 from PIL import Image
 
 import gradtrace
-from gradtrace import report
+from gradtrace import report, store
 from test_figures import PNG_MAGIC, SPLITS, make_experiment
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # git-ignored: the browser screenshot lands here
@@ -278,8 +278,20 @@ def test_the_training_curves_caption_names_what_the_figure_draws(tmp_path: Path)
     probe = run.create_group("probe")
     probe["step"], probe["accuracy"] = np.arange(2), np.zeros((2, 1))
     caption = report._training_caption(run)
-    assert "before clipping" in caption and "after clipping" not in caption
+    assert "before clipping over" in caption and "after clipping" not in caption  # a run of your own loop: no clip
     assert "on the fixed probe batches." in caption and "evaluation checkpoints" not in caption  # no evals/
+    run.update_attributes({"config": {"train": {"clip": 1.0}}})  # gradtrace's runs: the dashed threshold is drawn
+    assert "before clipping (dashed: the clip threshold)" in report._training_caption(run)
+
+
+def test_no_reference_run_to_draw_names_those_not_complete(tmp_path: Path) -> None:
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    for rid, status in (("mine", "failed"), ("other", "complete")):
+        group = store.create_run(root, rid, {"role": "reference" if rid == "mine" else "sweep"})
+        group["update"] = np.zeros((2, 3), np.float32)
+        store.set_status(group, status)
+    with pytest.raises(LookupError, match=r"reference runs \['mine'\] are not complete"):
+        report._reference_run(tmp_path)
 
 
 def test_a_failed_stats_stage_leaves_no_stale_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
