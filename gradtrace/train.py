@@ -208,9 +208,10 @@ def _recorder(capture: CaptureConfig, model, optimizer, writer, task: Arithmetic
     """The run's Recorder: full capture with probes, or (capture disabled) scalars every 10 steps."""
     if not capture.enabled:
         return Recorder(model, optimizer, writer, recorded_capture(capture), steps, start_step=start)
-    probes = [Probe(split, *task.probe_set(split).torch(device=device)) for split in task.splits]
-    return Recorder(model, optimizer, writer, capture, steps, probes if capture.probe_every else None,
-                    probe_loss_functions(capture.probe_losses), start_step=start)
+    probes = [Probe(split, *task.probe_set(split).torch(device=device)) for split in task.splits] \
+        if capture.probe_every else None
+    return Recorder(model, optimizer, writer, capture, steps, probes, probe_loss_functions(capture.probe_losses),
+                    start_step=start)
 
 
 def declare_evals(writer: store.RunWriter, task: ArithmeticTask, every: int) -> bool:
