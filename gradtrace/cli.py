@@ -18,8 +18,10 @@ def _config(args: argparse.Namespace):
 def cmd_tasks(args: argparse.Namespace) -> None:
     """List every registered split with its description and one example."""
     from gradtrace.tasks import REGISTRY, ArithmeticTask
+    from gradtrace.tasks.shifts import import_split_modules
 
     cfg = config_mod.load(args.config, config_mod.parse_overrides(args.set or []))
+    import_split_modules(cfg.task.modules)  # your own splits are listed too
     in_default = set(cfg.task.shifts)
     print(f"{'split':<14} {'in config':<9} {'example (prompt=answer, digits least-significant first)':<34} description")
     for name, split in REGISTRY.items():

@@ -421,12 +421,13 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
 
 
 def _for_cluster(cfg_dict: dict) -> dict:
-    """The config with a relative `model.init_from` made absolute, as `out` is: a cluster's workers run in folders
-    of their own."""
+    """The config with a relative `model.init_from` and relative .py files in `task.modules` made absolute, as `out`
+    is: a cluster's workers run in folders of their own."""
     init = cfg_dict["model"]["init_from"]
     if init and Path(init).exists():
         cfg_dict = {**cfg_dict, "model": {**cfg_dict["model"], "init_from": str(Path(init).resolve())}}
-    return cfg_dict
+    modules = [str(Path(m).resolve()) if m.endswith(".py") else m for m in cfg_dict["task"]["modules"]]
+    return {**cfg_dict, "task": {**cfg_dict["task"], "modules": modules}}
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

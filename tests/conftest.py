@@ -41,3 +41,20 @@ def unpinned_kernels():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def split_registry():
+    """The split registry as it was before the test, restored after: splits a test registers (and the files of
+    `task.modules` it ran) leave with it."""
+    import sys
+
+    from gradtrace.tasks import REGISTRY
+
+    saved, modules = dict(REGISTRY), set(sys.modules)
+    yield REGISTRY
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+    for name in set(sys.modules) - modules:
+        if name.startswith("gradtrace_splits_"):
+            del sys.modules[name]

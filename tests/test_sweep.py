@@ -1,6 +1,7 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
 dask and base-run modes."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from conftest import tiny_config
+from conftest import TINY, set_args, tiny_config
 from gradtrace import config, store
 from gradtrace.calibrate import SAME_AXIS, Calibration, assess
 from gradtrace.sweep import (PlannedRun, SweepError, estimate_seconds, estimate_total_seconds, plan, run_config,
@@ -536,6 +537,34 @@ def test_a_cluster_gets_the_configs_relative_paths_made_absolute(tmp_path, monke
     cfg = tiny_config(model__init_from="w.safetensors")
     assert sweep._for_cluster(cfg.to_dict())["model"]["init_from"] == str(tmp_path / "w.safetensors")
     assert sweep._for_cluster(tiny_config().to_dict())["model"]["init_from"] is None
+    modules = sweep._for_cluster(tiny_config(task__modules=["splits.py", "my.splits"]).to_dict())["task"]["modules"]
+    assert modules == [str(tmp_path / "splits.py"), "my.splits"]  # a module name is the Python path's to find
+
+
+MY_SPLIT = """
+from gradtrace.tasks import Problem, Split, register_split
+
+register_split(Split("double", "a+a, 1-{d} digits; training sees 1-2 digits",
+                     test=lambda r, d: Problem((int(r.integers(1, 10**d)),) * 2),
+                     train=lambda r, d: Problem((int(r.integers(1, 100)),) * 2)))
+"""
+
+
+def test_a_sweep_of_a_split_of_your_own_trains_it_in_every_worker(tmp_path, monkeypatch, capsys, split_registry):
+    """The split is registered in a file task.modules names: the spawned pool workers (and `gradtrace tasks`) run
+    it too; by a script's own registration it was known to the process that planned the sweep only."""
+    from gradtrace.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "splits.py").write_text(MY_SPLIT)
+    settings = {**TINY, "task.modules": "[splits.py]", "task.shifts": "[double,space]", "sweep.runs": 2,
+                "sweep.workers": 2, "sweep.reference_runs": 0, "train.steps": 4}
+    assert main(["tasks", *set_args(settings)]) == 0
+    assert re.search(r"^double +yes +.*a\+a, 1-3 digits", capsys.readouterr().out, re.M)
+    assert main(["sweep", str(Path(__file__).parents[1] / "experiments/scratch.yaml"), "--out", "study",
+                 *set_args(settings)]) == 0
+    table = pd.read_csv(tmp_path / "study" / "results.csv")
+    assert sorted(table.run_id) == ["run-000", "run-001"] and table["acc_double"].notna().all()
 
 
 @pytest.mark.parametrize("override, message", [

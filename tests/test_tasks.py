@@ -225,3 +225,30 @@ def test_a_training_form_the_held_out_sets_use_up_is_refused_by_name():
         task.train_pool
     with pytest.raises(ValueError, match="distinct test and probe items of split 'ID'.*task.n_probe"):
         ArithmeticTask(TaskConfig(max_digits=1, shifts=[], n_test=60)).test_set("ID")
+
+
+def test_register_split_refuses_built_in_and_unusable_names(split_registry):
+    from gradtrace.tasks import Problem, Split, register_split
+
+    mine = Split("carry", "my carry", test=lambda r, d: Problem((9, 1)), train=lambda r, d: Problem((9, 1)))
+    with pytest.raises(ValueError, match="split 'carry' is built in"):
+        register_split(mine)  # a plain dict assignment replaced the built-in one silently
+    for name in ("acc b", "2x", "", "a/b"):
+        with pytest.raises(ValueError, match="must start with a letter"):
+            register_split(Split(name, "", mine.test, mine.train))
+    with pytest.raises(TypeError, match="takes a gradtrace.tasks.Split"):
+        register_split("nine_one")
+    register_split(Split("nine_one", "9+1", mine.test, mine.train))
+    assert register_split(Split("nine_one", "9+1 again", mine.test, mine.train)).description == "9+1 again"
+
+
+def test_task_modules_that_cannot_be_imported_are_named(tmp_path, monkeypatch, split_registry):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"task.modules: cannot import 'no_such_splits' \(No module named"):
+        ArithmeticTask(small(modules=["no_such_splits"]))
+    with pytest.raises(ValueError, match="task.modules: no file .*missing.py"):
+        ArithmeticTask(small(modules=["missing.py"]))
+    (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
+    for _ in range(2):  # a file that failed is run again, not taken as imported
+        with pytest.raises(RuntimeError, match="half written"):
+            ArithmeticTask(small(modules=["broken.py"]))

@@ -13,7 +13,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, get_split
+from gradtrace.tasks.shifts import Problem, get_split, import_split_modules
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -42,6 +42,7 @@ class ArithmeticTask:
     """ID split + configured OOD shifts; test, probe and training items are disjoint by prompt."""
 
     def __init__(self, cfg: TaskConfig, tokenizer: CharTokenizer | None = None) -> None:
+        import_split_modules(cfg.modules)
         if "ID" in cfg.shifts:
             raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
         for name in ["ID", *cfg.shifts]:  # fail early on unknown names and on splits too long for max_digits

@@ -6,7 +6,13 @@ which is what lands a shift mid-range instead of at 0% (DESIGN.md §2).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -141,6 +147,57 @@ REGISTRY: dict[str, Split] = {s.name: s for s in [
           test=lambda r, d: Problem(_pair(r, 1, d), digit_spaces=True),
           train=lambda r, d: Problem(_pair(r, 1, 2), digit_spaces=True)),
 ]}
+
+
+BUILT_IN = frozenset(REGISTRY)
+SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a split names a results column (acc_<name>) and an axis label
+
+
+def register_split(split: Split) -> Split:
+    """Add a split of your own to the registry and return it. Registering one of yours again replaces it (a notebook
+    cell run twice); a built-in name is refused. Register it in a module that `task.modules` names: every process
+    that trains (a sweep's workers, a dask cluster's) imports that module before it builds the task."""
+    if not isinstance(split, Split):
+        raise TypeError(f"register_split takes a gradtrace.tasks.Split, got {type(split).__name__}")
+    if split.name in BUILT_IN:
+        raise ValueError(f"split {split.name!r} is built in; give yours another name")
+    if not SPLIT_NAME.fullmatch(split.name):
+        raise ValueError(f"split name {split.name!r} must start with a letter and hold only letters, digits and _ "
+                         "(it names the results column acc_<name>)")
+    REGISTRY[split.name] = split
+    return split
+
+
+def import_split_modules(modules: list[str]) -> None:
+    """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
+    the command runs in): the modules where your own splits are registered. A file is run once per process."""
+    for module in modules:
+        if module.endswith(".py"):
+            _run_file(module)
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
+                             ".py file") from None
+
+
+def _run_file(module: str) -> None:
+    """Run a .py file as a module of its own, once per process."""
+    path = Path(module).resolve()
+    if not path.is_file():
+        raise ValueError(f"task.modules: no file {path} ({module!r}, relative to the directory the command runs in)")
+    name = f"gradtrace_splits_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        del sys.modules[name]  # a file that failed is run again next time, not taken as imported
+        raise
 
 
 def get_split(name: str) -> Split:
