@@ -217,18 +217,24 @@ def test_run_span_streams_from_the_store_as_the_full_svd(run_group, method, monk
     assert np.max(principal_angles(span, Vt[:3])) < 0.05
 
 
+def stored_run(root: zarr.Group, run_id: str, quantity: str, rows: np.ndarray, attrs: dict) -> zarr.Group:
+    """A run group holding `rows` as the trajectory of `quantity`, one row per step, as the Recorder writes it."""
+    group = store.create_run(root, run_id, attrs)
+    writer = store.RunWriter(group, chunk=64)
+    writer.declare("step", (), dtype="int64")
+    writer.declare(quantity, (rows.shape[1],), dims=("sketch",))
+    for t, row in enumerate(rows):
+        writer.append({"step": t, quantity: row})
+    writer.close()
+    return group
+
+
 def test_run_span_takes_the_exact_svd_where_it_is_cheap(tmp_path):
     """A gradient trajectory's spectrum can be nearly flat, where a randomised SVD's weaker directions wander (12° at
     rank 16 of 150 × 512 before): `auto` takes the exact SVD of such small windows."""
     rng = np.random.default_rng(3)
     grads = rng.standard_normal((150, 512)).astype(np.float32)
-    group = store.create_run(store.open_experiment(tmp_path / "store.zarr", mode="w"), "own", {})
-    writer = store.RunWriter(group, chunk=64)
-    writer.declare("step", (), dtype="int64")
-    writer.declare("grad", (512,), dims=("sketch",))
-    for t, g in enumerate(grads):
-        writer.append({"step": t, "grad": g})
-    writer.close()
+    group = stored_run(store.open_experiment(tmp_path / "store.zarr", mode="w"), "own", "grad", grads, {})
     _, s, Vt = np.linalg.svd(grads.astype(np.float64), full_matrices=False)
     span = run_span(group, "grad", rank=16)
     np.testing.assert_allclose(span.singular_values, s[:16], rtol=1e-5)
@@ -242,13 +248,7 @@ def test_spans_of_different_sketches_are_not_compared(tmp_path):
     spec = {"kind": "countsketch", "dim": 40, "seed": 0, "layout_hash": "abc"}
     spans = {}
     for seed in (0, 1):
-        group = store.create_run(root, f"seed-{seed}", {"sketch": {**spec, "seed": seed}})
-        writer = store.RunWriter(group, chunk=64)
-        writer.declare("step", (), dtype="int64")
-        writer.declare("update", (40,), dims=("sketch",))
-        for t, row in enumerate(X):
-            writer.append({"step": t, "update": row})
-        writer.close()
+        group = stored_run(root, f"seed-{seed}", "update", X, {"sketch": {**spec, "seed": seed}})
         spans[seed] = run_span(group, "update", rank=4)
     assert spans[0].sketch == spec
     probes = X[:6].reshape(2, 3, 40)
