@@ -643,3 +643,19 @@ def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task)
     frozen = micro(task).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         attach(frozen, torch.optim.AdamW(model.parameters()), tmp_path, "c", total_steps=2, capture=IDENTITY)
+
+
+def test_a_loss_logged_after_the_optimizer_step_is_warned_of(tmp_path, task):
+    """Logged after `optimizer.step()`, each loss went silently into the next step's row (the first row NaN)."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, capture=IDENTITY)
+    x, m = task.train_batch(0, 0, 16)
+    for _ in range(3):
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.log(loss)
+    with pytest.warns(UserWarning, match="seems to call rec.log after optimizer.step"):
+        rec.close()

@@ -123,6 +123,7 @@ class Recorder:
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
+        self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
         self._unclipped: torch.Tensor | float = float("nan")  # this step's norm before clipping, when given
         self._recording = False
         self._skipped = False
@@ -216,6 +217,8 @@ class Recorder:
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._first_step_logged is None:
+            self._first_step_logged = self._loss_count > 0
         if self._skipped:
             self._loss_count, self._unclipped = 0, float("nan")  # a skipped step's loss is not the next step's
             return
@@ -346,6 +349,10 @@ class Recorder:
         closing again does nothing)."""
         if self.closed:
             return
+        if self._loss_count and self._first_step_logged is False:
+            warnings.warn("the first optimizer step had no loss and the last loss given to rec.log no step: the loop "
+                          "seems to call rec.log after optimizer.step(), so each loss is recorded with the step after "
+                          "its own; call rec.log(loss) before optimizer.step()", UserWarning, stacklevel=2)
         if final_probe and self.step > 0:
             self.probe_once()
         self.writer.flush()
