@@ -50,7 +50,14 @@ def use(kernels: str, device: torch.device) -> None:
     settings once, when first used)."""
     if kernels not in CHOICES:
         raise ValueError(f"train.cpu_kernels must be one of {', '.join(CHOICES)}, got {kernels!r}")
-    if kernels == "native" or device.type != "cpu":
+    if device.type != "cpu":
+        return
+    if kernels == "native":
+        pinned = {name: os.environ[name] for env in PINNED_ENV.values() for name in env if name in os.environ}
+        if pinned:  # an earlier run of this process pinned them (a dask worker's), or its environment did
+            warnings.warn(f"train.cpu_kernels=native asks for this CPU's own kernels, but this process runs "
+                          f"{in_use()} ({' '.join(f'{k}={v}' for k, v in pinned.items())}): train in a fresh process "
+                          "without these variables", KernelsNotPinned, stacklevel=2)
         return
     env, before = PINNED_ENV[kernels], {name: os.environ.get(name) for name in PINNED_ENV[kernels]}
     if platform.machine().lower() in ("x86_64", "amd64"):

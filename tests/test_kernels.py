@@ -38,6 +38,15 @@ def test_a_process_that_computed_with_other_kernels_warns_and_stays_unpinned(mon
     assert not {"ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"} & set(os.environ)
 
 
+def test_native_kernels_in_a_process_an_earlier_run_pinned_are_warned_of(monkeypatch):
+    """A dask worker that trained a pinned run keeps its kernels: a native run there trained with them, silently."""
+    monkeypatch.setattr(kernels, "in_use", lambda: "AVX2")
+    os.environ.update(kernels.PINNED_ENV["avx2"])
+    with pytest.warns(kernels.KernelsNotPinned, match="cpu_kernels=native asks for this CPU's own kernels, but this "
+                                                      "process runs AVX2 .*ATEN_CPU_CAPABILITY=avx2"):
+        kernels.use("native", CPU)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not AVX2_CPU, reason="pinning to AVX2 needs an x86 CPU with AVX2")
 def test_a_run_pins_its_kernels_as_the_environment_does(tmp_path):

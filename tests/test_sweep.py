@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -186,6 +187,30 @@ def test_a_jobs_threads_are_set_by_the_config_not_by_how_many_jobs_are_left(tmp_
     list(sweep._dispatch(tiny_config(sweep__workers=2, train__threads=2, sweep__pretrain_steps=4), tmp_path, base,
                          None))
     assert threads == [1, 2]  # a study's one base trains alone, on train.threads
+
+
+def test_a_run_on_the_default_threads_does_not_inherit_those_of_the_jobs_before(tmp_path, monkeypatch):
+    """`train.threads: 0` is torch's thread count in a fresh process; in a process whose earlier job set another
+    (a dask worker's, the in-process base run's) the run trained on that one, and a resumed sweep on another."""
+    import torch
+
+    import gradtrace.sweep as sweep
+    import gradtrace.train
+
+    trained_on = []
+
+    def train(cfg, *args, **kwargs):
+        trained_on.append(cfg.train.threads)
+        return types.SimpleNamespace(row=dict)
+
+    monkeypatch.setattr(gradtrace.train, "train", train)
+    monkeypatch.setattr(sweep, "_default_threads", lambda: 1)  # read by the process's first job, before any set
+    torch.set_num_threads(2)  # left by an earlier job
+    try:
+        sweep._execute(tiny_config(train__threads=0).to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep")], 0)
+    finally:
+        torch.set_num_threads(1)
+    assert trained_on == [1]
 
 
 def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_path):
