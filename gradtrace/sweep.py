@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import heapq
 import itertools
 import json
@@ -269,7 +270,34 @@ def _cluster(scheduler: str | None):
         raise SweepError(f"cannot reach the dask scheduler at {scheduler} ({err}); start it and its workers, or run "
                          "without --scheduler") from None
     with client:
+        check_workers_code(client)
         yield client
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of gradtrace's source files: whether two processes run the same gradtrace (its version number stays
+    the same between commits)."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_workers_code(client) -> None:
+    """Refuse a cluster whose workers run another gradtrace than this sweep (started before an upgrade, say): they
+    would fail every run with errors about the old code, or train with it and record nothing of the difference."""
+    ours = code_fingerprint()
+    try:
+        theirs = client.run(code_fingerprint)
+    except Exception as err:  # workers so old they lack this function
+        theirs = {"(workers)": f"unknown ({type(err).__name__}: {err})"}
+    other = {worker: code for worker, code in theirs.items() if code != ours}
+    if other:
+        raise SweepError(f"{len(other)} dask worker(s) run another gradtrace than this sweep (code {ours}; theirs: "
+                         f"{', '.join(f'{w} {c}' for w, c in list(other.items())[:3])}): restart them from the same "
+                         "install (`dask worker` started after the upgrade)")
 
 
 def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:

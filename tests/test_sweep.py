@@ -603,3 +603,23 @@ def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open
     assert not (tmp_path / "store.zarr").exists()
     fixed = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2, sweep__workers=1)
     assert sorted(run_sweep(fixed, tmp_path, progress=False).run_id) == ["run-000"]  # nothing trained: not locked
+
+
+def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
+    """Workers started before an upgrade failed every run with errors about the old code (or trained with it)."""
+    from gradtrace.sweep import check_workers_code, code_fingerprint
+
+    class Workers:
+        def __init__(self, codes):
+            self.codes = codes
+
+        def run(self, function):
+            if isinstance(self.codes, Exception):
+                raise self.codes
+            return self.codes
+
+    check_workers_code(Workers({"tcp://a": code_fingerprint(), "tcp://b": code_fingerprint()}))
+    with pytest.raises(SweepError, match=r"1 dask worker\(s\) run another gradtrace .*tcp://b 0123"):
+        check_workers_code(Workers({"tcp://a": code_fingerprint(), "tcp://b": "0123"}))
+    with pytest.raises(SweepError, match="AttributeError"):
+        check_workers_code(Workers(AttributeError("module 'gradtrace.sweep' has no attribute 'code_fingerprint'")))
