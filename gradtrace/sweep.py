@@ -359,8 +359,11 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     write_results(table, out)
     if failed:
         not_run = len(pending) - len(failed) - sum(row["run_id"] in pending for row in rows)
+        alike = len(failed) > 1 and len({f"{type(e).__name__}: {e}" for e in failed.values()}) == 1
+        retry = ("every run failed alike: mend what the error names (the config, say) and run the sweep again"
+                 if alike and not len(table) else "run the same sweep again to retry the rest")
         raise SweepError(_failure_summary(failed, not_run) + f". {out / 'results.csv'} holds the {len(table)} "
-                         "complete run(s); run the same sweep again to retry the rest")
+                         f"complete run(s); {retry}")
     return table
 
 
@@ -399,8 +402,7 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
     unchanged)."""
     config_path = out / "config.yaml"
-    trained = (out / "store.zarr").exists() and store.runs(store.open_experiment(out / "store.zarr"))
-    if config_path.exists() and trained:
+    if config_path.exists() and _trained_anything(out):
         previous = config_mod.load(config_path)
         changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
         if cfg.sweep.runs < previous.sweep.runs:
@@ -411,6 +413,16 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
                              "new --out directory")
     config_mod.dump(cfg, config_path)
     (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+
+
+def _trained_anything(out: Path) -> bool:
+    """Whether the sweep in `out` holds a run that is complete or has a durable step (runs that failed before any,
+    on a config error, say, leave nothing a new config would mix with)."""
+    if not (out / "store.zarr").exists():
+        return False
+    root = store.open_experiment(out / "store.zarr")
+    return any(root[rid].attrs.get("status") == "complete" or root[rid].attrs.get("last_durable_step", -1) > 0
+               for rid in store.runs(root))
 
 
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):

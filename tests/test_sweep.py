@@ -623,3 +623,17 @@ def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
         check_workers_code(Workers({"tcp://a": code_fingerprint(), "tcp://b": "0123"}))
     with pytest.raises(SweepError, match="AttributeError"):
         check_workers_code(Workers(AttributeError("module 'gradtrace.sweep' has no attribute 'code_fingerprint'")))
+
+
+def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
+    """A config error every run meets (test items the digits cannot supply) advised running the same sweep again,
+    and the directory then refused the mended config, though nothing had trained."""
+    broken = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
+                         task__max_digits=1, task__n_test=40, task__shifts=["space"])
+    with pytest.raises(SweepError, match="every run failed alike: mend what the error names"):
+        run_sweep(broken, tmp_path, progress=False)
+    mended = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
+                         task__shifts=["space"])
+    assert sorted(run_sweep(mended, tmp_path, progress=False).run_id) == ["run-000", "run-001"]
+    with pytest.raises(ValueError, match="holds a sweep with a different config"):  # once a run trained: refused
+        run_sweep(broken, tmp_path, progress=False)
