@@ -942,13 +942,16 @@ def format_table(df: pd.DataFrame) -> str:
                 f"[{row.ci_low:>6.3f}, {row.ci_high:>6.3f}]  {row.p:>9.2g} {_stars(row.p):<3}  "
                 f"{row.p_bh:>9.2g} {_stars(row.p_bh):<3}")
         if has_dis:
-            line += f"  {row.r_disattenuated:>6.3f}"
+            line += f"  {row.r_disattenuated:>6.3f}" + ("†" if abs(row.r_disattenuated) > 1 else "")
         if "disagree" in df.columns and not pd.isna(row.disagree) and row.disagree:
             line += "  !"
         lines.append(line)
     lines.append("stars: * p<.05  ** p<.01  *** p<.001 (p: t-test; p_BH: Benjamini-Hochberg within residualisation)"
                  + ("; ! residualisations disagree" if "disagree" in df.columns and df["disagree"].fillna(False).any()
                     else ""))
+    if has_dis and (df["r_disattenuated"].abs() > 1).any():
+        lines.append("† |r_dis| > 1: the pair's split-half reliabilities (rel_a, rel_b in stats.csv) are too low or "
+                     "too noisy to disattenuate r; read r")
     if "note" in df.columns and df["note"].astype(bool).any():
         lines.append("note: " + str(df.loc[df["note"].astype(bool), "note"].iloc[0]))
     return "\n".join(lines)

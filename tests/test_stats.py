@@ -541,6 +541,11 @@ def test_format_table_is_fixed_width_with_stars():
     body = lines[2:2 + len(out)]
     assert len({line.index("[") for line in body}) == 1  # CI column aligned
     assert "s0 ~ s1" in text and "***" in text and text.count("\n") >= len(out) + 2
+    assert "†" not in text
+    dis = out["r"] / np.sqrt(0.045)  # a reliability of 0.05: r / 0.21
+    flagged = format_table(out.assign(rel_a=0.05, rel_b=0.9, r_disattenuated=dis))
+    assert 0 < (dis.abs() > 1).sum() < len(out)  # printed bare before, beside the others
+    assert flagged.count("†") == (dis.abs() > 1).sum() + 1 and "too low or too noisy to disattenuate" in flagged
 
 
 def test_stats_report_says_why_it_fails_when_constant_shifts_left_too_few(tmp_path):
