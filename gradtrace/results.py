@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,24 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     table = pd.read_csv(path)
     if role is not None and "role" in table:
         table = table[table["role"] == role].reset_index(drop=True)
+    _warn_if_behind_the_store(exp_dir, table, role)
     return table
+
+
+def _warn_if_behind_the_store(exp_dir: str | Path, table: pd.DataFrame, role: str | None) -> None:
+    """Warn where the store holds complete runs that results.csv lacks: a sweep stopped before it rewrote the table
+    (a kill; a cluster's runs that trained on after Ctrl-C), whose re-run lists them."""
+    if not (Path(exp_dir) / "store.zarr").exists() or "run_id" not in table:
+        return
+    root = store.open_experiment(Path(exp_dir) / "store.zarr")
+    complete = {rid for rid in store.runs(root) if root[rid].attrs.get("status") == "complete"
+                and (role is None or root[rid].attrs.get("role") == role)}
+    missing = sorted(complete - set(table["run_id"]))
+    if missing:
+        warnings.warn(f"{Path(exp_dir) / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
+                      f"({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}): a sweep stopped before it rewrote "
+                      "the table; run the sweep again to finish it (or `gradtrace.results.write_results("
+                      "results_table(DIR), DIR)`)", UserWarning, stacklevel=3)
 
 
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:

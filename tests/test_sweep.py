@@ -637,3 +637,19 @@ def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
     assert sorted(run_sweep(mended, tmp_path, progress=False).run_id) == ["run-000", "run-001"]
     with pytest.raises(ValueError, match="holds a sweep with a different config"):  # once a run trained: refused
         run_sweep(broken, tmp_path, progress=False)
+
+
+def test_a_results_table_behind_its_store_is_warned_of(tmp_path):
+    """A sweep killed after a run completed but before results.csv was rewritten: stats used fewer runs, silently."""
+    from gradtrace.results import load_results, results_table, write_results
+
+    run_sweep(tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2), tmp_path,
+              progress=False)
+    table = pd.read_csv(tmp_path / "results.csv")
+    write_results(table[table.run_id != "run-001"], tmp_path)  # as the kill left it
+    with pytest.warns(UserWarning, match=r"results.csv lacks 1 complete run\(s\) of store.zarr \(run-001\)"):
+        assert list(load_results(tmp_path).run_id) == ["run-000"]
+    write_results(results_table(tmp_path), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(load_results(tmp_path).run_id) == ["run-000", "run-001"]
