@@ -61,6 +61,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.dry_run:
         print(describe_plan(cfg, plan(cfg)))
+        if args.scheduler:
+            print(f"on the dask cluster at {args.scheduler} (not contacted by a dry run): its worker processes, not "
+                  "sweep.workers, set how many jobs train at once, so the time above is for sweep.workers of them")
         return
     out = args.out or f"storage/{Path(args.config).stem}"
     table = run_sweep(cfg, out, scheduler=args.scheduler)

@@ -75,6 +75,8 @@ def test_dry_run_prints_the_plan(capsys):
     assert main(["sweep", "experiments/default.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "runs" in out and "expected" in out
+    assert main(["sweep", "experiments/default.yaml", "--dry-run", "--scheduler", "tcp://cluster:8786"]) == 0
+    assert "its worker processes, not sweep.workers, set how many jobs train at once" in capsys.readouterr().out
 
 
 def test_dry_run_loads_neither_torch_nor_transformers():
