@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import zarr
 
 from gradtrace import store
 
@@ -74,8 +75,8 @@ def _warn_if_behind_the_store(exp_dir: str | Path, table: pd.DataFrame, role: st
     if not (Path(exp_dir) / "store.zarr").exists() or "run_id" not in table:
         return
     root = store.open_experiment(Path(exp_dir) / "store.zarr")
-    complete = {rid for rid in store.runs(root) if root[rid].attrs.get("status") == "complete"
-                and (role is None or root[rid].attrs.get("role") == role)}
+    complete = {rid for rid, run in root.members() if isinstance(run, zarr.Group)  # one metadata read per run
+                and run.attrs.get("status") == "complete" and (role is None or run.attrs.get("role") == role)}
     missing = sorted(complete - set(table["run_id"]))
     if missing:
         warnings.warn(f"{Path(exp_dir) / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
