@@ -140,7 +140,7 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
 def _reference_run(exp_dir: Path) -> zarr.Group:
     """The first complete reference run holding sketched updates."""
     root = store.open_experiment(exp_dir / "store.zarr")
-    groups = [root[rid] for rid in store.runs(root)]
+    groups = list(store.run_groups(root).values())
     for group in groups:
         a = group.attrs
         if a.get("role") == "reference" and a.get("status") == "complete" and "update" in group:

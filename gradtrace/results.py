@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from gradtrace import store
 
@@ -19,8 +18,8 @@ def results_table(out: str | Path) -> pd.DataFrame:
     """One row per complete run, rebuilt from the store's attributes (the single source of truth)."""
     root = store.open_experiment(Path(out) / "store.zarr")
     rows = []
-    for rid in store.runs(root):
-        a = root[rid].attrs
+    for rid, run in store.run_groups(root).items():
+        a = run.attrs
         if a.get("status") != "complete":
             continue
         rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a["config"]["model"].get("init_from")),
@@ -75,8 +74,8 @@ def _warn_if_behind_the_store(exp_dir: str | Path, table: pd.DataFrame, role: st
     if not (Path(exp_dir) / "store.zarr").exists() or "run_id" not in table:
         return
     root = store.open_experiment(Path(exp_dir) / "store.zarr")
-    complete = {rid for rid, run in root.members() if isinstance(run, zarr.Group)  # one metadata read per run
-                and run.attrs.get("status") == "complete" and (role is None or run.attrs.get("role") == role)}
+    complete = {rid for rid, run in store.run_groups(root).items() if run.attrs.get("status") == "complete"
+                and (role is None or run.attrs.get("role") == role)}
     missing = sorted(complete - set(table["run_id"]))
     if missing:
         warnings.warn(f"{Path(exp_dir) / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "

@@ -383,7 +383,12 @@ def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
 
 def runs(root: zarr.Group) -> list[str]:
     """Run ids in an experiment store, sorted."""
-    return sorted(name for name, m in root.members() if isinstance(m, zarr.Group))
+    return list(run_groups(root))
+
+
+def run_groups(root: zarr.Group) -> dict[str, zarr.Group]:
+    """The run groups of an experiment store by run id, sorted, each read once (with its attributes)."""
+    return dict(sorted((name, m) for name, m in root.members() if isinstance(m, zarr.Group)))
 
 
 def summary(path: str | Path) -> str:

@@ -420,9 +420,8 @@ def _trained_anything(out: Path) -> bool:
     on a config error, say, leave nothing a new config would mix with)."""
     if not (out / "store.zarr").exists():
         return False
-    root = store.open_experiment(out / "store.zarr")
-    return any(root[rid].attrs.get("status") == "complete" or root[rid].attrs.get("last_durable_step", -1) > 0
-               for rid in store.runs(root))
+    runs = store.run_groups(store.open_experiment(out / "store.zarr")).values()
+    return any(run.attrs.get("status") == "complete" or run.attrs.get("last_durable_step", -1) > 0 for run in runs)
 
 
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):

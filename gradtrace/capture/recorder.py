@@ -116,7 +116,8 @@ class Recorder:
         self.total_steps = total_steps
         self.step = start_step  # optimizer steps completed
         self.probes = probes or []
-        repeated = sorted({p.split for p in self.probes if [q.split for q in self.probes].count(p.split) > 1})
+        splits = [p.split for p in self.probes]
+        repeated = sorted({s for s in splits if splits.count(s) > 1})
         if repeated:
             raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
         self.probe_losses = probe_losses or {}
