@@ -15,6 +15,10 @@ TINY = {"model.name": "micro", "train.steps": 40, "train.batch_size": 16, "train
         "train.checkpoint_every": 16, "capture.chunk": 8, "train.device": "cpu"}
 
 
+# Parametrize a test over these to run it on a GPU too where there is one (skipped elsewhere).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 def set_args(settings: dict) -> list[str]:
     """Config keys as the command line's `--set key=value` arguments."""
     return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]

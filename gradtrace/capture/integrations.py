@@ -130,8 +130,6 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         from gradtrace.tasks import probe_loss_functions
 
         probe_losses = probe_loss_functions(capture.probe_losses)
-    device = next(model.parameters()).device
-    probes = [Probe(p.split, p.tokens.to(device), p.mask.to(device)) for p in probes or []]
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
     if resume and run_id in root:
         _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash)

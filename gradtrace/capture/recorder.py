@@ -57,6 +57,10 @@ class Probe:
         if not self.mask.any():
             raise ValueError(f"probe {self.split!r}: mask marks no answer position; its probe losses would be NaN")
 
+    def to(self, device: torch.device) -> Probe:
+        """This probe with its tensors on `device` (the model's)."""
+        return Probe(self.split, self.tokens.to(device), self.mask.to(device))
+
 
 class Schedule:
     """Which optimizer steps are recorded: every n-th, or log-spaced (dense early, sparse late)."""
@@ -115,7 +119,7 @@ class Recorder:
         self.schedule = Schedule(cfg.schedule, cfg.every, total_steps)
         self.total_steps = total_steps
         self.step = start_step  # optimizer steps completed
-        self.probes = probes or []
+        self.probes = [probe.to(device) for probe in probes or []]
         splits = [p.split for p in self.probes]
         repeated = sorted({s for s in splits if splits.count(s) > 1})
         if repeated:
