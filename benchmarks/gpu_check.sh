@@ -1,28 +1,49 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared run for a lent GPU machine (the device tool), from the repository root:
-#   1. capture overhead on CUDA, tiny and pythia-70m (capture_overhead.py --device cuda), ~2 min;
-#   2. experiments/large.yaml's time on this GPU from 44-run slices run end to end by `gradtrace sweep` (its 4
-#      captured base runs, 4 captured reference runs, 36 sweep runs): on a pool of 4 workers, and in vmap ensembles
-#      of 8 on 2 workers (sweep_time.py), ~1-2 min each (not measured: no GPU was lent when this was written).
-# Results in $OUT (default benchmarks/out/gpu): one JSON file per check and log.txt. The machine's image has torch,
-# transformers and most of what gradtrace needs, not zarr: before the device run, fetch its wheels here with
+# The GPU checks as one prepared run for a lent GPU machine (the device tool), from the repository root; each step
+# has its own time limit, and a step that fails or runs out is reported and the next one runs:
+#   1. the tests' CUDA cases (tests/test_cuda.py, test_capture's `cuda` cases), ~1 min;
+#   2. capture overhead on CUDA, tiny and pythia-70m (capture_overhead.py --device cuda), ~2 min;
+#   3. experiments/large.yaml's time on this GPU from 44-run slices run end to end by `gradtrace sweep` (its 4
+#      captured base runs, 4 captured reference runs, 36 sweep runs) in fp32: on a pool of 8 workers, and in vmap
+#      ensembles of 8 on 2 workers (sweep_time.py; ensembles train in fp32 only), ~2-3 min each.
+# On an H200 (2026-12-04) the steps took ~40, ~35, ~120 and ~160 s, the machine's start ~1 min (benchmarks/README.md).
+# Results in $OUT (default benchmarks/out/gpu): one JSON file per check, pytest's report and log.txt. The machine's
+# image has torch, transformers and most of what gradtrace needs, not zarr: before the device run, fetch its wheels
+# here with
 #   benchmarks/gpu_wheels.sh        # into .whl/ (git-ignored); then run with carry [".whl"]:
 #   bash benchmarks/gpu_check.sh
-set -euo pipefail
+# A rehearsal on a CPU: DEVICE=cpu RUNS=4 SLICE_SET="--set sweep.pretrain_steps=20 ..." bash benchmarks/gpu_check.sh
+set -uo pipefail
 OUT=${OUT:-benchmarks/out/gpu}
+DEVICE=${DEVICE:-cuda}
+RUNS=${RUNS:-36}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, say how it ended
+  local name=$1 limit=$2 began=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit} s)"
+  timeout "$limit" "$@"
+  echo "== $name: exit $? after $((SECONDS - began)) s"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 -c "import sys, torch, transformers, zarr; print(sys.version.split()[0], 'torch', torch.__version__,
 'transformers', transformers.__version__, 'zarr', zarr.__version__, 'cuda', torch.cuda.is_available())"
-python3 benchmarks/capture_overhead.py --device cuda --no-wandb --out "$OUT/capture_overhead_cuda.json"
-for setting in "pool4:--set sweep.workers=4" "ensemble8:--set sweep.workers=2 --set sweep.ensemble=8"; do
+step tests 100 python3 -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/tests.xml" tests/test_cuda.py \
+  tests/test_capture.py -k cuda
+step capture_overhead 120 python3 benchmarks/capture_overhead.py --device "$DEVICE" --ks 4096,16384 --no-wandb \
+  --no-breakdown --out "$OUT/capture_overhead_$DEVICE.json"
+for setting in "pool8:--set sweep.workers=8" "ensemble8:--set sweep.workers=2 --set sweep.ensemble=8"; do
   # shellcheck disable=SC2086  # the settings are word lists
-  python3 benchmarks/sweep_time.py experiments/large.yaml --runs 36 --set train.device=cuda ${setting#*:} \
+  step "sweep_time ${setting%%:*}" 180 python3 benchmarks/sweep_time.py experiments/large.yaml --runs "$RUNS" \
+    --set train.device="$DEVICE" --set train.precision=fp32 ${setting#*:} ${SLICE_SET:-} \
     --out-json "$OUT/sweep_time_${setting%%:*}.json"
 done
