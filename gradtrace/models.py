@@ -24,6 +24,13 @@ class NeoXShape:
     max_positions: int = 64
     rotary_fraction: float = 1.0
 
+    def __post_init__(self) -> None:  # refused where the shape is written, not at a sweep's first run
+        if min(self.hidden, self.layers, self.heads, self.ffn, self.max_positions) < 1 or self.hidden % self.heads:
+            raise ValueError(f"{self}: sizes must be >= 1 and hidden divisible by heads (each head gets "
+                             "hidden // heads dimensions)")
+        if not 0 < self.rotary_fraction <= 1:
+            raise ValueError(f"{self}: rotary_fraction must be in (0, 1]")
+
 
 OUTPUT_LAYER_NAMES = ("lm_head.", "embed_out.")  # GPT-NeoX's output layer in transformers 5 and 4
 

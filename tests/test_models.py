@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from gradtrace.config import ModelConfig
-from gradtrace.models import EMBEDDED, OUTPUT_LAYER_NAMES, build_model
+from gradtrace.models import EMBEDDED, OUTPUT_LAYER_NAMES, NeoXShape, build_model
 
 
 @pytest.mark.parametrize("name", ["micro", "tiny", "pythia-70m"])
@@ -34,3 +34,10 @@ def test_init_from_weights_saved_under_the_other_releases_names(tmp_path):
     loaded = build_model(ModelConfig(name="micro", init_from=str(tmp_path / "base.safetensors")), vocab_size=20, seed=0)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.parametrize("sizes", [dict(hidden=90, heads=4), dict(hidden=96, heads=0), dict(layers=0),
+                                   dict(rotary_fraction=0.0)])
+def test_a_shape_that_cannot_be_built_is_refused_where_it_is_written(sizes):
+    with pytest.raises(ValueError, match="NeoXShape"):
+        NeoXShape(**{"hidden": 96, "layers": 3, "heads": 4, "ffn": 384, **sizes})
