@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import gradtrace
@@ -193,21 +196,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler cancelling or timing out the job, `kill`, `timeout`), handled as Ctrl-C is: the run
+    in this process records that it stopped, a sweep stops its workers and rewrites results.csv."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within: SIGTERM raises `Terminated` in the main thread (elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradtrace` console script."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with _sigterm_as_interrupt():
+            args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"gradtrace {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         again = "the same command with --resume" if args.command == "train" else "the same command"
         cluster = (" Runs already started on the cluster train on there until they end; a re-run refuses them "
                    "or waits for them until then." if getattr(args, "scheduler", None) else "")
-        print(f"\ngradtrace {args.command}: interrupted; what was complete is kept: run {again} to go on.{cluster}",
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"\ngradtrace {args.command}: {how}; what was complete is kept: run {again} to go on.{cluster}",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # output piped into a reader that stopped (`gradtrace info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's final flush then goes nowhere
         return 1

@@ -242,18 +242,29 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_sweeps_workers_end_with_it(tmp_path):
+def _sweep_process(tmp_path: Path, settings: dict) -> subprocess.Popen:
+    """`gradtrace sweep` of the tiny config with these settings into tmp_path/sweep, started in a subprocess that
+    writes its messages to tmp_path/stderr.txt (a pipe nobody reads could fill and stall it)."""
     from conftest import TINY, set_args
 
-    sets = {**TINY, "train.steps": 2000, "sweep.runs": 4, "sweep.workers": 2, "sweep.reference_runs": 0}
-    sweep = subprocess.Popen([sys.executable, "-m", "gradtrace.cli", "sweep", os.devnull, "--out", str(tmp_path),
-                              *set_args(sets)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(tmp_path / "stderr.txt", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "gradtrace.cli", "sweep", os.devnull, "--out",
+                                 str(tmp_path / "sweep"), *set_args({**TINY, "sweep.reference_runs": 0, **settings})],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+    assert condition(), "timed out"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_sweeps_workers_end_with_it(tmp_path):
+    sweep = _sweep_process(tmp_path, {"train.steps": 2000, "sweep.runs": 4, "sweep.workers": 2})
     try:
-        deadline = time.time() + 120
-        while len(_children(sweep.pid)) < 2 and time.time() < deadline:  # its two workers (and a helper or two)
-            time.sleep(0.2)
+        _wait_for(lambda: len(_children(sweep.pid)) >= 2)  # its two workers (and a helper or two)
         workers = _children(sweep.pid)
         assert len(workers) >= 2 and sweep.poll() is None
     finally:
@@ -266,6 +277,40 @@ def test_a_killed_sweeps_workers_end_with_it(tmp_path):
     for pid in alive:  # leave no orphan behind if the test fails
         os.kill(pid, signal.SIGKILL)
     assert not alive, "pool workers outlived the killed sweep"
+
+
+def test_a_terminated_sweep_stops_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a batch scheduler cancelling the job): the run training in the sweep's process records that it
+    stopped, results.csv is written, and the command says how to go on, with the signal's exit status."""
+    sweep = _sweep_process(tmp_path, {"sweep.pretrain_steps": 5000, "sweep.runs": 1, "sweep.workers": 1})
+    try:
+        _wait_for(lambda: (tmp_path / "sweep" / "checkpoints" / "base").exists() or sweep.poll() is not None)
+        sweep.send_signal(signal.SIGTERM)  # while the base run trains
+        sweep.wait(60)
+    finally:
+        sweep.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert sweep.returncode == 143, err
+    assert "terminated (SIGTERM); what was complete is kept: run the same command to go on" in err
+    attrs = zarr.open_group(tmp_path / "sweep" / "store.zarr", mode="r")["base"].attrs
+    assert attrs["status"] == "failed" and attrs["error"].startswith("Terminated")
+    assert (tmp_path / "sweep" / "results.csv").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_terminated_sweep_stops_its_workers_cleanly(tmp_path):
+    sweep = _sweep_process(tmp_path, {"train.steps": 2000, "sweep.runs": 4, "sweep.workers": 2})
+    try:
+        _wait_for(lambda: len(_children(sweep.pid)) >= 2 or sweep.poll() is not None)
+        workers = _children(sweep.pid)
+        sweep.send_signal(signal.SIGTERM)
+        sweep.wait(60)
+    finally:
+        sweep.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert sweep.returncode == 143, err
+    assert "leaked" not in err  # the pool was shut down, not abandoned
+    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30)
 
 
 def test_an_unknown_shift_is_refused_before_the_sweep_writes_its_plan(tmp_path):
