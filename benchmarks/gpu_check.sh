@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks as one prepared run for a lent GPU machine (the device tool), from the repository root; each step
 # has its own time limit, and a step that fails or runs out is reported and the next one runs:
-#   1. the tests' CUDA cases (tests/test_cuda.py, test_capture's `cuda` cases), ~1 min;
-#   2. capture overhead on CUDA, tiny and pythia-70m (capture_overhead.py --device cuda), ~2 min;
-#   3. experiments/large.yaml's time on this GPU from 44-run slices run end to end by `gradtrace sweep` (its 4
-#      captured base runs, 4 captured reference runs, 36 sweep runs) in fp32: on a pool of 8 workers, and in vmap
-#      ensembles of 8 on 2 workers (sweep_time.py; ensembles train in fp32 only), ~2-3 min each.
-# On an H200 (2026-12-04) the steps took ~40, ~35, ~120 and ~160 s, the machine's start ~1 min (benchmarks/README.md).
+#   1. the tests' CUDA cases (tests/test_cuda.py, test_capture's `cuda` cases), ~40 s;
+#   2. capture overhead on CUDA, tiny and pythia-70m (capture_overhead.py --device cuda), ~35 s;
+#   3. CountSketch off the CPU: the banded products against fewer, larger ones and a gather (gpu_sketch.py);
+#   4. experiments/large.yaml's time on this GPU from 44-run slices run end to end by `gradtrace sweep` (its 4
+#      captured base runs, 4 captured reference runs, 36 sweep runs) in fp32, for each of $SWEEPS: pool8 (a pool of
+#      8 workers, ~2 min, the default), pool4, ensemble8 (vmap ensembles of 8 on 2 workers, ~3 min; fp32 only).
+# On an H200 (2026-12-04) steps 1, 2 and 4 took ~40, ~35 and ~120 s (pool8), the machine's start ~1 min; all three
+# sweeps were measured then (benchmarks/README.md), so the default runs one to check it.
 # Results in $OUT (default benchmarks/out/gpu): one JSON file per check, pytest's report and log.txt. The machine's
 # image has torch, transformers and most of what gradtrace needs, not zarr: before the device run, fetch its wheels
 # here with
@@ -17,6 +19,7 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/out/gpu}
 DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-36}
+SWEEPS=${SWEEPS:-pool8}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 if [ -d .whl ]; then
@@ -41,9 +44,16 @@ step tests 100 python3 -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/tes
   tests/test_capture.py -k cuda
 step capture_overhead 120 python3 benchmarks/capture_overhead.py --device "$DEVICE" --ks 4096,16384 --no-wandb \
   --no-breakdown --out "$OUT/capture_overhead_$DEVICE.json"
-for setting in "pool8:--set sweep.workers=8" "ensemble8:--set sweep.workers=2 --set sweep.ensemble=8"; do
+step gpu_sketch 90 python3 benchmarks/gpu_sketch.py --device "$DEVICE" --out "$OUT/gpu_sketch_$DEVICE.json"
+for name in $SWEEPS; do
+  case $name in
+    pool8) setting="--set sweep.workers=8" ;;
+    pool4) setting="--set sweep.workers=4" ;;
+    ensemble8) setting="--set sweep.workers=2 --set sweep.ensemble=8" ;;
+    *) echo "unknown sweep setting $name (pool8, pool4, ensemble8)"; continue ;;
+  esac
   # shellcheck disable=SC2086  # the settings are word lists
-  step "sweep_time ${setting%%:*}" 180 python3 benchmarks/sweep_time.py experiments/large.yaml --runs "$RUNS" \
-    --set train.device="$DEVICE" --set train.precision=fp32 ${setting#*:} ${SLICE_SET:-} \
-    --out-json "$OUT/sweep_time_${setting%%:*}.json"
+  step "sweep_time $name" 200 python3 benchmarks/sweep_time.py experiments/large.yaml --runs "$RUNS" \
+    --set train.device="$DEVICE" --set train.precision=fp32 $setting ${SLICE_SET:-} \
+    --out-json "$OUT/sweep_time_$name.json"
 done
