@@ -10,7 +10,8 @@ each one's time and its ratio to the banded one's.
     python benchmarks/gpu_sketch.py --device cuda                      # pythia-70m shape, k = 4096 and 16384
     python benchmarks/gpu_sketch.py --device cpu --model tiny --reps 5  # a rehearsal (the CPU trains by kernels)
 
-Writes `benchmarks/out/gpu_sketch.json`: a list of {"model", "device", "k", "variant", "launches", "ms", "ratio"}.
+Writes `benchmarks/out/gpu_sketch.json` (after each k): a list of {"model", "device", "k", "variant", "launches",
+"ms", "ratio"}.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def main() -> None:
     device = torch.device(args.device)
     layout = ParamLayout.of(build_model(ModelConfig(name=args.model), CharTokenizer().vocab_size, seed=0))
     flat = torch.randn(layout.size, generator=torch.Generator().manual_seed(0)).to(device)
-    records = []
+    records, out = [], Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for k in (int(k) for k in args.ks.split(",")):
         reference = banded(layout, k, device, CountSketch.BAND)
         expected = reference.apply_csr(flat)
@@ -96,9 +98,7 @@ def main() -> None:
                             "launches": launches, "ms": round(ms, 3), "ratio": round(ms / base_ms, 3)})
             print(f"{args.model} k={k:<6} {name:<22} {launches:>4} product(s)  {ms:8.3f} ms  {ms / base_ms:6.3f}",
                   flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
+        out.write_text(json.dumps(records, indent=1))  # each k's as it ends: a run stopped at its limit keeps them
     print(f"wrote {out}")
 
 
