@@ -16,7 +16,8 @@ TINY = {"model.name": "micro", "train.steps": 40, "train.batch_size": 16, "train
 
 
 # Parametrize a test over these to run it on a GPU too where there is one (skipped elsewhere).
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = ["cpu",
+           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def set_args(settings: dict) -> list[str]:
