@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -451,7 +452,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
     try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                                  initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
             try:
@@ -512,9 +513,17 @@ def job_threads(cfg: Config, job: list[PlannedRun]) -> int:
     return cfg.train.threads if alone or cfg.sweep.workers <= 1 else 1
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A pool worker's start: end the worker when the sweep that started it dies (killed, it cannot tell its
-    workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work."""
+def _start_worker(parent: int) -> None:
+    """A pool worker's start: Ctrl-C (SIGINT to the terminal's whole process group) is left to the sweep, which
+    stops its workers in order, and the worker ends when the sweep that started it dies (killed, it cannot tell
+    its workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work.
+    tqdm's write lock is a thread lock here: its default, a multiprocessing semaphore, outlives a stopped worker
+    and had Python report "leaked semaphore objects" as the sweep ended."""
+    from tqdm.std import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1)

@@ -250,7 +250,8 @@ def _sweep_process(tmp_path: Path, settings: dict) -> subprocess.Popen:
     with open(tmp_path / "stderr.txt", "w") as err:
         return subprocess.Popen([sys.executable, "-m", "gradtrace.cli", "sweep", os.devnull, "--out",
                                  str(tmp_path / "sweep"), *set_args({**TINY, "sweep.reference_runs": 0, **settings})],
-                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                start_new_session=True)  # a process group of its own, as a terminal's command has
 
 
 def _wait_for(condition, seconds: float = 120) -> None:
@@ -298,19 +299,28 @@ def test_a_terminated_sweep_stops_as_ctrl_c_does(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_terminated_sweep_stops_its_workers_cleanly(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM to the sweep", "Ctrl-C: SIGINT to its process group"])
+def test_a_stopped_sweep_stops_its_workers_cleanly(tmp_path, stop):
+    """The sweep stops its workers (theirs is no SIGINT of their own), so the runs they trained are left to resume,
+    and nothing of theirs outlives them (tqdm's multiprocessing lock did: "leaked semaphore objects")."""
     sweep = _sweep_process(tmp_path, {"train.steps": 2000, "sweep.runs": 4, "sweep.workers": 2})
     try:
-        _wait_for(lambda: len(_children(sweep.pid)) >= 2 or sweep.poll() is not None)
+        _wait_for(lambda: (tmp_path / "sweep" / "checkpoints" / "run-000").exists() or sweep.poll() is not None)
         workers = _children(sweep.pid)
-        sweep.send_signal(signal.SIGTERM)
+        if stop.startswith("SIGTERM"):
+            sweep.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(sweep.pid, signal.SIGINT)
         sweep.wait(60)
     finally:
         sweep.kill()
     err = (tmp_path / "stderr.txt").read_text()
-    assert sweep.returncode == 143, err
-    assert "leaked" not in err  # the pool was shut down, not abandoned
+    assert sweep.returncode == (143 if stop.startswith("SIGTERM") else 130), err
+    assert "leaked" not in err
     _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30)
+    runs = zarr.open_group(tmp_path / "sweep" / "store.zarr", mode="r").groups()
+    statuses = [run.attrs["status"] for _, run in runs]
+    assert "running" in statuses and "failed" not in statuses  # stopped by the sweep, left to resume
 
 
 def test_an_unknown_shift_is_refused_before_the_sweep_writes_its_plan(tmp_path):
