@@ -142,9 +142,10 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
     so only for trajectories over 2 GiB.
     """
     root = _open_store(exp_dir_or_store)
-    available = store.runs(root)
+    groups = store.run_groups(root)
+    available = list(groups)
     if run_ids is None:
-        chosen = [r for r in available if root[r].attrs.get("role") == role]
+        chosen = [r for r in available if groups[r].attrs.get("role") == role]
         if not chosen:
             raise ValueError(f"no reference runs (role == {role!r}) in {root.store}; runs there: "
                              f"{available[:10]}{' …' if len(available) > 10 else ''}. Set sweep.reference_runs ≥ 1 "
@@ -154,19 +155,19 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
         if missing:
             raise KeyError(f"runs {missing} are not in the store; it holds {available[:10]}")
         chosen = list(run_ids)
-    unfinished = [r for r in chosen if root[r].attrs.get("status") != "complete"]
+    unfinished = [r for r in chosen if groups[r].attrs.get("status") != "complete"]
     if unfinished:
         warnings.warn(f"skipping reference runs that are not complete: {unfinished}", UserWarning, stacklevel=2)
         chosen = [r for r in chosen if r not in unfinished]
     if not chosen:
         raise ValueError("no complete reference run to load; finish or resume the reference runs first")
 
-    first = dict(root[chosen[0]].attrs)
+    first = dict(groups[chosen[0]].attrs)
     for name in ("sketch", "splits", "probe_losses"):
         if not first.get(name):
             raise KeyError(f"run {chosen[0]!r} lacks the {name!r} attribute that storage/README.md requires")
     for rid in chosen[1:]:
-        attrs = dict(root[rid].attrs)
+        attrs = dict(groups[rid].attrs)
         try:
             store.check_compatible(first["sketch"], attrs.get("sketch") or {})
         except ValueError as err:
@@ -175,7 +176,7 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
             if list(attrs.get(name) or []) != list(first[name]):
                 raise ValueError(f"reference runs {chosen[0]!r} and {rid!r} have different {name}: "
                                  f"{first[name]} vs {attrs.get(name)}; load runs of one experiment config")
-    runs = tuple(_load_run(root[rid], rid, lazy) for rid in chosen)
+    runs = tuple(_load_run(groups[rid], rid, lazy) for rid in chosen)
     bad = [r.run_id for r in runs if r.nonfinite_steps]
     if bad:
         warnings.warn(f"reference runs {bad} recorded non-finite gradients; predictions that use their "
@@ -949,7 +950,8 @@ def _sweep_wall_time(exp_dir: Path, sweep: pd.DataFrame) -> float:
         root = _open_store(exp_dir)
     except (FileNotFoundError, ValueError):
         return float("nan")
-    times = [root[r].attrs.get("wall_time_s") for r in store.runs(root) if root[r].attrs.get("role") == "sweep"]
+    times = [run.attrs.get("wall_time_s") for run in store.run_groups(root).values()
+             if run.attrs.get("role") == "sweep"]
     times = [t for t in times if t is not None]
     return float(sum(times)) if times else float("nan")
 

@@ -97,9 +97,10 @@ def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> di
     per_run = []
     splits: list[str] = []
     for rid in table["run_id"]:
-        if "eval/correct" not in root[rid]:
+        run = root[rid]
+        if "eval/correct" not in run:
             return {}
-        arr = root[rid]["eval/correct"]
+        arr = run["eval/correct"]
         splits = list(arr.attrs["splits"])
         per_run.append(arr[...])
     stacked = np.stack(per_run)  # runs × splits × items

@@ -395,14 +395,15 @@ def summary(path: str | Path) -> str:
     """A human-readable summary of a store: runs, statuses, steps, sketch, arrays and sizes. Consecutive runs alike
     (the same status, steps, sketch and array shapes, as a sweep's runs are) are listed in full once, then counted."""
     root = open_experiment(path)
-    ids = runs(root)
-    lines = [f"{path}: gradtrace store, schema v{root.attrs.get('schema_version')}, {len(ids)} run(s)"]
+    groups = run_groups(root)
+    lines = [f"{path}: gradtrace store, schema v{root.attrs.get('schema_version')}, {len(groups)} run(s)"]
     counts: dict[str, int] = {}
-    for rid in ids:
-        status = root[rid].attrs.get("status", "?")
+    for run in groups.values():
+        status = run.attrs.get("status", "?")
         counts[status] = counts.get(status, 0) + 1
     lines.append("status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    for _, alike in itertools.groupby((_RunListing.of(root[rid], rid) for rid in ids), key=lambda r: r.kind):
+    listings = (_RunListing.of(run, rid) for rid, run in groups.items())
+    for _, alike in itertools.groupby(listings, key=lambda r: r.kind):
         first, *rest = alike
         lines += first.lines
         if rest:
@@ -471,8 +472,7 @@ def _write_hdf5(root: zarr.Group, out: Path) -> None:
 
     with h5py.File(out, "w") as h5:
         h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
-        for rid in runs(root):
-            g = root[rid]
+        for rid, g in run_groups(root).items():
             hg = h5.create_group(rid)
             hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
             for name, arr in _arrays(g).items():
