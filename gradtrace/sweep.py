@@ -519,10 +519,10 @@ def _start_worker(parent: int) -> None:
     its workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work.
     tqdm's write lock is a thread lock here: its default, a multiprocessing semaphore, outlives a stopped worker
     and had Python report "leaked semaphore objects" as the sweep ended."""
-    from tqdm.std import tqdm
+    from tqdm.std import tqdm as every_tqdm  # the base class: tqdm.auto's and any library's bars share its lock
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tqdm.set_lock(threading.RLock())
+    every_tqdm.set_lock(threading.RLock())
 
     def watch() -> None:
         while os.getppid() == parent:
