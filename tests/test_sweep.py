@@ -261,6 +261,17 @@ def _wait_for(condition, seconds: float = 120) -> None:
     assert condition(), "timed out"
 
 
+def _assert_ended(workers: set[int], seconds: float = 30) -> None:
+    """The sweep's worker processes end within `seconds` (any left are killed: no orphan outlives a failed test)."""
+    deadline = time.time() + seconds
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "pool workers outlived the sweep"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_sweeps_workers_end_with_it(tmp_path):
     sweep = _sweep_process(tmp_path, {"train.steps": 2000, "sweep.runs": 4, "sweep.workers": 2})
@@ -271,13 +282,7 @@ def test_a_killed_sweeps_workers_end_with_it(tmp_path):
     finally:
         sweep.kill()  # SIGKILL: the sweep cannot tell its workers
         sweep.wait()
-    deadline = time.time() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
-        time.sleep(0.2)
-    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
-    for pid in alive:  # leave no orphan behind if the test fails
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "pool workers outlived the killed sweep"
+    _assert_ended(workers)
 
 
 def test_a_terminated_sweep_stops_as_ctrl_c_does(tmp_path):
@@ -317,7 +322,7 @@ def test_a_stopped_sweep_stops_its_workers_cleanly(tmp_path, stop):
     err = (tmp_path / "stderr.txt").read_text()
     assert sweep.returncode == (143 if stop.startswith("SIGTERM") else 130), err
     assert "leaked" not in err
-    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30)
+    _assert_ended(workers)
     runs = zarr.open_group(tmp_path / "sweep" / "store.zarr", mode="r").groups()
     statuses = [run.attrs["status"] for _, run in runs]
     assert "running" in statuses and "failed" not in statuses  # stopped by the sweep, left to resume
