@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradtrace.capture.sketch import SKETCHES, ParamLayout, Sketch, make_sketch
+from gradtrace.capture.sketch import SKETCHES, CountSketch, ParamLayout, Sketch, make_sketch
 from gradtrace.store import check_compatible
 
 LAYOUT = ParamLayout(("emb", "w1", "b1", "head"), ((50, 96), (96, 96), (96,), (96, 50)))
@@ -94,6 +94,10 @@ def test_countsketch_cpu_kernel_matches_sparse_product_and_index_add(k):
     torch.testing.assert_close(sk.apply(x), reference, rtol=0, atol=0)
     torch.testing.assert_close(sk.apply_tensors(tensors), reference, rtol=0, atol=0)
     torch.testing.assert_close(sk.apply_csr(x), reference, rtol=1e-5, atol=1e-4)
+    for band in (3, CountSketch.BANDS["cuda"]):  # any band width gives the same map (CUDA's is wider)
+        banded = make_sketch("countsketch", LAYOUT, k, seed=2)
+        banded.band = band
+        torch.testing.assert_close(banded.apply_csr(x), reference, rtol=1e-5, atol=1e-4)
     cuts = [0, 7, 4097, 5000, LAYOUT.size]
     shards = sum(sk.apply_range(x[a:b], a) for a, b in zip(cuts, cuts[1:]))
     torch.testing.assert_close(shards, reference, rtol=1e-5, atol=1e-4)
