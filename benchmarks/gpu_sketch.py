@@ -1,9 +1,11 @@
-"""CountSketch off the CPU: the banded sparse products the Recorder uses there, against fewer, larger products and a
-gather formulation, timed on one device in one run.
+"""CountSketch off the CPU: the banded sparse products the Recorder uses there, against fewer, larger products, a
+gather and a scatter formulation, and (on a GPU) the banded products replayed as one CUDA graph, timed on one
+device in one run.
 
-On an H200 the Recorder's cost was the host's time launching kernels (benchmarks/README.md, gpu_check.sh), and
-`CountSketch.apply_csr` launches one sparse product per band of `BAND` = 256 blocks of k coordinates: 68 for
-pythia-70m at k = 4096. This times one sketch of a flat vector of the model's size by each variant (median of
+On an H200 the Recorder's cost was mostly the sketches' sparse products (benchmarks/README.md, gpu_check.sh):
+`CountSketch.apply_csr` launches one sparse product per band of `band` blocks of k coordinates (`CountSketch.BANDS`
+by device: 1024 on CUDA since this benchmark's first GPU run, 256 before and elsewhere: 68 products for pythia-70m
+at k = 4096). This times one sketch of a flat vector of the model's size by each variant (median of
 `--reps`, each ended by a device synchronisation), checks every variant's sketch against the banded one, and prints
 each one's time and its ratio to the banded one's.
 
@@ -48,7 +50,7 @@ def timed_ms(fn: Callable[[], torch.Tensor], device: torch.device, reps: int) ->
 def banded(layout: ParamLayout, k: int, device: torch.device, band: int) -> CountSketch:
     """The Recorder's CountSketch (seed 0) with `band` blocks per sparse product."""
     sketch = CountSketch(layout, k, seed=0, device=device)
-    sketch.BAND = band
+    sketch.band = band
     return sketch
 
 
@@ -67,6 +69,37 @@ def gather_sketch(sketch: CountSketch) -> Callable[[torch.Tensor], torch.Tensor]
     return apply
 
 
+def scatter_sketch(sketch: CountSketch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same map as one signed product and one index_add_ into the k buckets (atomic adds on a GPU), from a
+    precomputed int64 bucket per coordinate."""
+    buckets = sketch.buckets(0, sketch.layout.size)
+
+    def apply(flat: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(sketch.dim, device=flat.device).index_add_(0, buckets, flat * sketch.signs)
+    return apply
+
+
+def graphed(fn: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`fn` captured once into a CUDA graph on a static copy of `flat`: each call copies its input in and replays
+    every launch as one."""
+    static_in = flat.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (workspace allocation, as the docs ask)
+        for _ in range(3):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def apply(values: torch.Tensor) -> torch.Tensor:
+        static_in.copy_(values)
+        graph.replay()
+        return static_out
+    return apply
+
+
 def main() -> None:
     """Parse arguments, time every variant at every k, print the table and write the JSON records."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,13 +115,19 @@ def main() -> None:
     records, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in (int(k) for k in args.ks.split(",")):
-        reference = banded(layout, k, device, CountSketch.BAND)
+        reference = CountSketch(layout, k, seed=0, device=device)
         expected = reference.apply_csr(flat)
-        blocks = reference.blocks
-        variants = {f"banded {CountSketch.BAND} (now)": (reference.apply_csr, -(-blocks // CountSketch.BAND))}
-        for band in (1024, blocks):
+        blocks, now = reference.blocks, reference.band
+        variants = {f"banded {now} (now)": (reference.apply_csr, -(-blocks // now))}
+        for band in sorted({256, 1024, 4096, blocks} - {now}):
             variants[f"banded {band}"] = (banded(layout, k, device, band).apply_csr, -(-blocks // band))
         variants["gather"] = (gather_sketch(reference), 1)
+        variants["scatter"] = (scatter_sketch(reference), 1)
+        if device.type == "cuda":
+            try:
+                variants[f"banded {now} graphed"] = (graphed(reference.apply_csr, flat), 1)
+            except RuntimeError as error:  # sparse products may not be capturable: say so, time the rest
+                print(f"banded {now} graphed: not capturable ({error})", flush=True)
         base_ms = None
         for name, (fn, launches) in variants.items():
             torch.testing.assert_close(fn(flat), expected, rtol=1e-4, atol=1e-3, msg=name)
