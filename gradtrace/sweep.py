@@ -451,9 +451,10 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
         return
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
+    context, gpus = get_context("spawn"), worker_gpus(cfg.train.device)
     try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                                 initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                 initargs=(os.getpid(), gpus, context.Value("i", 0) if gpus else None)) as pool:
             futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
             try:
                 while futures:
@@ -513,16 +514,36 @@ def job_threads(cfg: Config, job: list[PlannedRun]) -> int:
     return cfg.train.threads if alone or cfg.sweep.workers <= 1 else 1
 
 
-def _start_worker(parent: int) -> None:
+def worker_gpus(device: str) -> list[str]:
+    """The GPUs a local pool's workers take in turn, one each, where runs train on `cuda` (or `auto`) and this
+    process sees more than one: their entries of CUDA_VISIBLE_DEVICES, or their indices. Otherwise none, and
+    every worker sees what this process sees (a run given `cuda:N` trains there)."""
+    if device not in ("cuda", "auto"):
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [d.strip() for d in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
+
+
+def _start_worker(parent: int, gpus: list[str], started=None) -> None:
     """A pool worker's start: Ctrl-C (SIGINT to the terminal's whole process group) is left to the sweep, which
     stops its workers in order, and the worker ends when the sweep that started it dies (killed, it cannot tell
     its workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work.
     tqdm's write lock is a thread lock here: its default, a multiprocessing semaphore, outlives a stopped worker
-    and had Python report "leaked semaphore objects" as the sweep ended."""
+    and had Python report "leaked semaphore objects" as the sweep ended. Given `gpus`, the worker sees one of
+    them, the next in turn by `started` (a shared count of the workers started), before anything touches CUDA."""
     from tqdm.std import tqdm as every_tqdm  # the base class: tqdm.auto's and any library's bars share its lock
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     every_tqdm.set_lock(threading.RLock())
+    if gpus:
+        with started.get_lock():
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[started.value % len(gpus)]
+            started.value += 1
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -576,6 +576,50 @@ def test_a_closed_dispatch_stops_its_pool_at_once(tmp_path):
     assert not (tmp_path / "store.zarr" / "run-003").exists()  # queued behind the others: never started
 
 
+def test_pool_workers_spread_over_the_gpus_the_sweep_sees(monkeypatch):
+    """With runs on `cuda` or `auto` and several GPUs visible, a local pool's workers take them in turn (their
+    CUDA_VISIBLE_DEVICES entries, or indices); with one GPU, or runs the config places, workers see what it sees."""
+    import torch
+
+    from gradtrace.sweep import worker_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus("cuda") == worker_gpus("auto") == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, GPU-8f2c,7")
+    assert worker_gpus("auto") == ["4", "GPU-8f2c", "7"]
+    assert worker_gpus("cpu") == worker_gpus("cuda:1") == worker_gpus("mps") == []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_gpus("cuda") == []
+
+
+_ALL_STARTED = None  # a worker's barrier: each task waits for every worker to hold one
+
+
+def _start_worker_with_barrier(barrier, *args) -> None:
+    global _ALL_STARTED
+    _ALL_STARTED = barrier
+    from gradtrace.sweep import _start_worker
+    _start_worker(*args)
+
+
+def _gpu_seen(_) -> str:
+    _ALL_STARTED.wait(timeout=120)
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_each_pool_worker_sees_one_gpu_in_turn():
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    context = get_context("spawn")
+    barrier, started = context.Barrier(3), context.Value("i", 0)
+    with ProcessPoolExecutor(3, mp_context=context, initializer=_start_worker_with_barrier,
+                             initargs=(barrier, os.getpid(), ["4", "7"], started)) as pool:
+        seen = sorted(pool.map(_gpu_seen, range(3)))  # three tasks held at the barrier at once: three workers
+    assert seen == ["4", "4", "7"] and started.value == 3
+
+
 def test_a_cluster_job_runs_alone_in_its_worker_and_refuses_unpinned_kernels(tmp_path, monkeypatch):
     import threading
 
