@@ -75,7 +75,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler) | auto (bf16 on CUDA, else fp32)
     threads: int = 0  # torch threads; 0 leaves torch's default
     cpu_kernels: str = "native"  # native (the best this CPU has) | avx2 (torch's, oneDNN's and MKL's kernels pinned
-    # to AVX2 before a run computes: the same rounding on every x86 CPU with AVX2; gradtrace/kernels.py)
+    # to AVX2 before a run computes: the same rounding on AMD x86 CPUs with AVX2, not Intel's; gradtrace/kernels.py)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
 
     def __post_init__(self) -> None:  # eps is checked by torch's AdamW

@@ -1,11 +1,12 @@
-"""CPU kernel pinning: one float rounding, and so one realisation of a chaotic study, on every x86 CPU with AVX2.
+"""CPU kernel pinning: one float rounding, and so one realisation of a chaotic study, on AMD x86 CPUs with AVX2.
 
 torch picks its CPU kernels by the instruction set it finds (AVX2, AVX-512, …), and so do the oneDNN and MKL
 libraries it calls; the choices round differently, and a base run trained for hundreds of steps amplifies one
-rounding into another model (experiments/README.md). Pinning all three to AVX2 gives every x86-64 CPU with AVX2
-the same kernels. Each reads its setting from the environment once, when first used, so it is set before a run
-computes, and a process keeps its kernels for life: the settings stay in its environment, so that the worker
-processes it starts run what it runs.
+rounding into another model (experiments/README.md). Pinning all three to AVX2 gave AMD Zen 3 and Zen 4 CPUs one
+base; an Intel Xeon still trained another (MKL's products take vendor-specific paths, and its setting for the same
+results across vendors, MKL_CBWR=COMPATIBLE, took 1.75× the base run's time there: not used). Each reads its
+setting from the environment once, when first used, so it is set before a run computes, and a process keeps its
+kernels for life: the settings stay in its environment, so that the worker processes it starts run what it runs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 # torch's own kernels and oneDNN's: each changed a base's weights on an AVX-512 AMD CPU (MKL's setting did not: MKL
-# takes its AVX2 paths on AMD CPUs; it is pinned for Intel CPUs with AVX-512, where it would not)
+# takes its AVX2 paths on AMD CPUs; it is pinned for Intel CPUs with AVX-512, where it would not, though their AVX2
+# paths are not AMD's)
 PINNED_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 CHOICES = ("native", *PINNED_ENV)
 
