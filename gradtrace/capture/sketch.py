@@ -173,8 +173,8 @@ class CountSketch(Sketch):
     held as sparse k × (columns) CSR matrices of ±1, one per band of `band` blocks (int32 indices), built on first
     use: a sketch is a few sparse matrix-vector products. Banding keeps the coordinates one output row reads within
     a few cache lines: on the CPUs measured, one matrix over all of a 70M-parameter model's 17k blocks was 8-12×
-    slower than bands of 256, and bands of 1024 1.5×. On an H200 bands of 1024 were fastest (a sketch of
-    pythia-70m at k = 4096 in 0.66 ms, against 2.7 ms with 256): benchmarks/gpu_sketch.py.
+    slower than bands of 256 (bands of 1024: 1.5× on an Intel Xeon). On an H200 bands of 1024 were fastest (a
+    sketch of pythia-70m at k = 4096 in 0.66 ms, against 2.7 ms with 256): benchmarks/gpu_sketch.py.
     """
 
     kind = "countsketch"
