@@ -965,7 +965,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     baselines). A predictor that cannot run on this experiment is reported with NaN scores and its error in `note`.
     """
     from gradtrace import config as config_module
-    from gradtrace.results import base_groups
+    from gradtrace.results import base_groups, load_results
 
     exp_dir = Path(exp_dir)
     for required in ("config.yaml", "results.csv"):
@@ -978,8 +978,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     n_items = int(cfg.task.n_test)
 
     reference = load_reference(exp_dir, role=cfg.predict.reference_role)
-    results = pd.read_csv(exp_dir / "results.csv")
-    sweep = results[results["role"] == "sweep"] if "role" in results.columns else results
+    sweep = load_results(exp_dir, role="sweep")  # warns where the sweep is not finished
     if sweep.empty:
         raise ValueError(f"{exp_dir / 'results.csv'} has no rows with role == 'sweep' to observe")
     within = base_groups(sweep)  # runs from several base runs: correlated within base

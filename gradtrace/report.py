@@ -10,6 +10,7 @@ paper/build.py reuses `load_inputs` and `build_figures`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import html
@@ -31,7 +32,7 @@ from matplotlib.figure import Figure
 
 import gradtrace
 from gradtrace import figures, store, subspace
-from gradtrace.results import base_groups
+from gradtrace.results import base_groups, describe_unfinished, unfinished_runs
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -48,7 +49,7 @@ SECTIONS = (
     ("provenance", "Provenance"),
 )
 
-SECTION_INPUTS = {"results": ("results", "reliability"), "correlations": ("stats",),
+SECTION_INPUTS = {"results": ("unfinished", "results", "reliability"), "correlations": ("stats",),
                   "predictions": ("predictions", "scores"), "gap": ("gap",)}  # whose missing-input notes each shows
 
 
@@ -170,6 +171,11 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
                                 "directory a sweep or `gradtrace train` wrote")
     inputs = Inputs(exp_dir)
     inputs.results = _read_csv(inputs, "results", "results.csv")
+    if (exp_dir / "store.zarr").exists():
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a damaged store: the reference's note says so
+            if unfinished := describe_unfinished(unfinished_runs(exp_dir)):
+                inputs.notes["unfinished"] = (f"The sweep is not finished: of its planned runs, {unfinished}; every "
+                                              "table and figure here covers the complete runs only.")
     if inputs.results is None:
         inputs.notes.setdefault("results", f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`.")
     elif compute_missing:

@@ -1,6 +1,7 @@
 """The results table (runs × splits accuracies with each run's settings) and per-item correctness."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -57,31 +58,70 @@ def write_results(table: pd.DataFrame, out: str | Path) -> None:
 
 
 def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFrame:
-    """The experiment's results table (results.csv), optionally only runs of one role."""
+    """The experiment's results table (results.csv), optionally only runs of one role; warns where the experiment
+    is not finished (what is computed from the table then covers only the runs complete so far)."""
     path = Path(exp_dir) / "results.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)
     if role is not None and "role" in table:
         table = table[table["role"] == role].reset_index(drop=True)
-    _warn_if_behind_the_store(exp_dir, table, role)
+    _warn_if_incomplete(exp_dir, table, role)
     return table
 
 
-def _warn_if_behind_the_store(exp_dir: str | Path, table: pd.DataFrame, role: str | None) -> None:
-    """Warn where the store holds complete runs that results.csv lacks: a sweep stopped before it rewrote the table
-    (a kill; a cluster's runs that trained on after Ctrl-C), whose re-run lists them."""
-    if not (Path(exp_dir) / "store.zarr").exists() or "run_id" not in table:
+def unfinished_runs(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, list[str]]:
+    """The runs of an experiment's plan (plan.json; without one, its store's runs) of one role that are not
+    complete, by what the store says of each: `failed`, `running` (training now, or stopped by a kill) and
+    `not started`. Empty lists for a finished experiment."""
+    exp_dir = Path(exp_dir)
+    groups = store.run_groups(store.open_experiment(exp_dir / "store.zarr")) if (exp_dir / "store.zarr").exists() \
+        else {}
+    if (exp_dir / "plan.json").exists():
+        planned = [r["run_id"] for r in json.loads((exp_dir / "plan.json").read_text())
+                   if role is None or r["role"] == role]
+    else:
+        planned = [rid for rid, run in groups.items() if role is None or run.attrs.get("role") == role]
+    unfinished: dict[str, list[str]] = {"failed": [], "running": [], "not started": []}
+    for rid in planned:
+        status = groups[rid].attrs.get("status") if rid in groups else "not started"
+        if status != "complete":
+            unfinished[status if status in ("failed", "not started") else "running"].append(rid)
+    return unfinished
+
+
+def describe_unfinished(unfinished: dict[str, list[str]]) -> str:
+    """`unfinished_runs` in words: "2 failed (run-004, run-017), 1 running or stopped"; "" when none."""
+    words = {"failed": "failed", "running": "running or stopped", "not started": "not started"}
+    return ", ".join(f"{len(ids)} {words[status]} ({_first_five(ids)})" for status, ids in unfinished.items() if ids)
+
+
+def _first_five(run_ids: list[str]) -> str:
+    return ", ".join(run_ids[:5]) + (" …" if len(run_ids) > 5 else "")
+
+
+def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | None) -> None:
+    """Warn where results.csv lacks complete runs of the store (a sweep stopped before it rewrote the table: a kill;
+    a cluster's runs that trained on after Ctrl-C), or where runs of the plan are not complete (failed, running,
+    stopped, not started): either way an analysis of the table leaves runs out."""
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / "store.zarr").exists() or "run_id" not in table:
         return
-    root = store.open_experiment(Path(exp_dir) / "store.zarr")
+    root = store.open_experiment(exp_dir / "store.zarr")
     complete = {rid for rid, run in store.run_groups(root).items() if run.attrs.get("status") == "complete"
                 and (role is None or run.attrs.get("role") == role)}
     missing = sorted(complete - set(table["run_id"]))
     if missing:
-        warnings.warn(f"{Path(exp_dir) / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
-                      f"({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}): a sweep stopped before it rewrote "
+        warnings.warn(f"{exp_dir / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
+                      f"({_first_five(missing)}): a sweep stopped before it rewrote "
                       "the table; run the sweep again to finish it (or `gradtrace.results.write_results("
                       "results_table(DIR), DIR)`)", UserWarning, stacklevel=3)
+    unfinished = unfinished_runs(exp_dir, role)
+    if any(unfinished.values()):
+        warnings.warn(f"{exp_dir} is not finished: of its planned {role + ' ' if role else ''}runs, "
+                      f"{describe_unfinished(unfinished)} (`gradtrace info {exp_dir}` shows why a run failed); "
+                      f"results.csv holds the {len(table)} complete, and what is computed from it covers those only. "
+                      "Run the sweep again to finish it (it retries failed runs).", UserWarning, stacklevel=3)
 
 
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:

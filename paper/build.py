@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", required=True, help="experiment directory (e.g. storage/default)")
     parser.add_argument("--out", default=str(HERE), help="where figures/ and build/ go (default: paper/)")
     parser.add_argument("--template", default=str(HERE / "paper.md"), help="the paper's text with placeholders")
-    parser.add_argument("--strict", action="store_true", help="fail when any placeholder has no value")
+    parser.add_argument("--strict", action="store_true", help="fail when any placeholder has no value or the sweep is not finished")
     args = parser.parse_args(argv)
 
     exp = Path(args.store)
@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"figures: {drawn} of {len(items)} in {out / 'figures'}; paper: {target}")
     for line in filler.missing:
         print(f"missing: {line}", file=sys.stderr)
-    return 1 if args.strict and filler.missing else 0
+    if "unfinished" in inputs.notes:
+        print(f"warning: {inputs.notes['unfinished']}", file=sys.stderr)
+    return 1 if args.strict and (filler.missing or "unfinished" in inputs.notes) else 0
 
 
 if __name__ == "__main__":

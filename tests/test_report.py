@@ -3,8 +3,10 @@ and rendered by headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import base64
+import html
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -347,3 +349,25 @@ def test_the_code_commit_says_when_the_package_was_modified(tmp_path: Path, monk
     assert len(clean) == 40
     (package / "__init__.py").write_text("x = 2\n")
     assert report._git_commit() == clean + " (modified)"
+
+
+def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(written: tuple[Path, str], tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep with failed or unfinished runs gave a report and a paper of its complete runs, saying nothing."""
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    assert "unfinished" not in report.load_inputs(exp, compute_missing=False).notes  # every run it plans complete
+    store.set_status(zarr.open_group(exp / "store.zarr", mode="a")["run-001"], "failed", error="MemoryError")
+    plan = [{"run_id": rid, "role": role, "overrides": {}}
+            for rid, role in (("ref-000", "reference"), ("run-000", "sweep"), ("run-001", "sweep"), ("run-002", "sweep"))]
+    (exp / "plan.json").write_text(json.dumps(plan))
+    note = ("The sweep is not finished: of its planned runs, 1 failed (run-001), 1 not started (run-002); every table "
+            "and figure here covers the complete runs only.")
+    assert report.load_inputs(exp, compute_missing=False).notes["unfinished"] == note
+    assert html.escape(note) in report.write_report(exp).read_text(encoding="utf-8")
+    build = _paper_build()
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
+    assert f"warning: {note}" in capsys.readouterr().err
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "strict"), "--strict"]) == 1

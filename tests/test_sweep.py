@@ -757,3 +757,30 @@ def test_a_results_table_behind_its_store_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(load_results(tmp_path).run_id) == ["run-000", "run-001"]
+
+
+def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path):
+    """`gradtrace stats` of a sweep with failed, stopped or unstarted runs covered its complete runs, silently."""
+    import json
+
+    from gradtrace.results import load_results, results_table, write_results
+
+    run_sweep(tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=2), tmp_path,
+              progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_results(tmp_path)) == 3
+    root = zarr.open_group(tmp_path / "store.zarr", mode="a")
+    store.set_status(root["run-001"], "failed", error="MemoryError: out of memory")
+    store.set_status(root["run-002"], "running")  # training now, or killed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps([*plan, {**plan[-1], "run_id": "run-003"}]))  # extended, not run
+    write_results(results_table(tmp_path), tmp_path)
+    expected = (f"{tmp_path} is not finished: of its planned sweep runs, 1 failed (run-001), 1 running or stopped "
+                f"(run-002), 1 not started (run-003) (`gradtrace info {tmp_path}` shows why a run failed); results.csv "
+                "holds the 1 complete")
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        assert list(load_results(tmp_path).run_id) == ["run-000"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_results(tmp_path, role="base")) == 0  # no base run planned: none unfinished
