@@ -88,8 +88,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"written: {Path(out) / 'bases.csv'} (each pilot in {Path(out) / 'base-seed-N'}); "
               "train the study on a chosen base with --set train.init_seed=N")
         return
-    print(calibrate(cfg, out, runs).format())
+    result = calibrate(cfg, out, runs)
+    print(result.format())
     print(f"written: {Path(out) / 'calibration.csv'}")
+    shifts = result.splits[result.splits.split != "ID"]
+    if cfg.sweep.pretrain_steps and cfg.sweep.bases == 1 and not shifts.usable.all():
+        print(f"{int(shifts.usable.sum())} of {len(shifts)} shifts usable on this base; another base may give more "
+              f"(experiments/README.md: how far one base decides the study): `gradtrace calibrate {args.config} "
+              "--bases 0 1 2 3` pilots four (bases.csv), then train the study on one with --set train.init_seed=N")
 
 
 def cmd_stats(args: argparse.Namespace) -> None:

@@ -448,6 +448,10 @@ def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, caps
         assert usable == calibration.usable.sum()
     assert main(argv + set_args({**sets, "sweep.pretrain_steps": 0})) == 2
     assert "sweep.pretrain_steps > 0" in capsys.readouterr().err
+    assert main(["calibrate", "/dev/null", "--out", str(tmp_path / "one"), "--runs", "5", *set_args(sets)]) == 0
+    usable = int(pd.read_csv(tmp_path / "one" / "calibration.csv").usable.sum())
+    assert (f"{usable} of {len(config.TaskConfig().shifts)} shifts usable on this base; another base may give more"
+            in capsys.readouterr().out)  # 4 steps from a 6-step base: few if any
 
 
 def test_a_pilot_too_small_for_partial_correlations_still_reports():
