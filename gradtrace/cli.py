@@ -59,11 +59,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run a sweep (resumable) and write OUT/results.csv."""
-    from gradtrace.sweep import describe_plan, plan, run_sweep
+    from gradtrace.sweep import check_config, describe_plan, plan, run_sweep
 
     cfg = _config(args)
     if args.dry_run:
-        print(describe_plan(cfg, plan(cfg)))
+        runs = plan(cfg)
+        check_config(cfg)  # what the sweep would refuse before training, a dry run refuses too
+        print(describe_plan(cfg, runs))
         if args.scheduler:
             print(f"on the dask cluster at {args.scheduler} (not contacted by a dry run): its worker processes, not "
                   "sweep.workers, set how many jobs train at once, so the time above is for sweep.workers of them")

@@ -14,6 +14,7 @@ import yaml
 from gradtrace import kernels
 
 SKETCH_KINDS = ("identity", "countsketch", "gaussian", "rademacher")  # gradtrace.capture.sketch.SKETCHES
+PROBE_LOSS_NAMES = ("ce", "margin")  # gradtrace.tasks.losses.PROBE_LOSSES
 
 
 @dataclass
@@ -121,6 +122,9 @@ class CaptureConfig:
         unknown = sorted(set(self.quantities) - {"grad", "update", "adam_m"})
         if unknown:
             raise ValueError(f"unknown capture.quantities {unknown}; choose from grad, update, adam_m")
+        unknown = sorted(set(self.probe_losses) - set(PROBE_LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"unknown capture.probe_losses {unknown}; choose from {', '.join(PROBE_LOSS_NAMES)}")
 
     def use_writer_thread(self, device) -> bool:
         """Whether rows are written from a background thread when training on `device` (it pays off on GPUs,

@@ -228,6 +228,19 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     return "\n".join(lines)
 
 
+def check_config(cfg: Config) -> None:
+    """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
+    without loading torch): an unknown split or model, a split too long for `task.max_digits`, an unknown predictor.
+    Unknown keys, out-of-range values and probe losses the config refuses as it loads."""
+    from gradtrace import predict
+    from gradtrace.models import check_model
+    from gradtrace.tasks.shifts import check_splits
+
+    check_splits(cfg.task)
+    check_model(cfg.model)
+    predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
+
+
 class SweepError(RuntimeError):
     """A sweep did not finish: runs failed (every other run went on; re-running the sweep retries them), or another
     process is running a sweep into the same directory."""
@@ -304,15 +317,9 @@ def check_workers_code(client) -> None:
 def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
     from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
-    from gradtrace import predict
-    from gradtrace.models import check_model
-    from gradtrace.tasks import ArithmeticTask, probe_loss_functions
 
     runs = plan(cfg)
-    ArithmeticTask(cfg.task)  # refuse unknown shifts, or splits too long for max_digits, before the plan is written
-    check_model(cfg.model)  # and an unknown model name, which each run would otherwise meet in turn
-    probe_loss_functions(cfg.capture.probe_losses)  # and names the reference runs or `predict` would fail on
-    predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
+    check_config(cfg)  # before the plan is written
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}

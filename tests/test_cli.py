@@ -86,6 +86,18 @@ def test_dry_run_loads_neither_torch_nor_transformers():
     assert done.stdout.splitlines()[-1] == "[]"  # a plan in a second, not after ~7 s of imports
 
 
+@pytest.mark.parametrize("pair, message", [
+    ("task.shifts=[length,lenght]", "unknown split 'lenght'; registered splits: ID, length"),
+    ("task.max_digits=1", "split 'carry' cannot be drawn at task.max_digits=1"),
+    ("predict.exploratory=[covarianse]", r"unknown predictor(s) ['covarianse']"),
+    ("capture.probe_losses=[ce,hinge]", "unknown capture.probe_losses ['hinge']; choose from ce, margin")])
+def test_a_dry_run_refuses_what_the_sweep_would_refuse_before_training(capsys, pair, message):
+    """A plan printed for a misspelt shift: on a cluster the job then failed at its start, after its wait in the
+    queue."""
+    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     out = tmp_path / "study"

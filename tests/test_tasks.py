@@ -252,3 +252,10 @@ def test_task_modules_that_cannot_be_imported_are_named(tmp_path, monkeypatch, s
     for _ in range(2):  # a file that failed is run again, not taken as imported
         with pytest.raises(RuntimeError, match="half written"):
             ArithmeticTask(small(modules=["broken.py"]))
+
+
+def test_the_config_accepts_exactly_the_probe_losses_there_are():
+    from gradtrace.config import PROBE_LOSS_NAMES
+    from gradtrace.tasks import PROBE_LOSSES
+
+    assert set(PROBE_LOSS_NAMES) == set(PROBE_LOSSES)

@@ -1,11 +1,23 @@
-"""Synthetic arithmetic with one token per digit and a registry of named OOD shifts."""
-from gradtrace.tasks.arithmetic import ArithmeticTask, Encoded, task_for
-from gradtrace.tasks.packing import Batch, item_lengths
-from gradtrace.tasks.losses import (PROBE_LOSSES, answer_cross_entropy, exact_match, probe_loss_functions,
-                                     worst_margin_loss)
-from gradtrace.tasks.shifts import REGISTRY, Problem, Split, get_split, register_split
-from gradtrace.tasks.tokenizer import CharTokenizer
+"""Synthetic arithmetic with one token per digit and a registry of named OOD shifts.
 
-__all__ = ["ArithmeticTask", "Encoded", "task_for", "Batch", "item_lengths", "CharTokenizer", "Problem", "Split",
-           "REGISTRY", "get_split", "register_split", "PROBE_LOSSES", "probe_loss_functions", "answer_cross_entropy",
-           "worst_margin_loss", "exact_match"]
+Names load on first use (PEP 562): the split registry (`gradtrace.tasks.shifts`) imports without torch, so a dry
+run checks a config's splits in a second.
+"""
+import importlib
+
+_HOMES = {"ArithmeticTask": "arithmetic", "Encoded": "arithmetic", "task_for": "arithmetic", "Batch": "packing",
+          "item_lengths": "packing", "CharTokenizer": "tokenizer", "Problem": "shifts", "Split": "shifts",
+          "REGISTRY": "shifts", "get_split": "shifts", "register_split": "shifts", "PROBE_LOSSES": "losses",
+          "probe_loss_functions": "losses", "answer_cross_entropy": "losses", "worst_margin_loss": "losses",
+          "exact_match": "losses"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'gradtrace.tasks' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gradtrace.tasks.{_HOMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -13,7 +13,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, get_split, import_split_modules
+from gradtrace.tasks.shifts import Problem, check_splits, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -42,20 +42,7 @@ class ArithmeticTask:
     """ID split + configured OOD shifts; test, probe and training items are disjoint by prompt."""
 
     def __init__(self, cfg: TaskConfig, tokenizer: CharTokenizer | None = None) -> None:
-        import_split_modules(cfg.modules)
-        if "ID" in cfg.shifts:
-            raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
-        for name in ["ID", *cfg.shifts]:  # fail early on unknown names and on splits too long for max_digits
-            split, rng = get_split(name), np.random.default_rng(0)
-            try:
-                drawn = {"test": split.test(rng, cfg.max_digits), "train": split.train(rng, cfg.max_digits)}
-            except ValueError as err:
-                raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): raise "
-                                 "task.max_digits or drop it from task.shifts") from None
-            for form, problem in drawn.items():
-                if not isinstance(problem, Problem):
-                    raise TypeError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
-                                    "returns a gradtrace.tasks.Problem")
+        check_splits(cfg)  # fail early on unknown names and on splits too long for max_digits
         self.cfg = cfg
         self.tokenizer = tokenizer or CharTokenizer()
         self.splits = ["ID", *cfg.shifts]

@@ -13,9 +13,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gradtrace.config import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -206,3 +209,23 @@ def get_split(name: str) -> Split:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown split {name!r}; registered splits: {', '.join(REGISTRY)}") from None
+
+
+def check_splits(cfg: TaskConfig) -> None:
+    """Refuse a task config whose splits cannot be drawn: `ID` among the shifts, a name no module of `task.modules`
+    registered, a split too long for `task.max_digits`, a sampler that returns no `Problem` (torch-free: a dry run
+    checks them too)."""
+    import_split_modules(cfg.modules)
+    if "ID" in cfg.shifts:
+        raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
+    for name in ["ID", *cfg.shifts]:
+        split, rng = get_split(name), np.random.default_rng(0)
+        try:
+            drawn = {"test": split.test(rng, cfg.max_digits), "train": split.train(rng, cfg.max_digits)}
+        except ValueError as err:
+            raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): raise "
+                             "task.max_digits or drop it from task.shifts") from None
+        for form, problem in drawn.items():
+            if not isinstance(problem, Problem):
+                raise TypeError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
+                                "returns a gradtrace.tasks.Problem")
