@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--methods", default="frequent_directions,svd_compressed")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the in-memory timing (best is reported)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--child", nargs=5, metavar=("PATH", "METHOD", "RANK", "LIMIT_MB", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("PATH", "METHOD", "RANK", "LIMIT_MB", "OUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, method, rank, limit, out = args.child
@@ -115,8 +116,8 @@ def main() -> None:
         args.rows, args.dim, args.store_rows, args.memory_limit_mb = 2000, 2048, 8192, 48
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    results: dict = {"machine": {"cpus": os.cpu_count(), "OMP_NUM_THREADS": threads, "python": platform.python_version(),
-                                 "loadavg_start": os.getloadavg()[0]}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "OMP_NUM_THREADS": threads,
+                                 "python": platform.python_version(), "loadavg_start": os.getloadavg()[0]}}
     print(f"machine: {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, load average {os.getloadavg()[0]:.1f}")
 
     X = make_data(args.rows, args.dim, seed=0)
@@ -142,7 +143,8 @@ def main() -> None:
         Y = make_data(args.store_rows, args.dim, seed=1, path=path)
         store_mb = Y.nbytes / 2**20
         print(f"out of core: wrote {args.store_rows}×{args.dim} float32 ({store_mb:.0f} MiB, 64-row chunks) in "
-              f"{time.perf_counter() - start:.1f} s; streaming runs capped at {args.memory_limit_mb} MiB of address space beyond the warmed-up interpreter")
+              f"{time.perf_counter() - start:.1f} s; streaming runs capped at {args.memory_limit_mb} MiB of address "
+              "space beyond the warmed-up interpreter")
         start = time.perf_counter()
         reference = top_span(Y, args.rank)
         ref_seconds = time.perf_counter() - start
@@ -165,14 +167,17 @@ def main() -> None:
             streamed = type(reference)(got["basis"], got["singular_values"], got["singular_values"] ** 2 /
                                        float(got["total_energy"]), float(got["total_energy"]))
             row = {"seconds": float(got["seconds"]), "rows_per_s": args.store_rows / float(got["seconds"]),
-                   "mb_per_s": store_mb * 2**20 / 1e6 / float(got["seconds"]), "peak_rss_mib": float(got["peak_rss_mb"]),
+                   "mb_per_s": store_mb * 2**20 / 1e6 / float(got["seconds"]),
+                   "peak_rss_mib": float(got["peak_rss_mb"]),
                    "working_rss_mib": float(got["peak_rss_mb"] - got["baseline_rss_mb"]),
                    **agreement(streamed, reference)}
             results["out_of_core"]["methods"][method] = row
-            print(f"  {method:<20} {row['seconds']:6.1f} s  {row['rows_per_s']:8.0f} rows/s  {row['mb_per_s']:6.0f} MB/s  "
-                  f"peak RSS {row['peak_rss_mib']:.0f} MiB (+{row['working_rss_mib']:.0f} over the interpreter)\n"
-                  f"  {'':<20} vs in memory: overlap {row['overlap']:.4f}, angles median {row['median_angle_deg']:.2f}° "
-                  f"max {row['max_angle_deg']:.1f}° (top {args.rank // 4} directions: max "
+            print(f"  {method:<20} {row['seconds']:6.1f} s  {row['rows_per_s']:8.0f} rows/s  "
+                  f"{row['mb_per_s']:6.0f} MB/s  peak RSS {row['peak_rss_mib']:.0f} MiB "
+                  f"(+{row['working_rss_mib']:.0f} over the interpreter)\n"
+                  f"  {'':<20} vs in memory: overlap {row['overlap']:.4f}, angles median "
+                  f"{row['median_angle_deg']:.2f}° max {row['max_angle_deg']:.1f}° (top {args.rank // 4} "
+                  "directions: max "
                   f"{row['top_quarter_max_angle_deg']:.2f}°), max |Δs|/s {row['max_sv_rel_diff']:.3f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -193,8 +198,9 @@ def main() -> None:
             print(f"- out of core, {method}: failed under a {ooc['memory_limit_mib']} MiB cap ({row['error']}).")
             continue
         print(f"- out of core, {method}: {ooc['rows']}×{ooc['dim']} zarr ({ooc['store_mib']:.0f} MiB) under a "
-              f"{ooc['memory_limit_mib']} MiB address-space cap: {row['seconds']:.0f} s, {row['rows_per_s']:.0f} rows/s, "
-              f"{row['mb_per_s']:.0f} MB/s, +{row['working_rss_mib']:.0f} MiB RSS over the interpreter; vs in memory: "
+              f"{ooc['memory_limit_mib']} MiB address-space cap: {row['seconds']:.0f} s, "
+              f"{row['rows_per_s']:.0f} rows/s, {row['mb_per_s']:.0f} MB/s, +{row['working_rss_mib']:.0f} MiB RSS "
+              "over the interpreter; vs in memory: "
               f"subspace overlap {row['overlap']:.3f} (top {mem['rank'] // 4} directions within "
               f"{row['top_quarter_max_angle_deg']:.1f}°), singular values within {row['max_sv_rel_diff']:.1%}.")
 

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
-        p.add_argument("config", nargs=None if required else "?", help="experiment YAML (e.g. experiments/default.yaml)")
+        p.add_argument("config", nargs=None if required else "?",
+                       help="experiment YAML (e.g. experiments/default.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=200 (repeatable)")
 

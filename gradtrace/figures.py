@@ -319,7 +319,8 @@ def training_panels(run_group: zarr.Group) -> list[str]:
     """What `training_curves` draws of a run, in order: its per-step scalars (`grad_norm_unclipped`, which says more
     where clipped, in place of `grad_norm` where recorded), then `evals` and `probe` accuracy where present."""
     if not isinstance(run_group, zarr.Group):
-        raise TypeError(f"training_curves needs a run's zarr.Group (store.zarr/<run_id>), got {type(run_group).__name__}")
+        raise TypeError("training_curves needs a run's zarr.Group (store.zarr/<run_id>), got "
+                        f"{type(run_group).__name__}")
     scalars = [name for name in ("loss", "lr", "grad_norm") if name in run_group]
     if "step" not in run_group or not scalars:
         raise ValueError(f"run {run_group.name!r} has no per-step scalars (needs `step` and loss/lr/grad_norm); "
@@ -407,7 +408,8 @@ def span_energy_spectrum(span: Any, total_energy: float | None = None) -> Figure
     energy = s**2
     total = float(energy.sum()) if total_energy is None else float(total_energy)
     if not total > 0 or total < energy.sum() * (1 - 1e-6):
-        raise ValueError(f"total_energy={total_energy} must be positive and at least the span's energy {energy.sum():.4g}")
+        raise ValueError(f"total_energy={total_energy} must be positive and at least the span's energy "
+                         f"{energy.sum():.4g}")
     share, cumulative = energy / total, np.cumsum(energy) / total
     rank = np.arange(1, s.size + 1)
     fig = _figure(COLUMN_WIDTH, 2.2)

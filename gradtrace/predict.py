@@ -557,7 +557,8 @@ class PathIntegratedPredictor(Predictor):
 
 
 class TrajectoryLossPredictor(PathIntegratedPredictor):
-    """Exploratory: path_integrated with each window's measured probe-loss change instead of its first-order estimate."""
+    """Exploratory: path_integrated with each window's measured probe-loss change instead of its first-order
+    estimate."""
 
     name = "trajectory_loss"
 

@@ -312,9 +312,10 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
               lambda: figures.partial_correlation_heatmap(inputs.stats, residualize="all"), notes.get("stats")),
         _item("predicted_vs_observed", "predictions", "Predicted vs observed",
               "One panel per predictor; each point is a shift pair: x the predictor's output (computed from reference "
-              "runs only), y the observed partial r (probit residualisation) with its 95% CI. Titles give the Spearman ρ between predicted and "
-              "observed over pairs and the observed matrix's noise ceiling (its split-half agreement), which no "
-              "predictor can meaningfully exceed. Predictor scales differ: only rank and sign matter.",
+              "runs only), y the observed partial r (probit residualisation) with its 95% CI. Titles give the "
+              "Spearman ρ between predicted and observed over pairs and the observed matrix's noise ceiling (its "
+              "split-half agreement), which no predictor can meaningfully exceed. Predictor scales differ: only rank "
+              "and sign matter.",
               lambda: figures.predicted_vs_observed(inputs.predictions, inputs.scores), notes.get("predictions")),
         _item("generalisation_gap", "gap", "Generalisation gap",
               "Train − test accuracy per split in percentage points: one dot per run, the bar at the median. Train "
@@ -388,10 +389,10 @@ def _span_items(inputs: Inputs) -> list[FigureItem]:
     r = a.dominant_rank
     return [
         _item("span_energy", "training", "Span energy spectrum",
-              f"Spectrum of the reference run's sketched parameter updates Δθ_t (top {len(a.singular_values)} directions "
-              "by SVD, exact where cheap, else randomised: gradtrace.subspace.run_span). Bars: share of the whole "
-              "trajectory's energy (squared Frobenius norm) along each "
-              "direction; line: cumulative share. A curve that rises steeply means training moved in few directions.",
+              f"Spectrum of the reference run's sketched parameter updates Δθ_t (top {len(a.singular_values)} "
+              "directions by SVD, exact where cheap, else randomised: gradtrace.subspace.run_span). Bars: share of "
+              "the whole trajectory's energy (squared Frobenius norm) along each direction; line: cumulative share. "
+              "A curve that rises steeply means training moved in few directions.",
               lambda: figures.span_energy_spectrum(a.singular_values, a.total_energy)),
         _item("dominant_bulk", "training", "Dominant vs bulk energy",
               f"Share of each split's probe-gradient energy ({a.probe_loss} loss, sketched) inside the top-{r} span "
@@ -492,7 +493,8 @@ def provenance(inputs: Inputs) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------ html
 
 CSS = """
-body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
+color:#222}
 h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 .lead{font-size:1.05em;color:#333} .facts{color:#555}
 nav ol{columns:2} figure{margin:1.5em 0} figure img{max-width:100%;height:auto;border:1px solid #eee}

@@ -154,7 +154,8 @@ class Filler:
         if item.figure is None:
             raise Missing(f"figure {name}: {item.note}")
         number = self.figure_numbers.setdefault(name, len(self.figure_numbers) + 1)
-        return f"![Figure {number}. {item.title}](../figures/{name}.png)\n\n*Figure {number}. {item.title}.* {item.caption}"
+        return (f"![Figure {number}. {item.title}](../figures/{name}.png)\n\n"
+                f"*Figure {number}. {item.title}.* {item.caption}")
 
     def replace(self, match: re.Match) -> str:
         """The text for one placeholder, tagged with its source."""
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", required=True, help="experiment directory (e.g. storage/default)")
     parser.add_argument("--out", default=str(HERE), help="where figures/ and build/ go (default: paper/)")
     parser.add_argument("--template", default=str(HERE / "paper.md"), help="the paper's text with placeholders")
-    parser.add_argument("--strict", action="store_true", help="fail when any placeholder has no value or the sweep is not finished")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail when any placeholder has no value or the sweep is not finished")
     args = parser.parse_args(argv)
 
     exp = Path(args.store)

@@ -47,8 +47,8 @@ def die_at(owner, name, matches, after):
 
 points = {
     # the step array resized for a chunk whose rows are not yet written: rows of fill value past the durable ones
-    "step-resized": (zarr.Array, "resize", lambda self, shape: self.path.count("/") == 1 and self.path.endswith("/step"),
-                     True),
+    "step-resized": (zarr.Array, "resize",
+                     lambda self, shape: self.path.count("/") == 1 and self.path.endswith("/step"), True),
     # rows flushed, the model's checkpoint not yet saved: the store runs ahead of the checkpoint
     "before-save-state": (checkpoint, "save_state", lambda *a, **k: True, False),
     "before-save-tensors": (checkpoint, "save_tensors", lambda *a, **k: True, False),

@@ -62,9 +62,9 @@ def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
     root = store.open_experiment(path / "store.zarr", mode="a")
     _reference_run(root, "ref-000", rng)
     for i in range(2):  # sweep runs record scalars only
-        group = store.create_run(root, f"run-{i:03d}", {"role": "sweep", "seeds": {"init": i, "data": i},
-                                                         "steps": T, "cpu_kernels": "AVX2", "cpu_threads": 1,
-                                                         "torch_version": "2.13.0+cpu", "transformers_version": "5.24.0"})
+        group = store.create_run(root, f"run-{i:03d}", {"role": "sweep", "seeds": {"init": i, "data": i}, "steps": T,
+                                                         "cpu_kernels": "AVX2", "cpu_threads": 1, "torch_version":
+                                                         "2.13.0+cpu", "transformers_version": "5.24.0"})
         store.set_status(group, "complete", accuracy=dict.fromkeys(SPLITS, 0.5))
 
     id_acc = rng.uniform(0.6, 0.98, n_runs)
@@ -84,8 +84,8 @@ def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
         for a, b in pairs:
             r = float(np.tanh(rng.normal(0.3, 0.4)))
             stats.append({"a": a, "b": b, "residualize": method, "unit": "runs", "n": n_runs, "k": 1,
-                          "dof": n_runs - 3, "r": r, "ci_low": r - 0.3, "ci_high": min(1, r + 0.3), "p": 0.5 * (1 - abs(r)),
-                          "p_perm": 0.5, "p_holm": 0.02 if abs(r) > 0.5 else 0.4, "p_bh": 0.3,
+                          "dof": n_runs - 3, "r": r, "ci_low": r - 0.3, "ci_high": min(1, r + 0.3),
+                          "p": 0.5 * (1 - abs(r)), "p_perm": 0.5, "p_holm": 0.02 if abs(r) > 0.5 else 0.4, "p_bh": 0.3,
                           "boot_ci_low": r - 0.3, "boot_ci_high": min(1, r + 0.3), "disagree": False})
     stats_df = pd.DataFrame(stats)
     stats_df.to_csv(path / "stats.csv", index=False)

@@ -360,7 +360,7 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
     assert "unfinished" not in report.load_inputs(exp, compute_missing=False).notes  # every run it plans complete
     store.set_status(zarr.open_group(exp / "store.zarr", mode="a")["run-001"], "failed", error="MemoryError")
     plan = [{"run_id": rid, "role": role, "overrides": {}}
-            for rid, role in (("ref-000", "reference"), ("run-000", "sweep"), ("run-001", "sweep"), ("run-002", "sweep"))]
+            for rid, role in (("ref-000", "reference"), *((f"run-00{i}", "sweep") for i in range(3)))]
     (exp / "plan.json").write_text(json.dumps(plan))
     note = ("The sweep is not finished: of its planned runs, 1 failed (run-001), 1 not started (run-002); every table "
             "and figure here covers the complete runs only.")

@@ -215,8 +215,8 @@ def test_a_run_on_the_default_threads_does_not_inherit_those_of_the_jobs_before(
 
 def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_path):
     cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; lock = "
+                               "FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
                                str(tmp_path / "sweep.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"  # as a sweep running there holds it

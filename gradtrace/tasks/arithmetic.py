@@ -28,7 +28,8 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def torch(self, idx: np.ndarray | slice | None = None, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def torch(self, idx: np.ndarray | slice | None = None,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, answer_mask) as tensors, optionally a subset of rows."""
         idx = slice(None) if idx is None else idx
         return (torch.as_tensor(self.tokens[idx], device=device),
