@@ -2,7 +2,7 @@
 
 A training loop changes by at most three lines::
 
-    rec = Recorder(model, optimizer, writer, CaptureConfig(), probes=...)   # 1: attach
+    rec = Recorder(model, optimizer, writer, CaptureConfig(), total_steps, probes=...)   # 1: attach
     rec.log(loss, grad_norm=norm)                                          # 2: optional, before optimizer.step()
     rec.close()                                                            # 3: flush at the end
 
