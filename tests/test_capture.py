@@ -291,11 +291,17 @@ def test_a_step_the_scaler_skips_leaves_no_loss_to_the_next(tmp_path, task):
     assert group["grad_norm_unclipped"][:].tolist() == [1.0, 1.0, 1.0]  # nor its norm
 
 
-def test_a_run_that_fails_while_setting_up_is_marked_failed(tmp_path):
-    with pytest.raises(ValueError, match="unknown capture.probe_losses"):
-        train(tiny_config(capture__probe_losses=["nope"]), tmp_path, "r", progress=False)
+def test_a_run_that_fails_while_setting_up_is_marked_failed(tmp_path, monkeypatch):
+    import gradtrace.train
+
+    def failing_recorder(*args, **kwargs):  # as a probe set the model cannot take would fail
+        raise ValueError("the probes cannot be built")
+
+    monkeypatch.setattr(gradtrace.train, "_recorder", failing_recorder)
+    with pytest.raises(ValueError, match="the probes cannot be built"):
+        train(tiny_config(), tmp_path, "r", progress=False)
     attrs = zarr.open_group(tmp_path / "store.zarr")["r"].attrs
-    assert attrs["status"] == "failed" and "probe_losses" in attrs["error"]
+    assert attrs["status"] == "failed" and "the probes cannot be built" in attrs["error"]
 
 
 def test_train_writes_from_a_background_thread_when_asked(tmp_path):
