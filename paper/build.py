@@ -54,7 +54,7 @@ def _fmt(value: object, field: str) -> str:
     number = float(value)
     if math.isnan(number):
         raise Missing(f"{field} is NaN")
-    text = f"{number:.2g}" if field == "p" or field.startswith("p_") else f"{number:.2f}"
+    text = f"{number:.2g}" if field == "p" or field.startswith("p_") else report.rounded(number, 2)
     return text.replace("-", "−")
 
 
@@ -110,7 +110,7 @@ class Filler:
         rows = summary[summary["split"] == split]
         if rows.empty:
             raise Missing(f"results.csv has no acc_{split}")
-        return f"{rows[f'{stat} %'].iloc[0]:.1f}%"
+        return f"{report.rounded(rows[f'{stat} %'].iloc[0], 1)}%"
 
     def scores(self, arg: str) -> str:
         """`PREDICTOR:FIELD` of predict_scores.csv."""

@@ -371,3 +371,12 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
     assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
     assert f"warning: {note}" in capsys.readouterr().err
     assert build.main(["--store", str(exp), "--out", str(tmp_path / "strict"), "--strict"]) == 1
+
+
+def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
+    """format() rounded exact binary halves to even: an accuracy of 125 of 2000 items (6.25%) printed as 6.2%."""
+    assert [report.rounded(v, d) for v, d in ((6.25, 1), (0.125, 2), (-0.125, 2), (0.1235, 3), (2.0, 1))] == \
+        ["6.3", "0.13", "-0.13", "0.124", "2.0"]
+    assert "<td>0.063</td>" in report._table(pd.DataFrame({"acc": [0.0625], "p": [0.0625]}))
+    build = _paper_build()
+    assert build._fmt(0.125, "r") == "0.13" and build._fmt(-0.125, "r") == "−0.13"
