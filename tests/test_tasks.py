@@ -259,3 +259,23 @@ def test_the_config_accepts_exactly_the_probe_losses_there_are():
     from gradtrace.tasks import PROBE_LOSSES
 
     assert set(PROBE_LOSS_NAMES) == set(PROBE_LOSSES)
+
+
+def test_a_task_draws_the_same_items_whatever_order_it_lists_its_shifts_in(split_registry):
+    """Test sets were drawn in task.shifts order, each avoiding the prompts before it: listing the same shifts in
+    another order gave other test items, and another study."""
+    from gradtrace.tasks import Problem, Split, register_split
+
+    def tens(r, d):
+        return Problem((10 * int(r.integers(1, 10)), int(r.integers(0, 10))))
+
+    register_split(Split("zz_tens", "a multiple of ten plus a digit", test=tens, train=tens))
+    register_split(Split("aa_tens", "the same items, registered second", test=tens, train=tens))
+    listed = (["space", "order", "zz_tens", "aa_tens", "zeropad"], ["aa_tens", "zeropad", "zz_tens", "order", "space"])
+    one, other = (ArithmeticTask(small(shifts=shifts, n_test=20, n_probe=4, pool_size=512)) for shifts in listed)
+    assert one.splits[1:] == ["space", "order", "zz_tens", "aa_tens", "zeropad"]  # the results keep the config's order
+    for split in one.splits:
+        for a, b in ((one.test_set(split), other.test_set(split)), (one.probe_set(split), other.probe_set(split)),
+                     (one.train_eval_set(split), other.train_eval_set(split))):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(one.train_pool.tokens, other.train_pool.tokens)

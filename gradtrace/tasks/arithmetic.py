@@ -13,7 +13,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, check_splits, get_split
+from gradtrace.tasks.shifts import Problem, check_splits, drawing_order, get_split
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -46,7 +46,8 @@ class ArithmeticTask:
         check_splits(cfg)  # fail early on unknown names and on splits too long for max_digits
         self.cfg = cfg
         self.tokenizer = tokenizer or CharTokenizer()
-        self.splits = ["ID", *cfg.shifts]
+        self.splits = ["ID", *cfg.shifts]  # as the results list them
+        self._drawn = drawing_order(self.splits)  # as their items are drawn: the same for any order of the shifts
 
     # -- rendering ------------------------------------------------------------------------------------------
     def render(self, problem: Problem) -> tuple[str, str]:
@@ -87,7 +88,7 @@ class ArithmeticTask:
                 out.append(p)
             elif tries > 50 * n:
                 raise ValueError(f"could not draw {n} distinct test and probe items of split {name!r} (besides the "
-                                 "splits listed before it); lower task.n_test or task.n_probe, or raise "
+                                 "splits drawn before it); lower task.n_test or task.n_probe, or raise "
                                  "task.max_digits")
         return out
 
@@ -95,7 +96,7 @@ class ArithmeticTask:
     def _held_out(self) -> dict[str, tuple[list[Problem], list[Problem]]]:
         """Per split: (test problems, probe problems), drawn from the task seed; never in training."""
         out, used = {}, set()
-        for i, name in enumerate(self.splits):
+        for i, name in enumerate(self._drawn):
             rng = np.random.default_rng([self.cfg.seed, i])
             items = self._unique(name, rng, self.cfg.n_test + self.cfg.n_probe, used)
             used.update(self.render(p)[0] for p in items)
@@ -139,17 +140,17 @@ class ArithmeticTask:
     def _train_eval_sets(self) -> dict[str, Encoded]:
         pool, forms = self._pool
         out = {}
-        for i, split in enumerate(self.splits):
-            idx = np.flatnonzero(forms == i)[: self.cfg.n_train_eval]
+        for split in self.splits:
+            idx = np.flatnonzero(forms == self._drawn.index(split))[: self.cfg.n_train_eval]
             out[split] = Encoded(pool.tokens[idx], pool.answer_mask[idx], [pool.prompts[j] for j in idx])
         return out
 
     @cached_property
     def _pool(self) -> tuple[Encoded, np.ndarray]:
-        """The training pool and, per item, the index in `splits` of the split whose training form it is."""
+        """The training pool and, per item, the index in the drawing order of the split whose training form it is."""
         held = self._held_out and self.held_out_prompts
         mix = self.train_mix()
-        names, probs = list(mix), np.array(list(mix.values()))
+        names, probs = self._drawn, np.array([mix[name] for name in self._drawn])
         rng = np.random.default_rng([self.cfg.seed, 10_000])
         picks = rng.choice(len(names), size=self.cfg.pool_size, p=probs)
         items = []

@@ -153,7 +153,7 @@ REGISTRY: dict[str, Split] = {s.name: s for s in [
 ]}
 
 
-BUILT_IN = frozenset(REGISTRY)
+BUILT_IN = tuple(REGISTRY)  # in registry order: the order in which their items are drawn
 SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a split names a results column (acc_<name>) and an axis label
 
 
@@ -202,6 +202,12 @@ def _run_file(module: str) -> None:
     except BaseException:
         del sys.modules[name]  # a file that failed is run again next time, not taken as imported
         raise
+
+
+def drawing_order(names: list[str]) -> list[str]:
+    """`names` in the order a task draws their items: built-in splits in registry order, then your own by name, so
+    that a task lists its shifts in any order and draws the same items."""
+    return sorted(names, key=lambda n: (BUILT_IN.index(n), "") if n in BUILT_IN else (len(BUILT_IN), n))
 
 
 def get_split(name: str) -> Split:
