@@ -59,13 +59,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run a sweep (resumable) and write OUT/results.csv."""
+    from gradtrace.models import from_hub
     from gradtrace.sweep import check_config, describe_plan, plan, run_sweep
 
     cfg = _config(args)
     if args.dry_run:
         runs = plan(cfg)
-        check_config(cfg)  # what the sweep would refuse before training, a dry run refuses too
+        check_config(cfg, contact_hub=False)  # what the sweep would refuse before training, a dry run refuses too
         print(describe_plan(cfg, runs))
+        if from_hub(cfg.model):
+            print(f"model {cfg.model.name!r} comes from the Hugging Face hub (not embedded, or pretrained weights): a "
+                  "dry run does not look it up there; the sweep does, before any run trains")
         if args.scheduler:
             print(f"on the dask cluster at {args.scheduler} (not contacted by a dry run): its worker processes, not "
                   "sweep.workers, set how many jobs train at once, so the time above is for sweep.workers of them")

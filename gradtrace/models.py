@@ -120,10 +120,15 @@ def _build(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 
 
+def from_hub(cfg: ModelConfig) -> bool:
+    """Whether the model comes from the Hugging Face hub (or a local path): not embedded, or pretrained weights."""
+    return cfg.name.removeprefix("EleutherAI/") not in EMBEDDED or cfg.pretrained
+
+
 def check_model(cfg: ModelConfig) -> None:
     """Refuse a model name that is neither embedded nor reachable, before anything trains (a model from the hub:
     its config only is fetched)."""
-    if cfg.name.removeprefix("EleutherAI/") not in EMBEDDED or cfg.pretrained:
+    if from_hub(cfg):
         _hub_config(cfg)
 
 

@@ -228,16 +228,18 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     return "\n".join(lines)
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
     without loading torch): an unknown split or model, a split too long for `task.max_digits`, an unknown predictor.
-    Unknown keys, out-of-range values and probe losses the config refuses as it loads."""
+    Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
+    hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
-    from gradtrace.models import check_model
+    from gradtrace.models import check_model, from_hub
     from gradtrace.tasks.shifts import check_splits
 
     check_splits(cfg.task)
-    check_model(cfg.model)
+    if contact_hub or not from_hub(cfg.model):
+        check_model(cfg.model)
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
 
 

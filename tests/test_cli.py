@@ -98,20 +98,34 @@ def test_a_dry_run_refuses_what_the_sweep_would_refuse_before_training(capsys, p
     assert message in capsys.readouterr().err
 
 
+def test_a_dry_run_does_not_look_up_a_hub_model(capsys, monkeypatch):
+    """Offline, the hub's lookup retries for ~25 s before it fails: a dry run says it did not look instead."""
+    import gradtrace.models
+
+    def looked_up(cfg):
+        raise AssertionError("a dry run contacted the hub")
+
+    monkeypatch.setattr(gradtrace.models, "_hub_config", looked_up)
+    assert main(["sweep", "experiments/seed_recipe.yaml", "--dry-run"]) == 0
+    assert "'EleutherAI/pythia-70m' comes from the Hugging Face hub" in capsys.readouterr().out
+    assert main(["sweep", "experiments/default.yaml", "--dry-run"]) == 0  # embedded: nothing to look up, no note
+    assert "Hugging Face" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     out = tmp_path / "study"
     args = ["sweep", "experiments/scratch.yaml", "--out", str(out),
-            *sets({"sweep.runs": 7, "sweep.workers": 1, "sweep.reference_runs": 2, "train.steps": 60,
+            *sets({"sweep.runs": 9, "sweep.workers": 1, "sweep.reference_runs": 2, "train.steps": 60,
                    "train.batch_size": 32, "task.n_test": 200, "sweep.lr": "[5e-3,3e-2]",
                    "task.shifts": "[space,order,zeropad,spaced_ops]"})]
     assert main(args) == 0
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 9 and table["run_id"].is_unique
+    assert len(table) == 11 and table["run_id"].is_unique
     assert {"acc_ID", "acc_space", "lr", "weight_decay", "init_seed", "data_seed"} <= set(table.columns)
     assert {"train_acc_ID", "train_acc_space"} <= set(table.columns)  # every split has a share of the mix
     assert main(args) == 0  # re-running a finished sweep records nothing twice
-    assert len(pd.read_csv(out / "results.csv")) == 9
+    assert len(pd.read_csv(out / "results.csv")) == 11
 
     assert main(["stats", str(out), "--shifts", "space", "order", "--residualize", "linear"]) == 0
     assert set(pd.read_csv(out / "stats.csv")[["a", "b"]].itertuples(index=False)) == {("space", "order")}
@@ -123,7 +137,7 @@ def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "index.html").exists()
     assert main(["info", str(out)]) == 0
-    assert "run-006" in capsys.readouterr().out
+    assert "run-008" in capsys.readouterr().out
     assert zarr.open_group(out / "store.zarr")["ref-000"].attrs["role"] == "reference"
 
 
