@@ -74,9 +74,8 @@ def unfinished_runs(exp_dir: str | Path, role: str | None = "sweep") -> dict[str
     """The runs of an experiment's plan (plan.json; without one, its store's runs) of one role that are not
     complete, by what the store says of each: `failed`, `running` (training now, or stopped by a kill) and
     `not started`. Empty lists for a finished experiment."""
-    exp_dir = Path(exp_dir)
-    groups = store.run_groups(store.open_experiment(exp_dir / "store.zarr")) if (exp_dir / "store.zarr").exists() \
-        else {}
+    exp_dir, store_path = Path(exp_dir), Path(exp_dir) / "store.zarr"
+    groups = store.run_groups(store.open_experiment(store_path)) if store_path.exists() else {}
     if (exp_dir / "plan.json").exists():
         planned = [r["run_id"] for r in json.loads((exp_dir / "plan.json").read_text())
                    if role is None or r["role"] == role]
@@ -113,9 +112,9 @@ def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | No
     missing = sorted(complete - set(table["run_id"]))
     if missing:
         warnings.warn(f"{exp_dir / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
-                      f"({_first_five(missing)}): a sweep stopped before it rewrote "
-                      "the table; run the sweep again to finish it (or `gradtrace.results.write_results("
-                      "results_table(DIR), DIR)`)", UserWarning, stacklevel=3)
+                      f"({_first_five(missing)}): a sweep stopped before it rewrote the table; run the sweep again "
+                      "to finish it (or `gradtrace.results.write_results(results_table(DIR), DIR)`)", UserWarning,
+                      stacklevel=3)
     unfinished = unfinished_runs(exp_dir, role)
     if any(unfinished.values()):
         warnings.warn(f"{exp_dir} is not finished: of its planned {role + ' ' if role else ''}runs, "

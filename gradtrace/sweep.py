@@ -234,12 +234,12 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
-    from gradtrace.models import check_model, from_hub
+    from gradtrace.models import check_model
     from gradtrace.tasks.shifts import check_splits
 
     check_splits(cfg.task)
-    if contact_hub or not from_hub(cfg.model):
-        check_model(cfg.model)
+    if contact_hub:
+        check_model(cfg.model)  # looks up only a model from the hub: embedded names are known here
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
 
 
