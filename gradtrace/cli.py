@@ -135,11 +135,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    """Summarise a store: runs, steps, arrays, sizes, status, sketch."""
+    """Summarise a store: runs, steps, arrays, sizes, status, sketch; and a sweep's progress through its plan."""
     from gradtrace import store
+    from gradtrace.results import plan_progress
 
     path = Path(args.store)
     print(store.summary(path / "store.zarr" if (path / "store.zarr").exists() else path))
+    if (path / "plan.json").exists():
+        print(plan_progress(path))
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -95,6 +95,14 @@ def describe_unfinished(unfinished: dict[str, list[str]]) -> str:
     return ", ".join(f"{len(ids)} {words[status]} ({_first_five(ids)})" for status, ids in unfinished.items() if ids)
 
 
+def plan_progress(exp_dir: str | Path) -> str:
+    """How far an experiment's plan (plan.json) has come: "plan: 102 runs, 87 complete; 3 failed (…), …"."""
+    planned = len(json.loads((Path(exp_dir) / "plan.json").read_text()))
+    unfinished = unfinished_runs(exp_dir, role=None)
+    left = sum(map(len, unfinished.values()))
+    return f"plan: {planned} run(s), {planned - left} complete" + (f"; {describe_unfinished(unfinished)}" if left else "")
+
+
 def _first_five(run_ids: list[str]) -> str:
     return ", ".join(run_ids[:5]) + (" …" if len(run_ids) > 5 else "")
 

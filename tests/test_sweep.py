@@ -763,7 +763,7 @@ def test_a_results_table_behind_its_store_is_warned_of(tmp_path):
         assert list(load_results(tmp_path).run_id) == ["run-000", "run-001"]
 
 
-def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path):
+def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path, capsys):
     """`gradtrace stats` of a sweep with failed, stopped or unstarted runs covered its complete runs, silently."""
     import json
 
@@ -785,6 +785,11 @@ def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path):
                 "holds the 1 complete")
     with pytest.warns(UserWarning, match=re.escape(expected)):
         assert list(load_results(tmp_path).run_id) == ["run-000"]
+    from gradtrace.cli import main
+
+    assert main(["info", str(tmp_path)]) == 0  # and info says how far the plan has come
+    assert ("plan: 4 run(s), 1 complete; 1 failed (run-001), 1 running or stopped (run-002), 1 not started (run-003)"
+            in capsys.readouterr().out)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_results(tmp_path, role="base")) == 0  # no base run planned: none unfinished
