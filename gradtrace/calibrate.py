@@ -16,6 +16,7 @@ MEAN_RANGE = (0.10, 0.90)  # usable: mean accuracy inside this range,
 MIN_STD = 0.03  # across-run std of at least 3 points,
 MIN_RELIABILITY = 0.9  # and split-half reliability of at least 0.9
 SAME_AXIS = 0.8  # |partial r| above which two shifts are flagged as one axis
+ENOUGH_USABLE = 6  # usable shifts a study aims for (the default's: experiments/README.md), or all where it has fewer
 BASES_COLUMNS = ["init_seed", "base_ID", "ID_mean", "ID_std", "usable", "usable_shifts", "one_axis"]  # bases.csv
 
 

@@ -81,7 +81,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Pilot sweep: per split mean, std, range, correlation with ID, reliability, usable or not."""
-    from gradtrace.calibrate import calibrate
+    from gradtrace.calibrate import ENOUGH_USABLE, calibrate
 
     cfg = _config(args)
     out = args.out or f"storage/calibrate-{Path(args.config).stem}"
@@ -98,7 +98,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(result.format())
     print(f"written: {Path(out) / 'calibration.csv'}")
     shifts = result.splits[result.splits.split != "ID"]
-    if cfg.sweep.pretrain_steps and cfg.sweep.bases == 1 and not shifts.usable.all():
+    if cfg.sweep.pretrain_steps and cfg.sweep.bases == 1 and shifts.usable.sum() < min(ENOUGH_USABLE, len(shifts)):
         print(f"{int(shifts.usable.sum())} of {len(shifts)} shifts usable on this base; another base may give more "
               f"(experiments/README.md: how far one base decides the study): `gradtrace calibrate {args.config} "
               "--bases 0 1 2 3` pilots four (bases.csv), then train the study on one with --set train.init_seed=N")

@@ -793,3 +793,17 @@ def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_results(tmp_path, role="base")) == 0  # no base run planned: none unfinished
+
+
+@pytest.mark.parametrize("usable, hinted", [(5, True), (6, False)])
+def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(monkeypatch, capsys, usable, hinted):
+    import gradtrace.calibrate
+    from gradtrace.cli import main
+
+    splits = ["ID", "length", "carry", "zeropad", "base8", "space", "spaced_ops", "order"]
+    frame = pd.DataFrame({"split": splits, "mean": 0.5, "std": 0.05, "min": 0.4, "max": 0.6, "r_id": 0.5,
+                          "reliability": 0.95, "usable": [False] + [i < usable for i in range(7)], "reason": ""})
+    monkeypatch.setattr(gradtrace.calibrate, "calibrate",
+                        lambda cfg, out, runs: Calibration(frame, pd.DataFrame(), 1, "no pairs assessed: faked"))
+    assert main(["calibrate", "experiments/default.yaml", "--out", os.devnull]) == 0
+    assert ("another base may give more" in capsys.readouterr().out) == hinted
