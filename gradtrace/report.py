@@ -327,10 +327,11 @@ def build_figures(inputs: Inputs) -> list[FigureItem]:
               "beyond it, by design.",
               lambda: figures.generalisation_gap_bands(inputs.gap), no_gap),
     ]
-    run = inputs.reference
-    if run is not None:
-        items.append(_item("training_curves", "training", "Training curves", _training_caption(run),
-                           lambda: figures.training_curves(run)))
+    run = inputs.reference  # without one, a note in its place (the paper's placeholder for it says why)
+    items.append(_item("training_curves", "training", "Training curves", _training_caption(run),
+                       lambda: figures.training_curves(run)) if run is not None else
+                 _item("training_curves", "training", "Training curves", "", None,
+                       inputs.notes.get("reference", "no reference run")))
     items += _span_items(inputs)
     items.append(_item(
         "benchmarks", "benchmarks", "Benchmarks",

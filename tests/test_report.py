@@ -380,3 +380,18 @@ def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
     assert "<td>0.063</td>" in report._table(pd.DataFrame({"acc": [0.0625], "p": [0.0625]}))
     build = _paper_build()
     assert build._fmt(0.125, "r") == "0.13" and build._fmt(-0.125, "r") == "−0.13"
+
+
+def test_a_paper_without_a_reference_run_says_why_its_training_figure_is_missing(written: tuple[Path, str],
+                                                                                 tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a complete reference run the report drew no training curves, and the paper's placeholder for them
+    raised "unknown figure" instead of writing why it is missing."""
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    store.set_status(zarr.open_group(exp / "store.zarr", mode="a")["ref-000"], "running")  # stopped mid-way
+    build = _paper_build()
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
+    paper = (tmp_path / "out" / "build" / "paper.md").read_text()
+    assert "**[missing: figure training_curves: no complete reference run" in paper
