@@ -93,6 +93,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(f"written: {Path(out) / 'bases.csv'} (each pilot in {Path(out) / 'base-seed-N'}); "
               "train the study on a chosen base with --set train.init_seed=N")
+        enough = min(ENOUGH_USABLE, len(cfg.task.shifts))
+        seeds = table.init_seed[table.usable >= enough].tolist()
+        print(f"bases with at least {enough} usable shifts: init_seed {', '.join(map(str, seeds))}" if seeds else
+              f"no base with {enough} usable shifts: pilot other seeds (--bases), or more runs (--runs)")
         return
     result = calibrate(cfg, out, runs)
     print(result.format())

@@ -438,7 +438,8 @@ def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, caps
     assert pd.read_csv(tmp_path / "bases.csv").init_seed.tolist() == [7]
     monkeypatch.undo()
     assert main(argv + set_args(sets)) == 0  # running again retries the failed pilot
-    assert "train.init_seed=N" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train.init_seed=N" in out and "no base with 6 usable shifts: pilot other seeds" in out  # 4 steps: none
     table = pd.read_csv(tmp_path / "bases.csv")
     assert table.init_seed.tolist() == [3, 7]
     for seed, base_id, usable in zip(table.init_seed, table.base_ID, table.usable):
@@ -807,3 +808,14 @@ def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(monkeypatc
                         lambda cfg, out, runs: Calibration(frame, pd.DataFrame(), 1, "no pairs assessed: faked"))
     assert main(["calibrate", "experiments/default.yaml", "--out", os.devnull]) == 0
     assert ("another base may give more" in capsys.readouterr().out) == hinted
+
+
+def test_calibrating_bases_names_those_with_six_usable_shifts(monkeypatch, capsys):
+    import gradtrace.calibrate
+    from gradtrace.calibrate import BASES_COLUMNS
+    from gradtrace.cli import main
+
+    table = pd.DataFrame([[0, 0.84, 0.88, 0.01, 4, "", ""], [3, 0.81, 0.94, 0.01, 6, "", ""]], columns=BASES_COLUMNS)
+    monkeypatch.setattr(gradtrace.calibrate, "calibrate_bases", lambda cfg, out, seeds, runs: table)
+    assert main(["calibrate", "experiments/default.yaml", "--out", os.devnull, "--bases", "0", "3"]) == 0
+    assert "bases with at least 6 usable shifts: init_seed 3\n" in capsys.readouterr().out
