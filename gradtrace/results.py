@@ -96,11 +96,12 @@ def describe_unfinished(unfinished: dict[str, list[str]]) -> str:
 
 
 def plan_progress(exp_dir: str | Path) -> str:
-    """How far an experiment's plan (plan.json) has come: "plan: 102 runs, 87 complete; 3 failed (…), …"."""
+    """How far an experiment's plan (plan.json) has come: "plan: 102 run(s), 87 complete; 3 failed (…), …"."""
     planned = len(json.loads((Path(exp_dir) / "plan.json").read_text()))
     unfinished = unfinished_runs(exp_dir, role=None)
     left = sum(map(len, unfinished.values()))
-    return f"plan: {planned} run(s), {planned - left} complete" + (f"; {describe_unfinished(unfinished)}" if left else "")
+    done = f"plan: {planned} run(s), {planned - left} complete"
+    return f"{done}; {describe_unfinished(unfinished)}" if left else done
 
 
 def _first_five(run_ids: list[str]) -> str:

@@ -382,9 +382,8 @@ def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
     assert build._fmt(0.125, "r") == "0.13" and build._fmt(-0.125, "r") == "−0.13"
 
 
-def test_a_paper_without_a_reference_run_says_why_its_training_figure_is_missing(written: tuple[Path, str],
-                                                                                 tmp_path: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_paper_without_a_reference_run_says_why_its_training_figure_is_missing(
+        written: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a complete reference run the report drew no training curves, and the paper's placeholder for them
     raised "unknown figure" instead of writing why it is missing."""
     exp = tmp_path / "exp"
