@@ -74,13 +74,48 @@ def unfinished_runs(exp_dir: str | Path, role: str | None = "sweep") -> dict[str
     """The runs of an experiment's plan (plan.json; without one, its store's runs) of one role that are not
     complete, by what the store says of each: `failed`, `running` (training now, or stopped by a kill) and
     `not started`. Empty lists for a finished experiment."""
-    exp_dir, store_path = Path(exp_dir), Path(exp_dir) / "store.zarr"
-    groups = store.run_groups(store.open_experiment(store_path)) if store_path.exists() else {}
-    if (exp_dir / "plan.json").exists():
-        planned = [r["run_id"] for r in json.loads((exp_dir / "plan.json").read_text())
-                   if role is None or r["role"] == role]
-    else:
-        planned = [rid for rid, run in groups.items() if role is None or run.attrs.get("role") == role]
+    groups = _run_groups(exp_dir)
+    return _unfinished(_planned(exp_dir, role, groups), groups)
+
+
+def describe_unfinished(unfinished: dict[str, list[str]]) -> str:
+    """`unfinished_runs` in words: "2 failed (run-004, run-017), 1 running or stopped"; "" when none."""
+    words = {"failed": "failed", "running": "running or stopped", "not started": "not started"}
+    return ", ".join(f"{len(ids)} {words[status]} ({first_ids(ids)})" for status, ids in unfinished.items() if ids)
+
+
+def plan_progress(exp_dir: str | Path) -> str:
+    """How far an experiment's plan (plan.json) has come: "plan: 102 run(s), 87 complete; 3 failed (…), …"."""
+    groups = _run_groups(exp_dir)
+    planned = _planned(exp_dir, None, groups)
+    unfinished = _unfinished(planned, groups)
+    left = sum(map(len, unfinished.values()))
+    done = f"plan: {len(planned)} run(s), {len(planned) - left} complete"
+    return f"{done}; {describe_unfinished(unfinished)}" if left else done
+
+
+def first_ids(run_ids: list[str], shown: int = 5) -> str:
+    """The first `shown` run ids, and how many more: "run-001, run-004 and 3 more"."""
+    more = len(run_ids) - shown
+    return ", ".join(run_ids[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _run_groups(exp_dir: str | Path) -> dict:
+    """The experiment store's run groups by id (none before the store exists)."""
+    path = Path(exp_dir) / "store.zarr"
+    return store.run_groups(store.open_experiment(path)) if path.exists() else {}
+
+
+def _planned(exp_dir: str | Path, role: str | None, groups: dict) -> list[str]:
+    """The ids of the runs of one role (None: every role) in plan.json, or without one among the store's runs."""
+    plan = Path(exp_dir) / "plan.json"
+    if plan.exists():
+        return [r["run_id"] for r in json.loads(plan.read_text()) if role is None or r["role"] == role]
+    return [rid for rid, run in groups.items() if role is None or run.attrs.get("role") == role]
+
+
+def _unfinished(planned: list[str], groups: dict) -> dict[str, list[str]]:
+    """`unfinished_runs` of these planned ids, by the statuses of the store's groups."""
     unfinished: dict[str, list[str]] = {"failed": [], "running": [], "not started": []}
     for rid in planned:
         status = groups[rid].attrs.get("status") if rid in groups else "not started"
@@ -89,42 +124,23 @@ def unfinished_runs(exp_dir: str | Path, role: str | None = "sweep") -> dict[str
     return unfinished
 
 
-def describe_unfinished(unfinished: dict[str, list[str]]) -> str:
-    """`unfinished_runs` in words: "2 failed (run-004, run-017), 1 running or stopped"; "" when none."""
-    words = {"failed": "failed", "running": "running or stopped", "not started": "not started"}
-    return ", ".join(f"{len(ids)} {words[status]} ({_first_five(ids)})" for status, ids in unfinished.items() if ids)
-
-
-def plan_progress(exp_dir: str | Path) -> str:
-    """How far an experiment's plan (plan.json) has come: "plan: 102 run(s), 87 complete; 3 failed (…), …"."""
-    planned = len(json.loads((Path(exp_dir) / "plan.json").read_text()))
-    unfinished = unfinished_runs(exp_dir, role=None)
-    left = sum(map(len, unfinished.values()))
-    done = f"plan: {planned} run(s), {planned - left} complete"
-    return f"{done}; {describe_unfinished(unfinished)}" if left else done
-
-
-def _first_five(run_ids: list[str]) -> str:
-    return ", ".join(run_ids[:5]) + (" …" if len(run_ids) > 5 else "")
-
-
 def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | None) -> None:
     """Warn where results.csv lacks complete runs of the store (a sweep stopped before it rewrote the table: a kill;
     a cluster's runs that trained on after Ctrl-C), or where runs of the plan are not complete (failed, running,
-    stopped, not started): either way an analysis of the table leaves runs out."""
+    stopped, not started): either way an analysis of the table leaves runs out. Reads the store once."""
     exp_dir = Path(exp_dir)
     if not (exp_dir / "store.zarr").exists() or "run_id" not in table:
         return
-    root = store.open_experiment(exp_dir / "store.zarr")
-    complete = {rid for rid, run in store.run_groups(root).items() if run.attrs.get("status") == "complete"
+    groups = _run_groups(exp_dir)
+    complete = {rid for rid, run in groups.items() if run.attrs.get("status") == "complete"
                 and (role is None or run.attrs.get("role") == role)}
     missing = sorted(complete - set(table["run_id"]))
     if missing:
         warnings.warn(f"{exp_dir / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
-                      f"({_first_five(missing)}): a sweep stopped before it rewrote the table; run the sweep again "
+                      f"({first_ids(missing)}): a sweep stopped before it rewrote the table; run the sweep again "
                       "to finish it (or `gradtrace.results.write_results(results_table(DIR), DIR)`)", UserWarning,
                       stacklevel=3)
-    unfinished = unfinished_runs(exp_dir, role)
+    unfinished = _unfinished(_planned(exp_dir, role, groups), groups)
     if any(unfinished.values()):
         warnings.warn(f"{exp_dir} is not finished: of its planned {role + ' ' if role else ''}runs, "
                       f"{describe_unfinished(unfinished)} (`gradtrace info {exp_dir}` shows why a run failed); "

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
-from gradtrace.results import results_table, started_from, write_results
+from gradtrace.results import first_ids, results_table, started_from, write_results
 from gradtrace.config import Config, SweepConfig
 
 
@@ -392,8 +392,7 @@ def _failure_summary(failed: dict[str, Exception], not_run: int) -> str:
     by_error: dict[str, list[str]] = {}
     for run_id, err in failed.items():
         by_error.setdefault(f"{type(err).__name__}: {err}", []).append(run_id)
-    named = "; ".join(", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "") + f": {error}"
-                      for error, ids in by_error.items())
+    named = "; ".join(f"{first_ids(ids)}: {error}" for error, ids in by_error.items())
     never = f" and {not_run} did not start (they start from a failed base run)" if not_run else ""
     return f"{len(failed)} run(s) failed{never} ({named})"
 
