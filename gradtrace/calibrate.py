@@ -16,7 +16,7 @@ MEAN_RANGE = (0.10, 0.90)  # usable: mean accuracy inside this range,
 MIN_STD = 0.03  # across-run std of at least 3 points,
 MIN_RELIABILITY = 0.9  # and split-half reliability of at least 0.9
 SAME_AXIS = 0.8  # |partial r| above which two shifts are flagged as one axis
-ENOUGH_USABLE = 6  # usable shifts a study aims for (the default's: experiments/README.md), or all where it has fewer
+ENOUGH_USABLE = 6  # usable shifts a study aims for (the default's: experiments/README.md)
 BASES_COLUMNS = ["init_seed", "base_ID", "ID_mean", "ID_std", "usable", "usable_shifts", "one_axis"]  # bases.csv
 
 
@@ -51,6 +51,11 @@ class Calibration:
         if ((same.ci_low <= SAME_AXIS) & (same.ci_high >= -SAME_AXIS)).any():  # a CI holding some |r| ≤ 0.8
             lines.append(f"  a CI reaching below {SAME_AXIS} leaves it open: more pilot runs (--runs) narrow it")
         return "\n".join(lines)
+
+
+def enough_usable(shifts: int) -> int:
+    """The usable shifts a study of `shifts` shifts aims for: ENOUGH_USABLE, or all of them where it has fewer."""
+    return min(ENOUGH_USABLE, shifts)
 
 
 def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:

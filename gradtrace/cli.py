@@ -81,7 +81,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Pilot sweep: per split mean, std, range, correlation with ID, reliability, usable or not."""
-    from gradtrace.calibrate import ENOUGH_USABLE, calibrate
+    from gradtrace.calibrate import calibrate, enough_usable
 
     cfg = _config(args)
     out = args.out or f"storage/calibrate-{Path(args.config).stem}"
@@ -93,7 +93,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(f"written: {Path(out) / 'bases.csv'} (each pilot in {Path(out) / 'base-seed-N'}); "
               "train the study on a chosen base with --set train.init_seed=N")
-        enough = min(ENOUGH_USABLE, len(cfg.task.shifts))
+        enough = enough_usable(len(cfg.task.shifts))
         seeds = table.init_seed[table.usable >= enough].tolist()
         print(f"bases with at least {enough} usable shifts: init_seed {', '.join(map(str, seeds))}" if seeds else
               f"no base with {enough} usable shifts: pilot other seeds (--bases), or more runs (--runs)")
@@ -102,7 +102,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(result.format())
     print(f"written: {Path(out) / 'calibration.csv'}")
     shifts = result.splits[result.splits.split != "ID"]
-    if cfg.sweep.pretrain_steps and cfg.sweep.bases == 1 and shifts.usable.sum() < min(ENOUGH_USABLE, len(shifts)):
+    if cfg.sweep.pretrain_steps and cfg.sweep.bases == 1 and shifts.usable.sum() < enough_usable(len(shifts)):
         print(f"{int(shifts.usable.sum())} of {len(shifts)} shifts usable on this base; another base may give more "
               f"(experiments/README.md: how far one base decides the study): `gradtrace calibrate {args.config} "
               "--bases 0 1 2 3` pilots four (bases.csv), then train the study on one with --set train.init_seed=N")
