@@ -827,9 +827,12 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     """(reliability, ceiling) of the observed matrix from accuracies (runs, 1+S), ID in column 0.
 
     reliability: mean Spearman over pairs between matrices from random halves of the runs (halves of each group
-    with `groups`, the runs' group codes), Spearman–Brown corrected to the full number of runs (the agreement of
-    two independent sweeps of this size). ceiling: √reliability, the expected Spearman of a perfect predictor with
-    the observed matrix (0 if reliability ≤ 0).
+    with `groups`, the runs' group codes; a group's odd run sits out), Spearman–Brown corrected to the full number
+    of runs (the agreement of two independent sweeps of this size). The correction's length ratio is that of the
+    partial correlations' degrees of freedom, runs less ID, one intercept per group and 2 (a Fisher z's variance is
+    1/(n − B − 3)): halves of 4 bases × 25 runs hold 12 runs per base, so 41 of the whole's 93, not half. ceiling:
+    √reliability, the expected Spearman of a perfect predictor with the observed matrix (0 if reliability ≤ 0).
+    NaN, with a warning where groups are the cause, when a half leaves no degree of freedom.
     """
     accuracy = np.asarray(accuracy, float)
     n, S = accuracy.shape[0], accuracy.shape[1] - 1
@@ -837,10 +840,18 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     halves: list[list[np.ndarray]] = [[], []]
-    for members in ([np.arange(n)] if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]):
+    members_of = [np.arange(n)] if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    for members in members_of:
         order, half = members[np.argsort(rng.random((n_splits, len(members))), axis=1)], len(members) // 2
         halves[0].append(order[:, :half])
         halves[1].append(order[:, half: 2 * half])
+    half_sizes = [len(members) // 2 for members in members_of]
+    half_dof = sum(half_sizes) - sum(size > 0 for size in half_sizes) - 3
+    if half_dof < 1:
+        warnings.warn(f"no noise ceiling: halves of these {n} runs within {len(members_of)} groups leave no degree "
+                      "of freedom for a partial correlation; it needs groups of at least 4 runs, or fewer groups",
+                      UserWarning, stacklevel=2)
+        return float("nan"), float("nan")
     first_idx, second_idx = (np.concatenate(h, axis=1) for h in halves)
     ia, ib = np.triu_indices(S, k=1)
     first = probit_partials(accuracy[first_idx], n_items, None if groups is None else groups[first_idx[0]])[:, ia, ib]
@@ -848,7 +859,8 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
                              None if groups is None else groups[second_idx[0]])[:, ia, ib]
     ok = ~(np.isnan(first).any(axis=1) | np.isnan(second).any(axis=1))
     rho = float(np.mean(_rowwise_corr(_ranks(first[ok]), _ranks(second[ok])))) if ok.any() else float("nan")
-    reliability = 2 * rho / (1 + rho) if rho > -1 else float("nan")
+    length = (n - len(members_of) - 3) / half_dof
+    reliability = length * rho / (1 + (length - 1) * rho) if rho > -1 else float("nan")
     return reliability, math.sqrt(reliability) if reliability > 0 else 0.0 if reliability <= 0 else float("nan")
 
 
