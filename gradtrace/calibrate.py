@@ -125,6 +125,10 @@ def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibrat
     if runs < MIN_PILOT_RUNS:
         raise ValueError(f"a pilot of {runs} run(s) cannot be assessed: split-half reliability and the spread across "
                          f"runs need at least {MIN_PILOT_RUNS} (--runs; 12 by default)")
+    bases = cfg.sweep.bases if cfg.sweep.pretrain_steps else 1
+    if runs < 2 * bases:  # refused before anything trains: the spread within a base needs two of its runs
+        raise ValueError(f"a pilot of {runs} run(s) over {bases} bases leaves a base with fewer than 2, and the "
+                         f"spread within a base needs 2: use --runs {2 * bases} or more")
     pilot = config_mod.from_dict(cfg.to_dict(), {"sweep.runs": runs, "sweep.reference_runs": 0})
     table = run_sweep(pilot, out)
     table = table[table.role == "sweep"].reset_index(drop=True)

@@ -519,6 +519,9 @@ def test_what_cannot_run_is_refused_before_anything_trains(tmp_path, capsys):
     with pytest.raises(ValueError, match="a pilot of 2 run"):
         calibrate(tiny_config(), tmp_path / "pilot", runs=2)
     assert not (tmp_path / "pilot").exists()
+    with pytest.raises(ValueError, match="over 4 bases leaves a base with fewer than 2.*--runs 8"):
+        calibrate(tiny_config(sweep__pretrain_steps=2, sweep__bases=4), tmp_path / "bases", runs=6)
+    assert not (tmp_path / "bases").exists()  # assessing it failed after every run had trained
     assert main(["calibrate", os.devnull, "--out", str(tmp_path / "zero"), "--runs", "0", *set_args(TINY)]) == 2
     assert "a pilot of 0 run" in capsys.readouterr().err  # 0 is not "the default"
     assert main(["calibrate", os.devnull, "--out", str(tmp_path / "twice"), "--bases", "0", "0",
