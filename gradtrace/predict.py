@@ -786,11 +786,13 @@ def relabel_pvalue(predicted: np.ndarray, observed: np.ndarray, n_perm: int = 10
     """One-sided shift-relabelling permutation p of the Spearman between an S×S prediction and observed matrix.
 
     Shift names of the prediction are permuted (rows and columns together); all S! permutations when
-    S ≤ max_exhaustive (exact p, identity included), else n_perm random ones (p = (1 + hits)/(1 + n_perm)).
-    Returns (p, number of permutations).
+    S ≤ max_exhaustive (exact p, identity included), else n_perm random ones (p = (1 + hits)/(1 + n_perm); NaN
+    for none). Returns (p, number of permutations).
     """
     predicted, observed = np.asarray(predicted, float), np.asarray(observed, float)
     S = predicted.shape[0]
+    if S > max_exhaustive and n_perm == 0:  # not tested, rather than p = 1
+        return float("nan"), 0
     ia, ib = np.triu_indices(S, k=1)
     obs_ranks = _ranks(observed[ia, ib])
     if np.isnan(predicted[ia, ib]).any() or np.isnan(obs_ranks).any():
