@@ -138,6 +138,9 @@ class RunWriter:
         storage = storage or dtype
         if name in self.group:
             arr = self.group[name]
+            if arr.shape[1:] != tuple(row_shape):  # zarr would cut wider rows to fit, silently
+                raise ValueError(f"array {name!r} of run {self.group.basename!r} holds rows of shape {arr.shape[1:]}, "
+                                 f"not {tuple(row_shape)}: rows of another kind cannot join it")
         else:
             zdtype = "uint16" if storage == BF16 else storage
             axis = {"probe": "probe", "evals": "eval"}.get(name.split("/")[0], "step") if "/" in name else "step"

@@ -178,7 +178,7 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
     same = CaptureConfig(dim=64, probe_every=0)
     for capture, other, changed in [(CaptureConfig(dim=32, probe_every=0), model, "capture.dim: 64 → 32"),
                                     (CaptureConfig(dim=64, probe_every=0, seed=1), model, "capture.seed: 0 → 1"),
-                                    (same, torch.nn.Linear(3, 3), "the model's parameters")]:
+                                    (same, torch.nn.Linear(3, 3), "the model's trainable parameters")]:
         with pytest.raises(ValueError, match=f"cannot resume with another capture.*{changed}"):
             attach(other, torch.optim.AdamW(other.parameters()), tmp_path, "r", total_steps=4, capture=capture,
                    resume=True, start_step=2)
@@ -187,6 +187,22 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
     train_steps(model, opt, task, 6, rec, start=2)
     rec.close()
     assert run_group(tmp_path).attrs["steps"] == 6 and run_group(tmp_path)["step"][:].tolist() == list(range(6))
+
+    # a run that sketches nothing still refuses another model (its per-tensor columns would shift), and probes of
+    # other splits, or the same in another order (their rows would be labelled with the wrong splits)
+    two = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:2]]
+    bare = CaptureConfig(sketch="identity", quantities=[], probe_every=2)
+    rec = attach(model, opt, tmp_path, "bare", total_steps=4, capture=bare, probes=two)
+    train_steps(model, opt, task, 2, rec)
+    rec.checkpoint()
+    frozen = copy.deepcopy(model)
+    frozen.get_output_embeddings().weight.requires_grad_(False)
+    swapped = rf"probe splits: \['ID', '{two[1].split}'\] → \['{two[1].split}', 'ID'\]"
+    for other, probes, changed in [(frozen, two, "the model's trainable parameters"), (model, two[::-1], swapped),
+                                   (model, two[:1], "probe splits")]:
+        with pytest.raises(ValueError, match=f"cannot resume with another capture.*{changed}"):
+            attach(other, torch.optim.AdamW(other.parameters()), tmp_path, "bare", total_steps=4, capture=bare,
+                   probes=probes, resume=True, start_step=2)
 
 
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task):

@@ -80,6 +80,8 @@ def test_writer_buffers_whole_chunks_and_checkpoint_makes_rows_durable(tmp_path)
     w.checkpoint(6)
     assert group["x"].shape == (6, 3) and group.attrs["last_durable_step"] == 6
     np.testing.assert_array_equal(group["x"][:, 0], np.arange(6))
+    with pytest.raises(ValueError, match=r"holds rows of shape \(3,\), not \(4,\)"):  # zarr would cut them to fit
+        store.RunWriter(group, chunk=4).declare("x", (4,), "float32", dims=("k",))
 
 
 @pytest.mark.parametrize("thread", [False, True])

@@ -132,7 +132,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         probe_losses = probe_loss_functions(capture.probe_losses)
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
     if resume and run_id in root:
-        _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash)
+        _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash,
+                            [probe.split for probe in probes or []])
     group = _run_group(root, run_id, resume, start_step, {
         "config": {"capture": dataclasses.asdict(capture)}, "role": "reference", "steps": total_steps,
         "steps_done": start_step, **(attrs or {})})
@@ -166,19 +167,20 @@ def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str
 RESUME_KEYS = ("sketch", "dim", "seed", "quantities", "probe_losses", "dtype")  # what the stored arrays hold
 
 
-def _check_same_capture(group, capture: dict[str, Any], layout_hash: str) -> None:
-    """Refuse to resume a run with another parameter layout or another capture of what its arrays hold: its rows
-    would join rows of another kind."""
+def _check_same_capture(group, capture: dict[str, Any], layout_hash: str, splits: list[str]) -> None:
+    """Refuse to resume a run with another parameter layout, other probe splits (or their order) or another capture
+    of what its arrays hold: its rows would join rows of another kind."""
     stored = group.attrs.get("config", {}).get("capture", {})
     changed = [f"capture.{key}: {stored[key]!r} → {capture[key]!r}" for key in RESUME_KEYS
                if key in stored and stored[key] != capture[key]]
-    recorded_layout = (group.attrs.get("sketch") or {}).get("layout_hash")
-    if recorded_layout not in (None, layout_hash):
-        changed.append("the model's parameters (layout hash)")
+    if "layout" in group.attrs and ParamLayout.from_json(group.attrs["layout"]).hash != layout_hash:
+        changed.append("the model's trainable parameters (layout hash)")
+    if "splits" in group.attrs and list(group.attrs["splits"]) != splits:
+        changed.append(f"probe splits: {list(group.attrs['splits'])} → {splits}")
     if changed:
         raise ValueError(f"run {group.basename!r} cannot resume with another capture than it was recorded with "
                          f"({'; '.join(changed)}): its arrays would mix two kinds of rows. Resume with the same "
-                         "model and CaptureConfig, or record a new run id.")
+                         "model, probes and CaptureConfig, or record a new run id.")
 
 
 def sketch_sharded(sketch: Sketch, shard: torch.Tensor, start: int, group: Any = None) -> torch.Tensor:
