@@ -581,6 +581,48 @@ def test_hf_resume_after_a_kill_between_the_trainers_checkpoint_and_on_save(tmp_
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(6))
 
 
+def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
+    """The notebook's way after an interruption: train() again on the same Trainer. The first train() never reached
+    on_train_end, so its Recorder still hooked the optimizer: every row and loss was recorded twice."""
+    from transformers import Trainer
+
+    args = hf_args(tmp_path, max_steps=8, learning_rate=3e-3, save_strategy="steps", save_steps=4, logging_steps=1,
+                   gradient_accumulation_steps=2)
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=2))
+    kill = kill_at("on_step_end", 6)
+    trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task, 64), callbacks=[callback, kill])
+    with pytest.raises(_Killed):
+        trainer.train()
+    trainer.remove_callback(kill)  # killed once
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
+    group = run_group(tmp_path, "hf")
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(8))
+    np.testing.assert_allclose(group["loss"][4:], logged[-4:], rtol=1e-5, atol=5e-5)  # once each, as logged
+    assert len(trainer.model._forward_hooks) == 0
+
+
+def test_hf_resume_after_a_kill_while_saving_the_best_checkpoint(tmp_path, task):
+    """save_strategy="best" decides to save after evaluating, past the step callbacks: the rows are durable by then."""
+    from transformers import Trainer
+
+    def run(kill: bool):
+        args = hf_args(tmp_path, max_steps=6, learning_rate=3e-3, eval_strategy="steps", eval_steps=2,
+                       save_strategy="best", metric_for_best_model="loss", greater_is_better=False)
+        callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=8))
+        trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
+                          eval_dataset=hf_dataset(task, 8), callbacks=[*([kill_at("on_save", 4)] if kill else []),
+                                                                       callback])
+        trainer.train(resume_from_checkpoint=None if kill else True)
+
+    with pytest.raises(_Killed):
+        run(kill=True)
+    assert "checkpoint-4" in {p.name for p in (tmp_path / "hf").iterdir()}
+    run(kill=False)
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(6))
+
+
 def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp_path, task):
     from transformers import Trainer
 

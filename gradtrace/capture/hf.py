@@ -13,7 +13,9 @@ Trainer logs the mean over processes), and a `compute_loss` that runs the model 
 counts both forwards. Where the Trainer computes the loss outside the model (`compute_loss_func`, label
 smoothing) the model returns none, and the stored loss is NaN (warned once). Only the main process writes; the
 rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
-reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there. The final
+reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there: in a new
+process, or with the same Trainer after its train() raised (the run is marked failed, its hooks removed, when the
+next train() begins). The final
 probe is taken at the last step's parameters, before a Trainer with `load_best_model_at_end` loads its best
 checkpoint; a run stopped early that loads it takes none. The Trainer's `global_step` counts the steps a
 GradScaler skipped, which the Recorder does not record (its `step` counts the optimizer steps taken), so each
@@ -59,6 +61,7 @@ class GradtraceCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("GradtraceCallback needs the model and optimizer in on_train_begin; this transformers "
                              "version passes neither. Use transformers>=4.46 or gradtrace.capture.attach directly.")
+        self._detach("this Trainer's previous train() stopped before its end")  # it raised: on_train_end never ran
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
         self._durable_at = None
         resume = state.global_step > 0
@@ -115,6 +118,13 @@ class GradtraceCallback(TrainerCallback):
         """Before the Trainer saves an epoch's checkpoint, make the rows durable."""
         self._durable_before_saving(state, control)
 
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        """With `save_strategy="best"` the Trainer decides to save after evaluating, past every step callback:
+        make the rows durable at each evaluation, before a save it may decide on."""
+        if args.save_strategy == "best":
+            self._make_durable(state)
+
     def _durable_before_saving(self, state: TrainerState, control: TrainerControl) -> None:
         """Make every recorded row durable, noting how many steps they hold at this global step, when the Trainer
         is about to save (its flow callback, which runs first, has set should_save): a kill while it saves then
@@ -140,9 +150,17 @@ class GradtraceCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         """Take the final probe, write everything and mark the run complete."""
+        if self.recorder is not None:  # a loaded best checkpoint is not the trained parameters: no probe of it
+            self.recorder.close(final_probe=not (args.load_best_model_at_end and state.best_model_checkpoint))
+        self._detach()
+
+    def _detach(self, unfinished: str | None = None) -> None:
+        """Remove the loss hook and forget the Recorder; one still open (`unfinished` says why) writes what it
+        recorded and marks the run failed, detaching its optimizer hooks, so a resumed train() records once."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.recorder is not None:  # a loaded best checkpoint is not the trained parameters: no probe of it
-            self.recorder.close(final_probe=not (args.load_best_model_at_end and state.best_model_checkpoint))
-            self.recorder = None
+        if isinstance(self.recorder, RunRecorder) and not self.recorder.closed:
+            self.recorder.fail(RuntimeError(unfinished))
+        self.recorder = None
+        self._losses.clear()
