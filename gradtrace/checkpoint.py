@@ -26,7 +26,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, steps_done: int) -> None:
     """Write model, optimizer, scheduler and RNG state; the previous checkpoint survives until the new one is whole."""
-    tensors = {f"model.{n}": t for n, t in model.state_dict().items()}
+    tensors = {f"model.{n}": t for n, t in _untied_state(model).items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
@@ -34,6 +34,13 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     tensors["rng.torch"] = torch.get_rng_state()
     save_tensors(directory, tensors, {"steps_done": steps_done, "param_groups": opt["param_groups"],
                                       "scheduler": scheduler.state_dict()})
+
+
+def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with a tensor tied under several names (embeddings and output layer) once, under
+    its first name, as `named_parameters` gives it: safetensors refuses tensors that share memory."""
+    first = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {n: t for n, t in model.state_dict().items() if n in first}
 
 
 def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -66,7 +73,11 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
                scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Restore a `save_state` checkpoint in place; returns the optimizer steps it had completed."""
     tensors, meta = load_tensors(directory)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if set(saved) != set(_untied_state(model)):
+        raise ValueError(f"checkpoint {directory} holds another model's parameters than this run's: "
+                         f"{sorted(set(saved) ^ set(_untied_state(model)))[:4]} differ")
+    model.load_state_dict(saved, strict=False)  # the tied names it leaves out share the loaded tensors
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

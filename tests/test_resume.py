@@ -76,6 +76,37 @@ def test_a_checkpoint_saves_over_what_a_kill_after_its_last_rename_left(tmp_path
     assert sorted(p.name for p in root.parent.iterdir()) == ["r"]
 
 
+def test_a_model_with_tied_embeddings_checkpoints_and_resumes(tmp_path):
+    """Many hub models tie their output layer to the embeddings (one tensor, two names), which safetensors refuses
+    to save twice: every checkpoint of such a run failed."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from gradtrace import checkpoint
+
+    def tied_model(seed):
+        torch.manual_seed(seed)
+        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32, tie_word_embeddings=True))
+
+    def state(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+        optimizer.step()
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    trained = tied_model(0)
+    checkpoint.save_state(tmp_path / "ckpt", trained, *state(trained), steps_done=1)
+    resumed = tied_model(1)
+    optimizer, scheduler = state(resumed)
+    assert checkpoint.load_state(tmp_path / "ckpt", resumed, optimizer, scheduler) == 1
+    for (name, want), got in zip(trained.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert resumed.get_output_embeddings().weight is resumed.get_input_embeddings().weight  # still one tensor
+    with pytest.raises(ValueError, match="another model's parameters"):
+        checkpoint.load_state(tmp_path / "ckpt", torch.nn.Linear(2, 2), optimizer, scheduler)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files through /proc")
 def test_checkpoints_and_weights_are_synced_before_they_are_renamed_into_place(tmp_path, monkeypatch):
     """A rename is durable only once what it names is: a power loss must not leave a checkpoint or a base's weights
