@@ -202,7 +202,8 @@ def test_v_statistics_every_n_steps_nan_between(tmp_path, task):
     assert [bool(np.isfinite(q).all()) for q in v_q] == has
     v = [opt.state[p]["exp_avg_sq"] for p in model.parameters()]
     np.testing.assert_allclose(v_mean[6], [x.mean().item() for x in v], rtol=1e-5)
-    again = Recorder(model, opt, store.RunWriter(group, 8), CaptureConfig(v_stats_every=3), 7)
+    again = Recorder(model, opt, store.RunWriter(group, 8), CaptureConfig(sketch="countsketch", dim=16,
+                                                                          v_stats_every=3), 7)
     assert again.attrs()["v_stats_every"] == 3
 
 
