@@ -24,16 +24,20 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, steps_done: int) -> None:
-    """Write model, optimizer, scheduler and RNG state; the previous checkpoint survives until the new one is whole."""
+               scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, steps_done: int,
+               optimizer_steps: int) -> None:
+    """Write model, optimizer, scheduler, gradient scaler and RNG state, with the training steps done and the
+    optimizer steps taken (fewer where a GradScaler skipped some); the previous checkpoint survives until the new
+    one is whole."""
     tensors = {f"model.{n}": t for n, t in _untied_state(model).items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
-    save_tensors(directory, tensors, {"steps_done": steps_done, "param_groups": opt["param_groups"],
-                                      "scheduler": scheduler.state_dict()})
+    save_tensors(directory, tensors, {"steps_done": steps_done, "optimizer_steps": optimizer_steps,
+                                      "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+                                      "scaler": scaler.state_dict()})
 
 
 def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,8 +74,8 @@ def checkpoint_dir(root: Path) -> Path | None:
 
 
 def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Restore a `save_state` checkpoint in place; returns the optimizer steps it had completed."""
+               scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> tuple[int, int]:
+    """Restore a `save_state` checkpoint in place; returns (training steps done, optimizer steps taken)."""
     tensors, meta = load_tensors(directory)
     saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     if set(saved) != set(_untied_state(model)):
@@ -85,8 +89,10 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
             state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if meta.get("scaler"):  # {} from a scaler that is off (fp32, bf16)
+        scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["steps_done"])
+    return int(meta["steps_done"]), int(meta.get("optimizer_steps", meta["steps_done"]))
 
 
 def load_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -134,13 +134,15 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     check_packing(model, t)
     optimizer = adamw(model.parameters(), t, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     ckpt_root = exp_dir / "checkpoints" / run_id
-    start, found = 0, checkpoint.checkpoint_dir(ckpt_root) if resume and run_id in root else None
+    start, taken = 0, 0  # training steps done; optimizer steps taken (fewer by the steps the scaler skipped)
+    found = checkpoint.checkpoint_dir(ckpt_root) if resume and run_id in root else None
     if found is not None:
         group = root[run_id]
         _check_resumes_its_config(group, cfg, run_id)
-        start = checkpoint.load_state(found, model, optimizer, scheduler)
-        store.truncate_to(group, start)
+        start, taken = checkpoint.load_state(found, model, optimizer, scheduler, scaler)
+        store.truncate_to(group, taken)
         store.set_status(group, "running")
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
@@ -148,13 +150,11 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
     try:  # from here a run that raises is marked failed, set-up included
         writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
-        recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, start)
-        if recorder is not None:
-            group.update_attributes(recorder.attrs())
+        recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, taken)
+        group.update_attributes(recorder.attrs())
         if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
             checkpoint.save_weights(model, exp_dir / "weights" / run_id / "initial.safetensors")
         eval_rows = declare_evals(writer, task, t.eval_every)
-        scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         for step in tqdm(range(start, t.steps), desc=run_id, disable=not progress, initial=start, total=t.steps,
                          leave=False, mininterval=2):
             batch = task.train_batches(step, [run_seeds["data"]], t.batch_size, device, t.pack)[0]
@@ -164,8 +164,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             unclipped = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-            if recorder is not None:
-                recorder.log(loss, grad_norm=unclipped)
+            recorder.log(loss, grad_norm=unclipped)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -175,11 +174,10 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
                     accuracy(correctness(model, task)).values()), dtype=np.float32)})
             if done % t.checkpoint_every == 0 and done < t.steps:
                 writer.flush()
-                checkpoint.save_state(ckpt_root, model, optimizer, scheduler, done)
-                writer.checkpoint(done)
+                checkpoint.save_state(ckpt_root, model, optimizer, scheduler, scaler, done, recorder.step)
+                writer.checkpoint(recorder.step)
                 group.update_attributes({"steps_done": done, "wall_time_s": time.perf_counter() - began})
-        if recorder is not None:
-            recorder.close()
+        recorder.close()
         correct, train_acc = correctness(model, task), train_accuracy(model, task)
         writer.close()
         store.write_correct(group, correct)
@@ -191,8 +189,8 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     acc = accuracy(correct)
     wall = time.perf_counter() - began
     store.set_status(group, "complete", accuracy=acc, train_accuracy=train_acc, steps_done=t.steps,
-                     last_durable_step=t.steps, wall_time_s=wall,
-                     nonfinite_steps=recorder.nonfinite_steps if recorder else 0, splits=task.splits, hparams=hparams)
+                     last_durable_step=recorder.step, wall_time_s=wall,
+                     nonfinite_steps=recorder.nonfinite_steps, splits=task.splits, hparams=hparams)
     checkpoint.remove(ckpt_root)
     return RunResult(run_id, role, run_seeds, hparams, acc, wall, t.steps, train_accuracy=train_acc)
 
@@ -204,7 +202,7 @@ def recorded_capture(capture: CaptureConfig) -> CaptureConfig:
 
 
 def _recorder(capture: CaptureConfig, model, optimizer, writer, task: ArithmeticTask, device, steps: int,
-              start: int) -> Recorder | None:
+              start: int) -> Recorder:
     """The run's Recorder: full capture with probes, or (capture disabled) scalars every 10 steps."""
     if not capture.enabled:
         return Recorder(model, optimizer, writer, recorded_capture(capture), steps, start_step=start)

@@ -96,15 +96,16 @@ def test_a_model_with_tied_embeddings_checkpoints_and_resumes(tmp_path):
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     trained = tied_model(0)
-    checkpoint.save_state(tmp_path / "ckpt", trained, *state(trained), steps_done=1)
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    checkpoint.save_state(tmp_path / "ckpt", trained, *state(trained), off, steps_done=1, optimizer_steps=1)
     resumed = tied_model(1)
     optimizer, scheduler = state(resumed)
-    assert checkpoint.load_state(tmp_path / "ckpt", resumed, optimizer, scheduler) == 1
+    assert checkpoint.load_state(tmp_path / "ckpt", resumed, optimizer, scheduler, off) == (1, 1)
     for (name, want), got in zip(trained.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
     assert resumed.get_output_embeddings().weight is resumed.get_input_embeddings().weight  # still one tensor
     with pytest.raises(ValueError, match="another model's parameters"):
-        checkpoint.load_state(tmp_path / "ckpt", torch.nn.Linear(2, 2), optimizer, scheduler)
+        checkpoint.load_state(tmp_path / "ckpt", torch.nn.Linear(2, 2), optimizer, scheduler, off)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files through /proc")
