@@ -192,6 +192,23 @@ def test_log_schedule_records_fewer_steps_densely_early(tmp_path, task):
     assert np.diff(steps)[0] <= np.diff(steps)[-1]
 
 
+def test_probes_without_probe_losses_take_the_configs(tmp_path, task):
+    """As the module's example writes it: Recorder(..., probes=...) alone (it recorded probe arrays of no loss)."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    group = store.create_run(root, "r", {})
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    cfg = CaptureConfig(sketch="countsketch", dim=16, probe_every=0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    probes = [Probe("ID", *task.probe_set("ID").torch())]
+    rec = Recorder(model, optimizer, store.RunWriter(group, 8), cfg, 1, probes=probes)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # the probe at step 0
+    rec.close()
+    assert rec.attrs()["probe_losses"] == list(cfg.probe_losses)
+    assert store.read(group, "probe/grad").shape == (2, 1, len(cfg.probe_losses), 16)  # steps 0 and the end
+
+
 def test_v_statistics_every_n_steps_nan_between(tmp_path, task):
     group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=16, probe_every=0,
                                                                  v_stats_every=3), 7)

@@ -126,10 +126,6 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
                         "CaptureConfig(**settings)")
     if not is_writer(write):
         return IdleRecorder()
-    if probes and probe_losses is None:
-        from gradtrace.tasks import probe_loss_functions
-
-        probe_losses = probe_loss_functions(capture.probe_losses)
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
     if resume and run_id in root:
         _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash,

@@ -87,7 +87,8 @@ class Schedule:
 
 
 class Recorder:
-    """Sketches g_t, Δθ_t and Adam's m_t each recorded step, per-tensor statistics, and periodic probe gradients."""
+    """Sketches g_t, Δθ_t and Adam's m_t each recorded step, per-tensor statistics, and periodic probe gradients
+    (of `probes` under `probe_losses`, by default `cfg.probe_losses` from `gradtrace.tasks.PROBE_LOSSES`)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: RunWriter,
                  cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
@@ -124,6 +125,10 @@ class Recorder:
         repeated = sorted({s for s in splits if splits.count(s) > 1})
         if repeated:
             raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
+        if self.probes and probe_losses is None:  # the config's (gradtrace.tasks.PROBE_LOSSES), as attach gives
+            from gradtrace.tasks import probe_loss_functions
+
+            probe_losses = probe_loss_functions(cfg.probe_losses)
         self.probe_losses = probe_losses or {}
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
