@@ -67,7 +67,22 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     if role is not None and "role" in table:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role)
-    return table
+    return _without_lone_bases(table) if role == "sweep" else table
+
+
+def _without_lone_bases(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Sweep runs less those of a base with no other complete run (fewer sweep runs than two per base, or the
+    others failed), with a warning: within base a lone run has nothing to differ from, so it moves no statistic
+    (its residual is 0 and it adds one run and one intercept) but the within-base analyses refuse it."""
+    if base_groups(sweep) is None:
+        return sweep
+    runs = sweep["base"].map(sweep["base"].value_counts())
+    if (runs > 1).all():
+        return sweep
+    lone = sweep.loc[runs < 2, "base"].astype(str).tolist()
+    warnings.warn(f"left out {len(lone)} sweep run(s) alone in their base ({first_ids(lone)}): statistics within "
+                  "base need two runs of a base; a lone run would move none of them", UserWarning, stacklevel=3)
+    return sweep[runs > 1].reset_index(drop=True)
 
 
 def unfinished_runs(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, list[str]]:

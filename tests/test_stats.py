@@ -531,6 +531,22 @@ def test_stats_of_a_results_table_without_a_store(tmp_path):
     assert len(rep.stats) == 1 and rep.reliability is None and (tmp_path / "gap.csv").exists()
 
 
+def test_a_sweep_run_alone_in_its_base_is_left_out_with_a_warning(tmp_path):
+    """A sweep over more bases than it has pairs of runs (or whose other runs failed) left a base with one run,
+    and `gradtrace stats` refused the whole sweep ("Drop those runs": the command line cannot); the lone run
+    moves no within-base statistic, so the statistics are the same without it."""
+    rng = np.random.default_rng(4)
+    id_acc, a, b = probit_lines(rng, n=25, rho=0.5, sigma=0.3)
+    table = table_from(id_acc, a, b).assign(run_id=[f"run-{i:03d}" for i in range(25)], role="sweep",
+                                            base=[f"base-{i % 3}" for i in range(24)] + ["base-3"])
+    table.to_csv(tmp_path / "results.csv", index=False)
+    with pytest.warns(UserWarning, match=r"left out 1 sweep run\(s\) alone in their base \(base-3\)"):
+        rep = stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
+    assert rep.summary["n"] == 24 and (rep.stats.k == 3).all()  # ID and two indicators: bases 0-2
+    direct = partial_correlations(table.iloc[:24], residualize="probit", n_boot=0, n_perm=0, within="base")
+    np.testing.assert_allclose(rep.stats.r, direct.r, rtol=1e-12)
+
+
 def test_format_table_is_fixed_width_with_stars():
     rng = np.random.default_rng(18)
     id_acc, a, b = probit_lines(rng, n=80, rho=0.6, sigma=0.3)
