@@ -901,7 +901,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
         "n": int(stats["n"].iloc[0]),
         "shifts": sorted(set(stats["a"]) | set(stats["b"])),
         "within": kw["within"],
-        "runs_for_ci_half_width_0.2_at_r_0.3": runs_needed(0.3, 0.2, 1),
+        "runs_for_ci_half_width_0.2_at_r_0.3": runs_needed(0.3, 0.2, int(stats["k"].min())),  # given ID (and bases)
         "residualizations": {
             m: {"k": int(g["k"].iloc[0]), "pairs": len(g), "significant_p": int((g["p"] < alpha).sum()),
                 "significant_bh": int((g["p_bh"] < alpha).sum()), "median_r": float(g["r"].median())}

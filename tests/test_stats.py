@@ -543,6 +543,7 @@ def test_a_sweep_run_alone_in_its_base_is_left_out_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"left out 1 sweep run\(s\) alone in their base \(base-3\)"):
         rep = stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
     assert rep.summary["n"] == 24 and (rep.stats.k == 3).all()  # ID and two indicators: bases 0-2
+    assert rep.summary["runs_for_ci_half_width_0.2_at_r_0.3"] == runs_needed(0.3, 0.2, k=3) == runs_needed(0.3) + 2
     direct = partial_correlations(table.iloc[:24], residualize="probit", n_boot=0, n_perm=0, within="base")
     np.testing.assert_allclose(rep.stats.r, direct.r, rtol=1e-12)
 
