@@ -73,10 +73,21 @@ class Inputs:
     origins: dict[str, str] = field(default_factory=dict)
 
     @property
+    def config(self) -> dict:
+        """The experiment's config.yaml as a dict; empty where it is missing or not a YAML mapping (the header and
+        captions then go without it)."""
+        try:
+            config = yaml.safe_load(self.config_text or "")
+        except yaml.YAMLError:
+            return {}
+        return config if isinstance(config, dict) else {}
+
+    @property
     def n_items(self) -> int:
         """Test items per split (`task.n_test` of the experiment's config): where probit accuracies are clipped."""
-        config = yaml.safe_load(self.config_text or "") or {}
-        return int((config.get("task") or {}).get("n_test", figures.N_ITEMS))
+        task = self.config.get("task")
+        n_test = task.get("n_test") if isinstance(task, dict) else None
+        return n_test if isinstance(n_test, int) and n_test > 0 else figures.N_ITEMS
 
     @property
     def sweep(self) -> pd.DataFrame | None:
@@ -625,18 +636,13 @@ def _header(inputs: Inputs) -> str:
                      if roles else f"{len(sweep)} sweep run(s)")
         shifts = [c[4:] for c in inputs.results.columns if str(c).startswith("acc_") and c != "acc_ID"]
         facts.append("shifts: " + ", ".join(shifts))
-    try:
-        config = yaml.safe_load(inputs.config_text or "") or {}
-    except yaml.YAMLError:
-        config = {}
-    if isinstance(config, dict):
-        model, train, sweep_cfg = (config.get(k) or {} for k in ("model", "train", "sweep"))
-        if isinstance(model, dict) and model.get("name"):
-            facts.append(f"model: {model['name']}")
-        if isinstance(train, dict) and train.get("steps"):
-            base = (f" (base runs: {sweep_cfg['pretrain_steps']})"
-                    if isinstance(sweep_cfg, dict) and sweep_cfg.get("pretrain_steps") else "")
-            facts.append(f"{train['steps']} optimizer steps per run{base}")
+    model, train, sweep_cfg = (inputs.config.get(k) or {} for k in ("model", "train", "sweep"))
+    if isinstance(model, dict) and model.get("name"):
+        facts.append(f"model: {model['name']}")
+    if isinstance(train, dict) and train.get("steps"):
+        base = (f" (base runs: {sweep_cfg['pretrain_steps']})"
+                if isinstance(sweep_cfg, dict) and sweep_cfg.get("pretrain_steps") else "")
+        facts.append(f"{train['steps']} optimizer steps per run{base}")
     return (f"<h1>gradtrace report: {_esc(inputs.exp_dir.resolve().name)}</h1>"
             f'<p class="lead">{_esc(STUDY)}</p><p class="facts">{_esc("; ".join(facts))}</p>')
 

@@ -102,6 +102,9 @@ def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -
     assert "2 sweep run(s), 1 reference run(s), 1 base run(s)" in report._header(report.Inputs(Path("x"), results))
     assert report.Inputs(Path("x"), config_text="task:\n  n_test: 200\n").n_items == 200
     assert report.Inputs(Path("x")).n_items == 2000  # no config: the default's
+    for broken in ("model: [tiny\n  name: : x\n", "just a string\n", "task:\n  n_test:\n"):  # crashed the report
+        assert report.Inputs(Path("x"), config_text=broken).n_items == 2000
+        assert "gradtrace report" in report._header(report.Inputs(Path("x"), results, config_text=broken))
 
 
 def test_results_summary() -> None:
