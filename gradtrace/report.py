@@ -50,6 +50,10 @@ SECTIONS = (
     ("provenance", "Provenance"),
 )
 
+STAGE_OUTPUTS = {"stats": ("stats.csv", "gradtrace stats"), "gap": ("gap.csv", "gradtrace stats"),
+                 "reliability": ("reliability.csv", "gradtrace stats"),
+                 "predictions": ("predictions.csv", "gradtrace predict"),
+                 "scores": ("predict_scores.csv", "gradtrace predict")}  # each table: its file, the command writing it
 SECTION_INPUTS = {"results": ("unfinished", "results", "reliability"), "correlations": ("stats",),
                   "predictions": ("predictions", "scores"), "gap": ("gap",)}  # whose missing-input notes each shows
 
@@ -128,10 +132,15 @@ def _read_csv(inputs: Inputs, key: str, filename: str) -> pd.DataFrame | None:
 def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], module: str, function: str,
                command: str) -> None:
     """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing or older than results.csv (a sweep
-    extended since); a failure becomes the note of every input (`keys`) that stage writes."""
+    extended since); a failure becomes the note of every input (`keys`) that stage writes, but those it wrote
+    before it failed (the gap of a sweep with one shift, say)."""
     exp_dir = inputs.exp_dir
     results_written = (exp_dir / "results.csv").stat().st_mtime
-    if all((exp_dir / f).exists() and (exp_dir / f).stat().st_mtime >= results_written for f in files):
+
+    def fresh(name: str) -> bool:
+        return (exp_dir / name).exists() and (exp_dir / name).stat().st_mtime >= results_written
+
+    if all(fresh(f) for f in files):
         return
     why = f"{' / '.join(files)} missing or older than results.csv"
     print(f"report: {why}: running `{command}` first", file=sys.stderr)  # a large study's stage takes a minute
@@ -147,7 +156,8 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
             inputs.origins[key] = f"computed for this report by gradtrace.{module}.{function} (same as `{command}`)"
         return
     for key in keys:
-        inputs.notes[key] = note
+        if not fresh(STAGE_OUTPUTS[key][0]):
+            inputs.notes[key] = note
 
 
 def _reference_run(exp_dir: Path) -> zarr.Group:
@@ -195,10 +205,7 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
                    f"gradtrace stats {exp_dir}")
         _run_stage(inputs, ("predictions", "scores"), ("predictions.csv", "predict_scores.csv"), "predict",
                    "run_predict", f"gradtrace predict {exp_dir}")
-    for key, filename, command in (("stats", "stats.csv", "gradtrace stats"), ("gap", "gap.csv", "gradtrace stats"),
-                                   ("reliability", "reliability.csv", "gradtrace stats"),
-                                   ("predictions", "predictions.csv", "gradtrace predict"),
-                                   ("scores", "predict_scores.csv", "gradtrace predict")):
+    for key, (filename, command) in STAGE_OUTPUTS.items():
         if key in inputs.notes:  # its stage failed: the file there is older than the results
             continue
         setattr(inputs, key, _read_csv(inputs, key, filename))

@@ -879,17 +879,22 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
 
     exp_dir = Path(exp_dir)
     table, items = _load_experiment(exp_dir)
+    paths = {"gap_csv": exp_dir / "gap.csv", "stats_csv": exp_dir / "stats.csv", "stats_json": exp_dir / "stats.json"}
     caught: list[warnings.WarningMessage] = []
     try:  # re-issued also when a stage fails: the warning may say why (shifts dropped as constant, say)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             kw.setdefault("within", base_groups(table))
-            kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
-            stats = partial_correlations(table, residualize=residualize, items=items, **kw)
+            gap = generalisation_gap(table)  # the gap and reliability first: they need no pair of shifts
+            gap.to_csv(paths["gap_csv"], index=False)
             groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
             reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),
                                                   groups=groups) if items else None)
-            gap = generalisation_gap(table)
+            if reliability is not None:
+                paths["reliability_csv"] = exp_dir / "reliability.csv"
+                reliability.to_csv(paths["reliability_csv"], index=False)
+            kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
+            stats = partial_correlations(table, residualize=residualize, items=items, **kw)
     finally:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -913,14 +918,9 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
                              "reliability": float(reliability["reliability"].min())}),
         "warnings": [str(w.message) for w in caught],
     }
-    paths = {"stats_csv": exp_dir / "stats.csv", "stats_json": exp_dir / "stats.json", "gap_csv": exp_dir / "gap.csv"}
     stats.to_csv(paths["stats_csv"], index=False)
     records = json.loads(stats.to_json(orient="records", double_precision=15))  # pandas' 10 decimals made p = 1e-12 0
     paths["stats_json"].write_text(json.dumps({"records": records, "summary": summary}, indent=2))
-    gap.to_csv(paths["gap_csv"], index=False)
-    if reliability is not None:
-        paths["reliability_csv"] = exp_dir / "reliability.csv"
-        reliability.to_csv(paths["reliability_csv"], index=False)
     return StatsReport(stats, reliability, gap, summary, paths)
 
 

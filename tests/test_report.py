@@ -316,6 +316,20 @@ def test_a_failed_stats_stage_leaves_no_stale_tables(tmp_path: Path, monkeypatch
     assert "Summary per residualisation" not in page and "Per split (means over runs" not in page
 
 
+def test_a_sweep_of_one_shift_still_has_its_gap_and_reliability(tmp_path: Path) -> None:
+    """The pair statistics need two shifts; the generalisation gap and the reliability do not (they were lost with
+    them)."""
+    exp = make_experiment(tmp_path / "exp", n_runs=12)
+    results = pd.read_csv(exp / "results.csv")
+    results.drop(columns=[c for c in results if c.endswith(("_carry", "_zeropad"))]).to_csv(exp / "results.csv",
+                                                                                          index=False)
+    for name in ("stats.csv", "gap.csv"):
+        (exp / name).unlink()
+    inputs = report.load_inputs(exp)
+    assert "need at least two shifts" in inputs.notes["stats"] and "gap" not in inputs.notes
+    assert set(inputs.gap["split"]) == {"ID", "length"}
+
+
 def test_gap_table_gives_its_units_and_leaves_out_seed_columns_no_run_shares() -> None:
     gap = pd.DataFrame({"run_id": ["a", "b"], "split": "ID", "test_acc": [0.8, 0.9], "train_acc": [0.85, 0.9],
                         "gap_pts": [5.0, 0.0], "band": ["watch", "healthy"], "seed_sd_pts": np.nan, "n_seeds": 1})
