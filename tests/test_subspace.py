@@ -100,12 +100,20 @@ def test_rank_and_method_errors(matrix):
         top_span_streaming(X, 4, sketch_size=4)
 
 
-@pytest.mark.parametrize("method", ["randomized", "full", "frequent_directions"])
+@pytest.mark.parametrize("method", ["randomized", "full", "frequent_directions", "svd_compressed"])
 def test_rows_holding_nan_are_refused_by_number(matrix, method):
     X = np.array(matrix[0], copy=True)
-    X[7, 3] = np.nan  # a step whose gradient overflowed
+    X[7, 3] = np.nan  # a step whose gradient overflowed (svd_compressed said only "SVD did not converge")
     with pytest.raises(ValueError, match=r"rows \[7\] hold NaN or Inf"):
-        top_span(X, 2, method=method) if method != "frequent_directions" else top_span_streaming(X, 2, block_rows=4)
+        top_span(X, 2, method=method) if method in ("randomized", "full") else \
+            top_span_streaming(X, 2, method=method, block_rows=4)
+
+
+def test_a_centred_span_has_one_direction_fewer_than_its_rows(matrix):
+    X = matrix[0][:6]  # centred, 6 rows span 5 directions: a 6th would be arbitrary (85° between two methods)
+    assert top_span(X, 5, center=True, method="full").rank == 5
+    with pytest.raises(ValueError, match=r"rank=6 is out of range for a 6×\d+ matrix, centred: expected 1 ≤ rank ≤ 5"):
+        top_span(X, 6, center=True, method="full")
 
 
 def test_effective_dimension():
@@ -239,6 +247,17 @@ def test_run_span_takes_the_exact_svd_where_it_is_cheap(tmp_path):
     span = run_span(group, "grad", rank=16)
     np.testing.assert_allclose(span.singular_values, s[:16], rtol=1e-5)
     assert np.degrees(np.max(principal_angles(span, Vt[:16]))) < 0.01
+
+
+def test_run_span_streams_a_small_window_too_large_for_memory(run_group, monkeypatch):
+    """A few rows of a large sketch are cheap to decompose exactly, but `auto` must not read more than
+    IN_MEMORY_BYTES for it (it did: the exact-SVD rule overrode the memory rule)."""
+    from gradtrace import subspace
+
+    group, _, _ = run_group
+    monkeypatch.setattr(subspace, "IN_MEMORY_BYTES", 1000)
+    monkeypatch.setattr(subspace, "top_span", lambda *a, **k: pytest.fail("read into memory"))
+    assert run_span(group, "update", rank=2, steps=slice(0, 10)).rank == 2
 
 
 def test_spans_of_different_sketches_are_not_compared(tmp_path):
