@@ -877,7 +877,8 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
     and the bootstrap CI of the Spearman (sweep runs resampled, the observed matrix recomputed, the prediction
     held fixed; the resamples' percentile interval moved by the observed Spearman less their median, since a
     resample's matrix carries the sweep's noise twice over and its Spearman sits lower: in simulated sweeps the
-    plain interval missed high only, covering 84–91% of the time, the moved one 94–97%); both are NaN without it. sign_acc counts pairs whose observed CI excludes 0; majority_sign_acc is
+    plain interval missed high nearly always, covering 83–95% (the better the predictor, the less), the moved one
+    94–97%); both are NaN without it. sign_acc counts pairs whose observed CI excludes 0; majority_sign_acc is
     the best any constant sign could score there. within: the accuracies' column of each run's group (e.g. its base
     run) when the observed matrix was taken within groups: the ceiling and the bootstrap then work within them.
     Columns: SCORE_COLUMNS; `group` is preregistered / baseline / exploratory.
