@@ -79,8 +79,8 @@ class TrainConfig:
     # to AVX2 before a run computes: the same rounding on AMD x86 CPUs with AVX2, not Intel's; gradtrace/kernels.py)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
 
-    def __post_init__(self) -> None:  # eps is checked by torch's AdamW
-        _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, warmup=0,
+    def __post_init__(self) -> None:
+        _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, eps=0, warmup=0,
                                                  min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0))
         if len(self.betas) != 2:
             raise ValueError(f"train.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), "
@@ -152,7 +152,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("sweep", self, dict(runs=0, workers=1, ensemble=1, reference_runs=0, pretrain_steps=0,
                                                  bases=1))
-        if any(v <= 0 for v in self.lr) or any(v < 0 for v in self.weight_decay):
+        if not (all(v > 0 for v in self.lr) and all(v >= 0 for v in self.weight_decay)):  # NaN too
             raise ValueError(f"sweep.lr values must be > 0 and sweep.weight_decay values >= 0, got lr {self.lr}, "
                              f"weight_decay {self.weight_decay}")
         if not self.vary:
@@ -223,12 +223,12 @@ def _refuse_unknown(section: str, cfg: Any, **choices: tuple[str, ...]) -> None:
 
 
 def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: dict[str, float] | None = None):
-    """Refuse a numeric key below its least meaningful value or above its greatest, naming its dotted key."""
+    """Refuse a numeric key below its least meaningful value or above its greatest, or NaN, naming its dotted key."""
     for name, bound in least.items():
-        if getattr(cfg, name) < bound:
+        if not getattr(cfg, name) >= bound:
             raise ValueError(f"{section}.{name} must be >= {bound}, got {getattr(cfg, name)}")
     for name, bound in (most or {}).items():
-        if getattr(cfg, name) > bound:
+        if not getattr(cfg, name) <= bound:
             raise ValueError(f"{section}.{name} must be <= {bound}, got {getattr(cfg, name)}")
 
 

@@ -57,7 +57,13 @@ def test_unknown_key_is_an_error_listing_valid_keys(capsys):
     ("task.train_share=1.5", "task.train_share must be <= 1"), ("train.clip=0", "train.clip must be > 0"),
     ("capture.sketch=foo", "capture.sketch must be one of identity, countsketch"),
     ("capture.dtype=int8", "capture.dtype must be one of float32"), ("train.device=tpu", "train.device must be"),
-    ("train.lr=-1", "train.lr must be >= 0"), ("sweep.weight_decay=[-0.05,0.1]", "sweep.weight_decay values >= 0")])
+    ("train.lr=-1", "train.lr must be >= 0"), ("sweep.weight_decay=[-0.05,0.1]", "sweep.weight_decay values >= 0"),
+    # NaN passed every bound (a run of min_lr_ratio .nan trained to NaN and was complete), and so did eps < 0 and a
+    # training share that leaves ID none of the mix (every run then failed, each asking to re-run the sweep)
+    ("train.min_lr_ratio=.nan", "train.min_lr_ratio must be >= 0, got nan"), ("train.eps=-1", "train.eps must be >= 0"),
+    ("sweep.lr=[.nan,0.01]", "sweep.lr values must be > 0"),
+    ("task.train_share=0.2", "training shares (task.train_share × each split's share, task.order_share for order) "
+                             "sum to 1.53")])
 def test_a_value_out_of_range_is_an_error_naming_its_key(capsys, pair, message):
     assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
     assert message in capsys.readouterr().err

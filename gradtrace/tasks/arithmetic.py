@@ -13,7 +13,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, check_splits, drawing_order, get_split
+from gradtrace.tasks.shifts import Problem, check_splits, drawing_order, get_split, train_mix
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -118,13 +118,8 @@ class ArithmeticTask:
 
     # -- training stream ---------------------------------------------------------------------------------------
     def train_mix(self) -> dict[str, float]:
-        """Share of each split's training form in the training mix."""
-        shares = {s: self.cfg.order_share if s == "order" else self.cfg.train_share * get_split(s).share
-                  for s in self.cfg.shifts}
-        total = sum(shares.values())
-        if total >= 1:
-            raise ValueError(f"shift shares sum to {total:.2f}; they must leave room for ID (< 1)")
-        return {"ID": 1 - total, **shares}
+        """Share of each split's training form in the training mix (`shifts.train_mix`)."""
+        return train_mix(self.cfg)
 
     @cached_property
     def train_pool(self) -> Encoded:

@@ -218,13 +218,25 @@ def get_split(name: str) -> Split:
         raise ValueError(f"unknown split {name!r}; registered splits: {', '.join(REGISTRY)}") from None
 
 
+def train_mix(cfg: TaskConfig) -> dict[str, float]:
+    """Share of each split's training form in the training mix: `task.order_share` for `order`, `task.train_share`
+    times the split's own `share` for the other shifts, and ID the rest (refused when none is left)."""
+    shares = {s: cfg.order_share if s == "order" else cfg.train_share * get_split(s).share for s in cfg.shifts}
+    total = sum(shares.values())
+    if not total < 1:
+        raise ValueError(f"the shifts' training shares (task.train_share × each split's share, task.order_share for "
+                         f"order) sum to {total:.2f}, leaving ID none of the training mix: lower task.train_share")
+    return {"ID": 1 - total, **shares}
+
+
 def check_splits(cfg: TaskConfig) -> None:
     """Refuse a task config whose splits cannot be drawn: `ID` among the shifts, a name no module of `task.modules`
-    registered, a split too long for `task.max_digits`, a sampler that returns no `Problem` (torch-free: a dry run
-    checks them too)."""
+    registered, a split too long for `task.max_digits`, a sampler that returns no `Problem`, shares of the training
+    mix that leave ID none (torch-free: a dry run checks them too)."""
     import_split_modules(cfg.modules)
     if "ID" in cfg.shifts:
         raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
+    train_mix(cfg)
     for name in ["ID", *cfg.shifts]:
         split, rng = get_split(name), np.random.default_rng(0)
         try:
