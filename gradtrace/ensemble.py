@@ -38,8 +38,8 @@ from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
-from gradtrace.train import (RunResult, check_packing, declare_evals, finished_result, lr_lambda, recorded_capture,
-                             resolve_device, seeds)
+from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, declare_evals, finished_result,
+                             lr_lambda, recorded_capture, resolve_device, seeds)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -117,6 +117,9 @@ def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str]
     if t.threads:
         torch.set_num_threads(t.threads)
     root = store.open_experiment(exp_dir / "store.zarr", mode="a")
+    for cfg, run_id in zip(cfgs, run_ids):
+        if resume and run_id in root:  # as `train`: its rows so far, or its results, are of the config it began with
+            check_resumes_its_config(root[run_id], cfg, run_id)
     done = {i: finished_result(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
             for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}
     together = all(r in root and root[r].attrs.get("ensemble", {}).get("members") == run_ids for r in run_ids)

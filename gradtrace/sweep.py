@@ -411,6 +411,9 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
     unchanged)."""
     config_path = out / "config.yaml"
+    if not (out / "plan.json").exists() and _trained_anything(out):  # a sweep writes its plan before any run
+        raise ValueError(f"{out} holds runs trained outside a sweep (`gradtrace train` or your own loop: it has no "
+                         "plan.json); a sweep would take those of its run ids for its own: choose a new --out")
     if config_path.exists() and _trained_anything(out):
         previous = config_mod.load(config_path)
         changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))

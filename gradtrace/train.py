@@ -99,7 +99,7 @@ RESUME_MAY_CHANGE = ("train.threads", "train.device", "train.checkpoint_every", 
                      "capture.writer_thread", "sweep", "predict")  # where and how a run trains, not what it computes
 
 
-def _check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
+def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
     changed = changed_keys(from_dict(group.attrs["config"]), cfg, RESUME_MAY_CHANGE)
     if changed:
@@ -124,7 +124,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     run_seeds = seeds(t)
     hparams = {"lr": t.lr, "weight_decay": t.weight_decay}
     if resume and run_id in root and root[run_id].attrs.get("status") == "complete":
-        _check_resumes_its_config(root[run_id], cfg, run_id)  # more steps, say, would not be trained
+        check_resumes_its_config(root[run_id], cfg, run_id)  # more steps, say, would not be trained
         checkpoint.remove(exp_dir / "checkpoints" / run_id)  # left by a kill between the status and its removal
         return finished_result(root[run_id], run_id, role, run_seeds, hparams)
     kernels.use(t.cpu_kernels, device)
@@ -140,7 +140,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     found = checkpoint.checkpoint_dir(ckpt_root) if resume and run_id in root else None
     if found is not None:
         group = root[run_id]
-        _check_resumes_its_config(group, cfg, run_id)
+        check_resumes_its_config(group, cfg, run_id)
         start, taken = checkpoint.load_state(found, model, optimizer, scheduler, scaler)
         store.truncate_to(group, taken)
         store.set_status(group, "running")

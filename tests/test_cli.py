@@ -168,6 +168,16 @@ def test_train_refuses_a_sweeps_directory_and_leaves_its_config(tmp_path, capsys
     assert (out / "config.yaml").read_text() == before  # the sweep still resumes with its own config
 
 
+def test_a_sweep_refuses_a_directory_of_runs_it_did_not_plan(tmp_path, capsys):
+    """A run `gradtrace train` left under a sweep's run id (its own role, seeds and learning rate) was taken for
+    the sweep's, and its results joined the study's."""
+    settings = sets({"sweep.runs": 1, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 2})
+    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--run-id", "run-000", *settings]) == 0
+    assert main(["sweep", "experiments/scratch.yaml", "--out", str(tmp_path), *settings]) == 2
+    assert "holds runs trained outside a sweep" in capsys.readouterr().err
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_train_resume_of_a_complete_run_refuses_another_config(tmp_path, capsys):
     assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), *sets({"train.steps": 2})]) == 0
     assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--resume",

@@ -159,6 +159,9 @@ def test_rerun_trains_a_partial_ensemble_whole_and_keeps_members_completed_elsew
     root["b"].attrs["status"] = "running"  # as if the ensemble had been killed before b was complete
     with pytest.raises(FileExistsError):
         train_ensemble(cfgs[:2], tmp_path, ["a", "b"])
+    longer = [member_config(train__steps=8, train__eval_every=0, **m) for m in list(MEMBERS.values())[:2]]
+    with pytest.raises(ValueError, match=r"run 'a' was trained with another config \(train.steps: 6 → 8\)"):
+        train_ensemble(longer, tmp_path, ["a", "b"], resume=True)  # as `train` refuses: it mixed two schedules
     again = train_ensemble(cfgs[:2], tmp_path, ["a", "b"], resume=True)
     assert [r.accuracy for r in again] == [r.accuracy for r in first]
     assert root["b"].attrs["status"] == "complete"
