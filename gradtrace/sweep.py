@@ -20,6 +20,7 @@ import time
 import traceback
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -243,6 +244,11 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
 
 
+class WorkerDied(RuntimeError):
+    """A run's worker process died (killed by the system, out of memory, say) with it on its pool each time it was
+    tried: beside other runs, twice, and then alone. Running the sweep again retries it."""
+
+
 class SweepError(RuntimeError):
     """A sweep did not finish: runs failed (every other run went on; re-running the sweep retries them), or another
     process is running a sweep into the same directory."""
@@ -463,18 +469,22 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
     context, gpus = get_context("spawn"), worker_gpus(cfg.train.device)
+    queued, breaks = list(jobs), {}  # a job's count of pools that broke under it (a worker died: killed, say)
     try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(os.getpid(), gpus, context.Value("i", 0) if gpus else None)) as pool:
-            futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
-            try:
-                while futures:
-                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        yield futures.pop(fut), _outcome(fut)
-            except BaseException:  # interrupted, or closed early: no queued job starts, the running ones stop
-                _stop(pool)
-                raise
+        while queued:  # a broken pool's jobs go to a new pool; broken twice, each to a pool of its own
+            batches = [([j for j in queued if breaks.get(j[0].run_id, 0) < 2], workers),
+                       *(([j], 1) for j in queued if breaks.get(j[0].run_id, 0) >= 2)]
+            queued = []
+            for batch, size in (b for b in batches if b[0]):
+                with contextlib.closing(_on_pool(cfg_dict, out, batch, size, context, gpus)) as outcomes:
+                    for job, outcome in outcomes:
+                        if isinstance(outcome, BrokenProcessPool) and breaks.get(job[0].run_id, 0) < 2:
+                            breaks[job[0].run_id] = breaks.get(job[0].run_id, 0) + 1
+                            queued.append(job)
+                        else:
+                            yield job, (WorkerDied(f"the worker process training this run died ({outcome}; killed by "
+                                                   "the system, out of memory?), again when it trained alone")
+                                        if isinstance(outcome, BrokenProcessPool) else outcome)
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -490,6 +500,21 @@ def _for_cluster(cfg_dict: dict) -> dict:
         cfg_dict = {**cfg_dict, "model": {**cfg_dict["model"], "init_from": str(Path(init).resolve())}}
     modules = [str(Path(m).resolve()) if m.endswith(".py") else m for m in cfg_dict["task"]["modules"]]
     return {**cfg_dict, "task": {**cfg_dict["task"], "modules": modules}}
+
+
+def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: int, context, gpus):
+    """Yield each job with its rows or exception, trained on a new pool of `workers` single-thread processes."""
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(os.getpid(), gpus, context.Value("i", 0) if gpus else None)) as pool:
+        futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
+        try:
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield futures.pop(fut), _outcome(fut)
+        except BaseException:  # interrupted, or closed early: no queued job starts, the running ones stop
+            _stop(pool)
+            raise
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

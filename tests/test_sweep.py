@@ -137,6 +137,39 @@ def test_a_failed_run_stops_no_other(tmp_path, capsys, where):
     assert "Traceback" in capsys.readouterr().err  # the first failure's, printed as it happened
 
 
+DYING_WORKER = """
+import multiprocessing, os, pathlib
+from gradtrace import store
+_set_status, _marker = store.set_status, pathlib.Path(__file__).with_name("died")
+def set_status(group, status, **kw):  # a pool worker dies as run-001 completes: always, or the first time only
+    if status == "complete" and group.basename == "run-001" and multiprocessing.parent_process() is not None:
+        if {always} or not _marker.exists():
+            _marker.touch()
+            os._exit(9)
+    return _set_status(group, status, **kw)
+store.set_status = set_status
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("always", [False, True], ids=["once", "always"])
+def test_a_worker_that_dies_fails_no_other_run(tmp_path, always):
+    """A worker killed mid-run (by the system, out of memory, say) broke the pool, and every run queued on it was
+    reported failed ("the sweep goes on with the other runs", which none did). Its runs are retried on a new pool;
+    a run whose worker dies each time fails alone."""
+    (tmp_path / "dying.py").write_text(DYING_WORKER.format(always=always))
+    cfg = tiny_config(sweep__runs=4, sweep__workers=2, sweep__reference_runs=0, train__steps=2,
+                      task__modules=[str(tmp_path / "dying.py")])
+    if always:
+        with pytest.raises(SweepError, match=r"^1 run\(s\) failed \(run-001: WorkerDied"):
+            run_sweep(cfg, tmp_path / "out", progress=False)
+    else:
+        run_sweep(cfg, tmp_path / "out", progress=False)
+    assert (tmp_path / "died").exists()
+    complete = {f"run-00{i}" for i in range(4)} - ({"run-001"} if always else set())
+    assert set(pd.read_csv(tmp_path / "out" / "results.csv").run_id) == complete
+
+
 def fail_in_training(monkeypatch, fails) -> None:
     """Make gradtrace's `train` raise MemoryError for the runs `fails(cfg, run_id, role)` picks (runs in process)."""
     import gradtrace.train
