@@ -10,6 +10,7 @@ import datetime
 import itertools
 import os
 import queue
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -385,13 +386,19 @@ def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
 
 
 def runs(root: zarr.Group) -> list[str]:
-    """Run ids in an experiment store, sorted."""
+    """Run ids in an experiment store, in run order (`run_order`)."""
     return list(run_groups(root))
 
 
 def run_groups(root: zarr.Group) -> dict[str, zarr.Group]:
-    """The run groups of an experiment store by run id, sorted, each read once (with its attributes)."""
-    return dict(sorted((name, m) for name, m in root.members() if isinstance(m, zarr.Group)))
+    """The run groups of an experiment store by run id, in run order, each read once (with its attributes)."""
+    return dict(sorted(((name, m) for name, m in root.members() if isinstance(m, zarr.Group)),
+                       key=lambda item: run_order(item[0])))
+
+
+def run_order(run_id: str) -> tuple:
+    """A run id's sort key, its numbers compared as numbers: run-999 before run-1000, base-2 before base-10."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", run_id)))
 
 
 def summary(path: str | Path) -> str:

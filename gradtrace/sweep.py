@@ -365,7 +365,8 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
                         continue
                     bar.update()
                     rows.append({"run_id": row["run_id"], "role": row["role"], "base": bases[row["run_id"]], **row})
-                    write_results(pd.DataFrame(rows).sort_values("run_id"), out)  # usable mid-sweep, in end order
+                    table = pd.DataFrame(rows).sort_values("run_id", key=lambda ids: ids.map(store.run_order))
+                    write_results(table, out)  # usable mid-sweep, in end order
     except KeyboardInterrupt:
         write_results(results_table(out), out)  # every run the store holds complete, also any not yet listed
         raise

@@ -320,3 +320,11 @@ def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
         assert h5["r/x"].chunks == (4, 3)  # the store's: each block written fills whole HDF5 chunks
         np.testing.assert_array_equal(h5["r/x"][:], store.read(root["r"], "x"))
         np.testing.assert_allclose(h5["r/x"][:], rows, rtol=1 / 128)
+
+
+def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):
+    """Sorted as text, run-1000 came between run-100 and run-101 (in results.csv and `gradtrace info`)."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    for run_id in ("run-1000", "run-101", "run-100", "base-10", "base-2", "ref-000"):
+        store.create_run(root, run_id, {})
+    assert store.runs(root) == ["base-2", "base-10", "ref-000", "run-100", "run-101", "run-1000"]
