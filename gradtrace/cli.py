@@ -60,12 +60,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run a sweep (resumable) and write OUT/results.csv."""
     from gradtrace.models import from_hub
-    from gradtrace.sweep import check_config, describe_plan, plan, run_sweep
+    from gradtrace.sweep import check_config, check_directory, describe_plan, plan, run_sweep
 
     cfg = _config(args)
     if args.dry_run:
         runs = plan(cfg)
         check_config(cfg, contact_hub=False)  # what the sweep would refuse before training, a dry run refuses too
+        if args.out:
+            check_directory(cfg, Path(args.out))
         print(describe_plan(cfg, runs))
         if from_hub(cfg.model):
             print(f"model {cfg.model.name!r} comes from the Hugging Face hub (not embedded, or pretrained weights): a "

@@ -231,7 +231,8 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
 
 def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
-    without loading torch): an unknown split or model, a split too long for `task.max_digits`, an unknown predictor.
+    without loading torch): an unknown split or model, a split too long for `task.max_digits`, an unknown predictor,
+    ensembles in mixed precision.
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
@@ -239,6 +240,9 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     from gradtrace.tasks.shifts import check_splits
 
     check_splits(cfg.task)
+    if cfg.sweep.ensemble > 1 and cfg.train.precision in ("bf16", "fp16"):  # `auto` is checked where it resolves
+        raise ValueError(f"ensembles train in fp32, got train.precision={cfg.train.precision!r}; set "
+                         "train.precision=fp32, or sweep.ensemble=1 to train mixed-precision runs standalone")
     if contact_hub:
         check_model(cfg.model)  # looks up only a model from the hub: embedded names are known here
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
@@ -414,15 +418,21 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
-    """Write the config and plan; refuse a directory holding another sweep that trained anything, unless this one
-    only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
-    unchanged)."""
-    config_path = out / "config.yaml"
+    """Write the config and plan, where `check_directory` lets this sweep into `out`."""
+    check_directory(cfg, out)
+    config_mod.dump(cfg, out / "config.yaml")
+    (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+
+
+def check_directory(cfg: Config, out: Path) -> None:
+    """Refuse a directory holding runs trained outside a sweep, or another sweep that trained anything, unless this
+    one only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
+    unchanged). Torch-free: a dry run given --out checks it too."""
     if not (out / "plan.json").exists() and _trained_anything(out):  # a sweep writes its plan before any run
         raise ValueError(f"{out} holds runs trained outside a sweep (`gradtrace train` or your own loop: it has no "
                          "plan.json); a sweep would take those of its run ids for its own: choose a new --out")
-    if config_path.exists() and _trained_anything(out):
-        previous = config_mod.load(config_path)
+    if (out / "config.yaml").exists() and _trained_anything(out):
+        previous = config_mod.load(out / "config.yaml")
         changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
         if cfg.sweep.runs < previous.sweep.runs:
             changed.append(f"sweep.runs: {previous.sweep.runs} → {cfg.sweep.runs}, fewer")
@@ -430,8 +440,6 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
             raise ValueError(f"{out} holds a sweep with a different config ({'; '.join(changed)}); resume with the "
                              "same config, extend it (only more sweep.runs or other predict settings), or choose a "
                              "new --out directory")
-    config_mod.dump(cfg, config_path)
-    (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
 
 
 def _trained_anything(out: Path) -> bool:

@@ -96,12 +96,23 @@ def test_dry_run_loads_neither_torch_nor_transformers():
     ("task.shifts=[length,lenght]", "unknown split 'lenght'; registered splits: ID, length"),
     ("task.max_digits=1", "split 'carry' cannot be drawn at task.max_digits=1"),
     ("predict.exploratory=[covarianse]", r"unknown predictor(s) ['covarianse']"),
-    ("capture.probe_losses=[ce,hinge]", "unknown capture.probe_losses ['hinge']; choose from ce, margin")])
+    ("capture.probe_losses=[ce,hinge]", "unknown capture.probe_losses ['hinge']; choose from ce, margin"),
+    ("sweep.ensemble=2 --set train.precision=bf16", "ensembles train in fp32, got train.precision='bf16'")])
 def test_a_dry_run_refuses_what_the_sweep_would_refuse_before_training(capsys, pair, message):
     """A plan printed for a misspelt shift: on a cluster the job then failed at its start, after its wait in the
     queue."""
-    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    pairs = [arg for one in pair.split(" --set ") for arg in ("--set", one)]
+    assert main(["sweep", "experiments/default.yaml", *pairs, "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_dry_run_into_a_directory_refuses_what_the_sweep_would_there(tmp_path, capsys):
+    settings = sets({"sweep.runs": 1, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 2})
+    assert main(["sweep", "experiments/scratch.yaml", "--out", str(tmp_path), *settings]) == 0
+    assert main(["sweep", "experiments/scratch.yaml", "--out", str(tmp_path), *settings, "--dry-run"]) == 0
+    assert main(["sweep", "experiments/scratch.yaml", "--out", str(tmp_path), *settings, "--set", "task.n_test=9",
+                 "--dry-run"]) == 2
+    assert "holds a sweep with a different config (task.n_test" in capsys.readouterr().err
 
 
 def test_a_dry_run_does_not_look_up_a_hub_model(capsys, monkeypatch):
