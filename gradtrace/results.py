@@ -16,12 +16,13 @@ FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weig
 
 
 def results_table(out: str | Path) -> pd.DataFrame:
-    """One row per complete run, rebuilt from the store's attributes (the single source of truth)."""
+    """One row per complete run gradtrace trained, rebuilt from the store's attributes (the single source of truth);
+    runs recorded in a loop of your own (`attach`), which hold no test accuracies, are not rows."""
     root = store.open_experiment(Path(out) / "store.zarr")
     rows = []
     for rid, run in store.run_groups(root).items():
         a = run.attrs
-        if a.get("status") != "complete":
+        if a.get("status") != "complete" or "accuracy" not in a:
             continue
         rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a["config"]["model"].get("init_from")),
                      "init_seed": a["seeds"]["init"],

@@ -855,3 +855,21 @@ def test_calibrating_bases_names_those_with_six_usable_shifts(monkeypatch, capsy
     monkeypatch.setattr(gradtrace.calibrate, "calibrate_bases", lambda cfg, out, seeds, runs: table)
     assert main(["calibrate", "experiments/default.yaml", "--out", os.devnull, "--bases", "0", "3"]) == 0
     assert "bases with at least 6 usable shifts: init_seed 3\n" in capsys.readouterr().out
+
+
+def test_a_run_of_your_own_in_a_sweeps_store_is_no_row_of_its_results(tmp_path):
+    """A run recorded by `attach` into a sweep's store holds no accuracies: rebuilding results.csv (a re-run of the
+    sweep does) raised KeyError: 'config'."""
+    import torch
+
+    from gradtrace.capture import attach
+    from gradtrace.config import CaptureConfig
+    from gradtrace.results import results_table
+
+    cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    run_sweep(cfg, tmp_path, progress=False)
+    model = torch.nn.Linear(3, 3)
+    attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "mine", total_steps=1,
+           capture=CaptureConfig(quantities=[], probe_every=0)).close()
+    assert list(results_table(tmp_path).run_id) == ["run-000"]
+    assert list(run_sweep(cfg, tmp_path, progress=False).run_id) == ["run-000"]
