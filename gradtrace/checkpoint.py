@@ -78,9 +78,10 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore a `save_state` checkpoint in place; returns (training steps done, optimizer steps taken)."""
     tensors, meta = load_tensors(directory)
     saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    if set(saved) != set(_untied_state(model)):
-        raise ValueError(f"checkpoint {directory} holds another model's parameters than this run's: "
-                         f"{sorted(set(saved) ^ set(_untied_state(model)))[:4]} differ")
+    differ = sorted(set(saved) ^ set(_untied_state(model)))
+    if differ:
+        raise ValueError(f"checkpoint {directory} holds another model's parameters than this run's: {differ[:4]} "
+                         "differ")
     model.load_state_dict(saved, strict=False)  # the tied names it leaves out share the loaded tensors
     state: dict[int, dict] = {}
     for key, value in tensors.items():
