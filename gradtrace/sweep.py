@@ -136,22 +136,14 @@ def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> l
     """Worker entry point: train one planned run (resuming if partial), or several as one vectorised ensemble
     (complete members skipped, the others resumed from their checkpoint); return their results rows."""
     from gradtrace.ensemble import train_ensemble
-    from gradtrace.train import train
+    from gradtrace.train import default_threads, train
 
-    threads = threads or _default_threads()  # not what the process's previous job set (a dask worker's, say)
+    threads = threads or default_threads()  # not what the process's previous job set (a dask worker's, say)
     cfgs = [_worker_config(cfg_dict, out, r, threads) for r in job]
     if len(job) == 1:
         return [train(cfgs[0], out, job[0].run_id, job[0].role, resume=True, progress=False).row()]
     results = train_ensemble(cfgs, out, [r.run_id for r in job], [r.role for r in job], resume=True)
     return [r.row() for r in results]
-
-
-@functools.cache
-def _default_threads() -> int:
-    """torch's thread count in this process before its first job set one: what `train.threads: 0` trains on."""
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:

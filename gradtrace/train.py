@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,12 @@ RESUME_MAY_CHANGE = ("train.threads", "train.device", "train.checkpoint_every", 
                      "capture.writer_thread", "sweep", "predict")  # where and how a run trains, not what it computes
 
 
+@functools.cache
+def default_threads() -> int:
+    """torch's thread count in this process before its first run set one: what `train.threads: 0` trains on."""
+    return torch.get_num_threads()
+
+
 def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
     changed = changed_keys(from_dict(group.attrs["config"]), cfg, RESUME_MAY_CHANGE)
@@ -117,8 +124,8 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
 def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bool, progress: bool) -> RunResult:
     """`train` with the run's lock held."""
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    default = default_threads()  # read before this process's first run sets any
+    torch.set_num_threads(t.threads or default)  # 0: torch's default, not what an earlier run set
     device = resolve_device(t.device)
     root = store.open_experiment(exp_dir / "store.zarr", mode="a")
     run_seeds = seeds(t)

@@ -237,13 +237,26 @@ def test_a_run_on_the_default_threads_does_not_inherit_those_of_the_jobs_before(
         return types.SimpleNamespace(row=dict)
 
     monkeypatch.setattr(gradtrace.train, "train", train)
-    monkeypatch.setattr(sweep, "_default_threads", lambda: 1)  # read by the process's first job, before any set
+    monkeypatch.setattr(gradtrace.train, "default_threads", lambda: 1)  # read by the process's first job
     torch.set_num_threads(2)  # left by an earlier job
     try:
         sweep._execute(tiny_config(train__threads=0).to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep")], 0)
     finally:
         torch.set_num_threads(1)
     assert trained_on == [1]
+
+
+def test_train_on_the_default_threads_after_a_run_that_set_others(tmp_path):
+    """The same in your own process: a run of `train.threads: 0` after one of 2 trained on 2 and recorded it."""
+    script = ("import sys, torch, zarr; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
+              "from gradtrace.train import train; default = torch.get_num_threads(); "
+              "train(tiny_config(train__steps=1, train__threads=default + 1), sys.argv[1], 'more', progress=False); "
+              "train(tiny_config(train__steps=1, train__threads=0), sys.argv[1], 'default', progress=False); "
+              "root = zarr.open_group(sys.argv[1] + '/store.zarr', mode='r'); "
+              "print(default, [root[r].attrs['cpu_threads'] for r in ('more', 'default')])")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.stdout.split()[-3:] == ["1", "[2,", "1]"]  # a fresh process: its own default, 1 here
 
 
 def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_path):
