@@ -82,8 +82,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
         if not path.exists():
             raise FileNotFoundError(f"model.init_from: {path} not found (expected a safetensors file of weights, "
                                     "e.g. DIR/weights/base/final.safetensors)")
-        missing, unexpected = model.load_state_dict(in_this_release(load_file(str(path)), model), strict=False)
-        if unexpected or [m for m in missing if "rotary" not in m]:
+        weights = in_this_release(load_file(str(path)), model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        loaded = {id(params[name]) for name in weights if name in params}  # a tied layer is saved under one name
+        if unexpected or [m for m in missing if "rotary" not in m and not (m in params and id(params[m]) in loaded)]:
             raise ValueError(f"model.init_from: {path} does not match model {cfg.name!r} "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model

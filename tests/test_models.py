@@ -36,6 +36,24 @@ def test_init_from_weights_saved_under_the_other_releases_names(tmp_path):
         assert torch.equal(value, weights[name]), name
 
 
+def test_init_from_weights_of_a_model_with_tied_embeddings(tmp_path):
+    """A tied output layer is one tensor under two names, which gradtrace saves once (safetensors refuses it
+    twice): every run starting from such a base failed, the output layer's name "missing"."""
+    from transformers import GPTNeoXConfig
+
+    from gradtrace.checkpoint import save_weights
+
+    GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                  tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    source = build_model(ModelConfig(name=str(tmp_path / "tied")), vocab_size=20, seed=1)
+    save_weights(source, tmp_path / "base.safetensors")
+    loaded = build_model(ModelConfig(name=str(tmp_path / "tied"), init_from=str(tmp_path / "base.safetensors")),
+                         vocab_size=20, seed=0)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, source.state_dict()[name]), name
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
 @pytest.mark.parametrize("sizes", [dict(hidden=90, heads=4), dict(hidden=96, heads=0), dict(layers=0),
                                    dict(rotary_fraction=0.0)])
 def test_a_shape_that_cannot_be_built_is_refused_where_it_is_written(sizes):
