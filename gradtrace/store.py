@@ -291,10 +291,13 @@ def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: 
     return group
 
 
-def truncate_to(group: zarr.Group, steps_done: int) -> None:
-    """Cut a run's rows past a resume point: step rows with step >= steps_done, probe rows past steps_done."""
+def truncate_to(group: zarr.Group, steps_done: int, trained: int | None = None) -> None:
+    """Cut a run's rows past a resume point: step rows with step >= steps_done, probe rows past steps_done (optimizer
+    steps), evaluation rows past `trained` (training steps, more where a GradScaler skipped steps; default
+    steps_done)."""
+    trained = steps_done if trained is None else trained
     cuts = [("step", "", lambda s: s < steps_done), ("probe/step", "probe/", lambda s: s <= steps_done),
-            ("evals/step", "evals/", lambda s: s <= steps_done)]
+            ("evals/step", "evals/", lambda s: s <= trained)]
     arrays = _arrays(group)
     for index, prefix, keep_if in cuts:
         if index not in arrays:

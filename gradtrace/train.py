@@ -149,7 +149,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
         group = root[run_id]
         check_resumes_its_config(group, cfg, run_id)
         start, taken = checkpoint.load_state(found, model, optimizer, scheduler, scaler)
-        store.truncate_to(group, taken)
+        store.truncate_to(group, taken, start)
         store.set_status(group, "running")
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,

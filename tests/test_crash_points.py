@@ -162,7 +162,8 @@ def test_an_fp16_run_whose_scaler_skipped_steps_resumes_exactly(tmp_path, monkey
     """A GradScaler that skips steps (a scale too large for fp16's range, as at a GPU run's start) leaves fewer
     optimizer steps, and so recorded rows, than training steps: the resume takes the scaler's state and the
     optimizer steps from the checkpoint (it restarted the scaler at its initial scale and the rows at the
-    training step: skipped steps again, other weights, a gap in the rows)."""
+    training step: skipped steps again, other weights, a gap in the rows), and evaluations, which count training
+    steps, are cut at the training step (at the optimizer step, the evaluation before the kill was lost)."""
     import functools
 
     import torch
@@ -170,7 +171,7 @@ def test_an_fp16_run_whose_scaler_skipped_steps_resumes_exactly(tmp_path, monkey
     from gradtrace import checkpoint
 
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 19))
-    settings = config.load(None, {**SETTINGS, "train.steps": 12, "train.checkpoint_every": 6,
+    settings = config.load(None, {**SETTINGS, "train.steps": 12, "train.checkpoint_every": 6, "train.eval_every": 4,
                                   "train.precision": "fp16", "capture.probe_every": 4, "capture.chunk": 4})
     train(settings, tmp_path / "uninterrupted", "r", progress=False)
     expected = zarr.open_group(tmp_path / "uninterrupted" / "store.zarr")["r"]
