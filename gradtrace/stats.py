@@ -885,16 +885,16 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             kw.setdefault("within", base_groups(table))
-            gap = generalisation_gap(table)  # the gap and reliability first: they need no pair of shifts
+            gap = generalisation_gap(table)  # first: it needs no pair of shifts
             gap.to_csv(paths["gap_csv"], index=False)
+            kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
+            stats = partial_correlations(table, residualize=residualize, items=items, **kw)
             groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
             reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),
                                                   groups=groups) if items else None)
             if reliability is not None:
                 paths["reliability_csv"] = exp_dir / "reliability.csv"
                 reliability.to_csv(paths["reliability_csv"], index=False)
-            kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
-            stats = partial_correlations(table, residualize=residualize, items=items, **kw)
     finally:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
