@@ -81,7 +81,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, eps=0, warmup=0,
-                                                 min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0))
+                                                 min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0),
+                             most=dict(min_lr_ratio=1))  # the schedule decays to it: above 1 it would rise
         if len(self.betas) != 2:
             raise ValueError(f"train.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), "
                              f"got {list(self.betas)}")

@@ -82,7 +82,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
         if not path.exists():
             raise FileNotFoundError(f"model.init_from: {path} not found (expected a safetensors file of weights, "
                                     "e.g. DIR/weights/base/final.safetensors)")
-        weights = in_this_release(load_file(str(path)), model)
+        weights, own = in_this_release(load_file(str(path)), model), model.state_dict()
+        other = [f"{n} {tuple(w.shape)}, not {tuple(own[n].shape)}" for n, w in weights.items()
+                 if n in own and w.shape != own[n].shape]
+        if other:  # torch would list every one, in a RuntimeError
+            raise ValueError(f"model.init_from: {path} holds weights of other shapes than model {cfg.name!r}'s: "
+                             f"{'; '.join(other[:3])}{' …' if len(other) > 3 else ''}")
         missing, unexpected = model.load_state_dict(weights, strict=False)
         params = dict(model.named_parameters(remove_duplicate=False))
         loaded = {id(params[name]) for name in weights if name in params}  # a tied layer is saved under one name

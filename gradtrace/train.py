@@ -188,11 +188,11 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
         correct, train_acc = correctness(model, task), train_accuracy(model, task)
         writer.close()
         store.write_correct(group, correct)
-    except BaseException as err:
+        if (cfg.capture.enabled and cfg.capture.save_weights) or role == "base":  # a sweep's runs start from a base's
+            checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
+    except BaseException as err:  # a full disk as the final weights are written, too: the run says why
         store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    if (cfg.capture.enabled and cfg.capture.save_weights) or role == "base":  # a sweep's runs start from a base's
-        checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
     acc = accuracy(correct)
     wall = time.perf_counter() - began
     store.set_status(group, "complete", accuracy=acc, train_accuracy=train_acc, steps_done=t.steps,

@@ -52,6 +52,9 @@ def test_init_from_weights_of_a_model_with_tied_embeddings(tmp_path):
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, source.state_dict()[name]), name
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    with pytest.raises(ValueError, match=r"other shapes than model 'tiny''s: gpt_neox.embed_in.weight \(32, 16\), "
+                                         r"not \(20, 96\)"):  # torch's RuntimeError, every tensor listed
+        build_model(ModelConfig(name="tiny", init_from=str(tmp_path / "base.safetensors")), vocab_size=20, seed=0)
 
 
 @pytest.mark.parametrize("sizes", [dict(hidden=90, heads=4), dict(hidden=96, heads=0), dict(layers=0),
