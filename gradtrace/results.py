@@ -148,9 +148,7 @@ def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | No
     if not (exp_dir / "store.zarr").exists() or "run_id" not in table:
         return
     groups = _run_groups(exp_dir)
-    complete = {rid for rid, run in groups.items() if run.attrs.get("status") == "complete"
-                and (role is None or run.attrs.get("role") == role)}
-    missing = sorted(complete - set(table["run_id"]))
+    missing = _not_in_table(groups, table, role)
     if missing:
         warnings.warn(f"{exp_dir / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
                       f"({first_ids(missing)}): a sweep stopped before it rewrote the table; run the sweep again "
@@ -162,6 +160,18 @@ def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | No
                       f"{describe_unfinished(unfinished)} (`gradtrace info {exp_dir}` shows why a run failed); "
                       f"results.csv holds the {len(table)} complete, and what is computed from it covers those only. "
                       "Run the sweep again to finish it (it retries failed runs).", UserWarning, stacklevel=3)
+
+
+def not_in_table(exp_dir: str | Path, table: pd.DataFrame, role: str | None = None) -> list[str]:
+    """The complete runs (of one role; None: any) of the experiment's store that its results table lacks: a sweep
+    stopped before it rewrote results.csv."""
+    return _not_in_table(_run_groups(exp_dir), table, role) if "run_id" in table else []
+
+
+def _not_in_table(groups: dict, table: pd.DataFrame, role: str | None) -> list[str]:
+    listed = set(table["run_id"])
+    return [rid for rid, run in groups.items() if run.attrs.get("status") == "complete" and "accuracy" in run.attrs
+            and (role is None or run.attrs.get("role") == role) and rid not in listed]
 
 
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:

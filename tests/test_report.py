@@ -274,6 +274,28 @@ def test_paper_counts_runs_by_role_and_only_the_shifts_stats_correlates(written:
     assert "the 2[^count] whose accuracy varied across runs give 1[^count] shift pairs" in paper
 
 
+def test_a_strict_paper_fails_on_braces_no_placeholder_reads_and_on_a_nan(written: tuple[Path, str], tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """`{{count}}` or a stray `}}` was copied into the paper, and a std over one run printed as "NaN%", both
+    passing --strict."""
+    build = _paper_build()
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    (tmp_path / "braces.md").write_text("{{count:runs}} runs, {{count}} and {{ count : runs }}}\n")
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "a"), "--template", str(tmp_path / "braces.md"),
+                       "--strict"]) == 1
+    assert "braces no placeholder reads" in capsys.readouterr().err
+    results = pd.read_csv(exp / "results.csv")
+    one_sweep_run = pd.concat([results[results["role"] != "sweep"], results[results["role"] == "sweep"].head(1)])
+    one_sweep_run.to_csv(exp / "results.csv", index=False)
+    (tmp_path / "nan.md").write_text("ID {{results:ID:mean}} ± {{results:ID:std}}\n")
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "b"), "--template", str(tmp_path / "nan.md"),
+                       "--strict"]) == 1
+    assert "**[missing: the std of acc_ID over 1 sweep run(s) is NaN]**" in (tmp_path / "b/build/paper.md").read_text()
+
+
 def test_the_training_curves_caption_names_what_the_figure_draws(tmp_path: Path) -> None:
     run = zarr.open_group(tmp_path / "s.zarr", mode="w").create_group("r")
     run["step"], run["loss"], run["grad_norm"] = np.arange(20), np.linspace(2.0, 1.0, 20), np.ones(20)
@@ -379,7 +401,7 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
             for rid, role in (("ref-000", "reference"), *((f"run-00{i}", "sweep") for i in range(3)))]
     (exp / "plan.json").write_text(json.dumps(plan))
     note = ("The sweep is not finished: of its planned runs, 1 failed (run-001), 1 not started (run-002); every table "
-            "and figure here covers the complete runs only.")
+            "and figure here covers the complete runs in results.csv only.")
     assert report.load_inputs(exp, compute_missing=False).notes["unfinished"] == note
     assert html.escape(note) in report.write_report(exp).read_text(encoding="utf-8")
     build = _paper_build()
@@ -387,6 +409,13 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
     assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
     assert f"warning: {note}" in capsys.readouterr().err
     assert build.main(["--store", str(exp), "--out", str(tmp_path / "strict"), "--strict"]) == 1
+    # a failed reference run, and a complete run results.csv lacks (a kill before the sweep rewrote it): said too
+    store.set_status(zarr.open_group(exp / "store.zarr", mode="a")["ref-000"], "failed", error="MemoryError")
+    results = pd.read_csv(exp / "results.csv")
+    results[results["run_id"] != "run-000"].to_csv(exp / "results.csv", index=False)
+    assert report.load_inputs(exp, compute_missing=False).notes["unfinished"].startswith(
+        "The sweep is not finished: of its planned runs, 2 failed (ref-000, run-001), 1 not started (run-002), 1 "
+        "complete but not yet in results.csv (run-000; the sweep run again lists them);")
 
 
 def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
