@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from gradtrace.subspace import principal_angles, top_span, top_span_streaming
+from gradtrace.subspace import STREAMING_METHODS, principal_angles, top_span, top_span_streaming
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -112,8 +112,12 @@ def main() -> None:
         path, method, rank, limit, out = args.child
         child(path, method, int(rank), int(limit), out)
         return
-    if args.quick:
-        args.rows, args.dim, args.store_rows, args.memory_limit_mb = 2000, 2048, 8192, 48
+    unknown = sorted(set(args.methods.split(",")) - set(STREAMING_METHODS))
+    if unknown or args.repeats < 1:
+        parser.error(f"--methods takes {', '.join(STREAMING_METHODS)} (got {', '.join(unknown)})" if unknown else
+                     "--repeats must be at least 1")
+    if args.quick:  # a cap svd_compressed's float64 blocks fit in (48 MiB did not)
+        args.rows, args.dim, args.store_rows, args.memory_limit_mb = 2000, 2048, 8192, 256
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     results: dict = {"machine": {"cpus": os.cpu_count(), "OMP_NUM_THREADS": threads,
