@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "capture_overhead.json"))
     args = parser.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(1)
     device = torch.device(args.device)
     cfg = load(Path(__file__).parents[1] / "experiments" / "default.yaml")
@@ -234,7 +236,7 @@ def main() -> None:
     for name in args.models.split(","):
         big = name == "pythia-70m"
         batch, block = (8, 2) if big else (train.batch_size, 4)
-        rounds = args.rounds or ROUNDS[(big, args.quick)]
+        rounds = ROUNDS[(big, args.quick)] if args.rounds is None else args.rounds
         model_ks = [4096] if big and args.quick else ks
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             variants = make_variants(name, model_ks, not (big or args.no_breakdown), use_wandb,

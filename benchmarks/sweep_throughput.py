@@ -168,6 +168,10 @@ def main() -> None:
 
     steps = args.steps or config.load(CONFIG).train.steps
     todo = [s for s in settings() if args.only in (None, f"{s.model}/{s.batch}")]
+    if not todo or args.rounds < 1:  # refused before any worker starts, and before --out is written
+        parser.error(f"--only {args.only!r} names no setting (choose from "
+                     f"{', '.join(sorted({f'{s.model}/{s.batch}' for s in settings()}))})" if not todo else
+                     f"--rounds must be at least 1, got {args.rounds}")
     print(f"{len(todo)} settings × {args.rounds} rounds of whole {steps}-step runs; starting "
           f"{sum(s.processes for s in todo)} workers (task built and warmed up in each, not timed)", flush=True)
     pools = {s: Workers(s, args.steps) for s in todo}

@@ -35,6 +35,11 @@ def time_slice(study: config_mod.Config, runs: int, out: Path) -> dict:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: a resumed slice would time only what is left")
     piece = config_mod.from_dict(study.to_dict(), {"sweep.runs": runs})
+    study_runs = plan(study)
+    wanted = Counter(r.role for r in study_runs if r.role != "base")
+    missing = set(wanted) - {r.role for r in plan(piece)}
+    if missing:  # before it trains anything
+        raise ValueError(f"the slice would train no {', '.join(sorted(missing))} run to time; give it more runs")
     began = time.perf_counter()
     table = run_sweep(piece, out)
     seconds = time.perf_counter() - began
@@ -42,11 +47,6 @@ def time_slice(study: config_mod.Config, runs: int, out: Path) -> dict:
     base = float(bases.sum()) / bases_side_by_side(len(bases), piece.sweep.workers)
     rest = table[table.role != "base"]
     per_run = rest.groupby("role").wall_time_s.mean().to_dict()
-    study_runs = plan(study)
-    wanted = Counter(r.role for r in study_runs if r.role != "base")
-    missing = set(wanted) - set(per_run)
-    if missing:
-        raise ValueError(f"the slice trained no {', '.join(sorted(missing))} run to time; give it more runs")
     scale = sum(n * per_run[role] for role, n in wanted.items()) / float(rest.wall_time_s.sum())
     return {"slice_runs": len(table), "slice_seconds": round(seconds, 1), "base_seconds": round(base, 1),
             "seconds_per_run": {role: round(s, 2) for role, s in per_run.items()},
