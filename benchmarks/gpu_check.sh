@@ -6,9 +6,8 @@
 #   3. CountSketch off the CPU: the banded products against fewer, larger ones and a gather (gpu_sketch.py);
 #   4. experiments/large.yaml's time on this GPU from 48-run slices run end to end by `gradtrace sweep` (its 4
 #      captured base runs, 8 captured reference runs, 36 sweep runs; 44 with 4 reference runs when measured) in fp32,
-#      for each of $SWEEPS: pool8 (a pool of
-#      8 workers, ~2 min, the default), pool4, ensemble8 (vmap ensembles of 8 on 2 workers, ~3 min; fp32 only);
-#      SWEEPS= (empty) runs none.
+#      for each of $SWEEPS: pool8 (a pool of 8 workers, ~2 min, the default), pool4, ensemble8 (vmap ensembles of
+#      8 on 2 workers, ~3 min; fp32 only); SWEEPS= (empty) runs none.
 # On an H200 (2026-12-04) steps 1, 2 and 4 took ~40, ~35 and ~120 s (pool8), the machine's start ~1 min; all three
 # sweeps were measured then (benchmarks/README.md), so the default runs one to check it.
 # Results in $OUT (default benchmarks/out/gpu): one JSON file per check, pytest's report and log.txt. The machine's
