@@ -52,10 +52,10 @@ def _fmt(value: object, field: str) -> str:
     if isinstance(value, (int, np.integer)):
         return str(value)
     number = float(value)
-    if math.isnan(number):
-        raise Missing(f"{field} is NaN")
+    if not math.isfinite(number):
+        raise Missing(f"{field} is {number}")
     text = f"{number:.2g}" if field == "p" or field.startswith("p_") else report.rounded(number, 2)
-    return text.replace("-", "−")
+    return text.lstrip("-") if float(text) == 0 else text.replace("-", "−")  # no "−0.00"
 
 
 class Filler:
