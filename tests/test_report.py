@@ -439,3 +439,10 @@ def test_a_paper_without_a_reference_run_says_why_its_training_figure_is_missing
     assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
     paper = (tmp_path / "out" / "build" / "paper.md").read_text()
     assert "**[missing: figure training_curves: no complete reference run" in paper
+
+
+def test_paper_numbers_never_print_minus_zero_and_an_infinity_is_missing() -> None:
+    build = _paper_build()
+    assert [build._fmt(-0.001, "r"), build._fmt(-0.25, "r"), build._fmt(0.0042, "p")] == ["0.00", "−0.25", "0.0042"]
+    with pytest.raises(build.Missing, match="r is inf"):  # decimal.InvalidOperation crashed the build
+        build._fmt(float("inf"), "r")
