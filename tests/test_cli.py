@@ -61,7 +61,8 @@ def test_unknown_key_is_an_error_listing_valid_keys(capsys):
     # NaN passed every bound (a run of min_lr_ratio .nan trained to NaN and was complete), and so did eps < 0 and a
     # training share that leaves ID none of the mix (every run then failed, each asking to re-run the sweep)
     ("train.min_lr_ratio=.nan", "train.min_lr_ratio must be >= 0, got nan"), ("train.eps=-1", "train.eps must be >= 0"),
-    ("sweep.lr=[.nan,0.01]", "sweep.lr values must be > 0"), ("train.min_lr_ratio=2", "train.min_lr_ratio must be <= 1"),
+    ("sweep.lr=[.nan,0.01]", "sweep.lr values must be > 0"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio must be <= 1"),
     ("task.train_share=0.2", "training shares (task.train_share × each split's share, task.order_share for order) "
                              "sum to 1.53")])
 def test_a_value_out_of_range_is_an_error_naming_its_key(capsys, pair, message):
