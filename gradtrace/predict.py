@@ -850,9 +850,10 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     half_sizes = [len(members) // 2 for members in members_of]
     half_dof = sum(half_sizes) - sum(size > 0 for size in half_sizes) - 3
     if half_dof < 1:
-        warnings.warn(f"no noise ceiling: halves of these {n} runs within {len(members_of)} groups leave no degree "
-                      "of freedom for a partial correlation; it needs groups of at least 4 runs, or fewer groups",
-                      UserWarning, stacklevel=2)
+        groups_in_half = sum(size > 0 for size in half_sizes)
+        warnings.warn(f"no noise ceiling: a half of these {n} runs holds {sum(half_sizes)} in {groups_in_half} "
+                      f"group(s), no degree of freedom for a partial correlation given ID within them (that needs "
+                      f"more than {groups_in_half + 3} runs a half): add runs", UserWarning, stacklevel=2)
         return float("nan"), float("nan")
     first_idx, second_idx = (np.concatenate(h, axis=1) for h in halves)
     ia, ib = np.triu_indices(S, k=1)
