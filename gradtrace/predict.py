@@ -834,7 +834,7 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     partial correlations' degrees of freedom, runs less ID, one intercept per group and 2 (a Fisher z's variance is
     1/(n − B − 3)): halves of 4 bases × 25 runs hold 12 runs per base, so 41 of the whole's 93, not half. ceiling:
     √reliability, the expected Spearman of a perfect predictor with the observed matrix (0 if reliability ≤ 0).
-    NaN, with a warning where groups are the cause, when a half leaves no degree of freedom.
+    NaN for fewer than 8 runs, and with a warning where a half leaves no degree of freedom.
     """
     accuracy = np.asarray(accuracy, float)
     n, S = accuracy.shape[0], accuracy.shape[1] - 1
@@ -848,9 +848,9 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
         halves[0].append(order[:, :half])
         halves[1].append(order[:, half: 2 * half])
     half_sizes = [len(members) // 2 for members in members_of]
-    half_dof = sum(half_sizes) - sum(size > 0 for size in half_sizes) - 3
+    groups_in_half = sum(size > 0 for size in half_sizes)
+    half_dof = sum(half_sizes) - groups_in_half - 3
     if half_dof < 1:
-        groups_in_half = sum(size > 0 for size in half_sizes)
         warnings.warn(f"no noise ceiling: a half of these {n} runs holds {sum(half_sizes)} in {groups_in_half} "
                       f"group(s), no degree of freedom for a partial correlation given ID within them (that needs "
                       f"more than {groups_in_half + 3} runs a half): add runs", UserWarning, stacklevel=2)
