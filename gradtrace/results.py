@@ -174,13 +174,15 @@ def _not_in_table(groups: dict, table: pd.DataFrame, role: str | None) -> list[s
             and (role is None or run.attrs.get("role") == role) and rid not in listed]
 
 
-def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, np.ndarray]:
-    """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order.
+def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
+                          table: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
+    """Per split, a runs × items bool matrix of exact-match correctness, rows in `load_results` order (of `table`,
+    that table already loaded, where given).
 
     Empty when there are no such runs, no store, or a run lacks per-item correctness (then reliability cannot be
     computed).
     """
-    table = load_results(exp_dir, role)
+    table = load_results(exp_dir, role) if table is None else table
     if table.empty or not (Path(exp_dir) / "store.zarr").exists():  # results.csv alone: no per-item data
         return {}
     root = store.open_experiment(Path(exp_dir) / "store.zarr")

@@ -846,8 +846,9 @@ def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, n
     """Results table and per-item correctness (None when the experiment has none) of an experiment directory."""
     from gradtrace.results import load_item_correctness, load_results
 
-    items = load_item_correctness(exp_dir)
-    return load_results(exp_dir), (dict(items) if items else None)
+    table = load_results(exp_dir)  # once: its warnings (an unfinished sweep, …) said once
+    items = load_item_correctness(exp_dir, table=table)
+    return table, (dict(items) if items else None)
 
 
 def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = None,

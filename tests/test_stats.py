@@ -499,7 +499,7 @@ def fake_experiment(tmp_path, monkeypatch):
                        train_acc_ID=np.minimum(items["ID"].mean(1) + 0.06, 1.0))
     fake = types.ModuleType("gradtrace.results")
     fake.load_results = lambda path: table.copy()
-    fake.load_item_correctness = lambda path: items
+    fake.load_item_correctness = lambda path, table=None: items
     fake.base_groups = lambda table: None
     monkeypatch.setitem(sys.modules, "gradtrace.results", fake)
     return tmp_path
