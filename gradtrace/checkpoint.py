@@ -29,7 +29,7 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Write model, optimizer, scheduler, gradient scaler and RNG state, with the training steps done and the
     optimizer steps taken (fewer where a GradScaler skipped some); the previous checkpoint survives until the new
     one is whole."""
-    tensors = {f"model.{n}": t for n, t in _untied_state(model).items()}
+    tensors = {f"model.{n}": t for n, t in untied_state(model).items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
@@ -40,7 +40,7 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
                                       "scaler": scaler.state_dict()})
 
 
-def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with a tensor tied under several names (embeddings and output layer) once, under
     its first name, as `named_parameters` gives it: safetensors refuses tensors that share memory."""
     first = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
@@ -78,7 +78,7 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore a `save_state` checkpoint in place; returns (training steps done, optimizer steps taken)."""
     tensors, meta = load_tensors(directory)
     saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    differ = sorted(set(saved) ^ set(_untied_state(model)))
+    differ = sorted(set(saved) ^ set(untied_state(model)))
     if differ:
         raise ValueError(f"checkpoint {directory} holds another model's parameters than this run's: {differ[:4]} "
                          "differ")

@@ -38,8 +38,8 @@ from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
-from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, declare_evals, default_threads,
-                             finished_result, lr_lambda, recorded_capture, resolve_device, seeds)
+from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, declare_evals, finished_result,
+                             lr_lambda, recorded_capture, resolve_device, seeds, use_threads)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -114,8 +114,7 @@ def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str]
                            progress: bool) -> list[RunResult]:
     """`train_ensemble` with every member's lock held."""
     t = cfgs[0].train
-    default = default_threads()  # read before this process's first run sets any
-    torch.set_num_threads(t.threads or default)  # 0: torch's default, not what an earlier run set
+    use_threads(t.threads)
     root = store.open_experiment(exp_dir / "store.zarr", mode="a")
     for cfg, run_id in zip(cfgs, run_ids):
         if resume and run_id in root:  # as `train`: its rows so far, or its results, are of the config it began with

@@ -78,6 +78,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
     if cfg.init_from:
         from safetensors.torch import load_file
 
+        from gradtrace.checkpoint import untied_state
+
         path = Path(cfg.init_from)
         if not path.exists():
             raise FileNotFoundError(f"model.init_from: {path} not found (expected a safetensors file of weights, "
@@ -89,9 +91,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
             raise ValueError(f"model.init_from: {path} holds weights of other shapes than model {cfg.name!r}'s: "
                              f"{'; '.join(other[:3])}{' …' if len(other) > 3 else ''}")
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        loaded = {id(params[name]) for name in weights if name in params}  # a tied layer is saved under one name
-        if unexpected or [m for m in missing if "rotary" not in m and not (m in params and id(params[m]) in loaded)]:
+        untied = untied_state(model)  # a tied layer is saved under its first name only
+        if unexpected or [m for m in missing if "rotary" not in m and m in untied]:
             raise ValueError(f"model.init_from: {path} does not match model {cfg.name!r} "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model

@@ -106,6 +106,12 @@ def default_threads() -> int:
     return torch.get_num_threads()
 
 
+def use_threads(threads: int) -> None:
+    """Train on `train.threads` threads; 0: torch's default, not what an earlier run of this process set."""
+    default = default_threads()  # read before this process's first run sets any
+    torch.set_num_threads(threads or default)
+
+
 def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
     changed = changed_keys(from_dict(group.attrs["config"]), cfg, RESUME_MAY_CHANGE)
@@ -124,8 +130,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
 def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bool, progress: bool) -> RunResult:
     """`train` with the run's lock held."""
     t = cfg.train
-    default = default_threads()  # read before this process's first run sets any
-    torch.set_num_threads(t.threads or default)  # 0: torch's default, not what an earlier run set
+    use_threads(t.threads)
     device = resolve_device(t.device)
     root = store.open_experiment(exp_dir / "store.zarr", mode="a")
     run_seeds = seeds(t)
