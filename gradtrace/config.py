@@ -198,6 +198,15 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+def check_ensemble_precision(precision: str, device: str | None = None) -> None:
+    """Refuse mixed precision for vmap ensembles, which train in fp32: bf16, fp16, and `auto` where it is bf16 (on
+    a CUDA `device`; None where the device is not known yet, as in a dry run)."""
+    if precision in ("bf16", "fp16") or (precision == "auto" and device == "cuda"):
+        on = f" on {device}" if device else ""
+        raise ValueError(f"ensembles train in fp32, got train.precision={precision!r}{on}; set train.precision=fp32, "
+                         "or sweep.ensemble=1 to train mixed-precision runs standalone")
+
+
 def dotted(cfg: Config) -> dict[str, Any]:
     """The config as one flat dict of dotted keys (`train.lr`: …)."""
     def flat(data: dict, prefix: str = "") -> dict[str, Any]:

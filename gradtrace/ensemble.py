@@ -33,7 +33,7 @@ from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, VSample, adam_preconditioner,
                                         capture_attrs, declare_arrays, no_v_statistics, probe_row)
 from gradtrace.capture.sketch import ParamLayout, make_sketch
-from gradtrace.config import CaptureConfig, Config, TrainConfig, dotted
+from gradtrace.config import CaptureConfig, Config, TrainConfig, check_ensemble_precision, dotted
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
@@ -87,10 +87,7 @@ def check_members(cfgs: list[Config]) -> None:
     for cfg in cfgs:  # what torch's AdamW refuses in a standalone run (betas, eps out of range), refused here too
         c = cfg.train
         torch.optim.AdamW([torch.empty(0)], lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
-    t, device = cfgs[0].train, resolve_device(cfgs[0].train.device)
-    if t.precision not in ("fp32", "auto") or (t.precision == "auto" and device.type == "cuda"):
-        raise ValueError(f"ensembles train in fp32, got train.precision={t.precision!r} on {device.type}; "
-                         "set train.precision=fp32 or train mixed-precision runs standalone")
+    check_ensemble_precision(cfgs[0].train.precision, resolve_device(cfgs[0].train.device).type)
 
 
 def _dotted(cfg: Config) -> dict:

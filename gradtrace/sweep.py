@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -232,9 +233,8 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     from gradtrace.tasks.shifts import check_splits
 
     check_splits(cfg.task)
-    if cfg.sweep.ensemble > 1 and cfg.train.precision in ("bf16", "fp16"):  # `auto` is checked where it resolves
-        raise ValueError(f"ensembles train in fp32, got train.precision={cfg.train.precision!r}; set "
-                         "train.precision=fp32, or sweep.ensemble=1 to train mixed-precision runs standalone")
+    if cfg.sweep.ensemble > 1:  # `auto` is checked where it resolves
+        config_mod.check_ensemble_precision(cfg.train.precision)
     if contact_hub:
         check_model(cfg.model)  # looks up only a model from the hub: embedded names are known here
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
@@ -470,17 +470,17 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # spawned workers inherit it: one thread each, no mutual stalls
     context, gpus = get_context("spawn"), worker_gpus(cfg.train.device)
-    queued, breaks = list(jobs), {}  # a job's count of pools that broke under it (a worker died: killed, say)
+    queued, breaks = list(jobs), Counter()  # a job's count of pools that broke under it (a worker died: killed)
     try:
         while queued:  # a broken pool's jobs go to a new pool; broken twice, each to a pool of its own
-            batches = [([j for j in queued if breaks.get(j[0].run_id, 0) < 2], workers),
-                       *(([j], 1) for j in queued if breaks.get(j[0].run_id, 0) >= 2)]
+            batches = [([j for j in queued if breaks[j[0].run_id] < 2], workers),
+                       *(([j], 1) for j in queued if breaks[j[0].run_id] >= 2)]
             queued = []
             for batch, size in (b for b in batches if b[0]):
                 with contextlib.closing(_on_pool(cfg_dict, out, batch, size, context, gpus)) as outcomes:
                     for job, outcome in outcomes:
-                        if isinstance(outcome, BrokenProcessPool) and breaks.get(job[0].run_id, 0) < 2:
-                            breaks[job[0].run_id] = breaks.get(job[0].run_id, 0) + 1
+                        if isinstance(outcome, BrokenProcessPool) and breaks[job[0].run_id] < 2:
+                            breaks[job[0].run_id] += 1
                             queued.append(job)
                         else:
                             yield job, (WorkerDied(f"the worker process training this run died ({outcome}; killed by "
