@@ -22,7 +22,7 @@ def results_table(out: str | Path) -> pd.DataFrame:
     rows = []
     for rid, run in store.run_groups(root).items():
         a = run.attrs
-        if a.get("status") != "complete" or "accuracy" not in a:
+        if not _a_result(a):
             continue
         rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a["config"]["model"].get("init_from")),
                      "init_seed": a["seeds"]["init"],
@@ -170,8 +170,14 @@ def not_in_table(exp_dir: str | Path, table: pd.DataFrame, role: str | None = No
 
 def _not_in_table(groups: dict, table: pd.DataFrame, role: str | None) -> list[str]:
     listed = set(table["run_id"])
-    return [rid for rid, run in groups.items() if run.attrs.get("status") == "complete" and "accuracy" in run.attrs
-            and (role is None or run.attrs.get("role") == role) and rid not in listed]
+    return [rid for rid, run in groups.items()
+            if _a_result(run.attrs) and (role is None or run.attrs.get("role") == role) and rid not in listed]
+
+
+def _a_result(attrs) -> bool:
+    """Whether a run is a row of results.csv: complete and trained by gradtrace (one recorded by `attach` in a loop
+    of your own holds no test accuracies)."""
+    return attrs.get("status") == "complete" and "accuracy" in attrs
 
 
 def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
