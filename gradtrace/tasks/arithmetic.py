@@ -117,10 +117,6 @@ class ArithmeticTask:
         return {name: (self.encode(test), self.encode(probe)) for name, (test, probe) in self._held_out.items()}
 
     # -- training stream ---------------------------------------------------------------------------------------
-    def train_mix(self) -> dict[str, float]:
-        """Share of each split's training form in the training mix (`shifts.train_mix`)."""
-        return train_mix(self.cfg)
-
     @cached_property
     def train_pool(self) -> Encoded:
         """task.pool_size training items from the mix, none of whose prompts is a test or probe prompt."""
@@ -144,7 +140,7 @@ class ArithmeticTask:
     def _pool(self) -> tuple[Encoded, np.ndarray]:
         """The training pool and, per item, the index in the drawing order of the split whose training form it is."""
         held = self._held_out and self.held_out_prompts
-        mix = self.train_mix()
+        mix = train_mix(self.cfg)
         names, probs = self._drawn, np.array([mix[name] for name in self._drawn])
         rng = np.random.default_rng([self.cfg.seed, 10_000])
         picks = rng.choice(len(names), size=self.cfg.pool_size, p=probs)
