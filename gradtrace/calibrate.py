@@ -119,13 +119,13 @@ def assess(table: pd.DataFrame, items: dict[str, np.ndarray]) -> Calibration:
 def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibration:
     """Run (or resume) a pilot sweep of the config into `out` and assess its splits."""
     from gradtrace.results import load_item_correctness
-    from gradtrace.sweep import run_sweep
+    from gradtrace.sweep import base_ids, run_sweep
 
     runs = cfg.sweep.runs if runs is None else runs
     if runs < MIN_PILOT_RUNS:
         raise ValueError(f"a pilot of {runs} run(s) cannot be assessed: split-half reliability and the spread across "
                          f"runs need at least {MIN_PILOT_RUNS} (--runs; 12 by default)")
-    bases = cfg.sweep.bases if cfg.sweep.pretrain_steps else 1
+    bases = max(1, len(base_ids(cfg)))  # the base runs the pilot's runs spread over
     if runs < 2 * bases:  # refused before anything trains: the spread within a base needs two of its runs
         raise ValueError(f"a pilot of {runs} run(s) over {bases} bases leaves a base with fewer than 2, and the "
                          f"spread within a base needs 2: use --runs {2 * bases} or more")
