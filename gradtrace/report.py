@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 import gradtrace
 from gradtrace import figures, store, subspace
-from gradtrace.results import base_groups, describe_unfinished, first_ids, not_in_table, unfinished_runs
+from gradtrace.results import base_groups, describe_shortfall
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -195,11 +195,7 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     inputs.results = _read_csv(inputs, "results", "results.csv")
     if (exp_dir / "store.zarr").exists():
         with contextlib.suppress(FileNotFoundError, ValueError):  # a damaged store: the reference's note says so
-            behind = [] if inputs.results is None else not_in_table(exp_dir, inputs.results)
-            unfinished = ", ".join(filter(None, [describe_unfinished(unfinished_runs(exp_dir, role=None)), behind and (
-                f"{len(behind)} complete but not yet in results.csv ({first_ids(behind)}; the sweep run again lists "
-                "them)")]))
-            if unfinished:
+            if unfinished := describe_shortfall(exp_dir, inputs.results):
                 inputs.notes["unfinished"] = (f"The sweep is not finished: of its planned runs, {unfinished}; every "
                                               "table and figure here covers the complete runs in results.csv only.")
     if inputs.results is None:

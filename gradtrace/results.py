@@ -86,16 +86,8 @@ def _without_lone_bases(sweep: pd.DataFrame) -> pd.DataFrame:
     return sweep[runs > 1].reset_index(drop=True)
 
 
-def unfinished_runs(exp_dir: str | Path, role: str | None = "sweep") -> dict[str, list[str]]:
-    """The runs of an experiment's plan (plan.json; without one, its store's runs) of one role that are not
-    complete, by what the store says of each: `failed`, `running` (training now, or stopped by a kill) and
-    `not started`. Empty lists for a finished experiment."""
-    groups = _run_groups(exp_dir)
-    return _unfinished(_planned(exp_dir, role, groups), groups)
-
-
 def describe_unfinished(unfinished: dict[str, list[str]]) -> str:
-    """`unfinished_runs` in words: "2 failed (run-004, run-017), 1 running or stopped"; "" when none."""
+    """`_unfinished` in words: "2 failed (run-004, run-017), 1 running or stopped"; "" when none."""
     words = {"failed": "failed", "running": "running or stopped", "not started": "not started"}
     return ", ".join(f"{len(ids)} {words[status]} ({first_ids(ids)})" for status, ids in unfinished.items() if ids)
 
@@ -131,7 +123,8 @@ def _planned(exp_dir: str | Path, role: str | None, groups: dict) -> list[str]:
 
 
 def _unfinished(planned: list[str], groups: dict) -> dict[str, list[str]]:
-    """`unfinished_runs` of these planned ids, by the statuses of the store's groups."""
+    """The planned ids that are not complete, by what the store's groups say of each: `failed`, `running`
+    (training now, or stopped by a kill) and `not started`; empty lists for a finished plan."""
     unfinished: dict[str, list[str]] = {"failed": [], "running": [], "not started": []}
     for rid in planned:
         status = groups[rid].attrs.get("status") if rid in groups else "not started"
@@ -162,10 +155,17 @@ def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | No
                       "Run the sweep again to finish it (it retries failed runs).", UserWarning, stacklevel=3)
 
 
-def not_in_table(exp_dir: str | Path, table: pd.DataFrame, role: str | None = None) -> list[str]:
-    """The complete runs (of one role; None: any) of the experiment's store that its results table lacks: a sweep
-    stopped before it rewrote results.csv."""
-    return _not_in_table(_run_groups(exp_dir), table, role) if "run_id" in table else []
+def describe_shortfall(exp_dir: str | Path, table: pd.DataFrame | None) -> str:
+    """What the results table leaves out of the experiment, in words ("" for nothing), the store read once: planned
+    runs of every role failed, running or stopped, or not started, and complete runs the table lacks (a sweep stopped
+    before it rewrote results.csv)."""
+    groups = _run_groups(exp_dir)
+    parts = [describe_unfinished(_unfinished(_planned(exp_dir, None, groups), groups))]
+    behind = [] if table is None or "run_id" not in table else _not_in_table(groups, table, None)
+    if behind:
+        parts.append(f"{len(behind)} complete but not yet in results.csv ({first_ids(behind)}; the sweep run again "
+                     "lists them)")
+    return ", ".join(part for part in parts if part)
 
 
 def _not_in_table(groups: dict, table: pd.DataFrame, role: str | None) -> list[str]:
