@@ -491,7 +491,8 @@ def test_the_bootstrap_ci_of_a_spearman_covers_the_sweeps_expected_spearman():
 
 def test_noise_ceiling_says_why_small_bases_give_none():
     acc, groups = _grouped_sweep(np.random.default_rng(0), np.ones((3, 1)), bases=10, runs_per_base=3)
-    with pytest.warns(UserWarning, match=r"a half of these 30 runs holds 10 in 10 group\(s\).*more than 13 runs a half"):
+    message = r"a half of these 30 runs holds 10 in 10 group\(s\).*more than 13 runs a half"
+    with pytest.warns(UserWarning, match=message):
         assert np.isnan(noise_ceiling(acc, n_splits=10, groups=groups)).all()
 
 
