@@ -22,10 +22,12 @@ from gradtrace.capture.sketch import ParamLayout, make_sketch
 from gradtrace.models import build_model
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
 
+ROOT = Path(__file__).resolve().parents[1]  # the paths below hold from any working directory
+
 
 def real_gradients(steps: int, keep: int) -> tuple[torch.Tensor, ParamLayout]:
     """Flat batch gradients of the last `keep` of `steps` AdamW steps on the default task."""
-    cfg = config.load("experiments/default.yaml")
+    cfg = config.load(ROOT / "experiments" / "default.yaml")
     task = ArithmeticTask(cfg.task)
     model = build_model(cfg.model, task.tokenizer.vocab_size, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--keep", type=int, default=24)
     args = parser.parse_args()
+    if not 2 <= args.keep <= args.steps:
+        parser.error(f"expected 2 ≤ --keep ≤ --steps (pairwise cosines need two gradients), got --keep {args.keep} "
+                     f"--steps {args.steps}")
     torch.set_num_threads(1)
     X, layout = real_gradients(args.steps, args.keep)
     head = layout.names.index("embed_out.weight") if "embed_out.weight" in layout.names else -1
@@ -76,7 +81,7 @@ def main() -> None:
             print(f"{kind:<12} k={k:<6} cos err median {row['cos_median']:.4f} p95 {row['cos_p95']:.4f} "
                   f"({row['cos_p95'] / row['jl_scale']:.2f}× sqrt(2/k))  norm err median {row['norm_median']:.4f}  "
                   f"{ms:8.2f} ms/sketch")
-    out = Path("benchmarks/out")
+    out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sketch_quality.json").write_text(json.dumps(rows, indent=1))
 
