@@ -25,13 +25,17 @@ def test_a_split_too_long_for_max_digits_is_refused_by_name():
         ArithmeticTask(small(max_digits=2))
 
 
-def test_a_registered_split_whose_sampler_returns_no_problem_is_refused_by_name(monkeypatch):
+def test_a_registered_split_whose_sampler_returns_no_problem_is_refused_by_name(monkeypatch, capsys):
+    from gradtrace.cli import main
     from gradtrace.tasks import Problem, Split
 
     monkeypatch.setitem(REGISTRY, "mine", Split("mine", "a researcher's own shift, its test sampler unfinished",
                                                 test=lambda rng, d: None, train=lambda rng, d: Problem((1, 2))))
-    with pytest.raises(TypeError, match="split 'mine': its test sampler returned NoneType"):
+    with pytest.raises(ValueError, match="split 'mine': its test sampler returned NoneType"):
         ArithmeticTask(small(shifts=["mine"]))
+    # the CLI says so in one line (a TypeError came out as a traceback)
+    assert main(["sweep", "experiments/default.yaml", "--set", "task.shifts=[mine]", "--dry-run"]) == 2
+    assert "its test sampler returned NoneType" in capsys.readouterr().err
     ArithmeticTask(small(max_digits=2, shifts=["length", "space", "order"]))  # these are
 
 

@@ -246,5 +246,5 @@ def check_splits(cfg: TaskConfig) -> None:
                              "task.max_digits or drop it from task.shifts") from None
         for form, problem in drawn.items():
             if not isinstance(problem, Problem):
-                raise TypeError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
+                raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
                                 "returns a gradtrace.tasks.Problem")
