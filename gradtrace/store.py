@@ -497,5 +497,6 @@ def _write_hdf5(root: zarr.Group, out: Path) -> None:
                                        chunks=chunks, compression="gzip" if arr.size else None)
                 for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
                     ds[lo:lo + arr.chunks[0]] = decode(arr[lo:lo + arr.chunks[0]], storage)
+                ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
                 if arr.metadata.dimension_names:
                     ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))

@@ -206,6 +206,8 @@ def test_summary_and_hdf5_export(captured, tmp_path):
         np.testing.assert_array_equal(h5["r0/grad"][:], zarr.open_group(exp / "store.zarr")["r0/grad"][:])
         assert json.loads(h5["r0"].attrs["gradtrace"])["status"] == "complete"
         assert json.loads(h5["r0/grad"].attrs["dimension_names"]) == ["step", "sketch"]
+        correct = zarr.open_group(exp / "store.zarr")["r0/eval/correct"]  # its rows' labels travel with it
+        assert json.loads(h5["r0/eval/correct"].attrs["gradtrace"]) == dict(correct.attrs) and "splits" in correct.attrs
 
 
 def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_path, monkeypatch):
@@ -320,6 +322,8 @@ def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
         assert h5["r/x"].chunks == (4, 3)  # the store's: each block written fills whole HDF5 chunks
         np.testing.assert_array_equal(h5["r/x"][:], store.read(root["r"], "x"))
         np.testing.assert_allclose(h5["r/x"][:], rows, rtol=1 / 128)
+        # array attributes travel too: the decoded floats say they were stored as bfloat16
+        assert json.loads(h5["r/x"].attrs["gradtrace"]) == dict(root["r/x"].attrs) == {"storage_dtype": store.BF16}
 
 
 def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):
