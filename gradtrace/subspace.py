@@ -34,7 +34,8 @@ ORTHONORMAL_TOL = 1e-4  # max |B Bᵀ − I| of a basis taken as orthonormal (fl
 
 @dataclass(frozen=True)
 class Span:
-    """The top-`rank` right-singular subspace of a (T, d) matrix and its energy spectrum."""
+    """The top-`rank` right-singular subspace of a (T, d) matrix and its energy spectrum (fewer directions where the
+    rows span fewer: directions of no energy are left out)."""
 
     basis: np.ndarray  # (rank, d), orthonormal rows, strongest direction first
     singular_values: np.ndarray  # (rank,), descending
@@ -107,15 +108,22 @@ def _check_rank(rank: int, shape: tuple[int, ...], center: bool = False) -> int:
     return int(rank)
 
 
-def _span(Vt: np.ndarray, s: np.ndarray, total: float) -> Span:
+def _span(Vt: np.ndarray, s: np.ndarray, total: float, shape: tuple[int, int], dtype: Any = np.float32) -> Span:
+    """The Span of directions `Vt` with singular values `s` of a `shape` matrix of `dtype`, less directions of no
+    energy: those below numpy's rank tolerance (largest s · max(shape) · eps) are rounding noise, arbitrary
+    directions that would count a vector's energy in them (rows spanning fewer than the rank asked give fewer)."""
     s = np.asarray(s, dtype=np.float64)
-    ratio = s**2 / total if total > 0 else np.full_like(s, np.nan)
-    return Span(np.ascontiguousarray(Vt, dtype=np.float32), s, ratio, float(total))
+    if not total > 0 or not s.size or not s[0] > 0:
+        raise ValueError(f"the {shape[0]} rows hold no energy (all zero): there is no span; select steps that moved "
+                         "(updates are zero while the learning rate is)")
+    keep = s > s[0] * max(shape) * np.finfo(dtype).eps
+    return Span(np.ascontiguousarray(Vt[keep], dtype=np.float32), s[keep], s[keep] ** 2 / total, float(total))
 
 
 def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0, center: bool = False,
              n_iter: int | str = "auto") -> Span:
-    """The top-`rank` span of the rows of X (randomised SVD, or method="full" for LAPACK's exact SVD)."""
+    """The top-`rank` span of the rows of X (randomised SVD, or method="full" for LAPACK's exact SVD); rows spanning
+    fewer than `rank` directions give a smaller span, and rows of no energy are refused."""
     _check_matrix(X)
     rank = _check_rank(rank, X.shape, center)
     X = np.asarray(X)
@@ -133,7 +141,7 @@ def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0
     else:
         raise ValueError(f"unknown method {method!r}: choose 'randomized' (fast) or 'full' (exact, small matrices); "
                          "for trajectories larger than memory use top_span_streaming")
-    return _span(Vt, s, total)
+    return _span(Vt, s, total, X.shape, X.dtype)
 
 
 def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:
@@ -190,7 +198,7 @@ def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", s
     refine=False keeps one pass, with singular values shrunk by at most ‖X − X_rank‖_F / √(sketch_size − rank).
     `svd_compressed`: dask's randomised SVD, 2·n_power_iter + 2 passes over the data, re-orthogonalised (QR)
     between power iterations: without it, float32 rounding turned the weaker of 16 directions 40–88° away.
-    Frequent Directions leaves out directions of no energy: rows spanning fewer than `rank` give a smaller span.
+    As with top_span, rows spanning fewer than `rank` directions give a smaller span.
     """
     _check_matrix(X)
     rank = _check_rank(rank, X.shape)
@@ -203,7 +211,7 @@ def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", s
         _, s, Vt = np.linalg.svd(B, full_matrices=False)
         if refine:
             s, Vt = _rayleigh_ritz(X, Vt, rank, block_rows)
-        return _span(Vt[:rank], s[:rank], total)
+        return _span(Vt[:rank], s[:rank], total, X.shape)
     if method == "svd_compressed":
         import dask.array as da
 
@@ -218,7 +226,7 @@ def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", s
                                             compute=True)  # plain power iterations lose the weak directions
         total = (X.astype(np.float64) ** 2).sum()
         s, Vt, total = da.compute(s, Vt, total)
-        return _span(Vt, s, float(total))
+        return _span(Vt, s, float(total), X.shape)
     raise ValueError(f"unknown streaming method {method!r}: choose one of {', '.join(STREAMING_METHODS)}")
 
 

@@ -116,6 +116,22 @@ def test_a_centred_span_has_one_direction_fewer_than_its_rows(matrix):
         top_span(X, 6, center=True, method="full")
 
 
+@pytest.mark.parametrize("method", ["full", "randomized", "frequent_directions", "svd_compressed"])
+def test_rows_spanning_fewer_directions_than_asked_give_a_smaller_span(method):
+    """Directions of no energy are rounding noise: kept, they counted a vector's energy in them (0.18 for 0.03)."""
+    rng = np.random.default_rng(0)
+    row_space = rng.standard_normal((3, 64))
+    X = (rng.standard_normal((10, 3)) @ row_space).astype(np.float32)  # 10 rows spanning 3 directions
+    fit = (lambda Y, r: top_span(Y, r, method=method)) if method in ("full", "randomized") else \
+        (lambda Y, r: top_span_streaming(Y, r, method=method))
+    span, v = fit(X, 8), rng.standard_normal(64)
+    Q = np.linalg.qr(row_space.T)[0]
+    assert span.rank == 3
+    assert projection_energy(v, span).dominant == pytest.approx(np.sum((Q.T @ v) ** 2) / (v @ v), rel=1e-4)
+    with pytest.raises(ValueError, match="hold no energy"):  # a window of zero updates (lr 0) has no span
+        fit(np.zeros_like(X), 2)
+
+
 def test_effective_dimension():
     flat = effective_dimension(np.ones(10))
     assert flat.participation_ratio == pytest.approx(10)
