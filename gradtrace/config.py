@@ -107,7 +107,7 @@ class CaptureConfig:
     seed: int = 0
     every: int = 1  # record every n-th optimizer step
     schedule: str = "every"  # every | log
-    probe_every: int = 50
+    probe_every: int = 50  # 0: no probes in gradtrace's runs; a Recorder given probes takes them first and last
     v_stats_every: int = 10  # per-tensor mean/quantiles of Adam's v on recorded steps divisible by this (NaN between)
     quantities: list[str] = field(default_factory=lambda: ["grad", "update", "adam_m"])
     probe_losses: list[str] = field(default_factory=lambda: ["ce", "margin"])

@@ -10,7 +10,7 @@ from gradtrace import store
 from gradtrace.capture import Probe, Recorder
 from gradtrace.config import CaptureConfig
 from gradtrace.models import build_model
-from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy
+from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy, probe_loss_functions
 from gradtrace.train import train
 
 
@@ -207,6 +207,10 @@ def test_probes_without_probe_losses_take_the_configs(tmp_path, task):
     rec.close()
     assert rec.attrs()["probe_losses"] == list(cfg.probe_losses)
     assert store.read(group, "probe/grad").shape == (2, 1, len(cfg.probe_losses), 16)  # steps 0 and the end
+    unprobed = Recorder(model, optimizer, store.RunWriter(store.create_run(root, "q", {}), 8), cfg, 1,
+                        probe_losses=probe_loss_functions(cfg.probe_losses))  # as `gradtrace train` at probe_every 0
+    assert unprobed.attrs()["probe_losses"] == []  # labels of a probe_loss axis the run has not (it listed two)
+    unprobed.close()
 
 
 def test_v_statistics_every_n_steps_nan_between(tmp_path, task):

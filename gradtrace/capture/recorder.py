@@ -129,7 +129,7 @@ class Recorder:
             from gradtrace.tasks import probe_loss_functions
 
             probe_losses = probe_loss_functions(cfg.probe_losses)
-        self.probe_losses = probe_losses or {}
+        self.probe_losses = (probe_losses or {}) if self.probes else {}  # the probe_loss axis's labels: none
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
