@@ -420,18 +420,22 @@ def check_directory(cfg: Config, out: Path) -> None:
     """Refuse a directory holding runs trained outside a sweep, or another sweep that trained anything, unless this
     one only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
     unchanged). Torch-free: a dry run given --out checks it too."""
-    if not (out / "plan.json").exists() and _trained_anything(out):  # a sweep writes its plan before any run
+    if not _trained_anything(out):
+        return
+    if not (out / "plan.json").exists():  # a sweep writes its plan before any run
         raise ValueError(f"{out} holds runs trained outside a sweep (`gradtrace train` or your own loop: it has no "
                          "plan.json); a sweep would take those of its run ids for its own: choose a new --out")
-    if (out / "config.yaml").exists() and _trained_anything(out):
-        previous = config_mod.load(out / "config.yaml")
-        changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
-        if cfg.sweep.runs < previous.sweep.runs:
-            changed.append(f"sweep.runs: {previous.sweep.runs} → {cfg.sweep.runs}, fewer")
-        if changed:
-            raise ValueError(f"{out} holds a sweep with a different config ({'; '.join(changed)}); resume with the "
-                             "same config, extend it (only more sweep.runs or other predict settings), or choose a "
-                             "new --out directory")
+    if not (out / "config.yaml").exists():  # nothing to hold this config against: it could mix two studies
+        raise ValueError(f"{out} holds a trained sweep but not its config.yaml: put it back (each run records its "
+                         "config, the run's own overrides applied: `gradtrace info`) or choose a new --out")
+    previous = config_mod.load(out / "config.yaml")
+    changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
+    if cfg.sweep.runs < previous.sweep.runs:
+        changed.append(f"sweep.runs: {previous.sweep.runs} → {cfg.sweep.runs}, fewer")
+    if changed:
+        raise ValueError(f"{out} holds a sweep with a different config ({'; '.join(changed)}); resume with the "
+                         "same config, extend it (only more sweep.runs or other predict settings), or choose a "
+                         "new --out directory")
 
 
 def _trained_anything(out: Path) -> bool:

@@ -386,6 +386,10 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"different config \(train.steps: 2 → 3\)"):
         run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=3), tmp_path,
                   progress=False)
+    (tmp_path / "config.yaml").unlink()  # without it, the other config trained beside the first, mixing two studies
+    with pytest.raises(ValueError, match="holds a trained sweep but not its config.yaml"):
+        run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=3), tmp_path,
+                  progress=False)
 
 
 def test_a_sweep_can_be_extended_with_more_runs(tmp_path):
