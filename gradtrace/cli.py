@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
             args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except BrokenPipeError:  # output piped into a reader that stopped (`gradtrace info DIR | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's final flush then goes nowhere
+        return 1
+    except (ValueError, OSError, KeyError) as err:  # OSError: a missing file, a full disk, a read-only directory, …
         print(f"gradtrace {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
@@ -256,9 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngradtrace {args.command}: {how}; what was complete is kept: run {again} to go on.{cluster}",
               file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
-    except BrokenPipeError:  # output piped into a reader that stopped (`gradtrace info DIR | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's final flush then goes nowhere
-        return 1
     except Exception as err:
         from gradtrace.store import RunInUse  # imported only once something failed: these imports are heavy
         from gradtrace.sweep import SweepError

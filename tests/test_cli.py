@@ -45,6 +45,14 @@ def test_output_into_a_closed_pipe_stops_quietly():
     assert done.returncode == 1 and done.stderr == ""
 
 
+def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A full disk, a read-only directory, a path through a file: said in one line (a traceback before)."""
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "experiments/default.yaml", "--out", str(tmp_path / "afile" / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"gradtrace train: error: [Errno 20] Not a directory: " \
+                                               f"'{tmp_path / 'afile' / 'x'}'"
+
+
 def test_unknown_key_is_an_error_listing_valid_keys(capsys):
     assert main(["sweep", "experiments/default.yaml", "--set", "train.stepz=3", "--dry-run"]) == 2
     err = capsys.readouterr().err
