@@ -18,6 +18,16 @@ def _config(args: argparse.Namespace):
     return config_mod.load(args.config, config_mod.parse_overrides(args.set or []))
 
 
+def _experiment_dir(path: str) -> str:
+    """An --out directory to train into, refused inside a Zarr store (`STUDY/store.zarr` nested a store in the
+    study's, which every later command on it then warned of)."""
+    inside = next((p for p in (Path(path), *Path(path).absolute().parents) if (p / "zarr.json").exists()), None)
+    if inside is not None:
+        raise argparse.ArgumentTypeError(f"{path} lies inside the Zarr store {inside}: give the experiment directory "
+                                         "(the one that holds store.zarr), or a new one")
+    return path
+
+
 def cmd_tasks(args: argparse.Namespace) -> None:
     """List every registered split with its description and one example."""
     from gradtrace.tasks import REGISTRY, ArithmeticTask
@@ -178,21 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
     with_config(p)
-    p.add_argument("--out", required=True, help="experiment directory")
+    p.add_argument("--out", type=_experiment_dir, required=True, help="experiment directory")
     p.add_argument("--run-id", default="run", help="run group name (default: run)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last durable step")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help=cmd_sweep.__doc__)
     with_config(p)
-    p.add_argument("--out", default=None, help="experiment directory (default: storage/<config name>)")
+    p.add_argument("--out", type=_experiment_dir, default=None,
+                   help="experiment directory (default: storage/<config name>)")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address to run the runs on")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, steps, expected time) and exit")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
     with_config(p)
-    p.add_argument("--out", default=None, help="pilot directory (default: storage/calibrate-<config name>)")
+    p.add_argument("--out", type=_experiment_dir, default=None,
+                   help="pilot directory (default: storage/calibrate-<config name>)")
     p.add_argument("--runs", type=int, default=None,
                    help="pilot runs (default: 12, or 6 per base run where sweep.bases > 1)")
     p.add_argument("--bases", type=int, nargs="+", default=None, metavar="SEED",

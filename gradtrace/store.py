@@ -268,6 +268,8 @@ def run_lock(exp_dir: Path, run_ids: list[str]) -> Iterator[None]:
     when its holder dies, so a killed run never blocks its resumption."""
     from filelock import FileLock, Timeout
 
+    for run_id in run_ids:
+        check_run_id(run_id)
     (exp_dir / "locks").mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         for run_id in run_ids:
@@ -280,8 +282,18 @@ def run_lock(exp_dir: Path, run_ids: list[str]) -> Iterator[None]:
         yield
 
 
+def check_run_id(run_id: str) -> str:
+    """`run_id`, refused where it would not name one run group and one lock file: empty, holding a path separator
+    (`a/b` made nested groups no reader lists as a run), starting with a dot (`../x` put a lock file elsewhere)."""
+    if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+        raise ValueError(f"run id {run_id!r} must be a name without '/' or '\\' that does not start with '.' "
+                         "(it names the run's group in the store and its lock file)")
+    return run_id
+
+
 def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: bool = False) -> zarr.Group:
     """A fresh run group with status `running` and the schema attributes."""
+    check_run_id(run_id)
     if run_id in root and not overwrite:
         raise FileExistsError(f"run {run_id!r} already exists in the store; pass --resume to continue it "
                               "or choose another run id")

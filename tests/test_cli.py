@@ -9,7 +9,7 @@ import zarr
 
 import gradtrace
 from conftest import TINY, set_args
-from gradtrace import config
+from gradtrace import config, store
 from gradtrace.cli import main
 
 
@@ -51,6 +51,19 @@ def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["train", "experiments/default.yaml", "--out", str(tmp_path / "afile" / "x")]) == 2
     assert capsys.readouterr().err.strip() == f"gradtrace train: error: [Errno 20] Not a directory: " \
                                                f"'{tmp_path / 'afile' / 'x'}'"
+
+
+def test_run_ids_and_out_directories_that_would_not_name_one_run_are_refused(tmp_path, capsys):
+    """`--run-id a/b` trained into nested groups no reader lists; `--out STUDY/store.zarr` nested a store in one."""
+    for run_id in ("a/b", "../x", ""):
+        assert main(["train", "experiments/default.yaml", "--out", str(tmp_path / "one"), "--run-id", run_id]) == 2
+        assert f"run id {run_id!r} must be a name without '/'" in capsys.readouterr().err
+    assert not (tmp_path / "one" / "x.lock").exists() and not (tmp_path / "one" / "store.zarr").exists()
+    store.open_experiment(tmp_path / "study" / "store.zarr", mode="a")
+    for command in ("train", "sweep", "calibrate"):
+        with pytest.raises(SystemExit):
+            main([command, "experiments/default.yaml", "--out", str(tmp_path / "study" / "store.zarr")])
+        assert "lies inside the Zarr store" in capsys.readouterr().err
 
 
 def test_unknown_key_is_an_error_listing_valid_keys(capsys):
