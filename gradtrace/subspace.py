@@ -195,8 +195,9 @@ def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", s
     """The top-`rank` span of a (T, d) zarr/dask/numpy matrix too large for memory, reading row blocks.
 
     `frequent_directions`: one pass with memory ~ (sketch_size + block_rows) × d (sketch_size defaults to
-    4·rank: at 2·rank, spans of real trajectories, flat at the cut, were 8–15° off the exact one); with refine=True a second, cheaper pass (sketch_size·d flops per row) replaces FD's shrunken
-    singular values by exact ones and picks the best rank-`rank` span inside the sketch (Rayleigh–Ritz);
+    4·rank: at 2·rank, spans of real trajectories, flat at the cut, were 8–15° off the exact one); with
+    refine=True a second, cheaper pass (sketch_size·d flops per row) replaces FD's shrunken singular values by
+    exact ones and picks the best rank-`rank` span inside the sketch (Rayleigh–Ritz);
     refine=False keeps one pass, with singular values shrunk by at most ‖X − X_rank‖_F / √(sketch_size − rank).
     `svd_compressed`: dask's randomised SVD, 2·n_power_iter + 2 passes over the data, re-orthogonalised (QR)
     between power iterations: without it, float32 rounding turned the weaker of 16 directions 40–88° away;
