@@ -50,9 +50,11 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train one run with capture into OUT/store.zarr."""
+    from gradtrace.models import check_model
     from gradtrace.train import train
 
     cfg = _config(args)
+    check_model(cfg.model)  # a hub model's name, before anything is written
     out = Path(args.out)
     if (out / "plan.json").exists():  # its config.yaml and reference runs are the sweep's
         raise ValueError(f"{out} holds a sweep (plan.json): train into another --out directory")

@@ -137,6 +137,10 @@ def from_hub(cfg: ModelConfig) -> bool:
 def check_model(cfg: ModelConfig) -> None:
     """Refuse a model name that is neither embedded nor reachable, before anything trains (a model from the hub:
     its config only is fetched)."""
+    if cfg.pretrained and cfg.name in EMBEDDED:  # the hub's pythia-70m is EleutherAI/pythia-70m
+        raise ValueError(f"model.pretrained loads a hub model's weights, and the embedded {cfg.name!r} is built from "
+                         "its config, with none to load: drop model.pretrained, or name a hub model "
+                         "(EleutherAI/pythia-70m)")
     if from_hub(cfg):
         _hub_config(cfg)
 

@@ -53,12 +53,15 @@ def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
                                                f"'{tmp_path / 'afile' / 'x'}'"
 
 
-def test_run_ids_and_out_directories_that_would_not_name_one_run_are_refused(tmp_path, capsys):
+def test_what_gradtrace_train_cannot_train_is_refused_before_anything_is_written(tmp_path, capsys):
     """`--run-id a/b` trained into nested groups no reader lists; `--out STUDY/store.zarr` nested a store in one."""
     for run_id in ("a/b", "../x", ""):
         assert main(["train", "experiments/default.yaml", "--out", str(tmp_path / "one"), "--run-id", run_id]) == 2
         assert f"run id {run_id!r} must be a name without '/'" in capsys.readouterr().err
     assert not (tmp_path / "one" / "x.lock").exists() and not (tmp_path / "one" / "store.zarr").exists()
+    assert main(["train", "experiments/default.yaml", "--out", str(tmp_path / "one"),
+                 "--set", "model.pretrained=true"]) == 2
+    assert "the embedded 'tiny' is built from its config" in capsys.readouterr().err  # not a hub lookup's traceback
     store.open_experiment(tmp_path / "study" / "store.zarr", mode="a")
     for command in ("train", "sweep", "calibrate"):
         with pytest.raises(SystemExit):

@@ -758,7 +758,8 @@ def test_a_sweep_of_a_split_of_your_own_trains_it_in_every_worker(tmp_path, monk
     (dict(model__name="micr0"), "model 'micr0' is neither embedded"),
     (dict(predict__exploratory=["covarianse"]), r"unknown predictor\(s\) \['covarianse'\]"),  # after the sweep, before
     (dict(capture__probe_losses=["ce", "hinge"]), r"unknown capture.probe_losses \['hinge'\]"),  # the reference run
-], ids=["model", "predictor", "probe-loss"])
+    (dict(model__pretrained=True), "the embedded 'micro' is built from its config, with none to load"),  # "is neither
+], ids=["model", "predictor", "probe-loss", "pretrained-embedded"])  # embedded (tiny, micro, …)" before
 def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         run_sweep(tiny_config(sweep__runs=1, sweep__reference_runs=0, **override), tmp_path, progress=False)
