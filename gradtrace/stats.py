@@ -15,7 +15,9 @@ pair and residualisation:
   percentile and BCa bootstrap CIs over runs (moving-block bootstrap over checkpoints); Freedman-Lane
   permutation p; Holm and Benjamini-Hochberg adjustment across pairs within each residualisation.
 - **Groups**: ``within="base"`` takes every correlation within groups of runs (e.g. the base run each fine-tuned):
-  group indicators join the covariates, and the bootstrap and permutations stay within groups.
+  group indicators join the covariates, and the bootstrap and permutations stay within groups. The result is one
+  correlation of the pooled within-group covariance (a group whose shifts vary more weighs more), not an average of
+  per-group correlations.
 - **Reliability**: split-half (Spearman-Brown) reliability of each split's accuracy from per-item correctness,
   and the partial correlation disattenuated for the unreliability of the residuals.
 - **Generalisation gap**: train vs held-out accuracy per run and split, validation vs test consistency and the
@@ -72,7 +74,8 @@ RESULT_COLUMNS = [
 ]
 CHECKPOINT_NOTE = (
     "checkpoints of one run are not independent: p, p_perm, p_holm, p_bh and the Fisher CI assume "
-    "independent rows and are invalid here; use the block-bootstrap CIs (boot_ci_*, bca_ci_*)"
+    "independent rows and are invalid here; the block-bootstrap CIs (boot_ci_*, bca_ci_*) are approximate and "
+    "too narrow for strongly autocorrelated checkpoints"
 )
 
 
@@ -531,9 +534,11 @@ def _check_designs(
         flat = np.linalg.norm(_residualize(Y, Z), axis=0) <= 1e-10 * np.linalg.norm(Y - Y.mean(axis=0), axis=0)
         if flat.any():
             raise ValueError(
-                f"shifts {[s for s, f in zip(shifts, flat) if f]} are exactly determined by ID accuracy under "
-                f"residualize={m!r} (zero residual variance), so their partial correlation is undefined. Expected "
-                "accuracies that vary beyond ID; leave those shifts out (shifts=[...]; `gradtrace stats --shifts`)."
+                f"shifts {[s for s, f in zip(shifts, flat) if f]} are exactly determined by the covariates (ID "
+                f"accuracy under residualize={m!r}, and the group of each row where within= is given: a shift "
+                "constant within every base) — zero residual variance, so their partial correlation is undefined. "
+                "Expected accuracies that vary beyond them; leave those shifts out (shifts=[...]; `gradtrace stats "
+                "--shifts`)."
             )
     return ks
 
@@ -582,7 +587,9 @@ def partial_correlations(
     unit : ``"runs"`` (independent runs: iid bootstrap) or ``"checkpoints"`` (checkpoints of one run ordered by
         ``step``: moving-block bootstrap with ``block_length`` rows, default round(n^(1/3)), and a block
         jackknife for BCa). Parametric and permutation p-values assume independent rows and are invalid for
-        checkpoints: a warning is raised and ``note`` says so.
+        checkpoints: a warning is raised and ``note`` says so. The block-bootstrap CIs are approximate: for
+        checkpoints of lag-1 autocorrelation 0.8, simulated 95% CIs covered 82–89% of the time (86–91% at
+        0.5), longer blocks helping little; read them as a lower bound on the uncertainty.
     n_boot, n_perm : bootstrap resamples and Freedman-Lane permutations (0 skips them: NaN columns).
         Bootstrap and permutation resamples are shared by all pairs and residualisations. The spline basis is
         built once from all rows and its rows are resampled with the data.
@@ -628,12 +635,13 @@ def partial_correlations(
                              "1 <= block_length < n.")
         warnings.warn(
             "unit='checkpoints': naive p-values (p, p_perm, p_holm, p_bh) and the Fisher-z CI are invalid for "
-            "autocorrelated checkpoints of one run; rely on the block-bootstrap CIs.", UserWarning, stacklevel=2,
+            "autocorrelated checkpoints of one run; the block-bootstrap CIs are approximate, too narrow where "
+            "checkpoints are strongly autocorrelated.", UserWarning, stacklevel=2,
         )
     rng = np.random.default_rng(opts.seed)
     boot_idx = _resample_indices(n, opts.n_boot, block, rng, data.groups)
     perms = _permutations(n, opts.n_perm, rng, data.groups)
-    jack_keep = _jackknife_keep(n, block)
+    jack_keep = _jackknife_keep(n, block) if opts.n_boot else []  # only BCa needs them: n² memory
     ia, ib = np.triu_indices(n_shifts, k=1)
 
     frames = []

@@ -156,6 +156,9 @@ def test_within_groups_refusals():
         partial_correlations(df, within="nope", **FAST)
     with pytest.raises(ValueError, match="single run"):
         partial_correlations(df.iloc[:-14], within="base", **FAST)
+    by_base = df.assign(acc_s0=df["base"].map({b: 0.1 * (i + 1) for i, b in enumerate(sorted(set(df["base"])))}))
+    with pytest.raises(ValueError, match="constant within every base"):  # it blamed ID accuracy
+        partial_correlations(by_base, within="base", **FAST)
 
 
 def test_core_is_batched():
@@ -365,7 +368,7 @@ def test_too_few_runs_says_how_many_are_needed():
         (lambda d: d.assign(run_id=["r0"] * 2 + list(d["run_id"][2:])), "duplicate run ids \\['r0'\\]"),
         (lambda d: d.drop(columns="acc_ID"), "no ID accuracy column 'acc_ID'"),
         (lambda d: d[["run_id", "acc_ID", "acc_s0"]], "at least two shifts"),
-        (lambda d: d.assign(acc_s1=ndtr(0.3 + ndtri(d["acc_ID"]))), "exactly determined by ID"),
+        (lambda d: d.assign(acc_s1=ndtr(0.3 + ndtri(d["acc_ID"]))), r"exactly determined by the covariates \(ID"),
         (lambda d: pd.concat([d, d[["acc_s0"]]], axis=1), "several columns named \\['acc_s0'\\]"),
     ],
 )

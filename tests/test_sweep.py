@@ -517,7 +517,7 @@ def test_a_pilot_too_small_for_partial_correlations_still_reports():
                           "acc_carry": [0.3, 0.2, 0.4, 0.35, 0.25, 0.3], "acc_space": [0.5, 0.4, 0.45, 0.6, 0.5, 0.3]})
     calibration = assess(table, {})  # the splits are still assessed, the pairs say why they are not
     assert len(calibration.splits) == 4 and calibration.pairs.empty
-    assert "no pairs assessed: shifts ['length'] are exactly determined by ID" in calibration.format()
+    assert "no pairs assessed: shifts ['length'] are exactly determined by the covariates (ID" in calibration.format()
 
 
 def test_calibration_flags_unusable_splits_and_same_axis_pairs():
