@@ -240,6 +240,9 @@ def test_register_split_refuses_built_in_and_unusable_names(split_registry):
     for name in ("acc b", "2x", "", "a/b"):
         with pytest.raises(ValueError, match="must start with a letter"):
             register_split(Split(name, "", mine.test, mine.train))
+    for name in ("NA", "nan", "None", "null"):  # stats.csv named them; pandas read them back as NaN
+        with pytest.raises(ValueError, match="reads as a missing value"):
+            register_split(Split(name, "", mine.test, mine.train))
     with pytest.raises(TypeError, match="takes a gradtrace.tasks.Split"):
         register_split("nine_one")
     register_split(Split("nine_one", "9+1", mine.test, mine.train))

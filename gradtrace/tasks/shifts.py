@@ -155,6 +155,7 @@ REGISTRY: dict[str, Split] = {s.name: s for s in [
 
 BUILT_IN = tuple(REGISTRY)  # in registry order: the order in which their items are drawn
 SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a split names a results column (acc_<name>) and an axis label
+READ_AS_MISSING = {"na", "nan", "null", "none"}  # names pandas reads back as NaN from stats.csv's `a` and `b`
 
 
 def register_split(split: Split) -> Split:
@@ -168,6 +169,9 @@ def register_split(split: Split) -> Split:
     if not SPLIT_NAME.fullmatch(split.name):
         raise ValueError(f"split name {split.name!r} must start with a letter and hold only letters, digits and _ "
                          "(it names the results column acc_<name>)")
+    if split.name.lower() in READ_AS_MISSING:
+        raise ValueError(f"split name {split.name!r} reads as a missing value in the CSV tables that name splits "
+                         "(stats.csv, read back by the report and the paper): give it another name")
     REGISTRY[split.name] = split
     return split
 
