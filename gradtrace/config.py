@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -233,10 +234,13 @@ def _refuse_unknown(section: str, cfg: Any, **choices: tuple[str, ...]) -> None:
 
 
 def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: dict[str, float] | None = None):
-    """Refuse a numeric key below its least meaningful value or above its greatest, or NaN, naming its dotted key."""
+    """Refuse a numeric key below its least meaningful value or above its greatest, infinite, or NaN, naming its
+    dotted key."""
     for name, bound in least.items():
         if not getattr(cfg, name) >= bound:
             raise ValueError(f"{section}.{name} must be >= {bound}, got {getattr(cfg, name)}")
+        if getattr(cfg, name) == math.inf:  # a run at lr or weight decay .inf trains to NaN
+            raise ValueError(f"{section}.{name} must be finite, got {getattr(cfg, name)}")
     for name, bound in (most or {}).items():
         if not getattr(cfg, name) <= bound:
             raise ValueError(f"{section}.{name} must be <= {bound}, got {getattr(cfg, name)}")

@@ -103,3 +103,10 @@ def test_a_value_of_the_wrong_kind_is_refused_not_converted(data, message):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_every_shipped_experiment_loads(path):
     assert config.load(path).sweep.vary
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.weight_decay", "train.eps"])
+def test_an_infinite_value_of_a_bounded_key_is_refused_naming_it(key):
+    """train.lr=.inf passed the bounds (NaN did not): the run trained to NaN and was recorded complete."""
+    with pytest.raises(ValueError, match=f"{key} must be finite, got inf"):
+        config.load(None, config.parse_overrides([f"{key}=.inf"]))
