@@ -157,6 +157,9 @@ class SweepConfig:
         if not (all(v > 0 for v in self.lr) and all(v >= 0 for v in self.weight_decay)):  # NaN too
             raise ValueError(f"sweep.lr values must be > 0 and sweep.weight_decay values >= 0, got lr {self.lr}, "
                              f"weight_decay {self.weight_decay}")
+        for name in ("lr", "weight_decay"):  # a random draw from an infinite range overflows; a grid run trains to NaN
+            if math.inf in getattr(self, name):
+                raise ValueError(f"sweep.{name} values must be finite, got {getattr(self, name)}")
         if not self.vary:
             raise ValueError("sweep.vary is empty, so every sweep run would train alike: list what varies across "
                              "runs, one or more of init, data, hparams")

@@ -110,3 +110,12 @@ def test_an_infinite_value_of_a_bounded_key_is_refused_naming_it(key):
     """train.lr=.inf passed the bounds (NaN did not): the run trained to NaN and was recorded complete."""
     with pytest.raises(ValueError, match=f"{key} must be finite, got inf"):
         config.load(None, config.parse_overrides([f"{key}=.inf"]))
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("sweep.lr=[1e-3,.inf]", r"sweep.lr values must be finite, got \[0.001, inf\]"),
+    ("sweep.weight_decay=[0,.inf]", "sweep.weight_decay values must be finite")])
+def test_an_infinite_sweep_range_is_refused_naming_it(capsys, pair, message):
+    """Its draw raised an OverflowError traceback, in a dry run too."""
+    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    assert re.search(message, capsys.readouterr().err)
