@@ -250,7 +250,26 @@ def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: 
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's SafeLoader, but a key repeated within one mapping is an error (safe_load keeps the last silently)."""
+    """yaml's SafeLoader, but a key repeated within one mapping is an error (safe_load keeps the last silently), and
+    so is a section or key that YAML reads as other than text."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_keys_not_text(node)
+        return super().construct_document(node)
+
+    def _refuse_keys_not_text(self, node: yaml.Node, section: str = "", depth: int = 2) -> None:
+        """Refuse a key of the sections' mapping or of a section's that reads as a number, bool or null (`1`, and
+        YAML 1.1's `on`, `no`, `null`), naming it as written: config keys are names, which such a key is not."""
+        if not depth or not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag not in ("tag:yaml.org,2002:str",
+                                                                              "tag:yaml.org,2002:merge"):
+                where = f" in section {section}" if section else ""
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r}{where} reads as {self.construct_object(key_node)!r}, not "
+                    f"as a name: quote it ('{key_node.value}') if it is one", key_node.start_mark)
+            self._refuse_keys_not_text(value_node, key_node.value, depth - 1)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
@@ -343,7 +362,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))  # a dict built in Python may have keys that are not text
     if unknown:
         raise ValueError(
             f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "

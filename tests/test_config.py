@@ -119,3 +119,19 @@ def test_an_infinite_sweep_range_is_refused_naming_it(capsys, pair, message):
     """Its draw raised an OverflowError traceback, in a dry run too."""
     assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1: 2\n", r"line 1, column 1: key '1' reads as 1, not as a name: quote it \('1'\)"),
+    ("train:\n  steps: 3\n  on: 2\n", "line 3, column 3: key 'on' in section train reads as True"),
+    ("train:\n  null: 2\n", "line 2, column 3: key 'null' in section train reads as None"),
+], ids=["number", "on", "null"])
+def test_a_key_that_yaml_reads_as_no_name_is_refused_as_written(tmp_path, text, message):
+    """Loading crashed with a TypeError, sorting it among the names."""
+    with pytest.raises(ValueError, match=f"exp.yaml: invalid YAML at {message}"):
+        config.load(write(tmp_path, text))
+
+
+def test_a_key_that_is_no_text_in_a_dict_is_an_unknown_key():
+    with pytest.raises(ValueError, match="unknown config key.* train.True; valid keys: train.steps"):
+        config.from_dict({"train": {True: 2}})
