@@ -423,7 +423,13 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             raise FileNotFoundError(f"config {path} not found; try experiments/default.yaml")
         if path.is_dir():
             raise ValueError(f"config {path} is a directory; give a YAML file, e.g. experiments/default.yaml")
-        data = _parse_yaml(path.read_text(), f"config {path}") or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise ValueError(f"config {path} is not UTF-8 text (byte {err.object[err.start]:#x} on line {line}): save "
+                             "it as UTF-8") from None
+        data = _parse_yaml(text, f"config {path}") or {}
         if not isinstance(data, dict):
             sections = ", ".join(f.name for f in dataclasses.fields(Config))
             raise ValueError(f"config {path}: expected a mapping of sections ({sections}), "

@@ -135,3 +135,10 @@ def test_a_key_that_yaml_reads_as_no_name_is_refused_as_written(tmp_path, text, 
 def test_a_key_that_is_no_text_in_a_dict_is_an_unknown_key():
     with pytest.raises(ValueError, match="unknown config key.* train.True; valid keys: train.steps"):
         config.from_dict({"train": {True: 2}})
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes("train:\n  steps: 3  # café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"config {path} is not UTF-8 text (byte 0xe9 on line 2): save")):
+        config.load(path)
