@@ -16,6 +16,9 @@ from gradtrace import kernels
 
 SKETCH_KINDS = ("identity", "countsketch", "gaussian", "rademacher")  # gradtrace.capture.sketch.SKETCHES
 PROBE_LOSS_NAMES = ("ce", "margin")  # gradtrace.tasks.losses.PROBE_LOSSES
+SEED_LIMIT = 2**63  # seeds are below it: numpy takes no negative seed, torch none from 2**64 on, and below 2**63 a
+# seed stays an int64 in numpy and pandas (results.csv's seed columns); a sweep's own seeds (a seed plus run
+# indices) are checked as its runs' configs are built, which a dry run does too
 
 
 @dataclass
@@ -49,6 +52,7 @@ class TaskConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1,
                                                 train_share=0, order_share=0), most=dict(train_share=1, order_share=1))
+        _refuse_bad_seeds("task", self, "seed")
         repeated = sorted({s for s in self.shifts if self.shifts.count(s) > 1})
         if repeated:
             raise ValueError(f"task.shifts lists {repeated} more than once: each split is one column of the results")
@@ -84,6 +88,7 @@ class TrainConfig:
         _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, eps=0, warmup=0,
                                                  min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0),
                              most=dict(min_lr_ratio=1))  # the schedule decays to it: above 1 it would rise
+        _refuse_bad_seeds("train", self, "seed", "init_seed", "data_seed")
         if len(self.betas) != 2:
             raise ValueError(f"train.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), "
                              f"got {list(self.betas)}")
@@ -119,6 +124,7 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("capture", self, dict(dim=1, every=1, probe_every=0, v_stats_every=1, chunk=1))
+        _refuse_bad_seeds("capture", self, "seed")
         _refuse_unknown("capture", self, sketch=SKETCH_KINDS, schedule=("every", "log"),
                         dtype=("float32", "float16", "bfloat16"))
         unknown = sorted(set(self.quantities) - {"grad", "update", "adam_m"})
@@ -154,6 +160,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("sweep", self, dict(runs=0, workers=1, ensemble=1, reference_runs=0, pretrain_steps=0,
                                                  bases=1))
+        _refuse_bad_seeds("sweep", self, "seed")
         if not (all(v > 0 for v in self.lr) and all(v >= 0 for v in self.weight_decay)):  # NaN too
             raise ValueError(f"sweep.lr values must be > 0 and sweep.weight_decay values >= 0, got lr {self.lr}, "
                              f"weight_decay {self.weight_decay}")
@@ -247,6 +254,15 @@ def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: 
     for name, bound in (most or {}).items():
         if not getattr(cfg, name) <= bound:
             raise ValueError(f"{section}.{name} must be <= {bound}, got {getattr(cfg, name)}")
+
+
+def _refuse_bad_seeds(section: str, cfg: Any, *names: str) -> None:
+    """Refuse a seed numpy or torch would refuse once a run starts, naming its dotted key (None: one that defaults to
+    another)."""
+    for name in names:
+        seed = getattr(cfg, name)
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"{section}.{name} must be a seed from 0 to 2**63 - 1, got {seed}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -345,6 +361,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float):
         if isinstance(value, bool):  # YAML's true/false where a number belongs: a mistake, not 1/0
             raise ValueError(f"{key}: expected a number, got {value!r}")
+        if hint is int and isinstance(value, int):  # as is: through a float, a seed above 2**53 would change
+            return value
         try:
             number = float(value)
         except (TypeError, ValueError):

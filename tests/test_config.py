@@ -142,3 +142,25 @@ def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
     path.write_bytes("train:\n  steps: 3  # café\n".encode("latin-1"))
     with pytest.raises(ValueError, match=re.escape(f"config {path} is not UTF-8 text (byte 0xe9 on line 2): save")):
         config.load(path)
+
+
+@pytest.mark.parametrize("pair", ["train.seed=-1", "task.seed=-1", "train.seed=1e30", "sweep.seed=-1",
+                                  "capture.seed=-1", "train.init_seed=-2", f"train.data_seed={2**63}"])
+def test_a_seed_numpy_or_torch_would_refuse_is_refused_naming_its_key(capsys, pair):
+    """It passed the dry run; the run failed with numpy's or torch's words ("expected non-negative integer"), naming
+    no key, after its run group was made."""
+    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    key, value = pair.split("=")
+    assert f"{key} must be a seed from 0 to 2**63 - 1, got {int(float(value))}" in capsys.readouterr().err
+    assert config.dotted(config.load(None, {key: 2**63 - 1}))[key] == 2**63 - 1  # exactly: not through a float
+
+
+def test_calibrating_bases_refuses_a_bad_seed_before_any_pilot_trains(tmp_path, monkeypatch):
+    import gradtrace.calibrate
+
+    def trained(*args):
+        raise AssertionError("a pilot trained before every seed was checked")
+
+    monkeypatch.setattr(gradtrace.calibrate, "calibrate", trained)
+    with pytest.raises(ValueError, match="train.init_seed must be a seed from 0"):
+        gradtrace.calibrate.calibrate_bases(tiny_config(sweep__pretrain_steps=2), tmp_path, [0, -1])
