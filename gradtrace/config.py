@@ -16,6 +16,7 @@ from gradtrace import kernels
 
 SKETCH_KINDS = ("identity", "countsketch", "gaussian", "rademacher")  # gradtrace.capture.sketch.SKETCHES
 PROBE_LOSS_NAMES = ("ce", "margin")  # gradtrace.tasks.losses.PROBE_LOSSES
+MAX_DIGITS = 18  # operands are drawn as numpy int64s, below 2**63 ≈ 9.2e18: 19 digits would overflow
 SEED_LIMIT = 2**63  # seeds are below it: numpy takes no negative seed, torch none from 2**64 on, and below 2**63 a
 # seed stays an int64 in numpy and pandas (results.csv's seed columns); a sweep's own seeds (a seed plus run
 # indices) are checked as its runs' configs are built, which a dry run does too
@@ -37,7 +38,7 @@ class TaskConfig:
 
     shifts: list[str] = field(default_factory=lambda: [
         "length", "carry", "zeropad", "base8", "space", "spaced_ops", "order"])
-    max_digits: int = 3  # ID operands have 1..max_digits digits
+    max_digits: int = 3  # ID operands have 1..max_digits digits (at most MAX_DIGITS, 18)
     reverse_operands: bool = True  # operands written least-significant digit first (answers always are)
     digit_spaces: bool = False  # a space between digits, for BPE tokenizers that chunk digits
     n_test: int = 2000  # items per evaluation split
@@ -53,6 +54,9 @@ class TaskConfig:
         _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1,
                                                 train_share=0, order_share=0), most=dict(train_share=1, order_share=1))
         _refuse_bad_seeds("task", self, "seed")
+        if self.max_digits > MAX_DIGITS:
+            raise ValueError(f"task.max_digits must be <= {MAX_DIGITS}, got {self.max_digits}: operands are drawn as "
+                             f"64-bit integers, which hold {MAX_DIGITS} digits")
         repeated = sorted({s for s in self.shifts if self.shifts.count(s) > 1})
         if repeated:
             raise ValueError(f"task.shifts lists {repeated} more than once: each split is one column of the results")
