@@ -86,7 +86,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default
     cpu_kernels: str = "native"  # native (the best this CPU has) | avx2 (torch's, oneDNN's and MKL's kernels pinned
     # to AVX2 before a run computes: the same rounding on AMD x86 CPUs with AVX2, not Intel's; gradtrace/kernels.py)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n] | mps; one torch lacks here is refused
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, eps=0, warmup=0,

@@ -164,3 +164,21 @@ def test_calibrating_bases_refuses_a_bad_seed_before_any_pilot_trains(tmp_path, 
     monkeypatch.setattr(gradtrace.calibrate, "calibrate", trained)
     with pytest.raises(ValueError, match="train.init_seed must be a seed from 0"):
         gradtrace.calibrate.calibrate_bases(tiny_config(sweep__pretrain_steps=2), tmp_path, [0, -1])
+
+
+def test_a_device_torch_cannot_use_here_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    """train.device=mps without MPS gave torch's RuntimeError traceback, and cuda:N past the GPUs one of its own."""
+    import torch
+
+    from gradtrace.train import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--set", "train.device=mps"]) == 2
+    assert re.search(r"train.device=mps, but torch \S+ sees no MPS device here", capsys.readouterr().err)
+    assert not (tmp_path / "store.zarr").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="train.device=cuda:2, but torch sees 2 CUDA devices here; use cuda:N with N "
+                                         "below 2, cuda or auto"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
