@@ -150,12 +150,13 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
         raise ValueError("choosing a base needs a config that trains one (sweep.pretrain_steps > 0)")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--bases lists a seed more than once ({' '.join(map(str, seeds))}): one pilot per base")
+    pilots = {seed: config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed, "sweep.bases": 1})
+              for seed in seeds}  # a seed the config refuses is refused before any pilot trains
     rows, failed = [], []
-    for seed in seeds:
+    for seed, pilot in pilots.items():
         pilot_out = Path(out) / f"base-seed-{seed}"
         try:
-            result = calibrate(config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed, "sweep.bases": 1}),
-                               pilot_out, runs)
+            result = calibrate(pilot, pilot_out, runs)
         except SweepError as err:
             failed.append(f"init_seed {seed}: {err}")
             continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -15,6 +16,10 @@ from gradtrace import kernels
 
 SKETCH_KINDS = ("identity", "countsketch", "gaussian", "rademacher")  # gradtrace.capture.sketch.SKETCHES
 PROBE_LOSS_NAMES = ("ce", "margin")  # gradtrace.tasks.losses.PROBE_LOSSES
+MAX_DIGITS = 18  # operands are drawn as numpy int64s, below 2**63 ≈ 9.2e18: 19 digits would overflow
+SEED_LIMIT = 2**63  # seeds are below it: numpy takes no negative seed, torch none from 2**64 on, and below 2**63 a
+# seed stays an int64 in numpy and pandas (results.csv's seed columns); a sweep's own seeds (a seed plus run
+# indices) are checked as its runs' configs are built, which a dry run does too
 
 
 @dataclass
@@ -33,7 +38,7 @@ class TaskConfig:
 
     shifts: list[str] = field(default_factory=lambda: [
         "length", "carry", "zeropad", "base8", "space", "spaced_ops", "order"])
-    max_digits: int = 3  # ID operands have 1..max_digits digits
+    max_digits: int = 3  # ID operands have 1..max_digits digits (at most MAX_DIGITS, 18)
     reverse_operands: bool = True  # operands written least-significant digit first (answers always are)
     digit_spaces: bool = False  # a space between digits, for BPE tokenizers that chunk digits
     n_test: int = 2000  # items per evaluation split
@@ -48,6 +53,10 @@ class TaskConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1,
                                                 train_share=0, order_share=0), most=dict(train_share=1, order_share=1))
+        _refuse_bad_seeds("task", self, "seed")
+        if self.max_digits > MAX_DIGITS:
+            raise ValueError(f"task.max_digits must be <= {MAX_DIGITS}, got {self.max_digits}: operands are drawn as "
+                             f"64-bit integers, which hold {MAX_DIGITS} digits")
         repeated = sorted({s for s in self.shifts if self.shifts.count(s) > 1})
         if repeated:
             raise ValueError(f"task.shifts lists {repeated} more than once: each split is one column of the results")
@@ -77,12 +86,13 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default
     cpu_kernels: str = "native"  # native (the best this CPU has) | avx2 (torch's, oneDNN's and MKL's kernels pinned
     # to AVX2 before a run computes: the same rounding on AMD x86 CPUs with AVX2, not Intel's; gradtrace/kernels.py)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n]
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:n] | mps; one torch lacks here is refused
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("train", self, dict(steps=0, batch_size=1, lr=0, weight_decay=0, eps=0, warmup=0,
                                                  min_lr_ratio=0, checkpoint_every=1, eval_every=0, threads=0),
                              most=dict(min_lr_ratio=1))  # the schedule decays to it: above 1 it would rise
+        _refuse_bad_seeds("train", self, "seed", "init_seed", "data_seed")
         if len(self.betas) != 2:
             raise ValueError(f"train.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), "
                              f"got {list(self.betas)}")
@@ -118,6 +128,7 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("capture", self, dict(dim=1, every=1, probe_every=0, v_stats_every=1, chunk=1))
+        _refuse_bad_seeds("capture", self, "seed")
         _refuse_unknown("capture", self, sketch=SKETCH_KINDS, schedule=("every", "log"),
                         dtype=("float32", "float16", "bfloat16"))
         unknown = sorted(set(self.quantities) - {"grad", "update", "adam_m"})
@@ -153,9 +164,13 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _refuse_out_of_range("sweep", self, dict(runs=0, workers=1, ensemble=1, reference_runs=0, pretrain_steps=0,
                                                  bases=1))
+        _refuse_bad_seeds("sweep", self, "seed")
         if not (all(v > 0 for v in self.lr) and all(v >= 0 for v in self.weight_decay)):  # NaN too
             raise ValueError(f"sweep.lr values must be > 0 and sweep.weight_decay values >= 0, got lr {self.lr}, "
                              f"weight_decay {self.weight_decay}")
+        for name in ("lr", "weight_decay"):  # a random draw from an infinite range overflows; a grid run trains to NaN
+            if math.inf in getattr(self, name):
+                raise ValueError(f"sweep.{name} values must be finite, got {getattr(self, name)}")
         if not self.vary:
             raise ValueError("sweep.vary is empty, so every sweep run would train alike: list what varies across "
                              "runs, one or more of init, data, hparams")
@@ -233,17 +248,48 @@ def _refuse_unknown(section: str, cfg: Any, **choices: tuple[str, ...]) -> None:
 
 
 def _refuse_out_of_range(section: str, cfg: Any, least: dict[str, float], most: dict[str, float] | None = None):
-    """Refuse a numeric key below its least meaningful value or above its greatest, or NaN, naming its dotted key."""
+    """Refuse a numeric key below its least meaningful value or above its greatest, infinite, or NaN, naming its
+    dotted key."""
     for name, bound in least.items():
         if not getattr(cfg, name) >= bound:
             raise ValueError(f"{section}.{name} must be >= {bound}, got {getattr(cfg, name)}")
+        if getattr(cfg, name) == math.inf:  # a run at lr or weight decay .inf trains to NaN
+            raise ValueError(f"{section}.{name} must be finite, got {getattr(cfg, name)}")
     for name, bound in (most or {}).items():
         if not getattr(cfg, name) <= bound:
             raise ValueError(f"{section}.{name} must be <= {bound}, got {getattr(cfg, name)}")
 
 
+def _refuse_bad_seeds(section: str, cfg: Any, *names: str) -> None:
+    """Refuse a seed numpy or torch would refuse once a run starts, naming its dotted key (None: one that defaults to
+    another)."""
+    for name in names:
+        seed = getattr(cfg, name)
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"{section}.{name} must be a seed from 0 to 2**63 - 1, got {seed}")
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's SafeLoader, but a key repeated within one mapping is an error (safe_load keeps the last silently)."""
+    """yaml's SafeLoader, but a key repeated within one mapping is an error (safe_load keeps the last silently), and
+    so is a section or key that YAML reads as other than text."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_keys_not_text(node)
+        return super().construct_document(node)
+
+    def _refuse_keys_not_text(self, node: yaml.Node, section: str = "", depth: int = 2) -> None:
+        """Refuse a key of the sections' mapping or of a section's that reads as a number, bool or null (`1`, and
+        YAML 1.1's `on`, `no`, `null`), naming it as written: config keys are names, which such a key is not."""
+        if not depth or not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag not in ("tag:yaml.org,2002:str",
+                                                                              "tag:yaml.org,2002:merge"):
+                where = f" in section {section}" if section else ""
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r}{where} reads as {self.construct_object(key_node)!r}, not "
+                    f"as a name: quote it ('{key_node.value}') if it is one", key_node.start_mark)
+            self._refuse_keys_not_text(value_node, key_node.value, depth - 1)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
@@ -319,6 +365,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float):
         if isinstance(value, bool):  # YAML's true/false where a number belongs: a mistake, not 1/0
             raise ValueError(f"{key}: expected a number, got {value!r}")
+        if hint is int and isinstance(value, int):  # as is: through a float, a seed above 2**53 would change
+            return value
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -336,7 +384,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))  # a dict built in Python may have keys that are not text
     if unknown:
         raise ValueError(
             f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
@@ -397,7 +445,13 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             raise FileNotFoundError(f"config {path} not found; try experiments/default.yaml")
         if path.is_dir():
             raise ValueError(f"config {path} is a directory; give a YAML file, e.g. experiments/default.yaml")
-        data = _parse_yaml(path.read_text(), f"config {path}") or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise ValueError(f"config {path} is not UTF-8 text (byte {err.object[err.start]:#x} on line {line}): save "
+                             "it as UTF-8") from None
+        data = _parse_yaml(text, f"config {path}") or {}
         if not isinstance(data, dict):
             sections = ", ".join(f.name for f in dataclasses.fields(Config))
             raise ValueError(f"config {path}: expected a mapping of sections ({sections}), "

@@ -60,10 +60,17 @@ def lr_lambda(train: TrainConfig):
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available; a CUDA device asked for where there is none is refused."""
+    """`auto` picks CUDA when available; a device torch cannot use here (no CUDA, no `cuda:N`, no MPS) is refused."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name}, but torch {torch.__version__} sees no CUDA device here; use auto or "
                          "cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"train.device={name}, but torch sees {count} CUDA device{'s' if count > 1 else ''} here; use "
+                         f"cuda:N with N below {count}, cuda or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device=mps, but torch {torch.__version__} sees no MPS device here (Apple silicon "
+                         "with a torch built for it); use auto or cpu")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 

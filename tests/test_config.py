@@ -103,3 +103,82 @@ def test_a_value_of_the_wrong_kind_is_refused_not_converted(data, message):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_every_shipped_experiment_loads(path):
     assert config.load(path).sweep.vary
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.weight_decay", "train.eps"])
+def test_an_infinite_value_of_a_bounded_key_is_refused_naming_it(key):
+    """train.lr=.inf passed the bounds (NaN did not): the run trained to NaN and was recorded complete."""
+    with pytest.raises(ValueError, match=f"{key} must be finite, got inf"):
+        config.load(None, config.parse_overrides([f"{key}=.inf"]))
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("sweep.lr=[1e-3,.inf]", r"sweep.lr values must be finite, got \[0.001, inf\]"),
+    ("sweep.weight_decay=[0,.inf]", "sweep.weight_decay values must be finite")])
+def test_an_infinite_sweep_range_is_refused_naming_it(capsys, pair, message):
+    """Its draw raised an OverflowError traceback, in a dry run too."""
+    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1: 2\n", r"line 1, column 1: key '1' reads as 1, not as a name: quote it \('1'\)"),
+    ("train:\n  steps: 3\n  on: 2\n", "line 3, column 3: key 'on' in section train reads as True"),
+    ("train:\n  null: 2\n", "line 2, column 3: key 'null' in section train reads as None"),
+], ids=["number", "on", "null"])
+def test_a_key_that_yaml_reads_as_no_name_is_refused_as_written(tmp_path, text, message):
+    """Loading crashed with a TypeError, sorting it among the names."""
+    with pytest.raises(ValueError, match=f"exp.yaml: invalid YAML at {message}"):
+        config.load(write(tmp_path, text))
+
+
+def test_a_key_that_is_no_text_in_a_dict_is_an_unknown_key():
+    with pytest.raises(ValueError, match="unknown config key.* train.True; valid keys: train.steps"):
+        config.from_dict({"train": {True: 2}})
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes("train:\n  steps: 3  # café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"config {path} is not UTF-8 text (byte 0xe9 on line 2): save")):
+        config.load(path)
+
+
+@pytest.mark.parametrize("pair", ["train.seed=-1", "task.seed=-1", "train.seed=1e30", "sweep.seed=-1",
+                                  "capture.seed=-1", "train.init_seed=-2", f"train.data_seed={2**63}"])
+def test_a_seed_numpy_or_torch_would_refuse_is_refused_naming_its_key(capsys, pair):
+    """It passed the dry run; the run failed with numpy's or torch's words ("expected non-negative integer"), naming
+    no key, after its run group was made."""
+    assert main(["sweep", "experiments/default.yaml", "--set", pair, "--dry-run"]) == 2
+    key, value = pair.split("=")
+    assert f"{key} must be a seed from 0 to 2**63 - 1, got {int(float(value))}" in capsys.readouterr().err
+    assert config.dotted(config.load(None, {key: 2**63 - 1}))[key] == 2**63 - 1  # exactly: not through a float
+
+
+def test_calibrating_bases_refuses_a_bad_seed_before_any_pilot_trains(tmp_path, monkeypatch):
+    import gradtrace.calibrate
+
+    def trained(*args):
+        raise AssertionError("a pilot trained before every seed was checked")
+
+    monkeypatch.setattr(gradtrace.calibrate, "calibrate", trained)
+    with pytest.raises(ValueError, match="train.init_seed must be a seed from 0"):
+        gradtrace.calibrate.calibrate_bases(tiny_config(sweep__pretrain_steps=2), tmp_path, [0, -1])
+
+
+def test_a_device_torch_cannot_use_here_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    """train.device=mps without MPS gave torch's RuntimeError traceback, and cuda:N past the GPUs one of its own."""
+    import torch
+
+    from gradtrace.train import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--set", "train.device=mps"]) == 2
+    assert re.search(r"train.device=mps, but torch \S+ sees no MPS device here", capsys.readouterr().err)
+    assert not (tmp_path / "store.zarr").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="train.device=cuda:2, but torch sees 2 CUDA devices here; use cuda:N with N "
+                                         "below 2, cuda or auto"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")

@@ -25,6 +25,27 @@ def test_a_split_too_long_for_max_digits_is_refused_by_name():
         ArithmeticTask(small(max_digits=2))
 
 
+@pytest.mark.parametrize("max_digits, shift, advice", [(1, "carry", "raise task.max_digits to 3"),
+                                                      (18, "length", "lower task.max_digits to 17")])
+def test_a_split_that_cannot_be_drawn_is_refused_saying_where_it_can(max_digits, shift, advice):
+    """At task.max_digits=18 `length` draws 19-digit operands, past 64-bit integers: the advice was to raise it."""
+    with pytest.raises(ValueError, match=rf"split '{shift}' cannot be drawn at task.max_digits={max_digits} \(.+\): "
+                                         f"{advice} or drop it from task.shifts$"):
+        ArithmeticTask(small(max_digits=max_digits, shifts=[shift]))
+
+
+def test_max_digits_past_64_bit_operands_is_refused_saying_why(monkeypatch):
+    from gradtrace.tasks import Split
+
+    with pytest.raises(ValueError, match="task.max_digits must be <= 18, got 19: operands are drawn as 64-bit"):
+        small(max_digits=19)
+    ArithmeticTask(small(max_digits=18, shifts=["space"], n_test=50, n_probe=0))  # ID draws 18 digits
+    monkeypatch.setitem(REGISTRY, "never", Split("never", "a shift of one's own that draws at no max_digits",
+                                                 test=lambda rng, d: rng.integers(1, 0), train=lambda rng, d: None))
+    with pytest.raises(ValueError, match=r"drop it from task.shifts \(it draws at no task.max_digits from 1 to 18\)"):
+        ArithmeticTask(small(shifts=["never"]))
+
+
 def test_a_registered_split_whose_sampler_returns_no_problem_is_refused_by_name(monkeypatch, capsys):
     from gradtrace.cli import main
     from gradtrace.tasks import Problem, Split

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from gradtrace.config import MAX_DIGITS
+
 if TYPE_CHECKING:
     from gradtrace.config import TaskConfig
 
@@ -235,20 +237,43 @@ def train_mix(cfg: TaskConfig) -> dict[str, float]:
 
 def check_splits(cfg: TaskConfig) -> None:
     """Refuse a task config whose splits cannot be drawn: `ID` among the shifts, a name no module of `task.modules`
-    registered, a split too long for `task.max_digits`, a sampler that returns no `Problem`, shares of the training
-    mix that leave ID none (torch-free: a dry run checks them too)."""
+    registered, a split that cannot be drawn at `task.max_digits` (too short or too long for it: the advice names the
+    nearest it draws at), a sampler that returns no `Problem`, shares of the training mix that leave ID none
+    (torch-free: a dry run checks them too)."""
     import_split_modules(cfg.modules)
     if "ID" in cfg.shifts:
         raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
     train_mix(cfg)
     for name in ["ID", *cfg.shifts]:
-        split, rng = get_split(name), np.random.default_rng(0)
+        split = get_split(name)
         try:
-            drawn = {"test": split.test(rng, cfg.max_digits), "train": split.train(rng, cfg.max_digits)}
+            drawn = _draw(split, cfg.max_digits)
         except ValueError as err:
-            raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): raise "
-                             "task.max_digits or drop it from task.shifts") from None
+            raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): "
+                             f"{_where_it_draws(split, cfg.max_digits)}") from None
         for form, problem in drawn.items():
             if not isinstance(problem, Problem):
                 raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
                                 "returns a gradtrace.tasks.Problem")
+
+
+def _draw(split: Split, max_digits: int) -> dict[str, Problem]:
+    """One item of each of the split's forms at `max_digits`, the same each time."""
+    rng = np.random.default_rng(0)
+    return {"test": split.test(rng, max_digits), "train": split.train(rng, max_digits)}
+
+
+def _where_it_draws(split: Split, max_digits: int) -> str:
+    """Advice for a split that cannot be drawn at `max_digits`: the nearest task.max_digits it draws at, above (too
+    few digits for it) or below (an operand past 64-bit integers, say)."""
+    for distance in range(1, MAX_DIGITS):
+        for digits in (max_digits - distance, max_digits + distance):
+            if not 1 <= digits <= MAX_DIGITS:
+                continue
+            try:
+                _draw(split, digits)
+            except ValueError:
+                continue
+            direction = "raise" if digits > max_digits else "lower"
+            return f"{direction} task.max_digits to {digits} or drop it from task.shifts"
+    return f"drop it from task.shifts (it draws at no task.max_digits from 1 to {MAX_DIGITS})"
