@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from gradtrace import kernels
+from gradtrace.files import written_whole
 
 SKETCH_KINDS = ("identity", "countsketch", "gaussian", "rademacher")  # gradtrace.capture.sketch.SKETCHES
 PROBE_LOSS_NAMES = ("ce", "margin")  # gradtrace.tasks.losses.PROBE_LOSSES
@@ -462,7 +462,5 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 def dump(cfg: Config, path: str | Path) -> None:
     """Write the full resolved config as YAML, atomically: a resumed sweep reads it back, and a kill mid-write
     must not leave half of it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

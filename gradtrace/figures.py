@@ -26,6 +26,7 @@ from scipy import stats as sps
 from scipy.special import ndtri
 
 from gradtrace import store
+from gradtrace.files import written_whole
 from gradtrace.results import base_groups
 from gradtrace.stats import centre_within
 
@@ -102,8 +103,10 @@ def save(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Path]:
     pdf, png = base.with_name(base.name + ".pdf"), base.with_name(base.name + ".png")
     with matplotlib.rc_context(STYLE):
         tight = {"bbox_inches": "tight", "pad_inches": 0.03}  # never clip a long tick label
-        fig.savefig(pdf, metadata={"CreationDate": None}, **tight)  # no timestamp: rebuilt PDFs stay identical
-        fig.savefig(png, dpi=DPI, **tight)
+        with written_whole(pdf) as tmp:
+            fig.savefig(tmp, metadata={"CreationDate": None}, **tight)  # no timestamp: rebuilt PDFs stay identical
+        with written_whole(png) as tmp:
+            fig.savefig(tmp, dpi=DPI, **tight)
     return pdf, png
 
 

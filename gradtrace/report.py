@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 import gradtrace
 from gradtrace import figures, store, subspace
+from gradtrace.files import written_whole
 from gradtrace.results import base_groups, describe_shortfall
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
@@ -683,5 +684,6 @@ def write_report(exp_dir: str | Path, benchmarks_dir: str | Path | None = None) 
             f"{_esc(inputs.exp_dir.resolve().name)}</title><style>{CSS}</style></head><body>{_header(inputs)}"
             f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>{sections}</body></html>")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "index.html").write_text(page, encoding="utf-8")
+    with written_whole(out / "index.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return out / "index.html"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from gradtrace import store
+from gradtrace.files import written_whole
 
 # every run's columns before its acc_<split> (test) and train_acc_<split> ones
 FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
@@ -52,10 +52,8 @@ def base_groups(table: pd.DataFrame) -> str | None:
 def write_results(table: pd.DataFrame, out: str | Path) -> None:
     """Write `out/results.csv` atomically: a sweep rewrites it after every run, and a reader mid-sweep (or a kill
     mid-write) must never see half a file."""
-    path = Path(out) / "results.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with written_whole(Path(out) / "results.csv") as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFrame:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
+from gradtrace.files import written_whole
 from gradtrace.results import first_ids, results_table, started_from, write_results
 from gradtrace.config import Config, SweepConfig
 
@@ -413,7 +414,8 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     """Write the config and plan, where `check_directory` lets this sweep into `out`."""
     check_directory(cfg, out)
     config_mod.dump(cfg, out / "config.yaml")
-    (out / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    with written_whole(out / "plan.json") as tmp:  # read by info, stats, predict and the report
+        tmp.write_text(json.dumps([asdict(r) for r in runs], indent=1))
 
 
 def check_directory(cfg: Config, out: Path) -> None:

@@ -534,6 +534,26 @@ def test_stats_of_a_results_table_without_a_store(tmp_path):
     assert len(rep.stats) == 1 and rep.reliability is None and (tmp_path / "gap.csv").exists()
 
 
+def test_a_stats_run_killed_mid_write_leaves_the_earlier_tables_whole(tmp_path, monkeypatch):
+    """stats.csv was written in place: a kill mid-write left a cut table, newer than results.csv, which the report
+    then took for the whole (its freshness check is by modification time)."""
+    rng = np.random.default_rng(3)
+    table_from(*probit_lines(rng, n=30, rho=0.5, sigma=0.3)).assign(
+        run_id=[f"run-{i}" for i in range(30)], role="sweep").to_csv(tmp_path / "results.csv", index=False)
+    stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write = pd.DataFrame.to_csv
+
+    def killed(frame, path, **kw):  # half the table written, then the process dies
+        write(frame.iloc[: len(frame) // 2], path, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing cut, no partial file left
+
+
 def test_a_sweep_run_alone_in_its_base_is_left_out_with_a_warning(tmp_path):
     """A sweep over more bases than it has pairs of runs (or whose other runs failed) left a base with one run,
     and `gradtrace stats` refused the whole sweep ("Drop those runs": the command line cannot); the lone run

@@ -1,0 +1,22 @@
+"""Output files written whole or not at all: a kill mid-write must not leave a cut table that a reader, or a later
+stage judging freshness by modification time (the report), takes for the whole."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def written_whole(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix: writers that read the format from it keep working) for the block
+    to write; renamed onto `path` when the block ends, removed when it raises."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # already renamed, or never made (a directory that is a file, say)
+            tmp.unlink(missing_ok=True)
