@@ -273,6 +273,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
 
 
 CONNECT_TIMEOUT = "30s"  # to reach a dask scheduler
+WORKERS_TIMEOUT = "60s"  # for its first worker to join
 
 
 @contextlib.contextmanager
@@ -289,6 +290,11 @@ def _cluster(scheduler: str | None):
         raise SweepError(f"cannot reach the dask scheduler at {scheduler} ({err}); start it and its workers, or run "
                          "without --scheduler") from None
     with client:
+        try:
+            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)  # with none, the sweep waited forever, saying nothing
+        except TimeoutError:
+            raise SweepError(f"the dask cluster at {scheduler} has no worker (none joined in {WORKERS_TIMEOUT}): start "
+                             f"some (`dask worker {scheduler} --nthreads 1`), or run without --scheduler") from None
         check_workers_code(client)
         yield client
 

@@ -414,6 +414,18 @@ def test_sweep_on_a_dask_local_cluster(tmp_path):
     assert sorted(table.run_id) == ["run-000", "run-001"]
 
 
+def test_a_cluster_without_workers_is_refused_not_waited_on_forever(tmp_path, monkeypatch):
+    from dask.distributed import LocalCluster
+
+    import gradtrace.sweep
+
+    monkeypatch.setattr(gradtrace.sweep, "WORKERS_TIMEOUT", "1s")
+    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(SweepError, match="has no worker"):
+            run_sweep(cfg, tmp_path, progress=False, scheduler=cluster.scheduler_address)
+
+
 def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
     cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=1, sweep__pretrain_steps=6,
                       train__steps=4)
