@@ -63,10 +63,15 @@ def test_what_gradtrace_train_cannot_train_is_refused_before_anything_is_written
                  "--set", "model.pretrained=true"]) == 2
     assert "the embedded 'tiny' is built from its config" in capsys.readouterr().err  # not a hub lookup's traceback
     store.open_experiment(tmp_path / "study" / "store.zarr", mode="a")
+    (tmp_path / "afile").write_text("")
     for command in ("train", "sweep", "calibrate"):
         with pytest.raises(SystemExit):
             main([command, "experiments/default.yaml", "--out", str(tmp_path / "study" / "store.zarr")])
         assert "lies inside the Zarr store" in capsys.readouterr().err
+        dry_run = ["--dry-run"] if command == "sweep" else []  # a dry run printed the plan; the sweep then failed
+        with pytest.raises(SystemExit):
+            main([command, "experiments/default.yaml", "--out", str(tmp_path / "afile"), *dry_run])
+        assert "is a file, not a directory" in capsys.readouterr().err
 
 
 def test_unknown_key_is_an_error_listing_valid_keys(capsys):
