@@ -466,9 +466,15 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
 
     root = open_experiment(path)
     out = Path(out)
+    if not out.parent.is_dir():  # h5py's error for a file there escaped the cleanup below as another error
+        raise FileNotFoundError(f"{out.parent} is not a directory: export writes {out.name} into an existing folder; "
+                                "create it or choose another path")
     if out.is_dir() or (out.exists() and not h5py.is_hdf5(out)):
         raise FileExistsError(f"{out} exists and is not an HDF5 file: export writes a new file (or replaces an "
                               "earlier export); choose another path")
+    if out.exists() and not _an_export(out):
+        raise FileExistsError(f"{out} is an HDF5 file but not a gradtrace export (no `gradtrace` attribute at its "
+                              "root): export replaces only an earlier export; choose another path")
     partial = out.with_name(out.name + ".partial")
     try:
         _write_hdf5(root, partial)
@@ -476,6 +482,17 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return out
+
+
+def _an_export(path: Path) -> bool:
+    """Whether an HDF5 file is an earlier export: its root holds the store's attributes in `gradtrace`."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return "gradtrace" in h5.attrs
+    except OSError:  # damaged, or not readable as HDF5 after all
+        return False
 
 
 def _write_hdf5(root: zarr.Group, out: Path) -> None:

@@ -224,6 +224,14 @@ def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_
             store.export_hdf5(exp / "store.zarr", other)
         assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    with h5py.File(tmp_path / "theirs.h5", "w") as h5:  # HDF5, but no export: replaced, it was lost
+        h5["weights"] = np.arange(3)
+    with pytest.raises(FileExistsError, match="not a gradtrace export"):
+        store.export_hdf5(exp / "store.zarr", tmp_path / "theirs.h5")
+    with h5py.File(tmp_path / "theirs.h5", "r") as h5:
+        assert list(h5) == ["weights"]
+    with pytest.raises(FileNotFoundError, match="notes.txt is not a directory"):  # was NotADirectoryError, from the
+        store.export_hdf5(exp / "store.zarr", tmp_path / "notes.txt" / "x.h5")  # cleanup of the partial file
 
     def killed(root, path):  # an export that dies mid-write leaves the earlier export whole and no partial file
         path.write_bytes(b"half")
