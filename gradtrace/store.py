@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import json
 import os
 import queue
 import re
@@ -24,6 +25,7 @@ import gradtrace
 
 SCHEMA_VERSION = 1
 BF16 = "bfloat16"  # stored as uint16 (the top half of float32); see `decode`
+EXPERIMENT = "gradtrace-experiment"  # the root's `kind`
 
 
 def _now() -> str:
@@ -93,14 +95,33 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
     except Exception as err:  # zarr raises several types for damaged metadata
         raise ValueError(f"{path} could not be opened as a Zarr v3 group ({type(err).__name__}: {err}); "
                          "the store may be truncated or corrupt") from err
-    if mode != "r" and "schema_version" not in root.attrs:
+    if mode != "r" and not root.attrs and not any(root.keys()):  # a new store (or one killed before this write)
         root.update_attributes({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
-                                "created": _now(), "kind": "gradtrace-experiment"})
+                                "created": _now(), "kind": EXPERIMENT})
+    if root.attrs.get("kind") != EXPERIMENT:
+        raise ValueError(_not_an_experiment(path, root))
     version = root.attrs.get("schema_version")
     if version is not None and version > SCHEMA_VERSION:
         raise ValueError(f"{path} has schema version {version}; this gradtrace reads up to {SCHEMA_VERSION}. "
                          "Upgrade gradtrace.")
     return root
+
+
+def _not_an_experiment(path: Path, group: zarr.Group) -> str:
+    """Why a Zarr group is not an experiment store, and the store it lies in, if any."""
+    store = next((p for p in path.absolute().parents if _kind(p) == EXPERIMENT), None)
+    what = "a run group" if "status" in group.attrs else "a group"
+    if store is not None:
+        return f"{path} is {what} inside the experiment store {store}, not a store: pass {store}"
+    return f"{path} is a Zarr group but not a gradtrace experiment store (its attribute `kind` is not {EXPERIMENT!r})"
+
+
+def _kind(folder: Path) -> str | None:
+    """The `kind` attribute of the Zarr group in a folder, None where there is none."""
+    try:
+        return json.loads((folder / "zarr.json").read_text())["attributes"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class RunWriter:
@@ -496,8 +517,6 @@ def _an_export(path: Path) -> bool:
 
 
 def _write_hdf5(root: zarr.Group, out: Path) -> None:
-    import json
-
     import h5py
 
     with h5py.File(out, "w") as h5:

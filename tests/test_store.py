@@ -188,6 +188,24 @@ def test_clear_errors_on_missing_or_corrupt_store(tmp_path):
         store.open_experiment(bad)
 
 
+def test_a_group_that_is_not_an_experiment_store_is_refused(tmp_path):
+    """A run group's path was taken for a store: `info` listed its eval and probe groups as runs, `export` wrote
+    them alone."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=2)
+    w.declare("probe/step", (), "int64")
+    w.append({"probe/step": 0})
+    w.close()
+    for path, what in ((tmp_path / "s.zarr" / "r", "a run group"), (tmp_path / "s.zarr" / "r" / "probe", "a group")):
+        for mode in ("r", "a"):
+            with pytest.raises(ValueError, match=f"is {what} inside the experiment store .*s.zarr, not a store"):
+                store.open_experiment(path, mode=mode)
+    zarr.open_group(tmp_path / "plain.zarr", mode="w").attrs["x"] = 1
+    with pytest.raises(ValueError, match="not a gradtrace experiment store"):
+        store.open_experiment(tmp_path / "plain.zarr")
+    assert store.runs(store.open_experiment(tmp_path / "s.zarr")) == ["r"]
+
+
 def test_newer_schema_refused(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     root.attrs["schema_version"] = store.SCHEMA_VERSION + 1
