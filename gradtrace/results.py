@@ -200,6 +200,6 @@ def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
             return {}
         arr = run["eval/correct"]
         splits = list(arr.attrs["splits"])
-        per_run.append(arr[...])
+        per_run.append(store.stored(arr))
     stacked = np.stack(per_run)  # runs × splits × items
     return {split: stacked[:, i, :] for i, split in enumerate(splits)}

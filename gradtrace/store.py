@@ -217,7 +217,7 @@ class RunWriter:
         nodes = [folder, *itertools.takewhile(lambda p: p != root, folder.parents)]  # the array, its groups
         self._unsynced.update(p / "zarr.json" for p in nodes)
         for index in range(start // arr.chunks[0], (stop - 1) // arr.chunks[0] + 1):
-            path = folder / arr.metadata.chunk_key_encoding.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
+            path = folder / _chunk_key(arr, index)
             self._unsynced.update([path, *itertools.takewhile(lambda p: p != root, path.parents)])
 
     def _sync(self) -> None:
@@ -358,7 +358,38 @@ def read(group: zarr.Group, name: str) -> np.ndarray:
     if name not in group:
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
-    return decode(arr[...], arr.attrs.get("storage_dtype"))
+    return decode(stored(arr), arr.attrs.get("storage_dtype"))
+
+
+def stored(arr: zarr.Array, rows: slice = slice(None)) -> np.ndarray:
+    """Rows of a stored array as stored (not decoded), a chunk zarr cannot decode refused as a damaged store (zarr's
+    codecs raise a RuntimeError or ValueError naming no array)."""
+    try:
+        return arr[rows]
+    except (RuntimeError, ValueError, TypeError) as err:
+        start, stop, _ = rows.indices(arr.shape[0])
+        n = arr.chunks[0]
+        bad = next((i for i in range(start // n, (stop - 1) // n + 1) if not _decodes(arr, i)), None)
+        where = f"rows {start}–{stop - 1}"
+        if bad is not None:
+            where = f"rows {bad * n}–{min(stop, bad * n + n) - 1} (chunk file {arr.path}/{_chunk_key(arr, bad)})"
+        raise ValueError(f"array {arr.path!r}: {where} cannot be decoded ({type(err).__name__}: {err}); the store is "
+                         "damaged (a chunk file corrupt or truncated): restore it from a copy, or remove that run's "
+                         "group and run the sweep again to retrain it") from err
+
+
+def _decodes(arr: zarr.Array, index: int) -> bool:
+    """Whether chunk `index` along an array's first axis reads back."""
+    try:
+        arr[index * arr.chunks[0]: (index + 1) * arr.chunks[0]]
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _chunk_key(arr: zarr.Array, index: int) -> str:
+    """The key (path in the array's folder) of chunk `index` along the first axis, the others held whole."""
+    return arr.metadata.chunk_key_encoding.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
 
 
 def read_lazy(group: zarr.Group, name: str):
@@ -387,7 +418,7 @@ def dataset(group: zarr.Group):
     labels = {"split": a.get("splits"), "probe_loss": a.get("probe_losses"), "quantile": a.get("v_quantiles"),
               "param": [p["name"] for p in a.get("layout", [])] or None}
     sizes = {d: n for arr in arrays.values() for d, n in zip(arr.metadata.dimension_names or (), arr.shape)}
-    coords = {dim: (dim, arrays[name][...]) for dim, name in INDEX_ARRAYS.items() if name in arrays}
+    coords = {dim: (dim, stored(arrays[name])) for dim, name in INDEX_ARRAYS.items() if name in arrays}
     coords.update({dim: (dim, list(names)) for dim, names in labels.items()
                    if names is not None and sizes.get(dim) == len(names)})
     variables = {name: (arr.metadata.dimension_names, read_lazy(group, name), dict(arr.attrs))
@@ -532,7 +563,7 @@ def _write_hdf5(root: zarr.Group, out: Path) -> None:
                 ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
                                        chunks=chunks, compression="gzip" if arr.size else None)
                 for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
-                    ds[lo:lo + arr.chunks[0]] = decode(arr[lo:lo + arr.chunks[0]], storage)
+                    ds[lo:lo + arr.chunks[0]] = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
                 ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
                 if arr.metadata.dimension_names:
                     ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))

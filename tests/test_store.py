@@ -352,6 +352,23 @@ def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
         assert json.loads(h5["r/x"].attrs["gradtrace"]) == dict(root["r/x"].attrs) == {"storage_dtype": store.BF16}
 
 
+def test_a_chunk_that_cannot_be_decoded_is_named_as_damage(tmp_path):
+    """Garbage in a chunk file gave zarr's bare `RuntimeError: Zstd decompression error` (a traceback)."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=4)
+    w.declare("x", (3,), "float32")
+    for i in range(10):
+        w.append({"x": np.full(3, i, np.float32)})
+    w.close()
+    (tmp_path / "s.zarr" / "r" / "x" / "c" / "1" / "0").write_bytes(b"not zstd at all")
+    damaged = r"array 'r/x': rows 4–7 \(chunk file r/x/c/1/0\) cannot be decoded \(RuntimeError: .*store is damaged"
+    with pytest.raises(ValueError, match=damaged):
+        store.read(root["r"], "x")
+    with pytest.raises(ValueError, match=damaged):
+        store.export_hdf5(tmp_path / "s.zarr", tmp_path / "out.h5")
+    np.testing.assert_array_equal(store.stored(root["r/x"], slice(8, 10))[:, 0], [8, 9])  # the chunks whole read
+
+
 def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):
     """Sorted as text, run-1000 came between run-100 and run-101 (in results.csv and `gradtrace info`)."""
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
