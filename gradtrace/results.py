@@ -196,7 +196,7 @@ def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
     splits: list[str] = []
     for rid in table["run_id"]:
         run = root[rid]
-        if "eval/correct" not in run:
+        if not store.has(run, "eval/correct"):
             return {}
         arr = run["eval/correct"]
         splits = list(arr.attrs["splits"])

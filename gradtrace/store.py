@@ -355,7 +355,7 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
 
 def read(group: zarr.Group, name: str) -> np.ndarray:
     """Array `name` of a run group as float32/int numpy (bfloat16 and float16 decoded to float32)."""
-    if name not in group:
+    if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
     return decode(stored(arr), arr.attrs.get("storage_dtype"))
@@ -396,7 +396,7 @@ def read_lazy(group: zarr.Group, name: str):
     """Array `name` as a dask array chunked like the store (for trajectories larger than memory)."""
     import dask.array as da
 
-    if name not in group:
+    if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
     lazy = da.from_zarr(arr)
@@ -432,7 +432,7 @@ def dataset(group: zarr.Group):
 
 def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
     out = {}
-    for name, member in group.members():
+    for name, member in _members(group):
         if isinstance(member, zarr.Array):
             out[prefix + name] = member
         else:
@@ -447,8 +447,49 @@ def runs(root: zarr.Group) -> list[str]:
 
 def run_groups(root: zarr.Group) -> dict[str, zarr.Group]:
     """The run groups of an experiment store by run id, in run order, each read once (with its attributes)."""
-    return dict(sorted(((name, m) for name, m in root.members() if isinstance(m, zarr.Group)),
+    return dict(sorted(((name, m) for name, m in _members(root) if isinstance(m, zarr.Group)),
                        key=lambda item: run_order(item[0])))
+
+
+def _members(group: zarr.Group) -> list[tuple[str, zarr.Group | zarr.Array]]:
+    """A group's members, one whose metadata cannot be read refused as a damaged store, named (zarr names no file:
+    a truncated zarr.json gave only "Unterminated string starting at: line 5 column 15")."""
+    try:
+        return list(group.members())
+    except (ValueError, TypeError) as err:  # JSONDecodeError, MetadataValidationError, a field of the wrong kind
+        folder = _local_path(group)
+        raise _damaged(group, sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder else [], err) from err
+
+
+def has(group: zarr.Group, name: str) -> bool:
+    """Whether a group holds member `name` (`probe/grad`, say), metadata on the way that cannot be read refused as a
+    damaged store, named."""
+    try:
+        return name in group
+    except (ValueError, TypeError) as err:
+        parts = name.split("/")
+        raise _damaged(group, ["/".join(parts[:i + 1]) for i in range(len(parts))], err) from err
+
+
+def _damaged(group: zarr.Group, names: list[str], err: Exception) -> ValueError:
+    """The error for metadata that zarr could not read (`err`) under a group: the file of the first of `names` that
+    does not open, where one is found."""
+    bad = next((name for name in names if not _opens(group, name)), None)
+    base = _local_path(group) or group.store_path
+    where = f"{base}/{bad}/zarr.json" if bad else f"the metadata of a member of {base}"
+    return ValueError(f"{where} cannot be read ({type(err).__name__}: {err}): the store's metadata is damaged; restore "
+                      "the file from a copy, or remove that run's group and run the sweep again to retrain it")
+
+
+def _opens(group: zarr.Group, name: str) -> bool:
+    """Whether member `name` of a group opens (its metadata reads)."""
+    try:
+        group[name]
+    except (ValueError, TypeError):
+        return False
+    except KeyError:  # a folder that is no member
+        pass
+    return True
 
 
 def run_order(run_id: str) -> tuple:

@@ -369,6 +369,29 @@ def test_a_chunk_that_cannot_be_decoded_is_named_as_damage(tmp_path):
     np.testing.assert_array_equal(store.stored(root["r/x"], slice(8, 10))[:, 0], [8, 9])  # the chunks whole read
 
 
+def test_metadata_that_cannot_be_read_is_named_as_damage(tmp_path):
+    """A truncated zarr.json of a run or an array gave only the JSON parser's "Unterminated string …", naming no file,
+    from every command (info too)."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    for run_id in ("r0", "r1"):
+        w = store.RunWriter(store.create_run(root, run_id, {}), chunk=2)
+        w.declare("probe/x", (), "float32")
+        w.append({"probe/x": 1.0})
+        w.close()
+    for damaged in ("r1/probe/x", "r1/probe", "r1"):
+        meta = tmp_path / "s.zarr" / damaged / "zarr.json"
+        text = meta.read_text()
+        meta.write_text(text[:len(text) // 2])
+        message = f"{meta} cannot be read \\(JSONDecodeError: .*the store's metadata is damaged"
+        with pytest.raises(ValueError, match=message):
+            store.summary(tmp_path / "s.zarr")
+        if damaged == "r1/probe/x":
+            with pytest.raises(ValueError, match=message):
+                store.read(root["r1"], "probe/x")
+        meta.write_text(text)
+    np.testing.assert_array_equal(store.read(root["r1"], "probe/x"), [1.0])
+
+
 def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):
     """Sorted as text, run-1000 came between run-100 and run-101 (in results.csv and `gradtrace info`)."""
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
