@@ -13,6 +13,9 @@ from gradtrace import store
 
 # every run's columns before its acc_<split> (test) and train_acc_<split> ones
 FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
+# how to write results.csv again from the store, its single source of truth
+REWRITE = ("Rewrite it from the store: run the sweep again (`gradtrace sweep {exp_dir}/config.yaml --out {exp_dir}`; "
+           "it trains no run that is complete) or call gradtrace.results.write_results(results_table(DIR), DIR).")
 
 
 def results_table(out: str | Path) -> pd.DataFrame:
@@ -65,6 +68,9 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)
+    if "run_id" not in table:
+        raise ValueError(f"{path} has no run_id column: it is not the table gradtrace writes. "
+                         f"{REWRITE.format(exp_dir=exp_dir)}")
     if role is not None and "role" in table:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role)
@@ -191,11 +197,16 @@ def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
     table = load_results(exp_dir, role) if table is None else table
     if table.empty or not (Path(exp_dir) / "store.zarr").exists():  # results.csv alone: no per-item data
         return {}
-    root = store.open_experiment(Path(exp_dir) / "store.zarr")
+    groups = store.run_groups(store.open_experiment(Path(exp_dir) / "store.zarr"))
     per_run = []
     splits: list[str] = []
     for rid in table["run_id"]:
-        run = root[rid]
+        if rid not in groups:
+            missing = [rid for rid in table["run_id"] if rid not in groups]
+            raise ValueError(f"{Path(exp_dir) / 'results.csv'} lists {len(missing)} run(s) that store.zarr does not "
+                             f"hold ({first_ids(missing)}): the table is another store's, or their groups were "
+                             f"removed. {REWRITE.format(exp_dir=exp_dir)}")
+        run = groups[rid]
         if not store.has(run, "eval/correct"):
             return {}
         arr = run["eval/correct"]
