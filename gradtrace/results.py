@@ -68,10 +68,11 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)
-    if "run_id" not in table:
-        raise ValueError(f"{path} has no run_id column: it is not the table gradtrace writes. "
+    missing = [column for column in ("run_id", "role") if column not in table]
+    if missing:  # without role, the reference runs joined the sweep's statistics
+        raise ValueError(f"{path} has no {' or '.join(missing)} column: it is not the table gradtrace writes. "
                          f"{REWRITE.format(exp_dir=exp_dir)}")
-    if role is not None and "role" in table:
+    if role is not None:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role)
     return _without_lone_bases(table) if role == "sweep" else table

@@ -40,3 +40,11 @@ def test_a_table_without_run_ids_is_refused(study):
     pd.read_csv(study / "results.csv").drop(columns="run_id").to_csv(study / "results.csv", index=False)
     with pytest.raises(ValueError, match="has no run_id column: it is not the table gradtrace writes. Rewrite it"):
         results.load_results(study)
+
+
+def test_a_table_without_roles_is_refused(study):
+    """Every row was kept: the reference runs joined the sweep's statistics (n = 12 for 10 sweep runs), silently."""
+    assert list(results.load_results(study).run_id) == ["run-000", "run-001", "run-002"]
+    pd.read_csv(study / "results.csv").drop(columns="role").to_csv(study / "results.csv", index=False)
+    with pytest.raises(ValueError, match="has no role column: it is not the table gradtrace writes. Rewrite it"):
+        results.load_results(study)
