@@ -169,7 +169,7 @@ class RunWriter:
             arr = self.group.create_array(
                 name, shape=(0, *row_shape), chunks=(self._chunk_rows[name], *row_shape), dtype=zdtype,
                 dimension_names=(axis, *(dims or [f"dim_{i}" for i in range(1, len(row_shape) + 1)])),
-                fill_value=0, attributes={"storage_dtype": storage})
+                fill_value=_fill_value(zdtype, storage), attributes={"storage_dtype": storage})
         self._buffers[name] = []
         self._written[name] = arr.shape[0]
 
@@ -264,6 +264,14 @@ class RunWriter:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
+
+
+def _fill_value(dtype: str, storage: str) -> Any:
+    """What a row never written reads as: NaN for floats (bfloat16's as its uint16 pattern), so a lost chunk file reads
+    back as NaN, not as rows of plausible zeros (zarr reads a missing chunk as the fill value); 0 for the others."""
+    if storage == BF16:
+        return 0x7FC0
+    return np.nan if np.dtype(dtype).kind == "f" else 0
 
 
 def stack_rows(values: list) -> np.ndarray:

@@ -392,6 +392,23 @@ def test_metadata_that_cannot_be_read_is_named_as_damage(tmp_path):
     np.testing.assert_array_equal(store.read(root["r1"], "probe/x"), [1.0])
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16", store.BF16])
+def test_a_lost_chunk_file_reads_as_nan_not_zeros(tmp_path, storage):
+    """A chunk file lost (a partial copy) read back as rows of zeros: different predictor scores, no sign of it."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=2)
+    w.declare("x", (3,), storage=storage)
+    w.declare("step", (), "int64")
+    for i in range(6):
+        w.append({"x": np.full(3, i + 1, np.float32), "step": i})
+    w.close()
+    (tmp_path / "s.zarr" / "r" / "x" / "c" / "1" / "0").unlink()  # rows 2 and 3
+    (tmp_path / "s.zarr" / "r" / "step" / "c" / "1").unlink()
+    x = store.read(root["r"], "x")
+    assert np.isnan(x[2:4]).all() and x[[0, 1, 4, 5], 0].tolist() == [1, 2, 5, 6]
+    assert store.read(root["r"], "step").tolist() == [0, 1, 0, 0, 4, 5]  # integers keep 0 (steps that do not increase)
+
+
 def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):
     """Sorted as text, run-1000 came between run-100 and run-101 (in results.csv and `gradtrace info`)."""
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
