@@ -108,7 +108,7 @@ def _open_store(exp_dir_or_store: str | Path | zarr.Group) -> zarr.Group:
 
 
 def _optional(group: zarr.Group, name: str, lazy: bool | None = False) -> Any:
-    if name not in group:
+    if not store.has(group, name):
         return None
     if lazy is None:
         lazy = group[name].nbytes > IN_MEMORY_BYTES
@@ -118,7 +118,7 @@ def _optional(group: zarr.Group, name: str, lazy: bool | None = False) -> Any:
 def _load_run(group: zarr.Group, run_id: str, lazy: bool | None) -> ReferenceRun:
     attrs = dict(group.attrs)
     for name in ("probe/step", "probe/grad", "step"):
-        if name not in group:
+        if not store.has(group, name):
             raise KeyError(f"reference run {run_id!r} has no {name!r}: predictors need probe gradients "
                            "(capture.probe_every > 0) and the step axis; re-run it with full capture")
     return ReferenceRun(

@@ -446,7 +446,7 @@ def run_arithmetic(store_path: Path) -> str:
                     if "torch_version" in a else "")
         return f"{versions}{a['cpu_kernels']} on {a['cpu_threads']} thread(s)" if "cpu_kernels" in a else "not recorded"
 
-    counts = Counter(arithmetic(g.attrs) for _, g in zarr.open_group(store_path, mode="r").groups())
+    counts = Counter(arithmetic(g.attrs) for g in store.run_groups(store.open_experiment(store_path)).values())
     return "; ".join(f"{what} ({n} run{'s' * (n > 1)})" for what, n in counts.most_common())
 
 

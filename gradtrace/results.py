@@ -13,6 +13,9 @@ from gradtrace.files import written_whole
 
 # every run's columns before its acc_<split> (test) and train_acc_<split> ones
 FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
+# how to write results.csv again from the store, its single source of truth
+REWRITE = ("Rewrite it from the store: run the sweep again (`gradtrace sweep {exp_dir}/config.yaml --out {exp_dir}`; "
+           "it trains no run that is complete) or call gradtrace.results.write_results(results_table(DIR), DIR).")
 
 
 def results_table(out: str | Path) -> pd.DataFrame:
@@ -63,7 +66,11 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)
-    if role is not None and "role" in table:
+    missing = [column for column in ("run_id", "role") if column not in table]
+    if missing:  # without role, the reference runs joined the sweep's statistics
+        raise ValueError(f"{path} has no {' or '.join(missing)} column: it is not the table gradtrace writes. "
+                         f"{REWRITE.format(exp_dir=exp_dir)}")
+    if role is not None:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role)
     return _without_lone_bases(table) if role == "sweep" else table
@@ -189,15 +196,20 @@ def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
     table = load_results(exp_dir, role) if table is None else table
     if table.empty or not (Path(exp_dir) / "store.zarr").exists():  # results.csv alone: no per-item data
         return {}
-    root = store.open_experiment(Path(exp_dir) / "store.zarr")
+    groups = store.run_groups(store.open_experiment(Path(exp_dir) / "store.zarr"))
     per_run = []
     splits: list[str] = []
     for rid in table["run_id"]:
-        run = root[rid]
-        if "eval/correct" not in run:
+        if rid not in groups:
+            missing = [rid for rid in table["run_id"] if rid not in groups]
+            raise ValueError(f"{Path(exp_dir) / 'results.csv'} lists {len(missing)} run(s) that store.zarr does not "
+                             f"hold ({first_ids(missing)}): the table is another store's, or their groups were "
+                             f"removed. {REWRITE.format(exp_dir=exp_dir)}")
+        run = groups[rid]
+        if not store.has(run, "eval/correct"):
             return {}
         arr = run["eval/correct"]
         splits = list(arr.attrs["splits"])
-        per_run.append(arr[...])
+        per_run.append(store.stored(arr))
     stacked = np.stack(per_run)  # runs × splits × items
     return {split: stacked[:, i, :] for i, split in enumerate(splits)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import json
 import os
 import queue
 import re
@@ -24,6 +25,7 @@ import gradtrace
 
 SCHEMA_VERSION = 1
 BF16 = "bfloat16"  # stored as uint16 (the top half of float32); see `decode`
+EXPERIMENT = "gradtrace-experiment"  # the root's `kind`
 
 
 def _now() -> str:
@@ -93,14 +95,33 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
     except Exception as err:  # zarr raises several types for damaged metadata
         raise ValueError(f"{path} could not be opened as a Zarr v3 group ({type(err).__name__}: {err}); "
                          "the store may be truncated or corrupt") from err
-    if mode != "r" and "schema_version" not in root.attrs:
+    if mode != "r" and not root.attrs and not any(root.keys()):  # a new store (or one killed before this write)
         root.update_attributes({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
-                                "created": _now(), "kind": "gradtrace-experiment"})
+                                "created": _now(), "kind": EXPERIMENT})
+    if root.attrs.get("kind") != EXPERIMENT:
+        raise ValueError(_not_an_experiment(path, root))
     version = root.attrs.get("schema_version")
     if version is not None and version > SCHEMA_VERSION:
         raise ValueError(f"{path} has schema version {version}; this gradtrace reads up to {SCHEMA_VERSION}. "
                          "Upgrade gradtrace.")
     return root
+
+
+def _not_an_experiment(path: Path, group: zarr.Group) -> str:
+    """Why a Zarr group is not an experiment store, and the store it lies in, if any."""
+    store = next((p for p in path.absolute().parents if _kind(p) == EXPERIMENT), None)
+    what = "a run group" if "status" in group.attrs else "a group"
+    if store is not None:
+        return f"{path} is {what} inside the experiment store {store}, not a store: pass {store}"
+    return f"{path} is a Zarr group but not a gradtrace experiment store (its attribute `kind` is not {EXPERIMENT!r})"
+
+
+def _kind(folder: Path) -> str | None:
+    """The `kind` attribute of the Zarr group in a folder, None where there is none."""
+    try:
+        return json.loads((folder / "zarr.json").read_text())["attributes"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class RunWriter:
@@ -148,7 +169,7 @@ class RunWriter:
             arr = self.group.create_array(
                 name, shape=(0, *row_shape), chunks=(self._chunk_rows[name], *row_shape), dtype=zdtype,
                 dimension_names=(axis, *(dims or [f"dim_{i}" for i in range(1, len(row_shape) + 1)])),
-                fill_value=0, attributes={"storage_dtype": storage})
+                fill_value=_fill_value(zdtype, storage), attributes={"storage_dtype": storage})
         self._buffers[name] = []
         self._written[name] = arr.shape[0]
 
@@ -196,7 +217,7 @@ class RunWriter:
         nodes = [folder, *itertools.takewhile(lambda p: p != root, folder.parents)]  # the array, its groups
         self._unsynced.update(p / "zarr.json" for p in nodes)
         for index in range(start // arr.chunks[0], (stop - 1) // arr.chunks[0] + 1):
-            path = folder / arr.metadata.chunk_key_encoding.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
+            path = folder / _chunk_key(arr, index)
             self._unsynced.update([path, *itertools.takewhile(lambda p: p != root, path.parents)])
 
     def _sync(self) -> None:
@@ -243,6 +264,14 @@ class RunWriter:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
+
+
+def _fill_value(dtype: str, storage: str) -> Any:
+    """What a row never written reads as: NaN for floats (bfloat16's as its uint16 pattern), so a lost chunk file reads
+    back as NaN, not as rows of plausible zeros (zarr reads a missing chunk as the fill value); 0 for the others."""
+    if storage == BF16:
+        return 0x7FC0
+    return np.nan if np.dtype(dtype).kind == "f" else 0
 
 
 def stack_rows(values: list) -> np.ndarray:
@@ -346,17 +375,48 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
 
 def read(group: zarr.Group, name: str) -> np.ndarray:
     """Array `name` of a run group as float32/int numpy (bfloat16 and float16 decoded to float32)."""
-    if name not in group:
+    if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
-    return decode(arr[...], arr.attrs.get("storage_dtype"))
+    return decode(stored(arr), arr.attrs.get("storage_dtype"))
+
+
+def stored(arr: zarr.Array, rows: slice = slice(None)) -> np.ndarray:
+    """Rows of a stored array as stored (not decoded), a chunk zarr cannot decode refused as a damaged store (zarr's
+    codecs raise a RuntimeError or ValueError naming no array)."""
+    try:
+        return arr[rows]
+    except (RuntimeError, ValueError, TypeError) as err:
+        start, stop, _ = rows.indices(arr.shape[0])
+        n = arr.chunks[0]
+        bad = next((i for i in range(start // n, (stop - 1) // n + 1) if not _decodes(arr, i)), None)
+        where = f"rows {start}–{stop - 1}"
+        if bad is not None:
+            where = f"rows {bad * n}–{min(stop, bad * n + n) - 1} (chunk file {arr.path}/{_chunk_key(arr, bad)})"
+        raise ValueError(f"array {arr.path!r}: {where} cannot be decoded ({type(err).__name__}: {err}); the store is "
+                         "damaged (a chunk file corrupt or truncated): restore it from a copy, or remove that run's "
+                         "group and run the sweep again to retrain it") from err
+
+
+def _decodes(arr: zarr.Array, index: int) -> bool:
+    """Whether chunk `index` along an array's first axis reads back."""
+    try:
+        arr[index * arr.chunks[0]: (index + 1) * arr.chunks[0]]
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _chunk_key(arr: zarr.Array, index: int) -> str:
+    """The key (path in the array's folder) of chunk `index` along the first axis, the others held whole."""
+    return arr.metadata.chunk_key_encoding.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
 
 
 def read_lazy(group: zarr.Group, name: str):
     """Array `name` as a dask array chunked like the store (for trajectories larger than memory)."""
     import dask.array as da
 
-    if name not in group:
+    if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
     lazy = da.from_zarr(arr)
@@ -378,7 +438,7 @@ def dataset(group: zarr.Group):
     labels = {"split": a.get("splits"), "probe_loss": a.get("probe_losses"), "quantile": a.get("v_quantiles"),
               "param": [p["name"] for p in a.get("layout", [])] or None}
     sizes = {d: n for arr in arrays.values() for d, n in zip(arr.metadata.dimension_names or (), arr.shape)}
-    coords = {dim: (dim, arrays[name][...]) for dim, name in INDEX_ARRAYS.items() if name in arrays}
+    coords = {dim: (dim, stored(arrays[name])) for dim, name in INDEX_ARRAYS.items() if name in arrays}
     coords.update({dim: (dim, list(names)) for dim, names in labels.items()
                    if names is not None and sizes.get(dim) == len(names)})
     variables = {name: (arr.metadata.dimension_names, read_lazy(group, name), dict(arr.attrs))
@@ -392,7 +452,7 @@ def dataset(group: zarr.Group):
 
 def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
     out = {}
-    for name, member in group.members():
+    for name, member in _members(group):
         if isinstance(member, zarr.Array):
             out[prefix + name] = member
         else:
@@ -407,8 +467,49 @@ def runs(root: zarr.Group) -> list[str]:
 
 def run_groups(root: zarr.Group) -> dict[str, zarr.Group]:
     """The run groups of an experiment store by run id, in run order, each read once (with its attributes)."""
-    return dict(sorted(((name, m) for name, m in root.members() if isinstance(m, zarr.Group)),
+    return dict(sorted(((name, m) for name, m in _members(root) if isinstance(m, zarr.Group)),
                        key=lambda item: run_order(item[0])))
+
+
+def _members(group: zarr.Group) -> list[tuple[str, zarr.Group | zarr.Array]]:
+    """A group's members, one whose metadata cannot be read refused as a damaged store, named (zarr names no file:
+    a truncated zarr.json gave only "Unterminated string starting at: line 5 column 15")."""
+    try:
+        return list(group.members())
+    except (ValueError, TypeError) as err:  # JSONDecodeError, MetadataValidationError, a field of the wrong kind
+        folder = _local_path(group)
+        raise _damaged(group, sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder else [], err) from err
+
+
+def has(group: zarr.Group, name: str) -> bool:
+    """Whether a group holds member `name` (`probe/grad`, say), metadata on the way that cannot be read refused as a
+    damaged store, named."""
+    try:
+        return name in group
+    except (ValueError, TypeError) as err:
+        parts = name.split("/")
+        raise _damaged(group, ["/".join(parts[:i + 1]) for i in range(len(parts))], err) from err
+
+
+def _damaged(group: zarr.Group, names: list[str], err: Exception) -> ValueError:
+    """The error for metadata that zarr could not read (`err`) under a group: the file of the first of `names` that
+    does not open, where one is found."""
+    bad = next((name for name in names if not _opens(group, name)), None)
+    base = _local_path(group) or group.store_path
+    where = f"{base}/{bad}/zarr.json" if bad else f"the metadata of a member of {base}"
+    return ValueError(f"{where} cannot be read ({type(err).__name__}: {err}): the store's metadata is damaged; restore "
+                      "the file from a copy, or remove that run's group and run the sweep again to retrain it")
+
+
+def _opens(group: zarr.Group, name: str) -> bool:
+    """Whether member `name` of a group opens (its metadata reads)."""
+    try:
+        group[name]
+    except (ValueError, TypeError):
+        return False
+    except KeyError:  # a folder that is no member
+        pass
+    return True
 
 
 def run_order(run_id: str) -> tuple:
@@ -478,9 +579,15 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
 
     root = open_experiment(path)
     out = Path(out)
+    if not out.parent.is_dir():  # h5py's error for a file there escaped the cleanup below as another error
+        raise FileNotFoundError(f"{out.parent} is not a directory: export writes {out.name} into an existing folder; "
+                                "create it or choose another path")
     if out.is_dir() or (out.exists() and not h5py.is_hdf5(out)):
         raise FileExistsError(f"{out} exists and is not an HDF5 file: export writes a new file (or replaces an "
                               "earlier export); choose another path")
+    if out.exists() and not _an_export(out):
+        raise FileExistsError(f"{out} is an HDF5 file but not a gradtrace export (no `gradtrace` attribute at its "
+                              "root): export replaces only an earlier export; choose another path")
     partial = out.with_name(out.name + ".partial")
     try:
         _write_hdf5(root, partial)
@@ -490,9 +597,18 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _write_hdf5(root: zarr.Group, out: Path) -> None:
-    import json
+def _an_export(path: Path) -> bool:
+    """Whether an HDF5 file is an earlier export: its root holds the store's attributes in `gradtrace`."""
+    import h5py
 
+    try:
+        with h5py.File(path, "r") as h5:
+            return "gradtrace" in h5.attrs
+    except OSError:  # damaged, or not readable as HDF5 after all
+        return False
+
+
+def _write_hdf5(root: zarr.Group, out: Path) -> None:
     import h5py
 
     with h5py.File(out, "w") as h5:
@@ -508,7 +624,7 @@ def _write_hdf5(root: zarr.Group, out: Path) -> None:
                 ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
                                        chunks=chunks, compression="gzip" if arr.size else None)
                 for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
-                    ds[lo:lo + arr.chunks[0]] = decode(arr[lo:lo + arr.chunks[0]], storage)
+                    ds[lo:lo + arr.chunks[0]] = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
                 ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
                 if arr.metadata.dimension_names:
                     ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))

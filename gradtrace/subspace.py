@@ -398,7 +398,8 @@ class _StoredRows:
         idx = self.rows[start:stop]
         if idx.size == 0:
             return np.zeros((0, self.shape[1]), self.dtype)[:, cols]
-        x = store.decode(self.array[idx[0]: idx[-1] + 1], self.array.attrs.get("storage_dtype"))[idx - idx[0]]
+        x = store.decode(store.stored(self.array, slice(idx[0], idx[-1] + 1)),
+                         self.array.attrs.get("storage_dtype"))[idx - idx[0]]
         if self.lr is not None:
             x = -x / self.lr[start:stop, None]
         if self.shift is not None:

@@ -446,3 +446,12 @@ def test_paper_numbers_never_print_minus_zero_and_an_infinity_is_missing() -> No
     assert [build._fmt(-0.001, "r"), build._fmt(-0.25, "r"), build._fmt(0.0042, "p")] == ["0.00", "−0.25", "0.0042"]
     with pytest.raises(build.Missing, match="r is inf"):  # decimal.InvalidOperation crashed the build
         build._fmt(float("inf"), "r")
+
+
+def test_run_arithmetic_of_a_damaged_store_says_so(tmp_path):
+    """A truncated root zarr.json gave the report only the JSON parser's message (info and stats said what it was)."""
+    store.open_experiment(tmp_path / "store.zarr", mode="a")
+    meta = tmp_path / "store.zarr" / "zarr.json"
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(ValueError, match="could not be opened as a Zarr v3 group .*truncated or corrupt"):
+        report.run_arithmetic(tmp_path / "store.zarr")

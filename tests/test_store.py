@@ -188,6 +188,24 @@ def test_clear_errors_on_missing_or_corrupt_store(tmp_path):
         store.open_experiment(bad)
 
 
+def test_a_group_that_is_not_an_experiment_store_is_refused(tmp_path):
+    """A run group's path was taken for a store: `info` listed its eval and probe groups as runs, `export` wrote
+    them alone."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=2)
+    w.declare("probe/step", (), "int64")
+    w.append({"probe/step": 0})
+    w.close()
+    for path, what in ((tmp_path / "s.zarr" / "r", "a run group"), (tmp_path / "s.zarr" / "r" / "probe", "a group")):
+        for mode in ("r", "a"):
+            with pytest.raises(ValueError, match=f"is {what} inside the experiment store .*s.zarr, not a store"):
+                store.open_experiment(path, mode=mode)
+    zarr.open_group(tmp_path / "plain.zarr", mode="w").attrs["x"] = 1
+    with pytest.raises(ValueError, match="not a gradtrace experiment store"):
+        store.open_experiment(tmp_path / "plain.zarr")
+    assert store.runs(store.open_experiment(tmp_path / "s.zarr")) == ["r"]
+
+
 def test_newer_schema_refused(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     root.attrs["schema_version"] = store.SCHEMA_VERSION + 1
@@ -224,6 +242,14 @@ def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_
             store.export_hdf5(exp / "store.zarr", other)
         assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    with h5py.File(tmp_path / "theirs.h5", "w") as h5:  # HDF5, but no export: replaced, it was lost
+        h5["weights"] = np.arange(3)
+    with pytest.raises(FileExistsError, match="not a gradtrace export"):
+        store.export_hdf5(exp / "store.zarr", tmp_path / "theirs.h5")
+    with h5py.File(tmp_path / "theirs.h5", "r") as h5:
+        assert list(h5) == ["weights"]
+    with pytest.raises(FileNotFoundError, match="notes.txt is not a directory"):  # was NotADirectoryError, from the
+        store.export_hdf5(exp / "store.zarr", tmp_path / "notes.txt" / "x.h5")  # cleanup of the partial file
 
     def killed(root, path):  # an export that dies mid-write leaves the earlier export whole and no partial file
         path.write_bytes(b"half")
@@ -324,6 +350,63 @@ def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
         np.testing.assert_allclose(h5["r/x"][:], rows, rtol=1 / 128)
         # array attributes travel too: the decoded floats say they were stored as bfloat16
         assert json.loads(h5["r/x"].attrs["gradtrace"]) == dict(root["r/x"].attrs) == {"storage_dtype": store.BF16}
+
+
+def test_a_chunk_that_cannot_be_decoded_is_named_as_damage(tmp_path):
+    """Garbage in a chunk file gave zarr's bare `RuntimeError: Zstd decompression error` (a traceback)."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=4)
+    w.declare("x", (3,), "float32")
+    for i in range(10):
+        w.append({"x": np.full(3, i, np.float32)})
+    w.close()
+    (tmp_path / "s.zarr" / "r" / "x" / "c" / "1" / "0").write_bytes(b"not zstd at all")
+    damaged = r"array 'r/x': rows 4–7 \(chunk file r/x/c/1/0\) cannot be decoded \(RuntimeError: .*store is damaged"
+    with pytest.raises(ValueError, match=damaged):
+        store.read(root["r"], "x")
+    with pytest.raises(ValueError, match=damaged):
+        store.export_hdf5(tmp_path / "s.zarr", tmp_path / "out.h5")
+    np.testing.assert_array_equal(store.stored(root["r/x"], slice(8, 10))[:, 0], [8, 9])  # the chunks whole read
+
+
+def test_metadata_that_cannot_be_read_is_named_as_damage(tmp_path):
+    """A truncated zarr.json of a run or an array gave only the JSON parser's "Unterminated string …", naming no file,
+    from every command (info too)."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    for run_id in ("r0", "r1"):
+        w = store.RunWriter(store.create_run(root, run_id, {}), chunk=2)
+        w.declare("probe/x", (), "float32")
+        w.append({"probe/x": 1.0})
+        w.close()
+    for damaged in ("r1/probe/x", "r1/probe", "r1"):
+        meta = tmp_path / "s.zarr" / damaged / "zarr.json"
+        text = meta.read_text()
+        meta.write_text(text[:len(text) // 2])
+        message = f"{meta} cannot be read \\(JSONDecodeError: .*the store's metadata is damaged"
+        with pytest.raises(ValueError, match=message):
+            store.summary(tmp_path / "s.zarr")
+        if damaged == "r1/probe/x":
+            with pytest.raises(ValueError, match=message):
+                store.read(root["r1"], "probe/x")
+        meta.write_text(text)
+    np.testing.assert_array_equal(store.read(root["r1"], "probe/x"), [1.0])
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", store.BF16])
+def test_a_lost_chunk_file_reads_as_nan_not_zeros(tmp_path, storage):
+    """A chunk file lost (a partial copy) read back as rows of zeros: different predictor scores, no sign of it."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    w = store.RunWriter(store.create_run(root, "r", {}), chunk=2)
+    w.declare("x", (3,), storage=storage)
+    w.declare("step", (), "int64")
+    for i in range(6):
+        w.append({"x": np.full(3, i + 1, np.float32), "step": i})
+    w.close()
+    (tmp_path / "s.zarr" / "r" / "x" / "c" / "1" / "0").unlink()  # rows 2 and 3
+    (tmp_path / "s.zarr" / "r" / "step" / "c" / "1").unlink()
+    x = store.read(root["r"], "x")
+    assert np.isnan(x[2:4]).all() and x[[0, 1, 4, 5], 0].tolist() == [1, 2, 5, 6]
+    assert store.read(root["r"], "step").tolist() == [0, 1, 0, 0, 4, 5]  # integers keep 0 (steps that do not increase)
 
 
 def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):

@@ -1,0 +1,50 @@
+"""The results table (results.csv) as the analyses load it, and per-item correctness from the store."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradtrace import results, store
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A study's results.csv and store of three complete sweep runs and a reference run, no training."""
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    rows = []
+    for i, (rid, role) in enumerate([("ref-000", "reference"), ("run-000", "sweep"), ("run-001", "sweep"),
+                                     ("run-002", "sweep")]):
+        group = store.create_run(root, rid, {"role": role})
+        store.write_correct(group, {"ID": np.arange(4) < i, "length": np.arange(4) < 4 - i})
+        store.set_status(group, "complete", accuracy={"ID": i / 4, "length": 1 - i / 4})
+        rows.append({"run_id": rid, "role": role, "acc_ID": i / 4, "acc_length": 1 - i / 4})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    return tmp_path
+
+
+def test_item_correctness_stacks_the_sweep_runs(study):
+    correct = results.load_item_correctness(study)
+    np.testing.assert_array_equal(correct["ID"].sum(axis=1), [1, 2, 3])
+
+
+def test_runs_the_store_does_not_hold_are_named(study):
+    """stats said only `error: 'run-099'` (a KeyError)."""
+    table = pd.read_csv(study / "results.csv")
+    pd.concat([table, table.iloc[[1]].assign(run_id="run-099")]).to_csv(study / "results.csv", index=False)
+    with pytest.raises(ValueError, match=r"lists 1 run\(s\) that store.zarr does not hold \(run-099\).*run the sweep "
+                                         "again"):
+        results.load_item_correctness(study)
+
+
+def test_a_table_without_run_ids_is_refused(study):
+    """stats said only `error: 'run_id'`."""
+    pd.read_csv(study / "results.csv").drop(columns="run_id").to_csv(study / "results.csv", index=False)
+    with pytest.raises(ValueError, match="has no run_id column: it is not the table gradtrace writes. Rewrite it"):
+        results.load_results(study)
+
+
+def test_a_table_without_roles_is_refused(study):
+    """Every row was kept: the reference runs joined the sweep's statistics (n = 12 for 10 sweep runs), silently."""
+    assert list(results.load_results(study).run_id) == ["run-000", "run-001", "run-002"]
+    pd.read_csv(study / "results.csv").drop(columns="role").to_csv(study / "results.csv", index=False)
+    with pytest.raises(ValueError, match="has no role column: it is not the table gradtrace writes. Rewrite it"):
+        results.load_results(study)
