@@ -69,7 +69,8 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     missing = [column for column in ("run_id", "role") if column not in table]
     if missing:  # without role, the reference runs joined the sweep's statistics
         raise ValueError(f"{path} has no {' or '.join(missing)} column: it is not the table gradtrace writes. "
-                         f"{REWRITE.format(exp_dir=exp_dir)}")
+                         f"{REWRITE.format(exp_dir=exp_dir)} A table of your own needs run_id and role (`sweep` for "
+                         "the runs to correlate).")
     if role is not None:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role)

@@ -590,7 +590,7 @@ def test_format_table_is_fixed_width_with_stars():
 
 def test_stats_report_says_why_it_fails_when_constant_shifts_left_too_few(tmp_path):
     rng = np.random.default_rng(0)
-    pd.DataFrame({"run_id": [f"run-{i:03d}" for i in range(6)], "acc_ID": rng.uniform(0.5, 0.9, 6),
+    pd.DataFrame({"run_id": [f"run-{i:03d}" for i in range(6)], "role": "sweep", "acc_ID": rng.uniform(0.5, 0.9, 6),
                   "acc_a": rng.uniform(0.1, 0.5, 6), "acc_b": 0.0, "acc_c": 0.0}).to_csv(tmp_path / "results.csv",
                                                                                         index=False)
     with pytest.warns(UserWarning, match=r"dropping shifts .* \(b, c\)"), pytest.raises(ValueError, match="two shifts"):
