@@ -19,8 +19,8 @@ def _config(args: argparse.Namespace):
 
 
 def _experiment_dir(path: str) -> str:
-    """An --out directory to train into, refused inside a Zarr store (`STUDY/store.zarr` nested a store in the
-    study's, which every later command on it then warned of)."""
+    """An --out directory to train into, refused where it is a file or inside a Zarr store (`STUDY/store.zarr`
+    nested a store in the study's, which every later command on it then warned of)."""
     if Path(path).exists() and not Path(path).is_dir():  # a dry run printed the plan; the sweep then failed
         raise argparse.ArgumentTypeError(f"{path} is a file, not a directory: give an experiment directory")
     inside = next((p for p in (Path(path), *Path(path).absolute().parents) if (p / "zarr.json").exists()), None)

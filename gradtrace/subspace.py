@@ -115,7 +115,7 @@ def _span(Vt: np.ndarray, s: np.ndarray, total: float, shape: tuple[int, int], d
     s = np.asarray(s, dtype=np.float64)
     if not total > 0 or not s.size or not s[0] > 0:
         raise ValueError(f"the {shape[0]} rows hold no energy (all zero): there is no span; select steps that moved "
-                         "(updates are zero while the learning rate is)")
+                         "(updates are zero while the learning rate is 0)")
     keep = s > s[0] * max(shape) * np.finfo(dtype).eps
     return Span(np.ascontiguousarray(Vt[keep], dtype=np.float32), s[keep], s[keep] ** 2 / total, float(total))
 

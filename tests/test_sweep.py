@@ -863,7 +863,7 @@ def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("usable, hinted", [(5, True), (6, False)])
-def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(monkeypatch, capsys, usable, hinted):
+def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(tmp_path, monkeypatch, capsys, usable, hinted):
     import gradtrace.calibrate
     from gradtrace.cli import main
 
@@ -872,18 +872,18 @@ def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(monkeypatc
                           "reliability": 0.95, "usable": [False] + [i < usable for i in range(7)], "reason": ""})
     monkeypatch.setattr(gradtrace.calibrate, "calibrate",
                         lambda cfg, out, runs: Calibration(frame, pd.DataFrame(), 1, "no pairs assessed: faked"))
-    assert main(["calibrate", "experiments/default.yaml", "--out", os.devnull]) == 0
+    assert main(["calibrate", "experiments/default.yaml", "--out", str(tmp_path)]) == 0  # faked: writes nothing
     assert ("another base may give more" in capsys.readouterr().out) == hinted
 
 
-def test_calibrating_bases_names_those_with_six_usable_shifts(monkeypatch, capsys):
+def test_calibrating_bases_names_those_with_six_usable_shifts(tmp_path, monkeypatch, capsys):
     import gradtrace.calibrate
     from gradtrace.calibrate import BASES_COLUMNS
     from gradtrace.cli import main
 
     table = pd.DataFrame([[0, 0.84, 0.88, 0.01, 4, "", ""], [3, 0.81, 0.94, 0.01, 6, "", ""]], columns=BASES_COLUMNS)
     monkeypatch.setattr(gradtrace.calibrate, "calibrate_bases", lambda cfg, out, seeds, runs: table)
-    assert main(["calibrate", "experiments/default.yaml", "--out", os.devnull, "--bases", "0", "3"]) == 0
+    assert main(["calibrate", "experiments/default.yaml", "--out", str(tmp_path), "--bases", "0", "3"]) == 0
     assert "bases with at least 6 usable shifts: init_seed 3\n" in capsys.readouterr().out
 
 
