@@ -241,18 +241,29 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """Within: SIGTERM raises `Terminated` in the main thread (elsewhere signals cannot be handled)."""
+    """Within: SIGTERM raises `Terminated` in the main thread (elsewhere signals cannot be handled), and a SIGTERM or
+    Ctrl-C whose exception Python dropped, raised inside a finalizer (`__del__`: "Exception ignored in"), is sent
+    again, to land outside it (a sweep trained on to its end and exited 0)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
         raise Terminated("SIGTERM")
-    before = signal.signal(signal.SIGTERM, terminate)
+
+    def send_again(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        hook(unraisable)
+
+    before, hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
+    sys.unraisablehook = send_again
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+        sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,33 @@ def test_what_gradtrace_train_cannot_train_is_refused_before_anything_is_written
         assert "is a file, not a directory" in capsys.readouterr().err
 
 
+def test_a_sigterm_landing_in_a_finalizer_still_stops_the_command(monkeypatch, tmp_path):
+    """Python drops an exception raised inside `__del__` ("Exception ignored in"): a SIGTERM landing there was lost,
+    and the sweep trained on to its end and exited 0."""
+    import gc
+    import signal
+    import time
+
+    import gradtrace.cli
+
+    class Garbage:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside __del__
+
+    def work(args):
+        garbage = Garbage()
+        garbage.cycle = garbage
+        del garbage
+        gc.collect()
+        for _ in range(300):  # the rest of the sweep, which the signal stops
+            time.sleep(0.01)
+        raise AssertionError("the command ran to its end")
+
+    monkeypatch.setattr(gradtrace.cli, "cmd_info", work)
+    assert main(["info", str(tmp_path)]) == 143
+
+
 def test_unknown_key_is_an_error_listing_valid_keys(capsys):
     assert main(["sweep", "experiments/default.yaml", "--set", "train.stepz=3", "--dry-run"]) == 2
     err = capsys.readouterr().err
