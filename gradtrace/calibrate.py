@@ -10,7 +10,7 @@ import pandas as pd
 
 from gradtrace import config as config_mod
 from gradtrace.config import Config
-from gradtrace.files import written_whole
+from gradtrace.files import write_csv
 
 MIN_PILOT_RUNS = 3  # what reliability and a spread across runs need at the least
 MEAN_RANGE = (0.10, 0.90)  # usable: mean accuracy inside this range,
@@ -134,8 +134,7 @@ def calibrate(cfg: Config, out: str | Path, runs: int | None = None) -> Calibrat
     table = run_sweep(pilot, out)
     table = table[table.role == "sweep"].reset_index(drop=True)
     result = assess(table, load_item_correctness(out))
-    with written_whole(Path(out) / "calibration.csv") as tmp:
-        result.splits.to_csv(tmp, index=False)
+    write_csv(result.splits, Path(out) / "calibration.csv")
     return result
 
 
@@ -170,8 +169,7 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
                      "usable_shifts": " ".join(split.index[split.usable]),
                      "one_axis": " ".join(f"{a}~{b}" for a, b in zip(same.a, same.b))})
     table = pd.DataFrame(rows, columns=BASES_COLUMNS)
-    with written_whole(Path(out) / "bases.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, Path(out) / "bases.csv")
     if failed:
         raise SweepError(f"{len(failed)} of {len(seeds)} pilots did not finish ({Path(out) / 'bases.csv'} holds "
                          f"the other {len(rows)}; run again to retry them):\n  " + "\n  ".join(failed))

@@ -6,6 +6,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -20,3 +24,9 @@ def written_whole(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):  # already renamed, or never made (a directory that is a file, say)
             tmp.unlink(missing_ok=True)
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> None:
+    """`table` as CSV at `path`, without its index, written whole or not at all."""
+    with written_whole(path) as tmp:
+        table.to_csv(tmp, index=False)

@@ -36,7 +36,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from gradtrace import store
-from gradtrace.files import written_whole
+from gradtrace.files import write_csv
 from gradtrace.results import started_from
 from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
                              group_codes, partial_correlations, varying_shifts)
@@ -1046,9 +1046,8 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
             "observed": observed["r"].to_numpy(), "observed_ci_low": observed["ci_low"].to_numpy(),
             "observed_ci_high": observed["ci_high"].to_numpy()}))
     predictions = pd.concat(frames, ignore_index=True)
-    for table, name in ((predictions, "predictions.csv"), (scores, "predict_scores.csv")):
-        with written_whole(exp_dir / name) as tmp:
-            table.to_csv(tmp, index=False)
+    write_csv(predictions, exp_dir / "predictions.csv")
+    write_csv(scores, exp_dir / "predict_scores.csv")
     return PredictResult(predictions, scores, errors)
 
 

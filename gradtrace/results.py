@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from gradtrace import store
-from gradtrace.files import written_whole
+from gradtrace.files import write_csv
 
 # every run's columns before its acc_<split> (test) and train_acc_<split> ones
 FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
@@ -55,8 +55,7 @@ def base_groups(table: pd.DataFrame) -> str | None:
 def write_results(table: pd.DataFrame, out: str | Path) -> None:
     """Write `out/results.csv` atomically: a sweep rewrites it after every run, and a reader mid-sweep (or a kill
     mid-write) must never see half a file."""
-    with written_whole(Path(out) / "results.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, Path(out) / "results.csv")
 
 
 def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFrame:

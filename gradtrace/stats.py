@@ -42,7 +42,7 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.special import ndtr, ndtri
 
-from gradtrace.files import written_whole
+from gradtrace.files import write_csv, written_whole
 
 __all__ = [
     "RESIDUALIZATIONS",
@@ -878,11 +878,6 @@ def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = 
     return list(shifts)
 
 
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    with written_whole(path) as tmp:
-        table.to_csv(tmp, index=False)
-
-
 def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> StatsReport:
     """Partial correlations, reliability and generalisation gap of an experiment, written next to its results.
 
@@ -902,7 +897,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
             warnings.simplefilter("always")
             kw.setdefault("within", base_groups(table))
             gap = generalisation_gap(table)  # first: it needs no pair of shifts
-            _write_csv(gap, paths["gap_csv"])
+            write_csv(gap, paths["gap_csv"])
             kw.setdefault("shifts", varying_shifts(table, kw.get("id", "ID"), within=kw["within"]))
             stats = partial_correlations(table, residualize=residualize, items=items, **kw)
             groups = group_codes(table[kw["within"]], f"within={kw['within']!r}") if kw["within"] else None
@@ -910,7 +905,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
                                                   groups=groups) if items else None)
             if reliability is not None:
                 paths["reliability_csv"] = exp_dir / "reliability.csv"
-                _write_csv(reliability, paths["reliability_csv"])
+                write_csv(reliability, paths["reliability_csv"])
     finally:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -934,7 +929,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
                              "reliability": float(reliability["reliability"].min())}),
         "warnings": [str(w.message) for w in caught],
     }
-    _write_csv(stats, paths["stats_csv"])
+    write_csv(stats, paths["stats_csv"])
     records = json.loads(stats.to_json(orient="records", double_precision=15))  # pandas' 10 decimals made p = 1e-12 0
     with written_whole(paths["stats_json"]) as tmp:
         tmp.write_text(json.dumps({"records": records, "summary": summary}, indent=2))

@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 
 import gradtrace
+from gradtrace.files import written_whole
 
 SCHEMA_VERSION = 1
 BF16 = "bfloat16"  # stored as uint16 (the top half of float32); see `decode`
@@ -579,7 +580,7 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
 
     root = open_experiment(path)
     out = Path(out)
-    if not out.parent.is_dir():  # h5py's error for a file there escaped the cleanup below as another error
+    if not out.parent.is_dir():  # refused up front, the folder named
         raise FileNotFoundError(f"{out.parent} is not a directory: export writes {out.name} into an existing folder; "
                                 "create it or choose another path")
     if out.is_dir() or (out.exists() and not h5py.is_hdf5(out)):
@@ -588,12 +589,8 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
     if out.exists() and not _an_export(out):
         raise FileExistsError(f"{out} is an HDF5 file but not a gradtrace export (no `gradtrace` attribute at its "
                               "root): export replaces only an earlier export; choose another path")
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with written_whole(out) as partial:
         _write_hdf5(root, partial)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return out
 
 
