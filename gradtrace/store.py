@@ -14,6 +14,7 @@ import queue
 import re
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -336,7 +337,7 @@ def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: 
 def truncate_to(group: zarr.Group, steps_done: int, trained: int | None = None) -> None:
     """Cut a run's rows past a resume point: step rows with step >= steps_done, probe rows past steps_done (optimizer
     steps), evaluation rows past `trained` (training steps, more where a GradScaler skipped steps; default
-    steps_done)."""
+    steps_done); and the temporary files of writes a kill interrupted there."""
     trained = steps_done if trained is None else trained
     cuts = [("step", "", lambda s: s < steps_done), ("probe/step", "probe/", lambda s: s <= steps_done),
             ("evals/step", "evals/", lambda s: s <= trained)]
@@ -349,6 +350,15 @@ def truncate_to(group: zarr.Group, steps_done: int, trained: int | None = None) 
             in_axis = name.startswith(prefix) if prefix else "/" not in name
             if in_axis and arr.shape[0] > keep:
                 arr.resize((keep, *arr.shape[1:]))
+    _remove_partial_writes(group)
+
+
+def _remove_partial_writes(group: zarr.Group) -> None:
+    """Delete the temporary files (`*.partial`) of writes a kill interrupted under a run's folder (a local store):
+    zarr writes each file beside its place and renames it there, so they hold nothing the run still needs."""
+    folder = _local_path(group)
+    for leftover in folder.rglob("*.partial") if folder else []:
+        leftover.unlink(missing_ok=True)
 
 
 def _leading_rows(steps: np.ndarray, keep_if) -> int:
@@ -474,12 +484,32 @@ def run_groups(root: zarr.Group) -> dict[str, zarr.Group]:
 
 def _members(group: zarr.Group) -> list[tuple[str, zarr.Group | zarr.Array]]:
     """A group's members, one whose metadata cannot be read refused as a damaged store, named (zarr names no file:
-    a truncated zarr.json gave only "Unterminated string starting at: line 5 column 15")."""
+    a truncated zarr.json gave only "Unterminated string starting at: line 5 column 15"). zarr's warning for each
+    entry that is no member is replaced: none for the temporary file of a write a kill interrupted (`*.partial`,
+    removed when the run resumes), one that says what it means for a folder without zarr.json."""
     try:
-        return list(group.members())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            members = list(group.members())
     except (ValueError, TypeError) as err:  # JSONDecodeError, MetadataValidationError, a field of the wrong kind
         folder = _local_path(group)
         raise _damaged(group, sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder else [], err) from err
+    for caught_warning in caught:
+        _reword_stray_entry(group, caught_warning)
+    return members
+
+
+def _reword_stray_entry(group: zarr.Group, caught: warnings.WarningMessage) -> None:
+    """Warn again of a warning caught while listing `group`, in the store's words where zarr's names an entry that
+    is no member (`Object at NAME is not recognized as a component of a Zarr hierarchy`)."""
+    found = re.fullmatch(r"Object at (.+) is not recognized as a component of a Zarr hierarchy\.", str(caught.message))
+    if found is None:
+        warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+    elif not found[1].endswith(".partial"):
+        where = f"{_local_path(group) or group.store_path}/{found[1]}"
+        warnings.warn(f"{where} is left out: it is no Zarr group or array (a folder without its zarr.json: lost, or "
+                      "a kill came while the group was created; a sweep run again trains that run anew)",
+                      stacklevel=3)
 
 
 def has(group: zarr.Group, name: str) -> bool:

@@ -415,3 +415,35 @@ def test_runs_are_listed_in_run_order_numbers_as_numbers(tmp_path):
     for run_id in ("run-1000", "run-101", "run-100", "base-10", "base-2", "ref-000"):
         store.create_run(root, run_id, {})
     assert store.runs(root) == ["base-2", "base-10", "ref-000", "run-100", "run-101", "run-1000"]
+
+
+def test_temporary_files_a_kill_left_are_removed_on_resume_and_not_warned_of(captured, tmp_path):
+    """zarr writes each file beside its place (`*.partial`) and renames it there: a kill mid-write left the file for
+    good, and every later listing of the store warned of it in zarr's words."""
+    exp, cfg = captured
+    import shutil
+    import warnings
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(exp / "store.zarr", copy)
+    leftovers = [copy / "r0" / "zarr.0a1b.partial", copy / "r0" / "grad" / "c" / "0" / "0.2c3d.partial",
+                 copy / "r0" / "probe" / "zarr.4e5f.partial"]
+    for path in leftovers:
+        path.write_bytes(b"half a write")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.runs(store.open_experiment(copy)) == ["r0"]
+        store.summary(copy)
+    store.truncate_to(zarr.open_group(copy / "r0", mode="a"), cfg.train.steps)
+    assert not any(path.exists() for path in leftovers) and not list(copy.rglob("*.partial"))
+
+
+def test_a_run_folder_without_its_metadata_is_left_out_with_a_warning_that_says_so(captured, tmp_path):
+    exp, cfg = captured
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(exp / "store.zarr", copy)
+    (copy / "r0" / "zarr.json").unlink()
+    with pytest.warns(UserWarning, match=r"copy.zarr/r0 is left out: it is no Zarr group or array \(a folder without "):
+        assert store.runs(store.open_experiment(copy)) == []

@@ -107,8 +107,13 @@ def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     store.set_status(root["run-001"], "running")  # as if killed before it finished
     root["run-002"].attrs["status"] = "failed"
     (tmp_path / "checkpoints" / "run-000").mkdir(parents=True)  # as if killed after its status, before removal
-    table = run_sweep(cfg, tmp_path, progress=False)
+    meta = tmp_path / "store.zarr" / "run-002" / "zarr.json"  # as if killed while its group was created
+    meta.rename(meta.with_suffix(".0a1b.partial"))
+    with pytest.warns(UserWarning, match="run-002 is left out"):
+        table = run_sweep(cfg, tmp_path, progress=False)
     assert sorted(table.run_id) == ["run-000", "run-001", "run-002"]
+    assert zarr.open_group(tmp_path / "store.zarr")["run-002"].attrs["status"] == "complete"
+    assert not list((tmp_path / "store.zarr").rglob("*.partial"))
     assert pd.read_csv(tmp_path / "results.csv").run_id.is_unique
     assert not (tmp_path / "checkpoints" / "run-000").exists()
 
