@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 import gradtrace
 from gradtrace import figures, store, subspace
 from gradtrace.files import written_whole
-from gradtrace.results import base_groups, describe_shortfall
+from gradtrace.results import base_groups, describe_shortfall, read_results
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -96,9 +96,9 @@ class Inputs:
 
     @property
     def sweep(self) -> pd.DataFrame | None:
-        """The results rows of sweep runs (all rows when the table has no role column)."""
-        if self.results is None or "role" not in self.results:
-            return self.results
+        """The results rows of sweep runs."""
+        if self.results is None:
+            return None
         return self.results[self.results["role"] == "sweep"].reset_index(drop=True)
 
 
@@ -127,6 +127,20 @@ def _read_csv(inputs: Inputs, key: str, filename: str) -> pd.DataFrame | None:
         inputs.notes[key] = f"{filename} could not be read ({type(err).__name__}: {err})"
         return None
     inputs.origins.setdefault(key, f"read {filename}")
+    return table
+
+
+def _read_results(inputs: Inputs) -> pd.DataFrame | None:
+    """results.csv as the analyses take it (`results.read_results`); None where it is missing, or with the note of
+    why it cannot be used (a table without role, one naming runs the store lacks)."""
+    try:
+        table = read_results(inputs.exp_dir)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        inputs.notes["results"] = f"results.csv cannot be used: {err}"
+        return None
+    inputs.origins["results"] = "read results.csv"
     return table
 
 
@@ -193,14 +207,16 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
         raise FileNotFoundError(f"{exp_dir} holds no experiment (no results.csv, store.zarr or config.yaml): give the "
                                 "directory a sweep or `gradtrace train` wrote")
     inputs = Inputs(exp_dir)
-    inputs.results = _read_csv(inputs, "results", "results.csv")
+    inputs.results = _read_results(inputs)
     if (exp_dir / "store.zarr").exists():
         with contextlib.suppress(FileNotFoundError, ValueError):  # a damaged store: the reference's note says so
             if unfinished := describe_shortfall(exp_dir, inputs.results):
                 inputs.notes["unfinished"] = (f"The sweep is not finished: of its planned runs, {unfinished}; every "
                                               "table and figure here covers the complete runs in results.csv only.")
-    if inputs.results is None:
-        inputs.notes.setdefault("results", f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`.")
+    if inputs.results is None and "results" in inputs.notes:  # a table no analysis takes: nor one written from it
+        inputs.notes.update((key, "not shown: results.csv cannot be used (above).") for key in STAGE_OUTPUTS)
+    elif inputs.results is None:
+        inputs.notes["results"] = f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`."
     elif compute_missing:
         _run_stage(inputs, ("stats", "gap", "reliability"), ("stats.csv", "gap.csv"), "stats", "stats_report",
                    f"gradtrace stats {exp_dir}")
@@ -638,10 +654,9 @@ def _figure_html(item: FigureItem, number: int, png: bytes) -> str:
 def _header(inputs: Inputs) -> str:
     facts = []
     if inputs.results is not None:
-        sweep = inputs.sweep
-        roles = Counter(inputs.results["role"]) if "role" in inputs.results else Counter()
+        roles = Counter(inputs.results["role"])
         facts.append(", ".join(f"{roles[role]} {role} run(s)" for role in ("sweep", "reference", "base") if roles[role])
-                     if roles else f"{len(sweep)} sweep run(s)")
+                     or "no sweep run")
         shifts = [c[4:] for c in inputs.results.columns if str(c).startswith("acc_") and c != "acc_ID"]
         facts.append("shifts: " + ", ".join(shifts))
     model, train, sweep_cfg = (inputs.config.get(k) or {} for k in ("model", "train", "sweep"))

@@ -59,21 +59,43 @@ def write_results(table: pd.DataFrame, out: str | Path) -> None:
 
 
 def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFrame:
-    """The experiment's results table (results.csv), optionally only runs of one role; warns where the experiment
-    is not finished (what is computed from the table then covers only the runs complete so far)."""
+    """The experiment's results table (results.csv, checked by `read_results`), optionally only runs of one role;
+    warns where the experiment is not finished (what is computed from the table then covers only the runs complete
+    so far)."""
+    groups = _run_groups(exp_dir)
+    table = read_results(exp_dir, groups)
+    if role is not None:
+        table = table[table["role"] == role].reset_index(drop=True)
+    _warn_if_incomplete(exp_dir, table, role, groups)
+    return _without_lone_bases(table) if role == "sweep" else table
+
+
+def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFrame:
+    """results.csv, every row, refused where it is not a table of this experiment's runs: without run_id or role
+    (the reference runs joined the sweep's statistics), or naming runs its store does not hold (another store's
+    table, or groups removed). `groups`: the store's run groups, where already read."""
     path = Path(exp_dir) / "results.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)
     missing = [column for column in ("run_id", "role") if column not in table]
-    if missing:  # without role, the reference runs joined the sweep's statistics
+    if missing:
         raise ValueError(f"{path} has no {' or '.join(missing)} column: it is not the table gradtrace writes. "
                          f"{REWRITE.format(exp_dir=exp_dir)} A table of your own needs run_id and role (`sweep` for "
                          "the runs to correlate).")
-    if role is not None:
-        table = table[table["role"] == role].reset_index(drop=True)
-    _warn_if_incomplete(exp_dir, table, role)
-    return _without_lone_bases(table) if role == "sweep" else table
+    _refuse_runs_the_store_lacks(exp_dir, table, _run_groups(exp_dir) if groups is None else groups)
+    return table
+
+
+def _refuse_runs_the_store_lacks(exp_dir: str | Path, table: pd.DataFrame, groups: dict) -> None:
+    """Refuse a table naming runs store.zarr does not hold (none checked without a store: a table of one's own)."""
+    if not (Path(exp_dir) / "store.zarr").exists():
+        return
+    missing = [rid for rid in table["run_id"] if rid not in groups]
+    if missing:
+        raise ValueError(f"{Path(exp_dir) / 'results.csv'} lists {len(missing)} run(s) that store.zarr does not "
+                         f"hold ({first_ids(missing)}): the table is another store's, or their groups were "
+                         f"removed. {REWRITE.format(exp_dir=exp_dir)}")
 
 
 def _without_lone_bases(sweep: pd.DataFrame) -> pd.DataFrame:
@@ -138,14 +160,13 @@ def _unfinished(planned: list[str], groups: dict) -> dict[str, list[str]]:
     return unfinished
 
 
-def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | None) -> None:
-    """Warn where results.csv lacks complete runs of the store (a sweep stopped before it rewrote the table: a kill;
-    a cluster's runs that trained on after Ctrl-C), or where runs of the plan are not complete (failed, running,
-    stopped, not started): either way an analysis of the table leaves runs out. Reads the store once."""
+def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | None, groups: dict) -> None:
+    """Warn where results.csv lacks complete runs of the store (`groups`; a sweep stopped before it rewrote the table:
+    a kill; a cluster's runs that trained on after Ctrl-C), or where runs of the plan are not complete (failed,
+    running, stopped, not started): either way an analysis of the table leaves runs out."""
     exp_dir = Path(exp_dir)
-    if not (exp_dir / "store.zarr").exists() or "run_id" not in table:
+    if not (exp_dir / "store.zarr").exists():
         return
-    groups = _run_groups(exp_dir)
     missing = _not_in_table(groups, table, role)
     if missing:
         warnings.warn(f"{exp_dir / 'results.csv'} lacks {len(missing)} complete run(s) of store.zarr "
@@ -196,15 +217,11 @@ def load_item_correctness(exp_dir: str | Path, role: str | None = "sweep",
     table = load_results(exp_dir, role) if table is None else table
     if table.empty or not (Path(exp_dir) / "store.zarr").exists():  # results.csv alone: no per-item data
         return {}
-    groups = store.run_groups(store.open_experiment(Path(exp_dir) / "store.zarr"))
+    groups = _run_groups(exp_dir)
+    _refuse_runs_the_store_lacks(exp_dir, table, groups)
     per_run = []
     splits: list[str] = []
     for rid in table["run_id"]:
-        if rid not in groups:
-            missing = [rid for rid in table["run_id"] if rid not in groups]
-            raise ValueError(f"{Path(exp_dir) / 'results.csv'} lists {len(missing)} run(s) that store.zarr does not "
-                             f"hold ({first_ids(missing)}): the table is another store's, or their groups were "
-                             f"removed. {REWRITE.format(exp_dir=exp_dir)}")
         run = groups[rid]
         if not store.has(run, "eval/correct"):
             return {}

@@ -132,7 +132,7 @@ class Filler:
             warnings.simplefilter("ignore")
             shifts = varying_shifts(self.inputs.sweep, "ID", within=base_groups(self.inputs.sweep))  # as stats does
         counts = {"runs": len(self.inputs.sweep),
-                  "reference": int((results["role"] == "reference").sum()) if "role" in results else 0,
+                  "reference": int((results["role"] == "reference").sum()),
                   "shifts": len(shifts), "pairs": len(shifts) * (len(shifts) - 1) // 2}
         if arg not in counts:
             raise ValueError(f"count placeholder {arg!r}: choose one of {', '.join(counts)}")

@@ -61,7 +61,7 @@ def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     root = store.open_experiment(path / "store.zarr", mode="a")
     _reference_run(root, "ref-000", rng)
-    for i in range(2):  # sweep runs record scalars only
+    for i in range(n_runs):  # sweep runs record scalars only
         group = store.create_run(root, f"run-{i:03d}", {"role": "sweep", "seeds": {"init": i, "data": i}, "steps": T,
                                                          "cpu_kernels": "AVX2", "cpu_threads": 1, "torch_version":
                                                          "2.13.0+cpu", "transformers_version": "5.24.0"})

@@ -99,6 +99,8 @@ def make_planted(tmp_path: Path, n_sweep: int = 300, n_reference: int = 1, seed:
     config.dump(config.from_dict({"predict": {"preregistered": list(preregistered),
                                               "exploratory": ["path_integrated"]}}), exp_dir / "config.yaml")
     root = store.open_experiment(exp_dir / "store.zarr", mode="w")
+    for rid in results.run_id:  # the sweep's runs are the store's too (their groups need no arrays here)
+        root.create_group(rid).update_attributes({"role": "sweep", "status": "complete"})
     drift = rng.standard_normal(D) * 0.01
     for i in range(n_reference):
         _write_reference(root, f"ref-{i:03d}", G, F, rng, drift=drift)

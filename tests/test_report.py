@@ -91,7 +91,7 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
                  "Predictor scores", "Per split (means over runs; band counts)", "sweep:\n  runs: 14",
                  f"<td class=\"mono\">{gradtrace.__version__}</td>", "code commit", "sha256 results.csv",
                  "sha256 store.zarr metadata", "CPU count", "CUDA device", "source of stats",
-                 "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (2 runs); not recorded (1 run)",
+                 "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (14 runs); not recorded (1 run)",
                  "14 sweep run(s), 1 reference run(s)", "N = 2000"):
         assert text in page, text
     assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}( \(modified\))?|unknown)</td>", page)
@@ -261,6 +261,8 @@ def test_paper_counts_runs_by_role_and_only_the_shifts_stats_correlates(written:
     shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
     results = pd.read_csv(exp / "results.csv")
     results.loc[results["role"] == "sweep", "acc_zeropad"] = 0.5  # the same in every run: stats leaves it out
+    base = store.create_run(zarr.open_group(exp / "store.zarr", mode="a"), "base", {"role": "base"})
+    store.set_status(base, "complete", accuracy={"ID": 0.5})
     pd.concat([results.iloc[:1].assign(run_id="base", role="base"), results]).to_csv(exp / "results.csv", index=False)
     later = (exp / "results.csv").stat().st_mtime + 1
     for name in ("stats.csv", "stats.json", "gap.csv", "reliability.csv", "predictions.csv", "predict_scores.csv"):
@@ -398,9 +400,9 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
     assert "unfinished" not in report.load_inputs(exp, compute_missing=False).notes  # every run it plans complete
     store.set_status(zarr.open_group(exp / "store.zarr", mode="a")["run-001"], "failed", error="MemoryError")
     plan = [{"run_id": rid, "role": role, "overrides": {}}
-            for rid, role in (("ref-000", "reference"), *((f"run-00{i}", "sweep") for i in range(3)))]
+            for rid, role in (("ref-000", "reference"), *((f"run-0{i}", "sweep") for i in ("00", "01", "14")))]
     (exp / "plan.json").write_text(json.dumps(plan))
-    note = ("The sweep is not finished: of its planned runs, 1 failed (run-001), 1 not started (run-002); every table "
+    note = ("The sweep is not finished: of its planned runs, 1 failed (run-001), 1 not started (run-014); every table "
             "and figure here covers the complete runs in results.csv only.")
     assert report.load_inputs(exp, compute_missing=False).notes["unfinished"] == note
     assert html.escape(note) in report.write_report(exp).read_text(encoding="utf-8")
@@ -414,7 +416,7 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
     results = pd.read_csv(exp / "results.csv")
     results[results["run_id"] != "run-000"].to_csv(exp / "results.csv", index=False)
     assert report.load_inputs(exp, compute_missing=False).notes["unfinished"].startswith(
-        "The sweep is not finished: of its planned runs, 2 failed (ref-000, run-001), 1 not started (run-002), 1 "
+        "The sweep is not finished: of its planned runs, 2 failed (ref-000, run-001), 1 not started (run-014), 1 "
         "complete but not yet in results.csv (run-000; the sweep run again lists them);")
 
 
@@ -455,3 +457,21 @@ def test_run_arithmetic_of_a_damaged_store_says_so(tmp_path):
     meta.write_text(meta.read_text()[:50])
     with pytest.raises(ValueError, match="could not be opened as a Zarr v3 group .*truncated or corrupt"):
         report.run_arithmetic(tmp_path / "store.zarr")
+
+
+@pytest.mark.parametrize("damage", ["no role", "runs the store lacks"])
+def test_a_results_table_the_analyses_refuse_is_noted_not_drawn(written: tuple[Path, str], tmp_path: Path,
+                                                                damage: str) -> None:
+    """The report read results.csv itself: without role it drew the reference runs among the sweep's, and it drew
+    rows of runs its store lacks, beside statistics of the store's own (stats refuses both tables)."""
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    results = pd.read_csv(exp / "results.csv")
+    bad = results.drop(columns="role") if damage == "no role" else results.assign(run_id=results.run_id + "x")
+    bad.to_csv(exp / "results.csv", index=False)
+    inputs = report.load_inputs(exp, compute_missing=False)
+    assert inputs.results is None and inputs.notes["results"].startswith("results.csv cannot be used: ")
+    assert ("has no role column" if damage == "no role" else "that store.zarr does not hold") in inputs.notes["results"]
+    assert inputs.stats is None and inputs.notes["stats"] == "not shown: results.csv cannot be used (above)."
+    page = report.write_report(exp).read_text(encoding="utf-8")
+    assert "results.csv cannot be used" in page and "<img " in page  # the spans of the store's reference still drawn

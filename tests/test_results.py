@@ -26,13 +26,16 @@ def test_item_correctness_stacks_the_sweep_runs(study):
     np.testing.assert_array_equal(correct["ID"].sum(axis=1), [1, 2, 3])
 
 
-def test_runs_the_store_does_not_hold_are_named(study):
-    """stats said only `error: 'run-099'` (a KeyError)."""
+@pytest.mark.parametrize("role", ["sweep", "reference", None])
+def test_runs_the_store_does_not_hold_are_named(study, role):
+    """stats said only `error: 'run-099'` (a KeyError); predict and calibrate took the row as one of the study's."""
     table = pd.read_csv(study / "results.csv")
     pd.concat([table, table.iloc[[1]].assign(run_id="run-099")]).to_csv(study / "results.csv", index=False)
-    with pytest.raises(ValueError, match=r"lists 1 run\(s\) that store.zarr does not hold \(run-099\).*run the sweep "
-                                         "again"):
-        results.load_item_correctness(study)
+    lacks = r"lists 1 run\(s\) that store.zarr does not hold \(run-099\).*run the sweep again"
+    with pytest.raises(ValueError, match=lacks):
+        results.load_results(study, role=role)
+    with pytest.raises(ValueError, match=lacks):
+        results.load_item_correctness(study, table=table.assign(run_id=table.run_id.replace("run-001", "run-099")))
 
 
 def test_a_table_without_run_ids_is_refused(study):
