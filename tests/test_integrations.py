@@ -221,6 +221,124 @@ def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, ta
     np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["SGD", "LBFGS"])
+def test_a_step_given_a_closure_records_the_gradient_the_closure_computed(tmp_path, task, optimizer):
+    """`optimizer.step(closure)` computes the gradient inside the step: it was read before, so each row held the
+    previous step's gradient (row 0 zeros). LBFGS records its last evaluation's, the one it leaves in `.grad`."""
+    model = micro(task)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "SGD"
+           else torch.optim.LBFGS(model.parameters(), lr=0.05, max_iter=3))
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
+        sketch="identity", quantities=["grad", "update"], probe_every=0))
+    used, losses, start = [], [], flat_params(model)
+    for step in range(4):
+        x, m = task.train_batch(step, 0, 16)
+
+        def closure():
+            opt.zero_grad()
+            loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+            loss.backward()
+            rec.log(loss)  # each evaluation's: LBFGS's several are averaged
+            losses.append(loss.item())
+            return loss
+        opt.step(closure) if step % 2 else opt.step(closure=closure)
+        used.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+    rec.close()
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["grad"][:], np.stack(used), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(group["grad_norm"][:], np.linalg.norm(np.stack(used), axis=1), rtol=1e-5)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - start, atol=1e-6)
+    if optimizer == "SGD":  # one evaluation a step
+        np.testing.assert_allclose(group["loss"][:], losses, rtol=1e-6)
+
+
+def test_a_compiled_optimizer_step_is_recorded(tmp_path, task):
+    """torch.compile's recipe for a fast optimizer step traced into the hooks and down into zarr's writer: the
+    run died at its first full chunk."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    step = torch.compile(opt.step, backend="eager")  # traced by dynamo as inductor would be, compiled by nothing
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=CaptureConfig(sketch="identity", probe_every=0,
+                                                                                  chunk=2))
+    used, moved = [], []
+    for i in range(6):
+        x, m = task.train_batch(i, 0, 16)
+        opt.zero_grad()
+        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+        used.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+        before = flat_params(model)
+        step()
+        moved.append(flat_params(model) - before)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == list(range(6))
+    np.testing.assert_allclose(group["grad"][:], np.stack(used), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(group["update"][:], np.stack(moved), rtol=1e-5, atol=1e-9)
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_allclose(group["adam_m"][-1], m.numpy(), rtol=1e-5, atol=1e-10)
+
+
+def test_probes_and_v_statistics_under_an_optimizer_of_other_moments(tmp_path, task):
+    """Adafactor (transformers) names its second moment exp_avg_sq, for its unfactored tensors only: probes raised
+    KeyError 'betas' inside its first step, and v statistics read 0 for the factored tensors."""
+    from transformers.optimization import Adafactor
+
+    model = micro(task)
+    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, probes=[Probe("ID", *task.probe_set("ID").torch())],
+                 capture=CaptureConfig(sketch="identity", quantities=["grad", "update"], probe_every=1,
+                                       v_stats_every=1))
+    train_steps(model, opt, task, 3, rec)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group.attrs["status"] == "complete" and np.isnan(group["layer_v_mean"][:]).all()
+    np.testing.assert_array_equal(group["probe/grad_adam"][:], group["probe/grad"][:])  # no Adam v: unpreconditioned
+
+
+def test_amsgrad_probes_are_preconditioned_by_the_running_maximum_of_v(tmp_path, task):
+    """AMSGrad divides by √max v̂: probe/grad_adam used v (25% off its norm once the gradient scale fell)."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), amsgrad=True)
+    rec = attach(model, opt, tmp_path, "r", total_steps=8, probes=[Probe("ID", *task.probe_set("ID").torch())],
+                 capture=CaptureConfig(sketch="identity", probe_every=4))
+    for step in range(8):
+        x, m = task.train_batch(step, 0, 16)
+        opt.zero_grad()
+        (answer_cross_entropy(model(input_ids=x).logits, x, m) * (1.0 if step < 4 else 0.05)).backward()
+        opt.step()
+    rec.close()
+    group = run_group(tmp_path)
+    v_hat = torch.cat([opt.state[p]["max_exp_avg_sq"].reshape(-1) / (1 - 0.99 ** float(opt.state[p]["step"]))
+                       for p in model.parameters()])
+    assert not torch.equal(v_hat, torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()]))
+    g, adam = group["probe/grad"][-1, 0, 0], group["probe/grad_adam"][-1, 0, 0]
+    np.testing.assert_allclose(adam, g / (v_hat.sqrt() + opt.defaults["eps"]).numpy(), rtol=1e-5, atol=1e-12)
+
+
+def test_the_norm_before_clipping_can_be_logged_without_a_loss(tmp_path, task):
+    """With gradient accumulation the norm exists only after the last micro-batch's loss: it had to come with a
+    loss, which then joined the step's average twice."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, capture=IDENTITY)
+    losses, norms = [], []
+    for step in range(2):
+        opt.zero_grad()
+        for micro_batch in range(2):
+            x, m = task.train_batch(2 * step + micro_batch, 0, 8)
+            loss = answer_cross_entropy(model(input_ids=x).logits, x, m) / 2
+            loss.backward()
+            rec.log(loss)
+            losses.append(loss.item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1).item())
+        rec.log(grad_norm=norms[-1])
+        opt.step()
+    rec.close()
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["loss"][:], np.reshape(losses, (2, 2)).mean(1), rtol=1e-6)
+    np.testing.assert_allclose(group["grad_norm_unclipped"][:], norms, rtol=1e-6)
+
+
 def test_an_optimizer_holding_some_of_the_parameters_is_warned_about(tmp_path, task):
     """Two optimizers (e.g. embeddings apart): `update` sees only the attached one's step, and says so."""
     model = micro(task)

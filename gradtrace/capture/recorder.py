@@ -136,6 +136,7 @@ class Recorder:
         self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
         self._unclipped: torch.Tensor | float = float("nan")  # this step's norm before clipping, when given
         self._recording = False
+        self._closure = False
         self._skipped = False
         self.closed = False
         self._all_grads = True
@@ -151,8 +152,10 @@ class Recorder:
         self._m_sketch = self._stored_m_sketch()  # sketch(m) carried forward by linearity (see `_sketch_m`)
         probed = writer.group["probe/step"] if self.probes else None
         self._probed_at = int(probed[-1]) if probed is not None and probed.shape[0] else None  # resumed: kept rows
-        self._hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
-                       self.optimizer.register_step_post_hook(self._post_step)]
+        # run eagerly inside a compiled optimizer step (torch.compile's recipe): traced, the chunk write into zarr
+        # failed at the first full chunk ("Cannot generate resume function for generator")
+        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
+                       self.optimizer.register_step_post_hook(torch.compiler.disable(self._post_step))]
 
     # -- set-up ---------------------------------------------------------------------------------------------
     @property
@@ -168,13 +171,15 @@ class Recorder:
                              list(self.probe_losses), adam)
 
     # -- the user's one line ----------------------------------------------------------------------------------
-    def log(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> None:
+    def log(self, loss: torch.Tensor | float | None = None, grad_norm: torch.Tensor | float | None = None) -> None:
         """Note the loss of the batch about to be stepped on (calls for several micro-batches are averaged) and,
         optionally, the gradient's total norm before clipping, as `clip_grad_norm_` returns it (the last given for a
-        step is recorded as `grad_norm_unclipped`; NaN where the loop gives none)."""
-        value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
-        self._loss_sum = value if self._loss_count == 0 else self._loss_sum + value
-        self._loss_count += 1
+        step is recorded as `grad_norm_unclipped`; NaN where the loop gives none). Either may come alone: with
+        gradient accumulation, the norm after the last micro-batch's loss."""
+        if loss is not None:
+            value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+            self._loss_sum = value if self._loss_count == 0 else self._loss_sum + value
+            self._loss_count += 1
         if grad_norm is not None:
             self._unclipped = grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
 
@@ -196,10 +201,22 @@ class Recorder:
         self._recording = self.step in self.schedule
         if not self._recording:
             return
+        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"])}
+        # optimizer.step(closure): the closure computes the gradient inside the step, so it is read after it
+        self._closure = bool(args and args[0] is not None or kwargs.get("closure") is not None)
+        if not self._closure:
+            self._record_gradient(scale)
+        if "update" in self.cfg.quantities:
+            if self.params[0].dtype != self._theta_for:  # first step, or the model was cast since
+                self._make_theta()
+            torch._foreach_copy_(self._theta_views, self.params)
+
+    def _record_gradient(self, scale: torch.Tensor | None) -> None:
+        """Add the gradient's sketch and norms to this step's row (`scale`: a GradScaler's, still on the gradients)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self._all_grads = all(p.grad is not None for p in self.params)  # Adam skips parameters without one
         self._warn_if_unfrozen()
-        row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"])}
+        row = self._row
         if "grad" in self.cfg.quantities:
             row["grad"], layer_grad = self.sketch.apply_with_norms(grads, scratch=self._flat)
         else:
@@ -211,11 +228,7 @@ class Recorder:
         grad_norm = layer_grad.norm()
         nonfinite = ~torch.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
         self._nonfinite += nonfinite
-        self._row = {**row, "nonfinite": nonfinite, "layer_grad_norm": layer_grad, "grad_norm": grad_norm}
-        if "update" in self.cfg.quantities:
-            if self.params[0].dtype != self._theta_for:  # first step, or the model was cast since
-                self._make_theta()
-            torch._foreach_copy_(self._theta_views, self.params)
+        row.update(nonfinite=nonfinite, layer_grad_norm=layer_grad, grad_norm=grad_norm)
 
     def _make_theta(self) -> None:
         """The buffer for θ_t before the step, in θ's precision (Δθ ≪ θ: a float64 θ snapshotted in float32 would
@@ -233,6 +246,8 @@ class Recorder:
             self._loss_count, self._unclipped = 0, float("nan")  # a skipped step's loss is not the next step's
             return
         if self._recording:
+            if self._closure:  # the gradient the closure left: the one the step used (LBFGS: its last evaluation's)
+                self._record_gradient(None)
             row = self._row
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
             row["grad_norm_unclipped"] = self._unclipped
@@ -318,7 +333,10 @@ class Recorder:
 
     def _adam_state(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """Adam's m and v per parameter (zeros for a parameter that never had a gradient, hence no state); None
-        for a moment the optimizer does not keep (SGD keeps neither, Adamax no v)."""
+        for a moment the optimizer does not keep (SGD keeps neither, Adamax no v; an optimizer without Adam's betas
+        neither, though it names a state so: Adafactor's exp_avg_sq is of its unfactored tensors only)."""
+        if "betas" not in self.optimizer.defaults:
+            return None, None
         states = [self.optimizer.state.get(p, {}) for p in self.params]
 
         def moment(key: str) -> list[torch.Tensor] | None:
@@ -343,15 +361,16 @@ class Recorder:
     @torch.no_grad()
     def _preconditioner(self) -> torch.Tensor:
         """1/(√v̂+ε) per coordinate, each parameter by its own Adam state and its group's β2 and ε (ones where it
-        has no state: before its first step, or under an optimizer that keeps no v)."""
+        has no state: before its first step, or under an optimizer that keeps no Adam v). v is AMSGrad's running
+        maximum where the group steps with it, as the optimizer divides by that."""
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         out = torch.ones_like(self._flat)
         for p, part in zip(self.params, out.split(self._numels)):
-            state = self.optimizer.state.get(p, {})
-            if "exp_avg_sq" in state:
-                group = group_of[id(p)]
-                part.copy_(adam_preconditioner(state["exp_avg_sq"].reshape(-1).float(), float(state["step"]),
-                                               group["betas"][1], group["eps"]))
+            state, group = self.optimizer.state.get(p, {}), group_of.get(id(p), {})
+            v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+            if v is not None and "betas" in group:
+                part.copy_(adam_preconditioner(v.reshape(-1).float(), float(state["step"]), group["betas"][1],
+                                               group["eps"]))
         return out
 
     def close(self, final_probe: bool = True) -> None:
