@@ -61,6 +61,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if (out / "plan.json").exists():  # its config.yaml and reference runs are the sweep's
         raise ValueError(f"{out} holds a sweep (plan.json): train into another --out directory")
     out.mkdir(parents=True, exist_ok=True)
+    if args.resume and not _has_run(out, args.run_id):  # a mistyped --out or run id trains anew: say so at once
+        print(f"--resume: {out / 'store.zarr'} holds no run {args.run_id!r}; training it from the start",
+              file=sys.stderr)
     result = train(cfg, out, args.run_id, role="reference", resume=args.resume)
     if not (args.resume and (out / "config.yaml").exists()):  # a resumed run keeps the config it started with
         config_mod.dump(cfg, out / "config.yaml")
@@ -69,6 +72,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_acc = result.train_accuracy.get(split)
         print(f"  {split:<14} {acc:6.1%}" + ("" if train_acc is None else f"   (train {train_acc:6.1%})"))
     print(f"store: {out / 'store.zarr'}")
+
+
+def _has_run(out: Path, run_id: str) -> bool:
+    """Whether the experiment store in `out` holds a group for `run_id`."""
+    from gradtrace import store
+
+    return (out / "store.zarr" / "zarr.json").exists() and run_id in store.open_experiment(out / "store.zarr")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:

@@ -247,7 +247,10 @@ def test_a_sweep_refuses_a_directory_of_runs_it_did_not_plan(tmp_path, capsys):
 
 
 def test_train_resume_of_a_complete_run_refuses_another_config(tmp_path, capsys):
-    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), *sets({"train.steps": 2})]) == 0
+    assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--resume", *sets({"train.steps": 2})
+                 ]) == 0  # nothing to resume: a mistyped --out trained anew without a word
+    assert f"--resume: {tmp_path / 'store.zarr'} holds no run 'run'; training it from the start" in (
+        capsys.readouterr().err)
     assert main(["train", "experiments/scratch.yaml", "--out", str(tmp_path), "--resume",
                  *sets({"train.steps": 3})]) == 2  # was: "2 steps", as if the 3 had been trained
     assert "trained with another config (train.steps: 2 → 3)" in capsys.readouterr().err
