@@ -84,6 +84,7 @@ def test_countsketch_avoids_row_length_aliasing():
 
 
 @pytest.mark.parametrize("k", [64, 1000, 4096, 20000])  # k > P: one partial block
+@pytest.mark.filterwarnings("ignore:sketch 'countsketch' of dim 20000")
 def test_countsketch_cpu_kernel_matches_sparse_product_and_index_add(k):
     """The CPU kernel, tensor by tensor or from any offset, equals the CSR path other devices use and a plain
     index_add_ over the documented hash."""
@@ -145,6 +146,20 @@ def test_unknown_kind_lists_choices():
     with pytest.raises(ValueError, match="countsketch"):
         make_sketch("bogus", LAYOUT, 8)
     assert set(KINDS) == set(SKETCHES)
+
+
+def test_a_sketch_no_smaller_than_the_vector_is_warned_of():
+    """capture.dim above the parameter count was taken silently: a k-column store of a P < k vector, inexact."""
+    import warnings
+
+    for kind in ("countsketch", "gaussian"):
+        with pytest.warns(UserWarning, match=f"sketch '{kind}' of dim {LAYOUT.size} for {LAYOUT.size} parameters is "
+                                              "no smaller than the vector"):
+            make_sketch(kind, LAYOUT, LAYOUT.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_sketch("countsketch", LAYOUT, LAYOUT.size - 1)
+        make_sketch("identity", LAYOUT, 4096)
 
 
 def test_the_config_accepts_exactly_the_sketches_there_are():

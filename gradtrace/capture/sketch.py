@@ -327,5 +327,9 @@ def make_sketch(kind: str, layout: ParamLayout, dim: int, seed: int = 0, device=
     """The sketch called `kind` (identity | countsketch | gaussian | rademacher)."""
     if kind not in SKETCHES:
         raise ValueError(f"unknown sketch {kind!r}; choose one of {', '.join(SKETCHES)}")
+    if kind != "identity" and dim >= layout.size:
+        warnings.warn(f"sketch {kind!r} of dim {dim} for {layout.size} parameters is no smaller than the vector, and "
+                      "inexact: sketch='identity' records every coordinate exactly in fewer columns", UserWarning,
+                      stacklevel=2)
     return SKETCHES[kind](layout, dim, seed, device)
 
