@@ -345,7 +345,7 @@ def truncate_to(group: zarr.Group, steps_done: int, trained: int | None = None) 
     for index, prefix, keep_if in cuts:
         if index not in arrays:
             continue
-        keep = _leading_rows(arrays[index][...], keep_if)
+        keep = _leading_rows(stored(arrays[index]), keep_if)
         for name, arr in arrays.items():
             in_axis = name.startswith(prefix) if prefix else "/" not in name
             if in_axis and arr.shape[0] > keep:
@@ -430,9 +430,26 @@ def read_lazy(group: zarr.Group, name: str):
     if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
-    lazy = da.from_zarr(arr)
+    lazy = da.from_array(_NamingDamage(arr), chunks=arr.chunks, name=False)  # a fresh name: nothing hashed
     storage = arr.attrs.get("storage_dtype")
     return lazy.map_blocks(decode, storage, dtype=np.float32) if storage in (BF16, "float16") else lazy
+
+
+class _NamingDamage:
+    """A zarr array as dask reads it, a chunk that cannot be decoded refused as `stored` refuses it (named), not
+    with zarr's bare codec error when the dask array is computed."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr, self.shape, self.dtype, self.ndim = arr, arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key):
+        try:
+            return self.arr[key]
+        except (RuntimeError, ValueError, TypeError):
+            rows = key[0] if isinstance(key, tuple) else key
+            if isinstance(rows, slice):
+                stored(self.arr, rows)  # raises the named error where those rows do not decode
+            raise
 
 
 # the step-like axes and the arrays whose values label them

@@ -366,6 +366,16 @@ def test_a_chunk_that_cannot_be_decoded_is_named_as_damage(tmp_path):
         store.read(root["r"], "x")
     with pytest.raises(ValueError, match=damaged):
         store.export_hdf5(tmp_path / "s.zarr", tmp_path / "out.h5")
+    with pytest.raises(ValueError, match=damaged):  # lazily: when the dask array is computed
+        store.read_lazy(root["r"], "x").sum().compute()
+    w = store.RunWriter(root["r"], chunk=4)
+    w.declare("step", (), "int64")
+    for i in range(10):
+        w.append({"step": i})
+    w.close()
+    (tmp_path / "s.zarr" / "r" / "step" / "c" / "0").write_bytes(b"not zstd either")
+    with pytest.raises(ValueError, match=r"array 'r/step': rows 0–3 \(chunk file r/step/c/0\) cannot be decoded"):
+        store.truncate_to(root["r"], 8)  # a resume
     np.testing.assert_array_equal(store.stored(root["r/x"], slice(8, 10))[:, 0], [8, 9])  # the chunks whole read
 
 
