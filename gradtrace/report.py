@@ -175,18 +175,24 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
             inputs.notes[key] = note
 
 
-def _reference_run(exp_dir: Path) -> zarr.Group:
-    """The first complete reference run holding sketched updates."""
+def _reference_run(exp_dir: Path, role: str = "reference") -> zarr.Group:
+    """The first complete run of `role` (the study's `predict.reference_role`: `base` in frontier studies) holding
+    sketched updates."""
     root = store.open_experiment(exp_dir / "store.zarr")
     groups = list(store.run_groups(root).values())
     for group in groups:
         a = group.attrs
-        if a.get("role") == "reference" and a.get("status") == "complete" and "update" in group:
+        if a.get("role") == role and a.get("status") == "complete" and "update" in group:
             return group
-    unfinished = [g.basename for g in groups if g.attrs.get("role") == "reference" and "update" in g]
-    hint = (f"reference runs {unfinished[:5]} are not complete (`gradtrace info` gives their status): finish or "
-            "resume them" if unfinished else "set sweep.reference_runs >= 1 with capture enabled")
-    raise LookupError(f"no complete reference run with an `update` array among {len(groups)} run(s) in "
+    unfinished = [g.basename for g in groups if g.attrs.get("role") == role and "update" in g]
+    if unfinished:
+        hint = (f"{role} runs {unfinished[:5]} are not complete (`gradtrace info` gives their status): finish or "
+                "resume them")
+    elif role == "reference":
+        hint = "set sweep.reference_runs >= 1 with capture enabled"
+    else:
+        hint = f"the study's predict.reference_role is {role!r}: its {role} run must be captured"
+    raise LookupError(f"no complete {role} run with an `update` array among {len(groups)} run(s) in "
                       f"{exp_dir / 'store.zarr'}; {hint}")
 
 
@@ -235,7 +241,9 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     else:
         inputs.notes["config"] = "config.yaml not found in the experiment directory."
     try:
-        inputs.reference = _reference_run(exp_dir)
+        predict = inputs.config.get("predict")
+        inputs.reference = _reference_run(exp_dir, (predict if isinstance(predict, dict) else {}).get(
+            "reference_role", "reference"))
     except (FileNotFoundError, ValueError, LookupError) as err:
         inputs.notes["reference"] = str(err)
     inputs.benchmarks = _benchmarks_dir(exp_dir, benchmarks_dir)

@@ -10,7 +10,8 @@ pair and residualisation:
   (k = 1; "accuracy on the line" is linear there); ``spline`` a GAM-style cubic B-spline on the same probit
   axes (k = basis size, 5 with the default 4 knots), which relaxes the probit line to any smooth curve. Linear
   residualisation manufactures correlation when ID spans a wide range, so ``residualize="all"`` runs the three
-  and flags disagreement.
+  and flags disagreement (one the sweep cannot support — fewer than k + 4 runs, or a shift its curve fits
+  exactly — is left out with a warning; alone, it is refused).
 - **Uncertainty**: t-test p with dof n - k - 2; Fisher-z CI with dof n - k - 3 (pingouin's convention);
   percentile and BCa bootstrap CIs over runs (moving-block bootstrap over checkpoints); Freedman-Lane
   permutation p; Holm and Benjamini-Hochberg adjustment across pairs within each residualisation.
@@ -519,29 +520,38 @@ def _residual_reliability(
 def _check_designs(
     designs: Mapping[str, tuple[np.ndarray, np.ndarray, Callable]], shifts: Sequence[str], confidence: float
 ) -> dict[str, int]:
-    """Number of covariates k (rank of [1, Z] minus 1) per residualisation; refuse n < k + 4 or zero residuals."""
-    ks = {}
+    """Number of covariates k (rank of [1, Z] minus 1) per residualisation that can be computed: n ≥ k + 4 and no
+    zero residuals. One that cannot is refused when alone, and left out with a warning beside others that can
+    (`residualize="all"` on a small sweep: the spline's k + 4 rows, or a shift its curve fits exactly)."""
+    ks, refused = {}, {}
     for m, (Y, Z, _) in designs.items():
         n = len(Y)
-        k = ks[m] = int(np.linalg.matrix_rank(np.column_stack([np.ones(n), Z]))) - 1
+        k = int(np.linalg.matrix_rank(np.column_stack([np.ones(n), Z]))) - 1
         if n < k + 4:
             k = max(k, Z.shape[1])  # the covariates the design has once enough rows give them full rank
             need = runs_needed(0.3, 0.2, k, confidence)
-            raise ValueError(
+            refused[m] = (
                 f"too few rows for residualize={m!r}: n={n}, but a partial correlation with k={k} covariate(s) needs "
                 f"n >= k + 4 = {k + 4} (t-test dof n-k-2 >= 2, Fisher-z CI dof n-k-3 >= 1). A useful estimate needs "
                 f"far more: about {need} runs give a {confidence:.0%} CI half-width of 0.2 at r = 0.3. Add runs to "
                 "the sweep" + (" or lower spline_knots." if m == "spline" else ".")
             )
+            continue
         flat = np.linalg.norm(_residualize(Y, Z), axis=0) <= 1e-10 * np.linalg.norm(Y - Y.mean(axis=0), axis=0)
         if flat.any():
-            raise ValueError(
+            refused[m] = (
                 f"shifts {[s for s, f in zip(shifts, flat) if f]} are exactly determined by the covariates (ID "
                 f"accuracy under residualize={m!r}, and the group of each row where within= is given: a shift "
                 "constant within every base) — zero residual variance, so their partial correlation is undefined. "
                 "Expected accuracies that vary beyond them; leave those shifts out (shifts=[...]; `gradtrace stats "
                 "--shifts`)."
             )
+            continue
+        ks[m] = k
+    if not ks:
+        raise ValueError(next(iter(refused.values())))
+    for m, why in refused.items():
+        warnings.warn(f"residualize={m!r} left out, the others computed: {why}", UserWarning, stacklevel=3)
     return ks
 
 
@@ -647,7 +657,7 @@ def partial_correlations(
     ia, ib = np.triu_indices(n_shifts, k=1)
 
     frames = []
-    for m in opts.methods:
+    for m in ks:
         Y, Z, transform = designs[m]
         k = ks[m]
         r = _corr_matrix(_residualize(Y, Z))[ia, ib]
@@ -680,7 +690,7 @@ def partial_correlations(
         frames.append(frame)
 
     out = pd.concat(frames, ignore_index=True)
-    out["disagree"] = _disagreement(out, opts.alpha) if len(opts.methods) > 1 else pd.NA
+    out["disagree"] = _disagreement(out, opts.alpha) if len(ks) > 1 else pd.NA
     out["disagree"] = out["disagree"].astype("boolean")
     out["note"] = CHECKPOINT_NOTE if opts.unit == "checkpoints" else ""
     extra = [c for c in ("rel_a", "rel_b", "r_disattenuated") if c in out.columns]

@@ -323,6 +323,25 @@ def test_no_reference_run_to_draw_names_those_not_complete(tmp_path: Path) -> No
         report._reference_run(tmp_path)
 
 
+def test_a_study_whose_predictors_read_its_base_run_draws_the_base_runs_dynamics(written: tuple[Path, str],
+                                                                                 tmp_path: Path) -> None:
+    """With `predict.reference_role: base` (frontier.yaml) the report looked for a reference run only: every training
+    and span figure was missing, its note asking for reference runs the study does not have by design."""
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    root = zarr.open_group(exp / "store.zarr", mode="a")
+    root["ref-000"].attrs["role"] = "base"  # the captured run is the study's base
+    (exp / "config.yaml").write_text((exp / "config.yaml").read_text() + "predict:\n  reference_role: base\n")
+    inputs = report.load_inputs(exp, compute_missing=False)
+    assert inputs.reference is not None and inputs.reference.basename == "ref-000" and "reference" not in inputs.notes
+    (exp / "config.yaml").write_text((exp / "config.yaml").read_text().replace("role: base", "role: reference"))
+    assert report.load_inputs(exp, compute_missing=False).notes["reference"].startswith("no complete reference run")
+    root["ref-000"].attrs["role"] = "reference"
+    (exp / "config.yaml").write_text((exp / "config.yaml").read_text().replace("role: reference", "role: base"))
+    assert ("the study's predict.reference_role is 'base': its base run must be captured" in
+            report.load_inputs(exp, compute_missing=False).notes["reference"])
+
+
 def test_a_failed_stats_stage_leaves_no_stale_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     exp = make_experiment(tmp_path / "exp", n_runs=6)
     later = max(p.stat().st_mtime for p in exp.iterdir()) + 10

@@ -354,8 +354,23 @@ def test_too_few_runs_says_how_many_are_needed():
         partial_correlations(df, residualize="spline", **FAST)
     df = random_table(np.random.default_rng(12), n=8)
     partial_correlations(df, residualize="probit", **FAST)  # 8 >= 1 + 4
-    with pytest.raises(ValueError, match=r"residualize='spline'.*k=5.*spline_knots"):
-        partial_correlations(df, residualize="all", **FAST)
+    with pytest.warns(UserWarning, match=r"residualize='spline' left out, the others computed: too few rows for "
+                                         r"residualize='spline'.*k=5.*spline_knots"):  # it refused all three
+        out = partial_correlations(df, residualize="all", **FAST)
+    assert list(out.residualize.unique()) == ["linear", "probit"] and out.disagree.notna().all()
+
+
+def test_all_residualisations_leave_out_one_whose_curve_fits_a_shift_exactly():
+    """The default `gradtrace stats` (`all`) failed outright where the spline of ID fits one shift exactly."""
+    rng = np.random.default_rng(15)
+    df = random_table(rng, n=20)
+    df["acc_ID"] = ndtr(rng.uniform(-1, 1, 20))  # probit ID away from the clipped ends
+    df["acc_s1"] = ndtr(0.3 + ndtri(df["acc_ID"]) - 0.2 * ndtri(df["acc_ID"]) ** 2)  # a curve in probit ID
+    with pytest.warns(UserWarning, match=r"residualize='spline' left out.*\['s1'\] are exactly determined"):
+        out = partial_correlations(df, residualize="all", **FAST)
+    assert set(out.residualize) == {"linear", "probit"}
+    with pytest.raises(ValueError, match=r"\['s1'\] are exactly determined.*residualize='spline'"):
+        partial_correlations(df, residualize="spline", **FAST)
 
 
 @pytest.mark.parametrize(
