@@ -908,6 +908,11 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
                 probit_partials(acc[idx[lo:lo + BOOT_CHUNK]], n_items, groups)[:, obs.ia, obs.ib]
                 for lo in range(0, n_boot, BOOT_CHUNK)])
     majority = float(max(np.mean(obs.r[sig] > 0), np.mean(obs.r[sig] < 0))) if sig.any() else float("nan")
+    few = ""
+    if len(obs.r) < 3:  # 1 pair: every Spearman NaN; 2: each ±1, which says nothing
+        few = (f"{len(obs.r)} pair(s) of shifts scored: a rank correlation over pairs needs at least 3 (3 shifts "
+               "varying across the sweep; 4 give 6)")
+        warnings.warn(f"predictor scores say little: {few}", UserWarning, stacklevel=2)
     S = len(obs.shifts)
     obs_matrix = np.full((S, S), np.nan)
     obs_matrix[obs.ia, obs.ib] = obs_matrix[obs.ib, obs.ia] = obs.r
@@ -931,7 +936,7 @@ def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.Dat
             "reliability": reliability, "noise_ceiling": ceiling,
             "spearman_over_ceiling": rho / ceiling if ceiling and ceiling > 0 else float("nan"),
             "p_relabel": p, "n_relabel": n_rel, "boot_ci_low": low, "boot_ci_high": high,
-            "compute_ratio": (compute_ratio or {}).get(name, float("nan")), "note": "",
+            "compute_ratio": (compute_ratio or {}).get(name, float("nan")), "note": few,
         })
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
@@ -1034,7 +1039,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     scores = score(matrices, observed, sweep, id=reference.id_split, preregistered=preregistered,
                    compute_ratio=ratios, n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, n_items=n_items,
                    within=within)
-    scores["note"] = scores["predictor"].map(lambda n: errors.get(n, ""))
+    scores["note"] = [errors.get(name) or note for name, note in zip(scores["predictor"], scores["note"])]
     group_order = {"preregistered": 0, "baseline": 1, "exploratory": 2}
     scores = scores.sort_values("group", key=lambda g: g.map(group_order), kind="stable").reset_index(drop=True)
 

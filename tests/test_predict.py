@@ -369,6 +369,16 @@ def test_scores_on_hand_made_matrices():
     assert sign_accuracy(np.array([1.0, -1.0, 0.0]), np.array([1.0, 1.0, 1.0])) == pytest.approx(0.5)
 
 
+def test_scores_of_a_single_pair_say_why_they_are_empty():
+    """A study of 2 shifts scored every predictor NaN, its note column empty and nothing said."""
+    names = ["a", "b"]
+    obs = np.array([[np.nan, 0.5], [0.5, np.nan]])
+    with pytest.warns(UserWarning, match=r"predictor scores say little: 1 pair\(s\) of shifts scored: a rank "
+                                         "correlation over pairs needs at least 3"):
+        scores = score({"mine": pd.DataFrame(obs, index=names, columns=names)}, _observed_frame(obs, names))
+    assert np.isnan(scores.spearman[0]) and scores.note[0].startswith("1 pair(s) of shifts scored")
+
+
 def test_score_bootstraps_in_bounded_batches_with_the_same_result(monkeypatch):
     import gradtrace.predict as predict
 
