@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import gradtrace
@@ -276,11 +277,30 @@ def _sigterm_as_interrupt():
         sys.unraisablehook = hook
 
 
+@contextlib.contextmanager
+def _warnings_in_words(command: str):
+    """Within: gradtrace's own warnings print as `gradtrace COMMAND: warning: …`, as its errors do, not as Python's
+    `/…/gradtrace/stats.py:875: UserWarning: …` and the source line; others (numpy's, say) keep Python's form."""
+    package = str(Path(gradtrace.__file__).parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not (issubclass(category, UserWarning) and str(filename).startswith(package)):
+            return before(message, category, filename, lineno, file, line)
+        print(f"gradtrace {command}: warning: {message}", file=file or sys.stderr)
+
+    before = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradtrace` console script."""
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _warnings_in_words(args.command):
             args.func(args)
     except BrokenPipeError:  # output piped into a reader that stopped (`gradtrace info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's final flush then goes nowhere

@@ -513,7 +513,8 @@ def _residual_reliability(
     """Spearman-Brown split-half reliability of one split's accuracy after residualising it on Z."""
     h1, h2, m1, m2 = _half_accuracies(items, n_splits, seed)
     r1, r2 = _residualize(transform(h1, m1), Z), _residualize(transform(h2, m2), Z)
-    rho = np.nanmean(_column_corr(r1, r2))
+    corr = _column_corr(r1, r2)  # NaN for every split-half where a half is constant (an accuracy of 0 in each run)
+    rho = np.nanmean(corr) if np.isfinite(corr).any() else np.nan
     return float(2 * rho / (1 + rho))
 
 

@@ -267,3 +267,16 @@ def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "interrupted; what was complete is kept: run the same command to go on" in err
     assert "train on there until they end" in err
+
+
+def test_gradtraces_warnings_are_printed_in_its_words(tmp_path, capsys):
+    """Each warning printed as Python's `/…/gradtrace/store.py:481: UserWarning: …` with the line of source after it."""
+    import warnings
+
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    store.set_status(store.create_run(root, "r0", {}), "complete")
+    (tmp_path / "store.zarr" / "r1").mkdir()  # a run folder whose zarr.json is lost
+    assert main(["info", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"gradtrace info: warning: {tmp_path / 'store.zarr' / 'r1'} is left out" in err and "UserWarning" not in err
+    assert warnings.showwarning is not None and "gradtrace" not in warnings.showwarning.__module__  # restored
