@@ -8,6 +8,7 @@ TORCH   ?= torch==2.13.0
 TORCH_INDEX ?=
 OUT     ?= storage/default
 CONFIG  ?= experiments/default.yaml
+PAPER_OUT ?= paper
 
 .PHONY: demo test paper install clean bench
 
@@ -26,16 +27,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/gradtrace sweep $(CONFIG) --out $(OUT)
-	$(BIN)/gradtrace stats $(OUT)
-	$(BIN)/gradtrace predict $(OUT)
-	$(BIN)/gradtrace report $(OUT)
+	$(BIN)/gradtrace sweep "$(CONFIG)" --out "$(OUT)"
+	$(BIN)/gradtrace stats "$(OUT)"
+	$(BIN)/gradtrace predict "$(OUT)"
+	$(BIN)/gradtrace report "$(OUT)"
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 paper: install
-	$(MAKE) -C paper PY=$(abspath $(BIN))/python STORE=$(abspath $(OUT))
+	$(MAKE) -C paper PY="$(abspath $(BIN))/python" STORE="$$(realpath "$(OUT)")" PAPER_OUT="$$(realpath "$(PAPER_OUT)")"
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
