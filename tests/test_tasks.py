@@ -258,12 +258,13 @@ def test_register_split_refuses_built_in_and_unusable_names(split_registry):
     mine = Split("carry", "my carry", test=lambda r, d: Problem((9, 1)), train=lambda r, d: Problem((9, 1)))
     with pytest.raises(ValueError, match="split 'carry' is built in"):
         register_split(mine)  # a plain dict assignment replaced the built-in one silently
-    for name in ("acc b", "2x", "", "a/b"):
-        with pytest.raises(ValueError, match="must start with a letter"):
+    for name in ("acc b", "2x", "", "a/b", "x" * 41, "größe"):  # 41 characters covered half of the heatmap
+        with pytest.raises(ValueError, match="must start with an ASCII letter"):
             register_split(Split(name, "", mine.test, mine.train))
-    for name in ("NA", "nan", "None", "null"):  # stats.csv named them; pandas read them back as NaN
-        with pytest.raises(ValueError, match="reads as a missing value"):
+    for name in ("NA", "nan", "None", "null", "True", "false", "inf"):  # stats.csv named them; pandas read them back
+        with pytest.raises(ValueError, match="reads as a missing value, a bool or a number"):  # as NaN, bool, float
             register_split(Split(name, "", mine.test, mine.train))
+    assert register_split(Split("x" * 40, "", mine.test, mine.train)).name == "x" * 40
     with pytest.raises(TypeError, match="takes a gradtrace.tasks.Split"):
         register_split("nine_one")
     register_split(Split("nine_one", "9+1", mine.test, mine.train))

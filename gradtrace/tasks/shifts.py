@@ -156,8 +156,11 @@ REGISTRY: dict[str, Split] = {s.name: s for s in [
 
 
 BUILT_IN = tuple(REGISTRY)  # in registry order: the order in which their items are drawn
-SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a split names a results column (acc_<name>) and an axis label
-READ_AS_MISSING = {"na", "nan", "null", "none"}  # names pandas reads back as NaN from stats.csv's `a` and `b`
+# a split names a results column (acc_<name>), an axis label and a figure's ticks: ASCII, at most 40 characters (a
+# 143-character name covered half of the correlation heatmap)
+SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
+# names pandas reads back from stats.csv's `a` and `b` as other than text: NaN, a bool or a float
+READ_AS_OTHER = {"na", "nan", "null", "none", "true", "false", "inf", "infinity"}
 
 
 def register_split(split: Split) -> Split:
@@ -169,11 +172,12 @@ def register_split(split: Split) -> Split:
     if split.name in BUILT_IN:
         raise ValueError(f"split {split.name!r} is built in; give yours another name")
     if not SPLIT_NAME.fullmatch(split.name):
-        raise ValueError(f"split name {split.name!r} must start with a letter and hold only letters, digits and _ "
-                         "(it names the results column acc_<name>)")
-    if split.name.lower() in READ_AS_MISSING:
-        raise ValueError(f"split name {split.name!r} reads as a missing value in the CSV tables that name splits "
-                         "(stats.csv, read back by the report and the paper): give it another name")
+        raise ValueError(f"split name {split.name!r} must start with an ASCII letter and hold only ASCII letters, "
+                         "digits and _, 40 characters at most (it names the results column acc_<name> and the "
+                         "figures' labels)")
+    if split.name.lower() in READ_AS_OTHER:
+        raise ValueError(f"split name {split.name!r} reads as a missing value, a bool or a number in the CSV tables "
+                         "that name splits (stats.csv, read back by the report and the paper): give it another name")
     REGISTRY[split.name] = split
     return split
 
