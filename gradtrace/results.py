@@ -75,6 +75,9 @@ def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFram
     (the reference runs joined the sweep's statistics), or naming runs its store does not hold (another store's
     table, or groups removed). `groups`: the store's run groups, where already read."""
     path = Path(exp_dir) / "results.csv"
+    if not path.exists() and (Path(exp_dir) / "store.zarr").exists() and not (Path(exp_dir) / "plan.json").exists():
+        raise FileNotFoundError(f"{exp_dir} holds runs of `gradtrace train` or of a loop of your own (no plan.json), "
+                                "not a sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out DIR` into a directory of its own)")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)
@@ -175,8 +178,9 @@ def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | No
                       stacklevel=3)
     unfinished = _unfinished(_planned(exp_dir, role, groups), groups)
     if any(unfinished.values()):
+        why = f" (`gradtrace info {exp_dir}` shows why a run failed)" if unfinished["failed"] else ""
         warnings.warn(f"{exp_dir} is not finished: of its planned {role + ' ' if role else ''}runs, "
-                      f"{describe_unfinished(unfinished)} (`gradtrace info {exp_dir}` shows why a run failed); "
+                      f"{describe_unfinished(unfinished)}{why}; "
                       f"results.csv holds the {len(table)} complete, and what is computed from it covers those only. "
                       "Run the sweep again to finish it (it retries failed runs).", UserWarning, stacklevel=3)
 

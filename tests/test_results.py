@@ -51,3 +51,12 @@ def test_a_table_without_roles_is_refused(study):
     pd.read_csv(study / "results.csv").drop(columns="role").to_csv(study / "results.csv", index=False)
     with pytest.raises(ValueError, match="has no role column: it is not the table gradtrace writes. Rewrite it"):
         results.load_results(study)
+
+
+def test_a_directory_of_runs_trained_outside_a_sweep_is_named_as_such(tmp_path):
+    """`gradtrace stats storage/one` (a `gradtrace train` run) said to run a sweep into it, which a sweep refuses."""
+    store.create_run(store.open_experiment(tmp_path / "store.zarr", mode="a"), "run", {})
+    with pytest.raises(FileNotFoundError, match="holds runs of `gradtrace train` or of a loop of your own"):
+        results.load_results(tmp_path)
+    with pytest.raises(FileNotFoundError, match="results.csv not found; run `gradtrace sweep CONFIG --out"):
+        results.load_results(tmp_path / "nothing")

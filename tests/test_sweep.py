@@ -865,6 +865,9 @@ def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_results(tmp_path, role="base")) == 0  # no base run planned: none unfinished
+    store.set_status(root["run-001"], "running")
+    with pytest.warns(UserWarning, match=r"1 not started \(run-003\); results.csv holds"):  # no run failed: no word
+        load_results(tmp_path)  # of why one did
 
 
 @pytest.mark.parametrize("usable, hinted", [(5, True), (6, False)])
