@@ -1,0 +1,81 @@
+"""The README's Python examples run as printed: registering a split of your own, capture in your own loop, reading
+a store and analysing a run (each block executed from README.md itself, so the front door cannot drift from the
+code)."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from gradtrace.models import build_model
+from gradtrace.sweep import run_sweep
+from gradtrace.tasks import ArithmeticTask
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def python_blocks() -> dict[str, str]:
+    """README's ```python blocks, named by the heading they follow and their number under it."""
+    blocks, heading, code, fence = {}, "", None, None
+    for line in README.read_text().splitlines(keepends=True):
+        if fence is None and line.startswith("#"):
+            heading, number = line.lstrip("# ").strip(), 0
+        elif fence is None and line.startswith("```"):
+            fence, code = line.strip(), []
+        elif fence is not None and line.startswith("```"):
+            if fence == "```python":
+                blocks[f"{heading} {number}"] = "".join(code)
+                number += 1
+            fence = None
+        elif fence is not None:
+            code.append(line)
+    return blocks
+
+
+BLOCKS = python_blocks()
+
+
+def block(prefix: str, index: int = 0) -> str:
+    return BLOCKS[f"{prefix} {index}"]
+
+
+def test_the_readme_has_the_blocks_this_file_runs():
+    assert sorted(BLOCKS) == ["Capture in your own training loop 0", "Reading a store 0", "Reading a store 1",
+                              "The task 0"]
+
+
+def test_a_split_of_your_own_registers_and_builds(split_registry):
+    exec(compile(block("The task"), "README.md: my_splits.py", "exec"), {})
+    task = ArithmeticTask(tiny_config(task__shifts=["double", "carry"]).task)
+    a, b = task.test_set("double").prompts[0].rstrip("=").split("+")
+    assert a == b and "double" in task.splits
+
+
+def test_capture_in_your_own_loop(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the block writes storage/mine
+    task = ArithmeticTask(tiny_config().task)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    batches = [task.train_batch(step, 0, 8)[0] for step in range(3)]
+    namespace = {"torch": torch, "model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3),
+                 "steps": len(batches), "loader": [{"input_ids": x, "labels": x} for x in batches]}
+    exec(compile(block("Capture in your own training loop"), "README.md: capture", "exec"), namespace)
+    import zarr
+
+    run = zarr.open_group(tmp_path / "storage/mine/store.zarr", mode="r")["run-0"]
+    assert run.attrs["status"] == "complete" and run["step"][:].tolist() == [0, 1, 2]
+    assert np.isfinite(run["loss"][:]).all() and np.isfinite(run["grad_norm_unclipped"][:]).all()
+
+
+def test_reading_a_store_and_analysing_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the blocks read storage/default
+    run_sweep(tiny_config(sweep__runs=0, sweep__reference_runs=1), tmp_path / "storage/default", progress=False)
+    namespace: dict = {}
+    exec(compile(block("Reading a store", 0), "README.md: reading a store", "exec"), namespace)
+    run = namespace["run"]
+    assert run.metadata.attributes["sketch"]["kind"] == "countsketch"
+    exec(compile(block("Reading a store", 1), "README.md: analysing a run", "exec"), namespace)
+    share = namespace["share"]
+    assert share.shape == (run["probe/step"].shape[0], len(run.attrs["splits"]))
+    assert ((share >= 0) & (share <= 1)).all()
