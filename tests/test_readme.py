@@ -1,6 +1,6 @@
-"""The README's Python examples run as printed: registering a split of your own, capture in your own loop, reading
-a store and analysing a run (each block executed from README.md itself, so the front door cannot drift from the
-code)."""
+"""The READMEs' Python examples run as printed: registering a split of your own, capture in your own loop, reading
+a store and analysing a run (README.md), reading with plain zarr (storage/README.md) — each block executed from the
+file itself, so the docs cannot drift from the code."""
 import re
 from pathlib import Path
 
@@ -13,13 +13,13 @@ from gradtrace.models import build_model
 from gradtrace.sweep import run_sweep
 from gradtrace.tasks import ArithmeticTask
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
 
 
-def python_blocks() -> dict[str, str]:
-    """README's ```python blocks, named by the heading they follow and their number under it."""
+def python_blocks(readme: Path) -> dict[str, str]:
+    """A README's ```python blocks, named by the heading they follow and their number under it."""
     blocks, heading, code, fence = {}, "", None, None
-    for line in README.read_text().splitlines(keepends=True):
+    for line in readme.read_text().splitlines(keepends=True):
         if fence is None and line.startswith("#"):
             heading, number = line.lstrip("# ").strip(), 0
         elif fence is None and line.startswith("```"):
@@ -34,16 +34,18 @@ def python_blocks() -> dict[str, str]:
     return blocks
 
 
-BLOCKS = python_blocks()
+BLOCKS = python_blocks(ROOT / "README.md")
+STORAGE_BLOCKS = python_blocks(ROOT / "storage" / "README.md")
 
 
 def block(prefix: str, index: int = 0) -> str:
     return BLOCKS[f"{prefix} {index}"]
 
 
-def test_the_readme_has_the_blocks_this_file_runs():
+def test_the_readmes_have_the_blocks_this_file_runs():
     assert sorted(BLOCKS) == ["Capture in your own training loop 0", "Reading a store 0", "Reading a store 1",
                               "The task 0"]
+    assert sorted(STORAGE_BLOCKS) == ["Reading with plain zarr 0"]
 
 
 def test_a_split_of_your_own_registers_and_builds(split_registry):
@@ -79,3 +81,6 @@ def test_reading_a_store_and_analysing_a_run(tmp_path, monkeypatch):
     share = namespace["share"]
     assert share.shape == (run["probe/step"].shape[0], len(run.attrs["splits"]))
     assert ((share >= 0) & (share <= 1)).all()
+    plain: dict = {}
+    exec(compile(STORAGE_BLOCKS["Reading with plain zarr 0"], "storage/README.md", "exec"), plain)
+    assert plain["updates"].shape == run["update"].shape and plain["probe"].ndim == 4
