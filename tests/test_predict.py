@@ -15,6 +15,7 @@ from gradtrace import config, stats, store
 from gradtrace.predict import (PREDICTORS, baselines, format_scores, load_reference, noise_ceiling,
                                partial_from_covariance, probit_partials, relabel_pvalue, run_predict, score,
                                sign_accuracy, spearman)
+from gradtrace.subspace import top_span
 
 D, SHIFTS, RANK = 40, [f"s{i}" for i in range(1, 7)], 4
 SPLITS = ["ID", *SHIFTS]
@@ -188,6 +189,28 @@ def test_load_reference(planted):
     assert hasattr(lazy.runs[0].update, "dask")
     with pytest.raises(ValueError, match="not captured"):
         ref.loss_index("hinge")
+
+
+def test_trajectories_are_read_lazily_where_all_the_runs_together_pass_the_memory_limit(minisweep, monkeypatch):
+    """The limit applied to each array alone: 8 runs of 1.9 GiB each would have been held whole (15 GiB)."""
+    import gradtrace.predict as predict_module
+
+    one = zarr.open_group(minisweep.exp_dir / "store.zarr")["ref-000"]["update"].nbytes
+    monkeypatch.setattr(predict_module, "IN_MEMORY_BYTES", 2 * one)  # each run's under it, the six together over
+    assert all(hasattr(run.update, "dask") for run in load_reference(minisweep.exp_dir).runs)
+    monkeypatch.setattr(predict_module, "IN_MEMORY_BYTES", 6 * one)
+    assert not any(hasattr(run.update, "dask") for run in load_reference(minisweep.exp_dir).runs)
+
+
+def test_the_dominant_and_bulk_predictors_share_one_span_per_run(planted, monkeypatch):
+    import gradtrace.predict as predict_module
+
+    calls = []
+    monkeypatch.setattr(predict_module, "top_span", lambda *a, **k: calls.append(1) or top_span(*a, **k))
+    reference = load_reference(planted.exp_dir)
+    for name in ("covariance_dominant", "covariance_bulk"):
+        PREDICTORS[name](rank=RANK).fit(reference).predict()
+    assert len(calls) == len(reference.runs)
 
 
 def test_incompatible_sketches_are_refused(tmp_path):

@@ -50,6 +50,21 @@ def test_top_span_centred_and_exact_method(matrix):
         assert np.max(principal_angles(span, Vt[:RANK])) < 1e-2
 
 
+@pytest.mark.parametrize("tall", [True, False])
+def test_the_exact_span_matches_a_float64_svd_of_tall_and_wide_matrices(tall):
+    """method="full" takes the top eigenpairs of the smaller Gram matrix (a full SVD of a long tail took minutes)."""
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((300, 20)) * np.geomspace(10, 1, 20)) @ rng.standard_normal((20, 120))
+    X = (X + 0.01 * rng.standard_normal(X.shape)).astype(np.float32)
+    X = X if tall else X.T
+    _, s, Vt = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    span = top_span(X, 8, method="full")
+    np.testing.assert_allclose(span.singular_values, s[:8], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(np.sum(span.basis * Vt[:8], axis=1)), 1, atol=1e-6)  # each direction, ± sign
+    low = X[:, :5] @ rng.standard_normal((5, X.shape[1])).astype(np.float32)  # rank 5: 3 of the 8 asked are none
+    assert top_span(low, 8, method="full").rank == 5
+
+
 @pytest.mark.parametrize("method,options,angle_tol,sv_tol", [
     ("frequent_directions", {}, 1e-3, 1e-4),
     ("frequent_directions", {"refine": False}, 0.02, 0.02),
