@@ -225,8 +225,8 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
 
 def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
-    without loading torch): an unknown split or model, a split too long for `task.max_digits`, an unknown predictor,
-    ensembles in mixed precision.
+    without loading torch): an unknown split or model, a split too long for `task.max_digits`, a missing
+    `model.init_from` file, an unknown predictor, ensembles in mixed precision.
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
@@ -234,6 +234,9 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     from gradtrace.tasks.shifts import check_splits
 
     check_splits(cfg.task)
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():  # every run would fail at its start
+        raise ValueError(f"model.init_from: no file {cfg.model.init_from}; give a safetensors file of weights, e.g. "
+                         "DIR/weights/base/final.safetensors")
     if cfg.sweep.ensemble > 1:  # `auto` is checked where it resolves
         config_mod.check_ensemble_precision(cfg.train.precision)
     if contact_hub:
@@ -329,6 +332,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
     from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
 
+    cfg = config_mod.with_absolute_paths(cfg)  # as a config loaded from a file has them (a cluster's workers too)
     runs = plan(cfg)
     check_config(cfg)  # before the plan is written
     _write_plan(cfg, out, runs)
@@ -463,7 +467,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
     if client is not None:
         from dask.distributed import as_completed
 
-        futures = {client.submit(_execute_on_cluster, _for_cluster(cfg_dict), str(out.resolve()), job,
+        futures = {client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job,
                                  job_threads(cfg, job), pure=False): job for job in jobs}
         try:
             for fut in as_completed(futures):
@@ -503,16 +507,6 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
-
-
-def _for_cluster(cfg_dict: dict) -> dict:
-    """The config with a relative `model.init_from` and relative .py files in `task.modules` made absolute, as `out`
-    is: a cluster's workers run in folders of their own."""
-    init = cfg_dict["model"]["init_from"]
-    if init and Path(init).exists():
-        cfg_dict = {**cfg_dict, "model": {**cfg_dict["model"], "init_from": str(Path(init).resolve())}}
-    modules = [str(Path(m).resolve()) if m.endswith(".py") else m for m in cfg_dict["task"]["modules"]]
-    return {**cfg_dict, "task": {**cfg_dict["task"], "modules": modules}}
 
 
 def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: int, context, gpus):

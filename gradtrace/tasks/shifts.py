@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from gradtrace.config import MAX_DIGITS
+from gradtrace.config import MAX_DIGITS, names_a_file
 
 if TYPE_CHECKING:
     from gradtrace.config import TaskConfig
@@ -182,7 +182,7 @@ def import_split_modules(modules: list[str]) -> None:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
     the command runs in): the modules where your own splits are registered. A file is run once per process."""
     for module in modules:
-        if module.endswith(".py"):
+        if names_a_file(module):
             _run_file(module)
             continue
         try:
