@@ -225,15 +225,16 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
 
 def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
-    without loading torch): an unknown split or model, a split too long for `task.max_digits`, a missing
-    `model.init_from` file, an unknown predictor, ensembles in mixed precision.
+    without loading torch): an unknown split or model, a split too long for `task.max_digits`, held-out sets it
+    cannot draw, a missing `model.init_from` file, an unknown predictor, ensembles in mixed precision.
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
     from gradtrace.models import check_model
-    from gradtrace.tasks.shifts import check_splits
+    from gradtrace.tasks.shifts import check_splits, draw_held_out
 
     check_splits(cfg.task)
+    draw_held_out(cfg.task)  # test and probe sets too many for the prompts there are (not the training pool: slow)
     if cfg.model.init_from and not Path(cfg.model.init_from).is_file():  # every run would fail at its start
         raise ValueError(f"model.init_from: no file {cfg.model.init_from}; give a safetensors file of weights, e.g. "
                          "DIR/weights/base/final.safetensors")

@@ -862,10 +862,10 @@ def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
 
 
 def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
-    """A config error every run meets (test items the digits cannot supply) advised running the same sweep again,
-    and the directory then refused the mended config, though nothing had trained."""
+    """A config error every run meets (held-out sets that leave a training form no prompt) advised running the same
+    sweep again, and the directory then refused the mended config, though nothing had trained."""
     broken = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
-                         task__max_digits=1, task__n_test=40, task__shifts=["space"])
+                         task__max_digits=2, task__n_test=2000, task__shifts=["zeropad"])
     with pytest.raises(SweepError, match="every run failed alike: mend what the error names"):
         run_sweep(broken, tmp_path, progress=False)
     mended = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
