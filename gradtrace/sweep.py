@@ -194,9 +194,14 @@ def bases_side_by_side(bases: int, workers: int) -> int:
     return 1 if bases <= 1 else min(max(1, workers), bases)
 
 
+ESTIMATE_CORES = 2  # the CPU a dry run's time is for: `estimate_seconds` was measured on 2 vCPUs
+
+
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
-    """The dry-run text: runs by role, steps and expected time."""
+    """The dry-run text: runs by role, steps and expected time (on `ESTIMATE_CORES` cores, which train no more
+    single-thread workers at once than they are)."""
     workers = max(1, cfg.sweep.workers)
+    at_once = min(workers, ESTIMATE_CORES)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
     seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
     jobs = _jobs(cfg, runs)
@@ -205,8 +210,10 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
         base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
-             f"expected on a 2-core CPU: ~{np.median(list(seconds.values())):.0f} s per run, "
-             f"~{estimate_total_seconds(jobs, seconds, workers) / 60:.0f} min in all (GPU: see experiments/README.md)"]
+             f"expected on a {ESTIMATE_CORES}-core CPU: ~{np.median(list(seconds.values())):.0f} s per run, "
+             f"~{estimate_total_seconds(jobs, seconds, at_once) / 60:.0f} min in all ("
+             f"{f'{workers} single-thread workers share its cores; ' if workers > at_once else ''}"
+             "GPU: see experiments/README.md)"]
     s = cfg.sweep
     if s.search == "grid":
         points = len(s.lr) * len(s.weight_decay)

@@ -100,6 +100,20 @@ def test_the_plans_time_counts_an_ensemble_as_its_members_on_one_worker():
     assert "vmap ensembles of up to 8 runs of one base and role: 4 jobs for the 2 worker(s)" in describe_plan(cfg, runs)
 
 
+def test_the_plans_time_on_two_cores_trains_no_more_than_two_runs_at_once():
+    """8 and 32 workers gave a quarter and a sixteenth of 2 workers' time, 'expected on a 2-core CPU'."""
+    from gradtrace.sweep import describe_plan
+
+    def expected(workers: int) -> str:
+        cfg = config.load("experiments/large.yaml", {"sweep.workers": workers})
+        return describe_plan(cfg, plan(cfg)).splitlines()[1]
+
+    two = expected(2)
+    assert two.startswith("expected on a 2-core CPU")
+    for more in (8, 32):
+        assert expected(more) == two.replace("(GPU", f"({more} single-thread workers share its cores; GPU")
+
+
 def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     cfg = tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=8)
     run_sweep(cfg, tmp_path, progress=False)
