@@ -82,6 +82,9 @@ def plan(cfg: Config) -> list[PlannedRun]:
         if "hparams" in s.vary:
             over.update({"train.lr": lr, "train.weight_decay": wd})
         runs.append(PlannedRun(f"run-{i:03d}", "sweep", over))
+    if not runs:  # a sweep of none wrote an empty study and exited 0
+        raise ValueError("the plan has no run: nothing to train with sweep.runs=0, sweep.reference_runs=0 and no base "
+                         "run (sweep.pretrain_steps=0); set sweep.runs > 0")
     return runs
 
 

@@ -157,7 +157,9 @@ def test_dry_run_loads_neither_torch_nor_transformers():
     ("sweep.ensemble=2 --set train.precision=bf16", "ensembles train in fp32, got train.precision='bf16'"),
     ("model.init_from=no/such.safetensors", "model.init_from: no file "),
     ("task.shifts=[space] --set task.max_digits=2 --set task.n_test=5000",  # every run failed alike
-     "could not draw 5256 distinct test and probe items of split 'ID'")])
+     "could not draw 5256 distinct test and probe items of split 'ID'"),
+    ("sweep.runs=0 --set sweep.reference_runs=0 --set sweep.pretrain_steps=0",
+     "the plan has no run: nothing to train")])
 def test_a_dry_run_refuses_what_the_sweep_would_refuse_before_training(capsys, pair, message):
     """A plan printed for a misspelt shift: on a cluster the job then failed at its start, after its wait in the
     queue."""

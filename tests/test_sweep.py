@@ -593,6 +593,9 @@ def test_what_cannot_run_is_refused_before_anything_trains(tmp_path, capsys):
     from gradtrace.calibrate import calibrate
     from gradtrace.cli import main
 
+    with pytest.raises(ValueError, match="the plan has no run: nothing to train"):  # an empty study, exit status 0
+        run_sweep(tiny_config(sweep__runs=0, sweep__reference_runs=0), tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty" / "plan.json").exists()
     cfg = tiny_config(sweep__runs=2, sweep__ensemble=2, sweep__workers=1, train__precision="fp16")
     with pytest.raises(ValueError, match="ensembles train in fp32"):
         run_sweep(cfg, tmp_path / "fp16", progress=False)
