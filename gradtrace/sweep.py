@@ -236,7 +236,8 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
 def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
     without loading torch): an unknown split or model, a split too long for `task.max_digits`, held-out sets it
-    cannot draw, a missing `model.init_from` file, an unknown predictor, ensembles in mixed precision.
+    cannot draw, a missing `model.init_from` file, an unknown predictor, ensembles in mixed precision; and warn of
+    too few shifts for the analyses.
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
@@ -253,6 +254,19 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     if contact_hub:
         check_model(cfg.model)  # looks up only a model from the hub: embedded names are known here
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
+    _warn_of_too_few_shifts(cfg)
+
+
+def _warn_of_too_few_shifts(cfg: Config) -> None:
+    """Warn, before a sweep trains, where `task.shifts` lists too few shifts for the analyses after it: stats'
+    partial correlations need a pair, predict's scores (Spearman over pairs) three pairs. A study of one shift
+    trained to its end and only then met stats' refusal."""
+    shifts = cfg.task.shifts
+    if not cfg.sweep.runs or len(shifts) >= 3:
+        return
+    warnings.warn(f"task.shifts lists {len(shifts)} shift(s) {shifts}: the partial correlations of stats and the "
+                  "report need at least two shifts that vary across runs, predict's scores at least three (three "
+                  "pairs); list more in task.shifts", UserWarning, stacklevel=2)
 
 
 class WorkerDied(RuntimeError):

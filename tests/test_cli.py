@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pandas as pd
 import pytest
@@ -166,6 +167,16 @@ def test_a_dry_run_refuses_what_the_sweep_would_refuse_before_training(capsys, p
     pairs = [arg for one in pair.split(" --set ") for arg in ("--set", one)]
     assert main(["sweep", "experiments/default.yaml", *pairs, "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shifts, warned", [("[space]", 1), ("[space,order]", 1), ("[space,order,carry]", 0)])
+def test_a_plan_of_too_few_shifts_for_the_analyses_is_warned_of(shifts, warned):
+    """A study of one shift trained to its end; stats then refused it, saying to add acc_<shift> columns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["sweep", "experiments/default.yaml", "--set", f"task.shifts={shifts}", "--dry-run"]) == 0
+    assert sum("need at least two shifts that vary across runs, predict's scores at least three" in str(w.message)
+               for w in caught) == warned
 
 
 def test_a_dry_run_into_a_directory_refuses_what_the_sweep_would_there(tmp_path, capsys):
