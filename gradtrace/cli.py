@@ -99,7 +99,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                   "dry run does not look it up there; the sweep does, before any run trains")
         if args.scheduler:
             print(f"on the dask cluster at {args.scheduler} (not contacted by a dry run): its worker processes, not "
-                  "sweep.workers, set how many jobs train at once, so the time above is for sweep.workers of them")
+                  "sweep.workers, set how many jobs train at once, so the time above is not the cluster's")
         return
     out = args.out or f"storage/{Path(args.config).stem}"
     table = run_sweep(cfg, out, scheduler=args.scheduler)

@@ -437,7 +437,8 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a YAML experiment config (or the defaults when path is None) with overrides."""
+    """Load a YAML experiment config (or the defaults when path is None) with overrides, its file paths made
+    absolute (`with_absolute_paths`)."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -456,7 +457,22 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             sections = ", ".join(f.name for f in dataclasses.fields(Config))
             raise ValueError(f"config {path}: expected a mapping of sections ({sections}), "
                              f"got a YAML {type(data).__name__}")
-    return from_dict(data, overrides)
+    return with_absolute_paths(from_dict(data, overrides))
+
+
+def names_a_file(module: str) -> bool:
+    """Whether a `task.modules` entry is a .py file's path (run as a file), not a module name on the Python path."""
+    return module.endswith(".py")
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with a relative `model.init_from` and relative .py files of `task.modules` made absolute, against the
+    directory the command runs in: the study's config.yaml then names the same files wherever it is resumed or
+    extended from, and so do a dask cluster's workers, which run in folders of their own."""
+    init_from = cfg.model.init_from and str(Path(cfg.model.init_from).resolve())
+    modules = [str(Path(m).resolve()) if names_a_file(m) else m for m in cfg.task.modules]
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_from),
+                               task=dataclasses.replace(cfg.task, modules=modules))
 
 
 def dump(cfg: Config, path: str | Path) -> None:

@@ -435,7 +435,8 @@ def _prepare(
     if id in shifts or len(set(shifts)) != len(shifts):
         raise ValueError(f"shifts={shifts} must be distinct and must not include the ID split {id!r}.")
     if len(shifts) < 2:
-        raise ValueError(f"need at least two shifts to form a pair, got {shifts}: add acc_<shift> columns.")
+        raise ValueError(f"need at least two shifts to form a pair, got {shifts}: list at least two shifts that vary "
+                         "across runs in task.shifts (each an acc_<shift> column).")
 
     order = np.arange(len(table))
     if unit == "runs":

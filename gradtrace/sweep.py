@@ -82,6 +82,9 @@ def plan(cfg: Config) -> list[PlannedRun]:
         if "hparams" in s.vary:
             over.update({"train.lr": lr, "train.weight_decay": wd})
         runs.append(PlannedRun(f"run-{i:03d}", "sweep", over))
+    if not runs:  # a sweep of none wrote an empty study and exited 0
+        raise ValueError("the plan has no run: nothing to train with sweep.runs=0, sweep.reference_runs=0 and no base "
+                         "run (sweep.pretrain_steps=0); set sweep.runs > 0")
     return runs
 
 
@@ -194,9 +197,14 @@ def bases_side_by_side(bases: int, workers: int) -> int:
     return 1 if bases <= 1 else min(max(1, workers), bases)
 
 
+ESTIMATE_CORES = 2  # the CPU a dry run's time is for: `estimate_seconds` was measured on 2 vCPUs
+
+
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
-    """The dry-run text: runs by role, steps and expected time."""
+    """The dry-run text: runs by role, steps and expected time (on `ESTIMATE_CORES` cores, which train no more
+    single-thread workers at once than they are)."""
     workers = max(1, cfg.sweep.workers)
+    at_once = min(workers, ESTIMATE_CORES)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
     seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
     jobs = _jobs(cfg, runs)
@@ -205,8 +213,10 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
         base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
-             f"expected on a 2-core CPU: ~{np.median(list(seconds.values())):.0f} s per run, "
-             f"~{estimate_total_seconds(jobs, seconds, workers) / 60:.0f} min in all (GPU: see experiments/README.md)"]
+             f"expected on a {ESTIMATE_CORES}-core CPU: ~{np.median(list(seconds.values())):.0f} s per run, "
+             f"~{estimate_total_seconds(jobs, seconds, at_once) / 60:.0f} min in all ("
+             f"{f'{workers} single-thread workers share its cores; ' if workers > at_once else ''}"
+             "GPU: see experiments/README.md)"]
     s = cfg.sweep
     if s.search == "grid":
         points = len(s.lr) * len(s.weight_decay)
@@ -225,20 +235,38 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
 
 def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
-    without loading torch): an unknown split or model, a split too long for `task.max_digits`, an unknown predictor,
-    ensembles in mixed precision.
+    without loading torch): an unknown split or model, a split too long for `task.max_digits`, held-out sets it
+    cannot draw, a missing `model.init_from` file, an unknown predictor, ensembles in mixed precision; and warn of
+    too few shifts for the analyses.
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
     from gradtrace.models import check_model
-    from gradtrace.tasks.shifts import check_splits
+    from gradtrace.tasks.shifts import check_splits, draw_held_out
 
     check_splits(cfg.task)
+    draw_held_out(cfg.task)  # test and probe sets too many for the prompts there are (not the training pool: slow)
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():  # every run would fail at its start
+        raise ValueError(f"model.init_from: no file {cfg.model.init_from}; give a safetensors file of weights, e.g. "
+                         "DIR/weights/base/final.safetensors")
     if cfg.sweep.ensemble > 1:  # `auto` is checked where it resolves
         config_mod.check_ensemble_precision(cfg.train.precision)
     if contact_hub:
         check_model(cfg.model)  # looks up only a model from the hub: embedded names are known here
     predict.check_names([*cfg.predict.preregistered, *cfg.predict.exploratory])
+    _warn_of_too_few_shifts(cfg)
+
+
+def _warn_of_too_few_shifts(cfg: Config) -> None:
+    """Warn, before a sweep trains, where `task.shifts` lists too few shifts for the analyses after it: stats'
+    partial correlations need a pair, predict's scores (Spearman over pairs) three pairs. A study of one shift
+    trained to its end and only then met stats' refusal."""
+    shifts = cfg.task.shifts
+    if not cfg.sweep.runs or len(shifts) >= 3:
+        return
+    warnings.warn(f"task.shifts lists {len(shifts)} shift(s) {shifts}: the partial correlations of stats and the "
+                  "report need at least two shifts that vary across runs, predict's scores at least three (three "
+                  "pairs); list more in task.shifts", UserWarning, stacklevel=2)
 
 
 class WorkerDied(RuntimeError):
@@ -329,6 +357,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
     from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
 
+    cfg = config_mod.with_absolute_paths(cfg)  # as a config loaded from a file has them (a cluster's workers too)
     runs = plan(cfg)
     check_config(cfg)  # before the plan is written
     _write_plan(cfg, out, runs)
@@ -463,7 +492,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
     if client is not None:
         from dask.distributed import as_completed
 
-        futures = {client.submit(_execute_on_cluster, _for_cluster(cfg_dict), str(out.resolve()), job,
+        futures = {client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job,
                                  job_threads(cfg, job), pure=False): job for job in jobs}
         try:
             for fut in as_completed(futures):
@@ -503,16 +532,6 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
-
-
-def _for_cluster(cfg_dict: dict) -> dict:
-    """The config with a relative `model.init_from` and relative .py files in `task.modules` made absolute, as `out`
-    is: a cluster's workers run in folders of their own."""
-    init = cfg_dict["model"]["init_from"]
-    if init and Path(init).exists():
-        cfg_dict = {**cfg_dict, "model": {**cfg_dict["model"], "init_from": str(Path(init).resolve())}}
-    modules = [str(Path(m).resolve()) if m.endswith(".py") else m for m in cfg_dict["task"]["modules"]]
-    return {**cfg_dict, "task": {**cfg_dict["task"], "modules": modules}}
 
 
 def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: int, context, gpus):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import Probe, Recorder
-from gradtrace.config import CaptureConfig, Config, TrainConfig, changed_keys, from_dict
+from gradtrace.config import CaptureConfig, Config, TrainConfig, changed_keys, from_dict, with_absolute_paths
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.results import accuracy_columns
@@ -121,7 +121,8 @@ def use_threads(threads: int) -> None:
 
 def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
-    changed = changed_keys(from_dict(group.attrs["config"]), cfg, RESUME_MAY_CHANGE)
+    started = with_absolute_paths(from_dict(group.attrs["config"]))  # a run of before kept relative paths as typed
+    changed = changed_keys(started, cfg, RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(f"run {run_id!r} was trained with another config ({'; '.join(changed)}); resume it with the "
                          "config it started with, or train a new run (another --out or run id)")

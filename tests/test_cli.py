@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pandas as pd
 import pytest
@@ -154,13 +155,28 @@ def test_dry_run_loads_neither_torch_nor_transformers():
     ("task.max_digits=1", "split 'carry' cannot be drawn at task.max_digits=1"),
     ("predict.exploratory=[covarianse]", r"unknown predictor(s) ['covarianse']"),
     ("capture.probe_losses=[ce,hinge]", "unknown capture.probe_losses ['hinge']; choose from ce, margin"),
-    ("sweep.ensemble=2 --set train.precision=bf16", "ensembles train in fp32, got train.precision='bf16'")])
+    ("sweep.ensemble=2 --set train.precision=bf16", "ensembles train in fp32, got train.precision='bf16'"),
+    ("model.init_from=no/such.safetensors", "model.init_from: no file "),
+    ("task.shifts=[space] --set task.max_digits=2 --set task.n_test=5000",  # every run failed alike
+     "could not draw 5256 distinct test and probe items of split 'ID'"),
+    ("sweep.runs=0 --set sweep.reference_runs=0 --set sweep.pretrain_steps=0",
+     "the plan has no run: nothing to train")])
 def test_a_dry_run_refuses_what_the_sweep_would_refuse_before_training(capsys, pair, message):
     """A plan printed for a misspelt shift: on a cluster the job then failed at its start, after its wait in the
     queue."""
     pairs = [arg for one in pair.split(" --set ") for arg in ("--set", one)]
     assert main(["sweep", "experiments/default.yaml", *pairs, "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shifts, warned", [("[space]", 1), ("[space,order]", 1), ("[space,order,carry]", 0)])
+def test_a_plan_of_too_few_shifts_for_the_analyses_is_warned_of(shifts, warned):
+    """A study of one shift trained to its end; stats then refused it, saying to add acc_<shift> columns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["sweep", "experiments/default.yaml", "--set", f"task.shifts={shifts}", "--dry-run"]) == 0
+    assert sum("need at least two shifts that vary across runs, predict's scores at least three" in str(w.message)
+               for w in caught) == warned
 
 
 def test_a_dry_run_into_a_directory_refuses_what_the_sweep_would_there(tmp_path, capsys):

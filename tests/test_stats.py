@@ -382,7 +382,7 @@ def test_all_residualisations_leave_out_one_whose_curve_fits_a_shift_exactly():
         (lambda d: d.assign(acc_ID=d["acc_ID"] - 1), "out of range"),
         (lambda d: d.assign(run_id=["r0"] * 2 + list(d["run_id"][2:])), "duplicate run ids \\['r0'\\]"),
         (lambda d: d.drop(columns="acc_ID"), "no ID accuracy column 'acc_ID'"),
-        (lambda d: d[["run_id", "acc_ID", "acc_s0"]], "at least two shifts"),
+        (lambda d: d[["run_id", "acc_ID", "acc_s0"]], "list at least two shifts that vary across runs in task.shifts"),
         (lambda d: d.assign(acc_s1=ndtr(0.3 + ndtri(d["acc_ID"]))), r"exactly determined by the covariates \(ID"),
         (lambda d: pd.concat([d, d[["acc_s0"]]], axis=1), "several columns named \\['acc_s0'\\]"),
     ],

@@ -100,6 +100,20 @@ def test_the_plans_time_counts_an_ensemble_as_its_members_on_one_worker():
     assert "vmap ensembles of up to 8 runs of one base and role: 4 jobs for the 2 worker(s)" in describe_plan(cfg, runs)
 
 
+def test_the_plans_time_on_two_cores_trains_no_more_than_two_runs_at_once():
+    """8 and 32 workers gave a quarter and a sixteenth of 2 workers' time, 'expected on a 2-core CPU'."""
+    from gradtrace.sweep import describe_plan
+
+    def expected(workers: int) -> str:
+        cfg = config.load("experiments/large.yaml", {"sweep.workers": workers})
+        return describe_plan(cfg, plan(cfg)).splitlines()[1]
+
+    two = expected(2)
+    assert two.startswith("expected on a 2-core CPU")
+    for more in (8, 32):
+        assert expected(more) == two.replace("(GPU", f"({more} single-thread workers share its cores; GPU")
+
+
 def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     cfg = tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=8)
     run_sweep(cfg, tmp_path, progress=False)
@@ -579,6 +593,9 @@ def test_what_cannot_run_is_refused_before_anything_trains(tmp_path, capsys):
     from gradtrace.calibrate import calibrate
     from gradtrace.cli import main
 
+    with pytest.raises(ValueError, match="the plan has no run: nothing to train"):  # an empty study, exit status 0
+        run_sweep(tiny_config(sweep__runs=0, sweep__reference_runs=0), tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty" / "plan.json").exists()
     cfg = tiny_config(sweep__runs=2, sweep__ensemble=2, sweep__workers=1, train__precision="fp16")
     with pytest.raises(ValueError, match="ensembles train in fp32"):
         run_sweep(cfg, tmp_path / "fp16", progress=False)
@@ -733,16 +750,33 @@ def test_an_unreachable_scheduler_is_refused_before_anything_trains(tmp_path, mo
     assert not (tmp_path / "store.zarr").exists()  # the base run did not train first
 
 
-def test_a_cluster_gets_the_configs_relative_paths_made_absolute(tmp_path, monkeypatch):
+def test_a_configs_relative_file_paths_are_made_absolute_as_it_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(model__init_from="w.safetensors", task__modules=["splits.py", "my.splits"])
+    assert cfg.model.init_from == str(tmp_path / "w.safetensors")
+    assert cfg.task.modules == [str(tmp_path / "splits.py"), "my.splits"]  # a module name is the Python path's to find
+    assert tiny_config().model.init_from is None
+
+
+def test_a_sweeps_workers_get_the_configs_relative_paths_made_absolute(tmp_path, monkeypatch, split_registry):
+    """A cluster's workers run in folders of their own; a config built in Python keeps its paths as typed."""
     from gradtrace import sweep
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.safetensors").write_text("")
-    cfg = tiny_config(model__init_from="w.safetensors")
-    assert sweep._for_cluster(cfg.to_dict())["model"]["init_from"] == str(tmp_path / "w.safetensors")
-    assert sweep._for_cluster(tiny_config().to_dict())["model"]["init_from"] is None
-    modules = sweep._for_cluster(tiny_config(task__modules=["splits.py", "my.splits"]).to_dict())["task"]["modules"]
-    assert modules == [str(tmp_path / "splits.py"), "my.splits"]  # a module name is the Python path's to find
+    (tmp_path / "splits.py").write_text(MY_SPLIT)
+    given = []
+
+    def dispatch(cfg, out, jobs, client):
+        given.append(cfg)
+        yield from ()
+
+    monkeypatch.setattr(sweep, "_dispatch", dispatch)
+    typed = config.from_dict(tiny_config().to_dict(), {"model.init_from": "w.safetensors", "sweep.runs": 1,
+                                                       "task.modules": ["splits.py"], "task.shifts": ["double"]})
+    run_sweep(typed, tmp_path / "study", progress=False)
+    assert {cfg.model.init_from for cfg in given} == {str(tmp_path / "w.safetensors")}
+    assert {tuple(cfg.task.modules) for cfg in given} == {(str(tmp_path / "splits.py"),)}
 
 
 MY_SPLIT = """
@@ -771,12 +805,51 @@ def test_a_sweep_of_a_split_of_your_own_trains_it_in_every_worker(tmp_path, monk
     assert sorted(table.run_id) == ["run-000", "run-001"] and table["acc_double"].notna().all()
 
 
+def test_a_study_of_relative_paths_extends_from_another_directory(tmp_path, monkeypatch, split_registry):
+    """config.yaml kept a relative model.init_from and task.modules file as typed: extended from another directory,
+    each run failed to find the weights, the sweep to find the splits, and the absolute paths were refused as another
+    config. A study written so before still resumes from the directory it was started in."""
+    from gradtrace.cli import main
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    (here / "splits.py").write_text(MY_SPLIT)
+    settings = {**TINY, "train.steps": 2, "sweep.workers": 1, "sweep.reference_runs": 0}
+    monkeypatch.chdir(here)
+    assert main(["sweep", os.devnull, "--out", "base", *set_args({**settings, "sweep.runs": 0,
+                                                                   "sweep.pretrain_steps": 2})]) == 0
+    study = {**settings, "task.modules": "[splits.py]", "task.shifts": "[double,space]", "sweep.vary": "[data]",
+             "model.init_from": "base/weights/base/final.safetensors"}
+    assert main(["sweep", os.devnull, "--out", "study", *set_args({**study, "sweep.runs": 1})]) == 0
+    written = config.load(here / "study" / "config.yaml")
+    assert (written.model.init_from, written.task.modules) == (str(here / "base/weights/base/final.safetensors"),
+                                                               [str(here / "splits.py")])
+    monkeypatch.chdir(elsewhere)
+    absolute = {**study, "task.modules": f"[{here / 'splits.py'}]", "model.init_from": written.model.init_from}
+    assert main(["sweep", os.devnull, "--out", str(here / "study"), *set_args({**absolute, "sweep.runs": 2})]) == 0
+    assert sorted(pd.read_csv(here / "study" / "results.csv").run_id) == ["run-000", "run-001"]
+    before = (here / "study" / "config.yaml").read_text().replace(str(here) + "/", "")  # as it was written before
+    (here / "study" / "config.yaml").write_text(before)
+    monkeypatch.chdir(here)
+    assert main(["sweep", os.devnull, "--out", "study", *set_args({**study, "sweep.runs": 3})]) == 0
+
+
+def test_a_run_started_with_relative_paths_resumes_with_them_made_absolute(tmp_path, monkeypatch):
+    from gradtrace.train import check_resumes_its_config
+
+    monkeypatch.chdir(tmp_path)
+    typed = {"task.modules": ["splits.py"], "model.init_from": "w.safetensors"}
+    started = types.SimpleNamespace(attrs={"config": config.from_dict(tiny_config().to_dict(), typed).to_dict()})
+    check_resumes_its_config(started, tiny_config(**{k.replace(".", "__"): v for k, v in typed.items()}), "run-000")
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(model__name="micr0"), "model 'micr0' is neither embedded"),
     (dict(predict__exploratory=["covarianse"]), r"unknown predictor\(s\) \['covarianse'\]"),  # after the sweep, before
     (dict(capture__probe_losses=["ce", "hinge"]), r"unknown capture.probe_losses \['hinge'\]"),  # the reference run
+    (dict(model__init_from="no/such.safetensors"), "model.init_from: no file .*no/such.safetensors"),
     (dict(model__pretrained=True), "the embedded 'micro' is built from its config, with none to load"),  # "is neither
-], ids=["model", "predictor", "probe-loss", "pretrained-embedded"])  # embedded (tiny, micro, …)" before
+], ids=["model", "predictor", "probe-loss", "init-from", "pretrained-embedded"])  # embedded (tiny, micro, …)" before
 def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         run_sweep(tiny_config(sweep__runs=1, sweep__reference_runs=0, **override), tmp_path, progress=False)
@@ -806,10 +879,10 @@ def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
 
 
 def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
-    """A config error every run meets (test items the digits cannot supply) advised running the same sweep again,
-    and the directory then refused the mended config, though nothing had trained."""
+    """A config error every run meets (held-out sets that leave a training form no prompt) advised running the same
+    sweep again, and the directory then refused the mended config, though nothing had trained."""
     broken = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
-                         task__max_digits=1, task__n_test=40, task__shifts=["space"])
+                         task__max_digits=2, task__n_test=2000, task__shifts=["zeropad"])
     with pytest.raises(SweepError, match="every run failed alike: mend what the error names"):
         run_sweep(broken, tmp_path, progress=False)
     mended = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,

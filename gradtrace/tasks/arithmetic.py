@@ -13,7 +13,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, check_splits, drawing_order, get_split, train_mix
+from gradtrace.tasks.shifts import Problem, check_splits, draw_held_out, drawing_order, get_split, train_mix
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -77,32 +77,11 @@ class ArithmeticTask:
         return Encoded(tokens, mask, prompts)
 
     # -- fixed evaluation sets ---------------------------------------------------------------------------------
-    def _unique(self, name: str, rng: np.random.Generator, n: int, exclude: set[str]) -> list[Problem]:
-        out, seen, tries = [], set(exclude), 0
-        while len(out) < n:
-            p = get_split(name).test(rng, self.cfg.max_digits)
-            key = self.render(p)[0]
-            tries += 1
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-            elif tries > 50 * n:
-                raise ValueError(f"could not draw {n} distinct test and probe items of split {name!r} (besides the "
-                                 "splits drawn before it); lower task.n_test or task.n_probe, or raise "
-                                 "task.max_digits")
-        return out
-
     @cached_property
     def _held_out(self) -> dict[str, tuple[list[Problem], list[Problem]]]:
         """Per split: (test problems, probe problems), drawn from the task seed; never in training."""
-        out, used = {}, set()
-        for i, name in enumerate(self._drawn):
-            rng = np.random.default_rng([self.cfg.seed, i])
-            items = self._unique(name, rng, self.cfg.n_test + self.cfg.n_probe, used)
-            used.update(self.render(p)[0] for p in items)
-            out[name] = (items[: self.cfg.n_test], items[self.cfg.n_test:])
-        self.held_out_prompts = used
-        return out
+        held_out, self.held_out_prompts = draw_held_out(self.cfg)
+        return held_out
 
     def test_set(self, split: str) -> Encoded:
         """The split's evaluation items (task.n_test of them), encoded once."""

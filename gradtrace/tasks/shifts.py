@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from gradtrace.config import MAX_DIGITS
+from gradtrace.config import MAX_DIGITS, names_a_file
 
 if TYPE_CHECKING:
     from gradtrace.config import TaskConfig
@@ -186,7 +186,7 @@ def import_split_modules(modules: list[str]) -> None:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
     the command runs in): the modules where your own splits are registered. A file is run once per process."""
     for module in modules:
-        if module.endswith(".py"):
+        if names_a_file(module):
             _run_file(module)
             continue
         try:
@@ -259,6 +259,34 @@ def check_splits(cfg: TaskConfig) -> None:
             if not isinstance(problem, Problem):
                 raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
                                 "returns a gradtrace.tasks.Problem")
+
+
+def draw_held_out(cfg: TaskConfig) -> tuple[dict[str, tuple[list[Problem], list[Problem]]], set[str]]:
+    """Per split, (test problems, probe problems) drawn from the task seed in `drawing_order`, each split's prompts
+    distinct and none a prompt of a split drawn before it; and every prompt drawn, which training never sees.
+    Torch-free: a dry run draws them too, so a task whose held-out sets cannot be drawn is refused before any run."""
+    out, used = {}, set()
+    for i, name in enumerate(drawing_order(["ID", *cfg.shifts])):
+        rng = np.random.default_rng([cfg.seed, i])
+        items = _distinct(cfg, name, rng, cfg.n_test + cfg.n_probe, used)
+        out[name] = (items[: cfg.n_test], items[cfg.n_test:])
+    return out, used
+
+
+def _distinct(cfg: TaskConfig, name: str, rng: np.random.Generator, n: int, used: set[str]) -> list[Problem]:
+    """`n` test-form items of split `name` whose prompts are distinct and not in `used`, which takes theirs."""
+    out, tries, test = [], 0, get_split(name).test
+    while len(out) < n:
+        problem = test(rng, cfg.max_digits)
+        prompt = problem.render(cfg.reverse_operands, cfg.digit_spaces)[0]
+        tries += 1
+        if prompt not in used:
+            used.add(prompt)
+            out.append(problem)
+        elif tries > 50 * n:
+            raise ValueError(f"could not draw {n} distinct test and probe items of split {name!r} (besides the "
+                             "splits drawn before it); lower task.n_test or task.n_probe, or raise task.max_digits")
+    return out
 
 
 def _draw(split: Split, max_digits: int) -> dict[str, Problem]:
