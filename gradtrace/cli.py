@@ -182,7 +182,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     path = Path(args.store)
     src = path / "store.zarr" if (path / "store.zarr").exists() else path
-    print(f"written: {store.export_hdf5(src, args.out)}")
+    print(f"written: {store.export_hdf5(src, args.out, args.compression, progress=True)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     on_path("info", cmd_info, "store", "experiment directory or .zarr store")
     p = on_path("export", cmd_export, "store", "experiment directory or .zarr store")
     p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "none"],
+                   help="gzip (level 1, shuffled; any HDF5 reader) or none (~15× faster to write, a sixth larger)")
     return parser
 
 

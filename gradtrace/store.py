@@ -619,11 +619,20 @@ class _RunListing:
         return cls(run_id, kind, lines, sum(sizes))
 
 
-def export_hdf5(path: str | Path, out: str | Path) -> Path:
+# HDF5 filters of `export_hdf5`: gzip (every HDF5 reader has it) at level 1 after a byte shuffle, 50 MB/s and 86% of
+# the size on sketched trajectories, where h5py's default level 4 without shuffle gave 30 MB/s and 93%; or none
+EXPORT_COMPRESSION = {"gzip": {"compression": "gzip", "compression_opts": 1, "shuffle": True}, "none": {}}
+
+
+def export_hdf5(path: str | Path, out: str | Path, compression: str = "gzip", progress: bool = False) -> Path:
     """Copy every run's arrays and attributes into one HDF5 file (bfloat16 decoded to float32), a stored chunk
     at a time, so stores larger than memory export too. The file appears whole or not at all (it is written beside
-    `out` and renamed); `out` may replace an earlier export but no other file."""
+    `out` and renamed); `out` may replace an earlier export but no other file. `compression`: a key of
+    EXPORT_COMPRESSION (`none` writes ~15× faster, a sixth larger); `progress`: a bar over the runs."""
     import h5py
+
+    if compression not in EXPORT_COMPRESSION:
+        raise ValueError(f"compression {compression!r}: choose one of {', '.join(EXPORT_COMPRESSION)}")
 
     root = open_experiment(path)
     out = Path(out)
@@ -637,7 +646,7 @@ def export_hdf5(path: str | Path, out: str | Path) -> Path:
         raise FileExistsError(f"{out} is an HDF5 file but not a gradtrace export (no `gradtrace` attribute at its "
                               "root): export replaces only an earlier export; choose another path")
     with written_whole(out) as partial:
-        _write_hdf5(root, partial)
+        _write_hdf5(root, partial, EXPORT_COMPRESSION[compression], progress)
     return out
 
 
@@ -652,12 +661,14 @@ def _an_export(path: Path) -> bool:
         return False
 
 
-def _write_hdf5(root: zarr.Group, out: Path) -> None:
+def _write_hdf5(root: zarr.Group, out: Path, filters: dict, progress: bool) -> None:
     import h5py
+    from tqdm.auto import tqdm
 
     with h5py.File(out, "w") as h5:
         h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
-        for rid, g in run_groups(root).items():
+        runs = run_groups(root).items()
+        for rid, g in tqdm(runs, desc="export", unit="run", disable=None if progress else True):  # None: a terminal's
             hg = h5.create_group(rid)
             hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
             for name, arr in _arrays(g).items():
@@ -666,7 +677,7 @@ def _write_hdf5(root: zarr.Group, out: Path) -> None:
                 # chunks into thin column strips that every written block re-compressed: 30 → 1 MB/s)
                 chunks = tuple(max(1, min(c, n)) for c, n in zip(arr.chunks, arr.shape)) if arr.size else None
                 ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
-                                       chunks=chunks, compression="gzip" if arr.size else None)
+                                       chunks=chunks, **(filters if arr.size else {}))
                 for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
                     ds[lo:lo + arr.chunks[0]] = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
                 ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
