@@ -628,7 +628,8 @@ def export_hdf5(path: str | Path, out: str | Path, compression: str = "gzip", pr
     """Copy every run's arrays and attributes into one HDF5 file (bfloat16 decoded to float32), a stored chunk
     at a time, so stores larger than memory export too. The file appears whole or not at all (it is written beside
     `out` and renamed); `out` may replace an earlier export but no other file. `compression`: a key of
-    EXPORT_COMPRESSION (`none` writes ~15× faster, a sixth larger); `progress`: a bar over the runs."""
+    EXPORT_COMPRESSION (`none`: the demo's store in 2.7 s and 86 MB against 4.5 s and 61 MB); `progress`: a bar
+    over the runs."""
     import h5py
 
     if compression not in EXPORT_COMPRESSION:
