@@ -283,20 +283,21 @@ def _sigterm_as_interrupt():
 @contextlib.contextmanager
 def _warnings_in_words(command: str):
     """Within: gradtrace's own warnings print as `gradtrace COMMAND: warning: …`, as its errors do, not as Python's
-    `/…/gradtrace/stats.py:875: UserWarning: …` and the source line; others (numpy's, say) keep Python's form."""
+    `/…/gradtrace/stats.py:875: UserWarning: …` and the source line; others (numpy's, say) keep Python's form. Only
+    the printed form changes (`warnings.formatwarning`): a caller recording warnings still records them."""
     package = str(Path(gradtrace.__file__).parent)
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not (issubclass(category, UserWarning) and str(filename).startswith(package)):
-            return before(message, category, filename, lineno, file, line)
-        print(f"gradtrace {command}: warning: {message}", file=file or sys.stderr)
+    def in_words(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and str(filename).startswith(package):
+            return f"gradtrace {command}: warning: {message}\n"
+        return before(message, category, filename, lineno, line)
 
-    before = warnings.showwarning
-    warnings.showwarning = show
+    before = warnings.formatwarning
+    warnings.formatwarning = in_words
     try:
         yield
     finally:
-        warnings.showwarning = before
+        warnings.formatwarning = before
 
 
 def main(argv: list[str] | None = None) -> int:
