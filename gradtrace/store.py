@@ -92,14 +92,19 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
     if mode == "r" and not (path / "zarr.json").exists():
         hint = f" (did you mean {path / 'store.zarr'}?)" if (path / "store.zarr").exists() else ""
         raise FileNotFoundError(f"{path} is not a gradtrace store: no zarr.json there{hint}")
+    attrs = {"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__, "kind": EXPERIMENT}
     try:
+        # a new store is created with its attributes in one write: of two workers opening it at once, one saw the
+        # other's group bare (attributes not yet written) beside a run, and refused it as no gradtrace store
+        if mode == "a" and not (path / "zarr.json").exists():
+            with contextlib.suppress(zarr.errors.ContainsGroupError):  # the other was first
+                zarr.create_group(path, zarr_format=3, attributes={**attrs, "created": _now()})
         root = zarr.open_group(path, mode=mode, zarr_format=3)
     except Exception as err:  # zarr raises several types for damaged metadata
         raise ValueError(f"{path} could not be opened as a Zarr v3 group ({type(err).__name__}: {err}); "
                          "the store may be truncated or corrupt") from err
-    if mode != "r" and not root.attrs and not any(root.keys()):  # a new store (or one killed before this write)
-        root.update_attributes({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
-                                "created": _now(), "kind": EXPERIMENT})
+    if mode != "r" and not root.attrs and not any(root.keys()):  # mode "w" (or a store of before, killed here)
+        root.update_attributes({**attrs, "created": _now()})
     if root.attrs.get("kind") != EXPERIMENT:
         raise ValueError(_not_an_experiment(path, root))
     version = root.attrs.get("schema_version")

@@ -206,6 +206,14 @@ def test_a_group_that_is_not_an_experiment_store_is_refused(tmp_path):
     assert store.runs(store.open_experiment(tmp_path / "s.zarr")) == ["r"]
 
 
+def test_a_new_store_is_created_with_its_attributes_in_one_write(tmp_path, monkeypatch):
+    """Two sweep workers opening a new store at once: one saw the other's group bare (created, its attributes not
+    yet written) beside a run, and refused it as no gradtrace store (the run failed)."""
+    monkeypatch.setattr(zarr.Group, "update_attributes", lambda self, *a, **k: pytest.fail("a second write"))
+    assert store.open_experiment(tmp_path / "s.zarr", mode="a").attrs["kind"] == store.EXPERIMENT
+    assert store.open_experiment(tmp_path / "s.zarr", mode="a").attrs["kind"] == store.EXPERIMENT  # as it was
+
+
 def test_newer_schema_refused(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     root.attrs["schema_version"] = store.SCHEMA_VERSION + 1
