@@ -39,7 +39,7 @@ from gradtrace import store
 from gradtrace.files import write_csv
 from gradtrace.results import started_from
 from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
-                             group_codes, partial_correlations, varying_shifts)
+                             group_codes, partial_correlations, spearman_brown, varying_shifts)
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
@@ -839,8 +839,8 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     of runs (the agreement of two independent sweeps of this size). The correction's length ratio is that of the
     partial correlations' degrees of freedom, runs less ID, one intercept per group and 2 (a Fisher z's variance is
     1/(n − B − 3)): halves of 4 bases × 25 runs hold 12 runs per base, so 41 of the whole's 93, not half. ceiling:
-    √reliability, the expected Spearman of a perfect predictor with the observed matrix (0 if reliability ≤ 0).
-    NaN for fewer than 8 runs, and with a warning where a half leaves no degree of freedom.
+    √reliability, the expected Spearman of a perfect predictor with the observed matrix (both 0 where the halves agree
+    no better than chance: `stats.spearman_brown`). NaN for fewer than 8 runs, and with a warning where a half leaves no degree of freedom.
     """
     accuracy = np.asarray(accuracy, float)
     n, S = accuracy.shape[0], accuracy.shape[1] - 1
@@ -869,8 +869,8 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     ok = ~(np.isnan(first).any(axis=1) | np.isnan(second).any(axis=1))
     rho = float(np.mean(_rowwise_corr(_ranks(first[ok]), _ranks(second[ok])))) if ok.any() else float("nan")
     length = (n - len(members_of) - 3) / half_dof
-    reliability = length * rho / (1 + (length - 1) * rho) if rho > -1 else float("nan")
-    return reliability, math.sqrt(reliability) if reliability > 0 else 0.0 if reliability <= 0 else float("nan")
+    reliability = float(spearman_brown(rho, length))
+    return reliability, math.sqrt(reliability)
 
 
 def score(predicted: Mapping[str, pd.DataFrame] | pd.DataFrame, observed: pd.DataFrame,

@@ -58,6 +58,7 @@ __all__ = [
     "generalisation_gap",
     "partial_correlations",
     "runs_needed",
+    "spearman_brown",
     "split_half_reliability",
     "stats_report",
 ]
@@ -515,8 +516,7 @@ def _residual_reliability(
     h1, h2, m1, m2 = _half_accuracies(items, n_splits, seed)
     r1, r2 = _residualize(transform(h1, m1), Z), _residualize(transform(h2, m2), Z)
     corr = _column_corr(r1, r2)  # NaN for every split-half where a half is constant (an accuracy of 0 in each run)
-    rho = np.nanmean(corr) if np.isfinite(corr).any() else np.nan
-    return float(2 * rho / (1 + rho))
+    return float(spearman_brown(np.nanmean(corr))) if np.isfinite(corr).any() else np.nan
 
 
 def _check_designs(
@@ -612,7 +612,7 @@ def partial_correlations(
         reliability of each shift's *residual* (half-accuracies transformed and residualised on the same
         covariates, averaged over ``n_splits`` random item halves). Approximations: ID accuracy is treated as
         error-free, halves as parallel forms, and the two shifts' item errors as independent; sampling error
-        can push |r_disattenuated| above 1 (not clipped).
+        can push |r_disattenuated| above 1 (not clipped); where a reliability is 0 (`spearman_brown`) it is NaN.
 
     within : a column naming each run's group (e.g. ``"base"``, the base run it fine-tuned): the partial correlation
         within groups. Every residualisation adds the groups' indicators to its covariates (fixed effects, so k
@@ -687,8 +687,9 @@ def partial_correlations(
                 if s in data.items else np.nan for s in data.shifts
             ])
             frame["rel_a"], frame["rel_b"] = rel[ia], rel[ib]
-            with np.errstate(invalid="ignore"):
-                frame["r_disattenuated"] = r / np.sqrt(rel[ia] * rel[ib])
+            with np.errstate(invalid="ignore", divide="ignore"):  # a reliability of 0 leaves nothing to correct
+                frame["r_disattenuated"] = np.where((rel[ia] > 0) & (rel[ib] > 0), r / np.sqrt(rel[ia] * rel[ib]),
+                                                    np.nan)
         frames.append(frame)
 
     out = pd.concat(frames, ignore_index=True)
@@ -742,12 +743,22 @@ def centre_within(x: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray
     return x - member @ ((member.T @ x) / member.sum(axis=0)[:, None])
 
 
+def spearman_brown(rho: Any, length: float = 2.0) -> np.ndarray:
+    """Reliability of a measure `length` times as long as one whose parallel forms correlate rho: L·rho / (1 +
+    (L − 1)·rho). A rho ≤ 0 (halves that agree no better than chance: no between-run signal) gives 0, not the
+    formula's negative value (−6 at rho = −0.75), which reads as no reliability and would feed a disattenuation's
+    square root; NaN stays NaN."""
+    rho = np.asarray(rho, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rho > 0, length * rho / (1 + (length - 1) * rho), np.where(np.isnan(rho), np.nan, 0.0))
+
+
 def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100, seed: int = 0,
                            groups: np.ndarray | None = None) -> pd.DataFrame:
     """Spearman-Brown split-half reliability of each split's across-run accuracy from per-item correctness.
 
     For each of ``n_splits`` random halvings of a split's items, correlate the runs' accuracies on the two halves
-    (rho); reliability = 2 rho / (1 + rho) with rho averaged over halvings. With ``groups`` (each run's group code,
+    (rho); reliability = 2 rho / (1 + rho) with rho averaged over halvings, 0 where that is ≤ 0. With ``groups`` (each run's group code,
     e.g. its base run) the half accuracies are centred within groups first: the reliability of the differences
     between runs of one group, which is what a correlation within groups sees. Columns: ``split, n_runs, n_items,
     reliability, reliability_sd`` (sd of the Spearman-Brown value over halvings: the halving noise, not a
@@ -766,10 +777,9 @@ def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100,
             raise ValueError(f"items[{split!r}] must hold 0/1 (or bool) correctness, found other values.")
         h1, h2, _, _ = _half_accuracies(arr, n_splits, seed)
         rho = _column_corr(centre_within(h1, groups), centre_within(h2, groups))
-        with np.errstate(invalid="ignore"):
-            sb = 2 * rho / (1 + rho)
+        sb = spearman_brown(rho)
         rows.append({"split": split, "n_runs": arr.shape[0], "n_items": arr.shape[1],
-                     "reliability": 2 * np.nanmean(rho) / (1 + np.nanmean(rho)) if np.isfinite(rho).any() else np.nan,
+                     "reliability": float(spearman_brown(np.nanmean(rho))) if np.isfinite(rho).any() else np.nan,
                      "reliability_sd": np.nanstd(sb) if np.isfinite(sb).any() else np.nan})
     out = pd.DataFrame(rows, columns=["split", "n_runs", "n_items", "reliability", "reliability_sd"])
     low = out[~(out["reliability"] >= RELIABILITY_WARN)]
@@ -976,6 +986,9 @@ def format_table(df: pd.DataFrame) -> str:
     if has_dis and (df["r_disattenuated"].abs() > 1).any():
         lines.append("† |r_dis| > 1: the pair's split-half reliabilities (rel_a, rel_b in stats.csv) are too low or "
                      "too noisy to disattenuate r; read r")
+    if has_dis and (df["r_disattenuated"].isna() & ((df["rel_a"] == 0) | (df["rel_b"] == 0))).any():
+        lines.append("r_dis nan: a reliability of 0 (the halves of a shift's items agree no better than chance across "
+                     "runs), nothing to disattenuate")
     if "note" in df.columns and df["note"].astype(bool).any():
         lines.append("note: " + str(df.loc[df["note"].astype(bool), "note"].iloc[0]))
     return "\n".join(lines)

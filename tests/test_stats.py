@@ -31,6 +31,7 @@ from gradtrace.stats import (
     generalisation_gap,
     partial_correlations,
     runs_needed,
+    spearman_brown,
     split_half_reliability,
     stats_report,
 )
@@ -456,6 +457,40 @@ def test_split_half_reliability_recovers_known_value():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         split_half_reliability({"clean": items["clean"]})
+
+
+def _fixed_total_items(rng, totals, m):
+    """Per-item correctness whose run totals are `totals`, at random positions: the two halves of a split trade
+    items one for one, so their accuracies correlate negatively across runs."""
+    return np.array([rng.permutation(np.arange(m) < t) for t in totals])
+
+
+def test_spearman_brown_gives_zero_where_halves_agree_no_better_than_chance():
+    assert spearman_brown(0.5) == pytest.approx(2 / 3) and spearman_brown(0.5, length=3) == pytest.approx(0.75)
+    np.testing.assert_array_equal(spearman_brown([-0.75, -1.0, 0.0]), [0.0, 0.0, 0.0])  # the formula: −6, −inf, 0
+    assert np.isnan(spearman_brown(np.nan))
+
+
+def test_split_half_reliability_without_between_run_signal_is_zero_not_negative():
+    rng = np.random.default_rng(3)
+    items = _fixed_total_items(rng, rng.integers(48, 53, 60), 100)  # the halves' accuracies sum to ~0.5 in each run
+    with pytest.warns(UserWarning, match=r"noise \(0.00\)"):
+        rel = split_half_reliability({"noise": items}, n_splits=20)
+    assert rel["reliability"].iloc[0] == 0 and rel["reliability_sd"].iloc[0] == 0  # was −36 (rho ≈ −0.95)
+
+
+def test_disattenuation_is_missing_where_a_reliability_is_zero():
+    """Two shifts without between-run signal in their items: reliabilities 0, nothing to disattenuate (their
+    negative Spearman–Brown values multiplied to a positive product and gave a finite r_disattenuated)."""
+    rng = np.random.default_rng(5)
+    n, m = 80, 100
+    id_acc = rng.uniform(0.4, 0.9, n)
+    items = {s: _fixed_total_items(rng, rng.integers(48, 53, n), m) for s in ("s0", "s1")}
+    df = table_from(id_acc, items["s0"].mean(1), items["s1"].mean(1))
+    out = partial_correlations(df, residualize="linear", items=items, n_splits=20, **FAST)
+    assert (out["rel_a"] == 0).all() and (out["rel_b"] == 0).all()
+    assert out["r_disattenuated"].isna().all() and out["r"].notna().all()
+    assert "r_dis nan: a reliability of 0" in format_table(out)
 
 
 def test_disattenuation_moves_r_towards_the_planted_value():
