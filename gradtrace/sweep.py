@@ -198,6 +198,15 @@ def bases_side_by_side(bases: int, workers: int) -> int:
 
 
 ESTIMATE_CORES = 2  # the CPU a dry run's time is for: `estimate_seconds` was measured on 2 vCPUs
+TWO_THREADS_SPEEDUP = 1.5  # a run alone on both threads against one of two single-thread workers (1.5–1.7×, the
+#                            hosts of benchmarks/README.md's sweep_throughput tables)
+
+
+def estimate_job_seconds(cfg: Config, job: list[PlannedRun]) -> dict[str, float]:
+    """`estimate_seconds` of each run of a job, on the threads it trains on (`job_threads`; 0, torch's default,
+    takes both of `ESTIMATE_CORES`)."""
+    speedup = 1.0 if job_threads(cfg, job) == 1 else TWO_THREADS_SPEEDUP
+    return {r.run_id: estimate_seconds(run_config(cfg, r)) / speedup for r in job}
 
 
 def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
@@ -206,8 +215,8 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     workers = max(1, cfg.sweep.workers)
     at_once = min(workers, ESTIMATE_CORES)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
-    seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
     jobs = _jobs(cfg, runs)
+    seconds = {run_id: t for job in jobs for run_id, t in estimate_job_seconds(cfg, job).items()}
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
     if cfg.sweep.bases > 1:
         base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"

@@ -114,6 +114,25 @@ def test_the_plans_time_on_two_cores_trains_no_more_than_two_runs_at_once():
         assert expected(more) == two.replace("(GPU", f"({more} single-thread workers share its cores; GPU")
 
 
+def test_the_plans_time_counts_the_threads_a_run_trains_on():
+    """With one worker every run trains on `train.threads`, and a study's one base run does with any number: the
+    estimate, of one thread beside another worker, was shown for them too (large.yaml, one worker: ~139 min)."""
+    from gradtrace.sweep import TWO_THREADS_SPEEDUP, describe_plan, estimate_job_seconds
+
+    def minutes(**overrides) -> float:
+        cfg = config.load("experiments/large.yaml", overrides)
+        return float(describe_plan(cfg, plan(cfg)).splitlines()[1].split("~")[2].split(" min")[0])
+
+    one, both = minutes(**{"sweep.workers": 1, "train.threads": 1}), minutes(**{"sweep.workers": 1, "train.threads": 2})
+    assert both == pytest.approx(one / TWO_THREADS_SPEEDUP, abs=1) and minutes(**{"sweep.workers": 1}) == both
+    cfg = config.load("experiments/default.yaml", {"train.threads": 2})
+    base = next(r for r in plan(cfg) if r.role == "base")
+    assert estimate_job_seconds(cfg, [base])["base"] == pytest.approx(
+        estimate_seconds(run_config(cfg, base)) / TWO_THREADS_SPEEDUP)  # alone on both threads
+    sweep_run = next(r for r in plan(cfg) if r.role == "sweep")
+    assert estimate_job_seconds(cfg, [sweep_run])[sweep_run.run_id] == estimate_seconds(run_config(cfg, sweep_run))
+
+
 def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     cfg = tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=8)
     run_sweep(cfg, tmp_path, progress=False)
