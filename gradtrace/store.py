@@ -430,11 +430,16 @@ def _chunk_key(arr: zarr.Array, index: int) -> str:
 
 def read_lazy(group: zarr.Group, name: str):
     """Array `name` as a dask array chunked like the store (for trajectories larger than memory)."""
-    import dask.array as da
-
     if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
-    arr = group[name]
+    return as_dask(group[name])
+
+
+def as_dask(arr: zarr.Array):
+    """A stored array as a dask array chunked like the store, decoded (`decode`), a chunk that cannot be decoded
+    refused named when the dask array is computed."""
+    import dask.array as da
+
     lazy = da.from_array(_NamingDamage(arr), chunks=arr.chunks, name=False)  # a fresh name: nothing hashed
     storage = arr.attrs.get("storage_dtype")
     return lazy.map_blocks(decode, storage, dtype=np.float32) if storage in (BF16, "float16") else lazy

@@ -169,9 +169,13 @@ def _row_blocks(X: Any, rows: int) -> Iterator[np.ndarray]:
         for start in range(0, X.shape[0], rows):
             yield _check_finite(np.asarray(X[start: start + rows].compute()), start)
         return
-    storage = X.attrs.get("storage_dtype") if isinstance(X, zarr.Array) else None
+    if isinstance(X, zarr.Array):  # a chunk that cannot be decoded refused named
+        storage = X.attrs.get("storage_dtype")
+        for start in range(0, X.shape[0], rows):
+            yield _check_finite(store.decode(store.stored(X, slice(start, start + rows)), storage), start)
+        return
     for start in range(0, X.shape[0], rows):
-        yield _check_finite(store.decode(X[start: start + rows], storage), start)
+        yield _check_finite(np.asarray(X[start: start + rows]), start)
 
 
 def _frequent_directions(X: Any, sketch_size: int, block_rows: int) -> tuple[np.ndarray, float]:
@@ -237,8 +241,7 @@ def top_span_streaming(X: Any, rank: int, method: str = "frequent_directions", s
         import dask.array as da
 
         if isinstance(X, zarr.Array):
-            storage = X.attrs.get("storage_dtype")
-            X = da.from_zarr(X).map_blocks(store.decode, storage, dtype=np.float32)
+            X = store.as_dask(X)
         elif not hasattr(X, "dask"):
             X = da.from_array(X)
         X = X.astype(np.float32).rechunk({0: block_rows, 1: -1})

@@ -8,6 +8,7 @@ import pytest
 import zarr
 
 from gradtrace import store
+from gradtrace.subspace import STREAMING_METHODS, top_span_streaming
 from gradtrace.train import train
 
 PLAIN_READER = r"""
@@ -383,6 +384,9 @@ def test_a_chunk_that_cannot_be_decoded_is_named_as_damage(tmp_path):
         store.export_hdf5(tmp_path / "s.zarr", tmp_path / "out.h5")
     with pytest.raises(ValueError, match=damaged):  # lazily: when the dask array is computed
         store.read_lazy(root["r"], "x").sum().compute()
+    for method in STREAMING_METHODS:  # spans streamed from the store (zarr's bare codec error before)
+        with pytest.raises(ValueError, match=damaged):
+            top_span_streaming(root["r/x"], 1, method=method, block_rows=4)
     w = store.RunWriter(root["r"], chunk=4)
     w.declare("step", (), "int64")
     for i in range(10):
