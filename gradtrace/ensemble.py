@@ -236,6 +236,8 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
             if weights:
                 checkpoint.save_weights(model, weights[i] / "final.safetensors")
     except BaseException as err:
+        for w in writers:
+            w.abort()
         for g in groups:
             store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
         raise

@@ -151,7 +151,7 @@ class RunWriter:
         self._error: BaseException | None = None
         if thread:
             self._queue = queue.Queue(maxsize=queue_size)  # chunks in flight: training waits, memory bounded
-            self._thread = threading.Thread(target=self._drain, daemon=True)
+            self._thread = threading.Thread(target=self._drain, name=f"gradtrace writer {group.path}", daemon=True)
             self._thread.start()
 
     def declare(self, name: str, row_shape: tuple[int, ...], dtype: str = "float32",
@@ -265,8 +265,21 @@ class RunWriter:
         _update_attributes_synced(self.group, {"last_durable_step": int(step), "updated": _now()})
 
     def close(self) -> None:
-        """Flush and stop the background thread."""
-        self.flush()
+        """Flush and stop the background thread (stopped also where the flush fails)."""
+        try:
+            self.flush()
+        finally:
+            self._stop_thread()
+
+    def abort(self) -> None:
+        """Stop the background thread, dropping the rows not yet handed to it: a failed run's. A sweep's worker
+        goes on to its next run, and the thread, blocked on its queue, held the writer and its rows (a GPU's
+        tensors) for the life of the process; a resume cuts the run back to its last durable step anyway."""
+        self._buffers = {name: [] for name in self._buffers}
+        self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        """End the background thread once the chunks already queued are written (or skipped, after an error)."""
         if self._queue is not None:
             self._queue.put(None)
             self._thread.join()

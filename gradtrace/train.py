@@ -168,8 +168,8 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
                                                 "steps": t.steps, "steps_done": 0, **kernels.attrs()}, overwrite=resume)
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
+    writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
     try:  # from here a run that raises is marked failed, set-up included
-        writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
         recorder = _recorder(cfg.capture, model, optimizer, writer, task, device, t.steps, taken)
         group.update_attributes(recorder.attrs())
         if start == 0 and cfg.capture.enabled and cfg.capture.save_weights:
@@ -204,6 +204,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
         if (cfg.capture.enabled and cfg.capture.save_weights) or role == "base":  # a sweep's runs start from a base's
             checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
     except BaseException as err:  # a full disk as the final weights are written, too: the run says why
+        writer.abort()
         store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
         raise
     acc = accuracy(correct)

@@ -1,4 +1,7 @@
 """The Recorder: leaves training unchanged, records exactly what the optimizer used, sums to θ_T − θ_0."""
+import gc
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -324,6 +327,47 @@ def test_a_run_that_fails_while_setting_up_is_marked_failed(tmp_path, monkeypatc
         train(tiny_config(), tmp_path, "r", progress=False)
     attrs = zarr.open_group(tmp_path / "store.zarr")["r"].attrs
     assert attrs["status"] == "failed" and "the probes cannot be built" in attrs["error"]
+
+
+def _live_writers() -> tuple[int, list[str]]:
+    """RunWriters still alive once garbage is collected, and the writer threads running."""
+    gc.collect()
+    return (sum(type(o) is store.RunWriter for o in gc.get_objects()),  # type(): isinstance warns of torch stubs
+            [t.name for t in threading.enumerate() if t.name.startswith("gradtrace writer")])
+
+
+@pytest.mark.parametrize("ensembled", [False, True])
+def test_a_failed_run_leaves_no_writer_thread_behind(tmp_path, monkeypatch, ensembled):
+    """A sweep's worker trains on after a failed run: each failure left the writer's thread blocked on its queue,
+    holding the writer and its rows, for the life of the process."""
+    import gradtrace.ensemble
+    import gradtrace.train
+
+    def failing_step(*args, **kwargs):  # a failure mid-run, rows buffered (a NaN guard, an OOM, a full disk)
+        raise RuntimeError("boom at the first step")
+
+    before = _live_writers()
+    cfg = tiny_config(capture__writer_thread=True, train__steps=20)
+    if ensembled:
+        monkeypatch.setattr(gradtrace.ensemble.StackedAdamW, "step", failing_step)
+        with pytest.raises(RuntimeError, match="boom"):
+            gradtrace.ensemble.train_ensemble([cfg, cfg], tmp_path, ["e0", "e1"], progress=False)
+    else:
+        monkeypatch.setattr(gradtrace.train, "answer_cross_entropy", failing_step)
+        with pytest.raises(RuntimeError, match="boom"):
+            train(cfg, tmp_path, "r0", progress=False)
+    assert _live_writers() == before
+
+
+def test_a_writer_whose_thread_failed_stops_it_on_close(tmp_path, monkeypatch):
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    writer = store.RunWriter(store.create_run(root, "r", {}), chunk=2, thread=True)
+    writer.declare("x", (3,), "float32")
+    monkeypatch.setattr(writer, "_write", lambda job: (_ for _ in ()).throw(OSError("disk full")))
+    writer.append({"x": np.zeros(3)})
+    with pytest.raises(RuntimeError, match="the store writer failed: disk full"):
+        writer.close()
+    assert not writer._thread.is_alive()
 
 
 def test_train_writes_from_a_background_thread_when_asked(tmp_path):
