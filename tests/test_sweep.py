@@ -1,5 +1,6 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
 dask and base-run modes."""
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import time
 import types
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -297,19 +299,26 @@ def test_train_on_the_default_threads_after_a_run_that_set_others(tmp_path):
     assert done.stdout.split()[-3:] == ["1", "[2,", "1]"]  # a fresh process: its own default, 1 here
 
 
+@contextlib.contextmanager
+def _lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """A file lock held by another process while the block runs, which is then killed (SIGKILL: no cleanup, as when a
+    sweep is killed)."""
+    script = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+              "print('held', flush=True); time.sleep(600)")
+    with subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "held\n"
+            yield
+        finally:
+            holder.kill()
+
+
 def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_path):
     cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; lock = "
-                               "FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
-                               str(tmp_path / "sweep.lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"  # as a sweep running there holds it
+    with _lock_held_elsewhere(tmp_path / "sweep.lock"):  # as a sweep running there holds it
         with pytest.raises(SweepError, match="another process is running a sweep into"):
             run_sweep(cfg, tmp_path, progress=False)
         assert not (tmp_path / "store.zarr").exists()  # refused before touching anything
-    finally:
-        holder.kill()  # SIGKILL: no cleanup, as when a sweep is killed
-        holder.wait()
     assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]  # the lock died with its holder
 
 
@@ -651,22 +660,14 @@ def test_a_run_another_process_trains_is_refused_not_written_by_two(tmp_path):
     from gradtrace.train import train
 
     (tmp_path / "locks").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
-                               "time.sleep(600)", str(tmp_path / "locks" / "run-001.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        cfg = tiny_config(train__steps=2)
+    cfg = tiny_config(train__steps=2)
+    with _lock_held_elsewhere(tmp_path / "locks" / "run-001.lock"):
         with pytest.raises(store.RunInUse, match="'run-001' is being trained by another process"):
             train(cfg, tmp_path, "run-001", resume=True, progress=False)
         with pytest.raises(store.RunInUse, match="'run-001'"):
             train_ensemble([cfg, cfg], tmp_path, ["run-000", "run-001"], resume=True)
         assert not (tmp_path / "store.zarr").exists()
         train(cfg, tmp_path, "run-000", progress=False)  # its lock is free again after the refused ensemble
-    finally:
-        holder.kill()
-        holder.wait()
     train(cfg, tmp_path, "run-001", progress=False)  # the operating system released the dead holder's lock
 
 
