@@ -10,7 +10,9 @@ OUT     ?= storage/default
 CONFIG  ?= experiments/default.yaml
 PAPER_OUT ?= paper
 
-.PHONY: demo test paper install clean bench
+MIN_VENV ?= .venv-min
+
+.PHONY: demo test test-min paper install clean bench
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -35,6 +37,15 @@ demo: install
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
+# The tests with every dependency at the lowest release pyproject.toml allows (torch stays $(TORCH)), in a venv of
+# their own: checks the lower bounds (uv keeps an installed package, so torch's filelock is reinstalled at its lowest)
+test-min:
+	$(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q "$(TORCH)" $(TORCH_INDEX) uv
+	$(MIN_VENV)/bin/uv pip install -q --python $(MIN_VENV)/bin/python --resolution lowest-direct \
+		--reinstall-package filelock -e ".[test]"
+	OMP_NUM_THREADS=1 $(MIN_VENV)/bin/python -m pytest -q
+
 paper: install
 	$(MAKE) -C paper PY="$(abspath $(BIN))/python" STORE="$$(realpath "$(OUT)")" PAPER_OUT="$$(realpath "$(PAPER_OUT)")"
 
@@ -42,4 +53,4 @@ bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) *.egg-info
