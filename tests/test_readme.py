@@ -1,6 +1,7 @@
 """The READMEs' Python examples run as printed: registering a split of your own, capture in your own loop, reading
 a store and analysing a run (README.md), reading with plain zarr (storage/README.md) — each block executed from the
 file itself, so the docs cannot drift from the code."""
+import hashlib
 import re
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def block(prefix: str, index: int = 0) -> str:
 def test_the_readmes_have_the_blocks_this_file_runs():
     assert sorted(BLOCKS) == ["Capture in your own training loop 0", "Reading a store 0", "Reading a store 1",
                               "The task 0"]
-    assert sorted(STORAGE_BLOCKS) == ["Reading with plain zarr 0"]
+    assert sorted(STORAGE_BLOCKS) == ["Reading with plain zarr 0",
+                                      "The sketch map: sketching a vector of your own as the run did 0"]
 
 
 def test_a_split_of_your_own_registers_and_builds(split_registry):
@@ -84,3 +86,17 @@ def test_reading_a_store_and_analysing_a_run(tmp_path, monkeypatch):
     plain: dict = {}
     exec(compile(STORAGE_BLOCKS["Reading with plain zarr 0"], "storage/README.md", "exec"), plain)
     assert plain["updates"].shape == run["update"].shape and plain["probe"].ndim == 4
+    exec(compile(STORAGE_BLOCKS["The sketch map: sketching a vector of your own as the run did 0"],
+                 "storage/README.md: the sketch map", "exec"), plain)
+    rebuilt, rows = plain["sketch"].apply(plain["moved"]).numpy(), plain["updates"].sum(axis=0)
+    np.testing.assert_allclose(rebuilt, rows, atol=1e-4 * np.abs(rows).max())
+    P, k = plain["layout"].size, plain["spec"]["dim"]  # the map as the text describes it
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(repr((plain["spec"]["seed"], 1, P, k)).encode())
+                                            .hexdigest()[:15], 16))
+    signs, shifts = torch.randint(0, 2, (P,), generator=gen) * 2 - 1, torch.randint(0, k, (-(-P // k),), generator=gen)
+    np.testing.assert_array_equal(plain["sketch"].signs.numpy(), signs.numpy())
+    np.testing.assert_array_equal(plain["sketch"].shifts.numpy(), shifts.numpy())
+    x = torch.randn(P)
+    buckets = (torch.arange(P) % k + shifts[torch.arange(P) // k]) % k
+    by_hand = torch.zeros(k).index_add_(0, buckets, signs * x)
+    torch.testing.assert_close(plain["sketch"].apply(x), by_hand, rtol=1e-5, atol=1e-5)
