@@ -373,6 +373,42 @@ def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):
     rec.close()
 
 
+def test_a_tensor_frozen_after_attach_is_probed_with_a_zero_gradient(tmp_path, task):
+    """Freezing embeddings after a warm-up (or PEFT's set_adapter): the next probe raised autograd's bare
+    "One of the differentiated Tensors does not require grad" out of optimizer.step() and close()."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    probe = Probe("ID", *task.probe_set("ID").torch())
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, probes=[probe],
+                 capture=CaptureConfig(sketch="identity", probe_every=2))
+    train_steps(model, opt, task, 1, rec)
+    frozen = model.get_input_embeddings().weight.requires_grad_(False)
+    train_steps(model, opt, task, 4, rec, start=1)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group.attrs["status"] == "complete" and group["probe/step"][:].tolist() == [0, 2, 4]
+    model.zero_grad()
+    answer_cross_entropy(model(input_ids=probe.tokens).logits, probe.tokens, probe.mask).backward()
+    expected = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                          for p in model.parameters()])  # the frozen tensor: none, recorded as zeros
+    assert not frozen.requires_grad and frozen.grad is None
+    np.testing.assert_allclose(group["probe/grad"][-1, 0, 0], expected.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_a_final_probe_that_fails_marks_the_run_failed_and_detaches(tmp_path, task):
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, probes=[Probe("ID", *task.probe_set("ID").torch())],
+                 capture=CaptureConfig(sketch="identity", probe_every=0))
+    train_steps(model, opt, task, 2, rec)
+    rec.probe_losses = {"broken": lambda *args: (_ for _ in ()).throw(RuntimeError("no loss today"))}
+    with pytest.raises(RuntimeError, match="no loss today"):
+        rec.close()
+    group = run_group(tmp_path)
+    assert group.attrs["status"] == "failed" and "no loss today" in group.attrs["error"]  # it stayed "running"
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # and kept its hooks
+
+
 def test_a_first_step_without_gradients_records_m_as_zero(tmp_path, task):
     """A step on which no parameter has a gradient yet (Adam creates no state): m is 0, not an optimizer without m."""
     model = micro(task)

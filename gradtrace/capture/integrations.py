@@ -53,7 +53,11 @@ class RunRecorder(Recorder):
         """Take the final probe, write every row, detach the hooks and mark the run complete (once)."""
         if self.closed:
             return
-        super().close(final_probe)
+        try:
+            super().close(final_probe)
+        except BaseException as err:  # the final probe failed: the run says why, its hooks detached
+            self.fail(err)
+            raise
         self.writer.close()
         store.set_status(self.group, "complete", steps_done=self.step, last_durable_step=self.step,
                          nonfinite_steps=self.nonfinite_steps, wall_time_s=time.perf_counter() - self._began)

@@ -470,15 +470,22 @@ def probe_row(model: torch.nn.Module, params: list[torch.Tensor], probes: list[P
                 logits = model(input_ids=probe.tokens).logits
                 for j, loss_fn in enumerate(probe_losses.values()):
                     loss = loss_fn(logits, probe.tokens, probe.mask)
-                    g = torch.autograd.grad(loss, params, retain_graph=j < Lp - 1, allow_unused=True)
-                    g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, params)]
-                    flatten_into(g, flat)
+                    flatten_into(_gradients(loss, params, retain_graph=j < Lp - 1), flat)
                     grads[i, j] = sketch.apply(flat).cpu()
                     adam[i, j] = sketch.apply(flat * precond).cpu()
                     losses[i, j] = loss.detach()
             accuracy[i] = exact_match(logits.detach(), probe.tokens, probe.mask).float().mean()
     return {"probe/step": step, "probe/loss": losses.numpy(), "probe/accuracy": accuracy.numpy(),
             "probe/grad": grads.numpy(), "probe/grad_adam": adam.numpy()}
+
+
+def _gradients(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
+    """d loss / d params, zeros for a tensor the loss does not reach or that no longer requires grad (frozen after
+    attach: zeros, as its training gradient is recorded; autograd refuses to differentiate it)."""
+    live = [p for p in params if p.requires_grad]
+    got = iter(torch.autograd.grad(loss, live, retain_graph=retain_graph, allow_unused=True) if live else ())
+    grads = [next(got) if p.requires_grad else None for p in params]
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
 
 class VSample:
