@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 
 def _shifted(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
-    """Logits at positions that predict answer tokens, the targets there, and the target mask."""
+    """Logits at positions that predict answer tokens (in float32 at least, as transformers' own losses take them:
+    a bf16 model's losses and their gradients lost digits), the targets there, and the target mask."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     return logits[:, :-1], tokens[:, 1:], mask[:, 1:]
 
 
