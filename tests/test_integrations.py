@@ -70,6 +70,42 @@ def test_attach_records_every_step_and_marks_the_run_complete(tmp_path, task):
     assert np.isfinite(group["loss"][:]).all()
 
 
+@pytest.mark.parametrize("shape", ["gpt2-tied", "llama-tied"])
+def test_other_architectures_with_tied_embeddings_record_what_their_optimizer_steps_with(tmp_path, shape):
+    """One tensor under two names is recorded once, with both uses' gradient; Llama's RMSNorm and bias-free layers
+    and AdamW's usual groups (no decay on biases and norms) change nothing."""
+    import transformers
+
+    torch.manual_seed(0)
+    if shape == "gpt2-tied":
+        config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(config)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if p.ndim >= 2], "weight_decay": 0.1},
+                             {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}], lr=3e-3)
+    theta_0, grads = flat_params(model), []
+    tokens = torch.randint(0, 40, (4, 10))
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, capture=IDENTITY)
+    for _ in range(3):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        opt.zero_grad()
+        loss.backward()
+        rec.log(loss)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+        opt.step()
+    rec.close()
+    group = run_group(tmp_path)
+    layout = [entry["name"] for entry in group.attrs["layout"]]
+    assert layout == [n for n, _ in named] and len(layout) == len(set(map(id, model.parameters())))  # once
+    np.testing.assert_allclose(group["grad"][:], np.stack(grads), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(group["update"][:].sum(axis=0), flat_params(model) - theta_0, rtol=1e-4, atol=1e-7)
+
+
 def test_attach_marks_a_crashed_run_failed(tmp_path, task):
     model = micro(task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
