@@ -840,7 +840,8 @@ def noise_ceiling(accuracy: np.ndarray, n_splits: int = 200, seed: int = 0,
     partial correlations' degrees of freedom, runs less ID, one intercept per group and 2 (a Fisher z's variance is
     1/(n − B − 3)): halves of 4 bases × 25 runs hold 12 runs per base, so 41 of the whole's 93, not half. ceiling:
     √reliability, the expected Spearman of a perfect predictor with the observed matrix (both 0 where the halves agree
-    no better than chance: `stats.spearman_brown`). NaN for fewer than 8 runs, and with a warning where a half leaves no degree of freedom.
+    no better than chance: `stats.spearman_brown`). NaN for fewer than 8 runs, and with a warning where a half leaves
+    no degree of freedom.
     """
     accuracy = np.asarray(accuracy, float)
     n, S = accuracy.shape[0], accuracy.shape[1] - 1
