@@ -759,10 +759,10 @@ def split_half_reliability(items: Mapping[str, np.ndarray], n_splits: int = 100,
 
     For each of ``n_splits`` random halvings of a split's items, correlate the runs' accuracies on the two halves
     (rho); reliability = 2 rho / (1 + rho) with rho averaged over halvings, 0 where that is ≤ 0. With ``groups``
-    (each run's group code, e.g. its base run) the half accuracies are centred within groups first: the reliability of the differences
-    between runs of one group, which is what a correlation within groups sees. Columns: ``split, n_runs, n_items,
-    reliability, reliability_sd`` (sd of the Spearman-Brown value over halvings: the halving noise, not a
-    sampling error). Warns for every split whose reliability is below 0.9.
+    (each run's group code, e.g. its base run) the half accuracies are centred within groups first: the reliability
+    of the differences between runs of one group, which is what a correlation within groups sees. Columns: ``split,
+    n_runs, n_items, reliability, reliability_sd`` (sd of the Spearman-Brown value over halvings: the halving noise,
+    not a sampling error). Warns for every split whose reliability is below 0.9.
     """
     check_counts(n_splits=(n_splits, 1))
     rows = []
