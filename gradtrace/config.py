@@ -224,13 +224,26 @@ def check_ensemble_precision(precision: str, device: str | None = None) -> None:
 
 def dotted(cfg: Config) -> dict[str, Any]:
     """The config as one flat dict of dotted keys (`train.lr`: …)."""
-    def flat(data: dict, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
+    return _flat(cfg.to_dict())
 
-    return flat(cfg.to_dict())
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def keys_missing_from(resolved: dict[str, Any]) -> list[str]:
+    """The dotted keys a config has today that a config written whole lacks (a sweep's config.yaml, a run's `config`
+    attribute): written by an older gradtrace, which trained without them, where today's defaults may differ."""
+    have = _flat(resolved)
+    return [key for key in valid_keys() if key not in have]
+
+
+def read_resolved(path: str | Path) -> dict[str, Any]:
+    """A config file as written, nothing filled in (`load` fills today's defaults)."""
+    return _parse_yaml(Path(path).read_text(encoding="utf-8"), f"config {path}") or {}
 
 
 def changed_keys(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -455,8 +455,11 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
-    """Write the config and plan, where `check_directory` lets this sweep into `out`."""
+    """Write the config and plan, where `check_directory` lets this sweep into `out`; an older gradtrace's finished
+    study (nothing left to train, or it is refused) keeps the config and plan it was trained with."""
     check_directory(cfg, out)
+    if _trained_anything(out) and config_mod.keys_missing_from(config_mod.read_resolved(out / "config.yaml")):
+        return
     config_mod.dump(cfg, out / "config.yaml")
     with written_whole(out / "plan.json") as tmp:  # read by info, stats, predict and the report
         tmp.write_text(json.dumps([asdict(r) for r in runs], indent=1))
@@ -474,6 +477,14 @@ def check_directory(cfg: Config, out: Path) -> None:
     if not (out / "config.yaml").exists():  # nothing to hold this config against: it could mix two studies
         raise ValueError(f"{out} holds a trained sweep but not its config.yaml: put it back (each run records its "
                          "config, the run's own overrides applied: `gradtrace info`) or choose a new --out")
+    older = config_mod.keys_missing_from(config_mod.read_resolved(out / "config.yaml"))
+    unfinished = _left_to_train(cfg, out)
+    if older and unfinished:
+        raise ValueError(f"{out} was trained by an older gradtrace, whose config had no {', '.join(older[:4])}"
+                         f"{' …' if len(older) > 4 else ''}: its {len(unfinished)} run(s) left to train "
+                         f"({', '.join(unfinished[:3])}{' …' if len(unfinished) > 3 else ''}) would train under "
+                         "today's defaults, items and arrays beside runs of the old recipe; extend or resume it with "
+                         "the gradtrace that made it, or choose a new --out (its finished runs read as they are)")
     previous = config_mod.load(out / "config.yaml")
     changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
     if cfg.sweep.runs < previous.sweep.runs:
@@ -482,6 +493,12 @@ def check_directory(cfg: Config, out: Path) -> None:
         raise ValueError(f"{out} holds a sweep with a different config ({'; '.join(changed)}); resume with the "
                          "same config, extend it (only more sweep.runs or other predict settings), or choose a "
                          "new --out directory")
+
+
+def _left_to_train(cfg: Config, out: Path) -> list[str]:
+    """The planned runs of `cfg` that `out`'s store does not hold complete."""
+    root = store.open_experiment(out / "store.zarr")
+    return [r.run_id for r in plan(cfg) if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
 
 
 def _trained_anything(out: Path) -> bool:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import Probe, Recorder
-from gradtrace.config import CaptureConfig, Config, TrainConfig, changed_keys, from_dict, with_absolute_paths
+from gradtrace.config import (CaptureConfig, Config, TrainConfig, changed_keys, from_dict, keys_missing_from,
+                              with_absolute_paths)
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.results import accuracy_columns
@@ -121,6 +122,12 @@ def use_threads(threads: int) -> None:
 
 def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
+    older = keys_missing_from(group.attrs["config"])
+    if older:
+        raise ValueError(f"run {run_id!r} was started by an older gradtrace, whose config had no {', '.join(older[:4])}"
+                         f"{' …' if len(older) > 4 else ''}: resumed today it would go on under today's defaults for "
+                         "them (and today's items and arrays); finish it with the gradtrace that started it, or "
+                         "train a new run (another --out or run id)")
     started = with_absolute_paths(from_dict(group.attrs["config"]))  # a run of before kept relative paths as typed
     changed = changed_keys(started, cfg, RESUME_MAY_CHANGE)
     if changed:
