@@ -38,8 +38,8 @@ from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
-from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, declare_evals, finished_result,
-                             lr_lambda, recorded_capture, resolve_device, seeds, use_threads)
+from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, check_same_items, declare_evals,
+                             finished_result, lr_lambda, recorded_capture, resolve_device, seeds, use_threads)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -169,12 +169,14 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     start, elapsed = _restore(ckpt_root, run_ids, optimizer) if overwrite else (0, 0.0)
     if start:
         groups = [root[r] for r in run_ids]
+        for g, r in zip(groups, run_ids):
+            check_same_items(g, task, r)
         for g in groups:
             store.truncate_to(g, start)
             store.set_status(g, "running")
         capture.nonfinite = [int(np.sum(g["nonfinite"][:])) for g in groups]
     else:
-        shared = {**capture.attrs(t), **kernels.attrs()}
+        shared = {**capture.attrs(t), "items_digest": task.items_digest, **kernels.attrs()}
         groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
                                              "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
                                              **shared}, overwrite=overwrite)

@@ -372,6 +372,8 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
+    if pending:
+        check_study_items(cfg, root, pending)
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
@@ -423,6 +425,24 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         raise SweepError(_failure_summary(failed, not_run) + f". {out / 'results.csv'} holds the {len(table)} "
                          f"complete run(s); {retry}")
     return table
+
+
+def check_study_items(cfg: Config, root, pending: set[str]) -> None:
+    """Refuse to train runs on other items than the study's finished runs were (a gradtrace whose task draws them
+    otherwise: each run records its items' digest): both would be compared as one study, item by item."""
+    recorded = {g.attrs.get("items_digest") for name, g in store.run_groups(root).items() if name not in pending}
+    recorded.discard(None)  # runs from before the digest was recorded
+    if not recorded:
+        return
+    from gradtrace.tasks import task_for
+
+    today = task_for(cfg.task, cfg.model).items_digest
+    if recorded != {today}:
+        others = ", ".join(sorted(recorded - {today}))
+        raise SweepError(f"this study's runs were trained on other items (digest {others}) than this gradtrace "
+                         f"draws for its config ({today}): its {len(pending)} run(s) left to train would "
+                         "be scored on other test items beside them; train them with the gradtrace that made the "
+                         "study, or choose a new --out")
 
 
 def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], client, bases: dict[str, str | None],

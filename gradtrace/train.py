@@ -120,6 +120,16 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads or default)
 
 
+def check_same_items(group, task: ArithmeticTask, run_id: str) -> None:
+    """Refuse to go on with a run that was trained or scored on other items than `task` draws (a gradtrace whose
+    task draws them otherwise); runs from before the digest was recorded are not checked."""
+    theirs = group.attrs.get("items_digest")
+    if theirs is not None and theirs != task.items_digest:
+        raise ValueError(f"run {run_id!r} was trained on other items than this gradtrace draws for its config (items "
+                         f"digest {theirs}, today {task.items_digest}): finish it with the gradtrace that started it, "
+                         "or train a new run (another --out or run id)")
+
+
 def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
     older = keys_missing_from(group.attrs["config"])
@@ -168,12 +178,14 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     if found is not None:
         group = root[run_id]
         check_resumes_its_config(group, cfg, run_id)
+        check_same_items(group, task, run_id)
         start, taken = checkpoint.load_state(found, model, optimizer, scheduler, scaler)
         store.truncate_to(group, taken, start)
         store.set_status(group, "running")
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
-                                                "steps": t.steps, "steps_done": 0, **kernels.attrs()}, overwrite=resume)
+                                                "steps": t.steps, "steps_done": 0, "items_digest": task.items_digest,
+                                                **kernels.attrs()}, overwrite=resume)
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
     writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
     try:  # from here a run that raises is marked failed, set-up included

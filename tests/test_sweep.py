@@ -338,6 +338,30 @@ def test_an_older_gradtraces_study_is_read_as_it_is_and_not_trained_on(tmp_path)
                                  "run-001")
 
 
+def test_runs_on_other_items_than_the_studys_are_refused(tmp_path):
+    """A gradtrace whose task draws its items otherwise (the same config) would score new or resumed runs on other
+    test items beside the study's: each run records its items' digest, and a sweep or resume compares it."""
+    from gradtrace.tasks import task_for
+    from gradtrace.train import check_same_items
+
+    cfg = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=4)
+    run_sweep(cfg, tmp_path, progress=False)
+    root = zarr.open_group(tmp_path / "store.zarr", mode="a")
+    digest = task_for(cfg.task, cfg.model).items_digest
+    assert {root[r].attrs["items_digest"] for r in ("run-000", "run-001")} == {digest}
+    assert task_for(config.from_dict(cfg.to_dict(), {"task.n_test": cfg.task.n_test + 1}).task,
+                    cfg.model).items_digest != digest
+    root["run-000"].attrs["items_digest"] = "drawn-otherwise"  # as an older gradtrace's task would have drawn them
+    assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000", "run-001"]  # nothing to train
+    with pytest.raises(SweepError, match=r"other items \(digest drawn-otherwise\) than this gradtrace draws for its "
+                                         r"config .*its 1 run\(s\) left to train"):
+        run_sweep(config.from_dict(cfg.to_dict(), {"sweep.runs": 3}), tmp_path, progress=False)
+    assert "run-002" not in root
+    with pytest.raises(ValueError, match="run 'run-000' was trained on other items than this gradtrace draws"):
+        check_same_items(root["run-000"], task_for(cfg.task, cfg.model), "run-000")  # as a resume asks
+    check_same_items(root["run-001"], task_for(cfg.task, cfg.model), "run-001")
+
+
 @contextlib.contextmanager
 def _lock_held_elsewhere(path: Path) -> Iterator[None]:
     """A file lock held by another process while the block runs, which is then killed (SIGKILL: no cleanup, as when a

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -94,6 +95,18 @@ class ArithmeticTask:
     @cached_property
     def _encoded_held_out(self) -> dict[str, tuple[Encoded, Encoded]]:
         return {name: (self.encode(test), self.encode(probe)) for name, (test, probe) in self._held_out.items()}
+
+    @cached_property
+    def items_digest(self) -> str:
+        """A digest of every item a run sees, as tokens: each split's test and probe items and the training pool.
+        Runs that share it were trained and scored on the same items (a run records it; a sweep or resume refuses
+        to join runs of another)."""
+        digest = hashlib.sha256()
+        parts = [(split, part) for split in self.splits for part in self._encoded_held_out[split]]
+        for name, encoded in [*parts, ("pool", self.train_pool)]:
+            digest.update(f"{name} {encoded.tokens.shape} {encoded.tokens.dtype}".encode())
+            digest.update(encoded.tokens.tobytes() + encoded.answer_mask.tobytes())
+        return digest.hexdigest()[:16]
 
     # -- training stream ---------------------------------------------------------------------------------------
     @cached_property
