@@ -369,11 +369,11 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     cfg = config_mod.with_absolute_paths(cfg)  # as a config loaded from a file has them (a cluster's workers too)
     runs = plan(cfg)
     check_config(cfg)  # before the plan is written
+    check_directory(cfg, out)
+    check_study_items(cfg, out, runs)
     _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
-    if pending:
-        check_study_items(cfg, root, pending)
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
@@ -427,12 +427,17 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     return table
 
 
-def check_study_items(cfg: Config, root, pending: set[str]) -> None:
+def check_study_items(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     """Refuse to train runs on other items than the study's finished runs were (a gradtrace whose task draws them
     otherwise: each run records its items' digest): both would be compared as one study, item by item."""
-    recorded = {g.attrs.get("items_digest") for name, g in store.run_groups(root).items() if name not in pending}
+    if not (out / "store.zarr").exists():
+        return
+    finished = {name: g for name, g in store.run_groups(store.open_experiment(out / "store.zarr")).items()
+                if g.attrs.get("status") == "complete"}
+    pending = [r.run_id for r in runs if r.run_id not in finished]
+    recorded = {g.attrs.get("items_digest") for g in finished.values()}
     recorded.discard(None)  # runs from before the digest was recorded
-    if not recorded:
+    if not pending or not recorded:
         return
     from gradtrace.tasks import task_for
 
@@ -475,9 +480,8 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
-    """Write the config and plan, where `check_directory` lets this sweep into `out`; an older gradtrace's finished
-    study (nothing left to train, or it is refused) keeps the config and plan it was trained with."""
-    check_directory(cfg, out)
+    """Write the config and plan (once `check_directory` has let this sweep into `out`); an older gradtrace's
+    finished study (nothing left to train, or it is refused) keeps the config and plan it was trained with."""
     if _trained_anything(out) and config_mod.keys_missing_from(config_mod.read_resolved(out / "config.yaml")):
         return
     config_mod.dump(cfg, out / "config.yaml")

@@ -1,6 +1,7 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
 dask and base-run modes."""
 import contextlib
+import json
 import os
 import re
 import signal
@@ -356,7 +357,7 @@ def test_runs_on_other_items_than_the_studys_are_refused(tmp_path):
     with pytest.raises(SweepError, match=r"other items \(digest drawn-otherwise\) than this gradtrace draws for its "
                                          r"config .*its 1 run\(s\) left to train"):
         run_sweep(config.from_dict(cfg.to_dict(), {"sweep.runs": 3}), tmp_path, progress=False)
-    assert "run-002" not in root
+    assert "run-002" not in root and len(json.loads((tmp_path / "plan.json").read_text())) == 2  # refused first
     with pytest.raises(ValueError, match="run 'run-000' was trained on other items than this gradtrace draws"):
         check_same_items(root["run-000"], task_for(cfg.task, cfg.model), "run-000")  # as a resume asks
     check_same_items(root["run-001"], task_for(cfg.task, cfg.model), "run-001")
