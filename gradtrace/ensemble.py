@@ -182,16 +182,15 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                                              **shared}, overwrite=overwrite)
                   for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
     writers = [store.RunWriter(g, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device)) for g in groups]
-    for w in writers:
-        capture.declare(w)
-        declare_evals(w, task, t.eval_every)
-    weights = [exp_dir / "weights" / r for r in run_ids] if cfg.capture.enabled and cfg.capture.save_weights else []
-    for i, path in enumerate(weights if not start else []):
-        _load_member(model, params, i)
-        checkpoint.save_weights(model, path / "initial.safetensors")
-
     began = time.perf_counter() - elapsed
-    try:
+    try:  # from here a failure marks every member failed, set-up included (a full disk as the weights are saved)
+        for w in writers:
+            capture.declare(w)
+            declare_evals(w, task, t.eval_every)
+        weights = [exp_dir / "weights" / r for r in run_ids] if cfg.capture.enabled and cfg.capture.save_weights else []
+        for i, path in enumerate(weights if not start else []):
+            _load_member(model, params, i)
+            checkpoint.save_weights(model, path / "initial.safetensors")
         if not start:
             capture.probe(writers, params, step=0)
         for step in tqdm(range(start, t.steps), desc=f"ensemble of {E}", disable=not progress, initial=start,

@@ -208,3 +208,18 @@ def test_killed_ensemble_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         b = load_file(str(tmp_path / "whole" / "weights" / run_id / "final.safetensors"))
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert not (tmp_path / "killed" / "checkpoints" / "ensemble-a").exists()  # removed once complete
+
+
+def test_an_ensemble_that_fails_while_setting_up_marks_its_members_failed(tmp_path, monkeypatch):
+    """Its arrays declared and initial weights saved before its `try`: a failure there (a full disk) left every member
+    `running`, as if another process trained it."""
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ensemble_module, "declare_evals", no_space)
+    cfgs = [member_config(**m) for m in list(MEMBERS.values())[:2]]
+    with pytest.raises(OSError, match="No space left"):
+        train_ensemble(cfgs, tmp_path, ["a", "b"])
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert [root[r].attrs["status"] for r in ("a", "b")] == ["failed", "failed"]
+    assert "No space left on device" in root["a"].attrs["error"]
