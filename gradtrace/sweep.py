@@ -369,11 +369,12 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     cfg = config_mod.with_absolute_paths(cfg)  # as a config loaded from a file has them (a cluster's workers too)
     runs = plan(cfg)
     check_config(cfg)  # before the plan is written
-    check_directory(cfg, out)
+    older = check_directory(cfg, out)
     check_study_items(cfg, out, runs)
-    _write_plan(cfg, out, runs)
+    if not older:  # an older gradtrace's finished study keeps the config and plan it was trained with
+        _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
-    pending = {r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")}
+    pending = set(_not_complete(root, runs))
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
@@ -480,21 +481,20 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
 
 
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
-    """Write the config and plan (once `check_directory` has let this sweep into `out`); an older gradtrace's
-    finished study (nothing left to train, or it is refused) keeps the config and plan it was trained with."""
-    if _trained_anything(out) and config_mod.keys_missing_from(config_mod.read_resolved(out / "config.yaml")):
-        return
+    """Write the config and plan, where `check_directory` lets this sweep into `out`."""
     config_mod.dump(cfg, out / "config.yaml")
     with written_whole(out / "plan.json") as tmp:  # read by info, stats, predict and the report
         tmp.write_text(json.dumps([asdict(r) for r in runs], indent=1))
 
 
-def check_directory(cfg: Config, out: Path) -> None:
+def check_directory(cfg: Config, out: Path) -> list[str]:
     """Refuse a directory holding runs trained outside a sweep, or another sweep that trained anything, unless this
     one only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
-    unchanged). Torch-free: a dry run given --out checks it too."""
+    unchanged), and an older gradtrace's sweep with anything left to train. Returns the config keys such a finished
+    study lacks (none for a study of this gradtrace's, or none trained). Torch-free: a dry run given --out checks it
+    too."""
     if not _trained_anything(out):
-        return
+        return []
     if not (out / "plan.json").exists():  # a sweep writes its plan before any run
         raise ValueError(f"{out} holds runs trained outside a sweep (`gradtrace train` or your own loop: it has no "
                          "plan.json); a sweep would take those of its run ids for its own: choose a new --out")
@@ -502,8 +502,8 @@ def check_directory(cfg: Config, out: Path) -> None:
         raise ValueError(f"{out} holds a trained sweep but not its config.yaml: put it back (each run records its "
                          "config, the run's own overrides applied: `gradtrace info`) or choose a new --out")
     older = config_mod.keys_missing_from(config_mod.read_resolved(out / "config.yaml"))
-    unfinished = _left_to_train(cfg, out)
-    if older and unfinished:
+    unfinished = _not_complete(store.open_experiment(out / "store.zarr"), plan(cfg)) if older else []
+    if unfinished:
         raise ValueError(f"{out} was trained by an older gradtrace, whose config had no {', '.join(older[:4])}"
                          f"{' …' if len(older) > 4 else ''}: its {len(unfinished)} run(s) left to train "
                          f"({', '.join(unfinished[:3])}{' …' if len(unfinished) > 3 else ''}) would train under "
@@ -517,12 +517,12 @@ def check_directory(cfg: Config, out: Path) -> None:
         raise ValueError(f"{out} holds a sweep with a different config ({'; '.join(changed)}); resume with the "
                          "same config, extend it (only more sweep.runs or other predict settings), or choose a "
                          "new --out directory")
+    return older
 
 
-def _left_to_train(cfg: Config, out: Path) -> list[str]:
-    """The planned runs of `cfg` that `out`'s store does not hold complete."""
-    root = store.open_experiment(out / "store.zarr")
-    return [r.run_id for r in plan(cfg) if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
+def _not_complete(root, runs: list[PlannedRun]) -> list[str]:
+    """The ids of the planned runs that the store (its root group) does not hold complete."""
+    return [r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
 
 
 def _trained_anything(out: Path) -> bool:
