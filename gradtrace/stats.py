@@ -87,12 +87,18 @@ CHECKPOINT_NOTE = (
 # vectorised core
 
 
-def _residualize(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """Residuals of Y (..., n, m) after least squares on [1, Z] with Z (..., n, q); batch axes broadcast."""
+def _design_basis(Z: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (..., n, q + 1) of the columns of [1, Z], Z (..., n, q); zero columns for the directions a
+    rank-deficient design (e.g. a bootstrap resample) lacks."""
     D = np.concatenate([np.ones(Z.shape[:-1] + (1,)), Z], axis=-1)
     U, s, _ = np.linalg.svd(D, full_matrices=False)
     tol = s[..., :1] * max(D.shape[-2:]) * np.finfo(float).eps
-    U = U * (s > tol)[..., None, :]  # drop directions of a rank-deficient design (e.g. a bootstrap resample)
+    return U * (s > tol)[..., None, :]
+
+
+def _residualize(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Residuals of Y (..., n, m) after least squares on [1, Z] with Z (..., n, q); batch axes broadcast."""
+    U = _design_basis(Z)
     return Y - U @ (np.swapaxes(U, -1, -2) @ Y)
 
 
@@ -209,11 +215,30 @@ def _within_groups(n: int, groups: np.ndarray | None, draw: Callable[[int], np.n
     return out
 
 
-def _jackknife_keep(n: int, block_length: int | None) -> list[np.ndarray]:
-    """Rows kept by each jackknife replicate: delete one row, or one non-overlapping block of checkpoints."""
-    rows = np.arange(n)
-    blocks = [rows[i : i + 1] for i in rows] if block_length is None else np.array_split(rows, -(-n // block_length))
-    return [np.setdiff1d(rows, blk) for blk in blocks]
+def _pinv_psd(A: np.ndarray) -> np.ndarray:
+    """Pseudo-inverses of symmetric positive semi-definite matrices (..., b, b), eigenvalues below 1e-10 taken as 0."""
+    w, V = np.linalg.eigh(A)
+    return (V * np.divide(1.0, w, out=np.zeros_like(w), where=w > 1e-10)[..., None, :]) @ np.swapaxes(V, -1, -2)
+
+
+def _jackknife_corr(Y: np.ndarray, Z: np.ndarray, block_length: int | None) -> np.ndarray:
+    """Residual correlation matrices (J, m, m) of Y (n, m) given [1, Z] with one row, or one non-overlapping block of
+    `block_length` checkpoints, deleted in turn. Exact and O(n m²), from the full fit alone (the regression deletion
+    formula): deleting rows B leaves the residual cross-products S - E_Bᵀ (I - H_BB)⁺ E_B, E the residuals and H the
+    hat matrix; a row of leverage 1 (the one member of a group) has no residual and leaves S as it is."""
+    U = _design_basis(Z)
+    E = Y - U @ (U.T @ Y)
+    rows = np.arange(len(Y))
+    blocks = rows[:, None] if block_length is None else np.array_split(rows, -(-len(Y) // block_length))
+    S_del = np.empty((len(blocks), Y.shape[1], Y.shape[1]))
+    for size in {len(b) for b in blocks}:  # blocks differ in length by one at most
+        which = [j for j, b in enumerate(blocks) if len(b) == size]
+        idx = np.stack([blocks[j] for j in which])
+        keep = _pinv_psd(np.eye(size) - U[idx] @ np.swapaxes(U[idx], -1, -2))
+        S_del[which] = E.T @ E - np.swapaxes(E[idx], -1, -2) @ keep @ E[idx]
+    scale = np.sqrt(np.clip(np.diagonal(S_del, axis1=-2, axis2=-1), 0.0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(S_del / (scale[:, :, None] * scale[:, None, :]), -1.0, 1.0)
 
 
 def _batched(stat: Callable[[np.ndarray], np.ndarray], idx: Sequence[np.ndarray]) -> np.ndarray:
@@ -655,7 +680,6 @@ def partial_correlations(
     rng = np.random.default_rng(opts.seed)
     boot_idx = _resample_indices(n, opts.n_boot, block, rng, data.groups)
     perms = _permutations(n, opts.n_perm, rng, data.groups)
-    jack_keep = _jackknife_keep(n, block) if opts.n_boot else []  # only BCa needs them: n² memory
     ia, ib = np.triu_indices(n_shifts, k=1)
 
     frames = []
@@ -678,7 +702,8 @@ def partial_correlations(
         if opts.n_boot:
             theta_b = _batched(stat, list(boot_idx))
             frame["boot_ci_low"], frame["boot_ci_high"] = _percentile_ci(theta_b, opts.confidence)
-            frame["bca_ci_low"], frame["bca_ci_high"] = _bca_ci(theta_b, r, _batched(stat, jack_keep), opts.confidence)
+            frame["bca_ci_low"], frame["bca_ci_high"] = _bca_ci(theta_b, r, _jackknife_corr(Y, Z, block)[:, ia, ib],
+                                                                opts.confidence)
         if opts.n_perm:
             frame["p_perm"] = _freedman_lane(Y, Z, r, perms, ia, ib)
         if data.items is not None:

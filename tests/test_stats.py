@@ -15,10 +15,11 @@ from scipy.special import ndtr, ndtri
 
 from gradtrace.stats import (
     _bh,
+    _corr_matrix,
     _fisher_ci,
     _freedman_lane,
     _holm,
-    _jackknife_keep,
+    _jackknife_corr,
     _partial_r,
     _permutations,
     _probit,
@@ -277,8 +278,22 @@ def test_block_bootstrap_indices_are_contiguous_blocks():
     idx = _resample_indices(20, 50, 4, np.random.default_rng(0))
     assert idx.shape == (50, 20) and idx.min() >= 0 and idx.max() < 20
     assert (np.diff(idx.reshape(50, 5, 4), axis=-1) == 1).all()
-    keep = _jackknife_keep(10, 3)
-    assert [10 - len(k) for k in keep] == [3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("n, block, singletons", [(40, None, False), (40, None, True), (37, 4, False), (36, 4, True)])
+def test_jackknife_equals_refitting_without_each_row_or_block(n, block, singletons):
+    """BCa's jackknife, from the full fit alone, equals refitting with each row (block of checkpoints) deleted, also
+    where a deletion removes a group's every member and leaves a design of lower rank."""
+    rng = np.random.default_rng(12)
+    Z = rng.standard_normal((n, 2))
+    Y = Z @ rng.standard_normal((2, 4)) + rng.standard_normal((n, 4))
+    if singletons:  # groups of one run (n = 40), or one group that is the last block of checkpoints
+        Z = np.c_[Z, np.eye(n)[:, -4:] if block is None else np.r_[np.zeros(n - 4), np.ones(4)]]
+    rows = np.arange(n)
+    deleted = rows[:, None] if block is None else np.array_split(rows, -(-n // block))
+    refits = [np.setdiff1d(rows, d) for d in deleted]
+    ref = np.stack([_corr_matrix(_residualize(Y[keep], Z[keep])) for keep in refits])
+    assert np.allclose(_jackknife_corr(Y, Z, block), ref, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- permutation, adjustment
