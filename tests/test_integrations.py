@@ -119,6 +119,33 @@ def test_attach_marks_a_crashed_run_failed(tmp_path, task):
     assert a["last_durable_step"] == 2  # its rows are written: a reader trusting the attribute keeps them
 
 
+def test_a_recorder_left_attached_by_a_cell_that_raised_is_named_and_cannot_write_into_a_new_run(tmp_path, task):
+    """A notebook: the loop cell raises before `rec.close()`, so its recorder stays on the optimizer. Re-running the
+    cell asks for the old recorder to be closed; after deleting the half-run, the old recorder is detached (its rows
+    went into the new run's arrays: a complete 4-step run read back 6 rows); under another run id it is named."""
+    import shutil
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stale = attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY)
+    train_steps(model, opt, task, 2, stale)  # then the cell raises: no close
+    with pytest.raises(FileExistsError, match=r"resume=True.*still attached to this optimizer"):
+        attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY)
+    shutil.rmtree(tmp_path / "store.zarr" / "r")
+    with pytest.warns(UserWarning, match="an earlier recorder of run 'r'.*detached"):
+        rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY)
+    train_steps(model, opt, task, 4, rec)
+    rec.close()
+    assert run_group(tmp_path)["step"][:].tolist() == [0, 1, 2, 3] and stale.closed
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    leftover = attach(model, opt, tmp_path, "r1", total_steps=4, capture=IDENTITY)
+    with pytest.warns(UserWarning, match="run 'r1' .* is still attached to this optimizer"):
+        rec = attach(model, opt, tmp_path, "r2", total_steps=4, capture=IDENTITY)
+    from gradtrace.capture import open_recorders
+
+    assert set(open_recorders(opt)) == {leftover, rec}
+
+
 def test_probe_rows_reach_the_disk_as_often_as_step_rows(tmp_path, task):
     """Probe arrays were chunked like per-step ones (`capture.chunk` rows): probed every 5 steps with chunks of 20,
     a run killed without a checkpoint had written no probe row in 100 steps; now one in 20 steps, as the steps."""

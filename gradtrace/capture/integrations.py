@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from gradtrace import store
-from gradtrace.capture.recorder import Probe, Recorder, unwrap_model
+from gradtrace.capture.recorder import Probe, Recorder, open_recorders, unwrap_model
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig
 
@@ -41,7 +42,7 @@ class RunRecorder(Recorder):
         device = next(model.parameters()).device
         writer = store.RunWriter(group, cfg.chunk, thread=cfg.use_writer_thread(device))
         super().__init__(model, optimizer, writer, cfg, total_steps, probes, probe_losses, start_step)
-        self.group = group
+        self.group, self.where = group, _where(group)
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
 
     def checkpoint(self) -> None:
@@ -75,6 +76,11 @@ class RunRecorder(Recorder):
         finally:
             store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step,
                              **durable)
+
+    def detach(self) -> None:
+        """Stop recording without writing to the store again: remove the hooks, drop the rows not yet written."""
+        self._unhook()
+        self.writer.abort()
 
     def __enter__(self) -> "RunRecorder":
         return self
@@ -131,6 +137,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     if not is_writer(write):
         return IdleRecorder()
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
+    _check_open_recorders(optimizer, root, run_id, resume)
     if resume and run_id in root:
         _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash,
                             [probe.split for probe in probes or []])
@@ -144,6 +151,35 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         raise
     group.update_attributes(recorder.attrs())
     return recorder
+
+
+def _where(group) -> str:
+    """Where a group lies: its absolute folder in a local store, else its store path."""
+    folder = store._local_path(group)
+    return str(folder.resolve()) if folder is not None else str(group.store_path)
+
+
+def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, resume: bool) -> None:
+    """Deal with runs still attached to `optimizer`, never closed (a notebook cell that raised before `rec.close()`,
+    then ran again): refuse to write over one's run; detach one whose run was deleted since (its rows would land in
+    this run's arrays); warn of the others, which go on recording every step."""
+    where = f"{_where(root).rstrip('/')}/{run_id}"
+    others = [r for r in open_recorders(optimizer) if isinstance(r, RunRecorder)]
+    if run_id in root and not resume:
+        attached = " Its recorder is still attached to this optimizer: close it first (rec.close())." if any(
+            r.where == where for r in others) else ""
+        raise FileExistsError(f"run {run_id!r} already exists in {_where(root)}; pass resume=True (and start_step) "
+                              f"to continue it from a checkpoint, or choose another run id.{attached}")
+    for other in others:
+        if other.where == where:
+            other.detach()
+            warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to this optimizer: "
+                          "detached, its unwritten rows dropped", UserWarning, stacklevel=3)
+        else:
+            warnings.warn(f"run {other.group.basename!r} ({other.where}) is still attached to this optimizer, never "
+                          f"closed: it records every step of run {run_id!r} too. Close it if that is a leftover "
+                          "(gradtrace.capture.open_recorders(optimizer) lists the recorders attached)",
+                          UserWarning, stacklevel=3)
 
 
 def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str, Any]):

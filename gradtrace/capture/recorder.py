@@ -24,6 +24,7 @@ recorded), and the parameter layout is the bare model's (DDP's `module.` prefix 
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,7 @@ from gradtrace.store import RunWriter
 
 V_QUANTILES = (0.5, 0.9, 0.99)
 V_SAMPLE = 4096  # coordinates per tensor sampled (fixed, seeded) for the quantiles of Adam's v; smaller: all
+_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its Recorders not yet closed
 
 
 @dataclass
@@ -156,6 +158,7 @@ class Recorder:
         # failed at the first full chunk ("Cannot generate resume function for generator")
         self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
                        self.optimizer.register_step_post_hook(torch.compiler.disable(self._post_step))]
+        _OPEN.setdefault(self.optimizer, weakref.WeakSet()).add(self)
 
     # -- set-up ---------------------------------------------------------------------------------------------
     @property
@@ -385,9 +388,19 @@ class Recorder:
         if final_probe and self.step > 0:
             self.probe_once()
         self.writer.flush()
+        self._unhook()
+
+    def _unhook(self) -> None:
+        """Remove the optimizer hooks: nothing more is recorded."""
         for h in self._hooks:
             h.remove()
+        _OPEN.get(self.optimizer, set()).discard(self)
         self.closed = True
+
+
+def open_recorders(optimizer: torch.optim.Optimizer) -> list[Recorder]:
+    """The Recorders hooked on `optimizer` and not yet closed (one left by a notebook cell that raised, say)."""
+    return list(_OPEN.get(unwrap_optimizer(optimizer), ()))
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
