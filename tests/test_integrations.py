@@ -146,6 +146,32 @@ def test_a_recorder_left_attached_by_a_cell_that_raised_is_named_and_cannot_writ
     assert set(open_recorders(opt)) == {leftover, rec}
 
 
+def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):
+    """A notebook's loop interrupted (SIGINT) while a hook wrote a chunk lost the chunk's rows but counted them, and
+    its step too: run on, the loop left a gap of fill-value rows and then a step recorded twice. The interrupt is
+    raised once the step is recorded, so the loop goes on where it stopped."""
+    import signal
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=8, capture=CaptureConfig(sketch="identity", probe_every=0,
+                                                                                 chunk=2))
+    write = rec.writer._write
+
+    def interrupted(job):  # Ctrl-C arrives as the second chunk is being written
+        if job[0][1] == 2:
+            signal.raise_signal(signal.SIGINT)
+        write(job)
+    rec.writer._write = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        train_steps(model, opt, task, 8, rec)
+    assert rec.step == opt.state[next(model.parameters())]["step"] == 4
+    train_steps(model, opt, task, 8, rec, start=4)  # the cell run again, from where it stopped
+    rec.close()
+    assert run_group(tmp_path)["step"][:].tolist() == list(range(8))
+    assert np.isfinite(run_group(tmp_path)["grad"][:]).all()
+
+
 def test_probe_rows_reach_the_disk_as_often_as_step_rows(tmp_path, task):
     """Probe arrays were chunked like per-step ones (`capture.chunk` rows): probed every 5 steps with chunks of 20,
     a run killed without a checkpoint had written no probe row in 100 steps; now one in 20 steps, as the steps."""

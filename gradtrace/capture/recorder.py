@@ -23,6 +23,10 @@ recorded), and the parameter layout is the bare model's (DDP's `module.` prefix 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import signal
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -156,8 +160,8 @@ class Recorder:
         self._probed_at = int(probed[-1]) if probed is not None and probed.shape[0] else None  # resumed: kept rows
         # run eagerly inside a compiled optimizer step (torch.compile's recipe): traced, the chunk write into zarr
         # failed at the first full chunk ("Cannot generate resume function for generator")
-        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
-                       self.optimizer.register_step_post_hook(torch.compiler.disable(self._post_step))]
+        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(uninterrupted(self._pre_step))),
+                       self.optimizer.register_step_post_hook(torch.compiler.disable(uninterrupted(self._post_step)))]
         _OPEN.setdefault(self.optimizer, weakref.WeakSet()).add(self)
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -401,6 +405,33 @@ class Recorder:
 def open_recorders(optimizer: torch.optim.Optimizer) -> list[Recorder]:
     """The Recorders hooked on `optimizer` and not yet closed (one left by a notebook cell that raised, say)."""
     return list(_OPEN.get(unwrap_optimizer(optimizer), ()))
+
+
+@contextlib.contextmanager
+def held_interrupt():
+    """Hold off Ctrl-C (SIGINT) until the block ends, then raise it. In a notebook's interrupted loop it landed inside
+    the step hooks, mostly in a chunk write: the step's rows were lost or its count not taken, and the loop, run again,
+    recorded a duplicate step or a gap of fill-value rows."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # only the main thread receives signals; None: a handler not set from Python, left alone
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+def uninterrupted(hook: Callable) -> Callable:
+    """`hook` run under `held_interrupt`."""
+    @functools.wraps(hook)
+    def held(*args, **kwargs):
+        with held_interrupt():
+            return hook(*args, **kwargs)
+    return held
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
