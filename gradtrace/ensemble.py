@@ -39,7 +39,8 @@ from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
 from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, check_same_items, declare_evals,
-                             finished_result, lr_lambda, recorded_capture, resolve_device, seeds, use_threads)
+                             finished_result, kept_threads, lr_lambda, recorded_capture, resolve_device, seeds,
+                             use_threads)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -103,7 +104,7 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
     if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):
         raise ValueError(f"need one distinct run id and one role per config: got {len(cfgs)} configs, "
                          f"run ids {run_ids}, roles {roles}")
-    with store.run_lock(Path(exp_dir), run_ids):
+    with store.run_lock(Path(exp_dir), run_ids), kept_threads():
         return _train_ensemble_locked(cfgs, Path(exp_dir), run_ids, roles, resume, progress)
 
 

@@ -120,6 +120,16 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads or default)
 
 
+@contextlib.contextmanager
+def kept_threads():
+    """torch's thread count as the caller had it, once a run that set its own (`train.threads`) returns."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_same_items(group, task: ArithmeticTask, run_id: str) -> None:
     """Refuse to go on with a run that was trained or scored on other items than `task` draws (a gradtrace whose
     task draws them otherwise); runs from before the digest was recorded are not checked."""
@@ -148,7 +158,7 @@ def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
 def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "reference",
           resume: bool = False, progress: bool = True) -> RunResult:
     """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies."""
-    with store.run_lock(Path(exp_dir), [run_id]):
+    with store.run_lock(Path(exp_dir), [run_id]), kept_threads():
         return _train_locked(cfg, Path(exp_dir), run_id, role, resume, progress)
 
 

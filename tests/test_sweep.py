@@ -1068,3 +1068,14 @@ def test_a_run_of_your_own_in_a_sweeps_store_is_no_row_of_its_results(tmp_path):
            capture=CaptureConfig(quantities=[], probe_every=0)).close()
     assert list(results_table(tmp_path).run_id) == ["run-000"]
     assert list(run_sweep(cfg, tmp_path, progress=False).run_id) == ["run-000"]
+
+
+def test_train_leaves_the_callers_thread_count_as_it_was(tmp_path):
+    """A notebook's `train(...)` of `train.threads: 2` left its kernel on 2 threads once it returned."""
+    import torch
+
+    from gradtrace.train import train
+
+    before = torch.get_num_threads()
+    train(tiny_config(train__steps=1, train__threads=before + 1), tmp_path, progress=False)
+    assert torch.get_num_threads() == before
