@@ -197,7 +197,7 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     rec.checkpoint()
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train_steps(model, opt, task, 5, rec, start=3)  # killed here: rows 3 and 4 are on disk, past the checkpoint
-    with pytest.raises(ValueError, match="durable only up to step 3"):
+    with pytest.raises(ValueError, match="durable only up to step 3"), pytest.warns(UserWarning, match="never closed"):
         attach(micro(task), opt, tmp_path, "r", total_steps=6, capture=IDENTITY, resume=True, start_step=5)
 
     model = micro(task)
@@ -271,8 +271,9 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
         with pytest.raises(ValueError, match=f"cannot resume with another capture.*{changed}"):
             attach(other, torch.optim.AdamW(other.parameters()), tmp_path, "r", total_steps=4, capture=capture,
                    resume=True, start_step=2)
-    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=CaptureConfig(dim=64, probe_every=0, chunk=8),
-                 resume=True, start_step=2)  # a longer run, written in other chunks: the same rows
+    with pytest.warns(UserWarning, match="never closed"):  # the recorder of the 'crashed' run, detached
+        rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=CaptureConfig(dim=64, probe_every=0, chunk=8),
+                     resume=True, start_step=2)  # a longer run, written in other chunks: the same rows
     train_steps(model, opt, task, 6, rec, start=2)
     rec.close()
     assert run_group(tmp_path).attrs["steps"] == 6 and run_group(tmp_path)["step"][:].tolist() == list(range(6))
