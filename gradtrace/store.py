@@ -45,7 +45,7 @@ def sync_to_disk(*paths: Path) -> None:
             os.close(fd)
 
 
-def _local_path(node: zarr.Group | zarr.Array) -> Path | None:
+def local_path(node: zarr.Group | zarr.Array) -> Path | None:
     """The folder of a group or array in a store on the local file system; None in any other store."""
     return Path(node.store.root, node.path) if isinstance(node.store, zarr.storage.LocalStore) else None
 
@@ -53,7 +53,7 @@ def _local_path(node: zarr.Group | zarr.Array) -> Path | None:
 def _update_attributes_synced(group: zarr.Group, attrs: dict[str, Any]) -> None:
     """`group.update_attributes`, synced to the disk in a local store."""
     group.update_attributes(attrs)
-    if (folder := _local_path(group)) is not None:
+    if (folder := local_path(group)) is not None:
         sync_to_disk(folder / "zarr.json")
 
 
@@ -217,7 +217,7 @@ class RunWriter:
     def _note_written(self, arr: zarr.Array, start: int, stop: int) -> None:
         """Remember the files rows start..stop went to: their chunks, the metadata of the array and its groups, and
         the folders holding them."""
-        folder = _local_path(arr)
+        folder = local_path(arr)
         if folder is None:
             return
         root = Path(arr.store.root)
@@ -374,7 +374,7 @@ def truncate_to(group: zarr.Group, steps_done: int, trained: int | None = None) 
 def _remove_partial_writes(group: zarr.Group) -> None:
     """Delete the temporary files (`*.partial`) of writes a kill interrupted under a run's folder (a local store):
     zarr writes each file beside its place and renames it there, so they hold nothing the run still needs."""
-    folder = _local_path(group)
+    folder = local_path(group)
     for leftover in folder.rglob("*.partial") if folder else []:
         leftover.unlink(missing_ok=True)
 
@@ -532,7 +532,7 @@ def _members(group: zarr.Group) -> list[tuple[str, zarr.Group | zarr.Array]]:
             warnings.simplefilter("always")
             members = list(group.members())
     except (ValueError, TypeError) as err:  # JSONDecodeError, MetadataValidationError, a field of the wrong kind
-        folder = _local_path(group)
+        folder = local_path(group)
         raise _damaged(group, sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder else [], err) from err
     for caught_warning in caught:
         _reword_stray_entry(group, caught_warning)
@@ -546,7 +546,7 @@ def _reword_stray_entry(group: zarr.Group, caught: warnings.WarningMessage) -> N
     if found is None:
         warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     elif not found[1].endswith(".partial"):
-        where = f"{_local_path(group) or group.store_path}/{found[1]}"
+        where = f"{local_path(group) or group.store_path}/{found[1]}"
         warnings.warn(f"{where} is left out: it is no Zarr group or array (a folder without its zarr.json: lost, or "
                       "a kill came while the group was created; a sweep run again trains that run anew)",
                       stacklevel=3)
@@ -566,7 +566,7 @@ def _damaged(group: zarr.Group, names: list[str], err: Exception) -> ValueError:
     """The error for metadata that zarr could not read (`err`) under a group: the file of the first of `names` that
     does not open, where one is found."""
     bad = next((name for name in names if not _opens(group, name)), None)
-    base = _local_path(group) or group.store_path
+    base = local_path(group) or group.store_path
     where = f"{base}/{bad}/zarr.json" if bad else f"the metadata of a member of {base}"
     return ValueError(f"{where} cannot be read ({type(err).__name__}: {err}): the store's metadata is damaged; restore "
                       "the file from a copy, or remove that run's group and run the sweep again to retrain it")

@@ -155,7 +155,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
 
 def _where(group) -> str:
     """Where a group lies: its absolute folder in a local store, else its store path."""
-    folder = store._local_path(group)
+    folder = store.local_path(group)
     return str(folder.resolve()) if folder is not None else str(group.store_path)
 
 
