@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--out", type=_experiment_dir, default=None,
                    help="experiment directory (default: storage/<config name>)")
-    p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address to run the runs on")
+    p.add_argument("--scheduler", default=None, help="the dask.distributed scheduler to run the runs on: its address "
+                   "(tcp://HOST:8786) or the file it wrote that in (dask scheduler --scheduler-file PATH)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, steps, expected time) and exit")
     p.set_defaults(func=cmd_sweep)
 

@@ -315,23 +315,28 @@ WORKERS_TIMEOUT = "60s"  # for its first worker to join
 
 @contextlib.contextmanager
 def _cluster(scheduler: str | None):
-    """A dask client of the cluster at `scheduler` (None without one), connected before anything trains."""
+    """A dask client of the cluster at `scheduler` (None without one), connected before anything trains: an address
+    (tcp://HOST:PORT), or the file a scheduler wrote it in (`dask scheduler --scheduler-file PATH`, as on a batch
+    cluster, where the scheduler's host is known only once its job starts)."""
     if not scheduler:
         yield None
         return
     from dask.distributed import Client
 
+    is_file = Path(scheduler).expanduser().is_file()
+    where = {"scheduler_file": str(Path(scheduler).expanduser())} if is_file else {"address": scheduler}
     try:
-        client = Client(scheduler, timeout=CONNECT_TIMEOUT)
-    except OSError as err:
+        client = Client(**where, timeout=CONNECT_TIMEOUT)
+    except (OSError, ValueError) as err:  # ValueError: no address (a scheduler file not written yet, say)
         raise SweepError(f"cannot reach the dask scheduler at {scheduler} ({err}); start it and its workers, or run "
                          "without --scheduler") from None
     with client:
         try:
             client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)  # with none, the sweep waited forever, saying nothing
         except TimeoutError:
+            start = f"--scheduler-file {scheduler}" if is_file else scheduler
             raise SweepError(f"the dask cluster at {scheduler} has no worker (none joined in {WORKERS_TIMEOUT}): start "
-                             f"some (`dask worker {scheduler} --nthreads 1`), or run without --scheduler") from None
+                             f"some (`dask worker {start} --nthreads 1`), or run without --scheduler") from None
         check_workers_code(client)
         yield client
 

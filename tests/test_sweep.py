@@ -516,13 +516,24 @@ def test_a_sweep_can_be_extended_with_more_runs(tmp_path):
         run_sweep(small, tmp_path, progress=False)
 
 
-def test_sweep_on_a_dask_local_cluster(tmp_path):
+@pytest.mark.parametrize("by", ["address", "scheduler file"])
+def test_sweep_on_a_dask_local_cluster(tmp_path, by):
+    """The scheduler named by its address, or by the file it wrote that in (a batch cluster's way)."""
     from dask.distributed import LocalCluster
 
     cfg = tiny_config(sweep__runs=2, sweep__reference_runs=0, train__steps=6)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        table = run_sweep(cfg, tmp_path, progress=False, scheduler=cluster.scheduler_address)
+    file = tmp_path / "scheduler.json"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"scheduler_file": str(file)}) as cluster:
+        scheduler = cluster.scheduler_address if by == "address" else str(file)
+        table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=scheduler)
     assert sorted(table.run_id) == ["run-000", "run-001"]
+
+
+def test_a_scheduler_file_not_written_is_refused_by_name(tmp_path):
+    with pytest.raises(SweepError, match=r"cannot reach the dask scheduler at .*scheduler\.json"):
+        run_sweep(tiny_config(sweep__runs=1), tmp_path / "study", progress=False,
+                  scheduler=str(tmp_path / "scheduler.json"))
 
 
 def test_a_cluster_without_workers_is_refused_not_waited_on_forever(tmp_path, monkeypatch):
