@@ -144,6 +144,7 @@ def test_a_recorder_left_attached_by_a_cell_that_raised_is_named_and_cannot_writ
     from gradtrace.capture import open_recorders
 
     assert set(open_recorders(opt)) == {leftover, rec}
+    assert repr(leftover) == f"<RunRecorder {(tmp_path / 'store.zarr' / 'r1').resolve()}: step 0 of 4, recording>"
 
 
 def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):

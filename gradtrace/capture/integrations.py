@@ -45,6 +45,10 @@ class RunRecorder(Recorder):
         self.group, self.where = group, _where(group)
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
 
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "recording"
+        return f"<RunRecorder {self.where}: step {self.step} of {self.total_steps}, {state}>"
+
     def checkpoint(self) -> None:
         """Write every recorded row and mark this step durable (call it when you checkpoint the model)."""
         self.writer.checkpoint(self.step)
