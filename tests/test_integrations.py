@@ -248,9 +248,10 @@ def test_a_run_longer_than_its_total_steps_is_warned_about(tmp_path, task):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:1]]
     rec = attach(model, opt, tmp_path, "r", total_steps=2, probes=probes, capture=CaptureConfig(dim=16))
-    with pytest.warns(UserWarning, match="optimizer step 3 is past total_steps=2"):
+    with pytest.warns(UserWarning, match="optimizer step 3 is past total_steps=2") as caught:
         train_steps(model, opt, task, 3, rec)
     rec.close()
+    assert caught[0].filename == __file__  # the loop's line (opt.step()), not torch's wrapper of the hook
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
@@ -461,6 +462,7 @@ def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):
     with pytest.warns(UserWarning, match=f"{len(embedding)} parameter tensors were unfrozen after attach") as caught:
         train_steps(model, opt, task, 4, rec, start=2)
     assert sum("unfrozen" in str(w.message) for w in caught) == 1  # once, not every step
+    assert [w.filename for w in caught if "unfrozen" in str(w.message)] == [__file__]
     rec.close()
 
 

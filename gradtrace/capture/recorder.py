@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import sys
 import threading
 import warnings
 import weakref
@@ -204,7 +205,7 @@ class Recorder:
         if self.step == self.total_steps and (self.probes or self.cfg.schedule == "log"):
             warnings.warn(f"optimizer step {self.step + 1} is past total_steps={self.total_steps}: periodic probes "
                           "stop there and a log schedule records no more rows; give attach the run's real number "
-                          "of optimizer steps", UserWarning, stacklevel=2)
+                          "of optimizer steps", UserWarning, stacklevel=_loop_stacklevel())
         self._recording = self.step in self.schedule
         if not self._recording:
             return
@@ -293,7 +294,7 @@ class Recorder:
             warnings.warn(f"{trainable - len(self.params)} parameter tensors were unfrozen after attach: the recorded "
                           "layout, fixed when attach was called, leaves them out of grad, update and adam_m. To "
                           "record them, unfreeze before attach or attach a new run when unfreezing",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=_loop_stacklevel())
 
     def _sketch_m(self, m: list[torch.Tensor], grad_sketch: torch.Tensor | None) -> torch.Tensor:
         """sketch(m_t): sketched directly, or, once known and while exact, as the EMA of the gradient sketches.
@@ -432,6 +433,15 @@ def uninterrupted(hook: Callable) -> Callable:
         with held_interrupt():
             return hook(*args, **kwargs)
     return held
+
+
+def _loop_stacklevel() -> int:
+    """The `stacklevel` that points a warning raised in a step hook at the loop's line (`optimizer.step()`): the first
+    caller outside gradtrace and torch, however many of their frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("gradtrace", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
