@@ -38,8 +38,8 @@ from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
-from gradtrace.train import (RunResult, check_packing, check_resumes_its_config, check_same_items, declare_evals,
-                             finished_result, kept_threads, lr_lambda, recorded_capture, resolve_device, seeds,
+from gradtrace.train import (RunResult, callers_torch_state, check_packing, check_resumes_its_config, check_same_items,
+                             declare_evals, finished_result, lr_lambda, recorded_capture, resolve_device, seeds,
                              use_threads)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
@@ -104,7 +104,7 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
     if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):
         raise ValueError(f"need one distinct run id and one role per config: got {len(cfgs)} configs, "
                          f"run ids {run_ids}, roles {roles}")
-    with store.run_lock(Path(exp_dir), run_ids), kept_threads():
+    with store.run_lock(Path(exp_dir), run_ids), callers_torch_state(cfgs[0].train.device):
         return _train_ensemble_locked(cfgs, Path(exp_dir), run_ids, roles, resume, progress)
 
 

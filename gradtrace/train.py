@@ -121,11 +121,14 @@ def use_threads(threads: int) -> None:
 
 
 @contextlib.contextmanager
-def kept_threads():
-    """torch's thread count as the caller had it, once a run that set its own (`train.threads`) returns."""
+def callers_torch_state(device: str):
+    """torch's thread count and random state as the caller had them, once a run that set its own (`train.threads`;
+    the model's init seed, which seeds torch's global generators) returns: a notebook's `train(...)` left both."""
     before = torch.get_num_threads()
+    on_cuda = device != "cpu" and torch.cuda.is_available()
     try:
-        yield
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if on_cuda else []):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -158,7 +161,7 @@ def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
 def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "reference",
           resume: bool = False, progress: bool = True) -> RunResult:
     """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies."""
-    with store.run_lock(Path(exp_dir), [run_id]), kept_threads():
+    with store.run_lock(Path(exp_dir), [run_id]), callers_torch_state(cfg.train.device):
         return _train_locked(cfg, Path(exp_dir), run_id, role, resume, progress)
 
 

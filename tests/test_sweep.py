@@ -1081,12 +1081,13 @@ def test_a_run_of_your_own_in_a_sweeps_store_is_no_row_of_its_results(tmp_path):
     assert list(run_sweep(cfg, tmp_path, progress=False).run_id) == ["run-000"]
 
 
-def test_train_leaves_the_callers_thread_count_as_it_was(tmp_path):
-    """A notebook's `train(...)` of `train.threads: 2` left its kernel on 2 threads once it returned."""
+def test_train_leaves_the_callers_thread_count_and_random_state_as_they_were(tmp_path):
+    """A notebook's `train(...)` of `train.threads: 2` left its kernel on 2 threads once it returned, and torch's
+    global generator seeded by the model's init seed."""
     import torch
 
     from gradtrace.train import train
 
-    before = torch.get_num_threads()
+    before, state = torch.get_num_threads(), torch.random.get_rng_state()
     train(tiny_config(train__steps=1, train__threads=before + 1), tmp_path, progress=False)
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before and torch.equal(torch.random.get_rng_state(), state)
