@@ -37,12 +37,13 @@ from scipy.stats import rankdata
 
 from gradtrace import store
 from gradtrace.files import write_csv
-from gradtrace.results import started_from
+from gradtrace.results import first_ids, started_from
 from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
                              group_codes, partial_correlations, spearman_brown, varying_shifts)
 from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
 
 CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
+ID_SPLIT = "ID"  # the in-distribution split, as results.csv's acc_ID and the statistics name it
 DEFAULT_N_ITEMS = 2000  # items per split for the probit clip [1/(2N), 1 − 1/(2N)] when the config does not say
 BOOT_CHUNK = 128  # bootstrap resamples per vectorised batch: memory ∝ BOOT_CHUNK · runs · splits, not n_boot · …
 
@@ -114,18 +115,24 @@ def _optional(group: zarr.Group, name: str, lazy: bool = False) -> Any:
     return store.read_lazy(group, name) if lazy else store.read(group, name)
 
 
-def _load_run(group: zarr.Group, run_id: str, lazy: bool) -> ReferenceRun:
+def _load_run(group: zarr.Group, run_id: str, lazy: bool, order: list[int]) -> ReferenceRun:
+    """A reference run's arrays, their split axis taken in `order` (the ID split's first)."""
     attrs = dict(group.attrs)
     for name in ("probe/step", "probe/grad", "step"):
         if not store.has(group, name):
             raise KeyError(f"reference run {run_id!r} has no {name!r}: predictors need probe gradients "
                            "(capture.probe_every > 0) and the step axis; re-run it with full capture")
+
+    def by_split(name: str) -> np.ndarray | None:
+        values = _optional(group, name)
+        return None if values is None else values[:, order]
+
     return ReferenceRun(
         run_id=run_id, probe_step=store.read(group, "probe/step").astype(np.int64),
-        probe_grad=store.read(group, "probe/grad"), probe_grad_adam=_optional(group, "probe/grad_adam"),
-        probe_loss=_optional(group, "probe/loss"), step=store.read(group, "step").astype(np.int64),
+        probe_grad=by_split("probe/grad"), probe_grad_adam=by_split("probe/grad_adam"),
+        probe_loss=by_split("probe/loss"), step=store.read(group, "step").astype(np.int64),
         update=_optional(group, "update", lazy), grad=_optional(group, "grad", lazy=True), lr=_optional(group, "lr"),
-        eval_step=_optional(group, "evals/step"), eval_accuracy=_optional(group, "evals/accuracy"),
+        eval_step=_optional(group, "evals/step"), eval_accuracy=by_split("evals/accuracy"),
         seeds=dict(attrs.get("seeds") or {}), wall_time_s=float(attrs.get("wall_time_s", np.nan)),
         nonfinite_steps=int(attrs.get("nonfinite_steps", 0)),
         start=started_from(((attrs.get("config") or {}).get("model") or {}).get("init_from")))
@@ -137,7 +144,10 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
 
     `role="base"` reads a pretraining run's store (frontier studies, `predict.reference_role`).
 
-    Refuses runs whose sketches (kind, dim, seed, parameter layout), splits or probe losses differ. With lazy=True
+    Chosen by role, runs that recorded no probe gradients (a loop of your own attached without probes) are left out,
+    with a warning. The ID split (`ID`, as the statistics name it) comes first in the splits whatever the order of the
+    runs' probes; runs without its probe are refused, and so are runs whose sketches (kind, dim, seed, parameter
+    layout), splits or probe losses differ. With lazy=True
     the (T, k) update trajectories are dask arrays read on demand (for stores larger than memory); None (default)
     does so where all the runs' updates together pass 2 GiB (one limit per run let 8 runs of 1.9 GiB fill 15 GiB).
     The gradient trajectories, which no predictor here reads, are always lazy.
@@ -162,6 +172,17 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
         chosen = [r for r in chosen if r not in unfinished]
     if not chosen:
         raise ValueError("no complete reference run to load; finish or resume the reference runs first")
+    unprobed = [r for r in chosen if not groups[r].attrs.get("splits")]
+    if unprobed and (run_ids is not None or len(unprobed) == len(chosen)):
+        which = (f"runs {first_ids(unprobed)} recorded no" if run_ids is not None else
+                 f"no {role} run ({first_ids(unprobed)}) recorded")
+        raise ValueError(f"{which} probe gradients, which predictors need: record runs with probes "
+                         "(`attach(..., probes=[Probe(split, tokens, mask), ...])`, the ID split's among them; "
+                         "capture.probe_every > 0 in gradtrace's own runs)")
+    if unprobed:
+        warnings.warn(f"left out {len(unprobed)} {role} run(s) that recorded no probe gradients "
+                      f"({first_ids(unprobed)}): predictors need them", UserWarning, stacklevel=2)
+        chosen = [r for r in chosen if r not in unprobed]
 
     first = dict(groups[chosen[0]].attrs)
     for name in ("sketch", "splits", "probe_losses"):
@@ -179,12 +200,18 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
                                  f"{first[name]} vs {attrs.get(name)}; load runs of one experiment config")
     if lazy is None:
         lazy = sum(groups[rid]["update"].nbytes for rid in chosen if store.has(groups[rid], "update")) > IN_MEMORY_BYTES
-    runs = tuple(_load_run(groups[rid], rid, lazy) for rid in chosen)
+    splits = list(first["splits"])
+    if ID_SPLIT not in splits:
+        raise ValueError(f"reference run {chosen[0]!r} has no probe of the ID split ({ID_SPLIT!r}; its probe splits: "
+                         f"{splits}): predictors take each shift given ID, as the statistics take acc_{ID_SPLIT}; "
+                         f"record a Probe({ID_SPLIT!r}, ...) too")
+    order = [splits.index(ID_SPLIT), *(i for i, s in enumerate(splits) if s != ID_SPLIT)]
+    runs = tuple(_load_run(groups[rid], rid, lazy, order) for rid in chosen)
     bad = [r.run_id for r in runs if r.nonfinite_steps]
     if bad:
         warnings.warn(f"reference runs {bad} recorded non-finite gradients; predictions that use their "
                       "trajectories may be NaN", UserWarning, stacklevel=2)
-    return ReferenceData(runs, tuple(first["splits"]), tuple(first["probe_losses"]), dict(first["sketch"]),
+    return ReferenceData(runs, tuple(splits[i] for i in order), tuple(first["probe_losses"]), dict(first["sketch"]),
                          list(first.get("layout") or []))
 
 

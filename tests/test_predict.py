@@ -634,3 +634,49 @@ def test_run_predict_reports_predictors_that_cannot_run(planted):
     assert "minisweep_covariance" in result.errors
     with pytest.raises(ValueError, match="unknown predictor"):
         run_predict(planted.exp_dir, predictors=["oracle"])
+
+
+def _id_last(exp_dir: Path, run_id: str = "ref-000") -> None:
+    """Rewrite a reference run as a loop of your own recorded it with its probes in another order: ID's last."""
+    run = zarr.open_group(exp_dir / "store.zarr")[run_id]
+    order = [*range(1, len(SPLITS)), 0]
+    for name in ("probe/grad", "probe/grad_adam", "probe/loss", "evals/accuracy"):
+        run[name][...] = run[name][:][:, order]
+    run.attrs["splits"] = [SPLITS[i] for i in order]
+
+
+def test_a_reference_run_whose_probes_list_the_id_split_last_predicts_as_with_it_first(tmp_path):
+    """The first probe split was taken for ID: predict correlated the shifts given acc_s1 and counted ID as a shift,
+    silently (stats, on the same table, takes acc_ID)."""
+    planted = make_planted(tmp_path, n_sweep=40)
+    expected = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
+    _id_last(planted.exp_dir)
+    reference = load_reference(planted.exp_dir)
+    assert reference.id_split == "ID" and reference.shifts == tuple(SHIFTS)
+    result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
+    pd.testing.assert_frame_equal(result.predictions, expected.predictions)
+
+
+def test_reference_runs_without_an_id_probe_are_refused(tmp_path):
+    planted = make_planted(tmp_path, n_sweep=40)
+    zarr.open_group(planted.exp_dir / "store.zarr")["ref-000"].attrs["splits"] = SHIFTS + ["other"]
+    with pytest.raises(ValueError, match="no probe of the ID split"):
+        load_reference(planted.exp_dir)
+
+
+def test_runs_recorded_without_probes_are_left_out_of_the_reference_runs(tmp_path):
+    """`attach` records every run as a reference run: one recorded without probes stopped predict with "reference
+    runs 'ref-000' and 'run-without' have different splits: [...] vs []"."""
+    planted = make_planted(tmp_path, n_sweep=40)
+    root = zarr.open_group(planted.exp_dir / "store.zarr")
+    store.create_run(root, "run-without", {"role": "reference", "status": "complete", "splits": [],
+                                           "sketch": dict(root["ref-000"].attrs["sketch"])})
+    with pytest.warns(UserWarning, match=r"left out 1 reference run\(s\) that recorded no probe gradients "
+                                         r"\(run-without\)"):
+        assert [run.run_id for run in load_reference(planted.exp_dir).runs] == ["ref-000"]
+    with pytest.raises(ValueError, match=r"runs run-without recorded no probe gradients, which predictors need"):
+        load_reference(planted.exp_dir, run_ids=["run-without"])
+    del root["ref-000"]
+    with pytest.raises(ValueError, match=r"no reference run \(run-without\) recorded probe gradients"):
+        load_reference(planted.exp_dir)
+
