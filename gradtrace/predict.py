@@ -1021,16 +1021,20 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
 
     Pre-registered predictors are `predict.preregistered` in DIR/config.yaml; all others are exploratory (or
     baselines). A predictor that cannot run on this experiment is reported with NaN scores and its error in `note`.
+    A directory of runs of your own (results.csv beside store.zarr, no plan.json) needs no config.yaml: the default
+    predict settings and `task.n_test` (2000 items per split, as stats takes) then apply.
     """
     from gradtrace import config as config_module
     from gradtrace.results import base_groups, load_results
 
     exp_dir = Path(exp_dir)
-    for required in ("config.yaml", "results.csv"):
+    sweep_dir = (exp_dir / "plan.json").exists()
+    for required in ("config.yaml", "results.csv") if sweep_dir else ("results.csv",):
         if not (exp_dir / required).exists():
             raise FileNotFoundError(f"{exp_dir / required} is missing: run_predict needs an experiment directory "
-                                    "written by `gradtrace sweep` (config.yaml, results.csv, store.zarr)")
-    cfg = config_module.load(exp_dir / "config.yaml")
+                                    "written by `gradtrace sweep` (config.yaml, results.csv, store.zarr), or one of "
+                                    "runs of your own (results.csv beside store.zarr)")
+    cfg = config_module.load(exp_dir / "config.yaml" if (exp_dir / "config.yaml").exists() else None)
     preregistered, exploratory = list(cfg.predict.preregistered), list(cfg.predict.exploratory)
     names = _planned(predictors, preregistered, exploratory)
     n_items = int(cfg.task.n_test)

@@ -680,3 +680,16 @@ def test_runs_recorded_without_probes_are_left_out_of_the_reference_runs(tmp_pat
     with pytest.raises(ValueError, match=r"no reference run \(run-without\) recorded probe gradients"):
         load_reference(planted.exp_dir)
 
+
+
+def test_run_predict_takes_a_directory_of_your_own_runs_without_a_config(tmp_path):
+    """Runs of a loop of your own and a results.csv of your own: predict asked for the config.yaml a sweep writes;
+    it now takes the defaults, as stats does (N = 2000 items for the probit clip)."""
+    planted = make_planted(tmp_path, n_sweep=40)
+    expected = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
+    (planted.exp_dir / "config.yaml").unlink()
+    result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
+    pd.testing.assert_frame_equal(result.predictions, expected.predictions)
+    (planted.exp_dir / "plan.json").write_text("[]")  # a sweep's directory whose config.yaml is gone
+    with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
+        run_predict(planted.exp_dir)
