@@ -903,10 +903,19 @@ class StatsReport:
 
 
 def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, np.ndarray] | None]:
-    """Results table and per-item correctness (None when the experiment has none) of an experiment directory."""
+    """Results table and per-item correctness (None when the experiment has none) of an experiment directory;
+    refused where results.csv has rows but none of a sweep run (a table of your own, its roles mistaken)."""
     from gradtrace.results import load_item_correctness, load_results
 
     table = load_results(exp_dir)  # once: its warnings (an unfinished sweep, …) said once
+    if table.empty:
+        from gradtrace.results import read_results
+
+        if not (every := read_results(exp_dir)).empty:
+            raise ValueError(f"none of the {len(every)} rows of {Path(exp_dir) / 'results.csv'} has role `sweep` "
+                             f"(roles there: {', '.join(sorted(every['role'].astype(str).unique()))}): the statistics "
+                             "correlate the sweep runs; in a table of your own, give the runs to correlate role "
+                             "`sweep`")
     items = load_item_correctness(exp_dir, table=table)
     return table, (dict(items) if items else None)
 

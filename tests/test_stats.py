@@ -599,6 +599,17 @@ def test_stats_of_a_results_table_without_a_store(tmp_path):
     assert len(rep.stats) == 1 and rep.reliability is None and (tmp_path / "gap.csv").exists()
 
 
+
+def test_a_table_of_your_own_without_sweep_rows_says_so(tmp_path):
+    """A table of your own that gave its runs the role the store gives every `attach` run (`reference`) was read as
+    "too few rows: n=0 … Add runs to the sweep (sweep.runs)", of a table of 30 runs."""
+    rng = np.random.default_rng(3)
+    table_from(*probit_lines(rng, n=30, rho=0.5, sigma=0.3)).assign(
+        run_id=[f"run-{i}" for i in range(30)], role="reference").to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(ValueError, match=r"none of the 30 rows of .*results.csv has role `sweep` \(roles there: "
+                                         r"reference\): the statistics correlate the sweep runs"):
+        stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
+
 def test_a_stats_run_killed_mid_write_leaves_the_earlier_tables_whole(tmp_path, monkeypatch):
     """stats.csv was written in place: a kill mid-write left a cut table, newer than results.csv, which the report
     then took for the whole (its freshness check is by modification time)."""
