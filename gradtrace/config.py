@@ -123,7 +123,7 @@ class CaptureConfig:
     probe_losses: list[str] = field(default_factory=lambda: ["ce", "margin"])
     dtype: str = "float32"  # storage dtype of sketched rows: float32 | float16 | bfloat16
     chunk: int = 256  # rows per stored chunk along the step axis (each write costs ~2 ms per array, any size)
-    save_weights: bool = True  # initial and final weights as safetensors beside the store
+    save_weights: bool = True  # initial and final weights as safetensors beside the store (not by attach)
     writer_thread: bool | None = None  # write chunks from a background thread; None: on CUDA only
 
     def __post_init__(self) -> None:

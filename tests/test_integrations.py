@@ -964,3 +964,33 @@ def test_a_loss_logged_after_the_optimizer_step_is_warned_of(tmp_path, task):
         rec.log(loss)
     with pytest.warns(UserWarning, match="seems to call rec.log after optimizer.step"):
         rec.close()
+
+
+def test_runs_of_your_own_loop_go_through_stats_and_predict_with_a_table_of_your_own(tmp_path, task):
+    """README "Analysing runs of your own": attached runs (two with probes, ID's last) and a results.csv of your own
+    beside the store; stats and predict take the directory, predict's cosine from the probed runs by hand."""
+    import pandas as pd
+
+    from gradtrace.predict import run_predict
+    from gradtrace.stats import stats_report
+
+    splits = [*task.splits[1:3], "ID"]
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in splits]
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        model = micro(task, seed=i)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3 * (1 + i))
+        with attach(model, opt, tmp_path, f"run-{i}", total_steps=3, capture=CaptureConfig(dim=64),
+                    probes=probes if i < 2 else None) as rec:
+            train_steps(model, opt, task, 3, rec)
+    pd.DataFrame({"run_id": [f"run-{i}" for i in range(8)], "role": "sweep",
+                  **{f"acc_{s}": rng.uniform(0.2, 0.8, 8) for s in splits}}).to_csv(tmp_path / "results.csv",
+                                                                                   index=False)
+    assert len(stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0).stats) == 1
+    with pytest.warns(UserWarning, match="left out 6 reference run"):
+        predictions = run_predict(tmp_path, predictors=[], n_boot=0, n_splits=10, n_perm=100).predictions
+    cosine = predictions[predictions.predictor == "cosine"].iloc[0]
+    assert (cosine.a, cosine.b) == tuple(splits[:2])
+    final = [store.read(run_group(tmp_path, f"run-{i}"), "probe/grad")[-1, :2, 0] for i in range(2)]
+    by_hand = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in final])
+    assert cosine.predicted == pytest.approx(by_hand, rel=1e-5)
