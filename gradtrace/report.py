@@ -177,13 +177,14 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
 
 def _reference_run(exp_dir: Path, role: str = "reference") -> zarr.Group:
     """The first complete run of `role` (the study's `predict.reference_role`: `base` in frontier studies) holding
-    sketched updates."""
+    sketched updates, one with probe gradients where any has them (runs of your own loop attached without probes
+    are reference runs too)."""
     root = store.open_experiment(exp_dir / "store.zarr")
     groups = list(store.run_groups(root).values())
-    for group in groups:
-        a = group.attrs
-        if a.get("role") == role and a.get("status") == "complete" and "update" in group:
-            return group
+    drawable = [g for g in groups if g.attrs.get("role") == role and g.attrs.get("status") == "complete"
+                and "update" in g]
+    if drawable:
+        return next((g for g in drawable if store.has(g, "probe/grad")), drawable[0])
     unfinished = [g.basename for g in groups if g.attrs.get("role") == role and "update" in g]
     if unfinished:
         hint = (f"{role} runs {unfinished[:5]} are not complete (`gradtrace info` gives their status): finish or "

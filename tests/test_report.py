@@ -323,6 +323,21 @@ def test_no_reference_run_to_draw_names_those_not_complete(tmp_path: Path) -> No
         report._reference_run(tmp_path)
 
 
+
+def test_the_reference_run_drawn_is_one_with_probes_where_any_has_them(tmp_path: Path) -> None:
+    """Every run `attach` records is a reference run: the report drew the first, one recorded without probes (no
+    dominant/bulk or principal-angle figure), while predict read those with probes."""
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    for rid in ("a-without", "b-with"):
+        group = store.create_run(root, rid, {"role": "reference"})
+        group["update"] = np.zeros((2, 3), np.float32)
+        if rid == "b-with":
+            group["probe/grad"] = np.zeros((2, 1, 1, 3), np.float32)
+        store.set_status(group, "complete")
+    assert report._reference_run(tmp_path).basename == "b-with"
+    del root["b-with"]
+    assert report._reference_run(tmp_path).basename == "a-without"  # none with probes: the updates' span alone
+
 def test_a_study_whose_predictors_read_its_base_run_draws_the_base_runs_dynamics(written: tuple[Path, str],
                                                                                  tmp_path: Path) -> None:
     """With `predict.reference_role: base` (frontier.yaml) the report looked for a reference run only: every training
