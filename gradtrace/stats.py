@@ -452,7 +452,8 @@ def _prepare(
     if id not in available:
         raise ValueError(
             f"no ID accuracy column 'acc_{id}': expected columns acc_<split> with the ID split among them "
-            f"(found splits {available}). Pass id=<name of the ID split>."
+            f"(found splits {available}). Pass id=<name of the ID split>, or name its column acc_ID (as "
+            "`gradtrace stats` and `predict` read it)."
         )
     shifts = [s for s in available if s != id] if shifts is None else list(shifts)
     missing = [s for s in shifts if s not in available]
