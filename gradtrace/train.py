@@ -125,9 +125,11 @@ def callers_torch_state(device: str):
     """torch's thread count and random state as the caller had them, once a run that set its own (`train.threads`;
     the model's init seed, which seeds torch's global generators) returns: a notebook's `train(...)` left both."""
     before = torch.get_num_threads()
-    on_cuda = device != "cpu" and torch.cuda.is_available()
+    run_on = resolve_device(device)
+    # the run's GPU only: reading every GPU's generator opens a context on each, in every worker of a multi-GPU host
+    gpus = [torch.cuda.current_device() if run_on.index is None else run_on.index] if run_on.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if on_cuda else []):
+        with torch.random.fork_rng(devices=gpus):
             yield
     finally:
         torch.set_num_threads(before)
