@@ -554,9 +554,9 @@ table.data td.mono{font-family:ui-monospace,monospace;font-size:.85em;word-break
 
 STUDY = ("Can we predict, from the gradient trajectory of training alone, whether two out-of-distribution shifts "
          "move together once in-domain skill is accounted for? The measured target is the partial correlation "
-         "r(a₁, a₂ | a_ID) of two shifts' exact-match accuracies across many fine-tuning runs of a small "
-         "transformer on a synthetic arithmetic task; predictors built from the reference runs' stored gradient "
-         "trajectories are scored against it.")
+         "r(a₁, a₂ | a_ID) of two shifts' accuracies across many {runs}; predictors built from the reference runs' "
+         "stored gradient trajectories are scored against it.")
+OUR_RUNS = "fine-tuning runs of a small transformer on gradtrace's synthetic arithmetic task (exact match)"
 
 
 def _esc(text: object) -> str:
@@ -676,7 +676,8 @@ def _header(inputs: Inputs) -> str:
                 if isinstance(sweep_cfg, dict) and sweep_cfg.get("pretrain_steps") else "")
         facts.append(f"{train['steps']} optimizer steps per run{base}")
     return (f"<h1>gradtrace report: {_esc(inputs.exp_dir.resolve().name)}</h1>"
-            f'<p class="lead">{_esc(STUDY)}</p><p class="facts">{_esc("; ".join(facts))}</p>')
+            f'<p class="lead">{_esc(STUDY.format(runs=OUR_RUNS if "task" in inputs.config else "training runs"))}'
+            f'</p><p class="facts">{_esc("; ".join(facts))}</p>')
 
 
 def write_report(exp_dir: str | Path, benchmarks_dir: str | Path | None = None) -> Path:

@@ -338,6 +338,14 @@ def test_the_reference_run_drawn_is_one_with_probes_where_any_has_them(tmp_path:
     del root["b-with"]
     assert report._reference_run(tmp_path).basename == "a-without"  # none with probes: the updates' span alone
 
+
+def test_the_header_says_whose_runs_it_reports(tmp_path: Path) -> None:
+    """A directory of runs of your own (no config.yaml) was described as fine-tuning runs on gradtrace's task."""
+    ours = report._header(report.Inputs(tmp_path, config_text="task:\n  n_test: 2000\n"))
+    theirs = report._header(report.Inputs(tmp_path))
+    assert "synthetic arithmetic task" in ours and "synthetic arithmetic" not in theirs and "training runs" in theirs
+
+
 def test_a_study_whose_predictors_read_its_base_run_draws_the_base_runs_dynamics(written: tuple[Path, str],
                                                                                  tmp_path: Path) -> None:
     """With `predict.reference_role: base` (frontier.yaml) the report looked for a reference run only: every training
