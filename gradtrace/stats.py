@@ -905,11 +905,12 @@ class StatsReport:
 
 def _load_experiment(exp_dir: str | PathLike) -> tuple[pd.DataFrame, dict[str, np.ndarray] | None]:
     """Results table and per-item correctness (None when the experiment has none) of an experiment directory;
-    refused where results.csv has rows but none of a sweep run (a table of your own, its roles mistaken)."""
+    refused where a table of your own (no sweep's plan.json beside it) has rows but none of a sweep run: its roles
+    mistaken. A sweep's directory without complete sweep runs is left to the count check, which says to add runs."""
     from gradtrace.results import load_item_correctness, load_results
 
     table = load_results(exp_dir)  # once: its warnings (an unfinished sweep, …) said once
-    if table.empty:
+    if table.empty and not (Path(exp_dir) / "plan.json").exists():
         from gradtrace.results import read_results
 
         if not (every := read_results(exp_dir)).empty:

@@ -609,6 +609,10 @@ def test_a_table_of_your_own_without_sweep_rows_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"none of the 30 rows of .*results.csv has role `sweep` \(roles there: "
                                          r"reference\): the statistics correlate the sweep runs"):
         stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
+    (tmp_path / "plan.json").write_text("{}")  # a sweep's directory, its sweep runs not yet complete: add runs
+    with pytest.raises(ValueError, match="too few rows"):
+        stats_report(tmp_path, residualize="probit", n_boot=0, n_perm=0)
+
 
 def test_a_stats_run_killed_mid_write_leaves_the_earlier_tables_whole(tmp_path, monkeypatch):
     """stats.csv was written in place: a kill mid-write left a cut table, newer than results.csv, which the report
