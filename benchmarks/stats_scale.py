@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, nargs="+", default=[300, 1000, 3000])
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print("runs | jackknife by refits (s) | by the deletion formula (s) | ratio | max |diff| | partial_correlations (s)")
+    print("runs | jackknife by refits (s) | by the deletion formula (s) | ratio | max |diff| "
+          "| partial_correlations (s)")
     for n in args.runs:
         table = study(n, rng)
         Y, Z = table.drop(columns="acc_ID").to_numpy(), table[["acc_ID"]].to_numpy()
