@@ -73,7 +73,8 @@ def neox_config(shape: NeoXShape, vocab_size: int, attn_implementation: str = "e
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
-    """A causal LM initialised from `seed` (or `cfg.init_from` weights); embedded name, HF name, or path."""
+    """A causal LM initialised from `seed` (or `cfg.init_from` weights); embedded name, HF name, or path. Seeds
+    torch's global generators with `seed`, as the weights are drawn from them (`train` gives the caller's back)."""
     model = _build(cfg, vocab_size, seed)
     if cfg.init_from:
         from safetensors.torch import load_file
