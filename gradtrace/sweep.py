@@ -323,8 +323,9 @@ def _cluster(scheduler: str | None):
         return
     from dask.distributed import Client
 
-    is_file = Path(scheduler).expanduser().is_file()
-    where = {"scheduler_file": str(Path(scheduler).expanduser())} if is_file else {"address": scheduler}
+    file = Path(scheduler).expanduser()
+    is_file = file.is_file()
+    where = {"scheduler_file": str(file)} if is_file else {"address": scheduler}
     try:
         client = Client(**where, timeout=CONNECT_TIMEOUT)
     except (OSError, ValueError) as err:  # ValueError: no address (a scheduler file not written yet, say)
@@ -509,9 +510,8 @@ def check_directory(cfg: Config, out: Path) -> list[str]:
     older = config_mod.keys_missing_from(config_mod.read_resolved(out / "config.yaml"))
     unfinished = _not_complete(store.open_experiment(out / "store.zarr"), plan(cfg)) if older else []
     if unfinished:
-        raise ValueError(f"{out} was trained by an older gradtrace, whose config had no {', '.join(older[:4])}"
-                         f"{' …' if len(older) > 4 else ''}: its {len(unfinished)} run(s) left to train "
-                         f"({', '.join(unfinished[:3])}{' …' if len(unfinished) > 3 else ''}) would train under "
+        raise ValueError(f"{out} was trained by an older gradtrace, whose config had no {first_ids(older, 4)}: its "
+                         f"{len(unfinished)} run(s) left to train ({first_ids(unfinished, 3)}) would train under "
                          "today's defaults, items and arrays beside runs of the old recipe; extend or resume it with "
                          "the gradtrace that made it, or choose a new --out (its finished runs read as they are)")
     previous = config_mod.load(out / "config.yaml")

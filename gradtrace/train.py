@@ -18,7 +18,7 @@ from gradtrace.config import (CaptureConfig, Config, TrainConfig, changed_keys, 
                               with_absolute_paths)
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model
-from gradtrace.results import accuracy_columns
+from gradtrace.results import accuracy_columns, first_ids
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
 
 
@@ -149,8 +149,8 @@ def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
     older = keys_missing_from(group.attrs["config"])
     if older:
-        raise ValueError(f"run {run_id!r} was started by an older gradtrace, whose config had no {', '.join(older[:4])}"
-                         f"{' …' if len(older) > 4 else ''}: resumed today it would go on under today's defaults for "
+        raise ValueError(f"run {run_id!r} was started by an older gradtrace, whose config had no {first_ids(older, 4)}"
+                         ": resumed today it would go on under today's defaults for "
                          "them (and today's items and arrays); finish it with the gradtrace that started it, or "
                          "train a new run (another --out or run id)")
     started = with_absolute_paths(from_dict(group.attrs["config"]))  # a run of before kept relative paths as typed
