@@ -42,8 +42,13 @@ class RunRecorder(Recorder):
         device = next(model.parameters()).device
         writer = store.RunWriter(group, cfg.chunk, thread=cfg.use_writer_thread(device))
         super().__init__(model, optimizer, writer, cfg, total_steps, probes, probe_losses, start_step)
-        self.group, self.where = group, _where(group)
+        self.group = group
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
+
+    @property
+    def where(self) -> str:
+        """Where the run lies: its absolute folder in a local store, else its store path."""
+        return _where(self.group)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "recording"
@@ -167,12 +172,13 @@ def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, r
     """Deal with runs still attached to `optimizer`, never closed (a notebook cell that raised before `rec.close()`,
     then ran again): refuse to write over one's run; detach one whose run was deleted since (its rows would land in
     this run's arrays); warn of the others, which go on recording every step."""
-    where = f"{_where(root).rstrip('/')}/{run_id}"
+    store_at = _where(root)
+    where = f"{store_at.rstrip('/')}/{run_id}"
     others = [r for r in open_recorders(optimizer) if isinstance(r, RunRecorder)]
     if run_id in root and not resume:
         attached = " Its recorder is still attached to this optimizer: close it first (rec.close())." if any(
             r.where == where for r in others) else ""
-        raise FileExistsError(f"run {run_id!r} already exists in {_where(root)}; pass resume=True (and start_step) "
+        raise FileExistsError(f"run {run_id!r} already exists in {store_at}; pass resume=True (and start_step) "
                               f"to continue it from a checkpoint, or choose another run id.{attached}")
     for other in others:
         if other.where == where:

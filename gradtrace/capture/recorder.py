@@ -161,8 +161,8 @@ class Recorder:
         self._probed_at = int(probed[-1]) if probed is not None and probed.shape[0] else None  # resumed: kept rows
         # run eagerly inside a compiled optimizer step (torch.compile's recipe): traced, the chunk write into zarr
         # failed at the first full chunk ("Cannot generate resume function for generator")
-        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(uninterrupted(self._pre_step))),
-                       self.optimizer.register_step_post_hook(torch.compiler.disable(uninterrupted(self._post_step)))]
+        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(_uninterrupted(self._pre_step))),
+                       self.optimizer.register_step_post_hook(torch.compiler.disable(_uninterrupted(self._post_step)))]
         _OPEN.setdefault(self.optimizer, weakref.WeakSet()).add(self)
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def open_recorders(optimizer: torch.optim.Optimizer) -> list[Recorder]:
 
 
 @contextlib.contextmanager
-def held_interrupt():
+def _held_interrupt():
     """Hold off Ctrl-C (SIGINT) until the block ends, then raise it. In a notebook's interrupted loop it landed inside
     the step hooks, mostly in a chunk write: the step's rows were lost or its count not taken, and the loop, run again,
     recorded a duplicate step or a gap of fill-value rows."""
@@ -426,11 +426,11 @@ def held_interrupt():
             signal.raise_signal(signal.SIGINT)
 
 
-def uninterrupted(hook: Callable) -> Callable:
-    """`hook` run under `held_interrupt`."""
+def _uninterrupted(hook: Callable) -> Callable:
+    """`hook` run under `_held_interrupt`."""
     @functools.wraps(hook)
     def held(*args, **kwargs):
-        with held_interrupt():
+        with _held_interrupt():
             return hook(*args, **kwargs)
     return held
 
