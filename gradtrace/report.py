@@ -15,12 +15,14 @@ import datetime
 import hashlib
 import html
 import importlib
+import json
 import os
 import platform
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -38,6 +40,7 @@ from gradtrace.results import base_groups, describe_shortfall, read_results
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
+METADATA_READERS = 16  # threads reading a store's zarr.json files for its digest
 INPUT_FILES = ("config.yaml", "plan.json", "results.csv", "stats.csv", "stats.json", "gap.csv", "reliability.csv",
                "predictions.csv", "predict_scores.csv")
 SECTIONS = (
@@ -481,11 +484,38 @@ def store_metadata_digest(store_path: Path) -> tuple[str, int]:
     It covers every group's and array's metadata (attributes: status, accuracy, config; shapes; codecs) but not
     the chunk bytes, so it is fast on any store size.
     """
+    metadata = _metadata_files(store_path)
     digest = hashlib.sha256()
-    files = sorted(store_path.rglob("zarr.json"))
-    for file in files:
-        digest.update(file.relative_to(store_path).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest(), len(files)
+    for file in sorted(metadata):
+        digest.update(file.relative_to(store_path).as_posix().encode() + b"\0" + metadata[file])
+    return digest.hexdigest(), len(metadata)
+
+
+def _metadata_files(store_path: Path) -> dict[Path, bytes]:
+    """Every zarr.json under a store with its bytes, read level by level by `METADATA_READERS` threads (reads of
+    small files wait on the disk, or on a cluster's file server, far more than on Python); the folders of arrays
+    are not entered, as they hold only chunks."""
+    def read(folder: Path) -> tuple[Path, bytes | None, list[Path]]:
+        try:
+            metadata = (folder / "zarr.json").read_bytes()
+        except FileNotFoundError:
+            metadata = None
+        with contextlib.suppress(ValueError, AttributeError):  # unreadable metadata: look inside as for a group
+            if metadata is not None and json.loads(metadata).get("node_type") == "array":
+                return folder, metadata, []
+        return folder, metadata, [Path(entry.path) for entry in os.scandir(folder) if entry.is_dir()]
+
+    found = {}
+    with ThreadPoolExecutor(METADATA_READERS) as pool:
+        level = [store_path]
+        while level:
+            below = []
+            for folder, metadata, subfolders in pool.map(read, level):
+                if metadata is not None:
+                    found[folder / "zarr.json"] = metadata
+                below += subfolders
+            level = below
+    return found
 
 
 def _git_commit() -> str:

@@ -3,6 +3,7 @@ and rendered by headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import importlib.util
 import io
@@ -95,6 +96,22 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
                  "14 sweep run(s), 1 reference run(s)", "N = 2000"):
         assert text in page, text
     assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}( \(modified\))?|unknown)</td>", page)
+
+
+def test_the_store_digest_covers_every_zarr_json_as_a_plain_glob_finds_them(tmp_path: Path) -> None:
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    root.create_array("x", shape=(4, 3), chunks=(1, 3), dtype="f4")[:] = 1.0  # chunks in folders below the array
+    root.create_group("c").create_group("deeper").create_array("y", shape=(2,), dtype="i4")[:] = 2  # a group as a
+    root.create_group("run-000").attrs["status"] = "complete"  # chunk folder is named, and groups within groups
+    (tmp_path / "s.zarr" / "lost").mkdir()  # no zarr.json, but one below it
+    (tmp_path / "s.zarr" / "lost" / "zarr.json").write_text('{"node_type": "gro')  # cut by a kill
+    (tmp_path / "s.zarr" / "lost" / "inner").mkdir()
+    (tmp_path / "s.zarr" / "lost" / "inner" / "zarr.json").write_text('{"node_type": "group"}')
+    files = sorted((tmp_path / "s.zarr").rglob("zarr.json"))
+    expected = hashlib.sha256(b"".join(f.relative_to(tmp_path / "s.zarr").as_posix().encode() + b"\0" + f.read_bytes()
+                                       for f in files)).hexdigest()
+    assert len(files) == 8
+    assert report.store_metadata_digest(tmp_path / "s.zarr") == (expected, 8)
 
 
 def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -> None:
