@@ -39,8 +39,8 @@ from gradtrace.models import build_model
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
 from gradtrace.train import (RunResult, callers_torch_state, check_packing, check_resumes_its_config, check_same_items,
-                             declare_evals, finished_result, lr_lambda, recorded_capture, resolve_device, seeds,
-                             use_threads)
+                             declare_evals, finished_result, lr_lambda, record_resumed_arithmetic, recorded_capture,
+                             resolve_device, seeds, use_threads)
 
 MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "train.init_seed", "train.data_seed")
 WALL_TIME_NOTE = "wall time of the whole ensemble (training and evaluation) divided by its number of members"
@@ -172,12 +172,13 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
         groups = [root[r] for r in run_ids]
         for g, r in zip(groups, run_ids):
             check_same_items(g, task, r)
+            record_resumed_arithmetic(g, device, r, start)
         for g in groups:
             store.truncate_to(g, start)
             store.set_status(g, "running")
         capture.nonfinite = [int(np.sum(g["nonfinite"][:])) for g in groups]
     else:
-        shared = {**capture.attrs(t), "items_digest": task.items_digest, **kernels.attrs()}
+        shared = {**capture.attrs(t), "items_digest": task.items_digest, **kernels.attrs(device)}
         groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
                                              "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
                                              **shared}, overwrite=overwrite)

@@ -29,6 +29,22 @@ class KernelsNotPinned(RuntimeWarning):
     """A run asked for pinned CPU kernels in a process that had already computed with others."""
 
 
+class OtherArithmetic(UserWarning):
+    """Runs of one study, or one run's steps before and after a resume, trained with other code, releases, device, CPU
+    kernels or threads (`RECORDED`): their float rounding differs, so a chaotic run's realisation may too."""
+
+
+def changes(recorded, now: dict) -> dict:
+    """The entries of `now` (`attrs`) that `recorded` (a run's attributes) holds with another value; keys a run
+    recorded before they were added are not compared."""
+    return {key: value for key, value in now.items() if key in recorded and recorded[key] != value}
+
+
+def describe_changes(recorded, changed: dict) -> str:
+    """`changes` in words: "torch_version 2.12.0 → 2.13.0; cpu_threads 2 → 1"."""
+    return "; ".join(f"{key} {recorded[key]} → {value}" for key, value in changed.items())
+
+
 def in_use() -> str:
     """The CPU kernels this process runs, as torch names them (e.g. AVX2, AVX512, DEFAULT)."""
     import torch
@@ -36,14 +52,44 @@ def in_use() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def attrs() -> dict:
-    """What a run records of the arithmetic it trained with: torch's CPU kernels and thread count, and the versions
-    of torch and transformers (the model's code), whose kernels change between releases."""
+# what a run records of what computed it (`attrs`): a difference in any can change a chaotic run's float rounding
+RECORDED = ("gradtrace_code", "torch_version", "transformers_version", "device", "cpu_kernels", "cpu_threads")
+
+
+def versions(device: torch.device) -> dict:
+    """The part of `attrs` a process knows before it trains, without fixing its CPU kernels (`in_use` would):
+    gradtrace's code (`sweep.code_fingerprint`: its version number stays the same between commits), the versions of
+    torch and transformers (the model's code), whose kernels change between releases, and the device (`cpu`, `mps` or
+    the GPU's name: on a GPU `train.precision: auto` is bf16)."""
     import torch
     import transformers
 
-    return {"cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__}
+    from gradtrace.sweep import code_fingerprint
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"gradtrace_code": code_fingerprint(), "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__, "device": gpu}
+
+
+def attrs(device: torch.device) -> dict:
+    """What a run records of the arithmetic it trained with (`RECORDED`): `versions`, and torch's CPU kernels and
+    thread count."""
+    import torch
+
+    return {**versions(device), "cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
+
+
+def describe(recorded) -> str:
+    """What a run's attributes record of its arithmetic, in words: "torch 2.13.0, transformers 5.25.0, cpu, AVX2 on 2
+    thread(s), gradtrace code 1f0e…"; parts a run of before did not record are left out ("not recorded": none)."""
+    if "cpu_kernels" not in recorded:
+        return "not recorded"
+    parts = [f"{name} {recorded[key]}" for name, key in (("torch", "torch_version"),
+                                                         ("transformers", "transformers_version")) if key in recorded]
+    parts += [recorded["device"]] if "device" in recorded else []
+    parts.append(f"{recorded['cpu_kernels']} on {recorded['cpu_threads']} thread(s)")
+    parts += [f"gradtrace code {recorded['gradtrace_code']}"] if "gradtrace_code" in recorded else []
+    return ", ".join(parts)
 
 
 def use(kernels: str, device: torch.device) -> None:

@@ -34,9 +34,10 @@ import zarr
 from matplotlib.figure import Figure
 
 import gradtrace
-from gradtrace import figures, store, subspace
+from gradtrace import figures, kernels, store, subspace
 from gradtrace.files import written_whole
-from gradtrace.results import base_groups, describe_shortfall, read_results
+from gradtrace.results import MIXED_ADVICE, base_groups, describe_shortfall, mixed_arithmetic, read_results
+from gradtrace.sweep import code_fingerprint
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -58,7 +59,7 @@ STAGE_OUTPUTS = {"stats": ("stats.csv", "gradtrace stats"), "gap": ("gap.csv", "
                  "reliability": ("reliability.csv", "gradtrace stats"),
                  "predictions": ("predictions.csv", "gradtrace predict"),
                  "scores": ("predict_scores.csv", "gradtrace predict")}  # each table: its file, the command writing it
-SECTION_INPUTS = {"results": ("unfinished", "results", "reliability"), "correlations": ("stats",),
+SECTION_INPUTS = {"results": ("unfinished", "mixed", "results", "reliability"), "correlations": ("stats",),
                   "predictions": ("predictions", "scores"), "gap": ("gap",)}  # whose missing-input notes each shows
 
 
@@ -223,6 +224,10 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
             if unfinished := describe_shortfall(exp_dir, inputs.results):
                 inputs.notes["unfinished"] = (f"The sweep is not finished: of its planned runs, {unfinished}; every "
                                               "table and figure here covers the complete runs in results.csv only.")
+            groups = store.run_groups(store.open_experiment(exp_dir / "store.zarr"))
+            listed = [] if inputs.results is None else [rid for rid in inputs.results["run_id"] if rid in groups]
+            if mixed := mixed_arithmetic(groups, listed):
+                inputs.notes["mixed"] = f"The runs did not all train alike ({mixed}): {MIXED_ADVICE}."
     if inputs.results is None and "results" in inputs.notes:  # a table no analysis takes: nor one written from it
         inputs.notes.update((key, "not shown: results.csv cannot be used (above).") for key in STAGE_OUTPUTS)
     elif inputs.results is None:
@@ -467,14 +472,10 @@ def _sha256(path: Path) -> str:
 
 
 def run_arithmetic(store_path: Path) -> str:
-    """The torch and transformers versions, CPU kernels and thread counts the store's runs trained with (they set the
-    float rounding, and so a chaotic study's realisation: experiments/README.md), each with how many runs."""
-    def arithmetic(a: dict) -> str:
-        versions = (f"torch {a['torch_version']}, transformers {a['transformers_version']}, "
-                    if "torch_version" in a else "")
-        return f"{versions}{a['cpu_kernels']} on {a['cpu_threads']} thread(s)" if "cpu_kernels" in a else "not recorded"
-
-    counts = Counter(arithmetic(g.attrs) for g in store.run_groups(store.open_experiment(store_path)).values())
+    """The torch and transformers versions, devices, CPU kernels, thread counts and gradtrace code the store's runs
+    trained with (they set the float rounding, and so a chaotic study's realisation: experiments/README.md), each
+    with how many runs."""
+    counts = Counter(kernels.describe(g.attrs) for g in store.run_groups(store.open_experiment(store_path)).values())
     return "; ".join(f"{what} ({n} run{'s' * (n > 1)})" for what, n in counts.most_common())
 
 
@@ -546,6 +547,7 @@ def provenance(inputs: Inputs) -> dict[str, str]:
     info = {
         "gradtrace version": gradtrace.__version__,
         "code commit": _git_commit(),
+        "gradtrace code": code_fingerprint(),  # as each run records it (`gradtrace_code`): which ran this code
         "generated (UTC)": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "experiment directory": str(inputs.exp_dir.resolve()),
         "python": sys.version.split()[0],

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradtrace import store
+from gradtrace import kernels, store
 from gradtrace.files import write_csv
 
 # every run's columns before its acc_<split> (test) and train_acc_<split> ones
@@ -67,6 +67,10 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     if role is not None:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role, groups)
+    mixed = mixed_arithmetic(groups, [rid for rid in table["run_id"] if rid in groups])
+    if mixed:
+        warnings.warn(f"{exp_dir}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
+                      stacklevel=2)
     return _without_lone_bases(table) if role == "sweep" else table
 
 
@@ -115,6 +119,37 @@ def _without_lone_bases(sweep: pd.DataFrame) -> pd.DataFrame:
     warnings.warn(f"left out {len(lone)} sweep run(s) alone in their base ({first_ids(lone)}): statistics within "
                   "base need two runs of a base; a lone run would move none of them", UserWarning, stacklevel=3)
     return sweep[runs > 1].reset_index(drop=True)
+
+
+def mixed_arithmetic(groups: dict, run_ids) -> str:
+    """Where runs of one role among `run_ids` trained with other code, releases, device, CPU kernels or threads (each
+    run records them: `kernels.RECORDED`), or a run went on from a checkpoint with others than it started with
+    (`resumed_with`), what differs in words: "sweep runs' torch_version: 2.12.0 (run-000, run-001), 2.13.0
+    (run-002)"; "" where nothing does. Runs recorded before a key was added are not compared on it; roles apart, as
+    a study's base runs train on other threads than its fine-tuning runs."""
+    by_role: dict[str, list[str]] = {}
+    for rid in run_ids:
+        by_role.setdefault(groups[rid].attrs.get("role"), []).append(rid)
+    parts = []
+    for role, ids in by_role.items():
+        for key in kernels.RECORDED:
+            by_value: dict[str, list[str]] = {}
+            for rid in ids:
+                if key in groups[rid].attrs:
+                    by_value.setdefault(str(groups[rid].attrs[key]), []).append(rid)
+            if len(by_value) > 1:
+                parts.append(f"{role} runs' {key}: " + ", ".join(f"{value} ({first_ids(runs, 3)})"
+                                                                for value, runs in by_value.items()))
+    resumed = [rid for rid in run_ids if groups[rid].attrs.get("resumed_with")]
+    if resumed:
+        parts.append(f"resumed with other arithmetic than they started with: {first_ids(resumed, 3)}")
+    return "; ".join(parts)
+
+
+MIXED_ADVICE = ("their float rounding differs, so a chaotic run's realisation may too, and the study mixes runs no "
+                "single setting reproduces (each run's: `gradtrace info`). To keep one realisation, extend or resume "
+                "a study with the gradtrace, torch and transformers, device, train.cpu_kernels and train.threads it "
+                "was trained with")
 
 
 def describe_unfinished(unfinished: dict[str, list[str]]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 import gradtrace
+from gradtrace import kernels
 from gradtrace.files import written_whole
 
 SCHEMA_VERSION = 1
@@ -632,13 +633,19 @@ class _RunListing:
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
+        trained_with = [f"  trained with: {kernels.describe(a)}" if "cpu_kernels" in a else "",
+                        *(f"  resumed at step {r['step']} with: "
+                          f"{kernels.describe_changes(a, {k: v for k, v in r.items() if k in kernels.RECORDED})}"
+                          for r in a.get("resumed_with", []))]
+        lines += [line for line in trained_with if line]
         sizes = [arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
                  for _, arr in arrays]
         for (name, arr), nbytes in zip(arrays, sizes):
             dims = arr.metadata.dimension_names or ()
             lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
                          f"{'×'.join(d or '?' for d in dims):<30} {nbytes / 1e6:8.2f} MB")
-        kind = (head, a.get("error"), a.get("nonfinite_steps"), tuple((name, arr.shape) for name, arr in arrays))
+        kind = (head, a.get("error"), a.get("nonfinite_steps"), *trained_with,
+                tuple((name, arr.shape) for name, arr in arrays))
         return cls(run_id, kind, lines, sum(sizes))
 
 

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
 from gradtrace.files import written_whole
-from gradtrace.results import first_ids, results_table, started_from, write_results
+from gradtrace.results import (MIXED_ADVICE, first_ids, mixed_arithmetic, results_table, started_from,
+                               write_results)
 from gradtrace.config import Config, SweepConfig
 
 
@@ -381,6 +382,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = set(_not_complete(root, runs))
+    foretold = client is None and foretell_other_arithmetic(cfg, out, root, len(pending))
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
@@ -424,6 +426,10 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         bar.close()
     table = results_table(out)
     write_results(table, out)
+    mixed = mixed_arithmetic(store.run_groups(store.open_experiment(out / "store.zarr")), list(table.run_id))
+    if pending and mixed and not foretold:
+        warnings.warn(f"{out}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
+                      stacklevel=3)
     if failed:
         not_run = len(pending) - len(failed) - sum(row["run_id"] in pending for row in rows)
         alike = len(failed) > 1 and len({f"{type(e).__name__}: {e}" for e in failed.values()}) == 1
@@ -455,6 +461,25 @@ def check_study_items(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
                          f"draws for its config ({today}): its {len(pending)} run(s) left to train would "
                          "be scored on other test items beside them; train them with the gradtrace that made the "
                          "study, or choose a new --out")
+
+
+def foretell_other_arithmetic(cfg: Config, out: Path, root, pending: int) -> bool:
+    """Warn, before anything trains, where the `pending` runs left would train with other gradtrace code, torch,
+    transformers or device than the study's complete runs recorded (all a local sweep knows before its runs start:
+    their CPU kernels and threads are set in the process that trains them); whether it warned."""
+    from gradtrace.train import resolve_device
+
+    if not pending:
+        return False
+    finished = [g.attrs for g in store.run_groups(root).values() if g.attrs.get("status") == "complete"]
+    ours = kernels.versions(resolve_device(cfg.train.device))
+    theirs = {key: sorted({str(a[key]) for a in finished if key in a} - {str(value)}) for key, value in ours.items()}
+    changed = "; ".join(f"{key} {', '.join(values)} → {ours[key]}" for key, values in theirs.items() if values)
+    if changed:
+        warnings.warn(f"{out}'s {len(finished)} complete run(s) trained with other arithmetic than this sweep trains "
+                      f"its {pending} run(s) left with ({changed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
+                      stacklevel=4)
+    return bool(changed)
 
 
 def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], client, bases: dict[str, str | None],

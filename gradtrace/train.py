@@ -5,6 +5,7 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,21 @@ def check_same_items(group, task: ArithmeticTask, run_id: str) -> None:
                          "or train a new run (another --out or run id)")
 
 
+def record_resumed_arithmetic(group, device: torch.device, run_id: str, step: int) -> None:
+    """Warn where a run goes on from `step` with other code, releases, device, CPU kernels or threads than it started
+    with, and record what changed in its `resumed_with` attribute: its steps from here round otherwise than an
+    uninterrupted run's, so they may be of another realisation."""
+    changed = kernels.changes(group.attrs, kernels.attrs(device))
+    if not changed:
+        return
+    warnings.warn(f"run {run_id!r} resumes at step {step} with other arithmetic than it started with "
+                  f"({kernels.describe_changes(group.attrs, changed)}): its steps from here round otherwise, so it "
+                  "may not end as an uninterrupted run would; for that, resume it where it started (the same "
+                  "gradtrace, torch, transformers, device, train.cpu_kernels and train.threads)",
+                  kernels.OtherArithmetic, stacklevel=2)
+    group.update_attributes({"resumed_with": [*group.attrs.get("resumed_with", []), {"step": step, **changed}]})
+
+
 def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
     """Refuse to resume a run with a config that would change what it computes (or records) from here on."""
     older = keys_missing_from(group.attrs["config"])
@@ -195,12 +211,13 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
         check_resumes_its_config(group, cfg, run_id)
         check_same_items(group, task, run_id)
         start, taken = checkpoint.load_state(found, model, optimizer, scheduler, scaler)
+        record_resumed_arithmetic(group, device, run_id, start)
         store.truncate_to(group, taken, start)
         store.set_status(group, "running")
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
                                                 "steps": t.steps, "steps_done": 0, "items_digest": task.items_digest,
-                                                **kernels.attrs()}, overwrite=resume)
+                                                **kernels.attrs(device)}, overwrite=resume)
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
     writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
     try:  # from here a run that raises is marked failed, set-up included

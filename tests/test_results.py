@@ -1,4 +1,6 @@
 """The results table (results.csv) as the analyses load it, and per-item correctness from the store."""
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,3 +62,24 @@ def test_a_directory_of_runs_trained_outside_a_sweep_is_named_as_such(tmp_path):
         results.load_results(tmp_path)
     with pytest.raises(FileNotFoundError, match="results.csv not found; run `gradtrace sweep CONFIG --out"):
         results.load_results(tmp_path / "nothing")
+
+
+def test_runs_of_one_role_that_trained_otherwise_are_warned_of(study):
+    """A study extended or resumed under another torch (or kernels, threads, device, code) mixed runs of two
+    roundings into one table, and no analysis said so; a base's threads apart from its fine-tuning runs' are no mix."""
+    from gradtrace import kernels
+
+    groups = store.run_groups(store.open_experiment(study / "store.zarr", mode="a"))
+    alike = {"torch_version": "2.13.0", "cpu_kernels": "AVX2", "cpu_threads": 1}
+    for rid, group in groups.items():
+        group.update_attributes({**alike, "cpu_threads": 2} if rid == "ref-000" else alike)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.OtherArithmetic)
+        results.load_results(study, role=None)
+    groups["run-002"].update_attributes({"torch_version": "2.14.1", "resumed_with": [{"step": 8, "cpu_threads": 4}]})
+    assert results.mixed_arithmetic(groups, ["run-000", "run-002"]) == (
+        "sweep runs' torch_version: 2.13.0 (run-000), 2.14.1 (run-002); resumed with other arithmetic than they "
+        "started with: run-002")
+    with pytest.warns(kernels.OtherArithmetic, match=r"did not all train alike \(sweep runs' torch_version: 2.13.0 "
+                                                     r"\(run-000, run-001\), 2.14.1 \(run-002\).*train.threads"):
+        results.load_results(study)

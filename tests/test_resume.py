@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from safetensors.torch import load_file
 
@@ -128,3 +129,42 @@ def test_checkpoints_and_weights_are_synced_before_they_are_renamed_into_place(t
     for synced, renamed in ((ckpt / "state.safetensors", ckpt), (ckpt / "state.json", ckpt), (weights, weights)):
         assert events.index(("sync", str(synced))) < events.index(("rename", str(renamed)))
     assert ("sync", str(tmp_path)) in events  # the folder the checkpoint was renamed into
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_run_resumed_with_other_arithmetic_is_warned_of_and_records_it(tmp_path, monkeypatch, members):
+    """A run resumed under another torch (or threads, kernels, device, code) went on with other float rounding and
+    kept saying it trained with the first throughout; a run resumed alike says nothing."""
+    from gradtrace import checkpoint, kernels
+    from gradtrace.ensemble import train_ensemble
+
+    cfgs = [config.load(None, {**TINY, "train.steps": 8, "train.checkpoint_every": 4, "train.data_seed": i})
+            for i in range(members)]
+    ids = [f"run-{i}" for i in range(members)]
+
+    def run() -> None:
+        if members == 1:
+            train(cfgs[0], tmp_path, ids[0], resume=True, progress=False)
+        else:
+            train_ensemble(cfgs, tmp_path, ids, resume=True)
+
+    def stop_after_the_first(save):
+        def saved(*args, **kwargs):
+            save(*args, **kwargs)
+            raise KeyboardInterrupt
+        return saved
+
+    for name in ("save_state", "save_tensors"):
+        monkeypatch.setattr(checkpoint, name, stop_after_the_first(getattr(checkpoint, name)))
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+    groups = [zarr.open_group(tmp_path / "store.zarr")[r] for r in ids]
+    for group in groups:
+        group.attrs["torch_version"] = "2.12.0"
+    with pytest.warns(kernels.OtherArithmetic, match=r"run 'run-\d' resumes at step 4 with other arithmetic than it "
+                                                     r"started with \(torch_version 2.12.0 → "):
+        run()
+    for group in (zarr.open_group(tmp_path / "store.zarr")[r] for r in ids):  # read anew: attributes are cached
+        assert group.attrs["status"] == "complete"
+        assert group.attrs["resumed_with"] == [{"step": 4, "torch_version": torch.__version__}]

@@ -516,6 +516,33 @@ def test_a_sweep_can_be_extended_with_more_runs(tmp_path):
         run_sweep(small, tmp_path, progress=False)
 
 
+def test_extending_a_study_under_other_arithmetic_is_warned_of_before_and_after(tmp_path):
+    """Runs added under another torch joined the study's table silently: the sweep warns before it trains them (and
+    not where nothing differs), each run records its code, releases and device, and the analyses and report say so."""
+    from gradtrace import kernels, report
+    from gradtrace.results import load_results
+    from gradtrace.sweep import code_fingerprint
+
+    small = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.OtherArithmetic)
+        run_sweep(small, tmp_path, progress=False)
+        run_sweep(config.from_dict(small.to_dict(), {"sweep.runs": 3}), tmp_path, progress=False)
+    root = zarr.open_group(tmp_path / "store.zarr")
+    assert (root["run-002"].attrs["gradtrace_code"], root["run-002"].attrs["device"]) == (code_fingerprint(), "cpu")
+    for rid in ("run-000", "run-001", "run-002"):
+        root[rid].attrs["torch_version"] = "2.12.0"
+    with pytest.warns(kernels.OtherArithmetic, match=r"3 complete run\(s\) trained with other arithmetic than this "
+                                                     r"sweep trains its 1 run\(s\) left with \(torch_version 2.12.0 →"):
+        run_sweep(config.from_dict(small.to_dict(), {"sweep.runs": 4}), tmp_path, progress=False)
+    assert root["run-003"].attrs["torch_version"] != "2.12.0"
+    mixed = r"sweep runs' torch_version: 2.12.0 \(run-000, run-001, run-002\)"
+    with pytest.warns(kernels.OtherArithmetic, match=mixed):
+        load_results(tmp_path)
+    inputs = report.load_inputs(tmp_path, compute_missing=False)
+    assert "did not all train alike (sweep runs' torch_version" in inputs.notes["mixed"]
+
+
 @pytest.mark.parametrize("by", ["address", "scheduler file"])
 def test_sweep_on_a_dask_local_cluster(tmp_path, by):
     """The scheduler named by its address, or by the file it wrote that in (a batch cluster's way)."""
