@@ -10,9 +10,12 @@ kernels for life: the settings stay in its environment, so that the worker proce
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,19 +55,29 @@ def in_use() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of gradtrace's source files: whether two processes run the same gradtrace (its version number stays
+    the same between commits)."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 # what a run records of what computed it (`attrs`): a difference in any can change a chaotic run's float rounding
 RECORDED = ("gradtrace_code", "torch_version", "transformers_version", "device", "cpu_kernels", "cpu_threads")
 
 
 def versions(device: torch.device) -> dict:
     """The part of `attrs` a process knows before it trains, without fixing its CPU kernels (`in_use` would):
-    gradtrace's code (`sweep.code_fingerprint`: its version number stays the same between commits), the versions of
+    gradtrace's code (`code_fingerprint`: its version number stays the same between commits), the versions of
     torch and transformers (the model's code), whose kernels change between releases, and the device (`cpu`, `mps` or
     the GPU's name: on a GPU `train.precision: auto` is bf16)."""
     import torch
     import transformers
 
-    from gradtrace.sweep import code_fingerprint
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"gradtrace_code": code_fingerprint(), "torch_version": torch.__version__,

@@ -37,7 +37,6 @@ import gradtrace
 from gradtrace import figures, kernels, store, subspace
 from gradtrace.files import written_whole
 from gradtrace.results import MIXED_ADVICE, base_groups, describe_shortfall, mixed_arithmetic, read_results
-from gradtrace.sweep import code_fingerprint
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -547,7 +546,7 @@ def provenance(inputs: Inputs) -> dict[str, str]:
     info = {
         "gradtrace version": gradtrace.__version__,
         "code commit": _git_commit(),
-        "gradtrace code": code_fingerprint(),  # as each run records it (`gradtrace_code`): which ran this code
+        "gradtrace code": kernels.code_fingerprint(),  # as each run records it (`gradtrace_code`): which ran this code
         "generated (UTC)": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "experiment directory": str(inputs.exp_dir.resolve()),
         "python": sys.version.split()[0],

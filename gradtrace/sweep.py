@@ -6,8 +6,6 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import heapq
 import itertools
 import json
@@ -343,23 +341,12 @@ def _cluster(scheduler: str | None):
         yield client
 
 
-@functools.cache
-def code_fingerprint() -> str:
-    """A hash of gradtrace's source files: whether two processes run the same gradtrace (its version number stays
-    the same between commits)."""
-    package = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def check_workers_code(client) -> None:
     """Refuse a cluster whose workers run another gradtrace than this sweep (started before an upgrade, say): they
     would fail every run with errors about the old code, or train with it and record nothing of the difference."""
-    ours = code_fingerprint()
+    ours = kernels.code_fingerprint()
     try:
-        theirs = client.run(code_fingerprint)
+        theirs = client.run(kernels.code_fingerprint)
     except Exception as err:  # workers so old they lack this function
         theirs = {"(workers)": f"unknown ({type(err).__name__}: {err})"}
     other = {worker: code for worker, code in theirs.items() if code != ours}

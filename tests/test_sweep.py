@@ -164,7 +164,7 @@ def test_a_failed_run_stops_no_other(tmp_path, capsys, where):
     for run_id in failing:  # a file where their checkpoint is written first: they fail at their first checkpoint
         (tmp_path / "checkpoints").mkdir(exist_ok=True)
         (tmp_path / "checkpoints" / f"{run_id}.tmp").write_text("in the way")
-    with pytest.raises(SweepError, match=rf"^2 run\(s\) failed \(.*(FileExistsError|NotADirectoryError)") as raised:
+    with pytest.raises(SweepError, match=r"^2 run\(s\) failed \(.*(FileExistsError|NotADirectoryError)") as raised:
         if where == "dask":
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
                 run_sweep(cfg, tmp_path, progress=False, scheduler=cluster.scheduler_address)
@@ -521,7 +521,7 @@ def test_extending_a_study_under_other_arithmetic_is_warned_of_before_and_after(
     not where nothing differs), each run records its code, releases and device, and the analyses and report say so."""
     from gradtrace import kernels, report
     from gradtrace.results import load_results
-    from gradtrace.sweep import code_fingerprint
+    from gradtrace.kernels import code_fingerprint
 
     small = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
     with warnings.catch_warnings():
@@ -982,7 +982,8 @@ def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open
 
 def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
     """Workers started before an upgrade failed every run with errors about the old code (or trained with it)."""
-    from gradtrace.sweep import check_workers_code, code_fingerprint
+    from gradtrace.kernels import code_fingerprint
+    from gradtrace.sweep import check_workers_code
 
     class Workers:
         def __init__(self, codes):
