@@ -2,11 +2,9 @@
 a store and analysing a run (README.md), reading with plain zarr (storage/README.md) — each block executed from the
 file itself, so the docs cannot drift from the code."""
 import hashlib
-import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import tiny_config
