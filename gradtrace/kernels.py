@@ -70,26 +70,29 @@ def code_fingerprint() -> str:
 RECORDED = ("gradtrace_code", "torch_version", "transformers_version", "device", "cpu_kernels", "cpu_threads")
 
 
-def versions(device: torch.device) -> dict:
-    """The part of `attrs` a process knows before it trains, without fixing its CPU kernels (`in_use` would):
-    gradtrace's code (`code_fingerprint`: its version number stays the same between commits), the versions of
-    torch and transformers (the model's code), whose kernels change between releases, and the device (`cpu`, `mps` or
-    the GPU's name: on a GPU `train.precision: auto` is bf16)."""
+def versions() -> dict:
+    """The part of `attrs` a process knows before it computes: gradtrace's code (`code_fingerprint`: its version
+    number stays the same between commits) and the versions of torch and transformers (the model's code), whose
+    kernels change between releases."""
     import torch
     import transformers
 
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"gradtrace_code": code_fingerprint(), "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "device": gpu}
+            "transformers_version": transformers.__version__}
 
 
 def attrs(device: torch.device) -> dict:
-    """What a run records of the arithmetic it trained with (`RECORDED`): `versions`, and torch's CPU kernels and
-    thread count."""
+    """What a run records of the arithmetic it trained with (`RECORDED`): `versions`, the device (`cpu`, `mps` or
+    the GPU's name: on a GPU `train.precision: auto` is bf16), and torch's CPU kernels and thread count."""
     import torch
 
-    return {**versions(device), "cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {**versions(), "device": gpu, "cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
+
+
+def device_kind(recorded_device: str) -> str:
+    """A run's recorded `device` as the kind of device it names: `cpu`, `mps`, or `cuda` for a GPU's name."""
+    return recorded_device if recorded_device in ("cpu", "mps") else "cuda"
 
 
 def describe(recorded) -> str:

@@ -452,14 +452,16 @@ def check_study_items(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
 
 def foretell_other_arithmetic(cfg: Config, out: Path, root, pending: int) -> bool:
     """Warn, before anything trains, where the `pending` runs left would train with other gradtrace code, torch,
-    transformers or device than the study's complete runs recorded (all a local sweep knows before its runs start:
-    their CPU kernels and threads are set in the process that trains them); whether it warned."""
+    transformers or kind of device than the study's complete runs recorded (all a local sweep knows before its runs
+    start: their CPU kernels and threads are set in the process that trains them, and a GPU's name is read once CUDA
+    starts, in the workers); whether it warned."""
     from gradtrace.train import resolve_device
 
     if not pending:
         return False
-    finished = [g.attrs for g in store.run_groups(root).values() if g.attrs.get("status") == "complete"]
-    ours = kernels.versions(resolve_device(cfg.train.device))
+    finished = [{**g.attrs, "device": kernels.device_kind(g.attrs["device"])} if "device" in g.attrs else g.attrs
+                for g in store.run_groups(root).values() if g.attrs.get("status") == "complete"]
+    ours = {**kernels.versions(), "device": resolve_device(cfg.train.device).type}  # a GPU's name would start CUDA
     theirs = {key: sorted({str(a[key]) for a in finished if key in a} - {str(value)}) for key, value in ours.items()}
     changed = "; ".join(f"{key} {', '.join(values)} → {ours[key]}" for key, values in theirs.items() if values)
     if changed:

@@ -520,8 +520,8 @@ def test_extending_a_study_under_other_arithmetic_is_warned_of_before_and_after(
     """Runs added under another torch joined the study's table silently: the sweep warns before it trains them (and
     not where nothing differs), each run records its code, releases and device, and the analyses and report say so."""
     from gradtrace import kernels, report
-    from gradtrace.results import load_results
     from gradtrace.kernels import code_fingerprint
+    from gradtrace.results import load_results
 
     small = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
     with warnings.catch_warnings():
@@ -541,6 +541,10 @@ def test_extending_a_study_under_other_arithmetic_is_warned_of_before_and_after(
         load_results(tmp_path)
     inputs = report.load_inputs(tmp_path, compute_missing=False)
     assert "did not all train alike (sweep runs' torch_version" in inputs.notes["mixed"]
+    for rid in ("run-000", "run-001", "run-002", "run-003"):  # trained on a GPU: told apart from the CPU by kind,
+        root[rid].attrs.update({"torch_version": root["run-003"].attrs["torch_version"], "device": "NVIDIA H100"})
+    with pytest.warns(kernels.OtherArithmetic, match=r"its 1 run\(s\) left with \(device cuda → cpu\)"):
+        run_sweep(config.from_dict(small.to_dict(), {"sweep.runs": 5}), tmp_path, progress=False)  # not by name
 
 
 @pytest.mark.parametrize("by", ["address", "scheduler file"])
