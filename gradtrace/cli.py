@@ -31,6 +31,30 @@ def _experiment_dir(path: str) -> str:
     return path
 
 
+def _writable(path: Path, what_to_do: str) -> Path:
+    """`path`, refused before anything is computed where this process cannot write into it (a study on read-only
+    storage, or another user's), with what to do instead."""
+    if path.is_dir() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable (read-only storage, or another user's): {what_to_do}")
+    return path
+
+
+def _analysis_dir(args: argparse.Namespace) -> Path:
+    """Where stats, predict and report write: `--out` (made where missing), or else the experiment directory."""
+    if args.out is None:
+        return _writable(Path(args.dir), "write the analysis to a directory of your own with --out DIR (the study "
+                                         "is only read)")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return _writable(Path(args.out), "give --out a directory you can write to")
+
+
+def _trainable_dir(path: str) -> Path:
+    """An experiment directory to train, resume or extend runs in, refused where it cannot be written."""
+    return _writable(Path(path), "a study is trained, resumed or extended only where it can be written: copy it to "
+                     "a directory you can write to (`cp -a`, `rsync -a`) and run this there; `gradtrace stats`, "
+                     "`predict` and `report` read it where it is, with --out DIR")
+
+
 def cmd_tasks(args: argparse.Namespace) -> None:
     """List every registered split with its description and one example."""
     from gradtrace.tasks import REGISTRY, ArithmeticTask
@@ -58,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     check_model(cfg.model)  # a hub model's name, before anything is written
-    out = Path(args.out)
+    out = _trainable_dir(args.out)
     if (out / "plan.json").exists():  # its config.yaml and reference runs are the sweep's
         raise ValueError(f"{out} holds a sweep (plan.json): train into another --out directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             print(f"on the dask cluster at {args.scheduler} (not contacted by a dry run): its worker processes, not "
                   "sweep.workers, set how many jobs train at once, so the time above is not the cluster's")
         return
-    out = args.out or f"storage/{Path(args.config).stem}"
+    out = _trainable_dir(args.out or f"storage/{Path(args.config).stem}")
     table = run_sweep(cfg, out, scheduler=args.scheduler)
     print(f"{len(table)} complete runs; results: {Path(out) / 'results.csv'}")
 
@@ -111,7 +135,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from gradtrace.calibrate import calibrate, enough_usable
 
     cfg = _config(args)
-    out = args.out or f"storage/calibrate-{Path(args.config).stem}"
+    out = _trainable_dir(args.out or f"storage/calibrate-{Path(args.config).stem}")
     runs = max(12, 6 * cfg.sweep.bases) if args.runs is None else args.runs
     if args.bases:
         from gradtrace.calibrate import calibrate_bases
@@ -139,7 +163,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     """Cross-shift partial correlations controlling for ID, with CIs; writes stats.csv/json."""
     from gradtrace import stats
 
-    report = stats.stats_report(args.dir, residualize=args.residualize,
+    report = stats.stats_report(args.dir, residualize=args.residualize, out=_analysis_dir(args),
                                 **({"shifts": args.shifts} if args.shifts else {}))
     print(stats.format_table(report.stats))
     if report.summary["within"]:
@@ -152,16 +176,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     """Predictors from reference-run stores, scored against the observed matrix."""
     from gradtrace import predict
 
-    result = predict.run_predict(args.dir)
+    out = _analysis_dir(args)
+    result = predict.run_predict(args.dir, out=out)
     print(predict.format_scores(result.scores))
-    print(f"written: {Path(args.dir) / 'predictions.csv'}, {Path(args.dir) / 'predict_scores.csv'}")
+    print(f"written: {out / 'predictions.csv'}, {out / 'predict_scores.csv'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Figures and a self-contained HTML report of an experiment directory."""
     from gradtrace import report
 
-    path = report.write_report(args.dir)
+    path = report.write_report(args.dir, out=_analysis_dir(args))
     print(f"report: {path}")
 
 
@@ -233,13 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def with_out(p: argparse.ArgumentParser, written: str) -> None:
+        p.add_argument("--out", type=_experiment_dir, default=None, help=f"write {written} into this directory "
+                       "instead of the experiment directory, which is then only read (a read-only or shared study)")
+
     p = on_path("stats", cmd_stats, "dir", "experiment directory")
+    with_out(p, "stats.csv, stats.json, gap.csv and reliability.csv")
     p.add_argument("--residualize", default="all", choices=["linear", "probit", "spline", "all"],
                    help="how ID accuracy is regressed out (default: all three, side by side)")
     p.add_argument("--shifts", nargs="+", metavar="SPLIT", help="the shifts to correlate (default: every one that "
                    "varies across runs)")
-    on_path("predict", cmd_predict, "dir", "experiment directory")
-    on_path("report", cmd_report, "dir", "experiment directory")
+    with_out(on_path("predict", cmd_predict, "dir", "experiment directory"), "predictions.csv and predict_scores.csv")
+    with_out(on_path("report", cmd_report, "dir", "experiment directory"), "report/ (reading, or computing, the tables "
+             "of stats and predict there)")
     on_path("info", cmd_info, "store", "experiment directory or .zarr store")
     p = on_path("export", cmd_export, "store", "experiment directory or .zarr store")
     p.add_argument("--out", required=True, help="HDF5 file to write")

@@ -1015,9 +1015,10 @@ def _sweep_wall_time(exp_dir: Path, sweep: pd.DataFrame) -> float:
 
 
 def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, seed: int = 0, n_boot: int = 1000,
-                n_splits: int = 200, n_perm: int = 10000) -> PredictResult:
+                n_splits: int = 200, n_perm: int = 10000, out: str | Path | None = None) -> PredictResult:
     """Fit every baseline plus the configured (or named) predictors on the reference runs, score them against the
-    sweep's observed matrix, and write DIR/predictions.csv and DIR/predict_scores.csv.
+    sweep's observed matrix, and write predictions.csv and predict_scores.csv into `out` (default: DIR itself;
+    another directory for a study one cannot write to).
 
     Pre-registered predictors are `predict.preregistered` in DIR/config.yaml; all others are exploratory (or
     baselines). A predictor that cannot run on this experiment is reported with NaN scores and its error in `note`.
@@ -1088,8 +1089,9 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
             "observed": observed["r"].to_numpy(), "observed_ci_low": observed["ci_low"].to_numpy(),
             "observed_ci_high": observed["ci_high"].to_numpy()}))
     predictions = pd.concat(frames, ignore_index=True)
-    write_csv(predictions, exp_dir / "predictions.csv")
-    write_csv(scores, exp_dir / "predict_scores.csv")
+    out = exp_dir if out is None else Path(out)
+    write_csv(predictions, out / "predictions.csv")
+    write_csv(scores, out / "predict_scores.csv")
     return PredictResult(predictions, scores, errors)
 
 

@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -43,6 +44,7 @@ DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk spl
 METADATA_READERS = 16  # threads reading a store's zarr.json files for its digest
 INPUT_FILES = ("config.yaml", "plan.json", "results.csv", "stats.csv", "stats.json", "gap.csv", "reliability.csv",
                "predictions.csv", "predict_scores.csv")
+ANALYSIS_FILES = INPUT_FILES[3:]  # what stats and predict write: in the directory the analysis goes to (`--out`)
 SECTIONS = (
     ("results", "Results across runs"),
     ("correlations", "Cross-shift partial correlations"),
@@ -54,10 +56,9 @@ SECTIONS = (
     ("provenance", "Provenance"),
 )
 
-STAGE_OUTPUTS = {"stats": ("stats.csv", "gradtrace stats"), "gap": ("gap.csv", "gradtrace stats"),
-                 "reliability": ("reliability.csv", "gradtrace stats"),
-                 "predictions": ("predictions.csv", "gradtrace predict"),
-                 "scores": ("predict_scores.csv", "gradtrace predict")}  # each table: its file, the command writing it
+STAGE_OUTPUTS = {"stats": ("stats.csv", "stats"), "gap": ("gap.csv", "stats"),
+                 "reliability": ("reliability.csv", "stats"), "predictions": ("predictions.csv", "predict"),
+                 "scores": ("predict_scores.csv", "predict")}  # each table: its file, the gradtrace command writing it
 SECTION_INPUTS = {"results": ("unfinished", "mixed", "results", "reliability"), "correlations": ("stats",),
                   "predictions": ("predictions", "scores"), "gap": ("gap",)}  # whose missing-input notes each shows
 
@@ -65,7 +66,7 @@ SECTION_INPUTS = {"results": ("unfinished", "mixed", "results", "reliability"), 
 @dataclass
 class Inputs:
     """What an experiment directory holds, read once; `notes` says why a part is missing, `origins` where each
-    table came from."""
+    table came from; `out_dir`, where given, holds the tables of stats and predict and the report instead of it."""
 
     exp_dir: Path
     results: pd.DataFrame | None = None
@@ -79,6 +80,22 @@ class Inputs:
     benchmarks: Path | None = None
     notes: dict[str, str] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    @property
+    def analysis_dir(self) -> Path:
+        """Where the tables of stats and predict, and the report, are read and written."""
+        return self.out_dir or self.exp_dir
+
+    def path(self, filename: str) -> Path:
+        """Where one of `INPUT_FILES` is: the study's own in `exp_dir`, the tables of stats and predict in
+        `analysis_dir`."""
+        return (self.analysis_dir if filename in ANALYSIS_FILES else self.exp_dir) / filename
+
+    def command(self, name: str) -> str:
+        """The command line of `gradtrace NAME` (stats, predict, report) on this experiment, into `out_dir`."""
+        out = f" --out {shlex.quote(str(self.out_dir))}" if self.analysis_dir != self.exp_dir else ""
+        return f"gradtrace {name} {shlex.quote(str(self.exp_dir))}{out}"
 
     @property
     def config(self) -> dict:
@@ -121,7 +138,7 @@ class FigureItem:
 
 
 def _read_csv(inputs: Inputs, key: str, filename: str) -> pd.DataFrame | None:
-    path = inputs.exp_dir / filename
+    path = inputs.path(filename)
     if not path.exists():
         return None
     try:
@@ -149,14 +166,13 @@ def _read_results(inputs: Inputs) -> pd.DataFrame | None:
 
 def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], module: str, function: str,
                command: str) -> None:
-    """Run gradtrace.<module>.<function>(exp_dir) when any of `files` is missing or older than results.csv (a sweep
-    extended since); a failure becomes the note of every input (`keys`) that stage writes, but those it wrote
-    before it failed (the gap of a sweep with one shift, say)."""
-    exp_dir = inputs.exp_dir
-    results_written = (exp_dir / "results.csv").stat().st_mtime
+    """Run gradtrace.<module>.<function>(exp_dir, out=out_dir) when any of `files` is missing from `out_dir` or older
+    than results.csv (a sweep extended since); a failure becomes the note of every input (`keys`) that stage writes,
+    but those it wrote before it failed (the gap of a sweep with one shift, say)."""
+    results_written = inputs.path("results.csv").stat().st_mtime
 
     def fresh(name: str) -> bool:
-        return (exp_dir / name).exists() and (exp_dir / name).stat().st_mtime >= results_written
+        return inputs.path(name).exists() and inputs.path(name).stat().st_mtime >= results_written
 
     if all(fresh(f) for f in files):
         return
@@ -164,7 +180,7 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
     print(f"report: {why}: running `{command}` first", file=sys.stderr)  # a large study's stage takes a minute
     try:
         stage = importlib.import_module(f"gradtrace.{module}")
-        getattr(stage, function)(exp_dir)
+        getattr(stage, function)(inputs.exp_dir, out=inputs.analysis_dir)
     except ImportError as err:
         note = f"{why} and gradtrace.{module} is not available ({err}); run `{command}` where it is."
     except Exception as err:  # any failure of a later stage must not stop the report
@@ -206,9 +222,11 @@ def _benchmarks_dir(exp_dir: Path, given: str | Path | None) -> Path | None:
     return next((c for c in candidates if figures.load_benchmarks(c)), None)
 
 
-def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_dir: str | Path | None = None) -> Inputs:
-    """Everything the report shows, from an experiment directory; stats/predictions missing or older than the
-    results are computed when `compute_missing` and their stage is importable."""
+def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_dir: str | Path | None = None,
+                out: str | Path | None = None) -> Inputs:
+    """Everything the report shows, from an experiment directory, the tables of stats and predict from `out`
+    (default: the experiment directory); those missing or older than the results are computed, into `out`, when
+    `compute_missing` and their stage is importable."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {exp_dir} does not exist; run "
@@ -216,7 +234,7 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     if not any((exp_dir / name).exists() for name in ("results.csv", "store.zarr", "config.yaml")):
         raise FileNotFoundError(f"{exp_dir} holds no experiment (no results.csv, store.zarr or config.yaml): give the "
                                 "directory a sweep or `gradtrace train` wrote")
-    inputs = Inputs(exp_dir)
+    inputs = Inputs(exp_dir, out_dir=None if out is None else Path(out))
     inputs.results = _read_results(inputs)
     if (exp_dir / "store.zarr").exists():
         with contextlib.suppress(FileNotFoundError, ValueError):  # a damaged store: the reference's note says so
@@ -233,9 +251,9 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
         inputs.notes["results"] = f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`."
     elif compute_missing:
         _run_stage(inputs, ("stats", "gap", "reliability"), ("stats.csv", "gap.csv"), "stats", "stats_report",
-                   f"gradtrace stats {exp_dir}")
+                   inputs.command("stats"))
         _run_stage(inputs, ("predictions", "scores"), ("predictions.csv", "predict_scores.csv"), "predict",
-                   "run_predict", f"gradtrace predict {exp_dir}")
+                   "run_predict", inputs.command("predict"))
     for key, (filename, command) in STAGE_OUTPUTS.items():
         if key in inputs.notes:  # its stage failed: the file there is older than the results
             continue
@@ -243,7 +261,7 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
         if getattr(inputs, key) is None:
             inputs.origins.pop(key, None)
             written = " (with per-item correctness, which gradtrace's own runs save)" if key == "reliability" else ""
-            inputs.notes.setdefault(key, f"{filename} not found: run `{command} {exp_dir}`{written}.")
+            inputs.notes.setdefault(key, f"{filename} not found: run `{inputs.command(command)}`{written}.")
     if (exp_dir / "config.yaml").exists():
         inputs.config_text = (exp_dir / "config.yaml").read_text()
     else:
@@ -549,6 +567,8 @@ def provenance(inputs: Inputs) -> dict[str, str]:
         "gradtrace code": kernels.code_fingerprint(),  # as each run records it (`gradtrace_code`): which ran this code
         "generated (UTC)": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "experiment directory": str(inputs.exp_dir.resolve()),
+        **({"tables and report written to": str(inputs.analysis_dir.resolve())}
+           if inputs.analysis_dir != inputs.exp_dir else {}),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "CPU count": str(os.cpu_count()),
@@ -556,8 +576,8 @@ def provenance(inputs: Inputs) -> dict[str, str]:
         "CUDA device": cuda,
     }
     for name in INPUT_FILES:
-        if (inputs.exp_dir / name).exists():
-            info[f"sha256 {name}"] = _sha256(inputs.exp_dir / name)
+        if inputs.path(name).exists():
+            info[f"sha256 {name}"] = _sha256(inputs.path(name))
     if (inputs.exp_dir / "store.zarr").is_dir():
         digest, count = store_metadata_digest(inputs.exp_dir / "store.zarr")
         info["sha256 store.zarr metadata"] = f"{digest} (over {count} zarr.json files; chunk bytes not hashed)"
@@ -711,10 +731,12 @@ def _header(inputs: Inputs) -> str:
             f'</p><p class="facts">{_esc("; ".join(facts))}</p>')
 
 
-def write_report(exp_dir: str | Path, benchmarks_dir: str | Path | None = None) -> Path:
-    """Write `exp_dir/report/index.html` (self-contained) and its figures under `exp_dir/report/figures/`."""
-    inputs = load_inputs(exp_dir, benchmarks_dir=benchmarks_dir)
-    out = inputs.exp_dir / "report"
+def write_report(exp_dir: str | Path, benchmarks_dir: str | Path | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Write `OUT/report/index.html` (self-contained) and its figures under `OUT/report/figures/`, OUT being `out`
+    (where the tables of stats and predict are read, or computed: `load_inputs`) or else `exp_dir`."""
+    inputs = load_inputs(exp_dir, benchmarks_dir=benchmarks_dir, out=out)
+    out = inputs.analysis_dir / "report"
     items = build_figures(inputs)
     body, number, shown = {key: [] for key, _ in SECTIONS}, 0, set()
     for item in items:

@@ -939,19 +939,22 @@ def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = 
     return list(shifts)
 
 
-def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> StatsReport:
+def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | PathLike | None = None,
+                 **kw) -> StatsReport:
     """Partial correlations, reliability and generalisation gap of an experiment, written next to its results.
 
     Writes ``stats.csv``, ``stats.json`` (``{"records": [...], "summary": {...}}``), ``reliability.csv`` (when
-    per-item correctness exists) and ``gap.csv`` into ``exp_dir``; ``kw`` goes to ``partial_correlations``.
+    per-item correctness exists) and ``gap.csv`` into ``out`` (default: ``exp_dir``; another directory for a study
+    one cannot write to); ``kw`` goes to ``partial_correlations``.
     Runs that fine-tuned several base runs are correlated within base unless ``within`` says otherwise.
     Warnings raised on the way are re-issued and listed in the summary.
     """
     from gradtrace.results import base_groups
 
     exp_dir = Path(exp_dir)
+    out = exp_dir if out is None else Path(out)
     table, items = _load_experiment(exp_dir)
-    paths = {"gap_csv": exp_dir / "gap.csv", "stats_csv": exp_dir / "stats.csv", "stats_json": exp_dir / "stats.json"}
+    paths = {"gap_csv": out / "gap.csv", "stats_csv": out / "stats.csv", "stats_json": out / "stats.json"}
     caught: list[warnings.WarningMessage] = []
     try:  # re-issued also when a stage fails: the warning may say why (shifts dropped as constant, say)
         with warnings.catch_warnings(record=True) as caught:
@@ -965,7 +968,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", **kw) -> Sta
             reliability = (split_half_reliability(items, n_splits=kw.get("n_splits", 100), seed=kw.get("seed", 0),
                                                   groups=groups) if items else None)
             if reliability is not None:
-                paths["reliability_csv"] = exp_dir / "reliability.csv"
+                paths["reliability_csv"] = out / "reliability.csv"
                 write_csv(reliability, paths["reliability_csv"])
     finally:
         for w in caught:

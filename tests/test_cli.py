@@ -272,6 +272,48 @@ def test_train_resume_of_a_complete_run_refuses_another_config(tmp_path, capsys)
     assert "trained with another config (train.steps: 2 → 3)" in capsys.readouterr().err
 
 
+def _read_only(path, monkeypatch) -> dict:
+    """`path` made read-only (as shared project storage often is), for root too, which ignores permission bits and
+    is told so by `os.access`; returns each of its files' size and time of change, to check nothing wrote there."""
+    for each in [path, *path.rglob("*")]:
+        each.chmod(each.stat().st_mode & ~0o222)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode, **kw: access(where, mode, **kw) and not (
+        mode & os.W_OK and os.path.realpath(where).startswith(os.path.realpath(path))))
+    return {each: (each.stat().st_size, each.stat().st_mtime_ns) for each in path.rglob("*")}
+
+
+def test_a_read_only_study_is_analysed_into_a_directory_of_ones_own(tmp_path, monkeypatch, capsys):
+    from test_predict import make_planted
+
+    study = make_planted(tmp_path, n_sweep=12).exp_dir
+    files = _read_only(study, monkeypatch)
+    for command in ("stats", "predict", "report"):  # refused before anything is computed, saying what to do
+        assert main([command, str(study)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"gradtrace {command}: error: {study} is not writable (read-only storage, or another user's): write the "
+            "analysis to a directory of your own with --out DIR (the study is only read)")
+    mine = tmp_path / "my analysis"
+    for command in ("stats", "predict", "report"):
+        assert main([command, str(study), "--out", str(mine)]) == 0
+    assert "running `gradtrace" not in capsys.readouterr().err  # the report read the tables written there
+    assert {"stats.csv", "stats.json", "gap.csv", "predictions.csv", "predict_scores.csv", "report"} <= {
+        each.name for each in mine.iterdir()}
+    page = (mine / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Summary per residualisation" in page and "Predictor scores" in page
+    assert {each: (each.stat().st_size, each.stat().st_mtime_ns) for each in study.rglob("*")} == files
+
+
+def test_a_read_only_study_is_neither_resumed_nor_extended(tmp_path, monkeypatch, capsys):
+    files = _read_only(tmp_path, monkeypatch)
+    tiny = set_args({**TINY, "sweep.runs": 1, "sweep.reference_runs": 0, "train.steps": 2})
+    for command in ("sweep", "train"):
+        assert main([command, "experiments/default.yaml", "--out", str(tmp_path), *tiny]) == 2
+        assert "copy it to a directory you can write to (`cp -a`, `rsync -a`) and run this there" in (
+            capsys.readouterr().err)
+    assert {each: (each.stat().st_size, each.stat().st_mtime_ns) for each in tmp_path.rglob("*")} == files
+
+
 def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
     import gradtrace.cli as cli
 

@@ -173,9 +173,9 @@ def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.Monke
     (exp / "stats.csv").unlink()
     calls = []
 
-    def stats_report(exp_dir: Path) -> None:
+    def stats_report(exp_dir: Path, out: Path) -> None:
         calls.append(Path(exp_dir))
-        shutil.copy(full / "stats.csv", Path(exp_dir) / "stats.csv")
+        shutil.copy(full / "stats.csv", Path(out) / "stats.csv")
 
     monkeypatch.setitem(sys.modules, "gradtrace.stats", types.SimpleNamespace(stats_report=stats_report))
     assert report.load_inputs(exp, compute_missing=False).notes["stats"].startswith("stats.csv not found")
@@ -387,7 +387,7 @@ def test_a_failed_stats_stage_leaves_no_stale_tables(tmp_path: Path, monkeypatch
     later = max(p.stat().st_mtime for p in exp.iterdir()) + 10
     os.utime(exp / "results.csv", (later, later))  # newer than everything stats wrote
 
-    def failing(exp_dir: Path) -> None:
+    def failing(exp_dir: Path, out: Path) -> None:
         raise ValueError("a blank accuracy")
 
     monkeypatch.setitem(sys.modules, "gradtrace.stats", types.SimpleNamespace(stats_report=failing))
