@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -91,7 +92,7 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
     for text in ("Accuracy per split over 14 sweep runs", "Summary per residualisation", "All 9 rows of stats.csv",
                  "Predictor scores", "Per split (means over runs; band counts)", "sweep:\n  runs: 14",
                  f"<td class=\"mono\">{gradtrace.__version__}</td>", "code commit", "sha256 results.csv",
-                 "sha256 store.zarr metadata", "CPU count", "CUDA device", "source of stats",
+                 "sha256 store.zarr metadata", "CPU count", "source of stats",
                  "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (14 runs); not recorded (1 run)",
                  "14 sweep run(s), 1 reference run(s)", "N = 2000"):
         assert text in page, text
@@ -112,6 +113,17 @@ def test_the_store_digest_covers_every_zarr_json_as_a_plain_glob_finds_them(tmp_
                                        for f in files)).hexdigest()
     assert len(files) == 8
     assert report.store_metadata_digest(tmp_path / "s.zarr") == (expected, 8)
+
+
+def test_the_report_imports_neither_torch_nor_transformers(tmp_path: Path) -> None:
+    """A laptop that only reads studies needs neither (torch alone cost the report a second and ~200 MB)."""
+    exp = make_experiment(tmp_path / "exp", n_runs=6)
+    code = ("import sys; from gradtrace import report; report.write_report(sys.argv[1]); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, str(exp)], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert f"<th>torch</th><td class=\"mono\">{importlib.metadata.version('torch')}</td>" in (
+        exp / "report" / "index.html").read_text(encoding="utf-8")
 
 
 def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -> None:
