@@ -116,8 +116,9 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
 
 
 def _not_an_experiment(path: Path, group: zarr.Group) -> str:
-    """Why a Zarr group is not an experiment store, and the store it lies in, if any."""
-    store = next((p for p in path.absolute().parents if _kind(p) == EXPERIMENT), None)
+    """Why a Zarr group is not an experiment store, and the store it lies in, if any (as the path was given: a
+    relative one stays relative, not the working directory joined to its `..`)."""
+    store = next((p for p in (*path.parents, *path.absolute().parents) if _kind(p) == EXPERIMENT), None)
     what = "a run group" if "status" in group.attrs else "a group"
     if store is not None:
         return f"{path} is {what} inside the experiment store {store}, not a store: pass {store}"

@@ -207,6 +207,16 @@ def test_a_group_that_is_not_an_experiment_store_is_refused(tmp_path):
     assert store.runs(store.open_experiment(tmp_path / "s.zarr")) == ["r"]
 
 
+def test_a_run_groups_store_is_named_as_its_relative_path_was_given(tmp_path, monkeypatch):
+    store.create_run(store.open_experiment(tmp_path / "s.zarr", mode="a"), "r", {})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError) as refused:
+        store.open_experiment("../s.zarr/r")
+    assert str(refused.value) == ("../s.zarr/r is a run group inside the experiment store ../s.zarr, not a store: "
+                                  "pass ../s.zarr")
+
+
 def test_a_new_store_is_created_with_its_attributes_in_one_write(tmp_path, monkeypatch):
     """Two sweep workers opening a new store at once: one saw the other's group bare (created, its attributes not
     yet written) beside a run, and refused it as no gradtrace store (the run failed)."""
