@@ -510,9 +510,10 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
 def check_directory(cfg: Config, out: Path) -> list[str]:
     """Refuse a directory holding runs trained outside a sweep, or another sweep that trained anything, unless this
     one only extends it (more `sweep.runs`, other `predict` settings: every run planned before is planned again
-    unchanged), and an older gradtrace's sweep with anything left to train. Returns the config keys such a finished
-    study lacks (none for a study of this gradtrace's, or none trained). Torch-free: a dry run given --out checks it
-    too."""
+    unchanged) or names its split files where they lie now (`task.modules`; `check_study_items` holds what they
+    draw to the runs'), and an older gradtrace's sweep with anything left to train. Returns the config keys such a
+    finished study lacks (none for a study of this gradtrace's, or none trained). Torch-free: a dry run given --out
+    checks it too."""
     if not _trained_anything(out):
         return []
     if not (out / "plan.json").exists():  # a sweep writes its plan before any run
@@ -529,7 +530,8 @@ def check_directory(cfg: Config, out: Path) -> list[str]:
                          "today's defaults, items and arrays beside runs of the old recipe; extend or resume it with "
                          "the gradtrace that made it, or choose a new --out (its finished runs read as they are)")
     previous = config_mod.load(out / "config.yaml")
-    changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs"))
+    # task.modules: where the splits' files lie, named anew for a moved study; what they draw, the items digest holds
+    changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs", "task.modules"))
     if cfg.sweep.runs < previous.sweep.runs:
         changed.append(f"sweep.runs: {previous.sweep.runs} → {cfg.sweep.runs}, fewer")
     if changed:

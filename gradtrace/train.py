@@ -105,8 +105,10 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-RESUME_MAY_CHANGE = ("train.threads", "train.device", "train.checkpoint_every", "model.init_from", "capture.chunk",
-                     "capture.writer_thread", "sweep", "predict")  # where and how a run trains, not what it computes
+# where and how a run trains, not what it computes: task.modules names where the splits' files lie (a moved study's
+# anew), what they draw being held to the run's items digest (`check_same_items`)
+RESUME_MAY_CHANGE = ("train.threads", "train.device", "train.checkpoint_every", "model.init_from", "task.modules",
+                     "capture.chunk", "capture.writer_thread", "sweep", "predict")
 
 
 @functools.cache

@@ -914,6 +914,32 @@ register_split(Split("double", "a+a, 1-{d} digits; training sees 1-2 digits",
 """
 
 
+def test_a_moved_study_names_its_splits_file_anew_and_is_held_to_its_items(tmp_path, monkeypatch, split_registry):
+    """A study moved with the file of its own splits (to another machine, a colleague's disk) extends and resumes with
+    task.modules naming the file where it lies now (it was refused as another config, the file's old place having
+    gone); a file whose splits draw other items is refused by the runs' items digest."""
+    from gradtrace.train import train
+
+    (tmp_path / "splits.py").write_text(MY_SPLIT)
+    cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
+                      task__modules=[str(tmp_path / "splits.py")], task__shifts=["double"])
+    run_sweep(cfg, tmp_path / "study", progress=False)
+    study = tmp_path / "elsewhere" / "study"
+    study.parent.mkdir()
+    (tmp_path / "study").rename(study)
+    (tmp_path / "splits.py").rename(study / "splits.py")
+    monkeypatch.chdir(study)
+    here = config.from_dict(cfg.to_dict(), {"task.modules": ["splits.py"], "sweep.runs": 2})
+    assert sorted(run_sweep(here, ".", progress=False).run_id) == ["run-000", "run-001"]
+    assert config.load("config.yaml").task.modules == [str(study / "splits.py")]
+    resumed = config.with_absolute_paths(run_config(here, plan(here)[0]))
+    assert train(resumed, ".", "run-000", role="sweep", resume=True, progress=False).accuracy  # complete: not refused
+    Path("other.py").write_text(MY_SPLIT.replace("10**d", "10**(d - 1)"))  # double's test items of one digit fewer
+    with pytest.raises(SweepError, match="trained on other items"):
+        run_sweep(config.from_dict(here.to_dict(), {"task.modules": ["other.py"], "sweep.runs": 3}), ".",
+                  progress=False)
+
+
 def test_a_sweep_of_a_split_of_your_own_trains_it_in_every_worker(tmp_path, monkeypatch, capsys, split_registry):
     """The split is registered in a file task.modules names: the spawned pool workers (and `gradtrace tasks`) run
     it too; by a script's own registration it was known to the process that planned the sweep only."""
