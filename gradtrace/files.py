@@ -21,6 +21,12 @@ def written_whole(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except PermissionError as err:
+        if os.access(path.parent, os.W_OK):
+            raise
+        raise PermissionError(f"cannot write {path}: {path.parent} is not writable (read-only storage, or another "
+                              "user's); write it into a directory of your own (the analyses' out=DIR, the command "
+                              "line's --out DIR)") from err
     finally:
         with contextlib.suppress(OSError):  # already renamed, or never made (a directory that is a file, say)
             tmp.unlink(missing_ok=True)

@@ -304,6 +304,17 @@ def test_a_read_only_study_is_analysed_into_a_directory_of_ones_own(tmp_path, mo
     assert {each: (each.stat().st_size, each.stat().st_mtime_ns) for each in study.rglob("*")} == files
 
 
+def test_the_python_api_on_a_read_only_study_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
+    from gradtrace.files import written_whole
+
+    _read_only(tmp_path, monkeypatch)
+    with pytest.raises(PermissionError, match=rf"^cannot write {tmp_path / 'stats.csv'}: {tmp_path} is not writable "
+                                              r"\(read-only storage, or another user's\); write it into a directory of "
+                                              r"your own \(the analyses' out=DIR"):
+        with written_whole(tmp_path / "stats.csv") as tmp:  # as a writer opening it there fails (root is not refused)
+            raise PermissionError(13, "Permission denied", str(tmp))
+
+
 def test_a_read_only_study_is_neither_resumed_nor_extended(tmp_path, monkeypatch, capsys):
     files = _read_only(tmp_path, monkeypatch)
     tiny = set_args({**TINY, "sweep.runs": 1, "sweep.reference_runs": 0, "train.steps": 2})
