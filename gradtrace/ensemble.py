@@ -219,14 +219,16 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                     w.append({"evals/step": step + 1, "evals/accuracy": np.array(
                         list(accuracy(correctness(model, task)).values()), dtype=np.float32)})
             done = step + 1
-            if done % t.checkpoint_every == 0 and done < t.steps:
-                for w, g in zip(writers, groups):
-                    w.checkpoint(done)
-                    g.update_attributes({"steps_done": done})
+            if done % t.checkpoint_every == 0 and done < t.steps:  # rows, checkpoint, last durable step: in order
+                for w in writers:
+                    w.flush()
                 checkpoint.save_tensors(ckpt_root, {"theta": theta, "exp_avg": optimizer.exp_avg,
                                                     "exp_avg_sq": optimizer.exp_avg_sq},
                                         {"members": run_ids, "steps_done": done, "adam_steps": optimizer.steps,
                                          "wall_time_s": time.perf_counter() - began})
+                for w, g in zip(writers, groups):
+                    w.checkpoint(done)
+                    g.update_attributes({"steps_done": done})
         if t.steps:
             capture.probe(writers, params, t.steps)
         correct, train_acc = [], []

@@ -56,6 +56,7 @@ points = {
     "between-renames": (os, "replace", lambda src, dst: str(dst).endswith(".old"), True),
     # the checkpoint saved, the store's last durable step not yet updated
     "after-save-state": (checkpoint, "save_state", lambda *a, **k: True, True),
+    "after-save-tensors": (checkpoint, "save_tensors", lambda *a, **k: True, True),
     # everything written but the status
     "before-complete": (store, "set_status", lambda group, status, **kw: status == "complete", False),
 }
@@ -81,11 +82,15 @@ sys.exit(main(argv))
 """
 
 
-def _crash_then_resume(where: str, nth: int, argv: list[str]) -> None:
+def _crash(where: str, nth: int, argv: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     crashed = subprocess.run([sys.executable, "-c", HARNESS, where, str(nth), *argv], env=env, capture_output=True,
                              text=True)
     assert crashed.returncode == 9, f"the child did not stop at {where} #{nth}: {crashed.stderr[-2000:]}"
+
+
+def _crash_then_resume(where: str, nth: int, argv: list[str]) -> None:
+    _crash(where, nth, argv)
     assert main(argv) == 0  # the resume, in this process
 
 
@@ -148,13 +153,22 @@ def test_a_run_killed_between_two_writes_resumes_exactly(uninterrupted, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where, nth", [("step-resized", 5), ("before-save-tensors", 2), ("between-renames", 1),
-                                        ("before-complete", 1), ("before-complete", 2)])
+                                        ("after-save-tensors", 1), ("before-complete", 1), ("before-complete", 2)])
 def test_an_ensemble_killed_between_two_writes_resumes_exactly(uninterrupted_ensemble, tmp_path, where, nth):
     _crash_then_resume(where, nth, ["sweep", os.devnull, "--out", str(tmp_path), *set_args(ENSEMBLE)])
     expected, got = zarr.open_group(uninterrupted_ensemble / "store.zarr"), zarr.open_group(tmp_path / "store.zarr")
     for run_id in ("ref-000", "ref-001"):
         _assert_same_run(expected[run_id], got[run_id])
         _assert_same_weights(uninterrupted_ensemble, tmp_path, run_id)
+
+
+@pytest.mark.slow
+def test_an_ensembles_last_durable_step_is_never_ahead_of_its_checkpoint(tmp_path):
+    """Killed with its rows of step 16 written and its checkpoint not yet saved, an ensemble's members say no step is
+    durable yet, as a single run's store does (storage/README: rows, checkpoint, last durable step, in that order)."""
+    _crash("before-save-tensors", 1, ["sweep", os.devnull, "--out", str(tmp_path), *set_args(ENSEMBLE)])
+    got = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert [got[run_id].attrs["last_durable_step"] for run_id in ("ref-000", "ref-001")] == [-1, -1]
 
 
 @pytest.mark.slow
