@@ -39,9 +39,10 @@ from gradtrace import store
 from gradtrace.capture import attach
 from gradtrace.capture.recorder import declare_arrays
 from gradtrace.config import CaptureConfig, ModelConfig, load
+from gradtrace.kernels import device_name
 from gradtrace.models import build_model, count_parameters
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
-from gradtrace.train import adamw, device_name
+from gradtrace.train import adamw
 
 ALL = ["grad", "update", "adam_m"]
 ROUNDS = {(False, False): 12, (False, True): 5, (True, False): 3, (True, True): 2}  # (pythia-70m?, --quick?)

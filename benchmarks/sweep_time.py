@@ -24,8 +24,9 @@ from collections import Counter
 from pathlib import Path
 
 from gradtrace import config as config_mod
+from gradtrace.kernels import device_name
 from gradtrace.sweep import bases_side_by_side, plan, run_sweep
-from gradtrace.train import device_name, resolve_device
+from gradtrace.train import resolve_device
 
 OUT = Path(__file__).resolve().parent / "out" / "sweep_time.json"
 

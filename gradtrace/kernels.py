@@ -86,8 +86,15 @@ def attrs(device: torch.device) -> dict:
     the GPU's name: on a GPU `train.precision: auto` is bf16), and torch's CPU kernels and thread count."""
     import torch
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {**versions(), "device": gpu, "cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
+    return {**versions(), "device": device_name(device), "cpu_kernels": in_use(),
+            "cpu_threads": torch.get_num_threads()}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the kind of device (`cpu`, `mps`)."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def device_kind(recorded_device: str) -> str:

@@ -76,11 +76,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or "cpu"."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def adamw(params, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """The run's AdamW; fused (one kernel over every parameter) on CPU and CUDA: 4.5% off a default-model step."""
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
