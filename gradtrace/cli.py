@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("config", nargs=None if required else "?",
-                       help="experiment YAML (e.g. experiments/default.yaml)")
+                       help="experiment YAML, or the name of one gradtrace ships (default, large, ...: "
+                            "experiments/NAME.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=200 (repeatable)")
 

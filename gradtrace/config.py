@@ -456,7 +456,7 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"config {path} not found; try experiments/default.yaml")
+            path = _shipped_config(path)
         if path.is_dir():
             raise ValueError(f"config {path} is a directory; give a YAML file, e.g. experiments/default.yaml")
         try:
@@ -471,6 +471,27 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             raise ValueError(f"config {path}: expected a mapping of sections ({sections}), "
                              f"got a YAML {type(data).__name__}")
     return with_absolute_paths(from_dict(data, overrides))
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The experiment configs gradtrace ships, by name (`default`: experiments/default.yaml): inside the installed
+    package (gradtrace/experiments), or at the root of a checkout it runs from."""
+    package = Path(__file__).resolve().parent
+    folder = package / "experiments"
+    if not folder.is_dir() and (package.parent / "pyproject.toml").is_file():
+        folder = package.parent / "experiments"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def _shipped_config(path: Path) -> Path:
+    """The shipped config a path that is not there names (`default`, `default.yaml`, `experiments/default.yaml`), so
+    the README's commands run outside the checkout too; else an error naming the shipped ones."""
+    shipped = shipped_configs()
+    if str(path.parent) in (".", "experiments") and path.suffix in ("", ".yaml") and path.stem in shipped:
+        return shipped[path.stem]
+    names = ", ".join(shipped) or "none found"
+    raise FileNotFoundError(f"config {path} not found; give a YAML file, or the name of one gradtrace ships ({names}: "
+                            "e.g. `gradtrace sweep default --dry-run`)")
 
 
 def names_a_file(module: str) -> bool:

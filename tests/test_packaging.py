@@ -1,0 +1,84 @@
+"""gradtrace installed from its wheel, outside the checkout: what it reads at run time ships with it, the sdist holds
+what its tests need, and every package it imports is a declared dependency."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import gradtrace
+from gradtrace import config
+
+ROOT = Path(__file__).parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CONFIGS = sorted(p.name for p in (ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[list[str], list[str]]:
+    """The file lists of the wheel and the sdist built from a copy of the source tree (setuptools, no isolation)."""
+    pytest.importorskip("setuptools", minversion="77")
+    tmp = tmp_path_factory.mktemp("build")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "storage", "artifacts", "build",
+                                                                "*.egg-info", "__pycache__", ".pytest_cache"))
+    (source / "storage").mkdir()
+    shutil.copy(ROOT / "storage" / "README.md", source / "storage" / "README.md")
+    for hook in ("build_sdist", "build_wheel"):  # one process each: setuptools keeps state between the two
+        done = subprocess.run([sys.executable, "-c", f"import sys, setuptools.build_meta as b; b.{hook}(sys.argv[1])",
+                               str(tmp / "dist")], cwd=source, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,), (sdist,) = (tmp / "dist").glob("*.whl"), (tmp / "dist").glob("*.tar.gz")
+    with zipfile.ZipFile(wheel) as whl, tarfile.open(sdist) as tar:
+        return whl.namelist(), [name.split("/", 1)[1] for name in tar.getnames() if "/" in name]
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_experiment_config_and_no_tests(built) -> None:
+    """The wheel held only the Python modules: `gradtrace sweep experiments/default.yaml`, the README's first
+    command, had no config to read outside a checkout."""
+    wheel, _ = built
+    assert {f"gradtrace/experiments/{name}" for name in CONFIGS} | {"gradtrace/experiments/README.md"} <= set(wheel)
+    assert not [name for name in wheel if name.startswith(("tests/", "storage/", "benchmarks/", "paper/"))
+                or "__pycache__" in name]
+    metadata = next(name for name in wheel if name.endswith(".dist-info/METADATA"))
+    assert metadata == f"gradtrace-{gradtrace.__version__}.dist-info/METADATA"
+
+
+@pytest.mark.parametrize("name", ["default", "default.yaml", "experiments/default.yaml", "./experiments/large.yaml"])
+def test_a_shipped_config_is_found_by_name_outside_the_checkout(name: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    stem = Path(name).stem
+    assert config.load(name) == config.load(ROOT / "experiments" / f"{stem}.yaml")
+    assert config.shipped_configs()[stem].read_bytes() == (ROOT / "experiments" / f"{stem}.yaml").read_bytes()
+
+
+def test_a_file_of_ones_own_comes_before_a_shipped_config_of_its_name(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "default.yaml").write_text("train:\n  steps: 7\n")
+    assert config.load("experiments/default.yaml").train.steps == 7
+
+
+def test_a_config_not_found_names_the_shipped_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"config experiments/defualt.yaml not found.*default, frontier, "
+                                                r"large, scratch, seed_recipe"):
+        config.load("experiments/defualt.yaml")
+    with pytest.raises(FileNotFoundError, match="mine/default.yaml not found"):
+        config.load("mine/default.yaml")  # a path into a folder of one's own is never taken for a shipped config
+
+
+def test_pyproject_lists_every_package() -> None:
+    """pyproject.toml lists the packages by hand (the experiment configs are mapped into one): a new subpackage
+    must join the list or the wheel leaves it out."""
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gradtrace").rglob("__init__.py")}
+    assert set(PYPROJECT["tool"]["setuptools"]["packages"]) == on_disk | {"gradtrace.experiments"}
