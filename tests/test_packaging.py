@@ -77,6 +77,12 @@ def test_a_config_not_found_names_the_shipped_ones(tmp_path: Path, monkeypatch: 
         config.load("mine/default.yaml")  # a path into a folder of one's own is never taken for a shipped config
 
 
+def test_python_dash_m_gradtrace_runs_the_command_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "gradtrace", "--version"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert (done.returncode, done.stdout.strip()) == (0, f"gradtrace {gradtrace.__version__}"), done.stderr
+
+
 def test_pyproject_lists_every_package() -> None:
     """pyproject.toml lists the packages by hand (the experiment configs are mapped into one): a new subpackage
     must join the list or the wheel leaves it out."""
