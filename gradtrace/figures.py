@@ -18,8 +18,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import zarr
-from cycler import cycler
-from matplotlib import ticker
+from matplotlib import cycler, ticker  # matplotlib's cycler: the package is matplotlib's dependency, not ours
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats as sps

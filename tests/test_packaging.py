@@ -2,6 +2,9 @@
 what its tests need, and every package it imports is a declared dependency."""
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +84,28 @@ def test_python_dash_m_gradtrace_runs_the_command_line(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "gradtrace", "--version"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert (done.returncode, done.stdout.strip()) == (0, f"gradtrace {gradtrace.__version__}"), done.stderr
+
+
+def _imported_packages() -> set[str]:
+    """The top-level names gradtrace's modules import, the standard library and gradtrace itself left out."""
+    names = set()
+    for path in (ROOT / "gradtrace").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"gradtrace"}
+
+
+def test_every_package_gradtrace_imports_is_a_declared_dependency() -> None:
+    """figures.py imported `cycler`, which only matplotlib asked for."""
+    declared = {re.match(r"[A-Za-z0-9_.\-]+", req).group().lower().replace("_", "-")
+                for req in PYPROJECT["project"]["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {name: distributions.get(name) for name in _imported_packages()
+                  if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared}
+    assert not undeclared
 
 
 def test_pyproject_lists_every_package() -> None:
