@@ -54,6 +54,17 @@ def test_the_wheel_ships_every_experiment_config_and_no_tests(built) -> None:
     assert metadata == f"gradtrace-{gradtrace.__version__}.dist-info/METADATA"
 
 
+@pytest.mark.slow
+def test_the_sdist_holds_what_its_tests_read(built) -> None:
+    """The sdist held the test files but not conftest.py, the experiment configs, the paper or storage/README.md,
+    so its test suite could not run."""
+    _, sdist = built
+    needed = ["tests/conftest.py", "Makefile", "storage/README.md", "paper/build.py", "paper/paper.md",
+              "paper/Makefile", "experiments/README.md", *(f"experiments/{name}" for name in CONFIGS)]
+    assert not [name for name in needed if name not in sdist]
+    assert not [name for name in sdist if "__pycache__" in name or name.startswith(("storage/default", ".venv"))]
+
+
 @pytest.mark.parametrize("name", ["default", "default.yaml", "experiments/default.yaml", "./experiments/large.yaml"])
 def test_a_shipped_config_is_found_by_name_outside_the_checkout(name: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
