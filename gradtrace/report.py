@@ -538,9 +538,14 @@ def _metadata_files(store_path: Path) -> dict[Path, bytes]:
 
 
 def _git_commit() -> str:
-    """The gradtrace checkout's commit, marked `(modified)` when its tracked files differ from it."""
+    """The gradtrace checkout's commit, marked `(modified)` when its tracked files differ from it; `unknown` where
+    git does not track the package (installed into a venv that lies inside a repository of another project)."""
     package = Path(gradtrace.__file__).resolve().parent
     try:
+        tracked = subprocess.run(["git", "ls-files", "--", "__init__.py"], cwd=package, capture_output=True, text=True,
+                                 timeout=10)
+        if not tracked.stdout.strip():
+            return "unknown"
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=package,
                                capture_output=True, text=True, timeout=10)

@@ -462,6 +462,19 @@ def test_the_code_commit_says_when_the_package_was_modified(tmp_path: Path, monk
     assert report._git_commit() == clean + " (modified)"
 
 
+def test_an_installed_package_inside_another_git_repository_gives_no_commit(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradtrace installed into a venv inside a project of one's own gave that project's commit as its code's."""
+    package = tmp_path / "project" / ".venv" / "lib" / "site-packages" / "gradtrace"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "project" / ".gitignore").write_text(".venv/\n")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(tmp_path / "project"), *args], check=True, capture_output=True)
+    monkeypatch.setattr(gradtrace, "__file__", str(package / "__init__.py"))
+    assert report._git_commit() == "unknown"
+
+
 def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(written: tuple[Path, str], tmp_path: Path,
                                                                             capsys: pytest.CaptureFixture,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
