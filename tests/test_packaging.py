@@ -24,8 +24,9 @@ CONFIGS = sorted(p.name for p in (ROOT / "experiments").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[list[str], list[str]]:
-    """The file lists of the wheel and the sdist built from a copy of the source tree (setuptools, no isolation)."""
+def built(tmp_path_factory) -> tuple[list[str], list[str], str]:
+    """The file lists of the wheel and the sdist built from a copy of the source tree (setuptools, no isolation), and
+    what the build printed to stderr."""
     pytest.importorskip("setuptools", minversion="77")
     tmp = tmp_path_factory.mktemp("build")
     source = tmp / "source"
@@ -33,20 +34,22 @@ def built(tmp_path_factory) -> tuple[list[str], list[str]]:
                                                                 "*.egg-info", "__pycache__", ".pytest_cache"))
     (source / "storage").mkdir()
     shutil.copy(ROOT / "storage" / "README.md", source / "storage" / "README.md")
+    log = ""
     for hook in ("build_sdist", "build_wheel"):  # one process each: setuptools keeps state between the two
         done = subprocess.run([sys.executable, "-c", f"import sys, setuptools.build_meta as b; b.{hook}(sys.argv[1])",
                                str(tmp / "dist")], cwd=source, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+        log += done.stderr
     (wheel,), (sdist,) = (tmp / "dist").glob("*.whl"), (tmp / "dist").glob("*.tar.gz")
     with zipfile.ZipFile(wheel) as whl, tarfile.open(sdist) as tar:
-        return whl.namelist(), [name.split("/", 1)[1] for name in tar.getnames() if "/" in name]
+        return whl.namelist(), [name.split("/", 1)[1] for name in tar.getnames() if "/" in name], log
 
 
 @pytest.mark.slow
 def test_the_wheel_ships_every_experiment_config_and_no_tests(built) -> None:
     """The wheel held only the Python modules: `gradtrace sweep experiments/default.yaml`, the README's first
     command, had no config to read outside a checkout."""
-    wheel, _ = built
+    wheel, _, _ = built
     assert {f"gradtrace/experiments/{name}" for name in CONFIGS} | {"gradtrace/experiments/README.md"} <= set(wheel)
     assert not [name for name in wheel if name.startswith(("tests/", "storage/", "benchmarks/", "paper/"))
                 or "__pycache__" in name]
@@ -58,11 +61,17 @@ def test_the_wheel_ships_every_experiment_config_and_no_tests(built) -> None:
 def test_the_sdist_holds_what_its_tests_read(built) -> None:
     """The sdist held the test files but not conftest.py, the experiment configs, the paper or storage/README.md,
     so its test suite could not run."""
-    _, sdist = built
+    _, sdist, _ = built
     needed = ["tests/conftest.py", "Makefile", "storage/README.md", "paper/build.py", "paper/paper.md",
               "paper/Makefile", "experiments/README.md", *(f"experiments/{name}" for name in CONFIGS)]
     assert not [name for name in needed if name not in sdist]
     assert not [name for name in sdist if "__pycache__" in name or name.startswith(("storage/default", ".venv"))]
+
+
+@pytest.mark.slow
+def test_the_build_uses_nothing_setuptools_deprecates(built) -> None:
+    """`license = { text = "MIT" }`, a TOML table, is deprecated: setuptools refuses it from 2027-02-18."""
+    assert "deprecated" not in built[2].lower(), built[2]
 
 
 @pytest.mark.parametrize("name", ["default", "default.yaml", "experiments/default.yaml", "./experiments/large.yaml"])
