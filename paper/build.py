@@ -181,12 +181,15 @@ class Filler:
         lines = []
         for kind in self.used:
             filename, command = self.SOURCES[kind]
-            path = self.inputs.exp_dir / filename
+            path = self.inputs.path(filename)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "absent"
             origin = self.inputs.origins.get(kind, "")
             how = f"; {origin}" if origin.startswith("computed") else ""
+            command = command.format(store=self.store_label)
+            if filename in report.ANALYSIS_FILES and self.inputs.analysis_dir != self.inputs.exp_dir:
+                command += f" --out {_store_label(self.inputs.analysis_dir)}"
             lines.append(f"[^{kind}]: `{filename}` of store `{self.store_label}` (sha256 {digest}…), written by "
-                         f"`{command.format(store=self.store_label)}`{how}.")
+                         f"`{command}`{how}.")
         return "\n".join(lines)
 
 
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", required=True, help="experiment directory (e.g. storage/default)")
     parser.add_argument("--out", default=str(HERE), help="where figures/ and build/ go (default: paper/)")
+    parser.add_argument("--analysis", default=None, help="where the tables of stats and predict are (the --out given "
+                        "to gradtrace stats, predict or report for a study one cannot write to; default: the study)")
     parser.add_argument("--template", default=str(HERE / "paper.md"), help="the paper's text with placeholders")
     parser.add_argument("--strict", action="store_true",
                         help="fail when any placeholder has no value or the sweep is not finished")
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
               "(`make paper OUT=DIR`).",
               file=sys.stderr)
         return 2
-    inputs = report.load_inputs(exp)
+    inputs = report.load_inputs(exp, out=args.analysis)
     items = report.build_figures(inputs)
     out = Path(args.out)
     for item in items:

@@ -283,6 +283,28 @@ def test_paper_build(written: tuple[Path, str], tmp_path: Path, capsys: pytest.C
     assert "make demo" in capsys.readouterr().err
 
 
+def test_a_paper_of_a_study_analysed_elsewhere_reads_the_tables_there(written: tuple[Path, str], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study one cannot write to is analysed with --out DIR: the paper takes its numbers from DIR (--analysis),
+    and its footnotes hash the tables there and give the command that wrote them."""
+    build = _paper_build()
+    exp, mine = tmp_path / "study", tmp_path / "mine"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    mine.mkdir()
+    for name in report.ANALYSIS_FILES:  # as `gradtrace stats/predict --out mine` left them
+        if (exp / name).exists():
+            shutil.move(exp / name, mine / name)
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
+    assert build.main(["--store", str(exp), "--analysis", str(mine), "--out", str(tmp_path / "paper")]) == 0
+    paper = (tmp_path / "paper" / "build" / "paper.md").read_text()
+    assert all(why.startswith("config.yaml has no") for why in re.findall(r"\*\*\[missing: ([^]]*)\]", paper))
+    assert "[^scores]" in paper and "[^stats]" in paper  # numbers of both tables, read in mine/
+    digest = hashlib.sha256((mine / "stats.csv").read_bytes()).hexdigest()[:12]
+    assert f"[^stats]: `stats.csv` of store `{exp}` (sha256 {digest}…), written by `gradtrace stats {exp} --out " \
+           f"{mine}`." in paper
+    assert not (exp / "stats.csv").exists()
+
+
 def test_paper_counts_runs_by_role_and_only_the_shifts_stats_correlates(written: tuple[Path, str], tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     build = _paper_build()
