@@ -9,6 +9,7 @@ TORCH_INDEX ?=
 OUT     ?= storage/default
 CONFIG  ?= experiments/default.yaml
 PAPER_OUT ?= paper
+ANALYSIS ?=
 
 MIN_VENV ?= .venv-min
 
@@ -47,7 +48,8 @@ test-min:
 	OMP_NUM_THREADS=1 $(MIN_VENV)/bin/python -m pytest -q
 
 paper: install
-	$(MAKE) -C paper PY="$(abspath $(BIN))/python" STORE="$$(realpath "$(OUT)")" PAPER_OUT="$$(realpath "$(PAPER_OUT)")"
+	$(MAKE) -C paper PY="$(abspath $(BIN))/python" STORE="$$(realpath "$(OUT)")" PAPER_OUT="$$(realpath "$(PAPER_OUT)")" \
+		$(if $(ANALYSIS),ANALYSIS="$$(realpath "$(ANALYSIS)")")
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
