@@ -634,11 +634,11 @@ class _RunListing:
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
-        trained_with = [f"  trained with: {kernels.describe(a)}" if "cpu_kernels" in a else "",
-                        *(f"  resumed at step {r['step']} with: "
-                          f"{kernels.describe_changes(a, {k: v for k, v in r.items() if k in kernels.RECORDED})}"
-                          for r in a.get("resumed_with", []))]
-        lines += [line for line in trained_with if line]
+        trained_with = [f"  trained with: {kernels.describe(a)}"] if "cpu_kernels" in a else []
+        trained_with += [f"  resumed at step {r['step']} with: "
+                         f"{kernels.describe_changes(a, {k: v for k, v in r.items() if k in kernels.RECORDED})}"
+                         for r in a.get("resumed_with", [])]
+        lines += trained_with
         sizes = [arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
                  for _, arr in arrays]
         for (name, arr), nbytes in zip(arrays, sizes):

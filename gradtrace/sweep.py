@@ -413,7 +413,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         bar.close()
     table = results_table(out)
     write_results(table, out)
-    mixed = mixed_arithmetic(store.run_groups(store.open_experiment(out / "store.zarr")), list(table.run_id))
+    mixed = mixed_arithmetic(store.run_groups(root), list(table.run_id))
     if pending and mixed and not foretold:
         warnings.warn(f"{out}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
                       stacklevel=3)
