@@ -1,0 +1,83 @@
+"""Benchmark the report's store digest on a study of thousands of runs: a plain glob against `_metadata_files`.
+
+The report's provenance hashes every zarr.json of the store (`report.store_metadata_digest`). A glob over the store
+stat'ed every chunk file too; the digest now reads the zarr.json files level by level on threads and does not enter
+arrays' folders. This builds a store of N runs (one run group of 14 chunked arrays, its folder copied N − 1 times),
+checks both give the same digest and times them in interleaved rounds; `--cold` drops the page cache before each
+timing (Linux, as root), as a store read first after a sweep on another node is read.
+
+    python benchmarks/report_digest.py                    # 3,000 runs, warm cache
+    sudo python benchmarks/report_digest.py --cold        # each timing from a cold cache
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from gradtrace.report import store_metadata_digest
+
+
+def build_store(path: Path, runs: int) -> None:
+    """A store of `runs` run groups, each with a sweep run's arrays (14, chunked along their step axis)."""
+    root = zarr.open_group(path, mode="w")
+    run = root.create_group("run-0000")
+    for name in ("step", "loss", "lr", "grad_norm", "nonfinite", "layer_grad_norm", "layer_update_norm",
+                 "layer_v_mean", "eval/accuracy", "eval/step", "evals/step", "evals/accuracy", "probe/step",
+                 "probe/loss"):
+        run.create_array(name, shape=(150, 8), chunks=(32, 8), dtype="f4")[:] = np.ones((150, 8), dtype="f4")
+    for i in range(1, runs):
+        shutil.copytree(path / "run-0000", path / f"run-{i:04d}")
+
+
+def glob_digest(store_path: Path) -> tuple[str, int]:
+    """The digest as the report computed it before: every zarr.json a glob finds, sorted, hashed in turn."""
+    digest = hashlib.sha256()
+    files = sorted(store_path.rglob("zarr.json"))
+    for file in files:
+        digest.update(file.relative_to(store_path).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest(), len(files)
+
+
+def timed(fn, store_path: Path, cold: bool) -> tuple[float, tuple[str, int]]:
+    if cold:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    start = time.perf_counter()
+    out = fn(store_path)
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each timing (root)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store.zarr"
+        build_store(path, args.runs)
+        times: dict[str, list[float]] = {"glob": [], "digest": []}
+        for _ in range(args.rounds):
+            t_glob, before = timed(glob_digest, path, args.cold)
+            t_ours, now = timed(store_metadata_digest, path, args.cold)
+            assert before == now, (before, now)
+            times["glob"].append(t_glob)
+            times["digest"].append(t_ours)
+        ratios = [g / d for g, d in zip(times["glob"], times["digest"])]
+        print(f"{args.runs} runs, {now[1]} zarr.json files, {'cold' if args.cold else 'warm'} cache, "
+              f"{args.rounds} rounds: glob {statistics.median(times['glob']):.2f} s, digest "
+              f"{statistics.median(times['digest']):.2f} s, ratio {statistics.median(ratios):.2f}× "
+              f"(range {min(ratios):.2f}–{max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
