@@ -1,9 +1,9 @@
 """Sketch quality and speed on real gradients of the default model: cosine and norm error vs the JL scale.
 
-Trains the default model (`experiments/default.yaml`) for a few hundred steps, keeps the per-step batch
-gradients of the last steps (whose energy concentrates in a few matrices, as real gradients do), and sketches
-them. Prints, per sketch and k, the median / p95 absolute error of pairwise cosines and of norms, their ratio to
-sqrt(2/k) (the JL scale of inner-product error between unit vectors), and the time of one sketch.
+Trains the default model (`experiments/default.yaml`) from a random init for a few hundred steps, keeps the
+per-step batch gradients of the last steps (whose energy concentrates in a few matrices, as real gradients do), and
+sketches them. Prints, per sketch and k, the median / p95 absolute error of pairwise cosines and of norms, their ratio
+to sqrt(2/k) (the JL scale of inner-product error between unit vectors), and the time of one sketch.
 
     OMP_NUM_THREADS=1 python benchmarks/sketch_quality.py [--steps 200] [--keep 24]
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the paths below hold from any work
 
 def real_gradients(steps: int, keep: int) -> tuple[torch.Tensor, ParamLayout]:
     """Flat batch gradients of the last `keep` of `steps` AdamW steps on the default task."""
-    cfg = config.load(ROOT / "experiments" / "default.yaml")
+    cfg = config.load(ROOT / "experiments" / "default.yaml", {"model.init_from": None})  # from a random init
     task = ArithmeticTask(cfg.task)
     model = build_model(cfg.model, task.tokenizer.vocab_size, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))

@@ -85,7 +85,8 @@ def worker(spec: dict) -> None:
     def configs(steps: int | None) -> tuple[list, list]:
         overrides = {"model.name": spec["model"], "train.batch_size": spec["batch"], "train.threads": spec["threads"],
                      "train.pack": spec["pack"], "train.device": "cpu", "capture.enabled": False,
-                     "sweep.pretrain_steps": 0}  # from a random init: a step costs what a fine-tuning step does
+                     "sweep.pretrain_steps": 0, "model.init_from": None}  # from a random init (any model): a step
+        # costs what a fine-tuning step does
         base = config.load(CONFIG, overrides | ({"train.steps": steps} if steps else {}))
         runs = [r for r in sweep.plan(base) if r.role == "sweep"][spec["first"]:spec["first"] + spec["members"]]
         task_for(base.task, base.model)  # built once per process, as in a sweep's workers: not timed

@@ -148,7 +148,10 @@ def calibrate_bases(cfg: Config, out: str | Path, seeds: list[int], runs: int | 
     from gradtrace.sweep import SweepError
 
     if not cfg.sweep.pretrain_steps:
-        raise ValueError("choosing a base needs a config that trains one (sweep.pretrain_steps > 0)")
+        given = (f": this one fine-tunes {Path(cfg.model.init_from).name} (to train bases from a random init instead, "
+                 "add --set model.init_from=null --set sweep.pretrain_steps=800, the recipe of the default's)"
+                 if cfg.model.init_from else "")
+        raise ValueError(f"choosing a base needs a config that trains one (sweep.pretrain_steps > 0){given}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--bases lists a seed more than once ({' '.join(map(str, seeds))}): one pilot per base")
     pilots = {seed: config_mod.from_dict(cfg.to_dict(), {"train.init_seed": seed, "sweep.bases": 1})

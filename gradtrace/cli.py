@@ -153,10 +153,17 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(result.format())
     print(f"written: {Path(out) / 'calibration.csv'}")
     shifts = result.splits[result.splits.split != "ID"]
-    if cfg.sweep.pretrain_steps and cfg.sweep.bases == 1 and shifts.usable.sum() < enough_usable(len(shifts)):
+    if cfg.sweep.bases == 1 and shifts.usable.sum() < enough_usable(len(shifts)):
+        if cfg.sweep.pretrain_steps:
+            how = "--bases 0 1 2 3` pilots four (bases.csv), then train the study on one with --set train.init_seed=N"
+        elif cfg.model.init_from:  # the default's shipped base, fine-tuned by another machine's rounding, say
+            how = ("--set model.init_from=null --set sweep.pretrain_steps=800 --bases 0 1 2 3` trains four bases by "
+                   "the default's recipe and pilots them (bases.csv), then train the study on one with those settings "
+                   "and --set train.init_seed=N")
+        else:
+            return
         print(f"{int(shifts.usable.sum())} of {len(shifts)} shifts usable on this base; another base may give more "
-              f"(experiments/README.md: how far one base decides the study): `gradtrace calibrate {args.config} "
-              "--bases 0 1 2 3` pilots four (bases.csv), then train the study on one with --set train.init_seed=N")
+              f"(experiments/README.md: how far one base decides the study): `gradtrace calibrate {args.config} {how}")
 
 
 def cmd_stats(args: argparse.Namespace) -> None:

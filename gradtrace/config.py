@@ -473,14 +473,35 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     return with_absolute_paths(from_dict(data, overrides))
 
 
-def shipped_configs() -> dict[str, Path]:
-    """The experiment configs gradtrace ships, by name (`default`: experiments/default.yaml): inside the installed
-    package (gradtrace/experiments), or at the root of a checkout it runs from."""
+def _shipped_folder() -> Path:
+    """The experiments gradtrace ships: inside the installed package (gradtrace/experiments), or at the root of a
+    checkout it runs from."""
     package = Path(__file__).resolve().parent
     folder = package / "experiments"
     if not folder.is_dir() and (package.parent / "pyproject.toml").is_file():
         folder = package.parent / "experiments"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return folder
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The experiment configs gradtrace ships, by name (`default`: experiments/default.yaml)."""
+    return {p.stem: p for p in sorted(_shipped_folder().glob("*.yaml"))}
+
+
+def shipped_weights() -> dict[str, Path]:
+    """The base weights gradtrace ships, by file name (`default_base.safetensors`: the default study's base, which
+    experiments/README.md says how to train)."""
+    return {p.name: p for p in sorted(_shipped_folder().glob("*.safetensors"))}
+
+
+def _weights_file(path: Path) -> Path:
+    """A `model.init_from` made absolute: the file at the path (a file of one's own comes first), else the shipped
+    weights it names (`default_base.safetensors`, `experiments/default_base.safetensors`), so the default runs
+    outside the checkout too; else the path as given, which `sweep.check_config` refuses as missing."""
+    shipped = shipped_weights()
+    if not path.exists() and str(path.parent) in (".", "experiments") and path.name in shipped:
+        return shipped[path.name]
+    return path.resolve()
 
 
 def _shipped_config(path: Path) -> Path:
@@ -502,8 +523,9 @@ def names_a_file(module: str) -> bool:
 def with_absolute_paths(cfg: Config) -> Config:
     """`cfg` with a relative `model.init_from` and relative .py files of `task.modules` made absolute, against the
     directory the command runs in: the study's config.yaml then names the same files wherever it is resumed or
-    extended from, and so do a dask cluster's workers, which run in folders of their own."""
-    init_from = cfg.model.init_from and str(Path(cfg.model.init_from).resolve())
+    extended from, and so do a dask cluster's workers, which run in folders of their own. A `model.init_from` that
+    is not there but names weights gradtrace ships (`experiments/default_base.safetensors`) is those."""
+    init_from = cfg.model.init_from and str(_weights_file(Path(cfg.model.init_from)))
     modules = [str(Path(m).resolve()) if names_a_file(m) else m for m in cfg.task.modules]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_from),
                                task=dataclasses.replace(cfg.task, modules=modules))

@@ -35,7 +35,7 @@ from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, 
 from gradtrace.capture.sketch import ParamLayout, make_sketch
 from gradtrace.config import CaptureConfig, Config, TrainConfig, check_ensemble_precision, dotted
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
-from gradtrace.models import build_model
+from gradtrace.models import build_model, start_attrs
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
 from gradtrace.tasks.packing import stack
 from gradtrace.train import (RunResult, callers_torch_state, check_packing, check_resumes_its_config, check_same_items,
@@ -181,7 +181,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
         shared = {**capture.attrs(t), "items_digest": task.items_digest, **kernels.attrs(device)}
         groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
                                              "steps_done": 0, "ensemble": {"members": run_ids, "index": i},
-                                             **shared}, overwrite=overwrite)
+                                             **start_attrs(c.model), **shared}, overwrite=overwrite)
                   for i, (c, r, role, s) in enumerate(zip(cfgs, run_ids, roles, run_seeds))]
     writers = [store.RunWriter(g, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device)) for g in groups]
     began = time.perf_counter() - elapsed

@@ -1,6 +1,7 @@
 """Model factory: embedded GPT-NeoX (Pythia architecture) configs built offline, or any HF causal LM."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,13 +91,42 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
                  if n in own and w.shape != own[n].shape]
         if other:  # torch would list every one, in a RuntimeError
             raise ValueError(f"model.init_from: {path} holds weights of other shapes than model {cfg.name!r}'s: "
-                             f"{'; '.join(other[:3])}{' …' if len(other) > 3 else ''}")
+                             f"{'; '.join(other[:3])}{' …' if len(other) > 3 else ''}{ANOTHER_START}")
         missing, unexpected = model.load_state_dict(weights, strict=False)
         untied = untied_state(model)  # a tied layer is saved under its first name only
         if unexpected or [m for m in missing if "rotary" not in m and m in untied]:
             raise ValueError(f"model.init_from: {path} does not match model {cfg.name!r} "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}){ANOTHER_START}")
     return model
+
+
+ANOTHER_START = ("; give weights of this model, or set model.init_from=null to start from a random init (the default "
+                 "config fine-tunes its shipped base, the tiny model's)")
+
+
+def weights_digest(path: str | Path) -> str:
+    """The first 16 hex digits of the sha256 of a weights file: a run records it (`init_digest`), so the same
+    weights at another path (a study moved, gradtrace installed anew) are known for the same start."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
+
+
+def start_attrs(cfg: ModelConfig) -> dict:
+    """What a run records of the weights it started from (`init_digest`): nothing for a random init."""
+    return {"init_digest": weights_digest(cfg.init_from)} if cfg.init_from else {}
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """Refuse `cfg.init_from` weights the model cannot take before a sweep trains, whose every run would fail on
+    them at its start: the model built once from its config, torch's global generators left as they were. A
+    pretrained model is left to its runs (its vocabulary is its tokenizer's, looked up on the hub)."""
+    import torch
+
+    from gradtrace.tasks.tokenizer import CharTokenizer
+
+    if cfg.init_from and not cfg.pretrained:
+        with torch.random.fork_rng(devices=[]):
+            build_model(cfg, CharTokenizer().vocab_size, seed=0)
 
 
 def in_this_release(weights: dict, model: torch.nn.Module) -> dict:

@@ -725,7 +725,8 @@ def _header(inputs: Inputs) -> str:
         facts.append("shifts: " + ", ".join(shifts))
     model, train, sweep_cfg = (inputs.config.get(k) or {} for k in ("model", "train", "sweep"))
     if isinstance(model, dict) and model.get("name"):
-        facts.append(f"model: {model['name']}")
+        start = f", from the weights in {Path(model['init_from']).name}" if model.get("init_from") else ""
+        facts.append(f"model: {model['name']}{start}")
     if isinstance(train, dict) and train.get("steps"):
         base = (f" (base runs: {sweep_cfg['pretrain_steps']})"
                 if isinstance(sweep_cfg, dict) and sweep_cfg.get("pretrain_steps") else "")

@@ -41,9 +41,13 @@ def accuracy_columns(accuracy: dict[str, float], train_accuracy: dict[str, float
 
 
 def started_from(init_from: str | None) -> str:
-    """The base run a run fine-tuned, from its `model.init_from` (`DIR/weights/<base>/final.safetensors`), or ""
+    """The base a run fine-tuned, from its `model.init_from`: a base run's name (`DIR/weights/<base>/
+    final.safetensors`), another file's name without its suffix (`default_base`, the default's shipped base), or ""
     for a run trained from scratch."""
-    return Path(init_from).parent.name if init_from else ""
+    if not init_from:
+        return ""
+    path = Path(init_from)
+    return path.parent.name if path.name == "final.safetensors" else path.stem
 
 
 def base_groups(table: pd.DataFrame) -> str | None:

@@ -225,6 +225,9 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
              f"~{estimate_total_seconds(jobs, seconds, at_once) / 60:.0f} min in all ("
              f"{f'{workers} single-thread workers share its cores; ' if workers > at_once else ''}"
              "GPU: see experiments/README.md)"]
+    if cfg.model.init_from:
+        lines.append(f"{'the base run(s) start from' if base_ids(cfg) else 'every run fine-tunes'} the weights in "
+                     f"{cfg.model.init_from}")
     s = cfg.sweep
     if s.search == "grid":
         points = len(s.lr) * len(s.weight_decay)
@@ -363,6 +366,10 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     cfg = config_mod.with_absolute_paths(cfg)  # as a config loaded from a file has them (a cluster's workers too)
     runs = plan(cfg)
     check_config(cfg)  # before the plan is written
+    if not base_ids(cfg):  # weights of another model: every run would fail on them at its start, one by one
+        from gradtrace.models import check_init_from
+
+        check_init_from(cfg.model)
     older = check_directory(cfg, out)
     check_study_items(cfg, out, runs)
     if not older:  # an older gradtrace's finished study keeps the config and plan it was trained with
@@ -530,8 +537,11 @@ def check_directory(cfg: Config, out: Path) -> list[str]:
                          "today's defaults, items and arrays beside runs of the old recipe; extend or resume it with "
                          "the gradtrace that made it, or choose a new --out (its finished runs read as they are)")
     previous = config_mod.load(out / "config.yaml")
-    # task.modules: where the splits' files lie, named anew for a moved study; what they draw, the items digest holds
-    changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs", "task.modules"))
+    # task.modules: where the splits' files lie, named anew for a moved study; what they draw, the items digest holds;
+    # model.init_from: the same weights at another path, their digest (`_other_start`)
+    changed = config_mod.changed_keys(previous, cfg, ignore=("predict", "sweep.runs", "task.modules",
+                                                              "model.init_from"))
+    changed += _other_start(previous.model.init_from, cfg.model.init_from, out)
     if cfg.sweep.runs < previous.sweep.runs:
         changed.append(f"sweep.runs: {previous.sweep.runs} → {cfg.sweep.runs}, fewer")
     if changed:
@@ -539,6 +549,21 @@ def check_directory(cfg: Config, out: Path) -> list[str]:
                          "same config, extend it (only more sweep.runs or other predict settings), or choose a "
                          "new --out directory")
     return older
+
+
+def _other_start(before: str | None, now: str | None, out: Path) -> list[str]:
+    """`model.init_from` as a changed key where it names other weights than the study's runs started from: none
+    where it names the same file at another path (a study moved, or gradtrace installed anew, whose shipped base
+    lies elsewhere), as the digest its runs recorded (`init_digest`) tells."""
+    from gradtrace.models import weights_digest
+
+    if before == now:
+        return []
+    started = [g.attrs.get("init_digest") for g in store.run_groups(store.open_experiment(out / "store.zarr")).values()
+               if (g.attrs.get("config") or {}).get("model", {}).get("init_from") == before]
+    if before and now and started and Path(now).is_file() and set(started) == {weights_digest(now)}:
+        return []
+    return [f"model.init_from: {before!r} → {now!r}"]
 
 
 def _not_complete(root, runs: list[PlannedRun]) -> list[str]:

@@ -18,7 +18,7 @@ from gradtrace.capture.recorder import Probe, Recorder
 from gradtrace.config import (CaptureConfig, Config, TrainConfig, changed_keys, from_dict, keys_missing_from,
                               with_absolute_paths)
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
-from gradtrace.models import build_model
+from gradtrace.models import build_model, start_attrs
 from gradtrace.results import accuracy_columns, first_ids
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
 
@@ -214,7 +214,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     else:
         group = store.create_run(root, run_id, {"config": cfg.to_dict(), "role": role, "seeds": run_seeds,
                                                 "steps": t.steps, "steps_done": 0, "items_digest": task.items_digest,
-                                                **kernels.attrs(device)}, overwrite=resume)
+                                                **start_attrs(cfg.model), **kernels.attrs(device)}, overwrite=resume)
     began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
     writer = store.RunWriter(group, cfg.capture.chunk, thread=cfg.capture.use_writer_thread(device))
     try:  # from here a run that raises is marked failed, set-up included

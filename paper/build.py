@@ -11,6 +11,7 @@ came from. Placeholders:
     {{scores:PREDICTOR:FIELD}}                        a column of predict_scores.csv
     {{count:runs|reference|shifts|pairs}}             sizes of the study
     {{config:dotted.key}}                             a value of the experiment's config.yaml
+    {{config:start}}                                  what the runs fine-tuned, from config.yaml
     {{figure:NAME}}                                   a figure with its number and caption
 
 A value that cannot be found is written as **[missing: why]** and listed at the end (an error with --strict).
@@ -139,10 +140,13 @@ class Filler:
         return str(counts[arg])
 
     def config(self, arg: str) -> str:
-        """A dotted key of config.yaml."""
+        """A dotted key of config.yaml, or `start`: what the runs fine-tuned (the study's base runs, given weights, or
+        nothing)."""
         if self.inputs.config_text is None:
             raise Missing("config.yaml not found")
         value: object = yaml.safe_load(self.inputs.config_text)
+        if arg == "start":
+            return _start(value)
         for part in arg.split("."):
             if not isinstance(value, dict) or part not in value:
                 raise Missing(f"config.yaml has no {arg!r}")
@@ -191,6 +195,17 @@ class Filler:
             lines.append(f"[^{kind}]: `{filename}` of store `{self.store_label}` (sha256 {digest}…), written by "
                          f"`{command}`{how}.")
         return "\n".join(lines)
+
+
+def _start(cfg: dict) -> str:
+    """What a study's runs fine-tuned, in words: its base runs (trained from scratch or from given weights), given
+    weights (the default's shipped base), or nothing (a random init)."""
+    sweep, init_from = cfg.get("sweep") or {}, (cfg.get("model") or {}).get("init_from")
+    weights = f"the weights in `{Path(init_from).name}`" if init_from else ""
+    if sweep.get("pretrain_steps"):
+        return (f"{sweep.get('bases', 1)} base run(s) of {sweep['pretrain_steps']} steps trained by the study from "
+                f"{weights or 'a random init'}")
+    return weights or "a random init (no base)"
 
 
 def _store_label(path: Path) -> str:

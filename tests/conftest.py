@@ -10,7 +10,7 @@ from gradtrace import config, kernels
 
 torch.set_num_threads(1)
 
-TINY = {"model.name": "micro", "train.steps": 40, "train.batch_size": 16, "train.warmup": 5,
+TINY = {"model.name": "micro", "model.init_from": None, "train.steps": 40, "train.batch_size": 16, "train.warmup": 5,
         "task.n_test": 64, "task.n_probe": 16, "task.pool_size": 4096, "capture.dim": 128, "capture.probe_every": 20,
         "train.checkpoint_every": 16, "capture.chunk": 8, "train.device": "cpu"}
 
@@ -22,7 +22,7 @@ DEVICES = ["cpu",
 
 def set_args(settings: dict) -> list[str]:
     """Config keys as the command line's `--set key=value` arguments."""
-    return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    return [a for k, v in settings.items() for a in ("--set", f"{k}={'null' if v is None else v}")]
 
 
 def tiny_config(**overrides) -> config.Config:

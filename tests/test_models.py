@@ -3,8 +3,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gradtrace import config
 from gradtrace.config import ModelConfig
-from gradtrace.models import EMBEDDED, OUTPUT_LAYER_NAMES, NeoXShape, build_model
+from gradtrace.models import EMBEDDED, OUTPUT_LAYER_NAMES, NeoXShape, build_model, check_init_from
 
 
 @pytest.mark.parametrize("name", ["micro", "tiny", "pythia-70m"])
@@ -62,3 +63,34 @@ def test_init_from_weights_of_a_model_with_tied_embeddings(tmp_path):
 def test_a_shape_that_cannot_be_built_is_refused_where_it_is_written(sizes):
     with pytest.raises(ValueError, match="NeoXShape"):
         NeoXShape(**{"hidden": 96, "layers": 3, "heads": 4, "ffn": 384, **sizes})
+
+
+def test_the_default_fine_tunes_its_shipped_base_as_its_base_run_scored_it():
+    """experiments/default_base.safetensors is the default's base run's final weights (800 steps from scratch on an
+    AMD CPU): it scores what that run recorded on the default's test sets, to an item or two of another CPU's
+    rounding."""
+    from gradtrace.evaluate import accuracy, correctness
+    from gradtrace.tasks import ArithmeticTask
+
+    cfg = config.load("experiments/default.yaml")
+    assert cfg.model.init_from == str(config.shipped_weights()["default_base.safetensors"])
+    task = ArithmeticTask(cfg.task)
+    got = accuracy(correctness(build_model(cfg.model, task.tokenizer.vocab_size, seed=0), task))
+    recorded = {"ID": 0.7095, "length": 0.0355, "carry": 0.0765, "zeropad": 0.029, "base8": 0.009, "space": 0.2715,
+                "spaced_ops": 0.0405, "order": 0.078}
+    assert got == pytest.approx(recorded, abs=2 / cfg.task.n_test)
+
+
+def test_weights_another_model_cannot_take_are_refused_before_a_sweep_trains(tmp_path):
+    """The default fine-tunes the tiny model's base: with another model every run failed at its start, one by one."""
+    from gradtrace.cli import main
+
+    out = tmp_path / "study"
+    assert main(["sweep", "experiments/default.yaml", "--out", str(out), "--set", "model.name=micro",
+                 "--set", "sweep.runs=3"]) == 2
+    assert not (out / "store.zarr").exists() and not (out / "plan.json").exists()
+    with pytest.raises(ValueError, match="other shapes than model 'micro''s.*set model.init_from=null"):
+        check_init_from(config.load("experiments/default.yaml", {"model.name": "micro"}).model)
+    generator = torch.get_rng_state()
+    check_init_from(config.load("experiments/default.yaml").model)  # the tiny model takes them
+    assert torch.equal(torch.get_rng_state(), generator)  # the model built to check them left no trace

@@ -20,7 +20,7 @@ from gradtrace import config
 
 ROOT = Path(__file__).parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CONFIGS = sorted(p.name for p in (ROOT / "experiments").glob("*.yaml"))
+SHIPPED = sorted(p.name for p in (ROOT / "experiments").glob("*.*") if p.suffix in (".yaml", ".safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_the_wheel_ships_every_experiment_config_and_no_tests(built) -> None:
     """The wheel held only the Python modules: `gradtrace sweep experiments/default.yaml`, the README's first
     command, had no config to read outside a checkout."""
     wheel, _, _ = built
-    assert {f"gradtrace/experiments/{name}" for name in CONFIGS} | {"gradtrace/experiments/README.md"} <= set(wheel)
+    assert {f"gradtrace/experiments/{name}" for name in SHIPPED} | {"gradtrace/experiments/README.md"} <= set(wheel)
     assert not [name for name in wheel if name.startswith(("tests/", "storage/", "benchmarks/", "paper/"))
                 or "__pycache__" in name]
     metadata = next(name for name in wheel if name.endswith(".dist-info/METADATA"))
@@ -63,7 +63,7 @@ def test_the_sdist_holds_what_its_tests_read(built) -> None:
     so its test suite could not run."""
     _, sdist, _ = built
     needed = ["tests/conftest.py", "Makefile", "storage/README.md", "paper/build.py", "paper/paper.md",
-              "paper/Makefile", "experiments/README.md", *(f"experiments/{name}" for name in CONFIGS)]
+              "paper/Makefile", "experiments/README.md", *(f"experiments/{name}" for name in SHIPPED)]
     assert not [name for name in needed if name not in sdist]
     assert not [name for name in sdist if "__pycache__" in name or name.startswith(("storage/default", ".venv"))]
 
@@ -81,6 +81,29 @@ def test_a_shipped_config_is_found_by_name_outside_the_checkout(name: str, tmp_p
     stem = Path(name).stem
     assert config.load(name) == config.load(ROOT / "experiments" / f"{stem}.yaml")
     assert config.shipped_configs()[stem].read_bytes() == (ROOT / "experiments" / f"{stem}.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["default_base.safetensors", "experiments/default_base.safetensors"])
+def test_the_defaults_shipped_base_is_found_outside_the_checkout(name: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default fine-tunes weights gradtrace ships: named relative to the checkout's root, they are found from
+    any directory, as the configs are, and made absolute in the study's config.yaml."""
+    monkeypatch.chdir(tmp_path)
+    shipped = config.shipped_weights()["default_base.safetensors"]
+    assert shipped.read_bytes() == (ROOT / "experiments" / "default_base.safetensors").read_bytes()
+    assert config.load("default").model.init_from == str(shipped)
+    assert config.load(None, {"model.init_from": name}).model.init_from == str(shipped)
+    assert config.load("default", {"model.init_from": None}).model.init_from is None  # a random init instead
+    mine = config.load(None, {"model.init_from": "mine.safetensors"}).model.init_from
+    assert mine == str(tmp_path / "mine.safetensors")  # a name gradtrace does not ship: the path as given
+
+
+def test_a_file_of_ones_own_comes_before_shipped_weights_of_its_name(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "default_base.safetensors").write_bytes(b"mine")
+    assert config.load("default").model.init_from == str(tmp_path / "experiments" / "default_base.safetensors")
 
 
 def test_a_file_of_ones_own_comes_before_a_shipped_config_of_its_name(tmp_path: Path,

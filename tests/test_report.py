@@ -327,6 +327,17 @@ def test_paper_counts_runs_by_role_and_only_the_shifts_stats_correlates(written:
     assert "the 2[^count] whose accuracy varied across runs give 1[^count] shift pairs" in paper
 
 
+def test_the_paper_says_what_the_runs_fine_tuned() -> None:
+    """The default fine-tunes its shipped base: the paper said "from 1 base run(s) of 0 steps"."""
+    start = _paper_build()._start
+    shipped = {"model": {"init_from": "/x/gradtrace/experiments/default_base.safetensors"},
+               "sweep": {"pretrain_steps": 0, "bases": 1}}
+    assert start(shipped) == "the weights in `default_base.safetensors`"
+    assert start({"model": {"init_from": None}, "sweep": {"pretrain_steps": 800, "bases": 4}}) == \
+        "4 base run(s) of 800 steps trained by the study from a random init"
+    assert start({"model": {}, "sweep": {"pretrain_steps": 0}}) == "a random init (no base)"
+
+
 def test_a_strict_paper_fails_on_braces_no_placeholder_reads_and_on_a_nan(written: tuple[Path, str], tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch,
                                                                            capsys: pytest.CaptureFixture) -> None:
@@ -581,3 +592,14 @@ def test_a_results_table_the_analyses_refuse_is_noted_not_drawn(written: tuple[P
     assert inputs.stats is None and inputs.notes["stats"] == "not shown: results.csv cannot be used (above)."
     page = report.write_report(exp).read_text(encoding="utf-8")
     assert "results.csv cannot be used" in page and "<img " in page  # the spans of the store's reference still drawn
+
+
+def test_the_reports_header_says_which_weights_the_runs_started_from(tmp_path: Path) -> None:
+    """The default fine-tunes a shipped base: the header said only "model: tiny"."""
+    config = {"task": {}, "model": {"name": "tiny", "init_from": "/x/experiments/default_base.safetensors"},
+              "train": {"steps": 150}, "sweep": {"pretrain_steps": 0}}
+    inputs = types.SimpleNamespace(results=None, config=config, exp_dir=tmp_path)
+    assert "model: tiny, from the weights in default_base.safetensors; 150 optimizer steps per run<" in \
+        report._header(inputs)
+    inputs.config = {**config, "model": {"name": "tiny", "init_from": None}}
+    assert "model: tiny; 150" in report._header(inputs)

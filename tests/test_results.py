@@ -83,3 +83,10 @@ def test_runs_of_one_role_that_trained_otherwise_are_warned_of(study):
     with pytest.warns(kernels.OtherArithmetic, match=r"did not all train alike \(sweep runs' torch_version: 2.13.0 "
                                                      r"\(run-000, run-001\), 2.14.1 \(run-002\).*train.threads"):
         results.load_results(study)
+
+
+def test_a_runs_base_is_named_by_the_weights_it_fine_tuned():
+    """The shipped base of the default, `experiments/default_base.safetensors`, was named `experiments`, its folder."""
+    assert results.started_from("/study/weights/base-2/final.safetensors") == "base-2"  # a base run of the study
+    assert results.started_from("/site-packages/gradtrace/experiments/default_base.safetensors") == "default_base"
+    assert results.started_from(None) == results.started_from("") == ""  # from scratch

@@ -24,6 +24,8 @@ from gradtrace.calibrate import SAME_AXIS, Calibration, assess
 from gradtrace.sweep import (PlannedRun, SweepError, estimate_seconds, estimate_total_seconds, plan, run_config,
                              run_sweep)
 
+TRAINS_ITS_BASE = {"model.init_from": None, "sweep.pretrain_steps": 800}  # the default, training its shipped base
+
 
 def test_plan_varies_only_the_requested_axes():
     runs = [r for r in plan(tiny_config(sweep__runs=5, sweep__vary=["data"])) if r.role == "sweep"]
@@ -80,7 +82,7 @@ def test_reference_runs_differ_only_in_data_order():
 
 
 def test_the_plans_time_puts_the_base_run_first_and_alone():
-    cfg = config.load("experiments/default.yaml")
+    cfg = config.load("experiments/default.yaml", TRAINS_ITS_BASE)
     runs = plan(cfg)
     seconds = {r.run_id: estimate_seconds(run_config(cfg, r)) for r in runs}
     base, rest = seconds["base"], sorted(s for run_id, s in seconds.items() if run_id != "base")
@@ -128,7 +130,7 @@ def test_the_plans_time_counts_the_threads_a_run_trains_on():
 
     one, both = minutes(**{"sweep.workers": 1, "train.threads": 1}), minutes(**{"sweep.workers": 1, "train.threads": 2})
     assert both == pytest.approx(one / TWO_THREADS_SPEEDUP, abs=1) and minutes(**{"sweep.workers": 1}) == both
-    cfg = config.load("experiments/default.yaml", {"train.threads": 2})
+    cfg = config.load("experiments/default.yaml", {"train.threads": 2, **TRAINS_ITS_BASE})
     base = next(r for r in plan(cfg) if r.role == "base")
     assert estimate_job_seconds(cfg, [base])["base"] == pytest.approx(
         estimate_seconds(run_config(cfg, base)) / TWO_THREADS_SPEEDUP)  # alone on both threads
@@ -887,9 +889,12 @@ def test_a_configs_relative_file_paths_are_made_absolute_as_it_loads(tmp_path, m
 def test_a_sweeps_workers_get_the_configs_relative_paths_made_absolute(tmp_path, monkeypatch, split_registry):
     """A cluster's workers run in folders of their own; a config built in Python keeps its paths as typed."""
     from gradtrace import sweep
+    from gradtrace.checkpoint import save_weights
+    from gradtrace.models import build_model
+    from gradtrace.tasks.tokenizer import CharTokenizer
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "w.safetensors").write_text("")
+    save_weights(build_model(tiny_config().model, CharTokenizer().vocab_size, seed=0), tmp_path / "w.safetensors")
     (tmp_path / "splits.py").write_text(MY_SPLIT)
     given = []
 
@@ -938,6 +943,34 @@ def test_a_moved_study_names_its_splits_file_anew_and_is_held_to_its_items(tmp_p
     with pytest.raises(SweepError, match="trained on other items"):
         run_sweep(config.from_dict(here.to_dict(), {"task.modules": ["other.py"], "sweep.runs": 3}), ".",
                   progress=False)
+
+
+def test_a_study_extends_from_its_weights_at_another_path_but_not_from_other_weights(tmp_path):
+    """The default fine-tunes a base gradtrace ships: a study moved to another machine, or extended after gradtrace
+    was installed anew, names the same weights at another path, which was refused as another config. The digest
+    each run records of the weights it started from (`init_digest`) tells the same weights from others."""
+    import shutil
+
+    from gradtrace.models import weights_digest
+
+    base = config.from_dict(tiny_config().to_dict(), {"sweep.runs": 0, "sweep.reference_runs": 0,
+                                                       "sweep.pretrain_steps": 2, "sweep.workers": 1})
+    run_sweep(base, tmp_path / "base", progress=False)
+    trained = tmp_path / "base" / "weights" / "base"
+    shutil.copy(trained / "final.safetensors", tmp_path / "elsewhere.safetensors")
+    study = config.from_dict(base.to_dict(), {"sweep.pretrain_steps": 0, "sweep.runs": 1, "train.steps": 2,
+                                              "model.init_from": str(trained / "final.safetensors")})
+    run_sweep(study, tmp_path / "study", progress=False)
+    run = zarr.open_group(tmp_path / "study" / "store.zarr")["run-000"]
+    assert run.attrs["init_digest"] == weights_digest(trained / "final.safetensors")
+    moved = config.from_dict(study.to_dict(), {"model.init_from": str(tmp_path / "elsewhere.safetensors"),
+                                               "sweep.runs": 2})
+    assert sorted(run_sweep(moved, tmp_path / "study", progress=False).run_id) == ["run-000", "run-001"]
+    other = config.from_dict(study.to_dict(), {"model.init_from": str(trained / "initial.safetensors"),
+                                               "sweep.runs": 3})
+    with pytest.raises(ValueError, match="different config.*model.init_from: .*elsewhere.safetensors' → "
+                                         ".*initial.safetensors'"):
+        run_sweep(other, tmp_path / "study", progress=False)
 
 
 def test_a_sweep_of_a_split_of_your_own_trains_it_in_every_worker(tmp_path, monkeypatch, capsys, split_registry):
@@ -1107,7 +1140,11 @@ def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(tmp_path, 
     monkeypatch.setattr(gradtrace.calibrate, "calibrate",
                         lambda cfg, out, runs: Calibration(frame, pd.DataFrame(), 1, "no pairs assessed: faked"))
     assert main(["calibrate", "experiments/default.yaml", "--out", str(tmp_path)]) == 0  # faked: writes nothing
-    assert ("another base may give more" in capsys.readouterr().out) == hinted
+    said = capsys.readouterr().out
+    assert ("another base may give more" in said) == hinted  # the default fine-tunes a shipped base: train others
+    assert ("--set model.init_from=null --set sweep.pretrain_steps=800 --bases 0 1 2 3" in said) == hinted
+    assert main(["calibrate", "experiments/large.yaml", "--out", str(tmp_path), "--set", "sweep.bases=1"]) == 0
+    assert ("experiments/large.yaml --bases 0 1 2 3` pilots four" in capsys.readouterr().out) == hinted
 
 
 def test_calibrating_bases_names_those_with_six_usable_shifts(tmp_path, monkeypatch, capsys):
