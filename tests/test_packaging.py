@@ -55,6 +55,7 @@ def test_the_wheel_ships_every_experiment_config_and_no_tests(built) -> None:
                 or "__pycache__" in name]
     metadata = next(name for name in wheel if name.endswith(".dist-info/METADATA"))
     assert metadata == f"gradtrace-{gradtrace.__version__}.dist-info/METADATA"
+    assert f"gradtrace-{gradtrace.__version__}.dist-info/licenses/LICENSE" in wheel  # MIT's text goes with copies
 
 
 @pytest.mark.slow
@@ -62,7 +63,7 @@ def test_the_sdist_holds_what_its_tests_read(built) -> None:
     """The sdist held the test files but not conftest.py, the experiment configs, the paper or storage/README.md,
     so its test suite could not run."""
     _, sdist, _ = built
-    needed = ["tests/conftest.py", "Makefile", "storage/README.md", "paper/build.py", "paper/paper.md",
+    needed = ["LICENSE", "tests/conftest.py", "Makefile", "storage/README.md", "paper/build.py", "paper/paper.md",
               "paper/Makefile", "experiments/README.md", *(f"experiments/{name}" for name in SHIPPED)]
     assert not [name for name in needed if name not in sdist]
     assert not [name for name in sdist if "__pycache__" in name or name.startswith(("storage/default", ".venv"))]
