@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -9,6 +10,11 @@ import torch
 from gradtrace import config, kernels
 
 torch.set_num_threads(1)
+# Tests send Ctrl-C (SIGINT) to themselves and to the sweeps they start. A test run started in the background of a
+# script (`make test &`, nohup) inherits SIGINT ignored, and so do its children: those tests then failed, testing
+# nothing of gradtrace. Ctrl-C is given back to the test process, and through it to its children.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY = {"model.name": "micro", "model.init_from": None, "train.steps": 40, "train.batch_size": 16, "train.warmup": 5,
         "task.n_test": 64, "task.n_probe": 16, "task.pool_size": 4096, "capture.dim": 128, "capture.probe_every": 20,
