@@ -118,14 +118,19 @@ def start_attrs(cfg: ModelConfig) -> dict:
 
 def check_init_from(cfg: ModelConfig) -> None:
     """Refuse `cfg.init_from` weights the model cannot take before a sweep trains, whose every run would fail on
-    them at its start: the model built once from its config, torch's global generators left as they were. A
-    pretrained model is left to its runs (its vocabulary is its tokenizer's, looked up on the hub)."""
+    them at its start: the model built once from its config on the meta device, which computes nothing (a model
+    built on the CPU fixed the process's CPU kernels before a run trained there could pin them: `kernels.use`),
+    torch's global generators left as they were. A pretrained model is left to its runs (its vocabulary is its
+    tokenizer's, looked up on the hub)."""
+    import warnings
+
     import torch
 
     from gradtrace.tasks.tokenizer import CharTokenizer
 
     if cfg.init_from and not cfg.pretrained:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter", UserWarning)
             build_model(cfg, CharTokenizer().vocab_size, seed=0)
 
 

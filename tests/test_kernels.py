@@ -71,3 +71,21 @@ def test_a_run_pins_its_kernels_as_the_environment_does(tmp_path):
     by_environment = train("environment", "native", {**clean, **kernels.PINNED_ENV["avx2"]})
     assert by_config[1] == by_environment[1] == "AVX2"
     assert by_config[0] == by_environment[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not AVX2_CPU, reason="pinning to AVX2 needs an x86 CPU with AVX2")
+def test_a_one_worker_sweep_of_given_weights_trains_on_the_pinned_kernels(tmp_path):
+    """The sweep checked the weights its runs fine-tune by building the model on the CPU in its own process, which
+    then ran its CPU's own kernels: a one-worker sweep of the default trained there unpinned (on an AVX-512 CPU),
+    another realisation, with a warning."""
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "gradtrace.cli", "sweep", "experiments/default.yaml", "--out", str(out)]
+    small = {"sweep.runs": 1, "sweep.reference_runs": 0, "sweep.workers": 1, "train.steps": 2, "task.n_test": 64,
+             "task.n_train_eval": 0}
+    done = subprocess.run([*command, *set_args(small)],
+                          cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KernelsNotPinned" not in done.stderr
+    assert zarr.open_group(out / "store.zarr", mode="r")["run-000"].attrs["cpu_kernels"] == "AVX2"
