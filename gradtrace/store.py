@@ -634,7 +634,10 @@ class _RunListing:
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
-        trained_with = [f"  trained with: {kernels.describe(a)}"] if "cpu_kernels" in a else []
+        init_from = ((a.get("config") or {}).get("model") or {}).get("init_from")
+        digest = f" (sha256 {a['init_digest']}…)" if "init_digest" in a else ""
+        trained_with = [f"  started from: {init_from}{digest}"] if init_from else []
+        trained_with += [f"  trained with: {kernels.describe(a)}"] if "cpu_kernels" in a else []
         trained_with += [f"  resumed at step {r['step']} with: "
                          f"{kernels.describe_changes(a, {k: v for k, v in r.items() if k in kernels.RECORDED})}"
                          for r in a.get("resumed_with", [])]

@@ -966,6 +966,10 @@ def test_a_study_extends_from_its_weights_at_another_path_but_not_from_other_wei
     moved = config.from_dict(study.to_dict(), {"model.init_from": str(tmp_path / "elsewhere.safetensors"),
                                                "sweep.runs": 2})
     assert sorted(run_sweep(moved, tmp_path / "study", progress=False).run_id) == ["run-000", "run-001"]
+    listed = store.summary(tmp_path / "study" / "store.zarr")  # gradtrace info: each run's start, with its digest
+    digest = run.attrs["init_digest"]
+    assert f"started from: {trained / 'final.safetensors'} (sha256 {digest}…)" in listed
+    assert f"started from: {tmp_path / 'elsewhere.safetensors'} (sha256 {digest}…)" in listed
     other = config.from_dict(study.to_dict(), {"model.init_from": str(trained / "initial.safetensors"),
                                                "sweep.runs": 3})
     with pytest.raises(ValueError, match="different config.*model.init_from: .*elsewhere.safetensors' → "
