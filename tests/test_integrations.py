@@ -173,6 +173,33 @@ def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, ta
     assert np.isfinite(run_group(tmp_path)["grad"][:]).all()
 
 
+@pytest.mark.parametrize("call", ["checkpoint", "close"])
+def test_ctrl_c_while_the_recorder_writes_its_rows_loses_none(tmp_path, task, call):
+    """Ctrl-C landing in `rec.checkpoint()` or `rec.close()` while they wrote the buffered rows lost those rows: a loop
+    run on after an interrupted checkpoint closed a complete run whose steps read [0, 0, 2, ...] with NaN gradients,
+    and an interrupted close marked 4 of 6 rows durable. The interrupt is raised once the rows are written."""
+    import signal
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=IDENTITY)
+    train_steps(model, opt, task, 2 if call == "checkpoint" else 6, rec)
+    write = rec.writer._write
+
+    def interrupted(job):
+        rec.writer._write = write
+        signal.raise_signal(signal.SIGINT)
+        write(job)
+    rec.writer._write = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        getattr(rec, call)()
+    train_steps(model, opt, task, 6, rec, start=rec.step)  # the cell run again, from where it stopped
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == list(range(6)) and np.isfinite(group["grad"][:]).all()
+    assert group.attrs["status"] == "complete" and group.attrs["last_durable_step"] == 6
+
+
 def test_probe_rows_reach_the_disk_as_often_as_step_rows(tmp_path, task):
     """Probe arrays were chunked like per-step ones (`capture.chunk` rows): probed every 5 steps with chunks of 20,
     a run killed without a checkpoint had written no probe row in 100 steps; now one in 20 steps, as the steps."""
