@@ -876,6 +876,32 @@ def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     assert len(trainer.model._forward_hooks) == 0
 
 
+def test_hf_a_new_trainer_of_the_model_an_interrupted_trainer_trained_releases_its_run(tmp_path, task):
+    """A notebook: train() interrupted (Ctrl-C), then the cell run again with a new Trainer and callback of the same
+    model. The first callback's loss hook stayed on the model for good, holding its recorder and optimizer (Adam's
+    state) and collecting every later forward's loss, and its run read `running` with none of its rows written."""
+    from transformers import Trainer, TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    model = micro(task)
+    first = GradtraceCallback(tmp_path, "r1", capture=IDENTITY)
+    trainer = Trainer(model=model, args=hf_args(tmp_path, max_steps=6, save_strategy="no"),
+                      train_dataset=hf_dataset(task), callbacks=[first, Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer = Trainer(model=model, args=hf_args(tmp_path, max_steps=6, save_strategy="no"),
+                      train_dataset=hf_dataset(task), callbacks=[GradtraceCallback(tmp_path, "r2", capture=IDENTITY)])
+    trainer.train()
+    assert len(model._forward_hooks) == 0 and first.recorder is None and not first._losses
+    interrupted = run_group(tmp_path, "r1")
+    assert interrupted.attrs["status"] == "failed" and interrupted["step"][:].tolist() == [0, 1, 2]
+    assert run_group(tmp_path, "r2")["step"][:].tolist() == list(range(6))
+
+
 def test_hf_resume_after_a_kill_while_saving_the_best_checkpoint(tmp_path, task):
     """save_strategy="best" decides to save after evaluating, past the step callbacks: the rows are durable by then."""
     from transformers import Trainer

@@ -15,16 +15,17 @@ smoothing) the model returns none, and the stored loss is NaN (warned once). Onl
 rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
 reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there: in a new
 process, or with the same Trainer after its train() raised (the run is marked failed, its hooks removed, when the
-next train() begins). The final probe is taken at the last step's parameters, before a Trainer with
-`load_best_model_at_end` loads its best checkpoint; a run stopped early that loads it takes none. The Trainer's
-`global_step` counts the steps a GradScaler skipped, which the Recorder does not record (its `step` counts the
-optimizer steps taken), so each checkpoint notes, in the run's `trainer_steps` attribute, how many steps were
-recorded at its global step, and a resume starts from that count.
+next train() of its model begins, in this Trainer or another). The final probe is taken at the last step's
+parameters, before a Trainer with `load_best_model_at_end` loads its best checkpoint; a run stopped early that
+loads it takes none. The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not
+record (its `step` counts the optimizer steps taken), so each checkpoint notes, in the run's `trainer_steps`
+attribute, how many steps were recorded at its global step, and a resume starts from that count.
 """
 from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,8 @@ from gradtrace import store
 from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach
 from gradtrace.capture.recorder import Probe
 from gradtrace.config import CaptureConfig
+
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
 
 
 class GradtraceCallback(TrainerCallback):
@@ -61,6 +64,8 @@ class GradtraceCallback(TrainerCallback):
             raise ValueError("GradtraceCallback needs the model and optimizer in on_train_begin; this transformers "
                              "version passes neither. Use transformers>=4.46 or gradtrace.capture.attach directly.")
         self._detach("this Trainer's previous train() stopped before its end")  # it raised: on_train_end never ran
+        if model in _HOOKED:  # another Trainer's train() of this model raised (a notebook's cell run again): its hook
+            _HOOKED[model]._detach("another Trainer's train() began on its model")  # held its optimizer, never freed
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
         self._durable_at = None
         resume = state.global_step > 0
@@ -75,6 +80,7 @@ class GradtraceCallback(TrainerCallback):
                                   "GradtraceCallback another run_id for it") from None
         if isinstance(self.recorder, RunRecorder):
             self._hook = model.register_forward_hook(self._note_loss, with_kwargs=True)
+            _HOOKED[model] = self
             self._scale = args.world_size if args.average_tokens_across_devices else 1
 
     def _recorded_at(self, global_step: int) -> int:
@@ -159,6 +165,8 @@ class GradtraceCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            for model in [m for m, callback in _HOOKED.items() if callback is self]:
+                del _HOOKED[model]
         if isinstance(self.recorder, RunRecorder) and not self.recorder.closed:
             self.recorder.fail(RuntimeError(unfinished))
         self.recorder = None
