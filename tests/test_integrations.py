@@ -147,6 +147,23 @@ def test_a_recorder_left_attached_by_a_cell_that_raised_is_named_and_cannot_writ
     assert repr(leftover) == f"<RunRecorder {(tmp_path / 'store.zarr' / 'r1').resolve()}: step 0 of 4, recording>"
 
 
+def test_resuming_the_run_a_cell_left_attached_keeps_its_recorded_rows(tmp_path, task):
+    """A notebook: the loop cell stopped before `rec.close()`, and the run is resumed in place (resume=True at the
+    step the loop reached). The old recorder was detached with its unwritten rows dropped, and the resume refused as
+    durable only up to step -1: the run could only start again from step 0."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stale = attach(model, opt, tmp_path, "r", total_steps=8, capture=IDENTITY)
+    train_steps(model, opt, task, 6, stale)  # rows 4 and 5 still buffered (chunks of 4), then the cell raised
+    with pytest.warns(UserWarning, match="an earlier recorder of run 'r'.*marked failed, its rows written"):
+        rec = attach(model, opt, tmp_path, "r", total_steps=8, capture=IDENTITY, resume=True, start_step=stale.step)
+    train_steps(model, opt, task, 8, rec, start=6)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == list(range(8)) and np.isfinite(group["grad"][:]).all()
+    assert group.attrs["status"] == "complete" and stale.closed and not opt._optimizer_step_pre_hooks
+
+
 def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):
     """A notebook's loop interrupted (SIGINT) while a hook wrote a chunk lost the chunk's rows but counted them, and
     its step too: run on, the loop left a gap of fill-value rows and then a step recorded twice. The interrupt is
@@ -225,7 +242,8 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     rec.checkpoint()
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train_steps(model, opt, task, 5, rec, start=3)  # killed here: rows 3 and 4 are on disk, past the checkpoint
-    with pytest.raises(ValueError, match="durable only up to step 3"), pytest.warns(UserWarning, match="never closed"):
+    rec.detach()  # as the kill leaves it: nothing more written
+    with pytest.raises(ValueError, match="durable only up to step 3"):
         attach(micro(task), opt, tmp_path, "r", total_steps=6, capture=IDENTITY, resume=True, start_step=5)
 
     model = micro(task)

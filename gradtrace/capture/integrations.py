@@ -173,8 +173,9 @@ def _where(group) -> str:
 
 def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, resume: bool) -> None:
     """Deal with runs still attached to `optimizer`, never closed (a notebook cell that raised before `rec.close()`,
-    then ran again): refuse to write over one's run; detach one whose run was deleted since (its rows would land in
-    this run's arrays); warn of the others, which go on recording every step."""
+    then ran again): refuse to write over one's run; mark one's run failed, its rows written, when it resumes (the
+    resume cuts those it redoes); detach one whose run was deleted since (its rows would land in this run's arrays);
+    warn of the others, which go on recording every step."""
     store_at = _where(root)
     where = f"{store_at.rstrip('/')}/{run_id}"
     others = [r for r in open_recorders(optimizer) if isinstance(r, RunRecorder)]
@@ -184,7 +185,12 @@ def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, r
         raise FileExistsError(f"run {run_id!r} already exists in {store_at}; pass resume=True (and start_step) "
                               f"to continue it from a checkpoint, or choose another run id.{attached}")
     for other in others:
-        if other.where == where:
+        if other.where == where and run_id in root:
+            other.fail(RuntimeError("attached again with resume=True"))
+            warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to this optimizer: "
+                          f"marked failed, its rows written (up to step {other.step}) for the resume to keep those "
+                          "before start_step", UserWarning, stacklevel=3)
+        elif other.where == where:
             other.detach()
             warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to this optimizer: "
                           "detached, its unwritten rows dropped", UserWarning, stacklevel=3)
