@@ -265,6 +265,22 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
         np.testing.assert_array_equal(resumed[name][:], reference[name][:])  # exact: m carried on from the store
 
 
+def test_a_failed_run_resumed_to_its_end_carries_no_error(tmp_path, task):
+    """A notebook's loop in `with attach(...)` interrupted (the run marked failed), then resumed in place to the end:
+    the complete run still held the interrupt's `error` attribute, which storage/README gives failed runs only."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with pytest.raises(KeyboardInterrupt), attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY) as rec:
+        train_steps(model, opt, task, 2, rec)
+        raise KeyboardInterrupt
+    assert run_group(tmp_path).attrs["error"] == "KeyboardInterrupt: "
+    with attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY, resume=True, start_step=rec.step) as rec:
+        assert "error" not in run_group(tmp_path).attrs
+        train_steps(model, opt, task, 4, rec, start=2)
+    group = run_group(tmp_path)
+    assert group.attrs["status"] == "complete" and "error" not in group.attrs and group["step"].shape == (4,)
+
+
 def test_each_probed_step_has_one_probe_row_when_closed_early_twice_or_resumed_at_0(tmp_path, task):
     probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:1]]
     capture = CaptureConfig(sketch="countsketch", dim=16, probe_every=2)

@@ -214,6 +214,7 @@ def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str
                          f"{start_step}: the rows in between were never written. Call recorder.checkpoint() "
                          "whenever you checkpoint the model, and resume from a checkpoint taken with it.")
     store.truncate_to(group, start_step)
+    group.attrs.pop("error", None)  # a failed run's, which it no longer is
     group.update_attributes(attrs)
     store.set_status(group, "running", steps_done=start_step, last_durable_step=start_step)
     return group
