@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from gradtrace import store
-from gradtrace.capture.recorder import Probe, Recorder, _uninterrupted, open_recorders, unwrap_model
+from gradtrace.capture.recorder import Probe, Recorder, open_recorders, uninterrupted, unwrap_model
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig
 
@@ -54,13 +54,13 @@ class RunRecorder(Recorder):
         state = "closed" if self.closed else "recording"
         return f"<RunRecorder {self.where}: step {self.step} of {self.total_steps}, {state}>"
 
-    @_uninterrupted  # Ctrl-C in a chunk's write lost rows counted as written: held until they are written
+    @uninterrupted  # Ctrl-C in a chunk's write lost rows counted as written: held until they are written
     def checkpoint(self) -> None:
         """Write every recorded row and mark this step durable (call it when you checkpoint the model)."""
         self.writer.checkpoint(self.step)
         self.group.update_attributes({"steps_done": self.step, "wall_time_s": time.perf_counter() - self._began})
 
-    @_uninterrupted
+    @uninterrupted
     def close(self, final_probe: bool = True) -> None:
         """Take the final probe, write every row, detach the hooks and mark the run complete (once)."""
         if self.closed:
@@ -74,7 +74,7 @@ class RunRecorder(Recorder):
         store.set_status(self.group, "complete", steps_done=self.step, last_durable_step=self.step,
                          nonfinite_steps=self.nonfinite_steps, wall_time_s=time.perf_counter() - self._began)
 
-    @_uninterrupted
+    @uninterrupted
     def fail(self, error: BaseException) -> None:
         """Write what was recorded, detach the hooks and mark the run failed with the error, its rows durable once
         written (a run closed already stays complete)."""

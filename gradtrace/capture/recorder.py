@@ -161,8 +161,8 @@ class Recorder:
         self._probed_at = int(probed[-1]) if probed is not None and probed.shape[0] else None  # resumed: kept rows
         # run eagerly inside a compiled optimizer step (torch.compile's recipe): traced, the chunk write into zarr
         # failed at the first full chunk ("Cannot generate resume function for generator")
-        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(_uninterrupted(self._pre_step))),
-                       self.optimizer.register_step_post_hook(torch.compiler.disable(_uninterrupted(self._post_step)))]
+        self._hooks = [self.optimizer.register_step_pre_hook(torch.compiler.disable(uninterrupted(self._pre_step))),
+                       self.optimizer.register_step_post_hook(torch.compiler.disable(uninterrupted(self._post_step)))]
         _OPEN.setdefault(self.optimizer, weakref.WeakSet()).add(self)
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -426,8 +426,8 @@ def _held_interrupt():
             signal.raise_signal(signal.SIGINT)
 
 
-def _uninterrupted(hook: Callable) -> Callable:
-    """`hook` run under `_held_interrupt`."""
+def uninterrupted(hook: Callable) -> Callable:
+    """`hook` run with Ctrl-C held until it returns (`_held_interrupt`): a step's hooks, a recorder's writes."""
     @functools.wraps(hook)
     def held(*args, **kwargs):
         with _held_interrupt():
