@@ -1,6 +1,7 @@
 """Integrations: `attach` in plain loops, accelerate (accumulation, DDP on 2 gloo processes, sharded sketches),
 and the Hugging Face Trainer callback — each records one row per optimizer step and never changes training."""
 import copy
+import functools
 import os
 import socket
 import warnings
@@ -279,6 +280,31 @@ def test_a_failed_run_resumed_to_its_end_carries_no_error(tmp_path, task):
         train_steps(model, opt, task, 4, rec, start=2)
     group = run_group(tmp_path)
     assert group.attrs["status"] == "complete" and "error" not in group.attrs and group["step"].shape == (4,)
+
+
+def test_ctrl_c_in_a_final_probe_outside_the_step_hooks_loses_no_probe_row(tmp_path, task):
+    """A Trainer's final probe (`probe_once` at the last step) runs outside the step hooks: Ctrl-C landing in its
+    row's write lost the row but counted it."""
+    import signal
+
+    probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:1]]
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, probes=probes,
+                 capture=CaptureConfig(sketch="countsketch", dim=16, probe_every=2, chunk=1))
+    train_steps(model, opt, task, 3, rec)
+    write = rec.writer._write
+
+    def interrupted(job):
+        rec.writer._write = write
+        signal.raise_signal(signal.SIGINT)
+        write(job)
+    rec.writer._write = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        rec.probe_once()
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["probe/step"][:].tolist() == [0, 2, 3] and np.isfinite(group["probe/grad"][:]).all()
 
 
 def test_each_probed_step_has_one_probe_row_when_closed_early_twice_or_resumed_at_0(tmp_path, task):
@@ -908,6 +934,35 @@ def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(8))
     np.testing.assert_allclose(group["loss"][4:], logged[-4:], rtol=1e-5, atol=5e-5)  # once each, as logged
     assert len(trainer.model._forward_hooks) == 0
+
+
+def test_ctrl_c_as_the_callback_makes_the_rows_durable_lands_once_the_step_count_is_noted(tmp_path, task):
+    """Ctrl-C landing in the rows' write before a Trainer checkpoint was raised once they were written but before the
+    run noted how many steps they hold at that global step (`trainer_steps`, which a resume from it reads)."""
+    from transformers import Trainer
+
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=8))
+    trainer = Trainer(model=micro(task), args=hf_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4),
+                      train_dataset=hf_dataset(task, 64), callbacks=[callback])
+    callback.on_train_begin = functools.partial(_interrupt_first_write, callback.on_train_begin, callback)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["trainer_steps"] == {"4": 4} and group["step"][:].tolist() == [0, 1, 2, 3]
+
+
+def _interrupt_first_write(on_train_begin, callback, *args, **kwargs):
+    """`on_train_begin`, then Ctrl-C (SIGINT) raised as the recorder writes its first chunk."""
+    import signal
+
+    on_train_begin(*args, **kwargs)
+    write = callback.recorder.writer._write
+
+    def interrupted(job):
+        callback.recorder.writer._write = write
+        signal.raise_signal(signal.SIGINT)
+        write(job)
+    callback.recorder.writer._write = interrupted
 
 
 def test_hf_a_new_trainer_of_the_model_an_interrupted_trainer_trained_releases_its_run(tmp_path, task):

@@ -34,7 +34,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from gradtrace import store
 from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach
-from gradtrace.capture.recorder import Probe
+from gradtrace.capture.recorder import Probe, uninterrupted
 from gradtrace.config import CaptureConfig
 
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
@@ -142,6 +142,7 @@ class GradtraceCallback(TrainerCallback):
         later callback asked for this save)."""
         self._make_durable(state)
 
+    @uninterrupted  # Ctrl-C between the rows and the note left the checkpoint's step count unnoted
     def _make_durable(self, state: TrainerState) -> None:
         """Write every recorded row and mark it durable, noting how many steps it holds at this global step (once
         per global step)."""

@@ -45,6 +45,33 @@ V_SAMPLE = 4096  # coordinates per tensor sampled (fixed, seeded) for the quanti
 _OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its Recorders not yet closed
 
 
+@contextlib.contextmanager
+def _held_interrupt():
+    """Hold off Ctrl-C (SIGINT) until the block ends, then raise it. In a notebook's interrupted loop it landed inside
+    the step hooks, mostly in a chunk write: the step's rows were lost or its count not taken, and the loop, run again,
+    recorded a duplicate step or a gap of fill-value rows."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # only the main thread receives signals; None: a handler not set from Python, left alone
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+def uninterrupted(hook: Callable) -> Callable:
+    """`hook` run with Ctrl-C held until it returns (`_held_interrupt`): a step's hooks, a recorder's writes."""
+    @functools.wraps(hook)
+    def held(*args, **kwargs):
+        with _held_interrupt():
+            return hook(*args, **kwargs)
+    return held
+
+
 @dataclass
 class Probe:
     """A split's fixed probe batch: token ids (items, length) and the bool mask of their answer positions, which the
@@ -361,6 +388,7 @@ class Recorder:
                                      self._preconditioner(), self._flat, self.step))
         self._probed_at = self.step
 
+    @uninterrupted  # a Trainer's final probe runs outside the step hooks: Ctrl-C there lost probe rows
     def probe_once(self) -> None:
         """Probe, unless there are no probes or this step has its probe already (one row per step)."""
         if self.probes and self._probed_at != self.step:
@@ -406,33 +434,6 @@ class Recorder:
 def open_recorders(optimizer: torch.optim.Optimizer) -> list[Recorder]:
     """The Recorders hooked on `optimizer` and not yet closed (one left by a notebook cell that raised, say)."""
     return list(_OPEN.get(unwrap_optimizer(optimizer), ()))
-
-
-@contextlib.contextmanager
-def _held_interrupt():
-    """Hold off Ctrl-C (SIGINT) until the block ends, then raise it. In a notebook's interrupted loop it landed inside
-    the step hooks, mostly in a chunk write: the step's rows were lost or its count not taken, and the loop, run again,
-    recorded a duplicate step or a gap of fill-value rows."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # only the main thread receives signals; None: a handler not set from Python, left alone
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            signal.raise_signal(signal.SIGINT)
-
-
-def uninterrupted(hook: Callable) -> Callable:
-    """`hook` run with Ctrl-C held until it returns (`_held_interrupt`): a step's hooks, a recorder's writes."""
-    @functools.wraps(hook)
-    def held(*args, **kwargs):
-        with _held_interrupt():
-            return hook(*args, **kwargs)
-    return held
 
 
 def _loop_stacklevel() -> int:
