@@ -191,17 +191,10 @@ def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, ta
     assert np.isfinite(run_group(tmp_path)["grad"][:]).all()
 
 
-@pytest.mark.parametrize("call", ["checkpoint", "close"])
-def test_ctrl_c_while_the_recorder_writes_its_rows_loses_none(tmp_path, task, call):
-    """Ctrl-C landing in `rec.checkpoint()` or `rec.close()` while they wrote the buffered rows lost those rows: a loop
-    run on after an interrupted checkpoint closed a complete run whose steps read [0, 0, 2, ...] with NaN gradients,
-    and an interrupted close marked 4 of 6 rows durable. The interrupt is raised once the rows are written."""
+def interrupt_next_write(rec) -> None:
+    """Ctrl-C (SIGINT) raised as `rec` writes its next chunk, once."""
     import signal
 
-    model = micro(task)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=IDENTITY)
-    train_steps(model, opt, task, 2 if call == "checkpoint" else 6, rec)
     write = rec.writer._write
 
     def interrupted(job):
@@ -209,6 +202,18 @@ def test_ctrl_c_while_the_recorder_writes_its_rows_loses_none(tmp_path, task, ca
         signal.raise_signal(signal.SIGINT)
         write(job)
     rec.writer._write = interrupted
+
+
+@pytest.mark.parametrize("call", ["checkpoint", "close"])
+def test_ctrl_c_while_the_recorder_writes_its_rows_loses_none(tmp_path, task, call):
+    """Ctrl-C landing in `rec.checkpoint()` or `rec.close()` while they wrote the buffered rows lost those rows: a loop
+    run on after an interrupted checkpoint closed a complete run whose steps read [0, 0, 2, ...] with NaN gradients,
+    and an interrupted close marked 4 of 6 rows durable. The interrupt is raised once the rows are written."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=IDENTITY)
+    train_steps(model, opt, task, 2 if call == "checkpoint" else 6, rec)
+    interrupt_next_write(rec)
     with pytest.raises(KeyboardInterrupt):
         getattr(rec, call)()
     train_steps(model, opt, task, 6, rec, start=rec.step)  # the cell run again, from where it stopped
@@ -285,21 +290,13 @@ def test_a_failed_run_resumed_to_its_end_carries_no_error(tmp_path, task):
 def test_ctrl_c_in_a_final_probe_outside_the_step_hooks_loses_no_probe_row(tmp_path, task):
     """A Trainer's final probe (`probe_once` at the last step) runs outside the step hooks: Ctrl-C landing in its
     row's write lost the row but counted it."""
-    import signal
-
     probes = [Probe(s, *task.probe_set(s).torch()) for s in task.splits[:1]]
     model = micro(task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rec = attach(model, opt, tmp_path, "r", total_steps=3, probes=probes,
                  capture=CaptureConfig(sketch="countsketch", dim=16, probe_every=2, chunk=1))
     train_steps(model, opt, task, 3, rec)
-    write = rec.writer._write
-
-    def interrupted(job):
-        rec.writer._write = write
-        signal.raise_signal(signal.SIGINT)
-        write(job)
-    rec.writer._write = interrupted
+    interrupt_next_write(rec)
     with pytest.raises(KeyboardInterrupt):
         rec.probe_once()
     rec.close()
@@ -952,17 +949,9 @@ def test_ctrl_c_as_the_callback_makes_the_rows_durable_lands_once_the_step_count
 
 
 def _interrupt_first_write(on_train_begin, callback, *args, **kwargs):
-    """`on_train_begin`, then Ctrl-C (SIGINT) raised as the recorder writes its first chunk."""
-    import signal
-
+    """`on_train_begin`, then Ctrl-C raised as the recorder writes its first chunk."""
     on_train_begin(*args, **kwargs)
-    write = callback.recorder.writer._write
-
-    def interrupted(job):
-        callback.recorder.writer._write = write
-        signal.raise_signal(signal.SIGINT)
-        write(job)
-    callback.recorder.writer._write = interrupted
+    interrupt_next_write(callback.recorder)
 
 
 def test_hf_a_new_trainer_of_the_model_an_interrupted_trainer_trained_releases_its_run(tmp_path, task):
