@@ -135,7 +135,7 @@ def _load_run(group: zarr.Group, run_id: str, lazy: bool, order: list[int]) -> R
         eval_step=_optional(group, "evals/step"), eval_accuracy=by_split("evals/accuracy"),
         seeds=dict(attrs.get("seeds") or {}), wall_time_s=float(attrs.get("wall_time_s", np.nan)),
         nonfinite_steps=int(attrs.get("nonfinite_steps", 0)),
-        start=started_from(((attrs.get("config") or {}).get("model") or {}).get("init_from")))
+        start=started_from(store.init_weights(attrs)))
 
 
 def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[str] | None = None,

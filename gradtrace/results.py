@@ -27,7 +27,7 @@ def results_table(out: str | Path) -> pd.DataFrame:
         a = run.attrs
         if not _a_result(a):
             continue
-        rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(a["config"]["model"].get("init_from")),
+        rows.append({"run_id": rid, "role": a.get("role"), "base": started_from(store.init_weights(a)),
                      "init_seed": a["seeds"]["init"],
                      "data_seed": a["seeds"]["data"], **a.get("hparams", {}), "steps": a["steps"],
                      "wall_time_s": round(float(a.get("wall_time_s", 0.0)), 2),
@@ -71,10 +71,7 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     if role is not None:
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role, groups)
-    mixed = mixed_arithmetic(groups, [rid for rid in table["run_id"] if rid in groups])
-    if mixed:
-        warnings.warn(f"{exp_dir}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
-                      stacklevel=2)
+    warn_of_mixed_arithmetic(exp_dir, groups, [rid for rid in table["run_id"] if rid in groups], stacklevel=2)
     return _without_lone_bases(table) if role == "sweep" else table
 
 
@@ -148,6 +145,15 @@ def mixed_arithmetic(groups: dict, run_ids) -> str:
     if resumed:
         parts.append(f"resumed with other arithmetic than they started with: {first_ids(resumed, 3)}")
     return "; ".join(parts)
+
+
+def warn_of_mixed_arithmetic(exp_dir, groups: dict, run_ids, stacklevel: int) -> None:
+    """Warn where runs of one role among `run_ids` did not all train alike (`mixed_arithmetic`), at `stacklevel` of
+    the caller."""
+    mixed = mixed_arithmetic(groups, run_ids)
+    if mixed:
+        warnings.warn(f"{exp_dir}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
+                      stacklevel=stacklevel + 1)
 
 
 MIXED_ADVICE = ("their float rounding differs, so a chaotic run's realisation may too, and the study mixes runs no "

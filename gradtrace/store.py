@@ -518,6 +518,12 @@ def runs(root: zarr.Group) -> list[str]:
     return list(run_groups(root))
 
 
+def init_weights(attrs) -> str | None:
+    """The weights file a run started from, as its config names them (`model.init_from`): None for a random init, or
+    for a run of your own loop, which records no config."""
+    return ((attrs.get("config") or {}).get("model") or {}).get("init_from")
+
+
 def run_groups(root: zarr.Group) -> dict[str, zarr.Group]:
     """The run groups of an experiment store by run id, in run order, each read once (with its attributes)."""
     return dict(sorted(((name, m) for name, m in _members(root) if isinstance(m, zarr.Group)),
@@ -634,7 +640,7 @@ class _RunListing:
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
-        init_from = ((a.get("config") or {}).get("model") or {}).get("init_from")
+        init_from = init_weights(a)
         digest = f" (sha256 {a['init_digest']}…)" if "init_digest" in a else ""
         trained_with = [f"  started from: {init_from}{digest}"] if init_from else []
         trained_with += [f"  trained with: {kernels.describe(a)}"] if "cpu_kernels" in a else []

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
 from gradtrace.files import written_whole
-from gradtrace.results import (MIXED_ADVICE, first_ids, mixed_arithmetic, results_table, started_from,
+from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_mixed_arithmetic,
                                write_results)
 from gradtrace.config import Config, SweepConfig
 
@@ -420,10 +420,8 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         bar.close()
     table = results_table(out)
     write_results(table, out)
-    mixed = mixed_arithmetic(store.run_groups(root), list(table.run_id))
-    if pending and mixed and not foretold:
-        warnings.warn(f"{out}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
-                      stacklevel=3)
+    if pending and not foretold:
+        warn_of_mixed_arithmetic(out, store.run_groups(root), list(table.run_id), stacklevel=3)
     if failed:
         not_run = len(pending) - len(failed) - sum(row["run_id"] in pending for row in rows)
         alike = len(failed) > 1 and len({f"{type(e).__name__}: {e}" for e in failed.values()}) == 1
@@ -560,7 +558,7 @@ def _other_start(before: str | None, now: str | None, out: Path) -> list[str]:
     if before == now:
         return []
     started = [g.attrs.get("init_digest") for g in store.run_groups(store.open_experiment(out / "store.zarr")).values()
-               if (g.attrs.get("config") or {}).get("model", {}).get("init_from") == before]
+               if store.init_weights(g.attrs) == before]
     if before and now and started and Path(now).is_file() and set(started) == {weights_digest(now)}:
         return []
     return [f"model.init_from: {before!r} → {now!r}"]
