@@ -33,8 +33,8 @@ class KernelsNotPinned(RuntimeWarning):
 
 
 class OtherArithmetic(UserWarning):
-    """Runs of one study, or one run's steps before and after a resume, trained with other code, releases, device, CPU
-    kernels or threads (`RECORDED`): their float rounding differs, so a chaotic run's realisation may too."""
+    """Runs of one study, or one run's steps before and after a resume, trained with other code, releases, device, CPU,
+    its kernels or threads (`RECORDED`): their float rounding differs, so a chaotic run's realisation may too."""
 
 
 def changes(recorded, now: dict) -> dict:
@@ -67,7 +67,27 @@ def code_fingerprint() -> str:
 
 
 # what a run records of what computed it (`attrs`): a difference in any can change a chaotic run's float rounding
-RECORDED = ("gradtrace_code", "torch_version", "transformers_version", "device", "cpu_kernels", "cpu_threads")
+RECORDED = ("gradtrace_code", "torch_version", "transformers_version", "device", "cpu", "cpu_kernels", "cpu_threads")
+
+
+@functools.cache
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """This machine's CPU as its system names it: on Linux the model name of `cpuinfo` with the vendor, family and
+    model numbers that set which kernel paths MKL takes ("AMD EPYC (AuthenticAMD family 26 model 2)": a VM's model
+    name may leave out the generation), elsewhere `platform.processor()`, or the architecture."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:  # the first processor's entries, up to the blank line that ends them
+                key, colon, value = line.partition(":")
+                if not colon and fields:
+                    break
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    numbers = [fields.get(key) for key in ("vendor_id", "cpu family", "model")]
+    return f"{name} ({numbers[0]} family {numbers[1]} model {numbers[2]})" if all(numbers) else name
 
 
 def versions() -> dict:
@@ -83,11 +103,12 @@ def versions() -> dict:
 
 def attrs(device: torch.device) -> dict:
     """What a run records of the arithmetic it trained with (`RECORDED`): `versions`, the device (`cpu`, `mps` or
-    the GPU's name: on a GPU `train.precision: auto` is bf16), and torch's CPU kernels and thread count."""
+    the GPU's name: on a GPU `train.precision: auto` is bf16), on the CPU which one (`cpu_name`: CPUs of two vendors
+    round otherwise with the same kernels pinned), and torch's CPU kernels and thread count."""
     import torch
 
-    return {**versions(), "device": device_name(device), "cpu_kernels": in_use(),
-            "cpu_threads": torch.get_num_threads()}
+    return {**versions(), "device": device_name(device), **({"cpu": cpu_name()} if device.type == "cpu" else {}),
+            "cpu_kernels": in_use(), "cpu_threads": torch.get_num_threads()}
 
 
 def device_name(device: torch.device) -> str:
@@ -103,13 +124,15 @@ def device_kind(recorded_device: str) -> str:
 
 
 def describe(recorded) -> str:
-    """What a run's attributes record of its arithmetic, in words: "torch 2.13.0, transformers 5.25.0, cpu, AVX2 on 2
-    thread(s), gradtrace code 1f0e…"; parts a run of before did not record are left out ("not recorded": none)."""
+    """What a run's attributes record of its arithmetic, in words: "torch 2.13.0, transformers 5.25.0, cpu: AMD EPYC
+    (AuthenticAMD family 26 model 2), AVX2 on 2 thread(s), gradtrace code 1f0e…"; parts a run of before did not
+    record are left out ("not recorded": none)."""
     if "cpu_kernels" not in recorded:
         return "not recorded"
     parts = [f"{name} {recorded[key]}" for name, key in (("torch", "torch_version"),
                                                          ("transformers", "transformers_version")) if key in recorded]
-    parts += [recorded["device"]] if "device" in recorded else []
+    if "device" in recorded:
+        parts.append(f"{recorded['device']}: {recorded['cpu']}" if "cpu" in recorded else recorded["device"])
     parts.append(f"{recorded['cpu_kernels']} on {recorded['cpu_threads']} thread(s)")
     parts += [f"gradtrace code {recorded['gradtrace_code']}"] if "gradtrace_code" in recorded else []
     return ", ".join(parts)

@@ -123,8 +123,8 @@ def _without_lone_bases(sweep: pd.DataFrame) -> pd.DataFrame:
 
 
 def mixed_arithmetic(groups: dict, run_ids) -> str:
-    """Where runs of one role among `run_ids` trained with other code, releases, device, CPU kernels or threads (each
-    run records them: `kernels.RECORDED`), or a run went on from a checkpoint with others than it started with
+    """Where runs of one role among `run_ids` trained with other code, releases, device, CPU, its kernels or threads
+    (each run records them: `kernels.RECORDED`), or a run went on from a checkpoint with others than it started with
     (`resumed_with`), what differs in words: "sweep runs' torch_version: 2.12.0 (run-000, run-001), 2.13.0
     (run-002)"; "" where nothing does. Runs recorded before a key was added are not compared on it; roles apart, as
     a study's base runs train on other threads than its fine-tuning runs."""
@@ -158,8 +158,8 @@ def warn_of_mixed_arithmetic(exp_dir, groups: dict, run_ids, stacklevel: int) ->
 
 MIXED_ADVICE = ("their float rounding differs, so a chaotic run's realisation may too, and the study mixes runs no "
                 "single setting reproduces (each run's: `gradtrace info`). To keep one realisation, extend or resume "
-                "a study with the gradtrace, torch and transformers, device, train.cpu_kernels and train.threads it "
-                "was trained with")
+                "a study with the gradtrace, torch and transformers, device, kind of CPU, train.cpu_kernels and "
+                "train.threads it was trained with")
 
 
 def describe_unfinished(unfinished: dict[str, list[str]]) -> str:

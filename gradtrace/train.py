@@ -144,8 +144,8 @@ def check_same_items(group, task: ArithmeticTask, run_id: str) -> None:
 
 
 def record_resumed_arithmetic(group, device: torch.device, run_id: str, step: int) -> None:
-    """Warn where a run goes on from `step` with other code, releases, device, CPU kernels or threads than it started
-    with, and record what changed in its `resumed_with` attribute: its steps from here round otherwise than an
+    """Warn where a run goes on from `step` with other code, releases, device, CPU, its kernels or threads than it
+    started with, and record what changed in its `resumed_with` attribute: its steps from here round otherwise than an
     uninterrupted run's, so they may be of another realisation."""
     changed = kernels.changes(group.attrs, kernels.attrs(device))
     if not changed:
@@ -153,7 +153,7 @@ def record_resumed_arithmetic(group, device: torch.device, run_id: str, step: in
     warnings.warn(f"run {run_id!r} resumes at step {step} with other arithmetic than it started with "
                   f"({kernels.describe_changes(group.attrs, changed)}): its steps from here round otherwise, so it "
                   "may not end as an uninterrupted run would; for that, resume it where it started (the same "
-                  "gradtrace, torch, transformers, device, train.cpu_kernels and train.threads)",
+                  "gradtrace, torch, transformers, device, kind of CPU, train.cpu_kernels and train.threads)",
                   kernels.OtherArithmetic, stacklevel=2)
     group.update_attributes({"resumed_with": [*group.attrs.get("resumed_with", []), {"step": step, **changed}]})
 

@@ -23,6 +23,18 @@ def test_unknown_kernels_are_refused():
         kernels.use("avx3", CPU)
 
 
+def test_the_cpu_is_named_with_its_vendor_family_and_model(tmp_path):
+    """A VM's model name may leave out the generation ("AMD EPYC" on Zen 3, 4 and 5); the numbers tell them apart.
+    The first processor's entries are read; a CPU without them (ARM's /proc/cpuinfo) is named by what it has."""
+    amd = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+           "flags\t\t: fpu avx2\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: Other\n")
+    (tmp_path / "amd").write_text(amd)
+    assert kernels.cpu_name(str(tmp_path / "amd")) == "AMD EPYC (AuthenticAMD family 26 model 2)"
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")
+    assert kernels.cpu_name(str(tmp_path / "arm")) == (platform.processor() or platform.machine())
+    assert kernels.cpu_name(str(tmp_path / "none")) == (platform.processor() or platform.machine())
+
+
 def test_native_kernels_and_gpu_runs_pin_nothing():  # conftest starts each test without the variables
     kernels.use("native", CPU)
     kernels.use("avx2", torch.device("cuda"))

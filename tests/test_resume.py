@@ -133,8 +133,8 @@ def test_checkpoints_and_weights_are_synced_before_they_are_renamed_into_place(t
 
 @pytest.mark.parametrize("members", [1, 2])
 def test_a_run_resumed_with_other_arithmetic_is_warned_of_and_records_it(tmp_path, monkeypatch, members):
-    """A run resumed under another torch (or threads, kernels, device, code) went on with other float rounding and
-    kept saying it trained with the first throughout; a run resumed alike says nothing."""
+    """A run resumed under another torch or on another CPU (or threads, kernels, device, code) went on with other
+    float rounding and kept saying it trained with the first throughout; a run resumed alike says nothing."""
     from gradtrace import checkpoint, kernels
     from gradtrace.ensemble import train_ensemble
 
@@ -160,11 +160,14 @@ def test_a_run_resumed_with_other_arithmetic_is_warned_of_and_records_it(tmp_pat
         run()
     monkeypatch.undo()
     groups = [zarr.open_group(tmp_path / "store.zarr")[r] for r in ids]
+    intel = "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (GenuineIntel family 6 model 143)"
     for group in groups:
-        group.attrs["torch_version"] = "2.12.0"
+        assert group.attrs["cpu"] == kernels.cpu_name()
+        group.update_attributes({"torch_version": "2.12.0", "cpu": intel})
     with pytest.warns(kernels.OtherArithmetic, match=r"run 'run-\d' resumes at step 4 with other arithmetic than it "
-                                                     r"started with \(torch_version 2.12.0 → "):
+                                                     r"started with \(torch_version 2.12.0 → .*; cpu Intel"):
         run()
     for group in (zarr.open_group(tmp_path / "store.zarr")[r] for r in ids):  # read anew: attributes are cached
         assert group.attrs["status"] == "complete"
-        assert group.attrs["resumed_with"] == [{"step": 4, "torch_version": torch.__version__}]
+        assert group.attrs["resumed_with"] == [{"step": 4, "torch_version": torch.__version__,
+                                                "cpu": kernels.cpu_name()}]
