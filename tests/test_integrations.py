@@ -165,6 +165,42 @@ def test_resuming_the_run_a_cell_left_attached_keeps_its_recorded_rows(tmp_path,
     assert group.attrs["status"] == "complete" and stale.closed and not opt._optimizer_step_pre_hooks
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_run_still_open_as_its_process_ends_is_marked_failed_with_its_rows_written(tmp_path, closed):
+    """A loop that never called `rec.close()` (or a Trainer interrupted and never trained again) kept its run
+    `running` for good and lost its buffered rows (here steps 4 and 5) as the process ended. A forked child of the
+    process (a DataLoader worker) exits with a copy of the recorder: it must leave the parent's run alone."""
+    script = f"""
+import multiprocessing, torch
+from gradtrace.capture import attach
+from gradtrace.config import CaptureConfig
+model = torch.nn.Linear(4, 3)
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
+rec = attach(model, opt, {str(tmp_path)!r}, "r", total_steps=8, capture=CaptureConfig(sketch="identity", chunk=4))
+for step in range(6):
+    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+    if step == 1:
+        child = multiprocessing.get_context("fork").Process(target=len, args=("",)); child.start(); child.join()
+if {closed}:
+    rec.close()
+"""
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == list(range(6)) and np.isfinite(group["grad"][:]).all()
+    assert group.attrs["last_durable_step"] == 6
+    said = [line for line in ended.stderr.splitlines() if "was still open as the process ended" in line]
+    if closed:
+        assert group.attrs["status"] == "complete" and not said and "error" not in group.attrs
+    else:
+        assert group.attrs["status"] == "failed" and "never closed" in group.attrs["error"]
+        assert said == [f"gradtrace: run 'r' ({(tmp_path / 'store.zarr' / 'r').resolve()}) was still open as the "
+                        "process ended: marked failed, its 6 recorded step(s) written"]
+
+
 def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):
     """A notebook's loop interrupted (SIGINT) while a hook wrote a chunk lost the chunk's rows but counted them, and
     its step too: run on, the loop left a gap of fill-value rows and then a step recorded twice. The interrupt is

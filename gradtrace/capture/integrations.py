@@ -18,8 +18,13 @@ and sums the sketches (the sketch is linear), giving every rank the sketch of th
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
+import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable
@@ -33,6 +38,9 @@ from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig
 
 
+_OPENED_HERE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # RunRecorder -> the process that opened it
+
+
 class RunRecorder(Recorder):
     """A Recorder that owns its run group: `checkpoint()` makes rows durable, `close()` marks the run complete."""
 
@@ -44,6 +52,7 @@ class RunRecorder(Recorder):
         super().__init__(model, optimizer, writer, cfg, total_steps, probes, probe_losses, start_step)
         self.group = group
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
+        _OPENED_HERE[self] = os.getpid()  # for `_fail_unclosed`, in this process only (not in a fork of it)
 
     @property
     def where(self) -> str:
@@ -102,6 +111,30 @@ class RunRecorder(Recorder):
             self.close()
         else:
             self.fail(error)
+
+
+def _fail_unclosed() -> None:
+    """As the process exits, mark each run whose recorder is still open failed, its rows written: a loop that never
+    called `rec.close()`, a Trainer interrupted and not trained again. Its rows since the last full chunk were lost,
+    and it said `running` for good (a process killed outright runs no exit handler: a resume cuts such a run back
+    to its last durable step). A forked process (a DataLoader's worker) exits with copies of its parent's recorders,
+    whose runs go on in the parent: those are left alone."""
+    for recorder in [r for r, pid in _OPENED_HERE.items() if pid == os.getpid() and not r.closed]:
+        try:
+            recorder.fail(RuntimeError("the process ended with the run open: its recorder was never closed "
+                                       "(rec.close(), or a `with attach(...)` block's end), or its training was "
+                                       "interrupted and not resumed"))
+            said = f"marked failed, its {recorder.step} recorded step(s) written"
+        except Exception as err:  # one run's store gone (a deleted folder) stops no other's
+            said = f"its rows could not be written ({type(err).__name__}: {err})"
+        print(f"gradtrace: run {recorder.group.basename!r} ({recorder.where}) was still open as the process ended: "
+              f"{said}", file=sys.stderr)
+
+
+# zarr writes through thread pools, which refuse work once their module's exit handler has run (before `atexit`'s
+# handlers); threading's exit handlers run in reverse order, so one registered after theirs runs while they work
+importlib.import_module("concurrent.futures.thread")  # registers theirs
+threading._register_atexit(_fail_unclosed)  # CPython's, since 3.9
 
 
 class IdleRecorder:
