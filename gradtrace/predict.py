@@ -187,7 +187,8 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
     first = dict(groups[chosen[0]].attrs)
     for name in ("sketch", "splits", "probe_losses"):
         if not first.get(name):
-            raise KeyError(f"run {chosen[0]!r} lacks the {name!r} attribute that storage/README.md requires")
+            raise KeyError(f"run {chosen[0]!r} lacks the {name!r} attribute every run gradtrace's capture records "
+                           "(attach, GradtraceCallback, a sweep's reference runs): it cannot serve as a reference run")
     for rid in chosen[1:]:
         attrs = dict(groups[rid].attrs)
         try:

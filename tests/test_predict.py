@@ -191,6 +191,15 @@ def test_load_reference(planted):
         ref.loss_index("hinge")
 
 
+def test_a_reference_run_without_captures_attributes_is_refused_by_what_it_lacks(tmp_path):
+    """The message named storage/README.md, a file only a checkout has."""
+    exp = make_planted(tmp_path, n_sweep=12).exp_dir
+    zarr.open_group(exp / "store.zarr", mode="a")["ref-000"].attrs.pop("probe_losses")
+    with pytest.raises(KeyError, match="run 'ref-000' lacks the 'probe_losses' attribute every run gradtrace's "
+                                       "capture records .*cannot serve as a reference run"):
+        load_reference(exp)
+
+
 def test_trajectories_are_read_lazily_where_all_the_runs_together_pass_the_memory_limit(minisweep, monkeypatch):
     """The limit applied to each array alone: 8 runs of 1.9 GiB each would have been held whole (15 GiB)."""
     import gradtrace.predict as predict_module
