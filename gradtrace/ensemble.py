@@ -115,7 +115,9 @@ def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str]
     use_threads(t.threads)
     root = store.open_experiment(exp_dir / "store.zarr", mode="a")
     for cfg, run_id in zip(cfgs, run_ids):
-        if resume and run_id in root:  # as `train`: its rows so far, or its results, are of the config it began with
+        # as `train`: its rows so far, or its results, are of the config it began with (a group that a full disk or a
+        # kill left without attributes, as gradtrace wrote them after the group before, holds neither)
+        if resume and run_id in root and "config" in root[run_id].attrs:
             check_resumes_its_config(root[run_id], cfg, run_id)
     done = {i: finished_result(root[r], r, roles[i], seeds(cfgs[i].train), _hparams(cfgs[i]))
             for i, r in enumerate(run_ids) if resume and r in root and root[r].attrs.get("status") == "complete"}

@@ -343,15 +343,15 @@ def check_run_id(run_id: str) -> str:
 
 
 def create_run(root: zarr.Group, run_id: str, attrs: dict[str, Any], overwrite: bool = False) -> zarr.Group:
-    """A fresh run group with status `running` and the schema attributes."""
+    """A fresh run group with status `running` and the schema attributes, in one write: a group left without them
+    (a full disk, a kill between two writes) was taken for the run, and an ensemble's resume failed on it for good."""
     check_run_id(run_id)
     if run_id in root and not overwrite:
         raise FileExistsError(f"run {run_id!r} already exists in the store; pass --resume to continue it "
                               "or choose another run id")
-    group = root.create_group(run_id, overwrite=True)
-    group.update_attributes({"schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__,
-                             "status": "running", "last_durable_step": -1, "created": _now(), **attrs})
-    return group
+    return root.create_group(run_id, overwrite=True, attributes={
+        "schema_version": SCHEMA_VERSION, "gradtrace_version": gradtrace.__version__, "status": "running",
+        "last_durable_step": -1, "created": _now(), **attrs})
 
 
 def truncate_to(group: zarr.Group, steps_done: int, trained: int | None = None) -> None:

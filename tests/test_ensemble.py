@@ -210,6 +210,27 @@ def test_killed_ensemble_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "killed" / "checkpoints" / "ensemble-a").exists()  # removed once complete
 
 
+def test_a_full_disk_as_a_members_group_is_created_leaves_the_ensemble_resumable(tmp_path, monkeypatch):
+    """A member's group was created bare and its attributes written next: a full disk (or a kill) between the two
+    left a group without `config`, on which every re-run of the ensemble failed (KeyError: 'config')."""
+    update, calls = zarr.Group.update_attributes, []
+
+    def full_once(self, new_attributes):
+        calls.append(self.path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return update(self, new_attributes)
+
+    monkeypatch.setattr(zarr.Group, "update_attributes", full_once)
+    cfgs = [member_config(**m) for m in list(MEMBERS.values())[:2]]
+    with pytest.raises(OSError, match="No space left"):
+        train_ensemble(cfgs, tmp_path, ["a", "b"])
+    monkeypatch.setattr(zarr.Group, "update_attributes", update)  # space freed
+    train_ensemble(cfgs, tmp_path, ["a", "b"], resume=True)
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert [root[r].attrs["status"] for r in ("a", "b")] == ["complete", "complete"]
+
+
 def test_an_ensemble_that_fails_while_setting_up_marks_its_members_failed(tmp_path, monkeypatch):
     """Its arrays declared and initial weights saved before its `try`: a failure there (a full disk) left every member
     `running`, as if another process trained it."""
