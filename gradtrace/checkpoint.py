@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gradtrace.store import sync_to_disk
@@ -17,8 +19,12 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     the runs of a sweep start from its base's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(tmp))
-    sync_to_disk(tmp)
+    try:
+        _save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, tmp)
+        sync_to_disk(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the part written gives its space back
+        raise
     os.replace(tmp, path)
     sync_to_disk(path.parent)
 
@@ -53,9 +59,13 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta))
-    sync_to_disk(tmp / "state.safetensors", tmp / "state.json", tmp)
+    try:
+        _save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta))
+        sync_to_disk(tmp / "state.safetensors", tmp / "state.json", tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the part written gives its space back
+        raise
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)  # left by a kill after the last save's rename: `directory` is newer
@@ -63,6 +73,18 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) 
     os.replace(tmp, directory)
     sync_to_disk(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file`, its I/O errors raised as the OSError they are, naming the file: its own error type,
+    no OSError, made a full disk a traceback of `gradtrace train`, and named no file."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def checkpoint_dir(root: Path) -> Path | None:

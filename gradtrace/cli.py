@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -340,6 +341,17 @@ def _warnings_in_words(command: str):
         warnings.formatwarning = before
 
 
+def _full_disk_advice(err: BaseException, args: argparse.Namespace) -> str:
+    """After a full disk's error (its own words name no file where zarr or a table wrote), what it was and what to
+    do; nothing after any other error."""
+    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    where = getattr(args, "out", None) or getattr(args, "dir", None)
+    again = "the same command with --resume" if args.command == "train" else "the same command"
+    return (f": the disk{f' holding {where}' if where else ''} is full (or your quota on it is used up). What was "
+            f"written whole is kept: free some space and run {again} to go on")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradtrace` console script."""
     args = build_parser().parse_args(argv)
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's final flush then goes nowhere
         return 1
     except (ValueError, OSError, KeyError) as err:  # OSError: a missing file, a full disk, a read-only directory, …
-        print(f"gradtrace {args.command}: error: {err}", file=sys.stderr)
+        print(f"gradtrace {args.command}: error: {err}{_full_disk_advice(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         again = "the same command with --resume" if args.command == "train" else "the same command"

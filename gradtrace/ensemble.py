@@ -19,6 +19,7 @@ duplicate or missing row. Not done here: mixed precision (fp32 only).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -245,8 +246,9 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     except BaseException as err:
         for w in writers:
             w.abort()
-        for g in groups:
-            store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
+        with contextlib.suppress(OSError):  # the disk still full: `running`, as a kill leaves them; its own error raised
+            for g in groups:
+                store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
         raise
     wall = (time.perf_counter() - began) / E
     results = []

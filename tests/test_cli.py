@@ -54,6 +54,30 @@ def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
                                                f"'{tmp_path / 'afile' / 'x'}'"
 
 
+def test_a_full_disk_as_a_checkpoint_is_saved_is_one_line_naming_the_file_and_the_way_on(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """safetensors' own error (no OSError) made it a traceback naming no file, and left the part written behind."""
+    from safetensors import SafetensorError
+
+    from gradtrace import checkpoint
+
+    def no_space(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    out = tmp_path / "one"
+    assert main(["train", os.devnull, "--out", str(out), *sets()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"gradtrace train: error: [Errno 28] No space left on device: "
+                   f"'{out / 'weights' / 'run' / 'initial.safetensors.tmp'}': the disk holding {out} is full (or your "
+                   "quota on it is used up). What was written whole is kept: free some space and run the same command "
+                   "with --resume to go on")
+    assert not list(out.rglob("*.tmp"))  # the part written, removed
+    monkeypatch.undo()  # space freed
+    assert main(["train", os.devnull, "--out", str(out), "--resume", *sets()]) == 0
+    assert zarr.open_group(out / "store.zarr", mode="r")["run"].attrs["status"] == "complete"
+
+
 def test_what_gradtrace_train_cannot_train_is_refused_before_anything_is_written(tmp_path, capsys):
     """`--run-id a/b` trained into nested groups no reader lists; `--out STUDY/store.zarr` nested a store in one."""
     for run_id in ("a/b", "../x", ""):
