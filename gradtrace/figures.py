@@ -8,6 +8,7 @@ correlations. `save(fig, path)` writes `path.pdf` and `path.png`.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -102,8 +103,12 @@ def save(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Path]:
     pdf, png = base.with_name(base.name + ".pdf"), base.with_name(base.name + ".png")
     with matplotlib.rc_context(STYLE):
         tight = {"bbox_inches": "tight", "pad_inches": 0.03}  # never clip a long tick label
+        # drawn in memory, then written: matplotlib's PDF writer, cut off mid-file (a full disk), raised an
+        # AttributeError from its own clean-up instead; no timestamp: rebuilt PDFs stay identical
+        drawn = io.BytesIO()
+        fig.savefig(drawn, format="pdf", metadata={"CreationDate": None}, **tight)
         with written_whole(pdf) as tmp:
-            fig.savefig(tmp, metadata={"CreationDate": None}, **tight)  # no timestamp: rebuilt PDFs stay identical
+            tmp.write_bytes(drawn.getvalue())
         with written_whole(png) as tmp:
             fig.savefig(tmp, dpi=DPI, **tight)
     return pdf, png

@@ -6,6 +6,7 @@ the formats the pipeline's stages write; test_report.py reuses it.
 from __future__ import annotations
 
 import json
+import signal
 import warnings
 from pathlib import Path
 
@@ -136,6 +137,26 @@ def _check(fig: Figure, n_axes: int, tmp_path: Path, name: str) -> None:
         warnings.filterwarnings("error", "constrained_layout not applied")  # axes squeezed to nothing
         pdf, png = figures.save(fig, tmp_path / name)
     assert pdf.read_bytes().startswith(b"%PDF") and png.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="a file size limit (POSIX) stands in for a full disk")
+def test_a_figure_cut_off_by_a_full_disk_is_an_os_error_and_leaves_no_file(tmp_path: Path) -> None:
+    """matplotlib's PDF writer, failing mid-file, raised an AttributeError from its clean-up: the report died with a
+    traceback that said nothing of the disk."""
+    import resource
+
+    fig = Figure()
+    fig.add_subplot().set_title("a title")  # text: a font embedded, the stream that failed so
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            figures.save(fig, tmp_path / "cut")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_partial_correlation_heatmap(experiment: Path, tmp_path: Path) -> None:
