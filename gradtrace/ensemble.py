@@ -246,7 +246,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     except BaseException as err:
         for w in writers:
             w.abort()
-        with contextlib.suppress(OSError):  # the disk still full: `running`, as a kill leaves them; its own error raised
+        with contextlib.suppress(OSError):  # the disk still full: `running`, as a kill leaves them; `err` raised
             for g in groups:
                 store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
         raise

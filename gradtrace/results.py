@@ -82,8 +82,8 @@ def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFram
     path = Path(exp_dir) / "results.csv"
     if not path.exists() and (Path(exp_dir) / "store.zarr").exists() and not (Path(exp_dir) / "plan.json").exists():
         raise FileNotFoundError(f"{exp_dir} holds runs of `gradtrace train` or of a loop of your own (no plan.json), "
-                                "not a sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out DIR` "
-                                "into a directory of its own)")
+                                "not a sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out "
+                                "DIR` into a directory of its own)")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)

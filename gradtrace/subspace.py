@@ -149,7 +149,8 @@ def _exact_top(X: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """The top-`rank` singular values and right singular vectors of X, exactly: from the top eigenpairs of its
     smaller Gram matrix in float64 (LAPACK's subset solver). A full SVD computed every direction to keep 32: 28 s
     for a tail of 8,192 updates of k = 4,096 on 2 threads, against 4 s (benchmarks/README.md); the eigenvectors'
-    error, eps₆₄·s₁²/gap, is far below float32's. Eigenvalues within rounding of 0 are 0, so `_span` leaves their directions out."""
+    error, eps₆₄·s₁²/gap, is far below float32's. Eigenvalues within rounding of 0 are 0, so `_span` leaves their
+    directions out."""
     X64 = X.astype(np.float64)
     n, d = X.shape
     small = min(n, d)
