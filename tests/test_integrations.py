@@ -2,6 +2,7 @@
 and the Hugging Face Trainer callback — each records one row per optimizer step and never changes training."""
 import copy
 import functools
+import math
 import os
 import socket
 import warnings
@@ -14,7 +15,7 @@ import zarr
 from conftest import tiny_config
 from gradtrace import store
 from gradtrace.capture import GradtraceCallback, IdleRecorder, Probe, attach, make_sketch, sketch_sharded
-from gradtrace.capture.recorder import unwrap_model
+from gradtrace.capture.recorder import Recorder, unwrap_model
 from gradtrace.capture.sketch import ParamLayout
 from gradtrace.config import CaptureConfig
 from gradtrace.models import build_model
@@ -828,6 +829,65 @@ def test_ddp_two_processes_rank0_writes_once_and_sharded_sketches_sum(tmp_path):
     np.testing.assert_allclose(store.read(group, "update").sum(0), r0["final"] - r0["initial"], atol=2e-6)
     for r in (r0, r1):  # linearity: the all-reduced shard sketches are the sketch of the whole vector
         torch.testing.assert_close(r["sharded"], r["whole"], rtol=1e-5, atol=1e-5)
+
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: attach (and a Recorder made directly) to the model sharded by FSDP2 and by FSDP1
+    (flat and original parameters), saving what each gave or raised on this rank; then the sketch of FSDP2's
+    gradient shards, each at its offset (fully_shard splits dim 0 as torch.chunk does) and summed by
+    `sketch_sharded`, and the sketch of the gathered gradient."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    task = ArithmeticTask(tiny_config().task)
+    shardings = {"fsdp2": fully_shard, **{f"fsdp1_{kind}": functools.partial(
+        FullyShardedDataParallel, use_orig_params=kind == "orig", device_id=torch.device("cpu"))  # on the CPU if told
+        for kind in ("flat", "orig")}}
+
+    def outcome(make) -> str:
+        try:
+            return type(make()).__name__
+        except Exception as err:  # the refusal, or (unrefused) what failed
+            return f"{type(err).__name__}: {err}"
+
+    outcomes = {}
+    for name, shard in shardings.items():
+        model = shard(micro(task))
+        opt = torch.optim.AdamW(model.parameters())
+        outcomes[name] = outcome(lambda: attach(model, opt, out_dir, name, total_steps=2, capture=IDENTITY))
+        outcomes[f"{name} Recorder"] = outcome(lambda: Recorder(model, opt, None, IDENTITY, 2))  # before its writer
+    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)))
+    model(torch.randn(4, 5, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    layout = ParamLayout.of(model)  # 3 rows: shards of 2 and 1; 1 row: of 1 and 0
+    sketch = make_sketch("countsketch", layout, 64, seed=5)
+    grads = [p.grad for p in model.parameters()]
+    first_rows = [-(-len(g) // dist.get_world_size()) * rank for g in grads]  # torch.chunk's
+    sharded = sum(sketch_sharded(sketch, g.to_local(), offset + row * math.prod(g.shape[1:]))
+                  for g, offset, row in zip(grads, layout.offsets, first_rows))
+    whole = sketch.apply_tensors([g.full_tensor() for g in grads])
+    torch.save({"outcomes": outcomes, "sharded": sharded, "whole": whole}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_refused_on_every_rank_and_its_shards_sketched_by_sketch_sharded(tmp_path):
+    """FSDP shards every parameter, gradient and Adam moment: rank 0 recorded its shards as if whole (FSDP1's flat
+    parameter: half the gradient under a layout of one `_flat_param`, the run marked complete) or failed in the first
+    step's hooks (FSDP2's DTensors, FSDP1's original parameters). Every rank refuses at attach, before writing, saying
+    what works; what it advises, FSDP2's shards sketched at their offsets and summed, gives the gathered sketch."""
+    torch.multiprocessing.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(got["outcomes"]) == 6
+        for name, said in got["outcomes"].items():
+            assert said.startswith("ValueError") and all(w in said for w in ("FSDP", "DDP", "sketch_sharded")), (
+                rank, name, said)
+        torch.testing.assert_close(got["sharded"], got["whole"], rtol=1e-5, atol=1e-5)  # what the refusal advises
+    assert not (tmp_path / "store.zarr").exists()
 
 
 # -- Hugging Face Trainer ----------------------------------------------------------------------------------------

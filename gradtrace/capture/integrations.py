@@ -12,8 +12,9 @@ exception marks it `failed`). Under `torch.distributed` (DDP, or accelerate's mu
 identical on every rank after the all-reduce, so one process writes (rank 0 unless `write` says otherwise); the
 others get an `IdleRecorder` whose methods do nothing, so the same loop runs unchanged on every rank. Under accelerate's
 gradient accumulation the wrapped optimizer skips the real `step()` on micro-steps, so only sync steps are
-recorded. When a gradient is sharded across ranks (FSDP/ZeRO), `sketch_sharded` sketches each rank's shard
-and sums the sketches (the sketch is linear), giving every rank the sketch of the whole vector.
+recorded. A model sharded by FSDP is refused on every rank (`check_unsharded`); when a gradient is sharded across
+ranks (FSDP/ZeRO), `sketch_sharded` sketches each rank's shard and sums the sketches (the sketch is linear), giving
+every rank the sketch of the whole vector.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from gradtrace import store
-from gradtrace.capture.recorder import Probe, Recorder, open_recorders, uninterrupted, unwrap_model
+from gradtrace.capture.recorder import (Probe, Recorder, check_unsharded, open_recorders, uninterrupted,
+                                       unwrap_model)
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig
 
@@ -173,12 +175,14 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     `close()`); `probes` are evaluated under `probe_losses` (default: `capture.probe_losses` from
     `gradtrace.tasks.PROBE_LOSSES`). `resume=True` reopens an existing run at `start_step` (optimizer steps already
     taken, as restored from your checkpoint), cutting rows recorded after it. `write` overrides which process
-    writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`.
+    writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`. A model
+    sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder records whole tensors.
     """
     capture = capture or CaptureConfig()
     if not isinstance(capture, CaptureConfig):
         raise TypeError(f"capture must be a gradtrace.config.CaptureConfig, got {type(capture).__name__}; e.g. "
                         "CaptureConfig(**settings)")
+    check_unsharded(model)  # on every rank, which all raise: none is left waiting in a collective
     if not is_writer(write):
         return IdleRecorder()
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")

@@ -128,6 +128,7 @@ class Recorder:
                  cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
                  probe_losses: dict[str, Callable] | None = None, start_step: int = 0) -> None:
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
+        check_unsharded(self.model)
         if "adam_m" in cfg.quantities and "betas" not in self.optimizer.defaults:
             raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no Adam "
                              "moments: drop it, e.g. CaptureConfig(quantities=['grad', 'update'])")
@@ -463,6 +464,32 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def check_unsharded(model: torch.nn.Module) -> None:
+    """Refuse a model sharded by FSDP: each rank holds a shard of every parameter, gradient and Adam moment, which
+    the Recorder recorded as the whole vector (FSDP1: rank 0's shard under a layout of shards) or failed on in the
+    first step's hooks (FSDP2's DTensors)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):  # sharding needs a process group
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+            getattr(p, "_is_flat_param", False) for p in params):  # FSDP1's FlatParameter, wrapper or not
+        how, gather = "FSDP (FullyShardedDataParallel)", "FullyShardedDataParallel.summon_full_params(with_grads=True)"
+    elif any(isinstance(p, DTensor) for p in params):
+        how, gather = "FSDP2 (fully_shard) or another DTensor sharding", "p.grad.full_tensor()"
+    else:
+        return
+    raise ValueError(f"the model is sharded by {how}: each rank holds only a shard of every parameter and gradient, "
+                     "and gradtrace records whole ones (attach works in one process and under DDP, accelerate's and "
+                     "the Trainer's multi-process launches included). Under FSDP, sketch in a loop of your own: each "
+                     "rank's gradient shard at its offset in the unsharded model's ParamLayout with "
+                     "gradtrace.capture.sketch_sharded (which sums the ranks' sketches), or the gradient gathered "
+                     f"whole ({gather})")
 
 
 def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int, n_splits: int,
