@@ -831,7 +831,6 @@ def test_ddp_two_processes_rank0_writes_once_and_sharded_sketches_sum(tmp_path):
         torch.testing.assert_close(r["sharded"], r["whole"], rtol=1e-5, atol=1e-5)
 
 
-
 def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo processes: attach (and a Recorder made directly) to the model sharded by FSDP2 and by FSDP1
     (flat and original parameters), saving what each gave or raised on this rank; then the sketch of FSDP2's

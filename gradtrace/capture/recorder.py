@@ -474,13 +474,13 @@ def check_unsharded(model: torch.nn.Module) -> None:
     if not (dist.is_available() and dist.is_initialized()):  # sharding needs a process group
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
 
     params = list(model.parameters())
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
             getattr(p, "_is_flat_param", False) for p in params):  # FSDP1's FlatParameter, wrapper or not
         how, gather = "FSDP (FullyShardedDataParallel)", "FullyShardedDataParallel.summon_full_params(with_grads=True)"
-    elif any(isinstance(p, DTensor) for p in params):
+    # DTensors, known by what they have: torch 2.4 keeps their class in a private module
+    elif any(hasattr(p, "placements") and hasattr(p, "to_local") for p in params):
         how, gather = "FSDP2 (fully_shard) or another DTensor sharding", "p.grad.full_tensor()"
     else:
         return
