@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import os
 import signal
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import gradtrace
 from gradtrace import config as config_mod
+from gradtrace.files import disk_full
 
 
 def _config(args: argparse.Namespace):
@@ -344,7 +344,7 @@ def _warnings_in_words(command: str):
 def _full_disk_advice(err: BaseException, args: argparse.Namespace) -> str:
     """After a full disk's error (its own words name no file where zarr or a table wrote), what it was and what to
     do; nothing after any other error."""
-    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+    if not disk_full(err):
         return ""
     where = getattr(args, "out", None) or getattr(args, "dir", None)
     again = "the same command with --resume" if args.command == "train" else "the same command"

@@ -3,6 +3,7 @@ stage judging freshness by modification time (the report), takes for the whole."
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err` says the disk is full, or the user's quota on it used up."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
-from gradtrace.files import written_whole
+from gradtrace.files import disk_full, written_whole
 from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_mixed_arithmetic,
                                write_results)
 from gradtrace.config import Config, SweepConfig
@@ -405,6 +405,8 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
                     failed.update(dict.fromkeys(ids, outcome))
                     bar.update(len(ids))
                     bar.set_postfix(failed=len(failed))
+                    if disk_full(outcome):  # every run after it would fail alike, one by one: none starts
+                        break
                     continue
                 for row in outcome:
                     if row["run_id"] not in pending:  # an ensemble's member that was already complete
@@ -427,8 +429,13 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         alike = len(failed) > 1 and len({f"{type(e).__name__}: {e}" for e in failed.values()}) == 1
         retry = ("every run failed alike: mend what the error names (the config, say) and run the sweep again"
                  if alike and not len(table) else "run the same sweep again to retry the rest")
-        raise SweepError(_failure_summary(failed, not_run) + f". {out / 'results.csv'} holds the {len(table)} "
-                         f"complete run(s); {retry}")
+        why_not_run = "they start from a failed base run"
+        if any(disk_full(err) for err in failed.values()):
+            why_not_run = "the disk is full"
+            retry = (f"the disk holding {out} is full (or your quota on it is used up): free some space and run the "
+                     "same sweep again to go on")
+        raise SweepError(_failure_summary(failed, not_run, why_not_run) + f". {out / 'results.csv'} holds the "
+                         f"{len(table)} complete run(s); {retry}")
     return table
 
 
@@ -486,19 +493,22 @@ def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], cli
             yield from outcomes
 
 
-def _failure_summary(failed: dict[str, Exception], not_run: int) -> str:
-    """Which runs failed with which error (runs sharing an error named together), and how many never started."""
+def _failure_summary(failed: dict[str, Exception], not_run: int, why_not_run: str) -> str:
+    """Which runs failed with which error (runs sharing an error named together), and how many never started and
+    why."""
     by_error: dict[str, list[str]] = {}
     for run_id, err in failed.items():
         by_error.setdefault(f"{type(err).__name__}: {err}", []).append(run_id)
     named = "; ".join(f"{first_ids(ids)}: {error}" for error, ids in by_error.items())
-    never = f" and {not_run} did not start (they start from a failed base run)" if not_run else ""
+    never = f" and {not_run} did not start ({why_not_run})" if not_run else ""
     return f"{len(failed)} run(s) failed{never} ({named})"
 
 
 def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool) -> None:
     """Print a failed job's error as it happens: the first failure with its traceback, later ones in one line."""
     then = "the runs that start from it will not train" if base else "the sweep goes on with the other runs"
+    if disk_full(err):
+        then = "the disk is full: no other run starts"
     text = f"{', '.join(run_ids)} failed: {type(err).__name__}: {err} ({then})"
     if first:
         text = "".join(traceback.format_exception(err)) + text

@@ -213,18 +213,37 @@ def test_a_worker_that_dies_fails_no_other_run(tmp_path, always):
     assert set(pd.read_csv(tmp_path / "out" / "results.csv").run_id) == complete
 
 
-def fail_in_training(monkeypatch, fails) -> None:
-    """Make gradtrace's `train` raise MemoryError for the runs `fails(cfg, run_id, role)` picks (runs in process)."""
+def fail_in_training(monkeypatch, fails, error: Exception = MemoryError("out of memory")) -> None:
+    """Make gradtrace's `train` raise `error` for the runs `fails(cfg, run_id, role)` picks (runs in process)."""
     import gradtrace.train
 
     train = gradtrace.train.train
 
     def train_or_fail(cfg, out, run_id, role, **kwargs):
         if fails(cfg, run_id, role):
-            raise MemoryError("out of memory")
+            raise error
         return train(cfg, out, run_id, role, **kwargs)
 
     monkeypatch.setattr(gradtrace.train, "train", train_or_fail)
+
+
+def test_a_full_disk_starts_no_other_run(tmp_path, monkeypatch, capsys):
+    """On a full disk each run after the first to fail failed alike in its turn, a line each (a study of hundreds of
+    runs printed hundreds). None starts; the message says the disk is full, and a re-run after freeing space ends
+    the study."""
+    import errno
+
+    fail_in_training(monkeypatch, lambda cfg, run_id, role: run_id == "run-001",
+                     OSError(errno.ENOSPC, "No space left on device"))
+    cfg = tiny_config(sweep__runs=4, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 2 did not start \(the disk is full\) .*"
+                                         r"is full \(or your quota on it is used up\): free some space"):
+        run_sweep(cfg, tmp_path, progress=False)
+    assert "run-001 failed: OSError: [Errno 28] No space left on device (the disk is full: no other run starts)" in (
+        capsys.readouterr().err)
+    assert set(zarr.open_group(tmp_path / "store.zarr", mode="r")) == {"run-000"}
+    monkeypatch.undo()
+    assert sorted(run_sweep(cfg, tmp_path, progress=False).run_id) == [f"run-00{i}" for i in range(4)]
 
 
 def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypatch):
