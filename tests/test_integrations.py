@@ -166,6 +166,60 @@ def test_resuming_the_run_a_cell_left_attached_keeps_its_recorded_rows(tmp_path,
     assert group.attrs["status"] == "complete" and stale.closed and not opt._optimizer_step_pre_hooks
 
 
+def test_a_run_resumed_by_a_rebuilt_loop_is_not_marked_failed_by_the_recorder_left_open(tmp_path, task):
+    """A notebook: the loop cell raised, and the cells that build the model and optimizer ran again to resume. The old
+    recorder, on the old optimizer, stayed open: as the process ended it wrote its buffered rows over the resumed
+    run's and marked the complete run failed."""
+    from gradtrace.capture import integrations
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stale = attach(model, opt, tmp_path, "r", total_steps=8, capture=IDENTITY)
+    train_steps(model, opt, task, 4, stale)
+    stale.checkpoint()
+    train_steps(model, opt, task, 6, stale, start=4)  # rows 4 and 5 still buffered (chunks of 4), then the cell raised
+    model = micro(task, seed=1)  # rebuilt (from the checkpoint at step 4: other weights stand in for it)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with pytest.raises(FileExistsError, match="still attached to another optimizer"):
+        attach(model, opt, tmp_path, "r", total_steps=8, capture=IDENTITY)
+    with pytest.warns(UserWarning, match="an earlier recorder of run 'r'.*another optimizer: marked failed"):
+        rec = attach(model, opt, tmp_path, "r", total_steps=8, capture=IDENTITY, resume=True, start_step=4)
+    theta_4 = flat_params(model)
+    train_steps(model, opt, task, 8, rec, start=4)
+    rec.close()
+    integrations._fail_unclosed()  # as the process ends
+    group = run_group(tmp_path)
+    assert stale.closed and group.attrs["status"] == "complete" and group.attrs["steps_done"] == 8
+    assert group["step"][:].tolist() == list(range(8))
+    np.testing.assert_allclose(group["update"][4:].sum(0), flat_params(model) - theta_4, atol=1e-6)
+
+
+def test_hf_a_new_trainer_and_model_resuming_after_an_interruption_leave_the_run_complete(tmp_path, task):
+    """A notebook: train() interrupted, then the model, Trainer and callback built afresh to resume from the last
+    checkpoint. The first callback's recorder stayed open and marked the complete run failed as the process ended."""
+    from transformers import Trainer
+
+    from gradtrace.capture import integrations
+
+    def run(resume: bool):
+        args = hf_args(tmp_path, max_steps=6, learning_rate=3e-3, save_strategy="steps", save_steps=2,
+                       save_total_limit=1)
+        callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=8))
+        trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task),
+                          callbacks=[callback, *([] if resume else [kill_at("on_step_end", 5)])])
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer
+
+    with pytest.raises(_Killed):
+        run(resume=False)
+    with pytest.warns(UserWarning, match="an earlier recorder of run 'hf'.*marked failed"):
+        run(resume=True)
+    integrations._fail_unclosed()  # as the process ends
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["status"] == "complete" and group.attrs["steps_done"] == 6
+    assert group["step"][:].tolist() == list(range(6))
+
+
 @pytest.mark.parametrize("closed", [False, True])
 def test_a_run_still_open_as_its_process_ends_is_marked_failed_with_its_rows_written(tmp_path, closed):
     """A loop that never called `rec.close()` (or a Trainer interrupted and never trained again) kept its run

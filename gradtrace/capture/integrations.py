@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from gradtrace import store
 from gradtrace.capture.recorder import (Probe, Recorder, check_unsharded, open_recorders, uninterrupted,
-                                       unwrap_model)
+                                       unwrap_model, unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig
 
@@ -115,13 +115,18 @@ class RunRecorder(Recorder):
             self.fail(error)
 
 
+def _open_here() -> list[RunRecorder]:
+    """The RunRecorders this process opened and has not closed, on any optimizer."""
+    return [r for r, pid in _OPENED_HERE.items() if pid == os.getpid() and not r.closed]
+
+
 def _fail_unclosed() -> None:
     """As the process exits, mark each run whose recorder is still open failed, its rows written: a loop that never
     called `rec.close()`, a Trainer interrupted and not trained again. Its rows since the last full chunk were lost,
     and it said `running` for good (a process killed outright runs no exit handler: a resume cuts such a run back
     to its last durable step). A forked process (a DataLoader's worker) exits with copies of its parent's recorders,
     whose runs go on in the parent: those are left alone."""
-    for recorder in [r for r, pid in _OPENED_HERE.items() if pid == os.getpid() and not r.closed]:
+    for recorder in _open_here():
         try:
             recorder.fail(RuntimeError("the process ended with the run open: its recorder was never closed "
                                        "(rec.close(), or a `with attach(...)` block's end), or its training was "
@@ -186,10 +191,10 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     if not is_writer(write):
         return IdleRecorder()
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
-    _check_open_recorders(optimizer, root, run_id, resume)
-    if resume and run_id in root:
+    if resume and run_id in root:  # before a recorder left open is dealt with: a refused resume leaves it as it was
         _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash,
                             [probe.split for probe in probes or []])
+    _check_open_recorders(optimizer, root, run_id, resume)
     group = _run_group(root, run_id, resume, start_step, {
         "config": {"capture": dataclasses.asdict(capture)}, "role": "reference", "steps": total_steps,
         "steps_done": start_step, **(attrs or {})})
@@ -209,29 +214,33 @@ def _where(group) -> str:
 
 
 def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, resume: bool) -> None:
-    """Deal with runs still attached to `optimizer`, never closed (a notebook cell that raised before `rec.close()`,
-    then ran again): refuse to write over one's run; mark one's run failed, its rows written, when it resumes (the
-    resume cuts those it redoes); detach one whose run was deleted since (its rows would land in this run's arrays);
-    warn of the others, which go on recording every step."""
+    """Deal with recorders never closed (a notebook cell that raised before `rec.close()`, then ran again): refuse to
+    write over the run of one still open in this process, attached to this optimizer or to another (the model and
+    optimizer built again); mark its run failed, its rows written, when the run resumes (the resume cuts those it
+    redoes); detach it where its run was deleted since. Left open, it wrote its rows into this run's arrays and
+    marked the run failed as the process ended. Warn of the recorders of other runs on this optimizer, which go on
+    recording every step."""
     store_at = _where(root)
     where = f"{store_at.rstrip('/')}/{run_id}"
-    others = [r for r in open_recorders(optimizer) if isinstance(r, RunRecorder)]
+    optimizer = unwrap_optimizer(optimizer)
+    same = [r for r in _open_here() if r.where == where]
+    held = {r: "this optimizer" if r.optimizer is optimizer else "another optimizer" for r in same}
     if run_id in root and not resume:
-        attached = " Its recorder is still attached to this optimizer: close it first (rec.close())." if any(
-            r.where == where for r in others) else ""
+        attached = f" Its recorder is still attached to {held[same[0]]}: close it first (rec.close())." if same else ""
         raise FileExistsError(f"run {run_id!r} already exists in {store_at}; pass resume=True (and start_step) "
                               f"to continue it from a checkpoint, or choose another run id.{attached}")
-    for other in others:
-        if other.where == where and run_id in root:
+    for other in same:
+        if run_id in root:
             other.fail(RuntimeError("attached again with resume=True"))
-            warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to this optimizer: "
+            warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to {held[other]}: "
                           f"marked failed, its rows written (up to step {other.step}) for the resume to keep those "
                           "before start_step", UserWarning, stacklevel=3)
-        elif other.where == where:
-            other.detach()
-            warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to this optimizer: "
-                          "detached, its unwritten rows dropped", UserWarning, stacklevel=3)
         else:
+            other.detach()
+            warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to {held[other]}: "
+                          "detached, its unwritten rows dropped", UserWarning, stacklevel=3)
+    for other in open_recorders(optimizer):
+        if isinstance(other, RunRecorder) and other.where != where:
             warnings.warn(f"run {other.group.basename!r} ({other.where}) is still attached to this optimizer, never "
                           f"closed: it records every step of run {run_id!r} too. Close it if that is a leftover "
                           "(gradtrace.capture.open_recorders(optimizer) lists the recorders attached)",
