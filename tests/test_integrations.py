@@ -430,6 +430,60 @@ def test_a_run_longer_than_its_total_steps_is_warned_about(tmp_path, task):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
+def recorded_with(model, forward, tmp_path, run_id, task):
+    """The run group of 4 steps of `model` trained through `forward` (the model itself, compiled, ...), probed."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    rec = attach(forward, opt, tmp_path, run_id, total_steps=4, probes=[Probe("ID", *task.probe_set("ID").torch())],
+                 capture=CaptureConfig(sketch="identity", probe_every=2, chunk=4))
+    for step in range(4):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(forward(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        rec.log(loss)
+        opt.step()
+    rec.close()
+    return run_group(tmp_path, run_id)
+
+
+ARRAYS = ("loss", "grad", "update", "adam_m", "probe/grad", "probe/grad_adam")
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # transformers 5
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_records_the_run_without_it(tmp_path, task, reentrant):
+    """Recomputed activations change no gradient, and probes (eval mode: no checkpointing) run as ever."""
+    plain = recorded_with(model := micro(task), model, tmp_path, "plain", task)
+    model = micro(task)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    checkpointed = recorded_with(model, model, tmp_path, "checkpointed", task)
+    assert model.training and all(m.training for m in model.modules())
+    for name in ARRAYS:
+        np.testing.assert_array_equal(checkpointed[name][:], plain[name][:])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
+def test_a_compiled_model_records_what_its_optimizer_steps_with(tmp_path, task):
+    """Attached to `torch.compile(model)`: the compiled forward's gradients, its updates, and probes of the bare
+    model at its parameters (recomputed here), to float rounding of the eager run."""
+    model = micro(task)
+    compiled = recorded_with(model, torch.compile(model), tmp_path, "compiled", task)
+    eager = recorded_with(eager_model := micro(task), eager_model, tmp_path, "eager", task)
+    probe = Probe("ID", *task.probe_set("ID").torch())
+    from gradtrace.evaluate import evaluating
+
+    with evaluating(model):
+        loss = answer_cross_entropy(model(input_ids=probe.tokens).logits, probe.tokens, probe.mask)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    np.testing.assert_allclose(compiled["probe/grad"][-1, 0, 0], torch.cat([g.reshape(-1) for g in grads]).numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(compiled["update"][:].sum(0), flat_params(model) - flat_params(micro(task)), atol=1e-6)
+    for name in ("loss", "grad", "probe/grad"):
+        np.testing.assert_allclose(compiled[name][:], eager[name][:], rtol=1e-3, atol=1e-5)
+
+
 def test_a_compiled_model_is_recorded_in_the_bare_models_layout():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     assert ParamLayout.of(unwrap_model(torch.compile(model))).hash == ParamLayout.of(model).hash
@@ -639,6 +693,54 @@ def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):
     assert sum("unfrozen" in str(w.message) for w in caught) == 1  # once, not every step
     assert [w.filename for w in caught if "unfrozen" in str(w.message)] == [__file__]
     rec.close()
+
+
+def test_progressive_unfreezing_resumes_from_a_checkpoint_attached_as_at_its_start(tmp_path, task):
+    """Layers unfrozen partway: a run whose tensors were frozen at attach, resumed with them trainable (as at the step
+    it resumes at), is refused naming them and the way on (it said only "layout hash"); attached with every tensor
+    trainable and frozen after, the run resumes to the rows of an uninterrupted one."""
+    def frozen(model, step):
+        for name, p in model.named_parameters():
+            p.requires_grad_(step >= 3 or "embed_in" not in name)
+
+    def run(run_id, stop=None, start=0, state=None):
+        model = micro(task)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        if state:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        rec = attach(model, opt, tmp_path, run_id, total_steps=6, capture=IDENTITY, resume=start > 0,
+                     start_step=start)
+        for step in range(start, stop or 6):
+            frozen(model, step)
+            train_steps(model, opt, task, step + 1, rec, start=step)
+        rec.checkpoint()
+        return model, opt, rec
+
+    run("whole")[2].close()
+    model, opt, rec = run("resumed", stop=4)
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    rec.detach()
+    run("resumed", start=4, state=state)[2].close()
+    whole, resumed = run_group(tmp_path, "whole"), run_group(tmp_path, "resumed")
+    assert resumed.attrs["status"] == "complete" and resumed["step"][:].tolist() == list(range(6))
+    for name in ("grad", "update", "adam_m", "loss"):
+        np.testing.assert_array_equal(resumed[name][:], whole[name][:])
+
+    model = micro(task)
+    frozen(model, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "late", total_steps=6, capture=IDENTITY)
+    with pytest.warns(UserWarning, match="unfrozen after attach"):
+        for step in range(4):
+            frozen(model, step)
+            train_steps(model, opt, task, step + 1, rec, start=step)
+    rec.checkpoint()
+    rec.detach()
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) trainable now, not at its attach \(gpt_neox.embed_in.weight\)"
+                                         r"; attach with those trainable at the run's first attach"):
+        attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "late", total_steps=6, capture=IDENTITY,
+               resume=True, start_step=4)
 
 
 def test_a_tensor_frozen_after_attach_is_probed_with_a_zero_gradient(tmp_path, task):

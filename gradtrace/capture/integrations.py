@@ -192,7 +192,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         return IdleRecorder()
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")
     if resume and run_id in root:  # before a recorder left open is dealt with: a refused resume leaves it as it was
-        _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)).hash,
+        _check_same_capture(root[run_id], dataclasses.asdict(capture), ParamLayout.of(unwrap_model(model)),
                             [probe.split for probe in probes or []])
     _check_open_recorders(optimizer, root, run_id, resume)
     group = _run_group(root, run_id, resume, start_step, {
@@ -269,20 +269,34 @@ def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str
 RESUME_KEYS = ("sketch", "dim", "seed", "quantities", "probe_losses", "dtype")  # what the stored arrays hold
 
 
-def _check_same_capture(group, capture: dict[str, Any], layout_hash: str, splits: list[str]) -> None:
+def _check_same_capture(group, capture: dict[str, Any], layout: ParamLayout, splits: list[str]) -> None:
     """Refuse to resume a run with another parameter layout, other probe splits (or their order) or another capture
     of what its arrays hold: its rows would join rows of another kind."""
     stored = group.attrs.get("config", {}).get("capture", {})
     changed = [f"capture.{key}: {stored[key]!r} → {capture[key]!r}" for key in RESUME_KEYS
                if key in stored and stored[key] != capture[key]]
-    if "layout" in group.attrs and ParamLayout.from_json(group.attrs["layout"]).hash != layout_hash:
-        changed.append("the model's trainable parameters (layout hash)")
+    if "layout" in group.attrs and ParamLayout.from_json(group.attrs["layout"]).hash != layout.hash:
+        said = _tensors_changed(group.attrs["layout"], layout)
+        changed.append(f"the model's trainable parameters (layout hash{said})")
     if "splits" in group.attrs and list(group.attrs["splits"]) != splits:
         changed.append(f"probe splits: {list(group.attrs['splits'])} → {splits}")
     if changed:
         raise ValueError(f"run {group.basename!r} cannot resume with another capture than it was recorded with "
                          f"({'; '.join(changed)}): its arrays would mix two kinds of rows. Resume with the same "
                          "model, probes and CaptureConfig, or record a new run id.")
+
+
+def _tensors_changed(stored: list[dict], layout: ParamLayout) -> str:
+    """The tensors trainable now but not in a run's stored layout, and the reverse (a progressive unfreezing resumed
+    with the tensors trainable at the step it resumes at), with the way on; nothing where only shapes differ."""
+    before = [entry["name"] for entry in stored]
+    said = [f"{len(names)} tensor(s) {what} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+            for names, what in (([n for n in layout.names if n not in before], "trainable now, not at its attach"),
+                                ([n for n in before if n not in layout.names], "trainable at its attach, not now"))
+            if names]
+    if not said:
+        return ""
+    return f": {'; '.join(said)}; attach with those trainable at the run's first attach, then freeze or unfreeze"
 
 
 def sketch_sharded(sketch: Sketch, shard: torch.Tensor, start: int, group: Any = None) -> torch.Tensor:

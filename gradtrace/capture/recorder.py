@@ -321,7 +321,8 @@ class Recorder:
             self._unfrozen_warned = True
             warnings.warn(f"{trainable - len(self.params)} parameter tensors were unfrozen after attach: the recorded "
                           "layout, fixed when attach was called, leaves them out of grad, update and adam_m. To "
-                          "record them, unfreeze before attach or attach a new run when unfreezing",
+                          "record them, have them trainable as attach is called and freeze them after (recorded "
+                          "with a zero gradient while frozen), or attach a new run when unfreezing",
                           UserWarning, stacklevel=_loop_stacklevel())
 
     def _sketch_m(self, m: list[torch.Tensor], grad_sketch: torch.Tensor | None) -> torch.Tensor:
