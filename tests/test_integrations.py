@@ -220,40 +220,49 @@ def test_hf_a_new_trainer_and_model_resuming_after_an_interruption_leave_the_run
     assert group["step"][:].tolist() == list(range(6))
 
 
-@pytest.mark.parametrize("closed", [False, True])
-def test_a_run_still_open_as_its_process_ends_is_marked_failed_with_its_rows_written(tmp_path, closed):
-    """A loop that never called `rec.close()` (or a Trainer interrupted and never trained again) kept its run
-    `running` for good and lost its buffered rows (here steps 4 and 5) as the process ended. A forked child of the
-    process (a DataLoader worker) exits with a copy of the recorder: it must leave the parent's run alone."""
-    script = f"""
-import multiprocessing, torch
+RUN_LEFT_OPEN = """
+import multiprocessing, subprocess, sys, torch
 from gradtrace.capture import attach
 from gradtrace.config import CaptureConfig
 model = torch.nn.Linear(4, 3)
 opt = torch.optim.Adam(model.parameters(), lr=0.1)
-rec = attach(model, opt, {str(tmp_path)!r}, "r", total_steps=8, capture=CaptureConfig(sketch="identity", chunk=4))
-for step in range(6):
+steps, resume = (8, True) if sys.argv[2] == "resume" else (6, False)
+rec = attach(model, opt, sys.argv[1], "r", total_steps=8, capture=CaptureConfig(sketch="identity", chunk=4),
+             resume=resume)
+for step in range(steps):
     opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
     if step == 1:
         child = multiprocessing.get_context("fork").Process(target=len, args=("",)); child.start(); child.join()
-if {closed}:
+if sys.argv[2] in ("close", "resume"):
     rec.close()
+if sys.argv[2] == "resumed elsewhere":  # another process resumes the run from step 0 to its end
+    subprocess.run([sys.executable, "-c", sys.argv[3], sys.argv[1], "resume"], check=True)
 """
+
+
+@pytest.mark.parametrize("then", ["exit", "close", "resumed elsewhere"])
+def test_a_run_still_open_as_its_process_ends_is_marked_failed_with_its_rows_written(tmp_path, then):
+    """A loop that never called `rec.close()` (or a Trainer interrupted and never trained again) kept its run
+    `running` for good and lost its buffered rows (here steps 4 and 5) as the process ended. A forked child of the
+    process (a DataLoader worker) exits with a copy of the recorder, and a run resumed by another process since is
+    that one's: both must leave the run alone."""
     import subprocess
     import sys
 
-    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ended = subprocess.run([sys.executable, "-c", RUN_LEFT_OPEN, str(tmp_path), then, RUN_LEFT_OPEN],
+                           capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     group = run_group(tmp_path)
-    assert group["step"][:].tolist() == list(range(6)) and np.isfinite(group["grad"][:]).all()
-    assert group.attrs["last_durable_step"] == 6
-    said = [line for line in ended.stderr.splitlines() if "was still open as the process ended" in line]
-    if closed:
-        assert group.attrs["status"] == "complete" and not said and "error" not in group.attrs
-    else:
+    steps = 8 if then == "resumed elsewhere" else 6
+    assert group["step"][:].tolist() == list(range(steps)) and np.isfinite(group["grad"][:]).all()
+    assert group.attrs["last_durable_step"] == steps
+    said = [line.split("process ended: ")[-1] for line in ended.stderr.splitlines()
+            if line.startswith(f"gradtrace: run 'r' ({(tmp_path / 'store.zarr' / 'r').resolve()}) was still open")]
+    if then == "exit":
         assert group.attrs["status"] == "failed" and "never closed" in group.attrs["error"]
-        assert said == [f"gradtrace: run 'r' ({(tmp_path / 'store.zarr' / 'r').resolve()}) was still open as the "
-                        "process ended: marked failed, its 6 recorded step(s) written"]
+        assert said == ["marked failed, its 6 recorded step(s) written"]
+    else:
+        assert group.attrs["status"] == "complete" and "error" not in group.attrs
+        assert said == ([] if then == "close" else ["left as it is, attached again since (resumed by another process)"])
 
 
 def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):

@@ -15,13 +15,12 @@ smoothing) the model returns none, and the stored loss is NaN (warned once). Onl
 rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
 reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there: in a new
 process, or with the same Trainer after its train() raised (the run is marked failed, its hooks removed, when the
-next train() of its model begins, in this Trainer or another, when its run is attached again, by a Trainer of a model
-built afresh, or else as the process exits). The final probe is
-taken at the last step's parameters, before a Trainer with `load_best_model_at_end` loads its best checkpoint; a
-run stopped early that loads it takes none. The Trainer's `global_step` counts the steps a GradScaler skipped,
-which the Recorder does not record (its `step` counts the optimizer steps taken), so each checkpoint notes, in the
-run's `trainer_steps` attribute, how many steps were recorded at its global step, and a resume starts from that
-count.
+next train() of its model begins, in this Trainer or another, when its run is attached again, by a Trainer of a
+model built afresh, or else as the process exits). The final probe is taken at the last step's parameters, before
+a Trainer with `load_best_model_at_end` loads its best checkpoint; a run stopped early that loads it takes none.
+The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not record (its `step`
+counts the optimizer steps taken), so each checkpoint notes, in the run's `trainer_steps` attribute, how many steps
+were recorded at its global step, and a resume starts from that count.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 import warnings
 import weakref
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import zarr
 
 from gradtrace import store
 from gradtrace.capture.recorder import (Probe, Recorder, check_unsharded, open_recorders, uninterrupted,
@@ -54,6 +56,7 @@ class RunRecorder(Recorder):
         super().__init__(model, optimizer, writer, cfg, total_steps, probes, probe_losses, start_step)
         self.group = group
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
+        self.attach_id = uuid.uuid4().hex[:16]  # the run's `attach_id` until it is attached again
         _OPENED_HERE[self] = os.getpid()  # for `_fail_unclosed`, in this process only (not in a fork of it)
 
     @property
@@ -125,13 +128,19 @@ def _fail_unclosed() -> None:
     called `rec.close()`, a Trainer interrupted and not trained again. Its rows since the last full chunk were lost,
     and it said `running` for good (a process killed outright runs no exit handler: a resume cuts such a run back
     to its last durable step). A forked process (a DataLoader's worker) exits with copies of its parent's recorders,
-    whose runs go on in the parent: those are left alone."""
+    whose runs go on in the parent, and a run attached again since (resumed by another process) is another's: those
+    are left alone."""
     for recorder in _open_here():
         try:
-            recorder.fail(RuntimeError("the process ended with the run open: its recorder was never closed "
-                                       "(rec.close(), or a `with attach(...)` block's end), or its training was "
-                                       "interrupted and not resumed"))
-            said = f"marked failed, its {recorder.step} recorded step(s) written"
+            group = recorder.group
+            if zarr.open_group(group.store, path=group.path, mode="r").attrs.get("attach_id") != recorder.attach_id:
+                recorder.detach()
+                said = "left as it is, attached again since (resumed by another process)"
+            else:
+                recorder.fail(RuntimeError("the process ended with the run open: its recorder was never closed "
+                                           "(rec.close(), or a `with attach(...)` block's end), or its training was "
+                                           "interrupted and not resumed"))
+                said = f"marked failed, its {recorder.step} recorded step(s) written"
         except Exception as err:  # one run's store gone (a deleted folder) stops no other's
             said = f"its rows could not be written ({type(err).__name__}: {err})"
         print(f"gradtrace: run {recorder.group.basename!r} ({recorder.where}) was still open as the process ended: "
@@ -203,7 +212,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     except Exception as err:  # a model or optimizer that cannot be recorded: the run says why
         store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    group.update_attributes(recorder.attrs())
+    group.update_attributes({**recorder.attrs(), "attach_id": recorder.attach_id})
     return recorder
 
 
