@@ -265,6 +265,40 @@ def test_a_run_still_open_as_its_process_ends_is_marked_failed_with_its_rows_wri
         assert said == ([] if then == "close" else ["left as it is, attached again since (resumed by another process)"])
 
 
+RUN_IN_A_THREAD = """
+import sys, threading, time, torch
+from gradtrace.capture import attach
+from gradtrace.config import CaptureConfig
+model = torch.nn.Linear(4, 3)
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
+rec = attach(model, opt, sys.argv[1], "r", total_steps=12, capture=CaptureConfig(sketch="identity", chunk=4))
+stepped = threading.Event()
+def loop():
+    for step in range(12):
+        opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+        stepped.set()
+        time.sleep(0.05)  # the main thread ends meanwhile
+    if sys.argv[2] == "close":
+        rec.close()
+threading.Thread(target=loop).start()  # not a daemon: the interpreter waits for it
+stepped.wait()
+"""
+
+
+@pytest.mark.parametrize("then", ["close", "exit"])
+def test_a_loop_in_a_thread_of_its_own_is_recorded_to_its_end_after_the_main_thread_ends(tmp_path, then):
+    """The exit handler runs before the interpreter waits for its threads: it marked the run of a loop still training
+    in a thread of its own failed at the step the main thread ended, and the loop trained on unrecorded."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", RUN_IN_A_THREAD, str(tmp_path), then], capture_output=True, text=True,
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == list(range(12)) and group.attrs["last_durable_step"] == 12
+    assert group.attrs["status"] == ("complete" if then == "close" else "failed")
+
+
 def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):
     """A notebook's loop interrupted (SIGINT) while a hook wrote a chunk lost the chunk's rows but counted them, and
     its step too: run on, the loop left a gap of fill-value rows and then a step recorded twice. The interrupt is

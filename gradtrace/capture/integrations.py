@@ -18,8 +18,8 @@ every rank the sketch of the whole vector.
 """
 from __future__ import annotations
 
+import concurrent.futures.thread
 import dataclasses
-import importlib
 import os
 import sys
 import threading
@@ -57,6 +57,7 @@ class RunRecorder(Recorder):
         self.group = group
         self._began = time.perf_counter() - group.attrs.get("wall_time_s", 0.0)
         self.attach_id = uuid.uuid4().hex[:16]  # the run's `attach_id` until it is attached again
+        self.stepped_by = threading.current_thread()  # the thread of its loop: `_fail_unclosed` waits for it
         _OPENED_HERE[self] = os.getpid()  # for `_fail_unclosed`, in this process only (not in a fork of it)
 
     @property
@@ -103,6 +104,10 @@ class RunRecorder(Recorder):
             store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step,
                              **durable)
 
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self.stepped_by = threading.current_thread()
+        super()._pre_step(optimizer, args, kwargs)
+
     def detach(self) -> None:
         """Stop recording without writing to the store again: remove the hooks, drop the rows not yet written."""
         self._unhook()
@@ -129,7 +134,12 @@ def _fail_unclosed() -> None:
     and it said `running` for good (a process killed outright runs no exit handler: a resume cuts such a run back
     to its last durable step). A forked process (a DataLoader's worker) exits with copies of its parent's recorders,
     whose runs go on in the parent, and a run attached again since (resumed by another process) is another's: those
-    are left alone."""
+    are left alone. A loop in a thread of its own, which the interpreter waits for after this handler (when zarr's
+    thread pools refuse its writes), is waited for here: it may yet close its run."""
+    for thread in {recorder.stepped_by for recorder in _open_here()} - {threading.current_thread()}:
+        # not a pool's worker: idle, it waits for work until the pools' exit handler (after this one) stops it
+        if not thread.daemon and thread not in concurrent.futures.thread._threads_queues:
+            thread.join()
     for recorder in _open_here():
         try:
             group = recorder.group
@@ -148,8 +158,8 @@ def _fail_unclosed() -> None:
 
 
 # zarr writes through thread pools, which refuse work once their module's exit handler has run (before `atexit`'s
-# handlers); threading's exit handlers run in reverse order, so one registered after theirs runs while they work
-importlib.import_module("concurrent.futures.thread")  # registers theirs
+# handlers); threading's exit handlers run in reverse order, so one registered after theirs (the module is imported
+# above) runs while they work
 threading._register_atexit(_fail_unclosed)  # CPython's, since 3.9
 
 
