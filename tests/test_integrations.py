@@ -299,6 +299,33 @@ def test_a_loop_in_a_thread_of_its_own_is_recorded_to_its_end_after_the_main_thr
     assert group.attrs["status"] == ("complete" if then == "close" else "failed")
 
 
+RUNS_LEFT_OPEN = """
+import sys, torch
+from gradtrace.capture import attach
+from gradtrace.config import CaptureConfig
+model = torch.nn.Linear(4, 3)
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
+recs = [attach(model, opt, sys.argv[1], r, total_steps=8, capture=CaptureConfig(sketch="identity", chunk=4))
+        for r in ("a", "b")]
+for step in range(6):
+    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+sys.stderr.close()  # its pipe's reader gone, say
+"""
+
+
+def test_a_closed_stderr_stops_no_run_left_open_from_being_marked_failed(tmp_path):
+    """The exit handler's line on stderr raised where stderr was closed: the runs after the first were left
+    `running`, their buffered rows lost."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", RUNS_LEFT_OPEN, str(tmp_path)], capture_output=True, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    for run_id in ("a", "b"):
+        group = run_group(tmp_path, run_id)
+        assert group.attrs["status"] == "failed" and group["step"][:].tolist() == list(range(6))
+
+
 def test_ctrl_c_in_a_step_hook_lands_once_the_steps_row_is_recorded(tmp_path, task):
     """A notebook's loop interrupted (SIGINT) while a hook wrote a chunk lost the chunk's rows but counted them, and
     its step too: run on, the loop left a gap of fill-value rows and then a step recorded twice. The interrupt is

@@ -19,6 +19,7 @@ every rank the sketch of the whole vector.
 from __future__ import annotations
 
 import concurrent.futures.thread
+import contextlib
 import dataclasses
 import os
 import sys
@@ -153,8 +154,9 @@ def _fail_unclosed() -> None:
                 said = f"marked failed, its {recorder.step} recorded step(s) written"
         except Exception as err:  # one run's store gone (a deleted folder) stops no other's
             said = f"its rows could not be written ({type(err).__name__}: {err})"
-        print(f"gradtrace: run {recorder.group.basename!r} ({recorder.where}) was still open as the process ended: "
-              f"{said}", file=sys.stderr)
+        with contextlib.suppress(Exception):  # a closed stderr (its pipe's reader gone) stops no other run's
+            print(f"gradtrace: run {recorder.group.basename!r} ({recorder.where}) was still open as the process "
+                  f"ended: {said}", file=sys.stderr)
 
 
 # zarr writes through thread pools, which refuse work once their module's exit handler has run (before `atexit`'s
