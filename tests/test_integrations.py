@@ -499,7 +499,6 @@ def test_a_run_longer_than_its_total_steps_is_warned_about(tmp_path, task):
     assert caught[0].filename == __file__  # the loop's line (opt.step()), not torch's wrapper of the hook
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
 def recorded_with(model, forward, tmp_path, run_id, task):
     """The run group of 4 steps of `model` trained through `forward` (the model itself, compiled, ...), probed."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -554,6 +553,7 @@ def test_a_compiled_model_records_what_its_optimizer_steps_with(tmp_path, task):
         np.testing.assert_allclose(compiled[name][:], eager[name][:], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
 def test_a_compiled_model_is_recorded_in_the_bare_models_layout():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     assert ParamLayout.of(unwrap_model(torch.compile(model))).hash == ParamLayout.of(model).hash
