@@ -17,7 +17,6 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-
 def pytest_sessionfinish(session, exitstatus):
     """Tests leave recorders open where a loop was killed or interrupted: as the test process ends, their runs are
     throwaway, not to be marked failed by the exit handler (`capture.integrations._fail_unclosed`, tested in a
