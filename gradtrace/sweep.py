@@ -405,7 +405,9 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
                     failed.update(dict.fromkeys(ids, outcome))
                     bar.update(len(ids))
                     bar.set_postfix(failed=len(failed))
-                    if disk_full(outcome):  # every run after it would fail alike, one by one: none starts
+                    # on a full disk every run after it would fail alike, one by one: the sweep stops, its runs in
+                    # flight too (resumable from their checkpoints)
+                    if disk_full(outcome):
                         break
                     continue
                 for row in outcome:
@@ -429,12 +431,12 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         alike = len(failed) > 1 and len({f"{type(e).__name__}: {e}" for e in failed.values()}) == 1
         retry = ("every run failed alike: mend what the error names (the config, say) and run the sweep again"
                  if alike and not len(table) else "run the same sweep again to retry the rest")
-        why_not_run = "they start from a failed base run"
-        if any(disk_full(err) for err in failed.values()):
-            why_not_run = "the disk is full"
+        not_run_words = "did not start (they start from a failed base run)"
+        if any(disk_full(err) for err in failed.values()):  # the sweep stopped: its runs in flight too
+            not_run_words = "were stopped or did not start (the disk is full)"
             retry = (f"the disk holding {out} is full (or your quota on it is used up): free some space and run the "
                      "same sweep again to go on")
-        raise SweepError(_failure_summary(failed, not_run, why_not_run) + f". {out / 'results.csv'} holds the "
+        raise SweepError(_failure_summary(failed, not_run, not_run_words) + f". {out / 'results.csv'} holds the "
                          f"{len(table)} complete run(s); {retry}")
     return table
 
@@ -493,14 +495,14 @@ def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], cli
             yield from outcomes
 
 
-def _failure_summary(failed: dict[str, Exception], not_run: int, why_not_run: str) -> str:
-    """Which runs failed with which error (runs sharing an error named together), and how many never started and
-    why."""
+def _failure_summary(failed: dict[str, Exception], not_run: int, not_run_words: str) -> str:
+    """Which runs failed with which error (runs sharing an error named together), and how many did not end, in
+    `not_run_words` ("did not start (…)")."""
     by_error: dict[str, list[str]] = {}
     for run_id, err in failed.items():
         by_error.setdefault(f"{type(err).__name__}: {err}", []).append(run_id)
     named = "; ".join(f"{first_ids(ids)}: {error}" for error, ids in by_error.items())
-    never = f" and {not_run} did not start ({why_not_run})" if not_run else ""
+    never = f" and {not_run} {not_run_words}" if not_run else ""
     return f"{len(failed)} run(s) failed{never} ({named})"
 
 
@@ -508,7 +510,7 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
     """Print a failed job's error as it happens: the first failure with its traceback, later ones in one line."""
     then = "the runs that start from it will not train" if base else "the sweep goes on with the other runs"
     if disk_full(err):
-        then = "the disk is full: no other run starts"
+        then = "the disk is full: the sweep stops"
     text = f"{', '.join(run_ids)} failed: {type(err).__name__}: {err} ({then})"
     if first:
         text = "".join(traceback.format_exception(err)) + text

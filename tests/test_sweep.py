@@ -236,10 +236,11 @@ def test_a_full_disk_starts_no_other_run(tmp_path, monkeypatch, capsys):
     fail_in_training(monkeypatch, lambda cfg, run_id, role: run_id == "run-001",
                      OSError(errno.ENOSPC, "No space left on device"))
     cfg = tiny_config(sweep__runs=4, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
-    with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 2 did not start \(the disk is full\) .*"
+    with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 2 were stopped or did not start \(the disk is "
+                                         r"full\) .*"
                                          r"is full \(or your quota on it is used up\): free some space"):
         run_sweep(cfg, tmp_path, progress=False)
-    assert "run-001 failed: OSError: [Errno 28] No space left on device (the disk is full: no other run starts)" in (
+    assert "run-001 failed: OSError: [Errno 28] No space left on device (the disk is full: the sweep stops)" in (
         capsys.readouterr().err)
     assert set(zarr.open_group(tmp_path / "store.zarr", mode="r")) == {"run-000"}
     monkeypatch.undo()
