@@ -238,9 +238,9 @@ def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, r
     """Deal with recorders never closed (a notebook cell that raised before `rec.close()`, then ran again): refuse to
     write over the run of one still open in this process, attached to this optimizer or to another (the model and
     optimizer built again); mark its run failed, its rows written, when the run resumes (the resume cuts those it
-    redoes); detach it where its run was deleted since. Left open, it wrote its rows into this run's arrays and
-    marked the run failed as the process ended. Warn of the recorders of other runs on this optimizer, which go on
-    recording every step."""
+    redoes); detach it where its run was deleted since (left open, it would write its stale rows into this run's
+    arrays and mark the run failed as the process ends: `_fail_unclosed`). Warn of the recorders of other runs on
+    this optimizer, which go on recording every step."""
     store_at = _where(root)
     where = f"{store_at.rstrip('/')}/{run_id}"
     optimizer = unwrap_optimizer(optimizer)
