@@ -423,7 +423,15 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     finally:
         bar.close()
     table = results_table(out)
-    write_results(table, out)
+    listed = f"{out / 'results.csv'} holds the {len(table)} complete run(s)"
+    try:
+        write_results(table, out)
+    except OSError as err:
+        if not (failed and disk_full(err)):
+            raise
+        # the failures' own error stands, not the table's: a re-run rewrites the table
+        listed = (f"the store holds {len(table)} complete run(s) ({out / 'results.csv'} could not be rewritten and "
+                  "lists those complete before the disk filled)")
     if pending and not foretold:
         warn_of_mixed_arithmetic(out, store.run_groups(root), list(table.run_id), stacklevel=3)
     if failed:
@@ -436,8 +444,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
             not_run_words = "were stopped or did not start (the disk is full)"
             retry = (f"the disk holding {out} is full (or your quota on it is used up): free some space and run the "
                      "same sweep again to go on")
-        raise SweepError(_failure_summary(failed, not_run, not_run_words) + f". {out / 'results.csv'} holds the "
-                         f"{len(table)} complete run(s); {retry}")
+        raise SweepError(f"{_failure_summary(failed, not_run, not_run_words)}. {listed}; {retry}")
     return table
 
 

@@ -247,6 +247,30 @@ def test_a_full_disk_starts_no_other_run(tmp_path, monkeypatch, capsys):
     assert sorted(run_sweep(cfg, tmp_path, progress=False).run_id) == [f"run-00{i}" for i in range(4)]
 
 
+def test_a_full_disk_that_stops_the_tables_rewrite_too_keeps_the_sweeps_error(tmp_path, monkeypatch):
+    """The disk still full as the sweep ended, rewriting results.csv failed, and its OSError replaced the sweep's
+    error: which runs failed, and what to do. The sweep's error stands and says the table was not rewritten."""
+    import errno
+
+    import gradtrace.sweep
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    fail_in_training(monkeypatch, lambda cfg, run_id, role: run_id == "run-001", full)
+    written = []
+
+    def write_once(table, out):  # run-000's row; then the disk is full
+        if written:
+            raise full
+        written.append(len(table))
+
+    monkeypatch.setattr(gradtrace.sweep, "write_results", write_once)
+    cfg = tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    with pytest.raises(SweepError, match=r"^1 run\(s\) failed and 1 were stopped .*the store holds 1 complete run\(s\) "
+                                         r"\(.*results.csv could not be rewritten and lists those complete before"):
+        run_sweep(cfg, tmp_path, progress=False)
+    assert written == [1]
+
+
 def test_a_failed_base_run_stops_the_runs_that_start_from_it(tmp_path, monkeypatch):
     fail_in_training(monkeypatch, lambda cfg, run_id, role: role == "base")
     cfg = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=1, sweep__pretrain_steps=4,
