@@ -19,7 +19,6 @@ duplicate or missing row. Not done here: mixed precision (fp32 only).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -246,9 +245,8 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
     except BaseException as err:
         for w in writers:
             w.abort()
-        with contextlib.suppress(OSError):  # the disk still full: `running`, as a kill leaves them; `err` raised
-            for g in groups:
-                store.set_status(g, "failed", error=f"{type(err).__name__}: {err}")
+        for g in groups:
+            store.set_failed(g, err)
         raise
     wall = (time.perf_counter() - began) / E
     results = []

@@ -404,6 +404,13 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
     _update_attributes_synced(group, {"status": status, "updated": _now(), **plain})
 
 
+def set_failed(group: zarr.Group, err: BaseException, **extra: Any) -> None:
+    """Mark a run failed with `err`'s type and words. Where that write fails too (the disk still full) the run stays
+    `running`, as a kill leaves it, and no error is raised: the caller raises its own, `err`."""
+    with contextlib.suppress(OSError):
+        set_status(group, "failed", error=f"{type(err).__name__}: {err}", **extra)
+
+
 def read(group: zarr.Group, name: str) -> np.ndarray:
     """Array `name` of a run group as float32/int numpy (bfloat16 and float16 decoded to float32)."""
     if not has(group, name):

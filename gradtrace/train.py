@@ -253,8 +253,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
             checkpoint.save_weights(model, exp_dir / "weights" / run_id / "final.safetensors")
     except BaseException as err:  # a full disk as the final weights are written, too: the run says why
         writer.abort()
-        with contextlib.suppress(OSError):  # the disk still full: `running`, as a kill leaves it; its own error raised
-            store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
+        store.set_failed(group, err)
         raise
     acc = accuracy(correct)
     wall = time.perf_counter() - began

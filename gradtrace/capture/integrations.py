@@ -102,8 +102,7 @@ class RunRecorder(Recorder):
             self.writer.close()
             durable = {"last_durable_step": self.step}
         finally:
-            store.set_status(self.group, "failed", error=f"{type(error).__name__}: {error}", steps_done=self.step,
-                             **durable)
+            store.set_failed(self.group, error, steps_done=self.step, **durable)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         self.stepped_by = threading.current_thread()
@@ -222,7 +221,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     try:
         recorder = RunRecorder(group, model, optimizer, capture, total_steps, probes or None, probe_losses, start_step)
     except Exception as err:  # a model or optimizer that cannot be recorded: the run says why
-        store.set_status(group, "failed", error=f"{type(err).__name__}: {err}")
+        store.set_failed(group, err)
         raise
     group.update_attributes({**recorder.attrs(), "attach_id": recorder.attach_id})
     return recorder
