@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradtrace
 from gradtrace import config as config_mod
-from gradtrace.files import disk_full
+from gradtrace.files import disk_full, full_disk_words
 
 
 def _config(args: argparse.Namespace):
@@ -342,14 +342,13 @@ def _warnings_in_words(command: str):
 
 
 def _full_disk_advice(err: BaseException, args: argparse.Namespace) -> str:
-    """After a full disk's error (its own words name no file where zarr or a table wrote), what it was and what to
-    do; nothing after any other error."""
+    """After a full disk's error, what it was and what to do; nothing after any other error."""
     if not disk_full(err):
         return ""
-    where = getattr(args, "out", None) or getattr(args, "dir", None)
     again = "the same command with --resume" if args.command == "train" else "the same command"
-    return (f": the disk{f' holding {where}' if where else ''} is full (or your quota on it is used up). What was "
-            f"written whole is kept: free some space and run {again} to go on")
+    written = getattr(args, "out", None) or getattr(args, "dir", None)
+    return (f": {full_disk_words(err, written)}. What was written whole is kept: free some space and run {again} to "
+            "go on")
 
 
 def main(argv: list[str] | None = None) -> int:

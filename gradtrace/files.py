@@ -18,6 +18,15 @@ def disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
 
+def full_disk_words(err: BaseException, written: str | Path | None) -> str:
+    """A full disk's error in words: the disk holding `written` (where the command wrote: zarr's and the tables'
+    errors name no file), or the folder of the file the error names where that lies elsewhere (a temporary file)."""
+    where, failed = written, getattr(err, "filename", None)
+    if failed is not None and (written is None or not Path(failed).absolute().is_relative_to(Path(written).absolute())):
+        where = Path(failed).parent
+    return f"the disk{f' holding {where}' if where else ''} is full (or your quota on it is used up)"
+
+
 @contextlib.contextmanager
 def written_whole(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix: writers that read the format from it keep working) for the block

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
-from gradtrace.files import disk_full, written_whole
+from gradtrace.files import disk_full, full_disk_words, written_whole
 from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_mixed_arithmetic,
                                write_results)
 from gradtrace.config import Config, SweepConfig
@@ -440,10 +440,10 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         retry = ("every run failed alike: mend what the error names (the config, say) and run the sweep again"
                  if alike and not len(table) else "run the same sweep again to retry the rest")
         not_run_words = "did not start (they start from a failed base run)"
-        if any(disk_full(err) for err in failed.values()):  # the sweep stopped: its runs in flight too
+        full = next((err for err in failed.values() if disk_full(err)), None)
+        if full is not None:  # the sweep stopped: its runs in flight too
             not_run_words = "were stopped or did not start (the disk is full)"
-            retry = (f"the disk holding {out} is full (or your quota on it is used up): free some space and run the "
-                     "same sweep again to go on")
+            retry = f"{full_disk_words(full, out)}: free some space and run the same sweep again to go on"
         raise SweepError(f"{_failure_summary(failed, not_run, not_run_words)}. {listed}; {retry}")
     return table
 

@@ -78,6 +78,24 @@ def test_a_full_disk_as_a_checkpoint_is_saved_is_one_line_naming_the_file_and_th
     assert zarr.open_group(out / "store.zarr", mode="r")["run"].attrs["status"] == "complete"
 
 
+def test_a_full_disk_elsewhere_than_out_names_that_disk(tmp_path, capsys, monkeypatch):
+    """A file written outside --out (a temporary file, a cache) on a full disk: the advice named --out's disk."""
+    import errno
+
+    import gradtrace.train
+
+    elsewhere = tmp_path / "tmp" / "cache.bin"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(elsewhere))
+
+    monkeypatch.setattr(gradtrace.train, "train", no_space)
+    assert main(["train", os.devnull, "--out", str(tmp_path / "one"), *sets()]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f": the disk holding {elsewhere.parent} is full (or your quota on it is used up). What was written whole is "
+        "kept: free some space and run the same command with --resume to go on")
+
+
 def test_what_gradtrace_train_cannot_train_is_refused_before_anything_is_written(tmp_path, capsys):
     """`--run-id a/b` trained into nested groups no reader lists; `--out STUDY/store.zarr` nested a store in one."""
     for run_id in ("a/b", "../x", ""):
