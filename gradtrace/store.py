@@ -655,8 +655,7 @@ class _RunListing:
                          f"{kernels.describe_changes(a, {k: v for k, v in r.items() if k in kernels.RECORDED})}"
                          for r in a.get("resumed_with", [])]
         lines += trained_with
-        sizes = [arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else arr.nbytes
-                 for _, arr in arrays]
+        sizes = [_stored_bytes(arr) for _, arr in arrays]
         for (name, arr), nbytes in zip(arrays, sizes):
             dims = arr.metadata.dimension_names or ()
             lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
@@ -664,6 +663,23 @@ class _RunListing:
         kind = (head, a.get("error"), a.get("nonfinite_steps"), *trained_with,
                 tuple((name, arr.shape) for name, arr in arrays))
         return cls(run_id, kind, lines, sum(sizes))
+
+
+def _stored_bytes(arr: zarr.Array) -> int:
+    """The bytes an array takes in its store, as zarr's `nbytes_stored` counts them (metadata and chunks); read from
+    the file system in a local store, 4× as fast as zarr's (which took 16 of the 31 s of `gradtrace info` at 3,000 runs)."""
+    folder = local_path(arr)
+    if folder is None:
+        return arr.nbytes_stored()
+    total, folders = 0, [folder]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 # HDF5 filters of `export_hdf5`: gzip (every HDF5 reader has it) at level 1 after a byte shuffle, 50 MB/s and 86% of

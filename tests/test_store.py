@@ -254,6 +254,16 @@ def test_summary_and_hdf5_export(captured, tmp_path):
         store.export_hdf5(exp / "store.zarr", tmp_path / "x.h5", compression="lzf")
 
 
+def test_summary_counts_the_bytes_zarr_counts(captured):
+    """`gradtrace info` sums an array's files itself (zarr's `nbytes_stored` took half its time at 3,000 runs)."""
+    exp, _ = captured
+    run = zarr.open_group(exp / "store.zarr", mode="r")["r0"]
+    arrays = {name: arr for name, arr in run.arrays()} | {f"probe/{name}": arr for name, arr in run["probe"].arrays()}
+    assert "grad" in arrays and "probe/grad" in arrays
+    for name, arr in arrays.items():
+        assert store._stored_bytes(arr) == arr.nbytes_stored() > 0, name
+
+
 def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_path, monkeypatch):
     import h5py
 
