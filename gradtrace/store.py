@@ -667,7 +667,8 @@ class _RunListing:
 
 def _stored_bytes(arr: zarr.Array) -> int:
     """The bytes an array takes in its store, as zarr's `nbytes_stored` counts them (metadata and chunks); read from
-    the file system in a local store, 4× as fast as zarr's (which took 16 of the 31 s of `gradtrace info` at 3,000 runs)."""
+    the file system in a local store, 4× as fast as zarr's (which took 16 of the 31 s of `gradtrace info` at 3,000
+    runs)."""
     folder = local_path(arr)
     if folder is None:
         return arr.nbytes_stored()
