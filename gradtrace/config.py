@@ -322,7 +322,8 @@ def _parse_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
-        context = f" ({err.context} at line {err.context_mark.line + 1})" if err.context else ""
+        at = f" at line {err.context_mark.line + 1}" if err.context_mark is not None else ""  # the scanner's: none
+        context = f" ({err.context}{at})" if err.context else ""
         raise ValueError(f"{source}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
                          f"{err.problem}{context}") from None
 

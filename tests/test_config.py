@@ -52,6 +52,13 @@ def test_an_override_that_is_not_yaml_is_refused_naming_it():
         config.parse_overrides(["model.name=[tiny"])
 
 
+def test_a_character_that_starts_no_yaml_token_is_refused_naming_its_line():
+    """YAML's scanner gives this error a context without a mark: the message crashed with an AttributeError."""
+    with pytest.raises(ValueError, match=r"--set train.lr=@1: invalid YAML at line 1, column 1: found character "
+                                         r"'@' that cannot start any token \(while scanning for the next token\)"):
+        config.parse_overrides(["train.lr=@1"])
+
+
 @pytest.mark.parametrize("betas, message", [
     ([0.9], r"train.betas: expected two numbers in \[0, 1\)"),
     ([0.9, 0.98, 0.99], r"train.betas: expected two numbers in \[0, 1\)"),
