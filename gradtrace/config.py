@@ -416,12 +416,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted-key overrides as nested mappings; a key set whole and then a key inside it (`--set train=3 --set
+    train.lr=0.1`) refused as the conflict it is."""
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         node = nested
         *parents, leaf = key.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                outer = ".".join(parents[:depth + 1])
+                raise ValueError(f"{key}: set inside {outer}, which is set whole to {node!r} (no mapping of keys): "
+                                 f"set one or the other")
         node[leaf] = value
     return nested
 

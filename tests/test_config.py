@@ -52,6 +52,12 @@ def test_an_override_that_is_not_yaml_is_refused_naming_it():
         config.parse_overrides(["model.name=[tiny"])
 
 
+def test_a_key_set_whole_and_then_inside_is_refused_naming_both():
+    """`--set train=3 --set train.lr=0.1` was a TypeError's traceback ('int' object does not support item assignment)."""
+    with pytest.raises(ValueError, match=r"^train.lr: set inside train, which is set whole to 3 \(no mapping of keys\)"):
+        config.from_dict({}, config.parse_overrides(["train=3", "train.lr=0.1"]))
+
+
 def test_a_character_that_starts_no_yaml_token_is_refused_naming_its_line():
     """YAML's scanner gives this error a context without a mark: the message crashed with an AttributeError."""
     with pytest.raises(ValueError, match=r"--set train.lr=@1: invalid YAML at line 1, column 1: found character "
