@@ -53,8 +53,9 @@ def test_an_override_that_is_not_yaml_is_refused_naming_it():
 
 
 def test_a_key_set_whole_and_then_inside_is_refused_naming_both():
-    """`--set train=3 --set train.lr=0.1` was a TypeError's traceback ('int' object does not support item assignment)."""
-    with pytest.raises(ValueError, match=r"^train.lr: set inside train, which is set whole to 3 \(no mapping of keys\)"):
+    """`--set train=3 --set train.lr=0.1` was a TypeError's traceback ('int' object does not support item
+    assignment)."""
+    with pytest.raises(ValueError, match=r"^train.lr: set inside train, which is set whole to 3 \(no mapping"):
         config.from_dict({}, config.parse_overrides(["train=3", "train.lr=0.1"]))
 
 
