@@ -939,6 +939,16 @@ def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = 
     return list(shifts)
 
 
+def _least_reliable(reliability: pd.DataFrame | None) -> dict | None:
+    """The split of least reliability and its value; None without per-item correctness, or where no split's
+    reliability is defined (two items a split, one of them right in every run: each halving's halves correlate
+    with a constant)."""
+    if reliability is None or not reliability["reliability"].notna().any():
+        return None
+    least = reliability.loc[reliability["reliability"].idxmin()]
+    return {"split": str(least["split"]), "reliability": float(least["reliability"])}
+
+
 def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | PathLike | None = None,
                  **kw) -> StatsReport:
     """Partial correlations, reliability and generalisation gap of an experiment, written next to its results.
@@ -988,9 +998,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
             for m, g in stats.groupby("residualize", sort=False)
         },
         "pairs_disagreeing": int(stats.loc[stats["disagree"].fillna(False), ["a", "b"]].drop_duplicates().shape[0]),
-        "min_reliability": (None if reliability is None else
-                            {"split": str(reliability.loc[reliability["reliability"].idxmin(), "split"]),
-                             "reliability": float(reliability["reliability"].min())}),
+        "min_reliability": _least_reliable(reliability),
         "warnings": [str(w.message) for w in caught],
     }
     write_csv(stats, paths["stats_csv"])

@@ -565,12 +565,17 @@ def fake_experiment(tmp_path, monkeypatch):
              "s2": _items(rng, ndtr(ndtri(id_acc) - 0.5 + 0.3 * rng.standard_normal(n)), 20)}  # unreliable
     table = table_from(*(items[s].mean(1) for s in ("ID", "s0", "s1", "s2")),
                        train_acc_ID=np.minimum(items["ID"].mean(1) + 0.06, 1.0))
+    serve_results(monkeypatch, table, items)
+    return tmp_path
+
+
+def serve_results(monkeypatch, table: pd.DataFrame, items: dict[str, np.ndarray]) -> None:
+    """A stand-in for gradtrace.results serving `table` and its per-item correctness `items` for any directory."""
     fake = types.ModuleType("gradtrace.results")
     fake.load_results = lambda path: table.copy()
     fake.load_item_correctness = lambda path, table=None: items
     fake.base_groups = lambda table: None
     monkeypatch.setitem(sys.modules, "gradtrace.results", fake)
-    return tmp_path
 
 
 def test_stats_report_writes_everything(fake_experiment):
@@ -588,6 +593,18 @@ def test_stats_report_writes_everything(fake_experiment):
     assert rep.gap.loc[rep.gap["split"] == "ID", "band"].isin(["watch", "healthy"]).all()
     from_path = partial_correlations(fake_experiment, residualize="all", n_boot=200, n_perm=200)
     pd.testing.assert_frame_equal(from_path, rep.stats)
+
+
+def test_a_study_whose_reliabilities_are_all_undefined_is_summarised_without_them(tmp_path, monkeypatch):
+    """Two items a split, one right in every run: no halving's halves correlate, every reliability is NaN, and the
+    summary's least reliable split ended `gradtrace stats` in "Encountered all NA values" before stats.csv."""
+    rng = np.random.default_rng(0)
+    items = {s: np.column_stack([np.ones(30, int), rng.integers(0, 2, 30)]) for s in ("ID", "s0", "s1")}
+    serve_results(monkeypatch, table_from(*(items[s].mean(1) for s in ("ID", "s0", "s1"))), items)
+    with pytest.warns(UserWarning, match="reliability below"):
+        rep = stats_report(tmp_path, residualize="linear", n_boot=0, n_perm=0)
+    assert rep.reliability["reliability"].isna().all() and len(rep.stats) == 1
+    assert json.loads((tmp_path / "stats.json").read_text())["summary"]["min_reliability"] is None
 
 
 def test_stats_of_a_results_table_without_a_store(tmp_path):
