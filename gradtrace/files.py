@@ -22,6 +22,8 @@ def full_disk_words(err: BaseException, written: str | Path | None) -> str:
     """A full disk's error in words: the disk holding `written` (where the command wrote: zarr's and the tables'
     errors name no file), or the folder of the file the error names where that lies elsewhere (a temporary file)."""
     where, failed = written, getattr(err, "filename", None)
+    if not isinstance(failed, (str, os.PathLike)):  # none, or a file descriptor
+        failed = None
     if failed is not None and (written is None or not Path(failed).absolute().is_relative_to(Path(written).absolute())):
         where = Path(failed).parent
     return f"the disk{f' holding {where}' if where else ''} is full (or your quota on it is used up)"

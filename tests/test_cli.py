@@ -96,6 +96,13 @@ def test_a_full_disk_elsewhere_than_out_names_that_disk(tmp_path, capsys, monkey
         "kept: free some space and run the same command with --resume to go on")
 
 
+def test_a_full_disk_error_naming_a_file_descriptor_names_the_out_disk():
+    from gradtrace.files import full_disk_words
+
+    assert full_disk_words(OSError(28, "No space left on device", 3), "out") == (
+        "the disk holding out is full (or your quota on it is used up)")
+
+
 def test_what_gradtrace_train_cannot_train_is_refused_before_anything_is_written(tmp_path, capsys):
     """`--run-id a/b` trained into nested groups no reader lists; `--out STUDY/store.zarr` nested a store in one."""
     for run_id in ("a/b", "../x", ""):
