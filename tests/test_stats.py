@@ -14,6 +14,7 @@ from scipy import stats as sps
 from scipy.special import ndtr, ndtri
 
 from gradtrace.stats import (
+    _bca_ci,
     _bh,
     _corr_matrix,
     _fisher_ci,
@@ -21,6 +22,7 @@ from gradtrace.stats import (
     _holm,
     _jackknife_corr,
     _partial_r,
+    _percentile_ci,
     _permutations,
     _probit,
     _resample_indices,
@@ -280,6 +282,45 @@ def test_block_bootstrap_indices_are_contiguous_blocks():
     assert (np.diff(idx.reshape(50, 5, 4), axis=-1) == 1).all()
 
 
+def test_resamples_draw_every_run_and_every_block_start_equally_often():
+    """Each row (within its group) is drawn once per resample on average, and moving blocks start at every
+    position 0..n-b alike: a draw that never reached a group's last row, or a last block start never taken, kept
+    the shape, range and group checks above passing."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1, 2], [5, 7, 4])
+    for g in (None, groups):
+        counts = np.bincount(_resample_indices(16, 4000, None, rng, g).ravel(), minlength=16)
+        assert np.abs(counts / 4000 - 1).max() < 0.1, counts  # sd of each ratio ≈ 0.016
+    starts = _resample_indices(20, 4000, 4, rng)[:, ::4]  # 5 blocks of 4: the first index of each is its start
+    counts = np.bincount(starts.ravel(), minlength=17)
+    assert len(counts) == 17 and np.abs(counts / (starts.size / 17) - 1).max() < 0.15, counts
+
+
+def test_percentile_and_bca_ends_equal_scipys_on_the_same_resamples():
+    """Given scipy.stats.bootstrap's own resampled statistics, both intervals' ends are scipy's to rounding, BCa's
+    with the jackknife from `_jackknife_corr`. The comparison above draws other resamples and allows 0.025, which
+    BCa met with its acceleration left out (a = 0) or doubled, and the percentile interval at 2.27% and 97.73%."""
+    rng = np.random.default_rng(30)
+    n = 25
+    id_acc, a, b = probit_lines(rng, n=n, rho=0.8, sigma=0.3)
+    Z = id_acc[:, None]
+
+    def stat(idx, axis=-1):
+        return _partial_r(a[idx], b[idx], Z[idx])
+
+    r = np.array([_partial_r(a, b, id_acc)])
+    jack = _jackknife_corr(np.c_[a, b], Z, None)[:, 0, 1]
+    d = jack.mean() - jack
+    assert abs(np.sum(d**3) / (6 * np.sum(d**2) ** 1.5)) > 0.005  # an acceleration that moves the ends
+    for method in ("percentile", "BCa"):
+        res = sps.bootstrap((np.arange(n),), stat, n_resamples=2000, method=method, rng=np.random.default_rng(7),
+                            vectorized=True)
+        theta_b = res.bootstrap_distribution[:, None]
+        ours = _percentile_ci(theta_b, 0.95) if method == "percentile" else _bca_ci(theta_b, r, jack[:, None], 0.95)
+        ref = res.confidence_interval
+        np.testing.assert_allclose(np.ravel(ours), [ref.low, ref.high], rtol=0, atol=1e-12, err_msg=method)
+
+
 @pytest.mark.parametrize("n, block, singletons", [(40, None, False), (40, None, True), (37, 4, False), (36, 4, True)])
 def test_jackknife_equals_refitting_without_each_row_or_block(n, block, singletons):
     """BCa's jackknife, from the full fit alone, equals refitting with each row (block of checkpoints) deleted, also
@@ -317,6 +358,18 @@ def test_freedman_lane_matches_loop_and_parametric():
         assert q == (1 + np.sum(np.abs(r_star) >= np.abs(r_ij) - 1e-12)) / (1 + len(perms))
     big = partial_correlations(random_table(rng, n=80), n_boot=0, n_perm=2000)
     assert np.allclose(big["p_perm"], big["p"], atol=0.05)
+
+
+def test_freedman_lane_counts_the_unpermuted_rows_as_extreme_as_themselves():
+    """The identity permutation reproduces r up to rounding and must count as at least as extreme: nine of them
+    give p = (1 + 9) / (1 + 9) = 1, not 1/10."""
+    rng = np.random.default_rng(9)
+    n = 30
+    Z = rng.standard_normal((n, 2))
+    Y = Z @ rng.standard_normal((2, 3)) + rng.standard_normal((n, 3))
+    ia, ib = np.triu_indices(3, k=1)
+    r = _corr_matrix(_residualize(Y, Z))[ia, ib]
+    assert (_freedman_lane(Y, Z, r, np.tile(np.arange(n), (9, 1)), ia, ib) == 1).all()
 
 
 def test_holm_and_bh_hand_computed():
