@@ -17,6 +17,7 @@ from gradtrace.stats import (
     _bca_ci,
     _bh,
     _corr_matrix,
+    _disagreement,
     _fisher_ci,
     _freedman_lane,
     _holm,
@@ -214,6 +215,48 @@ def test_api_matches_vectorised_core_on_simulated_cases():
         assert np.isclose(out.loc["spline", "p"], _t_pvalue(out.loc["spline", "r"], 53))
 
 
+def test_probit_clips_accuracies_half_an_item_from_0_and_1():
+    """Phi^-1 of 0 and 1 is taken at 1/(2N) and 1 - 1/(2N), N the split's items (n_items per split). The test above
+    compares the API with _probit itself, so a clip a whole item from the boundary went unnoticed."""
+    np.testing.assert_allclose(_probit(np.array([0.0, 1.0, 0.3]), 50), ndtri([0.01, 0.99, 0.3]), rtol=1e-12)
+    np.testing.assert_allclose(_probit(np.array([[0.0, 1.0]]), np.array([10, 1000])), ndtri([[0.05, 0.9995]]))
+    rng = np.random.default_rng(24)
+    n = 30
+    id_acc, a, b = probit_lines(rng, n=n, rho=0.4, sigma=0.3)
+    id_acc[0], a[3], b[7] = 1.0, 1.0, 0.0  # runs at the boundary on splits of 500 and 40 items
+    out = partial_correlations(table_from(id_acc, a, b), residualize="probit",
+                               n_items={"ID": 500, "s0": 40, "s1": 40}, **FAST).iloc[0]
+    X = np.c_[np.ones(n), ndtri(np.clip(id_acc, 1 / 1000, 1 - 1 / 1000))]
+
+    def resid(acc):  # least-squares residuals of the clipped probit accuracy on [1, probit ID]
+        y = ndtri(np.clip(acc, 1 / 80, 1 - 1 / 80))
+        return y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
+
+    assert out.r == pytest.approx(np.corrcoef(resid(a), resid(b))[0, 1], abs=1e-12)
+
+
+def test_spline_counts_the_covariates_its_tied_basis_spans():
+    """ID at 5 distinct accuracies: the spline basis spans every function of them (rank 5 with the intercept), so
+    k = 4 and the residuals are each ID level's deviations from its mean. Counting the basis' 5 columns (k = 5)
+    would take a degree of freedom too many from p and the CI."""
+    rng = np.random.default_rng(0)
+    n = 40
+    id_acc = np.repeat([0.55, 0.65, 0.75, 0.85, 0.9], 8)
+    a, b = (ndtr(ndtri(id_acc) + 0.3 * rng.standard_normal(n)) for _ in range(2))
+    out = partial_correlations(table_from(id_acc, a, b), residualize="spline", **FAST).iloc[0]
+
+    def level(acc):  # deviation of probit accuracy from its ID level's mean
+        z = ndtri(acc)
+        return z - pd.Series(z).groupby(id_acc).transform("mean").to_numpy()
+
+    r = np.corrcoef(level(a), level(b))[0, 1]
+    assert out.k == 4 and out.dof == n - 4 - 2
+    assert out.r == pytest.approx(r, abs=1e-10)
+    assert out.p == pytest.approx(2 * sps.t.sf(abs(r) * np.sqrt((n - 6) / (1 - r**2)), n - 6), rel=1e-8)
+    half = ndtri(0.975) / np.sqrt(n - 4 - 3)
+    assert [out.ci_low, out.ci_high] == pytest.approx(np.tanh(np.arctanh(r) + np.array([-half, half])), abs=1e-10)
+
+
 def test_disagree_flag_follows_sign_and_significance():
     rng = np.random.default_rng(2)
     id_acc, a, b = probit_lines(rng, n=60)
@@ -225,6 +268,16 @@ def test_disagree_flag_follows_sign_and_significance():
     assert out["disagree"].any()  # linear is spuriously significant here, probit is not
     single = partial_correlations(table_from(id_acc, a, b), residualize="probit", **FAST)
     assert single["disagree"].isna().all()
+
+
+def test_disagreement_reads_significance_at_the_given_alpha():
+    """`alpha` sets where p counts as significant: p = 0.03 beside p = 0.07 disagree at 0.05, not at 0.1 or 0.01
+    (the test above only meets the default alpha)."""
+    out = pd.DataFrame({"a": ["x", "x", "x", "x"], "b": ["y", "y", "z", "z"], "r": [0.3, 0.2, 0.3, 0.2],
+                        "p": [0.03, 0.07, 0.5, 0.6]})
+    assert _disagreement(out, 0.05).tolist() == [True, True, False, False]
+    assert not _disagreement(out, 0.1).any() and not _disagreement(out, 0.01).any()
+    assert _disagreement(out.assign(r=[0.3, 0.2, 0.3, -0.2]), 0.1).tolist() == [False, False, True, True]
 
 
 @pytest.mark.parametrize("method", ["probit", "spline"])
@@ -410,6 +463,37 @@ def test_checkpoints_warn_note_and_order_by_step():
         partial_correlations(df, unit="checkpoints", block_length=40, **FAST)  # every resample the same rows
 
 
+def test_checkpoints_default_block_is_the_cube_root_of_their_number():
+    """block_length=None takes round(n^(1/3)) checkpoints a block, as documented: 3 of 40 (not √40 ≈ 6)."""
+    df = random_table(np.random.default_rng(11), n=40).assign(run_id="run0", step=np.arange(40))
+    with pytest.warns(UserWarning, match="naive p-values"):
+        default = partial_correlations(df, unit="checkpoints", n_boot=100, n_perm=0, seed=1)
+    with pytest.warns(UserWarning, match="naive p-values"):
+        three = partial_correlations(df, unit="checkpoints", n_boot=100, n_perm=0, seed=1, block_length=3)
+    with pytest.warns(UserWarning, match="naive p-values"):
+        six = partial_correlations(df, unit="checkpoints", n_boot=100, n_perm=0, seed=1, block_length=6)
+    pd.testing.assert_frame_equal(default, three)
+    assert not np.allclose(default["boot_ci_low"], six["boot_ci_low"])
+
+
+def test_checkpoint_items_follow_their_rows_when_the_table_is_out_of_step_order():
+    """Items come in the table's row order; checkpoints are sorted by step and their items must move with them:
+    a shuffled table and its items give what the sorted ones give."""
+    rng = np.random.default_rng(40)
+    n = 30
+    id_acc, pa, pb = probit_lines(rng, n=n, rho=0.5, sigma=0.3)
+    items = {"s0": _items(rng, pa, 100), "s1": _items(rng, pb, 100)}
+    df = table_from(id_acc, items["s0"].mean(1), items["s1"].mean(1)).assign(run_id="run0", step=np.arange(n) * 5)
+    order = rng.permutation(n)
+    with pytest.warns(UserWarning, match="naive p-values"):
+        in_order = partial_correlations(df, unit="checkpoints", items=items, n_splits=10, **FAST)
+    with pytest.warns(UserWarning, match="naive p-values"):
+        shuffled = partial_correlations(df.iloc[order], unit="checkpoints", n_splits=10, **FAST,
+                                        items={s: v[order] for s, v in items.items()})
+    pd.testing.assert_frame_equal(in_order, shuffled)
+    assert shuffled[["rel_a", "rel_b"]].notna().all().all()
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
@@ -427,6 +511,19 @@ def test_too_few_runs_says_how_many_are_needed():
                                          r"residualize='spline'.*k=5.*spline_knots"):  # it refused all three
         out = partial_correlations(df, residualize="all", **FAST)
     assert list(out.residualize.unique()) == ["linear", "probit"] and out.disagree.notna().all()
+
+
+def test_runs_needed_is_the_fewest_runs_whose_interval_is_narrow_enough():
+    """Checked against the Fisher-z half-width itself, down to the fewest runs a CI allows (k + 4)."""
+    def half_width(n, r, k):
+        z, c = np.arctanh(r), ndtri(0.975) / np.sqrt(n - k - 3)
+        return (np.tanh(z + c) - np.tanh(z - c)) / 2
+
+    for r, hw, k in [(0.3, 0.2, 1), (0.0, 0.99, 1), (0.0, 0.99, 4), (0.6, 0.1, 3), (-0.5, 0.3, 6)]:
+        n = runs_needed(r, hw, k)
+        assert n >= k + 4 and half_width(n, r, k) <= hw, (r, hw, k, n)
+        assert n == k + 4 or half_width(n - 1, r, k) > hw, (r, hw, k, n)
+    assert runs_needed(0.0, 0.99, k=1) == 5 and runs_needed(0.0, 0.99, k=4) == 8
 
 
 def test_all_residualisations_leave_out_one_whose_curve_fits_a_shift_exactly():
