@@ -14,6 +14,7 @@ from scipy import stats as sps
 from scipy.special import ndtr, ndtri
 
 from gradtrace.stats import (
+    _band,
     _bca_ci,
     _bh,
     _corr_matrix,
@@ -674,6 +675,62 @@ def test_disattenuation_moves_r_towards_the_planted_value():
         partial_correlations(df, items={"s0": items["s0"][::-1]}, **FAST)
 
 
+def test_disattenuation_is_missing_where_one_reliability_is_zero():
+    """r / sqrt(rel_a rel_b) with one reliability 0 and the other not is ±inf: r_disattenuated is missing where either
+    is 0 (the test above has both at 0)."""
+    rng = np.random.default_rng(5)
+    n, m = 80, 100
+    id_acc = rng.uniform(0.4, 0.9, n)
+    items = {"s0": _fixed_total_items(rng, rng.integers(48, 53, n), m), "s1": _items(rng, rng.uniform(0.2, 0.8, n), m)}
+    df = table_from(id_acc, items["s0"].mean(1), items["s1"].mean(1))
+    out = partial_correlations(df, residualize="linear", items=items, n_splits=20, **FAST)
+    assert (out["rel_a"] == 0).all() and (out["rel_b"] > 0.5).all()
+    assert out["r_disattenuated"].isna().all() and out["r"].notna().all()
+
+
+def test_items_of_two_runs_swapped_are_refused():
+    """Item rows are checked against acc_<split> to 1e-3: two runs' rows swapped (accuracies an item or more apart)
+    are refused as misaligned, not only a whole table reversed."""
+    rng = np.random.default_rng(16)
+    n = 30
+    items = _items(rng, rng.uniform(0.3, 0.7, n), 200)
+    acc = items.mean(1)
+    df = table_from(rng.uniform(0.4, 0.9, n), acc, rng.uniform(0.2, 0.8, n))
+    gaps = np.abs(acc[:, None] - acc[None, :]) + np.where(np.eye(n, dtype=bool) | (acc[:, None] == acc), 1, 0)
+    i, j = np.unravel_index(np.argmin(gaps), gaps.shape)  # the two runs closest in accuracy, yet apart
+    swapped = items.copy()
+    swapped[[i, j]] = swapped[[j, i]]
+    with pytest.raises(ValueError, match="same order"):
+        partial_correlations(df, items={"s0": swapped}, **FAST)
+    assert partial_correlations(df, items={"s0": items}, **FAST)["rel_a"].notna().all()
+
+
+def test_centre_within_subtracts_each_groups_own_mean():
+    """Against pandas' group means, batch axes included."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((3, 12, 2))
+    groups = np.array(list("aabbbcccaacb"))
+    expected = [x[i] - pd.DataFrame(x[i]).groupby(groups).transform("mean").to_numpy() for i in range(3)]
+    np.testing.assert_allclose(centre_within(x, groups), expected, atol=1e-12)
+    np.testing.assert_allclose(centre_within(x), x - x.mean(axis=-2, keepdims=True), atol=1e-12)
+
+
+def test_split_half_reliability_within_groups_is_that_of_the_differences_within_them():
+    """With `groups` (as `stats_report` passes each run's base) the halves are centred within groups: offsets shared
+    by a group's runs carry no weight. Uncentred they put the reliability near 1 where the differences within
+    groups are as noisy as their truth says."""
+    rng = np.random.default_rng(31)
+    m, groups = 200, np.repeat(np.arange(4), 100)
+    p = ndtr(np.array([-1.0, -0.3, 0.3, 1.0])[groups] + 0.1 * rng.standard_normal(400))
+    items = {"s": _items(rng, p, m)}
+    with pytest.warns(UserWarning, match="below 0.9"):
+        within = split_half_reliability(items, n_splits=50, groups=groups)["reliability"].iloc[0]
+    pooled = split_half_reliability(items, n_splits=50)["reliability"].iloc[0]
+    centred = p - pd.Series(p).groupby(groups).transform("mean").to_numpy()
+    truth = centred.var() / (centred.var() + np.mean(p * (1 - p)) / m)  # true-score / observed variance within
+    assert pooled > 0.97 and abs(within - truth) < 0.06, (pooled, within, truth)
+
+
 # ------------------------------------------------------------------------------------------------ gap
 
 
@@ -700,6 +757,11 @@ def test_generalisation_gap_bands_consistency_and_seeds():
     assert list(bare.columns) == ["run_id", "split", "test_acc"] and len(bare) == 8
     with pytest.raises(ValueError, match="out of range in \\['acc_ID', 'train_acc_ID'\\].*percentages"):
         generalisation_gap(df.assign(acc_ID=100 * df["acc_ID"], train_acc_ID=100 * df["train_acc_ID"]))
+
+
+def test_generalisation_gap_bands_at_their_edges():
+    """'healthy' below 5 points, 'watch' from 5 to 10 inclusive, 'warning' above 10, None where the gap is missing."""
+    assert _band(np.array([4.99, 5.0, 10.0, 10.01, np.nan])).tolist() == ["healthy", "watch", "watch", "warning", None]
 
 
 # ------------------------------------------------------------------------------------------------ report
