@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from scipy.special import ndtr
+from scipy.special import ndtr, ndtri
 
 from gradtrace import config, stats, store
-from gradtrace.predict import (PREDICTORS, baselines, format_scores, load_reference, noise_ceiling,
-                               partial_from_covariance, probit_partials, relabel_pvalue, run_predict, score,
-                               sign_accuracy, spearman)
+from gradtrace.predict import (PREDICTORS, ReferenceData, ReferenceRun, _partial_across_samples, baselines,
+                               format_scores, load_reference, noise_ceiling, partial_from_covariance, probit_partials,
+                               relabel_pvalue, run_predict, score, sign_accuracy, spearman)
 from gradtrace.subspace import top_span
 
 D, SHIFTS, RANK = 40, [f"s{i}" for i in range(1, 7)], 4
@@ -302,6 +302,109 @@ def test_path_integral_is_exact_for_linear_losses(planted):
     np.testing.assert_allclose(path.fidelity_["first_order"], path.fidelity_["measured"], rtol=1e-3, atol=1e-3)
     measured = PREDICTORS["trajectory_loss"]().fit(ref).predict().matrix.to_numpy()
     np.testing.assert_allclose(path.predict().matrix.to_numpy(), measured, atol=1e-3)
+
+
+def _memory_run(rng: np.random.Generator, n_splits: int = 4, k: int = 6, steps: int = 41,
+                probe_steps: tuple[int, ...] = (0, 10, 20, 30, 40), **fields) -> ReferenceRun:
+    """A reference run held in memory: random probe gradients (one probe loss), updates, losses and a learning rate
+    that changes every step."""
+    P = len(probe_steps)
+    defaults = dict(run_id="mem-000", probe_step=np.array(probe_steps),
+                    probe_grad=rng.standard_normal((P, n_splits, 1, k)),
+                    probe_grad_adam=rng.standard_normal((P, n_splits, 1, k)),
+                    probe_loss=rng.uniform(1, 3, (P, n_splits, 1)),
+                    step=np.arange(steps), update=rng.standard_normal((steps, k)), grad=None,
+                    lr=np.linspace(1e-3, 2e-3, steps), eval_step=None, eval_accuracy=None, seeds={}, wall_time_s=1.0,
+                    nonfinite_steps=0)
+    return ReferenceRun(**{**defaults, **fields})
+
+
+def _memory_reference(run: ReferenceRun) -> ReferenceData:
+    splits = ("ID", *[f"s{i}" for i in range(1, run.probe_grad.shape[1])])
+    return ReferenceData((run,), splits, ("ce",), {"kind": "identity"}, [])
+
+
+def _precision_partials(C: np.ndarray) -> np.ndarray:
+    """Partial correlations given variable 0 from the inverse of each 3×3 block [0, a, b] of a covariance."""
+    S = len(C) - 1
+    out = np.full((S, S), np.nan)
+    for a in range(S):
+        for b in range(S):
+            if a != b:
+                P = np.linalg.inv(C[np.ix_([0, a + 1, b + 1], [0, a + 1, b + 1])])
+                out[a, b] = -P[1, 2] / np.sqrt(P[1, 1] * P[2, 2])
+    return out
+
+
+def test_tag_lookahead_is_its_first_order_formula():
+    """Z_a→b = η (M_ab − M_a,ID M_b,ID / M_ID,ID) / L_b, M the symmetrised g_iᵀ P g_j and η the learning rate of the
+    last step before the probe (the first step's at step 0); the prediction (Z_a→b + Z_b→a) / 2. On the planted
+    runs (constant learning rate) only its symmetry was checked: the ID projection could go, η be the next
+    step's."""
+    rng = np.random.default_rng(0)
+    run = _memory_run(rng)
+    for probe in (0, 2, -1):
+        got = PREDICTORS["tag_lookahead"](probe=probe).fit(_memory_reference(run)).predict().matrix.to_numpy()
+        G, PG = run.probe_grad[probe, :, 0], run.probe_grad_adam[probe, :, 0]
+        M = (G @ PG.T + PG @ G.T) / 2
+        eta = run.lr[run.step == max(run.probe_step[probe] - 1, 0)][0]
+        loss = run.probe_loss[probe, :, 0]
+        Z = np.array([[eta * (M[a, b] - M[a, 0] * M[b, 0] / M[0, 0]) / loss[b] for b in range(1, 4)]
+                      for a in range(1, 4)])
+        expected = (Z + Z.T) / 2
+        np.fill_diagonal(expected, np.nan)
+        np.testing.assert_allclose(got, expected, rtol=1e-10, err_msg=f"probe {probe}")
+
+
+def test_covariance_predictor_takes_the_centred_tail_of_the_updates():
+    """Σ is the sample covariance of the last ceil(tail · T) updates, their mean (a drift) removed: with 41 updates
+    and tail 0.5 the last 21. Against np.cov and the precision formula (the planted updates barely drift, and a
+    tail of 20 or 21 of 500 rows changes little)."""
+    rng = np.random.default_rng(1)
+    run = _memory_run(rng, update=rng.standard_normal((41, 6)) * rng.uniform(0.5, 2, 6) + 3.0)
+    got = PREDICTORS["covariance"](tail=0.5).fit(_memory_reference(run)).predict().matrix.to_numpy()
+    G = run.probe_grad[-1, :, 0]
+    np.testing.assert_allclose(got, _precision_partials(G @ np.cov(run.update[-21:].T) @ G.T), atol=1e-5)
+
+
+def test_path_integral_is_exact_for_quadratic_losses_and_correlates_centred_windows():
+    """With losses L_i(θ) = b_iᵀθ + ½θᵀA_iθ the gradient moves along the path and only the trapezoid rule is
+    exact: the first-order sums equal the measured loss changes (the planted losses are linear, where the
+    left-point rule is exact too). The prediction is the partial correlation of the windows' contributions,
+    centred (updates that drift give contributions with a mean)."""
+    rng = np.random.default_rng(2)
+    n_splits, k, T = 4, 5, 40
+    probe_steps = np.arange(0, T + 1, 5)
+    updates = rng.standard_normal((T, k)) + 0.5
+    theta = np.vstack([np.zeros(k), np.cumsum(updates, axis=0)])[probe_steps]
+    b, A = rng.standard_normal((n_splits, k)), rng.standard_normal((n_splits, k, k))
+    A = (A + A.transpose(0, 2, 1)) / 2
+    grad = b[None] + np.einsum("sij,pj->psi", A, theta)
+    loss = 5 + np.einsum("sk,pk->ps", b, theta) + 0.5 * np.einsum("pi,sij,pj->ps", theta, A, theta)
+    run = _memory_run(rng, n_splits, k, T, tuple(probe_steps), probe_grad=grad[:, :, None],
+                      probe_loss=loss[:, :, None], update=updates)
+    path = PREDICTORS["path_integrated"]().fit(_memory_reference(run))
+    np.testing.assert_allclose(path.fidelity_["first_order"], path.fidelity_["measured"], rtol=1e-9)
+    expected = _precision_partials(np.cov(np.diff(loss, axis=0).T))  # the windows' exact loss changes
+    np.testing.assert_allclose(path.predict().matrix.to_numpy(), expected, atol=1e-9)
+
+
+def test_checkpoint_accuracy_centres_each_split_across_the_tail_of_checkpoints():
+    """The probit accuracies of the last ceil(tail · E) checkpoints, each split centred on its own mean: against
+    np.cov (the planted accuracies barely move, so one mean for all splits went unnoticed)."""
+    rng = np.random.default_rng(4)
+    acc = ndtr(rng.uniform(-1, 1, 4) + 0.3 * rng.standard_normal((11, 4)))  # splits at their own levels
+    run = _memory_run(rng, eval_step=np.arange(11) * 4, eval_accuracy=acc)
+    got = PREDICTORS["checkpoint_accuracy"](tail=0.5).fit(_memory_reference(run)).predict().matrix.to_numpy()
+    np.testing.assert_allclose(got, _precision_partials(np.cov(ndtri(acc[-6:]).T)), atol=1e-10)
+
+
+def test_partial_correlations_across_samples_need_four_independent_ones():
+    """dof = n − 3 ≥ 1: three independent samples are refused, four are not."""
+    Y = np.random.default_rng(3).standard_normal((10, 3))
+    with pytest.raises(ValueError, match="only 3 independent samples"):
+        _partial_across_samples(Y, 3)
+    assert np.isfinite(_partial_across_samples(Y, 4)[0, 1])
 
 
 def test_path_needs_every_step(planted):
