@@ -169,7 +169,7 @@ def test_the_config_accepts_exactly_the_sketches_there_are():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("start, length", [(LAYOUT.size - 10, 20), (-5, 10)])
+@pytest.mark.parametrize("start, length", [(LAYOUT.size - 10, 20), (LAYOUT.size - 3, 4), (-5, 10)])  # 4: one past
 def test_a_range_outside_the_layout_is_refused(kind, start, length):
     with pytest.raises(ValueError, match=r"not inside the sketched vector's \[0, "):
         make_sketch(kind, LAYOUT, 64).apply_range(torch.ones(length), start)

@@ -169,6 +169,7 @@ def test_effective_dimension():
     assert spiky.dims_for_energy == 1
     partial = Span(np.eye(2, 5), np.array([1.0, 1.0]), np.array([0.25, 0.25]), 4.0)
     assert effective_dimension(partial).dims_for_energy is None  # the span holds only half the energy
+    assert effective_dimension(partial).captured == pytest.approx(0.5)  # not 1: the rest lies outside the span
     assert effective_dimension(partial, energy=0.5).dims_for_energy == 2
 
 
