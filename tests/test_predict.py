@@ -568,6 +568,8 @@ def test_relabel_p_small_for_signal_not_for_noise():
     assert np.mean(np.array(ps) < 0.05) <= 0.2 and np.median(ps) > 0.2
     p_sampled, n_sampled = relabel_pvalue(obs, obs, n_perm=500, max_exhaustive=4)
     assert n_sampled == 500 and p_sampled == pytest.approx(1 / 501, abs=2 / 501)
+    assert p_sampled >= 1 / 501 and abs(p_sampled * 501 - round(p_sampled * 501)) < 1e-9  # (1 + hits) / 501
+    assert relabel_pvalue(obs, obs, n_perm=500, max_exhaustive=S)[1] == 5040  # S ≤ max_exhaustive: every one
     p_none, n_none = relabel_pvalue(obs, obs, n_perm=0, max_exhaustive=4)
     assert np.isnan(p_none) and n_none == 0  # no permutation: no test, not p = 1
 

@@ -180,6 +180,8 @@ def test_length_batched_evaluation_equals_full_width_exact_match_in_item_order(t
         assert sorted(idx.tolist()) == list(range(len(data)))  # every item once
         ends = data.tokens.shape[1] - data.answer_mask[:, ::-1].argmax(1)
         assert all(width >= ends[i].max() for i, width in batches)  # no answer token cut off
+        widths = [width for _, width in batches]
+        assert widths == sorted(widths)  # items sorted by length: each batch cut to its own longest
         assert (data.tokens[np.arange(len(data)), ends - 1] == task.tokenizer.eos_id).all()
         with torch.no_grad():
             x, m = data.torch()
