@@ -755,6 +755,20 @@ def test_calibration_flags_unusable_splits_and_same_axis_pairs():
     assert "a CI reaching below 0.8 leaves it open" in Calibration(cal.splits, unsure).format()
 
 
+def test_calibration_std_divides_by_the_runs_degrees_of_freedom():
+    """std is the sample sd (n − 1) of one base's runs, and within bases the pooled sd of the runs' differences from
+    their base's mean (n − bases), and under 3 points it makes a split unusable: dividing by n, or dropping the
+    std criterion, passed the other calibration tests."""
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame({"acc_ID": rng.uniform(0.5, 0.9, 8), "acc_a": rng.uniform(0.2, 0.6, 8)})
+    assert assess(table, {}).splits.set_index("split").loc["a", "std"] == pytest.approx(table.acc_a.std(ddof=1))
+    based = table.assign(base=["base-0"] * 4 + ["base-1"] * 4)
+    within = based.acc_a - based.groupby("base").acc_a.transform("mean")
+    assert assess(based, {}).splits.set_index("split").loc["a", "std"] == pytest.approx(np.sqrt((within**2).sum() / 6))
+    flat = assess(table.assign(acc_b=0.5 + 0.01 * rng.standard_normal(8)), {}).splits.set_index("split")
+    assert flat.loc["b", "reason"].startswith("std ") and not flat.loc["b", "usable"]  # under 3 points: not usable
+
+
 def test_ensembled_sweep_gives_the_same_accuracies_as_standalone_runs(tmp_path):
     base = {"sweep__runs": 4, "sweep__workers": 1, "sweep__reference_runs": 2, "train__steps": 10}
     alone = run_sweep(tiny_config(**base), tmp_path / "alone", progress=False)
