@@ -497,6 +497,8 @@ def test_scores_on_hand_made_matrices():
     assert s.loc["perfect", "n_sig_pairs"] == 5  # |r| = 0.05 has a CI covering 0
     assert s.loc["perfect", "sign_acc"] == 1 and s.loc["reversed", "sign_acc"] == 0 and s.loc["zero", "sign_acc"] == 0.5
     assert s.loc["perfect", "majority_sign_acc"] == pytest.approx(3 / 5)
+    negated = score({"negated": frame(-obs)}, _observed_frame(-obs, names), n_perm=0)
+    assert negated["majority_sign_acc"].iloc[0] == pytest.approx(3 / 5)  # the better constant sign: −
     assert s.loc["perfect", "p_relabel"] == pytest.approx(1 / 24) and s.loc["perfect", "n_relabel"] == 24
     assert s.loc["reversed", "p_relabel"] == pytest.approx(1)
     assert s.loc["perfect", "group"] == "preregistered" and bool(s.loc["perfect", "preregistered"])
