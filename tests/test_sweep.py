@@ -703,11 +703,14 @@ def test_calibrating_candidate_bases_runs_one_pilot_per_base_seed(tmp_path, caps
     assert "train.init_seed=N" in out and "no base with 6 usable shifts: pilot other seeds" in out  # 4 steps: none
     table = pd.read_csv(tmp_path / "bases.csv")
     assert table.init_seed.tolist() == [3, 7]
-    for seed, base_id, usable in zip(table.init_seed, table.base_ID, table.usable):
+    for seed, base_id, usable, mean, std in zip(table.init_seed, table.base_ID, table.usable, table.ID_mean,
+                                                table.ID_std):
         base = zarr.open_group(tmp_path / f"base-seed-{seed}" / "store.zarr")["base"].attrs
         assert base["seeds"]["init"] == seed and base_id == pytest.approx(base["accuracy"]["ID"])
         calibration = pd.read_csv(tmp_path / f"base-seed-{seed}" / "calibration.csv")
         assert usable == calibration.usable.sum()
+        id_row = calibration.set_index("split").loc["ID"]
+        assert (mean, std) == pytest.approx((id_row["mean"], id_row["std"]))
     assert main(argv + set_args({**sets, "sweep.pretrain_steps": 0})) == 2
     assert "sweep.pretrain_steps > 0" in capsys.readouterr().err
     assert main(["calibrate", "/dev/null", "--out", str(tmp_path / "one"), "--runs", "5", *set_args(sets)]) == 0
@@ -729,6 +732,10 @@ def test_a_pilot_too_small_for_partial_correlations_still_reports():
     calibration = assess(table, {})  # the splits are still assessed, the pairs say why they are not
     assert len(calibration.splits) == 4 and calibration.pairs.empty
     assert "no pairs assessed: shifts ['length'] are exactly determined by the covariates (ID" in calibration.format()
+    five = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7, 0.8, 0.55], "acc_a": [0.3, 0.5, 0.4, 0.6, 0.2],
+                         "acc_b": [0.4, 0.3, 0.5, 0.45, 0.6]})
+    calibration = assess(five, {})  # 5 runs, the fewest a partial correlation given ID allows: the pair is assessed
+    assert not calibration.pairs_note and calibration.pairs[["a", "b"]].values.tolist() == [["a", "b"]]
 
 
 def test_calibration_flags_unusable_splits_and_same_axis_pairs():
@@ -753,6 +760,11 @@ def test_calibration_flags_unusable_splits_and_same_axis_pairs():
     unsure = pd.DataFrame([{"a": "good", "b": "other", "partial_r": 0.85, "ci_low": 0.52, "ci_high": 0.96,
                             "same_axis": True}])
     assert "a CI reaching below 0.8 leaves it open" in Calibration(cal.splits, unsure).format()
+    settled = unsure.assign(partial_r=-0.93, ci_low=-0.98, ci_high=-0.81)  # every r in the CI: |r| > 0.8
+    assert "leaves it open" not in Calibration(cal.splits, settled).format()
+    touching = unsure.assign(partial_r=0.9, ci_low=SAME_AXIS, ci_high=0.97)  # holds r = 0.8 itself, not above it
+    assert "leaves it open" in Calibration(cal.splits, touching).format()
+    assert re.search(r"\nID .*  ID\n", cal.format())  # the ID row is no shift: neither usable nor not
 
 
 def test_calibration_std_divides_by_the_runs_degrees_of_freedom():
@@ -767,6 +779,89 @@ def test_calibration_std_divides_by_the_runs_degrees_of_freedom():
     assert assess(based, {}).splits.set_index("split").loc["a", "std"] == pytest.approx(np.sqrt((within**2).sum() / 6))
     flat = assess(table.assign(acc_b=0.5 + 0.01 * rng.standard_normal(8)), {}).splits.set_index("split")
     assert flat.loc["b", "reason"].startswith("std ") and not flat.loc["b", "usable"]  # under 3 points: not usable
+
+
+def test_calibration_thresholds_hold_at_their_edges(monkeypatch):
+    """A split is usable at exactly 10% or 90% mean, 3 points of std and 0.9 reliability (the criteria read "10–90%",
+    "≥ 3%", "≥ 0.9"): strict comparisons at any edge passed the other calibration tests."""
+    from gradtrace import stats
+
+    table = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7, 0.8], "acc_low": [0.06, 0.08, 0.12, 0.14],
+                          "acc_high": [0.86, 0.88, 0.92, 0.94], "acc_spread": [0.5, 0.44, 0.44, 0.44],
+                          "acc_shaky": [0.3, 0.4, 0.5, 0.6]})
+    reliability = {"ID": 0.9, "low": 0.9, "high": 0.9, "spread": 0.9, "shaky": np.nextafter(0.9, 0)}
+    monkeypatch.setattr(stats, "split_half_reliability", lambda items, groups=None: pd.DataFrame(
+        {"split": list(reliability), "reliability": list(reliability.values())}))
+    verdict = assess(table, {"ID": np.zeros((4, 2))}).splits.set_index("split")
+    assert verdict.loc["low", "mean"] == 0.1 and verdict.loc["high", "mean"] == 0.9  # exactly at the edges
+    assert verdict.loc["spread", "std"] == 0.03
+    assert verdict.usable.to_dict() == {"ID": False, "low": True, "high": True, "spread": True, "shaky": False}
+    assert verdict.loc["shaky", "reason"] == "reliability 0.90"
+
+
+def test_calibration_over_several_bases_takes_r_id_reliability_and_pairs_within_base():
+    """With two bases, r(ID) is the correlation of the runs' differences from their base's mean, reliability that of
+    the differences, a shift that moves only between bases varies for no pair, pairs are the probit partial r given
+    ID and the base (pingouin) with the pilot's own item count in the probit clip, and a pair of shifts that move
+    against each other (r < −0.8) is one axis as well. Pooled r(ID) or reliability, a shift counted as varying
+    across bases, n_items left at its default, |r| read as r, or ID counted as a usable shift passed the others."""
+    import pingouin as pg
+    from scipy.special import ndtr, ndtri
+
+    rng = np.random.default_rng(3)
+    n, items = 16, 400
+    base = np.repeat([0, 1], n // 2)
+    ability, twin = rng.standard_normal(n), rng.standard_normal(n)
+    probit = {"ID": 0.3 + 0.8 * base + 0.3 * ability, "good": 0.8 * base + 0.4 * ability + 0.6 * twin,
+              "mirror": 0.8 * base + 0.4 * ability - 0.6 * twin, "other": 0.8 * base + 0.3 * rng.standard_normal(n),
+              "rare": -2.6 + 0.3 * ability + 0.3 * rng.standard_normal(n)}  # some runs get no item right
+    correct = {s: rng.random((n, items)) < ndtr(z)[:, None] for s, z in probit.items()}
+    correct["between"] = rng.permuted(np.arange(items) < np.where(base, 300, 100)[:, None], axis=1)  # 25% or 75%
+    table = pd.DataFrame({"base": [f"base-{b}" for b in base], **{f"acc_{s}": c.mean(1) for s, c in correct.items()}})
+    cal = assess(table, correct)
+    verdict = cal.splits.set_index("split")
+    centred = table.filter(like="acc_") - table.groupby("base")[list(table.filter(like="acc_"))].transform("mean")
+    for s in ["good", "mirror", "other", "rare"]:
+        assert verdict.loc[s, "r_id"] == pytest.approx(np.corrcoef(centred[f"acc_{s}"], centred.acc_ID)[0, 1])
+    assert np.isnan(verdict.loc["between", "r_id"]) and verdict.loc["between", "reliability"] < 0.5  # pooled: ~1
+    assert verdict.usable.to_dict() == {"ID": False, "good": True, "mirror": True, "other": True, "rare": False,
+                                        "between": False}
+    assert "\n3 usable shift(s)" in cal.format()
+    assert not cal.pairs_note and set(cal.pairs.a) | set(cal.pairs.b) == {"good", "mirror", "other", "rare"}
+    clipped = {s: ndtri(np.clip(c.mean(1), 1 / (2 * items), 1 - 1 / (2 * items))) for s, c in correct.items()}
+    data = pd.DataFrame({**clipped, "base": base})
+    reference = [pg.partial_corr(data, x=a, y=b, covar=["ID", "base"])["r"].iloc[0]
+                 for a, b in zip(cal.pairs.a, cal.pairs.b)]
+    np.testing.assert_allclose(cal.pairs.partial_r, reference, atol=1e-9)
+    assert cal.pairs.same_axis.tolist() == (cal.pairs.partial_r.abs() > SAME_AXIS).tolist()
+    mirror = cal.pairs[(cal.pairs.a + cal.pairs.b).isin(["goodmirror", "mirrorgood"])].iloc[0]
+    assert mirror.partial_r < -SAME_AXIS and mirror.same_axis and "good~mirror (-0.92" in cal.format()
+
+
+def test_calibrate_assesses_a_pilot_of_the_fewest_runs_it_allows(tmp_path, monkeypatch):
+    """3 runs, or 2 per base over several bases, are enough: refusing them (`<=` for `<`) passed the other tests,
+    which train pilots of 5. The pilot trains the runs asked for and no reference run, and only its sweep runs are
+    assessed."""
+    import gradtrace.results
+    import gradtrace.sweep
+    from gradtrace.calibrate import calibrate
+
+    pilots = []
+
+    def pilot(cfg, out):
+        pilots.append((cfg.sweep.runs, cfg.sweep.reference_runs))
+        Path(out).mkdir()
+        n = cfg.sweep.runs
+        return pd.DataFrame({"run_id": [f"run-{i:03d}" for i in range(n)] + ["base"], "role": ["sweep"] * n + ["base"],
+                             "acc_ID": np.linspace(0.4, 0.8, n + 1), "acc_a": np.linspace(0.6, 0.2, n + 1)})
+
+    monkeypatch.setattr(gradtrace.sweep, "run_sweep", pilot)
+    monkeypatch.setattr(gradtrace.results, "load_item_correctness", lambda out: {})
+    verdict = calibrate(tiny_config(), tmp_path / "three", runs=3).splits.set_index("split")
+    assert verdict.loc["a", "min"] == pytest.approx(1 / 3) and verdict.loc["a", "max"] == 0.6  # not the base row (0.2)
+    assert (tmp_path / "three" / "calibration.csv").exists()
+    calibrate(tiny_config(sweep__pretrain_steps=2, sweep__bases=2), tmp_path / "bases", runs=4)
+    assert pilots == [(3, 0), (4, 0)]
 
 
 def test_ensembled_sweep_gives_the_same_accuracies_as_standalone_runs(tmp_path):
@@ -1191,14 +1286,16 @@ def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path, capsys):
         load_results(tmp_path)  # of why one did
 
 
-@pytest.mark.parametrize("usable, hinted", [(5, True), (6, False)])
-def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(tmp_path, monkeypatch, capsys, usable, hinted):
+@pytest.mark.parametrize("usable, hinted, shifts", [(5, True, 7), (6, False, 7), (4, False, 4)])
+def test_calibrate_points_to_other_bases_only_below_six_usable_shifts(tmp_path, monkeypatch, capsys, usable, hinted,
+                                                                      shifts):
+    """A study of fewer than 6 shifts aims for all of them: 4 of 4 usable is no reason to pilot other bases."""
     import gradtrace.calibrate
     from gradtrace.cli import main
 
-    splits = ["ID", "length", "carry", "zeropad", "base8", "space", "spaced_ops", "order"]
+    splits = ["ID", "length", "carry", "zeropad", "base8", "space", "spaced_ops", "order"][:shifts + 1]
     frame = pd.DataFrame({"split": splits, "mean": 0.5, "std": 0.05, "min": 0.4, "max": 0.6, "r_id": 0.5,
-                          "reliability": 0.95, "usable": [False] + [i < usable for i in range(7)], "reason": ""})
+                          "reliability": 0.95, "usable": [False] + [i < usable for i in range(shifts)], "reason": ""})
     monkeypatch.setattr(gradtrace.calibrate, "calibrate",
                         lambda cfg, out, runs: Calibration(frame, pd.DataFrame(), 1, "no pairs assessed: faked"))
     assert main(["calibrate", "experiments/default.yaml", "--out", str(tmp_path)]) == 0  # faked: writes nothing
