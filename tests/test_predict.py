@@ -647,6 +647,72 @@ def test_noise_ceiling_says_why_small_bases_give_none():
         assert np.isnan(noise_ceiling(acc, n_splits=10, groups=groups)).all()
 
 
+def test_score_resamples_and_takes_the_ceiling_within_groups_at_the_items_given():
+    """With a sweep of two bases scored `within` base at 20 items: the bootstrap CI is the 2.5–97.5 percentiles of
+    the Spearmans of resamples drawn within base (probit partials within base, clipped at 1/40), moved by the
+    observed Spearman less their median; reliability and ceiling are `noise_ceiling`'s within base at 20 items, and
+    spearman_over_ceiling is their ratio. Resampling across bases, partials or ceiling pooled, n_items left at 2000,
+    the mean for the median, a 90% interval, or ρ·ceiling passed the other tests."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(5)
+    names = ["a", "b", "c", "d"]
+    acc, groups = _grouped_sweep(rng, rng.normal(size=(4, 2)), bases=2, runs_per_base=12)
+    acc = np.round(ndtr(1.5 * ndtri(acc)) * 20) / 20  # 20 items a split: some runs at 0 or 1
+    assert ((acc == 0) | (acc == 1)).any()
+    table = pd.DataFrame(acc, columns=[f"acc_{s}" for s in ["ID", *names]]).assign(base=groups.astype(str))
+    ia, ib = np.triu_indices(4, k=1)
+    observed = probit_partials(acc, 20, groups)
+    prediction = observed + 0.3 * rng.standard_normal((4, 4))
+    row = score(pd.DataFrame(prediction, index=names, columns=names), _observed_frame(observed, names), table,
+                n_boot=200, n_splits=20, n_perm=0, seed=2, n_items=20, within="base").iloc[0]
+    rho = spearmanr(prediction[ia, ib], observed[ia, ib]).statistic
+    idx = stats.bootstrap_indices(len(acc), 200, np.random.default_rng(2), groups)
+    boot = np.array([spearmanr(prediction[ia, ib], probit_partials(acc[i], 20, groups)[ia, ib]).statistic
+                     for i in idx])
+    assert row.spearman == pytest.approx(rho) and np.isfinite(boot).all()
+    np.testing.assert_allclose([row.boot_ci_low, row.boot_ci_high],
+                               np.clip(np.percentile(boot, [2.5, 97.5]) + rho - np.median(boot), -1, 1), atol=1e-12)
+    reliability, ceiling = noise_ceiling(acc, 20, 2, 20, groups)
+    assert reliability != noise_ceiling(acc, 20, 2, 20)[0] and reliability != noise_ceiling(acc, 20, 2, 2000, groups)[0]
+    assert (row.reliability, row.noise_ceiling) == pytest.approx((reliability, ceiling))
+    assert row.spearman_over_ceiling == pytest.approx(rho / ceiling)
+
+
+def test_score_reads_only_the_probit_rows_and_warns_below_three_pairs():
+    """A stats table of every residualisation is scored on its probit rows alone (the others doubled the pairs),
+    and fewer than 3 pairs make a note while 3 make none."""
+    import warnings
+
+    names = ["a", "b", "c"]
+    obs = np.array([[np.nan, 0.5, -0.3], [0.5, np.nan, 0.2], [-0.3, 0.2, np.nan]])
+    pred = pd.DataFrame(obs ** 3, index=names, columns=names)
+    probit = _observed_frame(obs, names)
+    every = pd.concat([probit.assign(residualize="linear", r=-probit.r), probit.assign(residualize="probit")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3 pairs: no note
+        alone, mixed = score(pred, probit, n_perm=0), score(pred, every, n_perm=0)
+    pd.testing.assert_frame_equal(alone, mixed)
+    assert alone.n_pairs[0] == 3 and alone.spearman[0] == pytest.approx(1) and alone.note[0] == ""
+    with pytest.warns(UserWarning, match=r"2 pair\(s\) of shifts scored"):
+        assert score(pred, probit.iloc[:2], n_perm=0).note[0].startswith("2 pair(s)")
+
+
+def test_noise_ceiling_needs_eight_runs_and_warns_from_there():
+    """Under 8 runs the ceiling is NaN without a word; from 8 runs on, a half too small for a partial correlation
+    says so (and 10 runs, halves of 5, give one)."""
+    import warnings
+
+    acc, _ = _grouped_sweep(np.random.default_rng(0), np.ones((3, 1)), bases=1, runs_per_base=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(noise_ceiling(acc[:7], n_splits=10)).all()
+        assert np.isfinite(noise_ceiling(acc, n_splits=10)).all()
+    for n in (8, 9):
+        with pytest.warns(UserWarning, match=f"a half of these {n} runs holds 4 in 1 group"):
+            assert np.isnan(noise_ceiling(acc[:n], n_splits=10)).all()
+
+
 def test_run_predict_on_planted_experiment(planted):
     result = run_predict(planted.exp_dir, n_boot=200, n_splits=50)
     s = result.scores.set_index("predictor")
