@@ -1,6 +1,7 @@
 """Predictors and scoring on a planted experiment where the first-order model holds exactly."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -677,6 +678,7 @@ def test_score_resamples_and_takes_the_ceiling_within_groups_at_the_items_given(
     assert reliability != noise_ceiling(acc, 20, 2, 20)[0] and reliability != noise_ceiling(acc, 20, 2, 2000, groups)[0]
     assert (row.reliability, row.noise_ceiling) == pytest.approx((reliability, ceiling))
     assert row.spearman_over_ceiling == pytest.approx(rho / ceiling)
+    assert row.n_runs == 24 and row.n_pairs == 6
 
 
 def test_score_reads_only_the_probit_rows_and_warns_below_three_pairs():
@@ -711,6 +713,35 @@ def test_noise_ceiling_needs_eight_runs_and_warns_from_there():
     for n in (8, 9):
         with pytest.warns(UserWarning, match=f"a half of these {n} runs holds 4 in 1 group"):
             assert np.isnan(noise_ceiling(acc[:n], n_splits=10)).all()
+
+
+def test_noise_ceiling_is_the_spearman_brown_of_the_mean_agreement_of_disjoint_halves():
+    """reliability = Spearman–Brown, at the ratio of the whole's and a half's degrees of freedom, of the mean over
+    random halvings of the Spearman between the halves' probit partials: the median for the mean passed the
+    others, whose tolerance is statistical."""
+    acc, _ = _grouped_sweep(np.random.default_rng(2), np.random.default_rng(3).normal(size=(4, 2)), 1, 12)
+    ia, ib = np.triu_indices(4, k=1)
+    order = np.argsort(np.random.default_rng(1).random((30, 12)), axis=1)  # noise_ceiling's halvings at seed 1
+    rho = [spearman(probit_partials(acc[first])[ia, ib], probit_partials(acc[second])[ia, ib])
+           for first, second in zip(order[:, :6], order[:, 6:])]
+    reliability = float(stats.spearman_brown(np.mean(rho), (12 - 1 - 3) / (6 - 1 - 3)))
+    assert np.mean(rho) != np.median(rho)
+    assert noise_ceiling(acc, n_splits=30, seed=1) == pytest.approx((reliability, np.sqrt(reliability)))
+
+
+def test_one_runs_windows_or_checkpoints_hold_one_fewer_independent_sample():
+    """Samples centred across one run's windows (path_integrated) or checkpoints (checkpoint_accuracy) hold one
+    fewer free: 4 of them are 3 independent samples, refused; 5 are not. Counting the rows passed the others."""
+    rng = np.random.default_rng(6)
+    for name in ("path_integrated", "trajectory_loss"):
+        with pytest.raises(ValueError, match="only 3 independent samples"):  # probes at 0, 10, … 40: 4 windows
+            PREDICTORS[name]().fit(_memory_reference(_memory_run(rng)))
+        PREDICTORS[name]().fit(_memory_reference(_memory_run(rng, probe_steps=(0, 8, 16, 24, 32, 40))))
+    for checkpoints, refused in ((4, True), (5, False)):
+        run = _memory_run(rng, eval_step=np.arange(checkpoints) * 10,
+                          eval_accuracy=ndtr(rng.standard_normal((checkpoints, 4))))
+        with pytest.raises(ValueError, match="only 3 independent samples") if refused else contextlib.nullcontext():
+            PREDICTORS["checkpoint_accuracy"](tail=1.0).fit(_memory_reference(run))
 
 
 def test_run_predict_on_planted_experiment(planted):
