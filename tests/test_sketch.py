@@ -72,6 +72,22 @@ def test_inner_products_within_jl_bound_at_k4096(kind):
     assert ((S.norm(dim=1) / norms - 1).abs() < 4 * np.sqrt(2 / 4096)).all()
 
 
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian", "rademacher"])
+def test_sketches_keep_norms_and_orthogonality_of_non_negative_vectors(kind):
+    """A sketch is unbiased only with zero-mean entries of variance 1/k and fresh randomness per block: all-ones
+    and two disjoint all-ones blocks (alike within their blocks) keep their norms and stay near orthogonal. Unsigned
+    CountSketch buckets, ±1 read as 0/2 or scaled, or one block's matrix reused for every block passed the JL test,
+    whose Gaussian gradients are zero-mean themselves (and which does not run Rademacher)."""
+    sk = make_sketch(kind, LAYOUT, 1024, seed=0)
+    ones, first, second = torch.ones(LAYOUT.size), torch.zeros(LAYOUT.size), torch.zeros(LAYOUT.size)
+    first[:2048], second[2048:4096] = 1.0, 1.0
+    bound = 5 * np.sqrt(2 / 1024)
+    for x in (ones, first, second):
+        assert abs(sk.apply(x).norm() / x.norm() - 1) < bound
+    s1, s2 = sk.apply(first), sk.apply(second)
+    assert abs(s1 @ s2) / (s1.norm() * s2.norm()) < bound
+
+
 def test_countsketch_avoids_row_length_aliasing():
     """k a multiple of a heavy matrix's row length: a plain fold piles a column into few buckets; ours does not."""
     layout = ParamLayout(("w",), ((256, 64),))
@@ -129,6 +145,18 @@ def test_countsketch_fused_norms_and_difference_match_the_unfused_path():
         torch.testing.assert_close(n_, diff_norms, rtol=1e-5, atol=0)
 
 
+def test_tensor_norms_sum_half_precision_in_float32():
+    """Norms of fp16 and bf16 tensors are float32 sums: in fp16 a norm of 10⁵ overflowed to inf, and in bf16 it
+    kept 3 digits."""
+    from gradtrace.capture.sketch import tensor_norms
+
+    tensors = [torch.full((10_000,), 1000.0, dtype=torch.float16), torch.linspace(0.1, 1, 999).bfloat16()]
+    exact = torch.stack([t.double().norm() for t in tensors]).float()
+    norms = tensor_norms(tensors)
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms, exact, rtol=1e-5, atol=0)  # 10⁵ for the first, not inf
+
+
 def test_identity_is_exact():
     x = torch.randn(LAYOUT.size)
     assert torch.equal(make_sketch("identity", LAYOUT, 0).apply(x), x)
@@ -140,6 +168,11 @@ def test_incompatible_sketches_refused():
     for change in ({"seed": 1}, {"dim": 32}, {"kind": "gaussian"}, {"layout_hash": "x"}):
         with pytest.raises(ValueError, match="incompatible sketches"):
             check_compatible(a, {**a, **change})
+    wider = ParamLayout(LAYOUT.names, ((50, 96), (96, 128), (128,), (128, 50)))  # same names, other widths
+    assert ParamLayout(LAYOUT.names, LAYOUT.shapes).hash == LAYOUT.hash != wider.hash
+    for other in (make_sketch("countsketch", LAYOUT, 64, seed=1), make_sketch("countsketch", wider, 64, seed=0)):
+        with pytest.raises(ValueError, match="incompatible sketches"):  # the spec records the seed and the shapes
+            check_compatible(a, other.spec())
 
 
 def test_unknown_kind_lists_choices():
