@@ -28,6 +28,25 @@ def test_item_correctness_stacks_the_sweep_runs(study):
     np.testing.assert_array_equal(correct["ID"].sum(axis=1), [1, 2, 3])
 
 
+def test_item_correctness_is_empty_where_a_run_lacks_it_or_there_is_no_run(study):
+    """A run without per-item correctness empties the whole (skipping it left fewer rows than the table's, each row
+    then another run's), and so does a table of no runs (np.stack of nothing raised)."""
+    root = store.open_experiment(study / "store.zarr", mode="a")
+    store.set_status(store.create_run(root, "run-003", {"role": "sweep"}), "complete", accuracy={"ID": 0.5,
+                                                                                                 "length": 0.5})
+    table = pd.read_csv(study / "results.csv")
+    table = pd.concat([table, pd.DataFrame([{"run_id": "run-003", "role": "sweep", "acc_ID": 0.5, "acc_length": 0.5}])])
+    table.to_csv(study / "results.csv", index=False)
+    assert results.load_item_correctness(study) == {}
+    assert results.load_item_correctness(study, table=table.iloc[:0]) == {}
+
+
+def test_runs_are_taken_within_base_only_where_there_are_several_bases():
+    assert results.base_groups(pd.DataFrame({"base": ["base-0", "base-1", "base-0"]})) == "base"
+    assert results.base_groups(pd.DataFrame({"base": ["base", "base"]})) is None  # one base: nothing to group by
+    assert results.base_groups(pd.DataFrame({"run_id": ["run-000"]})) is None
+
+
 @pytest.mark.parametrize("role", ["sweep", "reference", None])
 def test_runs_the_store_does_not_hold_are_named(study, role):
     """stats said only `error: 'run-099'` (a KeyError); predict and calibrate took the row as one of the study's."""

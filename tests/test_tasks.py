@@ -203,6 +203,19 @@ def test_train_accuracy_is_exact_match_on_each_splits_training_items(trained):
     assert 0 < np.mean(list(got.values())) < 1
 
 
+def test_train_accuracy_leaves_out_a_split_with_no_training_items():
+    """A split with no share of the training mix has no train accuracy (a NaN of no items, with numpy's warning of an
+    empty mean, was the alternative), while the others keep theirs."""
+    import warnings
+
+    task = ArithmeticTask(small(shifts=["length", "order"], order_share=0.0, n_train_eval=20))
+    model = build_model(ModelConfig(name="micro"), task.tokenizer.vocab_size, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = train_accuracy(model, task, batch_size=32)
+    assert set(got) == {"ID", "length"} and all(0 <= a <= 1 for a in got.values())
+
+
 def test_worst_margin_loss_is_small_only_when_every_answer_token_is_right():
     tokens = torch.tensor([[1, 3, 4, 5, 2]])
     mask = torch.tensor([[False, False, False, True, True]])
