@@ -41,6 +41,24 @@ def test_item_correctness_is_empty_where_a_run_lacks_it_or_there_is_no_run(study
     assert results.load_item_correctness(study, table=table.iloc[:0]) == {}
 
 
+def test_a_results_row_is_its_runs_attributes(tmp_path):
+    """Each complete run is one row, in run order, of its seeds (init and data apart), hyper-parameters, steps, wall
+    time to the hundredth, base and accuracies; a run still running is none."""
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    for rid, init, data in (("run-010", 3, 11), ("run-002", 4, 12), ("run-005", 5, 13)):
+        group = store.create_run(root, rid, {"role": "sweep", "seeds": {"init": init, "data": data},
+                                             "hparams": {"lr": 0.002, "weight_decay": 0.1}, "steps": 40,
+                                             "config": {"model": {"init_from": "/s/weights/base-1/final.safetensors"}}})
+        if rid != "run-005":
+            group.update_attributes({"wall_time_s": 12.3456})
+            store.set_status(group, "complete", accuracy={"ID": 0.75, "length": 0.25}, train_accuracy={"ID": 0.8})
+    table = results.results_table(tmp_path)
+    assert table.to_dict("records") == [
+        {"run_id": run_id, "role": "sweep", "base": "base-1", "init_seed": init, "data_seed": data, "lr": 0.002,
+         "weight_decay": 0.1, "steps": 40, "wall_time_s": 12.35, "acc_ID": 0.75, "acc_length": 0.25,
+         "train_acc_ID": 0.8} for run_id, init, data in (("run-002", 4, 12), ("run-010", 3, 11))]
+
+
 def test_runs_are_taken_within_base_only_where_there_are_several_bases():
     assert results.base_groups(pd.DataFrame({"base": ["base-0", "base-1", "base-0"]})) == "base"
     assert results.base_groups(pd.DataFrame({"base": ["base", "base"]})) is None  # one base: nothing to group by
