@@ -345,10 +345,14 @@ def _full_disk_advice(err: BaseException, args: argparse.Namespace) -> str:
     """After a full disk's error, what it was and what to do; nothing after any other error."""
     if not disk_full(err):
         return ""
-    again = "the same command with --resume" if args.command == "train" else "the same command"
     written = getattr(args, "out", None) or getattr(args, "dir", None)
-    return (f": {full_disk_words(err, written)}. What was written whole is kept: free some space and run {again} to "
-            "go on")
+    return (f": {full_disk_words(err, written)}. What was written whole is kept: free some space and run "
+            f"{_run_again(args)} to go on")
+
+
+def _run_again(args: argparse.Namespace) -> str:
+    """What goes on from where a stopped command left off: the same command (`train` with --resume)."""
+    return "the same command with --resume" if args.command == "train" else "the same command"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,12 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradtrace {args.command}: error: {err}{_full_disk_advice(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        again = "the same command with --resume" if args.command == "train" else "the same command"
         cluster = (" Runs already started on the cluster train on there until they end; a re-run refuses them "
                    "or waits for them until then." if getattr(args, "scheduler", None) else "")
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"\ngradtrace {args.command}: {how}; what was complete is kept: run {again} to go on.{cluster}",
-              file=sys.stderr)
+        print(f"\ngradtrace {args.command}: {how}; what was complete is kept: run {_run_again(args)} to go on."
+              f"{cluster}", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     except Exception as err:
         from gradtrace.store import RunInUse  # imported only once something failed: these imports are heavy
