@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
+import io
 import os
 import signal
 import sys
 import threading
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -341,6 +344,52 @@ def _warnings_in_words(command: str):
         warnings.formatwarning = before
 
 
+# gradtrace's messages in plain text, for a console whose encoding lacks their symbols (a Latin-1 locale, a Windows
+# code page, PYTHONIOENCODING=ascii): "n ≥ 9 − 1 … r(a₁,a₂|ID)" prints as "n >= 9 - 1 ... r(a1,a2|ID)".
+_PLAIN = {"−": "-", "–": "-", "—": "--", "…": "...", "≥": ">=", "≤": "<=", "≠": "!=", "≈": "~", "≪": "<<", "≼": "<=",
+          "∝": "~", "→": "->", "√": "sqrt ", "‖": "||", "×": "x", "·": ".", "÷": "/", "±": "+/-", "°": " deg",
+          "†": "*", "§": "S", "’": "'", "‘": "'", "“": '"', "”": '"', "θ": "theta", "Θ": "Theta", "Δ": "Delta",
+          "Σ": "Sigma", "Φ": "Phi", "ε": "eps", "ρ": "rho", "β": "beta", "η": "eta", "σ": "sigma", "⁄": "/"}
+
+
+def _in_plain_text(err: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: what the stream cannot encode, as plain text (`_PLAIN`, then the compatibility form
+    without accents: ₁ as 1, ḡ as g); whatever is left, as a backslash escape."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    plain = "".join(_PLAIN.get(char) or "".join(_PLAIN.get(c, c) for c in unicodedata.normalize("NFKD", char)
+                                                 if not unicodedata.combining(c))
+                    for char in err.object[err.start:err.end])
+    return plain.encode(err.encoding, "backslashreplace").decode(err.encoding), err.end
+
+
+codecs.register_error("gradtrace-plain", _in_plain_text)
+
+
+@contextlib.contextmanager
+def _plain_text_where_unencodable():
+    """Within: standard output and error, where their encoding lacks gradtrace's symbols, write them as plain text
+    (before, a table or a message ended in "'latin-1' codec can't encode character '\\u2212'" and exit 2)."""
+    streams = [(stream, stream.errors) for stream in (sys.stdout, sys.stderr)
+               if isinstance(stream, io.TextIOWrapper) and _lacks_symbols(stream.encoding)]
+    for stream, _ in streams:
+        stream.reconfigure(errors="gradtrace-plain")
+    try:
+        yield
+    finally:
+        for stream, errors in streams:
+            stream.reconfigure(errors=errors)
+
+
+def _lacks_symbols(encoding: str) -> bool:
+    """Whether `encoding` lacks symbols gradtrace prints (ASCII, Latin-1 and the Windows code pages lack "−")."""
+    try:
+        "−≥…—→".encode(encoding)
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _full_disk_advice(err: BaseException, args: argparse.Namespace) -> str:
     """After a full disk's error, what it was and what to do; nothing after any other error."""
     if not disk_full(err):
@@ -357,7 +406,12 @@ def _run_again(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradtrace` console script."""
-    args = build_parser().parse_args(argv)
+    with _plain_text_where_unencodable():
+        return _main(build_parser().parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
+    """`main` after its arguments are parsed: the command, its errors in words and its exit status."""
     try:
         with _sigterm_as_interrupt(), _warnings_in_words(args.command):
             args.func(args)

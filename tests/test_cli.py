@@ -1,4 +1,5 @@
 """The command line end to end on a tiny study: tasks, train, sweep (resumable), stats, predict, report, info."""
+import io
 import os
 import subprocess
 import sys
@@ -44,6 +45,39 @@ def test_output_into_a_closed_pipe_stops_quietly():
                           stdout=write_end, stderr=subprocess.PIPE, text=True)
     os.close(write_end)
     assert done.returncode == 1 and done.stderr == ""
+
+
+def test_a_console_without_the_symbols_gets_plain_text_not_an_encoding_error():
+    """On a Latin-1 locale or a Windows code page, printing "≥" or "−" ended every table and message in "'latin-1'
+    codec can't encode character" and exit 2 (stdout) or printed "\\u2265" (stderr)."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    plan = subprocess.run([sys.executable, "-m", "gradtrace.cli", "sweep", "experiments/default.yaml", "--dry-run"],
+                          capture_output=True, text=True, env=env)
+    assert plan.returncode == 0 and plan.stdout.startswith("101 runs (1 reference, 100 sweep) x 150 steps")
+    refused = subprocess.run([sys.executable, "-m", "gradtrace.cli", "sweep", "experiments/default.yaml", "--dry-run",
+                              "--set", "task.train_share=0.2"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "(task.train_share x each split's share" in refused.stderr
+
+
+@pytest.mark.parametrize("text, encoding, plain", [
+    ("n ≥ 9 − 1 … — → √rel", "ascii", "n >= 9 - 1 ... -- -> sqrt rel"),
+    ("r(a₁,a₂|ID) ḡ ᵀ ℓ ⁻¹", "ascii", "r(a1,a2|ID) g T l -1"),
+    ("Δθ ×2 ±1 ≤", "latin-1", "Deltatheta ×2 ±1 <="),  # what the encoding has stays
+    ("ж", "ascii", "\\u0436")])
+def test_unencodable_symbols_are_written_as_plain_text(text, encoding, plain):
+    from gradtrace.cli import _plain_text_where_unencodable
+    for stream_name in ("stdout", "stderr"):
+        stream = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+        saved = getattr(sys, stream_name)
+        setattr(sys, stream_name, stream)
+        try:
+            with _plain_text_where_unencodable():
+                print(text, file=stream, end="")
+                stream.flush()
+            assert stream.errors == "strict"  # as it was
+        finally:
+            setattr(sys, stream_name, saved)
+        assert stream.buffer.getvalue().decode(encoding) == plain
 
 
 def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
