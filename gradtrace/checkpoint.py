@@ -61,7 +61,7 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) 
     tmp.mkdir(parents=True)
     try:
         _save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps(meta))
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
         sync_to_disk(tmp / "state.safetensors", tmp / "state.json", tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the part written gives its space back
@@ -125,7 +125,7 @@ def load_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_meta(directory: Path) -> dict:
     """The metadata of a `save_tensors` checkpoint, without its tensors."""
-    return json.loads((directory / "state.json").read_text())
+    return json.loads((directory / "state.json").read_text(encoding="utf-8"))
 
 
 def remove(root: Path) -> None:

@@ -542,4 +542,4 @@ def dump(cfg: Config, path: str | Path) -> None:
     """Write the full resolved config as YAML, atomically: a resumed sweep reads it back, and a kill mid-write
     must not leave half of it."""
     with written_whole(path) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

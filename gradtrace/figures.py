@@ -644,7 +644,7 @@ def load_benchmarks(source: str | Path | Mapping[str, Any] | list) -> dict[str, 
         loaded = {}
         for file in files:
             try:
-                loaded[file.stem] = json.loads(file.read_text())
+                loaded[file.stem] = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
         source = loaded

@@ -264,7 +264,7 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
             written = " (with per-item correctness, which gradtrace's own runs save)" if key == "reliability" else ""
             inputs.notes.setdefault(key, f"{filename} not found: run `{inputs.command(command)}`{written}.")
     if (exp_dir / "config.yaml").exists():
-        inputs.config_text = (exp_dir / "config.yaml").read_text()
+        inputs.config_text = (exp_dir / "config.yaml").read_text(encoding="utf-8")
     else:
         inputs.notes["config"] = "config.yaml not found in the experiment directory."
     try:
@@ -541,14 +541,16 @@ def _git_commit() -> str:
     """The gradtrace checkout's commit, marked `(modified)` when its tracked files differ from it; `unknown` where
     git does not track the package (installed into a venv that lies inside a repository of another project)."""
     package = Path(gradtrace.__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=10)
+
     try:
-        tracked = subprocess.run(["git", "ls-files", "--", "__init__.py"], cwd=package, capture_output=True, text=True,
-                                 timeout=10)
-        if not tracked.stdout.strip():
+        if not git("ls-files", "--", "__init__.py").stdout.strip():
             return "unknown"
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=package,
-                               capture_output=True, text=True, timeout=10)
+        done = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = done.stdout.strip() if done.returncode == 0 else ""

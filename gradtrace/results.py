@@ -194,7 +194,7 @@ def _planned(exp_dir: str | Path, role: str | None, groups: dict) -> list[str]:
     """The ids of the runs of one role (None: every role) in plan.json, or without one among the store's runs."""
     plan = Path(exp_dir) / "plan.json"
     if plan.exists():
-        return [r["run_id"] for r in json.loads(plan.read_text()) if role is None or r["role"] == role]
+        return [r["run_id"] for r in json.loads(plan.read_text(encoding="utf-8")) if role is None or r["role"] == role]
     return [rid for rid, run in groups.items() if role is None or run.attrs.get("role") == role]
 
 

@@ -1004,7 +1004,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
     write_csv(stats, paths["stats_csv"])
     records = json.loads(stats.to_json(orient="records", double_precision=15))  # pandas' 10 decimals made p = 1e-12 0
     with written_whole(paths["stats_json"]) as tmp:
-        tmp.write_text(json.dumps({"records": records, "summary": summary}, indent=2))
+        tmp.write_text(json.dumps({"records": records, "summary": summary}, indent=2), encoding="utf-8")
     return StatsReport(stats, reliability, gap, summary, paths)
 
 

@@ -128,7 +128,7 @@ def _not_an_experiment(path: Path, group: zarr.Group) -> str:
 def _kind(folder: Path) -> str | None:
     """The `kind` attribute of the Zarr group in a folder, None where there is none."""
     try:
-        return json.loads((folder / "zarr.json").read_text())["attributes"]["kind"]
+        return json.loads((folder / "zarr.json").read_text(encoding="utf-8"))["attributes"]["kind"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

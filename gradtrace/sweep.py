@@ -528,7 +528,7 @@ def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     """Write the config and plan, where `check_directory` lets this sweep into `out`."""
     config_mod.dump(cfg, out / "config.yaml")
     with written_whole(out / "plan.json") as tmp:  # read by info, stats, predict and the report
-        tmp.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+        tmp.write_text(json.dumps([asdict(r) for r in runs], indent=1), encoding="utf-8")
 
 
 def check_directory(cfg: Config, out: Path) -> list[str]:
