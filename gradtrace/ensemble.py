@@ -254,7 +254,8 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
         acc = accuracy(correct[i])
         store.set_status(g, "complete", accuracy=acc, train_accuracy=train_acc[i], steps_done=t.steps,
                          last_durable_step=t.steps, wall_time_s=wall, wall_time_note=WALL_TIME_NOTE,
-                         nonfinite_steps=capture.nonfinite[i], splits=task.splits, hparams=_hparams(cfgs[i]))
+                         nonfinite_steps=capture.nonfinite[i], train_loss=store.train_loss_ends(g),
+                         splits=task.splits, hparams=_hparams(cfgs[i]))
         results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps,
                                  train_accuracy=train_acc[i]))
     checkpoint.remove(ckpt_root)  # only once every member is complete

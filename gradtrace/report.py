@@ -38,7 +38,8 @@ from matplotlib.figure import Figure
 import gradtrace
 from gradtrace import figures, kernels, store, subspace
 from gradtrace.files import written_whole
-from gradtrace.results import MIXED_ADVICE, base_groups, describe_shortfall, mixed_arithmetic, read_results
+from gradtrace.results import (MIXED_ADVICE, base_groups, describe_divergence, describe_shortfall, mixed_arithmetic,
+                               read_results)
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -60,7 +61,7 @@ SECTIONS = (
 STAGE_OUTPUTS = {"stats": ("stats.csv", "stats"), "gap": ("gap.csv", "stats"),
                  "reliability": ("reliability.csv", "stats"), "predictions": ("predictions.csv", "predict"),
                  "scores": ("predict_scores.csv", "predict")}  # each table: its file, the gradtrace command writing it
-SECTION_INPUTS = {"results": ("unfinished", "mixed", "results", "reliability"), "correlations": ("stats",),
+SECTION_INPUTS = {"results": ("unfinished", "mixed", "diverged", "results", "reliability"), "correlations": ("stats",),
                   "predictions": ("predictions", "scores"), "gap": ("gap",)}  # whose missing-input notes each shows
 
 
@@ -246,6 +247,8 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
             listed = [] if inputs.results is None else [rid for rid in inputs.results["run_id"] if rid in groups]
             if mixed := mixed_arithmetic(groups, listed):
                 inputs.notes["mixed"] = f"The runs did not all train alike ({mixed}): {MIXED_ADVICE}."
+            if listed and (diverged := describe_divergence(groups, inputs.results[inputs.results.run_id.isin(listed)])):
+                inputs.notes["diverged"] = f"{diverged}."
     if inputs.results is None and "results" in inputs.notes:  # a table no analysis takes: nor one written from it
         inputs.notes.update((key, "not shown: results.csv cannot be used (above).") for key in STAGE_OUTPUTS)
     elif inputs.results is None:

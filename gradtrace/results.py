@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role, groups)
     warn_of_mixed_arithmetic(exp_dir, groups, [rid for rid in table["run_id"] if rid in groups], stacklevel=2)
+    warn_of_divergence(groups, table, stacklevel=2)
     return _without_lone_bases(table) if role == "sweep" else table
 
 
@@ -154,6 +156,35 @@ def warn_of_mixed_arithmetic(exp_dir, groups: dict, run_ids, stacklevel: int) ->
     if mixed:
         warnings.warn(f"{exp_dir}'s runs did not all train alike ({mixed}): {MIXED_ADVICE}", kernels.OtherArithmetic,
                       stacklevel=stacklevel + 1)
+
+
+def warn_of_divergence(groups: dict, table: pd.DataFrame, stacklevel: int) -> None:
+    """Warn where runs of `table` diverged (`describe_divergence`), at `stacklevel` of the caller."""
+    if diverged := describe_divergence(groups, table):
+        warnings.warn(diverged, UserWarning, stacklevel=stacklevel + 1)
+
+
+def describe_divergence(groups: dict, table: pd.DataFrame) -> str:
+    """The runs of `table` that diverged, in words ("" for none): they took optimizer steps with a NaN or Inf
+    gradient (`nonfinite_steps`; a step GradScaler skipped is not taken), or their training loss ended non-finite or
+    at 10× or more where it began (`train_loss`; runs written before it was recorded are judged by their gradients
+    alone). A diverged run's accuracies are a broken model's and pull every correlation towards their corner."""
+    diverged = table["run_id"].map(lambda rid: rid in groups and diverged_run(groups[rid].attrs))
+    if not diverged.any():
+        return ""
+    lr = table.loc[diverged, "lr"] if "lr" in table else pd.Series(dtype=float)
+    at = f"; lr {lr.min():.3g}" + (f" to {lr.max():.3g}" if lr.max() > lr.min() else "") if lr.notna().any() else ""
+    return (f"{int(diverged.sum())} of {len(table)} run(s) diverged ({first_ids(list(table.run_id[diverged]))}{at}): "
+            "NaN or Inf gradients, or a training loss that ended non-finite or 10× or more where it began, so their "
+            "accuracies are a broken model's, not what it learned, and weigh on every correlation. Keep sweep.lr "
+            "below where runs diverge (or clip harder: train.clip) for a study")
+
+
+def diverged_run(attrs) -> bool:
+    """Whether a run's attributes say it diverged (`describe_divergence`)."""
+    loss = attrs.get("train_loss") or {}
+    first, last = loss.get("first", math.nan), loss.get("last", math.nan)
+    return bool(attrs.get("nonfinite_steps")) or (math.isfinite(first) and not math.isfinite(last)) or last > 10 * first
 
 
 MIXED_ADVICE = ("their float rounding differs, so a chaotic run's realisation may too, and the study mixes runs no "

@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
 import queue
 import re
@@ -409,6 +410,13 @@ def set_failed(group: zarr.Group, err: BaseException, **extra: Any) -> None:
     `running`, as a kill leaves it, and no error is raised: the caller raises its own, `err`."""
     with contextlib.suppress(OSError):
         set_status(group, "failed", error=f"{type(err).__name__}: {err}", **extra)
+
+
+def train_loss_ends(group: zarr.Group) -> dict[str, float]:
+    """The training loss of a run's first and last recorded rows, `{"first", "last"}` (NaN where none is recorded):
+    its `train_loss` attribute, by which a run that diverged is told (`results.warn_of_divergence`)."""
+    loss = read(group, "loss") if has(group, "loss") else np.empty(0)
+    return {"first": float(loss[0]), "last": float(loss[-1])} if len(loss) else {"first": math.nan, "last": math.nan}
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:

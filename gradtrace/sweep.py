@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
 from gradtrace.files import disk_full, full_disk_words, written_whole
-from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_mixed_arithmetic,
-                               write_results)
+from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_divergence,
+                               warn_of_mixed_arithmetic, write_results)
 from gradtrace.config import Config, SweepConfig
 
 
@@ -432,8 +432,11 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         # the failures' own error stands, not the table's: a re-run rewrites the table
         listed = (f"the store holds {len(table)} complete run(s) ({out / 'results.csv'} could not be rewritten and "
                   "lists those complete before the disk filled)")
+    groups = store.run_groups(root)
     if pending and not foretold:
-        warn_of_mixed_arithmetic(out, store.run_groups(root), list(table.run_id), stacklevel=3)
+        warn_of_mixed_arithmetic(out, groups, list(table.run_id), stacklevel=3)
+    if pending:
+        warn_of_divergence(groups, table, stacklevel=3)
     if failed:
         not_run = len(pending) - len(failed) - sum(row["run_id"] in pending for row in rows)
         alike = len(failed) > 1 and len({f"{type(e).__name__}: {e}" for e in failed.values()}) == 1

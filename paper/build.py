@@ -256,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"figures: {drawn} of {len(items)} in {out / 'figures'}; paper: {target}")
     for line in filler.missing:
         print(f"missing: {line}", file=sys.stderr)
-    if "unfinished" in inputs.notes:
-        print(f"warning: {inputs.notes['unfinished']}", file=sys.stderr)
+    for key in ("unfinished", "diverged"):
+        if key in inputs.notes:
+            print(f"warning: {inputs.notes[key]}", file=sys.stderr)
     return 1 if args.strict and (filler.missing or "unfinished" in inputs.notes) else 0
 
 

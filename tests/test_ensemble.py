@@ -82,6 +82,8 @@ def test_members_are_stored_like_standalone_runs(trained):
             a, b = ens[run_id][name], solo[run_id][name]
             assert a.shape == b.shape and a.metadata.dimension_names == b.metadata.dimension_names, name
             np.testing.assert_allclose(a[:], b[:], rtol=1e-4, atol=1e-6, err_msg=name)
+        assert e["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
+        assert e["train_loss"] == {"first": float(ens[run_id]["loss"][0]), "last": float(ens[run_id]["loss"][-1])}
     assert any(a > 0 for r in trained["results"] for a in r.accuracy.values())  # accuracies are not all zero
 
 

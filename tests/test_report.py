@@ -537,6 +537,23 @@ def test_an_unfinished_sweep_is_said_in_the_report_and_fails_a_strict_paper(writ
         "complete but not yet in results.csv (run-000; the sweep run again lists them);")
 
 
+def test_runs_that_diverged_are_said_in_the_report_and_the_paper(written: tuple[Path, str], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run its learning rate blew up is complete at 0%: the figures plotted it among the others, saying nothing."""
+    exp = tmp_path / "exp"
+    shutil.copytree(written[0].parent.parent, exp, ignore=shutil.ignore_patterns("report"))
+    assert "diverged" not in report.load_inputs(exp, compute_missing=False).notes
+    zarr.open_group(exp / "store.zarr", mode="a")["run-003"].update_attributes({"nonfinite_steps": 2})
+    note = report.load_inputs(exp, compute_missing=False).notes["diverged"]
+    assert note.startswith("1 of 15 run(s) diverged (run-003; lr 0.00171): NaN") and note.endswith("train.clip) for a study.")
+    assert html.escape(note) in report.write_report(exp).read_text(encoding="utf-8")
+    build = _paper_build()
+    monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
+    assert build.main(["--store", str(exp), "--out", str(tmp_path / "out")]) == 0
+    assert f"warning: {note}" in capsys.readouterr().err
+
+
 def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
     """format() rounded exact binary halves to even: an accuracy of 125 of 2000 items (6.25%) printed as 6.2%."""
     assert [report.rounded(v, d) for v, d in ((6.25, 1), (0.125, 2), (-0.125, 2), (0.1235, 3), (2.0, 1))] == \

@@ -122,6 +122,31 @@ def test_runs_of_one_role_that_trained_otherwise_are_warned_of(study):
         results.load_results(study)
 
 
+@pytest.mark.parametrize("attrs, diverged", [
+    ({}, False), ({"nonfinite_steps": 0, "train_loss": {"first": 0.5, "last": 4.9}}, False),
+    ({"nonfinite_steps": 1}, True), ({"train_loss": {"first": 0.5, "last": 5.1}}, True),
+    ({"train_loss": {"first": 0.5, "last": np.nan}}, True), ({"train_loss": {"first": 0.5, "last": np.inf}}, True),
+    ({"train_loss": {"first": 0.0, "last": 0.0}}, False), ({"train_loss": {"first": np.nan, "last": np.nan}}, False)])
+def test_a_run_diverged_where_its_gradients_or_its_loss_say_so(attrs, diverged):
+    """NaN or Inf gradients, or a training loss that ended non-finite or at 10× or more where it began; a run
+    written before `train_loss` was recorded, by its gradients alone."""
+    assert results.diverged_run(attrs) is diverged
+
+
+def test_runs_that_diverged_are_named_with_their_learning_rates(study):
+    groups = store.run_groups(store.open_experiment(study / "store.zarr", mode="a"))
+    table = pd.DataFrame({"run_id": ["run-000", "run-001", "run-002"], "lr": [1e-3, 0.5, 2.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results.warn_of_divergence(groups, table, stacklevel=1)
+    groups["run-001"].update_attributes({"nonfinite_steps": 3})
+    groups["run-002"].update_attributes({"train_loss": {"first": 0.4, "last": 40.0}})
+    with pytest.warns(UserWarning, match=r"^2 of 3 run\(s\) diverged \(run-001, run-002; lr 0.5 to 2\)"):
+        results.warn_of_divergence(groups, table, stacklevel=1)
+    with pytest.warns(UserWarning, match=r"^1 of 2 run\(s\) diverged \(run-001\): NaN"):
+        results.warn_of_divergence(groups, table.iloc[:2].drop(columns="lr"), stacklevel=1)
+
+
 def test_a_runs_base_is_named_by_the_weights_it_fine_tuned():
     """The shipped base of the default, `experiments/default_base.safetensors`, was named `experiments`, its folder."""
     assert results.started_from("/study/weights/base-2/final.safetensors") == "base-2"  # a base run of the study

@@ -1251,6 +1251,23 @@ def test_a_results_table_behind_its_store_is_warned_of(tmp_path):
         assert list(load_results(tmp_path).run_id) == ["run-000", "run-001"]
 
 
+def test_runs_that_diverged_are_warned_of_by_the_sweep_and_the_analyses(tmp_path):
+    """A run its lr blew up ended `complete` at 0% on every split, and nothing said so: its accuracies, a broken
+    model's, pulled every correlation towards their corner."""
+    from gradtrace.results import load_results
+
+    cfg = tiny_config(sweep__runs=3, sweep__workers=1, sweep__reference_runs=0, train__steps=21,
+                      sweep__lr=[100.0, 1000.0])
+    diverged = r"3 of 3 run\(s\) diverged \(run-000, run-001, run-002; lr \d+ to \d+\): NaN or Inf gradients"
+    with pytest.warns(UserWarning, match=diverged):
+        run_sweep(cfg, tmp_path, progress=False)
+    for group in store.run_groups(zarr.open_group(tmp_path / "store.zarr", mode="r")).values():
+        loss = group["loss"][:]
+        assert group.attrs["train_loss"] == pytest.approx({"first": loss[0], "last": loss[-1]}, nan_ok=True)
+    with pytest.warns(UserWarning, match=diverged):
+        load_results(tmp_path)
+
+
 def test_an_analysis_of_an_unfinished_sweep_is_warned_of(tmp_path, capsys):
     """`gradtrace stats` of a sweep with failed, stopped or unstarted runs covered its complete runs, silently."""
     import json
