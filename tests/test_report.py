@@ -546,7 +546,8 @@ def test_runs_that_diverged_are_said_in_the_report_and_the_paper(written: tuple[
     assert "diverged" not in report.load_inputs(exp, compute_missing=False).notes
     zarr.open_group(exp / "store.zarr", mode="a")["run-003"].update_attributes({"nonfinite_steps": 2})
     note = report.load_inputs(exp, compute_missing=False).notes["diverged"]
-    assert note.startswith("1 of 15 run(s) diverged (run-003; lr 0.00171): NaN") and note.endswith("train.clip) for a study.")
+    assert note.startswith("1 of 15 run(s) diverged (run-003; lr 0.00171): NaN")
+    assert note.endswith("train.clip) for a study.")
     assert html.escape(note) in report.write_report(exp).read_text(encoding="utf-8")
     build = _paper_build()
     monkeypatch.setattr(build.figures, "save", lambda fig, path: None)
