@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -181,10 +180,8 @@ def describe_divergence(groups: dict, table: pd.DataFrame) -> str:
 
 
 def diverged_run(attrs) -> bool:
-    """Whether a run's attributes say it diverged (`describe_divergence`)."""
-    loss = attrs.get("train_loss") or {}
-    first, last = loss.get("first", math.nan), loss.get("last", math.nan)
-    return bool(attrs.get("nonfinite_steps")) or (math.isfinite(first) and not math.isfinite(last)) or last > 10 * first
+    """Whether a run's attributes say it diverged: NaN or Inf gradients, or its loss (`store.loss_diverged`)."""
+    return bool(attrs.get("nonfinite_steps")) or store.loss_diverged(attrs)
 
 
 MIXED_ADVICE = ("their float rounding differs, so a chaotic run's realisation may too, and the study mixes runs no "

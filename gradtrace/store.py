@@ -414,9 +414,17 @@ def set_failed(group: zarr.Group, err: BaseException, **extra: Any) -> None:
 
 def train_loss_ends(group: zarr.Group) -> dict[str, float]:
     """The training loss of a run's first and last recorded rows, `{"first", "last"}` (NaN where none is recorded):
-    its `train_loss` attribute, by which a run that diverged is told (`results.warn_of_divergence`)."""
+    its `train_loss` attribute, by which a run that diverged is told (`loss_diverged`)."""
     loss = read(group, "loss") if has(group, "loss") else np.empty(0)
     return {"first": float(loss[0]), "last": float(loss[-1])} if len(loss) else {"first": math.nan, "last": math.nan}
+
+
+def loss_diverged(attrs) -> bool:
+    """Whether a run's training loss (its `train_loss` attribute) ended non-finite or at 10× or more where it began:
+    it diverged (False for a run without one: written before it was recorded, or by `attach`)."""
+    loss = attrs.get("train_loss") or {}
+    first, last = loss.get("first", math.nan), loss.get("last", math.nan)
+    return math.isfinite(first) and (not math.isfinite(last) or last > 10 * first)
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:
@@ -655,6 +663,9 @@ class _RunListing:
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
+        if loss_diverged(a):
+            lines.append(f"  WARNING: diverged: training loss {a['train_loss']['first']:.3g} at the start, "
+                         f"{a['train_loss']['last']:.3g} at the end")
         init_from = init_weights(a)
         digest = f" (sha256 {a['init_digest']}…)" if "init_digest" in a else ""
         trained_with = [f"  started from: {init_from}{digest}"] if init_from else []
@@ -668,7 +679,7 @@ class _RunListing:
             dims = arr.metadata.dimension_names or ()
             lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
                          f"{'×'.join(d or '?' for d in dims):<30} {nbytes / 1e6:8.2f} MB")
-        kind = (head, a.get("error"), a.get("nonfinite_steps"), *trained_with,
+        kind = (head, a.get("error"), a.get("nonfinite_steps"), loss_diverged(a), *trained_with,
                 tuple((name, arr.shape) for name, arr in arrays))
         return cls(run_id, kind, lines, sum(sizes))
 

@@ -306,6 +306,20 @@ def test_summary_names_a_failed_runs_error(tmp_path):
     assert "  error: MemoryError: out of memory" in store.summary(tmp_path / "s.zarr")
 
 
+def test_summary_says_which_runs_diverged(tmp_path):
+    """A run whose loss ended non-finite or at 10× where it began is said to have diverged, and counted only among
+    runs that diverged too."""
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    for rid, last in (("run-000", 0.4), ("run-001", 30.0), ("run-002", float("nan")), ("run-003", 0.5)):
+        store.set_status(store.create_run(root, rid, {"steps": 4}), "complete",
+                         train_loss={"first": 0.5, "last": last})
+    text = store.summary(tmp_path / "s.zarr")
+    assert "[run-000] status=complete" in text and "[run-001] status=complete" in text
+    assert "  WARNING: diverged: training loss 0.5 at the start, 30 at the end" in text
+    assert "[run-002] 1 more run(s) like run-001:" in text and "[run-003] status=complete" in text
+    assert text.count("diverged") == 1
+
+
 def test_summary_counts_runs_alike_instead_of_listing_them(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     for rid, steps in (("ref-000", 8), ("run-000", 4), ("run-001", 4), ("run-002", 4), ("run-003", 6)):
