@@ -367,9 +367,10 @@ codecs.register_error("gradtrace-plain", _in_plain_text)
 
 
 @contextlib.contextmanager
-def _plain_text_where_unencodable():
+def plain_text_where_unencodable():
     """Within: standard output and error, where their encoding lacks gradtrace's symbols, write them as plain text
-    (before, a table or a message ended in "'latin-1' codec can't encode character '\\u2212'" and exit 2)."""
+    (the command line's and paper/build.py's; before, a table or a message ended in "'latin-1' codec can't encode
+    character '\\u2212'" and exit 2)."""
     streams = [(stream, stream.errors) for stream in (sys.stdout, sys.stderr)
                if isinstance(stream, io.TextIOWrapper) and _lacks_symbols(stream.encoding)]
     for stream, _ in streams:
@@ -406,7 +407,7 @@ def _run_again(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradtrace` console script."""
-    with _plain_text_where_unencodable():
+    with plain_text_where_unencodable():
         return _main(build_parser().parse_args(argv))
 
 

@@ -263,4 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gradtrace.cli import plain_text_where_unencodable
+
+    with plain_text_where_unencodable():  # its warnings as plain text on a console without their symbols
+        sys.exit(main())

@@ -65,13 +65,13 @@ def test_a_console_without_the_symbols_gets_plain_text_not_an_encoding_error():
     ("Δθ ×2 ±1 ≤", "latin-1", "Deltatheta ×2 ±1 <="),  # what the encoding has stays
     ("ж", "ascii", "\\u0436")])
 def test_unencodable_symbols_are_written_as_plain_text(text, encoding, plain):
-    from gradtrace.cli import _plain_text_where_unencodable
+    from gradtrace.cli import plain_text_where_unencodable
     for stream_name in ("stdout", "stderr"):
         stream = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
         saved = getattr(sys, stream_name)
         setattr(sys, stream_name, stream)
         try:
-            with _plain_text_where_unencodable():
+            with plain_text_where_unencodable():
                 print(text, file=stream, end="")
                 stream.flush()
             assert stream.errors == "strict"  # as it was
