@@ -560,6 +560,10 @@ def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
     assert [report.rounded(v, d) for v, d in ((6.25, 1), (0.125, 2), (-0.125, 2), (0.1235, 3), (2.0, 1))] == \
         ["6.3", "0.13", "-0.13", "0.124", "2.0"]
     assert "<td>0.063</td>" in report._table(pd.DataFrame({"acc": [0.0625], "p": [0.0625]}))
+    nullable = pd.DataFrame({"acc": pd.array([0.5, None], dtype="Float64"), "runs": pd.array([3, None], dtype="Int64"),
+                             "split": pd.array(["ID", None], dtype="string"), "r": [0.25, np.nan]})
+    cells = re.findall(r"<td>(.*?)</td>", report._table(nullable))
+    assert cells == ["0.500", "3", "ID", "0.250", "–", "–", "–", "–"]  # `<NA>` before, in nullable columns
     build = _paper_build()
     assert build._fmt(0.125, "r") == "0.13" and build._fmt(-0.125, "r") == "−0.13"
 
