@@ -347,18 +347,17 @@ def _warnings_in_words(command: str):
 # gradtrace's messages in plain text, for a console whose encoding lacks their symbols (a Latin-1 locale, a Windows
 # code page, PYTHONIOENCODING=ascii): "n ≥ 9 − 1 … r(a₁,a₂|ID)" prints as "n >= 9 - 1 ... r(a1,a2|ID)".
 _PLAIN = {"−": "-", "–": "-", "—": "--", "…": "...", "≥": ">=", "≤": "<=", "≠": "!=", "≈": "~", "≪": "<<", "≼": "<=",
-          "∝": "~", "→": "->", "√": "sqrt ", "‖": "||", "×": "x", "·": ".", "÷": "/", "±": "+/-", "°": " deg",
-          "†": "*", "§": "S", "’": "'", "‘": "'", "“": '"', "”": '"', "θ": "theta", "Θ": "Theta", "Δ": "Delta",
+          "∝": "~", "→": "->", "√": "sqrt ", "‖": "||", "×": "x", "·": "*", "÷": "/", "±": "+/-", "°": " deg",
+          "†": "*", "’": "'", "‘": "'", "“": '"', "”": '"', "θ": "theta", "Θ": "Theta", "Δ": "Delta",
           "Σ": "Sigma", "Φ": "Phi", "ε": "eps", "ρ": "rho", "β": "beta", "η": "eta", "σ": "sigma", "⁄": "/"}
 
 
 def _in_plain_text(err: UnicodeError) -> tuple[str, int]:
-    """Codec error handler: what the stream cannot encode, as plain text (`_PLAIN`, then the compatibility form
-    without accents: ₁ as 1, ḡ as g); whatever is left, as a backslash escape."""
+    """Codec error handler: what the stream cannot encode, as plain text (`_PLAIN`, then the compatibility form: ₁
+    as 1, ᵀ as T); whatever is left, as a backslash escape (a letter of a path, ő, is never changed into another)."""
     if not isinstance(err, UnicodeEncodeError):
         raise err
-    plain = "".join(_PLAIN.get(char) or "".join(_PLAIN.get(c, c) for c in unicodedata.normalize("NFKD", char)
-                                                 if not unicodedata.combining(c))
+    plain = "".join(_PLAIN.get(char) or "".join(_PLAIN.get(c, c) for c in unicodedata.normalize("NFKC", char))
                     for char in err.object[err.start:err.end])
     return plain.encode(err.encoding, "backslashreplace").decode(err.encoding), err.end
 

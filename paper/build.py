@@ -33,6 +33,7 @@ import pandas as pd
 import yaml
 
 from gradtrace import figures, report
+from gradtrace.cli import plain_text_where_unencodable
 from gradtrace.results import base_groups
 from gradtrace.stats import varying_shifts
 
@@ -263,7 +264,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gradtrace.cli import plain_text_where_unencodable
-
     with plain_text_where_unencodable():  # its warnings as plain text on a console without their symbols
         sys.exit(main())
