@@ -636,9 +636,10 @@ def rounded(value: float, decimals: int) -> str:
 def _table(df: pd.DataFrame) -> str:
     """An HTML table: p-values to 2 significant digits, other floats to 3 decimals, a missing value as "–" (in a
     nullable column too: pandas writes `<NA>` there whatever `na_rep` says)."""
-    nullable = [col for col in df.columns if pd.api.types.is_extension_array_dtype(df[col]) and df[col].hasnans]
-    df = df.assign(**{str(col): df[col].astype(float) if pd.api.types.is_float_dtype(df[col])
-                      else df[col].astype(object).where(df[col].notna(), np.nan) for col in nullable})
+    df = df.copy()
+    for col in [col for col in df.columns if pd.api.types.is_extension_array_dtype(df[col]) and df[col].hasnans]:
+        df[col] = (df[col].astype(float) if pd.api.types.is_float_dtype(df[col])
+                   else df[col].astype(object).where(df[col].notna(), np.nan))
     formatters = {}
     for col in df.columns:
         if pd.api.types.is_float_dtype(df[col]):

@@ -564,6 +564,8 @@ def test_numbers_round_halves_up_as_a_reader_rounds_the_csv() -> None:
                              "split": pd.array(["ID", None], dtype="string"), "r": [0.25, np.nan]})
     cells = re.findall(r"<td>(.*?)</td>", report._table(nullable))
     assert cells == ["0.500", "3", "ID", "0.250", "–", "–", "–", "–"]  # `<NA>` before, in nullable columns
+    assert re.findall(r"<td>(.*?)</td>", report._table(pd.DataFrame({0: pd.array([0.5, None], dtype="Float64")}))) \
+        == ["0.500", "–"]  # a column not named by a string
     build = _paper_build()
     assert build._fmt(0.125, "r") == "0.13" and build._fmt(-0.125, "r") == "−0.13"
 
