@@ -72,8 +72,9 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role, groups)
     warn_of_mixed_arithmetic(exp_dir, groups, [rid for rid in table["run_id"] if rid in groups], stacklevel=2)
+    table = _without_lone_bases(table) if role == "sweep" else table
     warn_of_divergence(groups, table, stacklevel=2)
-    return _without_lone_bases(table) if role == "sweep" else table
+    return table
 
 
 def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFrame:
@@ -166,17 +167,18 @@ def warn_of_divergence(groups: dict, table: pd.DataFrame, stacklevel: int) -> No
 def describe_divergence(groups: dict, table: pd.DataFrame) -> str:
     """The runs of `table` that diverged, in words ("" for none): they took optimizer steps with a NaN or Inf
     gradient (`nonfinite_steps`; a step GradScaler skipped is not taken), or their training loss ended non-finite or
-    at 10× or more where it began (`train_loss`; runs written before it was recorded are judged by their gradients
-    alone). A diverged run's accuracies are a broken model's and pull every correlation towards their corner."""
+    tenfold where it began (`store.loss_diverged`; runs written before `train_loss` was recorded are judged by their
+    gradients alone). A diverged run's accuracies are a broken model's and pull every correlation towards their
+    corner."""
     diverged = table["run_id"].map(lambda rid: rid in groups and diverged_run(groups[rid].attrs))
     if not diverged.any():
         return ""
     lr = table.loc[diverged, "lr"] if "lr" in table else pd.Series(dtype=float)
     at = f"; lr {lr.min():.3g}" + (f" to {lr.max():.3g}" if lr.max() > lr.min() else "") if lr.notna().any() else ""
     return (f"{int(diverged.sum())} of {len(table)} run(s) diverged ({first_ids(list(table.run_id[diverged]))}{at}): "
-            "NaN or Inf gradients, or a training loss that ended non-finite or 10× or more where it began, so their "
-            "accuracies are a broken model's, not what it learned, and weigh on every correlation. Keep sweep.lr "
-            "below where runs diverge (or clip harder: train.clip) for a study")
+            "NaN or Inf gradients, or a training loss that ended non-finite or at 10× or more where it began (and "
+            "at 1 or more), so their accuracies are a broken model's, not what it learned, and weigh on every "
+            "correlation. Keep sweep.lr below where runs diverge (or clip harder: train.clip) for a study")
 
 
 def diverged_run(attrs) -> bool:

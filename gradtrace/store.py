@@ -412,19 +412,44 @@ def set_failed(group: zarr.Group, err: BaseException, **extra: Any) -> None:
         set_status(group, "failed", error=f"{type(err).__name__}: {err}", **extra)
 
 
-def train_loss_ends(group: zarr.Group) -> dict[str, float]:
-    """The training loss of a run's first and last recorded rows, `{"first", "last"}` (NaN where none is recorded):
-    its `train_loss` attribute, by which a run that diverged is told (`loss_diverged`)."""
+def train_loss_ends(group: zarr.Group) -> dict[str, float | str | None]:
+    """The training loss of a run's first and last recorded rows, `{"first", "last"}` (null where none is recorded;
+    NaN and Inf as zarr spells them in JSON, "NaN", "Infinity"): its `train_loss` attribute (`loss_ends`)."""
     loss = read(group, "loss") if has(group, "loss") else np.empty(0)
-    return {"first": float(loss[0]), "last": float(loss[-1])} if len(loss) else {"first": math.nan, "last": math.nan}
+    if not len(loss):
+        return {"first": None, "last": None}
+    return {end: float(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else
+                                                            "Infinity" if value > 0 else "-Infinity")
+            for end, value in (("first", loss[0]), ("last", loss[-1]))}
+
+
+def loss_ends(attrs) -> tuple[float, float] | None:
+    """A run's training loss at its first and last recorded rows, from its `train_loss` attribute; None where it has
+    none (written before it was recorded, by `attach`, or a value of the user's own under that name)."""
+    loss = attrs.get("train_loss")
+    if not isinstance(loss, dict):
+        return None
+    try:
+        first, last = float(loss["first"]), float(loss["last"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return first, last
 
 
 def loss_diverged(attrs) -> bool:
-    """Whether a run's training loss (its `train_loss` attribute) ended non-finite or at 10× or more where it began:
-    it diverged (False for a run without one: written before it was recorded, or by `attach`)."""
-    loss = attrs.get("train_loss") or {}
-    first, last = loss.get("first", math.nan), loss.get("last", math.nan)
-    return math.isfinite(first) and (not math.isfinite(last) or last > 10 * first)
+    """Whether a run's training loss ended non-finite, or at 10× or more where it began and at 1 or more (a loss
+    near 0 at the start rises tenfold on one batch's noise): it diverged."""
+    ends = loss_ends(attrs)
+    if ends is None or not math.isfinite(ends[0]):
+        return False
+    first, last = ends
+    return not math.isfinite(last) or last >= 10 * max(first, 0.1)
+
+
+def nonfinite_steps(group: zarr.Group) -> int:
+    """How many of a run's recorded steps had a NaN or Inf gradient, counted in its stored `nonfinite` flags (those
+    before a resume too)."""
+    return int(np.sum(read(group, "nonfinite"))) if has(group, "nonfinite") else 0
 
 
 def read(group: zarr.Group, name: str) -> np.ndarray:
@@ -664,8 +689,8 @@ class _RunListing:
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
         if loss_diverged(a):
-            lines.append(f"  WARNING: diverged: training loss {a['train_loss']['first']:.3g} at the start, "
-                         f"{a['train_loss']['last']:.3g} at the end")
+            first, last = loss_ends(a)
+            lines.append(f"  WARNING: diverged: training loss {first:.3g} at the start, {last:.3g} at the end")
         init_from = init_weights(a)
         digest = f" (sha256 {a['init_digest']}…)" if "init_digest" in a else ""
         trained_with = [f"  started from: {init_from}{digest}"] if init_from else []

@@ -432,10 +432,10 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         # the failures' own error stands, not the table's: a re-run rewrites the table
         listed = (f"the store holds {len(table)} complete run(s) ({out / 'results.csv'} could not be rewritten and "
                   "lists those complete before the disk filled)")
-    groups = store.run_groups(root)
-    if pending and not foretold:
-        warn_of_mixed_arithmetic(out, groups, list(table.run_id), stacklevel=3)
     if pending:
+        groups = store.run_groups(root)
+        if not foretold:
+            warn_of_mixed_arithmetic(out, groups, list(table.run_id), stacklevel=3)
         warn_of_divergence(groups, table, stacklevel=3)
     if failed:
         not_run = len(pending) - len(failed) - sum(row["run_id"] in pending for row in rows)

@@ -259,7 +259,7 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
     wall = time.perf_counter() - began
     store.set_status(group, "complete", accuracy=acc, train_accuracy=train_acc, steps_done=t.steps,
                      last_durable_step=recorder.step, wall_time_s=wall,
-                     nonfinite_steps=recorder.nonfinite_steps, train_loss=store.train_loss_ends(group),
+                     nonfinite_steps=store.nonfinite_steps(group), train_loss=store.train_loss_ends(group),
                      splits=task.splits, hparams=hparams)
     checkpoint.remove(ckpt_root)
     return RunResult(run_id, role, run_seeds, hparams, acc, wall, t.steps, train_accuracy=train_acc)

@@ -135,7 +135,39 @@ def test_checkpoints_and_weights_are_synced_before_they_are_renamed_into_place(t
 def test_a_run_resumed_with_other_arithmetic_is_warned_of_and_records_it(tmp_path, monkeypatch, members):
     """A run resumed under another torch or on another CPU (or threads, kernels, device, code) went on with other
     float rounding and kept saying it trained with the first throughout; a run resumed alike says nothing."""
-    from gradtrace import checkpoint, kernels
+    from gradtrace import kernels
+
+    ids, run = _stopped_at_its_first_checkpoint(tmp_path, monkeypatch, members)
+    groups = [zarr.open_group(tmp_path / "store.zarr")[r] for r in ids]
+    intel = "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (GenuineIntel family 6 model 143)"
+    for group in groups:
+        assert group.attrs["cpu"] == kernels.cpu_name()
+        group.update_attributes({"torch_version": "2.12.0", "cpu": intel})
+    with pytest.warns(kernels.OtherArithmetic, match=r"run 'run-\d' resumes at step 4 with other arithmetic than it "
+                                                     r"started with \(torch_version 2.12.0 → .*; cpu Intel"):
+        run()
+    for group in (zarr.open_group(tmp_path / "store.zarr")[r] for r in ids):  # read anew: attributes are cached
+        assert group.attrs["status"] == "complete"
+        assert group.attrs["resumed_with"] == [{"step": 4, "torch_version": torch.__version__,
+                                                "cpu": kernels.cpu_name()}]
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_resumed_run_counts_the_nonfinite_steps_before_its_resume(tmp_path, monkeypatch, members):
+    """A standalone run resumed after a step with a NaN gradient said `nonfinite_steps: 0` (only the steps after the
+    resume were counted), so it was not known to have diverged."""
+    ids, run = _stopped_at_its_first_checkpoint(tmp_path, monkeypatch, members)
+    for rid in ids:
+        zarr.open_group(tmp_path / "store.zarr", mode="a")[rid]["nonfinite"][1] = True  # as a NaN gradient flags it
+    run()
+    for rid in ids:
+        assert zarr.open_group(tmp_path / "store.zarr")[rid].attrs["nonfinite_steps"] == 1
+
+
+def _stopped_at_its_first_checkpoint(tmp_path, monkeypatch, members: int):
+    """Tiny runs (an ensemble of `members` > 1) stopped as their first checkpoint is saved, at step 4 of 8: their ids,
+    and a function resuming them."""
+    from gradtrace import checkpoint
     from gradtrace.ensemble import train_ensemble
 
     cfgs = [config.load(None, {**TINY, "train.steps": 8, "train.checkpoint_every": 4, "train.data_seed": i})
@@ -159,15 +191,4 @@ def test_a_run_resumed_with_other_arithmetic_is_warned_of_and_records_it(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.undo()
-    groups = [zarr.open_group(tmp_path / "store.zarr")[r] for r in ids]
-    intel = "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (GenuineIntel family 6 model 143)"
-    for group in groups:
-        assert group.attrs["cpu"] == kernels.cpu_name()
-        group.update_attributes({"torch_version": "2.12.0", "cpu": intel})
-    with pytest.warns(kernels.OtherArithmetic, match=r"run 'run-\d' resumes at step 4 with other arithmetic than it "
-                                                     r"started with \(torch_version 2.12.0 → .*; cpu Intel"):
-        run()
-    for group in (zarr.open_group(tmp_path / "store.zarr")[r] for r in ids):  # read anew: attributes are cached
-        assert group.attrs["status"] == "complete"
-        assert group.attrs["resumed_with"] == [{"step": 4, "torch_version": torch.__version__,
-                                                "cpu": kernels.cpu_name()}]
+    return ids, run

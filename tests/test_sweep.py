@@ -1263,7 +1263,9 @@ def test_runs_that_diverged_are_warned_of_by_the_sweep_and_the_analyses(tmp_path
         run_sweep(cfg, tmp_path, progress=False)
     for group in store.run_groups(zarr.open_group(tmp_path / "store.zarr", mode="r")).values():
         loss = group["loss"][:]
-        assert group.attrs["train_loss"] == pytest.approx({"first": loss[0], "last": loss[-1]}, nan_ok=True)
+        assert store.loss_ends(group.attrs) == pytest.approx((loss[0], loss[-1]), nan_ok=True)
+        json.loads((tmp_path / "store.zarr" / group.basename / "zarr.json").read_text(encoding="utf-8"),
+                   parse_constant=lambda name: pytest.fail(f"{name} in zarr.json: not JSON"))
     with pytest.warns(UserWarning, match=diverged):
         load_results(tmp_path)
 

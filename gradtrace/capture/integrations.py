@@ -88,7 +88,8 @@ class RunRecorder(Recorder):
             raise
         self.writer.close()
         store.set_status(self.group, "complete", steps_done=self.step, last_durable_step=self.step,
-                         nonfinite_steps=self.nonfinite_steps, wall_time_s=time.perf_counter() - self._began)
+                         nonfinite_steps=store.nonfinite_steps(self.group),
+                         wall_time_s=time.perf_counter() - self._began)
 
     @uninterrupted
     def fail(self, error: BaseException) -> None:

@@ -165,7 +165,6 @@ class Recorder:
 
             probe_losses = probe_loss_functions(cfg.probe_losses)
         self.probe_losses = (probe_losses or {}) if self.probes else {}  # the probe_loss axis's labels: none
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # on the device: no sync per step
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
@@ -194,11 +193,6 @@ class Recorder:
         _OPEN.setdefault(self.optimizer, weakref.WeakSet()).add(self)
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    @property
-    def nonfinite_steps(self) -> int:
-        """Recorded steps whose gradient held a NaN or Inf."""
-        return int(self._nonfinite)
-
     def attrs(self) -> dict:
         """Run attributes describing what this recorder writes (for the store)."""
         group = self.optimizer.param_groups[0]
@@ -263,7 +257,6 @@ class Recorder:
                 row["grad"].div_(scale)
         grad_norm = layer_grad.norm()
         nonfinite = ~torch.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
-        self._nonfinite += nonfinite
         row.update(nonfinite=nonfinite, layer_grad_norm=layer_grad, grad_norm=grad_norm)
 
     def _make_theta(self) -> None:
