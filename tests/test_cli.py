@@ -314,7 +314,9 @@ def test_end_to_end_sweep_stats_predict_report(tmp_path, capsys):
     assert "run-008" in capsys.readouterr().out
     assert zarr.open_group(out / "store.zarr")["ref-000"].attrs["role"] == "reference"
     # every text file read and written as UTF-8, whatever the locale's encoding (before: the locale's, for five)
-    for command in (args, ["report", str(out), "--out", str(tmp_path / "mine")], ["info", str(out)]):
+    one = ["train", "experiments/scratch.yaml", "--out", str(tmp_path / "one"),
+           *sets({"train.steps": 4, "train.checkpoint_every": 2})]  # a checkpoint's state.json too
+    for command in (args, one, ["report", str(out), "--out", str(tmp_path / "mine")], ["info", str(out)]):
         subprocess.run([sys.executable, "-X", "warn_default_encoding", "-c", "import sys, warnings; "
                         "warnings.filterwarnings('error', category=EncodingWarning, module='gradtrace'); "
                         "from gradtrace.cli import main; sys.exit(main(sys.argv[1:]))", *command], check=True)
