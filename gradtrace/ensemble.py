@@ -178,7 +178,6 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
         for g in groups:
             store.truncate_to(g, start)
             store.set_status(g, "running")
-        capture.nonfinite = [int(np.sum(g["nonfinite"][:])) for g in groups]
     else:
         shared = {**capture.attrs(t), "items_digest": task.items_digest, **kernels.attrs(device)}
         groups = [store.create_run(root, r, {"config": c.to_dict(), "role": role, "seeds": s, "steps": t.steps,
@@ -254,7 +253,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
         acc = accuracy(correct[i])
         store.set_status(g, "complete", accuracy=acc, train_accuracy=train_acc[i], steps_done=t.steps,
                          last_durable_step=t.steps, wall_time_s=wall, wall_time_note=WALL_TIME_NOTE,
-                         nonfinite_steps=capture.nonfinite[i], train_loss=store.train_loss_ends(g),
+                         nonfinite_steps=store.nonfinite_steps(g), train_loss=store.train_loss_ends(g),
                          splits=task.splits, hparams=_hparams(cfgs[i]))
         results.append(RunResult(run_ids[i], roles[i], run_seeds[i], _hparams(cfgs[i]), acc, wall, t.steps,
                                  train_accuracy=train_acc[i]))
@@ -303,7 +302,6 @@ class _MemberRecorders:
         self.lengths = torch.tensor(self.numels, device=device).expand(members, -1)
         self.v_sample = VSample(layout, V_SAMPLE, V_QUANTILES, self.cfg.seed, device)  # the Recorder's
         self.flat = torch.empty(layout.size, device=device)
-        self.nonfinite = [0] * members  # recorded steps with a NaN/Inf gradient, per member
         self._theta_before: torch.Tensor | None = None
 
     def attrs(self, t: TrainConfig) -> dict:
@@ -331,7 +329,6 @@ class _MemberRecorders:
                 norms = torch.stack([g.norm() for g in grad[i].split(self.numels)])
             grad_norm = float(norms.norm())
             finite = math.isfinite(grad_norm)  # a NaN or Inf anywhere makes the norm non-finite
-            self.nonfinite[i] += not finite
             rows.append({**row, "nonfinite": not finite, "layer_grad_norm": norms.numpy(force=True),
                          "grad_norm": grad_norm})
         if "update" in self.cfg.quantities:
