@@ -416,16 +416,29 @@ def train_loss_ends(group: zarr.Group) -> dict[str, float | str | None]:
     """The training loss of a run's first and last recorded rows, `{"first", "last"}` (null where none is recorded;
     NaN and Inf as zarr spells them in JSON, "NaN", "Infinity"): its `train_loss` attribute (`loss_ends`)."""
     loss = read(group, "loss") if has(group, "loss") else np.empty(0)
-    if not len(loss):
-        return {"first": None, "last": None}
-    return {end: float(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else
-                                                            "Infinity" if value > 0 else "-Infinity")
-            for end, value in (("first", loss[0]), ("last", loss[-1]))}
+    return {"first": _json_loss(loss[0]), "last": _json_loss(loss[-1])} if len(loss) else {"first": None, "last": None}
+
+
+def attached_loss_ends(group: zarr.Group, last: float | None) -> dict[str, float | str | None]:
+    """`train_loss_ends` of a run recorded in a loop of one's own, whose rows hold a loss only where the loop gave one
+    (NaN elsewhere, not told apart from a NaN loss): its first finite recorded loss and `last`, the loss of the last
+    row it gave one for (None: none since it was attached)."""
+    loss = read(group, "loss") if has(group, "loss") else np.empty(0)
+    finite = loss[np.isfinite(loss)]
+    return {"first": _json_loss(finite[0]) if len(finite) else None, "last": None if last is None else _json_loss(last)}
+
+
+def _json_loss(value: float) -> float | str:
+    """A loss as strict JSON holds it: finite as a number, NaN and Inf as zarr spells them ("NaN", "Infinity")."""
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 
 
 def loss_ends(attrs) -> tuple[float, float] | None:
     """A run's training loss at its first and last recorded rows, from its `train_loss` attribute; None where it has
-    none (written before it was recorded, by `attach`, or a value of the user's own under that name)."""
+    none (written before it was recorded, or a value of the user's own under that name)."""
     loss = attrs.get("train_loss")
     if not isinstance(loss, dict):
         return None

@@ -430,6 +430,7 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     assert resumed["step"][:].tolist() == list(range(6)) and resumed.attrs["status"] == "complete"
     for name in ("grad", "update", "adam_m"):
         np.testing.assert_array_equal(resumed[name][:], reference[name][:])  # exact: m carried on from the store
+    assert resumed.attrs["train_loss"] == reference.attrs["train_loss"]  # its first loss recorded before the resume
 
 
 def test_a_failed_run_resumed_to_its_end_carries_no_error(tmp_path, task):
@@ -1157,6 +1158,7 @@ def test_hf_callback_records_each_optimizer_step(tmp_path, task, accumulation):
     assert group["step"][:].tolist() == [0, 1, 2, 3]  # optimizer steps, not micro-batches
     assert group["probe/step"][:].tolist() == [0, 2, 4]
     np.testing.assert_allclose(group["loss"][:], logged, rtol=1e-5, atol=5e-5)  # as logged (transformers 4: 4 decimals)
+    assert group.attrs["train_loss"] == {"first": float(group["loss"][0]), "last": float(group["loss"][-1])}
     np.testing.assert_allclose(store.read(group, "update").sum(0), flat_params(model) - initial, atol=2e-6)
     assert (store.read(group, "grad_norm") <= 1.0 + 1e-5).all()  # after the Trainer's clipping (max_grad_norm 1)
     assert np.isnan(store.read(group, "grad_norm_unclipped")).all()  # the Trainer does not hand callbacks its norm
@@ -1416,6 +1418,61 @@ def test_a_loss_logged_after_the_optimizer_step_is_warned_of(tmp_path, task):
         rec.log(loss)
     with pytest.warns(UserWarning, match="seems to call rec.log after optimizer.step"):
         rec.close()
+
+
+def test_an_attached_runs_training_loss_is_that_of_the_first_and_last_rows_its_loop_gave_one_for(tmp_path, task):
+    """A loop of one's own gives a loss when it likes (every step, some steps, none, after the step): rows without one
+    hold NaN, which must not read as a loss gone NaN, so `train_loss` takes the first finite row and the last given."""
+    from gradtrace.results import diverged_run
+
+    def record(run_id, logged, after=False):
+        model = micro(task)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        with warnings.catch_warnings(), attach(model, opt, tmp_path, run_id, total_steps=4, capture=IDENTITY) as rec:
+            warnings.simplefilter("ignore")  # the loss logged after the step, warned of at close
+            for step in range(4):
+                x, m = task.train_batch(step, 0, 16)
+                loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+                opt.zero_grad()
+                loss.backward()
+                if step in logged and not after:
+                    rec.log(loss)
+                opt.step()
+                if step in logged and after:
+                    rec.log(loss)
+        group = run_group(tmp_path, run_id)
+        return dict(group.attrs), group["loss"][:].tolist()
+
+    attrs, loss = record("every", range(4))
+    assert attrs["train_loss"] == {"first": loss[0], "last": loss[3]} and not diverged_run(attrs)
+    attrs, loss = record("some", {0, 2})
+    assert math.isnan(loss[3]) and attrs["train_loss"] == {"first": loss[0], "last": loss[2]}
+    assert not diverged_run(attrs)
+    attrs, loss = record("none", ())
+    assert attrs["train_loss"] == {"first": None, "last": None} and not diverged_run(attrs)
+    attrs, loss = record("after", range(4), after=True)  # each loss in the next step's row: the first row NaN
+    assert math.isnan(loss[0]) and attrs["train_loss"] == {"first": loss[1], "last": loss[3]}
+    assert not diverged_run(attrs)
+
+
+@pytest.mark.parametrize("last, said", [(50.0, 50.0), (float("nan"), "NaN"), (float("inf"), "Infinity")])
+def test_an_attached_run_whose_loss_blew_up_is_said_to_have_diverged(tmp_path, task, last, said):
+    """Clipping keeps a blown-up run's gradients finite: its loss says it diverged, as for gradtrace's own runs."""
+    from gradtrace.results import diverged_run
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with attach(model, opt, tmp_path, "r", total_steps=3, capture=IDENTITY) as rec:
+        for step, given in enumerate([0.5, 2.0, last]):
+            x, m = task.train_batch(step, 0, 16)
+            opt.zero_grad()
+            answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+            rec.log(torch.tensor(given))
+            opt.step()
+    attrs = dict(run_group(tmp_path).attrs)
+    assert attrs["train_loss"] == {"first": 0.5, "last": said} and attrs["nonfinite_steps"] == 0
+    assert diverged_run(attrs)
+    assert "WARNING: diverged: training loss 0.5 at the start" in store.summary(tmp_path / "store.zarr")
 
 
 def test_runs_of_your_own_loop_go_through_stats_and_predict_with_a_table_of_your_own(tmp_path, task):

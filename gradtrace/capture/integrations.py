@@ -89,6 +89,7 @@ class RunRecorder(Recorder):
         self.writer.close()
         store.set_status(self.group, "complete", steps_done=self.step, last_durable_step=self.step,
                          nonfinite_steps=store.nonfinite_steps(self.group),
+                         train_loss=store.attached_loss_ends(self.group, self.last_loss),
                          wall_time_s=time.perf_counter() - self._began)
 
     @uninterrupted

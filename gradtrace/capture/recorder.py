@@ -168,6 +168,7 @@ class Recorder:
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
+        self._last_loss: torch.Tensor | float | None = None  # the loss of the last row recorded with one given
         self._unclipped: torch.Tensor | float = float("nan")  # this step's norm before clipping, when given
         self._recording = False
         self._closure = False
@@ -279,6 +280,8 @@ class Recorder:
                 self._record_gradient(None)
             row = self._row
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
+            if self._loss_count:
+                self._last_loss = row["loss"]
             row["grad_norm_unclipped"] = self._unclipped
             if "update" in self.cfg.quantities:  # Δθ_t = θ_{t+1} − θ_t, θ_t snapshotted in the pre-step hook
                 row["update"], row["layer_update_norm"] = self.sketch.apply_difference_with_norms(self.params,
@@ -417,6 +420,11 @@ class Recorder:
             self.probe_once()
         self.writer.flush()
         self._unhook()
+
+    @property
+    def last_loss(self) -> float | None:
+        """The loss of the last recorded row the loop gave one for (`log`) since attach, None where none was given."""
+        return None if self._last_loss is None else float(self._last_loss)
 
     def _unhook(self) -> None:
         """Remove the optimizer hooks: nothing more is recorded."""
