@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
+from gradtrace.console import write_plain_text_where_unencodable
 from gradtrace.files import disk_full, full_disk_words, written_whole
 from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_divergence,
                                warn_of_mixed_arithmetic, write_results)
@@ -724,6 +725,7 @@ def _start_worker(parent: int, gpus: list[str], started=None) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     every_tqdm.set_lock(threading.RLock())
+    write_plain_text_where_unencodable()  # its warnings as the sweep's own: "≥" as ">=", not "\\u2265", where needed
     if gpus:
         with started.get_lock():
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[started.value % len(gpus)]

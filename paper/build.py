@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 
 from gradtrace import figures, report
-from gradtrace.cli import plain_text_where_unencodable
+from gradtrace.console import plain_text_where_unencodable
 from gradtrace.results import base_groups
 from gradtrace.stats import varying_shifts
 

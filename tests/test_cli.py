@@ -66,7 +66,7 @@ def test_a_console_without_the_symbols_gets_plain_text_not_an_encoding_error():
     ("Δθ ×2 ±1 ≤", "latin-1", "Deltatheta ×2 ±1 <="),  # what the encoding has stays
     ("ж", "ascii", "\\u0436")])
 def test_unencodable_symbols_are_written_as_plain_text(text, encoding, plain):
-    from gradtrace.cli import plain_text_where_unencodable
+    from gradtrace.console import plain_text_where_unencodable
     for stream_name in ("stdout", "stderr"):
         stream = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
         saved = getattr(sys, stream_name)
@@ -79,6 +79,16 @@ def test_unencodable_symbols_are_written_as_plain_text(text, encoding, plain):
         finally:
             setattr(sys, stream_name, saved)
         assert stream.buffer.getvalue().decode(encoding) == plain
+
+
+def test_a_sweeps_worker_writes_its_warnings_in_plain_text_too():
+    """A sweep's worker processes print their own warnings: on a console without the symbols, as plain text as the
+    command line does (Python's backslash escapes before: "\\u2265")."""
+    code = ("import os, sys, warnings; from gradtrace.sweep import _start_worker; _start_worker(os.getppid(), []); "
+            "warnings.warn('n \u2265 9 \u2212 1'); print('r(a\u2081,a\u2082)', file=sys.stderr)")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii"}).stderr.decode("ascii")
+    assert "UserWarning: n >= 9 - 1" in err and "r(a1,a2)" in err
 
 
 def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
