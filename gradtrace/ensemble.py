@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,19 +98,21 @@ def _dotted(cfg: Config) -> dict:
 
 
 def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], roles: list[str] | None = None,
-                   resume: bool = False, progress: bool = False) -> list[RunResult]:
-    """Train one run per config into `exp_dir/store.zarr/<run_id>` as one vectorised ensemble; returns results."""
+                   resume: bool = False, progress: bool = False,
+                   on_step: Callable[[int, int], None] | None = None) -> list[RunResult]:
+    """Train one run per config into `exp_dir/store.zarr/<run_id>` as one vectorised ensemble; returns results.
+    `on_step(steps done, steps in all)` is called after each training step (a sweep's bar counts them)."""
     check_members(cfgs)
     roles = roles or ["sweep"] * len(cfgs)
     if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):
         raise ValueError(f"need one distinct run id and one role per config: got {len(cfgs)} configs, "
                          f"run ids {run_ids}, roles {roles}")
     with store.run_lock(Path(exp_dir), run_ids), callers_torch_state(cfgs[0].train.device):
-        return _train_ensemble_locked(cfgs, Path(exp_dir), run_ids, roles, resume, progress)
+        return _train_ensemble_locked(cfgs, Path(exp_dir), run_ids, roles, resume, progress, on_step)
 
 
 def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str], roles: list[str], resume: bool,
-                           progress: bool) -> list[RunResult]:
+                           progress: bool, on_step: Callable[[int, int], None] | None) -> list[RunResult]:
     """`train_ensemble` with every member's lock held."""
     t = cfgs[0].train
     use_threads(t.threads)
@@ -130,7 +133,7 @@ def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str]
     todo = [i for i in range(len(cfgs)) if i not in done]
     if todo:
         trained = _train([cfgs[i] for i in todo], exp_dir, root, [run_ids[i] for i in todo],
-                         [roles[i] for i in todo], resume, progress)
+                         [roles[i] for i in todo], resume, progress, on_step)
         done.update(zip(todo, trained))
     return [done[i] for i in range(len(cfgs))]
 
@@ -141,7 +144,7 @@ def _hparams(cfg: Config) -> dict[str, float]:
 
 
 def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[str], roles: list[str],
-           overwrite: bool, progress: bool) -> list[RunResult]:
+           overwrite: bool, progress: bool, on_step: Callable[[int, int], None] | None) -> list[RunResult]:
     """The training loop of `train.train`, vectorised over members; writes each member's run group."""
     cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
     device = resolve_device(t.device)
@@ -230,6 +233,8 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                 for w, g in zip(writers, groups):
                     w.checkpoint(done)
                     g.update_attributes({"steps_done": done})
+            if on_step is not None:
+                on_step(done, t.steps)
         if t.steps:
             capture.probe(writers, params, t.steps)
         correct, train_acc = [], []

@@ -6,6 +6,7 @@ ones from their last durable step, and rebuilds `results.csv` from the store, so
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -137,18 +138,51 @@ def _worker_config(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> C
     return config_mod.from_dict(cfg_dict, {**overrides, "train.threads": threads})
 
 
-def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> list[dict]:
+def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
+             steps: tuple[StepsInFlight, int] | None = None) -> list[dict]:
     """Worker entry point: train one planned run (resuming if partial), or several as one vectorised ensemble
-    (complete members skipped, the others resumed from their checkpoint); return their results rows."""
+    (complete members skipped, the others resumed from their checkpoint); return their results rows. Its steps are
+    counted in `steps` (the sweep's counts and this job's slot; a pool's worker: its own, from `_start_worker`)."""
     from gradtrace.ensemble import train_ensemble
     from gradtrace.train import default_threads, train
 
     threads = threads or default_threads()  # not what the process's previous job set (a dask worker's, say)
     cfgs = [_worker_config(cfg_dict, out, r, threads) for r in job]
-    if len(job) == 1:
-        return [train(cfgs[0], out, job[0].run_id, job[0].role, resume=True, progress=False).row()]
-    results = train_ensemble(cfgs, out, [r.run_id for r in job], [r.role for r in job], resume=True)
-    return [r.row() for r in results]
+    counts, slot = steps or _worker_steps or (None, 0)
+    on_step = functools.partial(counts.count, slot) if counts is not None else None
+    try:
+        if len(job) == 1:
+            return [train(cfgs[0], out, job[0].run_id, job[0].role, resume=True, progress=False,
+                          on_step=on_step).row()]
+        results = train_ensemble(cfgs, out, [r.run_id for r in job], [r.role for r in job], resume=True,
+                                 on_step=on_step)
+        return [r.row() for r in results]
+    finally:
+        if counts is not None:
+            counts.count(slot, 0, 0)
+
+
+class StepsInFlight:
+    """The training steps done and planned of the job each of `slots` workers trains (0 planned: none), each worker
+    writing only its own slot: shared memory without a lock for a pool's processes (a lock a killed worker held would
+    stop the others), plain lists in this process. The sweep's bar shows their sums."""
+
+    def __init__(self, slots: int, context=None) -> None:
+        self.done, self.planned = ([0] * slots, [0] * slots) if context is None else (
+            context.Array("q", slots, lock=False), context.Array("q", slots, lock=False))
+        self.taken = None if context is None else context.Value("i", 0)  # slots handed out to workers so far
+
+    def count(self, slot: int, done: int, planned: int) -> None:
+        """The job in `slot` has done `done` of its `planned` steps (0 of 0: it ended)."""
+        self.done[slot], self.planned[slot] = done, planned
+
+    def describe(self) -> str:
+        """"2 in flight: 75/300 steps", or "" with none."""
+        jobs = [(d, p) for d, p in zip(self.done[:], self.planned[:]) if p]
+        return f"{len(jobs)} in flight: {sum(d for d, _ in jobs)}/{sum(p for _, p in jobs)} steps" if jobs else ""
+
+
+_worker_steps: tuple[StepsInFlight, int] | None = None  # a pool worker's: the sweep's counts and its slot
 
 
 def _jobs(cfg: Config, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
@@ -360,6 +394,54 @@ def check_workers_code(client) -> None:
                          "install (`dask worker` started after the upgrade)")
 
 
+BAR_REFRESH_S = (1.0, 30.0)  # how often the sweep's bar shows the steps in flight: on a terminal, into a file
+
+
+class SweepBar:
+    """The sweep's progress bar over its runs, and after it the steps of the jobs in flight (`steps`, set by the
+    dispatch of each stage and pool) and the runs failed, refreshed by a thread: each second on a terminal or in a
+    notebook, each 30 s into a file (a batch job's log). Runs of many minutes (pythia-70m on a CPU) left the bar at 0 with no
+    sign of life until the first ended."""
+
+    def __init__(self, total: int, initial: int, disable: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc="sweep", unit="run", disable=disable)
+        self.steps: StepsInFlight | None = None
+        self.failed = 0
+        self._shown = ""
+        self._stop = threading.Event()
+        self._thread = None
+        if not disable:
+            live = type(self.bar).__module__ == "tqdm.notebook" or getattr(sys.stderr, "isatty", lambda: False)()
+            every = BAR_REFRESH_S[0] if live else BAR_REFRESH_S[1]
+            self._thread = threading.Thread(target=self._refresh, args=(every,), name="gradtrace-sweep-bar",
+                                            daemon=True)
+            self._thread.start()
+
+    def _refresh(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.show()
+
+    def show(self, refresh: bool = True) -> None:
+        """Set what is in flight and failed now after the bar (and write it, where it changed and `refresh`)."""
+        words = (self.steps.describe() if self.steps is not None else "",
+                 f"failed={self.failed}" if self.failed else "")
+        text = ", ".join(word for word in words if word)
+        if text != self._shown:
+            self._shown = text
+            self.bar.set_postfix_str(text, refresh=refresh)
+
+    def update(self, runs: int = 1) -> None:
+        """`runs` more ended (their jobs' steps no longer in flight)."""
+        self.show(refresh=False)
+        self.bar.update(runs)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.bar.close()
+
+
 def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
     from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
@@ -378,7 +460,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = set(_not_complete(root, runs))
     foretold = client is None and foretell_other_arithmetic(cfg, out, root, len(pending))
-    bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="sweep", unit="run", disable=not progress)
+    bar = SweepBar(total=len(runs), initial=len(runs) - len(pending), disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
     for job in _jobs(cfg, runs):
@@ -398,14 +480,14 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     failed: dict[str, Exception] = {}
     try:
         # closed when interrupted, so that the workers stop at once instead of training the queued jobs first
-        with contextlib.closing(_in_stages(cfg, out, [base, rest], client, bases, failed)) as outcomes:
+        with contextlib.closing(_in_stages(cfg, out, [base, rest], client, bases, failed, bar)) as outcomes:
             for job, outcome in outcomes:
                 if isinstance(outcome, Exception):
                     ids = [r.run_id for r in job if r.run_id in pending]
                     _report_failure(ids, outcome, first=not failed, base=job[0].role == "base")
                     failed.update(dict.fromkeys(ids, outcome))
+                    bar.failed = len(failed)
                     bar.update(len(ids))
-                    bar.set_postfix(failed=len(failed))
                     # on a full disk every run after it would fail alike, one by one: the sweep stops, its runs in
                     # flight too (resumable from their checkpoints)
                     if disk_full(outcome):
@@ -497,12 +579,12 @@ def foretell_other_arithmetic(cfg: Config, out: Path, root, pending: int) -> boo
 
 
 def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], client, bases: dict[str, str | None],
-               failed: dict[str, Exception]):
+               failed: dict[str, Exception], bar: SweepBar):
     """`_dispatch` of each stage's jobs in turn (the base runs, then the runs that start from them), leaving out
     the jobs whose base run has failed by the time their stage starts."""
     for stage in stages:
         with contextlib.closing(_dispatch(cfg, out, [job for job in stage if bases[job[0].run_id] not in failed],
-                                          client)) as outcomes:
+                                          client, bar)) as outcomes:
             yield from outcomes
 
 
@@ -601,10 +683,11 @@ def _trained_anything(out: Path) -> bool:
     return any(run.attrs.get("status") == "complete" or run.attrs.get("last_durable_step", -1) > 0 for run in runs)
 
 
-def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
+def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client, bar: SweepBar | None = None):
     """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
     on a pool of single-thread workers, or on a dask cluster (`client`). Closed early (interrupted), it cancels the
-    jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and train on."""
+    jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and train on.
+    The steps of the jobs in flight here or on a pool are shown in `bar`."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
     if client is not None:
         from dask.distributed import as_completed
@@ -618,9 +701,12 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
             client.cancel(list(futures))
         return
     if workers <= 1 or len(jobs) <= 1:
+        steps = StepsInFlight(1)
+        if bar is not None:
+            bar.steps = steps
         for job in jobs:
             try:
-                outcome = _execute(cfg_dict, str(out), job, job_threads(cfg, job))
+                outcome = _execute(cfg_dict, str(out), job, job_threads(cfg, job), (steps, 0))
             except Exception as err:
                 outcome = err
             yield job, outcome
@@ -635,7 +721,10 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
                        *(([j], 1) for j in queued if breaks[j[0].run_id] >= 2)]
             queued = []
             for batch, size in (b for b in batches if b[0]):
-                with contextlib.closing(_on_pool(cfg_dict, out, batch, size, context, gpus)) as outcomes:
+                steps = StepsInFlight(size, context)
+                if bar is not None:
+                    bar.steps = steps
+                with contextlib.closing(_on_pool(cfg_dict, out, batch, size, context, gpus, steps)) as outcomes:
                     for job, outcome in outcomes:
                         if isinstance(outcome, BrokenProcessPool) and breaks[job[0].run_id] < 2:
                             breaks[job[0].run_id] += 1
@@ -651,10 +740,12 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client):
             os.environ["OMP_NUM_THREADS"] = env_threads
 
 
-def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: int, context, gpus):
-    """Yield each job with its rows or exception, trained on a new pool of `workers` single-thread processes."""
+def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: int, context, gpus,
+             steps: StepsInFlight | None = None):
+    """Yield each job with its rows or exception, trained on a new pool of `workers` single-thread processes, each
+    counting its job's steps in its slot of `steps`."""
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(), gpus, context.Value("i", 0) if gpus else None)) as pool:
+                             initargs=(os.getpid(), gpus, context.Value("i", 0) if gpus else None, steps)) as pool:
         futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
         try:
             while futures:
@@ -714,13 +805,15 @@ def worker_gpus(device: str) -> list[str]:
     return [d.strip() for d in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
 
 
-def _start_worker(parent: int, gpus: list[str], started=None) -> None:
+def _start_worker(parent: int, gpus: list[str], started=None, steps: StepsInFlight | None = None) -> None:
     """A pool worker's start: Ctrl-C (SIGINT to the terminal's whole process group) is left to the sweep, which
     stops its workers in order, and the worker ends when the sweep that started it dies (killed, it cannot tell
     its workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work.
     tqdm's write lock is a thread lock here: its default, a multiprocessing semaphore, outlives a stopped worker
     and had Python report "leaked semaphore objects" as the sweep ended. Given `gpus`, the worker sees one of
-    them, the next in turn by `started` (a shared count of the workers started), before anything touches CUDA."""
+    them, the next in turn by `started` (a shared count of the workers started), before anything touches CUDA.
+    Given `steps`, the worker counts its jobs' steps in the next free slot of them."""
+    global _worker_steps
     from tqdm.std import tqdm as every_tqdm  # the base class: tqdm.auto's and any library's bars share its lock
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -730,6 +823,10 @@ def _start_worker(parent: int, gpus: list[str], started=None) -> None:
         with started.get_lock():
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[started.value % len(gpus)]
             started.value += 1
+    if steps is not None:
+        with steps.taken.get_lock():
+            slot, steps.taken.value = steps.taken.value, steps.taken.value + 1
+        _worker_steps = (steps, slot) if slot < len(steps.done) else None
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -6,6 +6,7 @@ import functools
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,13 +175,15 @@ def check_resumes_its_config(group, cfg: Config, run_id: str) -> None:
 
 
 def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "reference",
-          resume: bool = False, progress: bool = True) -> RunResult:
-    """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies."""
+          resume: bool = False, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> RunResult:
+    """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies.
+    `on_step(steps done, steps in all)` is called after each training step (a sweep's bar counts them)."""
     with store.run_lock(Path(exp_dir), [run_id]), callers_torch_state(cfg.train.device):
-        return _train_locked(cfg, Path(exp_dir), run_id, role, resume, progress)
+        return _train_locked(cfg, Path(exp_dir), run_id, role, resume, progress, on_step)
 
 
-def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bool, progress: bool) -> RunResult:
+def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bool, progress: bool,
+                  on_step: Callable[[int, int], None] | None) -> RunResult:
     """`train` with the run's lock held."""
     t = cfg.train
     use_threads(t.threads)
@@ -245,6 +248,8 @@ def _train_locked(cfg: Config, exp_dir: Path, run_id: str, role: str, resume: bo
                 checkpoint.save_state(ckpt_root, model, optimizer, scheduler, scaler, done, recorder.step)
                 writer.checkpoint(recorder.step)
                 group.update_attributes({"steps_done": done, "wall_time_s": time.perf_counter() - began})
+            if on_step is not None:
+                on_step(done, t.steps)
         recorder.close()
         correct, train_acc = correctness(model, task), train_accuracy(model, task)
         writer.close()

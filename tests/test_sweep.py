@@ -156,6 +156,43 @@ def test_rerun_of_an_interrupted_sweep_has_every_run_exactly_once(tmp_path):
     assert not (tmp_path / "checkpoints" / "run-000").exists()
 
 
+@pytest.mark.parametrize("workers, ensemble", [(2, 1), (1, 1), (1, 2)])
+def test_the_sweeps_bar_counts_the_steps_of_the_runs_in_flight(tmp_path, capsys, monkeypatch, workers, ensemble):
+    """Runs of many minutes (pythia-70m on a CPU) left the bar at 0 runs with no sign of life until the first ended:
+    it shows the steps their training loops have done, in a pool's workers, in this process and in ensembles."""
+    from gradtrace import sweep
+
+    monkeypatch.setattr(sweep, "BAR_REFRESH_S", (0.02, 0.02))
+    run_sweep(tiny_config(sweep__runs=2, sweep__workers=workers, sweep__ensemble=ensemble, sweep__reference_runs=0,
+                          train__steps=60), tmp_path)
+    shown = [(int(n), int(done), int(planned)) for n, done, planned
+             in re.findall(r"(\d) in flight: (\d+)/(\d+) steps", capsys.readouterr().err)]
+    assert any(done > 0 for _, done, _ in shown)  # counted before a run ended
+    assert all(0 <= done <= planned == 60 * n for n, done, planned in shown)  # a job's steps: an ensemble's once
+    assert {n for n, _, _ in shown} <= {1, 2} and (workers == 1 or 2 in {n for n, _, _ in shown})
+
+
+def test_steps_in_flight_are_those_of_the_jobs_each_worker_trains():
+    from multiprocessing import get_context
+
+    from gradtrace import sweep
+
+    code = ("import os; from multiprocessing import get_context; from gradtrace import sweep; "
+            "steps = sweep.StepsInFlight(2, get_context('spawn'))\n"
+            "for _ in range(3):\n"
+            "    sweep._start_worker(os.getppid(), [], None, steps)\n"
+            "    print(None if sweep._worker_steps is None else sweep._worker_steps[1])")
+    slots = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert slots == ["0", "1", "None"]  # each worker of a pool of two takes the next slot; one more counts nothing
+    steps = sweep.StepsInFlight(2, get_context("spawn"))
+    assert steps.describe() == ""
+    steps.count(0, 40, 150)
+    steps.count(1, 10, 800)
+    assert steps.describe() == "2 in flight: 50/950 steps"
+    steps.count(0, 0, 0)  # its job ended
+    assert steps.describe() == "1 in flight: 10/800 steps"
+
+
 @pytest.mark.parametrize("where", ["worker pool", "dask"])
 def test_a_failed_run_stops_no_other(tmp_path, capsys, where):
     from dask.distributed import LocalCluster
@@ -298,7 +335,7 @@ def test_a_jobs_threads_are_set_by_the_config_not_by_how_many_jobs_are_left(tmp_
     import gradtrace.sweep as sweep
 
     threads = []
-    monkeypatch.setattr(sweep, "_execute", lambda cfg_dict, out, job, n: threads.append(n) or [])
+    monkeypatch.setattr(sweep, "_execute", lambda cfg_dict, out, job, n, steps=None: threads.append(n) or [])
     cfg = tiny_config(sweep__runs=2, sweep__workers=2, train__threads=2)
     last = [[r for r in plan(cfg) if r.run_id == "run-001"]]  # the one job left of a resumed or extended sweep
     list(sweep._dispatch(cfg, tmp_path, last, None))
@@ -1051,7 +1088,7 @@ def test_a_sweeps_workers_get_the_configs_relative_paths_made_absolute(tmp_path,
     (tmp_path / "splits.py").write_text(MY_SPLIT)
     given = []
 
-    def dispatch(cfg, out, jobs, client):
+    def dispatch(cfg, out, jobs, client, bar=None):
         given.append(cfg)
         yield from ()
 
