@@ -421,10 +421,12 @@ def train_loss_ends(group: zarr.Group) -> dict[str, float | str | None]:
 
 def attached_loss_ends(group: zarr.Group, last: float | None) -> dict[str, float | str | None]:
     """`train_loss_ends` of a run recorded in a loop of one's own, whose rows hold a loss only where the loop gave one
-    (NaN elsewhere, not told apart from a NaN loss): its first finite recorded loss and `last`, the loss of the last
-    row it gave one for (None: none since it was attached)."""
+    (NaN elsewhere, not told apart from a NaN loss): its first finite recorded loss and `last`, the last loss the loop
+    gave (None: none since it was attached; then the last finite recorded loss, of the run before its resume)."""
     loss = read(group, "loss") if has(group, "loss") else np.empty(0)
     finite = loss[np.isfinite(loss)]
+    if last is None:
+        last = finite[-1] if len(finite) else None
     return {"first": _json_loss(finite[0]) if len(finite) else None, "last": None if last is None else _json_loss(last)}
 
 

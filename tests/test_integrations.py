@@ -1475,6 +1475,39 @@ def test_an_attached_run_whose_loss_blew_up_is_said_to_have_diverged(tmp_path, t
     assert "WARNING: diverged: training loss 0.5 at the start" in store.summary(tmp_path / "store.zarr")
 
 
+def test_an_attached_runs_last_loss_is_the_last_given_on_a_step_not_recorded_or_before_a_resume(tmp_path, task):
+    """Recording every n-th step, the loss of a step between rows is the last given; a run resumed by a loop that
+    gives none keeps the last loss recorded before."""
+    from gradtrace.results import diverged_run
+
+    def steps(model, opt, rec, given):
+        for step, loss in enumerate(given):
+            x, m = task.train_batch(step, 0, 16)
+            opt.zero_grad()
+            answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+            if loss is not None:
+                rec.log(torch.tensor(loss))
+            opt.step()
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    every_2nd = CaptureConfig(sketch="identity", probe_every=0, chunk=4, every=2)
+    with attach(model, opt, tmp_path, "sparse", total_steps=4, capture=every_2nd) as rec:
+        steps(model, opt, rec, [0.5, 0.6, 0.7, 80.0])
+    group = run_group(tmp_path, "sparse")
+    assert group["step"][:].tolist() == [0, 2] and group.attrs["train_loss"] == {"first": 0.5, "last": 80.0}
+    assert diverged_run(dict(group.attrs))
+
+    rec = attach(model, opt, tmp_path, "resumed", total_steps=6, capture=IDENTITY)
+    steps(model, opt, rec, [1.0, 1.0, 50.0, 80.0])
+    rec.checkpoint()
+    rec.detach()  # killed after the checkpoint
+    with attach(model, opt, tmp_path, "resumed", total_steps=6, capture=IDENTITY, resume=True, start_step=4) as rec:
+        steps(model, opt, rec, [None, None])
+    attrs = dict(run_group(tmp_path, "resumed").attrs)
+    assert attrs["train_loss"] == {"first": 1.0, "last": 80.0} and diverged_run(attrs)
+
+
 def test_runs_of_your_own_loop_go_through_stats_and_predict_with_a_table_of_your_own(tmp_path, task):
     """README "Analysing runs of your own": attached runs (two with probes, ID's last) and a results.csv of your own
     beside the store; stats and predict take the directory, predict's cosine from the probed runs by hand."""

@@ -169,6 +169,8 @@ threading._register_atexit(_fail_unclosed)  # CPython's, since 3.9
 class IdleRecorder:
     """Stands in for the Recorder on processes that do not write (all ranks but one under DDP): does nothing."""
 
+    last_loss = None  # as a writing rank's recorder says when no loss was given
+
     def log(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> None:
         """Ignore the loss and norm."""
 

@@ -168,7 +168,7 @@ class Recorder:
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
-        self._last_loss: torch.Tensor | float | None = None  # the loss of the last row recorded with one given
+        self._last_loss: tuple[torch.Tensor | float, int] | None = None  # the last step's given: sum and count
         self._unclipped: torch.Tensor | float = float("nan")  # this step's norm before clipping, when given
         self._recording = False
         self._closure = False
@@ -275,13 +275,13 @@ class Recorder:
         if self._skipped:
             self._loss_count, self._unclipped = 0, float("nan")  # a skipped step's loss is not the next step's
             return
+        if self._loss_count:  # a step not recorded too (every n-th, a log schedule): its loss may be the last
+            self._last_loss = (self._loss_sum, self._loss_count)
         if self._recording:
             if self._closure:  # the gradient the closure left: the one the step used (LBFGS: its last evaluation's)
                 self._record_gradient(None)
             row = self._row
             row["loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
-            if self._loss_count:
-                self._last_loss = row["loss"]
             row["grad_norm_unclipped"] = self._unclipped
             if "update" in self.cfg.quantities:  # Δθ_t = θ_{t+1} − θ_t, θ_t snapshotted in the pre-step hook
                 row["update"], row["layer_update_norm"] = self.sketch.apply_difference_with_norms(self.params,
@@ -423,8 +423,9 @@ class Recorder:
 
     @property
     def last_loss(self) -> float | None:
-        """The loss of the last recorded row the loop gave one for (`log`) since attach, None where none was given."""
-        return None if self._last_loss is None else float(self._last_loss)
+        """The loss of the last step taken that the loop gave one for (`log`) since attach, recorded or not (every
+        n-th step recorded, say); None where none was given."""
+        return None if self._last_loss is None else float(self._last_loss[0]) / self._last_loss[1]
 
     def _unhook(self) -> None:
         """Remove the optimizer hooks: nothing more is recorded."""
