@@ -149,7 +149,7 @@ def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
     threads = threads or default_threads()  # not what the process's previous job set (a dask worker's, say)
     cfgs = [_worker_config(cfg_dict, out, r, threads) for r in job]
     counts, slot = steps or _worker_steps or (None, 0)
-    on_step = functools.partial(counts.count, slot) if counts is not None else None
+    on_step = functools.partial(counts.count, slot, runs=len(job)) if counts is not None else None
     try:
         if len(job) == 1:
             return [train(cfgs[0], out, job[0].run_id, job[0].role, resume=True, progress=False,
@@ -163,23 +163,25 @@ def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
 
 
 class StepsInFlight:
-    """The training steps done and planned of the job each of `slots` workers trains (0 planned: none), each worker
-    writing only its own slot: shared memory without a lock for a pool's processes (a lock a killed worker held would
-    stop the others), plain lists in this process. The sweep's bar shows their sums."""
+    """The runs, and the training steps done and planned, of the job each of `slots` workers trains (0 planned:
+    none), each worker writing only its own slot: shared memory without a lock for a pool's processes (a lock a
+    killed worker held would stop the others), plain lists in this process. The sweep's bar shows their sums."""
 
     def __init__(self, slots: int, context=None) -> None:
-        self.done, self.planned = ([0] * slots, [0] * slots) if context is None else (
-            context.Array("q", slots, lock=False), context.Array("q", slots, lock=False))
+        self.runs, self.done, self.planned = ([0] * slots for _ in range(3)) if context is None else (
+            context.Array("q", slots, lock=False) for _ in range(3))
         self.taken = None if context is None else context.Value("i", 0)  # slots handed out to workers so far
 
-    def count(self, slot: int, done: int, planned: int) -> None:
-        """The job in `slot` has done `done` of its `planned` steps (0 of 0: it ended)."""
-        self.done[slot], self.planned[slot] = done, planned
+    def count(self, slot: int, done: int, planned: int, runs: int = 1) -> None:
+        """The job in `slot`, of `runs` runs (an ensemble's step together), has done `done` of its `planned` steps
+        (0 of 0: it ended)."""
+        self.runs[slot], self.done[slot], self.planned[slot] = runs, done, planned
 
     def describe(self) -> str:
-        """"2 in flight: 75/300 steps", or "" with none."""
-        jobs = [(d, p) for d, p in zip(self.done[:], self.planned[:]) if p]
-        return f"{len(jobs)} in flight: {sum(d for d, _ in jobs)}/{sum(p for _, p in jobs)} steps" if jobs else ""
+        """"2 in flight: 75/300 steps" (an ensemble's runs counted each, its steps once), or "" with none."""
+        jobs = [(r, d, p) for r, d, p in zip(self.runs[:], self.done[:], self.planned[:]) if p]
+        return (f"{sum(r for r, _, _ in jobs)} in flight: {sum(d for _, d, _ in jobs)}/{sum(p for _, _, p in jobs)} "
+                "steps" if jobs else "")
 
 
 _worker_steps: tuple[StepsInFlight, int] | None = None  # a pool worker's: the sweep's counts and its slot
@@ -408,6 +410,7 @@ class SweepBar:
         self.steps: StepsInFlight | None = None
         self.failed = 0
         self._shown = ""
+        self._showing = threading.Lock()  # the refresher's counts, read before a job ended, never shown after
         self._stop = threading.Event()
         self._thread = None
         if not disable:
@@ -423,12 +426,13 @@ class SweepBar:
 
     def show(self, refresh: bool = True) -> None:
         """Set what is in flight and failed now after the bar (and write it, where it changed and `refresh`)."""
-        words = (self.steps.describe() if self.steps is not None else "",
-                 f"failed={self.failed}" if self.failed else "")
-        text = ", ".join(word for word in words if word)
-        if text != self._shown:
-            self._shown = text
-            self.bar.set_postfix_str(text, refresh=refresh)
+        with self._showing:
+            words = (self.steps.describe() if self.steps is not None else "",
+                     f"failed={self.failed}" if self.failed else "")
+            text = ", ".join(word for word in words if word)
+            if text != self._shown:
+                self._shown = text
+                self.bar.set_postfix_str(text, refresh=refresh)
 
     def update(self, runs: int = 1) -> None:
         """`runs` more ended (their jobs' steps no longer in flight)."""
@@ -436,9 +440,11 @@ class SweepBar:
         self.bar.update(runs)
 
     def close(self) -> None:
+        """Stop the refresher and write the bar's last state."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=5)  # a refresher held up (by tqdm's lock, say) stops no sweep from ending
+        self.show(refresh=False)
         self.bar.close()
 
 
@@ -460,7 +466,6 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = set(_not_complete(root, runs))
     foretold = client is None and foretell_other_arithmetic(cfg, out, root, len(pending))
-    bar = SweepBar(total=len(runs), initial=len(runs) - len(pending), disable=not progress)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
     for job in _jobs(cfg, runs):
@@ -478,6 +483,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     rows = results_table(out).to_dict("records")  # runs complete before this call; the finished ones join below
     bases = {r.run_id: started_from(r.overrides.get("model.init_from")) for r in runs}
     failed: dict[str, Exception] = {}
+    bar = SweepBar(total=len(runs), initial=len(runs) - len(pending), disable=not progress)
     try:
         # closed when interrupted, so that the workers stop at once instead of training the queued jobs first
         with contextlib.closing(_in_stages(cfg, out, [base, rest], client, bases, failed, bar)) as outcomes:

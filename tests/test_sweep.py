@@ -165,11 +165,29 @@ def test_the_sweeps_bar_counts_the_steps_of_the_runs_in_flight(tmp_path, capsys,
     monkeypatch.setattr(sweep, "BAR_REFRESH_S", (0.02, 0.02))
     run_sweep(tiny_config(sweep__runs=2, sweep__workers=workers, sweep__ensemble=ensemble, sweep__reference_runs=0,
                           train__steps=60), tmp_path)
+    err = capsys.readouterr().err
     shown = [(int(n), int(done), int(planned)) for n, done, planned
-             in re.findall(r"(\d) in flight: (\d+)/(\d+) steps", capsys.readouterr().err)]
+             in re.findall(r"(\d) in flight: (\d+)/(\d+) steps", err)]
+    assert "in flight" not in err.rsplit("\r", 1)[-1]  # its last state: nothing in flight
     assert any(done > 0 for _, done, _ in shown)  # counted before a run ended
-    assert all(0 <= done <= planned == 60 * n for n, done, planned in shown)  # a job's steps: an ensemble's once
-    assert {n for n, _, _ in shown} <= {1, 2} and (workers == 1 or 2 in {n for n, _, _ in shown})
+    assert all(0 <= done <= planned == 60 * n // ensemble for n, done, planned in shown)  # an ensemble's once
+    assert {n for n, _, _ in shown} <= {1, 2} and (workers == ensemble == 1 or 2 in {n for n, _, _ in shown})
+
+
+def test_a_sweep_refused_before_it_trains_leaves_no_bar_behind(tmp_path, monkeypatch):
+    """A sweep that raised before its first run (members that cannot share an ensemble, say) left its bar's
+    refresher thread running, one more for each call in a notebook."""
+    import threading
+
+    import gradtrace.ensemble
+
+    def refuse(cfgs):
+        raise ValueError("not members of one ensemble")
+
+    monkeypatch.setattr(gradtrace.ensemble, "check_members", refuse)
+    with pytest.raises(ValueError, match="not members"):
+        run_sweep(tiny_config(sweep__runs=2, sweep__ensemble=2, sweep__reference_runs=0), tmp_path)
+    assert not [t for t in threading.enumerate() if t.name == "gradtrace-sweep-bar"]
 
 
 def test_steps_in_flight_are_those_of_the_jobs_each_worker_trains():
@@ -187,10 +205,10 @@ def test_steps_in_flight_are_those_of_the_jobs_each_worker_trains():
     steps = sweep.StepsInFlight(2, get_context("spawn"))
     assert steps.describe() == ""
     steps.count(0, 40, 150)
-    steps.count(1, 10, 800)
-    assert steps.describe() == "2 in flight: 50/950 steps"
+    steps.count(1, 10, 800, runs=4)  # an ensemble of 4
+    assert steps.describe() == "5 in flight: 50/950 steps"
     steps.count(0, 0, 0)  # its job ended
-    assert steps.describe() == "1 in flight: 10/800 steps"
+    assert steps.describe() == "4 in flight: 10/800 steps"
 
 
 @pytest.mark.parametrize("where", ["worker pool", "dask"])
