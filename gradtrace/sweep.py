@@ -400,10 +400,10 @@ BAR_REFRESH_S = (1.0, 30.0)  # how often the sweep's bar shows the steps in flig
 
 
 class SweepBar:
-    """The sweep's progress bar over its runs, and after it the steps of the jobs in flight (`steps`, set by the
-    dispatch of each stage and pool) and the runs failed, refreshed by a thread: each second on a terminal or in a
-    notebook, each 30 s into a file (a batch job's log). Runs of many minutes (pythia-70m on a CPU) left the bar at 0 with no
-    sign of life until the first ended."""
+    """The sweep's progress bar over its runs, and after it the runs in flight with their steps (`steps`, set by
+    the dispatch of each stage and pool) and the runs failed, refreshed by a thread: each second on a terminal or in
+    a notebook, each 30 s into a file (a batch job's log). Runs of many minutes (pythia-70m on a CPU) left the bar
+    at 0 with no sign of life until the first ended."""
 
     def __init__(self, total: int, initial: int, disable: bool) -> None:
         self.bar = tqdm(total=total, initial=initial, desc="sweep", unit="run", disable=disable)
