@@ -176,9 +176,9 @@ def describe_divergence(groups: dict, table: pd.DataFrame) -> str:
     lr = table.loc[diverged, "lr"] if "lr" in table else pd.Series(dtype=float)
     at = f"; lr {lr.min():.3g}" + (f" to {lr.max():.3g}" if lr.max() > lr.min() else "") if lr.notna().any() else ""
     return (f"{int(diverged.sum())} of {len(table)} run(s) diverged ({first_ids(list(table.run_id[diverged]))}{at}): "
-            "NaN or Inf gradients, or a training loss that ended non-finite or at 10× or more where it began (and "
-            "at 1 or more), so their accuracies are a broken model's, not what it learned, and weigh on every "
-            "correlation. Keep sweep.lr below where runs diverge (or clip harder: train.clip) for a study")
+            f"NaN or Inf gradients, or {store.DIVERGED_WORDS}, so their accuracies are a broken model's, not what "
+            "it learned, and weigh on every correlation. Keep sweep.lr below where runs diverge (or clip harder: "
+            "train.clip) for a study")
 
 
 def diverged_run(attrs) -> bool:

@@ -451,14 +451,19 @@ def loss_ends(attrs) -> tuple[float, float] | None:
     return first, last
 
 
+DIVERGED_RISE, DIVERGED_FROM = 10, 0.1  # a loss that ends at 10× where it began, counted from 0.1 at the least
+DIVERGED_WORDS = (f"a training loss that ended non-finite or at {DIVERGED_RISE}× or more where it began (and at "
+                  f"{DIVERGED_RISE * DIVERGED_FROM:g} or more)")
+
+
 def loss_diverged(attrs) -> bool:
     """Whether a run's training loss ended non-finite, or at 10× or more where it began and at 1 or more (a loss
-    near 0 at the start rises tenfold on one batch's noise): it diverged."""
+    near 0 at the start rises tenfold on one batch's noise): it diverged (`DIVERGED_WORDS`)."""
     ends = loss_ends(attrs)
     if ends is None or not math.isfinite(ends[0]):
         return False
     first, last = ends
-    return not math.isfinite(last) or last >= 10 * max(first, 0.1)
+    return not math.isfinite(last) or last >= DIVERGED_RISE * max(first, DIVERGED_FROM)
 
 
 def nonfinite_steps(group: zarr.Group) -> int:
@@ -703,7 +708,8 @@ class _RunListing:
             lines.append(f"  error: {a['error']}")
         if a.get("nonfinite_steps"):
             lines.append(f"  WARNING: non-finite gradients at {a['nonfinite_steps']} recorded step(s)")
-        if loss_diverged(a):
+        diverged = loss_diverged(a)
+        if diverged:
             first, last = loss_ends(a)
             lines.append(f"  WARNING: diverged: training loss {first:.3g} at the start, {last:.3g} at the end")
         init_from = init_weights(a)
@@ -719,7 +725,7 @@ class _RunListing:
             dims = arr.metadata.dimension_names or ()
             lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
                          f"{'×'.join(d or '?' for d in dims):<30} {nbytes / 1e6:8.2f} MB")
-        kind = (head, a.get("error"), a.get("nonfinite_steps"), loss_diverged(a), *trained_with,
+        kind = (head, a.get("error"), a.get("nonfinite_steps"), diverged, *trained_with,
                 tuple((name, arr.shape) for name, arr in arrays))
         return cls(run_id, kind, lines, sum(sizes))
 
