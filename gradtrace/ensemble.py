@@ -99,9 +99,10 @@ def _dotted(cfg: Config) -> dict:
 
 def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], roles: list[str] | None = None,
                    resume: bool = False, progress: bool = False,
-                   on_step: Callable[[int, int], None] | None = None) -> list[RunResult]:
+                   on_step: Callable[[int, int, int], None] | None = None) -> list[RunResult]:
     """Train one run per config into `exp_dir/store.zarr/<run_id>` as one vectorised ensemble; returns results.
-    `on_step(steps done, steps in all)` is called after each training step (a sweep's bar counts them)."""
+    `on_step(steps done, steps in all, members training)` is called after each training step (a sweep's bar counts
+    them; members a resume finds complete are not trained)."""
     check_members(cfgs)
     roles = roles or ["sweep"] * len(cfgs)
     if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):
@@ -112,7 +113,7 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
 
 
 def _train_ensemble_locked(cfgs: list[Config], exp_dir: Path, run_ids: list[str], roles: list[str], resume: bool,
-                           progress: bool, on_step: Callable[[int, int], None] | None) -> list[RunResult]:
+                           progress: bool, on_step: Callable[[int, int, int], None] | None) -> list[RunResult]:
     """`train_ensemble` with every member's lock held."""
     t = cfgs[0].train
     use_threads(t.threads)
@@ -144,7 +145,7 @@ def _hparams(cfg: Config) -> dict[str, float]:
 
 
 def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[str], roles: list[str],
-           overwrite: bool, progress: bool, on_step: Callable[[int, int], None] | None) -> list[RunResult]:
+           overwrite: bool, progress: bool, on_step: Callable[[int, int, int], None] | None) -> list[RunResult]:
     """The training loop of `train.train`, vectorised over members; writes each member's run group."""
     cfg, t, E = cfgs[0], cfgs[0].train, len(cfgs)
     device = resolve_device(t.device)
@@ -234,7 +235,7 @@ def _train(cfgs: list[Config], exp_dir: Path, root: zarr.Group, run_ids: list[st
                     w.checkpoint(done)
                     g.update_attributes({"steps_done": done})
             if on_step is not None:
-                on_step(done, t.steps)
+                on_step(done, t.steps, E)
         if t.steps:
             capture.probe(writers, params, t.steps)
         correct, train_acc = [], []

@@ -149,7 +149,7 @@ def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
     threads = threads or default_threads()  # not what the process's previous job set (a dask worker's, say)
     cfgs = [_worker_config(cfg_dict, out, r, threads) for r in job]
     counts, slot = steps or _worker_steps or (None, 0)
-    on_step = functools.partial(counts.count, slot, runs=len(job)) if counts is not None else None
+    on_step = functools.partial(counts.count, slot) if counts is not None else None
     try:
         if len(job) == 1:
             return [train(cfgs[0], out, job[0].run_id, job[0].role, resume=True, progress=False,

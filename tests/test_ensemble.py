@@ -164,13 +164,17 @@ def test_rerun_trains_a_partial_ensemble_whole_and_keeps_members_completed_elsew
     longer = [member_config(train__steps=8, train__eval_every=0, **m) for m in list(MEMBERS.values())[:2]]
     with pytest.raises(ValueError, match=r"run 'a' was trained with another config \(train.steps: 6 → 8\)"):
         train_ensemble(longer, tmp_path, ["a", "b"], resume=True)  # as `train` refuses: it mixed two schedules
-    again = train_ensemble(cfgs[:2], tmp_path, ["a", "b"], resume=True)
-    assert [r.accuracy for r in again] == [r.accuracy for r in first]
+    training = []  # the members each step trains, as a sweep's bar counts them
+    again = train_ensemble(cfgs[:2], tmp_path, ["a", "b"], resume=True, on_step=lambda *a: training.append(a[2]))
+    assert [r.accuracy for r in again] == [r.accuracy for r in first] and set(training) == {2}
     assert root["b"].attrs["status"] == "complete"
     assert root["b"].attrs["ensemble"] == {"members": ["a", "b"], "index": 1}
     np.testing.assert_array_equal(root["a"]["loss"][...], loss_a)
     created_a = root["a"].attrs["created"]
-    train_ensemble([cfgs[0], cfgs[2]], tmp_path, ["a", "c"], resume=True)  # a: of the ensemble [a, b]
+    training.clear()
+    train_ensemble([cfgs[0], cfgs[2]], tmp_path, ["a", "c"], resume=True,  # a: of the ensemble [a, b]
+                   on_step=lambda *a: training.append(a[2]))
+    assert set(training) == {1}  # c alone: a sweep's bar counted a in flight too
     assert root["a"].attrs["created"] == created_a and root["c"].attrs["ensemble"] == {"members": ["c"], "index": 0}
 
 
