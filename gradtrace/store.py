@@ -457,8 +457,9 @@ DIVERGED_WORDS = (f"a training loss that ended non-finite or at {DIVERGED_RISE}Ã
 
 
 def loss_diverged(attrs) -> bool:
-    """Whether a run's training loss ended non-finite, or at 10Ã— or more where it began and at 1 or more (a loss
-    near 0 at the start rises tenfold on one batch's noise): it diverged (`DIVERGED_WORDS`)."""
+    """Whether a run's training loss ended non-finite, or at `DIVERGED_RISE` times where it began or more, counted
+    from `DIVERGED_FROM` at the least (a loss near 0 at the start rises tenfold on one batch's noise): it diverged
+    (`DIVERGED_WORDS`)."""
     ends = loss_ends(attrs)
     if ends is None or not math.isfinite(ends[0]):
         return False
