@@ -396,6 +396,51 @@ def check_workers_code(client) -> None:
                          "install (`dask worker` started after the upgrade)")
 
 
+def check_workers_see(client, out: Path, cfg: Config) -> None:
+    """Refuse a cluster whose workers do not all see the sweep's directory (a shared file system, at this path) and
+    what its config names (`model.init_from`, `task.modules`): a worker that did not see the directory trained its
+    runs into a folder of its own machine, which the sweep never read (it ended without them, not saying why, and
+    trained them again when run again); one without the weights failed every run it was given."""
+    import uuid
+
+    token = uuid.uuid4().hex
+    mark = out.resolve() / f".workers-see-{token}"  # a name never looked up before: no file system caches it
+    files = [cfg.model.init_from] if cfg.model.init_from else []
+    files += [m for m in cfg.task.modules if config_mod.names_a_file(m)]
+    modules = [m for m in cfg.task.modules if not config_mod.names_a_file(m)]
+    mark.write_text(token, encoding="utf-8")
+    try:
+        answers = client.run(_what_this_worker_lacks, str(mark), token, files, modules)
+        lacking = {worker: what for worker, what in answers.items() if what}
+    finally:
+        mark.unlink(missing_ok=True)
+    if lacking:
+        said = "; ".join(f"{worker} lacks {', '.join(what)}" for worker, what in list(lacking.items())[:3])
+        raise SweepError(f"{len(lacking)} dask worker(s) do not see what the sweep's runs need ({said}): every worker "
+                         f"must see {out.resolve()} and the files the config names at the same paths as this machine "
+                         "(a shared file system); give --out a folder there, and copy weights or .py files the "
+                         "config names there too (gradtrace's shipped base lies where gradtrace is installed)")
+
+
+def _what_this_worker_lacks(mark: str, token: str, files: list[str], modules: list[str]) -> list[str]:
+    """What a dask worker does not see of the sweep's directory (`mark`: a file the sweep wrote there just now,
+    holding `token`), of the files its config names and of the modules it imports."""
+    import importlib.util
+
+    try:
+        sees = Path(mark).read_text(encoding="utf-8") == token
+    except OSError:
+        sees = False
+    lacks = ([] if sees else [f"the sweep's folder {Path(mark).parent}"]) + [f for f in files if not Path(f).is_file()]
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing
+            found = False
+        lacks += [] if found else [f"module {module}"]
+    return lacks
+
+
 BAR_REFRESH_S = (1.0, 30.0)  # how often the sweep's bar shows the steps in flight: on a terminal, into a file
 
 
@@ -466,6 +511,8 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = set(_not_complete(root, runs))
     foretold = client is None and foretell_other_arithmetic(cfg, out, root, len(pending))
+    if client is not None and pending:
+        check_workers_see(client, out, cfg)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
     for job in _jobs(cfg, runs):
@@ -521,6 +568,11 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         # the failures' own error stands, not the table's: a re-run rewrites the table
         listed = (f"the store holds {len(table)} complete run(s) ({out / 'results.csv'} could not be rewritten and "
                   "lists those complete before the disk filled)")
+    lost = sorted({row["run_id"] for row in rows} & pending - set(table.run_id), key=store.run_order)
+    if lost:  # trained by a worker that saw another folder at `out` (one that joined after `check_workers_see`)
+        failed.update(dict.fromkeys(lost, RuntimeError(f"its worker wrote it into a folder the sweep does not read: "
+                                                       f"it does not see {out.resolve()} (a shared file system)")))
+        rows = [row for row in rows if row["run_id"] not in lost]
     if pending:
         groups = store.run_groups(root)
         if not foretold:

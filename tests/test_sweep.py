@@ -660,6 +660,7 @@ def test_sweep_on_a_dask_local_cluster(tmp_path, by):
         scheduler = cluster.scheduler_address if by == "address" else str(file)
         table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=scheduler)
     assert sorted(table.run_id) == ["run-000", "run-001"]
+    assert not list((tmp_path / "study").glob(".workers-see-*"))  # the mark its workers were asked to read
 
 
 def test_a_scheduler_file_not_written_is_refused_by_name(tmp_path):
@@ -1274,6 +1275,64 @@ def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
         check_workers_code(Workers({"tcp://a": code_fingerprint(), "tcp://b": "0123"}))
     with pytest.raises(SweepError, match="AttributeError"):
         check_workers_code(Workers(AttributeError("module 'gradtrace.sweep' has no attribute 'code_fingerprint'")))
+
+
+def test_a_cluster_whose_workers_do_not_see_the_sweeps_folder_or_files_is_refused(tmp_path, monkeypatch):
+    """A worker on a machine without the sweep's folder at its path (--out on a disk of this machine's own) trained
+    its runs into a folder of its own machine, which the sweep never read: it ended without them, not saying why,
+    and trained them again when run again. One without the config's weights failed every run it was given."""
+    from gradtrace import sweep
+    from gradtrace.sweep import _what_this_worker_lacks, check_workers_see
+
+    class Workers:
+        """Workers that each see the file system under a root of their own: this machine's "", or a folder."""
+
+        def __init__(self, roots):
+            self.roots, self.asked = roots, []
+
+        def run(self, function, mark, token, files, modules):
+            self.asked.append(Path(mark))
+            assert Path(mark).read_text() == token
+            return {worker: function(root + mark, token, [root + f for f in files], modules)
+                    for worker, root in self.roots.items()}
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    cfg = tiny_config(model__init_from=str(weights))
+    out = tmp_path / "study"
+    out.mkdir()
+    here = Workers({"tcp://a": "", "tcp://b": ""})
+    check_workers_see(here, out, cfg)
+    elsewhere = Workers({"tcp://a": "", "tcp://b": str(tmp_path / "node-b")})
+    with pytest.raises(SweepError, match=rf"1 dask worker\(s\) do not see .*tcp://b lacks the sweep's folder .*study, "
+                                         rf".*node-b.*w\.safetensors.*must see {out}"):
+        check_workers_see(elsewhere, out, cfg)
+    assert here.asked and elsewhere.asked and not list(out.iterdir())  # the mark removed, both times
+    assert _what_this_worker_lacks(str(here.asked[0]), "token", [], ["json", "no_such_module_x", "no_such_pkg.sub"]) \
+        == [f"the sweep's folder {out}", "module no_such_module_x", "module no_such_pkg.sub"]
+    monkeypatch.setattr(sweep, "_dispatch", lambda *args, **kwargs: pytest.fail("a run was dispatched"))
+    with pytest.raises(SweepError, match="do not see"):  # before anything trains
+        sweep._run_locked(tiny_config(sweep__runs=1, sweep__reference_runs=0), out, False, elsewhere)
+
+
+def test_runs_a_worker_trained_into_another_folder_are_failed_not_passed_over(tmp_path, monkeypatch):
+    """A worker that joined a cluster after the sweep's check, on a machine without the sweep's folder, trains its
+    runs into a folder of its own: the sweep ended with them missing, exit status 0."""
+    from gradtrace import sweep
+
+    def elsewhere(cfg, out, jobs, client, bar=None):  # run-001's worker sees another folder at `out`
+        for job in jobs:
+            at = tmp_path / "node-b" if job[0].run_id == "run-001" else out
+            yield job, sweep._execute(cfg.to_dict(), str(at), job, 1)
+
+    monkeypatch.setattr(sweep, "_dispatch", elsewhere)
+    cfg = tiny_config(sweep__runs=3, sweep__reference_runs=0, train__steps=4)
+    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(run-001: RuntimeError: its worker wrote it into a "
+                                         r"folder the sweep does not read: it does not see .*study"):
+        run_sweep(cfg, tmp_path / "study", progress=False)
+    assert pd.read_csv(tmp_path / "study" / "results.csv").run_id.tolist() == ["run-000", "run-002"]
+    monkeypatch.undo()
+    assert run_sweep(cfg, tmp_path / "study", progress=False).run_id.tolist() == ["run-000", "run-001", "run-002"]
 
 
 def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
