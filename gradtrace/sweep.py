@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 import warnings
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -24,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -342,8 +344,8 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
         raise SweepError(f"another process is running a sweep into {out} (it holds {out / 'sweep.lock'}); wait for "
                          "it to finish or stop it, then run this again to continue") from None
     try:
-        with _cluster(scheduler) as client:
-            return _run_locked(cfg, out, progress, client)
+        with _cluster(scheduler, out) as cluster:
+            return _run_locked(cfg, out, progress, cluster)
     finally:
         lock.release()
 
@@ -352,11 +354,24 @@ CONNECT_TIMEOUT = "30s"  # to reach a dask scheduler
 WORKERS_TIMEOUT = "60s"  # for its first worker to join
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A dask cluster a sweep trains on: its client, and the token of the file each worker reads in the sweep's
+    folder before it trains a run (`check_workers_see`)."""
+
+    client: Any
+    token: str
+
+
+WORKERS_MARK = ".workers-see-"  # + the token: the file's name, never used before (no file system has it cached)
+
+
 @contextlib.contextmanager
-def _cluster(scheduler: str | None):
-    """A dask client of the cluster at `scheduler` (None without one), connected before anything trains: an address
+def _cluster(scheduler: str | None, out: Path):
+    """The dask cluster at `scheduler` (None without one), connected before anything trains: an address
     (tcp://HOST:PORT), or the file a scheduler wrote it in (`dask scheduler --scheduler-file PATH`, as on a batch
-    cluster, where the scheduler's host is known only once its job starts)."""
+    cluster, where the scheduler's host is known only once its job starts). Its workers' file in `out` is removed
+    as the sweep ends (one a killed sweep left, as the next starts: one sweep at a time per folder)."""
     if not scheduler:
         yield None
         return
@@ -378,7 +393,15 @@ def _cluster(scheduler: str | None):
             raise SweepError(f"the dask cluster at {scheduler} has no worker (none joined in {WORKERS_TIMEOUT}): start "
                              f"some (`dask worker {start} --nthreads 1`), or run without --scheduler") from None
         check_workers_code(client)
-        yield client
+        for stale in out.glob(WORKERS_MARK + "*"):
+            stale.unlink(missing_ok=True)
+        token = uuid.uuid4().hex
+        mark = out.resolve() / (WORKERS_MARK + token)
+        try:
+            mark.write_text(token, encoding="utf-8")
+            yield Cluster(client, token)
+        finally:
+            mark.unlink(missing_ok=True)
 
 
 def check_workers_code(client) -> None:
@@ -396,46 +419,57 @@ def check_workers_code(client) -> None:
                          "install (`dask worker` started after the upgrade)")
 
 
-def check_workers_see(client, out: Path, cfg: Config) -> None:
-    """Refuse a cluster whose workers do not all see the sweep's directory (a shared file system, at this path) and
-    what its config names (`model.init_from`, `task.modules`): a worker that did not see the directory trained its
-    runs into a folder of its own machine, which the sweep never read (it ended without them, not saying why, and
-    trained them again when run again); one without the weights failed every run it was given."""
-    import uuid
-
-    token = uuid.uuid4().hex
-    mark = out.resolve() / f".workers-see-{token}"  # a name never looked up before: no file system caches it
+def check_workers_see(cluster: Cluster, out: Path, cfg: Config) -> None:
+    """Refuse a cluster whose workers do not all see the sweep's folder (a shared file system, at this path), the
+    files its config names (`model.init_from`, `.py` files of `task.modules`) and the modules it imports: a worker
+    that did not see the folder trained its runs into a folder of its own machine, which the sweep never read (it
+    ended without them, not saying why, and trained them again when run again); one without the weights or a module
+    failed every run it was given. Each worker also checks the folder before each run (`_execute_on_cluster`)."""
     files = [cfg.model.init_from] if cfg.model.init_from else []
     files += [m for m in cfg.task.modules if config_mod.names_a_file(m)]
     modules = [m for m in cfg.task.modules if not config_mod.names_a_file(m)]
-    mark.write_text(token, encoding="utf-8")
+    answers = cluster.client.run(_what_this_worker_lacks, str(out.resolve()), cluster.token, files, modules,
+                                 on_error="return")
+    said, kinds = [], set()
+    for worker, what in answers.items():
+        if isinstance(what, BaseException):
+            said.append(f"{worker} could not tell ({type(what).__name__}: {what})")
+        elif what:
+            said.append(f"{worker} lacks {', '.join(what)}")
+            kinds |= {next((kind for kind in ADVICE if kind and item.startswith(kind)), "") for item in what}
+    if said:
+        advice = [text.format(out=out.resolve()) for kind, text in ADVICE.items() if kind in kinds]
+        raise SweepError(f"{len(said)} dask worker(s) do not see what the sweep's runs need ({'; '.join(said[:3])}"
+                         f"{'; …' if len(said) > 3 else ''}): {'; '.join(advice or ['mend what their error says'])}")
+
+
+ADVICE = {  # what to do where a worker lacks what an item of `_what_this_worker_lacks` begins with ("": a file)
+    "the sweep's folder": "give --out a folder on a file system every worker shares, at the same path as here ({out})",
+    "": "copy the files the config names onto a file system every worker shares and name the copies in the config "
+        "(gradtrace's shipped base lies where gradtrace is installed)",
+    "module ": "install the modules the config imports on every worker (or put them on the workers' Python path)",
+}
+
+
+def _sees_the_sweep(out: str, token: str) -> bool:
+    """Whether this process sees the sweep's folder: its workers' file there (`Cluster.token`)."""
     try:
-        answers = client.run(_what_this_worker_lacks, str(mark), token, files, modules)
-        lacking = {worker: what for worker, what in answers.items() if what}
-    finally:
-        mark.unlink(missing_ok=True)
-    if lacking:
-        said = "; ".join(f"{worker} lacks {', '.join(what)}" for worker, what in list(lacking.items())[:3])
-        raise SweepError(f"{len(lacking)} dask worker(s) do not see what the sweep's runs need ({said}): every worker "
-                         f"must see {out.resolve()} and the files the config names at the same paths as this machine "
-                         "(a shared file system); give --out a folder there, and copy weights or .py files the "
-                         "config names there too (gradtrace's shipped base lies where gradtrace is installed)")
+        return (Path(out) / (WORKERS_MARK + token)).read_text(encoding="utf-8") == token
+    except OSError:
+        return False
 
 
-def _what_this_worker_lacks(mark: str, token: str, files: list[str], modules: list[str]) -> list[str]:
-    """What a dask worker does not see of the sweep's directory (`mark`: a file the sweep wrote there just now,
-    holding `token`), of the files its config names and of the modules it imports."""
+def _what_this_worker_lacks(out: str, token: str, files: list[str], modules: list[str]) -> list[str]:
+    """What a dask worker does not see of the sweep's folder, of the files its config names and of the modules it
+    imports."""
     import importlib.util
 
-    try:
-        sees = Path(mark).read_text(encoding="utf-8") == token
-    except OSError:
-        sees = False
-    lacks = ([] if sees else [f"the sweep's folder {Path(mark).parent}"]) + [f for f in files if not Path(f).is_file()]
+    lacks = ([] if _sees_the_sweep(out, token) else [f"the sweep's folder {out}"])
+    lacks += [f for f in files if not os.path.isfile(f)]  # False, not an error, where it may not look (EACCES)
     for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):  # a parent package missing
+        except Exception:  # its parent package missing, or failing as it is imported
             found = False
         lacks += [] if found else [f"module {module}"]
     return lacks
@@ -493,7 +527,7 @@ class SweepBar:
         self.bar.close()
 
 
-def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
+def _run_locked(cfg: Config, out: Path, progress: bool, cluster: Cluster | None) -> pd.DataFrame:
     """`run_sweep` with the directory's lock held."""
     from gradtrace import checkpoint  # here: a dry run imports this module, and must not import torch
 
@@ -510,9 +544,9 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
     pending = set(_not_complete(root, runs))
-    foretold = client is None and foretell_other_arithmetic(cfg, out, root, len(pending))
-    if client is not None and pending:
-        check_workers_see(client, out, cfg)
+    foretold = cluster is None and foretell_other_arithmetic(cfg, out, root, len(pending))
+    if cluster is not None and pending:
+        check_workers_see(cluster, out, cfg)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
     for job in _jobs(cfg, runs):
@@ -533,7 +567,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
     bar = SweepBar(total=len(runs), initial=len(runs) - len(pending), disable=not progress)
     try:
         # closed when interrupted, so that the workers stop at once instead of training the queued jobs first
-        with contextlib.closing(_in_stages(cfg, out, [base, rest], client, bases, failed, bar)) as outcomes:
+        with contextlib.closing(_in_stages(cfg, out, [base, rest], cluster, bases, failed, bar)) as outcomes:
             for job, outcome in outcomes:
                 if isinstance(outcome, Exception):
                     ids = [r.run_id for r in job if r.run_id in pending]
@@ -568,11 +602,6 @@ def _run_locked(cfg: Config, out: Path, progress: bool, client) -> pd.DataFrame:
         # the failures' own error stands, not the table's: a re-run rewrites the table
         listed = (f"the store holds {len(table)} complete run(s) ({out / 'results.csv'} could not be rewritten and "
                   "lists those complete before the disk filled)")
-    lost = sorted({row["run_id"] for row in rows} & pending - set(table.run_id), key=store.run_order)
-    if lost:  # trained by a worker that saw another folder at `out` (one that joined after `check_workers_see`)
-        failed.update(dict.fromkeys(lost, RuntimeError(f"its worker wrote it into a folder the sweep does not read: "
-                                                       f"it does not see {out.resolve()} (a shared file system)")))
-        rows = [row for row in rows if row["run_id"] not in lost]
     if pending:
         groups = store.run_groups(root)
         if not foretold:
@@ -636,13 +665,13 @@ def foretell_other_arithmetic(cfg: Config, out: Path, root, pending: int) -> boo
     return bool(changed)
 
 
-def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], client, bases: dict[str, str | None],
-               failed: dict[str, Exception], bar: SweepBar):
+def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], cluster: Cluster | None,
+               bases: dict[str, str | None], failed: dict[str, Exception], bar: SweepBar):
     """`_dispatch` of each stage's jobs in turn (the base runs, then the runs that start from them), leaving out
     the jobs whose base run has failed by the time their stage starts."""
     for stage in stages:
         with contextlib.closing(_dispatch(cfg, out, [job for job in stage if bases[job[0].run_id] not in failed],
-                                          client, bar)) as outcomes:
+                                          cluster, bar)) as outcomes:
             yield from outcomes
 
 
@@ -741,17 +770,19 @@ def _trained_anything(out: Path) -> bool:
     return any(run.attrs.get("status") == "complete" or run.attrs.get("last_durable_step", -1) > 0 for run in runs)
 
 
-def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], client, bar: SweepBar | None = None):
+def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Cluster | None,
+              bar: SweepBar | None = None):
     """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
-    on a pool of single-thread workers, or on a dask cluster (`client`). Closed early (interrupted), it cancels the
+    on a pool of single-thread workers, or on a dask cluster. Closed early (interrupted), it cancels the
     jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and train on.
     The steps of the jobs in flight here or on a pool are shown in `bar`."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
-    if client is not None:
+    if cluster is not None:
         from dask.distributed import as_completed
 
-        futures = {client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job,
-                                 job_threads(cfg, job), pure=False): job for job in jobs}
+        client = cluster.client
+        futures = {client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job, job_threads(cfg, job),
+                                 cluster.token, pure=False): job for job in jobs}
         try:
             for fut in as_completed(futures):
                 yield futures[fut], _outcome(fut)
@@ -826,10 +857,18 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 _ONE_JOB_AT_A_TIME = threading.Lock()
 
 
-def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int) -> list[dict]:
+def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int, token: str) -> list[dict]:
     """A dask task: `_execute`, one job at a time in a worker process (torch's thread count and CPU kernels belong
     to the process, and transformers' lazy imports race), refused where the run's kernels cannot be pinned because
-    the worker computed with others before (a local sweep's fresh workers never do)."""
+    the worker computed with others before (a local sweep's fresh workers never do), and before it trains where the
+    worker does not see the sweep's folder (`token`: its workers' file there; one that joined the cluster after the
+    sweep's check, say)."""
+    if not _sees_the_sweep(out, token):
+        import socket
+
+        raise RuntimeError(f"the dask worker on {socket.gethostname()} does not see the sweep's folder {out}: it "
+                           "would train into a folder of its own machine, which the sweep never reads; every worker "
+                           "must see it at that path (a shared file system)")
     with _ONE_JOB_AT_A_TIME, warnings.catch_warnings():
         warnings.simplefilter("error", kernels.KernelsNotPinned)
         try:

@@ -649,9 +649,16 @@ def test_extending_a_study_under_other_arithmetic_is_warned_of_before_and_after(
 
 
 @pytest.mark.parametrize("by", ["address", "scheduler file"])
-def test_sweep_on_a_dask_local_cluster(tmp_path, by):
-    """The scheduler named by its address, or by the file it wrote that in (a batch cluster's way)."""
-    from dask.distributed import LocalCluster
+def test_sweep_on_a_dask_local_cluster(tmp_path, monkeypatch, by):
+    """The scheduler named by its address, or by the file it wrote that in (a batch cluster's way). Its workers are
+    asked whether they see the sweep's folder before anything trains (and refused where they do not)."""
+    from dask.distributed import Client, LocalCluster
+
+    from gradtrace import sweep
+
+    checked, check = [], sweep.check_workers_see
+    monkeypatch.setattr(sweep, "check_workers_see", lambda cluster, out, cfg: checked.append(out) or check(cluster, out,
+                                                                                                            cfg))
 
     cfg = tiny_config(sweep__runs=2, sweep__reference_runs=0, train__steps=6)
     file = tmp_path / "scheduler.json"
@@ -659,8 +666,12 @@ def test_sweep_on_a_dask_local_cluster(tmp_path, by):
                       scheduler_kwargs={"scheduler_file": str(file)}) as cluster:
         scheduler = cluster.scheduler_address if by == "address" else str(file)
         table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=scheduler)
+        cluster = sweep.Cluster(Client(cluster.scheduler_address), "no such token")
+        with pytest.raises(SweepError, match=r"1 dask worker\(s\) do not see .* lacks the sweep's folder"):
+            check(cluster, tmp_path / "study", cfg)  # asked through the cluster itself
+        cluster.client.close()
     assert sorted(table.run_id) == ["run-000", "run-001"]
-    assert not list((tmp_path / "study").glob(".workers-see-*"))  # the mark its workers were asked to read
+    assert checked == [tmp_path / "study"] and not list((tmp_path / "study").glob(".workers-see-*"))
 
 
 def test_a_scheduler_file_not_written_is_refused_by_name(tmp_path):
@@ -1064,7 +1075,9 @@ def test_a_cluster_job_runs_alone_in_its_worker_and_refuses_unpinned_kernels(tmp
         return []
 
     monkeypatch.setattr(sweep, "_execute", fake_execute)
-    threads = [threading.Thread(target=sweep._execute_on_cluster, args=({}, str(tmp_path), [], 1)) for _ in range(3)]
+    (tmp_path / f"{sweep.WORKERS_MARK}token").write_text("token")  # the sweep's folder, seen
+    threads = [threading.Thread(target=sweep._execute_on_cluster, args=({}, str(tmp_path), [], 1, "token"))
+               for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -1074,7 +1087,7 @@ def test_a_cluster_job_runs_alone_in_its_worker_and_refuses_unpinned_kernels(tmp
     monkeypatch.setattr(kernels, "in_use", lambda: "AVX512")  # a worker that computed before the run pinned
     cfg = tiny_config(train__cpu_kernels="avx2", train__steps=2)
     with pytest.raises(RuntimeError, match="this process runs AVX512.*restart the workers"):
-        sweep._execute_on_cluster(cfg.to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep", {})], 1)
+        sweep._execute_on_cluster(cfg.to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep", {})], 1, "token")
 
 
 def test_an_unreachable_scheduler_is_refused_before_anything_trains(tmp_path, monkeypatch):
@@ -1107,7 +1120,7 @@ def test_a_sweeps_workers_get_the_configs_relative_paths_made_absolute(tmp_path,
     (tmp_path / "splits.py").write_text(MY_SPLIT)
     given = []
 
-    def dispatch(cfg, out, jobs, client, bar=None):
+    def dispatch(cfg, out, jobs, cluster, bar=None):
         given.append(cfg)
         yield from ()
 
@@ -1282,18 +1295,16 @@ def test_a_cluster_whose_workers_do_not_see_the_sweeps_folder_or_files_is_refuse
     its runs into a folder of its own machine, which the sweep never read: it ended without them, not saying why,
     and trained them again when run again. One without the config's weights failed every run it was given."""
     from gradtrace import sweep
-    from gradtrace.sweep import _what_this_worker_lacks, check_workers_see
+    from gradtrace.sweep import Cluster, _what_this_worker_lacks, check_workers_see
 
     class Workers:
         """Workers that each see the file system under a root of their own: this machine's "", or a folder."""
 
         def __init__(self, roots):
-            self.roots, self.asked = roots, []
+            self.roots = roots
 
-        def run(self, function, mark, token, files, modules):
-            self.asked.append(Path(mark))
-            assert Path(mark).read_text() == token
-            return {worker: function(root + mark, token, [root + f for f in files], modules)
+        def run(self, function, out, token, files, modules, on_error):
+            return {worker: function(root + out, token, [root + f for f in files], modules)
                     for worker, root in self.roots.items()}
 
     weights = tmp_path / "w.safetensors"
@@ -1301,38 +1312,44 @@ def test_a_cluster_whose_workers_do_not_see_the_sweeps_folder_or_files_is_refuse
     cfg = tiny_config(model__init_from=str(weights))
     out = tmp_path / "study"
     out.mkdir()
-    here = Workers({"tcp://a": "", "tcp://b": ""})
-    check_workers_see(here, out, cfg)
-    elsewhere = Workers({"tcp://a": "", "tcp://b": str(tmp_path / "node-b")})
-    with pytest.raises(SweepError, match=rf"1 dask worker\(s\) do not see .*tcp://b lacks the sweep's folder .*study, "
-                                         rf".*node-b.*w\.safetensors.*must see {out}"):
+    (out / f"{sweep.WORKERS_MARK}token").write_text("token")
+    check_workers_see(Cluster(Workers({"tcp://a": "", "tcp://b": ""}), "token"), out, cfg)
+    elsewhere = Cluster(Workers({"tcp://a": "", "tcp://b": str(tmp_path / "node-b")}), "token")
+    with pytest.raises(SweepError, match=r"1 dask worker\(s\) do not see .*tcp://b lacks the sweep's folder .*study, "
+                                         r".*node-b.*w\.safetensors\): give --out a folder .*; copy the files"):
         check_workers_see(elsewhere, out, cfg)
-    assert here.asked and elsewhere.asked and not list(out.iterdir())  # the mark removed, both times
-    assert _what_this_worker_lacks(str(here.asked[0]), "token", [], ["json", "no_such_module_x", "no_such_pkg.sub"]) \
-        == [f"the sweep's folder {out}", "module no_such_module_x", "module no_such_pkg.sub"]
+    assert _what_this_worker_lacks(str(out), "token", [], ["json", "no_such_module_x", "no_such_pkg.sub"]) == \
+        ["module no_such_module_x", "module no_such_pkg.sub"]
+    with pytest.raises(SweepError, match=r"lacks module no_such_module_x\): install the modules"):
+        check_workers_see(Cluster(Workers({"tcp://a": ""}), "token"), out,
+                          tiny_config(task__modules=["no_such_module_x"]))
+    assert _what_this_worker_lacks(str(out), "another token", [], []) == [f"the sweep's folder {out}"]
+
+    class Failing:
+        def run(self, function, *args, on_error):
+            return {"tcp://c": PermissionError(13, "Permission denied")}
+
+    with pytest.raises(SweepError, match=r"tcp://c could not tell \(PermissionError: .*\): mend what their error"):
+        check_workers_see(Cluster(Failing(), "token"), out, cfg)
     monkeypatch.setattr(sweep, "_dispatch", lambda *args, **kwargs: pytest.fail("a run was dispatched"))
     with pytest.raises(SweepError, match="do not see"):  # before anything trains
         sweep._run_locked(tiny_config(sweep__runs=1, sweep__reference_runs=0), out, False, elsewhere)
 
 
-def test_runs_a_worker_trained_into_another_folder_are_failed_not_passed_over(tmp_path, monkeypatch):
-    """A worker that joined a cluster after the sweep's check, on a machine without the sweep's folder, trains its
-    runs into a folder of its own: the sweep ended with them missing, exit status 0."""
-    from gradtrace import sweep
+def test_a_cluster_worker_that_does_not_see_the_sweeps_folder_trains_no_run(tmp_path):
+    """A worker that joins the cluster after the sweep's check, on a machine without the sweep's folder, would train
+    its runs into a folder of its own machine: it refuses each before it trains, naming its machine."""
+    import socket
 
-    def elsewhere(cfg, out, jobs, client, bar=None):  # run-001's worker sees another folder at `out`
-        for job in jobs:
-            at = tmp_path / "node-b" if job[0].run_id == "run-001" else out
-            yield job, sweep._execute(cfg.to_dict(), str(at), job, 1)
+    from gradtrace.sweep import WORKERS_MARK, _execute_on_cluster, plan
 
-    monkeypatch.setattr(sweep, "_dispatch", elsewhere)
-    cfg = tiny_config(sweep__runs=3, sweep__reference_runs=0, train__steps=4)
-    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(run-001: RuntimeError: its worker wrote it into a "
-                                         r"folder the sweep does not read: it does not see .*study"):
-        run_sweep(cfg, tmp_path / "study", progress=False)
-    assert pd.read_csv(tmp_path / "study" / "results.csv").run_id.tolist() == ["run-000", "run-002"]
-    monkeypatch.undo()
-    assert run_sweep(cfg, tmp_path / "study", progress=False).run_id.tolist() == ["run-000", "run-001", "run-002"]
+    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2)
+    job = [r for r in plan(cfg) if r.role == "sweep"]
+    (tmp_path / f"{WORKERS_MARK}token").write_text("token")
+    with pytest.raises(RuntimeError, match=rf"the dask worker on {re.escape(socket.gethostname())} does not see the "
+                                           rf"sweep's folder {re.escape(str(tmp_path / 'elsewhere'))}"):
+        _execute_on_cluster(cfg.to_dict(), str(tmp_path / "elsewhere"), job, 1, "token")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
