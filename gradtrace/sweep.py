@@ -781,11 +781,23 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
         from dask.distributed import as_completed
 
         client = cluster.client
-        futures = {client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job, job_threads(cfg, job),
-                                 cluster.token, pure=False): job for job in jobs}
+
+        def submit(job: list[PlannedRun]):
+            return client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job, job_threads(cfg, job),
+                                 cluster.token, pure=False)
+
+        futures = {submit(job): job for job in jobs}
+        sent_again: Counter[str] = Counter()
         try:
-            for fut in as_completed(futures):
-                yield futures[fut], _outcome(fut)
+            for fut in (finished := as_completed(futures)):
+                job, outcome = futures.pop(fut), _outcome(fut)
+                if isinstance(outcome, WorkerWithoutSweep) and sent_again[job[0].run_id] < SEND_AGAIN \
+                        and _retire(client, outcome):
+                    sent_again[job[0].run_id] += 1
+                    futures[again := submit(job)] = job
+                    finished.add(again)
+                    continue
+                yield job, outcome
         finally:
             client.cancel(list(futures))
         return
@@ -857,6 +869,33 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 _ONE_JOB_AT_A_TIME = threading.Lock()
 
 
+SEND_AGAIN = 3  # times a run a worker without the sweep's folder refused goes to another worker
+
+
+class WorkerWithoutSweep(RuntimeError):
+    """A dask worker does not see the sweep's folder (`_execute_on_cluster`); `worker`: its address, or None."""
+
+    def __init__(self, message: str, worker: str | None) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+    def __reduce__(self):
+        return type(self), (str(self), self.worker)
+
+
+def _retire(client, err: WorkerWithoutSweep) -> bool:
+    """Take a worker that does not see the sweep's folder out of the cluster (it closes), so that it is given no more
+    runs, saying so; whether another worker is left to train its run."""
+    workers = client.nthreads()  # every worker's address (scheduler_info lists five in some dask releases)
+    left = [w for w in workers if w != err.worker]
+    if err.worker in workers:
+        tqdm.write(f"gradtrace sweep: {err}: it leaves the cluster"
+                   + (", its runs go to the other workers" if left else ""), file=sys.stderr)
+        with contextlib.suppress(Exception):  # gone already
+            client.retire_workers(workers=[err.worker], close_workers=True)
+    return bool(left)
+
+
 def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int, token: str) -> list[dict]:
     """A dask task: `_execute`, one job at a time in a worker process (torch's thread count and CPU kernels belong
     to the process, and transformers' lazy imports race), refused where the run's kernels cannot be pinned because
@@ -866,9 +905,16 @@ def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads
     if not _sees_the_sweep(out, token):
         import socket
 
-        raise RuntimeError(f"the dask worker on {socket.gethostname()} does not see the sweep's folder {out}: it "
-                           "would train into a folder of its own machine, which the sweep never reads; every worker "
-                           "must see it at that path (a shared file system)")
+        from dask.distributed import get_worker
+
+        try:
+            worker = get_worker().address
+        except ValueError:  # not in a worker's task
+            worker = None
+        where = f"{worker} on {socket.gethostname()}" if worker else f"on {socket.gethostname()}"
+        raise WorkerWithoutSweep(f"the dask worker {where} does not see the sweep's folder {out}: it would train into "
+                                 "a folder of its own machine, which the sweep never reads; every worker must see it "
+                                 "at that path (a shared file system)", worker)
     with _ONE_JOB_AT_A_TIME, warnings.catch_warnings():
         warnings.simplefilter("error", kernels.KernelsNotPinned)
         try:
