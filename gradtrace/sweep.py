@@ -773,7 +773,8 @@ def _trained_anything(out: Path) -> bool:
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Cluster | None,
               bar: SweepBar | None = None):
     """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
-    on a pool of single-thread workers, or on a dask cluster. Closed early (interrupted), it cancels the
+    on a pool of single-thread workers, or on a dask cluster (a run that a worker without the sweep's folder refused
+    goes to another, that worker retired: `_retire`). Closed early (interrupted), it cancels the
     jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and train on.
     The steps of the jobs in flight here or on a pool are shown in `bar`."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
@@ -787,9 +788,9 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
                                  cluster.token, pure=False)
 
         futures = {submit(job): job for job in jobs}
-        sent_again: Counter[str] = Counter()
+        finished, sent_again = as_completed(futures), Counter()
         try:
-            for fut in (finished := as_completed(futures)):
+            for fut in finished:
                 job, outcome = futures.pop(fut), _outcome(fut)
                 if isinstance(outcome, WorkerWithoutSweep) and sent_again[job[0].run_id] < SEND_AGAIN \
                         and _retire(client, outcome):
