@@ -788,12 +788,12 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
                                  cluster.token, pure=False)
 
         futures = {submit(job): job for job in jobs}
-        finished, sent_again = as_completed(futures), Counter()
+        finished, sent_again, retired = as_completed(futures), Counter(), set()
         try:
             for fut in finished:
                 job, outcome = futures.pop(fut), _outcome(fut)
-                if isinstance(outcome, WorkerWithoutSweep) and sent_again[job[0].run_id] < SEND_AGAIN \
-                        and _retire(client, outcome):
+                if isinstance(outcome, WorkerWithoutSweep) and _retire(client, outcome, retired) \
+                        and sent_again[job[0].run_id] < SEND_AGAIN:
                     sent_again[job[0].run_id] += 1
                     futures[again := submit(job)] = job
                     finished.add(again)
@@ -884,14 +884,15 @@ class WorkerWithoutSweep(RuntimeError):
         return type(self), (str(self), self.worker)
 
 
-def _retire(client, err: WorkerWithoutSweep) -> bool:
+def _retire(client, err: WorkerWithoutSweep, retired: set[str]) -> bool:
     """Take a worker that does not see the sweep's folder out of the cluster (it closes), so that it is given no more
-    runs, saying so; whether another worker is left to train its run."""
-    workers = client.nthreads()  # every worker's address (scheduler_info lists five in some dask releases)
+    runs, saying so once (`retired`: those taken out so far); whether another worker is left to train its run. The
+    last worker stays, failing its runs: with none, the sweep would wait for one forever."""
+    workers = client.nthreads()  # every worker's address
     left = [w for w in workers if w != err.worker]
-    if err.worker in workers:
-        tqdm.write(f"gradtrace sweep: {err}: it leaves the cluster"
-                   + (", its runs go to the other workers" if left else ""), file=sys.stderr)
+    if left and err.worker in workers and err.worker not in retired:
+        retired.add(err.worker)
+        tqdm.write(f"gradtrace sweep: {err}: it leaves the cluster, its runs go to the other workers", file=sys.stderr)
         with contextlib.suppress(Exception):  # gone already
             client.retire_workers(workers=[err.worker], close_workers=True)
     return bool(left)

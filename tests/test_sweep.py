@@ -1352,26 +1352,32 @@ def test_a_cluster_worker_that_does_not_see_the_sweeps_folder_trains_no_run(tmp_
     assert not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("blind", [1, 2])
 def test_a_worker_that_joins_without_the_sweeps_folder_leaves_and_its_runs_go_to_another(tmp_path, monkeypatch,
-                                                                                          capsys):
+                                                                                          capsys, blind):
     """A worker that joined after the sweep's check, on a machine without the sweep's folder, took and failed one
-    queued run after another while the others trained (10 of 12 on a real cluster)."""
+    queued run after another while the others trained (10 of 12 on a real cluster). The last worker stays, failing
+    its runs: with none left, the sweep would wait forever."""
     from dask.distributed import Client, LocalCluster, get_worker
 
     from gradtrace import sweep
 
-    blind, sees = [], sweep._sees_the_sweep
-    monkeypatch.setattr(sweep, "check_workers_see", lambda *args: None)  # it joins after the sweep's check
-    monkeypatch.setattr(sweep, "_sees_the_sweep", lambda out, token: get_worker().address not in blind and sees(out,
-                                                                                                              token))
+    blind_ones, sees = [], sweep._sees_the_sweep
+    monkeypatch.setattr(sweep, "check_workers_see", lambda *args: None)  # they join after the sweep's check
+    monkeypatch.setattr(sweep, "_sees_the_sweep", lambda out, token: get_worker().address not in blind_ones
+                        and sees(out, token))
     cfg = tiny_config(sweep__runs=6, sweep__reference_runs=0, train__steps=4)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with Client(cluster.scheduler_address) as client:
-            blind.append(sorted(client.nthreads())[0])
-        table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=cluster.scheduler_address)
-        assert blind[0] not in cluster.scheduler.workers
-    assert table.run_id.tolist() == [f"run-00{i}" for i in range(6)]
-    said = [line for line in capsys.readouterr().err.splitlines() if "does not see the sweep's folder" in line]
+            blind_ones += sorted(client.nthreads())[:blind]
+        if blind == 1:
+            table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=cluster.scheduler_address)
+            assert table.run_id.tolist() == [f"run-00{i}" for i in range(6)]
+        else:
+            with pytest.raises(SweepError, match=r"6 run\(s\) failed .*WorkerWithoutSweep: the dask worker"):
+                run_sweep(cfg, tmp_path / "study", progress=False, scheduler=cluster.scheduler_address)
+        assert len(cluster.scheduler.workers) == 1 and (blind == 2 or blind_ones[0] not in cluster.scheduler.workers)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gradtrace sweep: the dask")]
     assert len(said) == 1 and said[0].endswith("it leaves the cluster, its runs go to the other workers")
 
 
