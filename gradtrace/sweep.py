@@ -172,7 +172,6 @@ class StepsInFlight:
     def __init__(self, slots: int, context=None) -> None:
         self.runs, self.done, self.planned = ([0] * slots for _ in range(3)) if context is None else (
             context.Array("q", slots, lock=False) for _ in range(3))
-        self.taken = None if context is None else context.Value("i", 0)  # slots handed out to workers so far
 
     def count(self, slot: int, done: int, planned: int, runs: int = 1) -> None:
         """The job in `slot`, of `runs` runs (an ensemble's step together), has done `done` of its `planned` steps
@@ -396,7 +395,7 @@ def _cluster(scheduler: str | None, out: Path):
         for stale in out.glob(WORKERS_MARK + "*"):
             stale.unlink(missing_ok=True)
         token = uuid.uuid4().hex
-        mark = out.resolve() / (WORKERS_MARK + token)
+        mark = _workers_mark(str(out.resolve()), token)
         try:
             mark.write_text(token, encoding="utf-8")
             yield Cluster(client, token)
@@ -451,10 +450,15 @@ ADVICE = {  # what to do where a worker lacks what an item of `_what_this_worker
 }
 
 
+def _workers_mark(out: str, token: str) -> Path:
+    """The file in the sweep's folder `out` that its dask workers read (`Cluster.token`)."""
+    return Path(out) / (WORKERS_MARK + token)
+
+
 def _sees_the_sweep(out: str, token: str) -> bool:
-    """Whether this process sees the sweep's folder: its workers' file there (`Cluster.token`)."""
+    """Whether this process sees the sweep's folder: its workers' file there holds `token`."""
     try:
-        return (Path(out) / (WORKERS_MARK + token)).read_text(encoding="utf-8") == token
+        return _workers_mark(out, token).read_text(encoding="utf-8") == token
     except OSError:
         return False
 
@@ -847,7 +851,7 @@ def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: i
     """Yield each job with its rows or exception, trained on a new pool of `workers` single-thread processes, each
     counting its job's steps in its slot of `steps`."""
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(), gpus, context.Value("i", 0) if gpus else None, steps)) as pool:
+                             initargs=(os.getpid(), gpus, context.Value("i", 0), steps)) as pool:
         futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
         try:
             while futures:
@@ -955,23 +959,22 @@ def _start_worker(parent: int, gpus: list[str], started=None, steps: StepsInFlig
     stops its workers in order, and the worker ends when the sweep that started it dies (killed, it cannot tell
     its workers), so none trains on into the store once the sweep's lock is gone, nor waits forever for work.
     tqdm's write lock is a thread lock here: its default, a multiprocessing semaphore, outlives a stopped worker
-    and had Python report "leaked semaphore objects" as the sweep ended. Given `gpus`, the worker sees one of
-    them, the next in turn by `started` (a shared count of the workers started), before anything touches CUDA.
-    Given `steps`, the worker counts its jobs' steps in the next free slot of them."""
+    and had Python report "leaked semaphore objects" as the sweep ended. The worker takes the next number of
+    `started` (a shared count of the pool's workers started): given `gpus`, it sees the GPU of that turn, before
+    anything touches CUDA; given `steps`, it counts its jobs' steps in that slot of them."""
     global _worker_steps
     from tqdm.std import tqdm as every_tqdm  # the base class: tqdm.auto's and any library's bars share its lock
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     every_tqdm.set_lock(threading.RLock())
     write_plain_text_where_unencodable()  # its warnings as the sweep's own: "≥" as ">=", not "\\u2265", where needed
-    if gpus:
+    if started is not None:
         with started.get_lock():
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[started.value % len(gpus)]
-            started.value += 1
+            number, started.value = started.value, started.value + 1
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[number % len(gpus)]
     if steps is not None:
-        with steps.taken.get_lock():
-            slot, steps.taken.value = steps.taken.value, steps.taken.value + 1
-        _worker_steps = (steps, slot) if slot < len(steps.done) else None
+        _worker_steps = (steps, number) if number < len(steps.done) else None
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -196,9 +196,9 @@ def test_steps_in_flight_are_those_of_the_jobs_each_worker_trains():
     from gradtrace import sweep
 
     code = ("import os; from multiprocessing import get_context; from gradtrace import sweep; "
-            "steps = sweep.StepsInFlight(2, get_context('spawn'))\n"
+            "steps, started = sweep.StepsInFlight(2, get_context('spawn')), get_context('spawn').Value('i', 0)\n"
             "for _ in range(3):\n"
-            "    sweep._start_worker(os.getppid(), [], None, steps)\n"
+            "    sweep._start_worker(os.getppid(), [], started, steps)\n"
             "    print(None if sweep._worker_steps is None else sweep._worker_steps[1])")
     slots = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert slots == ["0", "1", "None"]  # each worker of a pool of two takes the next slot; one more counts nothing
