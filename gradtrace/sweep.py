@@ -1,7 +1,8 @@
 """A sweep of runs (init seed × data-order seed × hyper-parameters) into one experiment directory, resumable.
 
 The plan is a pure function of the config. Re-running a killed sweep skips complete runs, resumes partial
-ones from their last durable step, and rebuilds `results.csv` from the store, so no run is recorded twice.
+ones from their last durable step, and rebuilds `results.csv` from the store, so no run is recorded twice. Its runs
+train in this process, on a pool of single-thread workers, or on a dask cluster (`gradtrace.cluster`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 import warnings
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,9 @@ from gradtrace.files import disk_full, full_disk_words, written_whole
 from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_divergence,
                                warn_of_mixed_arithmetic, write_results)
 from gradtrace.config import Config, SweepConfig
+
+if TYPE_CHECKING:
+    from gradtrace.cluster import Cluster
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,8 @@ def _worker_config(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> C
     return config_mod.from_dict(cfg_dict, {**overrides, "train.threads": threads})
 
 
-def _execute(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
-             steps: tuple[StepsInFlight, int] | None = None) -> list[dict]:
+def train_job(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
+              steps: tuple[StepsInFlight, int] | None = None) -> list[dict]:
     """Worker entry point: train one planned run (resuming if partial), or several as one vectorised ensemble
     (complete members skipped, the others resumed from their checkpoint); return their results rows. Its steps are
     counted in `steps` (the sweep's counts and this job's slot; a pool's worker: its own, from `_start_worker`)."""
@@ -343,140 +346,14 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
         raise SweepError(f"another process is running a sweep into {out} (it holds {out / 'sweep.lock'}); wait for "
                          "it to finish or stop it, then run this again to continue") from None
     try:
-        with _cluster(scheduler, out) as cluster:
+        if not scheduler:
+            return _run_locked(cfg, out, progress, None)
+        from gradtrace.cluster import connect  # it imports this module: the sweep is the same, its runs elsewhere
+
+        with connect(scheduler, out) as cluster:
             return _run_locked(cfg, out, progress, cluster)
     finally:
         lock.release()
-
-
-CONNECT_TIMEOUT = "30s"  # to reach a dask scheduler
-WORKERS_TIMEOUT = "60s"  # for its first worker to join
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """A dask cluster a sweep trains on: its client, and the token of the file each worker reads in the sweep's
-    folder before it trains a run (`check_workers_see`)."""
-
-    client: Any
-    token: str
-
-
-WORKERS_MARK = ".workers-see-"  # + the token: the file's name, never used before (no file system has it cached)
-
-
-@contextlib.contextmanager
-def _cluster(scheduler: str | None, out: Path):
-    """The dask cluster at `scheduler` (None without one), connected before anything trains: an address
-    (tcp://HOST:PORT), or the file a scheduler wrote it in (`dask scheduler --scheduler-file PATH`, as on a batch
-    cluster, where the scheduler's host is known only once its job starts). Its workers' file in `out` is removed
-    as the sweep ends (one a killed sweep left, as the next starts: one sweep at a time per folder)."""
-    if not scheduler:
-        yield None
-        return
-    from dask.distributed import Client
-
-    file = Path(scheduler).expanduser()
-    is_file = file.is_file()
-    where = {"scheduler_file": str(file)} if is_file else {"address": scheduler}
-    try:
-        client = Client(**where, timeout=CONNECT_TIMEOUT)
-    except (OSError, ValueError) as err:  # ValueError: no address (a scheduler file not written yet, say)
-        raise SweepError(f"cannot reach the dask scheduler at {scheduler} ({err}); start it and its workers, or run "
-                         "without --scheduler") from None
-    with client:
-        try:
-            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)  # with none, the sweep waited forever, saying nothing
-        except TimeoutError:
-            start = f"--scheduler-file {scheduler}" if is_file else scheduler
-            raise SweepError(f"the dask cluster at {scheduler} has no worker (none joined in {WORKERS_TIMEOUT}): start "
-                             f"some (`dask worker {start} --nthreads 1`), or run without --scheduler") from None
-        check_workers_code(client)
-        for stale in out.glob(WORKERS_MARK + "*"):
-            stale.unlink(missing_ok=True)
-        token = uuid.uuid4().hex
-        mark = _workers_mark(str(out.resolve()), token)
-        try:
-            mark.write_text(token, encoding="utf-8")
-            yield Cluster(client, token)
-        finally:
-            mark.unlink(missing_ok=True)
-
-
-def check_workers_code(client) -> None:
-    """Refuse a cluster whose workers run another gradtrace than this sweep (started before an upgrade, say): they
-    would fail every run with errors about the old code, or train with it and record nothing of the difference."""
-    ours = kernels.code_fingerprint()
-    try:
-        theirs = client.run(kernels.code_fingerprint)
-    except Exception as err:  # workers so old they lack this function
-        theirs = {"(workers)": f"unknown ({type(err).__name__}: {err})"}
-    other = {worker: code for worker, code in theirs.items() if code != ours}
-    if other:
-        raise SweepError(f"{len(other)} dask worker(s) run another gradtrace than this sweep (code {ours}; theirs: "
-                         f"{', '.join(f'{w} {c}' for w, c in list(other.items())[:3])}): restart them from the same "
-                         "install (`dask worker` started after the upgrade)")
-
-
-def check_workers_see(cluster: Cluster, out: Path, cfg: Config) -> None:
-    """Refuse a cluster whose workers do not all see the sweep's folder (a shared file system, at this path), the
-    files its config names (`model.init_from`, `.py` files of `task.modules`) and the modules it imports: a worker
-    that did not see the folder trained its runs into a folder of its own machine, which the sweep never read (it
-    ended without them, not saying why, and trained them again when run again); one without the weights or a module
-    failed every run it was given. Each worker also checks the folder before each run (`_execute_on_cluster`)."""
-    files = [cfg.model.init_from] if cfg.model.init_from else []
-    files += [m for m in cfg.task.modules if config_mod.names_a_file(m)]
-    modules = [m for m in cfg.task.modules if not config_mod.names_a_file(m)]
-    answers = cluster.client.run(_what_this_worker_lacks, str(out.resolve()), cluster.token, files, modules,
-                                 on_error="return")
-    said, kinds = [], set()
-    for worker, what in answers.items():
-        if isinstance(what, BaseException):
-            said.append(f"{worker} could not tell ({type(what).__name__}: {what})")
-        elif what:
-            said.append(f"{worker} lacks {', '.join(what)}")
-            kinds |= {next((kind for kind in ADVICE if kind and item.startswith(kind)), "") for item in what}
-    if said:
-        advice = [text.format(out=out.resolve()) for kind, text in ADVICE.items() if kind in kinds]
-        raise SweepError(f"{len(said)} dask worker(s) do not see what the sweep's runs need ({'; '.join(said[:3])}"
-                         f"{'; …' if len(said) > 3 else ''}): {'; '.join(advice or ['mend what their error says'])}")
-
-
-ADVICE = {  # what to do where a worker lacks what an item of `_what_this_worker_lacks` begins with ("": a file)
-    "the sweep's folder": "give --out a folder on a file system every worker shares, at the same path as here ({out})",
-    "": "copy the files the config names onto a file system every worker shares and name the copies in the config "
-        "(gradtrace's shipped base lies where gradtrace is installed)",
-    "module ": "install the modules the config imports on every worker (or put them on the workers' Python path)",
-}
-
-
-def _workers_mark(out: str, token: str) -> Path:
-    """The file in the sweep's folder `out` that its dask workers read (`Cluster.token`)."""
-    return Path(out) / (WORKERS_MARK + token)
-
-
-def _sees_the_sweep(out: str, token: str) -> bool:
-    """Whether this process sees the sweep's folder: its workers' file there holds `token`."""
-    try:
-        return _workers_mark(out, token).read_text(encoding="utf-8") == token
-    except OSError:
-        return False
-
-
-def _what_this_worker_lacks(out: str, token: str, files: list[str], modules: list[str]) -> list[str]:
-    """What a dask worker does not see of the sweep's folder, of the files its config names and of the modules it
-    imports."""
-    import importlib.util
-
-    lacks = ([] if _sees_the_sweep(out, token) else [f"the sweep's folder {out}"])
-    lacks += [f for f in files if not os.path.isfile(f)]  # False, not an error, where it may not look (EACCES)
-    for module in modules:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except Exception:  # its parent package missing, or failing as it is imported
-            found = False
-        lacks += [] if found else [f"module {module}"]
-    return lacks
 
 
 BAR_REFRESH_S = (1.0, 30.0)  # how often the sweep's bar shows the steps in flight: on a terminal, into a file
@@ -550,7 +427,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, cluster: Cluster | None)
     pending = set(_not_complete(root, runs))
     foretold = cluster is None and foretell_other_arithmetic(cfg, out, root, len(pending))
     if cluster is not None and pending:
-        check_workers_see(cluster, out, cfg)
+        cluster.check_workers_see(out, cfg)
     # jobs (ensembles) are formed from the whole plan, so a re-run trains each partial one with the same members
     jobs, complete = [], []
     for job in _jobs(cfg, runs):
@@ -777,34 +654,13 @@ def _trained_anything(out: Path) -> bool:
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Cluster | None,
               bar: SweepBar | None = None):
     """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
-    on a pool of single-thread workers, or on a dask cluster (a run that a worker without the sweep's folder refused
-    goes to another, that worker retired: `_retire`). Closed early (interrupted), it cancels the
-    jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and train on.
+    on a pool of single-thread workers, or on a dask cluster (`Cluster.train`). Closed early (interrupted), it
+    cancels the jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and
+    train on.
     The steps of the jobs in flight here or on a pool are shown in `bar`."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
     if cluster is not None:
-        from dask.distributed import as_completed
-
-        client = cluster.client
-
-        def submit(job: list[PlannedRun]):
-            return client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job, job_threads(cfg, job),
-                                 cluster.token, pure=False)
-
-        futures = {submit(job): job for job in jobs}
-        finished, sent_again, retired = as_completed(futures), Counter(), set()
-        try:
-            for fut in finished:
-                job, outcome = futures.pop(fut), _outcome(fut)
-                if isinstance(outcome, WorkerWithoutSweep) and _retire(client, outcome, retired) \
-                        and sent_again[job[0].run_id] < SEND_AGAIN:
-                    sent_again[job[0].run_id] += 1
-                    futures[again := submit(job)] = job
-                    finished.add(again)
-                    continue
-                yield job, outcome
-        finally:
-            client.cancel(list(futures))
+        yield from cluster.train(cfg, out, jobs)
         return
     if workers <= 1 or len(jobs) <= 1:
         steps = StepsInFlight(1)
@@ -812,7 +668,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
             bar.steps = steps
         for job in jobs:
             try:
-                outcome = _execute(cfg_dict, str(out), job, job_threads(cfg, job), (steps, 0))
+                outcome = train_job(cfg_dict, str(out), job, job_threads(cfg, job), (steps, 0))
             except Exception as err:
                 outcome = err
             yield job, outcome
@@ -852,12 +708,12 @@ def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: i
     counting its job's steps in its slot of `steps`."""
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(), gpus, context.Value("i", 0), steps)) as pool:
-        futures = {pool.submit(_execute, cfg_dict, str(out), job, 1): job for job in jobs}
+        futures = {pool.submit(train_job, cfg_dict, str(out), job, 1): job for job in jobs}
         try:
             while futures:
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    yield futures.pop(fut), _outcome(fut)
+                    yield futures.pop(fut), job_outcome(fut)
         except BaseException:  # interrupted, or closed early: no queued job starts, the running ones stop
             _stop(pool)
             raise
@@ -869,65 +725,6 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in workers:
         process.terminate()
-
-
-_ONE_JOB_AT_A_TIME = threading.Lock()
-
-
-SEND_AGAIN = 3  # times a run a worker without the sweep's folder refused goes to another worker
-
-
-class WorkerWithoutSweep(RuntimeError):
-    """A dask worker does not see the sweep's folder (`_execute_on_cluster`); `worker`: its address, or None."""
-
-    def __init__(self, message: str, worker: str | None) -> None:
-        super().__init__(message)
-        self.worker = worker
-
-    def __reduce__(self):
-        return type(self), (str(self), self.worker)
-
-
-def _retire(client, err: WorkerWithoutSweep, retired: set[str]) -> bool:
-    """Take a worker that does not see the sweep's folder out of the cluster (it closes), so that it is given no more
-    runs, saying so once (`retired`: those taken out so far); whether another worker is left to train its run. The
-    last worker stays, failing its runs: with none, the sweep would wait for one forever."""
-    workers = client.nthreads()  # every worker's address
-    left = [w for w in workers if w != err.worker]
-    if left and err.worker in workers and err.worker not in retired:
-        retired.add(err.worker)
-        tqdm.write(f"gradtrace sweep: {err}: it leaves the cluster, its runs go to the other workers", file=sys.stderr)
-        with contextlib.suppress(Exception):  # gone already
-            client.retire_workers(workers=[err.worker], close_workers=True)
-    return bool(left)
-
-
-def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int, token: str) -> list[dict]:
-    """A dask task: `_execute`, one job at a time in a worker process (torch's thread count and CPU kernels belong
-    to the process, and transformers' lazy imports race), refused where the run's kernels cannot be pinned because
-    the worker computed with others before (a local sweep's fresh workers never do), and before it trains where the
-    worker does not see the sweep's folder (`token`: its workers' file there; one that joined the cluster after the
-    sweep's check, say)."""
-    if not _sees_the_sweep(out, token):
-        import socket
-
-        from dask.distributed import get_worker
-
-        try:
-            worker = get_worker().address
-        except ValueError:  # not in a worker's task
-            worker = None
-        where = f"{worker} on {socket.gethostname()}" if worker else f"on {socket.gethostname()}"
-        raise WorkerWithoutSweep(f"the dask worker {where} does not see the sweep's folder {out}: it would train into "
-                                 "a folder of its own machine, which the sweep never reads; every worker must see it "
-                                 "at that path (a shared file system)", worker)
-    with _ONE_JOB_AT_A_TIME, warnings.catch_warnings():
-        warnings.simplefilter("error", kernels.KernelsNotPinned)
-        try:
-            return _execute(cfg_dict, out, job, threads)
-        except kernels.KernelsNotPinned as err:
-            raise RuntimeError(f"{err} On a dask cluster: restart the workers (`Client.restart()`), so that each "
-                               "starts its runs in a fresh process") from None
 
 
 def job_threads(cfg: Config, job: list[PlannedRun]) -> int:
@@ -984,7 +781,7 @@ def _start_worker(parent: int, gpus: list[str], started=None, steps: StepsInFlig
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _outcome(future) -> list[dict] | Exception:
+def job_outcome(future) -> list[dict] | Exception:
     """A finished job's rows, or the exception it raised (a dask or concurrent.futures future)."""
     try:
         return future.result()

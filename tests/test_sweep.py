@@ -1,5 +1,5 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
-dask and base-run modes."""
+base-run modes (the checks of a dask cluster: test_cluster.py)."""
 import contextlib
 import json
 import os
@@ -353,7 +353,7 @@ def test_a_jobs_threads_are_set_by_the_config_not_by_how_many_jobs_are_left(tmp_
     import gradtrace.sweep as sweep
 
     threads = []
-    monkeypatch.setattr(sweep, "_execute", lambda cfg_dict, out, job, n, steps=None: threads.append(n) or [])
+    monkeypatch.setattr(sweep, "train_job", lambda cfg_dict, out, job, n, steps=None: threads.append(n) or [])
     cfg = tiny_config(sweep__runs=2, sweep__workers=2, train__threads=2)
     last = [[r for r in plan(cfg) if r.run_id == "run-001"]]  # the one job left of a resumed or extended sweep
     list(sweep._dispatch(cfg, tmp_path, last, None))
@@ -382,7 +382,7 @@ def test_a_run_on_the_default_threads_does_not_inherit_those_of_the_jobs_before(
     monkeypatch.setattr(gradtrace.train, "default_threads", lambda: 1)  # read by the process's first job
     torch.set_num_threads(2)  # left by an earlier job
     try:
-        sweep._execute(tiny_config(train__threads=0).to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep")], 0)
+        sweep.train_job(tiny_config(train__threads=0).to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep")], 0)
     finally:
         torch.set_num_threads(1)
     assert trained_on == [1]
@@ -646,50 +646,6 @@ def test_extending_a_study_under_other_arithmetic_is_warned_of_before_and_after(
         root[rid].attrs.update({"torch_version": root["run-003"].attrs["torch_version"], "device": "NVIDIA H100"})
     with pytest.warns(kernels.OtherArithmetic, match=r"its 1 run\(s\) left with \(device cuda → cpu\)"):
         run_sweep(config.from_dict(small.to_dict(), {"sweep.runs": 5}), tmp_path, progress=False)  # not by name
-
-
-@pytest.mark.parametrize("by", ["address", "scheduler file"])
-def test_sweep_on_a_dask_local_cluster(tmp_path, monkeypatch, by):
-    """The scheduler named by its address, or by the file it wrote that in (a batch cluster's way). Its workers are
-    asked whether they see the sweep's folder before anything trains (and refused where they do not)."""
-    from dask.distributed import Client, LocalCluster
-
-    from gradtrace import sweep
-
-    checked, check = [], sweep.check_workers_see
-    monkeypatch.setattr(sweep, "check_workers_see", lambda cluster, out, cfg: checked.append(out) or check(cluster, out,
-                                                                                                            cfg))
-
-    cfg = tiny_config(sweep__runs=2, sweep__reference_runs=0, train__steps=6)
-    file = tmp_path / "scheduler.json"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
-                      scheduler_kwargs={"scheduler_file": str(file)}) as cluster:
-        scheduler = cluster.scheduler_address if by == "address" else str(file)
-        table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=scheduler)
-        cluster = sweep.Cluster(Client(cluster.scheduler_address), "no such token")
-        with pytest.raises(SweepError, match=r"1 dask worker\(s\) do not see .* lacks the sweep's folder"):
-            check(cluster, tmp_path / "study", cfg)  # asked through the cluster itself
-        cluster.client.close()
-    assert sorted(table.run_id) == ["run-000", "run-001"]
-    assert checked == [tmp_path / "study"] and not list((tmp_path / "study").glob(".workers-see-*"))
-
-
-def test_a_scheduler_file_not_written_is_refused_by_name(tmp_path):
-    with pytest.raises(SweepError, match=r"cannot reach the dask scheduler at .*scheduler\.json"):
-        run_sweep(tiny_config(sweep__runs=1), tmp_path / "study", progress=False,
-                  scheduler=str(tmp_path / "scheduler.json"))
-
-
-def test_a_cluster_without_workers_is_refused_not_waited_on_forever(tmp_path, monkeypatch):
-    from dask.distributed import LocalCluster
-
-    import gradtrace.sweep
-
-    monkeypatch.setattr(gradtrace.sweep, "WORKERS_TIMEOUT", "1s")
-    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2)
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
-        with pytest.raises(SweepError, match="has no worker"):
-            run_sweep(cfg, tmp_path, progress=False, scheduler=cluster.scheduler_address)
 
 
 def test_base_run_trains_first_and_every_run_starts_from_it(tmp_path):
@@ -1060,46 +1016,6 @@ def test_each_pool_worker_sees_one_gpu_in_turn():
     assert seen == ["4", "4", "7"] and started.value == 3
 
 
-def test_a_cluster_job_runs_alone_in_its_worker_and_refuses_unpinned_kernels(tmp_path, monkeypatch):
-    import threading
-
-    from gradtrace import kernels, sweep
-
-    running, most = [], []
-
-    def fake_execute(*args):
-        running.append(1)
-        most.append(len(running))
-        time.sleep(0.2)
-        running.pop()
-        return []
-
-    monkeypatch.setattr(sweep, "_execute", fake_execute)
-    (tmp_path / f"{sweep.WORKERS_MARK}token").write_text("token")  # the sweep's folder, seen
-    threads = [threading.Thread(target=sweep._execute_on_cluster, args=({}, str(tmp_path), [], 1, "token"))
-               for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert max(most) == 1  # one job at a time in a worker process of several threads
-    monkeypatch.undo()
-    monkeypatch.setattr(kernels, "in_use", lambda: "AVX512")  # a worker that computed before the run pinned
-    cfg = tiny_config(train__cpu_kernels="avx2", train__steps=2)
-    with pytest.raises(RuntimeError, match="this process runs AVX512.*restart the workers"):
-        sweep._execute_on_cluster(cfg.to_dict(), str(tmp_path), [PlannedRun("run-000", "sweep", {})], 1, "token")
-
-
-def test_an_unreachable_scheduler_is_refused_before_anything_trains(tmp_path, monkeypatch):
-    from gradtrace import sweep
-
-    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT", "1s")
-    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, sweep__pretrain_steps=2, train__steps=2)
-    with pytest.raises(SweepError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
-        run_sweep(cfg, tmp_path, progress=False, scheduler="tcp://127.0.0.1:9")
-    assert not (tmp_path / "store.zarr").exists()  # the base run did not train first
-
-
 def test_a_configs_relative_file_paths_are_made_absolute_as_it_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(model__init_from="w.safetensors", task__modules=["splits.py", "my.splits"])
@@ -1267,118 +1183,6 @@ def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open
     assert not (tmp_path / "store.zarr").exists()
     fixed = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2, sweep__workers=1)
     assert sorted(run_sweep(fixed, tmp_path, progress=False).run_id) == ["run-000"]  # nothing trained: not locked
-
-
-def test_a_cluster_whose_workers_run_another_gradtrace_is_refused():
-    """Workers started before an upgrade failed every run with errors about the old code (or trained with it)."""
-    from gradtrace.kernels import code_fingerprint
-    from gradtrace.sweep import check_workers_code
-
-    class Workers:
-        def __init__(self, codes):
-            self.codes = codes
-
-        def run(self, function):
-            if isinstance(self.codes, Exception):
-                raise self.codes
-            return self.codes
-
-    check_workers_code(Workers({"tcp://a": code_fingerprint(), "tcp://b": code_fingerprint()}))
-    with pytest.raises(SweepError, match=r"1 dask worker\(s\) run another gradtrace .*tcp://b 0123"):
-        check_workers_code(Workers({"tcp://a": code_fingerprint(), "tcp://b": "0123"}))
-    with pytest.raises(SweepError, match="AttributeError"):
-        check_workers_code(Workers(AttributeError("module 'gradtrace.sweep' has no attribute 'code_fingerprint'")))
-
-
-def test_a_cluster_whose_workers_do_not_see_the_sweeps_folder_or_files_is_refused(tmp_path, monkeypatch):
-    """A worker on a machine without the sweep's folder at its path (--out on a disk of this machine's own) trained
-    its runs into a folder of its own machine, which the sweep never read: it ended without them, not saying why,
-    and trained them again when run again. One without the config's weights failed every run it was given."""
-    from gradtrace import sweep
-    from gradtrace.sweep import Cluster, _what_this_worker_lacks, check_workers_see
-
-    class Workers:
-        """Workers that each see the file system under a root of their own: this machine's "", or a folder."""
-
-        def __init__(self, roots):
-            self.roots = roots
-
-        def run(self, function, out, token, files, modules, on_error):
-            return {worker: function(root + out, token, [root + f for f in files], modules)
-                    for worker, root in self.roots.items()}
-
-    weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"weights")
-    cfg = tiny_config(model__init_from=str(weights))
-    out = tmp_path / "study"
-    out.mkdir()
-    (out / f"{sweep.WORKERS_MARK}token").write_text("token")
-    check_workers_see(Cluster(Workers({"tcp://a": "", "tcp://b": ""}), "token"), out, cfg)
-    elsewhere = Cluster(Workers({"tcp://a": "", "tcp://b": str(tmp_path / "node-b")}), "token")
-    with pytest.raises(SweepError, match=r"1 dask worker\(s\) do not see .*tcp://b lacks the sweep's folder .*study, "
-                                         r".*node-b.*w\.safetensors\): give --out a folder .*; copy the files"):
-        check_workers_see(elsewhere, out, cfg)
-    assert _what_this_worker_lacks(str(out), "token", [], ["json", "no_such_module_x", "no_such_pkg.sub"]) == \
-        ["module no_such_module_x", "module no_such_pkg.sub"]
-    with pytest.raises(SweepError, match=r"lacks module no_such_module_x\): install the modules"):
-        check_workers_see(Cluster(Workers({"tcp://a": ""}), "token"), out,
-                          tiny_config(task__modules=["no_such_module_x"]))
-    assert _what_this_worker_lacks(str(out), "another token", [], []) == [f"the sweep's folder {out}"]
-
-    class Failing:
-        def run(self, function, *args, on_error):
-            return {"tcp://c": PermissionError(13, "Permission denied")}
-
-    with pytest.raises(SweepError, match=r"tcp://c could not tell \(PermissionError: .*\): mend what their error"):
-        check_workers_see(Cluster(Failing(), "token"), out, cfg)
-    monkeypatch.setattr(sweep, "_dispatch", lambda *args, **kwargs: pytest.fail("a run was dispatched"))
-    with pytest.raises(SweepError, match="do not see"):  # before anything trains
-        sweep._run_locked(tiny_config(sweep__runs=1, sweep__reference_runs=0), out, False, elsewhere)
-
-
-def test_a_cluster_worker_that_does_not_see_the_sweeps_folder_trains_no_run(tmp_path):
-    """A worker that joins the cluster after the sweep's check, on a machine without the sweep's folder, would train
-    its runs into a folder of its own machine: it refuses each before it trains, naming its machine."""
-    import socket
-
-    from gradtrace.sweep import WORKERS_MARK, _execute_on_cluster, plan
-
-    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2)
-    job = [r for r in plan(cfg) if r.role == "sweep"]
-    (tmp_path / f"{WORKERS_MARK}token").write_text("token")
-    with pytest.raises(RuntimeError, match=rf"the dask worker on {re.escape(socket.gethostname())} does not see the "
-                                           rf"sweep's folder {re.escape(str(tmp_path / 'elsewhere'))}"):
-        _execute_on_cluster(cfg.to_dict(), str(tmp_path / "elsewhere"), job, 1, "token")
-    assert not (tmp_path / "elsewhere").exists()
-
-
-@pytest.mark.parametrize("blind", [1, 2])
-def test_a_worker_that_joins_without_the_sweeps_folder_leaves_and_its_runs_go_to_another(tmp_path, monkeypatch,
-                                                                                          capsys, blind):
-    """A worker that joined after the sweep's check, on a machine without the sweep's folder, took and failed one
-    queued run after another while the others trained (10 of 12 on a real cluster). The last worker stays, failing
-    its runs: with none left, the sweep would wait forever."""
-    from dask.distributed import Client, LocalCluster, get_worker
-
-    from gradtrace import sweep
-
-    blind_ones, sees = [], sweep._sees_the_sweep
-    monkeypatch.setattr(sweep, "check_workers_see", lambda *args: None)  # they join after the sweep's check
-    monkeypatch.setattr(sweep, "_sees_the_sweep", lambda out, token: get_worker().address not in blind_ones
-                        and sees(out, token))
-    cfg = tiny_config(sweep__runs=6, sweep__reference_runs=0, train__steps=4)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        with Client(cluster.scheduler_address) as client:
-            blind_ones += sorted(client.nthreads())[:blind]
-        if blind == 1:
-            table = run_sweep(cfg, tmp_path / "study", progress=False, scheduler=cluster.scheduler_address)
-            assert table.run_id.tolist() == [f"run-00{i}" for i in range(6)]
-        else:
-            with pytest.raises(SweepError, match=r"6 run\(s\) failed .*WorkerWithoutSweep: the dask worker"):
-                run_sweep(cfg, tmp_path / "study", progress=False, scheduler=cluster.scheduler_address)
-        assert len(cluster.scheduler.workers) == 1 and (blind == 2 or blind_ones[0] not in cluster.scheduler.workers)
-    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gradtrace sweep: the dask")]
-    assert len(said) == 1 and said[0].endswith("it leaves the cluster, its runs go to the other workers")
 
 
 def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
