@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import itertools
 import json
 import math
 import os
 import queue
 import re
+import shutil
 import sys
 import threading
 import warnings
@@ -792,6 +794,20 @@ def _an_export(path: Path) -> bool:
         return False
 
 
+EXPORT_HEADROOM = 16 << 20  # bytes an export leaves free beyond its next block, for what HDF5 holds in its caches
+
+
+def check_room(file: Path, nbytes: int) -> None:
+    """Refuse to write `nbytes` more into the export `file` where its disk has not that much free beyond
+    `EXPORT_HEADROOM`, with the disk-full error HDF5 would meet: it caches chunks and metadata and writes them later,
+    and once one of its writes has failed on a full disk it can no longer close the file (the process crashed as it
+    exited, a segmentation fault: h5py/h5py#914, and left the partial file behind)."""
+    free = shutil.disk_usage(file.parent).free
+    if free < nbytes + EXPORT_HEADROOM:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (the export keeps {EXPORT_HEADROOM >> 20} MiB free "
+                      f"for HDF5's caches; {free / 2**20:.0f} MiB are)", str(file))
+
+
 def _write_hdf5(root: zarr.Group, out: Path, filters: dict, progress: bool) -> None:
     import h5py
     from tqdm.auto import tqdm
@@ -810,7 +826,9 @@ def _write_hdf5(root: zarr.Group, out: Path, filters: dict, progress: bool) -> N
                 ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
                                        chunks=chunks, **(filters if arr.size else {}))
                 for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
-                    ds[lo:lo + arr.chunks[0]] = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
+                    block = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
+                    check_room(out, block.nbytes)
+                    ds[lo:lo + arr.chunks[0]] = block
                 ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
                 if arr.metadata.dimension_names:
                     ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))

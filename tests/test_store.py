@@ -381,6 +381,34 @@ def test_xarray_dataset_refuses_an_inconsistent_run(captured, tmp_path):
         store.dataset(group)
 
 
+def test_an_export_onto_a_filling_disk_stops_before_hdf5_meets_the_full_disk(captured, tmp_path, monkeypatch):
+    """HDF5 that met a full disk could no longer close its file: the process crashed as it exited (a segmentation
+    fault, h5py/h5py#914) and left the partial file. The export stops while its next block and HDF5's caches still
+    fit, with the disk-full error, the earlier export whole."""
+    import errno
+    import shutil
+
+    import h5py
+
+    exp, _ = captured
+    out = tmp_path / "out.h5"
+    store.export_hdf5(exp / "store.zarr", out)
+    blocks, disk = [], shutil.disk_usage(tmp_path)
+
+    def filling(path):  # room for the first 3 blocks (and the headroom), then for none
+        blocks.append(path)
+        return disk._replace(free=store.EXPORT_HEADROOM + (2**20 if len(blocks) <= 3 else 10))
+
+    monkeypatch.setattr(store.shutil, "disk_usage", filling)
+    with pytest.raises(OSError, match=r"No space left on device \(the export keeps 16 MiB free") as raised:
+        store.export_hdf5(exp / "store.zarr", out)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "out.partial.h5")
+    assert len(blocks) == 4 and set(map(str, blocks)) == {str(tmp_path)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    with h5py.File(out, "r") as h5:
+        assert "r0" in h5
+
+
 def test_hdf5_export_decodes_bfloat16_chunk_by_chunk(tmp_path):
     import h5py
 
