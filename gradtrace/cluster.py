@@ -65,17 +65,18 @@ class Cluster:
                              f"{'; '.join(said[:3])}{'; …' if len(said) > 3 else ''}): "
                              f"{'; '.join(advice or ['mend what their error says'])}")
 
-    def train(self, cfg: Config, out: Path, jobs: list[list[PlannedRun]]):
+    def train(self, cfg: Config, out: Path, jobs: list[list[PlannedRun]], items: str | None = None):
         """Yield each finished job with its rows, or with the exception it raised (the other jobs go on), each
-        trained on a worker; a job a worker without the sweep's folder refused goes to another, that worker retired
-        (`_retire`). Closed early (interrupted), it cancels the jobs not yet started; running ones train on."""
+        trained on a worker that draws the task's `items` (`sweep.train_job`); a job a worker without the sweep's
+        folder refused goes to another, that worker retired (`_retire`). Closed early (interrupted), it cancels the
+        jobs not yet started; running ones train on."""
         from dask.distributed import as_completed
 
         cfg_dict = cfg.to_dict()
 
         def submit(job: list[PlannedRun]):
             return self.client.submit(_execute_on_cluster, cfg_dict, str(out.resolve()), job,
-                                      sweep.job_threads(cfg, job), self.token, pure=False)
+                                      sweep.job_threads(cfg, job), self.token, items, pure=False)
 
         futures = {submit(job): job for job in jobs}
         finished, sent_again, retired = as_completed(futures), Counter(), set()
@@ -208,7 +209,8 @@ def _retire(client, err: WorkerWithoutSweep, retired: set[str]) -> bool:
 _ONE_JOB_AT_A_TIME = threading.Lock()
 
 
-def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int, token: str) -> list[dict]:
+def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int, token: str,
+                        items: str | None = None) -> list[dict]:
     """A dask task: `sweep.train_job`, one job at a time in a worker process (torch's thread count and CPU kernels
     belong to the process, and transformers' lazy imports race), refused where the run's kernels cannot be pinned
     because the worker computed with others before (a local sweep's fresh workers never do), and before it trains
@@ -230,7 +232,7 @@ def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads
     with _ONE_JOB_AT_A_TIME, warnings.catch_warnings():
         warnings.simplefilter("error", kernels.KernelsNotPinned)
         try:
-            return sweep.train_job(cfg_dict, out, job, threads)
+            return sweep.train_job(cfg_dict, out, job, threads, items=items)
         except kernels.KernelsNotPinned as err:
             raise RuntimeError(f"{err} On a dask cluster: restart the workers (`Client.restart()`), so that each "
                                "starts its runs in a fresh process") from None

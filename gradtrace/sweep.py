@@ -144,15 +144,19 @@ def _worker_config(cfg_dict: dict, out: str, run: PlannedRun, threads: int) -> C
 
 
 def train_job(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
-              steps: tuple[StepsInFlight, int] | None = None) -> list[dict]:
+              steps: tuple[StepsInFlight, int] | None = None, items: str | None = None) -> list[dict]:
     """Worker entry point: train one planned run (resuming if partial), or several as one vectorised ensemble
     (complete members skipped, the others resumed from their checkpoint); return their results rows. Its steps are
-    counted in `steps` (the sweep's counts and this job's slot; a pool's worker: its own, from `_start_worker`)."""
+    counted in `steps` (the sweep's counts and this job's slot; a pool's worker: its own, from `_start_worker`).
+    Refused before it trains where this process draws other items for the task than the sweep's did (`items`: their
+    digest, from `check_study_items`)."""
     from gradtrace.ensemble import train_ensemble
     from gradtrace.train import default_threads, train
 
     threads = threads or default_threads()  # not what the process's previous job set (a dask worker's, say)
     cfgs = [_worker_config(cfg_dict, out, r, threads) for r in job]
+    if items is not None:
+        check_draws_as_the_sweep(cfgs[0], items)
     counts, slot = steps or _worker_steps or (None, 0)
     on_step = functools.partial(counts.count, slot) if counts is not None else None
     try:
@@ -165,6 +169,19 @@ def train_job(cfg_dict: dict, out: str, job: list[PlannedRun], threads: int,
     finally:
         if counts is not None:
             counts.count(slot, 0, 0)
+
+
+def check_draws_as_the_sweep(cfg: Config, items: str) -> None:
+    """Refuse to train in a process that draws other items for the task than the sweep's own process drew (`items`:
+    their digest): a split of your own that draws otherwise in each process (a set's order, say) gave each worker
+    test items of its own, and the study compared runs scored on different items as one, saying nothing."""
+    from gradtrace.tasks import task_for
+    from gradtrace.tasks.shifts import OWN_RANDOMNESS
+
+    ours = task_for(cfg.task, cfg.model).items_digest
+    if ours != items:
+        raise ValueError(f"this process draws other items for the task than the sweep's own process drew (items "
+                         f"digest {items}): a split of your own draws otherwise in each process; {OWN_RANDOMNESS}")
 
 
 class StepsInFlight:
@@ -420,7 +437,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, cluster: Cluster | None)
 
         check_init_from(cfg.model)
     older = check_directory(cfg, out)
-    check_study_items(cfg, out, runs)
+    items = check_study_items(cfg, out, runs)
     if not older:  # an older gradtrace's finished study keeps the config and plan it was trained with
         _write_plan(cfg, out, runs)
     root = store.open_experiment(out / "store.zarr", mode="a")
@@ -448,7 +465,7 @@ def _run_locked(cfg: Config, out: Path, progress: bool, cluster: Cluster | None)
     bar = SweepBar(total=len(runs), initial=len(runs) - len(pending), disable=not progress)
     try:
         # closed when interrupted, so that the workers stop at once instead of training the queued jobs first
-        with contextlib.closing(_in_stages(cfg, out, [base, rest], cluster, bases, failed, bar)) as outcomes:
+        with contextlib.closing(_in_stages(cfg, out, [base, rest], cluster, bases, failed, bar, items)) as outcomes:
             for job, outcome in outcomes:
                 if isinstance(outcome, Exception):
                     ids = [r.run_id for r in job if r.run_id in pending]
@@ -502,27 +519,29 @@ def _run_locked(cfg: Config, out: Path, progress: bool, cluster: Cluster | None)
     return table
 
 
-def check_study_items(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
+def check_study_items(cfg: Config, out: Path, runs: list[PlannedRun]) -> str | None:
     """Refuse to train runs on other items than the study's finished runs were (a gradtrace whose task draws them
-    otherwise: each run records its items' digest): both would be compared as one study, item by item."""
-    if not (out / "store.zarr").exists():
-        return
-    finished = {name: g for name, g in store.run_groups(store.open_experiment(out / "store.zarr")).items()
-                if g.attrs.get("status") == "complete"}
+    otherwise: each run records its items' digest): both would be compared as one study, item by item. Returns the
+    digest of the items this process draws, which every run left to train must draw too (`train_job`); None where
+    none is left."""
+    groups = store.run_groups(store.open_experiment(out / "store.zarr")) if (out / "store.zarr").exists() else {}
+    finished = {name: g for name, g in groups.items() if g.attrs.get("status") == "complete"}
     pending = [r.run_id for r in runs if r.run_id not in finished]
-    recorded = {g.attrs.get("items_digest") for g in finished.values()}
-    recorded.discard(None)  # runs from before the digest was recorded
-    if not pending or not recorded:
-        return
+    if not pending:
+        return None
     from gradtrace.tasks import task_for
 
     today = task_for(cfg.task, cfg.model).items_digest
-    if recorded != {today}:
+    recorded = {g.attrs.get("items_digest") for g in finished.values()}
+    recorded.discard(None)  # runs from before the digest was recorded
+    if recorded and recorded != {today}:
         others = ", ".join(sorted(recorded - {today}))
         raise SweepError(f"this study's runs were trained on other items (digest {others}) than this gradtrace "
                          f"draws for its config ({today}): its {len(pending)} run(s) left to train would "
                          "be scored on other test items beside them; train them with the gradtrace that made the "
-                         "study, or choose a new --out")
+                         "study, or choose a new --out (where a split of your own draws otherwise in each process, "
+                         "mend it: a sampler must draw only from the rng it is given)")
+    return today
 
 
 def foretell_other_arithmetic(cfg: Config, out: Path, root, pending: int) -> bool:
@@ -547,12 +566,12 @@ def foretell_other_arithmetic(cfg: Config, out: Path, root, pending: int) -> boo
 
 
 def _in_stages(cfg: Config, out: Path, stages: list[list[list[PlannedRun]]], cluster: Cluster | None,
-               bases: dict[str, str | None], failed: dict[str, Exception], bar: SweepBar):
+               bases: dict[str, str | None], failed: dict[str, Exception], bar: SweepBar, items: str | None):
     """`_dispatch` of each stage's jobs in turn (the base runs, then the runs that start from them), leaving out
     the jobs whose base run has failed by the time their stage starts."""
     for stage in stages:
         with contextlib.closing(_dispatch(cfg, out, [job for job in stage if bases[job[0].run_id] not in failed],
-                                          cluster, bar)) as outcomes:
+                                          cluster, bar, items)) as outcomes:
             yield from outcomes
 
 
@@ -652,7 +671,7 @@ def _trained_anything(out: Path) -> bool:
 
 
 def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Cluster | None,
-              bar: SweepBar | None = None):
+              bar: SweepBar | None = None, items: str | None = None):
     """Yield each finished job with its rows, or with the exception it raised (the other jobs go on): in process,
     on a pool of single-thread workers, or on a dask cluster (`Cluster.train`). Closed early (interrupted), it
     cancels the jobs not yet started and stops the pool's workers; a cluster's running tasks cannot be stopped and
@@ -660,7 +679,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
     The steps of the jobs in flight here or on a pool are shown in `bar`."""
     cfg_dict, workers = cfg.to_dict(), cfg.sweep.workers
     if cluster is not None:
-        yield from cluster.train(cfg, out, jobs)
+        yield from cluster.train(cfg, out, jobs, items)
         return
     if workers <= 1 or len(jobs) <= 1:
         steps = StepsInFlight(1)
@@ -668,7 +687,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
             bar.steps = steps
         for job in jobs:
             try:
-                outcome = train_job(cfg_dict, str(out), job, job_threads(cfg, job), (steps, 0))
+                outcome = train_job(cfg_dict, str(out), job, job_threads(cfg, job), (steps, 0), items)
             except Exception as err:
                 outcome = err
             yield job, outcome
@@ -686,7 +705,7 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
                 steps = StepsInFlight(size, context)
                 if bar is not None:
                     bar.steps = steps
-                with contextlib.closing(_on_pool(cfg_dict, out, batch, size, context, gpus, steps)) as outcomes:
+                with contextlib.closing(_on_pool(cfg_dict, out, batch, size, context, gpus, steps, items)) as outcomes:
                     for job, outcome in outcomes:
                         if isinstance(outcome, BrokenProcessPool) and breaks[job[0].run_id] < 2:
                             breaks[job[0].run_id] += 1
@@ -703,12 +722,12 @@ def _dispatch(cfg: Config, out: Path, jobs: list[list[PlannedRun]], cluster: Clu
 
 
 def _on_pool(cfg_dict: dict, out: Path, jobs: list[list[PlannedRun]], workers: int, context, gpus,
-             steps: StepsInFlight | None = None):
+             steps: StepsInFlight | None = None, items: str | None = None):
     """Yield each job with its rows or exception, trained on a new pool of `workers` single-thread processes, each
     counting its job's steps in its slot of `steps`."""
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(), gpus, context.Value("i", 0), steps)) as pool:
-        futures = {pool.submit(train_job, cfg_dict, str(out), job, 1): job for job in jobs}
+        futures = {pool.submit(train_job, cfg_dict, str(out), job, 1, None, items): job for job in jobs}
         try:
             while futures:
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)

@@ -141,7 +141,8 @@ def check_same_items(group, task: ArithmeticTask, run_id: str) -> None:
     if theirs is not None and theirs != task.items_digest:
         raise ValueError(f"run {run_id!r} was trained on other items than this gradtrace draws for its config (items "
                          f"digest {theirs}, today {task.items_digest}): finish it with the gradtrace that started it, "
-                         "or train a new run (another --out or run id)")
+                         "or train a new run (another --out or run id); where a split of your own draws otherwise in "
+                         "each process, mend it: a sampler must draw only from the rng it is given")
 
 
 def record_resumed_arithmetic(group, device: torch.device, run_id: str, step: int) -> None:

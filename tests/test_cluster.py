@@ -57,7 +57,7 @@ def test_a_cluster_job_runs_alone_in_its_worker_and_refuses_unpinned_kernels(tmp
 
     running, most = [], []
 
-    def fake_train_job(*args):
+    def fake_train_job(*args, **kwargs):
         running.append(1)
         most.append(len(running))
         time.sleep(0.2)
@@ -163,6 +163,18 @@ def test_a_cluster_worker_that_does_not_see_the_sweeps_folder_trains_no_run(tmp_
                                            rf"sweep's folder {re.escape(str(tmp_path / 'elsewhere'))}"):
         _execute_on_cluster(cfg.to_dict(), str(tmp_path / "elsewhere"), job, 1, "token")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_cluster_worker_that_draws_other_items_than_the_sweep_trains_no_run(tmp_path):
+    """A worker whose task draws other items than the sweep's process (a split of one's own drawing otherwise in each
+    process, or other numpy on that machine) refuses each run before it trains."""
+    cfg = tiny_config(sweep__runs=1, sweep__reference_runs=0, train__steps=2)
+    job = [r for r in plan(cfg) if r.role == "sweep"]
+    (tmp_path / f"{WORKERS_MARK}token").write_text("token")
+    with pytest.raises(ValueError, match="this process draws other items for the task than the sweep's own process "
+                                         "drew \\(items digest 0123456789abcdef\\)"):
+        _execute_on_cluster(cfg.to_dict(), str(tmp_path), job, 1, "token", "0123456789abcdef")
+    assert not (tmp_path / "store.zarr").exists()
 
 
 @pytest.mark.parametrize("blind", [1, 2])

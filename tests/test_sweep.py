@@ -353,7 +353,7 @@ def test_a_jobs_threads_are_set_by_the_config_not_by_how_many_jobs_are_left(tmp_
     import gradtrace.sweep as sweep
 
     threads = []
-    monkeypatch.setattr(sweep, "train_job", lambda cfg_dict, out, job, n, steps=None: threads.append(n) or [])
+    monkeypatch.setattr(sweep, "train_job", lambda cfg_dict, out, job, n, *rest: threads.append(n) or [])
     cfg = tiny_config(sweep__runs=2, sweep__workers=2, train__threads=2)
     last = [[r for r in plan(cfg) if r.run_id == "run-001"]]  # the one job left of a resumed or extended sweep
     list(sweep._dispatch(cfg, tmp_path, last, None))
@@ -1036,7 +1036,7 @@ def test_a_sweeps_workers_get_the_configs_relative_paths_made_absolute(tmp_path,
     (tmp_path / "splits.py").write_text(MY_SPLIT)
     given = []
 
-    def dispatch(cfg, out, jobs, cluster, bar=None):
+    def dispatch(cfg, out, jobs, cluster, bar=None, items=None):
         given.append(cfg)
         yield from ()
 
@@ -1132,6 +1132,34 @@ def test_a_sweep_of_a_split_of_your_own_trains_it_in_every_worker(tmp_path, monk
     assert sorted(table.run_id) == ["run-000", "run-001"] and table["acc_double"].notna().all()
 
 
+PROCESS_SPLIT = """
+import multiprocessing
+from gradtrace.tasks import Problem, Split, register_split
+
+WORKER = multiprocessing.parent_process() is not None  # as a set of strings' order, it differs between processes
+register_split(Split("double", "a+a, 1-{d} digits, its operand shifted in a sweep's workers",
+                     test=lambda r, d: Problem((int(r.integers(1, 10**d)) + WORKER,) * 2),
+                     train=lambda r, d: Problem((int(r.integers(1, 100)),) * 2)))
+"""
+
+
+def test_a_split_that_draws_otherwise_in_each_process_trains_no_run(tmp_path, monkeypatch, split_registry):
+    """A split drawing otherwise in each process (from the order of a set of strings, say) gave each of a sweep's
+    workers test items of its own: runs scored on different items were compared as one study, nothing said. Each
+    run is refused before it trains; in the sweep's own process (one worker) they train."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "splits.py").write_text(PROCESS_SPLIT)
+    cfg = tiny_config(task__modules=["splits.py"], task__shifts=["double", "space"], sweep__runs=2, sweep__workers=2,
+                      sweep__reference_runs=0, train__steps=2)
+    with pytest.raises(SweepError, match=r"^2 run\(s\) failed \(run-000, run-001: ValueError: this process draws other "
+                                         r"items for the task than the sweep's own process drew .*every run failed "
+                                         r"alike"):
+        run_sweep(cfg, tmp_path / "study", progress=False)
+    assert not store.runs(store.open_experiment(tmp_path / "study" / "store.zarr"))  # none began
+    table = run_sweep(config.from_dict(cfg.to_dict(), {"sweep.workers": 1}), tmp_path / "study", progress=False)
+    assert sorted(table.run_id) == ["run-000", "run-001"]
+
+
 def test_a_study_of_relative_paths_extends_from_another_directory(tmp_path, monkeypatch, split_registry):
     """config.yaml kept a relative model.init_from and task.modules file as typed: extended from another directory,
     each run failed to find the weights, the sweep to find the splits, and the absolute paths were refused as another
@@ -1187,11 +1215,13 @@ def test_an_unknown_name_is_refused_before_any_run_and_leaves_the_directory_open
 
 def test_a_sweep_whose_runs_all_failed_alike_takes_the_mended_config(tmp_path):
     """A config error every run meets (held-out sets that leave a training form no prompt) advised running the same
-    sweep again, and the directory then refused the mended config, though nothing had trained."""
+    sweep again, and the directory then refused the mended config, though nothing had trained. The sweep builds the
+    task before any run (`check_study_items`), so it is refused there, nothing written."""
     broken = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
                          task__max_digits=2, task__n_test=2000, task__shifts=["zeropad"])
-    with pytest.raises(SweepError, match="every run failed alike: mend what the error names"):
+    with pytest.raises(ValueError, match="none is left to train on"):
         run_sweep(broken, tmp_path, progress=False)
+    assert not (tmp_path / "plan.json").exists() and not (tmp_path / "store.zarr").exists()
     mended = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0, train__steps=2,
                          task__shifts=["space"])
     assert sorted(run_sweep(mended, tmp_path, progress=False).run_id) == ["run-000", "run-001"]

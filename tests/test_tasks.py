@@ -282,6 +282,26 @@ def test_a_training_form_the_held_out_sets_use_up_is_refused_by_name():
         ArithmeticTask(TaskConfig(max_digits=1, shifts=[], n_test=60)).test_set("ID")
 
 
+@pytest.mark.parametrize("source", ["python", "numpy"])
+def test_a_split_that_draws_from_another_source_than_its_rng_is_refused(monkeypatch, source):
+    """A sampler drawing from Python's random module (or numpy's global generator) gave each of a sweep's workers test
+    items of its own: runs scored on different items were compared as one study, nothing said."""
+    import random
+
+    from gradtrace.tasks import Problem, Split
+
+    draw = (lambda: random.randint(1, 99)) if source == "python" else (lambda: int(np.random.randint(1, 99)))
+    monkeypatch.setitem(REGISTRY, "mine", Split("mine", "a+a from the process's own randomness",
+                                                test=lambda rng, d: Problem((draw(),) * 2),
+                                                train=lambda rng, d: Problem((int(rng.integers(1, 99)),) * 2)))
+    with pytest.raises(ValueError, match="split 'mine' draws other problems each time from the same rng: a sampler "
+                                         "must draw only from the rng it is given"):
+        ArithmeticTask(small(shifts=["mine"]))
+    monkeypatch.setitem(REGISTRY, "mine", Split("mine", "a+a from its rng", test=lambda rng, d: Problem((
+        int(rng.integers(1, 99)),) * 2), train=lambda rng, d: Problem((int(rng.integers(1, 99)),) * 2)))
+    ArithmeticTask(small(shifts=["mine"]))
+
+
 def test_register_split_refuses_built_in_and_unusable_names(split_registry):
     from gradtrace.tasks import Problem, Split, register_split
 

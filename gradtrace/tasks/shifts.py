@@ -259,6 +259,16 @@ def check_splits(cfg: TaskConfig) -> None:
             if not isinstance(problem, Problem):
                 raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
                                 "returns a gradtrace.tasks.Problem")
+        if name not in BUILT_IN and _draws(split, cfg.max_digits, REDRAWN) != _draws(split, cfg.max_digits, REDRAWN):
+            raise ValueError(f"split {name!r} draws other problems each time from the same rng: {OWN_RANDOMNESS}")
+
+
+REDRAWN = 8  # items of each form a split of your own draws twice, alike, to be taken
+# why a split's items can differ between processes, and what to do
+OWN_RANDOMNESS = ("a sampler must draw only from the rng it is given, not from Python's random module, numpy's global "
+                  "generator or the order of a set of strings (which changes from process to process): otherwise "
+                  "each process that trains (a sweep's workers) draws test items of its own, and runs scored on "
+                  "different items are compared as one study")
 
 
 def draw_held_out(cfg: TaskConfig) -> tuple[dict[str, tuple[list[Problem], list[Problem]]], set[str]]:
@@ -291,8 +301,13 @@ def _distinct(cfg: TaskConfig, name: str, rng: np.random.Generator, n: int, used
 
 def _draw(split: Split, max_digits: int) -> dict[str, Problem]:
     """One item of each of the split's forms at `max_digits`, the same each time."""
+    return dict(zip(("test", "train"), _draws(split, max_digits, 1)[0]))
+
+
+def _draws(split: Split, max_digits: int, n: int) -> list[tuple[Problem, Problem]]:
+    """`n` (test, train) items of the split at `max_digits`, from the same seed each time."""
     rng = np.random.default_rng(0)
-    return {"test": split.test(rng, max_digits), "train": split.train(rng, max_digits)}
+    return [(split.test(rng, max_digits), split.train(rng, max_digits)) for _ in range(n)]
 
 
 def _where_it_draws(split: Split, max_digits: int) -> str:
