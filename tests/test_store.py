@@ -395,9 +395,9 @@ def test_an_export_onto_a_filling_disk_stops_before_hdf5_meets_the_full_disk(cap
     store.export_hdf5(exp / "store.zarr", out)
     blocks, disk = [], shutil.disk_usage(tmp_path)
 
-    def filling(path):  # room for the first 3 blocks (and the headroom), then for none
+    def filling(path):  # room for the first 3 blocks (and the headroom), then for none, not even an empty one
         blocks.append(path)
-        return disk._replace(free=store.EXPORT_HEADROOM + (2**20 if len(blocks) <= 3 else 10))
+        return disk._replace(free=store.EXPORT_HEADROOM + (2**30 if len(blocks) <= 3 else -1))
 
     monkeypatch.setattr(store.shutil, "disk_usage", filling)
     with pytest.raises(OSError, match=r"No space left on device \(the export keeps 16 MiB free") as raised:
