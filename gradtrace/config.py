@@ -69,7 +69,7 @@ class TrainConfig:
     steps: int = 800
     batch_size: int = 128
     lr: float = 2e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW's decoupled decay, of every parameter (norms, biases, embeddings too)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     warmup: int = 100
