@@ -215,7 +215,7 @@ def _execute_on_cluster(cfg_dict: dict, out: str, job: list[PlannedRun], threads
     belong to the process, and transformers' lazy imports race), refused where the run's kernels cannot be pinned
     because the worker computed with others before (a local sweep's fresh workers never do), and before it trains
     where the worker does not see the sweep's folder (`token`: its workers' file there; one that joined the cluster
-    after the sweep's check, say)."""
+    after the sweep's check, say) or draws other `items` for the task than the sweep (`sweep.train_job`)."""
     if not _sees_the_sweep(out, token):
         import socket
 
