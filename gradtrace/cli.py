@@ -58,23 +58,28 @@ def _trainable_dir(path: str) -> Path:
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    """List every registered split with its description and one example."""
+    """List every registered split, in the order their items are drawn, with its description and one example; a
+    split that cannot be drawn under the config is listed, and why after the table."""
     from gradtrace.tasks import REGISTRY, ArithmeticTask
-    from gradtrace.tasks.shifts import import_split_modules
+    from gradtrace.tasks.shifts import drawing_order, import_split_modules
 
     cfg = config_mod.load(args.config, config_mod.parse_overrides(args.set or []))
     import_split_modules(cfg.task.modules)  # your own splits are listed too
     in_default = set(cfg.task.shifts)
-    print(f"{'split':<14} {'in config':<9} {'example (prompt=answer, digits least-significant first)':<34} description")
-    for name, split in REGISTRY.items():
+    width, refused = max(14, *map(len, REGISTRY)), {}
+    print(f"{'split':<{width}} {'in config':<9} {'example (prompt=answer, digits least-significant first)':<34} "
+          "description")
+    for name in drawing_order(list(REGISTRY)):
         mark = "yes" if name == "ID" or name in in_default else "-"
-        try:  # each split alone: one too long for task.max_digits is listed, not refused
+        try:  # each split alone
             task = ArithmeticTask(dataclasses.replace(cfg.task, shifts=[] if name == "ID" else [name], n_test=1,
                                                       n_probe=0))
             example = repr(task.example(name))
-        except ValueError:
-            example = f"(not at max_digits={cfg.task.max_digits})"
-        print(f"{name:<14} {mark:<9} {example:<34} {split.describe(cfg.task.max_digits)}")
+        except ValueError as err:
+            example, refused[name] = "(cannot be drawn: below)", str(err)
+        print(f"{name:<{width}} {mark:<9} {example:<34} {REGISTRY[name].describe(cfg.task.max_digits)}")
+    if refused:
+        print("", *(f"{name}: {why}" for name, why in refused.items()), sep="\n")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

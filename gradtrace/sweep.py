@@ -306,15 +306,20 @@ def check_config(cfg: Config, contact_hub: bool = True) -> None:
     """Refuse what every run, or the scoring after them, would fail on, before anything trains (and in a dry run,
     without loading torch): an unknown split or model, a split too long for `task.max_digits`, held-out sets it
     cannot draw, a missing `model.init_from` file, an unknown predictor, ensembles in mixed precision; and warn of
-    too few shifts for the analyses.
+    too few shifts for the analyses and of splits a script registered (not a module of `task.modules`).
     Unknown keys, out-of-range values and probe losses the config refuses as it loads. A model from the Hugging Face
     hub is looked up there unless `contact_hub` is False (a dry run's: offline, the lookup retries for ~25 s)."""
     from gradtrace import predict
     from gradtrace.models import check_model
-    from gradtrace.tasks.shifts import check_splits, draw_held_out
+    from gradtrace.tasks.shifts import check_splits, draw_held_out, registered_by_a_script
 
     check_splits(cfg.task)
     draw_held_out(cfg.task)  # test and probe sets too many for the prompts there are (not the training pool: slow)
+    if scripted := registered_by_a_script(cfg.task.shifts):
+        warnings.warn(f"split(s) {', '.join(scripted)} are registered by this script or notebook, not by a module "
+                      "that task.modules names: the sweep trains them, but the study's config.yaml cannot rebuild "
+                      "them (resuming or extending it with `gradtrace sweep DIR/config.yaml` meets an unknown split); "
+                      "register them in a .py file and name it in task.modules", UserWarning, stacklevel=2)
     if cfg.model.init_from and not Path(cfg.model.init_from).is_file():  # every run would fail at its start
         raise ValueError(f"model.init_from: no file {cfg.model.init_from}; give a safetensors file of weights, e.g. "
                          "DIR/weights/base/final.safetensors")
@@ -535,12 +540,13 @@ def check_study_items(cfg: Config, out: Path, runs: list[PlannedRun]) -> str | N
     recorded = {g.attrs.get("items_digest") for g in finished.values()}
     recorded.discard(None)  # runs from before the digest was recorded
     if recorded and recorded != {today}:
+        from gradtrace.tasks.shifts import OWN_SPLIT_CHANGED
+
         others = ", ".join(sorted(recorded - {today}))
-        raise SweepError(f"this study's runs were trained on other items (digest {others}) than this gradtrace "
-                         f"draws for its config ({today}): its {len(pending)} run(s) left to train would "
-                         "be scored on other test items beside them; train them with the gradtrace that made the "
-                         "study, or choose a new --out (where a split of your own draws otherwise in each process, "
-                         "mend it: a sampler must draw only from the rng it is given)")
+        raise SweepError(f"this study's runs were trained on other items (digest {others}) than this sweep draws for "
+                         f"its config ({today}): its {len(pending)} run(s) left to train would be scored on other "
+                         "test items beside them. Either this gradtrace draws them otherwise (train them with the "
+                         f"gradtrace that made the study) {OWN_SPLIT_CHANGED}; or choose a new --out")
     return today
 
 

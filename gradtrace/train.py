@@ -22,6 +22,7 @@ from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model, start_attrs
 from gradtrace.results import accuracy_columns, first_ids
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy, probe_loss_functions, task_for
+from gradtrace.tasks.shifts import OWN_SPLIT_CHANGED
 
 
 @dataclass
@@ -140,9 +141,9 @@ def check_same_items(group, task: ArithmeticTask, run_id: str) -> None:
     theirs = group.attrs.get("items_digest")
     if theirs is not None and theirs != task.items_digest:
         raise ValueError(f"run {run_id!r} was trained on other items than this gradtrace draws for its config (items "
-                         f"digest {theirs}, today {task.items_digest}): finish it with the gradtrace that started it, "
-                         "or train a new run (another --out or run id); where a split of your own draws otherwise in "
-                         "each process, mend it: a sampler must draw only from the rng it is given")
+                         f"digest {theirs}, today {task.items_digest}): either this gradtrace draws them otherwise "
+                         f"(finish it with the gradtrace that started it) {OWN_SPLIT_CHANGED}; or train a new run "
+                         "(another --out or run id)")
 
 
 def record_resumed_arithmetic(group, device: torch.device, run_id: str, step: int) -> None:

@@ -1,6 +1,7 @@
 """The command line end to end on a tiny study: tasks, train, sweep (resumable), stats, predict, report, info."""
 import io
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -34,8 +35,11 @@ def test_tasks_lists_every_split(capsys):
 
 def test_tasks_lists_splits_too_long_for_max_digits_as_such(capsys):
     assert main(["tasks", "--set", "task.max_digits=2", "--set", "task.shifts=[length]"]) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
-    assert "(not at max_digits=2)" in lines["carry"] and "'" in lines["length"]
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line}
+    assert "(cannot be drawn: below)" in lines["carry"] and "'" in lines["length"]
+    assert re.search(r"^carry: split 'carry' cannot be drawn at task.max_digits=2 .*raise task.max_digits to 3", out,
+                     re.M)
 
 
 def test_output_into_a_closed_pipe_stops_quietly():

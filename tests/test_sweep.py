@@ -455,8 +455,9 @@ def test_runs_on_other_items_than_the_studys_are_refused(tmp_path):
                     cfg.model).items_digest != digest
     root["run-000"].attrs["items_digest"] = "drawn-otherwise"  # as an older gradtrace's task would have drawn them
     assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000", "run-001"]  # nothing to train
-    with pytest.raises(SweepError, match=r"other items \(digest drawn-otherwise\) than this gradtrace draws for its "
-                                         r"config .*its 1 run\(s\) left to train"):
+    with pytest.raises(SweepError, match=r"other items \(digest drawn-otherwise\) than this sweep draws for its "
+                                         r"config .*its 1 run\(s\) left to train.* its file \(task.modules\) edited "
+                                         r"since"):
         run_sweep(config.from_dict(cfg.to_dict(), {"sweep.runs": 3}), tmp_path, progress=False)
     assert "run-002" not in root and len(json.loads((tmp_path / "plan.json").read_text())) == 2  # refused first
     with pytest.raises(ValueError, match="run 'run-000' was trained on other items than this gradtrace draws"):

@@ -1,8 +1,11 @@
 """The arithmetic task: determinism, disjointness, one token per digit, losses on answers only."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.evaluate import correctness, length_batches, train_accuracy
 from gradtrace.models import build_model
@@ -321,12 +324,72 @@ def test_register_split_refuses_built_in_and_unusable_names(split_registry):
     assert register_split(Split("nine_one", "9+1 again", mine.test, mine.train)).description == "9+1 again"
 
 
+def test_a_problem_the_task_cannot_write_or_a_split_it_cannot_use_is_refused_by_name(monkeypatch, split_registry):
+    """Base 5 drew prompts that read as base 10 (the same prompt with two answers in training: 108 of 12,504 pool
+    prompts), base 16 and `*` passed the dry run and failed the sweep naming no split; a negative share came out as
+    numpy's "Probabilities are not non-negative", braces in a description broke `gradtrace tasks`, a sampler failing
+    now and then as numpy's "low >= high" and one raising IndexError as a traceback."""
+    from gradtrace.tasks import Problem, Split
+    from gradtrace.tasks.shifts import ProblemError
+
+    for bad in ({"op": "*"}, {"base": 5}, {"base": 16}):
+        with pytest.raises(ProblemError, match="op must be one of '\\+', '-'|base must be 10 or 8"):
+            Problem((1, 2), **bad)
+    assert Problem((7, 1), base=8).render() == ("#7+1=", "01") and Problem((3, 5), op="-").answer == -2
+
+    def mine(test, share=1.0, description="mine, 1-{d} digits"):
+        monkeypatch.setitem(REGISTRY, "mine", Split("mine", description, test=test,
+                                                    train=lambda r, d: Problem((int(r.integers(1, 9)),) * 2),
+                                                    share=share))
+        return small(shifts=["mine"])
+
+    with pytest.raises(ValueError, match=r"split 'mine': Problem\(base=5\): base must be 10 or 8"):
+        ArithmeticTask(mine(lambda r, d: Problem((int(r.integers(1, 9)), 1), base=5)))
+    drawn = iter(range(10**6))
+    with pytest.raises(ValueError, match=r"split 'mine': its sampler failed \(ValueError: low >= high\)"):
+        ArithmeticTask(mine(lambda r, d: Problem((int(r.integers(1, 1 if next(drawn) == 40 else 99)),) * 2))).test_set(
+            "mine")
+    with pytest.raises(ValueError, match=r"split 'mine' cannot be drawn at task.max_digits=3 \(IndexError: .*drop it"):
+        ArithmeticTask(mine(lambda r, d: Problem(([1, 10, 100][d],) * 2)))
+    for share in (-0.5, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="split 'mine': share must be a number >= 0"):
+            mine(lambda r, d: Problem((1, 1)), share=share)
+    with pytest.raises(ValueError, match=r"split 'mine': its description .* does not format \(KeyError: '1,3'\): it "
+                                         r"may name \{d\}, \{d1\} and \{dm\}; write other braces twice"):
+        mine(lambda r, d: Problem((1, 1)), description="units in {1,3}, 1-{d} digits")
+    assert REGISTRY["mine"].describe(3) == "mine, 1-3 digits"  # the last one taken
+    assert Split("x", "units in {{1,3}}, {d1} digits", None, None).describe(3) == "units in {1,3}, 4 digits"
+
+
+def test_a_split_registered_by_a_script_is_warned_of_before_the_sweep(split_registry):
+    """A split registered by a notebook or script trained (its spawned workers run the script again), but the
+    study's config.yaml named no module that registers it: resuming or extending it met "unknown split"."""
+    from gradtrace.sweep import check_config
+
+    code = ("from gradtrace.tasks import Problem, Split, register_split\n"
+            "register_split(Split('scripted', 'a+a', test=lambda r, d: Problem((int(r.integers(1, 99)),) * 2),\n"
+            "                     train=lambda r, d: Problem((int(r.integers(1, 99)),) * 2)))\n")
+    exec(code, {"__name__": "__main__"})
+    cfg = tiny_config(task__shifts=["scripted", "space", "order"])
+    with pytest.warns(UserWarning, match=r"split\(s\) scripted are registered by this script or notebook, not by a "
+                                         r"module that task.modules names"):
+        check_config(cfg, contact_hub=False)
+    exec(code, {"__name__": "my_splits"})  # a module's registration: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_config(cfg, contact_hub=False)
+
+
 def test_task_modules_that_cannot_be_imported_are_named(tmp_path, monkeypatch, split_registry):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"task.modules: cannot import 'no_such_splits' \(No module named"):
         ArithmeticTask(small(modules=["no_such_splits"]))
-    with pytest.raises(ValueError, match="task.modules: no file .*missing.py"):
+    with pytest.raises(ValueError, match=r"task.modules: no file .*missing.py \('missing.py', relative to the "
+                                         r"directory the command runs in\); name the file where it lies now \(--set "
+                                         r"task.modules=\[PATH\]"):
         ArithmeticTask(small(modules=["missing.py"]))
+    with pytest.raises(ValueError, match=r"no file /gone/missing.py; name the file"):  # absolute: said once
+        ArithmeticTask(small(modules=["/gone/missing.py"]))
     (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
     for _ in range(2):  # a file that failed is run again, not taken as imported
         with pytest.raises(RuntimeError, match="half written"):

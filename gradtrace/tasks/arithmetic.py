@@ -14,7 +14,7 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, check_splits, draw_held_out, drawing_order, get_split, train_mix
+from gradtrace.tasks.shifts import Problem, check_splits, draw_held_out, drawing_order, get_split, sampled, train_mix
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -140,7 +140,7 @@ class ArithmeticTask:
         for k in picks:
             split = get_split(names[k])
             for _ in range(MAX_REDRAWS):
-                rendered = self.render(split.train(rng, self.cfg.max_digits))
+                rendered = self.render(sampled(split.name, lambda: split.train(rng, self.cfg.max_digits)))
                 if rendered[0] not in held:
                     items.append(rendered)
                     break

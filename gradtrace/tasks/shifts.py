@@ -13,19 +13,30 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 
 from gradtrace.config import MAX_DIGITS, names_a_file
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
     from gradtrace.config import TaskConfig
 
 
+OPS = ("+", "-")  # what the task's vocabulary writes and `Problem.answer` computes
+BASE_MARKS = {10: "", 8: "#"}  # the bases a prompt tells apart, by the mark it starts with
+
+
+class ProblemError(ValueError):
+    """A `Problem` the task cannot write or answer (an operator or base of its own)."""
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One arithmetic item before rendering: operands, operator, base and surface-format flags."""
+    """One arithmetic item before rendering: operands, operator (`OPS`), base (10, or 8: `BASE_MARKS`) and
+    surface-format flags."""
 
     operands: tuple[int, ...]
     op: str = "+"
@@ -34,6 +45,14 @@ class Problem:
     leading_space: bool = False
     spaced_ops: bool = False
     digit_spaces: bool = False
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ProblemError(f"Problem(op={self.op!r}): op must be one of {', '.join(map(repr, OPS))}, the "
+                               "operators the task's vocabulary writes and its answers are computed for")
+        if self.base not in BASE_MARKS:
+            raise ProblemError(f"Problem(base={self.base!r}): base must be 10 or 8 (marked '#' in the prompt); another "
+                               "base's prompts would read as base 10, the same prompt with two answers")
 
     @property
     def answer(self) -> int:
@@ -53,7 +72,7 @@ class Problem:
         op = f" {self.op} " if self.spaced_ops else self.op
         eq = " = " if self.spaced_ops else "="
         body = op.join(digits(n, self.pad_to, reverse_operands) for n in self.operands)
-        prompt = (" " if self.leading_space else "") + ("#" if self.base == 8 else "") + body + eq
+        prompt = (" " if self.leading_space else "") + BASE_MARKS[self.base] + body + eq
         return prompt, digits(self.answer, 0, True)
 
 
@@ -104,6 +123,17 @@ class Split:
     test: Callable[[np.random.Generator, int], Problem]
     train: Callable[[np.random.Generator, int], Problem]
     share: float = 1.0  # multiplier of task.train_share: a new algorithm (base 8) needs more examples
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.share, (int, float)) and 0 <= self.share < float("inf")):
+            raise ValueError(f"split {self.name!r}: share must be a number >= 0 (its multiplier of task.train_share), "
+                             f"got {self.share!r}")
+        try:
+            self.describe(3)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"split {self.name!r}: its description {self.description!r} does not format ("
+                             f"{type(err).__name__}: {err}): it may name {{d}}, {{d1}} and {{dm}}; write other braces "
+                             "twice ({{ and }})") from None
 
     def describe(self, max_digits: int) -> str:
         """The description for a task whose ID operands have up to `max_digits` digits."""
@@ -179,7 +209,17 @@ def register_split(split: Split) -> Split:
         raise ValueError(f"split name {split.name!r} reads as a missing value, a bool or a number in the CSV tables "
                          "that name splits (stats.csv, read back by the report and the paper): give it another name")
     REGISTRY[split.name] = split
+    REGISTERED_BY[split.name] = sys._getframe(1).f_globals.get("__name__", "")
     return split
+
+
+REGISTERED_BY: dict[str, str] = {}  # each split of your own: the module that registered it (`__main__`: a script)
+
+
+def registered_by_a_script(names: list[str]) -> list[str]:
+    """The splits of `names` that the running script or notebook registered (`__main__`; `__mp_main__` in a pool's
+    worker), not a module of `task.modules`: a study's config.yaml cannot rebuild them."""
+    return [n for n in names if REGISTERED_BY.get(n) in ("__main__", "__mp_main__")]
 
 
 def import_split_modules(modules: list[str]) -> None:
@@ -200,7 +240,9 @@ def _run_file(module: str) -> None:
     """Run a .py file as a module of its own, once per process."""
     path = Path(module).resolve()
     if not path.is_file():
-        raise ValueError(f"task.modules: no file {path} ({module!r}, relative to the directory the command runs in)")
+        typed = "" if Path(module).is_absolute() else f" ({module!r}, relative to the directory the command runs in)"
+        raise ValueError(f"task.modules: no file {path}{typed}; name the file where it lies now (--set "
+                         "task.modules=[PATH]: a moved study's config.yaml names it where it was)")
     name = f"gradtrace_splits_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     if name in sys.modules:
         return
@@ -225,7 +267,8 @@ def get_split(name: str) -> Split:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown split {name!r}; registered splits: {', '.join(REGISTRY)}") from None
+        raise ValueError(f"unknown split {name!r}; registered splits: {', '.join(REGISTRY)} (a split of your own is "
+                         "registered by a module that task.modules names)") from None
 
 
 def train_mix(cfg: TaskConfig) -> dict[str, float]:
@@ -252,17 +295,35 @@ def check_splits(cfg: TaskConfig) -> None:
         split = get_split(name)
         try:
             drawn = _draw(split, cfg.max_digits)
-        except ValueError as err:
-            raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ({err}): "
-                             f"{_where_it_draws(split, cfg.max_digits)}") from None
+        except ProblemError as err:
+            raise ValueError(f"split {name!r}: {err}") from None
+        except Exception as err:  # a sampler of your own may raise anything
+            raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ("
+                             f"{type(err).__name__}: {err}): {_where_it_draws(split, cfg.max_digits)}") from None
         for form, problem in drawn.items():
             if not isinstance(problem, Problem):
                 raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
                                 "returns a gradtrace.tasks.Problem")
-        if name not in BUILT_IN and _draws(split, cfg.max_digits, REDRAWN) != _draws(split, cfg.max_digits, REDRAWN):
-            raise ValueError(f"split {name!r} draws other problems each time from the same rng: {OWN_RANDOMNESS}")
+        if name not in BUILT_IN:
+            first, again = (sampled(name, lambda: _draws(split, cfg.max_digits, REDRAWN)) for _ in range(2))
+            if first != again:
+                raise ValueError(f"split {name!r} draws other problems each time from the same rng: {OWN_RANDOMNESS}")
 
 
+def sampled(name: str, draw: Callable[[], T]) -> T:
+    """`draw()` of split `name`'s sampler, whatever it raises said as the split's failure (a sampler of your own
+    that raised now and then came out as numpy's "low >= high", no split named, or as a traceback)."""
+    try:
+        return draw()
+    except Exception as err:
+        raise ValueError(f"split {name!r}: its sampler failed ({type(err).__name__}: {err}); a sampler must draw "
+                         "every item it is asked for, at task.max_digits") from err
+
+
+# why a run or study's items differ from what this process draws, besides another gradtrace
+OWN_SPLIT_CHANGED = ("or a split of your own draws otherwise: its file (task.modules) edited since, its samplers or "
+                     "shares (put it back as it was), or a sampler that draws otherwise in each process (it must "
+                     "draw only from the rng it is given)")
 REDRAWN = 8  # items of each form a split of your own draws twice, alike, to be taken
 # why a split's items can differ between processes, and what to do
 OWN_RANDOMNESS = ("a sampler must draw only from the rng it is given, not from Python's random module, numpy's global "
@@ -287,7 +348,7 @@ def _distinct(cfg: TaskConfig, name: str, rng: np.random.Generator, n: int, used
     """`n` test-form items of split `name` whose prompts are distinct and not in `used`, which takes theirs."""
     out, tries, test = [], 0, get_split(name).test
     while len(out) < n:
-        problem = test(rng, cfg.max_digits)
+        problem = sampled(name, lambda: test(rng, cfg.max_digits))
         prompt = problem.render(cfg.reverse_operands, cfg.digit_spaces)[0]
         tries += 1
         if prompt not in used:
@@ -319,7 +380,7 @@ def _where_it_draws(split: Split, max_digits: int) -> str:
                 continue
             try:
                 _draw(split, digits)
-            except ValueError:
+            except Exception:  # a sampler of your own may raise anything
                 continue
             direction = "raise" if digits > max_digits else "lower"
             return f"{direction} task.max_digits to {digits} or drop it from task.shifts"
