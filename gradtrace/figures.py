@@ -134,9 +134,17 @@ def _significant(rows: pd.DataFrame, alpha: float) -> pd.Series:
     return pd.Series(False, index=rows.index)
 
 
-def _heatmap_cell(n_shifts: int, ncols: int) -> float:
-    """Side of a heatmap cell (inches) with ncols panels of n_shifts × n_shifts side by side on a page."""
-    return min(0.34, (PAGE_WIDTH - 0.9 * ncols) / (n_shifts * ncols))
+TITLE_CHARS = 26  # characters of an 8-pt title that a panel, four to a row, holds
+TICK_CHAR = 0.053  # inches a character of a 7-pt tick label takes (DejaVu Sans, on average)
+LONG_LABEL = 0.9  # inches of tick label (17 characters) past which a heatmap's panels may stand one to a row
+
+
+def _heatmap_cell(n_shifts: int, ncols: int, label: float) -> float:
+    """Side of a heatmap cell (inches) with ncols panels of n_shifts × n_shifts side by side on a page, their
+    longest tick label `label` inches long: the rows' labels left of the first panel, each panel's 45° column
+    labels reaching left of it."""
+    reach = max(0.3, 0.71 * label)
+    return min(0.34, (PAGE_WIDTH - 0.8 - label - ncols * reach) / (n_shifts * ncols))
 
 
 @_styled
@@ -162,35 +170,42 @@ def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "prob
         raise ValueError("stats table column r holds values outside [-1, 1]: is it a correlation?")
     shifts = list(dict.fromkeys([*stats_df["a"], *stats_df["b"]]))
     n = len(shifts)
+    label = TICK_CHAR * max(map(len, map(str, shifts)))
     ncols = len(methods)
-    if _heatmap_cell(n, ncols) < HEATMAP_TEXT_CELL:
-        ncols = min(2, ncols)
-    cell = _heatmap_cell(n, ncols)
+    for fewer in (min(2, ncols), 1 if label > LONG_LABEL else min(2, ncols)):  # long names: one to a row, if need be
+        if _heatmap_cell(n, ncols, label) >= HEATMAP_TEXT_CELL:
+            break
+        ncols = fewer
+    cell = max(_heatmap_cell(n, ncols, label), 0.05)
     nrows = math.ceil(len(methods) / ncols)
-    fig = _figure(min(PAGE_WIDTH, ncols * (n * cell + 0.9) + 0.5), nrows * (n * cell + 0.9))
+    reach = max(0.3, 0.71 * label)
+    fig = _figure(min(PAGE_WIDTH, ncols * (n * cell + reach) + label + 0.8), nrows * (n * cell + 0.45 + reach))
     axes = _grid(fig, len(methods), ncols)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")
-    fontsize = 6 if cell >= 0.3 else 5
-    numbers = cell >= HEATMAP_TEXT_CELL  # else only the stars: the numbers would overprint
-    image = None
+    panels = []
     for ax, method in zip(axes, methods):
         rows = stats_df if method is None else stats_df[stats_df["residualize"] == method]
         m = _pair_matrix(rows, shifts, "r")
         star = _pair_matrix(rows.assign(_sig=_significant(rows, alpha).astype(float)), shifts, "_sig")
-        image = ax.imshow(m, cmap=cmap, vmin=-1, vmax=1)
-        for i in range(n):
-            for j in range(n):
-                label = (f"{m[i, j]:.2f}".replace("-", "−") if numbers else "") + ("*" if star[i, j] == 1 else "")
-                if np.isfinite(m[i, j]) and label:
-                    ax.text(j, i, label, ha="center", va="center", fontsize=fontsize,
-                            color="white" if abs(m[i, j]) > 0.6 else "black")
+        panels.append((ax, m, star, ax.imshow(m, cmap=cmap, vmin=-1, vmax=1)))
         ax.set_xticks(range(n), shifts, rotation=45, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(n), shifts if ax in axes[::ncols] else [])
         ax.tick_params(length=0)
         ax.spines[:].set_visible(False)
         size = f" (n={int(rows['n'].iloc[0])})" if "n" in rows and len(rows) else ""
         ax.set_title(f"{method} residualisation{size}" if method else f"partial r{size}")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="partial r given ID", ticks=[-1, -0.5, 0, 0.5, 1])
+    fig.colorbar(panels[-1][3], ax=axes, shrink=0.8, label="partial r given ID", ticks=[-1, -0.5, 0, 0.5, 1])
+    fig.draw_without_rendering()  # laid out: the cells' size once the labels have their room
+    drawn = min(ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0] for ax in axes) / fig.dpi
+    fontsize = 6 if drawn >= 0.3 else 5
+    numbers = drawn >= HEATMAP_TEXT_CELL  # else only the stars: the numbers would overprint
+    for ax, m, star, _ in panels:
+        for i in range(n):
+            for j in range(n):
+                text = (f"{m[i, j]:.2f}".replace("-", "−") if numbers else "") + ("*" if star[i, j] == 1 else "")
+                if np.isfinite(m[i, j]) and text:
+                    ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
+                            color="white" if abs(m[i, j]) > 0.6 else "black")
     return fig
 
 
@@ -282,12 +297,12 @@ def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int 
                     grid = np.array([x[mine].min(), x[mine].max()])
                     ax.plot(grid, y[mine].mean() + slope * (grid - x[mine].mean()), lw=1,
                             color=_color(j) if several else "black")
-            title += f"  (slope {slope:.2f}, r {r:.2f})" if np.isfinite(r) else ""
+            title += f"\n(slope {slope:.2f}, r {r:.2f})" if np.isfinite(r) else ""
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         _probit_ticks(ax, "x", lo, hi)
         _probit_ticks(ax, "y", lo, hi)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=min(8.0, 8.0 * TITLE_CHARS / len(shift)))  # a long name: shrunk to fit
         ax.set_aspect("equal", adjustable="box")
     for ax in axes[-ncols:]:
         ax.set_xlabel(f"{id} accuracy (%)")

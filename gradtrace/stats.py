@@ -1014,15 +1014,15 @@ def _stars(p: float) -> str:
 
 def format_table(df: pd.DataFrame) -> str:
     """A fixed-width terminal table of ``partial_correlations`` output: pair, r [CI], p and BH p with stars."""
-    header = f"{'residualize':<11}  {'pair':<32} {'n':>4}  {'r':>6}  {'CI':<16}  {'p':>9}      {'p_BH':>9}"
+    width = max([32, *(len(f"{a} ~ {b}") for a, b in zip(df["a"], df["b"]))])  # whole names: two cut alike
+    header = f"{'residualize':<11}  {'pair':<{width}} {'n':>4}  {'r':>6}  {'CI':<16}  {'p':>9}      {'p_BH':>9}"
     has_dis = "r_disattenuated" in df.columns
     if has_dis:
         header += f"     {'r_dis':>6}"
     lines = [header, "-" * len(header)]
     for row in df.itertuples(index=False):
         pair = f"{row.a} ~ {row.b}"
-        pair = pair if len(pair) <= 32 else pair[:31] + "…"
-        line = (f"{row.residualize:<11}  {pair:<32} {row.n:>4}  {row.r:>6.3f}  "
+        line = (f"{row.residualize:<11}  {pair:<{width}} {row.n:>4}  {row.r:>6.3f}  "
                 f"[{row.ci_low:>6.3f}, {row.ci_high:>6.3f}]  {row.p:>9.2g} {_stars(row.p):<3}  "
                 f"{row.p_bh:>9.2g} {_stars(row.p_bh):<3}")
         if has_dis:

@@ -199,6 +199,27 @@ def test_partial_correlation_heatmap_stays_legible_with_many_shifts(tmp_path: Pa
     assert panel.width / many.dpi / 20 >= 0.12  # a cell holds a 7-pt tick label
 
 
+def test_heatmap_and_titles_stay_legible_with_long_split_names(tmp_path: Path) -> None:
+    """A 39-character name (40 are allowed) shrank the heatmap's panels to smudges whose numbers overprinted, and
+    titles of the accuracy-on-the-line panels ran into their neighbours from ~15 characters."""
+    long = "octal_zero_padded_operands_long_name_40"
+    names = {f"shift{i:02d}": name for i, name in enumerate(["length", "carry", long, "spaced_digits_lead", "order"])}
+    stats = _stats_of(5).replace(names)
+    fig = figures.partial_correlation_heatmap(stats, residualize="all")
+    _check(fig, 3 + 1, tmp_path, "heatmap_long")
+    assert {ax.get_subplotspec().colspan.start for ax in fig.axes[:3]} == {0}  # one panel to a row
+    for ax in fig.axes[:3]:
+        cell = (ax.transData.transform((1, 0)) - ax.transData.transform((0, 0)))[0] / fig.dpi
+        numbers = [t for t in ax.texts if t.get_text() not in ("", "*")]
+        assert numbers and cell >= figures.HEATMAP_TEXT_CELL  # numbers, each in a cell that holds it
+    assert long in [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    results = pd.DataFrame({"acc_ID": np.linspace(0.5, 0.9, 12), f"acc_{long}": np.linspace(0.2, 0.6, 12) ** 1.1,
+                            "acc_carry": np.linspace(0.1, 0.5, 12) ** 0.9})
+    short, longer = figures.accuracy_on_the_line(results).axes[1], figures.accuracy_on_the_line(results).axes[0]
+    assert longer.title.get_fontsize() < short.title.get_fontsize() == 8
+    assert longer.get_title().startswith(f"{long}\n(slope")
+
+
 def test_accuracy_on_the_line(experiment: Path, tmp_path: Path) -> None:
     results = pd.read_csv(experiment / "results.csv")
     fig = figures.accuracy_on_the_line(results)
@@ -231,7 +252,7 @@ def test_accuracy_on_the_line_fits_within_base(tmp_path: Path) -> None:
     fig = figures.accuracy_on_the_line(table)
     _check(fig, 1, tmp_path, "aotl_within")
     ax = fig.axes[0]
-    assert ax.get_title() == f"carry  (slope {slope:.2f}, r {r:.2f})"
+    assert ax.get_title() == f"carry\n(slope {slope:.2f}, r {r:.2f})"
     assert "within base" in fig.get_suptitle()
     fitted = ax.lines[1:]  # after the y = x diagonal: one line per base, in the base's colour, the common slope
     assert len(fitted) == 2 and fitted[0].get_color() != fitted[1].get_color()

@@ -895,6 +895,10 @@ def test_format_table_is_fixed_width_with_stars():
     flagged = format_table(out.assign(rel_a=0.05, rel_b=0.9, r_disattenuated=dis))
     assert 0 < (dis.abs() > 1).sum() < len(out)  # printed bare before, beside the others
     assert flagged.count("†") == (dis.abs() > 1).sum() + 1 and "too low or too noisy to disattenuate" in flagged
+    long = "octal_zero_padded_operands_long_name_40"  # two pairs with it were cut alike at 32 characters, "…"
+    named = format_table(out.assign(a=long, b=[f"shift{i}" for i in range(len(out))]))
+    assert all(f"{long} ~ shift{i} " in named for i in range(len(out))) and "…" not in named
+    assert len({line.index("[") for line in named.splitlines()[2:2 + len(out)]}) == 1
 
 
 def test_stats_report_says_why_it_fails_when_constant_shifts_left_too_few(tmp_path):
