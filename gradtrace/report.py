@@ -692,9 +692,27 @@ def _gap_summary(gap: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def splits_table(task: dict) -> pd.DataFrame:
+    """Each split of a study's task config: its description at the study's `task.max_digits` and its share of the
+    training mix (the split's own `share` applied)."""
+    from gradtrace.config import from_dict
+    from gradtrace.tasks.shifts import get_split, import_split_modules, train_mix
+
+    cfg = from_dict({"task": task}).task
+    import_split_modules(cfg.modules)
+    mix = train_mix(cfg)
+    return pd.DataFrame([{"split": name, "training mix": f"{mix.get(name, 0):.1%}",
+                          "description": get_split(name).describe(cfg.max_digits)} for name in ["ID", *cfg.shifts]])
+
+
 def _section_tables(key: str, inputs: Inputs) -> list[str]:
     """The tables (and notes) that follow a section's figures."""
     out = []
+    if key == "results" and isinstance(inputs.config.get("task"), dict):
+        try:
+            out.append("<h3>The splits</h3>" + _table(splits_table(inputs.config["task"])))
+        except Exception as err:  # a split file of the study's own that fails here: the rest of the report stands
+            out.append(_note(f"The splits are not described here ({type(err).__name__}: {err})."))
     if key == "results" and inputs.sweep is not None and len(inputs.sweep):
         out.append(f"<h3>Accuracy per split over {len(inputs.sweep)} sweep runs</h3>"
                    + _table(results_summary(inputs.sweep)))

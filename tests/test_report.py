@@ -94,7 +94,8 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
                  f"<td class=\"mono\">{gradtrace.__version__}</td>", "code commit", "sha256 results.csv",
                  "sha256 store.zarr metadata", "CPU count", "source of stats",
                  "torch 2.13.0+cpu, transformers 5.24.0, AVX2 on 1 thread(s) (14 runs); not recorded (1 run)",
-                 "14 sweep run(s), 1 reference run(s)", "N = 2000"):
+                 "14 sweep run(s), 1 reference run(s)", "N = 2000", "<h3>The splits</h3>",
+                 "first operand one digit longer than the ID range"):
         assert text in page, text
     assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}( \(modified\))?|unknown)</td>", page)
 
@@ -124,6 +125,28 @@ def test_the_report_imports_neither_torch_nor_transformers(tmp_path: Path) -> No
     assert done.stdout.splitlines()[-1] == "[]"
     assert f"<th>torch</th><td class=\"mono\">{importlib.metadata.version('torch')}</td>" in (
         exp / "report" / "index.html").read_text(encoding="utf-8")
+
+
+def test_the_splits_table_describes_a_studys_own_splits_or_says_why_not(tmp_path: Path, split_registry) -> None:
+    """The report named the shifts but said nothing of what each is, nor how much of the training mix it holds (a
+    split's own share applied), built-in or a researcher's own."""
+    from gradtrace.report import _section_tables, splits_table
+    from gradtrace.tasks.shifts import REGISTRY
+
+    (tmp_path / "mine.py").write_text(
+        "from gradtrace.tasks import Problem, Split, register_split\n"
+        "register_split(Split('double', 'a+a, 1-{d} digits', test=lambda r, d: Problem((int(r.integers(1, 9)),) * 2),"
+        " train=lambda r, d: Problem((int(r.integers(1, 9)),) * 2), share=3.0))\n")
+    task = {"shifts": ["double", "carry"], "modules": [str(tmp_path / "mine.py")], "max_digits": 4,
+            "train_share": 0.02}
+    table = splits_table(task)
+    assert table.to_dict("list") == {"split": ["ID", "double", "carry"], "training mix": ["92.0%", "6.0%", "2.0%"],
+                                     "description": [REGISTRY["ID"].describe(4), "a+a, 1-4 digits",
+                                                                     REGISTRY["carry"].describe(4)]}
+    inputs = types.SimpleNamespace(config={"task": {**task, "modules": [str(tmp_path / "gone.py")]}}, sweep=None,
+                                   reliability=None)
+    assert "The splits are not described here (ValueError: task.modules: no file" in "".join(
+        _section_tables("results", inputs))
 
 
 def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -> None:
