@@ -32,12 +32,13 @@ class Calibration:
 
     def format(self) -> str:
         """A readable report for the terminal."""
-        lines = [f"{'split':<14}{'mean':>7}{'std':>7}{'min':>7}{'max':>7}{'r(ID)':>7}{'rel':>7}  verdict"]
+        width = max([14, *map(len, self.splits.split)])  # a name of your own up to 40 characters
+        lines = [f"{'split':<{width}}{'mean':>7}{'std':>7}{'min':>7}{'max':>7}{'r(ID)':>7}{'rel':>7}  verdict"]
         for _, s in self.splits.iterrows():
             verdict = "usable" if s.usable else f"not usable ({s.reason})"
             if s.split == "ID":
                 verdict = "ID"
-            lines.append(f"{s.split:<14}{s['mean']:7.1%}{s['std']:7.1%}{s['min']:7.1%}{s['max']:7.1%}"
+            lines.append(f"{s.split:<{width}}{s['mean']:7.1%}{s['std']:7.1%}{s['min']:7.1%}{s['max']:7.1%}"
                          f"{s.r_id:7.2f}{s.reliability:7.2f}  {verdict}")
         usable = int(self.splits.usable.sum())
         within = f"; std, r(ID), reliability and pairs within each of {self.bases} bases" if self.bases > 1 else ""

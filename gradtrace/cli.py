@@ -100,9 +100,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not (args.resume and (out / "config.yaml").exists()):  # a resumed run keeps the config it started with
         config_mod.dump(cfg, out / "config.yaml")
     print(f"run {result.run_id}: {result.steps} steps in {result.wall_time_s:.1f} s")
+    width = max([14, *map(len, result.accuracy)])
     for split, acc in result.accuracy.items():
         train_acc = result.train_accuracy.get(split)
-        print(f"  {split:<14} {acc:6.1%}" + ("" if train_acc is None else f"   (train {train_acc:6.1%})"))
+        print(f"  {split:<{width}} {acc:6.1%}" + ("" if train_acc is None else f"   (train {train_acc:6.1%})"))
     print(f"store: {out / 'store.zarr'}")
 
 
