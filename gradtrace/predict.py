@@ -730,6 +730,30 @@ PREDICTORS: dict[str, type[Predictor]] = {c.name: c for c in (
     CheckpointAccuracyPredictor)}
 
 
+BUILT_IN_PREDICTORS = tuple(PREDICTORS)
+
+
+def register_predictor(cls: type[Predictor]) -> type[Predictor]:
+    """Add a predictor of your own to those `run_predict` runs by name, and return it (a class decorator): a
+    `Predictor` subclass with a `name` (a results column's rules: ASCII letters, digits and `_`, 40 characters at
+    most) and `_matrix(reference)`, the S×S predicted matrix. Registering one of yours again replaces it; a built-in
+    name is refused."""
+    from gradtrace.tasks.shifts import SPLIT_NAME
+
+    if not (isinstance(cls, type) and issubclass(cls, Predictor)):
+        raise TypeError(f"register_predictor takes a subclass of gradtrace.predict.Predictor, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not (isinstance(name, str) and SPLIT_NAME.fullmatch(name)):
+        raise ValueError(f"{cls.__name__}.name must be a name of ASCII letters, digits and _ (a letter first, 40 "
+                         f"characters at most), got {name!r}")
+    if name in BUILT_IN_PREDICTORS and PREDICTORS[name] is not cls:
+        raise ValueError(f"predictor {name!r} is built in; give yours another name")
+    if inspect.isabstract(cls):
+        raise TypeError(f"{cls.__name__} defines no _matrix(reference): the S×S predicted matrix it fits")
+    PREDICTORS[name] = cls
+    return cls
+
+
 def baselines() -> tuple[str, ...]:
     """The registered predictors marked `baseline` (every `predict` runs them; scores group them apart), read when
     asked, so that a predictor registered after import counts too."""

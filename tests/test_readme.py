@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -43,7 +44,7 @@ def block(prefix: str, index: int = 0) -> str:
 
 def test_the_readmes_have_the_blocks_this_file_runs():
     assert sorted(BLOCKS) == ["Capture in your own training loop 0", "Reading a store 0", "Reading a store 1",
-                              "The task 0"]
+                              "Reading a store 2", "The task 0"]
     assert sorted(STORAGE_BLOCKS) == ["Reading with plain zarr 0",
                                       "The sketch map: sketching a vector of your own as the run did 0"]
 
@@ -98,3 +99,30 @@ def test_reading_a_store_and_analysing_a_run(tmp_path, monkeypatch):
     buckets = (torch.arange(P) % k + shifts[torch.arange(P) // k]) % k
     by_hand = torch.zeros(k).index_add_(0, buckets, signs * x)
     torch.testing.assert_close(plain["sketch"].apply(x), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_a_predictor_of_your_own_is_scored_as_the_built_in_ones(tmp_path, monkeypatch):
+    from gradtrace.predict import PREDICTORS, Predictor, register_predictor
+    from test_predict import make_planted
+
+    monkeypatch.setattr("gradtrace.predict.PREDICTORS", dict(PREDICTORS))  # the block's registration leaves with it
+    planted = make_planted(tmp_path, n_sweep=60)
+    (tmp_path / "storage").mkdir()
+    planted.exp_dir.rename(tmp_path / "storage" / "default")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block("Reading a store", 2), "README.md: a predictor of your own", "exec"), namespace)
+    rows = namespace["result"].scores.set_index("predictor")
+    assert {"last_updates", "zero", "cosine", "covariance"} <= set(rows.index)  # beside every baseline
+    assert rows.loc["last_updates", "group"] == "exploratory" and np.isfinite(rows.loc["last_updates", "spearman"])
+    predicted = namespace["result"].predictions.query("predictor == 'last_updates'")["predicted"]
+    assert len(predicted) and predicted.between(-1, 1).all()
+    mine = namespace["LastUpdatesPredictor"]
+    with pytest.raises(ValueError, match="predictor 'cosine' is built in"):
+        register_predictor(type("Mine", (mine,), {"name": "cosine"}))
+    with pytest.raises(ValueError, match="name must be a name of ASCII letters"):
+        register_predictor(type("Mine", (mine,), {"name": "my predictor"}))
+    with pytest.raises(TypeError, match="takes a subclass of gradtrace.predict.Predictor"):
+        register_predictor(object)
+    with pytest.raises(TypeError, match="defines no _matrix"):
+        register_predictor(type("Unfinished", (Predictor,), {"name": "unfinished"}))
