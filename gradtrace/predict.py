@@ -1062,6 +1062,10 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
                                     "runs of your own (results.csv beside store.zarr)")
     cfg = config_module.load(exp_dir / "config.yaml" if (exp_dir / "config.yaml").exists() else None)
     preregistered, exploratory = list(cfg.predict.preregistered), list(cfg.predict.exploratory)
+    if any(name not in PREDICTORS for name in [*preregistered, *exploratory, *(predictors or [])]):
+        from gradtrace.tasks.shifts import import_split_modules
+
+        import_split_modules(cfg.task.modules)  # where predictors of your own are registered, beside your splits
     names = _planned(predictors, preregistered, exploratory)
     n_items = int(cfg.task.n_test)
 

@@ -2,9 +2,11 @@
 a store and analysing a run (README.md), reading with plain zarr (storage/README.md) — each block executed from the
 file itself, so the docs cannot drift from the code."""
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -126,3 +128,40 @@ def test_a_predictor_of_your_own_is_scored_as_the_built_in_ones(tmp_path, monkey
         register_predictor(object)
     with pytest.raises(TypeError, match="defines no _matrix"):
         register_predictor(type("Unfinished", (Predictor,), {"name": "unfinished"}))
+
+
+PREDICTOR_MODULE = """
+import numpy as np
+from gradtrace.predict import Predictor, register_predictor
+
+@register_predictor
+class Constant(Predictor):
+    name = "constant_positive"
+
+    def _matrix(self, reference):
+        out = np.full((len(reference.shifts),) * 2, 0.2)
+        np.fill_diagonal(out, np.nan)
+        return out
+"""
+
+
+def test_a_predictor_of_your_own_in_a_module_of_the_study_is_preregistered_and_run_by_the_cli(tmp_path, monkeypatch,
+                                                                                               capsys):
+    from gradtrace import config
+    from gradtrace.cli import main
+    from gradtrace.predict import PREDICTORS
+    from gradtrace.sweep import check_config
+    from test_predict import make_planted
+
+    monkeypatch.setattr("gradtrace.predict.PREDICTORS", dict(PREDICTORS))
+    exp = make_planted(tmp_path, n_sweep=60).exp_dir
+    (tmp_path / "mine.py").write_text(PREDICTOR_MODULE)
+    cfg = config.from_dict({"task": {"modules": [str(tmp_path / "mine.py")]},
+                            "predict": {"preregistered": ["constant_positive"]}})
+    config.dump(cfg, exp / "config.yaml")
+    assert main(["predict", str(exp)]) == 0
+    assert re.search(r"^constant_positive +\S+", capsys.readouterr().out, re.M)
+    rows = pd.read_csv(exp / "predict_scores.csv").set_index("predictor")
+    assert rows.loc["constant_positive", "group"] == "preregistered"
+    check_config(tiny_config(task__modules=[str(tmp_path / "mine.py")], predict__preregistered=["constant_positive"]),
+                 contact_hub=False)  # a sweep takes it before any run trains
