@@ -48,7 +48,7 @@ class TaskConfig:
     train_share: float = 0.02  # share of each shift's (shorter) training form in the training mix
     order_share: float = 0.03  # share of a<b items in training (ID is mostly a>=b)
     seed: int = 1234  # fixes test and probe sets; training batches use train.data_seed
-    modules: list[str] = field(default_factory=list)  # imported first: where your own splits are registered
+    modules: list[str] = field(default_factory=list)  # imported first: where your own splits (predictors) register
 
     def __post_init__(self) -> None:
         _refuse_out_of_range("task", self, dict(max_digits=1, n_test=1, n_probe=0, n_train_eval=0, pool_size=1,

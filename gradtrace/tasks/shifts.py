@@ -224,7 +224,8 @@ def registered_by_a_script(names: list[str]) -> list[str]:
 
 def import_split_modules(modules: list[str]) -> None:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
-    the command runs in): the modules where your own splits are registered. A file is run once per process."""
+    the command runs in): the modules where your own splits (and predictors) are registered. A file is run once per
+    process."""
     for module in modules:
         if names_a_file(module):
             _run_file(module)
