@@ -172,10 +172,10 @@ def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "prob
     n = len(shifts)
     label = TICK_CHAR * max(map(len, map(str, shifts)))
     ncols = len(methods)
-    for fewer in (min(2, ncols), 1 if label > LONG_LABEL else min(2, ncols)):  # long names: one to a row, if need be
-        if _heatmap_cell(n, ncols, label) >= HEATMAP_TEXT_CELL:
-            break
-        ncols = fewer
+    if _heatmap_cell(n, ncols, label) < HEATMAP_TEXT_CELL:
+        ncols = min(2, ncols)
+    if _heatmap_cell(n, ncols, label) < HEATMAP_TEXT_CELL and label > LONG_LABEL:
+        ncols = 1  # long names: one panel to a row
     cell = max(_heatmap_cell(n, ncols, label), 0.05)
     nrows = math.ceil(len(methods) / ncols)
     reach = max(0.3, 0.71 * label)
