@@ -396,6 +396,34 @@ def test_task_modules_that_cannot_be_imported_are_named(tmp_path, monkeypatch, s
             ArithmeticTask(small(modules=["broken.py"]))
 
 
+def test_task_modules_register_the_splits_of_the_files_named_now(tmp_path, monkeypatch, split_registry):
+    """Two files of task.modules each registering a split `twin`: the one imported last replaced the other's,
+    silently. In a process that lives on (a notebook, a dask worker serving study after study), a file was run once:
+    edited since, or its split registered over by another study's file, it trained on the split as it was."""
+    monkeypatch.chdir(tmp_path)
+
+    def write(name, operand):
+        (tmp_path / name).write_text(
+            "from gradtrace.tasks import Problem, Split, register_split\n"
+            f"twin = lambda r, d: Problem(({operand}, int(r.integers(1, 10**d))))\n"
+            "register_split(Split('twin', 'a sum', test=twin, train=twin))\n")
+
+    def first_operand(modules):
+        ArithmeticTask(small(shifts=["twin"], modules=modules))
+        return split_registry["twin"].test(np.random.default_rng(0), 3).operands[0]
+
+    write("mine.py", 1)
+    write("theirs.py", 2)
+    assert first_operand(["mine.py"]) == 1
+    assert first_operand(["theirs.py"]) == 2  # another study's file in the same process
+    assert first_operand(["mine.py"]) == 1  # the first again: run again, not the split as theirs.py left it
+    write("mine.py", 3)
+    assert first_operand(["mine.py"]) == 3  # edited: run again
+    with pytest.raises(ValueError, match=r"task.modules: mine.py and theirs.py both register split 'twin' \(the one "
+                                         r"imported last would replace the other's, silently\): give one of them"):
+        ArithmeticTask(small(shifts=["twin"], modules=["mine.py", "theirs.py"]))
+
+
 def test_the_config_accepts_exactly_the_probe_losses_there_are():
     from gradtrace.config import PROBE_LOSS_NAMES
     from gradtrace.tasks import PROBE_LOSSES

@@ -209,11 +209,14 @@ def register_split(split: Split) -> Split:
         raise ValueError(f"split name {split.name!r} reads as a missing value, a bool or a number in the CSV tables "
                          "that name splits (stats.csv, read back by the report and the paper): give it another name")
     REGISTRY[split.name] = split
-    REGISTERED_BY[split.name] = sys._getframe(1).f_globals.get("__name__", "")
+    by = sys._getframe(1).f_globals.get("__name__", "")
+    REGISTERED_BY[split.name] = by
+    REGISTERED_NAMES.setdefault(by, {})[split.name] = None
     return split
 
 
 REGISTERED_BY: dict[str, str] = {}  # each split of your own: the module that registered it (`__main__`: a script)
+REGISTERED_NAMES: dict[str, dict[str, None]] = {}  # each module: the splits it registered when it last ran, in order
 
 
 def registered_by_a_script(names: list[str]) -> list[str]:
@@ -224,29 +227,52 @@ def registered_by_a_script(names: list[str]) -> list[str]:
 
 def import_split_modules(modules: list[str]) -> None:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
-    the command runs in): the modules where your own splits (and predictors) are registered. A file is run once per
-    process."""
+    the command runs in): the modules where your own splits (and predictors) are registered. A file runs once per
+    process and again once edited; a module imported before runs again where another module has since registered a
+    split of its name (a notebook or dask worker that served another study), so the splits are those of `modules`.
+    Two of `modules` registering one split name are refused: the last imported would win, silently."""
+    registers: dict[str, str] = {}  # each split name a module of `modules` registers: that module
     for module in modules:
-        if names_a_file(module):
-            _run_file(module)
-            continue
-        try:
+        for name in REGISTERED_NAMES.get(_run_file(module) if names_a_file(module) else _import(module), ()):
+            if registers.setdefault(name, module) != module:
+                raise ValueError(f"task.modules: {registers[name]} and {module} both register split {name!r} (the "
+                                 "one imported last would replace the other's, silently): give one of them another "
+                                 "name")
+
+
+def _registers_still(loaded: str) -> bool:
+    """Whether every split that module `loaded` registered when it last ran is still its own in the registry."""
+    return all(REGISTRY.get(name) is not None and REGISTERED_BY.get(name) == loaded
+               for name in REGISTERED_NAMES.get(loaded, ()))
+
+
+def _import(module: str) -> str:
+    """Import a module by its dotted name, or run it again where its splits were registered over since; its name."""
+    try:
+        if module not in sys.modules:
             importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            raise ValueError(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
-                             ".py file") from None
+        elif not _registers_still(module):
+            REGISTERED_NAMES.pop(module, None)
+            importlib.reload(sys.modules[module])
+    except ModuleNotFoundError as err:
+        raise ValueError(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
+                         ".py file") from None
+    return module
 
 
-def _run_file(module: str) -> None:
-    """Run a .py file as a module of its own, once per process."""
+def _run_file(module: str) -> str:
+    """Run a .py file as a module of its own, once per process and again once edited (or where its splits were
+    registered over since); the name it runs under."""
     path = Path(module).resolve()
     if not path.is_file():
         typed = "" if Path(module).is_absolute() else f" ({module!r}, relative to the directory the command runs in)"
         raise ValueError(f"task.modules: no file {path}{typed}; name the file where it lies now (--set "
                          "task.modules=[PATH]: a moved study's config.yaml names it where it was)")
-    name = f"gradtrace_splits_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return
+    digest = hashlib.sha1(str(path).encode() + b"\0" + path.read_bytes()).hexdigest()[:8]
+    name = f"gradtrace_splits_{path.stem}_{digest}"
+    if name in sys.modules and _registers_still(name):
+        return name
+    REGISTERED_NAMES.pop(name, None)
     spec = importlib.util.spec_from_file_location(name, path)
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[name] = loaded
@@ -255,6 +281,7 @@ def _run_file(module: str) -> None:
     except BaseException:
         del sys.modules[name]  # a file that failed is run again next time, not taken as imported
         raise
+    return name
 
 
 def drawing_order(names: list[str]) -> list[str]:
