@@ -16,6 +16,7 @@ import hashlib
 import html
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from matplotlib.figure import Figure
 
 import gradtrace
 from gradtrace import figures, kernels, store, subspace
+from gradtrace.config import names_a_file
 from gradtrace.files import written_whole
 from gradtrace.results import (MIXED_ADVICE, base_groups, describe_divergence, describe_shortfall, mixed_arithmetic,
                                read_results)
@@ -591,9 +593,34 @@ def provenance(inputs: Inputs) -> dict[str, str]:
         digest, count = store_metadata_digest(inputs.exp_dir / "store.zarr")
         info["sha256 store.zarr metadata"] = f"{digest} (over {count} zarr.json files; chunk bytes not hashed)"
         info["arithmetic of the runs"] = run_arithmetic(inputs.exp_dir / "store.zarr")
+    info.update(task_module_digests(inputs.config))
     for key, origin in inputs.origins.items():
         info[f"source of {key}"] = origin
     return info
+
+
+def task_module_digests(config: dict) -> dict[str, str]:
+    """The sha256 of each file of a study's `task.modules`, where its splits (and predictors) of its own are: the
+    runs' items digest holds what they drew, this which code drew them."""
+    task = config.get("task")
+    modules = task.get("modules") if isinstance(task, dict) else None
+    out = {}
+    for module in modules if isinstance(modules, list) else []:
+        module = str(module)
+        try:
+            path = Path(module) if names_a_file(module) else _module_file(module)
+            out[f"sha256 task.modules {module}"] = _sha256(path) + ("" if names_a_file(module) else f" ({path})")
+        except (OSError, ImportError, ValueError) as err:  # moved, or not importable here
+            out[f"sha256 task.modules {module}"] = f"not read here ({type(err).__name__}: {err})"
+    return out
+
+
+def _module_file(module: str) -> Path:
+    """The file of a module named by its dotted name, found on the Python path (its parent packages imported)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"no module file for {module!r} on this Python path")
+    return Path(spec.origin)
 
 
 # ------------------------------------------------------------------------------------------------------ html

@@ -149,6 +149,22 @@ def test_the_splits_table_describes_a_studys_own_splits_or_says_why_not(tmp_path
         _section_tables("results", inputs))
 
 
+def test_provenance_holds_the_digest_of_each_file_of_task_modules(tmp_path: Path) -> None:
+    """The report named the versions and commit of gradtrace but not the code of a study's own splits: which file
+    drew its items was nowhere in it."""
+    (tmp_path / "mine.py").write_text("# a split file\n")
+    config = {"task": {"modules": [str(tmp_path / "mine.py"), str(tmp_path / "gone.py"), "json", "no_such_module"]}}
+    assert report.task_module_digests(config) == {
+        f"sha256 task.modules {tmp_path / 'mine.py'}": hashlib.sha256(b"# a split file\n").hexdigest(),
+        f"sha256 task.modules {tmp_path / 'gone.py'}": f"not read here (FileNotFoundError: [Errno 2] No such file or "
+                                                        f"directory: '{tmp_path / 'gone.py'}')",
+        "sha256 task.modules json": (hashlib.sha256(Path(json.__file__).read_bytes()).hexdigest()
+                                     + f" ({json.__file__})"),
+        "sha256 task.modules no_such_module": "not read here (ImportError: no module file for 'no_such_module' on "
+                                              "this Python path)"}
+    assert report.task_module_digests({"task": {"modules": None}}) == report.task_module_digests({}) == {}
+
+
 def test_header_counts_runs_by_role_and_the_probit_clip_takes_the_item_count() -> None:
     results = pd.DataFrame({"role": ["base", "reference", "sweep", "sweep"], "acc_ID": 0.5, "acc_x": 0.2})
     assert "2 sweep run(s), 1 reference run(s), 1 base run(s)" in report._header(report.Inputs(Path("x"), results))
