@@ -417,8 +417,11 @@ def test_task_modules_register_the_splits_of_the_files_named_now(tmp_path, monke
     assert first_operand(["mine.py"]) == 1
     assert first_operand(["theirs.py"]) == 2  # another study's file in the same process
     assert first_operand(["mine.py"]) == 1  # the first again: run again, not the split as theirs.py left it
+    cfg = small(shifts=["twin"], modules=["mine.py"])
+    built = task_for(cfg, ModelConfig()).items_digest
     write("mine.py", 3)
     assert first_operand(["mine.py"]) == 3  # edited: run again
+    assert task_for(cfg, ModelConfig()).items_digest != built  # the task of its text, not the one built before
     with pytest.raises(ValueError, match=r"task.modules: mine.py and theirs.py both register split 'twin' \(the one "
                                          r"imported last would replace the other's, silently\): give one of them"):
         ArithmeticTask(small(shifts=["twin"], modules=["mine.py", "theirs.py"]))

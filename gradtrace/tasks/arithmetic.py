@@ -14,7 +14,8 @@ import torch
 from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
-from gradtrace.tasks.shifts import Problem, check_splits, draw_held_out, drawing_order, get_split, sampled, train_mix
+from gradtrace.tasks.shifts import (Problem, check_splits, draw_held_out, drawing_order, get_split,
+                                    import_split_modules, sampled, train_mix)
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -182,12 +183,17 @@ class ArithmeticTask:
 
 def task_for(task: TaskConfig, model: ModelConfig) -> ArithmeticTask:
     """The task a run trains on (with the model's own tokenizer when pretrained), built once per process for each
-    task config: a sweep worker reuses its test sets and training pool across runs instead of rebuilding them."""
+    task config and text of its `task.modules` files: a sweep worker reuses its test sets and training pool across
+    runs instead of rebuilding them (a dask worker serving study after study built a split file's task once, however
+    the file was edited since)."""
     tokenizer = model.name if model.pretrained else None
-    return _cached_task(json.dumps(dataclasses.asdict(task), sort_keys=True), tokenizer)
+    return _cached_task(json.dumps(dataclasses.asdict(task), sort_keys=True), tokenizer,
+                        import_split_modules(task.modules))
 
 
 @lru_cache(maxsize=4)
-def _cached_task(task_json: str, tokenizer_name: str | None) -> ArithmeticTask:
+def _cached_task(task_json: str, tokenizer_name: str | None, modules_loaded: tuple[str, ...]) -> ArithmeticTask:
+    """`modules_loaded` only keys the cache: the names `import_split_modules` ran the task's modules under (a file's
+    holds a digest of its text)."""
     tokenizer = CharTokenizer.from_pretrained(tokenizer_name) if tokenizer_name else None
     return ArithmeticTask(TaskConfig(**json.loads(task_json)), tokenizer)

@@ -225,19 +225,22 @@ def registered_by_a_script(names: list[str]) -> list[str]:
     return [n for n in names if REGISTERED_BY.get(n) in ("__main__", "__mp_main__")]
 
 
-def import_split_modules(modules: list[str]) -> None:
+def import_split_modules(modules: list[str]) -> tuple[str, ...]:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
-    the command runs in): the modules where your own splits (and predictors) are registered. A file runs once per
-    process and again once edited; a module imported before runs again where another module has since registered a
-    split of its name (a notebook or dask worker that served another study), so the splits are those of `modules`.
-    Two of `modules` registering one split name are refused: the last imported would win, silently."""
+    the command runs in): the modules where your own splits (and predictors) are registered; the names they run under
+    (a file's holds a digest of its text). A file runs once per process and again once edited; a module imported
+    before runs again where another module has since registered a split of its name (a notebook or dask worker that
+    served another study), so the splits are those of `modules`. Two of `modules` registering one split name are
+    refused: the last imported would win, silently."""
     registers: dict[str, str] = {}  # each split name a module of `modules` registers: that module
-    for module in modules:
-        for name in REGISTERED_NAMES.get(_run_file(module) if names_a_file(module) else _import(module), ()):
+    loaded = tuple(_run_file(module) if names_a_file(module) else _import(module) for module in modules)
+    for module, ran in zip(modules, loaded):
+        for name in REGISTERED_NAMES.get(ran, ()):
             if registers.setdefault(name, module) != module:
                 raise ValueError(f"task.modules: {registers[name]} and {module} both register split {name!r} (the "
                                  "one imported last would replace the other's, silently): give one of them another "
                                  "name")
+    return loaded
 
 
 def _registers_still(loaded: str) -> bool:
