@@ -625,10 +625,14 @@ def _reword_stray_entry(group: zarr.Group, caught: warnings.WarningMessage) -> N
     if found is None:
         warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     elif not found[1].endswith(".partial"):
-        where = f"{local_path(group) or group.store_path}/{found[1]}"
-        warnings.warn(f"{where} is left out: it is no Zarr group or array (a folder without its zarr.json: lost, or "
-                      "a kill came while the group was created; a sweep run again trains that run anew)",
-                      stacklevel=3)
+        _warn_stray_entry(f"{local_path(group) or group.store_path}/{found[1]}", stacklevel=4)
+
+
+def _warn_stray_entry(where: str, stacklevel: int) -> None:
+    """Warn of an entry of a group's folder that is no member (no zarr.json of its own)."""
+    warnings.warn(f"{where} is left out: it is no Zarr group or array (a folder without its zarr.json: lost, or a "
+                  "kill came while the group was created; a sweep run again trains that run anew)",
+                  stacklevel=stacklevel)
 
 
 def has(group: zarr.Group, name: str) -> bool:
@@ -646,9 +650,13 @@ def _damaged(group: zarr.Group, names: list[str], err: Exception) -> ValueError:
     does not open, where one is found."""
     bad = next((name for name in names if not _opens(group, name)), None)
     base = local_path(group) or group.store_path
-    where = f"{base}/{bad}/zarr.json" if bad else f"the metadata of a member of {base}"
-    return ValueError(f"{where} cannot be read ({type(err).__name__}: {err}): the store's metadata is damaged; restore "
-                      "the file from a copy, or remove that run's group and run the sweep again to retrain it")
+    return ValueError(_damaged_words(f"{base}/{bad}/zarr.json" if bad else f"the metadata of a member of {base}", err))
+
+
+def _damaged_words(where: str, err: Exception) -> str:
+    """What to say of metadata (`where`) that could not be read."""
+    return (f"{where} cannot be read ({type(err).__name__}: {err}): the store's metadata is damaged; restore the file "
+            "from a copy, or remove that run's group and run the sweep again to retrain it")
 
 
 def _opens(group: zarr.Group, name: str) -> bool:
@@ -700,8 +708,8 @@ class _RunListing:
 
     @classmethod
     def of(cls, group: zarr.Group, run_id: str) -> "_RunListing":
-        a, arrays = dict(group.attrs), sorted(_arrays(group).items())
-        sketched = {"grad", "update", "adam_m", "probe/grad"} & {name for name, _ in arrays}
+        a, arrays = dict(group.attrs), _listed_arrays(group)
+        sketched = {"grad", "update", "adam_m", "probe/grad"} & {array.name for array in arrays}
         sketch = a.get("sketch") if sketched else None  # a run recording scalars only has a sketch it never used
         head = (f"status={a.get('status')} last_durable_step={a.get('last_durable_step')} "
                 f"steps={a.get('steps_done', '?')}/{a.get('steps', '?')} "
@@ -723,24 +731,62 @@ class _RunListing:
                          f"{kernels.describe_changes(a, {k: v for k, v in r.items() if k in kernels.RECORDED})}"
                          for r in a.get("resumed_with", [])]
         lines += trained_with
-        sizes = [_stored_bytes(arr) for _, arr in arrays]
-        for (name, arr), nbytes in zip(arrays, sizes):
-            dims = arr.metadata.dimension_names or ()
-            lines.append(f"  {name:<28} {str(tuple(arr.shape)):<18} {arr.attrs.get('storage_dtype', arr.dtype)!s:<9} "
-                         f"{'×'.join(d or '?' for d in dims):<30} {nbytes / 1e6:8.2f} MB")
+        for array in arrays:
+            lines.append(f"  {array.name:<28} {str(array.shape):<18} {array.dtype:<9} "
+                         f"{'×'.join(d or '?' for d in array.dims):<30} {array.nbytes / 1e6:8.2f} MB")
         kind = (head, a.get("error"), a.get("nonfinite_steps"), diverged, *trained_with,
-                tuple((name, arr.shape) for name, arr in arrays))
-        return cls(run_id, kind, lines, sum(sizes))
+                tuple((array.name, array.shape) for array in arrays))
+        return cls(run_id, kind, lines, sum(array.nbytes for array in arrays))
 
 
-def _stored_bytes(arr: zarr.Array) -> int:
-    """The bytes an array takes in its store, as zarr's `nbytes_stored` counts them (metadata and chunks); read from
-    the file system in a local store, 4× as fast as zarr's (which took 16 of the 31 s of `gradtrace info` at 3,000
-    runs)."""
-    folder = local_path(arr)
+@dataclass(frozen=True)
+class _ListedArray:
+    """One array of a run as `summary` lists it: its path in the run, shape, stored dtype (`storage_dtype` where its
+    values are encoded), dimension names and the bytes it takes in the store."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    dims: tuple[str | None, ...]
+    nbytes: int
+
+
+def _listed_arrays(group: zarr.Group) -> list[_ListedArray]:
+    """The arrays under a run group by path: in a local store read from their zarr.json files as JSON (zarr's building
+    of ~39,000 array objects took 14 of the 16 s of `gradtrace info` at 3,000 runs), through zarr elsewhere."""
+    folder = local_path(group)
     if folder is None:
-        return arr.nbytes_stored()
-    total, folders = 0, [str(folder)]  # str, not Path: a Path made of each chunk folder took a fifth of the time
+        return [_ListedArray(name, tuple(arr.shape), str(arr.attrs.get("storage_dtype", arr.dtype)),
+                             tuple(arr.metadata.dimension_names or ()), arr.nbytes_stored())
+                for name, arr in sorted(_arrays(group).items())]
+    listed, groups = [], [(str(folder), "")]  # paths as str, not Path, as in `_stored_bytes_in`
+    while groups:
+        here, prefix = groups.pop()
+        with os.scandir(here) as entries:
+            for entry in entries:
+                if entry.name == "zarr.json" or entry.name.endswith(".partial"):  # a kill's half write: no warning
+                    continue
+                metadata = os.path.join(entry.path, "zarr.json")
+                if not (entry.is_dir() and os.path.isfile(metadata)):
+                    _warn_stray_entry(entry.path, stacklevel=5)
+                    continue
+                try:
+                    with open(metadata, "rb") as file:
+                        doc = json.loads(file.read())
+                    if doc["node_type"] == "group":
+                        groups.append((entry.path, f"{prefix}{entry.name}/"))
+                        continue
+                    listed.append(_ListedArray(f"{prefix}{entry.name}", tuple(doc["shape"]),
+                                               str(doc.get("attributes", {}).get("storage_dtype", doc["data_type"])),
+                                               tuple(doc.get("dimension_names") or ()), _stored_bytes_in(entry.path)))
+                except (ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not array metadata
+                    raise ValueError(_damaged_words(metadata, err)) from err
+    return sorted(listed, key=lambda array: array.name)
+
+
+def _stored_bytes_in(folder: str) -> int:
+    """The bytes of every file under a folder."""
+    total, folders = 0, [folder]  # str, not Path: a Path made of each chunk folder took a fifth of the time
     while folders:
         with os.scandir(folders.pop()) as entries:
             for entry in entries:
