@@ -29,6 +29,7 @@ from gradtrace.sweep import PlannedRun, SweepError
 CONNECT_TIMEOUT = "30s"  # to reach a dask scheduler
 WORKERS_TIMEOUT = "60s"  # for its first worker to join
 SEND_AGAIN = 3  # times a run a worker without the sweep's folder refused goes to another worker
+SCHEDULER_LOST = "scheduler-connection-lost"  # dask's reason for each job it cancels when the scheduler is lost
 WORKERS_MARK = ".workers-see-"  # + the token: the file's name, never used before (no file system has it cached)
 
 
@@ -69,7 +70,7 @@ class Cluster:
         """Yield each finished job with its rows, or with the exception it raised (the other jobs go on), each
         trained on a worker that draws the task's `items` (`sweep.train_job`); a job a worker without the sweep's
         folder refused goes to another, that worker retired (`_retire`). Closed early (interrupted), it cancels the
-        jobs not yet started; running ones train on."""
+        jobs not yet started; running ones train on. A lost scheduler stops it (`SweepError`)."""
         from dask.distributed import as_completed
 
         cfg_dict = cfg.to_dict()
@@ -83,6 +84,8 @@ class Cluster:
         try:
             for fut in finished:
                 job, outcome = futures.pop(fut), sweep.job_outcome(fut)
+                if getattr(outcome, "reason", None) == SCHEDULER_LOST:  # every job left would fail alike, one by one
+                    raise SweepError(_scheduler_lost_words(self.client))
                 if isinstance(outcome, WorkerWithoutSweep) and _retire(self.client, outcome, retired) \
                         and sent_again[job[0].run_id] < SEND_AGAIN:
                     sent_again[job[0].run_id] += 1
@@ -92,6 +95,16 @@ class Cluster:
                 yield job, outcome
         finally:
             self.client.cancel(list(futures))
+
+
+def _scheduler_lost_words(client) -> str:
+    """What to say when the sweep lost its scheduler: each job came back cancelled, which read as every run failing
+    one by one, each with dask's traceback."""
+    return (f"lost the dask scheduler at {getattr(client.scheduler, 'address', None) or 'its address'} (it stopped, "
+            "or the network to it failed): the sweep stops. Its complete runs are kept; a run that was training "
+            "trains on in its worker where the worker lives on, and a re-run refuses it until it ends. Start the "
+            "scheduler and its workers again and run the same sweep to go on: the runs left resume from their last "
+            "checkpoints")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,35 @@ def test_sweep_on_a_dask_local_cluster(tmp_path, monkeypatch, by):
     assert checked == [tmp_path / "study"] and not list((tmp_path / "study").glob(f"{WORKERS_MARK}*"))
 
 
+def test_a_sweep_that_loses_its_scheduler_stops_and_says_so(tmp_path, monkeypatch):
+    """A scheduler killed mid-sweep: every job came back cancelled ("scheduler-connection-lost"), read as each run
+    failing in turn, the first with dask's traceback, and the sweep ended saying "4 run(s) failed"."""
+    import asyncio
+    import threading
+
+    import dask
+    from dask.distributed import LocalCluster
+
+    training = threading.Event()
+
+    def lose_the_scheduler(*args, **kwargs):
+        asyncio.run_coroutine_threadsafe(cluster.scheduler.close(), cluster.loop.asyncio_loop)
+        training.wait(30)  # a run training on in its worker
+        return []
+
+    monkeypatch.setattr(sweep, "train_job", lose_the_scheduler)
+    monkeypatch.setattr(cluster_mod, "CONNECT_TIMEOUT", "2s")  # how long the client tries to reach it again
+    cfg = tiny_config(sweep__runs=4, sweep__reference_runs=0, train__steps=4)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        try:
+            with pytest.raises(SweepError, match=r"^lost the dask scheduler at \S+ \(it stopped, or the network to it "
+                                                 r"failed\): the sweep stops\. .* run the same sweep to go on"):
+                run_sweep(cfg, tmp_path / "study", progress=False, scheduler=cluster.scheduler_address)
+        finally:
+            training.set()
+
+
 def test_a_scheduler_file_not_written_is_refused_by_name(tmp_path):
     with pytest.raises(SweepError, match=r"cannot reach the dask scheduler at .*scheduler\.json"):
         run_sweep(tiny_config(sweep__runs=1), tmp_path / "study", progress=False,
