@@ -6,11 +6,15 @@ which is what lands a shift mid-range instead of at 0% (DESIGN.md §2).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import re
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -317,28 +321,56 @@ def check_splits(cfg: TaskConfig) -> None:
     """Refuse a task config whose splits cannot be drawn: `ID` among the shifts, a name no module of `task.modules`
     registered, a split that cannot be drawn at `task.max_digits` (too short or too long for it: the advice names the
     nearest it draws at), a sampler that returns no `Problem`, shares of the training mix that leave ID none
-    (torch-free: a dry run checks them too)."""
+    (torch-free: a dry run checks them too). A split still drawing after `SLOW_SAMPLER_S` is warned of."""
     import_split_modules(cfg.modules)
     if "ID" in cfg.shifts:
         raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
     train_mix(cfg)
     for name in ["ID", *cfg.shifts]:
-        split = get_split(name)
-        try:
-            drawn = _draw(split, cfg.max_digits)
-        except ProblemError as err:
-            raise ValueError(f"split {name!r}: {err}") from None
-        except Exception as err:  # a sampler of your own may raise anything
-            raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={cfg.max_digits} ("
-                             f"{type(err).__name__}: {err}): {_where_it_draws(split, cfg.max_digits)}") from None
-        for form, problem in drawn.items():
-            if not isinstance(problem, Problem):
-                raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler "
-                                "returns a gradtrace.tasks.Problem")
-        if name not in BUILT_IN:
-            first, again = (sampled(name, lambda: _draws(split, cfg.max_digits, REDRAWN)) for _ in range(2))
-            if first != again:
-                raise ValueError(f"split {name!r} draws other problems each time from the same rng: {OWN_RANDOMNESS}")
+        with _warned_if_slow(name, cfg.max_digits):
+            _check_split(get_split(name), cfg.max_digits)
+
+
+def _check_split(split: Split, max_digits: int) -> None:
+    """`check_splits` of one split."""
+    name = split.name
+    try:
+        drawn = _draw(split, max_digits)
+    except ProblemError as err:
+        raise ValueError(f"split {name!r}: {err}") from None
+    except Exception as err:  # a sampler of your own may raise anything
+        raise ValueError(f"split {name!r} cannot be drawn at task.max_digits={max_digits} ({type(err).__name__}: "
+                         f"{err}): {_where_it_draws(split, max_digits)}") from None
+    for form, problem in drawn.items():
+        if not isinstance(problem, Problem):
+            raise ValueError(f"split {name!r}: its {form} sampler returned {type(problem).__name__}; a sampler returns "
+                             "a gradtrace.tasks.Problem")
+    if name not in BUILT_IN:
+        first, again = (sampled(name, lambda: _draws(split, max_digits, REDRAWN)) for _ in range(2))
+        if first != again:
+            raise ValueError(f"split {name!r} draws other problems each time from the same rng: {OWN_RANDOMNESS}")
+
+
+SLOW_SAMPLER_S = 30.0  # seconds a split may draw its check's items before it is warned of
+
+
+@contextlib.contextmanager
+def _warned_if_slow(name: str, max_digits: int) -> Iterator[None]:
+    """Warn where split `name` has drawn its check's items for `SLOW_SAMPLER_S` seconds without an end: a sampler
+    that loops until a condition no item at `task.max_digits` meets hung the command, saying nothing."""
+    def warn() -> None:  # here, not warnings.warn itself: the warning is gradtrace's, printed in its words
+        warnings.warn(f"split {name!r}: its samplers have drawn for {SLOW_SAMPLER_S:g} s without returning the few "
+                      f"items the task's check asks for at task.max_digits={max_digits}: one that draws until a "
+                      "condition no item there meets never returns (stop with Ctrl-C and mend it, or change "
+                      "task.max_digits)", stacklevel=1)
+
+    timer = threading.Timer(SLOW_SAMPLER_S, warn)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def sampled(name: str, draw: Callable[[], T]) -> T:
