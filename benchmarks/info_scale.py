@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from ab import in_words, interleaved
 
 from gradtrace import store
 
@@ -55,15 +54,16 @@ def through_zarr(group) -> list:
             for name, arr in sorted(store._arrays(group).items())]
 
 
-def timed(path: Path, listing) -> tuple[float, str]:
-    as_now = store._listed_arrays
-    store._listed_arrays = listing
-    try:
-        start = time.perf_counter()
-        text = store.summary(path)
-        return time.perf_counter() - start, text
-    finally:
-        store._listed_arrays = as_now
+def summary_with(listing):
+    """`store.summary` of a store, with `listing` for each run's arrays."""
+    def summary(path: Path) -> str:
+        as_now = store._listed_arrays
+        store._listed_arrays = listing
+        try:
+            return store.summary(path)
+        finally:
+            store._listed_arrays = as_now
+    return summary
 
 
 def main() -> None:
@@ -75,18 +75,10 @@ def main() -> None:
         path = Path(tmp) / "store.zarr"
         build_store(path, args.runs)
         arrays = len(store._listed_arrays(store.open_experiment(path)["run-0000"]))
-        times: dict[str, list[float]] = {"zarr": [], "json": []}
-        for _ in range(args.rounds):
-            t_zarr, before = timed(path, through_zarr)
-            t_json, now = timed(path, store._listed_arrays)
-            assert before == now
-            times["zarr"].append(t_zarr)
-            times["json"].append(t_json)
-        ratios = [z / j for z, j in zip(times["zarr"], times["json"])]
-        print(f"{args.runs} runs of {arrays} arrays, {args.rounds} rounds: through zarr "
-              f"{statistics.median(times['zarr']):.2f} s, from the zarr.json files "
-              f"{statistics.median(times['json']):.2f} s, ratio {statistics.median(ratios):.2f}× "
-              f"(range {min(ratios):.2f}–{max(ratios):.2f})")
+        before, now, _ = interleaved(lambda: summary_with(through_zarr)(path),
+                                     lambda: summary_with(store._listed_arrays)(path), args.rounds)
+        print(f"{args.runs} runs of {arrays} arrays, {args.rounds} rounds: "
+              + in_words(("through zarr", "from the zarr.json files"), before, now))
 
 
 if __name__ == "__main__":

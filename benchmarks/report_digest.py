@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
-import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import zarr
+from ab import in_words, interleaved
 
 from gradtrace.report import store_metadata_digest
 
@@ -47,13 +46,10 @@ def glob_digest(store_path: Path) -> tuple[str, int]:
     return digest.hexdigest(), len(files)
 
 
-def timed(fn, store_path: Path, cold: bool) -> tuple[float, tuple[str, int]]:
-    if cold:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    start = time.perf_counter()
-    out = fn(store_path)
-    return time.perf_counter() - start, out
+def drop_page_cache() -> None:
+    """Drop the page cache (Linux, as root): the next reads wait on the disk."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def main() -> None:
@@ -65,18 +61,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store.zarr"
         build_store(path, args.runs)
-        times: dict[str, list[float]] = {"glob": [], "digest": []}
-        for _ in range(args.rounds):
-            t_glob, before = timed(glob_digest, path, args.cold)
-            t_ours, now = timed(store_metadata_digest, path, args.cold)
-            assert before == now, (before, now)
-            times["glob"].append(t_glob)
-            times["digest"].append(t_ours)
-        ratios = [g / d for g, d in zip(times["glob"], times["digest"])]
-        print(f"{args.runs} runs, {now[1]} zarr.json files, {'cold' if args.cold else 'warm'} cache, "
-              f"{args.rounds} rounds: glob {statistics.median(times['glob']):.2f} s, digest "
-              f"{statistics.median(times['digest']):.2f} s, ratio {statistics.median(ratios):.2f}× "
-              f"(range {min(ratios):.2f}–{max(ratios):.2f})")
+        before, now, (_, files) = interleaved(lambda: glob_digest(path), lambda: store_metadata_digest(path),
+                                              args.rounds, drop_page_cache if args.cold else lambda: None)
+        print(f"{args.runs} runs, {files} zarr.json files, {'cold' if args.cold else 'warm'} cache, {args.rounds} "
+              "rounds: " + in_words(("glob", "digest"), before, now))
 
 
 if __name__ == "__main__":
