@@ -399,10 +399,13 @@ def test_task_modules_that_cannot_be_imported_are_named(tmp_path, monkeypatch, s
 def test_task_modules_register_the_splits_of_the_files_named_now(tmp_path, monkeypatch, split_registry):
     """Two files of task.modules each registering a split `twin`: the one imported last replaced the other's,
     silently. In a process that lives on (a notebook, a dask worker serving study after study), a file was run once:
-    edited since, or its split registered over by another study's file, it trained on the split as it was."""
+    edited since, or its split registered over by another study's file, it trained on the split as it was. A package
+    whose submodule registers its split is held to the same."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
 
     def write(name, operand):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(
             "from gradtrace.tasks import Problem, Split, register_split\n"
             f"twin = lambda r, d: Problem(({operand}, int(r.integers(1, 10**d))))\n"
@@ -425,6 +428,14 @@ def test_task_modules_register_the_splits_of_the_files_named_now(tmp_path, monke
     with pytest.raises(ValueError, match=r"task.modules: mine.py and theirs.py both register split 'twin' \(the one "
                                          r"imported last would replace the other's, silently\): give one of them"):
         ArithmeticTask(small(shifts=["twin"], modules=["mine.py", "theirs.py"]))
+    assert first_operand(["mine.py", "./mine.py"]) == 3  # one file, named twice
+    write("twinpkg/splits.py", 4)
+    (tmp_path / "twinpkg" / "__init__.py").write_text("from . import splits\n")
+    assert first_operand(["twinpkg"]) == 4
+    assert first_operand(["theirs.py"]) == 2
+    assert first_operand(["twinpkg"]) == 4  # its submodule's split, taken back
+    with pytest.raises(ValueError, match=r"task.modules: twinpkg and theirs.py both register split 'twin'"):
+        ArithmeticTask(small(shifts=["twin"], modules=["twinpkg", "theirs.py"]))
 
 
 def test_a_split_whose_sampler_draws_on_and_on_is_warned_of(monkeypatch, split_registry):

@@ -212,15 +212,18 @@ def register_split(split: Split) -> Split:
     if split.name.lower() in READ_AS_OTHER:
         raise ValueError(f"split name {split.name!r} reads as a missing value, a bool or a number in the CSV tables "
                          "that name splits (stats.csv, read back by the report and the paper): give it another name")
+    # a module of task.modules being imported owns what registers as it runs (its package's submodules, a helper
+    # it calls), else the caller's module (`__main__`: a script or notebook)
+    by = _IMPORTING[-1] if _IMPORTING else sys._getframe(1).f_globals.get("__name__", "")
     REGISTRY[split.name] = split
-    by = sys._getframe(1).f_globals.get("__name__", "")
     REGISTERED_BY[split.name] = by
-    REGISTERED_NAMES.setdefault(by, {})[split.name] = None
+    _REGISTERED.setdefault(by, {})[split.name] = split
     return split
 
 
 REGISTERED_BY: dict[str, str] = {}  # each split of your own: the module that registered it (`__main__`: a script)
-REGISTERED_NAMES: dict[str, dict[str, None]] = {}  # each module: the splits it registered when it last ran, in order
+_REGISTERED: dict[str, dict[str, Split]] = {}  # each module: the splits it registered when it last ran
+_IMPORTING: list[str] = []  # the modules of task.modules being imported, the innermost last
 
 
 def registered_by_a_script(names: list[str]) -> list[str]:
@@ -233,34 +236,39 @@ def import_split_modules(modules: list[str]) -> tuple[str, ...]:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
     the command runs in): the modules where your own splits (and predictors) are registered; the names they run under
     (a file's holds a digest of its text). A file runs once per process and again once edited; a module imported
-    before runs again where another module has since registered a split of its name (a notebook or dask worker that
-    served another study), so the splits are those of `modules`. Two of `modules` registering one split name are
-    refused: the last imported would win, silently."""
-    registers: dict[str, str] = {}  # each split name a module of `modules` registers: that module
+    before takes back the splits it registered where another module has since registered over them (a notebook or
+    dask worker that served another study), so the splits are those of `modules`. Two of `modules` registering one
+    split name are refused: the last imported would win, silently."""
     loaded = tuple(_run_file(module) if names_a_file(module) else _import(module) for module in modules)
+    registers: dict[str, tuple[str, str]] = {}  # each split name a module of `modules` registers: it, as run and named
     for module, ran in zip(modules, loaded):
-        for name in REGISTERED_NAMES.get(ran, ()):
-            if registers.setdefault(name, module) != module:
-                raise ValueError(f"task.modules: {registers[name]} and {module} both register split {name!r} (the "
+        for name, split in _REGISTERED.get(ran, {}).items():
+            REGISTRY[name], REGISTERED_BY[name] = split, ran
+            if registers.setdefault(name, (ran, module))[0] != ran:
+                raise ValueError(f"task.modules: {registers[name][1]} and {module} both register split {name!r} (the "
                                  "one imported last would replace the other's, silently): give one of them another "
                                  "name")
     return loaded
 
 
-def _registers_still(loaded: str) -> bool:
-    """Whether every split that module `loaded` registered when it last ran is still its own in the registry."""
-    return all(REGISTRY.get(name) is not None and REGISTERED_BY.get(name) == loaded
-               for name in REGISTERED_NAMES.get(loaded, ()))
+@contextlib.contextmanager
+def _running(module: str) -> Iterator[None]:
+    """While module `module` of task.modules runs: the splits registered own to it, those of its last run forgotten."""
+    _REGISTERED.pop(module, None)
+    _IMPORTING.append(module)
+    try:
+        yield
+    finally:
+        _IMPORTING.pop()
 
 
 def _import(module: str) -> str:
-    """Import a module by its dotted name, or run it again where its splits were registered over since; its name."""
+    """Import a module by its dotted name, once per process; its name."""
+    if module in sys.modules:
+        return module
     try:
-        if module not in sys.modules:
+        with _running(module):
             importlib.import_module(module)
-        elif not _registers_still(module):
-            REGISTERED_NAMES.pop(module, None)
-            importlib.reload(sys.modules[module])
     except ModuleNotFoundError as err:
         raise ValueError(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
                          ".py file") from None
@@ -268,8 +276,7 @@ def _import(module: str) -> str:
 
 
 def _run_file(module: str) -> str:
-    """Run a .py file as a module of its own, once per process and again once edited (or where its splits were
-    registered over since); the name it runs under."""
+    """Run a .py file as a module of its own, once per process and again once edited; the name it runs under."""
     path = Path(module).resolve()
     if not path.is_file():
         typed = "" if Path(module).is_absolute() else f" ({module!r}, relative to the directory the command runs in)"
@@ -277,14 +284,14 @@ def _run_file(module: str) -> str:
                          "task.modules=[PATH]: a moved study's config.yaml names it where it was)")
     digest = hashlib.sha1(str(path).encode() + b"\0" + path.read_bytes()).hexdigest()[:8]
     name = f"gradtrace_splits_{path.stem}_{digest}"
-    if name in sys.modules and _registers_still(name):
+    if name in sys.modules:
         return name
-    REGISTERED_NAMES.pop(name, None)
     spec = importlib.util.spec_from_file_location(name, path)
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[name] = loaded
     try:
-        spec.loader.exec_module(loaded)
+        with _running(name):
+            spec.loader.exec_module(loaded)
     except BaseException:
         del sys.modules[name]  # a file that failed is run again next time, not taken as imported
         raise
