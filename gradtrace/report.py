@@ -610,7 +610,7 @@ def task_module_digests(config: dict) -> dict[str, str]:
         try:
             path = Path(module) if names_a_file(module) else _module_file(module)
             out[f"sha256 task.modules {module}"] = _sha256(path) + ("" if names_a_file(module) else f" ({path})")
-        except (OSError, ImportError, ValueError) as err:  # moved, or not importable here
+        except Exception as err:  # moved, not importable here, or a package that fails as it is imported
             out[f"sha256 task.modules {module}"] = f"not read here ({type(err).__name__}: {err})"
     return out
 

@@ -776,7 +776,11 @@ def _listed_arrays(group: zarr.Group) -> list[_ListedArray]:
                     if doc["node_type"] == "group":
                         groups.append((entry.path, f"{prefix}{entry.name}/"))
                         continue
-                    listed.append(_ListedArray(f"{prefix}{entry.name}", tuple(doc["shape"]),
+                    shape = doc["shape"]
+                    if doc["node_type"] != "array" or not all(isinstance(n, int) for n in shape):
+                        raise ValueError(f"not a group's or an array's: node_type {doc['node_type']!r}, shape "
+                                         f"{shape!r}")
+                    listed.append(_ListedArray(f"{prefix}{entry.name}", tuple(shape),
                                                str(doc.get("attributes", {}).get("storage_dtype", doc["data_type"])),
                                                tuple(doc.get("dimension_names") or ()), _stored_bytes_in(entry.path)))
                 except (ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not array metadata

@@ -149,11 +149,15 @@ def test_the_splits_table_describes_a_studys_own_splits_or_says_why_not(tmp_path
         _section_tables("results", inputs))
 
 
-def test_provenance_holds_the_digest_of_each_file_of_task_modules(tmp_path: Path) -> None:
+def test_provenance_holds_the_digest_of_each_file_of_task_modules(tmp_path: Path, monkeypatch) -> None:
     """The report named the versions and commit of gradtrace but not the code of a study's own splits: which file
     drew its items was nowhere in it."""
     (tmp_path / "mine.py").write_text("# a split file\n")
-    config = {"task": {"modules": [str(tmp_path / "mine.py"), str(tmp_path / "gone.py"), "json", "no_such_module"]}}
+    (tmp_path / "needs_a_gpu").mkdir()
+    (tmp_path / "needs_a_gpu" / "__init__.py").write_text("raise RuntimeError('no GPU driver')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = {"task": {"modules": [str(tmp_path / "mine.py"), str(tmp_path / "gone.py"), "json", "no_such_module",
+                                   "needs_a_gpu.splits"]}}
     assert report.task_module_digests(config) == {
         f"sha256 task.modules {tmp_path / 'mine.py'}": hashlib.sha256(b"# a split file\n").hexdigest(),
         f"sha256 task.modules {tmp_path / 'gone.py'}": f"not read here (FileNotFoundError: [Errno 2] No such file or "
@@ -161,7 +165,8 @@ def test_provenance_holds_the_digest_of_each_file_of_task_modules(tmp_path: Path
         "sha256 task.modules json": (hashlib.sha256(Path(json.__file__).read_bytes()).hexdigest()
                                      + f" ({json.__file__})"),
         "sha256 task.modules no_such_module": "not read here (ImportError: no module file for 'no_such_module' on "
-                                              "this Python path)"}
+                                              "this Python path)",
+        "sha256 task.modules needs_a_gpu.splits": "not read here (RuntimeError: no GPU driver)"}  # the report stands
     assert report.task_module_digests({"task": {"modules": None}}) == report.task_module_digests({}) == {}
 
 

@@ -486,6 +486,13 @@ def test_metadata_that_cannot_be_read_is_named_as_damage(tmp_path):
             with pytest.raises(ValueError, match=message):
                 store.read(root["r1"], "probe/x")
         meta.write_text(text)
+    meta = tmp_path / "s.zarr" / "r1" / "probe" / "x" / "zarr.json"
+    text = meta.read_text()
+    meta.write_text(json.dumps({**json.loads(text), "shape": "4"}))  # JSON, but no array's metadata
+    with pytest.raises(ValueError, match=f"{meta} cannot be read \\(ValueError: not a group's or an array's: "
+                                         "node_type 'array', shape '4'\\): the store's metadata is damaged"):
+        store.summary(tmp_path / "s.zarr")
+    meta.write_text(text)
     np.testing.assert_array_equal(store.read(root["r1"], "probe/x"), [1.0])
 
 
