@@ -142,9 +142,14 @@ LONG_LABEL = 0.9  # inches of tick label (17 characters) past which a heatmap's 
 def _heatmap_cell(n_shifts: int, ncols: int, label: float) -> float:
     """Side of a heatmap cell (inches) with ncols panels of n_shifts × n_shifts side by side on a page, their
     longest tick label `label` inches long: the rows' labels left of the first panel, each panel's 45° column
-    labels reaching left of it."""
-    reach = max(0.3, 0.71 * label)
-    return min(0.34, (PAGE_WIDTH - 0.8 - label - ncols * reach) / (n_shifts * ncols))
+    labels reaching left of it (`_column_label_reach`)."""
+    return min(0.34, (PAGE_WIDTH - 0.8 - label - ncols * _column_label_reach(label)) / (n_shifts * ncols))
+
+
+def _column_label_reach(label: float) -> float:
+    """How far (inches) a heatmap's 45° column labels, the longest `label` inches long, reach left of and below its
+    panel."""
+    return max(0.3, 0.71 * label)
 
 
 @_styled
@@ -178,7 +183,7 @@ def partial_correlation_heatmap(stats_df: pd.DataFrame, residualize: str = "prob
         ncols = 1  # long names: one panel to a row
     cell = max(_heatmap_cell(n, ncols, label), 0.05)
     nrows = math.ceil(len(methods) / ncols)
-    reach = max(0.3, 0.71 * label)
+    reach = _column_label_reach(label)
     fig = _figure(min(PAGE_WIDTH, ncols * (n * cell + reach) + label + 0.8), nrows * (n * cell + 0.45 + reach))
     axes = _grid(fig, len(methods), ncols)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")

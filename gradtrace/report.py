@@ -608,8 +608,9 @@ def task_module_digests(config: dict) -> dict[str, str]:
     for module in modules if isinstance(modules, list) else []:
         module = str(module)
         try:
-            path = Path(module) if names_a_file(module) else _module_file(module)
-            out[f"sha256 task.modules {module}"] = _sha256(path) + ("" if names_a_file(module) else f" ({path})")
+            is_file = names_a_file(module)
+            path = Path(module) if is_file else _module_file(module)
+            out[f"sha256 task.modules {module}"] = _sha256(path) + ("" if is_file else f" ({path})")
         except Exception as err:  # moved, not importable here, or a package that fails as it is imported
             out[f"sha256 task.modules {module}"] = f"not read here ({type(err).__name__}: {err})"
     return out
