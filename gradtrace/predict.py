@@ -738,7 +738,7 @@ def register_predictor(cls: type[Predictor]) -> type[Predictor]:
     `Predictor` subclass with a `name` (a results column's rules: ASCII letters, digits and `_`, 40 characters at
     most) and `_matrix(reference)`, the S×S predicted matrix. Registering one of yours again replaces it; a built-in
     name is refused."""
-    from gradtrace.tasks.shifts import SPLIT_NAME
+    from gradtrace.tasks.shifts import SPLIT_NAME, registering_module, remember
 
     if not (isinstance(cls, type) and issubclass(cls, Predictor)):
         raise TypeError(f"register_predictor takes a subclass of gradtrace.predict.Predictor, got {cls!r}")
@@ -750,7 +750,7 @@ def register_predictor(cls: type[Predictor]) -> type[Predictor]:
         raise ValueError(f"predictor {name!r} is built in; give yours another name")
     if inspect.isabstract(cls):
         raise TypeError(f"{cls.__name__} defines no _matrix(reference): the S×S predicted matrix it fits")
-    PREDICTORS[name] = cls
+    remember(PREDICTORS, "predictor", name, cls, registering_module())
     return cls
 
 
@@ -1039,6 +1039,22 @@ def _sweep_wall_time(exp_dir: Path, sweep: pd.DataFrame) -> float:
     return float(sum(times)) if times else float("nan")
 
 
+def _import_study_modules(modules: list[str], wanted: list[str]) -> None:
+    """Import the study's task.modules where a predictor `wanted` is not built in: its module registers it (or takes it
+    back from another study's module of that name in a process serving both). A module that is not there (a moved
+    study) is warned of where every predictor wanted is registered in this process already."""
+    from gradtrace.tasks.shifts import ModuleNotThere, import_split_modules
+
+    if all(name in BUILT_IN_PREDICTORS for name in wanted):
+        return
+    try:
+        import_split_modules(modules)
+    except ModuleNotThere as err:
+        if not all(name in PREDICTORS for name in wanted):
+            raise
+        warnings.warn(f"{err}: predicting with the predictors registered in this process", UserWarning, stacklevel=3)
+
+
 def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, seed: int = 0, n_boot: int = 1000,
                 n_splits: int = 200, n_perm: int = 10000, out: str | Path | None = None) -> PredictResult:
     """Fit every baseline plus the configured (or named) predictors on the reference runs, score them against the
@@ -1062,10 +1078,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
                                     "runs of your own (results.csv beside store.zarr)")
     cfg = config_module.load(exp_dir / "config.yaml" if (exp_dir / "config.yaml").exists() else None)
     preregistered, exploratory = list(cfg.predict.preregistered), list(cfg.predict.exploratory)
-    if any(name not in PREDICTORS for name in [*preregistered, *exploratory, *(predictors or [])]):
-        from gradtrace.tasks.shifts import import_split_modules
-
-        import_split_modules(cfg.task.modules)  # where predictors of your own are registered, beside your splits
+    _import_study_modules(cfg.task.modules, [*preregistered, *exploratory, *(predictors or [])])
     names = _planned(predictors, preregistered, exploratory)
     n_items = int(cfg.task.n_test)
 

@@ -3,6 +3,7 @@ a store and analysing a run (README.md), reading with plain zarr (storage/README
 file itself, so the docs cannot drift from the code."""
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,31 @@ def test_a_predictor_of_your_own_in_a_module_of_the_study_is_preregistered_and_r
     assert rows.loc["constant_positive", "group"] == "preregistered"
     check_config(tiny_config(task__modules=[str(tmp_path / "mine.py")], predict__preregistered=["constant_positive"]),
                  contact_hub=False)  # a sweep takes it before any run trains
+
+
+def test_each_study_predicts_with_its_own_modules_predictor_in_a_process_serving_both(tmp_path, monkeypatch,
+                                                                                      split_registry):
+    from gradtrace import config
+    from gradtrace.predict import PREDICTORS, run_predict
+    from test_predict import make_planted
+
+    monkeypatch.setattr("gradtrace.predict.PREDICTORS", dict(PREDICTORS))
+    first = make_planted(tmp_path, n_sweep=60).exp_dir
+    studies = {"a": (first, 0.2), "b": (shutil.copytree(first, tmp_path / "b"), -0.2)}
+    for module, (exp, value) in studies.items():  # two studies' modules, each with its own predictor named "mine"
+        (tmp_path / f"{module}.py").write_text(PREDICTOR_MODULE.replace("constant_positive", "mine")
+                                               .replace("0.2", str(value)))
+        config.dump(config.from_dict({"task": {"modules": [str(tmp_path / f"{module}.py")]}}), exp / "config.yaml")
+    for module in ("a", "b", "a"):  # a notebook predicting study after study
+        exp, value = studies[module]
+        predicted = run_predict(exp, predictors=["mine"], n_boot=0, n_splits=10, n_perm=20).predictions
+        assert (predicted.query("predictor == 'mine'")["predicted"] == value).all(), module
+    config.dump(config.from_dict({"task": {"modules": [str(tmp_path / "a.py"), str(tmp_path / "b.py")]}}),
+                first / "config.yaml")
+    with pytest.raises(ValueError, match=r"a\.py and .*b\.py both register predictor 'mine'"):
+        run_predict(first, predictors=["mine"], n_boot=0, n_splits=10, n_perm=20)
+    (tmp_path / "a.py").rename(tmp_path / "moved.py")  # a moved study: its module is not where it was
+    with pytest.warns(UserWarning, match=r"no file .*a\.py.*: predicting with the predictors registered in this"):
+        run_predict(first, predictors=["mine"], n_boot=0, n_splits=10, n_perm=20)
+    with pytest.raises(ValueError, match=r"no file .*a\.py"):
+        run_predict(first, predictors=["theirs"], n_boot=0, n_splits=10, n_perm=20)

@@ -145,7 +145,7 @@ def test_the_splits_table_describes_a_studys_own_splits_or_says_why_not(tmp_path
                                                                      REGISTRY["carry"].describe(4)]}
     inputs = types.SimpleNamespace(config={"task": {**task, "modules": [str(tmp_path / "gone.py")]}}, sweep=None,
                                    reliability=None)
-    assert "The splits are not described here (ValueError: task.modules: no file" in "".join(
+    assert "The splits are not described here (ModuleNotThere: task.modules: no file" in "".join(
         _section_tables("results", inputs))
 
 

@@ -33,6 +33,10 @@ OPS = ("+", "-")  # what the task's vocabulary writes and `Problem.answer` compu
 BASE_MARKS = {10: "", 8: "#"}  # the bases a prompt tells apart, by the mark it starts with
 
 
+class ModuleNotThere(ValueError):
+    """A module of task.modules that is not where the config names it (a moved study, another machine)."""
+
+
 class ProblemError(ValueError):
     """A `Problem` the task cannot write or answer (an operator or base of its own)."""
 
@@ -212,48 +216,58 @@ def register_split(split: Split) -> Split:
     if split.name.lower() in READ_AS_OTHER:
         raise ValueError(f"split name {split.name!r} reads as a missing value, a bool or a number in the CSV tables "
                          "that name splits (stats.csv, read back by the report and the paper): give it another name")
-    # a module of task.modules being imported owns what registers as it runs (its package's submodules, a helper
-    # it calls), else the caller's module (`__main__`: a script or notebook)
-    by = _IMPORTING[-1] if _IMPORTING else sys._getframe(1).f_globals.get("__name__", "")
-    REGISTRY[split.name] = split
-    REGISTERED_BY[split.name] = by
-    _REGISTERED.setdefault(by, {})[split.name] = split
+    remember(REGISTRY, "split", split.name, split, registering_module())
     return split
 
 
-REGISTERED_BY: dict[str, str] = {}  # each split of your own: the module that registered it (`__main__`: a script)
-_REGISTERED: dict[str, dict[str, Split]] = {}  # each module: the splits it registered when it last ran
+# what the modules of task.modules registered (splits here, predictors in gradtrace.predict), so that a process
+# serving study after study (a notebook, a dask worker) holds each study's own
+REGISTERED_BY: dict[tuple[str, str], str] = {}  # (kind, name) of yours: the module that registered it (`__main__`)
+_REGISTERED: dict[str, dict[tuple[str, str], tuple[dict, object]]] = {}  # each module: what it registered, where
 _IMPORTING: list[str] = []  # the modules of task.modules being imported, the innermost last
+
+
+def registering_module() -> str:
+    """Who owns what registers now: a module of task.modules being imported (and so its package's submodules, a
+    helper it calls), else the module calling the register function's caller (`__main__`: a script or notebook)."""
+    return _IMPORTING[-1] if _IMPORTING else sys._getframe(2).f_globals.get("__name__", "")
+
+
+def remember(registry: dict, kind: str, name: str, value: object, by: str) -> None:
+    """Put `value` in `registry` under `name`, registered by module `by` (a `kind` of thing: split, predictor)."""
+    registry[name] = value
+    REGISTERED_BY[kind, name] = by
+    _REGISTERED.setdefault(by, {})[kind, name] = (registry, value)
 
 
 def registered_by_a_script(names: list[str]) -> list[str]:
     """The splits of `names` that the running script or notebook registered (`__main__`; `__mp_main__` in a pool's
     worker), not a module of `task.modules`: a study's config.yaml cannot rebuild them."""
-    return [n for n in names if REGISTERED_BY.get(n) in ("__main__", "__mp_main__")]
+    return [n for n in names if REGISTERED_BY.get(("split", n)) in ("__main__", "__mp_main__")]
 
 
 def import_split_modules(modules: list[str]) -> tuple[str, ...]:
     """Import each module named (a dotted name on the Python path, or a .py file's path, relative to the directory
-    the command runs in): the modules where your own splits (and predictors) are registered; the names they run under
+    the command runs in): the modules where your own splits and predictors are registered; the names they run under
     (a file's holds a digest of its text). A file runs once per process and again once edited; a module imported
-    before takes back the splits it registered where another module has since registered over them (a notebook or
-    dask worker that served another study), so the splits are those of `modules`. Two of `modules` registering one
-    split name are refused: the last imported would win, silently."""
+    before takes back the splits and predictors it registered where another module has since registered over them (a
+    notebook or dask worker that served another study), so they are those of `modules`. Two of `modules` registering
+    one name are refused: the last imported would win, silently."""
     loaded = tuple(_run_file(module) if names_a_file(module) else _import(module) for module in modules)
-    registers: dict[str, tuple[str, str]] = {}  # each split name a module of `modules` registers: it, as run and named
+    registers: dict[tuple[str, str], tuple[str, str]] = {}  # what a module of `modules` registers: it, as run and named
     for module, ran in zip(modules, loaded):
-        for name, split in _REGISTERED.get(ran, {}).items():
-            REGISTRY[name], REGISTERED_BY[name] = split, ran
-            if registers.setdefault(name, (ran, module))[0] != ran:
-                raise ValueError(f"task.modules: {registers[name][1]} and {module} both register split {name!r} (the "
-                                 "one imported last would replace the other's, silently): give one of them another "
-                                 "name")
+        for (kind, name), (registry, value) in _REGISTERED.get(ran, {}).items():
+            registry[name], REGISTERED_BY[kind, name] = value, ran
+            if registers.setdefault((kind, name), (ran, module))[0] != ran:
+                raise ValueError(f"task.modules: {registers[kind, name][1]} and {module} both register {kind} {name!r} "
+                                 "(the one imported last would replace the other's, silently): give one of them "
+                                 "another name")
     return loaded
 
 
 @contextlib.contextmanager
 def _running(module: str) -> Iterator[None]:
-    """While module `module` of task.modules runs: the splits registered own to it, those of its last run forgotten."""
+    """While module `module` of task.modules runs: what registers owns to it, what its last run registered forgotten."""
     _REGISTERED.pop(module, None)
     _IMPORTING.append(module)
     try:
@@ -270,7 +284,7 @@ def _import(module: str) -> str:
         with _running(module):
             importlib.import_module(module)
     except ModuleNotFoundError as err:
-        raise ValueError(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
+        raise ModuleNotThere(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
                          ".py file") from None
     return module
 
@@ -280,7 +294,7 @@ def _run_file(module: str) -> str:
     path = Path(module).resolve()
     if not path.is_file():
         typed = "" if Path(module).is_absolute() else f" ({module!r}, relative to the directory the command runs in)"
-        raise ValueError(f"task.modules: no file {path}{typed}; name the file where it lies now (--set "
+        raise ModuleNotThere(f"task.modules: no file {path}{typed}; name the file where it lies now (--set "
                          "task.modules=[PATH]: a moved study's config.yaml names it where it was)")
     digest = hashlib.sha1(str(path).encode() + b"\0" + path.read_bytes()).hexdigest()[:8]
     name = f"gradtrace_splits_{path.stem}_{digest}"
