@@ -439,24 +439,28 @@ def test_task_modules_register_the_splits_of_the_files_named_now(tmp_path, monke
 
 
 def test_a_split_whose_sampler_draws_on_and_on_is_warned_of(monkeypatch, split_registry):
-    """A sampler drawing until a condition no item at task.max_digits meets (all digits distinct, say) hung every
-    command that builds the task, saying nothing."""
+    """A sampler drawing until a condition no item at task.max_digits meets (all digits distinct, say), or only rare
+    draws meet (when its check's few items passed), hung every command that builds the task, saying nothing."""
     import time
 
     from gradtrace.tasks import Problem, Split, register_split, shifts
 
     def slow(r, d):
         time.sleep(0.05)  # as a sampler looping for long
-        return Problem((int(r.integers(1, 10)), 1))
+        return Problem((int(r.integers(1, 1000)), 1))
 
     register_split(Split("slow", "a slow sampler", test=slow, train=slow))
     monkeypatch.setattr(shifts, "SLOW_SAMPLER_S", 0.3)
     with pytest.warns(UserWarning, match=r"split 'slow': its samplers have drawn for 0.3 s without returning the few "
                                          r"items the task's check asks for at task.max_digits=3: one that draws until"):
         shifts.check_splits(small(shifts=["slow", "carry"]))
+    with pytest.warns(UserWarning, match=r"split 'slow': its samplers have drawn for 0.3 s without returning its 24 "
+                                         r"test and probe items at task.max_digits=3"):
+        shifts.draw_held_out(small(shifts=["slow"], n_test=20, n_probe=4))  # one looping on rare draws hung it
     with warnings.catch_warnings():  # the built-in ones draw at once
         warnings.simplefilter("error")
         shifts.check_splits(small(shifts=["length", "carry"]))
+        shifts.draw_held_out(small(shifts=["length", "carry"], n_test=20, n_probe=4))
 
 
 def test_the_config_accepts_exactly_the_probe_losses_there_are():
