@@ -457,10 +457,18 @@ def test_a_split_whose_sampler_draws_on_and_on_is_warned_of(monkeypatch, split_r
     with pytest.warns(UserWarning, match=r"split 'slow': its samplers have drawn for 0.3 s without returning its 24 "
                                          r"test and probe items at task.max_digits=3"):
         shifts.draw_held_out(small(shifts=["slow"], n_test=20, n_probe=4))  # one looping on rare draws hung it
+    with warnings.catch_warnings():  # its check's and test set's warnings, as above
+        warnings.simplefilter("ignore")
+        task = ArithmeticTask(small(shifts=["slow"], n_test=20, n_probe=4, pool_size=64, train_share=0.5))
+        task.test_set("slow")  # drawn first
+    with pytest.warns(UserWarning, match=r"split 'slow': its samplers have drawn for 0.3 s without returning the "
+                                         r"training pool's 64 items \(task.pool_size\) at task.max_digits=3"):
+        task.train_pool  # so did the training pool's draw
     with warnings.catch_warnings():  # the built-in ones draw at once
         warnings.simplefilter("error")
         shifts.check_splits(small(shifts=["length", "carry"]))
         shifts.draw_held_out(small(shifts=["length", "carry"], n_test=20, n_probe=4))
+        ArithmeticTask(small(shifts=["length", "carry"], n_test=20, n_probe=4, pool_size=64)).train_pool
 
 
 def test_the_config_accepts_exactly_the_probe_losses_there_are():

@@ -15,7 +15,7 @@ from gradtrace.config import ModelConfig, TaskConfig
 from gradtrace.tasks import packing
 from gradtrace.tasks.packing import Batch
 from gradtrace.tasks.shifts import (Problem, check_splits, draw_held_out, drawing_order, get_split,
-                                    import_split_modules, sampled, train_mix)
+                                    import_split_modules, sampled, train_mix, warned_if_slow)
 from gradtrace.tasks.tokenizer import CharTokenizer
 
 
@@ -137,18 +137,20 @@ class ArithmeticTask:
         names, probs = self._drawn, np.array([mix[name] for name in self._drawn])
         rng = np.random.default_rng([self.cfg.seed, 10_000])
         picks = rng.choice(len(names), size=self.cfg.pool_size, p=probs)
-        items = []
-        for k in picks:
-            split = get_split(names[k])
-            for _ in range(MAX_REDRAWS):
-                rendered = self.render(sampled(split.name, lambda: split.train(rng, self.cfg.max_digits)))
-                if rendered[0] not in held:
-                    items.append(rendered)
-                    break
-            else:
-                raise ValueError(f"the test and probe sets hold (nearly) every prompt of split {names[k]!r}'s "
-                                 "training form: none is left to train on; lower task.n_test or task.n_probe, or "
-                                 "raise task.max_digits")
+        items: list[tuple[str, str]] = []
+        with warned_if_slow(lambda: names[picks[min(len(items), len(picks) - 1)]], self.cfg.max_digits,
+                            f"the training pool's {self.cfg.pool_size} items (task.pool_size)"):
+            for k in picks:
+                split = get_split(names[k])
+                for _ in range(MAX_REDRAWS):
+                    rendered = self.render(sampled(split.name, lambda: split.train(rng, self.cfg.max_digits)))
+                    if rendered[0] not in held:
+                        items.append(rendered)
+                        break
+                else:
+                    raise ValueError(f"the test and probe sets hold (nearly) every prompt of split {names[k]!r}'s "
+                                     "training form: none is left to train on; lower task.n_test or task.n_probe, "
+                                     "or raise task.max_digits")
         return self.encode_rendered(items), picks
 
     def train_batch(self, step: int, data_seed: int, batch_size: int,

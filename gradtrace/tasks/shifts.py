@@ -348,7 +348,7 @@ def check_splits(cfg: TaskConfig) -> None:
         raise ValueError("task.shifts lists OOD shifts only; 'ID' is always included")
     train_mix(cfg)
     for name in ["ID", *cfg.shifts]:
-        with _warned_if_slow(name, cfg.max_digits, "the few items the task's check asks for"):
+        with warned_if_slow(name, cfg.max_digits, "the few items the task's check asks for"):
             _check_split(get_split(name), cfg.max_digits)
 
 
@@ -376,14 +376,15 @@ SLOW_SAMPLER_S = 30.0  # seconds a split may draw its check's items before it is
 
 
 @contextlib.contextmanager
-def _warned_if_slow(name: str, max_digits: int, asked: str) -> Iterator[None]:
-    """Warn where split `name` has drawn the items `asked` for `SLOW_SAMPLER_S` seconds without an end: a sampler
-    that loops until a condition no item at `task.max_digits` meets (or one only rare draws meet) hung the command,
-    saying nothing."""
+def warned_if_slow(name: str | Callable[[], str], max_digits: int, asked: str) -> Iterator[None]:
+    """Warn where split `name` (or the one `name()` says is drawing, of a pool drawing several) has drawn the items
+    `asked` for `SLOW_SAMPLER_S` seconds without an end: a sampler that loops until a condition no item at
+    `task.max_digits` meets (or one only rare draws meet) hung the command, saying nothing."""
     def warn() -> None:  # here, not warnings.warn itself: the warning is gradtrace's, printed in its words
-        warnings.warn(f"split {name!r}: its samplers have drawn for {SLOW_SAMPLER_S:g} s without returning {asked} "
-                      f"at task.max_digits={max_digits}: one that draws until a condition no item there meets (or "
-                      "only rare draws meet) may never return (stop with Ctrl-C and mend it, or change "
+        drawing = name() if callable(name) else name
+        warnings.warn(f"split {drawing!r}: its samplers have drawn for {SLOW_SAMPLER_S:g} s without returning "
+                      f"{asked} at task.max_digits={max_digits}: one that draws until a condition no item there "
+                      "meets (or only rare draws meet) may never return (stop with Ctrl-C and mend it, or change "
                       "task.max_digits)", stacklevel=1)
 
     timer = threading.Timer(SLOW_SAMPLER_S, warn)
@@ -425,7 +426,7 @@ def draw_held_out(cfg: TaskConfig) -> tuple[dict[str, tuple[list[Problem], list[
     for i, name in enumerate(drawing_order(["ID", *cfg.shifts])):
         rng = np.random.default_rng([cfg.seed, i])
         n = cfg.n_test + cfg.n_probe
-        with _warned_if_slow(name, cfg.max_digits, f"its {n} test and probe items"):
+        with warned_if_slow(name, cfg.max_digits, f"its {n} test and probe items"):
             items = _distinct(cfg, name, rng, n, used)
         out[name] = (items[: cfg.n_test], items[cfg.n_test:])
     return out, used
