@@ -16,6 +16,7 @@ import queue
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -332,8 +333,27 @@ def run_lock(exp_dir: Path, run_ids: list[str]) -> Iterator[None]:
             except Timeout:
                 raise RunInUse(f"run {run_id!r} is being trained by another process (on a dask cluster: a task of an "
                                "interrupted sweep, which trains on there until it ends); run again once it is done"
-                               ) from None
+                               f"{held_where_no_flock(exp_dir / 'locks' / f'{run_id}.lock')}") from None
         yield
+
+
+def held_where_no_flock(lock_file: Path) -> str:
+    """Words to add where `lock_file` is held, if its filesystem has no flock (a Lustre or NFS mount without it): the
+    lock is then the file's existence (filelock's fallback), which outlives a holder killed on another machine."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: filelock locks otherwise
+        return ""
+    try:
+        with tempfile.TemporaryFile(dir=lock_file.parent) as probe:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return ""
+    except OSError as err:
+        if err.errno != errno.ENOSYS:  # filelock falls back on ENOSYS only
+            return ""
+    return (f". {lock_file.parent}'s filesystem has no flock (a Lustre or NFS mount without it), so a lock file there "
+            f"outlives a process killed on another machine: where none runs any more, delete {lock_file} and run "
+            "again")
 
 
 def check_run_id(run_id: str) -> str:

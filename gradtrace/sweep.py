@@ -360,13 +360,15 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # one sweep at a time per directory: a second would train the same runs over the first's; the operating system
-    # releases the lock when its holder dies, so a killed sweep never blocks its re-run
+    # releases the lock when its holder dies (filelock: the holder's process found dead, on a filesystem without
+    # flock), so a killed sweep never blocks its re-run
     lock = FileLock(out / "sweep.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise SweepError(f"another process is running a sweep into {out} (it holds {out / 'sweep.lock'}); wait for "
-                         "it to finish or stop it, then run this again to continue") from None
+                         "it to finish or stop it, then run this again to continue"
+                         f"{store.held_where_no_flock(out / 'sweep.lock')}") from None
     try:
         if not scheduler:
             return _run_locked(cfg, out, progress, None)

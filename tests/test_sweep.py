@@ -1,6 +1,7 @@
 """Sweeps: the plan varies axes independently, re-runs never record a run twice, a failed run stops no other,
 base-run modes (the checks of a dask cluster: test_cluster.py)."""
 import contextlib
+import errno
 import json
 import os
 import re
@@ -465,12 +466,16 @@ def test_runs_on_other_items_than_the_studys_are_refused(tmp_path):
     check_same_items(root["run-001"], task_for(cfg.task, cfg.model), "run-001")
 
 
+NO_FLOCK = "import errno, fcntl; fcntl.flock = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, 'no flock')); "
+
+
 @contextlib.contextmanager
-def _lock_held_elsewhere(path: Path) -> Iterator[None]:
+def _lock_held_elsewhere(path: Path, flock: bool = True) -> Iterator[None]:
     """A file lock held by another process while the block runs, which is then killed (SIGKILL: no cleanup, as when a
-    sweep is killed)."""
-    script = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
-              "print('held', flush=True); time.sleep(600)")
+    sweep is killed); `flock=False`: on a filesystem without flock (a Lustre mount without it)."""
+    script = ("" if flock else NO_FLOCK) + ("import sys, time; from filelock import FileLock; "
+                                            "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+                                            "time.sleep(600)")
     with subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True) as holder:
         try:
             assert holder.stdout.readline() == "held\n"
@@ -486,6 +491,30 @@ def test_a_second_sweep_into_a_directory_is_refused_until_the_first_is_gone(tmp_
             run_sweep(cfg, tmp_path, progress=False)
         assert not (tmp_path / "store.zarr").exists()  # refused before touching anything
     assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]  # the lock died with its holder
+
+
+@pytest.mark.filterwarnings("ignore:flock not supported on this filesystem")
+def test_a_sweep_into_a_directory_without_flock_is_refused_while_held_and_says_how_to_free_a_dead_machines_lock(
+        tmp_path, monkeypatch):
+    """On a filesystem without flock (Lustre mounted without it) filelock locks by the lock file's existence: before
+    filelock 4.2.1 a sweep crashed there (NotImplementedError, before 3.24), ran beside another (3.24–4.0) or was
+    refused for good once its holder was killed (4.1–4.2.0); and a lock left by a machine that died cannot be told
+    from a live one's, which gradtrace's words said to wait for."""
+    monkeypatch.setattr("fcntl.flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock")))
+    cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    lock = tmp_path / "sweep.lock"
+    with _lock_held_elsewhere(lock, flock=False):
+        with pytest.raises(SweepError, match=rf"another process is running a sweep into .*'s filesystem has no flock "
+                                             rf".*delete {re.escape(str(lock))} and run again"):
+            run_sweep(cfg, tmp_path, progress=False)
+        held = lock.read_text()
+    assert lock.exists()  # its holder killed, on this machine: the lock is taken
+    assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]
+    lock.write_text(re.sub(r"(?m)^(\d+\n)[^\n]*", r"\1another-node", held, count=1))  # a dead machine's lock
+    with pytest.raises(SweepError, match="has no flock"):
+        run_sweep(cfg, tmp_path, progress=False)
+    lock.unlink()  # as the words say
+    assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]
 
 
 def _children(pid: int) -> set[int]:
@@ -938,16 +967,22 @@ def test_results_mid_sweep_are_in_run_order(tmp_path, monkeypatch):
     assert len(written) > 3 and all(ids == sorted(ids) for ids in written)
 
 
-def test_a_run_another_process_trains_is_refused_not_written_by_two(tmp_path):
+@pytest.mark.filterwarnings("ignore:flock not supported on this filesystem")
+@pytest.mark.parametrize("flock", [True, False])
+def test_a_run_another_process_trains_is_refused_not_written_by_two(tmp_path, monkeypatch, flock):
     """A run's lock is held while it trains (a re-run of a sweep whose interrupted client left the run training on
-    a cluster): a second trainer of it, standalone or in an ensemble, is refused before it writes anything."""
+    a cluster): a second trainer of it, standalone or in an ensemble, is refused before it writes anything. Without
+    flock (a Lustre mount without it) the words say how to free a lock that a machine which died left."""
     from gradtrace.ensemble import train_ensemble
     from gradtrace.train import train
 
+    if not flock:
+        monkeypatch.setattr("fcntl.flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock")))
     (tmp_path / "locks").mkdir()
     cfg = tiny_config(train__steps=2)
-    with _lock_held_elsewhere(tmp_path / "locks" / "run-001.lock"):
-        with pytest.raises(store.RunInUse, match="'run-001' is being trained by another process"):
+    words = "run again once it is done$" if flock else r"has no flock .*delete .*run-001\.lock and run again$"
+    with _lock_held_elsewhere(tmp_path / "locks" / "run-001.lock", flock=flock):
+        with pytest.raises(store.RunInUse, match=f"'run-001' is being trained by another process.*{words}"):
             train(cfg, tmp_path, "run-001", resume=True, progress=False)
         with pytest.raises(store.RunInUse, match="'run-001'"):
             train_ensemble([cfg, cfg], tmp_path, ["run-000", "run-001"], resume=True)
