@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -76,8 +77,12 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) 
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' `save_file`, its I/O errors raised as the OSError they are, naming the file: its own error type,
-    no OSError, made a full disk a traceback of `gradtrace train`, and named no file."""
+    """safetensors' `save_file`, its I/O errors raised as the OSError they are, naming the file (its own error type,
+    no OSError, made a full disk a traceback of `gradtrace train`, and named no file), with the mode an ordinary file
+    gets there: safetensors 0.8 writes 0600 whatever the umask (safetensors/safetensors#782), and a colleague who
+    shares the study (umask 002 or 022) could read every file of it but its weights."""
+    path.touch()
+    mode = stat.S_IMODE(path.stat().st_mode)
     try:
         save_file(tensors, str(path))
     except SafetensorError as err:
@@ -85,6 +90,7 @@ def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+    os.chmod(path, mode)
 
 
 def checkpoint_dir(root: Path) -> Path | None:

@@ -77,6 +77,32 @@ def test_a_checkpoint_saves_over_what_a_kill_after_its_last_rename_left(tmp_path
     assert sorted(p.name for p in root.parent.iterdir()) == ["r"]
 
 
+@pytest.fixture
+def umask_027():
+    """The process's umask 027 (a group that shares the study reads it) for the test, restored after."""
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_every_file_of_a_study_checkpoints_and_weights_too_has_the_mode_the_umask_gives(tmp_path, umask_027):
+    """safetensors 0.8 writes 0600 whatever the umask (safetensors/safetensors#782): a colleague sharing the study
+    could read every file of it but its weights and checkpoints."""
+    import stat
+
+    from conftest import tiny_config
+    from gradtrace import checkpoint
+    from gradtrace.sweep import run_sweep
+
+    run_sweep(tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=1, train__steps=4), tmp_path,
+              progress=False)
+    checkpoint.save_tensors(tmp_path / "checkpoints" / "r", {"x": torch.zeros(2)}, {"steps_done": 1})
+    modes = {f.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(f.stat().st_mode))
+             for f in tmp_path.rglob("*") if f.is_file()}
+    assert {"weights/ref-000/final.safetensors", "checkpoints/r/state.safetensors"} <= set(modes)
+    assert {name: mode for name, mode in modes.items() if mode != "0o640"} == {}
+
+
 def test_a_model_with_tied_embeddings_checkpoints_and_resumes(tmp_path):
     """Many hub models tie their output layer to the embeddings (one tensor, two names), which safetensors refuses
     to save twice: every checkpoint of such a run failed."""
