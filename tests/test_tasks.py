@@ -457,13 +457,31 @@ def test_a_split_whose_sampler_draws_on_and_on_is_warned_of(monkeypatch, split_r
     with pytest.warns(UserWarning, match=r"split 'slow': its samplers have drawn for 0.3 s without returning its 24 "
                                          r"test and probe items at task.max_digits=3"):
         shifts.draw_held_out(small(shifts=["slow"], n_test=20, n_probe=4))  # one looping on rare draws hung it
-    with warnings.catch_warnings():  # its check's and test set's warnings, as above
-        warnings.simplefilter("ignore")
-        task = ArithmeticTask(small(shifts=["slow"], n_test=20, n_probe=4, pool_size=64, train_share=0.5))
-        task.test_set("slow")  # drawn first
-    with pytest.warns(UserWarning, match=r"split 'slow': its samplers have drawn for 0.3 s without returning the "
-                                         r"training pool's 64 items \(task.pool_size\) at task.max_digits=3"):
-        task.train_pool  # so did the training pool's draw
+
+    def quick(r, d):
+        return Problem((int(r.integers(1, 1000)), 2))
+
+    def stuck_now_and_then(r, d):  # as a training form looping for long on one draw in eight
+        time.sleep(0.6 if r.integers(0, 8) == 0 else 0)
+        return quick(r, d)
+
+    def held_out_drawn(shift: str) -> ArithmeticTask:
+        with warnings.catch_warnings():  # its check's and test set's warnings, as above
+            warnings.simplefilter("ignore")
+            task = ArithmeticTask(small(shifts=[shift], n_test=20, n_probe=4, pool_size=64, train_share=0.5))
+            task.test_set(shift)
+        return task
+
+    register_split(Split("stuck", "a sampler stuck on rare draws", test=quick, train=stuck_now_and_then))
+    stuck = held_out_drawn("stuck")
+    with pytest.warns(UserWarning, match=r"split 'stuck': its samplers have drawn for 0.3 s without returning another "
+                                         r"of the training pool's 64 items \(task.pool_size\) at task.max_digits=3"):
+        stuck.train_pool
+    slow_pool = held_out_drawn("slow")
+    monkeypatch.setattr(shifts, "SLOW_SAMPLER_S", 1.0)  # 20 times an item's time, under 1.6 s for them all
+    with warnings.catch_warnings():  # a pool drawing on, item after item, is not warned of however long it takes
+        warnings.simplefilter("error")
+        slow_pool.train_pool
     with warnings.catch_warnings():  # the built-in ones draw at once
         warnings.simplefilter("error")
         shifts.check_splits(small(shifts=["length", "carry"]))

@@ -139,7 +139,8 @@ class ArithmeticTask:
         picks = rng.choice(len(names), size=self.cfg.pool_size, p=probs)
         items: list[tuple[str, str]] = []
         with warned_if_slow(lambda: names[picks[min(len(items), len(picks) - 1)]], self.cfg.max_digits,
-                            f"the training pool's {self.cfg.pool_size} items (task.pool_size)"):
+                            f"another of the training pool's {self.cfg.pool_size} items (task.pool_size)",
+                            drawn=lambda: len(items)):
             for k in picks:
                 split = get_split(names[k])
                 for _ in range(MAX_REDRAWS):

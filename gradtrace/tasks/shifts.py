@@ -284,8 +284,8 @@ def _import(module: str) -> str:
         with _running(module):
             importlib.import_module(module)
     except ModuleNotFoundError as err:
-        raise ModuleNotThere(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or a "
-                         ".py file") from None
+        raise ModuleNotThere(f"task.modules: cannot import {module!r} ({err}); name a module on the Python path or "
+                             "a .py file") from None
     return module
 
 
@@ -295,7 +295,7 @@ def _run_file(module: str) -> str:
     if not path.is_file():
         typed = "" if Path(module).is_absolute() else f" ({module!r}, relative to the directory the command runs in)"
         raise ModuleNotThere(f"task.modules: no file {path}{typed}; name the file where it lies now (--set "
-                         "task.modules=[PATH]: a moved study's config.yaml names it where it was)")
+                             "task.modules=[PATH]: a moved study's config.yaml names it where it was)")
     digest = hashlib.sha1(str(path).encode() + b"\0" + path.read_bytes()).hexdigest()[:8]
     name = f"gradtrace_splits_{path.stem}_{digest}"
     if name in sys.modules:
@@ -376,24 +376,31 @@ SLOW_SAMPLER_S = 30.0  # seconds a split may draw its check's items before it is
 
 
 @contextlib.contextmanager
-def warned_if_slow(name: str | Callable[[], str], max_digits: int, asked: str) -> Iterator[None]:
-    """Warn where split `name` (or the one `name()` says is drawing, of a pool drawing several) has drawn the items
-    `asked` for `SLOW_SAMPLER_S` seconds without an end: a sampler that loops until a condition no item at
-    `task.max_digits` meets (or one only rare draws meet) hung the command, saying nothing."""
-    def warn() -> None:  # here, not warnings.warn itself: the warning is gradtrace's, printed in its words
-        drawing = name() if callable(name) else name
-        warnings.warn(f"split {drawing!r}: its samplers have drawn for {SLOW_SAMPLER_S:g} s without returning "
-                      f"{asked} at task.max_digits={max_digits}: one that draws until a condition no item there "
-                      "meets (or only rare draws meet) may never return (stop with Ctrl-C and mend it, or change "
-                      "task.max_digits)", stacklevel=1)
+def warned_if_slow(name: str | Callable[[], str], max_digits: int, asked: str,
+                   drawn: Callable[[], int] = lambda: 0) -> Iterator[None]:
+    """Warn where split `name` has drawn for `SLOW_SAMPLER_S` seconds without returning what was `asked` (or,
+    where `drawn()` counts the items drawn so far, without returning another; `name()`: the split drawing now, of a
+    pool drawing several): a sampler that loops until a condition no item at `task.max_digits` meets (or one only
+    rare draws meet) hung the command, saying nothing."""
+    stop = threading.Event()
 
-    timer = threading.Timer(SLOW_SAMPLER_S, warn)
-    timer.daemon = True
-    timer.start()
+    def watch() -> None:  # here, not warnings.warn itself: the warning is gradtrace's, printed in its words
+        seen = drawn()
+        while not stop.wait(SLOW_SAMPLER_S):
+            if drawn() != seen:
+                seen = drawn()
+                continue
+            warnings.warn(f"split {name() if callable(name) else name!r}: its samplers have drawn for "
+                          f"{SLOW_SAMPLER_S:g} s without returning {asked} at task.max_digits={max_digits}: one that "
+                          "draws until a condition no item there meets (or only rare draws meet) may never return "
+                          "(stop with Ctrl-C and mend it, or change task.max_digits)", stacklevel=1)
+            return
+
+    threading.Thread(target=watch, name="gradtrace-slow-sampler", daemon=True).start()
     try:
         yield
     finally:
-        timer.cancel()
+        stop.set()
 
 
 def sampled(name: str, draw: Callable[[], T]) -> T:
