@@ -347,13 +347,12 @@ def held_where_no_flock(lock_file: Path) -> str:
     try:
         with tempfile.TemporaryFile(dir=lock_file.parent) as probe:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return ""
     except OSError as err:
-        if err.errno != errno.ENOSYS:  # filelock falls back on ENOSYS only
-            return ""
-    return (f". {lock_file.parent}'s filesystem has no flock (a Lustre or NFS mount without it), so a lock file there "
-            f"outlives a process killed on another machine: where none runs any more, delete {lock_file} and run "
-            "again")
+        if err.errno == errno.ENOSYS:  # filelock falls back on ENOSYS only
+            return (f". {lock_file.parent}'s filesystem has no flock (a Lustre or NFS mount without it), so a lock "
+                    f"file there outlives a process killed on another machine: where none runs any more, delete "
+                    f"{lock_file} and run again")
+    return ""
 
 
 def check_run_id(run_id: str) -> str:

@@ -372,7 +372,7 @@ def _check_split(split: Split, max_digits: int) -> None:
             raise ValueError(f"split {name!r} draws other problems each time from the same rng: {OWN_RANDOMNESS}")
 
 
-SLOW_SAMPLER_S = 30.0  # seconds a split may draw its check's items before it is warned of
+SLOW_SAMPLER_S = 30.0  # seconds a split may draw without returning what was asked before it is warned of
 
 
 @contextlib.contextmanager
@@ -384,11 +384,11 @@ def warned_if_slow(name: str | Callable[[], str], max_digits: int, asked: str,
     rare draws meet) hung the command, saying nothing."""
     stop = threading.Event()
 
-    def watch() -> None:  # here, not warnings.warn itself: the warning is gradtrace's, printed in its words
+    def watch() -> None:
         seen = drawn()
         while not stop.wait(SLOW_SAMPLER_S):
-            if drawn() != seen:
-                seen = drawn()
+            if (now := drawn()) != seen:
+                seen = now
                 continue
             warnings.warn(f"split {name() if callable(name) else name!r}: its samplers have drawn for "
                           f"{SLOW_SAMPLER_S:g} s without returning {asked} at task.max_digits={max_digits}: one that "
