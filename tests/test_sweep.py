@@ -469,6 +469,11 @@ def test_runs_on_other_items_than_the_studys_are_refused(tmp_path):
 NO_FLOCK = "import errno, fcntl; fcntl.flock = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, 'no flock')); "
 
 
+def _without_flock(monkeypatch) -> None:
+    """This process's flock failing as on a filesystem without it (ENOSYS), as NO_FLOCK makes another's."""
+    monkeypatch.setattr("fcntl.flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock")))
+
+
 @contextlib.contextmanager
 def _lock_held_elsewhere(path: Path, flock: bool = True) -> Iterator[None]:
     """A file lock held by another process while the block runs, which is then killed (SIGKILL: no cleanup, as when a
@@ -500,7 +505,7 @@ def test_a_sweep_into_a_directory_without_flock_is_refused_while_held_and_says_h
     filelock 4.2.1 a sweep crashed there (NotImplementedError, before 3.24), ran beside another (3.24–4.0) or was
     refused for good once its holder was killed (4.1–4.2.0); and a lock left by a machine that died cannot be told
     from a live one's, which gradtrace's words said to wait for."""
-    monkeypatch.setattr("fcntl.flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock")))
+    _without_flock(monkeypatch)
     cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
     lock = tmp_path / "sweep.lock"
     with _lock_held_elsewhere(lock, flock=False):
@@ -977,7 +982,7 @@ def test_a_run_another_process_trains_is_refused_not_written_by_two(tmp_path, mo
     from gradtrace.train import train
 
     if not flock:
-        monkeypatch.setattr("fcntl.flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock")))
+        _without_flock(monkeypatch)
     (tmp_path / "locks").mkdir()
     cfg = tiny_config(train__steps=2)
     words = "run again once it is done$" if flock else r"has no flock .*delete .*run-001\.lock and run again$"
