@@ -321,7 +321,7 @@ def run_lock(exp_dir: Path, run_ids: list[str]) -> Iterator[None]:
     its group at once (a re-run of a sweep whose interrupted client left tasks training on a cluster; two `train
     --resume`): it is refused, not allowed to mix two trajectories in one run. The operating system releases a lock
     when its holder dies, so a killed run never blocks its resumption."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     for run_id in run_ids:
         check_run_id(run_id)
@@ -329,12 +329,31 @@ def run_lock(exp_dir: Path, run_ids: list[str]) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         for run_id in run_ids:
             try:
-                held.enter_context(FileLock(exp_dir / "locks" / f"{run_id}.lock").acquire(timeout=0))
+                held.enter_context(take_lock(exp_dir / "locks" / f"{run_id}.lock"))
             except Timeout:
                 raise RunInUse(f"run {run_id!r} is being trained by another process (on a dask cluster: a task of an "
                                "interrupted sweep, which trains on there until it ends); run again once it is done"
                                f"{held_where_no_flock(exp_dir / 'locks' / f'{run_id}.lock')}") from None
         yield
+
+
+def take_lock(lock_file: Path) -> contextlib.AbstractContextManager:
+    """`lock_file`'s lock, taken without waiting (filelock's `Timeout` where another process holds it), to be held
+    as a context manager. A filesystem that refuses locks (an NFS mount whose lock service is down: ENOLCK) is an
+    error naming the file and what to do, not only "[Errno 37] No locks available"."""
+    from filelock import FileLock, Timeout
+
+    try:
+        return FileLock(lock_file).acquire(timeout=0)
+    except Timeout:
+        raise
+    except OSError as err:
+        if err.filename is not None:  # opening the file failed (a read-only directory): its words name it
+            raise
+        raise OSError(err.errno, f"the filesystem of {lock_file.parent} refused to lock {lock_file} ({err.strerror}), "
+                                 "which gradtrace holds so that no two processes write one sweep or run at once: on "
+                                 "NFS its lock service (lockd, rpc.statd) may be down; ask its administrators, or "
+                                 "write to a filesystem that locks (a local disk; Lustre mounted with flock)") from err
 
 
 def held_where_no_flock(lock_file: Path) -> str:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock, Timeout
+from filelock import Timeout
 from tqdm.auto import tqdm
 
 from gradtrace import config as config_mod
@@ -362,22 +362,19 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     # one sweep at a time per directory: a second would train the same runs over the first's; the operating system
     # releases the lock when its holder dies (filelock: the holder's process found dead, on a filesystem without
     # flock), so a killed sweep never blocks its re-run
-    lock = FileLock(out / "sweep.lock")
     try:
-        lock.acquire(timeout=0)
+        held = store.take_lock(out / "sweep.lock")
     except Timeout:
         raise SweepError(f"another process is running a sweep into {out} (it holds {out / 'sweep.lock'}); wait for "
                          "it to finish or stop it, then run this again to continue"
                          f"{store.held_where_no_flock(out / 'sweep.lock')}") from None
-    try:
+    with held:
         if not scheduler:
             return _run_locked(cfg, out, progress, None)
         from gradtrace.cluster import connect  # it imports this module: the sweep is the same, its runs elsewhere
 
         with connect(scheduler, out) as cluster:
             return _run_locked(cfg, out, progress, cluster)
-    finally:
-        lock.release()
 
 
 BAR_REFRESH_S = (1.0, 30.0)  # how often the sweep's bar shows the steps in flight: on a terminal, into a file

@@ -522,6 +522,27 @@ def test_a_sweep_into_a_directory_without_flock_is_refused_while_held_and_says_h
     assert run_sweep(cfg, tmp_path, progress=False).run_id.tolist() == ["run-000"]
 
 
+def test_a_filesystem_refusing_locks_is_an_error_naming_the_lock_file_and_what_to_do(tmp_path, monkeypatch, capsys):
+    """An NFS mount whose lock service is down refuses flock with ENOLCK: the sweep (and a run's trainer) stopped with
+    "[Errno 37] No locks available", naming neither the file nor the cause."""
+    from gradtrace.cli import main
+    from gradtrace.train import train
+
+    monkeypatch.setattr("fcntl.flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks available")))
+    cfg = tiny_config(sweep__runs=1, sweep__workers=1, sweep__reference_runs=0, train__steps=2)
+    words = r"\[Errno 37\] the filesystem of .* refused to lock .*{} \(No locks available\).*lock service"
+    with pytest.raises(OSError, match=words.format(re.escape(str(tmp_path / "sweep.lock")))) as refused:
+        run_sweep(cfg, tmp_path, progress=False)
+    assert refused.value.errno == errno.ENOLCK
+    with pytest.raises(OSError, match=words.format(re.escape(str(tmp_path / "locks" / "run-000.lock")))):
+        train(cfg, tmp_path, "run-000", progress=False)
+    assert not (tmp_path / "store.zarr").exists()
+    config.dump(cfg, tmp_path / "study.yaml")
+    assert main(["sweep", str(tmp_path / "study.yaml"), "--out", str(tmp_path)]) == 2
+    assert re.fullmatch(r"gradtrace sweep: error: \[Errno 37\] the filesystem of .*sweep\.lock.*\)\n",
+                        capsys.readouterr().err, re.S)
+
+
 def _children(pid: int) -> set[int]:
     """Processes whose parent is `pid` (Linux /proc)."""
     found = set()
