@@ -280,20 +280,26 @@ def loop():
         time.sleep(0.05)  # the main thread ends meanwhile
     if sys.argv[2] == "close":
         rec.close()
-threading.Thread(target=loop).start()  # not a daemon: the interpreter waits for it
+if sys.argv[3] == "pool":  # a thread pool's worker, which the pool's exit handler waits for after gradtrace's
+    from concurrent.futures import ThreadPoolExecutor
+    ThreadPoolExecutor(2).submit(loop)
+else:
+    threading.Thread(target=loop).start()  # not a daemon: the interpreter waits for it
 stepped.wait()
 """
 
 
 @pytest.mark.parametrize("then", ["close", "exit"])
-def test_a_loop_in_a_thread_of_its_own_is_recorded_to_its_end_after_the_main_thread_ends(tmp_path, then):
+@pytest.mark.parametrize("thread", ["thread", "pool"])
+def test_a_loop_in_a_thread_of_its_own_is_recorded_to_its_end_after_the_main_thread_ends(tmp_path, then, thread):
     """The exit handler runs before the interpreter waits for its threads: it marked the run of a loop still training
-    in a thread of its own failed at the step the main thread ended, and the loop trained on unrecorded."""
+    in a thread of its own (or a thread pool's worker) failed at the step the main thread ended, and the loop trained
+    on unrecorded."""
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-c", RUN_IN_A_THREAD, str(tmp_path), then], capture_output=True, text=True,
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    subprocess.run([sys.executable, "-c", RUN_IN_A_THREAD, str(tmp_path), then, thread], capture_output=True,
+                   text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     group = run_group(tmp_path)
     assert group["step"][:].tolist() == list(range(12)) and group.attrs["last_durable_step"] == 12
     assert group.attrs["status"] == ("complete" if then == "close" else "failed")

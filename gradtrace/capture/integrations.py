@@ -139,8 +139,14 @@ def _fail_unclosed() -> None:
     are left alone. A loop in a thread of its own, which the interpreter waits for after this handler (when zarr's
     thread pools refuse its writes), is waited for here: it may yet close its run."""
     for thread in {recorder.stepped_by for recorder in _open_here()} - {threading.current_thread()}:
-        # not a pool's worker: idle, it waits for work until the pools' exit handler (after this one) stops it
-        if not thread.daemon and thread not in concurrent.futures.thread._threads_queues:
+        if thread.daemon:
+            continue
+        if thread in concurrent.futures.thread._threads_queues:
+            # a pool's worker, idle, waits for work until the pools' exit handler (after this one) stops it: it is
+            # waited for only while it runs a task (the loop)
+            while thread.is_alive() and _runs_a_task(thread):
+                time.sleep(0.05)
+        else:
             thread.join()
     for recorder in _open_here():
         try:
@@ -158,6 +164,14 @@ def _fail_unclosed() -> None:
         with contextlib.suppress(Exception):  # a closed stderr (its pipe's reader gone) stops no other run's
             print(f"gradtrace: run {recorder.group.basename!r} ({recorder.where}) was still open as the process "
                   f"ended: {said}", file=sys.stderr)
+
+
+def _runs_a_task(worker: threading.Thread) -> bool:
+    """Whether a thread pool's worker is running a task now, not waiting for one."""
+    frame = sys._current_frames().get(worker.ident)
+    while frame is not None and frame.f_code is not concurrent.futures.thread._WorkItem.run.__code__:
+        frame = frame.f_back
+    return frame is not None
 
 
 # zarr writes through thread pools, which refuse work once their module's exit handler has run (before `atexit`'s
