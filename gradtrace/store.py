@@ -5,6 +5,7 @@ buffered row durable and records `last_durable_step`, so a killed run reopens th
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime
 import errno
@@ -14,14 +15,14 @@ import math
 import os
 import queue
 import re
-import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import numpy as np
 import zarr
@@ -849,13 +850,13 @@ def export_hdf5(path: str | Path, out: str | Path, compression: str = "gzip", pr
     at a time, so stores larger than memory export too. The file appears whole or not at all (it is written beside
     `out` and renamed); `out` may replace an earlier export but no other file. `compression`: a key of
     EXPORT_COMPRESSION (`none`: the demo's store in 2.7 s and 86 MB against 4.5 s and 61 MB); `progress`: a bar
-    over the runs."""
+    over the runs. HDF5 writes in a helper process (`_write_hdf5_apart`): a write that fails raises its OSError here."""
     import h5py
 
     if compression not in EXPORT_COMPRESSION:
         raise ValueError(f"compression {compression!r}: choose one of {', '.join(EXPORT_COMPRESSION)}")
 
-    root = open_experiment(path)
+    open_experiment(path)  # a path that is no store refused here, before the helper starts
     out = Path(out)
     if not out.parent.is_dir():  # refused up front, the folder named
         raise FileNotFoundError(f"{out.parent} is not a directory: export writes {out.name} into an existing folder; "
@@ -867,7 +868,7 @@ def export_hdf5(path: str | Path, out: str | Path, compression: str = "gzip", pr
         raise FileExistsError(f"{out} is an HDF5 file but not a gradtrace export (no `gradtrace` attribute at its "
                               "root): export replaces only an earlier export; choose another path")
     with written_whole(out) as partial:
-        _write_hdf5(root, partial, EXPORT_COMPRESSION[compression], progress)
+        _write_hdf5_apart(path, partial, compression, progress)
     return out
 
 
@@ -882,41 +883,100 @@ def _an_export(path: Path) -> bool:
         return False
 
 
-EXPORT_HEADROOM = 16 << 20  # bytes an export leaves free beyond its next block, for what HDF5 holds in its caches
+_FAILED_WRITE = re.compile(r"errno = (\d+)")  # in HDF5's words for a failed system call, as h5py raises them
 
 
-def check_room(file: Path, nbytes: int) -> None:
-    """Refuse to write `nbytes` more into the export `file` where its disk has not that much free beyond
-    `EXPORT_HEADROOM`, with the disk-full error HDF5 would meet: it caches chunks and metadata and writes them later,
-    and once one of its writes has failed on a full disk it can no longer close the file (the process crashed as it
-    exited, a segmentation fault: h5py/h5py#914, and left the partial file behind)."""
-    free = shutil.disk_usage(file.parent).free
-    if free < nbytes + EXPORT_HEADROOM:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (the export keeps {EXPORT_HEADROOM >> 20} MiB free "
-                      f"for HDF5's caches; {free / 2**20:.0f} MiB are)", str(file))
+def _write_hdf5_apart(path: str | Path, out: Path, compression: str, progress: bool) -> None:
+    """Write the export in a process of its own: HDF5, once one of its writes has failed (a disk full, a quota used
+    up), can no longer close its file, and its process crashed as it exited (a segmentation fault, h5py/h5py#914; a
+    notebook's kernel too). The helper's error is raised here, an OSError with the errno HDF5 met; its warnings are
+    warned again here. Started as a new interpreter (not multiprocessing's spawn, which runs a script's top level again
+    in its child: a script exporting without an `if __name__ == "__main__"` guard)."""
+    code = ("import json, sys; sys.path = json.loads(sys.argv[1]); from gradtrace.store import _write_hdf5_here; "
+            "_write_hdf5_here(*sys.argv[2:])")  # this process's path: the same gradtrace, installed or not
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(sys.path), str(path), str(out), compression,
+                           "progress" if progress else ""], stdout=subprocess.PIPE, text=True)  # an interrupt kills it
+    try:
+        outcome = json.loads(done.stdout.splitlines()[-1])
+    except (IndexError, ValueError):
+        raise OSError(f"the process writing {out} ended before it was done (exit status {done.returncode})") from None
+    for category, message in outcome["warnings"]:
+        warnings.warn(message, getattr(builtins, category, UserWarning), stacklevel=3)
+    if outcome.get("error"):
+        raise getattr(builtins, outcome["error"])(*outcome["args"])
 
 
-def _write_hdf5(root: zarr.Group, out: Path, filters: dict, progress: bool) -> None:
+def _write_hdf5_here(path: str, out: str, compression: str, progress: str) -> None:
+    """The helper process of `_write_hdf5_apart`: write the export, print its outcome as a JSON line (an error raised,
+    with the errno of a failed write HDF5 names in its words; the warnings) and end without closing HDF5 again."""
     import h5py
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+
+        def failed(err: BaseException) -> NoReturn:  # told at once: HDF5 crashed on the failed file's next call
+            _tell({**_in_words(err, out), "warnings": caught})
+
+        # a write that failed inside HDF5 as one of h5py's objects was freed, which Cython prints through both hooks
+        def unraisable(what) -> None:
+            if _FAILED_WRITE.search(str(what.exc_value)):
+                failed(what.exc_value)
+            sys.__unraisablehook__(what)
+
+        def printed(kind: type, err: BaseException, tb) -> None:
+            if _FAILED_WRITE.search(str(err)):
+                failed(err)
+            sys.__excepthook__(kind, err, tb)
+
+        sys.unraisablehook, sys.excepthook = unraisable, printed
+        try:
+            h5 = h5py.File(out, "w")
+            _write_hdf5(open_experiment(path), h5, EXPORT_COMPRESSION[compression], bool(progress))
+            h5.close()
+        except BaseException as err:
+            failed(err)
+        _tell({"warnings": caught})
+
+
+def _tell(outcome: dict[str, Any]) -> NoReturn:
+    """End `_write_hdf5_here`'s process, its outcome printed as a JSON line, without Python's exit, where HDF5 that
+    failed a write crashed closing its file."""
+    outcome["warnings"] = [(w.category.__name__, str(w.message)) for w in outcome["warnings"]]
+    print(json.dumps(outcome), flush=True)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _in_words(err: BaseException, out: str) -> dict[str, Any]:
+    """An error of `_write_hdf5_here` as its outcome says it: its nearest builtin exception class's name and its
+    arguments, an OSError for the failed write (its errno) that HDF5 names only in words."""
+    kind = next(c.__name__ for c in type(err).__mro__ if getattr(builtins, c.__name__, None) is c)
+    found = _FAILED_WRITE.search(str(err))
+    if found:
+        return {"error": "OSError", "args": [int(found[1]), os.strerror(int(found[1])), out]}
+    if isinstance(err, OSError) and err.errno:
+        return {"error": kind, "args": [err.errno, err.strerror, err.filename or out]}
+    return {"error": kind, "args": [err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)]}
+
+
+def _write_hdf5(root: zarr.Group, h5, filters: dict, progress: bool) -> None:
+    """Every run's arrays and attributes into the open HDF5 file `h5`, a stored chunk at a time."""
     from tqdm.auto import tqdm
 
-    with h5py.File(out, "w") as h5:
-        h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
-        runs = run_groups(root).items()
-        for rid, g in tqdm(runs, desc="export", unit="run", disable=None if progress else True):  # None: a terminal's
-            hg = h5.create_group(rid)
-            hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
-            for name, arr in _arrays(g).items():
-                storage = arr.attrs.get("storage_dtype")
-                # HDF5 chunks as the store's (h5py's own guess, from the whole shape, cut a long trajectory's
-                # chunks into thin column strips that every written block re-compressed: 30 → 1 MB/s)
-                chunks = tuple(max(1, min(c, n)) for c, n in zip(arr.chunks, arr.shape)) if arr.size else None
-                ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
-                                       chunks=chunks, **(filters if arr.size else {}))
-                for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
-                    block = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
-                    check_room(out, block.nbytes)
-                    ds[lo:lo + arr.chunks[0]] = block
-                ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
-                if arr.metadata.dimension_names:
-                    ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))
+    h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
+    runs = run_groups(root).items()
+    for rid, g in tqdm(runs, desc="export", unit="run", disable=None if progress else True):  # None: a terminal's
+        hg = h5.create_group(rid)
+        hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
+        for name, arr in _arrays(g).items():
+            storage = arr.attrs.get("storage_dtype")
+            # HDF5 chunks as the store's (h5py's own guess, from the whole shape, cut a long trajectory's
+            # chunks into thin column strips that every written block re-compressed: 30 → 1 MB/s)
+            chunks = tuple(max(1, min(c, n)) for c, n in zip(arr.chunks, arr.shape)) if arr.size else None
+            ds = hg.create_dataset(name, shape=arr.shape, dtype=np.float32 if storage == BF16 else arr.dtype,
+                                   chunks=chunks, **(filters if arr.size else {}))
+            for lo in range(0, arr.shape[0], arr.chunks[0]):  # every array has a leading chunked axis
+                ds[lo:lo + arr.chunks[0]] = decode(stored(arr, slice(lo, lo + arr.chunks[0])), storage)
+            ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
+            if arr.metadata.dimension_names:
+                ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))

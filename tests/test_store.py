@@ -293,11 +293,11 @@ def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_
     with pytest.raises(FileNotFoundError, match="notes.txt is not a directory"):  # was NotADirectoryError, from the
         store.export_hdf5(exp / "store.zarr", tmp_path / "notes.txt" / "x.h5")  # cleanup of the partial file
 
-    def killed(root, path, *how):  # an export that dies mid-write leaves the earlier export whole and no partial file
+    def killed(source, path, *how):  # an export that dies mid-write leaves the earlier export whole and no partial file
         path.write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store, "_write_hdf5", killed)
+    monkeypatch.setattr(store, "_write_hdf5_apart", killed)
     with pytest.raises(KeyboardInterrupt):
         store.export_hdf5(exp / "store.zarr", out)
     with h5py.File(out, "r") as h5:
@@ -387,30 +387,36 @@ def test_xarray_dataset_refuses_an_inconsistent_run(captured, tmp_path):
         store.dataset(group)
 
 
-def test_an_export_onto_a_filling_disk_stops_before_hdf5_meets_the_full_disk(captured, tmp_path, monkeypatch):
-    """HDF5 that met a full disk could no longer close its file: the process crashed as it exited (a segmentation
-    fault, h5py/h5py#914) and left the partial file. The export stops while its next block and HDF5's caches still
-    fit, with the disk-full error, the earlier export whole."""
+EXPORT_UNDER_A_LIMIT = """
+import resource, signal, sys
+from gradtrace import store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as one past a full disk or quota
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+try:
+    store.export_hdf5(sys.argv[1], sys.argv[2])
+except OSError as err:
+    print(err.errno, err.filename)
+"""
+
+
+def test_an_export_whose_write_fails_raises_its_error_and_leaves_the_earlier_export_whole(captured, tmp_path):
+    """HDF5, once one of its writes had failed (a disk full, a quota used up: shown here by a file size limit), could
+    no longer close its file: the process crashed (a segmentation fault, h5py/h5py#914; a notebook's kernel too),
+    leaving the partial file and no error in words."""
     import errno
-    import shutil
+    import os
 
     import h5py
 
     exp, _ = captured
     out = tmp_path / "out.h5"
-    store.export_hdf5(exp / "store.zarr", out)
-    blocks, disk = [], shutil.disk_usage(tmp_path)
-
-    def filling(path):  # room for the first 3 blocks (and the headroom), then for none, not even an empty one
-        blocks.append(path)
-        return disk._replace(free=store.EXPORT_HEADROOM + (2**30 if len(blocks) <= 3 else -1))
-
-    monkeypatch.setattr(store.shutil, "disk_usage", filling)
-    with pytest.raises(OSError, match=r"No space left on device \(the export keeps 16 MiB free") as raised:
-        store.export_hdf5(exp / "store.zarr", out)
-    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "out.partial.h5")
-    assert len(blocks) == 4 and set(map(str, blocks)) == {str(tmp_path)}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    size = store.export_hdf5(exp / "store.zarr", out).stat().st_size
+    for limit in (size // 100, size // 3, size * 2 // 3, size * 9 // 10):
+        ended = subprocess.run([sys.executable, "-c", EXPORT_UNDER_A_LIMIT, str(exp / "store.zarr"), str(out),
+                                str(limit)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert (ended.returncode, ended.stdout) == (0, f"{errno.EFBIG} {tmp_path / 'out.partial.h5'}\n"), ended.stderr
+        assert ended.stderr == ""  # h5py's objects failing to close after the failed write are not told of one by one
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
     with h5py.File(out, "r") as h5:
         assert "r0" in h5
 
