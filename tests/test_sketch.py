@@ -120,6 +120,26 @@ def test_countsketch_cpu_kernel_matches_sparse_product_and_index_add(k):
     torch.testing.assert_close(shards, reference, rtol=1e-5, atol=1e-4)
 
 
+NOWHERE_TO_CACHE = """
+import numba.core.caching, torch
+numba.core.caching.CacheImpl._locator_classes = []  # as numba finds them in a read-only install and home
+from gradtrace.capture.sketch import ParamLayout, make_sketch
+layout = ParamLayout(("w",), ((300,),))
+sk = make_sketch("countsketch", layout, 64, seed=2)
+x = torch.randn(300)
+torch.testing.assert_close(sk.apply(x), torch.zeros(64).index_add_(0, sk.buckets(0, 300), x * sk.signs), rtol=0, atol=0)
+print("sketched")
+"""
+
+
+def test_the_cpu_kernels_compile_where_numba_has_nowhere_to_cache_them():
+    """A read-only install and home (a container run as another user) left numba no folder to cache the compiled
+    kernels in: importing them raised "cannot cache function '_signed_add': no locator available", and capture failed
+    at its first step."""
+    ran = subprocess.run([sys.executable, "-c", NOWHERE_TO_CACHE], capture_output=True, text=True)
+    assert ran.stdout == "sketched\n", ran.stderr
+
+
 def test_countsketch_fused_norms_and_difference_match_the_unfused_path():
     """apply_with_norms / apply_difference_with_norms: the CPU kernels (one pass) equal the generic path (the one
     other devices and other sketches take), for non-contiguous and non-float32 tensors too."""

@@ -15,6 +15,18 @@ import numpy as np
 _REASSOC = {"reassoc"}  # lets the compiler vectorise the norm's running sum; no other fast-math liberty
 
 
+def _compiled(**options):
+    """`numba.njit`, its machine code cached on disk where numba finds a folder to write it to (beside this file, or
+    the user's cache), compiled in each process where it finds none: a read-only install and home (a container run
+    as another user) raised "cannot cache function …: no locator available" as this module was imported."""
+    def compile_(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:
+            return numba.njit(**options)(function)
+    return compile_
+
+
 @numba.njit(inline="always")
 def _runs_from(i: int, stop: int, shifts: np.ndarray, k: int) -> tuple[int, int, int]:
     """From coordinate i (< stop): where its block's part below `stop` ends, the bucket of i, and how many
@@ -25,7 +37,7 @@ def _runs_from(i: int, stop: int, shifts: np.ndarray, k: int) -> tuple[int, int,
     return end, bucket, min(end - i, k - bucket)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_REASSOC)
+@_compiled(nogil=True, fastmath=_REASSOC)
 def _signed_add(out: np.ndarray, signs: np.ndarray, x: np.ndarray) -> float:
     sumsq = 0.0
     for i in range(out.size):
@@ -34,7 +46,7 @@ def _signed_add(out: np.ndarray, signs: np.ndarray, x: np.ndarray) -> float:
     return sumsq
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_REASSOC)
+@_compiled(nogil=True, fastmath=_REASSOC)
 def _signed_add_difference(out: np.ndarray, signs: np.ndarray, new: np.ndarray, old: np.ndarray) -> float:
     sumsq = 0.0
     for i in range(out.size):
@@ -44,7 +56,7 @@ def _signed_add_difference(out: np.ndarray, signs: np.ndarray, new: np.ndarray, 
     return sumsq
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled(nogil=True)
 def countsketch_add(x: np.ndarray, start: int, signs: np.ndarray, shifts: np.ndarray, out: np.ndarray) -> float:
     """out += the CountSketch of the vector equal to `x` on coordinates [start, start + len(x)) and zero elsewhere
     (coordinate i to bucket (i mod k + shifts[i // k]) mod k with sign signs[i], k = len(out)); returns ‖x‖²."""
@@ -58,7 +70,7 @@ def countsketch_add(x: np.ndarray, start: int, signs: np.ndarray, shifts: np.nda
     return sumsq
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled(nogil=True)
 def countsketch_add_difference(new: np.ndarray, old: np.ndarray, start: int, signs: np.ndarray, shifts: np.ndarray,
                                out: np.ndarray) -> float:
     """As `countsketch_add` for x = new − old, without forming it; returns ‖new − old‖²."""
