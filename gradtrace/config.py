@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -389,6 +390,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a whole number, got {value!r}")
         return number if hint is float else int(number)
     if hint is str:
+        if isinstance(value, os.PathLike):  # a path given in Python (`model.init_from = Path(...)`)
+            return os.fspath(value)
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected text, got {value!r} (quote it if it is a name)")
         return value
@@ -448,6 +451,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, raw = pair.split("=", 1)
         out[key.strip()] = _parse_yaml(raw, f"--set {pair}")
     return out
+
+
+def checked(cfg: Any) -> Any:
+    """A Config, or one of its sections, validated again as loading validates it (types, ranges, choices, across
+    sections): one changed in Python after it was built (`cfg.train.steps = -5` in a notebook) is refused naming the
+    key before anything runs, not in each run, or never (a run of -5 steps completed with none). A validated copy."""
+    sections = {hint: f"{name}." for name, hint in typing.get_type_hints(Config).items()}
+    return _build(type(cfg), _plain(dataclasses.asdict(cfg)), "" if isinstance(cfg, Config) else sections[type(cfg)])
 
 
 def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:

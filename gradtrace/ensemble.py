@@ -34,7 +34,7 @@ from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import (V_QUANTILES, V_SAMPLE, Probe, Schedule, VSample, adam_preconditioner,
                                         capture_attrs, declare_arrays, no_v_statistics, probe_row)
 from gradtrace.capture.sketch import ParamLayout, make_sketch
-from gradtrace.config import CaptureConfig, Config, TrainConfig, check_ensemble_precision, dotted
+from gradtrace.config import CaptureConfig, Config, TrainConfig, check_ensemble_precision, checked, dotted
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model, start_attrs
 from gradtrace.tasks import answer_cross_entropy, probe_loss_functions, task_for
@@ -103,6 +103,7 @@ def train_ensemble(cfgs: list[Config], exp_dir: str | Path, run_ids: list[str], 
     """Train one run per config into `exp_dir/store.zarr/<run_id>` as one vectorised ensemble; returns results.
     `on_step(steps done, steps in all, members training)` is called after each training step (a sweep's bar counts
     them; members a resume finds complete are not trained)."""
+    cfgs = [checked(cfg) for cfg in cfgs]
     check_members(cfgs)
     roles = roles or ["sweep"] * len(cfgs)
     if not len(cfgs) == len(run_ids) == len(roles) or len(set(run_ids)) != len(run_ids):

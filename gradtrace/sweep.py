@@ -68,7 +68,7 @@ def plan(cfg: Config) -> list[PlannedRun]:
     capture; `sweep.reference_runs` per base), then the sweep's runs (random or grid search: `hparams`). With base
     runs every other run starts from one's final weights: reference runs from each, sweep run i from base i mod
     `sweep.bases`."""
-    s, t = cfg.sweep, cfg.train
+    s, t = config_mod.checked(cfg).sweep, cfg.train
     unknown = set(s.vary) - {"init", "data", "hparams"}
     if unknown:
         raise ValueError(f"unknown sweep.vary entries {sorted(unknown)}; choose from init, data, hparams")
@@ -357,7 +357,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True, scheduler: st
     """Run every planned run not yet complete; write results.csv; return the results table. A run that fails does
     not stop the others (unless it is a base run, which the rest start from): its error is printed as it happens,
     its store group marked `failed`, and a `SweepError` naming the failed runs is raised once the others are done."""
-    out = Path(out)
+    cfg, out = config_mod.checked(cfg), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # one sweep at a time per directory: a second would train the same runs over the first's; the operating system
     # releases the lock when its holder dies (filelock: the holder's process found dead, on a filesystem without

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from gradtrace import checkpoint, kernels, store
 from gradtrace.capture.recorder import Probe, Recorder
-from gradtrace.config import (CaptureConfig, Config, TrainConfig, changed_keys, from_dict, keys_missing_from,
+from gradtrace.config import (CaptureConfig, Config, TrainConfig, changed_keys, checked, from_dict, keys_missing_from,
                               with_absolute_paths)
 from gradtrace.evaluate import accuracy, correctness, train_accuracy
 from gradtrace.models import build_model, start_attrs
@@ -180,6 +180,7 @@ def train(cfg: Config, exp_dir: str | Path, run_id: str = "run", role: str = "re
           resume: bool = False, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> RunResult:
     """Train one run into `exp_dir/store.zarr/<run_id>`, capturing as `cfg.capture` says; returns its accuracies.
     `on_step(steps done, steps in all)` is called after each training step (a sweep's bar counts them)."""
+    cfg = checked(cfg)
     with store.run_lock(Path(exp_dir), [run_id]), callers_torch_state(cfg.train.device):
         return _train_locked(cfg, Path(exp_dir), run_id, role, resume, progress, on_step)
 

@@ -196,3 +196,41 @@ def test_a_device_torch_cannot_use_here_is_refused_naming_it(tmp_path, capsys, m
                                          "below 2, cuda or auto"):
         resolve_device("cuda:2")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.steps", -5, r"train\.steps must be >= 0, got -5"),
+    ("train.lr", "fast", r"train\.lr: expected a number, got 'fast'"),
+    ("capture.sketch", "nope", r"capture\.sketch must be one of"),
+    ("sweep.runs", -1, r"sweep\.runs must be >= 0"),
+])
+def test_a_config_changed_in_python_is_checked_before_anything_runs(tmp_path, key, value, message):
+    """Loading checks a config; one changed in Python after (`cfg.train.steps = -5` in a notebook) was not: a run of
+    -5 steps completed with none, a batch of 0 failed in numpy, and a sweep failed in each of its runs."""
+    import torch
+
+    from gradtrace.capture import attach
+    from gradtrace.sweep import plan, run_sweep
+    from gradtrace.train import train
+
+    cfg = tiny_config(train__steps=2, sweep__runs=2, sweep__workers=1, sweep__reference_runs=0)
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    for trains in (lambda: train(cfg, tmp_path, "r", progress=False), lambda: run_sweep(cfg, tmp_path, progress=False),
+                   lambda: plan(cfg)):
+        with pytest.raises(ValueError, match=message):
+            trains()
+    if section == "capture":
+        model = torch.nn.Linear(2, 2)
+        with pytest.raises(ValueError, match=message):
+            attach(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "r", total_steps=2,
+                   capture=cfg.capture)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_a_path_given_in_python_is_taken_as_text():
+    cfg = tiny_config()
+    cfg.model.init_from, cfg.task.modules = Path("/studies/base.safetensors"), [Path("/studies/splits.py")]
+    checked = config.checked(cfg)
+    assert (checked.model.init_from, checked.task.modules) == ("/studies/base.safetensors", ["/studies/splits.py"])
+    assert checked.train == cfg.train and checked is not cfg

@@ -40,7 +40,7 @@ from gradtrace import store
 from gradtrace.capture.recorder import (Probe, Recorder, check_unsharded, open_recorders, uninterrupted,
                                        unwrap_model, unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, Sketch
-from gradtrace.config import CaptureConfig
+from gradtrace.config import CaptureConfig, checked
 
 
 _OPENED_HERE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # RunRecorder -> the process that opened it
@@ -225,6 +225,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     if not isinstance(capture, CaptureConfig):
         raise TypeError(f"capture must be a gradtrace.config.CaptureConfig, got {type(capture).__name__}; e.g. "
                         "CaptureConfig(**settings)")
+    capture = checked(capture)
     check_unsharded(model)  # on every rank, which all raise: none is left waiting in a collective
     if not is_writer(write):
         return IdleRecorder()
