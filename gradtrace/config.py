@@ -551,6 +551,6 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 def dump(cfg: Config, path: str | Path) -> None:
     """Write the full resolved config as YAML, atomically: a resumed sweep reads it back, and a kill mid-write
-    must not leave half of it."""
+    must not leave half of it. Checked first (`checked`): a config changed in Python is written only if valid."""
     with written_whole(path) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        tmp.write_text(yaml.safe_dump(checked(cfg).to_dict(), sort_keys=False), encoding="utf-8")

@@ -228,9 +228,12 @@ def test_a_config_changed_in_python_is_checked_before_anything_runs(tmp_path, ke
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
-def test_a_path_given_in_python_is_taken_as_text():
+def test_a_path_given_in_python_is_taken_as_text(tmp_path):
+    """yaml could not write a pathlib.Path (`config.dump`: "cannot represent an object"), and loading refused one."""
     cfg = tiny_config()
     cfg.model.init_from, cfg.task.modules = Path("/studies/base.safetensors"), [Path("/studies/splits.py")]
     checked = config.checked(cfg)
     assert (checked.model.init_from, checked.task.modules) == ("/studies/base.safetensors", ["/studies/splits.py"])
     assert checked.train == cfg.train and checked is not cfg
+    config.dump(cfg, tmp_path / "study.yaml")
+    assert config.read_resolved(tmp_path / "study.yaml")["model"]["init_from"] == "/studies/base.safetensors"
