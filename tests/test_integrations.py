@@ -4,6 +4,7 @@ import copy
 import functools
 import math
 import os
+import re
 import socket
 import warnings
 
@@ -1401,6 +1402,13 @@ def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task)
     model = micro(task)
     with pytest.raises(TypeError, match="CaptureConfig"):
         attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=2, capture={"dim": 64})
+    for steps in (0, -1, 2.5, None, "10", True):  # were recorded as the run's steps (info: "steps=3/10")
+        with pytest.raises(ValueError, match=f"total_steps must be .* whole number >= 1, got {re.escape(repr(steps))}"):
+            attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=steps, capture=IDENTITY)
+    assert not (tmp_path / "store.zarr").exists()
+    optimizer = torch.optim.AdamW(model.parameters())
+    attach(model, optimizer, tmp_path, "a", total_steps=np.int64(2), capture=IDENTITY).close()
+    assert run_group(tmp_path, "a").attrs["steps"] == 2
     other = torch.optim.AdamW(micro(task, seed=1).parameters())
     with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
         attach(model, other, tmp_path, "b", total_steps=2, capture=IDENTITY)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures.thread
 import contextlib
 import dataclasses
+import numbers
 import os
 import sys
 import threading
@@ -226,6 +227,10 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         raise TypeError(f"capture must be a gradtrace.config.CaptureConfig, got {type(capture).__name__}; e.g. "
                         "CaptureConfig(**settings)")
     capture = checked(capture)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+        raise ValueError(f"total_steps must be the run's number of optimizer steps, a whole number >= 1, got "
+                         f"{total_steps!r}")
+    total_steps = int(total_steps)
     check_unsharded(model)  # on every rank, which all raise: none is left waiting in a collective
     if not is_writer(write):
         return IdleRecorder()
