@@ -106,6 +106,8 @@ def open_experiment(path: str | Path, mode: str = "r") -> zarr.Group:
             with contextlib.suppress(zarr.errors.ContainsGroupError):  # the other was first
                 zarr.create_group(path, zarr_format=3, attributes={**attrs, "created": _now()})
         root = zarr.open_group(path, mode=mode, zarr_format=3)
+    except OSError:  # the folder cannot be made or read (a file on its way, a read-only disk): its own words
+        raise
     except Exception as err:  # zarr raises several types for damaged metadata
         raise ValueError(f"{path} could not be opened as a Zarr v3 group ({type(err).__name__}: {err}); "
                          "the store may be truncated or corrupt") from err

@@ -1402,6 +1402,12 @@ def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task)
     model = micro(task)
     with pytest.raises(TypeError, match="CaptureConfig"):
         attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=2, capture={"dim": 64})
+    with pytest.raises(TypeError, match="takes a torch.nn.Module and a torch.optim.Optimizer, got AdamW and"):
+        attach(torch.optim.AdamW(model.parameters()), model, tmp_path, "a", total_steps=2)  # an AttributeError before
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="notes/store.zarr"):  # was "the store may be truncated or corrupt"
+        attach(model, torch.optim.AdamW(model.parameters()), tmp_path / "notes", "a", total_steps=2)
+    (tmp_path / "notes").unlink()
     for steps in (0, -1, 2.5, None, "10", True):  # were recorded as the run's steps (info: "steps=3/10")
         with pytest.raises(ValueError, match=f"total_steps must be .* whole number >= 1, got {re.escape(repr(steps))}"):
             attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=steps, capture=IDENTITY)

@@ -222,6 +222,9 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`. A model
     sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder records whole tensors.
     """
+    if not (isinstance(model, torch.nn.Module) and isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer)):
+        raise TypeError(f"attach(model, optimizer, out_dir, ...) takes a torch.nn.Module and a torch.optim.Optimizer, "
+                        f"got {type(model).__name__} and {type(optimizer).__name__}")
     capture = capture or CaptureConfig()
     if not isinstance(capture, CaptureConfig):
         raise TypeError(f"capture must be a gradtrace.config.CaptureConfig, got {type(capture).__name__}; e.g. "
