@@ -516,8 +516,37 @@ def nonfinite_steps(group: zarr.Group) -> int:
     return int(np.sum(read(group, "nonfinite"))) if has(group, "nonfinite") else 0
 
 
-def read(group: zarr.Group, name: str) -> np.ndarray:
-    """Array `name` of a run group as float32/int numpy (bfloat16 and float16 decoded to float32)."""
+def run_group(run: zarr.Group | str | Path) -> zarr.Group:
+    """A run group, given as one or as the path of its folder (`storage/default/store.zarr/run-000`); the store (or
+    its experiment directory) given instead is refused naming its runs."""
+    if isinstance(run, (str, os.PathLike)):
+        path = Path(run)
+        if _kind(path.parent) == EXPERIMENT:  # a run's folder, or a name the store lacks
+            root = open_experiment(path.parent)
+            if path.name not in root:
+                raise KeyError(f"{path.parent} holds no run {path.name!r}; its runs: {_some(runs(root))}")
+            run = root[path.name]
+        elif inside := next((p for p in path.parents if _kind(p.parent) == EXPERIMENT), None):
+            rel = path.relative_to(inside).as_posix()
+            raise ValueError(f"{path} lies inside the run {inside}: give the run, and name an array by its path in it "
+                             f"('{rel}' or '{rel}/…')")
+        else:
+            run = open_experiment(path / "store.zarr" if _kind(path / "store.zarr") == EXPERIMENT else path)
+    if run.attrs.get("kind") == EXPERIMENT:
+        raise ValueError(f"{local_path(run) or run.store_path} is the experiment store, not one of its runs: give a "
+                         f"run group, store[run_id], or its folder (its runs: {_some(runs(run))})")
+    return run
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first names of a list, and how many there are in all where some are left out."""
+    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "") if names else "none"
+
+
+def read(group: zarr.Group | str | Path, name: str) -> np.ndarray:
+    """Array `name` of a run group (or its folder's path) as float32/int numpy (bfloat16 and float16 decoded to
+    float32)."""
+    group = run_group(group)
     if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
@@ -555,8 +584,10 @@ def _chunk_key(arr: zarr.Array, index: int) -> str:
     return arr.metadata.chunk_key_encoding.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
 
 
-def read_lazy(group: zarr.Group, name: str):
-    """Array `name` as a dask array chunked like the store (for trajectories larger than memory)."""
+def read_lazy(group: zarr.Group | str | Path, name: str):
+    """Array `name` of a run group (or its folder's path) as a dask array chunked like the store (for trajectories
+    larger than memory)."""
+    group = run_group(group)
     if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     return as_dask(group[name])
@@ -593,12 +624,13 @@ class _NamingDamage:
 INDEX_ARRAYS = {"step": "step", "probe": "probe/step", "eval": "evals/step"}
 
 
-def dataset(group: zarr.Group):
-    """A run as an xarray.Dataset of lazy dask arrays: named dimensions, labelled coordinates (step, probe and
-    eval steps; split, probe_loss, param and quantile names), the run's attributes. Variables keep the store's
-    array names (`ds["probe/grad"].sel(split="ID")`)."""
+def dataset(group: zarr.Group | str | Path):
+    """A run (its group, or its folder's path) as an xarray.Dataset of lazy dask arrays: named dimensions, labelled
+    coordinates (step, probe and eval steps; split, probe_loss, param and quantile names), the run's attributes.
+    Variables keep the store's array names (`ds["probe/grad"].sel(split="ID")`)."""
     import xarray as xr
 
+    group = run_group(group)
     arrays, a = _arrays(group), group.attrs
     labels = {"split": a.get("splits"), "probe_loss": a.get("probe_losses"), "quantile": a.get("v_quantiles"),
               "param": [p["name"] for p in a.get("layout", [])] or None}

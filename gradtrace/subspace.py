@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -433,10 +434,10 @@ class _StoredRows:
         return (total / self.shape[0]).astype(np.float32)
 
 
-def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps: slice | None = None,
+def run_span(group: zarr.Group | str | Path, quantity: str = "update", rank: int = 32, steps: slice | None = None,
              center: bool = False, method: str = "auto", seed: int = 0) -> Span:
-    """The top-`rank` span of one captured quantity of a run group over a window of optimizer steps, carrying the
-    run's sketch (analyses refuse to mix it with another).
+    """The top-`rank` span of one captured quantity of a run group (or its folder's path) over a window of optimizer
+    steps, carrying the run's sketch (analyses refuse to mix it with another).
 
     quantity: `update` (Δθ_t), `grad` (g_t), `adam_m` (m_t) or `adam_update` = −Δθ_t / lr_t, Adam's
     preconditioned step direction m̂/(√v̂+ε) plus the decoupled weight-decay term wd·θ_t (exactly Adam's direction
@@ -447,6 +448,7 @@ def run_span(group: zarr.Group, quantity: str = "update", rank: int = 32, steps:
     SVD) and streams it (Frequent Directions) otherwise; or name `randomized`, `full`, `frequent_directions` or
     `svd_compressed`.
     """
+    group = store.run_group(group)
     if quantity not in QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}: choose one of {', '.join(QUANTITIES)}")
     source = "update" if quantity == "adam_update" else quantity

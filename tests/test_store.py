@@ -557,3 +557,25 @@ def test_a_run_folder_without_its_metadata_is_left_out_with_a_warning_that_says_
     (copy / "r0" / "zarr.json").unlink()
     with pytest.warns(UserWarning, match=r"copy.zarr/r0 is left out: it is no Zarr group or array \(a folder without "):
         assert store.runs(store.open_experiment(copy)) == []
+
+
+def test_a_run_is_read_by_its_folders_path_and_the_store_given_for_a_run_is_refused_naming_its_runs(captured):
+    """`store.read(path, name)` raised AttributeError ('str' object has no attribute 'name'); the store's root given
+    for a run said "run '/' did not capture 'update'"."""
+    from gradtrace import subspace
+
+    exp, _ = captured
+    root = store.open_experiment(exp / "store.zarr")
+    folder = exp / "store.zarr" / "r0"
+    np.testing.assert_array_equal(store.read(str(folder), "grad"), store.read(root["r0"], "grad"))
+    np.testing.assert_array_equal(store.read_lazy(folder, "probe/grad").compute(), store.read(root["r0"], "probe/grad"))
+    assert store.dataset(folder)["grad"].shape == root["r0"]["grad"].shape
+    np.testing.assert_allclose(subspace.run_span(folder, "update", rank=2).singular_values,
+                               subspace.run_span(root["r0"], "update", rank=2).singular_values)
+    for given in (root, exp / "store.zarr", exp):
+        with pytest.raises(ValueError, match=r"store.zarr is the experiment store, not one of its runs: .*its runs: r0"):
+            store.read(given, "grad")
+    with pytest.raises(ValueError, match=r"store.zarr/r0/probe lies inside the run .*/r0: .*'probe' or 'probe/…'"):
+        store.read(folder / "probe", "grad")
+    with pytest.raises(KeyError, match=r"holds no run 'r9'; its runs: r0"):
+        subspace.run_span(exp / "store.zarr" / "r9")
