@@ -928,7 +928,8 @@ def _write_hdf5_apart(path: str | Path, out: Path, compression: str, progress: b
     in its child: a script exporting without an `if __name__ == "__main__"` guard)."""
     code = ("import json, sys; sys.path = json.loads(sys.argv[1]); from gradtrace.store import _write_hdf5_here; "
             "_write_hdf5_here(*sys.argv[2:])")  # this process's path: the same gradtrace, installed or not
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(sys.path), str(path), str(out), compression,
+    path_here = [entry for entry in sys.path if isinstance(entry, str)]  # the import system skips any other
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(path_here), str(path), str(out), compression,
                            "progress" if progress else ""], stdout=subprocess.PIPE, text=True)  # an interrupt kills it
     try:
         outcome = json.loads(done.stdout.splitlines()[-1])
