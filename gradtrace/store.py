@@ -22,7 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 import zarr
@@ -923,27 +923,43 @@ _FAILED_WRITE = re.compile(r"errno = (\d+)")  # in HDF5's words for a failed sys
 def _write_hdf5_apart(path: str | Path, out: Path, compression: str, progress: bool) -> None:
     """Write the export in a process of its own: HDF5, once one of its writes has failed (a disk full, a quota used
     up), can no longer close its file, and its process crashed as it exited (a segmentation fault, h5py/h5py#914; a
-    notebook's kernel too). The helper's error is raised here, an OSError with the errno HDF5 met; its warnings are
-    warned again here. Started as a new interpreter (not multiprocessing's spawn, which runs a script's top level again
-    in its child: a script exporting without an `if __name__ == "__main__"` guard)."""
+    notebook's kernel too). The helper tells its progress and outcome as JSON lines: the bar is drawn here (in a
+    notebook too), its error raised here (an OSError with the errno HDF5 met), its warnings warned again here. Started
+    as a new interpreter (not multiprocessing's spawn, which runs a script's top level again in its child: a script
+    exporting without an `if __name__ == "__main__"` guard)."""
+    from tqdm.auto import tqdm
+
     code = ("import json, sys; sys.path = json.loads(sys.argv[1]); from gradtrace.store import _write_hdf5_here; "
             "_write_hdf5_here(*sys.argv[2:])")  # this process's path: the same gradtrace, installed or not
     path_here = [entry for entry in sys.path if isinstance(entry, str)]  # the import system skips any other
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(path_here), str(path), str(out), compression,
-                           "progress" if progress else ""], stdout=subprocess.PIPE, text=True)  # an interrupt kills it
-    try:
-        outcome = json.loads(done.stdout.splitlines()[-1])
-    except (IndexError, ValueError):
-        raise OSError(f"the process writing {out} ended before it was done (exit status {done.returncode})") from None
+    outcome = None
+    with subprocess.Popen([sys.executable, "-c", code, json.dumps(path_here), str(path), str(out), compression],
+                          stdout=subprocess.PIPE, text=True) as helper, \
+            tqdm(desc="export", unit="run", disable=None if progress else True) as bar:  # None: a terminal's
+        try:
+            for line in helper.stdout:
+                told = json.loads(line)
+                if "runs" in told:
+                    bar.reset(total=told["runs"])
+                elif "done" in told:
+                    bar.update()
+                else:
+                    outcome = told
+        except BaseException:  # Ctrl-C, SIGTERM: the helper stops too
+            helper.kill()
+            raise
+    if outcome is None:
+        raise OSError(f"the process writing {out} ended before it was done (exit status {helper.returncode})")
     for category, message in outcome["warnings"]:
         warnings.warn(message, getattr(builtins, category, UserWarning), stacklevel=3)
     if outcome.get("error"):
         raise getattr(builtins, outcome["error"])(*outcome["args"])
 
 
-def _write_hdf5_here(path: str, out: str, compression: str, progress: str) -> None:
-    """The helper process of `_write_hdf5_apart`: write the export, print its outcome as a JSON line (an error raised,
-    with the errno of a failed write HDF5 names in its words; the warnings) and end without closing HDF5 again."""
+def _write_hdf5_here(path: str, out: str, compression: str) -> None:
+    """The helper process of `_write_hdf5_apart`: write the export, telling its progress as JSON lines (the number of
+    runs, then each run done) and its outcome (an error raised, with the errno of a failed write HDF5 names in its
+    words; the warnings), and end without closing HDF5 again."""
     import h5py
 
     with warnings.catch_warnings(record=True) as caught:
@@ -966,7 +982,7 @@ def _write_hdf5_here(path: str, out: str, compression: str, progress: str) -> No
         sys.unraisablehook, sys.excepthook = unraisable, printed
         try:
             h5 = h5py.File(out, "w")
-            _write_hdf5(open_experiment(path), h5, EXPORT_COMPRESSION[compression], bool(progress))
+            _write_hdf5(open_experiment(path), h5, EXPORT_COMPRESSION[compression], _tell_line)
             h5.close()
         except BaseException as err:
             failed(err)
@@ -977,9 +993,14 @@ def _tell(outcome: dict[str, Any]) -> NoReturn:
     """End `_write_hdf5_here`'s process, its outcome printed as a JSON line, without Python's exit, where HDF5 that
     failed a write crashed closing its file."""
     outcome["warnings"] = [(w.category.__name__, str(w.message)) for w in outcome["warnings"]]
-    print(json.dumps(outcome), flush=True)
+    _tell_line(outcome)
     sys.stderr.flush()
     os._exit(0)
+
+
+def _tell_line(told: dict[str, Any]) -> None:
+    """One JSON line to `_write_hdf5_apart`, at once."""
+    print(json.dumps(told), flush=True)
 
 
 def _in_words(err: BaseException, out: str) -> dict[str, Any]:
@@ -994,13 +1015,13 @@ def _in_words(err: BaseException, out: str) -> dict[str, Any]:
     return {"error": kind, "args": [err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)]}
 
 
-def _write_hdf5(root: zarr.Group, h5, filters: dict, progress: bool) -> None:
-    """Every run's arrays and attributes into the open HDF5 file `h5`, a stored chunk at a time."""
-    from tqdm.auto import tqdm
-
+def _write_hdf5(root: zarr.Group, h5, filters: dict, tell: Callable[[dict[str, Any]], None]) -> None:
+    """Every run's arrays and attributes into the open HDF5 file `h5`, a stored chunk at a time, telling the number
+    of runs and then each run done."""
     h5.attrs["gradtrace"] = json.dumps(dict(root.attrs))
-    runs = run_groups(root).items()
-    for rid, g in tqdm(runs, desc="export", unit="run", disable=None if progress else True):  # None: a terminal's
+    groups = run_groups(root)
+    tell({"runs": len(groups)})
+    for rid, g in groups.items():
         hg = h5.create_group(rid)
         hg.attrs["gradtrace"] = json.dumps(dict(g.attrs))
         for name, arr in _arrays(g).items():
@@ -1015,3 +1036,4 @@ def _write_hdf5(root: zarr.Group, h5, filters: dict, progress: bool) -> None:
             ds.attrs["gradtrace"] = json.dumps(dict(arr.attrs))  # e.g. eval/correct's splits, storage_dtype
             if arr.metadata.dimension_names:
                 ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names))
+        tell({"done": rid})
