@@ -1069,7 +1069,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     from gradtrace import config as config_module
     from gradtrace.results import base_groups, load_results
 
-    exp_dir = Path(exp_dir)
+    exp_dir, predictors = Path(exp_dir), [predictors] if isinstance(predictors, str) else predictors  # one, by name
     sweep_dir = (exp_dir / "plan.json").exists()
     for required in ("config.yaml", "results.csv") if sweep_dir else ("results.csv",):
         if not (exp_dir / required).exists():
@@ -1132,6 +1132,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
             "observed_ci_high": observed["ci_high"].to_numpy()}))
     predictions = pd.concat(frames, ignore_index=True)
     out = exp_dir if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # as `--out` is made (a missing one failed once every predictor was run)
     write_csv(predictions, out / "predictions.csv")
     write_csv(scores, out / "predict_scores.csv")
     return PredictResult(predictions, scores, errors)

@@ -439,6 +439,12 @@ def _group_dummies(groups: np.ndarray) -> np.ndarray:
     return (groups[:, None] == np.arange(1, groups.max() + 1)).astype(float)
 
 
+def _split_not_column(name: str, available: Sequence[str]) -> str:
+    """A hint where a split was named by its column (`acc_ID` for `ID`)."""
+    split = name[4:] if isinstance(name, str) and name.startswith("acc_") else None
+    return f" Name splits, not columns: {split!r}, not {name!r}." if split in available else ""
+
+
 def _prepare(
     table: pd.DataFrame, id: str, shifts: Sequence[str] | None, unit: str,
     items: Mapping[str, np.ndarray] | None, n_items: int | Mapping[str, int], within: str | None = None,
@@ -453,12 +459,13 @@ def _prepare(
         raise ValueError(
             f"no ID accuracy column 'acc_{id}': expected columns acc_<split> with the ID split among them "
             f"(found splits {available}). Pass id=<name of the ID split>, or name its column acc_ID (as "
-            "`gradtrace stats` and `predict` read it)."
+            f"`gradtrace stats` and `predict` read it).{_split_not_column(id, available)}"
         )
     shifts = [s for s in available if s != id] if shifts is None else list(shifts)
     missing = [s for s in shifts if s not in available]
     if missing:
-        raise ValueError(f"shifts {missing} have no acc_<shift> column: available splits are {available}.")
+        raise ValueError(f"shifts {missing} have no acc_<shift> column: available splits are {available}."
+                         f"{_split_not_column(missing[0], available)}")
     if id in shifts or len(set(shifts)) != len(shifts):
         raise ValueError(f"shifts={shifts} must be distinct and must not include the ID split {id!r}.")
     if len(shifts) < 2:
@@ -660,8 +667,12 @@ def partial_correlations(
     if isinstance(table, (str, PathLike)):
         from gradtrace.results import base_groups
 
-        table, loaded = _load_experiment(table)
-        items = loaded if items is None else items
+        path = Path(table)
+        if path.is_file() and not (path.name == "results.csv" and (path.parent / "store.zarr").is_dir()):
+            table = pd.read_csv(path)  # a table of your own
+        else:  # an experiment directory, or its results.csv
+            table, loaded = _load_experiment(path.parent if path.is_file() else path)
+            items = loaded if items is None else items
         within = within or base_groups(table)  # as `gradtrace stats`: the runs of several bases within base
     opts = _check_options(residualize, unit, n_boot, n_perm, seed, block_length, spline_knots, n_items,
                           n_splits, alpha, confidence)
@@ -963,6 +974,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
 
     exp_dir = Path(exp_dir)
     out = exp_dir if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # as `--out` is made (a missing one failed once the statistics were done)
     table, items = _load_experiment(exp_dir)
     paths = {"gap_csv": out / "gap.csv", "stats_csv": out / "stats.csv", "stats_json": out / "stats.json"}
     caught: list[warnings.WarningMessage] = []

@@ -906,3 +906,12 @@ def test_run_predict_takes_a_directory_of_your_own_runs_without_a_config(tmp_pat
     (planted.exp_dir / "plan.json").write_text("[]")  # a sweep's directory whose config.yaml is gone
     with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
         run_predict(planted.exp_dir)
+
+
+def test_run_predict_takes_one_predictor_by_name_and_makes_its_out_directory(planted, tmp_path):
+    """`predictors="covariance"` was read letter by letter (unknown predictor(s) ['c', 'o', …]); an `out` directory
+    not yet made failed in pandas once every predictor had run."""
+    out = tmp_path / "analysis" / "predict"
+    result = run_predict(planted.exp_dir, predictors="covariance", n_boot=0, n_splits=10, n_perm=100, out=out)
+    assert "covariance" in result.scores.predictor.tolist()
+    assert sorted(p.name for p in out.iterdir()) == ["predict_scores.csv", "predictions.csv"]

@@ -908,3 +908,26 @@ def test_stats_report_says_why_it_fails_when_constant_shifts_left_too_few(tmp_pa
                                                                                         index=False)
     with pytest.warns(UserWarning, match=r"dropping shifts .* \(b, c\)"), pytest.raises(ValueError, match="two shifts"):
         stats_report(tmp_path)
+
+
+def test_stats_report_makes_its_out_directory(fake_experiment, tmp_path):
+    """An `out` not yet made failed once the statistics were done (`--out` is made by the command line)."""
+    out = tmp_path / "analysis" / "stats"
+    with pytest.warns(UserWarning, match="reliability below"):
+        stats_report(fake_experiment, n_boot=0, n_perm=0, out=out)
+    assert {"stats.csv", "stats.json", "gap.csv"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_table_is_given_as_a_csv_file_and_splits_named_by_their_column_get_a_hint(tmp_path):
+    """A path to a CSV was taken for an experiment directory ('…/mine.csv/results.csv not found'), and id='acc_ID'
+    was looked up as 'acc_acc_ID'."""
+    rng = np.random.default_rng(3)
+    id_acc, pa, pb = probit_lines(rng, n=40, rho=0.4, sigma=0.3)
+    table = table_from(id_acc, pa, pb)
+    table.to_csv(tmp_path / "mine.csv", index=False)
+    pd.testing.assert_frame_equal(partial_correlations(tmp_path / "mine.csv", n_boot=0, n_perm=0),
+                                  partial_correlations(table, n_boot=0, n_perm=0))
+    with pytest.raises(ValueError, match=r"Name splits, not columns: 'ID', not 'acc_ID'"):
+        partial_correlations(table, id="acc_ID", n_boot=0, n_perm=0)
+    with pytest.raises(ValueError, match=r"Name splits, not columns: 's0', not 'acc_s0'"):
+        partial_correlations(table, shifts=["acc_s0", "s1"], n_boot=0, n_perm=0)
