@@ -155,6 +155,7 @@ def load_reference(exp_dir_or_store: str | Path | zarr.Group, run_ids: Sequence[
     root = _open_store(exp_dir_or_store)
     groups = store.run_groups(root)
     available = list(groups)
+    run_ids = [run_ids] if isinstance(run_ids, str) else run_ids  # one run, by id
     if run_ids is None:
         chosen = [r for r in available if groups[r].attrs.get("role") == role]
         if not chosen:

@@ -13,6 +13,7 @@ from gradtrace.files import write_csv
 
 # every run's columns before its acc_<split> (test) and train_acc_<split> ones
 FIXED_COLUMNS = ["run_id", "role", "base", "init_seed", "data_seed", "lr", "weight_decay", "steps", "wall_time_s"]
+ROLES = ("sweep", "reference", "base")  # what a sweep's runs are (sweep.plan)
 # how to write results.csv again from the store, its single source of truth
 REWRITE = ("Rewrite it from the store: run the sweep again (`gradtrace sweep {exp_dir}/config.yaml --out {exp_dir}`; "
            "it trains no run that is complete) or call gradtrace.results.write_results(results_table(DIR), DIR).")
@@ -69,6 +70,9 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep") -> pd.DataFram
     groups = _run_groups(exp_dir)
     table = read_results(exp_dir, groups)
     if role is not None:
+        if role not in ROLES and not (table["role"] == role).any():  # a role of a table of your own is its own
+            raise ValueError(f"role {role!r}: gradtrace's runs have roles {', '.join(ROLES)} (this table's: "
+                             f"{', '.join(sorted(table['role'].astype(str).unique())) or 'none yet'})")
         table = table[table["role"] == role].reset_index(drop=True)
     _warn_if_incomplete(exp_dir, table, role, groups)
     warn_of_mixed_arithmetic(exp_dir, groups, [rid for rid in table["run_id"] if rid in groups], stacklevel=2)

@@ -382,6 +382,8 @@ def _select_rows(steps: np.ndarray, window: slice | None) -> np.ndarray:
                          "checkpoint: `gradtrace info` gives its status)")
     if window is None:
         return np.arange(len(steps))
+    if not isinstance(window, slice):
+        raise TypeError(f"steps={window!r}: pass slice(start, stop) in optimizer steps, stop exclusive")
     if window.step is not None:
         raise ValueError(f"steps={window} has a stride; pass slice(start, stop) in optimizer steps "
                          "(rows recorded every capture.every steps are all used)")

@@ -188,6 +188,7 @@ def test_load_reference(planted):
     assert run.update.shape == (STEPS, D) and run.wall_time_s == 12.0
     lazy = load_reference(planted.exp_dir / "store.zarr", lazy=True)
     assert hasattr(lazy.runs[0].update, "dask")
+    assert [r.run_id for r in load_reference(planted.exp_dir, run_ids="ref-000").runs] == ["ref-000"]  # not r, e, …
     with pytest.raises(ValueError, match="not captured"):
         ref.loss_index("hinge")
 

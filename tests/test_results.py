@@ -28,6 +28,15 @@ def test_item_correctness_stacks_the_sweep_runs(study):
     np.testing.assert_array_equal(correct["ID"].sum(axis=1), [1, 2, 3])
 
 
+def test_a_role_no_run_has_is_refused_naming_the_roles(study):
+    """role='sweeps' gave an empty table (and no per-item correctness) as if the sweep had no run yet."""
+    for load in (results.load_results, results.load_item_correctness):
+        with pytest.raises(ValueError, match=r"role 'sweeps': gradtrace's runs have roles sweep, reference, base "
+                                             r"\(this table's: reference, sweep\)"):
+            load(study, role="sweeps")
+    assert results.load_results(study, role="base").empty  # a role of gradtrace's that no run has yet
+
+
 def test_item_correctness_is_empty_where_a_run_lacks_it_or_there_is_no_run(study):
     """A run without per-item correctness empties the whole (skipping it left fewer rows than the table's, each row
     then another run's), and so does a table of no runs (np.stack of nothing raised)."""

@@ -336,6 +336,8 @@ def test_run_span_errors(run_group):
         run_span(group, steps=slice(1000, 2000))
     with pytest.raises(ValueError, match="stride"):
         run_span(group, steps=slice(0, 100, 2))
+    with pytest.raises(TypeError, match=r"steps=\(0, 100\): pass slice\(start, stop\)"):  # an AttributeError before
+        run_span(group, steps=(0, 100))
     empty = store.create_run(zarr.open_group(group.store, mode="a"), "empty", {})  # no chunk written yet
     writer = store.RunWriter(empty)
     writer.declare("step", (), dtype="int64")
