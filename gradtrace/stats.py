@@ -439,6 +439,11 @@ def _group_dummies(groups: np.ndarray) -> np.ndarray:
     return (groups[:, None] == np.arange(1, groups.max() + 1)).astype(float)
 
 
+def _names(names: Sequence[str] | str) -> list[str]:
+    """Names as a list, one given alone as text too (`shifts="length"` is one shift, not six letters)."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 def _split_not_column(name: str, available: Sequence[str]) -> str:
     """A hint where a split was named by its column (`acc_ID` for `ID`)."""
     split = name[4:] if isinstance(name, str) and name.startswith("acc_") else None
@@ -461,7 +466,7 @@ def _prepare(
             f"(found splits {available}). Pass id=<name of the ID split>, or name its column acc_ID (as "
             f"`gradtrace stats` and `predict` read it).{_split_not_column(id, available)}"
         )
-    shifts = [s for s in available if s != id] if shifts is None else list(shifts)
+    shifts = [s for s in available if s != id] if shifts is None else _names(shifts)
     missing = [s for s in shifts if s not in available]
     if missing:
         raise ValueError(f"shifts {missing} have no acc_<shift> column: available splits are {available}."
@@ -869,6 +874,7 @@ def generalisation_gap(table: pd.DataFrame, config_columns: Sequence[str] | None
         if config_columns is None:
             config_columns = [c for c in table.columns if not (isinstance(c, str) and c.startswith(metrics))
                               and c not in SEED_COLUMNS + _PER_RUN_COLUMNS]
+        config_columns = _names(config_columns)
         missing = [c for c in config_columns if c not in table.columns]
         if missing:
             raise ValueError(f"config_columns {missing} are not columns of the table.")
@@ -938,8 +944,8 @@ def varying_shifts(table: pd.DataFrame, id: str, shifts: Sequence[str] | None = 
     """The shifts (default: every `acc_` column but ID's) whose accuracy varies across runs (within some group of
     the `within` column, where correlations are taken within groups); warns about and drops constant ones, which
     have no correlation (with fewer than 5 runs none are dropped: too few for any)."""
-    if shifts is None:
-        shifts = [c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_") and c[4:] != id]
+    shifts = ([c[4:] for c in table.columns if isinstance(c, str) and c.startswith("acc_") and c[4:] != id]
+              if shifts is None else _names(shifts))
     groups = table.groupby(within, sort=False) if within else table.groupby(np.zeros(len(table)))
     constant = [s for s in shifts if groups[f"acc_{s}"].nunique().max() <= 1]
     if constant and len(table) >= 5:

@@ -39,6 +39,7 @@ from gradtrace.stats import (
     spearman_brown,
     split_half_reliability,
     stats_report,
+    varying_shifts,
 )
 
 FAST = dict(n_boot=0, n_perm=0)
@@ -931,3 +932,6 @@ def test_a_table_is_given_as_a_csv_file_and_splits_named_by_their_column_get_a_h
         partial_correlations(table, id="acc_ID", n_boot=0, n_perm=0)
     with pytest.raises(ValueError, match=r"Name splits, not columns: 's0', not 'acc_s0'"):
         partial_correlations(table, shifts=["acc_s0", "s1"], n_boot=0, n_perm=0)
+    with pytest.raises(ValueError, match=r"need at least two shifts to form a pair, got \['s0'\]"):  # not 's', '0'
+        partial_correlations(table, shifts="s0", n_boot=0, n_perm=0)
+    assert varying_shifts(table, "ID", shifts="s1") == ["s1"]
