@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import DEVICES, tiny_config
 from gradtrace import store
-from gradtrace.capture import Probe, Recorder
+from gradtrace.capture import Probe, Recorder, attach
 from gradtrace.config import CaptureConfig
 from gradtrace.models import build_model
 from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy, probe_loss_functions
@@ -395,3 +395,22 @@ def test_probes_are_checked_when_made_not_at_the_first_step(tmp_path, task):
     with pytest.raises(ValueError, match=r"probes \['ood'\] are given more than once"):
         Recorder(model, torch.optim.AdamW(model.parameters()), store.RunWriter(group), CaptureConfig(dim=64), 10,
                  [Probe("ood", tokens, mask), Probe("ood", tokens, mask), Probe("ID", tokens, mask)], PROBE_LOSSES)
+
+
+def test_rec_log_refuses_what_is_not_one_number_at_the_call(tmp_path):
+    """Per-item losses (`reduction="none"`) given to rec.log failed a chunk later, as the row was written: "could not
+    broadcast input array from shape (3,2) into shape (3,)"."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.Adam(model.parameters())
+    rec = attach(model, optimizer, tmp_path, "r", total_steps=2)
+    losses = model(torch.randn(2, 4)).pow(2).mean(dim=1)
+    with pytest.raises(ValueError, match=r"rec.log: loss must be one number .* got a tensor of shape \(2,\)"):
+        rec.log(losses)
+    with pytest.raises(TypeError, match=r"rec.log: grad_norm must be one number .* got list \[1.0, 2.0\]"):
+        rec.log(grad_norm=[1.0, 2.0])
+    losses.mean().backward()
+    rec.log(losses.mean().reshape(1), grad_norm=torch.tensor([3.0]))  # one element, in any shape
+    optimizer.step()
+    rec.close()
+    group = zarr.open_group(tmp_path / "store.zarr" / "r", mode="r")
+    assert group["loss"][0] == pytest.approx(losses.mean().item()) and group["grad_norm_unclipped"][0] == 3.0

@@ -31,7 +31,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -94,6 +94,21 @@ class Probe:
     def to(self, device: torch.device) -> Probe:
         """This probe with its tensors on `device` (the model's)."""
         return Probe(self.split, self.tokens.to(device), self.mask.to(device))
+
+
+def _scalar(value: Any, name: str, what: str) -> torch.Tensor | float:
+    """A value `rec.log` records once per step: a one-element tensor (detached, where it lies: no sync with a GPU
+    here) or a number; anything else refused here, not as its row is written (a chunk later, far from the cause)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"rec.log: {name} must be one number ({what}), got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return value.detach().reshape(())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"rec.log: {name} must be one number ({what}), got {type(value).__name__} {value!r:.60}") \
+            from None
 
 
 class Schedule:
@@ -208,11 +223,11 @@ class Recorder:
         step is recorded as `grad_norm_unclipped`; NaN where the loop gives none). Either may come alone: with
         gradient accumulation, the norm after the last micro-batch's loss."""
         if loss is not None:
-            value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+            value = _scalar(loss, "loss", "the batch's mean loss: loss.mean() of per-item losses")
             self._loss_sum = value if self._loss_count == 0 else self._loss_sum + value
             self._loss_count += 1
         if grad_norm is not None:
-            self._unclipped = grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
+            self._unclipped = _scalar(grad_norm, "grad_norm", "the total norm clip_grad_norm_ returns")
 
     # -- hooks ------------------------------------------------------------------------------------------------
     @torch.no_grad()
