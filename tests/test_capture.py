@@ -395,6 +395,18 @@ def test_probes_are_checked_when_made_not_at_the_first_step(tmp_path, task):
     with pytest.raises(ValueError, match=r"probes \['ood'\] are given more than once"):
         Recorder(model, torch.optim.AdamW(model.parameters()), store.RunWriter(group), CaptureConfig(dim=64), 10,
                  [Probe("ood", tokens, mask), Probe("ood", tokens, mask), Probe("ID", tokens, mask)], PROBE_LOSSES)
+    # float tokens and token ids past the vocabulary failed in the first step's hook (the embedding's "index out of
+    # range in self"); a split named by a number was written as one
+    with pytest.raises(TypeError, match="probe 'ID': tokens must be integer token ids, got torch.float32"):
+        Probe("ID", tokens.float(), mask)
+    with pytest.raises(TypeError, match="probe split must be the split's name"):
+        Probe(3, tokens, mask)
+    vocabulary, past = task.tokenizer.vocab_size, tokens.clone()
+    past[0, 0] = vocabulary
+    with pytest.raises(ValueError, match=f"probe 'ID': token ids from .* to {vocabulary}, outside the model's "
+                                         f"vocabulary of {vocabulary}"):
+        Recorder(model, torch.optim.AdamW(model.parameters()), store.RunWriter(group), CaptureConfig(dim=64), 10,
+                 [Probe("ID", past, mask)], PROBE_LOSSES)
 
 
 def test_rec_log_refuses_what_is_not_one_number_at_the_call(tmp_path):
@@ -414,3 +426,19 @@ def test_rec_log_refuses_what_is_not_one_number_at_the_call(tmp_path):
     rec.close()
     group = zarr.open_group(tmp_path / "store.zarr" / "r", mode="r")
     assert group["loss"][0] == pytest.approx(losses.mean().item()) and group["grad_norm_unclipped"][0] == 3.0
+
+
+def test_probe_tokens_of_int32_are_probed_as_int64(tmp_path, task):
+    """int32 token ids (as some tokenizers return them) failed in the probe losses: "expected target dtype to be Long
+    or Byte, but got Int"."""
+    tokens, mask = task.probe_set("ID").torch()
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    rec = attach(model, optimizer, tmp_path, "r", total_steps=1,
+                 probes=[Probe("ID", tokens, mask), Probe("int32", tokens.int(), mask)])
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()  # probed before it and after it (the final probe)
+    rec.close()
+    grads = store.read(tmp_path / "store.zarr" / "r", "probe/grad")
+    assert grads.shape[:2] == (2, 2) and np.abs(grads).sum() > 0
+    np.testing.assert_array_equal(grads[:, 0], grads[:, 1])

@@ -82,6 +82,10 @@ class Probe:
     mask: torch.Tensor
 
     def __post_init__(self) -> None:  # refused here, not at the first optimizer step, inside its hook
+        if not (isinstance(self.split, str) and self.split):
+            raise TypeError(f"probe split must be the split's name (text), got {self.split!r}")
+        if self.tokens.is_floating_point() or self.tokens.is_complex() or self.tokens.dtype == torch.bool:
+            raise TypeError(f"probe {self.split!r}: tokens must be integer token ids, got {self.tokens.dtype}")
         if self.tokens.ndim != 2 or self.mask.shape != self.tokens.shape:
             raise ValueError(f"probe {self.split!r}: tokens must be (items, length) and mask of the same shape; got "
                              f"{tuple(self.tokens.shape)} and {tuple(self.mask.shape)}")
@@ -92,8 +96,21 @@ class Probe:
             raise ValueError(f"probe {self.split!r}: mask marks no answer position; its probe losses would be NaN")
 
     def to(self, device: torch.device) -> Probe:
-        """This probe with its tensors on `device` (the model's)."""
-        return Probe(self.split, self.tokens.to(device), self.mask.to(device))
+        """This probe with its tensors on `device` (the model's), its tokens as int64 (the losses' targets must be)."""
+        return Probe(self.split, self.tokens.to(device, torch.long), self.mask.to(device))
+
+
+def _check_probe_tokens(model: torch.nn.Module, probes: list[Probe]) -> None:
+    """Refuse probe tokens outside the model's vocabulary (its input embeddings'), here rather than as "index out of
+    range in self" inside the first optimizer step's hook."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    vocabulary = getattr(embeddings, "num_embeddings", None)
+    for probe in probes:
+        if vocabulary is not None and probe.tokens.numel() and not 0 <= int(probe.tokens.min()) <= int(
+                probe.tokens.max()) < vocabulary:
+            raise ValueError(f"probe {probe.split!r}: token ids from {int(probe.tokens.min())} to "
+                             f"{int(probe.tokens.max())}, outside the model's vocabulary of {vocabulary}: tokenize "
+                             "the probe items with the model's tokenizer")
 
 
 def _scalar(value: Any, name: str, what: str) -> torch.Tensor | float:
@@ -175,6 +192,7 @@ class Recorder:
         repeated = sorted({s for s in splits if splits.count(s) > 1})
         if repeated:
             raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
+        _check_probe_tokens(self.model, self.probes)
         if self.probes and probe_losses is None:  # the config's (gradtrace.tasks.PROBE_LOSSES), as attach gives
             from gradtrace.tasks import probe_loss_functions
 
