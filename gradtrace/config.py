@@ -461,13 +461,18 @@ def checked(cfg: Any) -> Any:
     return _build(type(cfg), _plain(dataclasses.asdict(cfg)), "" if isinstance(cfg, Config) else sections[type(cfg)])
 
 
-def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
-    """Build a Config from a nested dict plus dotted-key overrides; unknown keys are an error."""
+def from_dict(data: dict[str, Any], overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Build a Config from a nested dict plus dotted-key overrides (`{"train.lr": 1e-3}`, or the command line's
+    `["train.lr=1e-3"]`); unknown keys are an error."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if isinstance(overrides, (list, tuple)):  # `--set` pairs (a list given for the dict raised AttributeError)
+        overrides = parse_overrides(list(overrides))
     merged = _merge(data or {}, _nest(overrides or {}))
     return _build(Config, merged, "")
 
 
-def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """Load a YAML experiment config (or the defaults when path is None) with overrides, its file paths made
     absolute (`with_absolute_paths`)."""
     data = {}

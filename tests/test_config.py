@@ -237,3 +237,13 @@ def test_a_path_given_in_python_is_taken_as_text(tmp_path):
     assert checked.train == cfg.train and checked is not cfg
     config.dump(cfg, tmp_path / "study.yaml")
     assert config.read_resolved(tmp_path / "study.yaml")["model"]["init_from"] == "/studies/base.safetensors"
+
+
+def test_overrides_are_taken_as_the_command_lines_pairs_too():
+    """`config.load(path, ["train.steps=100"])`, the `--set` form, raised AttributeError: 'list' object has no
+    attribute 'items'."""
+    pairs = config.load(None, ["train.steps=100", "capture.dim=512"])
+    assert (pairs.train.steps, pairs.capture.dim) == (100, 512)
+    assert config.load(None, "train.steps=100") == config.load(None, {"train.steps": 100})
+    with pytest.raises(ValueError, match="expects key=value, got 'train.steps'"):
+        config.load(None, ["train.steps"])
