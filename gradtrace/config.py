@@ -458,6 +458,9 @@ def checked(cfg: Any) -> Any:
     sections): one changed in Python after it was built (`cfg.train.steps = -5` in a notebook) is refused naming the
     key before anything runs, not in each run, or never (a run of -5 steps completed with none). A validated copy."""
     sections = {hint: f"{name}." for name, hint in typing.get_type_hints(Config).items()}
+    if not isinstance(cfg, (Config, *sections)):  # a config file's path, say (asdict raised a TypeError of its own)
+        raise TypeError(f"expected a gradtrace.config.Config, got {type(cfg).__name__} {cfg!r:.80} (a config file "
+                        "is read with gradtrace.config.load(path))")
     return _build(type(cfg), _plain(dataclasses.asdict(cfg)), "" if isinstance(cfg, Config) else sections[type(cfg)])
 
 

@@ -228,6 +228,14 @@ def test_a_config_changed_in_python_is_checked_before_anything_runs(tmp_path, ke
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+def test_a_config_files_path_given_for_a_config_says_how_to_read_it(tmp_path):
+    from gradtrace.sweep import run_sweep
+
+    with pytest.raises(TypeError, match=r"expected a gradtrace.config.Config, got str .*gradtrace.config.load\(path\)"):
+        run_sweep("experiments/default.yaml", tmp_path)  # was asdict's "should be called on dataclass instances"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_path_given_in_python_is_taken_as_text(tmp_path):
     """yaml could not write a pathlib.Path (`config.dump`: "cannot represent an object"), and loading refused one."""
     cfg = tiny_config()
