@@ -543,10 +543,19 @@ def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "") if names else "none"
 
 
+def _run_and_array(run: zarr.Group | str | Path, name: str) -> tuple[zarr.Group, str]:
+    """The run group and the array's name in it, the store's root given with the run's id before the name taken too
+    (`read(root, "run-000/grad")`)."""
+    first, _, rest = name.partition("/")
+    if isinstance(run, zarr.Group) and run.attrs.get("kind") == EXPERIMENT and rest and first in run:
+        return run_group(run[first]), rest
+    return run_group(run), name
+
+
 def read(group: zarr.Group | str | Path, name: str) -> np.ndarray:
     """Array `name` of a run group (or its folder's path) as float32/int numpy (bfloat16 and float16 decoded to
     float32)."""
-    group = run_group(group)
+    group, name = _run_and_array(group, name)
     if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     arr = group[name]
@@ -587,7 +596,7 @@ def _chunk_key(arr: zarr.Array, index: int) -> str:
 def read_lazy(group: zarr.Group | str | Path, name: str):
     """Array `name` of a run group (or its folder's path) as a dask array chunked like the store (for trajectories
     larger than memory)."""
-    group = run_group(group)
+    group, name = _run_and_array(group, name)
     if not has(group, name):
         raise KeyError(f"array {name!r} is not in run {group.name!r}; it holds: {', '.join(sorted(_arrays(group)))}")
     return as_dask(group[name])

@@ -575,6 +575,8 @@ def test_a_run_is_read_by_its_folders_path_and_the_store_given_for_a_run_is_refu
     for given in (root, exp / "store.zarr", exp):
         with pytest.raises(ValueError, match=r"store.zarr is the experiment store, not one of its runs: .*runs: r0"):
             store.read(given, "grad")
+    np.testing.assert_array_equal(store.read(root, "r0/probe/grad"), store.read(root["r0"], "probe/grad"))  # as before
+    assert store.read_lazy(root, "r0/grad").shape == root["r0"]["grad"].shape
     with pytest.raises(ValueError, match=r"store.zarr/r0/probe lies inside the run .*/r0: .*'probe' or 'probe/…'"):
         store.read(folder / "probe", "grad")
     with pytest.raises(KeyError, match=r"holds no run 'r9'; its runs: r0"):
