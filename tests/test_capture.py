@@ -401,6 +401,14 @@ def test_probes_are_checked_when_made_not_at_the_first_step(tmp_path, task):
         Probe("ID", tokens.float(), mask)
     with pytest.raises(TypeError, match="probe split must be the split's name"):
         Probe(3, tokens, mask)
+    for losses, error, words in (({}, ValueError, "must name at least one loss"),  # recorded nothing
+                                 ({"ce": "ce"}, TypeError, r"probe_losses \['ce'\]: each must be a function")):
+        with pytest.raises(error, match=words):  # a list of names raised AttributeError, a name not called in the hook
+            Recorder(model, torch.optim.AdamW(model.parameters()), store.RunWriter(group), CaptureConfig(dim=64), 10,
+                     [Probe("ID", tokens, mask)], losses)
+    named = Recorder(model, torch.optim.AdamW(model.parameters()), store.RunWriter(group), CaptureConfig(dim=64), 10,
+                     [Probe("ID", tokens, mask)], ["margin"])
+    assert list(named.probe_losses) == ["margin"] and named.probe_losses["margin"] is PROBE_LOSSES["margin"]
     vocabulary, past = task.tokenizer.vocab_size, tokens.clone()
     past[0, 0] = vocabulary
     with pytest.raises(ValueError, match=f"probe 'ID': token ids from .* to {vocabulary}, outside the model's "

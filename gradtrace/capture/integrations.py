@@ -216,8 +216,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     """Record a training run into `out_dir/store.zarr/<run_id>` through the optimizer's step hooks.
 
     `total_steps` sizes the log schedule and skips a probe at the very end (the final probe is taken by
-    `close()`); `probes` are evaluated under `probe_losses` (default: `capture.probe_losses` from
-    `gradtrace.tasks.PROBE_LOSSES`). `resume=True` reopens an existing run at `start_step` (optimizer steps already
+    `close()`); `probes` are evaluated under `probe_losses` ({name: function}, or names of
+    `gradtrace.tasks.PROBE_LOSSES`; default: `capture.probe_losses`). `resume=True` reopens an existing run at `start_step` (optimizer steps already
     taken, as restored from your checkpoint), cutting rows recorded after it. `write` overrides which process
     writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`. A model
     sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder records whole tensors.

@@ -100,6 +100,17 @@ class Probe:
         return Probe(self.split, self.tokens.to(device, torch.long), self.mask.to(device))
 
 
+def _check_probe_losses(probe_losses: dict) -> None:
+    """Refuse probe losses the probes cannot be taken under, at attach rather than in the first step's hook: none
+    (nothing would be recorded), or a value that is no function."""
+    if not isinstance(probe_losses, dict) or not probe_losses:
+        raise ValueError(f"probe_losses must name at least one loss ({{name: function}}, or names of "
+                         f"gradtrace.tasks.PROBE_LOSSES), got {probe_losses!r:.80}")
+    not_callable = sorted(name for name, loss in probe_losses.items() if not callable(loss))
+    if not_callable:
+        raise TypeError(f"probe_losses {not_callable}: each must be a function (logits, tokens, mask) -> loss")
+
+
 def _check_probe_tokens(model: torch.nn.Module, probes: list[Probe]) -> None:
     """Refuse probe tokens outside the model's vocabulary (its input embeddings'), here rather than as "index out of
     range in self" inside the first optimizer step's hook."""
@@ -193,11 +204,14 @@ class Recorder:
         if repeated:
             raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
         _check_probe_tokens(self.model, self.probes)
-        if self.probes and probe_losses is None:  # the config's (gradtrace.tasks.PROBE_LOSSES), as attach gives
-            from gradtrace.tasks import probe_loss_functions
+        if self.probes and (probe_losses is None or isinstance(probe_losses, (str, list, tuple))):
+            from gradtrace.tasks import probe_loss_functions  # by name: the config's, as attach gives, or those named
 
-            probe_losses = probe_loss_functions(cfg.probe_losses)
-        self.probe_losses = (probe_losses or {}) if self.probes else {}  # the probe_loss axis's labels: none
+            names = cfg.probe_losses if probe_losses is None else probe_losses
+            probe_losses = probe_loss_functions([names] if isinstance(names, str) else list(names))
+        if self.probes:
+            _check_probe_losses(probe_losses)
+        self.probe_losses = probe_losses if self.probes else {}  # the probe_loss axis's labels: none
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
