@@ -45,7 +45,7 @@ class GradtraceCallback(TrainerCallback):
     """Records gradients, updates, Adam's moments and probes of a `transformers.Trainer` run into a gradtrace store."""
 
     def __init__(self, out_dir: str | Path, run_id: str = "run", capture: CaptureConfig | None = None,
-                 probes: list[Probe] | None = None, probe_losses: dict[str, Callable] | None = None,
+                 probes: list[Probe] | None = None, probe_losses: dict[str, Callable] | list[str] | None = None,
                  attrs: dict[str, Any] | None = None) -> None:
         self.out_dir, self.run_id, self.capture = Path(out_dir), run_id, capture or CaptureConfig()
         self.probes, self.probe_losses, self.attrs = probes, probe_losses, attrs or {}

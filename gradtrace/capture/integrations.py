@@ -51,7 +51,7 @@ class RunRecorder(Recorder):
     """A Recorder that owns its run group: `checkpoint()` makes rows durable, `close()` marks the run complete."""
 
     def __init__(self, group, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
-                 total_steps: int, probes: list[Probe] | None, probe_losses: dict[str, Callable] | None,
+                 total_steps: int, probes: list[Probe] | None, probe_losses: dict[str, Callable] | list[str] | None,
                  start_step: int) -> None:
         device = next(model.parameters()).device
         writer = store.RunWriter(group, cfg.chunk, thread=cfg.use_writer_thread(device))
@@ -211,16 +211,17 @@ def is_writer(write: bool | None = None) -> bool:
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | Path, run_id: str = "run", *,
            total_steps: int, capture: CaptureConfig | None = None, probes: list[Probe] | None = None,
-           probe_losses: dict[str, Callable] | None = None, attrs: dict[str, Any] | None = None,
+           probe_losses: dict[str, Callable] | list[str] | None = None, attrs: dict[str, Any] | None = None,
            resume: bool = False, start_step: int = 0, write: bool | None = None) -> RunRecorder | IdleRecorder:
     """Record a training run into `out_dir/store.zarr/<run_id>` through the optimizer's step hooks.
 
     `total_steps` sizes the log schedule and skips a probe at the very end (the final probe is taken by
     `close()`); `probes` are evaluated under `probe_losses` ({name: function}, or names of
-    `gradtrace.tasks.PROBE_LOSSES`; default: `capture.probe_losses`). `resume=True` reopens an existing run at `start_step` (optimizer steps already
-    taken, as restored from your checkpoint), cutting rows recorded after it. `write` overrides which process
-    writes (default: rank 0 of torch.distributed, or the only process); the others get an `IdleRecorder`. A model
-    sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder records whole tensors.
+    `gradtrace.tasks.PROBE_LOSSES`; default: `capture.probe_losses`). `resume=True` reopens an existing run at
+    `start_step` (optimizer steps already taken, as restored from your checkpoint), cutting rows recorded after it.
+    `write` overrides which process writes (default: rank 0 of torch.distributed, or the only process); the others
+    get an `IdleRecorder`. A model sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder
+    records whole tensors.
     """
     if not (isinstance(model, torch.nn.Module) and isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer)):
         raise TypeError(f"attach(model, optimizer, out_dir, ...) takes a torch.nn.Module and a torch.optim.Optimizer, "

@@ -169,7 +169,7 @@ class Recorder:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: RunWriter,
                  cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
-                 probe_losses: dict[str, Callable] | None = None, start_step: int = 0) -> None:
+                 probe_losses: dict[str, Callable] | list[str] | None = None, start_step: int = 0) -> None:
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
         check_unsharded(self.model)
         if "adam_m" in cfg.quantities and "betas" not in self.optimizer.defaults:
