@@ -68,7 +68,8 @@ def plan(cfg: Config) -> list[PlannedRun]:
     capture; `sweep.reference_runs` per base), then the sweep's runs (random or grid search: `hparams`). With base
     runs every other run starts from one's final weights: reference runs from each, sweep run i from base i mod
     `sweep.bases`."""
-    s, t = config_mod.checked(cfg).sweep, cfg.train
+    cfg = config_mod.checked(cfg)
+    s, t = cfg.sweep, cfg.train
     unknown = set(s.vary) - {"init", "data", "hparams"}
     if unknown:
         raise ValueError(f"unknown sweep.vary entries {sorted(unknown)}; choose from init, data, hparams")
