@@ -941,19 +941,11 @@ def _write_hdf5_apart(path: str | Path, out: Path, compression: str, progress: b
     code = ("import json, sys; sys.path = json.loads(sys.argv[1]); from gradtrace.store import _write_hdf5_here; "
             "_write_hdf5_here(*sys.argv[2:])")  # this process's path: the same gradtrace, installed or not
     path_here = [entry for entry in sys.path if isinstance(entry, str)]  # the import system skips any other
-    outcome = None
     with subprocess.Popen([sys.executable, "-c", code, json.dumps(path_here), str(path), str(out), compression],
                           stdout=subprocess.PIPE, text=True) as helper, \
             tqdm(desc="export", unit="run", disable=None if progress else True) as bar:  # None: a terminal's
         try:
-            for line in helper.stdout:
-                told = json.loads(line)
-                if "runs" in told:
-                    bar.reset(total=told["runs"])
-                elif "done" in told:
-                    bar.update()
-                else:
-                    outcome = told
+            outcome = _followed(helper.stdout, bar)
         except BaseException:  # Ctrl-C, SIGTERM: the helper stops too
             helper.kill()
             raise
@@ -963,6 +955,26 @@ def _write_hdf5_apart(path: str | Path, out: Path, compression: str, progress: b
         warnings.warn(message, getattr(builtins, category, UserWarning), stacklevel=3)
     if outcome.get("error"):
         raise getattr(builtins, outcome["error"])(*outcome["args"])
+
+
+def _followed(lines: Iterator[str], bar) -> dict[str, Any] | None:
+    """The outcome the export's helper tells (None if it ended first), its progress drawn on `bar`; a line that is
+    not the helper's own (a library printing) is printed here, as it would have been."""
+    outcome = None
+    for line in lines:
+        try:
+            told = json.loads(line)
+        except ValueError:
+            told = None
+        if not isinstance(told, dict):
+            sys.stdout.write(line)
+        elif "runs" in told:
+            bar.reset(total=told["runs"])
+        elif "done" in told:
+            bar.update()
+        else:
+            outcome = told
+    return outcome
 
 
 def _write_hdf5_here(path: str, out: str, compression: str) -> None:

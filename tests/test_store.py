@@ -581,3 +581,24 @@ def test_a_run_is_read_by_its_folders_path_and_the_store_given_for_a_run_is_refu
         store.read(folder / "probe", "grad")
     with pytest.raises(KeyError, match=r"holds no run 'r9'; its runs: r0"):
         subspace.run_span(exp / "store.zarr" / "r9")
+
+
+def test_the_exports_helper_is_followed_and_what_a_library_prints_there_is_printed_here(capsys):
+    """A line the helper did not write as its own (a library printing to stdout) stopped the export (JSONDecodeError,
+    the helper killed)."""
+    class Bar:  # what the export's progress bar is told
+        total, n = None, 0
+
+        def reset(self, total):
+            self.total = total
+
+        def update(self):
+            self.n += 1
+
+    lines = ["a library's notice\n", '{"runs": 2}\n', "42\n", '{"done": "r0"}\n', '{"done": "r1"}\n',
+             '{"warnings": []}\n']
+    bar = Bar()
+    assert store._followed(iter(lines), bar) == {"warnings": []}
+    assert (bar.total, bar.n) == (2, 2)
+    assert capsys.readouterr().out == "a library's notice\n42\n"
+    assert store._followed(iter(['{"runs": 2}\n']), Bar()) is None  # it ended before telling its outcome
