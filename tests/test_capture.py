@@ -450,3 +450,13 @@ def test_probe_tokens_of_int32_are_probed_as_int64(tmp_path, task):
     grads = store.read(tmp_path / "store.zarr" / "r", "probe/grad")
     assert grads.shape[:2] == (2, 2) and np.abs(grads).sum() > 0
     np.testing.assert_array_equal(grads[:, 0], grads[:, 1])
+
+
+def test_capture_attrs_names_every_key_it_writes():
+    """CAPTURE_ATTRS is what attach refuses among the caller's own attributes: it names what capture_attrs writes."""
+    from gradtrace.capture.recorder import CAPTURE_ATTRS, capture_attrs
+    from gradtrace.capture.sketch import ParamLayout, make_sketch
+
+    layout = ParamLayout(("w",), ((3,),))
+    written = capture_attrs(make_sketch("identity", layout, 3, 0), layout, CaptureConfig(), ["ID"], ["ce"], {})
+    assert tuple(written) == CAPTURE_ATTRS

@@ -1404,6 +1404,12 @@ def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task)
         attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=2, capture={"dim": 64})
     with pytest.raises(TypeError, match="takes a torch.nn.Module and a torch.optim.Optimizer, got AdamW and"):
         attach(torch.optim.AdamW(model.parameters()), model, tmp_path, "a", total_steps=2)  # an AttributeError before
+    for attrs, error, words in (({"config": {"lr": 1e-3}}, ValueError, r"attrs \['config'\] are attributes gradtrace "
+                                 r"writes for the run: name yours otherwise \(e.g. 'my_config'\)"),  # a resume failed
+                                ({"when": object()}, TypeError, "attrs must be JSON values")):
+        with pytest.raises(error, match=words):
+            attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=2, attrs=attrs)
+    assert not (tmp_path / "store.zarr").exists()
     (tmp_path / "notes").write_text("mine")
     with pytest.raises(NotADirectoryError, match="notes/store.zarr"):  # was "the store may be truncated or corrupt"
         attach(model, torch.optim.AdamW(model.parameters()), tmp_path / "notes", "a", total_steps=2)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures.thread
 import contextlib
 import dataclasses
+import json
 import numbers
 import os
 import sys
@@ -38,8 +39,8 @@ import torch.distributed as dist
 import zarr
 
 from gradtrace import store
-from gradtrace.capture.recorder import (Probe, Recorder, check_unsharded, open_recorders, uninterrupted,
-                                       unwrap_model, unwrap_optimizer)
+from gradtrace.capture.recorder import (CAPTURE_ATTRS, Probe, Recorder, check_unsharded, open_recorders,
+                                       uninterrupted, unwrap_model, unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig, checked
 
@@ -235,6 +236,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         raise ValueError(f"total_steps must be the run's number of optimizer steps, a whole number >= 1, got "
                          f"{total_steps!r}")
     total_steps = int(total_steps)
+    _check_own_attrs(attrs or {})
     check_unsharded(model)  # on every rank, which all raise: none is left waiting in a collective
     if not is_writer(write):
         return IdleRecorder()
@@ -253,6 +255,24 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         raise
     group.update_attributes({**recorder.attrs(), "attach_id": recorder.attach_id})
     return recorder
+
+
+# attributes of a run that gradtrace writes (`role` is the caller's to set: runs of your own of other roles)
+_OWN_ATTRS = {"config", "steps", "steps_done", "attach_id", "status", "error", "last_durable_step", "schema_version",
+              "gradtrace_version", "created", "updated", "train_loss", *CAPTURE_ATTRS}
+
+
+def _check_own_attrs(attrs: dict[str, Any]) -> None:
+    """Refuse attributes of the caller's that would overwrite gradtrace's own (`config` held the capture settings a
+    resume checks, `steps` the run's length) or that JSON cannot hold (refused before the run's group is made)."""
+    taken = sorted(set(attrs) & _OWN_ATTRS)
+    if taken:
+        raise ValueError(f"attrs {taken} are attributes gradtrace writes for the run: name yours otherwise (e.g. "
+                         f"'my_{taken[0]}')")
+    try:
+        json.dumps(attrs)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"attrs must be JSON values (numbers, text, lists, mappings): {err}") from None
 
 
 def _where(group) -> str:

@@ -565,6 +565,10 @@ def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int
                            dims=("split", "probe_loss", "sketch"), every=every)
 
 
+CAPTURE_ATTRS = ("sketch", "layout", "grad_point", "quantities", "v_quantiles", "v_stats_every", "splits",
+                 "probe_losses", "adam")  # the keys of `capture_attrs`
+
+
 def capture_attrs(sketch, layout: ParamLayout, cfg: CaptureConfig, splits: list[str], probe_losses: list[str],
                   adam: dict) -> dict:
     """The run attributes that describe what a Recorder writes (`sketch` None where it sketches nothing)."""
