@@ -220,8 +220,9 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     `close()`); `probes` are evaluated under `probe_losses` ({name: function}, or names of
     `gradtrace.tasks.PROBE_LOSSES`; default: `capture.probe_losses`). `resume=True` reopens an existing run at
     `start_step` (optimizer steps already taken, as restored from your checkpoint), cutting rows recorded after it.
-    `write` overrides which process writes (default: rank 0 of torch.distributed, or the only process); the others
-    get an `IdleRecorder`. A model sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder
+    `attrs`: attributes of your own for the run's group (JSON values; not the names gradtrace writes, `role`
+    excepted). `write` overrides which process writes (default: rank 0 of torch.distributed, or the only process);
+    the others get an `IdleRecorder`. A model sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder
     records whole tensors.
     """
     if not (isinstance(model, torch.nn.Module) and isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer)):
