@@ -269,8 +269,12 @@ def test_training_curves(experiment: Path, tmp_path: Path) -> None:
     sweep_run = zarr.open_group(experiment / "store.zarr", mode="r")["run-000"]
     with pytest.raises(ValueError, match="no per-step scalars"):
         figures.training_curves(sweep_run)
-    with pytest.raises(TypeError, match="zarr.Group"):
+    with pytest.raises(ValueError, match="is the experiment store, not one of its runs"):
         figures.training_curves(experiment)
+    with pytest.raises(TypeError, match="zarr.Group or its folder's path"):
+        figures.training_curves(run.attrs)
+    by_path = figures.training_curves(experiment / "store.zarr" / "ref-000")  # its folder's path draws the same
+    assert [ax.get_ylabel() for ax in by_path.axes] == [ax.get_ylabel() for ax in fig.axes]
 
 
 def test_a_scalar_constant_but_for_rounding_is_drawn_flat(tmp_path: Path) -> None:
