@@ -116,12 +116,11 @@ def _check_probe_tokens(model: torch.nn.Module, probes: list[Probe]) -> None:
     range in self" inside the first optimizer step's hook."""
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     vocabulary = getattr(embeddings, "num_embeddings", None)
-    for probe in probes:
-        if vocabulary is not None and probe.tokens.numel() and not 0 <= int(probe.tokens.min()) <= int(
-                probe.tokens.max()) < vocabulary:
-            raise ValueError(f"probe {probe.split!r}: token ids from {int(probe.tokens.min())} to "
-                             f"{int(probe.tokens.max())}, outside the model's vocabulary of {vocabulary}: tokenize "
-                             "the probe items with the model's tokenizer")
+    for probe in probes if vocabulary is not None else []:
+        low, high = int(probe.tokens.min()), int(probe.tokens.max())  # a probe has items: its mask marks some
+        if not 0 <= low <= high < vocabulary:
+            raise ValueError(f"probe {probe.split!r}: token ids from {low} to {high}, outside the model's vocabulary "
+                             f"of {vocabulary}: tokenize the probe items with the model's tokenizer")
 
 
 def _scalar(value: Any, name: str, what: str) -> torch.Tensor | float:
