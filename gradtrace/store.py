@@ -710,8 +710,16 @@ def _reword_stray_entry(group: zarr.Group, caught: warnings.WarningMessage) -> N
         _warn_stray_entry(f"{local_path(group) or group.store_path}/{found[1]}", stacklevel=4)
 
 
+_STRAY_WARNED: set[str] = set()  # entries warned of in this process
+
+
 def _warn_stray_entry(where: str, stacklevel: int) -> None:
-    """Warn of an entry of a group's folder that is no member (no zarr.json of its own)."""
+    """Warn of an entry of a group's folder that is no member (no zarr.json of its own), once a process: every
+    listing of the store meets it (a sweep run again said it four times; `catch_warnings`, which the listing uses,
+    clears what Python's own once-a-place filter remembers)."""
+    if where in _STRAY_WARNED:
+        return
+    _STRAY_WARNED.add(where)
     warnings.warn(f"{where} is left out: it is no Zarr group or array (a folder without its zarr.json: lost, or a "
                   "kill came while the group was created; a sweep run again trains that run anew)",
                   stacklevel=stacklevel)

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -602,3 +603,16 @@ def test_the_exports_helper_is_followed_and_what_a_library_prints_there_is_print
     assert (bar.total, bar.n) == (2, 2)
     assert capsys.readouterr().out == "a library's notice\n42\n"
     assert store._followed(iter(['{"runs": 2}\n']), Bar()) is None  # it ended before telling its outcome
+
+
+def test_a_folder_without_metadata_is_warned_of_once_a_process(tmp_path):
+    """Each listing of the store warned again (a sweep run again said it four times, `info` of a sweep twice):
+    the listing's `catch_warnings` clears what Python's once-a-place filter remembers."""
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    store.create_run(root, "r0", {})
+    (tmp_path / "store.zarr" / "lost").mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert list(store.run_groups(root)) == ["r0"]
+    assert [str(w.message).split(" is left out")[0] for w in caught] == [str(tmp_path / "store.zarr" / "lost")]
