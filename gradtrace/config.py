@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -461,7 +462,16 @@ def checked(cfg: Any) -> Any:
     if not isinstance(cfg, (Config, *sections)):  # a config file's path, say (asdict raised a TypeError of its own)
         raise TypeError(f"expected a gradtrace.config.Config, got {type(cfg).__name__} {cfg!r:.80} (a config file "
                         "is read with gradtrace.config.load(path))")
-    return _build(type(cfg), _plain(dataclasses.asdict(cfg)), "" if isinstance(cfg, Config) else sections[type(cfg)])
+    prefix = "" if isinstance(cfg, Config) else sections[type(cfg)]
+    parts = [("", cfg), *((p, getattr(cfg, p[:-1])) for p in sections.values())] if not prefix else [(prefix, cfg)]
+    misspelt = [p + name for p, part in parts
+                for name in vars(part) if name not in {f.name for f in dataclasses.fields(part)}]
+    if misspelt:  # `cfg.train.step = 500` made an attribute that no run reads
+        meant = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, valid_keys(), 1))
+                 else key for key in misspelt]
+        raise ValueError(f"{', '.join(meant)} set in Python: no config key, so no run reads it; valid keys: "
+                         f"{', '.join(valid_keys())}")
+    return _build(type(cfg), _plain(dataclasses.asdict(cfg)), prefix)
 
 
 def from_dict(data: dict[str, Any], overrides: dict[str, Any] | list[str] | None = None) -> Config:

@@ -255,3 +255,15 @@ def test_overrides_are_taken_as_the_command_lines_pairs_too():
     assert config.load(None, "train.steps=100") == config.load(None, {"train.steps": 100})
     with pytest.raises(ValueError, match="expects key=value, got 'train.steps'"):
         config.load(None, ["train.steps"])
+
+
+def test_a_misspelt_key_set_in_python_is_refused_with_the_key_meant(tmp_path):
+    """`cfg.train.step = 500` (for steps) made an attribute that no run reads: the sweep trained as before, silently."""
+    from gradtrace.sweep import run_sweep
+
+    cfg = tiny_config(sweep__runs=2, sweep__workers=1, sweep__reference_runs=0)
+    cfg.train.step, cfg.capture.dims = 500, 64
+    with pytest.raises(ValueError, match=r"train\.step \(did you mean train\.steps\?\), capture\.dims \(did you mean "
+                                         r"capture\.dim\?\) set in Python: no config key, so no run reads it"):
+        run_sweep(cfg, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
