@@ -399,13 +399,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _meant(prefix: str, name: str, names: list[str]) -> str:
+    """A key that is no config key, with the one of its section's `names` it seems to misspell (`train.step (did you
+    mean train.steps?)`)."""
+    close = difflib.get_close_matches(name, names, 1)
+    return f"{prefix}{name} (did you mean {prefix}{close[0]}?)" if close else f"{prefix}{name}"
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - names))  # a dict built in Python may have keys that are not text
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"unknown config key(s) {', '.join(_meant(prefix, u, sorted(names)) for u in unknown)}; "
             f"valid keys: {', '.join(valid_keys(cls, prefix))}")
     kwargs = {}
     for name, value in data.items():
@@ -464,12 +471,10 @@ def checked(cfg: Any) -> Any:
                         "is read with gradtrace.config.load(path))")
     prefix = "" if isinstance(cfg, Config) else sections[type(cfg)]
     parts = [("", cfg), *((p, getattr(cfg, p[:-1])) for p in sections.values())] if not prefix else [(prefix, cfg)]
-    misspelt = [p + name for p, part in parts
+    misspelt = [_meant(p, name, [f.name for f in dataclasses.fields(part)]) for p, part in parts
                 for name in vars(part) if name not in {f.name for f in dataclasses.fields(part)}]
     if misspelt:  # `cfg.train.step = 500` made an attribute that no run reads
-        meant = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, valid_keys(), 1))
-                 else key for key in misspelt]
-        raise ValueError(f"{', '.join(meant)} set in Python: no config key, so no run reads it; valid keys: "
+        raise ValueError(f"{', '.join(misspelt)} set in Python: no config key, so no run reads it; valid keys: "
                          f"{', '.join(valid_keys())}")
     return _build(type(cfg), _plain(dataclasses.asdict(cfg)), prefix)
 

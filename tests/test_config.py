@@ -267,3 +267,12 @@ def test_a_misspelt_key_set_in_python_is_refused_with_the_key_meant(tmp_path):
                                          r"capture\.dim\?\) set in Python: no config key, so no run reads it"):
         run_sweep(cfg, tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_key_names_the_key_it_seems_to_misspell():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) train\.step \(did you mean train\.steps\?\); "):
+        config.load(None, {"train.step": 5})
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) trian \(did you mean train\?\); "):
+        config.from_dict({"trian": {"steps": 5}})
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) train\.True; "):  # nothing near it: no guess
+        config.load(None, {"train.True": 5})
