@@ -114,7 +114,10 @@ def _check_probe_losses(probe_losses: dict) -> None:
 def _check_probe_tokens(model: torch.nn.Module, probes: list[Probe]) -> None:
     """Refuse probe tokens outside the model's vocabulary (its input embeddings'), here rather than as "index out of
     range in self" inside the first optimizer step's hook."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    try:
+        embeddings = model.get_input_embeddings()  # a Hugging Face model's
+    except (AttributeError, NotImplementedError):  # another model, or one of Hugging Face's without them
+        embeddings = None
     vocabulary = getattr(embeddings, "num_embeddings", None)
     for probe in probes if vocabulary is not None else []:
         low, high = int(probe.tokens.min()), int(probe.tokens.max())  # a probe has items: its mask marks some
