@@ -260,7 +260,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
 
 # attributes of a run that gradtrace writes (`role` is the caller's to set: runs of your own of other roles)
 _OWN_ATTRS = {"config", "steps", "steps_done", "attach_id", "status", "error", "last_durable_step", "schema_version",
-              "gradtrace_version", "created", "updated", "train_loss", *CAPTURE_ATTRS}
+              "gradtrace_version", "created", "updated", "train_loss", "nonfinite_steps", "wall_time_s",
+              *CAPTURE_ATTRS}
 
 
 def _check_own_attrs(attrs: dict[str, Any]) -> None:
