@@ -1562,3 +1562,17 @@ def test_runs_of_your_own_loop_go_through_stats_and_predict_with_a_table_of_your
     final = [store.read(run_group(tmp_path, f"run-{i}"), "probe/grad")[-1, :2, 0] for i in range(2)]
     by_hand = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in final])
     assert cosine.predicted == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_the_trainer_callback_refuses_what_attach_would_when_it_is_made(tmp_path):
+    """A run id, capture settings or attributes attach refuses were refused only once the Trainer had set up and
+    began to train."""
+    with pytest.raises(ValueError, match="run id 'a/b'"):
+        GradtraceCallback(tmp_path, "a/b")
+    settings = CaptureConfig()
+    settings.dim = 0
+    with pytest.raises(ValueError, match="capture.dim must be >= 1"):
+        GradtraceCallback(tmp_path, capture=settings)
+    with pytest.raises(ValueError, match=r"attrs \['steps'\] are attributes gradtrace writes"):
+        GradtraceCallback(tmp_path, attrs={"steps": 10})
+    assert not tmp_path.joinpath("store.zarr").exists()

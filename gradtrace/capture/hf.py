@@ -34,9 +34,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gradtrace import store
-from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach
+from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach, check_own_attrs
 from gradtrace.capture.recorder import Probe, uninterrupted
-from gradtrace.config import CaptureConfig
+from gradtrace.config import CaptureConfig, checked
 
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
 
@@ -49,6 +49,9 @@ class GradtraceCallback(TrainerCallback):
                  attrs: dict[str, Any] | None = None) -> None:
         self.out_dir, self.run_id, self.capture = Path(out_dir), run_id, capture or CaptureConfig()
         self.probes, self.probe_losses, self.attrs = probes, probe_losses, attrs or {}
+        store.check_run_id(run_id)  # refused here, as attach would refuse them once the Trainer has set up and begins
+        checked(self.capture)
+        check_own_attrs(self.attrs)
         self.recorder: RunRecorder | IdleRecorder | None = None
         self._losses: list[torch.Tensor] = []
         self._summed = False  # the model normalised each micro-batch loss by the whole batch's token count

@@ -237,7 +237,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
         raise ValueError(f"total_steps must be the run's number of optimizer steps, a whole number >= 1, got "
                          f"{total_steps!r}")
     total_steps = int(total_steps)
-    _check_own_attrs(attrs or {})
+    check_own_attrs(attrs or {})
     check_unsharded(model)  # on every rank, which all raise: none is left waiting in a collective
     if not is_writer(write):
         return IdleRecorder()
@@ -264,7 +264,7 @@ _OWN_ATTRS = {"config", "steps", "steps_done", "attach_id", "status", "error", "
               *CAPTURE_ATTRS}
 
 
-def _check_own_attrs(attrs: dict[str, Any]) -> None:
+def check_own_attrs(attrs: dict[str, Any]) -> None:
     """Refuse attributes of the caller's that would overwrite gradtrace's own (`config` held the capture settings a
     resume checks, `steps` the run's length) or that JSON cannot hold (refused before the run's group is made)."""
     taken = sorted(set(attrs) & _OWN_ATTRS)
