@@ -222,8 +222,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     `start_step` (optimizer steps already taken, as restored from your checkpoint), cutting rows recorded after it.
     `attrs`: attributes of your own for the run's group (JSON values; not the names gradtrace writes, `role`
     excepted). `write` overrides which process writes (default: rank 0 of torch.distributed, or the only process);
-    the others get an `IdleRecorder`. A model sharded by FSDP is refused on every rank: its ranks hold shards, and a Recorder
-    records whole tensors.
+    the others get an `IdleRecorder`. A model sharded by FSDP is refused on every rank: its ranks hold shards, and a
+    Recorder records whole tensors.
     """
     if not (isinstance(model, torch.nn.Module) and isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer)):
         raise TypeError(f"attach(model, optimizer, out_dir, ...) takes a torch.nn.Module and a torch.optim.Optimizer, "
