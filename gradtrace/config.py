@@ -472,6 +472,7 @@ def checked(cfg: Any) -> Any:
     prefix = "" if isinstance(cfg, Config) else sections[type(cfg)]
     parts = [("", cfg), *((p, getattr(cfg, p[:-1])) for p in sections.values())] if not prefix else [(prefix, cfg)]
     misspelt = [_meant(p, name, [f.name for f in dataclasses.fields(part)]) for p, part in parts
+                if dataclasses.is_dataclass(part)  # a section set whole to a mapping is built from it below
                 for name in vars(part) if name not in {f.name for f in dataclasses.fields(part)}]
     if misspelt:  # `cfg.train.step = 500` made an attribute that no run reads
         raise ValueError(f"{', '.join(misspelt)} set in Python: no config key, so no run reads it; valid keys: "

@@ -276,3 +276,14 @@ def test_an_unknown_key_names_the_key_it_seems_to_misspell():
         config.from_dict({"trian": {"steps": 5}})
     with pytest.raises(ValueError, match=r"unknown config key\(s\) train\.True; "):  # nothing near it: no guess
         config.load(None, {"train.True": 5})
+
+
+def test_a_section_set_whole_in_python_is_checked_as_a_mapping_of_its_keys():
+    """`cfg.train = {"steps": 5}` raised vars()'s TypeError in the check; a section set to what is no mapping is
+    refused naming it."""
+    cfg = tiny_config()
+    cfg.train = {"steps": 5}
+    assert config.checked(cfg).train == config.TrainConfig(steps=5)
+    cfg.train = 5
+    with pytest.raises(ValueError, match="train: expected a mapping of keys, got 5"):
+        config.checked(cfg)
