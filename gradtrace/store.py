@@ -524,7 +524,7 @@ def run_group(run: zarr.Group | str | Path) -> zarr.Group:
         if _kind(path.parent) == EXPERIMENT:  # a run's folder, or a name the store lacks
             root = open_experiment(path.parent)
             if path.name not in root:
-                raise KeyError(f"{path.parent} holds no run {path.name!r}; its runs: {_some(runs(root))}")
+                raise KeyError(f"{path.parent} holds no run {path.name!r}; its runs: {_runs_named(root)}")
             run = root[path.name]
         elif inside := next((p for p in path.parents if _kind(p.parent) == EXPERIMENT), None):
             rel = path.relative_to(inside).as_posix()
@@ -534,13 +534,15 @@ def run_group(run: zarr.Group | str | Path) -> zarr.Group:
             run = open_experiment(path / "store.zarr" if _kind(path / "store.zarr") == EXPERIMENT else path)
     if run.attrs.get("kind") == EXPERIMENT:
         raise ValueError(f"{local_path(run) or run.store_path} is the experiment store, not one of its runs: give a "
-                         f"run group, store[run_id], or its folder (its runs: {_some(runs(run))})")
+                         f"run group, store[run_id], or its folder (its runs: {_runs_named(run)})")
     return run
 
 
-def _some(names: list[str], shown: int = 5) -> str:
-    """The first names of a list, and how many there are in all where some are left out."""
-    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "") if names else "none"
+def _runs_named(root: zarr.Group) -> str:
+    """A store's runs for an error's words: the first few, and how many more (`results.first_ids`)."""
+    from gradtrace.results import first_ids  # it imports this module
+
+    return first_ids(runs(root)) or "none"
 
 
 def _run_and_array(run: zarr.Group | str | Path, name: str) -> tuple[zarr.Group, str]:
