@@ -343,14 +343,19 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, (window // 2, window - 1 - window // 2), mode="edge"), kernel, mode="valid")
 
 
+def _a_run(run_group: zarr.Group | str | Path) -> zarr.Group:
+    """The run group `training_curves` is given, or the one at the folder's path it is given."""
+    if not isinstance(run_group, (zarr.Group, str, PathLike)):
+        raise TypeError("training_curves needs a run's zarr.Group or its folder's path (store.zarr/<run_id>), got "
+                        f"{type(run_group).__name__}")
+    return store.run_group(run_group)
+
+
 def training_panels(run_group: zarr.Group | str | Path) -> list[str]:
     """What `training_curves` draws of a run (its group or its folder's path), in order: its per-step scalars
     (`grad_norm_unclipped`, which says more where clipped, in place of `grad_norm` where recorded), then `evals` and
     `probe` accuracy where present."""
-    if not isinstance(run_group, (zarr.Group, str, PathLike)):
-        raise TypeError("training_curves needs a run's zarr.Group or its folder's path (store.zarr/<run_id>), got "
-                        f"{type(run_group).__name__}")
-    run_group = store.run_group(run_group)
+    run_group = _a_run(run_group)
     scalars = [name for name in ("loss", "lr", "grad_norm") if name in run_group]
     if "step" not in run_group or not scalars:
         raise ValueError(f"run {run_group.name!r} has no per-step scalars (needs `step` and loss/lr/grad_norm); "
@@ -370,7 +375,7 @@ def clip_threshold(run_group: zarr.Group) -> float | None:
 def training_curves(run_group: zarr.Group | str | Path) -> Figure:
     """Loss, learning rate and gradient norm over steps of one run (its group or its folder's path); eval and probe
     accuracy when recorded."""
-    run_group = store.run_group(run_group) if isinstance(run_group, (str, PathLike)) else run_group
+    run_group = _a_run(run_group)
     drawn = training_panels(run_group)
     scalars = [name for name in drawn if name not in ("evals", "probe")]
     steps = store.read(run_group, "step")
