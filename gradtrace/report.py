@@ -40,8 +40,8 @@ import gradtrace
 from gradtrace import figures, kernels, store, subspace
 from gradtrace.config import names_a_file
 from gradtrace.files import written_whole
-from gradtrace.results import (MIXED_ADVICE, base_groups, describe_divergence, describe_shortfall, mixed_arithmetic,
-                               read_results)
+from gradtrace.results import (MIXED_ADVICE, ROLES, base_groups, describe_divergence, describe_shortfall,
+                               mixed_arithmetic, read_results)
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -775,7 +775,7 @@ def _header(inputs: Inputs) -> str:
     facts = []
     if inputs.results is not None:
         roles = Counter(inputs.results["role"])
-        facts.append(", ".join(f"{roles[role]} {role} run(s)" for role in ("sweep", "reference", "base") if roles[role])
+        facts.append(", ".join(f"{roles[role]} {role} run(s)" for role in ROLES if roles[role])
                      or "no sweep run")
         shifts = [c[4:] for c in inputs.results.columns if str(c).startswith("acc_") and c != "acc_ID"]
         facts.append("shifts: " + ", ".join(shifts))
