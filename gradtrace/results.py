@@ -265,11 +265,11 @@ def _warn_if_incomplete(exp_dir: str | Path, table: pd.DataFrame, role: str | No
                       "Run the sweep again to finish it (it retries failed runs).", UserWarning, stacklevel=3)
 
 
-def describe_shortfall(exp_dir: str | Path, table: pd.DataFrame | None) -> str:
+def describe_shortfall(exp_dir: str | Path, table: pd.DataFrame | None, groups: dict | None = None) -> str:
     """What the results table leaves out of the experiment, in words ("" for nothing), the store read once: planned
     runs of every role failed, running or stopped, or not started, and complete runs the table lacks (a sweep stopped
-    before it rewrote results.csv)."""
-    groups = _run_groups(exp_dir)
+    before it rewrote results.csv). `groups`: the store's run groups, where already read."""
+    groups = _run_groups(exp_dir) if groups is None else groups
     parts = [describe_unfinished(_unfinished(_planned(exp_dir, None, groups), groups))]
     behind = [] if table is None or "run_id" not in table else _not_in_table(groups, table, None)
     if behind:
