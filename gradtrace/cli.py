@@ -194,7 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     out = _analysis_dir(args)
     result = predict.run_predict(args.dir, out=out)
     print(predict.format_scores(result.scores))
-    print(f"written: {out / 'predictions.csv'}, {out / 'predict_scores.csv'}")
+    print(f"written: {out / 'predictions.csv'}, {out / 'predict_scores.csv'}, {out / 'predict.json'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how ID accuracy is regressed out (default: all three, side by side)")
     p.add_argument("--shifts", nargs="+", metavar="SPLIT", help="the shifts to correlate (default: every one that "
                    "varies across runs)")
-    with_out(on_path("predict", cmd_predict, "dir", "experiment directory"), "predictions.csv and predict_scores.csv")
+    with_out(on_path("predict", cmd_predict, "dir", "experiment directory"),
+             "predictions.csv, predict_scores.csv and predict.json")
     with_out(on_path("report", cmd_report, "dir", "experiment directory"), "report/ (reading, or computing, the tables "
              "of stats and predict there)")
     on_path("info", cmd_info, "store", "experiment directory or .zarr store")

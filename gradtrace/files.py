@@ -1,9 +1,11 @@
 """Output files written whole or not at all: a kill mid-write must not leave a cut table that a reader, or a later
-stage judging freshness by modification time (the report), takes for the whole."""
+stage judging freshness (the report), takes for the whole."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,3 +55,20 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> None:
     """`table` as CSV at `path`, without its index, written whole or not at all."""
     with written_whole(path) as tmp:
         table.to_csv(tmp, index=False)
+
+
+def write_json(data: object, path: str | Path) -> None:
+    """`data` as indented JSON (UTF-8) at `path`, written whole or not at all."""
+    with written_whole(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def sha256_of(path: str | Path) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# The key under which stats.json and predict.json record the sha256 of the results.csv their tables were computed
+# from: the report recomputes tables computed from another (modification times alone let a copy made without -p, as
+# `cp -r` and `scp -r` make, pass stale tables as fresh).
+RESULTS_DIGEST = "results_sha256"

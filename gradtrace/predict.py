@@ -36,7 +36,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from gradtrace import store
-from gradtrace.files import write_csv
+from gradtrace.files import RESULTS_DIGEST, sha256_of, write_csv, write_json
 from gradtrace.results import first_ids, started_from
 from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
                              group_codes, partial_correlations, spearman_brown, varying_shifts)
@@ -1059,8 +1059,9 @@ def _import_study_modules(modules: list[str], wanted: list[str]) -> None:
 def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, seed: int = 0, n_boot: int = 1000,
                 n_splits: int = 200, n_perm: int = 10000, out: str | Path | None = None) -> PredictResult:
     """Fit every baseline plus the configured (or named) predictors on the reference runs, score them against the
-    sweep's observed matrix, and write predictions.csv and predict_scores.csv into `out` (default: DIR itself;
-    another directory for a study one cannot write to).
+    sweep's observed matrix, and write predictions.csv, predict_scores.csv and predict.json (the sha256 of the
+    results.csv they score, and the predictors) into `out` (default: DIR itself; another directory for a study one
+    cannot write to).
 
     Pre-registered predictors are `predict.preregistered` in DIR/config.yaml; all others are exploratory (or
     baselines). A predictor that cannot run on this experiment is reported with NaN scores and its error in `note`.
@@ -1084,6 +1085,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     n_items = int(cfg.task.n_test)
 
     reference = load_reference(exp_dir, role=cfg.predict.reference_role)
+    results_digest = sha256_of(exp_dir / "results.csv")  # before it is read: a table rewritten since reads as changed
     sweep = load_results(exp_dir, role="sweep")  # warns where the sweep is not finished
     if sweep.empty:
         raise ValueError(f"{exp_dir / 'results.csv'} has no rows with role == 'sweep' to observe")
@@ -1136,6 +1138,7 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     out.mkdir(parents=True, exist_ok=True)  # as `--out` is made (a missing one failed once every predictor was run)
     write_csv(predictions, out / "predictions.csv")
     write_csv(scores, out / "predict_scores.csv")
+    write_json({RESULTS_DIGEST: results_digest, "predictors": names}, out / "predict.json")  # last: it vouches for both
     return PredictResult(predictions, scores, errors)
 
 

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 import gradtrace
 from gradtrace import figures, kernels, store, subspace
 from gradtrace.config import names_a_file
-from gradtrace.files import written_whole
+from gradtrace.files import RESULTS_DIGEST, sha256_of, written_whole
 from gradtrace.results import (MIXED_ADVICE, ROLES, base_groups, describe_divergence, describe_shortfall,
                                mixed_arithmetic, read_results)
 
@@ -50,7 +50,7 @@ DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk spl
 METADATA_READERS = 16  # threads reading a store's zarr.json files for its digest, where reads are slow:
 SLOW_READ_S, SLOW_READ_SAMPLE = 5e-4, 200  # a file's mean read past 0.5 ms, over its first 200 or more
 INPUT_FILES = ("config.yaml", "plan.json", "results.csv", "stats.csv", "stats.json", "gap.csv", "reliability.csv",
-               "predictions.csv", "predict_scores.csv")
+               "predictions.csv", "predict_scores.csv", "predict.json")
 ANALYSIS_FILES = INPUT_FILES[3:]  # what stats and predict write: in the directory the analysis goes to (`--out`)
 SECTIONS = (
     ("results", "Results across runs"),
@@ -178,19 +178,27 @@ def _read_results(inputs: Inputs) -> pd.DataFrame | None:
     return table
 
 
-def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], module: str, function: str,
-               command: str) -> None:
-    """Run gradtrace.<module>.<function>(exp_dir, out=out_dir) when any of `files` is missing from `out_dir` or older
-    than results.csv (a sweep extended since); a failure becomes the note of every input (`keys`) that stage writes,
-    but those it wrote before it failed (the gap of a sweep with one shift, say)."""
+def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], stamp: str, module: str,
+               function: str, command: str) -> None:
+    """Run gradtrace.<module>.<function>(exp_dir, out=out_dir) when any of `files` is missing from `out_dir` or was
+    computed from another results.csv (a sweep extended since): the stage's `stamp` records the sha256 of the one it
+    read; where it records none (tables of an earlier gradtrace), a results.csv modified after a table is taken for
+    another. A failure becomes the note of every input (`keys`) that stage writes, but those it wrote before it failed
+    (the gap of a sweep with one shift, say)."""
+    recorded = _recorded_results_digest(inputs.path(stamp))
+    same = recorded is not None and recorded == sha256_of(inputs.path("results.csv"))
     results_written = inputs.path("results.csv").stat().st_mtime
 
-    def fresh(name: str) -> bool:
-        return inputs.path(name).exists() and inputs.path(name).stat().st_mtime >= results_written
+    def current(name: str) -> bool:
+        path = inputs.path(name)
+        return path.exists() and (same if recorded is not None else path.stat().st_mtime >= results_written)
 
-    if all(fresh(f) for f in files):
+    if all(current(f) for f in files):
         return
-    why = f"{' / '.join(files)} missing or older than results.csv"
+    stale = recorded is not None and all(inputs.path(f).exists() for f in files)
+    why = (f"{' / '.join(files)} computed from another results.csv (by the sha256 {stamp} records)" if stale
+           else f"{' / '.join(files)} missing or older than results.csv")
+    before = {name: _version(inputs.path(name)) for name, _ in STAGE_OUTPUTS.values()}
     print(f"report: {why}: running `{command}` first", file=sys.stderr)  # a large study's stage takes a minute
     try:
         stage = importlib.import_module(f"gradtrace.{module}")
@@ -204,8 +212,32 @@ def _run_stage(inputs: Inputs, keys: tuple[str, ...], files: tuple[str, ...], mo
             inputs.origins[key] = f"computed for this report by gradtrace.{module}.{function} (same as `{command}`)"
         return
     for key in keys:
-        if not fresh(STAGE_OUTPUTS[key][0]):
+        name = STAGE_OUTPUTS[key][0]
+        written = _version(inputs.path(name)) not in (None, before[name])  # by the failed stage, before it failed
+        if not (written or current(name)):
             inputs.notes[key] = note
+
+
+def _recorded_results_digest(stamp: Path) -> str | None:
+    """The sha256 of the results.csv a stage's tables were computed from, as its stamp records it (stats.json's
+    summary, predict.json); None where there is none, or it cannot be read."""
+    try:
+        data = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    data = data.get("summary", data) if isinstance(data, dict) else None
+    digest = data.get(RESULTS_DIGEST) if isinstance(data, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    """Which version of a file is at `path` (its inode and modification time: tables are written by renaming a new
+    file onto them), None where there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _reference_run(inputs: Inputs, role: str = "reference") -> zarr.Group:
@@ -265,10 +297,10 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
     elif inputs.results is None:
         inputs.notes["results"] = f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`."
     elif compute_missing:
-        _run_stage(inputs, ("stats", "gap", "reliability"), ("stats.csv", "gap.csv"), "stats", "stats_report",
-                   inputs.command("stats"))
-        _run_stage(inputs, ("predictions", "scores"), ("predictions.csv", "predict_scores.csv"), "predict",
-                   "run_predict", inputs.command("predict"))
+        _run_stage(inputs, ("stats", "gap", "reliability"), ("stats.csv", "gap.csv"), "stats.json", "stats",
+                   "stats_report", inputs.command("stats"))
+        _run_stage(inputs, ("predictions", "scores"), ("predictions.csv", "predict_scores.csv"), "predict.json",
+                   "predict", "run_predict", inputs.command("predict"))
     for key, (filename, command) in STAGE_OUTPUTS.items():
         if key in inputs.notes:  # its stage failed: the file there is older than the results
             continue

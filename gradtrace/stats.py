@@ -43,7 +43,7 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.special import ndtr, ndtri
 
-from gradtrace.files import write_csv, written_whole
+from gradtrace.files import RESULTS_DIGEST, sha256_of, write_csv, write_json
 
 __all__ = [
     "RESIDUALIZATIONS",
@@ -970,9 +970,10 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
                  **kw) -> StatsReport:
     """Partial correlations, reliability and generalisation gap of an experiment, written next to its results.
 
-    Writes ``stats.csv``, ``stats.json`` (``{"records": [...], "summary": {...}}``), ``reliability.csv`` (when
-    per-item correctness exists) and ``gap.csv`` into ``out`` (default: ``exp_dir``; another directory for a study
-    one cannot write to); ``kw`` goes to ``partial_correlations``.
+    Writes ``stats.csv``, ``stats.json`` (``{"records": [...], "summary": {...}}``, the summary holding the sha256 of
+    the results.csv they were computed from), ``reliability.csv`` (when per-item correctness exists) and ``gap.csv``
+    into ``out`` (default: ``exp_dir``; another directory for a study one cannot write to); ``kw`` goes to
+    ``partial_correlations``.
     Runs that fine-tuned several base runs are correlated within base unless ``within`` says otherwise.
     Warnings raised on the way are re-issued and listed in the summary.
     """
@@ -981,6 +982,7 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
     exp_dir = Path(exp_dir)
     out = exp_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)  # as `--out` is made (a missing one failed once the statistics were done)
+    results_digest = sha256_of(exp_dir / "results.csv")  # before it is read: a table rewritten since reads as changed
     table, items = _load_experiment(exp_dir)
     paths = {"gap_csv": out / "gap.csv", "stats_csv": out / "stats.csv", "stats_json": out / "stats.json"}
     caught: list[warnings.WarningMessage] = []
@@ -1018,11 +1020,11 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
         "pairs_disagreeing": int(stats.loc[stats["disagree"].fillna(False), ["a", "b"]].drop_duplicates().shape[0]),
         "min_reliability": _least_reliable(reliability),
         "warnings": [str(w.message) for w in caught],
+        RESULTS_DIGEST: results_digest,
     }
     write_csv(stats, paths["stats_csv"])
     records = json.loads(stats.to_json(orient="records", double_precision=15))  # pandas' 10 decimals made p = 1e-12 0
-    with written_whole(paths["stats_json"]) as tmp:
-        tmp.write_text(json.dumps({"records": records, "summary": summary}, indent=2), encoding="utf-8")
+    write_json({"records": records, "summary": summary}, paths["stats_json"])  # last: its digest vouches for the rest
     return StatsReport(stats, reliability, gap, summary, paths)
 
 

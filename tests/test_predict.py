@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -775,6 +777,9 @@ def test_run_predict_leaves_out_a_shift_no_run_varies_on_as_stats_does(tmp_path)
         result = run_predict(planted.exp_dir, predictors=["covariance"], n_boot=0, n_splits=10, n_perm=100)
     assert set(result.predictions.a) | set(result.predictions.b) == set(SHIFTS[:-1])
     assert len(result.predictions) == len(result.scores) * len(SHIFTS[:-1]) * (len(SHIFTS) - 2) // 2
+    stamp = json.loads((planted.exp_dir / "predict.json").read_text(encoding="utf-8"))  # which table it scored
+    assert stamp["results_sha256"] == hashlib.sha256((planted.exp_dir / "results.csv").read_bytes()).hexdigest()
+    assert sorted(stamp["predictors"]) == sorted(result.scores["predictor"])
 
 
 def test_run_predict_leaves_out_a_shift_constant_within_each_base(tmp_path):
@@ -915,4 +920,4 @@ def test_run_predict_takes_one_predictor_by_name_and_makes_its_out_directory(pla
     out = tmp_path / "analysis" / "predict"
     result = run_predict(planted.exp_dir, predictors="covariance", n_boot=0, n_splits=10, n_perm=100, out=out)
     assert "covariance" in result.scores.predictor.tolist()
-    assert sorted(p.name for p in out.iterdir()) == ["predict_scores.csv", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["predict.json", "predict_scores.csv", "predictions.csv"]

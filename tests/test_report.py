@@ -263,6 +263,32 @@ def test_report_computes_missing_stats(tmp_path: Path, monkeypatch: pytest.Monke
     assert calls == [exp, exp]  # computed again, not shown stale
 
 
+def test_tables_of_another_results_csv_are_computed_again_whatever_their_times(tmp_path: Path, capsys) -> None:
+    """A study copied without -p (`cp -r`, `scp -r`) has new modification times in the order of the copy: stats.csv
+    computed before the sweep was extended passed as fresh where it was copied after results.csv."""
+    exp = make_experiment(tmp_path / "exp", n_runs=12)
+    (exp / "stats.csv").unlink()
+    report.load_inputs(exp)
+    stamp = json.loads((exp / "stats.json").read_text(encoding="utf-8"))["summary"]["results_sha256"]
+    assert stamp == hashlib.sha256((exp / "results.csv").read_bytes()).hexdigest()
+    computed = (exp / "stats.csv").read_bytes()
+    results = pd.read_csv(exp / "results.csv")
+    results["acc_length"] = results["acc_length"].sample(frac=1, random_state=0).to_numpy()  # the sweep extended
+    results.to_csv(exp / "results.csv", index=False)
+    later = (exp / "results.csv").stat().st_mtime + 10
+    for name in ("stats.csv", "stats.json", "gap.csv", "reliability.csv"):  # copied after results.csv
+        if (exp / name).exists():
+            os.utime(exp / name, (later, later))
+    capsys.readouterr()
+    inputs = report.load_inputs(exp)
+    assert "stats.csv / gap.csv computed from another results.csv (by the sha256 stats.json records)" in (
+        capsys.readouterr().err)
+    assert (exp / "stats.csv").read_bytes() != computed and inputs.origins["stats"].startswith("computed for this")
+    os.utime(exp / "results.csv", (later + 10, later + 10))  # rewritten as it was (a finished sweep run again)
+    inputs = report.load_inputs(exp)
+    assert inputs.origins["stats"] == "read stats.csv" and "stats.csv" not in capsys.readouterr().err
+
+
 def test_load_inputs_rejects_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="make demo"):
         report.load_inputs(tmp_path / "absent")

@@ -6,6 +6,7 @@ import json
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -778,12 +779,14 @@ def fake_experiment(tmp_path, monkeypatch):
              "s2": _items(rng, ndtr(ndtri(id_acc) - 0.5 + 0.3 * rng.standard_normal(n)), 20)}  # unreliable
     table = table_from(*(items[s].mean(1) for s in ("ID", "s0", "s1", "s2")),
                        train_acc_ID=np.minimum(items["ID"].mean(1) + 0.06, 1.0))
-    serve_results(monkeypatch, table, items)
+    serve_results(monkeypatch, tmp_path, table, items)
     return tmp_path
 
 
-def serve_results(monkeypatch, table: pd.DataFrame, items: dict[str, np.ndarray]) -> None:
-    """A stand-in for gradtrace.results serving `table` and its per-item correctness `items` for any directory."""
+def serve_results(monkeypatch, exp_dir: Path, table: pd.DataFrame, items: dict[str, np.ndarray]) -> None:
+    """A stand-in for gradtrace.results serving `table` and its per-item correctness `items` for any directory, and
+    `table` as `exp_dir`'s results.csv (whose sha256 stats.json records)."""
+    table.to_csv(exp_dir / "results.csv", index=False)
     fake = types.ModuleType("gradtrace.results")
     fake.load_results = lambda path: table.copy()
     fake.load_item_correctness = lambda path, table=None: items
@@ -813,7 +816,7 @@ def test_a_study_whose_reliabilities_are_all_undefined_is_summarised_without_the
     summary's least reliable split ended `gradtrace stats` in "Encountered all NA values" before stats.csv."""
     rng = np.random.default_rng(0)
     items = {s: np.column_stack([np.ones(30, int), rng.integers(0, 2, 30)]) for s in ("ID", "s0", "s1")}
-    serve_results(monkeypatch, table_from(*(items[s].mean(1) for s in ("ID", "s0", "s1"))), items)
+    serve_results(monkeypatch, tmp_path, table_from(*(items[s].mean(1) for s in ("ID", "s0", "s1"))), items)
     with pytest.warns(UserWarning, match="reliability below"):
         rep = stats_report(tmp_path, residualize="linear", n_boot=0, n_perm=0)
     assert rep.reliability["reliability"].isna().all() and len(rep.stats) == 1
