@@ -1261,6 +1261,9 @@ def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(8))
     np.testing.assert_allclose(group["loss"][4:], logged[-4:], rtol=1e-5, atol=5e-5)  # once each, as logged
     assert len(trainer.model._forward_hooks) == 0
+    for name in set(group.attrs) - {"role"}:  # each attribute the run holds is gradtrace's, a caller's refused: a
+        with pytest.raises(ValueError, match=rf"attrs \['{name}'\] are attributes gradtrace writes"):  # caller's
+            GradtraceCallback(tmp_path, attrs={name: 1})  # trainer_steps was not, and a resume read it as its own
 
 
 def test_ctrl_c_as_the_callback_makes_the_rows_durable_lands_once_the_step_count_is_noted(tmp_path, task):

@@ -38,6 +38,8 @@ from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach, ch
 from gradtrace.capture.recorder import Probe, uninterrupted
 from gradtrace.config import CaptureConfig, checked
 
+# attributes the callback writes for its run besides attach's: a caller's trainer_steps was read back by a resume
+TRAINER_ATTRS = ("trainer_args", "trainer_steps")
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
 
 
@@ -51,7 +53,7 @@ class GradtraceCallback(TrainerCallback):
         self.probes, self.probe_losses, self.attrs = probes, probe_losses, attrs or {}
         store.check_run_id(run_id)  # refused here, as attach would refuse them once the Trainer has set up and begins
         checked(self.capture)
-        check_own_attrs(self.attrs)
+        check_own_attrs(self.attrs, also=TRAINER_ATTRS)
         self.recorder: RunRecorder | IdleRecorder | None = None
         self._losses: list[torch.Tensor] = []
         self._summed = False  # the model normalised each micro-batch loss by the whole batch's token count

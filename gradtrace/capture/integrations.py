@@ -264,10 +264,11 @@ _OWN_ATTRS = {"config", "steps", "steps_done", "attach_id", "status", "error", "
               *CAPTURE_ATTRS}
 
 
-def check_own_attrs(attrs: dict[str, Any]) -> None:
+def check_own_attrs(attrs: dict[str, Any], also: tuple[str, ...] = ()) -> None:
     """Refuse attributes of the caller's that would overwrite gradtrace's own (`config` held the capture settings a
-    resume checks, `steps` the run's length) or that JSON cannot hold (refused before the run's group is made)."""
-    taken = sorted(set(attrs) & _OWN_ATTRS)
+    resume checks, `steps` the run's length), or those `also` names (an integration's), or that JSON cannot hold
+    (refused before the run's group is made)."""
+    taken = sorted(set(attrs) & {*_OWN_ATTRS, *also})
     if taken:
         raise ValueError(f"attrs {taken} are attributes gradtrace writes for the run: name yours otherwise (e.g. "
                          f"'my_{taken[0]}')")
