@@ -24,10 +24,8 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -47,8 +45,6 @@ from gradtrace.results import (MIXED_ADVICE, ROLES, base_groups, describe_diverg
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
-METADATA_READERS = 16  # threads reading a store's zarr.json files for its digest, where reads are slow:
-SLOW_READ_S, SLOW_READ_SAMPLE = 5e-4, 200  # a file's mean read past 0.5 ms, over its first 200 or more
 INPUT_FILES = ("config.yaml", "plan.json", "results.csv", "stats.csv", "stats.json", "gap.csv", "reliability.csv",
                "predictions.csv", "predict_scores.csv", "predict.json")
 ANALYSIS_FILES = INPUT_FILES[3:]  # what stats and predict write: in the directory the analysis goes to (`--out`)
@@ -558,40 +554,31 @@ def store_metadata_digest(store_path: Path) -> tuple[str, int]:
 
 def _metadata_files(store_path: Path) -> dict[Path, bytes]:
     """Every zarr.json under a store with its bytes; the folders of arrays are not entered, as they hold only chunks.
-
-    Read one folder after another while a file's read is fast (a local disk), then by `METADATA_READERS` threads once
-    the mean read takes over `SLOW_READ_S` (a network filesystem, each read waiting on the file server). Measured on
-    a 2-vCPU VM, a 3,000-run study's 39,023 files: on a local disk (reads of 30 µs warm, 170-320 µs cold) 2.0 s one
-    after another against 7.7 s on threads, which wait on each other for the interpreter; on sshfs (reads of 0.8-1.4
-    ms) 56 s one after another against 15.7 s on threads."""
-    def read(folder: Path) -> tuple[float, Path, bytes | None, list[Path]]:
-        began = time.perf_counter()
+    The root's folders (its runs) are read by `store.map_reads`: on threads where the filesystem makes reads wait."""
+    def read(folder: Path) -> tuple[bytes | None, list[Path]]:
         try:
             metadata = (folder / "zarr.json").read_bytes()
         except FileNotFoundError:
             metadata = None
-        took = time.perf_counter() - began
         with contextlib.suppress(ValueError, AttributeError):  # unreadable metadata: look inside as for a group
             if metadata is not None and json.loads(metadata).get("node_type") == "array":
-                return took, folder, metadata, []
-        return took, folder, metadata, [Path(entry.path) for entry in os.scandir(folder) if entry.is_dir()]
+                return metadata, []
+        return metadata, [Path(entry.path) for entry in os.scandir(folder) if entry.is_dir()]
 
-    found = {}
+    def under(top: Path) -> dict[Path, bytes]:
+        found, waiting = {}, [top]
+        while waiting:
+            folder = waiting.pop()
+            metadata, subfolders = read(folder)
+            if metadata is not None:
+                found[folder / "zarr.json"] = metadata
+            waiting += subfolders
+        return found
 
-    def keep(took: float, folder: Path, metadata: bytes | None, subfolders: list[Path]) -> list[Path]:
-        if metadata is not None:
-            found[folder / "zarr.json"] = metadata
-        return subfolders
-
-    waiting, reads, reading = deque([store_path]), 0, 0.0
-    while waiting and (reads < SLOW_READ_SAMPLE or reading < SLOW_READ_S * reads):
-        result = read(waiting.popleft())
-        waiting.extend(keep(*result))
-        reads, reading = reads + 1, reading + result[0]
-    with ThreadPoolExecutor(METADATA_READERS) as pool:
-        level = list(waiting)
-        while level:
-            level = [sub for result in pool.map(read, level) for sub in keep(*result)]
+    metadata, runs = read(store_path)
+    found = {} if metadata is None else {store_path / "zarr.json": metadata}
+    for part in store.map_reads(under, runs):
+        found.update(part)
     return found
 
 

@@ -19,7 +19,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
@@ -762,6 +764,26 @@ def _opens(group: zarr.Group, name: str) -> bool:
     return True
 
 
+READERS, WAITING, SAMPLE = 16, 3.0, 8  # `map_reads`: threads; wall time over CPU time past which; calls it first times
+
+
+def map_reads(fn: Callable[[Any], Any], items: Any) -> list:
+    """`fn` over `items` (calls that read files), the results in order: one call after another while they keep the
+    CPU busy (a local disk), on `READERS` threads once, after `SAMPLE` calls or more, their wall time is over
+    `WAITING` times their CPU time (a network filesystem, each read waiting on the file server). Measured on a
+    2-vCPU VM, wall over CPU: a local disk 1.3 warm and 1.6 cold, where threads took up to 4× as long, waiting on each
+    other for the interpreter; sshfs 6.3, where they took a quarter."""
+    items, results, wall, cpu = iter(items), [], 0.0, 0.0
+    for item in items:
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        results.append(fn(item))
+        wall, cpu = wall + time.perf_counter() - began, cpu + time.thread_time() - began_cpu
+        if len(results) >= SAMPLE and wall > WAITING * cpu:
+            with ThreadPoolExecutor(READERS) as pool:
+                return results + list(pool.map(fn, items))
+    return results
+
+
 def run_order(run_id: str) -> tuple:
     """A run id's sort key, its numbers compared as numbers: run-999 before run-1000, base-2 before base-10."""
     return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", run_id)))
@@ -778,7 +800,7 @@ def summary(path: str | Path) -> str:
         status = run.attrs.get("status", "?")
         counts[status] = counts.get(status, 0) + 1
     lines.append("status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    listings = (_RunListing.of(run, rid) for rid, run in groups.items())
+    listings = map_reads(lambda item: _RunListing.of(item[1], item[0]), groups.items())
     for _, alike in itertools.groupby(listings, key=lambda r: r.kind):
         first, *rest = alike
         lines += first.lines

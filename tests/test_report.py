@@ -100,13 +100,13 @@ def test_report_tables_config_and_provenance(written: tuple[Path, str]) -> None:
     assert re.search(r"code commit</th><td class=\"mono\">([0-9a-f]{40}( \(modified\))?|unknown)</td>", page)
 
 
-@pytest.mark.parametrize("slow_read_s", [float("inf"), 0.0], ids=["one-folder-after-another", "on-threads"])
+@pytest.mark.parametrize("waiting", [float("inf"), 0.0], ids=["one-folder-after-another", "on-threads"])
 def test_the_store_digest_covers_every_zarr_json_as_a_plain_glob_finds_them(tmp_path: Path, monkeypatch,
-                                                                            slow_read_s: float) -> None:
-    """Read one folder after another (a local disk) or, past the first folder, on threads (reads as slow as a network
-    filesystem's), the same files."""
-    monkeypatch.setattr(report, "SLOW_READ_S", slow_read_s)
-    monkeypatch.setattr(report, "SLOW_READ_SAMPLE", 1)
+                                                                            waiting: float) -> None:
+    """Read one folder after another (a local disk) or, past the first, on threads (reads waiting as a network
+    filesystem's do), the same files."""
+    monkeypatch.setattr(store, "WAITING", waiting)
+    monkeypatch.setattr(store, "SAMPLE", 1)
     root = zarr.open_group(tmp_path / "s.zarr", mode="w")
     root.create_array("x", shape=(4, 3), chunks=(1, 3), dtype="f4")[:] = 1.0  # chunks in folders below the array
     root.create_group("c").create_group("deeper").create_array("y", shape=(2,), dtype="i4")[:] = 2  # a group as a

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -269,6 +270,30 @@ def test_summary_lists_each_array_as_zarr_reads_it(captured, monkeypatch):
                                                   arr.metadata.dimension_names, arr.nbytes_stored()), name
     monkeypatch.setattr(store, "local_path", lambda node: None)  # a store elsewhere: through zarr
     assert store._listed_arrays(run) == sorted(listed.values(), key=lambda array: array.name)
+
+
+def test_map_reads_keeps_the_order_one_call_after_another_and_on_threads(monkeypatch) -> None:
+    """On a network filesystem (sshfs: 121 s for `gradtrace info` at 3,000 runs, against 4 s on a local disk) the
+    reads go on threads; the results come in order either way."""
+    monkeypatch.setattr(store, "SAMPLE", 2)
+    for waiting, threaded in ((float("inf"), False), (0.0, True)):
+        monkeypatch.setattr(store, "WAITING", waiting)
+        threads = set()
+        assert store.map_reads(lambda i: threads.add(threading.get_ident()) or i * i, range(50)) == [
+            i * i for i in range(50)]
+        assert (threads != {threading.get_ident()}) == threaded
+
+
+def test_summary_is_the_same_read_on_threads(tmp_path, monkeypatch) -> None:
+    root = store.open_experiment(tmp_path / "s.zarr", mode="a")
+    for i in range(12):
+        run = store.create_run(root, f"r{i}", {"steps": 3})
+        run.create_array("loss", shape=(i % 3 + 1,), dtype="f4")[:] = 1.0
+        store.set_status(run, "complete" if i % 5 else "failed")
+    monkeypatch.setattr(store, "SAMPLE", 1)
+    alone = store.summary(tmp_path / "s.zarr")
+    monkeypatch.setattr(store, "WAITING", 0.0)
+    assert store.summary(tmp_path / "s.zarr") == alone and alone.count("status=") == 12
 
 
 def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_path, monkeypatch):
