@@ -527,10 +527,6 @@ def _span_items(inputs: Inputs) -> list[FigureItem]:
 # ------------------------------------------------------------------------------------------------ provenance
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def run_arithmetic(groups: dict[str, zarr.Group]) -> str:
     """The torch and transformers versions, devices, CPU kernels, thread counts and gradtrace code the store's runs
     trained with (they set the float rounding, and so a chaotic study's realisation: experiments/README.md), each
@@ -628,7 +624,7 @@ def provenance(inputs: Inputs) -> dict[str, str]:
     }
     for name in INPUT_FILES:
         if inputs.path(name).exists():
-            info[f"sha256 {name}"] = _sha256(inputs.path(name))
+            info[f"sha256 {name}"] = sha256_of(inputs.path(name))
     if (inputs.exp_dir / "store.zarr").is_dir():
         digest, count = store_metadata_digest(inputs.exp_dir / "store.zarr")
         info["sha256 store.zarr metadata"] = f"{digest} (over {count} zarr.json files; chunk bytes not hashed)"
@@ -650,7 +646,7 @@ def task_module_digests(config: dict) -> dict[str, str]:
         try:
             is_file = names_a_file(module)
             path = Path(module) if is_file else _module_file(module)
-            out[f"sha256 task.modules {module}"] = _sha256(path) + ("" if is_file else f" ({path})")
+            out[f"sha256 task.modules {module}"] = sha256_of(path) + ("" if is_file else f" ({path})")
         except Exception as err:  # moved, not importable here, or a package that fails as it is imported
             out[f"sha256 task.modules {module}"] = f"not read here ({type(err).__name__}: {err})"
     return out
