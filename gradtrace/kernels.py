@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import platform
+import subprocess
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +75,10 @@ RECORDED = ("gradtrace_code", "torch_version", "transformers_version", "device",
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """This machine's CPU as its system names it: on Linux the model name of `cpuinfo` with the vendor, family and
     model numbers that set which kernel paths MKL takes ("AMD EPYC (AuthenticAMD family 26 model 2)": a VM's model
-    name may leave out the generation), elsewhere `platform.processor()`, or the architecture."""
+    name may leave out the generation); on ARM Linux, which names no model, the architecture with the core's
+    implementer and part ("aarch64 (CPU implementer 0x41 part 0xd40)": Neoverse V1, whose SVE kernels round
+    otherwise than N1's); on macOS its brand ("Apple M2 Pro"); elsewhere `platform.processor()`, or the
+    architecture."""
     fields: dict[str, str] = {}
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as lines:
@@ -85,9 +89,23 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    core = [fields.get(key) for key in ("CPU implementer", "CPU part")]
+    if "model name" not in fields and all(core):
+        return f"{platform.machine() or 'ARM'} (CPU implementer {core[0]} part {core[1]})"
+    name = fields.get("model name") or _mac_brand() or platform.processor() or platform.machine() or "unknown"
     numbers = [fields.get(key) for key in ("vendor_id", "cpu family", "model")]
     return f"{name} ({numbers[0]} family {numbers[1]} model {numbers[2]})" if all(numbers) else name
+
+
+def _mac_brand() -> str:
+    """macOS's name of its CPU ("Apple M2 Pro"; `platform.processor()` says only "arm"), "" elsewhere."""
+    if platform.system() != "Darwin":
+        return ""
+    try:
+        return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def versions() -> dict:

@@ -30,9 +30,20 @@ def test_the_cpu_is_named_with_its_vendor_family_and_model(tmp_path):
            "flags\t\t: fpu avx2\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: Other\n")
     (tmp_path / "amd").write_text(amd)
     assert kernels.cpu_name(str(tmp_path / "amd")) == "AMD EPYC (AuthenticAMD family 26 model 2)"
-    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")
-    assert kernels.cpu_name(str(tmp_path / "arm")) == (platform.processor() or platform.machine())
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
+                                  "\nprocessor\t: 1\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
+    assert kernels.cpu_name(str(tmp_path / "arm")) == f"{platform.machine()} (CPU implementer 0x41 part 0xd40)"
+    (tmp_path / "arm-bare").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # was all an ARM VM's cpuinfo said
+    assert kernels.cpu_name(str(tmp_path / "arm-bare")) == (platform.processor() or platform.machine())
     assert kernels.cpu_name(str(tmp_path / "none")) == (platform.processor() or platform.machine())
+
+
+def test_a_mac_is_named_by_its_brand(tmp_path, monkeypatch):
+    """`platform.processor()` says "arm" on every Apple silicon Mac: M1 and M3 runs read alike."""
+    monkeypatch.setattr(kernels.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(kernels.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(
+        args, 0, "Apple M2 Pro\n" if args == ["sysctl", "-n", "machdep.cpu.brand_string"] else "", ""))
+    assert kernels.cpu_name(str(tmp_path / "none")) == "Apple M2 Pro"
 
 
 def test_native_kernels_and_gpu_runs_pin_nothing():  # conftest starts each test without the variables
