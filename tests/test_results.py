@@ -23,7 +23,10 @@ def study(tmp_path):
     return tmp_path
 
 
-def test_item_correctness_stacks_the_sweep_runs(study):
+@pytest.mark.parametrize("waiting", [float("inf"), 0.0], ids=["one-run-after-another", "on-threads"])
+def test_item_correctness_stacks_the_sweep_runs(study, monkeypatch, waiting):
+    monkeypatch.setattr(store, "WAITING", waiting)  # threads past the first run where reads wait (a network disk)
+    monkeypatch.setattr(store, "SAMPLE", 1)
     correct = results.load_item_correctness(study)
     np.testing.assert_array_equal(correct["ID"].sum(axis=1), [1, 2, 3])
 

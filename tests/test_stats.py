@@ -788,8 +788,9 @@ def serve_results(monkeypatch, exp_dir: Path, table: pd.DataFrame, items: dict[s
     `table` as `exp_dir`'s results.csv (whose sha256 stats.json records)."""
     table.to_csv(exp_dir / "results.csv", index=False)
     fake = types.ModuleType("gradtrace.results")
-    fake.load_results = lambda path: table.copy()
-    fake.load_item_correctness = lambda path, table=None: items
+    fake.load_results = lambda path, groups=None: table.copy()
+    fake.load_item_correctness = lambda path, table=None, groups=None: items
+    fake.run_groups_of = lambda path: {}
     fake.base_groups = lambda table: None
     monkeypatch.setitem(sys.modules, "gradtrace.results", fake)
 
