@@ -983,7 +983,8 @@ def stats_report(exp_dir: str | PathLike, residualize: str = "all", out: str | P
     exp_dir = Path(exp_dir)
     out = exp_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)  # as `--out` is made (a missing one failed once the statistics were done)
-    results_digest = sha256_of(exp_dir / "results.csv")  # before it is read: a table rewritten since reads as changed
+    results_csv = exp_dir / "results.csv"  # hashed before it is read: a table rewritten since reads as changed
+    results_digest = sha256_of(results_csv) if results_csv.exists() else None  # none: refused next, in words
     table, items = _load_experiment(exp_dir)
     paths = {"gap_csv": out / "gap.csv", "stats_csv": out / "stats.csv", "stats_json": out / "stats.json"}
     caught: list[warnings.WarningMessage] = []

@@ -824,6 +824,13 @@ def test_a_study_whose_reliabilities_are_all_undefined_is_summarised_without_the
     assert json.loads((tmp_path / "stats.json").read_text())["summary"]["min_reliability"] is None
 
 
+def test_stats_of_a_sweep_without_results_says_what_to_run(tmp_path):
+    """Hashing results.csv for stats.json came before reading it: a bare "[Errno 2] No such file" instead."""
+    (tmp_path / "plan.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match=r"results.csv not found; run `gradtrace sweep CONFIG --out "):
+        stats_report(tmp_path)
+
+
 def test_stats_of_a_results_table_without_a_store(tmp_path):
     rng = np.random.default_rng(3)
     id_acc, a, b = probit_lines(rng, n=30, rho=0.5, sigma=0.3)
