@@ -764,20 +764,21 @@ def _opens(group: zarr.Group, name: str) -> bool:
     return True
 
 
-READERS, WAITING, SAMPLE = 16, 3.0, 8  # `map_reads`: threads; wall time over CPU time past which; calls it first times
+READERS, WAITING, SAMPLE = 16, 2.0, 8  # `map_reads`: threads; wall time over CPU time past which; calls it first times
 
 
 def map_reads(fn: Callable[[Any], Any], items: Any) -> list:
     """`fn` over `items` (calls that read files), the results in order: one call after another while they keep the
     CPU busy (a local disk), on `READERS` threads once, after `SAMPLE` calls or more, their wall time is over
-    `WAITING` times their CPU time (a network filesystem, each read waiting on the file server). Measured on a
-    2-vCPU VM, wall over CPU: a local disk 1.3 warm and 1.6 cold, where threads took up to 4× as long, waiting on each
-    other for the interpreter; sshfs 6.3, where they took a quarter."""
+    `WAITING` times the CPU time the process took meanwhile (a network filesystem, each read waiting on the file
+    server; the process's, not the thread's: zarr reads in a thread of its own). Measured on a 2-vCPU VM, wall over
+    CPU: a local disk 1.0-1.1 warm (1.6 cold), where threads took up to 4× as long, waiting on each other for the
+    interpreter; sshfs 2.2 reading arrays through zarr, 7.2 listing files, where threads took a quarter to a half."""
     items, results, wall, cpu = iter(items), [], 0.0, 0.0
     for item in items:
-        began, began_cpu = time.perf_counter(), time.thread_time()
+        began, began_cpu = time.perf_counter(), time.process_time()
         results.append(fn(item))
-        wall, cpu = wall + time.perf_counter() - began, cpu + time.thread_time() - began_cpu
+        wall, cpu = wall + time.perf_counter() - began, cpu + time.process_time() - began_cpu
         if len(results) >= SAMPLE and wall > WAITING * cpu:
             with ThreadPoolExecutor(READERS) as pool:
                 return results + list(pool.map(fn, items))
