@@ -2,9 +2,10 @@
 
 The report's provenance hashes every zarr.json of the store (`report.store_metadata_digest`). A glob over the store
 stat'ed every chunk file too; the digest does not enter arrays' folders, and reads the runs' folders through
-`store.map_reads` (one after another on a local disk, on threads where reads wait on a file server). This builds a store of N runs (one run group of 14 chunked arrays, its folder copied N − 1 times),
-checks both give the same digest and times them in interleaved rounds; `--cold` drops the page cache before each
-timing (Linux, as root), as a store read first after a sweep on another node is read.
+`store.map_reads` (one after another on a local disk, on threads where reads wait on a file server). This builds a
+store of N runs (one run group of 14 chunked arrays, its folder copied N − 1 times), checks both give the same digest
+and times them in interleaved rounds; `--cold` drops the page cache before each timing (Linux, as root), as a store
+read first after a sweep on another node is read.
 
     python benchmarks/report_digest.py                    # 3,000 runs, warm cache
     sudo python benchmarks/report_digest.py --cold        # each timing from a cold cache
