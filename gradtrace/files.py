@@ -57,15 +57,16 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> None:
         table.to_csv(tmp, index=False)
 
 
-def write_json(data: object, path: str | Path) -> None:
+def write_json(data: object, path: str | Path, indent: int = 2) -> None:
     """`data` as indented JSON (UTF-8) at `path`, written whole or not at all."""
     with written_whole(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=indent), encoding="utf-8")
 
 
 def sha256_of(path: str | Path) -> str:
-    """The sha256 of a file's bytes, in hex."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The sha256 of a file's bytes, in hex (read a block at a time: a weights file need not fit in memory)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 # The key under which stats.json and predict.json record the sha256 of the results.csv their tables were computed

@@ -1,12 +1,12 @@
 """Model factory: embedded GPT-NeoX (Pythia architecture) configs built offline, or any HF causal LM."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gradtrace.config import ModelConfig
+from gradtrace.files import sha256_of
 
 if TYPE_CHECKING:  # torch and transformers load on first build: reading EMBEDDED (a dry run's estimate) stays fast
     import torch
@@ -107,8 +107,7 @@ ANOTHER_START = ("; give weights of this model, or set model.init_from=null to s
 def weights_digest(path: str | Path) -> str:
     """The first 16 hex digits of the sha256 of a weights file: a run records it (`init_digest`), so the same
     weights at another path (a study moved, gradtrace installed anew) are known for the same start."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
+    return sha256_of(path)[:16]
 
 
 def start_attrs(cfg: ModelConfig) -> dict:

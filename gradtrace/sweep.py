@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from gradtrace import config as config_mod
 from gradtrace import kernels, store
 from gradtrace.console import write_plain_text_where_unencodable
-from gradtrace.files import disk_full, full_disk_words, written_whole
+from gradtrace.files import disk_full, full_disk_words, write_json
 from gradtrace.results import (MIXED_ADVICE, first_ids, results_table, started_from, warn_of_divergence,
                                warn_of_mixed_arithmetic, write_results)
 from gradtrace.config import Config, SweepConfig
@@ -606,8 +606,7 @@ def _report_failure(run_ids: list[str], err: Exception, first: bool, base: bool)
 def _write_plan(cfg: Config, out: Path, runs: list[PlannedRun]) -> None:
     """Write the config and plan, where `check_directory` lets this sweep into `out`."""
     config_mod.dump(cfg, out / "config.yaml")
-    with written_whole(out / "plan.json") as tmp:  # read by info, stats, predict and the report
-        tmp.write_text(json.dumps([asdict(r) for r in runs], indent=1), encoding="utf-8")
+    write_json([asdict(r) for r in runs], out / "plan.json", indent=1)  # read by info, stats, predict and the report
 
 
 def check_directory(cfg: Config, out: Path) -> list[str]:
