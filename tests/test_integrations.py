@@ -2,10 +2,13 @@
 and the Hugging Face Trainer callback — each records one row per optimizer step and never changes training."""
 import copy
 import functools
+import importlib.util
 import math
 import os
 import re
 import socket
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -417,8 +420,10 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train_steps(model, opt, task, 5, rec, start=3)  # killed here: rows 3 and 4 are on disk, past the checkpoint
     rec.detach()  # as the kill leaves it: nothing more written
+    fresh = micro(task)
     with pytest.raises(ValueError, match="durable only up to step 3"):
-        attach(micro(task), opt, tmp_path, "r", total_steps=6, capture=IDENTITY, resume=True, start_step=5)
+        attach(fresh, torch.optim.AdamW(fresh.parameters()), tmp_path, "r", total_steps=6, capture=IDENTITY,
+               resume=True, start_step=5)
 
     model = micro(task)
     model.load_state_dict(saved[0])
@@ -1123,6 +1128,87 @@ def test_fsdp_refused_on_every_rank_and_its_shards_sketched_by_sketch_sharded(tm
     assert not (tmp_path / "store.zarr").exists()
 
 
+def test_deepspeed_engine_unwrapped_and_its_flat_optimizers_refused_on_every_rank(tmp_path, task, monkeypatch):
+    """DeepSpeed's engine holds the model as `.module` (whose prefix renamed every tensor of the layout), and its ZeRO
+    and fp16/bf16 optimizers step flat copies of the parameters: the torch optimizer inside holds none of the model's,
+    which rank 0 refused with "pass the optimizer that trains this model" while every other rank trained on, to wait
+    in a collective for rank 0. Stand-ins named as DeepSpeed's; DeepSpeed itself in the test below, where installed."""
+
+    class DeepSpeedEngine(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(DeepSpeedEngine=DeepSpeedEngine))
+    model = micro(task)
+    attach(DeepSpeedEngine(model), torch.optim.AdamW(model.parameters()), tmp_path, "zero0", total_steps=1,
+           capture=IDENTITY).close()
+    assert run_group(tmp_path, "zero0").attrs["layout"] == ParamLayout.of(model).to_json()
+
+    zero = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})()
+    zero.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.cat([p.detach().reshape(-1)
+                                                                      for p in model.parameters()]))])
+    for write in (True, False):
+        with pytest.raises(ValueError, match=r"^DeepSpeed's DeepSpeedZeroOptimizer steps flat copies .*ZeRO stage 0 "
+                                             r"in fp32.*safe_get_full_grad"):
+            attach(DeepSpeedEngine(model), zero, tmp_path, "zero2", total_steps=1, capture=IDENTITY, write=write)
+    assert store.runs(zarr.open_group(tmp_path / "store.zarr", mode="r")) == ["zero0"]
+
+
+def _deepspeed_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes training under DeepSpeed (its CPU accelerator): ZeRO stage 0 in fp32 recorded by rank
+    0; stages 1-3, and stage 0 in bf16, refused on this rank or (unrefused) what became of it."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    import deepspeed
+
+    task = ArithmeticTask(tiny_config().task)
+    saved = {}
+    for name, stage, bf16 in (("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False),
+                              ("zero0_bf16", 0, True)):
+        model = micro(task)
+        config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "bf16": {"enabled": bf16},
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), config=config)
+        try:
+            rec = attach(engine, optimizer, out_dir, name, total_steps=3, capture=IDENTITY)
+        except ValueError as err:
+            saved[name] = f"ValueError: {err}"
+            continue
+        initial = flat_params(engine.module)
+        for step in range(3):
+            x, m = task.train_batch(step, rank, 8)
+            loss = answer_cross_entropy(engine(input_ids=x).logits, x, m)
+            rec.log(loss)
+            engine.backward(loss)
+            engine.step()
+        rec.close()
+        saved[name] = {"idle": isinstance(rec, IdleRecorder), "update": flat_params(engine.module) - initial,
+                       "layout": ParamLayout.of(model).to_json()}
+    torch.save(saved, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero_stage_0_recorded_and_other_stages_refused_on_every_rank(tmp_path):
+    torch.multiprocessing.start_processes(_deepspeed_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        for name in ("zero1", "zero2", "zero3", "zero0_bf16"):
+            assert r[name].startswith("ValueError: DeepSpeed's") and "safe_get_full_grad" in r[name], r[name]
+    assert not r0["zero0"]["idle"] and r1["zero0"]["idle"]
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert store.runs(root) == ["zero0"]
+    group = root["zero0"]
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == [0, 1, 2]
+    assert group.attrs["layout"] == r0["zero0"]["layout"]  # the model's names, not the engine's `module.` ones
+    np.testing.assert_allclose(store.read(group, "update").sum(0), r0["zero0"]["update"], atol=2e-6)
+
+
 # -- Hugging Face Trainer ----------------------------------------------------------------------------------------
 def hf_dataset(task, n=32):
     """Tokenised arithmetic items with loss on answer tokens only (HF shifts the labels inside the model)."""
@@ -1425,9 +1511,10 @@ def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task)
     attach(model, optimizer, tmp_path, "a", total_steps=np.int64(2), capture=IDENTITY).close()
     assert run_group(tmp_path, "a").attrs["steps"] == 2
     other = torch.optim.AdamW(micro(task, seed=1).parameters())
-    with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
-        attach(model, other, tmp_path, "b", total_steps=2, capture=IDENTITY)
-    assert run_group(tmp_path, "b").attrs["status"] == "failed"
+    for write in (True, False):  # refused on every rank, before anything is written
+        with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
+            attach(model, other, tmp_path, "b", total_steps=2, capture=IDENTITY, write=write)
+    assert store.runs(zarr.open_group(tmp_path / "store.zarr", mode="r")) == ["a"]
     frozen = micro(task).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         attach(frozen, torch.optim.AdamW(model.parameters()), tmp_path, "c", total_steps=2, capture=IDENTITY)

@@ -12,9 +12,10 @@ exception marks it `failed`). Under `torch.distributed` (DDP, or accelerate's mu
 identical on every rank after the all-reduce, so one process writes (rank 0 unless `write` says otherwise); the
 others get an `IdleRecorder` whose methods do nothing, so the same loop runs unchanged on every rank. Under accelerate's
 gradient accumulation the wrapped optimizer skips the real `step()` on micro-steps, so only sync steps are
-recorded. A model sharded by FSDP is refused on every rank (`check_unsharded`); when a gradient is sharded across
-ranks (FSDP/ZeRO), `sketch_sharded` sketches each rank's shard and sums the sketches (the sketch is linear), giving
-every rank the sketch of the whole vector.
+recorded. DeepSpeed's engine is unwrapped as DDP's is (ZeRO stage 0 in fp32). A model sharded by FSDP, or trained
+by DeepSpeed's ZeRO or fp16/bf16 optimizers (which step flat copies of the parameters), is refused on every rank
+(`check_recordable`); when a gradient is sharded across ranks (FSDP/ZeRO), `sketch_sharded` sketches each rank's
+shard and sums the sketches (the sketch is linear), giving every rank the sketch of the whole vector.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 import zarr
 
 from gradtrace import store
-from gradtrace.capture.recorder import (CAPTURE_ATTRS, Probe, Recorder, check_unsharded, open_recorders,
+from gradtrace.capture.recorder import (CAPTURE_ATTRS, Probe, Recorder, check_recordable, open_recorders,
                                        uninterrupted, unwrap_model, unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig, checked
@@ -222,8 +223,9 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     `start_step` (optimizer steps already taken, as restored from your checkpoint), cutting rows recorded after it.
     `attrs`: attributes of your own for the run's group (JSON values; not the names gradtrace writes, `role`
     excepted). `write` overrides which process writes (default: rank 0 of torch.distributed, or the only process);
-    the others get an `IdleRecorder`. A model sharded by FSDP is refused on every rank: its ranks hold shards, and a
-    Recorder records whole tensors.
+    the others get an `IdleRecorder`. A model sharded by FSDP, or an optimizer that steps none of the model's
+    parameters (DeepSpeed's ZeRO and fp16/bf16 optimizers step flat copies of them), is refused on every rank before
+    anything is written: a Recorder records the parameter tensors, whole.
     """
     if not (isinstance(model, torch.nn.Module) and isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer)):
         raise TypeError(f"attach(model, optimizer, out_dir, ...) takes a torch.nn.Module and a torch.optim.Optimizer, "
@@ -238,7 +240,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
                          f"{total_steps!r}")
     total_steps = int(total_steps)
     check_own_attrs(attrs or {})
-    check_unsharded(model)  # on every rank, which all raise: none is left waiting in a collective
+    check_recordable(model, optimizer)  # on every rank, which all raise: none is left waiting in a collective
     if not is_writer(write):
         return IdleRecorder()
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")

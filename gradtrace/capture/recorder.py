@@ -172,21 +172,15 @@ class Recorder:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: RunWriter,
                  cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
                  probe_losses: dict[str, Callable] | list[str] | None = None, start_step: int = 0) -> None:
+        check_recordable(model, optimizer)
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
-        check_unsharded(self.model)
         if "adam_m" in cfg.quantities and "betas" not in self.optimizer.defaults:
             raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no Adam "
                              "moments: drop it, e.g. CaptureConfig(quantities=['grad', 'update'])")
         self.writer, self.cfg = writer, cfg
         self._all_params = list(self.model.parameters())  # walking the modules each step costs ~0.1 ms
         self.params = [p for p in self._all_params if p.requires_grad]
-        if not self.params:
-            raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
-        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        held = sum(id(p) in optimized for p in self.params)
-        if not held:
-            raise ValueError(f"the {type(self.optimizer).__name__} given holds none of the model's trainable "
-                             "parameters: pass the optimizer that trains this model")
+        held = _held(self.params, self.optimizer)
         if held < len(self.params) and "update" in cfg.quantities:
             warnings.warn(f"the {type(self.optimizer).__name__} given holds {held} of the model's {len(self.params)} "
                           "trainable parameter tensors: `update` is the change across its step(), so it reads 0 "
@@ -499,10 +493,13 @@ def _loop_stacklevel() -> int:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameters train: DDP and DataParallel hold it as `.module`, `torch.compile` as
-    `._orig_mod` (whose `_orig_mod.` prefix would change the layout hash)."""
+    """The module whose parameters train: DDP, DataParallel and DeepSpeed's engine hold it as `.module`,
+    `torch.compile` as `._orig_mod` (whose prefixes would change the layout hash)."""
+    deepspeed_engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)  # there once it is imported
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel,
+                *([deepspeed_engine] if isinstance(deepspeed_engine, type) else []))
     while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        if isinstance(model, wrappers):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
@@ -518,7 +515,48 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def check_unsharded(model: torch.nn.Module) -> None:
+def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse what a Recorder cannot record, before anything is written (and on every rank of a distributed run, which
+    all raise: none is left waiting in a collective): a model sharded by FSDP, a model with nothing to train, or an
+    optimizer that steps none of its trainable parameters (another model's, or DeepSpeed's flat copies of them)."""
+    model = unwrap_model(model)
+    _check_unsharded(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
+    if _held(params, unwrap_optimizer(optimizer)):
+        return
+    deepspeed = _deepspeed_optimizer(optimizer)
+    if deepspeed is None:
+        raise ValueError(f"the {type(unwrap_optimizer(optimizer)).__name__} given holds none of the model's "
+                         "trainable parameters: pass the optimizer that trains this model")
+    raise ValueError(f"DeepSpeed's {type(deepspeed).__name__} steps flat copies of the model's parameters (ZeRO stages "
+                     "1-3 partition them and their gradients and Adam moments across ranks; fp16 and bf16 keep fp32 "
+                     "master copies), and gradtrace records the parameter tensors themselves: attach works under "
+                     "DeepSpeed with ZeRO stage 0 in fp32. Otherwise sketch in a loop of your own the gradient "
+                     "gathered whole by deepspeed.utils.safe_get_full_grad(p), called on every rank between "
+                     "backward and step")
+
+
+def _held(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """How many of `params` the optimizer steps."""
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return sum(id(p) in optimized for p in params)
+
+
+def _deepspeed_optimizer(optimizer: Any) -> Any | None:
+    """DeepSpeed's optimizer (ZeRO's, or its fp16/bf16 wrapper) among the wrappers, each holding the next as
+    `.optimizer` (accelerate's around DeepSpeed's around the torch optimizer); None without one."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if type(optimizer).__module__.partition(".")[0] == "deepspeed":
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def _check_unsharded(model: torch.nn.Module) -> None:
     """Refuse a model sharded by FSDP: each rank holds a shard of every parameter, gradient and Adam moment, which
     the Recorder recorded as the whole vector (FSDP1: rank 0's shard under a layout of shards) or failed on in the
     first step's hooks (FSDP2's DTensors)."""
