@@ -612,8 +612,9 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task):
     model = micro(task)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="SGD keeps no Adam moments: drop it"):
-        attach(model, opt, tmp_path, "r", total_steps=3)  # before any step trains
+    for write in (True, False):  # before any step trains, on every rank (an idle one trained on, into DDP's all-reduce)
+        with pytest.raises(ValueError, match="SGD keeps no Adam moments: drop it"):
+            attach(model, opt, tmp_path, "r", total_steps=3, write=write)
     rec = attach(model, opt, tmp_path, "sgd", total_steps=3, capture=CaptureConfig(
         sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
     before = flat_params(model)
@@ -1518,6 +1519,11 @@ def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task)
     frozen = micro(task).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         attach(frozen, torch.optim.AdamW(model.parameters()), tmp_path, "c", total_steps=2, capture=IDENTITY)
+    twice = [Probe("ID", *task.probe_set("ID").torch())] * 2
+    for write in (True, False):
+        with pytest.raises(ValueError, match=r"probes \['ID'\] are given more than once"):
+            attach(model, optimizer, tmp_path, "d", total_steps=2, probes=twice, write=write)
+    assert store.runs(zarr.open_group(tmp_path / "store.zarr", mode="r")) == ["a"]
 
 
 def test_a_loss_logged_after_the_optimizer_step_is_warned_of(tmp_path, task):

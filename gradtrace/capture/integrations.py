@@ -223,9 +223,9 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     `start_step` (optimizer steps already taken, as restored from your checkpoint), cutting rows recorded after it.
     `attrs`: attributes of your own for the run's group (JSON values; not the names gradtrace writes, `role`
     excepted). `write` overrides which process writes (default: rank 0 of torch.distributed, or the only process);
-    the others get an `IdleRecorder`. A model sharded by FSDP, or an optimizer that steps none of the model's
-    parameters (DeepSpeed's ZeRO and fp16/bf16 optimizers step flat copies of them), is refused on every rank before
-    anything is written: a Recorder records the parameter tensors, whole.
+    the others get an `IdleRecorder`. What cannot be recorded is refused on every rank alike, before anything is
+    written (`check_recordable`): a model sharded by FSDP, an optimizer that steps none of the model's parameters
+    (DeepSpeed's ZeRO and fp16/bf16 optimizers step flat copies of them), probes that cannot be taken.
     """
     if not (isinstance(model, torch.nn.Module) and isinstance(unwrap_optimizer(optimizer), torch.optim.Optimizer)):
         raise TypeError(f"attach(model, optimizer, out_dir, ...) takes a torch.nn.Module and a torch.optim.Optimizer, "
@@ -240,7 +240,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
                          f"{total_steps!r}")
     total_steps = int(total_steps)
     check_own_attrs(attrs or {})
-    check_recordable(model, optimizer)  # on every rank, which all raise: none is left waiting in a collective
+    check_recordable(model, optimizer, capture, probes or [], probe_losses)  # on every rank, which all raise alike
     if not is_writer(write):
         return IdleRecorder()
     root = store.open_experiment(Path(out_dir) / "store.zarr", mode="a")

@@ -172,11 +172,8 @@ class Recorder:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: RunWriter,
                  cfg: CaptureConfig, total_steps: int, probes: list[Probe] | None = None,
                  probe_losses: dict[str, Callable] | list[str] | None = None, start_step: int = 0) -> None:
-        check_recordable(model, optimizer)
+        check_recordable(model, optimizer, cfg, probes or [], probe_losses)
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
-        if "adam_m" in cfg.quantities and "betas" not in self.optimizer.defaults:
-            raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no Adam "
-                             "moments: drop it, e.g. CaptureConfig(quantities=['grad', 'update'])")
         self.writer, self.cfg = writer, cfg
         self._all_params = list(self.model.parameters())  # walking the modules each step costs ~0.1 ms
         self.params = [p for p in self._all_params if p.requires_grad]
@@ -195,19 +192,7 @@ class Recorder:
         self.total_steps = total_steps
         self.step = start_step  # optimizer steps completed
         self.probes = [probe.to(device) for probe in probes or []]
-        splits = [p.split for p in self.probes]
-        repeated = sorted({s for s in splits if splits.count(s) > 1})
-        if repeated:
-            raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
-        _check_probe_tokens(self.model, self.probes)
-        if self.probes and (probe_losses is None or isinstance(probe_losses, (str, list, tuple))):
-            from gradtrace.tasks import probe_loss_functions  # by name: the config's, as attach gives, or those named
-
-            names = cfg.probe_losses if probe_losses is None else probe_losses
-            probe_losses = probe_loss_functions([names] if isinstance(names, str) else list(names))
-        if self.probes:
-            _check_probe_losses(probe_losses)
-        self.probe_losses = probe_losses if self.probes else {}  # the probe_loss axis's labels: none
+        self.probe_losses = _probe_losses_by_name(cfg, probe_losses) if self.probes else {}  # probe_loss's labels
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._first_step_logged: bool | None = None  # whether a loss was given before the first step since attach
@@ -515,17 +500,35 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse what a Recorder cannot record, before anything is written (and on every rank of a distributed run, which
-    all raise: none is left waiting in a collective): a model sharded by FSDP, a model with nothing to train, or an
-    optimizer that steps none of its trainable parameters (another model's, or DeepSpeed's flat copies of them)."""
-    model = unwrap_model(model)
+def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
+                     probes: list[Probe], probe_losses: dict[str, Callable] | list[str] | str | None) -> None:
+    """Refuse, from the arguments alone, what a Recorder cannot record. `attach` calls it before anything is written
+    and on every rank of a distributed run, so that all refuse alike (none trains on, to wait in a collective for the
+    one that refused). Refused: a model sharded by FSDP or with nothing to train; an optimizer that steps none of its
+    trainable parameters (another model's, or DeepSpeed's flat copies of them), or keeps no Adam moments where
+    `adam_m` is recorded; probes of one split twice or of tokens outside the model's vocabulary; probe losses that
+    are none, unknown names or no functions."""
+    model, inner = unwrap_model(model), unwrap_optimizer(optimizer)
     _check_unsharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
-    if _held(params, unwrap_optimizer(optimizer)):
-        return
+    if not _held(params, inner):
+        _refuse_optimizer(optimizer)
+    if "adam_m" in cfg.quantities and "betas" not in inner.defaults:
+        raise ValueError(f"capture.quantities has adam_m, but {type(inner).__name__} keeps no Adam moments: drop it, "
+                         "e.g. CaptureConfig(quantities=['grad', 'update'])")
+    splits = [p.split for p in probes]
+    repeated = sorted({s for s in splits if splits.count(s) > 1})
+    if repeated:
+        raise ValueError(f"probes {repeated} are given more than once: each names one split of the probe arrays")
+    _check_probe_tokens(model, probes)
+    if probes:
+        _check_probe_losses(_probe_losses_by_name(cfg, probe_losses))
+
+
+def _refuse_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer that steps none of the model's trainable parameters, naming DeepSpeed's where it is."""
     deepspeed = _deepspeed_optimizer(optimizer)
     if deepspeed is None:
         raise ValueError(f"the {type(unwrap_optimizer(optimizer)).__name__} given holds none of the model's "
@@ -536,6 +539,17 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
                      "DeepSpeed with ZeRO stage 0 in fp32. Otherwise sketch in a loop of your own the gradient "
                      "gathered whole by deepspeed.utils.safe_get_full_grad(p), called on every rank between "
                      "backward and step")
+
+
+def _probe_losses_by_name(cfg: CaptureConfig, probe_losses: dict[str, Callable] | list[str] | str | None) -> dict:
+    """The probe losses as {name: function}: a mapping as given, else gradtrace.tasks.PROBE_LOSSES' of the names
+    given (by default `cfg.probe_losses`, as attach gives)."""
+    if probe_losses is not None and not isinstance(probe_losses, (str, list, tuple)):
+        return probe_losses
+    from gradtrace.tasks import probe_loss_functions
+
+    names = cfg.probe_losses if probe_losses is None else probe_losses
+    return probe_loss_functions([names] if isinstance(names, str) else list(names))
 
 
 def _held(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
