@@ -1129,6 +1129,54 @@ def test_fsdp_refused_on_every_rank_and_its_shards_sketched_by_sketch_sharded(tm
     assert not (tmp_path / "store.zarr").exists()
 
 
+def _zero_redundancy_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: DDP with torch's ZeroRedundancyOptimizer over AdamW, attached with the default
+    capture (refused: Adam's moments are sharded) and without adam_m (recorded by rank 0)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    task = ArithmeticTask(tiny_config().task)
+    model = torch.nn.parallel.DistributedDataParallel(micro(task))
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-3)
+    try:
+        attach(model, opt, out_dir, "default", total_steps=3)
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    initial = flat_params(model)
+    rec = attach(model, opt, out_dir, "zero", total_steps=3, capture=CaptureConfig(
+        sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
+    for step in range(3):
+        x, m = task.train_batch(step, rank, 8)
+        loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+        opt.zero_grad()
+        loss.backward()
+        rec.log(loss)
+        opt.step()
+    rec.close()
+    torch.save({"refused": refused, "update": flat_params(model) - initial}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_records_grad_and_update_and_refuses_adam_m_on_every_rank(tmp_path):
+    """torch's ZeroRedundancyOptimizer keeps each rank's share of AdamW's state: adam_m was refused as "keeps no Adam
+    moments". The gradient (DDP's, all-reduced) and the update (after its parameters are broadcast) are whole."""
+    torch.multiprocessing.start_processes(_zero_redundancy_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert "ZeroRedundancyOptimizer keeps AdamW's moments sharded across ranks" in r["refused"], r["refused"]
+    root = zarr.open_group(tmp_path / "store.zarr", mode="r")
+    assert store.runs(root) == ["zero"]
+    group = root["zero"]
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(store.read(group, "update").sum(0), r0["update"], atol=2e-6)
+    np.testing.assert_array_equal(r0["update"], r1["update"])
+    assert np.isnan(group["layer_v_mean"][:]).all()  # no rank holds every parameter's v
+
+
 def test_deepspeed_engine_unwrapped_and_its_flat_optimizers_refused_on_every_rank(tmp_path, task, monkeypatch):
     """DeepSpeed's engine holds the model as `.module` (whose prefix renamed every tensor of the layout), and its ZeRO
     and fp16/bf16 optimizers step flat copies of the parameters: the torch optimizer inside holds none of the model's,

@@ -516,8 +516,12 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     if not _held(params, inner):
         _refuse_optimizer(optimizer)
     if "adam_m" in cfg.quantities and "betas" not in inner.defaults:
-        raise ValueError(f"capture.quantities has adam_m, but {type(inner).__name__} keeps no Adam moments: drop it, "
-                         "e.g. CaptureConfig(quantities=['grad', 'update'])")
+        local = getattr(inner, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
+        sharded = isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults
+        keeps = (f"{type(local).__name__}'s moments sharded across ranks, each its share (Adam's v statistics read "
+                 "NaN)" if sharded else "no Adam moments")
+        raise ValueError(f"capture.quantities has adam_m, but {type(inner).__name__} keeps {keeps}: drop it, e.g. "
+                         "CaptureConfig(quantities=['grad', 'update'])")
     splits = [p.split for p in probes]
     repeated = sorted({s for s in splits if splits.count(s) > 1})
     if repeated:
