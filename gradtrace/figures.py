@@ -2,8 +2,8 @@
 
 Each public function takes tables (pandas) or arrays read from a store and returns a `matplotlib.figure.Figure`
 built without pyplot (no global state, Agg canvas), in one house style: 8-pt type sized for a paper column
-(3.4 in) or page (7 in), the Okabe-Ito colour-blind-safe palette, a diverging map centred at 0 for
-correlations. `save(fig, path)` writes `path.pdf` and `path.png`.
+(3.4 in) or page (7 in), the Okabe-Ito colour-blind-safe palette (grey for its yellow), a diverging map centred at 0
+for correlations. `save(fig, path)` writes `path.pdf` and `path.png`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from gradtrace.results import base_groups
 from gradtrace.stats import centre_within
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+LINE_COLOURS = [*OKABE_ITO[:-1], "#999999"]  # its yellow is too light for lines on white: grey instead
+MARKERS = "os^Dv<>p"
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
 PAGE_WIDTH = 7.0  # inches: the full text width
 DPI = 150
@@ -74,7 +76,14 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _color(i: int) -> str:
-    return OKABE_ITO[i % (len(OKABE_ITO) - 1)]  # the last colour (yellow) is too light for lines on white
+    return LINE_COLOURS[i % len(LINE_COLOURS)]
+
+
+def _split_style(j: int) -> dict[str, str]:
+    """The j-th split's line: a colour of its own for the first 8 splits, then the colours again, each round with
+    another line style and marker."""
+    again = j // len(LINE_COLOURS)
+    return {"color": _color(j), "ls": ("-", "--", ":", "-.")[again % 4], "marker": MARKERS[again % len(MARKERS)]}
 
 
 def _grid(fig: Figure, n: int, ncols: int) -> list:
@@ -287,7 +296,7 @@ def accuracy_on_the_line(results_df: pd.DataFrame, id: str = "ID", n_items: int 
         for j, base in enumerate(names):
             mine = bases == base
             ax.scatter(x[mine], y[mine], s=size, color=_color(j if several else i), alpha=alpha, linewidths=0,
-                       marker="os^Dv<>p"[j % 8], label=base)
+                       marker=MARKERS[j % len(MARKERS)], label=base)
         if several and i == 0:
             for handle in ax.legend(fontsize=5, loc="upper left", frameon=False, handletextpad=0.1).legend_handles:
                 handle.set_alpha(1)  # however faint the crowded points
@@ -413,7 +422,7 @@ def training_curves(run_group: zarr.Group | str | Path) -> Figure:
 
             def draw(ax, x=x, acc=acc, names=names, title=title):
                 for j, split in enumerate(names):
-                    ax.plot(x, acc[:, j], marker="o", color=_color(j), label=split, ls="-" if j < 7 else "--")
+                    ax.plot(x, acc[:, j], label=split, **_split_style(j))
                 ax.set_ylim(-0.02, 1.02)
                 ax.set_ylabel(title)
             panels.append((prefix, draw))
@@ -484,7 +493,7 @@ def dominant_bulk_energy(steps: Sequence[int], dominant: np.ndarray, splits: Seq
     for ax, values, title in ((axes[0], d, f"dominant: inside the {span}"),
                               (axes[1], 1 - d, f"bulk: outside the {span}")):
         for j, split in enumerate(splits):
-            ax.plot(x, values[:, j], marker="o", color=_color(j), label=split, ls="-" if j < 7 else "--")
+            ax.plot(x, values[:, j], label=split, **_split_style(j))
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylim(-0.02, 1.02)

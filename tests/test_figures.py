@@ -308,6 +308,16 @@ def test_span_energy_and_dominant_bulk(tmp_path: Path) -> None:
         figures.dominant_bulk_energy(np.arange(3), dominant, ["ID", "carry"])
 
 
+def test_each_of_eight_splits_has_a_colour_of_its_own_and_more_differ_in_style() -> None:
+    """The default study's 8 splits shared 7 colours: its last shift ("order") was ID's blue, dashed."""
+    splits = [f"s{j}" for j in range(11)]
+    fig = figures.dominant_bulk_energy(np.arange(3), np.full((3, len(splits)), 0.5), splits)
+    lines = fig.axes[0].lines
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines}
+    assert len({line.get_color() for line in lines[:8]}) == 8 and len(styles) == len(splits)
+    assert "#F0E442" not in {line.get_color() for line in lines}  # Okabe-Ito's yellow: too light for lines
+
+
 def test_principal_angle_matrix(tmp_path: Path) -> None:
     m = np.array([[0.0, 30.0, 80.0], [30.0, 0.0, 45.0], [80.0, 45.0, 0.0]])
     fig = figures.principal_angle_matrix(m, ["ID", "a", "b"])
