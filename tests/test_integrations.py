@@ -19,6 +19,7 @@ import zarr
 from conftest import tiny_config
 from gradtrace import store
 from gradtrace.capture import GradtraceCallback, IdleRecorder, Probe, attach, make_sketch, sketch_sharded
+from gradtrace.capture.integrations import RunRecorder
 from gradtrace.capture.recorder import Recorder, unwrap_model
 from gradtrace.capture.sketch import ParamLayout
 from gradtrace.config import CaptureConfig
@@ -884,7 +885,11 @@ def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
     assert isinstance(rec, IdleRecorder)
     train_steps(model, opt, task, 2, rec)
     rec.close()
+    rec.fail(RuntimeError("a loop's own handler"))  # what a loop calls on the writing rank's recorder, it may here
+    rec.detach()
     assert not (tmp_path / "store.zarr").exists()
+    public = {name for name in dir(RunRecorder) if not name.startswith("_")}
+    assert public - set(dir(IdleRecorder)) == {"attrs", "probe", "probe_once"}  # the Recorder's, not the loop's
 
 
 # -- the Recorder's fast paths (linearity for m, numpy quantiles of v), checked against the optimizer's state -------

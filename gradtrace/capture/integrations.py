@@ -187,6 +187,7 @@ class IdleRecorder:
     """Stands in for the Recorder on processes that do not write (all ranks but one under DDP): does nothing."""
 
     last_loss = None  # as a writing rank's recorder says when no loss was given
+    where = None  # no run of its own
 
     def log(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> None:
         """Ignore the loss and norm."""
@@ -196,6 +197,12 @@ class IdleRecorder:
 
     def close(self, final_probe: bool = True) -> None:
         """Nothing to close."""
+
+    def fail(self, error: BaseException) -> None:
+        """No run to mark failed."""
+
+    def detach(self) -> None:
+        """No hooks to remove."""
 
     def __enter__(self) -> "IdleRecorder":
         return self
