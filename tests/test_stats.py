@@ -647,6 +647,23 @@ def test_split_half_reliability_without_between_run_signal_is_zero_not_negative(
     assert rel["reliability"].iloc[0] == 0 and rel["reliability_sd"].iloc[0] == 0  # was −36 (rho ≈ −0.95)
 
 
+def test_item_correctness_other_than_zeros_and_ones_is_refused():
+    rng = np.random.default_rng(4)
+    n, m = 40, 50
+    items = {s: (rng.random((n, m)) < 0.5).astype(float) for s in ("ID", "s0", "s1")}
+    df = table_from(items["ID"].mean(1), items["s0"].mean(1), items["s1"].mean(1))
+    assert len(partial_correlations(df, residualize="linear", items=items, n_splits=5, **FAST)) == 1
+    assert len(partial_correlations(df, residualize="linear", items={k: v.astype(bool) for k, v in items.items()},
+                                    n_splits=5, **FAST)) == 1
+    for other in (np.nan, 2.0, 0.5):
+        bad = {**items, "s1": items["s1"].copy()}
+        bad["s1"][3, 7] = other
+        with pytest.raises(ValueError, match=r"items\['s1'\] must hold 0/1 \(or bool\) correctness"):
+            partial_correlations(df, residualize="linear", items=bad, n_splits=5, **FAST)
+        with pytest.raises(ValueError, match=r"items\['s1'\] must hold 0/1 \(or bool\) correctness"):
+            split_half_reliability(bad, n_splits=5)
+
+
 def test_disattenuation_is_missing_where_a_reliability_is_zero():
     """Two shifts without between-run signal in their items: reliabilities 0, nothing to disattenuate (their
     negative Spearman–Brown values multiplied to a positive product and gave a finite r_disattenuated)."""
