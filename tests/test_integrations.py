@@ -1541,7 +1541,7 @@ def test_a_bf16_models_gradient_norms_are_summed_in_float32(tmp_path, task, sket
     np.testing.assert_allclose(group["grad_norm"][-1], np.linalg.norm(expected), rtol=1e-5)
 
 
-def test_what_cannot_be_recorded_is_refused_and_the_run_says_why(tmp_path, task):
+def test_what_cannot_be_recorded_is_refused_before_anything_is_written(tmp_path, task):
     model = micro(task)
     with pytest.raises(TypeError, match="CaptureConfig"):
         attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "a", total_steps=2, capture={"dim": 64})
