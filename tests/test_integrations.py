@@ -878,6 +878,34 @@ def test_a_first_step_without_gradients_records_m_as_zero(tmp_path, task):
     np.testing.assert_allclose(group["adam_m"][-1], m.numpy(), rtol=1e-5, atol=1e-8)
 
 
+def _bitsandbytes_adamw(params):
+    """bitsandbytes' AdamW8bit where installed, else a stand-in named as its module is (its state keys are its own)."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=3e-3)
+    return type("AdamW8bit", (torch.optim.AdamW,), {"__module__": "bitsandbytes.optim.adamw"})(params, lr=3e-3)
+
+
+def test_an_optimizer_keeping_adam_moments_under_other_names_is_refused_adam_m_at_attach(tmp_path, task):
+    """bitsandbytes' Adam optimizers keep their moments as state1 and state2 (quantized in 8 bits): adam_m was refused
+    at the first step, in the writing rank's hook only (the others training on under DDP), not at attach."""
+    model = micro(task)
+    opt = _bitsandbytes_adamw(model.parameters())
+    for write in (True, False):
+        with pytest.raises(ValueError, match=r"AdamW8bit keeps Adam's moments under names of its own .*drop it"):
+            attach(model, opt, tmp_path, "r", total_steps=3, write=write)
+    assert not (tmp_path / "store.zarr").exists()
+    rec = attach(model, opt, tmp_path, "bnb", total_steps=3, capture=CaptureConfig(
+        sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
+    before = flat_params(model)
+    train_steps(model, opt, task, 3, rec)
+    rec.close()
+    group = run_group(tmp_path, "bnb")
+    assert group["step"][:].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+
+
 def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
     model = micro(task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -503,11 +503,12 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
                      probes: list[Probe], probe_losses: dict[str, Callable] | list[str] | str | None) -> None:
     """Refuse, from the arguments alone, what a Recorder cannot record. `attach` calls it before anything is written
-    and on every rank of a distributed run, so that all refuse alike (none trains on, to wait in a collective for the
-    one that refused). Refused: a model sharded by FSDP or with nothing to train; an optimizer that steps none of its
-    trainable parameters (another model's, or DeepSpeed's flat copies of them), or keeps no Adam moments where
-    `adam_m` is recorded; probes of one split twice or of tokens outside the model's vocabulary; probe losses that
-    are none, unknown names or no functions."""
+    and on every rank of a distributed run, so that all refuse alike (none trains on, to wait in a collective for
+    the one that refused). Refused: a model sharded by FSDP or with nothing to train; an optimizer that steps none
+    of its trainable parameters (another model's, or DeepSpeed's flat copies of them), or keeps no Adam moment
+    `exp_avg` of each where `adam_m` is recorded (SGD; torch's ZeroRedundancyOptimizer and bitsandbytes' keep theirs
+    otherwise); probes of one split twice or of tokens outside the model's vocabulary; probe losses that are none,
+    unknown names or no functions."""
     model, inner = unwrap_model(model), unwrap_optimizer(optimizer)
     _check_unsharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -515,13 +516,8 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
         raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
     if not _held(params, inner):
         _refuse_optimizer(optimizer)
-    if "adam_m" in cfg.quantities and "betas" not in inner.defaults:
-        local = getattr(inner, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
-        sharded = isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults
-        keeps = (f"{type(local).__name__}'s moments sharded across ranks, each its share (Adam's v statistics read "
-                 "NaN)" if sharded else "no Adam moments")
-        raise ValueError(f"capture.quantities has adam_m, but {type(inner).__name__} keeps {keeps}: drop it, e.g. "
-                         "CaptureConfig(quantities=['grad', 'update'])")
+    if "adam_m" in cfg.quantities:
+        _check_adam_moments(inner)
     splits = [p.split for p in probes]
     repeated = sorted({s for s in splits if splits.count(s) > 1})
     if repeated:
@@ -529,6 +525,22 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     _check_probe_tokens(model, probes)
     if probes:
         _check_probe_losses(_probe_losses_by_name(cfg, probe_losses))
+
+
+def _check_adam_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse `adam_m` for an optimizer whose state holds no Adam moment `exp_avg` for each of its parameters (found
+    only at its first step otherwise, in the writing rank's hook)."""
+    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
+    if "betas" in optimizer.defaults and type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
+        keeps = "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
+    elif "betas" in optimizer.defaults:
+        return
+    elif isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults:
+        keeps = f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
+    else:
+        keeps = "no Adam moments"
+    raise ValueError(f"capture.quantities has adam_m, but {type(optimizer).__name__} keeps {keeps}: drop it, e.g. "
+                     "CaptureConfig(quantities=['grad', 'update'])")
 
 
 def _refuse_optimizer(optimizer: torch.optim.Optimizer) -> None:
