@@ -610,20 +610,37 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
                    probes=probes, resume=True, start_step=2)
 
 
-def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task):
+def _bitsandbytes_adamw(params):
+    """bitsandbytes' AdamW8bit where installed, else a stand-in named as its module is (its state keys are its own)."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=3e-3)
+    return type("AdamW8bit", (torch.optim.AdamW,), {"__module__": "bitsandbytes.optim.adamw"})(params, lr=3e-3)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "bitsandbytes"])
+def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task, kind):
+    """adam_m is refused at attach, on every rank (an idle one trained on, into DDP's all-reduce), for SGD and for
+    bitsandbytes' Adam optimizers, whose moments are state1 and state2 (8-bit ones quantized): theirs was refused at
+    the first step, in the writing rank's hook only. The rest is recorded."""
     model = micro(task)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for write in (True, False):  # before any step trains, on every rank (an idle one trained on, into DDP's all-reduce)
-        with pytest.raises(ValueError, match="SGD keeps no Adam moments: drop it"):
+    opt, refusal = ((torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments") if
+                    kind == "SGD" else (_bitsandbytes_adamw(model.parameters()), "AdamW8bit keeps Adam's moments under "
+                                        "names of its own"))
+    for write in (True, False):
+        with pytest.raises(ValueError, match=f"{refusal}.*: drop it"):
             attach(model, opt, tmp_path, "r", total_steps=3, write=write)
-    rec = attach(model, opt, tmp_path, "sgd", total_steps=3, capture=CaptureConfig(
+    assert not (tmp_path / "store.zarr").exists()
+    rec = attach(model, opt, tmp_path, "run", total_steps=3, capture=CaptureConfig(
         sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
     before = flat_params(model)
     train_steps(model, opt, task, 3, rec)
     rec.close()
-    group = run_group(tmp_path, "sgd")
-    assert group["step"][:].tolist() == [0, 1, 2] and group.attrs["adam"] == {}
-    assert np.isnan(group["layer_v_mean"][:]).all()  # SGD keeps no v
+    group = run_group(tmp_path, "run")
+    assert group["step"][:].tolist() == [0, 1, 2]
+    if kind == "SGD":
+        assert group.attrs["adam"] == {} and np.isnan(group["layer_v_mean"][:]).all()  # SGD keeps no v
     np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
 
 
@@ -876,34 +893,6 @@ def test_a_first_step_without_gradients_records_m_as_zero(tmp_path, task):
     assert group["step"][:].tolist() == [0, 1, 2] and not group["adam_m"][0].any()
     m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
     np.testing.assert_allclose(group["adam_m"][-1], m.numpy(), rtol=1e-5, atol=1e-8)
-
-
-def _bitsandbytes_adamw(params):
-    """bitsandbytes' AdamW8bit where installed, else a stand-in named as its module is (its state keys are its own)."""
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(params, lr=3e-3)
-    return type("AdamW8bit", (torch.optim.AdamW,), {"__module__": "bitsandbytes.optim.adamw"})(params, lr=3e-3)
-
-
-def test_an_optimizer_keeping_adam_moments_under_other_names_is_refused_adam_m_at_attach(tmp_path, task):
-    """bitsandbytes' Adam optimizers keep their moments as state1 and state2 (quantized in 8 bits): adam_m was refused
-    at the first step, in the writing rank's hook only (the others training on under DDP), not at attach."""
-    model = micro(task)
-    opt = _bitsandbytes_adamw(model.parameters())
-    for write in (True, False):
-        with pytest.raises(ValueError, match=r"AdamW8bit keeps Adam's moments under names of its own .*drop it"):
-            attach(model, opt, tmp_path, "r", total_steps=3, write=write)
-    assert not (tmp_path / "store.zarr").exists()
-    rec = attach(model, opt, tmp_path, "bnb", total_steps=3, capture=CaptureConfig(
-        sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
-    before = flat_params(model)
-    train_steps(model, opt, task, 3, rec)
-    rec.close()
-    group = run_group(tmp_path, "bnb")
-    assert group["step"][:].tolist() == [0, 1, 2]
-    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
 
 
 def test_attach_on_a_non_writing_rank_is_idle(tmp_path, task):
