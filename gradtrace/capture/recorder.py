@@ -515,7 +515,7 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
     if not _held(params, inner):
-        _refuse_optimizer(optimizer)
+        _refuse_optimizer(optimizer, inner)
     if "adam_m" in cfg.quantities:
         _check_adam_moments(inner)
     splits = [p.split for p in probes]
@@ -530,25 +530,26 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
 def _check_adam_moments(optimizer: torch.optim.Optimizer) -> None:
     """Refuse `adam_m` for an optimizer whose state holds no Adam moment `exp_avg` for each of its parameters (found
     only at its first step otherwise, in the writing rank's hook)."""
-    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
-    if "betas" in optimizer.defaults and type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
+    if "betas" in optimizer.defaults:
+        if type(optimizer).__module__.partition(".")[0] != "bitsandbytes":
+            return
         keeps = "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
-    elif "betas" in optimizer.defaults:
-        return
-    elif isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults:
-        keeps = f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
     else:
-        keeps = "no Adam moments"
+        local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
+        sharded = isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults
+        keeps = (f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
+                 if sharded else "no Adam moments")
     raise ValueError(f"capture.quantities has adam_m, but {type(optimizer).__name__} keeps {keeps}: drop it, e.g. "
                      "CaptureConfig(quantities=['grad', 'update'])")
 
 
-def _refuse_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Raise for an optimizer that steps none of the model's trainable parameters, naming DeepSpeed's where it is."""
+def _refuse_optimizer(optimizer: Any, inner: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer (`inner`, unwrapped) that steps none of the model's trainable parameters, naming
+    DeepSpeed's where it is among the wrappers."""
     deepspeed = _deepspeed_optimizer(optimizer)
     if deepspeed is None:
-        raise ValueError(f"the {type(unwrap_optimizer(optimizer)).__name__} given holds none of the model's "
-                         "trainable parameters: pass the optimizer that trains this model")
+        raise ValueError(f"the {type(inner).__name__} given holds none of the model's trainable parameters: pass the "
+                         "optimizer that trains this model")
     raise ValueError(f"DeepSpeed's {type(deepspeed).__name__} steps flat copies of the model's parameters (ZeRO stages "
                      "1-3 partition them and their gradients and Adam moments across ranks; fp16 and bf16 keep fp32 "
                      "master copies), and gradtrace records the parameter tensors themselves: attach works under "
