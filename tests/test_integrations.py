@@ -18,7 +18,8 @@ import zarr
 
 from conftest import tiny_config
 from gradtrace import store
-from gradtrace.capture import GradtraceCallback, IdleRecorder, Probe, attach, make_sketch, sketch_sharded
+from gradtrace.capture import (ChainedOptimizer, GradtraceCallback, IdleRecorder, Probe, attach, make_sketch,
+                               sketch_sharded)
 from gradtrace.capture.integrations import RunRecorder
 from gradtrace.capture.recorder import Recorder, unwrap_model
 from gradtrace.capture.sketch import ParamLayout
@@ -619,15 +620,23 @@ def _bitsandbytes_adamw(params):
     return type("AdamW8bit", (torch.optim.AdamW,), {"__module__": "bitsandbytes.optim.adamw"})(params, lr=3e-3)
 
 
-@pytest.mark.parametrize("kind", ["SGD", "bitsandbytes"])
+@pytest.mark.parametrize("kind", ["SGD", "bitsandbytes", "Muon and SGD chained", "Muon and bitsandbytes chained"])
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task, kind):
     """adam_m is refused at attach, on every rank (an idle one trained on, into DDP's all-reduce), for SGD and for
     bitsandbytes' Adam optimizers, whose moments are state1 and state2 (8-bit ones quantized): theirs was refused at
-    the first step, in the writing rank's hook only. The rest is recorded."""
+    the first step, in the writing rank's hook only. So for a chain of optimizers none of which keeps Adam's
+    moments, or one of which keeps them otherwise. The rest is recorded."""
     model = micro(task)
-    opt, refusal = ((torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments") if
-                    kind == "SGD" else (_bitsandbytes_adamw(model.parameters()), "AdamW8bit keeps Adam's moments under "
-                                        "names of its own"))
+    muon = muon_and_adamw(model)[0]
+    rest = [p for p in model.parameters() if not any(p is q for q in muon.param_groups[0]["params"])]
+    opt, refusal = {
+        "SGD": (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments"),
+        "bitsandbytes": (_bitsandbytes_adamw(model.parameters()), "AdamW8bit keeps Adam's moments under names of its "
+                         "own"),
+        "Muon and SGD chained": (ChainedOptimizer(muon, torch.optim.SGD(rest, lr=0.1)),
+                                 r"ChainedOptimizer\(Muon, SGD\) keeps no Adam moments"),
+        "Muon and bitsandbytes chained": (ChainedOptimizer(muon, _bitsandbytes_adamw(rest)),
+                                          "AdamW8bit keeps Adam's moments under names of its own")}[kind]
     for write in (True, False):
         with pytest.raises(ValueError, match=f"{refusal}.*: drop it"):
             attach(model, opt, tmp_path, "r", total_steps=3, write=write)
@@ -767,14 +776,103 @@ def test_an_optimizer_holding_some_of_the_parameters_is_warned_about(tmp_path, t
     model = micro(task)
     embedding = [p for n, p in model.named_parameters() if "embed" in n]
     rest = [p for n, p in model.named_parameters() if "embed" not in n]
-    with pytest.warns(UserWarning, match=f"holds {len(rest)} of the model's {len(rest) + len(embedding)} trainable"):
+    with pytest.warns(UserWarning, match=f"holds {len(rest)} of the model's {len(rest) + len(embedding)} trainable"
+                      r".*ChainedOptimizer\(muon, adamw\)") as caught:
         attach(model, torch.optim.AdamW(rest, lr=3e-3), tmp_path, "two", total_steps=2, capture=IDENTITY)
+    assert caught[0].filename == __file__  # the caller's attach, not gradtrace's Recorder
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attach(model, torch.optim.AdamW(model.parameters(), lr=3e-3), tmp_path, "one", total_steps=2,
                capture=IDENTITY)
         attach(model, torch.optim.AdamW(rest, lr=3e-3), tmp_path, "grad", total_steps=2,
                capture=CaptureConfig(sketch="identity", probe_every=0, quantities=["grad", "adam_m"]))
+
+
+def muon_and_adamw(model) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """torch's Muon recipe: Muon for the blocks' matrices, AdamW for the rest (embeddings, norms, biases)."""
+    muon = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed" not in n)]
+    return torch.optim.Muon(muon, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)
+
+
+def test_a_model_trained_by_muon_and_adamw_chained_is_recorded_whole(tmp_path, task):
+    """Attached to either of two optimizers, `update` read 0 for the other's tensors. Chained, one step steps both as
+    the loop stepping each did, and the rows hold the whole Δθ, AdamW's m (0 for Muon's tensors, which keep none)
+    and v statistics (NaN for Muon's), the run's `adam` attributes AdamW's."""
+    apart, chained = micro(task), micro(task)
+    optimizers = muon_and_adamw(apart)
+    for step in range(3):
+        x, m = task.train_batch(step, 0, 16)
+        loss = answer_cross_entropy(apart(input_ids=x).logits, x, m)
+        for opt in optimizers:
+            opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(apart.parameters(), 1.0)
+        for opt in optimizers:
+            opt.step()
+    muon, adamw = muon_and_adamw(chained)
+    opt = ChainedOptimizer(muon, adamw)
+    n_muon = len(muon.param_groups[0]["params"])
+    with pytest.warns(UserWarning, match=rf"{n_muon} of the model's \d+ trainable .* \(by Muon\): adam_m reads 0 "
+                      "for them, and their v statistics NaN") as caught:
+        rec = attach(chained, opt, tmp_path, "r", total_steps=3, capture=CaptureConfig(
+            sketch="identity", probe_every=0, v_stats_every=1))
+    assert [w.filename for w in caught] == [__file__]
+    before = flat_params(chained)
+    train_steps(chained, opt, task, 3, rec)
+    rec.close()
+    np.testing.assert_array_equal(flat_params(chained), flat_params(apart))
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(chained) - before, atol=1e-6)
+    held_by_muon = [any(p is q for q in muon.param_groups[0]["params"]) for p in chained.parameters()]
+    m = [torch.zeros_like(p) if by_muon else adamw.state[p]["exp_avg"]
+         for p, by_muon in zip(chained.parameters(), held_by_muon)]
+    np.testing.assert_array_equal(group["adam_m"][-1], torch.cat([t.reshape(-1) for t in m]).numpy())
+    np.testing.assert_array_equal(np.isnan(group["layer_v_mean"][:]).all(0), held_by_muon)
+    assert not np.isnan(group["layer_v_mean"][:][:, ~np.array(held_by_muon)]).any()
+    assert group.attrs["adam"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+
+def test_a_chain_steps_saves_resumes_and_schedules_its_optimizers_as_one(task):
+    """A chain resumed from its state_dict (and its scheduler's) trains on as the chain never stopped; one scheduler
+    schedules both optimizers' groups; what would split a parameter's optimizer, or add a group the chain would not
+    step, is refused."""
+    def trained(model, opt, sched, steps, start=0):
+        for step in range(start, steps):
+            train_steps(model, opt, task, step + 1, start=step)
+            sched.step()
+
+    def chain_of(model):
+        opt = ChainedOptimizer(*muon_and_adamw(model))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+
+    uninterrupted = micro(task)
+    opt, sched = chain_of(uninterrupted)
+    trained(uninterrupted, opt, sched, 4)
+    assert [g["lr"] for g in opt.param_groups] == [0.02 / 16, 3e-3 / 16]
+    assert [g["lr"] for o in opt.optimizers for g in o.param_groups] == [0.02 / 16, 3e-3 / 16]
+
+    model = micro(task)
+    opt, sched = chain_of(model)
+    trained(model, opt, sched, 2)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    model = micro(task, seed=1)
+    model.load_state_dict(saved[0])
+    opt, sched = chain_of(model)
+    opt.load_state_dict(saved[1])
+    sched.load_state_dict(saved[2])
+    trained(model, opt, sched, 4, start=2)
+    np.testing.assert_array_equal(flat_params(model), flat_params(uninterrupted))
+    assert len(copy.deepcopy(opt).state) == len(opt.state) == len(list(model.parameters()))
+
+    with pytest.raises(ValueError, match="not the state of a chain of 2 optimizers"):
+        opt.load_state_dict(opt.optimizers[0].state_dict())
+    with pytest.raises(TypeError, match="add the group to the chained optimizer that is to step it"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(ValueError, match="a parameter is held by both SGD and AdamW"):
+        ChainedOptimizer(torch.optim.SGD(list(model.parameters())[:1], lr=0.1), torch.optim.AdamW(model.parameters()))
+    with pytest.raises(TypeError, match=r"takes torch.optim.Optimizer instances, got \['Linear'\]"):
+        ChainedOptimizer(torch.nn.Linear(2, 2))
 
 
 def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):
@@ -1161,12 +1259,14 @@ def _zero_redundancy_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo")
     task = ArithmeticTask(tiny_config().task)
     model = torch.nn.parallel.DistributedDataParallel(micro(task))
-    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-3)
-    try:
-        attach(model, opt, out_dir, "default", total_steps=3)
-        refused = ""
-    except ValueError as err:
-        refused = str(err)
+    refused = []
+    for betas in ({}, {"betas": (0.9, 0.99)}):  # betas given join its defaults (and were taken for Adam's whole)
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-3, **betas)
+        try:
+            attach(model, opt, out_dir, "default", total_steps=3)
+            refused.append("")
+        except ValueError as err:
+            refused.append(str(err))
     initial = flat_params(model)
     rec = attach(model, opt, out_dir, "zero", total_steps=3, capture=CaptureConfig(
         sketch="identity", quantities=["grad", "update"], probe_every=0, v_stats_every=1))
@@ -1184,12 +1284,14 @@ def _zero_redundancy_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_zero_redundancy_optimizer_records_grad_and_update_and_refuses_adam_m_on_every_rank(tmp_path):
     """torch's ZeroRedundancyOptimizer keeps each rank's share of AdamW's state: adam_m was refused as "keeps no Adam
-    moments". The gradient (DDP's, all-reduced) and the update (after its parameters are broadcast) are whole."""
+    moments", and accepted where betas were given (they join its defaults). The gradient (DDP's, all-reduced) and
+    the update (after its parameters are broadcast) are whole."""
     torch.multiprocessing.start_processes(_zero_redundancy_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
                                           start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
-        assert "ZeroRedundancyOptimizer keeps AdamW's moments sharded across ranks" in r["refused"], r["refused"]
+        for refused in r["refused"]:
+            assert "ZeroRedundancyOptimizer keeps AdamW's moments sharded across ranks" in refused, refused
     root = zarr.open_group(tmp_path / "store.zarr", mode="r")
     assert store.runs(root) == ["zero"]
     group = root["zero"]
@@ -1519,6 +1621,32 @@ def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp
     loss = answer_cross_entropy(final(input_ids=probes[0].tokens).logits, probes[0].tokens, probes[0].mask)
     expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(final.parameters()))]).numpy()
     np.testing.assert_allclose(group["probe/grad"][-1, 0, 0], expected, rtol=1e-4, atol=1e-7)  # probe_losses[0]: ce
+
+
+@pytest.mark.filterwarnings("ignore:.*stepped without Adam's moments")  # tested in a plain loop
+@pytest.mark.filterwarnings("ignore:.*never closed, was still attached")  # the killed train()'s
+def test_hf_trainer_given_a_chain_of_muon_and_adamw_records_and_resumes_it(tmp_path, task):
+    """The Trainer takes a chain as its optimizer: it schedules, steps, saves and reloads it as one (AdamW's step
+    count goes on from the checkpoint's), and the run is recorded whole, each step once."""
+    from transformers import Trainer
+
+    def run(kill: bool):
+        model = micro(task)
+        trainer = Trainer(model=model, args=hf_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
+                          train_dataset=hf_dataset(task), optimizers=(ChainedOptimizer(*muon_and_adamw(model)), None),
+                          callbacks=[GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(
+                              sketch="identity", probe_every=0)), *([kill_at("on_save", 2)] if kill else [])])
+        trainer.train(resume_from_checkpoint=None if kill else True)
+        return trainer
+
+    with pytest.raises(_Killed):
+        run(kill=True)
+    trainer = run(kill=False)
+    adamw = trainer.optimizer.optimizer.optimizers[1]
+    assert {int(adamw.state[p]["step"]) for g in adamw.param_groups for p in g["params"]} == {4}
+    group = run_group(tmp_path, "hf")
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == [0, 1, 2, 3]
+    assert not np.isnan(group["adam_m"][:]).any() and (group["adam_m"][:] != 0).any()
 
 
 def test_hf_a_second_train_from_step_0_asks_for_another_run_id(tmp_path, task):

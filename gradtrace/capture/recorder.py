@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from gradtrace.capture.optimizers import ChainedOptimizer
 from gradtrace.capture.sketch import ParamLayout, flatten_into, make_sketch, tensor_norms
 from gradtrace.config import CaptureConfig
 from gradtrace.store import RunWriter
@@ -182,8 +183,14 @@ class Recorder:
             warnings.warn(f"the {type(self.optimizer).__name__} given holds {held} of the model's {len(self.params)} "
                           "trainable parameter tensors: `update` is the change across its step(), so it reads 0 "
                           "for the others even where another optimizer moves them (`grad` covers them all). Give "
-                          "one optimizer every trainable parameter, or freeze the others, for the whole Δθ",
-                          UserWarning, stacklevel=2)
+                          "one optimizer every trainable parameter (several chained: gradtrace.capture."
+                          "ChainedOptimizer(muon, adamw)), or freeze the others, for the whole Δθ",
+                          UserWarning, stacklevel=_loop_stacklevel())
+        without = _stepped_without_adam(self.params, self.optimizer)
+        if without and "adam_m" in cfg.quantities:
+            warnings.warn(f"{sum(without.values())} of the model's {len(self.params)} trainable parameter tensors "
+                          f"are stepped without Adam's moments (by {', '.join(without)}): adam_m reads 0 for them, "
+                          "and their v statistics NaN", UserWarning, stacklevel=_loop_stacklevel())
         self.layout = ParamLayout.of(self.model)
         device = self.params[0].device
         self.sketch = make_sketch(cfg.sketch, self.layout, cfg.dim, cfg.seed, device)
@@ -224,8 +231,8 @@ class Recorder:
     # -- set-up ---------------------------------------------------------------------------------------------
     def attrs(self) -> dict:
         """Run attributes describing what this recorder writes (for the store)."""
-        group = self.optimizer.param_groups[0]
-        adam = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"]} if "betas" in group else {}
+        group = next((g for g in self.optimizer.param_groups if "betas" in g), {})  # the first of Adam's groups
+        adam = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"]} if group else {}
         return capture_attrs(self.sketch, self.layout, self.cfg, [p.split for p in self.probes],
                              list(self.probe_losses), adam)
 
@@ -316,15 +323,16 @@ class Recorder:
                                                                                                   self._theta)
             else:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
-            m, v = self._adam_state()
             if "adam_m" in self.cfg.quantities:
+                m = self._adam_moment("exp_avg", 0.0)
                 if m is None and any(self.optimizer.state.get(p) for p in self.params):
                     raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no "
                                      "exp_avg: drop adam_m from capture.quantities")
                 if m is None:  # no parameter has had a gradient to step on yet: m is still 0
                     m = [torch.zeros_like(p) for p in self.params]
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
-            if v is not None and self.step % self.cfg.v_stats_every == 0:  # v: an EMA over ≥ 50 steps, moves slowly
+            v = self._adam_moment("exp_avg_sq", float("nan")) if self.step % self.cfg.v_stats_every == 0 else None
+            if v is not None:  # v: an EMA over ≥ 50 steps, moves slowly
                 row["layer_v_mean"] = tensor_norms(v, 1) / self._lengths  # v ≥ 0: L1 = sum
                 row["layer_v_quantile"] = self._v_sample.quantiles(v)
             else:
@@ -392,20 +400,18 @@ class Recorder:
                         and (g.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
                              or not g.get("weight_decay")) for g in groups))
 
-    def _adam_state(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
-        """Adam's m and v per parameter (zeros for a parameter that never had a gradient, hence no state); None
-        for a moment the optimizer does not keep (SGD keeps neither, Adamax no v; an optimizer without Adam's betas
-        neither, though it names a state so: Adafactor's exp_avg_sq is of its unfactored tensors only)."""
-        if "betas" not in self.optimizer.defaults:
-            return None, None
-        states = [self.optimizer.state.get(p, {}) for p in self.params]
-
-        def moment(key: str) -> list[torch.Tensor] | None:
-            if not any(key in state for state in states):
-                return None
-            return [state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, self.params)]
-
-        return moment("exp_avg"), moment("exp_avg_sq")
+    def _adam_moment(self, key: str, unkept: float) -> list[torch.Tensor] | None:
+        """Adam's moment `key` (exp_avg: m, exp_avg_sq: v) per parameter, from its group's state where the group has
+        Adam's betas (zeros for a parameter that never had a gradient, hence no state), `unkept` for a parameter
+        stepped without them (Muon's beside AdamW's in a chain, or held by no group); None where no group keeps it
+        (SGD keeps neither, Adamax no v; an optimizer without Adam's betas neither, though it names a state so:
+        Adafactor's exp_avg_sq is of its unfactored tensors only)."""
+        adam = {id(p) for g in self.optimizer.param_groups if "betas" in g for p in g["params"]}
+        states = [self.optimizer.state.get(p, {}) if id(p) in adam else None for p in self.params]
+        if not any(key in state for state in states if state):
+            return None
+        return [torch.full_like(p, unkept) if state is None else state[key] if key in state else torch.zeros_like(p)
+                for state, p in zip(states, self.params)]
 
     # -- probes -----------------------------------------------------------------------------------------------
     def probe(self) -> None:
@@ -469,8 +475,9 @@ def open_recorders(optimizer: torch.optim.Optimizer) -> list[Recorder]:
 
 
 def _loop_stacklevel() -> int:
-    """The `stacklevel` that points a warning raised in a step hook at the loop's line (`optimizer.step()`): the first
-    caller outside gradtrace and torch, however many of their frames lie between."""
+    """The `stacklevel` that points a warning at the user's line (`optimizer.step()` for one raised in a step hook,
+    `attach(...)` for one at attach): the first caller outside gradtrace and torch, however many of their frames
+    lie between."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("gradtrace", "torch"):
         frame, level = frame.f_back, level + 1
@@ -528,19 +535,41 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
 
 
 def _check_adam_moments(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse `adam_m` for an optimizer whose state holds no Adam moment `exp_avg` for each of its parameters (found
-    only at its first step otherwise, in the writing rank's hook)."""
-    if "betas" in optimizer.defaults:
-        if type(optimizer).__module__.partition(".")[0] != "bitsandbytes":
-            return
-        keeps = "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
+    """Refuse `adam_m` for an optimizer that keeps no Adam moment `exp_avg` for each parameter of its groups with
+    Adam's betas, or has no such group (found only at its first step otherwise, in the writing rank's hook); in a
+    chain, for any of its optimizers that keeps Adam's moments otherwise, or where none keeps them."""
+    chained = _chained(optimizer)
+    refusals = [(type(o).__name__, _adam_moments_refused(o)) for o in chained]
+    otherwise = [(name, keeps) for name, keeps in refusals if keeps not in (None, "no Adam moments")]
+    if otherwise:
+        name, keeps = otherwise[0]
+    elif all(keeps for _, keeps in refusals):
+        names = f"({', '.join(name for name, _ in refusals)})" if isinstance(optimizer, ChainedOptimizer) else ""
+        name, keeps = type(optimizer).__name__ + names, "no Adam moments"
     else:
-        local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
-        sharded = isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults
-        keeps = (f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
-                 if sharded else "no Adam moments")
-    raise ValueError(f"capture.quantities has adam_m, but {type(optimizer).__name__} keeps {keeps}: drop it, e.g. "
+        return
+    raise ValueError(f"capture.quantities has adam_m, but {name} keeps {keeps}: drop it, e.g. "
                      "CaptureConfig(quantities=['grad', 'update'])")
+
+
+def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
+    """What an optimizer (not a chain) keeps instead of Adam's `exp_avg` of each parameter of its groups with Adam's
+    betas; None where it keeps that."""
+    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
+    if isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults:  # (its groups copy the local's)
+        return f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
+    if not any("betas" in group for group in optimizer.param_groups):
+        return "no Adam moments"
+    if type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
+        return "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
+    return None
+
+
+def _chained(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    """A chain's optimizers, each unwrapped; `(optimizer,)` for any other."""
+    if isinstance(optimizer, ChainedOptimizer):
+        return tuple(unwrap_optimizer(o) for o in optimizer.optimizers)
+    return (optimizer,)
 
 
 def _refuse_optimizer(optimizer: Any, inner: torch.optim.Optimizer) -> None:
@@ -573,6 +602,20 @@ def _held(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) ->
     """How many of `params` the optimizer steps."""
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     return sum(id(p) in optimized for p in params)
+
+
+def _stepped_without_adam(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """{optimizer's name: how many of `params` it steps in groups without Adam's betas}, where another group has
+    them (Muon's tensors in a chain with AdamW); empty where none or all of its groups have them."""
+    groups = [(type(o).__name__, g) for o in _chained(optimizer) for g in o.param_groups]
+    if all("betas" in g for _, g in groups) or not any("betas" in g for _, g in groups):
+        return {}
+    ours = {id(p) for p in params}
+    counts: dict[str, int] = {}
+    for name, group in groups:
+        if "betas" not in group:
+            counts[name] = counts.get(name, 0) + sum(id(p) in ours for p in group["params"])
+    return {name: n for name, n in counts.items() if n}
 
 
 def _deepspeed_optimizer(optimizer: Any) -> Any | None:
