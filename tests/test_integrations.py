@@ -1623,7 +1623,6 @@ def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp
     np.testing.assert_allclose(group["probe/grad"][-1, 0, 0], expected, rtol=1e-4, atol=1e-7)  # probe_losses[0]: ce
 
 
-@pytest.mark.filterwarnings("ignore:.*stepped without Adam's moments")  # tested in a plain loop
 @pytest.mark.filterwarnings("ignore:.*never closed, was still attached")  # the killed train()'s
 def test_hf_trainer_given_a_chain_of_muon_and_adamw_records_and_resumes_it(tmp_path, task):
     """The Trainer takes a chain as its optimizer: it schedules, steps, saves and reloads it as one (AdamW's step
@@ -1636,7 +1635,9 @@ def test_hf_trainer_given_a_chain_of_muon_and_adamw_records_and_resumes_it(tmp_p
                           train_dataset=hf_dataset(task), optimizers=(ChainedOptimizer(*muon_and_adamw(model)), None),
                           callbacks=[GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(
                               sketch="identity", probe_every=0)), *([kill_at("on_save", 2)] if kill else [])])
-        trainer.train(resume_from_checkpoint=None if kill else True)
+        with pytest.warns(UserWarning, match=r"stepped without Adam's moments \(by Muon\)") as caught:
+            trainer.train(resume_from_checkpoint=None if kill else True)
+        assert __file__ in [w.filename for w in caught]  # trainer.train(), not transformers' callback handler
         return trainer
 
     with pytest.raises(_Killed):
@@ -1669,8 +1670,9 @@ def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(
     args = hf_args(tmp_path, max_steps=2, save_strategy="no")
     trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), compute_loss_func=loss_func,
                       callbacks=[GradtraceCallback(tmp_path, "hf", capture=IDENTITY)])
-    with pytest.warns(UserWarning, match="the model returned no loss"):
+    with pytest.warns(UserWarning, match="the model returned no loss") as caught:
         trainer.train()
+    assert [w.filename for w in caught if "no loss" in str(w.message)] == [__file__]  # trainer.train(), not theirs
     group = run_group(tmp_path, "hf")
     assert np.isnan(group["loss"][:]).all() and np.isfinite(group["grad"][:]).all() and group["step"].shape == (2,)
 

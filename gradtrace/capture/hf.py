@@ -35,7 +35,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from gradtrace import store
 from gradtrace.capture.integrations import IdleRecorder, RunRecorder, attach, check_own_attrs
-from gradtrace.capture.recorder import Probe, uninterrupted
+from gradtrace.capture.recorder import Probe, caller_stacklevel, uninterrupted
 from gradtrace.config import CaptureConfig, checked
 
 # attributes the callback writes for its run besides attach's: a caller's trainer_steps was read back by a resume
@@ -113,7 +113,7 @@ class GradtraceCallback(TrainerCallback):
         elif isinstance(self.recorder, RunRecorder) and not self._warned_no_loss:
             warnings.warn("the model returned no loss (the Trainer computes it outside the model: compute_loss_func "
                           "or label smoothing), so the recorded loss is NaN; gradients, updates and probes are "
-                          "recorded as ever", UserWarning, stacklevel=2)
+                          "recorded as ever", UserWarning, stacklevel=caller_stacklevel())
             self._warned_no_loss = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

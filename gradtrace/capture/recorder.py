@@ -185,12 +185,12 @@ class Recorder:
                           "for the others even where another optimizer moves them (`grad` covers them all). Give "
                           "one optimizer every trainable parameter (several chained: gradtrace.capture."
                           "ChainedOptimizer(muon, adamw)), or freeze the others, for the whole Δθ",
-                          UserWarning, stacklevel=_loop_stacklevel())
+                          UserWarning, stacklevel=caller_stacklevel())
         without = _stepped_without_adam(self.params, self.optimizer)
         if without and "adam_m" in cfg.quantities:
             warnings.warn(f"{sum(without.values())} of the model's {len(self.params)} trainable parameter tensors "
                           f"are stepped without Adam's moments (by {', '.join(without)}): adam_m reads 0 for them, "
-                          "and their v statistics NaN", UserWarning, stacklevel=_loop_stacklevel())
+                          "and their v statistics NaN", UserWarning, stacklevel=caller_stacklevel())
         self.layout = ParamLayout.of(self.model)
         device = self.params[0].device
         self.sketch = make_sketch(cfg.sketch, self.layout, cfg.dim, cfg.seed, device)
@@ -263,7 +263,7 @@ class Recorder:
         if self.step == self.total_steps and (self.probes or self.cfg.schedule == "log"):
             warnings.warn(f"optimizer step {self.step + 1} is past total_steps={self.total_steps}: periodic probes "
                           "stop there and a log schedule records no more rows; give attach the run's real number "
-                          "of optimizer steps", UserWarning, stacklevel=_loop_stacklevel())
+                          "of optimizer steps", UserWarning, stacklevel=caller_stacklevel())
         self._recording = self.step in self.schedule
         if not self._recording:
             return
@@ -355,7 +355,7 @@ class Recorder:
                           "layout, fixed when attach was called, leaves them out of grad, update and adam_m. To "
                           "record them, have them trainable as attach is called and freeze them after (recorded "
                           "with a zero gradient while frozen), or attach a new run when unfreezing",
-                          UserWarning, stacklevel=_loop_stacklevel())
+                          UserWarning, stacklevel=caller_stacklevel())
 
     def _sketch_m(self, m: list[torch.Tensor], grad_sketch: torch.Tensor | None) -> torch.Tensor:
         """sketch(m_t): sketched directly, or, once known and while exact, as the EMA of the gradient sketches.
@@ -474,12 +474,15 @@ def open_recorders(optimizer: torch.optim.Optimizer) -> list[Recorder]:
     return list(_OPEN.get(unwrap_optimizer(optimizer), ()))
 
 
-def _loop_stacklevel() -> int:
+_NOT_THE_CALLERS = ("gradtrace", "torch", "transformers", "accelerate")  # packages between a warning and its cause
+
+
+def caller_stacklevel() -> int:
     """The `stacklevel` that points a warning at the user's line (`optimizer.step()` for one raised in a step hook,
-    `attach(...)` for one at attach): the first caller outside gradtrace and torch, however many of their frames
-    lie between."""
+    `attach(...)` for one at attach, `trainer.train()` under the Trainer): the first caller outside gradtrace, torch,
+    transformers and accelerate, however many of their frames lie between."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("gradtrace", "torch"):
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _NOT_THE_CALLERS:
         frame, level = frame.f_back, level + 1
     return level
 
