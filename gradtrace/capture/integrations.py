@@ -40,8 +40,8 @@ import torch.distributed as dist
 import zarr
 
 from gradtrace import store
-from gradtrace.capture.recorder import (CAPTURE_ATTRS, Probe, Recorder, check_recordable, open_recorders,
-                                       uninterrupted, unwrap_model, unwrap_optimizer)
+from gradtrace.capture.recorder import (CAPTURE_ATTRS, Probe, Recorder, caller_stacklevel, check_recordable,
+                                       open_recorders, uninterrupted, unwrap_model, unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig, checked
 
@@ -314,17 +314,17 @@ def _check_open_recorders(optimizer: torch.optim.Optimizer, root, run_id: str, r
             other.fail(RuntimeError("attached again with resume=True"))
             warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to {held[other]}: "
                           f"marked failed, its rows written (up to step {other.step}) for the resume to keep those "
-                          "before start_step", UserWarning, stacklevel=3)
+                          "before start_step", UserWarning, stacklevel=caller_stacklevel())
         else:
             other.detach()
             warnings.warn(f"an earlier recorder of run {run_id!r}, never closed, was still attached to {held[other]}: "
-                          "detached, its unwritten rows dropped", UserWarning, stacklevel=3)
+                          "detached, its unwritten rows dropped", UserWarning, stacklevel=caller_stacklevel())
     for other in open_recorders(optimizer):
         if isinstance(other, RunRecorder) and other.where != where:
             warnings.warn(f"run {other.group.basename!r} ({other.where}) is still attached to this optimizer, never "
                           f"closed: it records every step of run {run_id!r} too. Close it if that is a leftover "
                           "(gradtrace.capture.open_recorders(optimizer) lists the recorders attached)",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=caller_stacklevel())
 
 
 def _run_group(root, run_id: str, resume: bool, start_step: int, attrs: dict[str, Any]):
