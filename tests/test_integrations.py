@@ -10,6 +10,7 @@ import socket
 import sys
 import types
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import zarr
 from conftest import tiny_config
 from gradtrace import store
 from gradtrace.capture import (ChainedOptimizer, GradtraceCallback, IdleRecorder, Probe, attach, make_sketch,
-                               sketch_sharded)
+                               open_recorders, sketch_sharded)
 from gradtrace.capture.integrations import RunRecorder
 from gradtrace.capture.recorder import Recorder, unwrap_model
 from gradtrace.capture.sketch import ParamLayout
@@ -127,6 +128,26 @@ def test_attach_marks_a_crashed_run_failed(tmp_path, task):
     assert a["last_durable_step"] == 2  # its rows are written: a reader trusting the attribute keeps them
 
 
+def test_a_failure_writing_the_runs_attributes_at_attach_detaches_the_recorder_and_marks_the_run_failed(
+        tmp_path, task, monkeypatch):
+    """Lion (betas, no eps) failed in the attributes written after the Recorder was built: its hooks stayed on the
+    optimizer, recording into a run left 'running', which the process's end then called resumed elsewhere."""
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def attrs(self):
+        raise KeyError("eps")  # as Lion's group, read for Adam's eps
+
+    monkeypatch.setattr(RunRecorder, "attrs", attrs)
+    with pytest.raises(KeyError):
+        attach(model, opt, tmp_path, "r", total_steps=4, capture=IDENTITY)
+    assert open_recorders(opt) == []
+    a = dict(run_group(tmp_path).attrs)
+    assert a["status"] == "failed" and "KeyError" in a["error"]
+    train_steps(model, opt, task, 1)
+    assert run_group(tmp_path)["step"].shape == (0,)
+
+
 def test_a_recorder_left_attached_by_a_cell_that_raised_is_named_and_cannot_write_into_a_new_run(tmp_path, task):
     """A notebook: the loop cell raises before `rec.close()`, so its recorder stays on the optimizer. Re-running the
     cell asks for the old recorder to be closed; after deleting the half-run, the old recorder is detached (its rows
@@ -149,7 +170,6 @@ def test_a_recorder_left_attached_by_a_cell_that_raised_is_named_and_cannot_writ
     leftover = attach(model, opt, tmp_path, "r1", total_steps=4, capture=IDENTITY)
     with pytest.warns(UserWarning, match="run 'r1' .* is still attached to this optimizer"):
         rec = attach(model, opt, tmp_path, "r2", total_steps=4, capture=IDENTITY)
-    from gradtrace.capture import open_recorders
 
     assert set(open_recorders(opt)) == {leftover, rec}
     assert repr(leftover) == f"<RunRecorder {(tmp_path / 'store.zarr' / 'r1').resolve()}: step 0 of 4, recording>"
@@ -618,6 +638,93 @@ def _bitsandbytes_adamw(params):
 
         return bitsandbytes.optim.AdamW8bit(params, lr=3e-3)
     return type("AdamW8bit", (torch.optim.AdamW,), {"__module__": "bitsandbytes.optim.adamw"})(params, lr=3e-3)
+
+
+class _Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023) as lion-pytorch keeps it: Adam's betas but no eps, one moment `exp_avg`."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99)):
+        super().__init__(params, {"lr": lr, "betas": betas})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.add_(torch.lerp(m, p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
+                m.lerp_(p.grad, 1 - beta2)
+
+
+class _GroupStepAdam(torch.optim.Optimizer):
+    """Adam as pytorch_optimizer's Adam-like optimizers keep it: the step count in the group, not in each tensor's
+    state."""
+
+    def __init__(self, params, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = t = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                v = self.state[p].setdefault("exp_avg_sq", torch.zeros_like(p))
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.addcdiv_(m / (1 - beta1 ** t), (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]), value=-group["lr"])
+
+
+class _Lookahead(torch.optim.Optimizer):
+    """Lookahead (Zhang et al. 2019) as pytorch_optimizer wraps an optimizer: held as `.optimizer`, its groups
+    shared, step hooks of its own, and every k-th step the parameters pulled toward slow copies after the base
+    optimizer's step."""
+
+    def __init__(self, optimizer, k=2, alpha=0.5):
+        self.optimizer, self.k, self.alpha, self.steps = optimizer, k, alpha, 0
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+        self._patch_step_function()
+        self.defaults, self.state = dict(optimizer.defaults), {}
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.optimizer.step()
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for p, slow in zip((p for g in self.param_groups for p in g["params"]), self.slow):
+                p.copy_(slow.lerp_(p, self.alpha))
+
+
+@pytest.mark.parametrize("kind", ["Lion", "step per group", "Lookahead"])
+def test_adam_like_optimizers_of_other_libraries_record_their_moments_and_whole_steps(tmp_path, task, kind):
+    """Stand-ins for what failed with other libraries' optimizers (each run by hand too): lion-pytorch's Lion (no
+    eps) at attach, with a KeyError; pytorch_optimizer's Adam-likes (their step count in the group) at the first
+    probe, with a KeyError; pytorch_optimizer's Lookahead recorded its base AdamW's steps alone, missing the pull
+    toward the slow weights (rows 0.006 off the parameters' change). Now the whole step, the base's m, and probes
+    preconditioned by its v where it keeps one."""
+    model = micro(task)
+    base = {"Lion": _Lion, "step per group": _GroupStepAdam, "Lookahead": torch.optim.AdamW}[kind](model.parameters())
+    opt = _Lookahead(base) if kind == "Lookahead" else base
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
+        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
+    before = flat_params(model)
+    train_steps(model, opt, task, 4, rec)
+    rec.close()
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    m = torch.cat([base.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_array_equal(group["adam_m"][-1], m.numpy())
+    grads, adam = group["probe/grad"][:], group["probe/grad_adam"][:]
+    assert group["probe/step"][:].tolist() == [0, 2, 4] and np.isfinite(adam).all()
+    assert (np.abs(adam[1:]) > np.abs(grads[1:])).mean() > 0.9 if kind != "Lion" else np.array_equal(adam, grads)
+    assert group.attrs["adam"] == ({"beta1": 0.9, "beta2": 0.99} if kind == "Lion" else
+                                   {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8})
 
 
 @pytest.mark.parametrize("kind", ["SGD", "bitsandbytes", "Muon and SGD chained", "Muon and bitsandbytes chained"])

@@ -263,7 +263,11 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: st
     except Exception as err:  # a model or optimizer that cannot be recorded: the run says why
         store.set_failed(group, err)
         raise
-    group.update_attributes({**recorder.attrs(), "attach_id": recorder.attach_id})
+    try:
+        group.update_attributes({**recorder.attrs(), "attach_id": recorder.attach_id})
+    except Exception as err:  # its hooks detached, not left to record a run that says it failed
+        recorder.fail(err)
+        raise
     return recorder
 
 

@@ -175,6 +175,7 @@ class Recorder:
                  probe_losses: dict[str, Callable] | list[str] | None = None, start_step: int = 0) -> None:
         check_recordable(model, optimizer, cfg, probes or [], probe_losses)
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
+        self.base = base_optimizer(self.optimizer)  # whose state holds Adam's moments: a Lookahead's AdamW
         self.writer, self.cfg = writer, cfg
         self._all_params = list(self.model.parameters())  # walking the modules each step costs ~0.1 ms
         self.params = [p for p in self._all_params if p.requires_grad]
@@ -232,7 +233,9 @@ class Recorder:
     def attrs(self) -> dict:
         """Run attributes describing what this recorder writes (for the store)."""
         group = next((g for g in self.optimizer.param_groups if "betas" in g), {})  # the first of Adam's groups
-        adam = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"]} if group else {}
+        adam = {"beta1": group["betas"][0], "beta2": group["betas"][1]} if group else {}
+        if group and "eps" in group:  # not Lion's
+            adam["eps"] = group["eps"]
         return capture_attrs(self.sketch, self.layout, self.cfg, [p.split for p in self.probes],
                              list(self.probe_losses), adam)
 
@@ -325,8 +328,8 @@ class Recorder:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
             if "adam_m" in self.cfg.quantities:
                 m = self._adam_moment("exp_avg", 0.0)
-                if m is None and any(self.optimizer.state.get(p) for p in self.params):
-                    raise ValueError(f"capture.quantities has adam_m, but {type(self.optimizer).__name__} keeps no "
+                if m is None and any(self.base.state.get(p) for p in self.params):
+                    raise ValueError(f"capture.quantities has adam_m, but {type(self.base).__name__} keeps no "
                                      "exp_avg: drop adam_m from capture.quantities")
                 if m is None:  # no parameter has had a gradient to step on yet: m is still 0
                     m = [torch.zeros_like(p) for p in self.params]
@@ -365,7 +368,7 @@ class Recorder:
         sketch per step and matches the direct sketch to float rounding.
         """
         if self._m_sketch is not None and grad_sketch is not None and self._all_grads:
-            beta1 = self.optimizer.param_groups[0]["betas"][0]
+            beta1 = self.base.param_groups[0]["betas"][0]
             self._m_sketch = torch.lerp(self._m_sketch, grad_sketch, 1 - beta1)
             return self._m_sketch
         direct = self.sketch.apply_tensors(m, scratch=self._flat)
@@ -389,7 +392,7 @@ class Recorder:
         parameter in the optimizer, one β1, no L2 weight decay folded into the gradient, no maximize, m kept in
         float32 or wider: a bf16 m is rounded each step). A fused step under GradScaler unscales inside, by the
         scale the recorded gradient is divided by, so fused optimizers qualify too."""
-        groups = self.optimizer.param_groups
+        groups = self.base.param_groups
         held = {id(p) for g in groups for p in g["params"]}  # m is 0 for a parameter the optimizer does not hold
         return ("grad" in self.cfg.quantities and self.schedule.every_step
                 and all(id(p) in held for p in self.params)
@@ -406,8 +409,8 @@ class Recorder:
         stepped without them (Muon's beside AdamW's in a chain, or held by no group); None where no group keeps it
         (SGD keeps neither, Adamax no v; an optimizer without Adam's betas neither, though it names a state so:
         Adafactor's exp_avg_sq is of its unfactored tensors only)."""
-        adam = {id(p) for g in self.optimizer.param_groups if "betas" in g for p in g["params"]}
-        states = [self.optimizer.state.get(p, {}) if id(p) in adam else None for p in self.params]
+        adam = {id(p) for g in self.base.param_groups if "betas" in g for p in g["params"]}
+        states = [self.base.state.get(p, {}) if id(p) in adam else None for p in self.params]
         if not any(key in state for state in states if state):
             return None
         return [torch.full_like(p, unkept) if state is None else state[key] if key in state else torch.zeros_like(p)
@@ -429,16 +432,16 @@ class Recorder:
     @torch.no_grad()
     def _preconditioner(self) -> torch.Tensor:
         """1/(√v̂+ε) per coordinate, each parameter by its own Adam state and its group's β2 and ε (ones where it
-        has no state: before its first step, or under an optimizer that keeps no Adam v). v is AMSGrad's running
-        maximum where the group steps with it, as the optimizer divides by that."""
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        has no state: before its first step, or under an optimizer that keeps no Adam v, no ε or no step count). v
+        is AMSGrad's running maximum where the group steps with it, as the optimizer divides by that."""
+        group_of = {id(p): g for g in self.base.param_groups for p in g["params"]}
         out = torch.ones_like(self._flat)
         for p, part in zip(self.params, out.split(self._numels)):
-            state, group = self.optimizer.state.get(p, {}), group_of.get(id(p), {})
+            state, group = self.base.state.get(p, {}), group_of.get(id(p), {})
             v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
-            if v is not None and "betas" in group:
-                part.copy_(adam_preconditioner(v.reshape(-1).float(), float(state["step"]), group["betas"][1],
-                                               group["eps"]))
+            step = state.get("step", group.get("step"))  # torch's keeps it per tensor, others per group
+            if v is not None and step is not None and "betas" in group and "eps" in group:
+                part.copy_(adam_preconditioner(v.reshape(-1).float(), float(step), group["betas"][1], group["eps"]))
         return out
 
     def close(self, final_probe: bool = True) -> None:
@@ -503,8 +506,24 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose `step` really runs: wrappers such as accelerate's `AcceleratedOptimizer` hold it as
-    `.optimizer` and do not run the step hooks themselves."""
+    """The optimizer whose step hooks run around the whole step: the outermost of the wrappers (each holding the
+    next as `.optimizer`) that runs step hooks of its own. accelerate's `AcceleratedOptimizer` runs none (its step
+    calls the one it holds, skipping it on gradient-accumulation micro-steps); a Lookahead does (its step moves the
+    parameters after its base optimizer's step), so its hooks see the whole Δθ."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and not _runs_step_hooks(optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step runs its own step hooks (it was set up by `torch.optim.Optimizer.__init__`, or
+    as it does)."""
+    return "_optimizer_step_pre_hooks" in vars(optimizer) and getattr(type(optimizer).step, "hooked", False)
+
+
+def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer at the end of the wrappers, each holding the next as `.optimizer`: the one whose state holds
+    Adam's moments (a Lookahead's AdamW)."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
@@ -527,7 +546,7 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     if not _held(params, inner):
         _refuse_optimizer(optimizer, inner)
     if "adam_m" in cfg.quantities:
-        _check_adam_moments(inner)
+        _check_adam_moments(base_optimizer(inner))
     splits = [p.split for p in probes]
     repeated = sorted({s for s in splits if splits.count(s) > 1})
     if repeated:
@@ -569,9 +588,9 @@ def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
 
 
 def _chained(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ...]:
-    """A chain's optimizers, each unwrapped; `(optimizer,)` for any other."""
+    """A chain's optimizers, each its base optimizer; `(optimizer,)` for any other."""
     if isinstance(optimizer, ChainedOptimizer):
-        return tuple(unwrap_optimizer(o) for o in optimizer.optimizers)
+        return tuple(base_optimizer(o) for o in optimizer.optimizers)
     return (optimizer,)
 
 
