@@ -727,6 +727,86 @@ def test_adam_like_optimizers_of_other_libraries_record_their_moments_and_whole_
                                    {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8})
 
 
+class _SAM(torch.optim.Optimizer):
+    """SAM (Foret et al. 2021) as its reference implementation (and pytorch_optimizer's) builds it: the optimizer
+    that steps held as `.base_optimizer`, stepped by `second_step` once the parameters `first_step` moved are put
+    back."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, **kwargs):
+        super().__init__(params, {"rho": rho, **kwargs})
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        scale = self.param_groups[0]["rho"] / torch.stack([p.grad.norm() for p in params]).norm()
+        for p in params:
+            self.state[p]["old_p"] = p.clone()
+            p.add_(p.grad * scale)
+
+    @torch.no_grad()
+    def second_step(self):
+        for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
+            p.copy_(self.state[p]["old_p"])
+        self.base_optimizer.step()
+
+    def step(self, closure):
+        self.first_step()
+        self.zero_grad()
+        torch.enable_grad()(closure)()
+        self.second_step()
+
+
+@pytest.mark.parametrize("usage", ["first_step and second_step", "step(closure)"])
+def test_sam_records_its_base_optimizers_steps_with_the_gradient_at_the_perturbed_point(tmp_path, task, usage):
+    """Loops with SAM call its first_step and second_step, never its step: attached to SAM, nothing was recorded and
+    the run closed complete with no rows (pytorch_optimizer's SAM, by hand). Its base optimizer's steps are: the
+    gradient taken at the perturbed parameters (the one it steps with), the whole Δθ, its Adam moments."""
+    model = micro(task)
+    opt = _SAM(model.parameters(), torch.optim.AdamW, lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=3, capture=CaptureConfig(sketch="identity", probe_every=0))
+    before, first, used = flat_params(model), [], []
+    for step in range(3):
+        x, m = task.train_batch(step, 0, 16)
+
+        def closure():
+            loss = answer_cross_entropy(model(input_ids=x).logits, x, m)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        rec.log(closure())
+        first.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+        if usage == "step(closure)":
+            opt.step(closure)
+        else:
+            opt.first_step()
+            opt.zero_grad()
+            closure()
+            opt.second_step()
+        used.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+    rec.close()
+    group = run_group(tmp_path)
+    assert group.attrs["status"] == "complete" and group["step"][:].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(group["grad"][:], np.stack(used))
+    assert not np.allclose(group["grad"][:], np.stack(first), atol=1e-4)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    m = torch.cat([opt.base_optimizer.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    np.testing.assert_array_equal(group["adam_m"][-1], m.numpy())
+
+
+def test_closing_a_run_whose_loop_stepped_another_optimizer_warns_that_nothing_was_recorded(tmp_path, task):
+    """Losses logged, but the optimizer attached never stepped: the run closed complete with no rows, saying
+    nothing."""
+    model = micro(task)
+    rec = attach(model, torch.optim.AdamW(model.parameters()), tmp_path, "r", total_steps=2, capture=IDENTITY)
+    train_steps(model, torch.optim.AdamW(model.parameters()), task, 2, rec)
+    with pytest.warns(UserWarning, match="rec.log was given 2 losses, but no step of the AdamW attached ran") as caught:
+        rec.close()
+    assert caught[0].filename == __file__
+
+
 @pytest.mark.parametrize("kind", ["SGD", "bitsandbytes", "Muon and SGD chained", "Muon and bitsandbytes chained"])
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task, kind):
     """adam_m is refused at attach, on every rank (an idle one trained on, into DDP's all-reduce), for SGD and for

@@ -453,6 +453,10 @@ class Recorder:
             warnings.warn("the first optimizer step had no loss and the last loss given to rec.log no step: the loop "
                           "seems to call rec.log after optimizer.step(), so each loss is recorded with the step after "
                           "its own; call rec.log(loss) before optimizer.step()", UserWarning, stacklevel=2)
+        if self._loss_count and self._first_step_logged is None and final_probe:  # closed, not failed
+            warnings.warn(f"rec.log was given {self._loss_count} losses, but no step of the "
+                          f"{type(self.optimizer).__name__} attached ran since attach: nothing was recorded. Attach "
+                          "the optimizer whose step() the loop calls", UserWarning, stacklevel=caller_stacklevel())
         if final_probe and self.step > 0:
             self.probe_once()
         self.writer.flush()
@@ -506,13 +510,20 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose step hooks run around the whole step: the outermost of the wrappers (each holding the
-    next as `.optimizer`) that runs step hooks of its own. accelerate's `AcceleratedOptimizer` runs none (its step
-    calls the one it holds, skipping it on gradient-accumulation micro-steps); a Lookahead does (its step moves the
-    parameters after its base optimizer's step), so its hooks see the whole Δθ."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and not _runs_step_hooks(optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    """The optimizer whose step hooks run around the whole step: the outermost of the wrappers holding the next as
+    `.optimizer` that runs step hooks of its own, or, under SAM and its kin, the `.base_optimizer`. accelerate's
+    `AcceleratedOptimizer` runs none (its step calls the one it holds, skipping it on gradient-accumulation
+    micro-steps); a Lookahead does (its step moves the parameters after its base optimizer's step), so its hooks see
+    the whole Δθ; SAM's `second_step` puts the parameters back and steps its base optimizer with the gradient taken
+    at the perturbed point, so the base's hooks see that gradient and the whole Δθ (SAM's own `step` is not called
+    by loops that call `first_step` and `second_step`)."""
+    while True:
+        if isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and not _runs_step_hooks(optimizer):
+            optimizer = optimizer.optimizer
+        elif isinstance(getattr(optimizer, "base_optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.base_optimizer
+        else:
+            return optimizer
 
 
 def _runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
@@ -522,11 +533,14 @@ def _runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer at the end of the wrappers, each holding the next as `.optimizer`: the one whose state holds
-    Adam's moments (a Lookahead's AdamW)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    """The optimizer at the end of the wrappers, each holding the next as `.optimizer` (or `.base_optimizer`): the one
+    whose state holds Adam's moments (a Lookahead's AdamW)."""
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        inner = inner if isinstance(inner, torch.optim.Optimizer) else getattr(optimizer, "base_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            return optimizer
+        optimizer = inner
 
 
 def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
