@@ -807,12 +807,14 @@ def test_closing_a_run_whose_loop_stepped_another_optimizer_warns_that_nothing_w
     assert caught[0].filename == __file__
 
 
-@pytest.mark.parametrize("kind", ["SGD", "bitsandbytes", "Muon and SGD chained", "Muon and bitsandbytes chained"])
+@pytest.mark.parametrize("kind", ["SGD", "bitsandbytes", "schedule-free", "Muon and SGD chained",
+                                  "Muon and bitsandbytes chained"])
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task, kind):
     """adam_m is refused at attach, on every rank (an idle one trained on, into DDP's all-reduce), for SGD and for
-    bitsandbytes' Adam optimizers, whose moments are state1 and state2 (8-bit ones quantized): theirs was refused at
-    the first step, in the writing rank's hook only. So for a chain of optimizers none of which keeps Adam's
-    moments, or one of which keeps them otherwise. The rest is recorded."""
+    bitsandbytes' Adam optimizers, whose moments are state1 and state2 (8-bit ones quantized), and schedule-free
+    ones (schedulefree's, pytorch_optimizer's: z and exp_avg_sq, no exp_avg): theirs were refused at the first step,
+    in the writing rank's hook only. So for a chain of optimizers none of which keeps Adam's moments, or one of
+    which keeps them otherwise. The rest is recorded."""
     model = micro(task)
     muon = muon_and_adamw(model)[0]
     rest = [p for p in model.parameters() if not any(p is q for q in muon.param_groups[0]["params"])]
@@ -820,6 +822,8 @@ def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, ta
         "SGD": (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments"),
         "bitsandbytes": (_bitsandbytes_adamw(model.parameters()), "AdamW8bit keeps Adam's moments under names of its "
                          "own"),
+        "schedule-free": (type("AdamWScheduleFree", (torch.optim.AdamW,), {})(model.parameters()),  # its name
+                          r"AdamWScheduleFree keeps no Adam m \(schedule-free"),
         "Muon and SGD chained": (ChainedOptimizer(muon, torch.optim.SGD(rest, lr=0.1)),
                                  r"ChainedOptimizer\(Muon, SGD\) keeps no Adam moments"),
         "Muon and bitsandbytes chained": (ChainedOptimizer(muon, _bitsandbytes_adamw(rest)),

@@ -598,6 +598,8 @@ def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
         return "no Adam moments"
     if type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
         return "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
+    if "ScheduleFree" in type(optimizer).__name__:  # schedulefree's, pytorch_optimizer's
+        return "no Adam m (schedule-free: the sequence z stands in its place; v is read)"
     return None
 
 
