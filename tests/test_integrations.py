@@ -986,12 +986,17 @@ def muon_and_adamw(model) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]
     return torch.optim.Muon(muon, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)
 
 
-def test_a_model_trained_by_muon_and_adamw_chained_is_recorded_whole(tmp_path, task):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_model_trained_by_muon_and_adamw_chained_is_recorded_whole(tmp_path, task, lookahead):
     """Attached to either of two optimizers, `update` read 0 for the other's tensors. Chained, one step steps both as
     the loop stepping each did, and the rows hold the whole Δθ, AdamW's m (0 for Muon's tensors, which keep none)
-    and v statistics (NaN for Muon's), the run's `adam` attributes AdamW's."""
+    and v statistics (NaN for Muon's), the run's `adam` attributes AdamW's; AdamW's m too where a Lookahead wraps
+    it in the chain (the chain's state is the Lookahead's)."""
+    def wrapped(optimizers):
+        return (optimizers[0], _Lookahead(optimizers[1])) if lookahead else optimizers
+
     apart, chained = micro(task), micro(task)
-    optimizers = muon_and_adamw(apart)
+    optimizers = wrapped(muon_and_adamw(apart))
     for step in range(3):
         x, m = task.train_batch(step, 0, 16)
         loss = answer_cross_entropy(apart(input_ids=x).logits, x, m)
@@ -1002,7 +1007,7 @@ def test_a_model_trained_by_muon_and_adamw_chained_is_recorded_whole(tmp_path, t
         for opt in optimizers:
             opt.step()
     muon, adamw = muon_and_adamw(chained)
-    opt = ChainedOptimizer(muon, adamw)
+    opt = ChainedOptimizer(*wrapped((muon, adamw)))
     n_muon = len(muon.param_groups[0]["params"])
     with pytest.warns(UserWarning, match=rf"{n_muon} of the model's \d+ trainable .* \(by Muon\): adam_m reads 0 "
                       "for them, and their v statistics NaN") as caught:

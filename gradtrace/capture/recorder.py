@@ -175,7 +175,8 @@ class Recorder:
                  probe_losses: dict[str, Callable] | list[str] | None = None, start_step: int = 0) -> None:
         check_recordable(model, optimizer, cfg, probes or [], probe_losses)
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
-        self.base = base_optimizer(self.optimizer)  # whose state holds Adam's moments: a Lookahead's AdamW
+        self._holders = _chained(base_optimizer(self.optimizer))  # whose states hold Adam's moments (a Lookahead's
+        # AdamW; a chain's optimizers, each its base)
         self.writer, self.cfg = writer, cfg
         self._all_params = list(self.model.parameters())  # walking the modules each step costs ~0.1 ms
         self.params = [p for p in self._all_params if p.requires_grad]
@@ -328,8 +329,9 @@ class Recorder:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
             if "adam_m" in self.cfg.quantities:
                 m = self._adam_moment("exp_avg", 0.0)
-                if m is None and any(self.base.state.get(p) for p in self.params):
-                    raise ValueError(f"capture.quantities has adam_m, but {type(self.base).__name__} keeps no "
+                if m is None and any(self._state(p) for p in self.params):
+                    names = ", ".join(type(o).__name__ for o in self._holders)
+                    raise ValueError(f"capture.quantities has adam_m, but {names} keeps no "
                                      "exp_avg: drop adam_m from capture.quantities")
                 if m is None:  # no parameter has had a gradient to step on yet: m is still 0
                     m = [torch.zeros_like(p) for p in self.params]
@@ -368,7 +370,7 @@ class Recorder:
         sketch per step and matches the direct sketch to float rounding.
         """
         if self._m_sketch is not None and grad_sketch is not None and self._all_grads:
-            beta1 = self.base.param_groups[0]["betas"][0]
+            beta1 = self.optimizer.param_groups[0]["betas"][0]
             self._m_sketch = torch.lerp(self._m_sketch, grad_sketch, 1 - beta1)
             return self._m_sketch
         direct = self.sketch.apply_tensors(m, scratch=self._flat)
@@ -392,7 +394,7 @@ class Recorder:
         parameter in the optimizer, one β1, no L2 weight decay folded into the gradient, no maximize, m kept in
         float32 or wider: a bf16 m is rounded each step). A fused step under GradScaler unscales inside, by the
         scale the recorded gradient is divided by, so fused optimizers qualify too."""
-        groups = self.base.param_groups
+        groups = self.optimizer.param_groups
         held = {id(p) for g in groups for p in g["params"]}  # m is 0 for a parameter the optimizer does not hold
         return ("grad" in self.cfg.quantities and self.schedule.every_step
                 and all(id(p) in held for p in self.params)
@@ -409,12 +411,16 @@ class Recorder:
         stepped without them (Muon's beside AdamW's in a chain, or held by no group); None where no group keeps it
         (SGD keeps neither, Adamax no v; an optimizer without Adam's betas neither, though it names a state so:
         Adafactor's exp_avg_sq is of its unfactored tensors only)."""
-        adam = {id(p) for g in self.base.param_groups if "betas" in g for p in g["params"]}
-        states = [self.base.state.get(p, {}) if id(p) in adam else None for p in self.params]
+        adam = {id(p) for o in self._holders for g in o.param_groups if "betas" in g for p in g["params"]}
+        states = [self._state(p) if id(p) in adam else None for p in self.params]
         if not any(key in state for state in states if state):
             return None
         return [torch.full_like(p, unkept) if state is None else state[key] if key in state else torch.zeros_like(p)
                 for state, p in zip(states, self.params)]
+
+    def _state(self, param: torch.Tensor) -> dict:
+        """The parameter's optimizer state in the optimizer that steps it ({} before its first step)."""
+        return next((o.state[param] for o in self._holders if param in o.state), {})
 
     # -- probes -----------------------------------------------------------------------------------------------
     def probe(self) -> None:
@@ -434,10 +440,10 @@ class Recorder:
         """1/(√v̂+ε) per coordinate, each parameter by its own Adam state and its group's β2 and ε (ones where it
         has no state: before its first step, or under an optimizer that keeps no Adam v, no ε or no step count). v
         is AMSGrad's running maximum where the group steps with it, as the optimizer divides by that."""
-        group_of = {id(p): g for g in self.base.param_groups for p in g["params"]}
+        group_of = {id(p): g for o in self._holders for g in o.param_groups for p in g["params"]}
         out = torch.ones_like(self._flat)
         for p, part in zip(self.params, out.split(self._numels)):
-            state, group = self.base.state.get(p, {}), group_of.get(id(p), {})
+            state, group = self._state(p), group_of.get(id(p), {})
             v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
             step = state.get("step", group.get("step"))  # torch's keeps it per tensor, others per group
             if v is not None and step is not None and "betas" in group and "eps" in group:
