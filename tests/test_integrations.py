@@ -701,6 +701,79 @@ class _Lookahead(torch.optim.Optimizer):
                 p.copy_(slow.lerp_(p, self.alpha))
 
 
+class _GaLoreAdamW(torch.optim.Optimizer):
+    """GaLore (Zhao et al. 2024) as galore-torch's GaLoreAdamW keeps it: a group with a `rank` steps its matrices with
+    Adam in a low-rank projection of their gradients, its moments of the projection's shape."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state, g = self.state[p], p.grad
+                if "rank" in group:
+                    state.setdefault("proj", torch.linalg.svd(g, full_matrices=False)[0][:, :group["rank"]])
+                    g = state["proj"].T @ g
+                m = state.setdefault("exp_avg", torch.zeros_like(g))
+                v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
+                state["step"] = state.get("step", 0) + 1
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                update = m / (v.sqrt() + group["eps"])
+                p.add_(state["proj"] @ update if "rank" in group else update, alpha=-group["lr"])
+
+
+def test_adam_moments_kept_in_a_low_rank_projection_are_read_as_not_kept(tmp_path, task):
+    """GaLore (galore-torch's GaLoreAdamW, by hand) keeps its projected matrices' moments in the projection's shape:
+    the first step failed with "expected a flat vector of 18304 parameters, got shape (3072,)". Those tensors read
+    as stepped without Adam's moments (m 0, v statistics NaN, probes not preconditioned), with a warning, once."""
+    model = micro(task)
+    params = list(model.parameters())
+    projected = [p.ndim == 2 and min(p.shape) > 4 for p in params]
+    opt = _GaLoreAdamW([{"params": [p for p, low in zip(params, projected) if not low]},
+                        {"params": [p for p, low in zip(params, projected) if low], "rank": 4}])
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
+        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
+    before = flat_params(model)
+    with pytest.warns(UserWarning, match=rf"{sum(projected)} of the model's {len(params)} trainable .* keep Adam's "
+                      "moments in another shape than theirs") as caught:
+        train_steps(model, opt, task, 4, rec)
+    assert [w.filename for w in caught if "another shape" in str(w.message)] == [__file__]
+    rec.close()
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    m = [torch.zeros_like(p) if low else opt.state[p]["exp_avg"] for p, low in zip(params, projected)]
+    np.testing.assert_array_equal(group["adam_m"][-1], torch.cat([t.reshape(-1) for t in m]).numpy())
+    np.testing.assert_array_equal(np.isnan(group["layer_v_mean"][-1]), projected)
+    assert group["probe/step"][:].tolist() == [0, 2, 4] and np.isfinite(group["probe/grad_adam"][:]).all()
+
+
+def test_an_adam_like_optimizer_keeping_its_moments_outside_its_state_is_refused_adam_m_at_its_first_step(
+        tmp_path, task):
+    """grokadamw's GrokAdamW (by hand) keeps its moments in its param groups, its optimizer.state empty: adam_m was
+    recorded as zeros at every step, as before a first step, without a word."""
+    class StateElsewhere(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 1e-3, "betas": (0.9, 0.999)})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                moments = group.setdefault("moments", {})
+                for p in (p for p in group["params"] if p.grad is not None):
+                    p.add_(moments.setdefault(p, torch.zeros_like(p)).lerp_(p.grad, 0.1), alpha=-group["lr"])
+
+    model = micro(task)
+    opt = StateElsewhere(model.parameters())
+    rec = attach(model, opt, tmp_path, "r", total_steps=2, capture=IDENTITY)
+    with pytest.raises(ValueError, match=r"StateElsewhere keeps no exp_avg in its state \(optimizer.state\): drop "
+                       "adam_m"):
+        train_steps(model, opt, task, 1, rec)
+
+
 @pytest.mark.parametrize("kind", ["Lion", "step per group", "Lookahead"])
 def test_adam_like_optimizers_of_other_libraries_record_their_moments_and_whole_steps(tmp_path, task, kind):
     """Stand-ins for what failed with other libraries' optimizers (each run by hand too): lion-pytorch's Lion (no

@@ -213,6 +213,7 @@ class Recorder:
         self.closed = False
         self._all_grads = True
         self._unfrozen_warned = False
+        self._projected_warned = False
         P = self.layout.size
         self._numels = self.layout.numels
         self._flat = torch.empty(P, device=device)   # scratch: flat copies of g, m, v and probe gradients
@@ -329,10 +330,10 @@ class Recorder:
                 row["layer_update_norm"] = torch.full((len(self._numels),), float("nan"), device=self._flat.device)
             if "adam_m" in self.cfg.quantities:
                 m = self._adam_moment("exp_avg", 0.0)
-                if m is None and any(self._state(p) for p in self.params):
+                if m is None and any(self._state(p) or p.grad is not None for p in self.params):  # a step taken
                     names = ", ".join(type(o).__name__ for o in self._holders)
-                    raise ValueError(f"capture.quantities has adam_m, but {names} keeps no "
-                                     "exp_avg: drop adam_m from capture.quantities")
+                    raise ValueError(f"capture.quantities has adam_m, but {names} keeps no exp_avg in its state "
+                                     "(optimizer.state): drop adam_m from capture.quantities")
                 if m is None:  # no parameter has had a gradient to step on yet: m is still 0
                     m = [torch.zeros_like(p) for p in self.params]
                 row["adam_m"] = self._sketch_m(m, row.get("grad"))
@@ -410,13 +411,20 @@ class Recorder:
         Adam's betas (zeros for a parameter that never had a gradient, hence no state), `unkept` for a parameter
         stepped without them (Muon's beside AdamW's in a chain, or held by no group); None where no group keeps it
         (SGD keeps neither, Adamax no v; an optimizer without Adam's betas neither, though it names a state so:
-        Adafactor's exp_avg_sq is of its unfactored tensors only)."""
+        Adafactor's exp_avg_sq is of its unfactored tensors only). A moment kept in another shape than its
+        parameter's (GaLore's low-rank projection) counts as not kept (`unkept`), with a warning, once."""
         adam = {id(p) for o in self._holders for g in o.param_groups if "betas" in g for p in g["params"]}
         states = [self._state(p) if id(p) in adam else None for p in self.params]
         if not any(key in state for state in states if state):
             return None
-        return [torch.full_like(p, unkept) if state is None else state[key] if key in state else torch.zeros_like(p)
-                for state, p in zip(states, self.params)]
+        projected = sum(key in state and state[key].shape != p.shape for state, p in zip(states, self.params) if state)
+        if projected and not self._projected_warned:
+            self._projected_warned = True
+            warnings.warn(f"{projected} of the model's {len(self.params)} trainable parameter tensors keep Adam's "
+                          "moments in another shape than theirs (a low-rank projection: GaLore's, say): adam_m reads 0 "
+                          "for them, and their v statistics NaN", UserWarning, stacklevel=caller_stacklevel())
+        return [torch.full_like(p, unkept) if state is None or key in state and state[key].shape != p.shape
+                else state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, self.params)]
 
     def _state(self, param: torch.Tensor) -> dict:
         """The parameter's optimizer state in the optimizer that steps it ({} before its first step)."""
@@ -446,7 +454,7 @@ class Recorder:
             state, group = self._state(p), group_of.get(id(p), {})
             v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
             step = state.get("step", group.get("step"))  # torch's keeps it per tensor, others per group
-            if v is not None and step is not None and "betas" in group and "eps" in group:
+            if v is not None and v.shape == p.shape and step is not None and "betas" in group and "eps" in group:
                 part.copy_(adam_preconditioner(v.reshape(-1).float(), float(step), group["betas"][1], group["eps"]))
         return out
 
