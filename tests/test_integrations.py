@@ -1985,6 +1985,10 @@ def test_what_cannot_be_recorded_is_refused_before_anything_is_written(tmp_path,
     for write in (True, False):  # refused on every rank, before anything is written
         with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
             attach(model, other, tmp_path, "b", total_steps=2, capture=IDENTITY, write=write)
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer  # the Trainer's under optim="..._layerwise"
+
+    with pytest.raises(ValueError, match="layer-wise optimizers .* step each tensor inside backward"):
+        attach(model, LayerWiseDummyOptimizer(), tmp_path, "b", total_steps=2, capture=IDENTITY)
     assert store.runs(zarr.open_group(tmp_path / "store.zarr", mode="r")) == ["a"]
     frozen = micro(task).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

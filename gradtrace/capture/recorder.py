@@ -626,7 +626,11 @@ def _chained(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, .
 
 def _refuse_optimizer(optimizer: Any, inner: torch.optim.Optimizer) -> None:
     """Raise for an optimizer (`inner`, unwrapped) that steps none of the model's trainable parameters, naming
-    DeepSpeed's where it is among the wrappers."""
+    DeepSpeed's where it is among the wrappers, and transformers' stand-in for its layer-wise optimizers."""
+    if type(inner).__name__ == "LayerWiseDummyOptimizer":  # transformers' optim="..._layerwise"
+        raise ValueError("transformers' layer-wise optimizers (optim='..._layerwise') step each tensor inside backward, "
+                         "in a gradient hook, and hand the Trainer a LayerWiseDummyOptimizer whose step does nothing: "
+                         "there is no optimizer step to record. Train with the optimizer that is not layer-wise")
     deepspeed = _deepspeed_optimizer(optimizer)
     if deepspeed is None:
         raise ValueError(f"the {type(inner).__name__} given holds none of the model's trainable parameters: pass the "
