@@ -1989,6 +1989,19 @@ def test_what_cannot_be_recorded_is_refused_before_anything_is_written(tmp_path,
 
     with pytest.raises(ValueError, match="layer-wise optimizers .* step each tensor inside backward"):
         attach(model, LayerWiseDummyOptimizer(), tmp_path, "b", total_steps=2, capture=IDENTITY)
+
+    class Averaging(torch.optim.Optimizer):  # as torch's PostLocalSGDOptimizer: no Optimizer.__init__, no hooks
+        def __init__(self, optim):
+            self.optim, self.param_groups, self.state = optim, optim.param_groups, optim.state
+
+        def step(self, closure=None):
+            self.optim.step()  # then averages the parameters across ranks
+
+    for quantities in (["grad"], ["grad", "adam_m"]):  # an AttributeError; "AdamW's moments sharded across ranks"
+        with pytest.raises(ValueError, match=r"the Averaging given runs no step hooks .* attach its local AdamW "
+                           r"\(.optim\) to record the local steps alone"):
+            attach(model, Averaging(torch.optim.AdamW(model.parameters())), tmp_path, "b", total_steps=2,
+                   capture=CaptureConfig(sketch="identity", quantities=quantities, probe_every=0))
     assert store.runs(zarr.open_group(tmp_path / "store.zarr", mode="r")) == ["a"]
     frozen = micro(task).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

@@ -540,6 +540,16 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             return optimizer
 
 
+def _refuse_unhooked(optimizer: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer whose step runs no step hooks (one that wraps another without setting itself up as an
+    optimizer: torch's PostLocalSGDOptimizer, which averages the parameters across ranks after its local one's step)."""
+    local = getattr(optimizer, "optim", None)
+    instead = (f": attach its local {type(local).__name__} (.optim) to record the local steps alone, without the "
+               "averaging" if isinstance(local, torch.optim.Optimizer) else "")
+    raise ValueError(f"the {type(optimizer).__name__} given runs no step hooks (torch.optim.Optimizer.__init__ never "
+                     f"set it up), so its steps cannot be recorded{instead}")
+
+
 def _runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer's step runs its own step hooks (it was set up by `torch.optim.Optimizer.__init__`, or
     as it does)."""
@@ -573,6 +583,8 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
         raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
     if not _held(params, inner):
         _refuse_optimizer(optimizer, inner)
+    if not _runs_step_hooks(inner):
+        _refuse_unhooked(inner)
     if "adam_m" in cfg.quantities:
         _check_adam_moments(base_optimizer(inner))
     splits = [p.split for p in probes]
@@ -606,7 +618,7 @@ def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
     """What an optimizer (not a chain) keeps instead of Adam's `exp_avg` of each parameter of its groups with Adam's
     betas; None where it keeps that."""
     local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
-    if isinstance(local, torch.optim.Optimizer) and "betas" in local.defaults:  # (its groups copy the local's)
+    if type(optimizer).__name__ == "ZeroRedundancyOptimizer" and "betas" in local.defaults:  # (its groups: the local's)
         return f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
     if not any("betas" in group for group in optimizer.param_groups):
         return "no Adam moments"
