@@ -1142,6 +1142,9 @@ def test_a_chain_steps_saves_resumes_and_schedules_its_optimizers_as_one(task):
         ChainedOptimizer(torch.optim.SGD(list(model.parameters())[:1], lr=0.1), torch.optim.AdamW(model.parameters()))
     with pytest.raises(TypeError, match=r"takes torch.optim.Optimizer instances, got \['Linear'\]"):
         ChainedOptimizer(torch.nn.Linear(2, 2))
+    prepared = type("AcceleratedOptimizer", (torch.optim.AdamW,), {"__module__": "accelerate.optimizer"})  # its name
+    with pytest.raises(TypeError, match="then prepare the chain .* not accelerate's AcceleratedOptimizer"):
+        ChainedOptimizer(prepared(model.parameters()))  # which steps only at the end of an accumulation
 
 
 def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):

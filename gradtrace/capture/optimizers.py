@@ -45,6 +45,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError(f"ChainedOptimizer(*optimizers) takes torch.optim.Optimizer instances, got "
                             f"{[type(o).__name__ for o in optimizers] or 'none'}")
+        prepared = [type(o).__name__ for o in optimizers if type(o).__module__.partition(".")[0] == "accelerate"]
+        if prepared:  # its step skips gradient-accumulation micro-steps: the chain's hooks would record those
+            raise TypeError(f"chain the optimizers themselves, then prepare the chain (accelerator.prepare(chain)), "
+                            f"not accelerate's {prepared[0]}")
         seen: dict[int, str] = {}
         for optimizer in optimizers:
             for param in (p for g in optimizer.param_groups for p in g["params"]):
