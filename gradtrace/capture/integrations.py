@@ -40,8 +40,9 @@ import torch.distributed as dist
 import zarr
 
 from gradtrace import store
+from gradtrace.capture.optimizers import unwrap_optimizer
 from gradtrace.capture.recorder import (CAPTURE_ATTRS, Probe, Recorder, caller_stacklevel, check_recordable,
-                                       open_recorders, uninterrupted, unwrap_model, unwrap_optimizer)
+                                       open_recorders, uninterrupted, unwrap_model)
 from gradtrace.capture.sketch import ParamLayout, Sketch
 from gradtrace.config import CaptureConfig, checked
 

@@ -1,4 +1,6 @@
-"""Several optimizers stepped as one: `ChainedOptimizer(muon, adamw)` for a model whose parameters they share out.
+"""What capture knows of optimizers: several stepped as one (`ChainedOptimizer(muon, adamw)`, for a model whose
+parameters they share out), the wrappers around an optimizer (which one's step hooks see the whole step, which one's
+state holds Adam's moments), and the optimizers whose steps or moments cannot be recorded (`check_optimizer`).
 
 torch's `Muon` steps matrices only, so its recipe pairs it with AdamW for the rest; attached to either, a Recorder
 sees half a training step (its `update` reads 0 for the other's tensors). Chained, one `step()` steps each in turn
@@ -112,3 +114,156 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         inner = ",\n".join("    " + repr(o).replace("\n", "\n    ") for o in self.optimizers)
         return f"{type(self).__name__}(\n{inner}\n)"
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose step hooks run around the whole step: the outermost of the wrappers holding the next as
+    `.optimizer` that runs step hooks of its own, or, under SAM and its kin, the `.base_optimizer`. accelerate's
+    `AcceleratedOptimizer` runs none (its step calls the one it holds, skipping it on gradient-accumulation
+    micro-steps); a Lookahead does (its step moves the parameters after its base optimizer's step), so its hooks see
+    the whole Δθ; SAM's `second_step` puts the parameters back and steps its base optimizer with the gradient taken
+    at the perturbed point, so the base's hooks see that gradient and the whole Δθ (SAM's own `step` is not called
+    by loops that call `first_step` and `second_step`)."""
+    while True:
+        if isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and not runs_step_hooks(optimizer):
+            optimizer = optimizer.optimizer
+        elif isinstance(getattr(optimizer, "base_optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.base_optimizer
+        else:
+            return optimizer
+
+
+def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer at the end of the wrappers, each holding the next as `.optimizer` (or `.base_optimizer`): the one
+    whose state holds Adam's moments (a Lookahead's AdamW)."""
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        inner = inner if isinstance(inner, torch.optim.Optimizer) else getattr(optimizer, "base_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            return optimizer
+        optimizer = inner
+
+
+def moment_holders(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    """The optimizers whose states hold Adam's moments: the base optimizer, or a chain's optimizers, each its base."""
+    optimizer = base_optimizer(optimizer)
+    if isinstance(optimizer, ChainedOptimizer):
+        return tuple(base_optimizer(o) for o in optimizer.optimizers)
+    return (optimizer,)
+
+
+def runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step runs its own step hooks (it was set up by `torch.optim.Optimizer.__init__`, or
+    as it does)."""
+    return "_optimizer_step_pre_hooks" in vars(optimizer) and getattr(type(optimizer).step, "hooked", False)
+
+
+def count_held(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """How many of `params` the optimizer steps."""
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return sum(id(p) in optimized for p in params)
+
+
+def stepped_without_adam(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """{optimizer's name: how many of `params` it steps in groups without Adam's betas}, where another group has
+    them (Muon's tensors in a chain with AdamW); empty where none or all of its groups have them."""
+    groups = [(type(o).__name__, g) for o in moment_holders(optimizer) for g in o.param_groups]
+    if all("betas" in g for _, g in groups) or not any("betas" in g for _, g in groups):
+        return {}
+    ours = {id(p) for p in params}
+    counts: dict[str, int] = {}
+    for name, group in groups:
+        if "betas" not in group:
+            counts[name] = counts.get(name, 0) + sum(id(p) in ours for p in group["params"])
+    return {name: n for name, n in counts.items() if n}
+
+
+def check_optimizer(optimizer: Any, params: list[torch.nn.Parameter], adam_m: bool) -> None:
+    """Refuse an optimizer (as given: accelerate's, DeepSpeed's wrappers around it) whose steps cannot be recorded
+    for `params`, the model's trainable parameters: one that steps none of them (another model's; DeepSpeed's flat
+    copies of them; transformers' layer-wise stand-in), whose step runs no step hooks, or that keeps no Adam moment
+    `exp_avg` of each where `adam_m` is recorded (SGD; ZeroRedundancyOptimizer's, bitsandbytes' and schedule-free
+    ones keep theirs otherwise)."""
+    inner = unwrap_optimizer(optimizer)
+    if not count_held(params, inner):
+        _refuse_optimizer(optimizer, inner)
+    if not runs_step_hooks(inner):
+        _refuse_unhooked(inner)
+    if adam_m:
+        _check_adam_moments(inner)
+
+
+def _check_adam_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse `adam_m` for an optimizer that keeps no Adam moment `exp_avg` for each parameter of its groups with
+    Adam's betas, or has no such group (found only at its first step otherwise, in the writing rank's hook); in a
+    chain, for any of its optimizers that keeps Adam's moments otherwise, or where none keeps them."""
+    chained = moment_holders(optimizer)
+    refusals = [(type(o).__name__, _adam_moments_refused(o)) for o in chained]
+    otherwise = [(name, keeps) for name, keeps in refusals if keeps not in (None, "no Adam moments")]
+    if otherwise:
+        name, keeps = otherwise[0]
+    elif all(keeps for _, keeps in refusals):
+        chain = isinstance(optimizer, ChainedOptimizer)
+        name = f"{type(optimizer).__name__}({', '.join(n for n, _ in refusals)})" if chain else refusals[0][0]
+        keeps = "no Adam moments"
+    else:
+        return
+    raise ValueError(f"capture.quantities has adam_m, but {name} keeps {keeps}: drop it, e.g. "
+                     "CaptureConfig(quantities=['grad', 'update'])")
+
+
+def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
+    """What an optimizer (not a chain) keeps instead of Adam's `exp_avg` of each parameter of its groups with Adam's
+    betas; None where it keeps that."""
+    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
+    if type(optimizer).__name__ == "ZeroRedundancyOptimizer" and "betas" in local.defaults:  # (its groups: the local's)
+        return f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
+    if not any("betas" in group for group in optimizer.param_groups):
+        return "no Adam moments"
+    if type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
+        return "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
+    if "ScheduleFree" in type(optimizer).__name__:  # schedulefree's, pytorch_optimizer's
+        return "no Adam m (schedule-free: the sequence z stands in its place; v is read)"
+    return None
+
+
+def _refuse_optimizer(optimizer: Any, inner: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer (`inner`, unwrapped) that steps none of the model's trainable parameters, naming
+    DeepSpeed's where it is among the wrappers, and transformers' stand-in for its layer-wise optimizers."""
+    if type(inner).__name__ == "LayerWiseDummyOptimizer":  # transformers' optim="..._layerwise"
+        raise ValueError("transformers' layer-wise optimizers (optim='..._layerwise') step each tensor inside "
+                         "backward, in a gradient hook, and hand the Trainer a LayerWiseDummyOptimizer whose step does "
+                         "nothing: there is no optimizer step to record. Train with the optimizer that is not "
+                         "layer-wise")
+    deepspeed = _deepspeed_optimizer(optimizer)
+    if deepspeed is None:
+        raise ValueError(f"the {type(inner).__name__} given holds none of the model's trainable parameters: pass the "
+                         "optimizer that trains this model")
+    raise ValueError(f"DeepSpeed's {type(deepspeed).__name__} steps flat copies of the model's parameters (ZeRO stages "
+                     "1-3 partition them and their gradients and Adam moments across ranks; fp16 and bf16 keep fp32 "
+                     "master copies), and gradtrace records the parameter tensors themselves: attach works under "
+                     "DeepSpeed with ZeRO stage 0 in fp32. Otherwise sketch in a loop of your own the gradient "
+                     "gathered whole by deepspeed.utils.safe_get_full_grad(p), called on every rank between "
+                     "backward and step")
+
+
+def _refuse_unhooked(optimizer: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer whose step runs no step hooks (one that wraps another without setting itself up as an
+    optimizer: torch's PostLocalSGDOptimizer, which averages the parameters across ranks after its local one's step)."""
+    local = getattr(optimizer, "optim", None)
+    instead = (f": attach its local {type(local).__name__} (.optim) to record the local steps alone, without the "
+               "averaging" if isinstance(local, torch.optim.Optimizer) else "")
+    raise ValueError(f"the {type(optimizer).__name__} given runs no step hooks (torch.optim.Optimizer.__init__ never "
+                     f"set it up), so its steps cannot be recorded{instead}")
+
+
+def _deepspeed_optimizer(optimizer: Any) -> Any | None:
+    """DeepSpeed's optimizer (ZeRO's, or its fp16/bf16 wrapper) among the wrappers, each holding the next as
+    `.optimizer` (accelerate's around DeepSpeed's around the torch optimizer); None without one."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if type(optimizer).__module__.partition(".")[0] == "deepspeed":
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None

@@ -17,9 +17,11 @@ to the host, so recording an ordinary step never waits for the device (probe ste
 Capture never changes the training result: it reads `.grad`, parameters and optimizer state, and computes probe
 gradients with `torch.autograd.grad` on separate graphs.
 
-Wrapped models and optimizers are unwrapped: hooks go on the optimizer whose `step` really runs (under
+Wrapped models and optimizers are unwrapped: hooks go on the optimizer whose step hooks see the whole step (under
 accelerate's `AcceleratedOptimizer`, which skips it on gradient-accumulation micro-steps, so only sync steps are
-recorded), and the parameter layout is the bare model's (DDP's `module.` prefix would change the layout hash).
+recorded; a Lookahead's own; SAM's base optimizer: `gradtrace.capture.optimizers`), Adam's moments are read from the
+optimizer whose state holds them, and the parameter layout is the bare model's (DDP's `module.` prefix would change
+the layout hash).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gradtrace.capture.optimizers import ChainedOptimizer
+from gradtrace.capture.optimizers import (check_optimizer, count_held, moment_holders, stepped_without_adam,
+                                          unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, flatten_into, make_sketch, tensor_norms
 from gradtrace.config import CaptureConfig
 from gradtrace.store import RunWriter
@@ -175,12 +178,11 @@ class Recorder:
                  probe_losses: dict[str, Callable] | list[str] | None = None, start_step: int = 0) -> None:
         check_recordable(model, optimizer, cfg, probes or [], probe_losses)
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
-        self._holders = _chained(base_optimizer(self.optimizer))  # whose states hold Adam's moments (a Lookahead's
-        # AdamW; a chain's optimizers, each its base)
+        self._holders = moment_holders(self.optimizer)  # whose states hold Adam's moments (a Lookahead's AdamW)
         self.writer, self.cfg = writer, cfg
         self._all_params = list(self.model.parameters())  # walking the modules each step costs ~0.1 ms
         self.params = [p for p in self._all_params if p.requires_grad]
-        held = _held(self.params, self.optimizer)
+        held = count_held(self.params, self.optimizer)
         if held < len(self.params) and "update" in cfg.quantities:
             warnings.warn(f"the {type(self.optimizer).__name__} given holds {held} of the model's {len(self.params)} "
                           "trainable parameter tensors: `update` is the change across its step(), so it reads 0 "
@@ -188,7 +190,7 @@ class Recorder:
                           "one optimizer every trainable parameter (several chained: gradtrace.capture."
                           "ChainedOptimizer(muon, adamw)), or freeze the others, for the whole Δθ",
                           UserWarning, stacklevel=caller_stacklevel())
-        without = _stepped_without_adam(self.params, self.optimizer)
+        without = stepped_without_adam(self.params, self.optimizer)
         if without and "adam_m" in cfg.quantities:
             warnings.warn(f"{sum(without.values())} of the model's {len(self.params)} trainable parameter tensors "
                           f"are stepped without Adam's moments (by {', '.join(without)}): adam_m reads 0 for them, "
@@ -523,50 +525,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose step hooks run around the whole step: the outermost of the wrappers holding the next as
-    `.optimizer` that runs step hooks of its own, or, under SAM and its kin, the `.base_optimizer`. accelerate's
-    `AcceleratedOptimizer` runs none (its step calls the one it holds, skipping it on gradient-accumulation
-    micro-steps); a Lookahead does (its step moves the parameters after its base optimizer's step), so its hooks see
-    the whole Δθ; SAM's `second_step` puts the parameters back and steps its base optimizer with the gradient taken
-    at the perturbed point, so the base's hooks see that gradient and the whole Δθ (SAM's own `step` is not called
-    by loops that call `first_step` and `second_step`)."""
-    while True:
-        if isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and not _runs_step_hooks(optimizer):
-            optimizer = optimizer.optimizer
-        elif isinstance(getattr(optimizer, "base_optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.base_optimizer
-        else:
-            return optimizer
-
-
-def _refuse_unhooked(optimizer: torch.optim.Optimizer) -> None:
-    """Raise for an optimizer whose step runs no step hooks (one that wraps another without setting itself up as an
-    optimizer: torch's PostLocalSGDOptimizer, which averages the parameters across ranks after its local one's step)."""
-    local = getattr(optimizer, "optim", None)
-    instead = (f": attach its local {type(local).__name__} (.optim) to record the local steps alone, without the "
-               "averaging" if isinstance(local, torch.optim.Optimizer) else "")
-    raise ValueError(f"the {type(optimizer).__name__} given runs no step hooks (torch.optim.Optimizer.__init__ never "
-                     f"set it up), so its steps cannot be recorded{instead}")
-
-
-def _runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer's step runs its own step hooks (it was set up by `torch.optim.Optimizer.__init__`, or
-    as it does)."""
-    return "_optimizer_step_pre_hooks" in vars(optimizer) and getattr(type(optimizer).step, "hooked", False)
-
-
-def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer at the end of the wrappers, each holding the next as `.optimizer` (or `.base_optimizer`): the one
-    whose state holds Adam's moments (a Lookahead's AdamW)."""
-    while True:
-        inner = getattr(optimizer, "optimizer", None)
-        inner = inner if isinstance(inner, torch.optim.Optimizer) else getattr(optimizer, "base_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            return optimizer
-        optimizer = inner
-
-
 def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
                      probes: list[Probe], probe_losses: dict[str, Callable] | list[str] | str | None) -> None:
     """Refuse, from the arguments alone, what a Recorder cannot record. `attach` calls it before anything is written
@@ -576,17 +534,12 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     `exp_avg` of each where `adam_m` is recorded (SGD; torch's ZeroRedundancyOptimizer and bitsandbytes' keep theirs
     otherwise); probes of one split twice or of tokens outside the model's vocabulary; probe losses that are none,
     unknown names or no functions."""
-    model, inner = unwrap_model(model), unwrap_optimizer(optimizer)
+    model = unwrap_model(model)
     _check_unsharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True): there is nothing to record")
-    if not _held(params, inner):
-        _refuse_optimizer(optimizer, inner)
-    if not _runs_step_hooks(inner):
-        _refuse_unhooked(inner)
-    if "adam_m" in cfg.quantities:
-        _check_adam_moments(base_optimizer(inner))
+    check_optimizer(optimizer, params, "adam_m" in cfg.quantities)
     splits = [p.split for p in probes]
     repeated = sorted({s for s in splits if splits.count(s) > 1})
     if repeated:
@@ -594,65 +547,6 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     _check_probe_tokens(model, probes)
     if probes:
         _check_probe_losses(_probe_losses_by_name(cfg, probe_losses))
-
-
-def _check_adam_moments(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse `adam_m` for an optimizer that keeps no Adam moment `exp_avg` for each parameter of its groups with
-    Adam's betas, or has no such group (found only at its first step otherwise, in the writing rank's hook); in a
-    chain, for any of its optimizers that keeps Adam's moments otherwise, or where none keeps them."""
-    chained = _chained(optimizer)
-    refusals = [(type(o).__name__, _adam_moments_refused(o)) for o in chained]
-    otherwise = [(name, keeps) for name, keeps in refusals if keeps not in (None, "no Adam moments")]
-    if otherwise:
-        name, keeps = otherwise[0]
-    elif all(keeps for _, keeps in refusals):
-        names = f"({', '.join(name for name, _ in refusals)})" if isinstance(optimizer, ChainedOptimizer) else ""
-        name, keeps = type(optimizer).__name__ + names, "no Adam moments"
-    else:
-        return
-    raise ValueError(f"capture.quantities has adam_m, but {name} keeps {keeps}: drop it, e.g. "
-                     "CaptureConfig(quantities=['grad', 'update'])")
-
-
-def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
-    """What an optimizer (not a chain) keeps instead of Adam's `exp_avg` of each parameter of its groups with Adam's
-    betas; None where it keeps that."""
-    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's, of this rank's share of the parameters
-    if type(optimizer).__name__ == "ZeroRedundancyOptimizer" and "betas" in local.defaults:  # (its groups: the local's)
-        return f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
-    if not any("betas" in group for group in optimizer.param_groups):
-        return "no Adam moments"
-    if type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
-        return "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
-    if "ScheduleFree" in type(optimizer).__name__:  # schedulefree's, pytorch_optimizer's
-        return "no Adam m (schedule-free: the sequence z stands in its place; v is read)"
-    return None
-
-
-def _chained(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ...]:
-    """A chain's optimizers, each its base optimizer; `(optimizer,)` for any other."""
-    if isinstance(optimizer, ChainedOptimizer):
-        return tuple(base_optimizer(o) for o in optimizer.optimizers)
-    return (optimizer,)
-
-
-def _refuse_optimizer(optimizer: Any, inner: torch.optim.Optimizer) -> None:
-    """Raise for an optimizer (`inner`, unwrapped) that steps none of the model's trainable parameters, naming
-    DeepSpeed's where it is among the wrappers, and transformers' stand-in for its layer-wise optimizers."""
-    if type(inner).__name__ == "LayerWiseDummyOptimizer":  # transformers' optim="..._layerwise"
-        raise ValueError("transformers' layer-wise optimizers (optim='..._layerwise') step each tensor inside backward, "
-                         "in a gradient hook, and hand the Trainer a LayerWiseDummyOptimizer whose step does nothing: "
-                         "there is no optimizer step to record. Train with the optimizer that is not layer-wise")
-    deepspeed = _deepspeed_optimizer(optimizer)
-    if deepspeed is None:
-        raise ValueError(f"the {type(inner).__name__} given holds none of the model's trainable parameters: pass the "
-                         "optimizer that trains this model")
-    raise ValueError(f"DeepSpeed's {type(deepspeed).__name__} steps flat copies of the model's parameters (ZeRO stages "
-                     "1-3 partition them and their gradients and Adam moments across ranks; fp16 and bf16 keep fp32 "
-                     "master copies), and gradtrace records the parameter tensors themselves: attach works under "
-                     "DeepSpeed with ZeRO stage 0 in fp32. Otherwise sketch in a loop of your own the gradient "
-                     "gathered whole by deepspeed.utils.safe_get_full_grad(p), called on every rank between "
-                     "backward and step")
 
 
 def _probe_losses_by_name(cfg: CaptureConfig, probe_losses: dict[str, Callable] | list[str] | str | None) -> dict:
@@ -664,38 +558,6 @@ def _probe_losses_by_name(cfg: CaptureConfig, probe_losses: dict[str, Callable] 
 
     names = cfg.probe_losses if probe_losses is None else probe_losses
     return probe_loss_functions([names] if isinstance(names, str) else list(names))
-
-
-def _held(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
-    """How many of `params` the optimizer steps."""
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return sum(id(p) in optimized for p in params)
-
-
-def _stepped_without_adam(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """{optimizer's name: how many of `params` it steps in groups without Adam's betas}, where another group has
-    them (Muon's tensors in a chain with AdamW); empty where none or all of its groups have them."""
-    groups = [(type(o).__name__, g) for o in _chained(optimizer) for g in o.param_groups]
-    if all("betas" in g for _, g in groups) or not any("betas" in g for _, g in groups):
-        return {}
-    ours = {id(p) for p in params}
-    counts: dict[str, int] = {}
-    for name, group in groups:
-        if "betas" not in group:
-            counts[name] = counts.get(name, 0) + sum(id(p) in ours for p in group["params"])
-    return {name: n for name, n in counts.items() if n}
-
-
-def _deepspeed_optimizer(optimizer: Any) -> Any | None:
-    """DeepSpeed's optimizer (ZeRO's, or its fp16/bf16 wrapper) among the wrappers, each holding the next as
-    `.optimizer` (accelerate's around DeepSpeed's around the torch optimizer); None without one."""
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        if type(optimizer).__module__.partition(".")[0] == "deepspeed":
-            return optimizer
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
 
 
 def _check_unsharded(model: torch.nn.Module) -> None:
