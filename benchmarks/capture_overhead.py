@@ -14,10 +14,11 @@ synchronisation, so wall time is the device's; the CPU clocks then count only ke
     python benchmarks/capture_overhead.py                # default model (tiny, batch 128) and pythia-70m shape
     python benchmarks/capture_overhead.py --quick        # fewer rounds; pythia-70m with k=4096 and wandb only
     python benchmarks/capture_overhead.py --device cuda  # the same on a GPU
+    python benchmarks/capture_overhead.py --optimizer muon  # torch's Muon and AdamW, chained (ChainedOptimizer)
 
-Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "device", "k", "what", "ratio", "step_ms_without",
-"step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio", "store_ms_per_step"}. wandb (offline) is optional:
-without it that row is skipped with a message.
+Writes `benchmarks/out/capture_overhead.json`: a list of {"model", "device", "optimizer", "k", "what", "ratio",
+"step_ms_without", "step_ms_with", "ratio_iqr", "cpu_ratio", "hooks_ratio", "store_ms_per_step"}. wandb (offline)
+is optional: without it that row is skipped with a message.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from gradtrace import store
-from gradtrace.capture import attach
+from gradtrace.capture import ChainedOptimizer, attach
 from gradtrace.capture.recorder import declare_arrays
 from gradtrace.config import CaptureConfig, ModelConfig, load
 from gradtrace.kernels import device_name
@@ -66,13 +67,19 @@ class Variant:
 
 
 def make_variants(model_name: str, ks: list[int], breakdown: bool, use_wandb: bool, vocab: int, train,
-                  device: torch.device, out_dir: Path, stack: contextlib.ExitStack) -> list[Variant]:
+                  device: torch.device, out_dir: Path, stack: contextlib.ExitStack,
+                  muon: bool = False) -> list[Variant]:
     """The capture-free baseline, grad+update+adam_m at each k (Adam's v statistics every `v_stats_every` steps, the
-    default), optional per-quantity rows and v statistics every step, and wandb.watch."""
+    default), optional per-quantity rows and v statistics every step, and wandb.watch. `muon`: torch's Muon for the
+    blocks' matrices chained with AdamW for the rest (`ChainedOptimizer`), instead of AdamW alone."""
     def pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = build_model(ModelConfig(name=model_name), vocab, seed=0).to(device)
         model.train()
-        return model, adamw(model.parameters(), train, device)
+        if not muon:
+            return model, adamw(model.parameters(), train, device)
+        matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed" not in n)]
+        return model, ChainedOptimizer(torch.optim.Muon(matrices, lr=0.02), adamw(rest, train, device))
 
     def recorded(what: str, k: int, quantities: list[str], v_stats_every: int = CaptureConfig.v_stats_every) -> Variant:
         model, opt = pair()
@@ -188,7 +195,7 @@ def measure(base: Variant, variants: list[Variant], task: ArithmeticTask, batch:
             f"{v.what}@{v.k}: {v.times[-1][0] / v.paired[-1][0]:.3f}" for v in variants), flush=True)
 
 
-def records(model_name: str, device: torch.device, variants: list[Variant]) -> list[dict]:
+def records(model_name: str, device: torch.device, optimizer: str, variants: list[Variant]) -> list[dict]:
     """One record per captured variant: medians over its pairings of the wall, CPU and hooks ratios, each step's
     time including its share of the store's chunk writes (which run inside optimizer.step)."""
     out = []
@@ -198,7 +205,7 @@ def records(model_name: str, device: torch.device, variants: list[Variant]) -> l
         wall, cpu, opt = wall + store_wall, cpu + store_cpu, opt + store_cpu
         ratios = wall / base_wall
         hooks = 1 + (opt - base_opt) / base_cpu
-        out.append({"model": model_name, "device": device.type, "k": v.k, "what": v.what,
+        out.append({"model": model_name, "device": device.type, "optimizer": optimizer, "k": v.k, "what": v.what,
                     "ratio": round(float(np.median(ratios)), 4),
                     "step_ms_without": round(float(np.median(base_wall)), 2),
                     "step_ms_with": round(float(np.median(wall)), 2),
@@ -220,6 +227,9 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true",
                         help="only the grad+update+adam_m rows (more rounds in the same time)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                        help="adamw (gradtrace.train's), or muon: torch's Muon for the blocks' matrices chained with "
+                        "AdamW for the rest")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "capture_overhead.json"))
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:
@@ -241,12 +251,13 @@ def main() -> None:
         model_ks = [4096] if big and args.quick else ks
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             variants = make_variants(name, model_ks, not (big or args.no_breakdown), use_wandb,
-                                     task.tokenizer.vocab_size, train, device, Path(tmp), stack)
+                                     task.tokenizer.vocab_size, train, device, Path(tmp), stack,
+                                     muon=args.optimizer == "muon")
             params = count_parameters(variants[0].model)
-            print(f"{name} on {device_name(device)}: {params:,} parameters, batch {batch}, {rounds} rounds × {block} "
-                  "steps per block", flush=True)
+            print(f"{name} on {device_name(device)}: {params:,} parameters, {args.optimizer}, batch {batch}, "
+                  f"{rounds} rounds × {block} steps per block", flush=True)
             measure(variants[0], variants[1:], task, batch, train.clip, rounds, block)
-            results += records(name, device, variants[1:])
+            results += records(name, device, args.optimizer, variants[1:])
     print(f"\n{'model':<11} {'k':>6}  {'recorded':<36} {'ratio':>6} {'(IQR)':<13} {'cpu':>6} {'hooks':>6} "
           f"{'ms without':>10} {'ms with':>8} {'store ms':>8}")
     for r in results:
