@@ -663,11 +663,14 @@ def _records(obj: Any) -> list[dict[str, Any]]:
 
 
 def _record_name(item: Mapping[str, Any], i: int) -> str:
-    """A record's label: its name, or what capture_overhead's records say (`tiny k=4096: grad+update+adam_m`)."""
+    """A record's label: its name, or what capture_overhead's records say (`tiny k=4096: grad+update+adam_m`; the
+    optimizer named where it is not AdamW: `tiny cpu muon k=4096: ...`)."""
     named = next((str(item[k]) for k in _NAME_KEYS if k in item), None)
     if named is not None:
         return named
     parts = [str(item[k]) for k in ("model", "device") if item.get(k)]
+    if item.get("optimizer") not in (None, "adamw"):
+        parts.append(str(item["optimizer"]))
     if item.get("k"):
         parts.append(f"k={item['k']}")
     head, what = " ".join(parts), str(item.get("what") or "")

@@ -115,9 +115,11 @@ def make_experiment(path: Path, n_runs: int = 14, seed: int = 0) -> Path:
     bench = path / "benchmarks"
     bench.mkdir(exist_ok=True)
     (bench / "capture_overhead.json").write_text(json.dumps(  # records as benchmarks/capture_overhead.py writes
-        [{"model": "tiny", "device": "cpu", "k": 4096, "what": "grad+update+adam_m", "ratio": 1.025},
+        [{"model": "tiny", "device": "cpu", "optimizer": "adamw", "k": 4096, "what": "grad+update+adam_m",
+          "ratio": 1.025},
          {"model": "tiny", "device": "cpu", "k": None, "what": "wandb.watch(gradients, log_freq=1)", "ratio": 1.78},
-         {"model": "pythia-70m", "device": "cpu", "k": 4096, "what": "grad+update+adam_m", "ratio": 1.13}]))
+         {"model": "pythia-70m", "device": "cpu", "optimizer": "muon", "k": 4096, "what": "grad+update+adam_m",
+          "ratio": 1.05}]))
     (bench / "sweep_throughput.json").write_text(json.dumps(  # as benchmarks/sweep_throughput.py writes, in part
         [{"name": "tiny/128: naive loop, padded batches, 2 threads", "runs_per_hour": 333.0, "ratio": 1.0},
          {"name": "tiny/128: packed, ensembles of 4, pool of 2×1-thread workers", "runs_per_hour": 441.1,
@@ -367,7 +369,7 @@ def test_benchmark_bars(experiment: Path, tmp_path: Path) -> None:
     assert len(fig.axes[0].patches) == 3 and len(fig.axes[1].patches) == 2
     names = [t.get_text() for t in fig.axes[0].texts if not t.get_text().startswith(" ")]  # values start " "
     assert names == ["tiny cpu k=4096: grad+update+adam_m", "tiny cpu: wandb.watch(gradients, log_freq=1)",
-                     "pythia-70m cpu k=4096: grad+update+adam_m"]
+                     "pythia-70m cpu muon k=4096: grad+update+adam_m"]  # the optimizer named unless AdamW
     assert [ax.get_xlabel() for ax in fig.axes] == [figures.BENCHMARK_AXES["capture_overhead"],
                                                     figures.BENCHMARK_AXES["sweep_throughput"]]
     assert figures.load_benchmarks({"x": {"a": 1.5, "b": {"ratio": 2.0}, "c": "n/a"}}) == {
