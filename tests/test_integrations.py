@@ -631,13 +631,67 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
                    probes=probes, resume=True, start_step=2)
 
 
+class _BitsAndBytesAdamW32bit(torch.optim.Optimizer):
+    """bitsandbytes' 32-bit AdamW as it keeps its state (its module's name, Adam's moments as state1 and state2)."""
+
+    __module__ = "bitsandbytes.optim.adamw"
+
+    def __init__(self, params, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                m = state.setdefault("state1", torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
+                v = state.setdefault("state2", torch.zeros_like(p)).mul_(beta2)
+                v.addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-group["lr"])
+
+
 def _bitsandbytes_adamw(params):
-    """bitsandbytes' AdamW8bit where installed, else a stand-in named as its module is (its state keys are its own)."""
+    """bitsandbytes' AdamW8bit where installed (its moments 8-bit, quantized in blocks), else a stand-in keeping them
+    as its 32-bit optimizers do."""
     if importlib.util.find_spec("bitsandbytes") is not None:
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=3e-3)
-    return type("AdamW8bit", (torch.optim.AdamW,), {"__module__": "bitsandbytes.optim.adamw"})(params, lr=3e-3)
+        # every tensor 8-bit (by default only those of 4096 coordinates or more)
+        return bitsandbytes.optim.AdamW8bit(params, lr=3e-3, min_8bit_size=0)
+    return _BitsAndBytesAdamW32bit(params)
+
+
+def test_bitsandbytes_adam_moments_are_read_under_their_names_dequantized(tmp_path, task):
+    """bitsandbytes' Adam optimizers keep Adam's moments as state1 and state2, 8-bit ones quantized in blocks of 256:
+    adam_m was refused at attach (and before that, at the first step). They are read, dequantized by bitsandbytes
+    where 8-bit (AdamW8bit where bitsandbytes is installed; its 32-bit state otherwise): m as state1, v statistics
+    and the probes' preconditioning from state2."""
+    model = micro(task)
+    opt = _bitsandbytes_adamw(model.parameters())
+    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
+        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
+    before = flat_params(model)
+    train_steps(model, opt, task, 4, rec)
+    rec.close()
+    group = run_group(tmp_path)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    m, quantized = [], 0
+    for p in model.parameters():
+        state = opt.state[p]
+        if state["state1"].dtype == torch.uint8:
+            from bitsandbytes.functional import dequantize_blockwise
+
+            quantized += 1
+            m.append(dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=state["qmap1"], blocksize=256))
+        else:
+            m.append(state["state1"])
+    np.testing.assert_array_equal(group["adam_m"][-1], torch.cat([t.reshape(-1) for t in m]).numpy())
+    assert quantized == len(m) or importlib.util.find_spec("bitsandbytes") is None
+    assert np.isfinite(group["layer_v_mean"][:]).all() and (group["layer_v_mean"][:] > 0).all()
+    grads, adam = group["probe/grad"][:], group["probe/grad_adam"][:]
+    assert np.isfinite(adam).all() and (np.abs(adam[1:]) > np.abs(grads[1:])).mean() > 0.9  # divided by √v̂ + ε
 
 
 class _Lion(torch.optim.Optimizer):
@@ -880,27 +934,23 @@ def test_closing_a_run_whose_loop_stepped_another_optimizer_warns_that_nothing_w
     assert caught[0].filename == __file__
 
 
-@pytest.mark.parametrize("kind", ["SGD", "bitsandbytes", "schedule-free", "Muon and SGD chained",
-                                  "Muon and bitsandbytes chained"])
+@pytest.mark.parametrize("kind", ["SGD", "schedule-free", "Muon and SGD chained", "Muon and schedule-free chained"])
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task, kind):
     """adam_m is refused at attach, on every rank (an idle one trained on, into DDP's all-reduce), for SGD and for
-    bitsandbytes' Adam optimizers, whose moments are state1 and state2 (8-bit ones quantized), and schedule-free
-    ones (schedulefree's, pytorch_optimizer's: z and exp_avg_sq, no exp_avg): theirs were refused at the first step,
-    in the writing rank's hook only. So for a chain of optimizers none of which keeps Adam's moments, or one of
-    which keeps them otherwise. The rest is recorded."""
+    schedule-free optimizers (schedulefree's, pytorch_optimizer's: z and exp_avg_sq, no exp_avg), which were
+    refused at the first step, in the writing rank's hook only. So for a chain of optimizers none of which keeps
+    Adam's moments, or one of which keeps them otherwise. The rest is recorded."""
     model = micro(task)
     muon = muon_and_adamw(model)[0]
     rest = [p for p in model.parameters() if not any(p is q for q in muon.param_groups[0]["params"])]
     opt, refusal = {
         "SGD": (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments"),
-        "bitsandbytes": (_bitsandbytes_adamw(model.parameters()), "AdamW8bit keeps Adam's moments under names of its "
-                         "own"),
         "schedule-free": (type("AdamWScheduleFree", (torch.optim.AdamW,), {})(model.parameters()),  # its name
                           r"AdamWScheduleFree keeps no Adam m \(schedule-free"),
         "Muon and SGD chained": (ChainedOptimizer(muon, torch.optim.SGD(rest, lr=0.1)),
                                  r"ChainedOptimizer\(Muon, SGD\) keeps no Adam moments"),
-        "Muon and bitsandbytes chained": (ChainedOptimizer(muon, _bitsandbytes_adamw(rest)),
-                                          "AdamW8bit keeps Adam's moments under names of its own")}[kind]
+        "Muon and schedule-free chained": (ChainedOptimizer(muon, type("AdamWScheduleFree", (torch.optim.AdamW,), {})(
+            rest)), r"AdamWScheduleFree keeps no Adam m \(schedule-free")}[kind]
     for write in (True, False):
         with pytest.raises(ValueError, match=f"{refusal}.*: drop it"):
             attach(model, opt, tmp_path, "r", total_steps=3, write=write)

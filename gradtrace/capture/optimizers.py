@@ -152,6 +152,62 @@ def moment_holders(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimi
     return (optimizer,)
 
 
+def moments_view(optimizer: torch.optim.Optimizer) -> Callable[[dict], Mapping]:
+    """How to read one tensor's state of `optimizer` (a moment holder) under torch's names (`exp_avg`, `exp_avg_sq`,
+    `step`): as it is, or, for bitsandbytes' optimizers, through `BitsAndBytesMoments`."""
+    return BitsAndBytesMoments if _bitsandbytes(optimizer) else _as_it_is
+
+
+def _as_it_is(state: dict) -> dict:
+    return state
+
+
+class BitsAndBytesMoments(Mapping):
+    """One tensor's bitsandbytes optimizer state under torch's names: `exp_avg` its `state1`, `exp_avg_sq` its
+    `state2` (Lion's and the momentum optimizers' keep only state1), dequantized as read where they are 8-bit (by
+    bitsandbytes' blockwise dequantization, with the blocks of 256 its optimizers quantize in), and `step`."""
+
+    NAMES = {"exp_avg": "1", "exp_avg_sq": "2"}
+    BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256
+
+    def __init__(self, state: dict) -> None:
+        self.state, self._read = state, {}
+
+    def _name(self, key: str) -> str | None:
+        if key == "step":
+            return "step" if "step" in self.state else None
+        n = self.NAMES.get(key)
+        return f"state{n}" if n is not None and f"state{n}" in self.state else None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._name(key) is not None
+
+    def __getitem__(self, key: str) -> Any:
+        name = self._name(key) if isinstance(key, str) else None
+        if name is None:
+            raise KeyError(key)
+        if key not in self._read:
+            value = self.state[name]
+            if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+                from bitsandbytes.functional import dequantize_blockwise
+
+                n = self.NAMES[key]
+                value = dequantize_blockwise(value, absmax=self.state[f"absmax{n}"], code=self.state[f"qmap{n}"],
+                                             blocksize=self.BLOCKSIZE)
+            self._read[key] = value
+        return self._read[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in (*self.NAMES, "step") if key in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _bitsandbytes(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__module__.partition(".")[0] == "bitsandbytes"
+
+
 def runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer's step runs its own step hooks (it was set up by `torch.optim.Optimizer.__init__`, or
     as it does)."""
@@ -182,8 +238,8 @@ def check_optimizer(optimizer: Any, params: list[torch.nn.Parameter], adam_m: bo
     """Refuse an optimizer (as given: accelerate's, DeepSpeed's wrappers around it) whose steps cannot be recorded
     for `params`, the model's trainable parameters: one that steps none of them (another model's; DeepSpeed's flat
     copies of them; transformers' layer-wise stand-in), whose step runs no step hooks, or that keeps no Adam moment
-    `exp_avg` of each where `adam_m` is recorded (SGD; ZeroRedundancyOptimizer's, bitsandbytes' and schedule-free
-    ones keep theirs otherwise)."""
+    `exp_avg` of each where `adam_m` is recorded (SGD; ZeroRedundancyOptimizer's and schedule-free ones keep theirs
+    otherwise)."""
     inner = unwrap_optimizer(optimizer)
     if not count_held(params, inner):
         _refuse_optimizer(optimizer, inner)
@@ -220,8 +276,8 @@ def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
         return f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
     if not any("betas" in group for group in optimizer.param_groups):
         return "no Adam moments"
-    if type(optimizer).__module__.partition(".")[0] == "bitsandbytes":
-        return "Adam's moments under names of its own (state1 and state2, 8-bit ones quantized; v statistics read NaN)"
+    if _bitsandbytes(optimizer) and not getattr(getattr(optimizer, "args", None), "block_wise", True):
+        return "8-bit Adam moments quantized per tensor (block_wise=False), which gradtrace does not read"
     if "ScheduleFree" in type(optimizer).__name__:  # schedulefree's, pytorch_optimizer's
         return "no Adam m (schedule-free: the sequence z stands in its place; v is read)"
     return None

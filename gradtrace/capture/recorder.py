@@ -32,14 +32,15 @@ import sys
 import threading
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from gradtrace.capture.optimizers import (check_optimizer, count_held, moment_holders, stepped_without_adam,
-                                          unwrap_optimizer)
+from gradtrace.capture.optimizers import (check_optimizer, count_held, moment_holders, moments_view,
+                                          stepped_without_adam, unwrap_optimizer)
 from gradtrace.capture.sketch import ParamLayout, flatten_into, make_sketch, tensor_norms
 from gradtrace.config import CaptureConfig
 from gradtrace.store import RunWriter
@@ -179,6 +180,7 @@ class Recorder:
         check_recordable(model, optimizer, cfg, probes or [], probe_losses)
         self.model, self.optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
         self._holders = moment_holders(self.optimizer)  # whose states hold Adam's moments (a Lookahead's AdamW)
+        self._views = [moments_view(o) for o in self._holders]  # each one's states under torch's names
         self.writer, self.cfg = writer, cfg
         self._all_params = list(self.model.parameters())  # walking the modules each step costs ~0.1 ms
         self.params = [p for p in self._all_params if p.requires_grad]
@@ -428,9 +430,10 @@ class Recorder:
         return [torch.full_like(p, unkept) if state is None or key in state and state[key].shape != p.shape
                 else state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, self.params)]
 
-    def _state(self, param: torch.Tensor) -> dict:
-        """The parameter's optimizer state in the optimizer that steps it ({} before its first step)."""
-        return next((o.state[param] for o in self._holders if param in o.state), {})
+    def _state(self, param: torch.Tensor) -> Mapping:
+        """The parameter's optimizer state in the optimizer that steps it, under torch's names ({} before its first
+        step)."""
+        return next((view(o.state[param]) for o, view in zip(self._holders, self._views) if param in o.state), {})
 
     # -- probes -----------------------------------------------------------------------------------------------
     def probe(self) -> None:
