@@ -934,11 +934,13 @@ def test_closing_a_run_whose_loop_stepped_another_optimizer_warns_that_nothing_w
     assert caught[0].filename == __file__
 
 
-@pytest.mark.parametrize("kind", ["SGD", "schedule-free", "Muon and SGD chained", "Muon and schedule-free chained"])
+@pytest.mark.parametrize("kind", ["SGD", "schedule-free", "bitsandbytes per tensor", "Muon and SGD chained",
+                                  "Muon and schedule-free chained"])
 def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, task, kind):
     """adam_m is refused at attach, on every rank (an idle one trained on, into DDP's all-reduce), for SGD and for
     schedule-free optimizers (schedulefree's, pytorch_optimizer's: z and exp_avg_sq, no exp_avg), which were
-    refused at the first step, in the writing rank's hook only. So for a chain of optimizers none of which keeps
+    refused at the first step, in the writing rank's hook only, and bitsandbytes' 8-bit state quantized per tensor
+    (block_wise=False: not read). So for a chain of optimizers none of which keeps
     Adam's moments, or one of which keeps them otherwise. The rest is recorded."""
     model = micro(task)
     muon = muon_and_adamw(model)[0]
@@ -947,6 +949,8 @@ def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, ta
         "SGD": (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments"),
         "schedule-free": (type("AdamWScheduleFree", (torch.optim.AdamW,), {})(model.parameters()),  # its name
                           r"AdamWScheduleFree keeps no Adam m \(schedule-free"),
+        "bitsandbytes per tensor": (type("AdamW8bit", (_BitsAndBytesAdamW32bit,), {"args": types.SimpleNamespace(
+            block_wise=False)})(model.parameters()), r"AdamW8bit keeps 8-bit Adam moments quantized per tensor"),
         "Muon and SGD chained": (ChainedOptimizer(muon, torch.optim.SGD(rest, lr=0.1)),
                                  r"ChainedOptimizer\(Muon, SGD\) keeps no Adam moments"),
         "Muon and schedule-free chained": (ChainedOptimizer(muon, type("AdamWScheduleFree", (torch.optim.AdamW,), {})(
