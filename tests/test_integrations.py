@@ -949,8 +949,9 @@ def test_an_optimizer_without_adam_moments_is_recorded_without_them(tmp_path, ta
         "SGD": (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD keeps no Adam moments"),
         "schedule-free": (type("AdamWScheduleFree", (torch.optim.AdamW,), {})(model.parameters()),  # its name
                           r"AdamWScheduleFree keeps no Adam m \(schedule-free"),
-        "bitsandbytes per tensor": (type("AdamW8bit", (_BitsAndBytesAdamW32bit,), {"args": types.SimpleNamespace(
-            block_wise=False)})(model.parameters()), r"AdamW8bit keeps 8-bit Adam moments quantized per tensor"),
+        "bitsandbytes per tensor": (type("AdamW8bit", (_BitsAndBytesAdamW32bit,), {
+            "__module__": "bitsandbytes.optim.adamw", "args": types.SimpleNamespace(block_wise=False)})(
+            model.parameters()), r"AdamW8bit keeps 8-bit Adam moments quantized per tensor"),
         "Muon and SGD chained": (ChainedOptimizer(muon, torch.optim.SGD(rest, lr=0.1)),
                                  r"ChainedOptimizer\(Muon, SGD\) keeps no Adam moments"),
         "Muon and schedule-free chained": (ChainedOptimizer(muon, type("AdamWScheduleFree", (torch.optim.AdamW,), {})(
