@@ -631,10 +631,21 @@ def test_resuming_with_another_capture_or_model_is_refused(tmp_path, task):
                    probes=probes, resume=True, start_step=2)
 
 
-class _BitsAndBytesAdamW32bit(torch.optim.Optimizer):
-    """bitsandbytes' 32-bit AdamW as it keeps its state (its module's name, Adam's moments as state1 and state2)."""
+def recorded_probed(model, opt, task, out_dir, steps=4):
+    """A plain loop recorded at every step (identity sketch, v statistics every step, ID probes every 2 steps): the
+    run's group, its rows' update checked to sum to the parameters' change."""
+    rec = attach(model, opt, out_dir, "r", total_steps=steps, capture=CaptureConfig(
+        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
+    before = flat_params(model)
+    train_steps(model, opt, task, steps, rec)
+    rec.close()
+    group = run_group(out_dir)
+    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    return group
 
-    __module__ = "bitsandbytes.optim.adamw"
+
+class _StandIn(torch.optim.Optimizer):
+    """Another library's optimizer as it keeps its state, for the tests: `update` steps one tensor."""
 
     def __init__(self, params, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
@@ -642,14 +653,23 @@ class _BitsAndBytesAdamW32bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in (p for p in group["params"] if p.grad is not None):
-                state = self.state[p]
-                state["step"] = state.get("step", 0) + 1
-                m = state.setdefault("state1", torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
-                v = state.setdefault("state2", torch.zeros_like(p)).mul_(beta2)
-                v.addcmul_(p.grad, p.grad, value=1 - beta2)
-                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-group["lr"])
+                self.update(p, group, self.state[p], *group["betas"])
+
+    def update(self, p, group, state, beta1, beta2):
+        raise NotImplementedError
+
+
+class _BitsAndBytesAdamW32bit(_StandIn):
+    """bitsandbytes' 32-bit AdamW as it keeps its state (its module's name, Adam's moments as state1 and state2)."""
+
+    __module__ = "bitsandbytes.optim.adamw"
+
+    def update(self, p, group, state, beta1, beta2):
+        state["step"] = state.get("step", 0) + 1
+        m = state.setdefault("state1", torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
+        v = state.setdefault("state2", torch.zeros_like(p)).mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-group["lr"])
 
 
 def _bitsandbytes_adamw(params):
@@ -670,13 +690,7 @@ def test_bitsandbytes_adam_moments_are_read_under_their_names_dequantized(tmp_pa
     and the probes' preconditioning from state2."""
     model = micro(task)
     opt = _bitsandbytes_adamw(model.parameters())
-    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
-        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
-    before = flat_params(model)
-    train_steps(model, opt, task, 4, rec)
-    rec.close()
-    group = run_group(tmp_path)
-    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    group = recorded_probed(model, opt, task, tmp_path)
     m, quantized = [], 0
     for p in model.parameters():
         state = opt.state[p]
@@ -694,40 +708,32 @@ def test_bitsandbytes_adam_moments_are_read_under_their_names_dequantized(tmp_pa
     assert np.isfinite(adam).all() and (np.abs(adam[1:]) > np.abs(grads[1:])).mean() > 0.9  # divided by √v̂ + ε
 
 
-class _Lion(torch.optim.Optimizer):
+class _Lion(_StandIn):
     """Lion (Chen et al. 2023) as lion-pytorch keeps it: Adam's betas but no eps, one moment `exp_avg`."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99)):
-        super().__init__(params, {"lr": lr, "betas": betas})
+        torch.optim.Optimizer.__init__(self, params, {"lr": lr, "betas": betas})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in (p for p in group["params"] if p.grad is not None):
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                p.add_(torch.lerp(m, p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
-                m.lerp_(p.grad, 1 - beta2)
+    def update(self, p, group, state, beta1, beta2):
+        m = state.setdefault("exp_avg", torch.zeros_like(p))
+        p.add_(torch.lerp(m, p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
+        m.lerp_(p.grad, 1 - beta2)
 
 
-class _GroupStepAdam(torch.optim.Optimizer):
+class _GroupStepAdam(_StandIn):
     """Adam as pytorch_optimizer's Adam-like optimizers keep it: the step count in the group, not in each tensor's
     state."""
 
-    def __init__(self, params, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            group["step"] = t = group.get("step", 0) + 1
-            beta1, beta2 = group["betas"]
-            for p in (p for p in group["params"] if p.grad is not None):
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                v = self.state[p].setdefault("exp_avg_sq", torch.zeros_like(p))
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                p.addcdiv_(m / (1 - beta1 ** t), (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]), value=-group["lr"])
+            group["step"] = group.get("step", 0) + 1
+        super().step()
+
+    def update(self, p, group, state, beta1, beta2):
+        t = group["step"]
+        m = state.setdefault("exp_avg", torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
+        v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        p.addcdiv_(m / (1 - beta1 ** t), (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]), value=-group["lr"])
 
 
 class _Lookahead(torch.optim.Optimizer):
@@ -755,29 +761,20 @@ class _Lookahead(torch.optim.Optimizer):
                 p.copy_(slow.lerp_(p, self.alpha))
 
 
-class _GaLoreAdamW(torch.optim.Optimizer):
+class _GaLoreAdamW(_StandIn):
     """GaLore (Zhao et al. 2024) as galore-torch's GaLoreAdamW keeps it: a group with a `rank` steps its matrices with
     Adam in a low-rank projection of their gradients, its moments of the projection's shape."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in (p for p in group["params"] if p.grad is not None):
-                state, g = self.state[p], p.grad
-                if "rank" in group:
-                    state.setdefault("proj", torch.linalg.svd(g, full_matrices=False)[0][:, :group["rank"]])
-                    g = state["proj"].T @ g
-                m = state.setdefault("exp_avg", torch.zeros_like(g))
-                v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
-                state["step"] = state.get("step", 0) + 1
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = m / (v.sqrt() + group["eps"])
-                p.add_(state["proj"] @ update if "rank" in group else update, alpha=-group["lr"])
+    def update(self, p, group, state, beta1, beta2):
+        g = p.grad
+        if "rank" in group:
+            state.setdefault("proj", torch.linalg.svd(g, full_matrices=False)[0][:, :group["rank"]])
+            g = state["proj"].T @ g
+        m = state.setdefault("exp_avg", torch.zeros_like(g)).lerp_(g, 1 - beta1)
+        v = state.setdefault("exp_avg_sq", torch.zeros_like(g)).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["step"] = state.get("step", 0) + 1
+        update = m / (v.sqrt() + group["eps"])
+        p.add_(state["proj"] @ update if "rank" in group else update, alpha=-group["lr"])
 
 
 def test_adam_moments_kept_in_a_low_rank_projection_are_read_as_not_kept(tmp_path, task):
@@ -789,16 +786,10 @@ def test_adam_moments_kept_in_a_low_rank_projection_are_read_as_not_kept(tmp_pat
     projected = [p.ndim == 2 and min(p.shape) > 4 for p in params]
     opt = _GaLoreAdamW([{"params": [p for p, low in zip(params, projected) if not low]},
                         {"params": [p for p, low in zip(params, projected) if low], "rank": 4}])
-    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
-        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
-    before = flat_params(model)
     with pytest.warns(UserWarning, match=rf"{sum(projected)} of the model's {len(params)} trainable .* keep Adam's "
                       "moments in another shape than theirs") as caught:
-        train_steps(model, opt, task, 4, rec)
+        group = recorded_probed(model, opt, task, tmp_path)
     assert [w.filename for w in caught if "another shape" in str(w.message)] == [__file__]
-    rec.close()
-    group = run_group(tmp_path)
-    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
     m = [torch.zeros_like(p) if low else opt.state[p]["exp_avg"] for p, low in zip(params, projected)]
     np.testing.assert_array_equal(group["adam_m"][-1], torch.cat([t.reshape(-1) for t in m]).numpy())
     np.testing.assert_array_equal(np.isnan(group["layer_v_mean"][-1]), projected)
@@ -838,13 +829,7 @@ def test_adam_like_optimizers_of_other_libraries_record_their_moments_and_whole_
     model = micro(task)
     base = {"Lion": _Lion, "step per group": _GroupStepAdam, "Lookahead": torch.optim.AdamW}[kind](model.parameters())
     opt = _Lookahead(base) if kind == "Lookahead" else base
-    rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(
-        sketch="identity", probe_every=2, v_stats_every=1), probes=[Probe("ID", *task.probe_set("ID").torch())])
-    before = flat_params(model)
-    train_steps(model, opt, task, 4, rec)
-    rec.close()
-    group = run_group(tmp_path)
-    np.testing.assert_allclose(group["update"][:].sum(0), flat_params(model) - before, atol=1e-6)
+    group = recorded_probed(model, opt, task, tmp_path)
     m = torch.cat([base.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
     np.testing.assert_array_equal(group["adam_m"][-1], m.numpy())
     grads, adam = group["probe/grad"][:], group["probe/grad_adam"][:]
