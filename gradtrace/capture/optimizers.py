@@ -14,6 +14,7 @@ its `param_groups` are its optimizers' own groups, in order, and its `state` loo
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
@@ -189,11 +190,11 @@ class BitsAndBytesMoments(Mapping):
         if key not in self._read:
             value = self.state[name]
             if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-                from bitsandbytes.functional import dequantize_blockwise
-
+                # bitsandbytes' own dequantization, imported with its optimizers (gradtrace imports nothing of it)
+                functional = sys.modules["bitsandbytes.functional"]
                 n = self.NAMES[key]
-                value = dequantize_blockwise(value, absmax=self.state[f"absmax{n}"], code=self.state[f"qmap{n}"],
-                                             blocksize=self.BLOCKSIZE)
+                value = functional.dequantize_blockwise(value, absmax=self.state[f"absmax{n}"],
+                                                        code=self.state[f"qmap{n}"], blocksize=self.BLOCKSIZE)
             self._read[key] = value
         return self._read[key]
 
