@@ -48,7 +48,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError(f"ChainedOptimizer(*optimizers) takes torch.optim.Optimizer instances, got "
                             f"{[type(o).__name__ for o in optimizers] or 'none'}")
-        prepared = [type(o).__name__ for o in optimizers if type(o).__module__.partition(".")[0] == "accelerate"]
+        prepared = [type(o).__name__ for o in optimizers if _package(o) == "accelerate"]
         if prepared:  # its step skips gradient-accumulation micro-steps: the chain's hooks would record those
             raise TypeError(f"chain the optimizers themselves, then prepare the chain (accelerator.prepare(chain)), "
                             f"not accelerate's {prepared[0]}")
@@ -156,7 +156,7 @@ def moment_holders(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimi
 def moments_view(optimizer: torch.optim.Optimizer) -> Callable[[dict], Mapping]:
     """How to read one tensor's state of `optimizer` (a moment holder) under torch's names (`exp_avg`, `exp_avg_sq`,
     `step`): as it is, or, for bitsandbytes' optimizers, through `BitsAndBytesMoments`."""
-    return BitsAndBytesMoments if _bitsandbytes(optimizer) else _as_it_is
+    return BitsAndBytesMoments if _package(optimizer) == "bitsandbytes" else _as_it_is
 
 
 def _as_it_is(state: dict) -> dict:
@@ -205,8 +205,10 @@ class BitsAndBytesMoments(Mapping):
         return sum(1 for _ in self)
 
 
-def _bitsandbytes(optimizer: torch.optim.Optimizer) -> bool:
-    return type(optimizer).__module__.partition(".")[0] == "bitsandbytes"
+def _package(obj: Any) -> str:
+    """The top package of an object's class (`bitsandbytes` for bitsandbytes' optimizers): how other libraries'
+    optimizers are known without importing them."""
+    return type(obj).__module__.partition(".")[0]
 
 
 def runs_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
@@ -277,7 +279,7 @@ def _adam_moments_refused(optimizer: torch.optim.Optimizer) -> str | None:
         return f"{type(local).__name__}'s moments sharded across ranks, each its share (v statistics read NaN)"
     if not any("betas" in group for group in optimizer.param_groups):
         return "no Adam moments"
-    if _bitsandbytes(optimizer) and not getattr(getattr(optimizer, "args", None), "block_wise", True):
+    if _package(optimizer) == "bitsandbytes" and not getattr(getattr(optimizer, "args", None), "block_wise", True):
         return "8-bit Adam moments quantized per tensor (block_wise=False), which gradtrace does not read"
     if "ScheduleFree" in type(optimizer).__name__:  # schedulefree's, pytorch_optimizer's
         return "no Adam m (schedule-free: the sequence z stands in its place; v is read)"
@@ -319,7 +321,7 @@ def _deepspeed_optimizer(optimizer: Any) -> Any | None:
     `.optimizer` (accelerate's around DeepSpeed's around the torch optimizer); None without one."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
-        if type(optimizer).__module__.partition(".")[0] == "deepspeed":
+        if _package(optimizer) == "deepspeed":
             return optimizer
         seen.add(id(optimizer))
         optimizer = getattr(optimizer, "optimizer", None)

@@ -532,11 +532,9 @@ def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
                      probes: list[Probe], probe_losses: dict[str, Callable] | list[str] | str | None) -> None:
     """Refuse, from the arguments alone, what a Recorder cannot record. `attach` calls it before anything is written
     and on every rank of a distributed run, so that all refuse alike (none trains on, to wait in a collective for
-    the one that refused). Refused: a model sharded by FSDP or with nothing to train; an optimizer that steps none
-    of its trainable parameters (another model's, or DeepSpeed's flat copies of them), or keeps no Adam moment
-    `exp_avg` of each where `adam_m` is recorded (SGD; torch's ZeroRedundancyOptimizer and bitsandbytes' keep theirs
-    otherwise); probes of one split twice or of tokens outside the model's vocabulary; probe losses that are none,
-    unknown names or no functions."""
+    the one that refused). Refused: a model sharded by FSDP or with nothing to train; an optimizer whose steps or
+    Adam moments cannot be recorded (`check_optimizer`); probes of one split twice or of tokens outside the model's
+    vocabulary; probe losses that are none, unknown names or no functions."""
     model = unwrap_model(model)
     _check_unsharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
