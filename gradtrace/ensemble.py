@@ -328,6 +328,7 @@ class _MemberRecorders:
         rows = []
         for i in range(grad.shape[0]):
             row = {"step": step, "loss": float(losses[i]), "lr": float(lr[i]),
+                   "layer_lr": np.full(len(self.numels), float(lr[i]), dtype=np.float32),  # one group, as alone
                    "grad_norm_unclipped": float(unclipped[i])}
             if "grad" in self.cfg.quantities:  # sketch and per-tensor norms in one pass where the sketch allows
                 sketch, norms = self.sketch.apply_with_norms(grad[i].split(self.numels))

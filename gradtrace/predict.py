@@ -40,7 +40,7 @@ from gradtrace.files import RESULTS_DIGEST, sha256_of, write_csv, write_json
 from gradtrace.results import first_ids, started_from
 from gradtrace.stats import (bootstrap_indices, centre_within, check_accuracies, check_counts, check_resamples,
                              group_codes, partial_correlations, spearman_brown, varying_shifts)
-from gradtrace.subspace import IN_MEMORY_BYTES, top_span, top_span_streaming
+from gradtrace.subspace import IN_MEMORY_BYTES, moving_learning_rates, top_span, top_span_streaming
 
 CONSTANT_RTOL = 1e-20  # a variance this small relative to the largest one is a constant's rounding
 ID_SPLIT = "ID"  # the in-distribution split, as results.csv's acc_ID and the statistics name it
@@ -64,7 +64,7 @@ class ReferenceRun:
     step: np.ndarray  # (T,) optimizer step of each trajectory row
     update: Any | None  # (T, k) sketched Δθ_t
     grad: Any | None  # (T, k) sketched g_t
-    lr: np.ndarray | None  # (T,)
+    lr: np.ndarray | None  # (T,) the rate the moving tensors stepped with (NaN where their groups' differ)
     eval_step: np.ndarray | None  # (E,) steps of evaluation checkpoints
     eval_accuracy: np.ndarray | None  # (E, S) exact match at those checkpoints
     seeds: dict
@@ -115,6 +115,12 @@ def _optional(group: zarr.Group, name: str, lazy: bool = False) -> Any:
     return store.read_lazy(group, name) if lazy else store.read(group, name)
 
 
+def _learning_rates(group: zarr.Group) -> np.ndarray | None:
+    """The learning rate of each recorded step (`subspace.moving_learning_rates`); None where none was recorded."""
+    lr = _optional(group, "lr")
+    return None if lr is None else moving_learning_rates(lr, _optional(group, "layer_lr"))
+
+
 def _load_run(group: zarr.Group, run_id: str, lazy: bool, order: list[int]) -> ReferenceRun:
     """A reference run's arrays, their split axis taken in `order` (the ID split's first)."""
     attrs = dict(group.attrs)
@@ -131,7 +137,7 @@ def _load_run(group: zarr.Group, run_id: str, lazy: bool, order: list[int]) -> R
         run_id=run_id, probe_step=store.read(group, "probe/step").astype(np.int64),
         probe_grad=by_split("probe/grad"), probe_grad_adam=by_split("probe/grad_adam"),
         probe_loss=by_split("probe/loss"), step=store.read(group, "step").astype(np.int64),
-        update=_optional(group, "update", lazy), grad=_optional(group, "grad", lazy=True), lr=_optional(group, "lr"),
+        update=_optional(group, "update", lazy), grad=_optional(group, "grad", lazy=True), lr=_learning_rates(group),
         eval_step=_optional(group, "evals/step"), eval_accuracy=by_split("evals/accuracy"),
         seeds=dict(attrs.get("seeds") or {}), wall_time_s=float(attrs.get("wall_time_s", np.nan)),
         nonfinite_steps=int(attrs.get("nonfinite_steps", 0)),
@@ -461,8 +467,9 @@ class TagLookaheadPredictor(_AtProbe):
     With P the Adam preconditioner at the probe, M_ij = g_iᵀ P g_j (estimated from sketch(g_i)·sketch(P g_j),
     symmetrised), the step on a is d_a = −η (P g_a − (M_ID,a / M_ID,ID) P g_ID) (first-order neutral for ID loss),
     and Z_a→b = −g_bᵀ d_a / L_b = η (M_ab − M_a,ID M_b,ID / M_ID,ID) / L_b, TAG's 1 − L_b(θ+d_a)/L_b(θ) to first
-    order. The prediction is (Z_a→b + Z_b→a)/2; η is the learning rate at the probe. Approximations: one linear
-    step, the diagonal preconditioner frozen at the probe, JL-estimated inner products, the probe batch's loss.
+    order. The prediction is (Z_a→b + Z_b→a)/2; η is the learning rate at the probe (refused where the run's
+    param groups stepped with different ones). Approximations: one linear step, the diagonal preconditioner frozen
+    at the probe, JL-estimated inner products, the probe batch's loss.
     """
 
     name, baseline = "tag_lookahead", True
@@ -473,7 +480,11 @@ class TagLookaheadPredictor(_AtProbe):
             losses = _require(run, "probe_loss", self.name, "capture probe losses")
             loss = losses[self.probe, :, ref.loss_index(self.probe_loss)].astype(np.float64)[1:]
             lr = _require(run, "lr", self.name, "record the learning rate")
-            eta = float(lr[max(0, np.searchsorted(run.step, run.probe_step[self.probe]) - 1)])
+            row = max(0, np.searchsorted(run.step, run.probe_step[self.probe]) - 1)
+            eta = float(lr[row])
+            if math.isnan(eta):
+                raise ValueError(f"reference run {run.run_id!r}'s parameter groups stepped with different learning "
+                                 f"rates at step {int(run.step[row])}, and {self.name}'s step takes one for all")
             M = G @ PG.T
             M = (M + M.T) / 2
             neutral = M[1:, 1:] - np.outer(M[1:, 0], M[1:, 0]) / M[0, 0]

@@ -184,8 +184,10 @@ class RunWriter:
         else:
             zdtype = "uint16" if storage == BF16 else storage
             axis = {"probe": "probe", "evals": "eval"}.get(name.split("/")[0], "step") if "/" in name else "step"
+            index = INDEX_ARRAYS[axis]  # a run resumed from rows an older gradtrace wrote without this array:
+            rows = self.group[index].shape[0] if index != name and index in self.group else 0  # theirs unrecorded
             arr = self.group.create_array(
-                name, shape=(0, *row_shape), chunks=(self._chunk_rows[name], *row_shape), dtype=zdtype,
+                name, shape=(rows, *row_shape), chunks=(self._chunk_rows[name], *row_shape), dtype=zdtype,
                 dimension_names=(axis, *(dims or [f"dim_{i}" for i in range(1, len(row_shape) + 1)])),
                 fill_value=_fill_value(zdtype, storage), attributes={"storage_dtype": storage})
         self._buffers[name] = []

@@ -375,6 +375,38 @@ def per_layer_energy(x: np.ndarray | Span, layout: list[dict], sketch: dict) -> 
     return frame
 
 
+def moving_learning_rates(lr: np.ndarray, layer_lr: np.ndarray | None) -> np.ndarray:
+    """Per recorded step, the learning rate every tensor that moved stepped with, from `layer_lr` (each tensor's;
+    a tensor at 0 moves nothing, one at NaN was held by no group): 0 where none moved, NaN where the moving tensors'
+    param groups stepped with different ones (layer-wise decay, LoRA+, Muon's beside AdamW's), and `lr` (the first
+    group's) where `layer_lr` is absent or unrecorded (rows recorded before it was added, then resumed)."""
+    if layer_lr is None:
+        return lr.astype(np.float64)
+    per_tensor = layer_lr.astype(np.float64)
+    moving = per_tensor > 0
+    low = np.where(moving, per_tensor, np.inf).min(axis=1, initial=np.inf)
+    high = np.where(moving, per_tensor, 0.0).max(axis=1, initial=0.0)  # 0: nothing moved
+    rates = np.where(high - low > 1e-6 * high, np.nan, high)
+    return np.where(np.isnan(per_tensor).all(axis=1), lr, rates)
+
+
+def _step_learning_rates(group: zarr.Group, rows: np.ndarray) -> np.ndarray:
+    """The learning rate each selected step's update is divided by for `adam_update` (`moving_learning_rates`),
+    refused where the moving tensors' differ: their update, sketched as one vector, cannot be divided by each's."""
+    layer_lr = store.read(group, "layer_lr")[rows] if "layer_lr" in group else None
+    rates = moving_learning_rates(store.read(group, "lr")[rows], layer_lr)
+    mixed = np.flatnonzero(np.isnan(rates))
+    if mixed.size:
+        first = mixed[0]
+        step = int(store.read(group, "step")[rows[first]])
+        seen = ", ".join(f"{r:.3g}" for r in np.unique(layer_lr[first][layer_lr[first] > 0]))
+        raise ValueError(f"adam_update divides each step's update by its learning rate, but the parameter groups of "
+                         f"run {group.basename!r} stepped with different ones ({seen} at step {step}, and so in "
+                         f"{mixed.size} of the selected steps): the update, sketched as one vector, cannot be divided "
+                         "by each; take quantity='update'")
+    return rates
+
+
 def _select_rows(steps: np.ndarray, window: slice | None) -> np.ndarray:
     """Row indices whose optimizer step t satisfies window.start ≤ t < window.stop."""
     if steps.size == 0:
@@ -444,7 +476,7 @@ def run_span(group: zarr.Group | str | Path, quantity: str = "update", rank: int
     quantity: `update` (Δθ_t), `grad` (g_t), `adam_m` (m_t) or `adam_update` = −Δθ_t / lr_t, Adam's
     preconditioned step direction m̂/(√v̂+ε) plus the decoupled weight-decay term wd·θ_t (exactly Adam's direction
     when weight decay is 0); unlike `update` it is not weighted by the learning-rate schedule (steps with lr = 0
-    are skipped).
+    are skipped; lr_t is the rate the moving tensors stepped with, refused where their param groups' differ).
     steps: slice(start, stop) in optimizer steps (the `step` array), stop exclusive. method: `auto` takes the exact
     SVD where it is cheap (`EXACT_SVD_FLOPS`), else reads the window into memory when it fits in 2 GiB (randomised
     SVD) and streams it (Frequent Directions) otherwise; or name `randomized`, `full`, `frequent_directions` or
@@ -459,7 +491,7 @@ def run_span(group: zarr.Group | str | Path, quantity: str = "update", rank: int
     rows = _select_rows(store.read(group, "step"), steps)
     matrix = _StoredRows(group[source], rows)
     if quantity == "adam_update":
-        lr = store.read(group, "lr")[rows].astype(np.float64)
+        lr = _step_learning_rates(group, rows)
         if np.any(lr < 0) or not np.any(lr > 0):
             raise ValueError("adam_update divides updates by the learning rate, which is negative or zero throughout "
                              "the selected steps; check the recorded `lr` or choose another window")

@@ -14,7 +14,7 @@ from gradtrace.train import train
 MEMBERS = {"a": {"train__init_seed": 1, "train__data_seed": 2, "train__lr": 2e-3, "train__weight_decay": 0.0},
            "b": {"train__init_seed": 3, "train__data_seed": 4, "train__lr": 1e-2, "train__weight_decay": 0.1},
            "c": {"train__init_seed": 5, "train__data_seed": 6, "train__lr": 1e-3, "train__weight_decay": 0.05}}
-SCALARS = ["step", "loss", "lr", "grad_norm", "grad_norm_unclipped", "nonfinite", "layer_grad_norm",
+SCALARS = ["step", "loss", "lr", "layer_lr", "grad_norm", "grad_norm_unclipped", "nonfinite", "layer_grad_norm",
            "layer_update_norm", "layer_v_mean", "layer_v_quantile", "evals/step", "evals/accuracy"]
 
 
@@ -115,9 +115,9 @@ def test_members_must_share_everything_but_seeds_and_hparams():
         check_members([member_config(train__betas=[0.9, 1.5])] * 2)
 
 
-CAPTURED = ["step", "loss", "grad_norm", "grad_norm_unclipped", "grad", "update", "adam_m", "layer_grad_norm",
-            "layer_update_norm", "layer_v_mean", "layer_v_quantile", "probe/step", "probe/loss", "probe/accuracy",
-            "probe/grad", "probe/grad_adam"]
+CAPTURED = ["step", "loss", "lr", "layer_lr", "grad_norm", "grad_norm_unclipped", "grad", "update", "adam_m",
+            "layer_grad_norm", "layer_update_norm", "layer_v_mean", "layer_v_quantile", "probe/step", "probe/loss",
+            "probe/accuracy", "probe/grad", "probe/grad_adam"]
 
 
 def test_captured_members_record_what_standalone_recorders_do(tmp_path):

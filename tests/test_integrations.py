@@ -1142,6 +1142,71 @@ def test_a_model_trained_by_muon_and_adamw_chained_is_recorded_whole(tmp_path, t
     assert group.attrs["adam"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
 
+def llrd_groups(model, embeddings_lr: float, rest_lr: float) -> list[dict]:
+    """Layer-wise learning rates: the embeddings' group first."""
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if "embed" in n], "lr": embeddings_lr},
+            {"params": [p for n, p in named if "embed" not in n], "lr": rest_lr}]
+
+
+def test_parameter_groups_of_other_learning_rates_record_each_tensors_and_refuse_adam_update(tmp_path, task):
+    """`lr` is the first group's; `layer_lr` each tensor's, as its scheduler moves it. −Δθ/lr (`adam_update`)
+    divided every tensor's update by the first group's rate: 10× Adam's direction for the others, silently; it is
+    refused where moving tensors' rates differ, and divides by the moving ones' where the first group's is 0 (a group
+    frozen by its learning rate, which was refused as 'zero throughout')."""
+    from gradtrace.subspace import run_span
+
+    for run_id, rates in (("llrd", (1e-3, 1e-2)), ("frozen", (0.0, 3e-3))):
+        model = micro(task)
+        opt = torch.optim.AdamW(llrd_groups(model, *rates))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (step + 1))
+        rec = attach(model, opt, tmp_path, run_id, total_steps=4, capture=CaptureConfig(
+            sketch="countsketch", dim=64, probe_every=0))
+        for step in range(4):
+            train_steps(model, opt, task, step + 1, rec, start=step)
+            scheduler.step()
+        rec.close()
+        group = run_group(tmp_path, run_id)
+        in_embeddings = np.array(["embed" in n for n, _ in model.named_parameters()])
+        expected = np.array([[rates[0] if e else rates[1] for e in in_embeddings] for _ in range(4)], np.float32)
+        expected /= np.arange(1, 5, dtype=np.float32)[:, None]
+        np.testing.assert_allclose(group["layer_lr"][:], expected, rtol=1e-6)
+        np.testing.assert_allclose(group["lr"][:], expected[:, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"groups of run 'llrd' stepped with different ones \(0.001, 0.01 at step 0, "
+                                         r"and so in 4 of the selected steps\).*take quantity='update'"):
+        run_span(run_group(tmp_path, "llrd"), "adam_update", rank=2)
+    assert run_span(run_group(tmp_path, "llrd"), "update", rank=2).rank == 2
+    frozen = run_group(tmp_path, "frozen")
+    rows = -frozen["update"][:].astype(np.float64) / frozen["layer_lr"][:, -1:]
+    np.testing.assert_allclose(run_span(frozen, "adam_update", rank=2).singular_values,
+                               np.linalg.svd(rows, compute_uv=False)[:2], rtol=1e-4)
+
+
+def test_a_run_recorded_without_learning_rates_per_tensor_resumes_with_them_unrecorded(tmp_path, task):
+    """A run an older gradtrace recorded (no `layer_lr`), resumed: its earlier rows read NaN there, not the new
+    rows shifted onto them, and `adam_update` divides those by `lr`."""
+    from gradtrace.subspace import run_span
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=IDENTITY)
+    train_steps(model, opt, task, 4, rec)
+    rec.checkpoint()
+    rec.detach()
+    del zarr.open_group(tmp_path / "store.zarr", mode="a")["r"]["layer_lr"]
+    rec = attach(model, opt, tmp_path, "r", total_steps=6, capture=IDENTITY, resume=True, start_step=4)
+    train_steps(model, opt, task, 6, rec, start=4)
+    rec.close()
+    group = run_group(tmp_path)
+    assert group["step"][:].tolist() == list(range(6))
+    layer_lr = group["layer_lr"][:]
+    assert layer_lr.shape == (6, len(list(model.parameters()))) and np.isnan(layer_lr[:4]).all()
+    np.testing.assert_array_equal(layer_lr[4:], np.float32(3e-3))
+    rows = -group["update"][:].astype(np.float64) / 3e-3
+    np.testing.assert_allclose(run_span(group, "adam_update", rank=2).singular_values,
+                               np.linalg.svd(rows, compute_uv=False)[:2], rtol=1e-4)
+
+
 def test_a_chain_steps_saves_resumes_and_schedules_its_optimizers_as_one(task):
     """A chain resumed from its state_dict (and its scheduler's) trains on as the chain never stopped; one scheduler
     schedules both optimizers' groups; what would split a parameter's optimizer, or add a group the chain would not

@@ -360,6 +360,27 @@ def test_tag_lookahead_is_its_first_order_formula():
         np.testing.assert_allclose(got, expected, rtol=1e-10, err_msg=f"probe {probe}")
 
 
+def test_tag_lookahead_takes_the_rate_the_moving_tensors_stepped_with_and_refuses_rates_that_differ(tmp_path):
+    """η is read from `layer_lr` where recorded: the moving tensors' rate (a group frozen at 0 left aside), and where
+    their param groups' rates differ (layer-wise decay) there is no one η: refused, where the first group's was
+    taken."""
+    exp_dir = make_planted(tmp_path, n_sweep=20).exp_dir
+    at_first_group_rate = PREDICTORS["tag_lookahead"](probe=1).fit(load_reference(exp_dir)).predict().matrix  # 1e-3
+    group = store.open_experiment(exp_dir / "store.zarr", mode="a")["ref-000"]
+    layer_lr = np.tile(np.array([0.0, 2e-3, 2e-3], np.float32), (STEPS, 1))
+    layer_lr[STEPS // 2:, 1] = 4e-3  # layer-wise rates from half-way
+    layer_lr[:3] = np.nan  # rows recorded before `layer_lr` was, then resumed: `lr` stands
+    _put(group, "layer_lr", layer_lr, ("step", "param"))
+    run = load_reference(exp_dir).runs[0]
+    expected = np.r_[np.full(3, 1e-3), np.full(STEPS // 2 - 3, 2e-3), np.full(STEPS - STEPS // 2, np.nan)]
+    np.testing.assert_allclose(run.lr, expected, rtol=1e-6)
+    at_moving_rate = PREDICTORS["tag_lookahead"](probe=1).fit(load_reference(exp_dir)).predict().matrix
+    np.testing.assert_allclose(at_moving_rate.to_numpy(), 2 * at_first_group_rate.to_numpy(), rtol=1e-6)  # η 2e-3
+    with pytest.raises(ValueError, match=rf"'ref-000''s parameter groups stepped with different learning rates at "
+                                         rf"step {STEPS - 1}, and tag_lookahead's step takes one for all"):
+        PREDICTORS["tag_lookahead"](probe=-1).fit(load_reference(exp_dir)).predict()
+
+
 def test_covariance_predictor_takes_the_centred_tail_of_the_updates():
     """Σ is the sample covariance of the last ceil(tail · T) updates, their mean (a drift) removed: with 41 updates
     and tail 0.5 the last 21. Against np.cov and the precision formula (the planted updates barely drift, and a

@@ -23,7 +23,7 @@ a = dict(run.attrs)
 out = {"status": a["status"], "sketch": a["sketch"], "splits": a["splits"], "probe_losses": a["probe_losses"],
        "layout_len": len(a["layout"]), "last_durable_step": a["last_durable_step"], "accuracy": a["accuracy"]}
 for name in ["step", "loss", "lr", "grad_norm", "grad_norm_unclipped", "nonfinite", "grad", "update", "adam_m",
-             "layer_grad_norm",
+             "layer_grad_norm", "layer_lr",
              "layer_update_norm", "layer_v_mean", "layer_v_quantile", "probe/step", "probe/loss",
              "probe/accuracy", "probe/grad", "probe/grad_adam", "eval/correct"]:
     arr = run[name]
@@ -55,6 +55,7 @@ def test_store_round_trip_with_plain_zarr(captured):
     assert info["steps"] == list(range(T))
     assert info["grad"] == {"shape": [T, k], "dims": ["step", "sketch"]}
     assert info["layer_v_quantile"]["shape"] == [T, L, 3]
+    assert info["layer_lr"] == {"shape": [T, L], "dims": ["step", "param"]}
     R = T // cfg.capture.probe_every + 1  # step 0, every probe_every, and the final step
     assert info["probe/step"]["shape"] == [R]
     assert info["probe/grad"] == {"shape": [R, S, 2, k], "dims": ["probe", "split", "probe_loss", "sketch"]}

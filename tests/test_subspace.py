@@ -7,8 +7,9 @@ import pytest
 import zarr
 
 from gradtrace import store
-from gradtrace.subspace import (Span, effective_dimension, energy_over_training, per_layer_energy, principal_angles,
-                                projection_energy, run_span, top_span, top_span_streaming)
+from gradtrace.subspace import (Span, effective_dimension, energy_over_training, moving_learning_rates,
+                                per_layer_energy, principal_angles, projection_energy, run_span, top_span,
+                                top_span_streaming)
 
 RANK = 6
 
@@ -250,6 +251,17 @@ def test_run_span_quantities_and_windows(run_group):
     streamed = run_span(group, "update", rank=3, method="frequent_directions")
     assert np.max(principal_angles(streamed, Vt[:3])) < 0.05
     assert run_span(group, "grad", rank=2).rank == 2  # bfloat16 storage decodes
+
+
+def test_moving_learning_rates_per_step():
+    """The rate the moving tensors stepped with: one shared; a group at 0 (frozen) or NaN (held by none) left aside;
+    0 where nothing moved (a warm-up's first step); NaN where moving tensors' rates differ; `lr` (the first group's)
+    for rows recorded without `layer_lr`, or where there is none."""
+    lr = np.array([1e-3, 0.0, 1e-3, 1e-3, 5e-4, 7e-4])
+    layer_lr = np.array([[1e-3, 1e-3, np.nan], [0.0, 0.0, np.nan], [0.0, 2e-3, np.nan], [1e-3, 1e-2, np.nan],
+                         [np.nan, np.nan, np.nan], [7e-4, 7e-4 * (1 + 1e-8), np.nan]], np.float32)
+    np.testing.assert_allclose(moving_learning_rates(lr, layer_lr), [1e-3, 0.0, 2e-3, np.nan, 5e-4, 7e-4], rtol=1e-6)
+    np.testing.assert_array_equal(moving_learning_rates(lr, None), lr)
 
 
 @pytest.mark.parametrize("method", ["frequent_directions", "svd_compressed"])

@@ -276,7 +276,8 @@ class Recorder:
         self._recording = self.step in self.schedule
         if not self._recording:
             return
-        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"])}
+        self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]),
+                     "layer_lr": self._learning_rates(optimizer)}
         # optimizer.step(closure): the closure computes the gradient inside the step, so it is read after it
         self._closure = bool(args and args[0] is not None or kwargs.get("closure") is not None)
         if not self._closure:
@@ -285,6 +286,13 @@ class Recorder:
             if self.params[0].dtype != self._theta_for:  # first step, or the model was cast since
                 self._make_theta()
             torch._foreach_copy_(self._theta_views, self.params)
+
+    def _learning_rates(self, optimizer: torch.optim.Optimizer) -> np.ndarray:
+        """The learning rate each recorded tensor steps with, its group's (groups may differ: layer-wise decay,
+        LoRA+, Muon's beside AdamW's in a chain); NaN for a tensor no group holds."""
+        groups = [g for g in optimizer.param_groups if "lr" in g]
+        lr_of = {id(p): lr for g, lr in zip(groups, [float(g["lr"]) for g in groups]) for p in g["params"]}
+        return np.array([lr_of.get(id(p), np.nan) for p in self.params], dtype=np.float32)
 
     def _record_gradient(self, scale: torch.Tensor | None) -> None:
         """Add the gradient's sketch and norms to this step's row (`scale`: a GradScaler's, still on the gradients)."""
@@ -597,7 +605,7 @@ def declare_arrays(writer: RunWriter, cfg: CaptureConfig, k: int, n_tensors: int
     writer.declare("nonfinite", (), "bool")
     for q in cfg.quantities:
         writer.declare(q, (k,), storage=cfg.dtype, dims=("sketch",))
-    for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean"):
+    for name in ("layer_grad_norm", "layer_update_norm", "layer_v_mean", "layer_lr"):
         writer.declare(name, (n_tensors,), "float32", dims=("param",))
     writer.declare("layer_v_quantile", (n_tensors, len(V_QUANTILES)), "float32", dims=("param", "quantile"))
     if n_splits:
