@@ -380,6 +380,27 @@ def clip_threshold(run_group: zarr.Group) -> float | None:
     return ((run_group.attrs.get("config") or {}).get("train") or {}).get("clip")
 
 
+def _group_learning_rates(run_group: zarr.Group) -> np.ndarray:
+    """A run's distinct learning-rate schedules (steps × schedules) among its tensors' (`layer_lr`), one per set of
+    parameter groups stepping alike; (steps, 0) where the run recorded none."""
+    if "layer_lr" not in run_group:
+        return np.empty((0, 0))
+    per_tensor = store.read(run_group, "layer_lr").astype(float)
+    held = per_tensor[:, ~np.isnan(per_tensor).all(axis=0)]  # a tensor no group held reads NaN throughout
+    _, first = np.unique(np.nan_to_num(held, nan=-1.0), axis=1, return_index=True)  # rows a resume left unrecorded
+    return held[:, np.sort(first)]
+
+
+def _draw_group_learning_rates(ax, steps: np.ndarray, lrs: np.ndarray) -> None:
+    """The learning rate of each group of tensors stepping alike (layer-wise decay, LoRA+, Muon beside AdamW)."""
+    for j in range(lrs.shape[1]):
+        ax.plot(steps, lrs[:, j], color=LINE_COLOURS[j % len(LINE_COLOURS)], lw=0.9)
+    positive = lrs[np.isfinite(lrs) & (lrs > 0)]
+    if positive.size and np.log10(positive.max() / positive.min()) >= 1 - 1e-6:  # a decade or more apart: log axes
+        ax.set_yscale("log")
+    ax.set_ylabel("learning rate (per group)")
+
+
 @_styled
 def training_curves(run_group: zarr.Group | str | Path) -> Figure:
     """Loss, learning rate and gradient norm over steps of one run (its group or its folder's path); eval and probe
@@ -392,8 +413,12 @@ def training_curves(run_group: zarr.Group | str | Path) -> Figure:
     panels: list[tuple[str, Callable]] = []
     labels = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (after clip)",
               "grad_norm_unclipped": "gradient norm (before clip)"}
+    group_lrs = _group_learning_rates(run_group)
     for name in scalars:
         values = store.read(run_group, name).astype(float)
+        if name == "lr" and group_lrs.shape[1] > 1:
+            panels.append((name, functools.partial(_draw_group_learning_rates, steps=steps, lrs=group_lrs)))
+            continue
 
         def draw(ax, values=values, name=name):
             ax.plot(steps, values, color="0.75", lw=0.6)

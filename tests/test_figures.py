@@ -295,6 +295,26 @@ def test_a_scalar_constant_but_for_rounding_is_drawn_flat(tmp_path: Path) -> Non
     assert norm.get_ylabel() == "gradient norm (before clip)" and norm.get_legend_handles_labels()[1] == ["clip at 1"]
 
 
+def test_learning_rates_of_parameter_groups_are_drawn_each(tmp_path: Path) -> None:
+    """A run whose groups stepped with other learning rates (layer-wise decay) draws each schedule, on log axes where
+    they lie a decade or more apart; tensors held by no group (NaN) and rows a resume left unrecorded are passed
+    over; one schedule is drawn as `lr` alone."""
+    run = zarr.open_group(tmp_path / "s.zarr", mode="w").create_group("r")
+    decay = np.linspace(1.0, 0.1, 40, dtype=np.float32)[:, None]
+    run["step"], run["loss"], run["lr"] = np.arange(40), np.linspace(2.0, 1.0, 40), 1e-3 * decay[:, 0]
+    layer_lr = decay * np.array([1e-3, 1e-3, 1e-2, np.nan, 1e-2], np.float32)
+    layer_lr[:5] = np.nan  # recorded before a resume, by a gradtrace without layer_lr
+    run["layer_lr"] = layer_lr
+    fig = figures.training_curves(run)
+    _check(fig, 2, tmp_path, "groups")
+    lr = fig.axes[1]
+    assert lr.get_ylabel() == "learning rate (per group)" and lr.get_yscale() == "log"
+    np.testing.assert_allclose([line.get_ydata()[-1] for line in lr.lines], [1e-4, 1e-3], rtol=1e-6)
+    run["layer_lr"] = np.repeat(1e-3 * decay, 5, axis=1)
+    one = figures.training_curves(run).axes[1]
+    assert one.get_ylabel() == "learning rate" and one.get_yscale() == "linear"
+
+
 def test_span_energy_and_dominant_bulk(tmp_path: Path) -> None:
     s = np.array([4.0, 2.0, 1.0, 0.5])
     fig = figures.span_energy_spectrum(s, total_energy=float((s**2).sum()) * 1.1)
