@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors.torch import load_file
 
 from conftest import tiny_config
 from gradtrace import store
@@ -25,7 +26,7 @@ from gradtrace.capture.integrations import RunRecorder
 from gradtrace.capture.recorder import Recorder, unwrap_model
 from gradtrace.capture.sketch import ParamLayout
 from gradtrace.config import CaptureConfig
-from gradtrace.models import build_model
+from gradtrace.models import build_model, in_this_release
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
 
 IDENTITY = CaptureConfig(sketch="identity", probe_every=0, chunk=4)
@@ -1878,6 +1879,36 @@ def test_hf_resume_after_a_kill_between_the_trainers_checkpoint_and_on_save(tmp_
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(6))
 
 
+@pytest.mark.parametrize("same_model", [False, True])
+def test_hf_resume_loads_the_output_layer_the_trainer_leaves_out(tmp_path, task, same_model):
+    """transformers 5.25's Trainer resumed GPT-NeoX without its output layer, saved as `embed_out` (#43701): it trained
+    on from the new model's initial layer (or the interrupted one's later layer), and the run and its rows departed
+    from the uninterrupted run's. The callback loads it from the checkpoint, saying so; the run is then as if never
+    stopped."""
+    from transformers import Trainer
+
+    def run(out_dir, model, kill: bool = False, resume: bool = False):
+        args = hf_args(out_dir, max_steps=6, learning_rate=3e-3, save_strategy="steps", save_steps=2)
+        callback = GradtraceCallback(out_dir, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=2))
+        trainer = Trainer(model=model, args=args, train_dataset=hf_dataset(task),
+                          callbacks=[callback, *([kill_at("on_step_end", 3)] if kill else [])])
+        trainer.train(resume_from_checkpoint=True if resume else None)
+
+    interrupted = micro(task)
+    with pytest.raises(_Killed):
+        run(tmp_path / "a", interrupted, kill=True)
+    resumed = interrupted if same_model else micro(task)
+    with pytest.warns(UserWarning, match=r"resumed from .*checkpoint-2 without lm_head.weight, which the checkpoint "
+                      "names otherwise .*GradtraceCallback loaded them from there") as caught:
+        run(tmp_path / "a", resumed, resume=True)
+    assert __file__ in [w.filename for w in caught if "43701" in str(w.message)]
+    clean = micro(task)
+    run(tmp_path / "b", clean)
+    np.testing.assert_array_equal(flat_params(resumed), flat_params(clean))
+    resumed_rows, clean_rows = run_group(tmp_path / "a", "hf")["update"][:], run_group(tmp_path / "b", "hf")["update"][:]
+    np.testing.assert_array_equal(resumed_rows, clean_rows)
+
+
 def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     """The notebook's way after an interruption: train() again on the same Trainer. The first train() never reached
     on_train_end, so its Recorder still hooked the optimizer: every row and loss was recorded twice."""
@@ -1987,8 +2018,13 @@ def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp
     callback = Final(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=2), probes=probes)
     trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), eval_dataset=hf_dataset(task, 8),
                       callbacks=[callback])
-    trainer.train()
+    with pytest.warns(UserWarning, match="loaded its best checkpoint, .*checkpoint-2 without lm_head.weight"):
+        trainer.train()  # which the Trainer left at the last step's (transformers #43701)
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = in_this_release(load_file(tmp_path / "hf" / "checkpoint-2" / "model.safetensors"), trainer.model)
+    assert best.keys() == trainer.model.state_dict().keys()
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=0, msg=name)
     group = run_group(tmp_path, "hf")
     assert group["probe/step"][:].tolist() == [0, 2, 4]
     final = copy.deepcopy(trainer.model)

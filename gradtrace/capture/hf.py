@@ -18,6 +18,8 @@ process, or with the same Trainer after its train() raised (the run is marked fa
 next train() of its model begins, in this Trainer or another, when its run is attached again, by a Trainer of a
 model built afresh, or else as the process exits). The final probe is taken at the last step's parameters, before
 a Trainer with `load_best_model_at_end` loads its best checkpoint; a run stopped early that loads it takes none.
+A resume, and `load_best_model_at_end`, get the tensors transformers 5's Trainer leaves out of a checkpoint it loads
+because they are saved under other names (GPT-NeoX's output layer: `_restore_renamed_tensors`).
 The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not record (its `step`
 counts the optimizer steps taken), so each checkpoint notes, in the run's `trainer_steps` attribute, how many steps
 were recorded at its global step, and a resume starts from that count.
@@ -41,6 +43,35 @@ from gradtrace.config import CaptureConfig, checked
 # attributes the callback writes for its run besides attach's: a caller's trainer_steps was read back by a resume
 TRAINER_ATTRS = ("trainer_args", "trainer_steps")
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
+
+
+def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: str) -> None:
+    """Load, with a warning, the tensors a Trainer that `loaded` `checkpoint` left as they were because the checkpoint
+    names them otherwise: transformers 5 saves GPT-NeoX's output layer `lm_head` as `embed_out`, and the Trainer loads
+    the checkpoint's names as saved (huggingface/transformers#43701), so a resumed run went on with the new model's
+    initial output layer (or, resumed in the process that trained past the checkpoint, its later one), and
+    `load_best_model_at_end` left the last step's. Only checkpoints of safetensors weights are looked at."""
+    from safetensors import safe_open
+
+    from gradtrace.models import in_this_release
+
+    index = checkpoint / "model.safetensors.index.json"  # the weights in shards
+    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    own, restored = model.state_dict(), {}
+    for shard in sorted(shards):
+        if not (checkpoint / shard).is_file():  # another kind of checkpoint (an adapter's, FSDP's), or none here
+            return
+        with safe_open(str(checkpoint / shard), "pt") as weights:
+            for saved in weights.keys():
+                ours = next(iter(in_this_release({saved: None}, model)))
+                if saved not in own and ours != saved and ours in own:
+                    restored[ours] = weights.get_tensor(saved)
+    if restored:
+        model.load_state_dict(restored, strict=False)
+        warnings.warn(f"the Trainer {loaded} {checkpoint} without {', '.join(sorted(restored))}, which the "
+                      "checkpoint names otherwise (huggingface/transformers#43701: they would train on from the "
+                      "values the model had); GradtraceCallback loaded them from there", UserWarning,
+                      stacklevel=caller_stacklevel())
 
 
 class GradtraceCallback(TrainerCallback):
@@ -75,6 +106,8 @@ class GradtraceCallback(TrainerCallback):
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
         self._durable_at = None
         resume = state.global_step > 0
+        if resume:
+            _restore_renamed_tensors(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", "resumed from")
         start = self._recorded_at(state.global_step) if resume and state.is_world_process_zero else 0
         try:
             self.recorder = attach(model, optimizer, self.out_dir, self.run_id, total_steps=state.max_steps,
@@ -160,11 +193,15 @@ class GradtraceCallback(TrainerCallback):
             self.recorder.group.update_attributes({"trainer_steps": trainer_steps})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
-        """Take the final probe, write everything and mark the run complete."""
+                     model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        """Take the final probe, write everything and mark the run complete (and give the best checkpoint loaded at
+        the end the tensors the Trainer left out of it: `_restore_renamed_tensors`)."""
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
         if self.recorder is not None:  # a loaded best checkpoint is not the trained parameters: no probe of it
-            self.recorder.close(final_probe=not (args.load_best_model_at_end and state.best_model_checkpoint))
+            self.recorder.close(final_probe=not best)
         self._detach()
+        if best and model is not None:
+            _restore_renamed_tensors(model, Path(best), "loaded its best checkpoint,")
 
     def _detach(self, unfinished: str | None = None) -> None:
         """Remove the loss hook and forget the Recorder; one still open (`unfinished` says why) writes what it
