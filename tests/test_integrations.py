@@ -1879,28 +1879,35 @@ def test_hf_resume_after_a_kill_between_the_trainers_checkpoint_and_on_save(tmp_
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(6))
 
 
-@pytest.mark.parametrize("same_model", [False, True])
-def test_hf_resume_loads_the_output_layer_the_trainer_leaves_out(tmp_path, task, same_model):
+@pytest.mark.parametrize("how", ["new model", "same model", "moved checkpoint"])
+def test_hf_resume_loads_the_output_layer_the_trainer_leaves_out(tmp_path, task, how):
     """transformers 5.25's Trainer resumed GPT-NeoX without its output layer, saved as `embed_out` (#43701): it trained
     on from the new model's initial layer (or the interrupted one's later layer), and the run and its rows departed
-    from the uninterrupted run's. The callback loads it from the checkpoint, saying so; the run is then as if never
-    stopped."""
+    from the uninterrupted run's. The callback loads it from the checkpoint (in the Trainer's output_dir, or where
+    `TrainingArguments.resume_from_checkpoint` says), saying so; the run is then as if never stopped."""
+    import shutil
+
     from transformers import Trainer
 
-    def run(out_dir, model, kill: bool = False, resume: bool = False):
-        args = hf_args(out_dir, max_steps=6, learning_rate=3e-3, save_strategy="steps", save_steps=2)
+    def run(out_dir, model, kill: bool = False, resume: str | bool | None = None):
+        args = hf_args(out_dir, max_steps=6, learning_rate=3e-3, save_strategy="steps", save_steps=2,
+                       resume_from_checkpoint=resume if isinstance(resume, str) else None)
         callback = GradtraceCallback(out_dir, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=2))
         trainer = Trainer(model=model, args=args, train_dataset=hf_dataset(task),
                           callbacks=[callback, *([kill_at("on_step_end", 3)] if kill else [])])
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=resume)
 
     interrupted = micro(task)
     with pytest.raises(_Killed):
         run(tmp_path / "a", interrupted, kill=True)
-    resumed = interrupted if same_model else micro(task)
+    resume: str | bool = True
+    if how == "moved checkpoint":  # copied elsewhere, as from a cluster's scratch space
+        resume = str(shutil.move(tmp_path / "a" / "hf" / "checkpoint-2", tmp_path / "checkpoint-2"))
+        shutil.rmtree(tmp_path / "a" / "hf")
+    resumed = interrupted if how == "same model" else micro(task)
     with pytest.warns(UserWarning, match=r"resumed from .*checkpoint-2 without lm_head.weight, which the checkpoint "
                       "names otherwise .*GradtraceCallback loaded them from there") as caught:
-        run(tmp_path / "a", resumed, resume=True)
+        run(tmp_path / "a", resumed, resume=resume)
     assert __file__ in [w.filename for w in caught if "43701" in str(w.message)]
     clean = micro(task)
     run(tmp_path / "b", clean)

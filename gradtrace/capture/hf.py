@@ -45,6 +45,16 @@ TRAINER_ATTRS = ("trainer_args", "trainer_steps")
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
 
 
+def _resumed_from(args: TrainingArguments, global_step: int) -> Path | None:
+    """The checkpoint a Trainer resumed from at `global_step`, where callbacks can tell: `args.resume_from_checkpoint`
+    (scripts pass it to `train`) or the Trainer's own in `output_dir`, whichever saved that step."""
+    for candidate in (args.resume_from_checkpoint, Path(args.output_dir) / f"checkpoint-{global_step}"):
+        saved = Path(candidate) / "trainer_state.json" if isinstance(candidate, (str, Path)) else None
+        if saved is not None and saved.is_file() and json.loads(saved.read_text()).get("global_step") == global_step:
+            return Path(candidate)
+    return None
+
+
 def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: str) -> None:
     """Load, with a warning, the tensors a Trainer that `loaded` `checkpoint` left as they were because the checkpoint
     names them otherwise: transformers 5 saves GPT-NeoX's output layer `lm_head` as `embed_out`, and the Trainer loads
@@ -106,8 +116,8 @@ class GradtraceCallback(TrainerCallback):
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
         self._durable_at = None
         resume = state.global_step > 0
-        if resume:
-            _restore_renamed_tensors(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", "resumed from")
+        if resume and (checkpoint := _resumed_from(args, state.global_step)) is not None:
+            _restore_renamed_tensors(model, checkpoint, "resumed from")
         start = self._recorded_at(state.global_step) if resume and state.is_world_process_zero else 0
         try:
             self.recorder = attach(model, optimizer, self.out_dir, self.run_id, total_steps=state.max_steps,
