@@ -72,8 +72,7 @@ def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: s
         if not (checkpoint / shard).is_file():  # another kind of checkpoint (an adapter's, FSDP's), or none here
             return
         with safe_open(str(checkpoint / shard), "pt") as weights:
-            for saved in weights.keys():
-                ours = next(iter(in_this_release({saved: None}, model)))
+            for ours, saved in in_this_release({saved: saved for saved in weights.keys()}, model).items():
                 if saved not in own and ours != saved and ours in own:
                     restored[ours] = weights.get_tensor(saved)
     if restored:
