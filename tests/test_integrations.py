@@ -2082,6 +2082,31 @@ def test_hf_a_second_train_from_step_0_asks_for_another_run_id(tmp_path, task):
         trainer.train()
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_hf_each_trial_of_a_hyperparameter_search_is_a_run_of_its_own(tmp_path, task, monkeypatch, named):
+    """`Trainer.hyperparameter_search` trains each trial from step 0 under the same callback: the second trial was
+    refused as a run already recorded, ending the search. Each trial is now its run, named by the search's `hp_name`
+    where it has one, with the parameters it tries (trials given as dicts, as Ray Tune and W&B sweeps give them;
+    without a search backend installed the Trainer does not apply them, which the callback does not need)."""
+    from transformers import Trainer
+
+    monkeypatch.setattr("transformers.integrations.hp_params", lambda trial: trial)  # its backends' dict trials
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=4))
+    trainer = Trainer(model_init=lambda: micro(task), args=hf_args(tmp_path, max_steps=2, save_strategy="no"),
+                      train_dataset=hf_dataset(task), callbacks=[callback])
+    if named:
+        trainer.hp_name = lambda trial: f"lr-{trial['learning_rate']:g}"
+    trials = [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}]
+    for trial in trials:
+        trainer.train(trial=trial)
+    runs = [f"hf-lr-{t['learning_rate']:g}" for t in trials] if named else ["hf-trial-0", "hf-trial-1"]
+    assert sorted(zarr.open_group(tmp_path / "store.zarr", mode="r").group_keys()) == runs
+    for run_id, trial in zip(runs, trials):
+        group = run_group(tmp_path, run_id)
+        assert group.attrs["status"] == "complete" and group.attrs["trial_params"] == trial
+        assert group["step"][:].tolist() == [0, 1]
+
+
 def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(tmp_path, task):
     from transformers import Trainer
 

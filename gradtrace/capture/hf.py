@@ -18,6 +18,7 @@ process, or with the same Trainer after its train() raised (the run is marked fa
 next train() of its model begins, in this Trainer or another, when its run is attached again, by a Trainer of a
 model built afresh, or else as the process exits). The final probe is taken at the last step's parameters, before
 a Trainer with `load_best_model_at_end` loads its best checkpoint; a run stopped early that loads it takes none.
+Each trial of `Trainer.hyperparameter_search` (a train() from step 0 under the same callback) is a run of its own.
 A resume, and `load_best_model_at_end`, get the tensors transformers 5's Trainer leaves out of a checkpoint it loads
 because they are saved under other names (GPT-NeoX's output layer: `_restore_renamed_tensors`).
 The Trainer's `global_step` counts the steps a GradScaler skipped, which the Recorder does not record (its `step`
@@ -26,6 +27,7 @@ were recorded at its global step, and a resume starts from that count.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 import weakref
@@ -41,7 +43,7 @@ from gradtrace.capture.recorder import Probe, caller_stacklevel, uninterrupted
 from gradtrace.config import CaptureConfig, checked
 
 # attributes the callback writes for its run besides attach's: a caller's trainer_steps was read back by a resume
-TRAINER_ATTRS = ("trainer_args", "trainer_steps")
+TRAINER_ATTRS = ("trainer_args", "trainer_steps", "trial_params")
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
 
 
@@ -113,17 +115,20 @@ class GradtraceCallback(TrainerCallback):
         if model in _HOOKED:  # another Trainer's train() of this model raised (a notebook's cell run again): its hook
             _HOOKED[model]._detach("another Trainer's train() began on its model")  # held its optimizer, never freed
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
+        if state.trial_params is not None:  # a trial of Trainer.hyperparameter_search: what it tries
+            attrs["trial_params"] = state.trial_params
         self._durable_at = None
         resume = state.global_step > 0
         if resume and (checkpoint := _resumed_from(args, state.global_step)) is not None:
             _restore_renamed_tensors(model, checkpoint, "resumed from")
-        start = self._recorded_at(state.global_step) if resume and state.is_world_process_zero else 0
+        run_id = self._run_of(state)
+        start = self._recorded_at(run_id, state.global_step) if resume and state.is_world_process_zero else 0
         try:
-            self.recorder = attach(model, optimizer, self.out_dir, self.run_id, total_steps=state.max_steps,
+            self.recorder = attach(model, optimizer, self.out_dir, run_id, total_steps=state.max_steps,
                                    capture=self.capture, probes=self.probes, probe_losses=self.probe_losses,
                                    attrs=attrs, resume=resume, start_step=start, write=state.is_world_process_zero)
         except FileExistsError:
-            raise FileExistsError(f"run {self.run_id!r} is already in {self.out_dir / 'store.zarr'}: this Trainer "
+            raise FileExistsError(f"run {run_id!r} is already in {self.out_dir / 'store.zarr'}: this Trainer "
                                   "trains from step 0 (a second train(), or no resume_from_checkpoint), so give "
                                   "GradtraceCallback another run_id for it") from None
         if isinstance(self.recorder, RunRecorder):
@@ -131,12 +136,24 @@ class GradtraceCallback(TrainerCallback):
             _HOOKED[model] = self
             self._scale = args.world_size if args.average_tokens_across_devices else 1
 
-    def _recorded_at(self, global_step: int) -> int:
+    def _run_of(self, state: TrainerState) -> str:
+        """The run this train() records: `run_id`; for a trial of `Trainer.hyperparameter_search` (each trains from
+        step 0), `run_id-<trial name>` where the search names its trials (`hp_name`), else `run_id-trial-<k>`, the
+        first k the store lacks (on the writing process; the others write nothing)."""
+        if state.trial_params is None and state.trial_name is None:
+            return self.run_id
+        if state.trial_name is not None:
+            return store.check_run_id(f"{self.run_id}-{state.trial_name}")
+        path = self.out_dir / "store.zarr"
+        root = store.open_experiment(path) if state.is_world_process_zero and (path / "zarr.json").exists() else {}
+        return next(name for k in itertools.count() if (name := f"{self.run_id}-trial-{k}") not in root)
+
+    def _recorded_at(self, run_id: str, global_step: int) -> int:
         """Optimizer steps recorded when the Trainer saved its checkpoint at `global_step` (the global step itself
         for a run recorded before `trainer_steps` was kept, or none yet)."""
         path = self.out_dir / "store.zarr"
         root = store.open_experiment(path) if (path / "zarr.json").exists() else {}
-        recorded = root[self.run_id].attrs.get("trainer_steps", {}) if self.run_id in root else {}
+        recorded = root[run_id].attrs.get("trainer_steps", {}) if run_id in root else {}
         return int(recorded.get(str(global_step), global_step))
 
     def _note_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
