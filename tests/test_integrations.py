@@ -1916,6 +1916,28 @@ def test_hf_resume_loads_the_output_layer_the_trainer_leaves_out(tmp_path, task,
     np.testing.assert_array_equal(resumed_rows, clean_rows)
 
 
+def test_tensors_a_checkpoint_names_otherwise_are_loaded_or_warned_about(tmp_path, task):
+    """What the Trainer loaded by name left out: GPT-NeoX's output layer saved as `embed_out` is loaded as `lm_head`;
+    a tensor under a name no renaming known here maps to the model's is named in a warning, the model's own kept."""
+    from safetensors.torch import save_file
+
+    from gradtrace.capture.hf import _restore_renamed_tensors
+
+    saved, model = micro(task, seed=1), micro(task)
+    weights = {n: t.contiguous() for n, t in saved.state_dict().items()}
+    weights["embed_out.weight"] = weights.pop("lm_head.weight")
+    weights["gpt_neox.final_norm.weight"] = weights.pop("gpt_neox.final_layer_norm.weight")
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    kept = model.gpt_neox.final_layer_norm.weight.detach().clone()
+    with pytest.warns(UserWarning) as caught:
+        _restore_renamed_tensors(model, tmp_path, "resumed from")
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and "without lm_head.weight" in said[0]
+    assert "holds 1 tensor(s) under names the model lacks (gpt_neox.final_norm.weight;" in said[1]
+    torch.testing.assert_close(model.lm_head.weight, saved.lm_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.gpt_neox.final_layer_norm.weight, kept, rtol=0, atol=0)
+
+
 def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     """The notebook's way after an interruption: train() again on the same Trainer. The first train() never reached
     on_train_end, so its Recorder still hooked the optimizer: every row and loss was recorded twice."""

@@ -69,19 +69,27 @@ def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: s
 
     index = checkpoint / "model.safetensors.index.json"  # the weights in shards
     shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
-    own, restored = model.state_dict(), {}
+    own, restored, strays = model.state_dict(), {}, []
     for shard in sorted(shards):
         if not (checkpoint / shard).is_file():  # another kind of checkpoint (an adapter's, FSDP's), or none here
             return
         with safe_open(str(checkpoint / shard), "pt") as weights:
             for ours, saved in in_this_release({saved: saved for saved in weights.keys()}, model).items():
-                if saved not in own and ours != saved and ours in own:
+                if saved not in own and ours in own:
                     restored[ours] = weights.get_tensor(saved)
+                elif saved not in own:
+                    strays.append(saved)
     if restored:
         model.load_state_dict(restored, strict=False)
         warnings.warn(f"the Trainer {loaded} {checkpoint} without {', '.join(sorted(restored))}, which the "
                       "checkpoint names otherwise (huggingface/transformers#43701: they would train on from the "
                       "values the model had); GradtraceCallback loaded them from there", UserWarning,
+                      stacklevel=caller_stacklevel())
+    if strays:  # another model's renamed tensors, which only transformers' own loading renames back
+        warnings.warn(f"the Trainer {loaded} {checkpoint}, which holds {len(strays)} tensor(s) under names the "
+                      f"model lacks ({', '.join(sorted(strays)[:3])}{', …' if len(strays) > 3 else ''}; "
+                      "huggingface/transformers#43701): the model's tensors they stand for kept the values it had "
+                      "(from_pretrained of the checkpoint loads them under the model's names)", UserWarning,
                       stacklevel=caller_stacklevel())
 
 
