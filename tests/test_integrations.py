@@ -1938,6 +1938,24 @@ def test_tensors_a_checkpoint_names_otherwise_are_loaded_or_warned_about(tmp_pat
     torch.testing.assert_close(model.gpt_neox.final_layer_norm.weight, kept, rtol=0, atol=0)
 
 
+def test_the_checkpoint_a_resume_loaded_is_the_one_that_saved_its_step(tmp_path):
+    """`TrainingArguments.resume_from_checkpoint` first, then the Trainer's own in output_dir, each only where its
+    trainer_state holds the resumed step (one of another step, or unreadable, is not taken)."""
+    from gradtrace.capture.hf import _resumed_from
+
+    def checkpoint(path, state: str):
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(state)
+        return path
+
+    moved = checkpoint(tmp_path / "moved" / "checkpoint-4", '{"global_step": 4}')
+    own = checkpoint(tmp_path / "out" / "checkpoint-4", '{"global_step": 4}')
+    args = hf_args(tmp_path, output_dir=str(tmp_path / "out"), resume_from_checkpoint=str(moved))
+    assert _resumed_from(args, 4) == moved and _resumed_from(args, 6) is None
+    (moved / "trainer_state.json").write_text('{"global_step": 4')  # cut short
+    assert _resumed_from(args, 4) == own
+
+
 def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     """The notebook's way after an interruption: train() again on the same Trainer. The first train() never reached
     on_train_end, so its Recorder still hooked the optimizer: every row and loss was recorded twice."""

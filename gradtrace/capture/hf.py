@@ -51,10 +51,17 @@ def _resumed_from(args: TrainingArguments, global_step: int) -> Path | None:
     """The checkpoint a Trainer resumed from at `global_step`, where callbacks can tell: `args.resume_from_checkpoint`
     (scripts pass it to `train`) or the Trainer's own in `output_dir`, whichever saved that step."""
     for candidate in (args.resume_from_checkpoint, Path(args.output_dir) / f"checkpoint-{global_step}"):
-        saved = Path(candidate) / "trainer_state.json" if isinstance(candidate, (str, Path)) else None
-        if saved is not None and saved.is_file() and json.loads(saved.read_text()).get("global_step") == global_step:
+        if isinstance(candidate, (str, Path)) and _saved_step(Path(candidate)) == global_step:
             return Path(candidate)
     return None
+
+
+def _saved_step(checkpoint: Path) -> int | None:
+    """The global step a Trainer checkpoint's `trainer_state.json` holds; None where there is none to read."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError):  # no such file, not JSON, or JSON of another shape
+        return None
 
 
 def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: str) -> None:
