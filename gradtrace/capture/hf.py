@@ -64,12 +64,13 @@ def _saved_step(checkpoint: Path) -> int | None:
         return None
 
 
-def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: str) -> None:
-    """Load, with a warning, the tensors a Trainer that `loaded` `checkpoint` left as they were because the checkpoint
-    names them otherwise: transformers 5 saves GPT-NeoX's output layer `lm_head` as `embed_out`, and the Trainer loads
-    the checkpoint's names as saved (huggingface/transformers#43701), so a resumed run went on with the new model's
-    initial output layer (or, resumed in the process that trained past the checkpoint, its later one), and
-    `load_best_model_at_end` left the last step's. Only checkpoints of safetensors weights are looked at."""
+def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: str, say: bool = True) -> None:
+    """Load, with a warning where `say` (the main process), the tensors a Trainer that `loaded` `checkpoint` left as
+    they were because the checkpoint names them otherwise: transformers 5 saves GPT-NeoX's output layer `lm_head` as
+    `embed_out`, and the Trainer loads the checkpoint's names as saved (huggingface/transformers#43701), so a resumed
+    run went on with the new model's initial output layer (or, resumed in the process that trained past the
+    checkpoint, its later one), and `load_best_model_at_end` left the last step's. Only checkpoints of safetensors
+    weights are looked at."""
     from safetensors import safe_open
 
     from gradtrace.models import in_this_release
@@ -88,11 +89,12 @@ def _restore_renamed_tensors(model: torch.nn.Module, checkpoint: Path, loaded: s
                     strays.append(saved)
     if restored:
         model.load_state_dict(restored, strict=False)
+    if restored and say:
         warnings.warn(f"the Trainer {loaded} {checkpoint} without {', '.join(sorted(restored))}, which the "
                       "checkpoint names otherwise (huggingface/transformers#43701: they would train on from the "
                       "values the model had); GradtraceCallback loaded them from there", UserWarning,
                       stacklevel=caller_stacklevel())
-    if strays:  # another model's renamed tensors, which only transformers' own loading renames back
+    if strays and say:  # another model's renamed tensors, which only transformers' own loading renames back
         warnings.warn(f"the Trainer {loaded} {checkpoint}, which holds {len(strays)} tensor(s) under names the "
                       f"model lacks ({', '.join(sorted(strays)[:3])}{', …' if len(strays) > 3 else ''}; "
                       "huggingface/transformers#43701): the model's tensors they stand for kept the values it had "
@@ -135,7 +137,7 @@ class GradtraceCallback(TrainerCallback):
         self._durable_at = None
         resume = state.global_step > 0
         if resume and (checkpoint := _resumed_from(args, state.global_step)) is not None:
-            _restore_renamed_tensors(model, checkpoint, "resumed from")
+            _restore_renamed_tensors(model, checkpoint, "resumed from", say=state.is_world_process_zero)
         run_id = self._run_of(state)
         start = self._recorded_at(run_id, state.global_step) if resume and state.is_world_process_zero else 0
         try:
@@ -242,7 +244,7 @@ class GradtraceCallback(TrainerCallback):
             self.recorder.close(final_probe=not best)
         self._detach()
         if best and model is not None:
-            _restore_renamed_tensors(model, Path(best), "loaded its best checkpoint,")
+            _restore_renamed_tensors(model, Path(best), "loaded its best checkpoint,", say=state.is_world_process_zero)
 
     def _detach(self, unfinished: str | None = None) -> None:
         """Remove the loss hook and forget the Recorder; one still open (`unfinished` says why) writes what it
