@@ -415,10 +415,10 @@ def training_curves(run_group: zarr.Group | str | Path) -> Figure:
               "grad_norm_unclipped": "gradient norm (before clip)"}
     group_lrs = _group_learning_rates(run_group)
     for name in scalars:
-        values = store.read(run_group, name).astype(float)
         if name == "lr" and group_lrs.shape[1] > 1:
             panels.append((name, functools.partial(_draw_group_learning_rates, steps=steps, lrs=group_lrs)))
             continue
+        values = store.read(run_group, name).astype(float)
 
         def draw(ax, values=values, name=name):
             ax.plot(steps, values, color="0.75", lw=0.6)
