@@ -161,15 +161,18 @@ class GradtraceCallback(TrainerCallback):
             return self.run_id
         if state.trial_name is not None:
             return store.check_run_id(f"{self.run_id}-{state.trial_name}")
-        path = self.out_dir / "store.zarr"
-        root = store.open_experiment(path) if state.is_world_process_zero and (path / "zarr.json").exists() else {}
+        root = self._store() if state.is_world_process_zero else {}
         return next(name for k in itertools.count() if (name := f"{self.run_id}-trial-{k}") not in root)
+
+    def _store(self) -> Any:
+        """The experiment store the runs are recorded in, as it is on disk now ({} before its first run)."""
+        path = self.out_dir / "store.zarr"
+        return store.open_experiment(path) if (path / "zarr.json").exists() else {}
 
     def _recorded_at(self, run_id: str, global_step: int) -> int:
         """Optimizer steps recorded when the Trainer saved its checkpoint at `global_step` (the global step itself
         for a run recorded before `trainer_steps` was kept, or none yet)."""
-        path = self.out_dir / "store.zarr"
-        root = store.open_experiment(path) if (path / "zarr.json").exists() else {}
+        root = self._store()
         recorded = root[run_id].attrs.get("trainer_steps", {}) if run_id in root else {}
         return int(recorded.get(str(global_step), global_step))
 
