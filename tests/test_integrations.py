@@ -1784,9 +1784,10 @@ def hf_train(task, out_dir, callback=None, accumulation=1, steps=4):
                    weight_decay=0.1, logging_steps=1, save_strategy="no")
     model = micro(task)
     initial = flat_params(model)
-    trainer = Trainer(model=model, args=args, train_dataset=hf_dataset(task),
-                      callbacks=[callback] if callback else None)
+    callbacks = callback if isinstance(callback, list) else [callback] if callback else None
+    trainer = Trainer(model=model, args=args, train_dataset=hf_dataset(task), callbacks=callbacks)
     trainer.train()
+    assert "training_step" not in vars(trainer)  # the callbacks' wrappers unwrapped
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return model, initial, losses
 
@@ -1979,7 +1980,7 @@ def test_hf_resume_with_the_same_trainer_after_its_train_raised(tmp_path, task):
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(8))
     np.testing.assert_allclose(group["loss"][4:], logged[-4:], rtol=1e-5, atol=5e-5)  # once each, as logged
-    assert len(trainer.model._forward_hooks) == 0
+    assert "training_step" not in vars(trainer)  # unwrapped: the class's again
     for name in set(group.attrs) - {"role"}:  # each attribute the run holds is gradtrace's, a caller's refused: a
         with pytest.raises(ValueError, match=rf"attrs \['{name}'\] are attributes gradtrace writes"):  # caller's
             GradtraceCallback(tmp_path, attrs={name: 1})  # trainer_steps was not, and a resume read it as its own
@@ -2008,8 +2009,9 @@ def _interrupt_first_write(on_train_begin, callback, *args, **kwargs):
 
 def test_hf_a_new_trainer_of_the_model_an_interrupted_trainer_trained_releases_its_run(tmp_path, task):
     """A notebook: train() interrupted (Ctrl-C), then the cell run again with a new Trainer and callback of the same
-    model. The first callback's loss hook stayed on the model for good, holding its recorder and optimizer (Adam's
-    state) and collecting every later forward's loss, and its run read `running` with none of its rows written."""
+    model. The first callback's loss hook (then on the model) stayed for good, holding its recorder and optimizer
+    (Adam's state) and collecting every later forward's loss, and its run read `running` with none of its rows
+    written."""
     from transformers import Trainer, TrainerCallback
 
     class Interrupt(TrainerCallback):
@@ -2019,14 +2021,14 @@ def test_hf_a_new_trainer_of_the_model_an_interrupted_trainer_trained_releases_i
 
     model = micro(task)
     first = GradtraceCallback(tmp_path, "r1", capture=IDENTITY)
-    trainer = Trainer(model=model, args=hf_args(tmp_path, max_steps=6, save_strategy="no"),
-                      train_dataset=hf_dataset(task), callbacks=[first, Interrupt()])
+    interrupted = Trainer(model=model, args=hf_args(tmp_path, max_steps=6, save_strategy="no"),
+                          train_dataset=hf_dataset(task), callbacks=[first, Interrupt()])
     with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+        interrupted.train()
     trainer = Trainer(model=model, args=hf_args(tmp_path, max_steps=6, save_strategy="no"),
                       train_dataset=hf_dataset(task), callbacks=[GradtraceCallback(tmp_path, "r2", capture=IDENTITY)])
     trainer.train()
-    assert len(model._forward_hooks) == 0 and first.recorder is None and not first._losses
+    assert "training_step" not in vars(interrupted) and first.recorder is None and not first._losses
     interrupted = run_group(tmp_path, "r1")
     assert interrupted.attrs["status"] == "failed" and interrupted["step"][:].tolist() == [0, 1, 2]
     assert run_group(tmp_path, "r2")["step"][:].tolist() == list(range(6))
@@ -2152,20 +2154,84 @@ def test_hf_each_trial_of_a_hyperparameter_search_is_a_run_of_its_own(tmp_path, 
         assert group["step"][:].tolist() == [0, 1]
 
 
-def test_hf_callback_warns_when_the_trainer_computes_the_loss_outside_the_model(tmp_path, task):
+def test_hf_callback_records_a_loss_the_trainer_computes_outside_the_model(tmp_path, task):
+    """The loss the Trainer trains on, computed by `compute_loss_func` (the model then returns none: it was NaN) or by
+    a `compute_loss` of its own beside the model's language-model loss (as TRL's DPOTrainer: the model's was
+    recorded, 2.7 against DPO's 0.69 logged, silently), is recorded as logged."""
     from transformers import Trainer
 
     def loss_func(outputs, labels, num_items_in_batch=None):  # the Trainer pops the labels: the model has no loss
         return torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
-    args = hf_args(tmp_path, max_steps=2, save_strategy="no")
-    trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), compute_loss_func=loss_func,
-                      callbacks=[GradtraceCallback(tmp_path, "hf", capture=IDENTITY)])
-    with pytest.warns(UserWarning, match="the model returned no loss") as caught:
-        trainer.train()
-    assert [w.filename for w in caught if "no loss" in str(w.message)] == [__file__]  # trainer.train(), not theirs
-    group = run_group(tmp_path, "hf")
-    assert np.isnan(group["loss"][:]).all() and np.isfinite(group["grad"][:]).all() and group["step"].shape == (2,)
+    class OwnLoss(Trainer):  # trains on a loss other than the one the model returns
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return 0.5 * model(**inputs).loss + 1.0
+
+    for name, trainer_class, settings in (("func", Trainer, {"compute_loss_func": loss_func}),
+                                          ("own", OwnLoss, {})):
+        callback = GradtraceCallback(tmp_path, name, capture=IDENTITY)
+        args = hf_args(tmp_path, max_steps=3, save_strategy="no", logging_steps=1)
+        trainer = trainer_class(model=micro(task), args=args, train_dataset=hf_dataset(task), callbacks=[callback],
+                                **settings)
+        model_losses = []  # the model's own, in each training forward
+        trainer.model.register_forward_hook(lambda module, inputs, out: model_losses.append(out.loss))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning of a loss not seen
+            trainer.train()
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        recorded = run_group(tmp_path, name)["loss"][:]
+        np.testing.assert_allclose(recorded, logged, rtol=1e-5, atol=5e-5)
+        if name == "own":  # 0.5·(the model's loss) + 1, not the model's loss (recorded before)
+            np.testing.assert_allclose(recorded, 0.5 * np.array([float(x) for x in model_losses]) + 1.0, rtol=1e-6)
+        else:
+            assert model_losses == [None] * 3
+        assert "training_step" not in vars(trainer)
+
+
+def test_hf_callback_run_by_no_trainer_records_a_nan_loss_and_says_so(tmp_path, task):
+    """Events sent by something other than a Trainer (none up the call stack): no loss seen, NaN, warned once."""
+    from transformers import TrainerControl, TrainerState
+
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    callback = GradtraceCallback(tmp_path, "bare", capture=IDENTITY)
+    args, state, control = hf_args(tmp_path), TrainerState(max_steps=2), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model, optimizer=opt)
+    with pytest.warns(UserWarning, match="saw no training loss") as caught:
+        for _ in range(2):
+            callback.on_pre_optimizer_step(args, state, control)
+            train_steps(model, opt, task, 1)
+            state.global_step += 1
+    assert len(caught) == 1
+    callback.on_train_end(args, state, control, model=model)
+    group = run_group(tmp_path, "bare")
+    assert group.attrs["status"] == "complete" and np.isnan(group["loss"][:]).all() and group["step"].shape == (2,)
+
+
+def test_a_training_step_wrapped_over_the_callbacks_is_left_and_passes_losses_through(tmp_path, task):
+    """Another wrapper of training_step laid over the callback's stays after the run ends (the callback's, inside
+    it, then passes each loss through untouched), and a later run's callback counts each loss once."""
+    from transformers import Trainer, TrainerCallback
+
+    laid = []
+
+    class Timing(TrainerCallback):  # a user's wrapper, laid once over what is there at its first train()
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not laid:
+                inner = trainer.training_step
+                laid.append(lambda *args, **kwargs: inner(*args, **kwargs))
+                trainer.training_step = laid[0]
+
+    first = GradtraceCallback(tmp_path, "r1", capture=IDENTITY)
+    trainer = Trainer(model=micro(task), args=hf_args(tmp_path, max_steps=2, save_strategy="no", logging_steps=1),
+                      train_dataset=hf_dataset(task), callbacks=[first, Timing()])
+    trainer.train()
+    trainer.remove_callback(first)
+    trainer.add_callback(second := GradtraceCallback(tmp_path, "r2", capture=IDENTITY))
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    np.testing.assert_allclose(run_group(tmp_path, "r2")["loss"][:], logged, rtol=1e-5, atol=5e-5)  # once each
+    assert trainer.training_step is laid[0] and not first._losses and second._wrapped is None
 
 
 @pytest.mark.parametrize("sketch", ["identity", "countsketch"])

@@ -6,12 +6,12 @@
 The Recorder is attached in `on_train_begin` (the first event that receives the optimizer, already wrapped by
 accelerate; the Recorder hooks the optimizer inside) and closed, marking the run complete, in `on_train_end`.
 It records one row per optimizer step: with gradient accumulation, per sync step, after the Trainer's clipping.
-The training loss of each step is taken from the model's own `loss` output in training-mode forwards (summed
-over micro-batches when the Trainer normalises by the token count of the whole accumulated batch, else
-averaged), so it equals the loss the Trainer logs on one process; under DDP it is the main process's share (the
-Trainer logs the mean over processes), and a `compute_loss` that runs the model twice per micro-batch (R-drop)
-counts both forwards. Where the Trainer computes the loss outside the model (`compute_loss_func`, label
-smoothing) the model returns none, and the stored loss is NaN (warned once). Only the main process writes; the
+The training loss of each step is the one the Trainer trains on and logs: what its `training_step` returns,
+summed over the step's micro-batches (`training_step` is wrapped on the Trainer, which is found up the call stack
+of `on_train_begin`, since no event receives it), so a loss computed outside the model (`compute_loss_func`,
+label smoothing, a `compute_loss` of a Trainer's own such as TRL's DPOTrainer, which also has the model return its
+language-model loss) is recorded as trained on. Under DDP it is the main process's (the Trainer logs the mean over
+processes). Only the main process writes; the
 rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
 reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there: in a new
 process, or with the same Trainer after its train() raised (the run is marked failed, its hooks removed, when the
@@ -27,8 +27,10 @@ were recorded at its global step, and a resume starts from that count.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -44,7 +46,7 @@ from gradtrace.config import CaptureConfig, checked
 
 # attributes the callback writes for its run besides attach's: a caller's trainer_steps was read back by a resume
 TRAINER_ATTRS = ("trainer_args", "trainer_steps", "trial_params")
-_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback whose hook notes its losses
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback recording it
 
 
 def _resumed_from(args: TrainingArguments, global_step: int) -> Path | None:
@@ -53,6 +55,19 @@ def _resumed_from(args: TrainingArguments, global_step: int) -> Path | None:
     for candidate in (args.resume_from_checkpoint, Path(args.output_dir) / f"checkpoint-{global_step}"):
         if isinstance(candidate, (str, Path)) and _saved_step(Path(candidate)) == global_step:
             return Path(candidate)
+    return None
+
+
+def _trainer_running(callback: TrainerCallback) -> Any | None:
+    """The Trainer whose callback handler runs `callback`'s event, found up the call stack (the events are given
+    the model and optimizer, never the Trainer); None where no caller is one."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        caller = frame.f_locals.get("self")
+        if callback in getattr(getattr(caller, "callback_handler", None), "callbacks", ()) and callable(
+                getattr(caller, "training_step", None)):
+            return caller
+        frame = frame.f_back
     return None
 
 
@@ -114,10 +129,8 @@ class GradtraceCallback(TrainerCallback):
         checked(self.capture)
         check_own_attrs(self.attrs, also=TRAINER_ATTRS)
         self.recorder: RunRecorder | IdleRecorder | None = None
-        self._losses: list[torch.Tensor] = []
-        self._summed = False  # the model normalised each micro-batch loss by the whole batch's token count
-        self._scale = 1  # the Trainer's factor on such losses when it averages tokens across processes
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._losses: list[torch.Tensor] = []  # this step's micro-batch losses, as the Trainer's training_step gave
+        self._wrapped: tuple[Any, Callable, Callable | None] | None = None  # (Trainer, wrapper, what it covered)
         self._warned_no_loss = False
         self._durable_at: int | None = None  # the global step whose rows were last made durable
 
@@ -149,9 +162,8 @@ class GradtraceCallback(TrainerCallback):
                                   "trains from step 0 (a second train(), or no resume_from_checkpoint), so give "
                                   "GradtraceCallback another run_id for it") from None
         if isinstance(self.recorder, RunRecorder):
-            self._hook = model.register_forward_hook(self._note_loss, with_kwargs=True)
+            self._note_losses(_trainer_running(self))
             _HOOKED[model] = self
-            self._scale = args.world_size if args.average_tokens_across_devices else 1
 
     def _run_of(self, state: TrainerState) -> str:
         """The run this train() records: `run_id`; for a trial of `Trainer.hyperparameter_search` (each trains from
@@ -176,23 +188,34 @@ class GradtraceCallback(TrainerCallback):
         recorded = root[run_id].attrs.get("trainer_steps", {}) if run_id in root else {}
         return int(recorded.get(str(global_step), global_step))
 
-    def _note_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        loss = getattr(output, "loss", None)
-        if module.training and torch.is_grad_enabled() and loss is not None:
-            self._losses.append(loss.detach())
-            self._summed = kwargs.get("num_items_in_batch") is not None
+    def _note_losses(self, trainer: Any | None) -> None:
+        """Wrap `trainer.training_step` (an attribute of the instance, over its class's) to keep each micro-batch's
+        loss while this run records; a wrapper left by a run that ended passes losses through untouched."""
+        if trainer is None:
+            return
+        step = trainer.training_step
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = step(*args, **kwargs)
+            if self._wrapped is not None and self._wrapped[1] is training_step:
+                self._losses.append(torch.as_tensor(loss).detach())
+            return loss
+
+        before = trainer.__dict__.get("training_step")
+        trainer.training_step = training_step
+        self._wrapped = (trainer, training_step, before)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
         """Hand the step's training loss to the Recorder (its hooks run inside the coming optimizer step)."""
-        if self._losses:
-            total = torch.stack(self._losses).sum()
-            self.recorder.log(total * self._scale if self._summed else total / len(self._losses))
+        if self._losses:  # the Trainer's step loss: its training_step scales each by the accumulation it sums over
+            self.recorder.log(torch.stack(self._losses).sum())
             self._losses.clear()
         elif isinstance(self.recorder, RunRecorder) and not self._warned_no_loss:
-            warnings.warn("the model returned no loss (the Trainer computes it outside the model: compute_loss_func "
-                          "or label smoothing), so the recorded loss is NaN; gradients, updates and probes are "
-                          "recorded as ever", UserWarning, stacklevel=caller_stacklevel())
+            warnings.warn("GradtraceCallback saw no training loss (it is run by no Trainer it found up the call stack, "
+                          "or the Trainer's training_step was not called), so the recorded loss is NaN; gradients, "
+                          "updates and probes are recorded as ever", UserWarning, stacklevel=caller_stacklevel())
             self._warned_no_loss = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -250,13 +273,18 @@ class GradtraceCallback(TrainerCallback):
             _restore_renamed_tensors(model, Path(best), "loaded its best checkpoint,", say=state.is_world_process_zero)
 
     def _detach(self, unfinished: str | None = None) -> None:
-        """Remove the loss hook and forget the Recorder; one still open (`unfinished` says why) writes what it
-        recorded and marks the run failed, detaching its optimizer hooks, so a resumed train() records once."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-            for model in [m for m, callback in _HOOKED.items() if callback is self]:
-                del _HOOKED[model]
+        """Unwrap the Trainer's training_step and forget the Recorder; one still open (`unfinished` says why) writes
+        what it recorded and marks the run failed, detaching its optimizer hooks, so a resumed train() records once."""
+        if self._wrapped is not None:
+            trainer, wrapper, before = self._wrapped
+            self._wrapped = None
+            if trainer.__dict__.get("training_step") is wrapper:  # else wrapped again over it: left to pass through
+                if before is None:
+                    del trainer.training_step
+                else:
+                    trainer.training_step = before
+        for model in [m for m, callback in _HOOKED.items() if callback is self]:
+            del _HOOKED[model]
         if isinstance(self.recorder, RunRecorder) and not self.recorder.closed:
             self.recorder.fail(RuntimeError(unfinished))
         self.recorder = None
