@@ -1,7 +1,9 @@
 """Integrations: `attach` in plain loops, accelerate (accumulation, DDP on 2 gloo processes, sharded sketches),
 and the Hugging Face Trainer callback — each records one row per optimizer step and never changes training."""
+import contextlib
 import copy
 import functools
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -30,6 +32,7 @@ from gradtrace.models import build_model, in_this_release
 from gradtrace.tasks import ArithmeticTask, answer_cross_entropy
 
 IDENTITY = CaptureConfig(sketch="identity", probe_every=0, chunk=4)
+TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
 
 
 @pytest.fixture(scope="module")
@@ -570,6 +573,8 @@ def test_gradient_checkpointing_records_the_run_without_it(tmp_path, task, reent
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports, not gradtrace
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="transformers 4.47's GPT-NeoX attention views a non-contiguous "
+                    "tensor, which inductor (torch 2.13) refuses to compile, gradtrace or not")
 def test_a_compiled_model_records_what_its_optimizer_steps_with(tmp_path, task):
     """Attached to `torch.compile(model)`: the compiled forward's gradients, its updates, and probes of the bare
     model at its parameters (recomputed here), to float rounding of the eager run."""
@@ -1178,7 +1183,8 @@ def test_parameter_groups_of_other_learning_rates_record_each_tensors_and_refuse
         run_span(run_group(tmp_path, "llrd"), "adam_update", rank=2)
     assert run_span(run_group(tmp_path, "llrd"), "update", rank=2).rank == 2
     frozen = run_group(tmp_path, "frozen")
-    rows = -frozen["update"][:].astype(np.float64) / frozen["layer_lr"][:, -1:]
+    moving = np.flatnonzero(~in_embeddings)[:1]  # a tensor of the group that moves (transformers 4 names the output
+    rows = -frozen["update"][:].astype(np.float64) / frozen["layer_lr"][:, moving]  # layer embed_out: in the other)
     np.testing.assert_allclose(run_span(frozen, "adam_update", rank=2).singular_values,
                                np.linalg.svd(rows, compute_uv=False)[:2], rtol=1e-4)
 
@@ -1761,6 +1767,15 @@ def test_deepspeed_zero_stage_0_recorded_and_other_stages_refused_on_every_rank(
 
 
 # -- Hugging Face Trainer ----------------------------------------------------------------------------------------
+def warns_of_43701(match: str):
+    """pytest.warns of the output layer the Trainer left out of a checkpoint it loaded (transformers 5 saves
+    GPT-NeoX's as `embed_out`, huggingface/transformers#43701); transformers 4 saves it as `lm_head`: no warning, a
+    list left empty."""
+    if TRANSFORMERS_MAJOR >= 5:
+        return pytest.warns(UserWarning, match=match)
+    return contextlib.nullcontext([])
+
+
 def hf_dataset(task, n=32):
     """Tokenised arithmetic items with loss on answer tokens only (HF shifts the labels inside the model)."""
     tokens, mask = task.train_batch(0, 0, n)
@@ -1906,10 +1921,10 @@ def test_hf_resume_loads_the_output_layer_the_trainer_leaves_out(tmp_path, task,
         resume = str(shutil.move(tmp_path / "a" / "hf" / "checkpoint-2", tmp_path / "checkpoint-2"))
         shutil.rmtree(tmp_path / "a" / "hf")
     resumed = interrupted if how == "same model" else micro(task)
-    with pytest.warns(UserWarning, match=r"resumed from .*checkpoint-2 without lm_head.weight, which the checkpoint "
-                      "names otherwise .*GradtraceCallback loaded them from there") as caught:
+    with warns_of_43701(r"resumed from .*checkpoint-2 without lm_head.weight, which the checkpoint names otherwise "
+                        ".*GradtraceCallback loaded them from there") as caught:
         run(tmp_path / "a", resumed, resume=resume)
-    assert __file__ in [w.filename for w in caught if "43701" in str(w.message)]
+    assert not caught or __file__ in [w.filename for w in caught if "43701" in str(w.message)]
     clean = micro(task)
     run(tmp_path / "b", clean)
     np.testing.assert_array_equal(flat_params(resumed), flat_params(clean))
@@ -1917,6 +1932,7 @@ def test_hf_resume_loads_the_output_layer_the_trainer_leaves_out(tmp_path, task,
     np.testing.assert_array_equal(resumed_rows, clean_rows)
 
 
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="transformers 4 names GPT-NeoX's output layer embed_out, as saved")
 def test_tensors_a_checkpoint_names_otherwise_are_loaded_or_warned_about(tmp_path, task):
     """What the Trainer loaded by name left out: GPT-NeoX's output layer saved as `embed_out` is loaded as `lm_head`;
     a tensor under a name no renaming known here maps to the model's is named in a warning, the model's own kept."""
@@ -2072,7 +2088,7 @@ def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp
     callback = Final(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=2), probes=probes)
     trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), eval_dataset=hf_dataset(task, 8),
                       callbacks=[callback])
-    with pytest.warns(UserWarning, match="loaded its best checkpoint, .*checkpoint-2 without lm_head.weight"):
+    with warns_of_43701("loaded its best checkpoint, .*checkpoint-2 without lm_head.weight"):
         trainer.train()  # which the Trainer left at the last step's (transformers #43701)
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     best = in_this_release(load_file(tmp_path / "hf" / "checkpoint-2" / "model.safetensors"), trainer.model)
@@ -2137,7 +2153,8 @@ def test_hf_each_trial_of_a_hyperparameter_search_is_a_run_of_its_own(tmp_path, 
     without a search backend installed the Trainer does not apply them, which the callback does not need)."""
     from transformers import Trainer
 
-    monkeypatch.setattr("transformers.integrations.hp_params", lambda trial: trial)  # its backends' dict trials
+    for where in ("transformers.integrations", "transformers.trainer"):  # its backends' dict trials (4: imported)
+        monkeypatch.setattr(f"{where}.hp_params", lambda trial: trial, raising=where == "transformers.integrations")
     callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=0, chunk=4))
     trainer = Trainer(model_init=lambda: micro(task), args=hf_args(tmp_path, max_steps=2, save_strategy="no"),
                       train_dataset=hf_dataset(task), callbacks=[callback])
