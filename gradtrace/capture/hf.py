@@ -7,11 +7,13 @@ The Recorder is attached in `on_train_begin` (the first event that receives the 
 accelerate; the Recorder hooks the optimizer inside) and closed, marking the run complete, in `on_train_end`.
 It records one row per optimizer step: with gradient accumulation, per sync step, after the Trainer's clipping.
 The training loss of each step is the one the Trainer trains on and logs: what its `training_step` returns,
-summed over the step's micro-batches (`training_step` is wrapped on the Trainer, which is found up the call stack
-of `on_train_begin`, since no event receives it), so a loss computed outside the model (`compute_loss_func`,
-label smoothing, a `compute_loss` of a Trainer's own such as TRL's DPOTrainer, which also has the model return its
-language-model loss) is recorded as trained on. Under DDP it is the main process's (the Trainer logs the mean over
-processes). Only the main process writes; the
+summed over the step's micro-batches, so a loss computed outside the model (`compute_loss_func`, label smoothing, a
+`compute_loss` of a Trainer's own such as TRL's DPOTrainer, which also has the model return its language-model
+loss) is recorded as trained on; under DDP it is the main process's (the Trainer logs the mean over processes). The
+gradient's norm before clipping is what its accelerator's `clip_grad_norm_` returned in the step, as the Trainer
+logs it (transformers 4 computes none where `max_grad_norm` is 0: NaN). Both methods are wrapped on the Trainer,
+found up the call stack of `on_train_begin` (no event is given it), and unwrapped at the end. Only the main process
+writes; the
 rows are made durable before each Trainer checkpoint is written (a kill between the two leaves a store that
 reaches past the checkpoint, which a resume cuts back), and resuming from one reopens the run there: in a new
 process, or with the same Trainer after its train() raised (the run is marked failed, its hooks removed, when the
@@ -69,6 +71,34 @@ def _trainer_running(callback: TrainerCallback) -> Any | None:
             return caller
         frame = frame.f_back
     return None
+
+
+class _Noting:
+    """`owner.name` (a method) wrapped as an attribute of the instance, over its class's, handing each result to
+    `note` until `remove()`; a wrapper that something else has been laid over since is left in place, passing results
+    through untouched."""
+
+    def __init__(self, owner: Any, name: str, note: Callable[[Any], None]) -> None:
+        self.owner, self.name, self.before, self.active = owner, name, owner.__dict__.get(name), True
+        method = getattr(owner, name)
+
+        @functools.wraps(method)
+        def noting(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            if self.active:
+                note(result)
+            return result
+
+        self.wrapper = noting
+        setattr(owner, name, noting)
+
+    def remove(self) -> None:
+        self.active = False
+        if self.owner.__dict__.get(self.name) is self.wrapper:
+            if self.before is None:
+                delattr(self.owner, self.name)
+            else:
+                setattr(self.owner, self.name, self.before)
 
 
 def _saved_step(checkpoint: Path) -> int | None:
@@ -130,7 +160,8 @@ class GradtraceCallback(TrainerCallback):
         check_own_attrs(self.attrs, also=TRAINER_ATTRS)
         self.recorder: RunRecorder | IdleRecorder | None = None
         self._losses: list[torch.Tensor] = []  # this step's micro-batch losses, as the Trainer's training_step gave
-        self._wrapped: tuple[Any, Callable, Callable | None] | None = None  # (Trainer, wrapper, what it covered)
+        self._norm: torch.Tensor | float | None = None  # this step's gradient norm before clipping, as it clipped
+        self._noting: list[_Noting] = []
         self._warned_no_loss = False
         self._durable_at: int | None = None  # the global step whose rows were last made durable
 
@@ -162,7 +193,7 @@ class GradtraceCallback(TrainerCallback):
                                   "trains from step 0 (a second train(), or no resume_from_checkpoint), so give "
                                   "GradtraceCallback another run_id for it") from None
         if isinstance(self.recorder, RunRecorder):
-            self._note_losses(_trainer_running(self))
+            self._note_loss_and_norm(_trainer_running(self))
             _HOOKED[model] = self
 
     def _run_of(self, state: TrainerState) -> str:
@@ -188,35 +219,36 @@ class GradtraceCallback(TrainerCallback):
         recorded = root[run_id].attrs.get("trainer_steps", {}) if run_id in root else {}
         return int(recorded.get(str(global_step), global_step))
 
-    def _note_losses(self, trainer: Any | None) -> None:
-        """Wrap `trainer.training_step` (an attribute of the instance, over its class's) to keep each micro-batch's
-        loss while this run records; a wrapper left by a run that ended passes losses through untouched."""
+    def _note_loss_and_norm(self, trainer: Any | None) -> None:
+        """Keep what the Trainer's `training_step` returns (each micro-batch's loss) and what its accelerator's
+        `clip_grad_norm_` returns (the gradient's norm before clipping) while this run records."""
         if trainer is None:
             return
-        step = trainer.training_step
+        self._noting = [_Noting(trainer, "training_step", self._note_loss)]
+        if callable(getattr(getattr(trainer, "accelerator", None), "clip_grad_norm_", None)):
+            self._noting.append(_Noting(trainer.accelerator, "clip_grad_norm_", self._note_norm))
 
-        @functools.wraps(step)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            loss = step(*args, **kwargs)
-            if self._wrapped is not None and self._wrapped[1] is training_step:
-                self._losses.append(torch.as_tensor(loss).detach())
-            return loss
+    def _note_loss(self, loss: torch.Tensor | float) -> None:
+        self._losses.append(torch.as_tensor(loss).detach())
 
-        before = trainer.__dict__.get("training_step")
-        trainer.training_step = training_step
-        self._wrapped = (trainer, training_step, before)
+    def _note_norm(self, norm: torch.Tensor | float | None) -> None:
+        self._norm = norm
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
-        """Hand the step's training loss to the Recorder (its hooks run inside the coming optimizer step)."""
-        if self._losses:  # the Trainer's step loss: its training_step scales each by the accumulation it sums over
-            self.recorder.log(torch.stack(self._losses).sum())
-            self._losses.clear()
-        elif isinstance(self.recorder, RunRecorder) and not self._warned_no_loss:
-            warnings.warn("GradtraceCallback saw no training loss (it is run by no Trainer it found up the call stack, "
-                          "or the Trainer's training_step was not called), so the recorded loss is NaN; gradients, "
-                          "updates and probes are recorded as ever", UserWarning, stacklevel=caller_stacklevel())
-            self._warned_no_loss = True
+        """Hand the step's training loss and gradient norm to the Recorder (its hooks run inside the coming optimizer
+        step)."""
+        loss = torch.stack(self._losses).sum() if self._losses else None  # each scaled by the accumulation summed
+        norm, self._norm = self._norm, None
+        self._losses.clear()
+        if isinstance(self.recorder, RunRecorder):
+            if loss is None and not self._warned_no_loss:
+                warnings.warn("GradtraceCallback saw no training loss (it is run by no Trainer it found up the call "
+                              "stack, or the Trainer's training_step was not called), so the recorded loss is NaN; "
+                              "gradients, updates and probes are recorded as ever", UserWarning,
+                              stacklevel=caller_stacklevel())
+                self._warned_no_loss = True
+            self.recorder.log(loss, grad_norm=norm)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
@@ -273,19 +305,15 @@ class GradtraceCallback(TrainerCallback):
             _restore_renamed_tensors(model, Path(best), "loaded its best checkpoint,", say=state.is_world_process_zero)
 
     def _detach(self, unfinished: str | None = None) -> None:
-        """Unwrap the Trainer's training_step and forget the Recorder; one still open (`unfinished` says why) writes
+        """Unwrap the Trainer's methods and forget the Recorder; one still open (`unfinished` says why) writes
         what it recorded and marks the run failed, detaching its optimizer hooks, so a resumed train() records once."""
-        if self._wrapped is not None:
-            trainer, wrapper, before = self._wrapped
-            self._wrapped = None
-            if trainer.__dict__.get("training_step") is wrapper:  # else wrapped again over it: left to pass through
-                if before is None:
-                    del trainer.training_step
-                else:
-                    trainer.training_step = before
+        for noting in self._noting:
+            noting.remove()
+        self._noting = []
         for model in [m for m, callback in _HOOKED.items() if callback is self]:
             del _HOOKED[model]
         if isinstance(self.recorder, RunRecorder) and not self.recorder.closed:
             self.recorder.fail(RuntimeError(unfinished))
         self.recorder = None
         self._losses.clear()
+        self._norm = None
