@@ -1712,6 +1712,32 @@ def test_deepspeed_engine_unwrapped_and_its_flat_optimizers_refused_on_every_ran
     assert store.runs(zarr.open_group(tmp_path / "store.zarr", mode="r")) == ["zero0"]
 
 
+@pytest.mark.parametrize("package", ["lightning.fabric.wrappers", "lightning_fabric.wrappers"])
+def test_lightning_fabrics_module_is_unwrapped(tmp_path, task, monkeypatch, package):
+    """Lightning Fabric's `setup` holds the model as `._forward_module`, whose prefix renamed every tensor of the
+    layout (`_forward_module.gpt_neox.…`, Lightning 2.6.6 by hand): another layout than the bare model's. A stand-in
+    named as Fabric's (its optimizer wrapper, which holds the optimizer as `.optimizer`, was unwrapped already)."""
+
+    class _FabricModule(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self._forward_module = module
+
+        def forward(self, *args, **kwargs):
+            return self._forward_module(*args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, package, types.SimpleNamespace(_FabricModule=_FabricModule))
+    model = micro(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rec = attach(_FabricModule(model), opt, tmp_path, "fabric", total_steps=2, capture=IDENTITY)
+    initial = flat_params(model)
+    train_steps(model, opt, task, 2, rec)
+    rec.close()
+    group = run_group(tmp_path, "fabric")
+    assert group.attrs["layout"] == ParamLayout.of(model).to_json()
+    np.testing.assert_allclose(store.read(group, "update").sum(0), flat_params(model) - initial, atol=2e-6)
+
+
 def _deepspeed_worker(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo processes training under DeepSpeed (its CPU accelerator): ZeRO stage 0 in fp32 recorded by rank
     0; stages 1-3, and stage 0 in bf16, refused on this rank or (unrefused) what became of it."""

@@ -522,18 +522,29 @@ def caller_stacklevel() -> int:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameters train: DDP, DataParallel and DeepSpeed's engine hold it as `.module`,
-    `torch.compile` as `._orig_mod` (whose prefixes would change the layout hash)."""
-    deepspeed_engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)  # there once it is imported
+    """The module whose parameters train: DDP, DataParallel and DeepSpeed's engine hold it as `.module`, Lightning
+    Fabric's `setup` as `._forward_module`, `torch.compile` as `._orig_mod` (whose prefixes would change the layout's
+    names and hash)."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel,
-                *([deepspeed_engine] if isinstance(deepspeed_engine, type) else []))
+                *_classes_imported("deepspeed", "DeepSpeedEngine"))
+    fabric = (*_classes_imported("lightning.fabric.wrappers", "_FabricModule"),
+              *_classes_imported("lightning_fabric.wrappers", "_FabricModule"))  # lightning's, or the package alone
     while True:
         if isinstance(model, wrappers):
             model = model.module
+        elif isinstance(model, fabric):
+            model = model._forward_module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
         else:
             return model
+
+
+def _classes_imported(module: str, name: str) -> tuple[type, ...]:
+    """(module.name,) where that module is imported by now and holds a class of that name, else (): a library
+    gradtrace does not depend on, whose objects cannot exist before it is imported."""
+    found = getattr(sys.modules.get(module), name, None)
+    return (found,) if isinstance(found, type) else ()
 
 
 def check_recordable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: CaptureConfig,
