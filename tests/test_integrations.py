@@ -2253,6 +2253,19 @@ def test_hf_callback_run_by_no_trainer_records_a_nan_loss_and_says_so(tmp_path, 
     assert group.attrs["status"] == "complete" and np.isnan(group["loss"][:]).all() and group["step"].shape == (2,)
 
 
+def test_two_callbacks_on_one_trainer_each_record_the_run(tmp_path, task):
+    """Two GradtraceCallbacks of one Trainer (two stores, or two sketches): the second took the first for one a
+    Trainer interrupted before and marked its run failed ("another Trainer's train() began on its model")."""
+    first, second = (GradtraceCallback(tmp_path / name, name, capture=IDENTITY) for name in ("a", "b"))
+    with pytest.warns(UserWarning, match="record"):  # attach's: two recorders on one optimizer
+        _, _, logs = hf_train(task, tmp_path, [first, second], steps=3)
+    for name in ("a", "b"):
+        group = run_group(tmp_path / name, name)
+        assert group.attrs["status"] == "complete" and group["step"][:].tolist() == [0, 1, 2]
+        np.testing.assert_allclose(group["loss"][:], [h["loss"] for h in logs], rtol=1e-5, atol=5e-5)
+    assert not first._noting and not second._noting
+
+
 def test_a_training_step_wrapped_over_the_callbacks_is_left_and_passes_losses_through(tmp_path, task):
     """Another wrapper of training_step laid over the callback's stays after the run ends (the callback's, inside
     it, then passes each loss through untouched), and a later run's callback counts each loss once."""

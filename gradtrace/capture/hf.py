@@ -48,7 +48,7 @@ from gradtrace.config import CaptureConfig, checked
 
 # attributes the callback writes for its run besides attach's: a caller's trainer_steps was read back by a resume
 TRAINER_ATTRS = ("trainer_args", "trainer_steps", "trial_params")
-_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callback recording it
+_RECORDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the callbacks recording it
 
 
 def _resumed_from(args: TrainingArguments, global_step: int) -> Path | None:
@@ -76,7 +76,7 @@ def _trainer_running(callback: TrainerCallback) -> Any | None:
 class _Noting:
     """`owner.name` (a method) wrapped as an attribute of the instance, over its class's, handing each result to
     `note` until `remove()`; a wrapper that something else has been laid over since is left in place, passing results
-    through untouched."""
+    through untouched (and goes where what lies over it is another `_Noting`'s, removed later: two callbacks')."""
 
     def __init__(self, owner: Any, name: str, note: Callable[[Any], None]) -> None:
         self.owner, self.name, self.before, self.active = owner, name, owner.__dict__.get(name), True
@@ -89,16 +89,21 @@ class _Noting:
                 note(result)
             return result
 
+        noting._gradtrace_noting = self
         self.wrapper = noting
         setattr(owner, name, noting)
 
     def remove(self) -> None:
         self.active = False
         if self.owner.__dict__.get(self.name) is self.wrapper:
-            if self.before is None:
+            before = self.before
+            while (under := getattr(before, "_gradtrace_noting", None)) is not None and under.wrapper is before \
+                    and not under.active:  # (a wrapper made with functools.wraps over ours copies the attribute)
+                before = under.before
+            if before is None:
                 delattr(self.owner, self.name)
             else:
-                setattr(self.owner, self.name, self.before)
+                setattr(self.owner, self.name, before)
 
 
 def _saved_step(checkpoint: Path) -> int | None:
@@ -173,8 +178,11 @@ class GradtraceCallback(TrainerCallback):
             raise ValueError("GradtraceCallback needs the model and optimizer in on_train_begin; this transformers "
                              "version passes neither. Use transformers>=4.46 or gradtrace.capture.attach directly.")
         self._detach("this Trainer's previous train() stopped before its end")  # it raised: on_train_end never ran
-        if model in _HOOKED:  # another Trainer's train() of this model raised (a notebook's cell run again): its hook
-            _HOOKED[model]._detach("another Trainer's train() began on its model")  # held its optimizer, never freed
+        trainer = _trainer_running(self)
+        ours = trainer.callback_handler.callbacks if trainer is not None else [self]
+        for earlier in [c for c in _RECORDING.get(model, []) if c not in ours]:  # another Trainer's train() of this
+            earlier._detach("another Trainer's train() began on its model")  # model raised (a notebook's cell run
+            # again): its recorder held its optimizer, never freed; a callback beside this one records as it does
         attrs = {"trainer_args": json.loads(args.to_json_string()), **self.attrs}
         if state.trial_params is not None:  # a trial of Trainer.hyperparameter_search: what it tries
             attrs["trial_params"] = state.trial_params
@@ -193,8 +201,8 @@ class GradtraceCallback(TrainerCallback):
                                   "trains from step 0 (a second train(), or no resume_from_checkpoint), so give "
                                   "GradtraceCallback another run_id for it") from None
         if isinstance(self.recorder, RunRecorder):
-            self._note_loss_and_norm(_trainer_running(self))
-            _HOOKED[model] = self
+            self._note_loss_and_norm(trainer)
+            _RECORDING.setdefault(model, []).append(self)
 
     def _run_of(self, state: TrainerState) -> str:
         """The run this train() records: `run_id`; for a trial of `Trainer.hyperparameter_search` (each trains from
@@ -310,8 +318,9 @@ class GradtraceCallback(TrainerCallback):
         for noting in self._noting:
             noting.remove()
         self._noting = []
-        for model in [m for m, callback in _HOOKED.items() if callback is self]:
-            del _HOOKED[model]
+        for callbacks in _RECORDING.values():
+            if self in callbacks:
+                callbacks.remove(self)
         if isinstance(self.recorder, RunRecorder) and not self.recorder.closed:
             self.recorder.fail(RuntimeError(unfinished))
         self.recorder = None
