@@ -1259,6 +1259,22 @@ def test_a_chain_steps_saves_resumes_and_schedules_its_optimizers_as_one(task):
         ChainedOptimizer(prepared(model.parameters()))  # which steps only at the end of an accumulation
 
 
+def test_a_chains_own_state_dict_hooks_run_as_an_optimizers_do(task):
+    """Hooks registered on the chain (`register_state_dict_post_hook` and its kin) were not run: its state_dict and
+    load_state_dict skipped torch's Optimizer's. They run in torch's order; the post-hooks of saving and the pre-hooks
+    of loading may give another state dict."""
+    opt = ChainedOptimizer(*muon_and_adamw(micro(task)))
+    ran = []
+    opt.register_state_dict_pre_hook(lambda o: ran.append(("save pre", o)))
+    opt.register_state_dict_post_hook(lambda o, state: {**state, "note": "mine"})
+    opt.register_load_state_dict_pre_hook(lambda o, state: {k: v for k, v in state.items() if k != "note"})
+    opt.register_load_state_dict_post_hook(lambda o: ran.append(("load post", o)))
+    state = opt.state_dict()
+    assert state["note"] == "mine" and len(state["optimizers"]) == 2
+    opt.load_state_dict(state)
+    assert ran == [("save pre", opt), ("load post", opt)] and "note" in state  # the caller's dict is left as given
+
+
 def test_parameters_unfrozen_after_attach_are_warned_about(tmp_path, task):
     """Gradual unfreezing after attach: the layout fixed at attach leaves the unfrozen tensors out, and says so."""
     model = micro(task)

@@ -95,15 +95,28 @@ class ChainedOptimizer(torch.optim.Optimizer):
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+        """Each optimizer's state dict, in order; the chain's own state-dict hooks run as torch's Optimizer runs them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = _hooked(post_hook(self, state_dict), state_dict)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what `state_dict()` saved into each optimizer (the chain's load hooks run as torch's Optimizer runs
+        them: the pre-hooks may give another state dict)."""
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = _hooked(pre_hook(self, state_dict), state_dict)
         saved = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(saved, list) or len(saved) != len(self.optimizers):
             raise ValueError(f"not the state of a chain of {len(self.optimizers)} optimizers: load what this "
                              "chain's state_dict() saved")
         for optimizer, state in zip(self.optimizers, saved):
             optimizer.load_state_dict(state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"optimizers": self.optimizers, "defaults": self.defaults}
@@ -115,6 +128,11 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         inner = ",\n".join("    " + repr(o).replace("\n", "\n    ") for o in self.optimizers)
         return f"{type(self).__name__}(\n{inner}\n)"
+
+
+def _hooked(result: dict[str, Any] | None, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """What a state-dict hook gave in place of `state_dict` (None: it is kept)."""
+    return state_dict if result is None else result
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
