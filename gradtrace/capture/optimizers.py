@@ -95,7 +95,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """Each optimizer's state dict, in order; the chain's own state-dict hooks run as torch's Optimizer runs them."""
+        """Each optimizer's state dict, in order; the chain's own state-dict hooks run as torch's Optimizer's do."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
