@@ -2273,7 +2273,7 @@ def test_two_callbacks_on_one_trainer_each_record_the_run(tmp_path, task):
     """Two GradtraceCallbacks of one Trainer (two stores, or two sketches): the second took the first for one a
     Trainer interrupted before and marked its run failed ("another Trainer's train() began on its model")."""
     first, second = (GradtraceCallback(tmp_path / name, name, capture=IDENTITY) for name in ("a", "b"))
-    with pytest.warns(UserWarning, match="record"):  # attach's: two recorders on one optimizer
+    with pytest.warns(UserWarning, match="run 'a' .* it records every step of run 'b' too"):  # one optimizer's two
         _, _, logs = hf_train(task, tmp_path, [first, second], steps=3)
     for name in ("a", "b"):
         group = run_group(tmp_path / name, name)
