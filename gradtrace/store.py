@@ -499,19 +499,20 @@ def loss_ends(attrs) -> tuple[float, float] | None:
 
 
 DIVERGED_RISE, DIVERGED_FROM = 10, 0.1  # a loss that ends at 10× where it began, counted from 0.1 at the least
-DIVERGED_WORDS = (f"a training loss that ended non-finite or at {DIVERGED_RISE}× or more where it began (and at "
-                  f"{DIVERGED_RISE * DIVERGED_FROM:g} or more)")
+DIVERGED_WORDS = (f"a training loss that ended non-finite or, begun above 0, at {DIVERGED_RISE}× or more where it began "
+                  f"(and at {DIVERGED_RISE * DIVERGED_FROM:g} or more)")
 
 
 def loss_diverged(attrs) -> bool:
     """Whether a run's training loss ended non-finite, or at `DIVERGED_RISE` times where it began or more, counted
     from `DIVERGED_FROM` at the least (a loss near 0 at the start rises tenfold on one batch's noise): it diverged
-    (`DIVERGED_WORDS`)."""
+    (`DIVERGED_WORDS`). A loss that began at 0 or below (a policy-gradient loss such as GRPO's, 0 at its first step)
+    has no scale to rise tenfold from: only a non-finite end says it diverged."""
     ends = loss_ends(attrs)
     if ends is None or not math.isfinite(ends[0]):
         return False
     first, last = ends
-    return not math.isfinite(last) or last >= DIVERGED_RISE * max(first, DIVERGED_FROM)
+    return not math.isfinite(last) or (first > 0 and last >= DIVERGED_RISE * max(first, DIVERGED_FROM))
 
 
 def nonfinite_steps(group: zarr.Group) -> int:
