@@ -1,6 +1,7 @@
 """Model factory: embedded GPT-NeoX (Pythia architecture) configs built offline, or any HF causal LM."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,9 +188,11 @@ def _hub_config(cfg: ModelConfig):
     try:
         return AutoConfig.from_pretrained(cfg.name)
     except OSError as err:
+        close = difflib.get_close_matches(cfg.name, list(EMBEDDED), 1)
         raise ValueError(
             f"model {cfg.name!r} is neither embedded ({', '.join(EMBEDDED)}) nor reachable as a Hugging Face "
-            f"name or local path ({err}). Use an embedded name, or download it where the hub is reachable.") from None
+            f"name or local path ({err}). Use an embedded name{f' (did you mean {close[0]!r}?)' if close else ''}, "
+            "or download it where the hub is reachable.") from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -1261,7 +1261,7 @@ def test_a_run_started_with_relative_paths_resumes_with_them_made_absolute(tmp_p
 
 
 @pytest.mark.parametrize("override, message", [
-    (dict(model__name="micr0"), "model 'micr0' is neither embedded"),
+    (dict(model__name="micr0"), "(?s)model 'micr0' is neither embedded.*did you mean 'micro'"),
     (dict(predict__exploratory=["covarianse"]), r"unknown predictor\(s\) \['covarianse'\]"),  # after the sweep, before
     (dict(capture__probe_losses=["ce", "hinge"]), r"unknown capture.probe_losses \['hinge'\]"),  # the reference run
     (dict(model__init_from="no/such.safetensors"), "model.init_from: no file .*no/such.safetensors"),
