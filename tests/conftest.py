@@ -9,6 +9,9 @@ import torch
 
 from gradtrace import config, kernels
 
+# Tests build models from configs and never reach the Hugging Face hub; where it is unreachable (no network, as on
+# CI), a name the hub is asked for would cost its client's five retries (~25 s) before the refusal a test checks.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 # Tests send Ctrl-C (SIGINT) to themselves and to the sweeps they start. A test run started in the background of a
 # script (`make test &`, nohup) inherits SIGINT ignored, and so do its children: those tests then failed, testing
