@@ -499,8 +499,8 @@ def loss_ends(attrs) -> tuple[float, float] | None:
 
 
 DIVERGED_RISE, DIVERGED_FROM = 10, 0.1  # a loss that ends at 10× where it began, counted from 0.1 at the least
-DIVERGED_WORDS = (f"a training loss that ended non-finite or, begun above 0, at {DIVERGED_RISE}× or more where it began "
-                  f"(and at {DIVERGED_RISE * DIVERGED_FROM:g} or more)")
+DIVERGED_WORDS = (f"a training loss that ended non-finite or, begun above 0, at {DIVERGED_RISE}× or more where it "
+                  f"began (and at {DIVERGED_RISE * DIVERGED_FROM:g} or more)")
 
 
 def loss_diverged(attrs) -> bool:

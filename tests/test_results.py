@@ -145,8 +145,8 @@ def test_runs_of_one_role_that_trained_otherwise_are_warned_of(study):
     ({"train_loss": {"first": 0.0, "last": "NaN"}}, True)])  # GRPO's loss begins at 0: no scale to rise from
 def test_a_run_diverged_where_its_gradients_or_its_loss_say_so(attrs, diverged):
     """NaN or Inf gradients, or a training loss that ended non-finite or, begun above 0, at 10× or more where it began
-    and at 1 or more; a run written before `train_loss` was recorded (or holding a value of the user's under that name), by its
-    gradients alone."""
+    and at 1 or more; a run written before `train_loss` was recorded (or holding a value of the user's under that
+    name), by its gradients alone."""
     assert results.diverged_run(attrs) is diverged
 
 
