@@ -149,10 +149,14 @@ def _spline_basis(x: np.ndarray, n_knots: int) -> np.ndarray:
 
 
 def _holm(p: np.ndarray) -> np.ndarray:
-    """Holm step-down adjusted p-values (statsmodels' implementation)."""
-    from statsmodels.stats.multitest import multipletests
-
-    return multipletests(p, method="holm")[1]
+    """Holm step-down adjusted p-values: the i-th smallest of m times m − i + 1, kept non-decreasing, at most 1 (a
+    NaN counts in m and stays NaN), as statsmodels' `multipletests` gives them (the tests check it against it), but
+    without the full garbage collection it runs at every call: 0.2 s in a process holding torch and transformers."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(len(p), 0, -1)))
+    return adjusted
 
 
 def _bh(p: np.ndarray) -> np.ndarray:

@@ -434,6 +434,13 @@ def test_holm_and_bh_hand_computed():
     assert np.allclose(_bh(p), [0.02, 0.04, 0.04, 0.02])
 
 
+def test_holm_equals_statsmodels_with_ties_and_nan():
+    from statsmodels.stats.multitest import multipletests
+
+    for p in ([0.01, np.nan, 0.03, 0.5, 0.5], [0.2, 0.01, 0.2, 0.04, 0.9, 0.0], [0.3], []):
+        np.testing.assert_allclose(_holm(np.array(p)), multipletests(np.array(p), method="holm")[1])
+
+
 def test_adjustment_is_within_each_residualisation():
     from statsmodels.stats.multitest import multipletests
 
