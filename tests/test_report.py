@@ -486,6 +486,21 @@ def test_the_reference_run_drawn_is_one_with_probes_where_any_has_them(tmp_path:
     assert report._reference_run(report.Inputs(tmp_path)).basename == "a-without"  # none with probes: any
 
 
+def test_a_directory_of_runs_trained_outside_a_sweep_is_reported_without_asking_for_a_sweep_there(tmp_path: Path
+                                                                                                 ) -> None:
+    """A report of `gradtrace train`'s directory (the tour's `storage/one`) asked for `gradtrace sweep CONFIG --out` and
+    `gradtrace stats` there, both of which refuse such a directory."""
+    root = store.open_experiment(tmp_path / "store.zarr", mode="a")
+    group = store.create_run(root, "run", {"role": "reference"})
+    group["update"] = np.zeros((2, 3), np.float32)
+    store.set_status(group, "complete")
+    inputs = report.load_inputs(tmp_path, compute_missing=False)
+    assert inputs.results is None and inputs.notes["results"].startswith("no results across runs: ")
+    assert "(no plan.json)" in inputs.notes["results"] and "a results.csv of your own" in inputs.notes["results"]
+    assert inputs.stats is None and inputs.notes["stats"] == "not shown: no results across runs (above)."
+    assert "gradtrace sweep CONFIG --out" not in inputs.notes["stats"]
+
+
 def test_the_header_says_whose_runs_it_reports(tmp_path: Path) -> None:
     """A directory of runs of your own (no config.yaml) was described as fine-tuning runs on gradtrace's task."""
     ours = report._header(report.Inputs(tmp_path, config_text="task:\n  n_test: 2000\n"))
