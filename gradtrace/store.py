@@ -803,7 +803,7 @@ def summary(path: str | Path) -> str:
     for run in groups.values():
         status = run.attrs.get("status", "?")
         counts[status] = counts.get(status, 0) + 1
-    lines.append("status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    lines.append("status: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no run recorded yet"))
     listings = map_reads(lambda item: _RunListing.of(item[1], item[0]), groups.items())
     for _, alike in itertools.groupby(listings, key=lambda r: r.kind):
         first, *rest = alike

@@ -332,6 +332,12 @@ def test_hdf5_export_replaces_an_earlier_export_but_no_other_file(captured, tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out.h5"]
 
 
+def test_summary_of_a_store_with_no_run_yet_says_so(tmp_path):
+    """A sweep's store before its first run starts: `gradtrace info` printed "status: " and nothing after it."""
+    store.open_experiment(tmp_path / "s.zarr", mode="a")
+    assert store.summary(tmp_path / "s.zarr").splitlines()[1] == "status: no run recorded yet"
+
+
 def test_summary_names_a_failed_runs_error(tmp_path):
     root = store.open_experiment(tmp_path / "s.zarr", mode="a")
     store.set_status(store.create_run(root, "r1", {"steps": 4}), "failed", error="MemoryError: out of memory")
