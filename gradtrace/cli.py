@@ -116,7 +116,7 @@ def _has_run(out: Path, run_id: str) -> bool:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run a sweep (resumable) and write OUT/results.csv."""
-    from gradtrace.models import from_hub
+    from gradtrace.models import embedded_like, from_hub
     from gradtrace.sweep import check_config, check_directory, describe_plan, plan, run_sweep
 
     cfg = _config(args)
@@ -127,8 +127,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             check_directory(cfg, Path(args.out))
         print(describe_plan(cfg, runs))
         if from_hub(cfg.model):
-            print(f"model {cfg.model.name!r} comes from the Hugging Face hub (not embedded, or pretrained weights): a "
-                  "dry run does not look it up there; the sweep does, before any run trains")
+            close = None if cfg.model.pretrained else embedded_like(cfg.model.name)
+            print(f"model {cfg.model.name!r} comes from the Hugging Face hub (not embedded"
+                  f"{f': did you mean {close!r}?' if close else ', or pretrained weights'}): a dry run does not look "
+                  "it up there; the sweep does, before any run trains")
         if args.scheduler:
             print(f"on the dask cluster at {args.scheduler} (not contacted by a dry run): its worker processes, not "
                   "sweep.workers, set how many jobs train at once, so the time above is not the cluster's")

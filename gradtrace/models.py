@@ -188,11 +188,17 @@ def _hub_config(cfg: ModelConfig):
     try:
         return AutoConfig.from_pretrained(cfg.name)
     except OSError as err:
-        close = difflib.get_close_matches(cfg.name, list(EMBEDDED), 1)
+        close = embedded_like(cfg.name)
         raise ValueError(
             f"model {cfg.name!r} is neither embedded ({', '.join(EMBEDDED)}) nor reachable as a Hugging Face "
-            f"name or local path ({err}). Use an embedded name{f' (did you mean {close[0]!r}?)' if close else ''}, "
+            f"name or local path ({err}). Use an embedded name{f' (did you mean {close!r}?)' if close else ''}, "
             "or download it where the hub is reachable.") from None
+
+
+def embedded_like(name: str) -> str | None:
+    """The embedded model name `name` looks like a misspelling of, if any (`micr0`: `micro`)."""
+    close = difflib.get_close_matches(name, list(EMBEDDED), 1)
+    return close[0] if close else None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

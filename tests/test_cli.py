@@ -298,6 +298,8 @@ def test_a_dry_run_does_not_look_up_a_hub_model(capsys, monkeypatch):
     assert "'EleutherAI/pythia-70m' comes from the Hugging Face hub" in capsys.readouterr().out
     assert main(["sweep", "experiments/default.yaml", "--dry-run"]) == 0  # embedded: nothing to look up, no note
     assert "Hugging Face" not in capsys.readouterr().out
+    assert main(["sweep", "experiments/default.yaml", "--dry-run", "--set", "model.name=micr0"]) == 0  # a typo, surely
+    assert "'micr0' comes from the Hugging Face hub (not embedded: did you mean 'micro'?)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
