@@ -95,6 +95,10 @@ def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFram
                         "sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out DIR` into a "
                         "directory of its own), or of a results.csv of your own beside store.zarr (README: Analysing "
                         "runs of your own)")
+    if not path.exists() and (Path(exp_dir) / "plan.json").exists():
+        raise FileNotFoundError(f"{path} not found: the sweep planned there has finished no run yet; wait for its "
+                                f"first where it is running, or run it (`gradtrace sweep {exp_dir}/config.yaml "
+                                f"--out {exp_dir}`)")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
     table = pd.read_csv(path)

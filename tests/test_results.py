@@ -113,6 +113,14 @@ def test_a_directory_of_runs_trained_outside_a_sweep_is_named_as_such(tmp_path):
         results.load_results(tmp_path / "nothing")
 
 
+def test_a_sweeps_directory_before_its_first_run_ends_says_so(tmp_path):
+    """`gradtrace stats` beside a sweep that had finished no run yet said to run the sweep, which is running."""
+    store.create_run(store.open_experiment(tmp_path / "store.zarr", mode="a"), "run-000", {})
+    (tmp_path / "plan.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match="the sweep planned there has finished no run yet; wait for its first"):
+        results.load_results(tmp_path)
+
+
 def test_runs_of_one_role_that_trained_otherwise_are_warned_of(study):
     """A study extended or resumed under another torch (or kernels, threads, device, code) mixed runs of two
     roundings into one table, and no analysis said so; a base's threads apart from its fine-tuning runs' are no mix."""
