@@ -40,8 +40,8 @@ import gradtrace
 from gradtrace import figures, kernels, store, subspace
 from gradtrace.config import names_a_file
 from gradtrace.files import RESULTS_DIGEST, sha256_of, written_whole
-from gradtrace.results import (MIXED_ADVICE, ROLES, NotASweep, base_groups, describe_divergence,
-                               describe_shortfall, mixed_arithmetic, read_results)
+from gradtrace.results import (MIXED_ADVICE, ROLES, base_groups, describe_divergence, describe_shortfall,
+                               mixed_arithmetic, read_results)
 
 SPAN_RANK = 32  # directions kept of the reference run's update trajectory
 DOMINANT_RANK = 8  # of those, the "dominant" subspace for the dominant/bulk split
@@ -165,10 +165,8 @@ def _read_results(inputs: Inputs) -> pd.DataFrame | None:
     there = [(inputs.exp_dir / name).exists() for name in ("results.csv", "store.zarr")]
     try:
         table = read_results(inputs.exp_dir, inputs.run_groups if all(there) else None)
-    except NotASweep as err:
+    except FileNotFoundError as err:  # no sweep there, none with a run finished yet, or runs of `gradtrace train`
         inputs.notes["results"] = f"no results across runs: {err}."
-        return None
-    except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
         inputs.notes["results"] = f"results.csv cannot be used: {err}"
@@ -291,11 +289,9 @@ def load_inputs(exp_dir: str | Path, compute_missing: bool = True, benchmarks_di
                 inputs.notes["mixed"] = f"The runs did not all train alike ({mixed}): {MIXED_ADVICE}."
             if listed and (diverged := describe_divergence(groups, inputs.results[inputs.results.run_id.isin(listed)])):
                 inputs.notes["diverged"] = f"{diverged}."
-    if inputs.results is None and "results" in inputs.notes:  # a table no analysis takes, or none: nor one written
+    if inputs.results is None:  # a table no analysis takes, or none: nor one written from it
         reason = "results.csv cannot be used" if inputs.path("results.csv").exists() else "no results across runs"
         inputs.notes.update((key, f"not shown: {reason} (above).") for key in STAGE_OUTPUTS)
-    elif inputs.results is None:
-        inputs.notes["results"] = f"results.csv not found: run `gradtrace sweep CONFIG --out {exp_dir}`."
     elif compute_missing:
         _run_stage(inputs, ("stats", "gap", "reliability"), ("stats.csv", "gap.csv"), "stats.json", "stats",
                    "stats_report", inputs.command("stats"))

@@ -19,10 +19,6 @@ REWRITE = ("Rewrite it from the store: run the sweep again (`gradtrace sweep {ex
            "it trains no run that is complete) or call gradtrace.results.write_results(results_table(DIR), DIR).")
 
 
-class NotASweep(FileNotFoundError):
-    """A directory of runs of `gradtrace train` or of a loop of your own, without the results.csv a sweep writes."""
-
-
 def results_table(out: str | Path) -> pd.DataFrame:
     """One row per complete run gradtrace trained, rebuilt from the store's attributes (the single source of truth);
     runs recorded in a loop of your own (`attach`), which hold no test accuracies, are not rows."""
@@ -91,10 +87,10 @@ def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFram
     table, or groups removed). `groups`: the store's run groups, where already read."""
     path = Path(exp_dir) / "results.csv"
     if not path.exists() and (Path(exp_dir) / "store.zarr").exists() and not (Path(exp_dir) / "plan.json").exists():
-        raise NotASweep(f"{exp_dir} holds runs of `gradtrace train` or of a loop of your own (no plan.json), not a "
-                        "sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out DIR` into a "
-                        "directory of its own), or of a results.csv of your own beside store.zarr (README: Analysing "
-                        "runs of your own)")
+        raise FileNotFoundError(f"{exp_dir} holds runs of `gradtrace train` or of a loop of your own (no plan.json), "
+                                "not a sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out "
+                                "DIR` into a directory of its own), or of a results.csv of your own beside store.zarr "
+                                "(README: Analysing runs of your own)")
     if not path.exists() and (Path(exp_dir) / "plan.json").exists():
         raise FileNotFoundError(f"{path} not found: the sweep planned there has finished no run yet; wait for its "
                                 f"first where it is running, or run it (`gradtrace sweep {exp_dir}/config.yaml "

@@ -489,7 +489,8 @@ def test_the_reference_run_drawn_is_one_with_probes_where_any_has_them(tmp_path:
 def test_a_directory_of_runs_trained_outside_a_sweep_is_reported_without_asking_for_a_sweep_there(tmp_path: Path
                                                                                                  ) -> None:
     """A report of `gradtrace train`'s directory (the tour's `storage/one`) asked for `gradtrace sweep CONFIG --out` and
-    `gradtrace stats` there, both of which refuse such a directory."""
+    `gradtrace stats` there, both of which refuse such a directory; one of a sweep that had finished no run yet, for
+    the sweep running there."""
     root = store.open_experiment(tmp_path / "store.zarr", mode="a")
     group = store.create_run(root, "run", {"role": "reference"})
     group["update"] = np.zeros((2, 3), np.float32)
@@ -499,6 +500,10 @@ def test_a_directory_of_runs_trained_outside_a_sweep_is_reported_without_asking_
     assert "(no plan.json)" in inputs.notes["results"] and "a results.csv of your own" in inputs.notes["results"]
     assert inputs.stats is None and inputs.notes["stats"] == "not shown: no results across runs (above)."
     assert "gradtrace sweep CONFIG --out" not in inputs.notes["stats"]
+    (tmp_path / "plan.json").write_text("[]")  # a sweep's, before its first run ends
+    inputs = report.load_inputs(tmp_path, compute_missing=False)
+    assert "the sweep planned there has finished no run yet" in inputs.notes["results"]
+    assert inputs.notes["predictions"] == "not shown: no results across runs (above)."
 
 
 def test_the_header_says_whose_runs_it_reports(tmp_path: Path) -> None:
