@@ -851,7 +851,8 @@ def test_a_study_whose_reliabilities_are_all_undefined_is_summarised_without_the
 def test_stats_of_a_sweep_without_results_says_what_to_run(tmp_path):
     """Hashing results.csv for stats.json came before reading it: a bare "[Errno 2] No such file" instead."""
     (tmp_path / "plan.json").write_text("[]")
-    with pytest.raises(FileNotFoundError, match=r"results.csv not found; run `gradtrace sweep CONFIG --out "):
+    with pytest.raises(FileNotFoundError, match=r"results.csv not found: the sweep planned there has finished no run "
+                                                r"yet; .*or run it \(`gradtrace sweep .*config.yaml --out "):
         stats_report(tmp_path)
 
 
