@@ -81,22 +81,27 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep", groups: dict |
     return table
 
 
+def _why_no_results(exp_dir: str | Path) -> str:
+    """What a directory without results.csv holds, and what to run: a sweep that has finished no run yet, runs of
+    `gradtrace train` or of a loop of your own, or nothing of a sweep's."""
+    path = Path(exp_dir) / "results.csv"
+    if (Path(exp_dir) / "plan.json").exists():
+        return (f"{path} not found: the sweep planned there has finished no run yet; wait for its first where it is "
+                f"running, or run it (`gradtrace sweep {exp_dir}/config.yaml --out {exp_dir}`)")
+    if (Path(exp_dir) / "store.zarr").exists():
+        return (f"{exp_dir} holds runs of `gradtrace train` or of a loop of your own (no plan.json), not a sweep's: "
+                "the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out DIR` into a directory of its "
+                "own), or of a results.csv of your own beside store.zarr (README: Analysing runs of your own)")
+    return f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first"
+
+
 def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFrame:
     """results.csv, every row, refused where it is not a table of this experiment's runs: without run_id or role
     (the reference runs joined the sweep's statistics), or naming runs its store does not hold (another store's
     table, or groups removed). `groups`: the store's run groups, where already read."""
     path = Path(exp_dir) / "results.csv"
-    if not path.exists() and (Path(exp_dir) / "store.zarr").exists() and not (Path(exp_dir) / "plan.json").exists():
-        raise FileNotFoundError(f"{exp_dir} holds runs of `gradtrace train` or of a loop of your own (no plan.json), "
-                                "not a sweep's: the statistics are of a sweep's runs (`gradtrace sweep CONFIG --out "
-                                "DIR` into a directory of its own), or of a results.csv of your own beside store.zarr "
-                                "(README: Analysing runs of your own)")
-    if not path.exists() and (Path(exp_dir) / "plan.json").exists():
-        raise FileNotFoundError(f"{path} not found: the sweep planned there has finished no run yet; wait for its "
-                                f"first where it is running, or run it (`gradtrace sweep {exp_dir}/config.yaml "
-                                f"--out {exp_dir}`)")
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `gradtrace sweep CONFIG --out {exp_dir}` first")
+        raise FileNotFoundError(_why_no_results(exp_dir))
     table = pd.read_csv(path)
     missing = [column for column in ("run_id", "role") if column not in table]
     if missing:
