@@ -1081,15 +1081,16 @@ def run_predict(exp_dir: str | Path, predictors: Sequence[str] | None = None, se
     predict settings and `task.n_test` (2000 items per split, as stats takes) then apply.
     """
     from gradtrace import config as config_module
-    from gradtrace.results import base_groups, load_results, run_groups_of
+    from gradtrace.results import base_groups, load_results, run_groups_of, why_no_results
 
     exp_dir, predictors = Path(exp_dir), [predictors] if isinstance(predictors, str) else predictors  # one, by name
     sweep_dir = (exp_dir / "plan.json").exists()
-    for required in ("config.yaml", "results.csv") if sweep_dir else ("results.csv",):
-        if not (exp_dir / required).exists():
-            raise FileNotFoundError(f"{exp_dir / required} is missing: run_predict needs an experiment directory "
-                                    "written by `gradtrace sweep` (config.yaml, results.csv, store.zarr), or one of "
-                                    "runs of your own (results.csv beside store.zarr)")
+    if sweep_dir and not (exp_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{exp_dir / 'config.yaml'} is missing: run_predict needs an experiment directory "
+                                "written by `gradtrace sweep` (config.yaml, results.csv, store.zarr), or one of runs "
+                                "of your own (results.csv beside store.zarr)")
+    if not (exp_dir / "results.csv").exists():  # a sweep that has finished no run yet, runs of `gradtrace train`, …
+        raise FileNotFoundError(why_no_results(exp_dir))
     cfg = config_module.load(exp_dir / "config.yaml" if (exp_dir / "config.yaml").exists() else None)
     preregistered, exploratory = list(cfg.predict.preregistered), list(cfg.predict.exploratory)
     _import_study_modules(cfg.task.modules, [*preregistered, *exploratory, *(predictors or [])])

@@ -81,7 +81,7 @@ def load_results(exp_dir: str | Path, role: str | None = "sweep", groups: dict |
     return table
 
 
-def _why_no_results(exp_dir: str | Path) -> str:
+def why_no_results(exp_dir: str | Path) -> str:
     """What a directory without results.csv holds, and what to run: a sweep that has finished no run yet, runs of
     `gradtrace train` or of a loop of your own, or nothing of a sweep's."""
     path = Path(exp_dir) / "results.csv"
@@ -101,7 +101,7 @@ def read_results(exp_dir: str | Path, groups: dict | None = None) -> pd.DataFram
     table, or groups removed). `groups`: the store's run groups, where already read."""
     path = Path(exp_dir) / "results.csv"
     if not path.exists():
-        raise FileNotFoundError(_why_no_results(exp_dir))
+        raise FileNotFoundError(why_no_results(exp_dir))
     table = pd.read_csv(path)
     missing = [column for column in ("run_id", "role") if column not in table]
     if missing:

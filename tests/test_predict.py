@@ -935,6 +935,19 @@ def test_run_predict_takes_a_directory_of_your_own_runs_without_a_config(tmp_pat
         run_predict(planted.exp_dir)
 
 
+def test_run_predict_says_why_a_directory_has_no_results_csv(tmp_path):
+    """Beside a sweep that had finished no run yet, or of runs of `gradtrace train`, predict said only what an
+    experiment directory needs; it now says why results.csv is not there, in the words stats and report use."""
+    (tmp_path / "config.yaml").write_text("{}\n")  # what a sweep writes before its first run: no results.csv yet
+    (tmp_path / "plan.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match="the sweep planned there has finished no run yet"):
+        run_predict(tmp_path)
+    (tmp_path / "plan.json").unlink()
+    (tmp_path / "store.zarr").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds runs of `gradtrace train` or of a loop of your own"):
+        run_predict(tmp_path)
+
+
 def test_run_predict_takes_one_predictor_by_name_and_makes_its_out_directory(planted, tmp_path):
     """`predictors="covariance"` was read letter by letter (unknown predictor(s) ['c', 'o', …]); an `out` directory
     not yet made failed in pandas once every predictor had run."""
