@@ -35,11 +35,13 @@ demo: install
 	$(BIN)/gradtrace predict "$(OUT)"
 	$(BIN)/gradtrace report "$(OUT)"
 
-# The suite in one single-thread pytest worker per CPU (pytest-xdist; at most 4, ~1 GB of memory each): 9 min instead
-# of 16 on 2 vCPUs. TEST_WORKERS=0 runs it in this process, as a plain `pytest` does.
-TEST_WORKERS ?= logical
+# The suite in one single-thread pytest worker per CPU this process may use (pytest-xdist; at most 4, ~1 GB of memory
+# each): 9 min instead of 16 on 2 vCPUs. The CPUs it may use, not the machine's: a cluster job or container pinned to
+# 2 of 64 gets 2. TEST_WORKERS=0 runs it in this process, as a plain `pytest` does.
+TEST_WORKERS ?= $(shell $(PY) -c "import os; print(min(4, len(os.sched_getaffinity(0)) \
+	if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))")
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The tests with every dependency at the lowest release pyproject.toml allows (torch stays $(TORCH)), in a venv of
 # their own: checks the lower bounds (uv keeps an installed package, so torch's filelock is reinstalled at its lowest)
@@ -48,7 +50,7 @@ test-min:
 	$(MIN_VENV)/bin/pip install -q "$(TORCH)" $(TORCH_INDEX) uv
 	$(MIN_VENV)/bin/uv pip install -q --python $(MIN_VENV)/bin/python --resolution lowest-direct \
 		--reinstall-package filelock -e ".[test]"
-	OMP_NUM_THREADS=1 $(MIN_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4
+	OMP_NUM_THREADS=1 $(MIN_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)
 
 paper: install
 	$(MAKE) -C paper PY="$(abspath $(BIN))/python" STORE="$$(realpath "$(OUT)")" PAPER_OUT="$$(realpath "$(PAPER_OUT)")" \
