@@ -125,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         check_config(cfg, contact_hub=False)  # what the sweep would refuse before training, a dry run refuses too
         if args.out:
             check_directory(cfg, Path(args.out))
-        print(describe_plan(cfg, runs))
+        print(describe_plan(cfg, runs, Path(args.out) if args.out else None))
         if from_hub(cfg.model):
             close = None if cfg.model.pretrained else embedded_like(cfg.model.name)
             print(f"model {cfg.model.name!r} comes from the Hugging Face hub (not embedded"

@@ -267,9 +267,9 @@ def estimate_job_seconds(cfg: Config, job: list[PlannedRun]) -> dict[str, float]
     return {r.run_id: estimate_seconds(run_config(cfg, r)) / speedup for r in job}
 
 
-def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
+def describe_plan(cfg: Config, runs: list[PlannedRun], out: Path | None = None) -> str:
     """The dry-run text: runs by role, steps and expected time (on `ESTIMATE_CORES` cores, which train no more
-    single-thread workers at once than they are)."""
+    single-thread workers at once than they are); with `out`, a study there, the time of what is left to train."""
     workers = max(1, cfg.sweep.workers)
     at_once = min(workers, ESTIMATE_CORES)
     roles = {role: sum(r.role == role for r in runs) for role in dict.fromkeys(r.role for r in runs)}
@@ -278,12 +278,23 @@ def describe_plan(cfg: Config, runs: list[PlannedRun]) -> str:
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
     if cfg.sweep.bases > 1:
         base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"
+    root = store.open_experiment(out / "store.zarr") if out and (out / "store.zarr" / "zarr.json").exists() else None
+    pending = set(_not_complete(root, runs)) if root is not None else {r.run_id for r in runs}
+    begun = sum(rid in root for rid in pending) if root is not None else 0  # stopped, or failed: resumed, retried
+    left = [job for job in jobs if any(r.run_id in pending for r in job)]  # as the sweep takes them: a job whole
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
              f"expected on a {ESTIMATE_CORES}-core CPU: ~{np.median(list(seconds.values())):.0f} s per run, "
-             f"~{estimate_total_seconds(jobs, seconds, at_once) / 60:.0f} min in all ("
+             f"~{estimate_total_seconds(left, seconds, at_once) / 60:.0f} min "
+             f"{'in all' if len(pending) == len(runs) else f'for the {len(pending)} left'} ("
              f"{f'{workers} single-thread workers share its cores; ' if workers > at_once else ''}"
              "GPU: see experiments/README.md)"]
+    if not pending:
+        lines[1] = f"{out} holds all {len(runs)} complete: nothing left to train (the sweep rewrites results.csv)"
+    elif len(pending) < len(runs) or begun:
+        lines.append(f"{out} holds {len(runs) - len(pending)} of them complete" + (
+            f", {begun} begun and not finished (each resumes from its last checkpoint; timed whole here)" if begun
+            else ""))
     if cfg.model.init_from:
         lines.append(f"{'the base run(s) start from' if base_ids(cfg) else 'every run fine-tunes'} the weights in "
                      f"{cfg.model.init_from}")

@@ -286,6 +286,26 @@ def test_a_dry_run_into_a_directory_refuses_what_the_sweep_would_there(tmp_path,
     assert "holds a sweep with a different config (task.n_test" in capsys.readouterr().err
 
 
+def test_a_dry_run_into_a_study_times_what_is_left_to_train(tmp_path, capsys):
+    """A dry run of a study extended, resumed or finished gave the time of every planned run, as for a new one."""
+    settings = sets({"sweep.runs": 2, "sweep.workers": 1, "sweep.reference_runs": 0, "train.steps": 2})
+    study = ["sweep", "experiments/scratch.yaml", "--out", str(tmp_path), *settings]
+    assert main(study) == 0
+    capsys.readouterr()
+    assert main([*study, "--dry-run"]) == 0
+    assert f"{tmp_path} holds all 2 complete: nothing left to train" in capsys.readouterr().out
+    assert main([*study, "--set", "sweep.runs=5", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert " min for the 3 left (" in lines[1] and lines[2] == f"{tmp_path} holds 2 of them complete"
+    zarr.open_group(tmp_path / "store.zarr")["run-001"].attrs["status"] = "running"  # as a killed sweep leaves it
+    assert main([*study, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert " min for the 1 left (" in lines[1]
+    assert lines[2].startswith(f"{tmp_path} holds 1 of them complete, 1 begun and not finished (each resumes")
+    assert main([*study, "--out", str(tmp_path / "new"), "--dry-run"]) == 0
+    assert " min in all (" in capsys.readouterr().out
+
+
 def test_a_dry_run_does_not_look_up_a_hub_model(capsys, monkeypatch):
     """Offline, the hub's lookup retries for ~25 s before it fails: a dry run says it did not look instead."""
     import gradtrace.models
