@@ -278,9 +278,10 @@ def describe_plan(cfg: Config, runs: list[PlannedRun], out: Path | None = None) 
     base = f" (base: {cfg.sweep.pretrain_steps})" if cfg.sweep.pretrain_steps else ""
     if cfg.sweep.bases > 1:
         base = f" ({cfg.sweep.bases} bases: {cfg.sweep.pretrain_steps} each)"
-    root = store.open_experiment(out / "store.zarr") if out and (out / "store.zarr" / "zarr.json").exists() else None
-    pending = set(_not_complete(root, runs)) if root is not None else {r.run_id for r in runs}
-    begun = sum(rid in root for rid in pending) if root is not None else 0  # stopped, or failed: resumed, retried
+    held = (store.run_groups(store.open_experiment(out / "store.zarr"))  # each run's group read once
+            if out is not None and (out / "store.zarr" / "zarr.json").exists() else {})
+    pending = set(_not_complete(held, runs))
+    begun = sum(rid in held for rid in pending)  # stopped, or failed: resumed, retried
     left = [job for job in jobs if any(r.run_id in pending for r in job)]  # as the sweep takes them: a job whole
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {role}' for role, n in roles.items())}) × {cfg.train.steps} steps"
              f"{base}, batch {cfg.train.batch_size}, model {cfg.model.name}, {workers} worker(s)",
@@ -673,7 +674,7 @@ def _other_start(before: str | None, now: str | None, out: Path) -> list[str]:
 
 
 def _not_complete(root, runs: list[PlannedRun]) -> list[str]:
-    """The ids of the planned runs that the store (its root group) does not hold complete."""
+    """The ids of the planned runs that the store (its root group, or its run groups by id) does not hold complete."""
     return [r.run_id for r in runs if not (r.run_id in root and root[r.run_id].attrs.get("status") == "complete")]
 
 
