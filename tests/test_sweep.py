@@ -862,20 +862,25 @@ def test_calibration_std_divides_by_the_runs_degrees_of_freedom():
 
 def test_calibration_thresholds_hold_at_their_edges(monkeypatch):
     """A split is usable at exactly 10% or 90% mean, 3 points of std and 0.9 reliability (the criteria read "10–90%",
-    "≥ 3%", "≥ 0.9"): strict comparisons at any edge passed the other calibration tests."""
+    "≥ 3%", "≥ 0.9"): strict comparisons at any edge passed the other calibration tests. A reliability that could
+    not be had (NaN: no per-item correctness, or halves that never vary) is not one of 0.9 or more: `rel < 0.9` for
+    `not rel >= 0.9` passed them too, marking such a split usable."""
     from gradtrace import stats
 
     table = pd.DataFrame({"acc_ID": [0.5, 0.6, 0.7, 0.8], "acc_low": [0.06, 0.08, 0.12, 0.14],
                           "acc_high": [0.86, 0.88, 0.92, 0.94], "acc_spread": [0.5, 0.44, 0.44, 0.44],
-                          "acc_shaky": [0.3, 0.4, 0.5, 0.6]})
-    reliability = {"ID": 0.9, "low": 0.9, "high": 0.9, "spread": 0.9, "shaky": np.nextafter(0.9, 0)}
+                          "acc_shaky": [0.3, 0.4, 0.5, 0.6], "acc_unmeasured": [0.3, 0.4, 0.5, 0.6]})
+    reliability = {"ID": 0.9, "low": 0.9, "high": 0.9, "spread": 0.9, "shaky": np.nextafter(0.9, 0),
+                   "unmeasured": np.nan}
     monkeypatch.setattr(stats, "split_half_reliability", lambda items, groups=None: pd.DataFrame(
         {"split": list(reliability), "reliability": list(reliability.values())}))
     verdict = assess(table, {"ID": np.zeros((4, 2))}).splits.set_index("split")
     assert verdict.loc["low", "mean"] == 0.1 and verdict.loc["high", "mean"] == 0.9  # exactly at the edges
     assert verdict.loc["spread", "std"] == 0.03
-    assert verdict.usable.to_dict() == {"ID": False, "low": True, "high": True, "spread": True, "shaky": False}
+    assert verdict.usable.to_dict() == {"ID": False, "low": True, "high": True, "spread": True, "shaky": False,
+                                        "unmeasured": False}
     assert verdict.loc["shaky", "reason"] == "reliability 0.90"
+    assert verdict.loc["unmeasured", "reason"] == "reliability nan"
 
 
 def test_calibration_over_several_bases_takes_r_id_reliability_and_pairs_within_base():
