@@ -294,6 +294,22 @@ def stored_run(root: zarr.Group, run_id: str, quantity: str, rows: np.ndarray, a
     return group
 
 
+@pytest.mark.parametrize("method", ["frequent_directions", "svd_compressed"])
+def test_a_centred_streamed_span_takes_out_the_rows_mean_exactly(tmp_path, method):
+    """Updates that drift (a mean row far larger than their spread) span, centred, what an SVD of the rows less
+    their mean spans, with the energy those rows hold: a streamed mean divided by n − 1 left −mean/(n − 1) in every
+    row, 10% off in singular values and 37° in angle at rank 6 here, where the rows of mean near 0 above passed."""
+    rows = low_rank_plus_noise(n=200, d=50) + np.float32(200.0)
+    group = stored_run(store.open_experiment(tmp_path / "store.zarr", mode="w"), "ref-000", "update", rows,
+                       {"role": "reference"})
+    centred = rows.astype(np.float64) - rows.astype(np.float64).mean(axis=0)
+    _, s, Vt = np.linalg.svd(centred, full_matrices=False)
+    span = run_span(group, "update", rank=6, center=True, method=method)
+    np.testing.assert_allclose(span.singular_values, s[:6], rtol=1e-3)
+    assert np.max(principal_angles(span, Vt[:6])) < 0.05
+    assert span.total_energy == pytest.approx(np.sum(s ** 2), rel=1e-3)
+
+
 def test_run_span_takes_the_exact_svd_where_it_is_cheap(tmp_path):
     """A gradient trajectory's spectrum can be nearly flat, where a randomised SVD's weaker directions wander (12° at
     rank 16 of 150 × 512 before): `auto` takes the exact SVD of such small windows."""
