@@ -75,6 +75,22 @@ def test_random_search_keeps_small_learning_rates_apart():
     assert all(round(lr, 7) == lr for lr in usual)  # from 1e-4 up: 7 decimals, the default's lrs as they were
 
 
+def test_random_search_draws_lr_log_uniform_and_weight_decay_uniform():
+    """Over 1e-4–1e-2 half the lrs fall below 1e-3 (log-uniform: log10 lr uniform on [−4, −2]), and weight decay is
+    uniform in its range; the default's first runs keep the draws its documented results came from. A uniform lr
+    draw passed every other test (each lr in range, rounded, distinct)."""
+    from scipy import stats as sps
+
+    runs = [r.overrides for r in plan(tiny_config(sweep__runs=2000, sweep__lr=[1e-4, 1e-2],
+                                                  sweep__weight_decay=[0.0, 0.1])) if r.overrides.get("train.lr")]
+    lr, wd = np.array([r["train.lr"] for r in runs]), np.array([r["train.weight_decay"] for r in runs])
+    assert len(lr) == 2000 and sps.kstest(np.log10(lr), sps.uniform(-4, 2).cdf).pvalue > 0.01
+    assert sps.kstest(wd, sps.uniform(0, 0.1).cdf).pvalue > 0.01
+    default = [r.overrides for r in plan(config.load("experiments/default.yaml")) if r.role == "sweep"][:3]
+    assert [(r["train.lr"], r["train.weight_decay"]) for r in default] == [
+        (0.0030083, 0.02698), (0.0008711, 0.00165), (0.0043406, 0.09128)]
+
+
 def test_reference_runs_differ_only_in_data_order():
     refs = [r for r in plan(tiny_config(sweep__reference_runs=3)) if r.role == "reference"]
     assert len({r.overrides["train.init_seed"] for r in refs}) == 1
