@@ -186,6 +186,18 @@ def test_identity_updates_sum_to_final_minus_initial_weights(tmp_path):
     np.testing.assert_allclose(store.read(group, "update").sum(0), delta, atol=2e-6)
 
 
+def test_a_run_steps_with_linear_warm_up_then_cosine_decay_to_its_floor(tmp_path):
+    """`gradtrace train`'s schedule, as the run records it (`lr`): (t + 1)/W of the peak over W warm-up steps, then
+    min_lr_ratio + (1 − min_lr_ratio)·(1 + cos(π (t − W)/(T − W)))/2 of it. No test read the values: a first step at
+    lr 0 (t/W) trained every run without a complaint."""
+    cfg = tiny_config(train__steps=12, train__warmup=4, train__lr=2e-3, train__min_lr_ratio=0.1)
+    train(cfg, tmp_path, "r0", progress=False)
+    t = np.arange(12)
+    decay = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (t - 4) / 8))
+    np.testing.assert_allclose(store.read(zarr.open_group(tmp_path / "store.zarr")["r0"], "lr"),
+                               2e-3 * np.where(t < 4, (t + 1) / 4, decay), rtol=1e-6)
+
+
 def test_log_schedule_records_fewer_steps_densely_early(tmp_path, task):
     group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=16, schedule="log",
                                                                  every=4, probe_every=0), 40)
