@@ -64,11 +64,18 @@ def test_store_round_trip_with_plain_zarr(captured):
 
 
 def test_bfloat16_round_trip():
+    import torch
+
     x = np.array([1.0, -2.5, 3.14159, 1e-20, 65504.0, np.nan], dtype=np.float32)
     y = store.decode(store.encode(x, store.BF16), store.BF16)
     assert np.allclose(y[:5], x[:5], rtol=1 / 128) and np.isnan(y[5])
     nans = np.array([0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF], dtype=np.uint32).view(np.float32)
     assert np.isnan(store.decode(store.encode(nans, store.BF16), store.BF16)).all()  # no NaN rounds to inf or 0
+    finite = np.random.default_rng(0).standard_normal(4000).astype(np.float32) * np.float32(1e3)
+    ties = (np.arange(2000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # halfway between two: to the even
+    for values in (finite, ties[np.isfinite(ties)]):  # the bits torch's round-to-nearest-even gives, to the last one
+        expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(store.encode(values, store.BF16), expected)
     half = store.decode(x.astype(np.float16), "float16")
     assert half.dtype == np.float32 and np.allclose(half[:3], x[:3], rtol=1e-3)  # summed as float32, not float16
 
