@@ -187,6 +187,12 @@ def test_truncate_to_drops_rows_a_kill_left_unwritten(captured, tmp_path):
     assert group["grad"].shape[0] == T and group["loss"].shape[0] == T
     assert group["probe/step"][:].tolist() == probe_steps
     assert group["probe/grad"].shape[0] == group["probe/step"].shape[0]
+    store.truncate_to(group, 1)  # one durable row, of step 0: the fill rows after it repeat its step, not increase it
+    for name in ("step", "grad", "probe/step", "probe/grad"):
+        group[name].resize((group[name].shape[0] + 8, *group[name].shape[1:]))
+    store.truncate_to(group, 1)
+    assert group["step"][:].tolist() == [0] and group["grad"].shape[0] == 1
+    assert group["probe/step"][:].tolist() == [0] and group["probe/grad"].shape[0] == 1
 
 
 def test_clear_errors_on_missing_or_corrupt_store(tmp_path):
