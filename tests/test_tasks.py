@@ -219,6 +219,19 @@ def test_train_accuracy_leaves_out_a_split_with_no_training_items():
     assert set(got) == {"ID", "length"} and all(0 <= a <= 1 for a in got.values())
 
 
+def test_answer_cross_entropy_is_the_mean_over_answer_tokens_only():
+    """The training and probe loss: cross-entropy of each answer token given the tokens before it, averaged over
+    every answer token of the batch (items of different answer lengths weigh by their tokens), prompts and padding
+    left out. Dividing by every position instead passed every other test (AdamW hardly sees a gradient's scale)."""
+    torch.manual_seed(1)
+    logits, tokens = torch.randn(3, 7, 11, dtype=torch.float64), torch.randint(0, 11, (3, 7))
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 4:], mask[1, 2:6], mask[2, 6] = True, True, True  # answers of 3, 4 and 1 tokens; padding after item 1's
+    log_p = torch.log_softmax(logits, -1)
+    per_token = [-log_p[i, j - 1, tokens[i, j]] for i in range(3) for j in range(7) if mask[i, j]]
+    assert answer_cross_entropy(logits, tokens, mask).item() == pytest.approx(torch.stack(per_token).mean().item())
+
+
 def test_worst_margin_loss_is_small_only_when_every_answer_token_is_right():
     tokens = torch.tensor([[1, 3, 4, 5, 2]])
     mask = torch.tensor([[False, False, False, True, True]])
