@@ -243,6 +243,41 @@ def test_v_statistics_every_n_steps_nan_between(tmp_path, task):
     assert again.attrs()["v_stats_every"] == 3
 
 
+class NesterovRewritingGrad(torch.optim.Optimizer):
+    """Momentum with Nesterov's look-ahead written into `p.grad` inside the step, as the widely copied Muon code
+    does (`grad.lerp_(buf, momentum)`) before orthogonalising."""
+
+    def __init__(self, params, lr=1e-2, momentum=0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                p.add_(p.grad.lerp_(buf, group["momentum"]), alpha=-group["lr"])
+
+
+def test_the_gradient_is_read_before_an_optimizer_that_rewrites_it_in_its_step(tmp_path, task):
+    """The recorded gradient is the loop's, read in the step's pre-hook: the hook's arguments begin with the
+    optimizer itself, which was taken for a closure, so every gradient was read after the step, and one that the
+    optimizer rewrites there (Nesterov momentum mixed in) was recorded as the gradient (0.7–0.8 off, relative)."""
+    group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="identity", quantities=["grad", "update"],
+                                                                 probe_every=0), 4)
+    model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0)
+    opt = NesterovRewritingGrad(model.parameters())
+    rec, used = factory(model, opt), []
+    for step in range(4):
+        x, m = task.train_batch(step, 0, 16)
+        opt.zero_grad()
+        answer_cross_entropy(model(input_ids=x).logits, x, m).backward()
+        used.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        opt.step()
+    rec.close()
+    np.testing.assert_allclose(store.read(group, "grad"), torch.stack(used).numpy(), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_fused_optimizer_under_grad_scaler_records_the_unscaled_gradient(tmp_path, task, unscale_first, device):

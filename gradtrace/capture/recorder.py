@@ -278,8 +278,9 @@ class Recorder:
             return
         self._row = {"step": self.step, "lr": float(optimizer.param_groups[0]["lr"]),
                      "layer_lr": self._learning_rates(optimizer)}
-        # optimizer.step(closure): the closure computes the gradient inside the step, so it is read after it
-        self._closure = bool(args and args[0] is not None or kwargs.get("closure") is not None)
+        # optimizer.step(closure): the closure computes the gradient inside the step, so it is read after it (the
+        # hook's args start with the optimizer itself: its step's closure, where given, is args[1])
+        self._closure = callable(args[1] if len(args) > 1 else kwargs.get("closure"))
         if not self._closure:
             self._record_gradient(scale)
         if "update" in self.cfg.quantities:
