@@ -17,7 +17,7 @@ from gradtrace.tasks import PROBE_LOSSES, ArithmeticTask, answer_cross_entropy, 
 from gradtrace.train import train
 
 
-def plain_loop(task, steps, recorder_factory=None, nan_at=None, device="cpu"):
+def plain_loop(task, steps, recorder_factory=None, bad_at=None, device="cpu", bad=float("nan")):
     """A user's training loop; the Recorder is the only difference (three lines). Returns the gradients the
     optimizer used, on the CPU."""
     model = build_model(tiny_config().model, task.tokenizer.vocab_size, seed=0).to(device)
@@ -30,8 +30,8 @@ def plain_loop(task, steps, recorder_factory=None, nan_at=None, device="cpu"):
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        if nan_at == step:
-            next(model.parameters()).grad[0] = float("nan")
+        if bad_at == step:
+            next(model.parameters()).grad[0] = bad
         used.append(torch.cat([p.grad.reshape(-1).cpu() for p in model.parameters()]))
         if rec:
             rec.log(loss)  # line 2
@@ -169,9 +169,12 @@ def test_countsketch_rows_are_the_sketches_of_the_exact_rows(tmp_path, task, dev
         np.testing.assert_allclose(sketched[name][:], exact[name][:], rtol=1e-5, atol=1e-9)
 
 
-def test_nonfinite_gradient_is_recorded_and_flagged(tmp_path, task):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_is_recorded_and_flagged(tmp_path, task, bad):
+    """A NaN or an Inf in the gradient the optimizer takes (after clipping) flags its step (an Inf alone went
+    unflagged by an isnan test) and, reaching the weights, every step after it."""
     group, factory = recorder_into(tmp_path, task, CaptureConfig(sketch="countsketch", dim=32, probe_every=0), 4)
-    plain_loop(task, 4, factory, nan_at=2)
+    plain_loop(task, 4, factory, bad_at=2, bad=bad)
     assert group["nonfinite"][:].tolist() == [False, False, True, True]  # NaN reaches the weights at step 2
 
 
