@@ -384,12 +384,19 @@ def test_tag_lookahead_takes_the_rate_the_moving_tensors_stepped_with_and_refuse
 def test_covariance_predictor_takes_the_centred_tail_of_the_updates():
     """Σ is the sample covariance of the last ceil(tail · T) updates, their mean (a drift) removed: with 41 updates
     and tail 0.5 the last 21. Against np.cov and the precision formula (the planted updates barely drift, and a
-    tail of 20 or 21 of 500 rows changes little)."""
+    tail of 20 or 21 of 500 rows changes little). Its dominant part is Σ within its top-`rank` eigenvectors, the
+    bulk the rest: coordinates in the span left uncentred passed the planted tests, and put the drift into both."""
     rng = np.random.default_rng(1)
     run = _memory_run(rng, update=rng.standard_normal((41, 6)) * rng.uniform(0.5, 2, 6) + 3.0)
     got = PREDICTORS["covariance"](tail=0.5).fit(_memory_reference(run)).predict().matrix.to_numpy()
     G = run.probe_grad[-1, :, 0]
-    np.testing.assert_allclose(got, _precision_partials(G @ np.cov(run.update[-21:].T) @ G.T), atol=1e-5)
+    sigma = np.cov(run.update[-21:].T)
+    np.testing.assert_allclose(got, _precision_partials(G @ sigma @ G.T), atol=1e-5)
+    top = np.linalg.eigh(sigma)[1][:, ::-1][:, :3]
+    dominant = top @ top.T @ sigma @ top @ top.T
+    for name, part in (("covariance_dominant", dominant), ("covariance_bulk", sigma - dominant)):
+        got = PREDICTORS[name](tail=0.5, rank=3).fit(_memory_reference(run)).predict().matrix.to_numpy()
+        np.testing.assert_allclose(got, _precision_partials(G @ part @ G.T), atol=1e-5, err_msg=name)
 
 
 def test_path_integral_is_exact_for_quadratic_losses_and_correlates_centred_windows():
