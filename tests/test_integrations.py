@@ -471,6 +471,30 @@ def test_attach_resumes_at_a_checkpoint_without_duplicate_or_missing_rows(tmp_pa
     assert resumed.attrs["train_loss"] == reference.attrs["train_loss"]  # its first loss recorded before the resume
 
 
+def test_a_wrapped_model_resumes_as_it_was_attached(tmp_path):
+    """attach unwraps the model (DataParallel here; DDP and torch.compile alike) for a resume's check of its trainable
+    tensors too: checked by the wrapper's names (`module.0.weight`), a wrapped run's resume was refused."""
+    def two_steps(resume: bool, start: int):
+        torch.manual_seed(start)
+        model = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 1)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        rec = attach(model, opt, tmp_path, "r", total_steps=4, capture=CaptureConfig(dim=16, probe_every=0),
+                     resume=resume, start_step=start)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = model(torch.randn(5, 8)).pow(2).mean()
+            loss.backward()
+            rec.log(loss)
+            opt.step()
+        return rec
+
+    first = two_steps(False, 0)
+    first.checkpoint()
+    first.detach()
+    two_steps(True, 2).close()
+    assert run_group(tmp_path)["step"][:].tolist() == [0, 1, 2, 3]
+
+
 def test_a_failed_run_resumed_to_its_end_carries_no_error(tmp_path, task):
     """A notebook's loop in `with attach(...)` interrupted (the run marked failed), then resumed in place to the end:
     the complete run still held the interrupt's `error` attribute, which storage/README gives failed runs only."""
@@ -1245,6 +1269,9 @@ def test_a_chain_steps_saves_resumes_and_schedules_its_optimizers_as_one(task):
     trained(model, opt, sched, 4, start=2)
     np.testing.assert_array_equal(flat_params(model), flat_params(uninterrupted))
     assert len(copy.deepcopy(opt).state) == len(opt.state) == len(list(model.parameters()))
+    for inner in opt.optimizers:  # each tensor's state is its own optimizer's (Muon's momentum, AdamW's moments)
+        for p in (p for group in inner.param_groups for p in group["params"]):
+            assert sorted(opt.state[p]) == sorted(inner.state[p]) != []
 
     with pytest.raises(ValueError, match="not the state of a chain of 2 optimizers"):
         opt.load_state_dict(opt.optimizers[0].state_dict())
