@@ -2158,6 +2158,44 @@ def test_hf_resume_after_a_kill_while_saving_the_best_checkpoint(tmp_path, task)
     assert group.attrs["status"] == "complete" and group["step"][:].tolist() == list(range(6))
 
 
+def test_hf_a_run_stopped_early_that_loads_its_best_checkpoint_takes_no_final_probe(tmp_path, task):
+    """Stopped at step 3 of 4 (a callback's early stop) and loading its best checkpoint at the end, the run's last
+    parameters are gone by `on_train_end`: no probe of the loaded ones is added as step 3's (the only test ran to
+    max_steps, whose probe `on_step_end` takes, so a final probe always taken passed)."""
+    from transformers import Trainer, TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    args = hf_args(tmp_path, max_steps=4, learning_rate=3e-3, eval_strategy="steps", eval_steps=1,
+                   save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                   greater_is_better=True)
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity", probe_every=2),
+                                 probes=[Probe("ID", *task.probe_set("ID").torch())])
+    trainer = Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), eval_dataset=hf_dataset(task, 8),
+                      callbacks=[callback, StopAt3()])
+    with warns_of_43701("loaded its best checkpoint"):
+        trainer.train()
+    group = run_group(tmp_path, "hf")
+    assert group["step"][:].tolist() == [0, 1, 2] and group["probe/step"][:].tolist() == [0, 2]
+
+
+def test_hf_a_run_first_recorded_at_its_resume_numbers_its_rows_from_the_checkpoints_step(tmp_path, task):
+    """A Trainer run resumed from checkpoint-2 with the callback added only then (or recorded before the run kept
+    `trainer_steps`) records its steps as 2 and 3, the Trainer's, not from 0."""
+    from transformers import Trainer
+
+    args = hf_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task)).train()  # checkpoints 2 and 4, unrecorded
+    callback = GradtraceCallback(tmp_path, "hf", capture=CaptureConfig(sketch="identity"))
+    with warns_of_43701("resumed from .*checkpoint-2 without lm_head.weight"):
+        Trainer(model=micro(task), args=args, train_dataset=hf_dataset(task), callbacks=[callback]).train(
+            resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
+    group = run_group(tmp_path, "hf")
+    assert group["step"][:].tolist() == [2, 3] and group.attrs["steps_done"] == 4
+
+
 def test_hf_final_probe_is_of_the_trained_parameters_not_the_best_checkpoint(tmp_path, task):
     from transformers import Trainer
 
